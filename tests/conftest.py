@@ -1,0 +1,70 @@
+"""Backends every test can run on: NumPy, array-api-strict, torch (CPU), CuPy (GPU).
+
+``backend`` gives an object with ``asarray`` (NumPy -> that library, on its
+device) and ``to_numpy``.  A backend that is not installed is skipped with the
+reason; CuPy needs a working GPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from xopt import _backend
+
+
+@dataclass
+class Backend:
+    name: str
+    xp: Any
+    asarray: Callable
+    to_numpy: Callable = _backend.to_numpy
+
+    def __repr__(self):
+        return self.name
+
+
+def _numpy():
+    return Backend("numpy", np, lambda a: np.array(a, copy=True))
+
+
+def _strict():
+    xps = pytest.importorskip("array_api_strict")
+    return Backend("array_api_strict", xps, lambda a: xps.asarray(np.array(a, copy=True)))
+
+
+def _torch():
+    torch = pytest.importorskip("torch")
+    return Backend("torch", torch, lambda a: torch.asarray(np.array(a, copy=True)))
+
+
+def _cupy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        pytest.skip(f"CuPy is installed but no GPU is usable: {exc}")
+    return Backend("cupy", cupy, cupy.asarray)
+
+
+BACKENDS = [
+    pytest.param(_numpy, id="numpy"),
+    pytest.param(_strict, id="array_api_strict"),
+    pytest.param(_torch, id="torch"),
+    pytest.param(_cupy, id="cupy", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param()
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: fresh inputs per test, the same on every run."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

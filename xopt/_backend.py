@@ -1,0 +1,101 @@
+"""Everything xopt knows about array libraries, in one place.
+
+The optimizer modules never ask which library an array comes from; they get a
+namespace ``xp`` from :func:`namespace` and write array-API code.  The few
+questions that the standard cannot answer (can this array be written in place,
+how do I get it to NumPy and back) are answered here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import array_api_compat as _compat
+
+__all__ = [
+    "namespace",
+    "device",
+    "is_numpy",
+    "is_cupy",
+    "library_name",
+    "is_writable",
+    "can_rebind_only",
+    "compute_dtype",
+    "dtype_name",
+    "is_real_floating",
+    "to_numpy",
+    "from_numpy",
+]
+
+
+def namespace(*arrays):
+    """The array-API namespace of ``arrays`` (raises TypeError if they mix libraries)."""
+    return _compat.array_namespace(*arrays)
+
+
+def device(x):
+    return _compat.device(x)
+
+
+def is_numpy(x) -> bool:
+    return _compat.is_numpy_array(x)
+
+
+def is_cupy(x) -> bool:
+    return _compat.is_cupy_array(x)
+
+
+def library_name(x) -> str:
+    """A short name of the library that made ``x`` ('numpy', 'cupy', 'torch', ...)."""
+    return type(x).__module__.split(".")[0]
+
+
+def can_rebind_only(x) -> bool:
+    """True for immutable array types (JAX, Dask): the container entry is rebound instead."""
+    return _compat.is_jax_array(x) or _compat.is_dask_array(x)
+
+
+def is_writable(x) -> bool:
+    """Whether ``x`` can be written in place (a read-only NumPy view cannot)."""
+    if can_rebind_only(x):
+        return False
+    if _compat.is_torch_array(x):
+        # Writing a leaf that requires grad outside no_grad raises in torch.
+        return not (x.requires_grad and x.is_leaf)
+    return _compat.is_writeable_array(x)
+
+
+def is_real_floating(xp, dtype) -> bool:
+    return xp.isdtype(dtype, "real floating")
+
+
+def dtype_name(dtype) -> str:
+    """'float32' for NumPy's, CuPy's, torch's or array-api-strict's float32."""
+    return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+
+
+def compute_dtype(xp, dtype):
+    """The dtype the math and the state are kept in: float16 is promoted to float32."""
+    float16 = getattr(xp, "float16", None)  # not in the standard, but in NumPy, CuPy, torch
+    return xp.float32 if float16 is not None and dtype == float16 else dtype
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy of any array (host transfer for device arrays)."""
+    if _compat.is_cupy_array(x):
+        return x.get()
+    if _compat.is_torch_array(x):
+        return x.detach().cpu().numpy().copy()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    try:
+        return np.from_dlpack(x).copy()
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.asarray(x).copy()
+
+
+def from_numpy(a: np.ndarray, like):
+    """``a`` as an array of ``like``'s library, on ``like``'s device."""
+    xp = namespace(like)
+    if _compat.is_numpy_array(like):
+        return np.array(a, copy=True)
+    return xp.asarray(a, device=device(like), copy=True)

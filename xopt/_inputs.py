@@ -1,0 +1,98 @@
+"""Checking what ``update(params, grads)`` is given, before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import array_api_compat
+
+from . import _backend
+
+__all__ = ["Entry", "collect", "describe"]
+
+
+@dataclass
+class Entry:
+    """One param to update this step: where it lives, its grad, its namespace."""
+
+    key: Any
+    p: Any
+    g: Any
+    xp: Any
+    rebind: bool = False  # immutable array: the container entry gets the new array
+    state: dict = field(default=None)
+    scalars: dict = field(default=None)
+
+
+def describe(key) -> str:
+    """How a param is named in messages: 'W1' for a dict key, [0] for a list index."""
+    return repr(key) if isinstance(key, str) else f"[{key}]"
+
+
+def _items(params, grads):
+    if isinstance(params, Mapping):
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"params is a {type(params).__name__} but grads is a {type(grads).__name__}; "
+                            "pass grads as a mapping with the same keys")
+        missing = [k for k in params if k not in grads]
+        if missing:
+            raise KeyError(f"grads has no entry for param(s) {', '.join(map(describe, missing))}")
+        extra = [k for k in grads if k not in params]
+        if extra:
+            raise KeyError(f"grads has entries with no param: {', '.join(map(describe, extra))}")
+        return [(k, params[k], grads[k]) for k in params], not isinstance(params, dict)
+    if isinstance(params, (list, tuple)):
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"params is a {type(params).__name__} but grads is a {type(grads).__name__}")
+        if len(params) != len(grads):
+            raise ValueError(f"params has {len(params)} arrays but grads has {len(grads)}")
+        return list(zip(range(len(params)), params, grads)), isinstance(params, tuple)
+    raise TypeError(f"params must be a dict (name -> array), a list or a tuple of arrays, "
+                    f"got {type(params).__name__}")
+
+
+def _check_pair(key, p, g):
+    name = describe(key)
+    if not array_api_compat.is_array_api_obj(p):
+        raise TypeError(f"param {name} is not an array (got {type(p).__name__})")
+    if not array_api_compat.is_array_api_obj(g):
+        raise TypeError(f"grad of param {name} is not an array (got {type(g).__name__})")
+    try:
+        xp = _backend.namespace(p, g)
+    except TypeError:
+        raise TypeError(f"param {name} is a {_backend.library_name(p)} array but its grad is a "
+                        f"{_backend.library_name(g)} array") from None
+    if not _backend.is_real_floating(xp, p.dtype):
+        raise TypeError(f"param {name} has dtype {p.dtype}; xopt updates real floating-point arrays only")
+    if not _backend.is_real_floating(xp, g.dtype):
+        raise TypeError(f"grad of param {name} has dtype {g.dtype}; grads must be real floating-point")
+    if tuple(p.shape) != tuple(g.shape):
+        raise ValueError(f"grad of param {name} has shape {tuple(g.shape)} but the param has shape "
+                         f"{tuple(p.shape)} (xopt never broadcasts)")
+    if _backend.device(p) != _backend.device(g):
+        raise ValueError(f"param {name} is on {_backend.device(p)} but its grad is on {_backend.device(g)}")
+    return xp
+
+
+def collect(params, grads) -> list[Entry]:
+    """Validate every (param, grad) pair; return the ones to update (grad not None)."""
+    items, fixed_container = _items(params, grads)
+    entries = []
+    for key, p, g in items:
+        if g is None:
+            if not array_api_compat.is_array_api_obj(p):
+                raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
+            continue
+        xp = _check_pair(key, p, g)
+        rebind = False
+        if not _backend.is_writable(p):
+            if not _backend.can_rebind_only(p):
+                raise ValueError(f"param {describe(key)} is read-only; xopt updates params in place")
+            if fixed_container:
+                raise TypeError(f"param {describe(key)} is an immutable {_backend.library_name(p)} array "
+                                f"in a {type(params).__name__}; pass a dict or a list so it can be replaced")
+            rebind = True
+        entries.append(Entry(key, p, g, xp, rebind))
+    return entries

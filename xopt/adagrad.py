@@ -1,0 +1,57 @@
+"""AdaGrad: a per-element step size from the sum of squared gradients."""
+
+from __future__ import annotations
+
+from ._hyper import Hyper, non_negative
+from .optimizer import Optimizer
+
+__all__ = ["AdaGrad"]
+
+
+class AdaGrad(Optimizer):
+    r"""AdaGrad (Duchi et al. 2011), the seed's, with torch.optim.Adagrad's options.
+
+    .. math::
+        g &\leftarrow g + \lambda W \\
+        h &\leftarrow h + g \odot g \\
+        W &\leftarrow W - \frac{\eta}{1 + (t - 1)\,\delta} \, \frac{g}{\sqrt{h} + \epsilon}
+
+    With the defaults this is the seed's ``AdaGrad`` (ε = 1e-7; torch's default is 1e-10).
+
+    Args:
+        lr: learning rate η.
+        eps: ε, added to √h.
+        lr_decay: δ, the step size decays as η / (1 + (t - 1) δ).
+        initial_accumulator_value: where h starts.
+        weight_decay: λ, L2 penalty added to the gradient.
+    """
+
+    lr = Hyper(non_negative)
+    eps = Hyper(non_negative)
+    lr_decay = Hyper(non_negative)
+    initial_accumulator_value = Hyper(non_negative)
+    weight_decay = Hyper(non_negative)
+
+    def __init__(self, lr=0.01, eps=1e-7, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0,
+                 **options):
+        super().__init__(lr=lr, eps=eps, lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value,
+                         weight_decay=weight_decay, **options)
+
+    def buffers(self):
+        return ("h",)
+
+    def initial_value(self, name):
+        return self.initial_accumulator_value
+
+    def scalars(self, step):
+        return {
+            "clr": self.lr / (1.0 + (step - 1) * self.lr_decay),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+    def rule(self, xp, p, g, state, s):
+        if s["weight_decay"] != 0.0:
+            g = g + s["weight_decay"] * p
+        h = state["h"] + g * g
+        return p - s["clr"] * g / (xp.sqrt(h) + s["eps"]), {"h": h}

@@ -1,0 +1,104 @@
+"""Adam and AdamW: momentum and a per-element step size, with bias correction."""
+
+from __future__ import annotations
+
+import math
+
+from ._hyper import Hyper, flag, non_negative, unit_interval
+from .optimizer import Optimizer
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba 2015), the seed's, with torch.optim.Adam's options.
+
+    .. math::
+        g &\leftarrow g + \lambda W \quad\text{(Adam; AdamW instead: } W \leftarrow (1 - \eta\lambda) W) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g \odot g, \quad
+            v_{max} \leftarrow \max(v_{max}, v) \text{ and } v \text{ below reads } v_{max}
+            \text{ (amsgrad)} \\
+        W &\leftarrow W - \eta \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t} \frac{m}{\sqrt{v} + \hat\epsilon}
+            \quad\text{(eps\_hat=True)} \\
+        W &\leftarrow W - \frac{\eta}{1 - \beta_1^t} \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
+            \quad\text{(eps\_hat=False)}
+
+    ``eps_hat=True`` adds ε̂ to √v with the bias corrections folded into the step
+    size (the paper's section 2, the seed, Keras); ``eps_hat=False`` adds ε after
+    bias correction (the paper's Algorithm 1, torch.optim, optax).  With the
+    defaults this is the seed's ``Adam``.
+
+    Args:
+        lr: learning rate η.
+        beta1, beta2: decay rates of m and v, in [0, 1).
+        eps: ε̂ or ε, see ``eps_hat``.
+        amsgrad: use the running maximum of v (Reddi et al. 2018).
+        weight_decay: λ, L2 penalty added to the gradient.
+        eps_hat: where ε sits, see above.
+    """
+
+    lr = Hyper(non_negative)
+    beta1 = Hyper(unit_interval)
+    beta2 = Hyper(unit_interval)
+    eps = Hyper(non_negative)
+    amsgrad = Hyper(flag)
+    weight_decay = Hyper(non_negative)
+    eps_hat = Hyper(flag)
+    decoupled_weight_decay = False
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-7, amsgrad=False, weight_decay=0.0,
+                 eps_hat=True, **options):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
+                         eps_hat=eps_hat, **options)
+
+    def buffers(self):
+        return ("m", "v", "v_max") if self.amsgrad else ("m", "v")
+
+    def scalars(self, step):
+        bias_correction1 = 1.0 - self.beta1**step
+        bias_correction2 = 1.0 - self.beta2**step
+        if self.eps_hat:
+            step_size = self.lr * math.sqrt(bias_correction2) / bias_correction1
+            sqrt_bc2 = 1.0
+        else:
+            step_size = self.lr / bias_correction1
+            sqrt_bc2 = math.sqrt(bias_correction2)
+        decoupled = self.decoupled_weight_decay
+        return {
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "step_size": step_size,
+            "sqrt_bc2": sqrt_bc2,
+            "l2": 0.0 if decoupled else self.weight_decay,  # added to g
+            "decay": 1.0 - self.lr * self.weight_decay if decoupled else 1.0,  # multiplies W
+        }
+
+    def rule(self, xp, p, g, state, s):
+        if s["l2"] != 0.0:
+            g = g + s["l2"] * p
+        if s["decay"] != 1.0:
+            p = p * s["decay"]
+        m = state["m"] + (1.0 - s["beta1"]) * (g - state["m"])
+        v = s["beta2"] * state["v"] + (1.0 - s["beta2"]) * g * g
+        new = {"m": m, "v": v}
+        if self.amsgrad:
+            v = new["v_max"] = xp.maximum(state["v_max"], v)
+        denom = xp.sqrt(v) / s["sqrt_bc2"] + s["eps"]
+        return p - s["step_size"] * (m / denom), new
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter 2019): ``W <- (1 - lr * wd) W`` before the Adam step.
+
+    torch.optim.AdamW's defaults: ``eps=1e-8``, ``weight_decay=0.01``, ``eps_hat=False``.
+    See :class:`Adam` for the rule and the arguments.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
+                 eps_hat=False, **options):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
+                         eps_hat=eps_hat, **options)

@@ -1,0 +1,183 @@
+"""The machinery every optimizer shares: ``update``, state, checks, state_dict.
+
+An optimizer subclass declares its hyperparameters (:class:`~xopt._hyper.Hyper`),
+the names of its state buffers, the per-step scalars it needs (computed here, on
+the host, once per step) and one elementwise ``rule`` written against the array
+API.  That rule is the reference: every fused path is tested against it.
+"""
+
+from __future__ import annotations
+
+from . import _backend, _dispatch
+from ._hyper import Hyper, flag
+from ._inputs import collect, describe
+
+__all__ = ["Optimizer"]
+
+
+class Optimizer:
+    """Base class: see the subclasses for the update rules.
+
+    Args common to every optimizer (keyword only):
+        skip_nonfinite: when True, a step in which any gradient holds a NaN or an
+            Inf changes nothing (params, state, step counts) and is counted in
+            ``skipped_steps``.  Default False: non-finite values propagate, as in
+            the seed and torch.optim.
+        impl: ``"auto"`` (the fastest path available for each array),
+            ``"reference"`` (the array-API rule) or ``"fused"`` (require a fused
+            kernel; raises if none can be had).
+    """
+
+    skip_nonfinite = Hyper(flag)
+
+    def __init__(self, *, skip_nonfinite=False, impl="auto", **hyperparameters):
+        self._constructing = True
+        self._hyper = {}
+        for name, value in hyperparameters.items():
+            setattr(self, name, value)
+        self.skip_nonfinite = skip_nonfinite
+        self._constructing = False
+        self._check_hyperparameters()
+        self.impl = _dispatch.check_impl(impl, type(self).__name__)
+        self.state = {}  # param key -> {"step": int, buffer name -> array}
+        self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
+        self.skipped_steps = 0
+
+    # -- what a subclass defines -------------------------------------------------------
+    def buffers(self) -> tuple:
+        """Names of the state buffers kept per param, for the current hyperparameters."""
+        return ()
+
+    def initial_value(self, name) -> float:
+        """The value a state buffer starts from."""
+        return 0.0
+
+    def scalars(self, step: int) -> dict:
+        """The per-step numbers the rule needs, computed on the host."""
+        raise NotImplementedError
+
+    def rule(self, xp, p, g, state: dict, s: dict):
+        """The reference update: returns (new p, {buffer name: new buffer})."""
+        raise NotImplementedError
+
+    def _check_hyperparameters(self):
+        """Checks that involve more than one hyperparameter."""
+
+    # -- the public API ---------------------------------------------------------------
+    def hyperparameters(self) -> dict:
+        return {k: v for k, v in self._hyper.items() if k != "skip_nonfinite"}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    def __getattr__(self, name):
+        # The seed's attributes: Adam.m, Adam.v, AdaGrad.h, ... as {key: buffer}, None before the first step.
+        if name.startswith("_") or name not in type(self).buffers(self):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if not self.state:
+            return None
+        return {k: st[name] for k, st in self.state.items() if name in st}
+
+    def update(self, params, grads):
+        """Update ``params`` in place from ``grads`` (both dicts name -> array, or lists).
+
+        Everything is checked before the first array is written: a call that
+        raises changes no param, no state and no step count.
+        """
+        entries = collect(params, grads)
+        for e in entries:
+            self._check_state(e)
+        if self.skip_nonfinite and not all(_all_finite(e) for e in entries):
+            self.skipped_steps += 1
+            return
+        apply = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
+        scalars_by_step = {}
+        for e in entries:
+            e.state = self._state_for(e)
+            step = e.state["step"] + 1
+            if step not in scalars_by_step:
+                scalars_by_step[step] = self.scalars(step)
+            e.scalars = scalars_by_step[step]
+        apply(self, entries)
+        for e in entries:
+            e.state["step"] += 1
+            if e.rebind:
+                params[e.key] = e.p
+        self.iter += 1
+
+    # -- state ------------------------------------------------------------------------
+    def _check_state(self, e):
+        st = self.state.get(e.key)
+        if st is None:
+            return
+        dtype = _backend.compute_dtype(e.xp, e.p.dtype)
+        for name in self.buffers():
+            buf = st.get(name)
+            if buf is None:
+                continue
+            if tuple(buf.shape) != tuple(e.p.shape):
+                raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
+                                 f"state {name!r} was made for shape {tuple(buf.shape)}")
+            # Compared by name: a state loaded from a file is NumPy until its first use.
+            if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
+                raise TypeError(f"param {describe(e.key)} computes in {_backend.dtype_name(dtype)} but its "
+                                f"optimizer state {name!r} is {_backend.dtype_name(buf.dtype)}")
+
+    def _state_for(self, e):
+        st = self.state.setdefault(e.key, {"step": 0})
+        xp, dtype = e.xp, _backend.compute_dtype(e.xp, e.p.dtype)
+        for name in self.buffers():
+            buf = st.get(name)
+            if buf is None:
+                st[name] = xp.full(e.p.shape, self.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+            elif _backend.library_name(buf) != _backend.library_name(e.p):
+                st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
+        return st
+
+    def state_dict(self) -> dict:
+        """A snapshot: plain Python numbers and copies of every buffer."""
+        return {
+            "optimizer": type(self).__name__,
+            "hyperparameters": dict(self._hyper),
+            "iter": self.iter,
+            "skipped_steps": self.skipped_steps,
+            "state": {
+                key: {name: (v if name == "step" else _copy(v)) for name, v in st.items()}
+                for key, st in self.state.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict, params=None):
+        """Restore a :meth:`state_dict`.  Checked whole first: a misfit raises and changes nothing.
+
+        If ``params`` is given, its names and shapes must be those of the state.
+        """
+        from .state_io import checked_state
+
+        hyper, state, counters = checked_state(self, state_dict, params)
+        self._hyper = hyper
+        self.state = state
+        self.iter, self.skipped_steps = counters
+
+    def save(self, path):
+        """Write :meth:`state_dict` to ``path`` (an ``.npz`` file; no pickled code)."""
+        from .state_io import save_state
+
+        save_state(self.state_dict(), path)
+
+    def load(self, path, params=None):
+        """Read a file written by :meth:`save` and :meth:`load_state_dict` it."""
+        from .state_io import load_state
+
+        self.load_state_dict(load_state(path), params)
+
+
+def _copy(x):
+    xp = _backend.namespace(x)
+    return xp.asarray(x, copy=True)
+
+
+def _all_finite(e) -> bool:
+    return bool(e.xp.all(e.xp.isfinite(e.g)))
+

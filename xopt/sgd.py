@@ -1,0 +1,136 @@
+"""Gradient descent and its momentum forms: SGD, Momentum, Nesterov."""
+
+from __future__ import annotations
+
+from ._hyper import Hyper, closed_unit_interval, flag, non_negative
+from .optimizer import Optimizer
+
+__all__ = ["SGD", "Momentum", "Nesterov"]
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, with torch.optim.SGD's momentum, dampening and Nesterov.
+
+    .. math::
+        g &\leftarrow g + \lambda W \\
+        b &\leftarrow \mu b + (1 - \tau) g \quad (b \leftarrow g \text{ on the first step}) \\
+        g &\leftarrow g + \mu b \text{ (nesterov) or } b \\
+        W &\leftarrow W - \eta g
+
+    With the defaults this is the seed's ``SGD``: ``W <- W - lr * g``.
+
+    Args:
+        lr: learning rate η.
+        momentum: μ, 0 for plain SGD.
+        dampening: τ, in [0, 1].
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        weight_decay: λ, L2 penalty added to the gradient.
+
+    Example:
+        >>> import numpy as np
+        >>> from xopt import SGD
+        >>> params, grads = {"W": np.ones(3)}, {"W": np.full(3, 0.5)}
+        >>> SGD(lr=0.1).update(params, grads)
+        >>> params["W"]
+        array([0.95, 0.95, 0.95])
+    """
+
+    lr = Hyper(non_negative)
+    momentum = Hyper(non_negative)
+    dampening = Hyper(closed_unit_interval)
+    nesterov = Hyper(flag)
+    weight_decay = Hyper(non_negative)
+
+    def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, **options):
+        super().__init__(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                         weight_decay=weight_decay, **options)
+
+    def _check_hyperparameters(self):
+        if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 "
+                             f"(got momentum={self.momentum}, dampening={self.dampening})")
+
+    def buffers(self):
+        return ("b",) if self.momentum != 0.0 else ()
+
+    def scalars(self, step):
+        first = step == 1  # torch starts the buffer at g itself, undamped
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "momentum": self.momentum,
+            "b_decay": 0.0 if first else self.momentum,
+            "b_scale": 1.0 if first else 1.0 - self.dampening,
+        }
+
+    def rule(self, xp, p, g, state, s):
+        if s["weight_decay"] != 0.0:
+            g = g + s["weight_decay"] * p
+        if self.momentum == 0.0:
+            return p - s["lr"] * g, {}
+        b = s["b_decay"] * state["b"] + s["b_scale"] * g
+        g = g + s["momentum"] * b if self.nesterov else b
+        return p - s["lr"] * g, {"b": b}
+
+
+class Momentum(Optimizer):
+    r"""The seed's momentum: a velocity ``v`` with the learning rate folded in.
+
+    .. math::
+        v &\leftarrow \alpha v - \eta g \\
+        W &\leftarrow W + v
+
+    Equal to ``SGD(lr, momentum)`` while lr is constant (torch's buffer is
+    ``-v / lr``); differs when a schedule changes lr.
+
+    Args:
+        lr: learning rate η.
+        momentum: α.
+    """
+
+    lr = Hyper(non_negative)
+    momentum = Hyper(non_negative)
+
+    def __init__(self, lr=0.01, momentum=0.9, **options):
+        super().__init__(lr=lr, momentum=momentum, **options)
+
+    def buffers(self):
+        return ("v",)
+
+    def scalars(self, step):
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def rule(self, xp, p, g, state, s):
+        v = s["momentum"] * state["v"] - s["lr"] * g
+        return p + v, {"v": v}
+
+
+class Nesterov(Optimizer):
+    r"""Nesterov's accelerated gradient in the seed's velocity form (Bengio et al. 2012).
+
+    .. math::
+        v &\leftarrow \alpha v - \eta g \\
+        W &\leftarrow W + \alpha v - \eta g
+
+    Equal to ``SGD(lr, momentum, nesterov=True)`` while lr is constant.
+
+    Args:
+        lr: learning rate η.
+        momentum: α.
+    """
+
+    lr = Hyper(non_negative)
+    momentum = Hyper(non_negative)
+
+    def __init__(self, lr=0.01, momentum=0.9, **options):
+        super().__init__(lr=lr, momentum=momentum, **options)
+
+    def buffers(self):
+        return ("v",)
+
+    def scalars(self, step):
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def rule(self, xp, p, g, state, s):
+        v = s["momentum"] * state["v"] - s["lr"] * g
+        return p + s["momentum"] * v - s["lr"] * g, {"v": v}
