@@ -34,6 +34,8 @@ class Optimizer:
         self._constructing = True
         self._hyper = {}
         for name, value in hyperparameters.items():
+            if not isinstance(getattr(type(self), name, None), Hyper):
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
             setattr(self, name, value)
         self.skip_nonfinite = skip_nonfinite
         self._constructing = False
