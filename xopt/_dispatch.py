@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import _backend
 from ._inputs import describe
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -78,3 +78,11 @@ def select(opt, entries):
         apply_reference(opt, [e for e in entries if not fused.accepts(e)])
 
     return apply_mixed
+
+
+def plan(opt, params, entries):
+    """A fast path for the next step if this one can repeat without per-param checks, else None."""
+    if opt.impl == "reference":
+        return None
+    fused = _fused_cpu()
+    return None if fused is None else fused.Plan.build(opt, params, entries)

@@ -44,6 +44,7 @@ class Optimizer:
         self.state = {}  # param key -> {"step": int, buffer name -> array}
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
+        self._plan = None  # the fast path of a step that repeats (see _dispatch.plan)
 
     # -- what a subclass defines -------------------------------------------------------
     def buffers(self) -> tuple:
@@ -87,6 +88,10 @@ class Optimizer:
         Everything is checked before the first array is written: a call that
         raises changes no param, no state and no step count.
         """
+        if self._plan is not None and self._plan.try_step(self, params, grads):
+            self.iter += 1
+            return
+        self._plan = None
         entries = collect(params, grads)
         for e in entries:
             self._check_state(e)
@@ -107,6 +112,7 @@ class Optimizer:
             if e.rebind:
                 params[e.key] = e.p
         self.iter += 1
+        self._plan = _dispatch.plan(self, params, entries)
 
     # -- state ------------------------------------------------------------------------
     def _check_state(self, e):
@@ -160,6 +166,7 @@ class Optimizer:
         hyper, state, counters = checked_state(self, state_dict, params)
         self._hyper = hyper
         self.state = state
+        self._plan = None
         self.iter, self.skipped_steps = counters
 
     def save(self, path):

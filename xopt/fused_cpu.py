@@ -1,0 +1,370 @@
+"""Fused CPU kernels (numba): one pass over memory, both cores, one call for any number of tensors.
+
+Each optimizer's element rule below is its reference ``rule`` (in ``xopt/<name>.py``)
+written as a loop: same names, same order of operations, scalars from the same
+``scalars(step)``.  ``tests/test_fused.py`` holds every one to its reference.
+
+Many tensors take one call: the kernel gets a table of array *objects* (their
+``id``), reads each one's data pointer itself (the ``data`` field of NumPy's
+array struct, found once at import), and walks a table of chunks spread over
+the cores with ``prange``.  So a step with 2,000 small tensors costs one call,
+and the user's arrays are neither copied nor moved.
+
+Compiled code is cached on disk (``cache=True``): a second process does not
+compile again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+from collections.abc import Mapping
+
+import numpy as np
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "Plan", "CHUNK"]
+
+CHUNK = 1 << 15  # elements per unit of parallel work
+
+
+# -- pointers ------------------------------------------------------------------------
+def _find_data_offset() -> int:
+    """Where NumPy keeps an array's data pointer inside the array object (16 on CPython 64-bit)."""
+    probes = [np.empty(3), np.empty((2, 2), dtype=np.float32)]
+    for offset in range(8, 129, 8):
+        if all(ctypes.c_int64.from_address(id(a) + offset).value == a.ctypes.data for a in probes):
+            return offset
+    raise ImportError("cannot find the data pointer in NumPy's array struct")
+
+
+DATA_OFFSET = _find_data_offset()
+
+
+@intrinsic
+def _load_i64(typingctx, addr):
+    """The int64 stored at address ``addr``."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+        return builder.load(ptr)
+
+    return sig, codegen
+
+
+@intrinsic
+def _typed_ptr(typingctx, addr, proto):
+    """``addr`` as a pointer to the element type of the array ``proto``."""
+    sig = types.CPointer(proto.dtype)(addr, proto)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _view(obj_id, offset, proto, lo, hi):
+    """Elements lo:hi of the contiguous array whose object is ``obj_id``."""
+    return carray(_typed_ptr(_load_i64(obj_id + offset), proto), (hi,))[lo:hi]
+
+
+# -- element rules: the reference rules as loops ----------------------------------------
+# Arguments: the param, its grad, up to three state buffers (unused ones are never read),
+# and the scalars, in the order of the *_scalars functions below; all of one dtype (float16
+# params arrive as float32 copies).  Flags arrive as 0.0 / 1.0.
+
+@njit(cache=True, error_model="numpy")
+def _sgd(p, g, b, _1, _2, s):
+    lr, weight_decay, momentum, b_decay, b_scale, has_b, nesterov = s[0], s[1], s[2], s[3], s[4], s[5], s[6]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        if has_b != 0.0:
+            bi = b_decay * b[i] + b_scale * gi
+            b[i] = bi
+            gi = gi + momentum * bi if nesterov != 0.0 else bi
+        p[i] = p[i] - lr * gi
+
+
+@njit(cache=True, error_model="numpy")
+def _momentum(p, g, v, _1, _2, s):
+    lr, momentum, nesterov = s[0], s[1], s[2]
+    for i in range(p.shape[0]):
+        vi = momentum * v[i] - lr * g[i]
+        v[i] = vi
+        if nesterov != 0.0:
+            p[i] = p[i] + momentum * vi - lr * g[i]
+        else:
+            p[i] = p[i] + vi
+
+
+@njit(cache=True, error_model="numpy")
+def _adagrad(p, g, h, _1, _2, s):
+    clr, eps, weight_decay = s[0], s[1], s[2]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        hi = h[i] + gi * gi
+        h[i] = hi
+        p[i] = p[i] - clr * gi / (np.sqrt(hi) + eps)
+
+
+@njit(cache=True, error_model="numpy")
+def _rmsprop(p, g, h, g_avg, b, s):
+    lr, rho, one_minus_rho, eps, momentum, weight_decay, centered, has_b = (
+        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        hi = rho * h[i] + one_minus_rho * gi * gi
+        h[i] = hi
+        if centered != 0.0:
+            ai = g_avg[i] + one_minus_rho * (gi - g_avg[i])
+            g_avg[i] = ai
+            d = np.sqrt(hi - ai * ai) + eps
+        else:
+            d = np.sqrt(hi) + eps
+        if has_b != 0.0:
+            bi = momentum * b[i] + gi / d
+            b[i] = bi
+            p[i] = p[i] - lr * bi
+        else:
+            p[i] = p[i] - lr * gi / d
+
+
+@njit(cache=True, error_model="numpy")
+def _adam(p, g, m, v, v_max, s):
+    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad = (
+        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
+    for i in range(p.shape[0]):
+        gi = g[i]
+        pi = p[i]
+        if l2 != 0.0:
+            gi = gi + l2 * pi
+        if decay != 1.0:
+            pi = pi * decay
+        mi = m[i] + one_minus_beta1 * (gi - m[i])
+        vi = beta2 * v[i] + one_minus_beta2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        if amsgrad != 0.0:
+            vi = max(v_max[i], vi)
+            v_max[i] = vi
+        p[i] = pi - step_size * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
+
+
+RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam)  # the kernel's ``rule`` argument indexes this
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _kernel(rule, ids, chunks, offset, s):
+    """One parallel call over a table of tensors, cut into chunks of at most CHUNK elements.
+
+    (One function with a rule index rather than one closure per rule: numba caches no closures.)
+    """
+    for c in prange(chunks.shape[0]):
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ids[t, 0], offset, s, lo, hi), _view(ids[t, 1], offset, s, lo, hi)
+        b0, b1, b2 = _view(ids[t, 2], offset, s, lo, hi), _view(ids[t, 3], offset, s, lo, hi), \
+            _view(ids[t, 4], offset, s, lo, hi)
+        if rule == 0:
+            _sgd(p, g, b0, b1, b2, s)
+        elif rule == 1:
+            _momentum(p, g, b0, b1, b2, s)
+        elif rule == 2:
+            _adagrad(p, g, b0, b1, b2, s)
+        elif rule == 3:
+            _rmsprop(p, g, b0, b1, b2, s)
+        else:
+            _adam(p, g, b0, b1, b2, s)
+
+
+# -- per optimizer: the kernel, and its scalars in the kernel's order ----------------------
+def _sgd_scalars(opt, s):
+    return (s["lr"], s["weight_decay"], s["momentum"], s["b_decay"], s["b_scale"],
+            float(opt.momentum != 0.0), float(opt.nesterov))
+
+
+def _momentum_scalars(opt, s):
+    return (s["lr"], s["momentum"], float(type(opt).__name__ == "Nesterov"))
+
+
+def _adagrad_scalars(opt, s):
+    return (s["clr"], s["eps"], s["weight_decay"])
+
+
+def _rmsprop_scalars(opt, s):
+    return (s["lr"], s["decay_rate"], 1.0 - s["decay_rate"], s["eps"], s["momentum"], s["weight_decay"],
+            float(opt.centered), float(opt.momentum > 0.0))
+
+
+def _adam_scalars(opt, s):
+    return (1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], s["sqrt_bc2"],
+            s["l2"], s["decay"], float(opt.amsgrad))
+
+
+KERNELS = {  # optimizer -> (index into RULES, its scalars in the rule's order, its buffers in the rule's slots)
+    "SGD": (0, _sgd_scalars, ("b",)),
+    "Momentum": (1, _momentum_scalars, ("v",)),
+    "Nesterov": (1, _momentum_scalars, ("v",)),
+    "AdaGrad": (2, _adagrad_scalars, ("h",)),
+    "RMSprop": (3, _rmsprop_scalars, ("h", "g_avg", "b")),
+    "Adam": (4, _adam_scalars, ("m", "v", "v_max")),
+    "AdamW": (4, _adam_scalars, ("m", "v", "v_max")),
+}
+
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def supports(opt) -> bool:
+    return type(opt).__name__ in KERNELS
+
+
+def accepts(e) -> bool:
+    """NumPy float16/32/64 params whose grads are NumPy arrays too."""
+    return type(e.p) is np.ndarray and type(e.g) is np.ndarray and e.p.dtype in _FLOATS and not e.rebind
+
+
+# -- tables ------------------------------------------------------------------------------
+def chunk_table(sizes) -> np.ndarray:
+    """(tensor, lo, hi) rows covering every element, no row longer than CHUNK."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = -(-sizes // CHUNK)
+    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    lo = (np.arange(len(tensor), dtype=np.int64) - first) * CHUNK
+    hi = np.minimum(lo + CHUNK, sizes[tensor])
+    return np.stack([tensor, lo, hi], axis=1) if len(tensor) else np.zeros((0, 3), dtype=np.int64)
+
+
+class Table:
+    """The arrays of one call: ids of (p, g, buffer0..2) per tensor, and the chunks over them."""
+
+    def __init__(self, opt, ps, states, dtype, sizes):
+        self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        self.dtype = dtype  # of params, grads, state and scalars alike: float32 or float64
+        self.ids = np.empty((len(ps), 5), dtype=np.int64)
+        for row, (p, st) in enumerate(zip(ps, states)):
+            # A slot whose buffer this configuration does not keep points at p: never read.
+            self.ids[row] = [id(p), id(p)] + [id(st.get(name, p)) for name in slots] + [id(p)] * (3 - len(slots))
+        self.chunks = chunk_table(sizes)
+
+    def run(self, opt, gs, scalars):
+        self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=len(gs))
+        s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
+        _kernel(self.rule, self.ids, self.chunks, DATA_OFFSET, s)
+
+
+def apply(opt, entries):
+    """One fused call per (dtype, step) group; arrays the kernel can't take directly go through a copy."""
+    groups = {}
+    for e in entries:
+        groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
+    names = opt.buffers()
+    for (dtype, _), group in groups.items():
+        ps, gs, write_back = [], [], []
+        work_dtype = np.dtype(np.float32) if dtype == np.float16 else dtype  # numba has no CPU float16
+        for e in group:
+            p = e.p
+            if p.dtype != work_dtype or not p.flags.c_contiguous:
+                p = np.ascontiguousarray(p, dtype=work_dtype)
+                write_back.append((e.p, p))
+            ps.append(p)
+            gs.append(np.ascontiguousarray(e.g, dtype=work_dtype))
+        for e in group:
+            _contiguous_state(e.state, names)
+        table = Table(opt, ps, [e.state for e in group], work_dtype, [p.size for p in ps])
+        table.run(opt, gs, group[0].scalars)
+        for target, source in write_back:
+            target[...] = source
+
+
+def _contiguous_state(state, names):
+    for name in names:
+        if not state[name].flags.c_contiguous:
+            state[name] = np.ascontiguousarray(state[name])
+
+
+_LAYOUT = operator.attrgetter("dtype", "shape", "strides")
+_WRITEABLE = operator.attrgetter("flags.writeable")
+
+
+class Plan:
+    """The table of a step that repeats: same params, same arrays, grads of the same layout.
+
+    Built after a checked step in which every param was a contiguous NumPy array of
+    one dtype at one step count; :meth:`try_step` then runs a step with a few C-level
+    list comparisons in place of the per-param checks, or declines (returns False)
+    and leaves everything to the general path, which checks and explains.
+    """
+
+    @classmethod
+    def build(cls, opt, params, entries):
+        n = len(params)
+        if not entries or len(entries) != n or not supports(opt):
+            return None
+        dtype, step = entries[0].p.dtype, entries[0].state["step"]
+        for e in entries:
+            if not (accepts(e) and e.p.flags.c_contiguous and e.p.dtype == dtype and e.state["step"] == step):
+                return None
+        if dtype not in (np.float32, np.float64):
+            return None
+        return cls(opt, params, entries)
+
+    def __init__(self, opt, params, entries):
+        self.container = params
+        self.keys = [e.key for e in entries]
+        self.arrays = [e.p for e in entries]
+        self.layout = [_LAYOUT(p) for p in self.arrays]
+        self.states = [e.state for e in entries]
+        self.buffers = opt.buffers()
+        self.step = entries[0].state["step"]
+        self.table = Table(opt, self.arrays, self.states, entries[0].p.dtype, [p.size for p in self.arrays])
+
+    def try_step(self, opt, params, grads) -> bool:
+        if (params is not self.container or opt.impl == "reference" or opt.skip_nonfinite
+                or opt.buffers() != self.buffers):
+            return False
+        if len(params) != len(self.keys) or len(grads) != len(self.keys):
+            return False
+        if isinstance(params, Mapping):
+            if not isinstance(grads, Mapping) or list(params) != self.keys:
+                return False
+            arrays = list(params.values())
+            try:
+                gs = list(map(grads.__getitem__, self.keys))
+            except KeyError:
+                return False
+        else:
+            arrays, gs = list(params), list(grads)
+        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {np.ndarray}:
+            return False
+        if not all(map(_WRITEABLE, arrays)):  # made read-only since: let the checks say so
+            return False
+        if list(map(_LAYOUT, gs)) != self.layout:
+            return False
+        self.step += 1
+        self.table.run(opt, gs, opt.scalars(self.step))
+        for st in self.states:
+            st["step"] = self.step
+        return True
+
+
+def compile_all():
+    """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
+    import time
+
+    from . import Adam, AdaGrad, Momentum, RMSprop, SGD
+
+    t0 = time.perf_counter()
+    for dtype in (np.float32, np.float64):
+        for opt in (SGD(momentum=0.9, impl="fused"), Momentum(impl="fused"), AdaGrad(impl="fused"),
+                    RMSprop(impl="fused"), Adam(impl="fused")):
+            opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
+    return time.perf_counter() - t0
