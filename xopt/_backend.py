@@ -69,7 +69,9 @@ def is_real_floating(xp, dtype) -> bool:
 
 
 def dtype_name(dtype) -> str:
-    """'float32' for NumPy's, CuPy's, torch's or array-api-strict's float32."""
+    """'float32' for NumPy's (dtype or scalar type), CuPy's, torch's or array-api-strict's float32."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        return np.dtype(dtype).name
     return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
 
 

@@ -227,8 +227,9 @@ def supports(opt) -> bool:
 
 
 def accepts(e) -> bool:
-    """NumPy float16/32/64 params whose grads are NumPy arrays too."""
-    return type(e.p) is np.ndarray and type(e.g) is np.ndarray and e.p.dtype in _FLOATS and not e.rebind
+    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too."""
+    return (type(e.p) is np.ndarray and isinstance(e.g, (np.ndarray, np.generic)) and e.p.dtype in _FLOATS
+            and not e.rebind)
 
 
 # -- tables ------------------------------------------------------------------------------
