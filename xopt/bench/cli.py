@@ -1,0 +1,145 @@
+"""``xopt-bench``: time every optimizer step against the seed, torch.optim and the memory roofline."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+from . import report, roofline, runner
+
+QUICK = dict(optimizers=["Adam", "RMSprop"], dtypes=["float32"], sizes=[2**16, 2**20, 2**23], tensors=[2000],
+             repeat=5)
+FULL = dict(optimizers=list(runner.OPTIMIZERS), dtypes=["float32"], sizes=[2**10, 2**14, 2**18, 2**22, 2**25],
+            tensors=[2000], repeat=9)
+
+
+def _int(text):
+    text = text.strip().replace("^", "**")
+    if "**" in text:
+        base, exp = text.split("**")
+        return int(base) ** int(exp)
+    return int(text)
+
+
+def _list(convert):
+    return lambda text: [convert(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="xopt-bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a small sweep: under a minute on a 2-core CPU")
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                    help="gpu: CuPy arrays (and torch on CUDA); auto: gpu when CuPy sees one, else cpu")
+    ap.add_argument("--optimizers", type=_list(str), help=f"comma-separated, of {', '.join(runner.OPTIMIZERS)}")
+    ap.add_argument("--dtypes", type=_list(str), help="comma-separated: float16, float32, float64")
+    ap.add_argument("--sizes", type=_list(_int), help="elements of the one-tensor cases, e.g. 2^20,2^25")
+    ap.add_argument("--tensors", type=_list(_int), help="tensor counts of the many-small-tensors cases (64-4096 "
+                                                        "elements each), e.g. 2000; 1 or none to skip")
+    ap.add_argument("--impls", type=_list(str), default=list(runner.IMPLS), help=", ".join(runner.IMPLS))
+    ap.add_argument("--repeat", type=int, help="interleaved rounds; each row is the median")
+    ap.add_argument("--out", default="xopt-bench-results", help="folder for results.json and the PNGs")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [o for o in args.optimizers if o not in runner.OPTIMIZERS]
+    unknown += [i for i in args.impls if i not in runner.IMPLS]
+    if unknown:
+        ap.error(f"unknown: {', '.join(unknown)}")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    return args
+
+
+def _gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device
+        return False
+
+
+def run(args):
+    gpu = args.device == "gpu" or (args.device == "auto" and _gpu_available())
+    if gpu and not _gpu_available():
+        raise SystemExit("xopt-bench: --device gpu, but CuPy finds no usable GPU")
+    if gpu:
+        import cupy as xp
+    else:
+        import numpy as xp
+    backend = "cupy" if gpu else "numpy"
+    result = report.environment(backend)
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["command"] = "xopt-bench " + " ".join(sys.argv[1:])
+
+    compile_seconds = 0.0
+    if not gpu:
+        try:
+            from .. import fused_cpu
+        except ImportError:
+            print("numba is not installed: xopt runs its reference rule", file=sys.stderr)
+        else:
+            compile_seconds = fused_cpu.compile_all()
+    result["compile_seconds"] = compile_seconds  # JIT or disk-cache load, outside every figure below
+    result["copy_GBps"] = roofline.copy_bandwidth_gpu() if gpu else roofline.copy_bandwidth_cpu()
+    cache = 0 if gpu else roofline.cache_bytes()
+    result["cache_bytes"] = cache
+
+    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors)
+    rows = []
+    progress = _progress(len(cases))
+    for case in cases:
+        progress.set_description(f"{case.optimizer} {case.dtype} {case.numel} x{case.tensors}")
+        medians = runner.measure_case(case, args.impls, xp, args.repeat, gpu=gpu)
+        nbytes = roofline.bytes_per_element(case.optimizer, case.dtype) * case.numel
+        for impl, seconds in medians.items():
+            gbps = nbytes / seconds / 1e9
+            rows.append({"optimizer": case.optimizer, "impl": impl, "dtype": case.dtype, "numel": case.numel,
+                         "tensors": case.tensors, "seconds": seconds, "GBps": gbps,
+                         "roofline_fraction": gbps / result["copy_GBps"],
+                         "fits_in_cache": bool(cache and nbytes <= cache)})
+        progress.update()
+    progress.close()
+    result["rows"] = rows
+    return result
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class _Silent:
+            def set_description(self, _):
+                pass
+
+            def update(self):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent()
+    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    report.write_json(result, path)
+    pngs = report.plot(result, args.out)
+    print(report.table(result))
+    print(f"\nJIT compile / cache load: {result['compile_seconds']:.2f} s (not in any figure above)")
+    print(f"wrote {path}" + "".join(f", {p}" for p in pngs) + f" in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

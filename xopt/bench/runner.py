@@ -1,0 +1,153 @@
+"""Cases, implementations and timing: one step of each implementation, interleaved, medians.
+
+Every implementation gets its own copy of the same random params and grads (never
+zeros) and a function that runs one optimizer step.  Rounds go over all
+implementations in turn, so a slow phase of a shared machine hits them alike;
+each row reports the median over rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _backend
+from . import seed
+
+__all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case"]
+
+IMPLS = ("xopt", "xopt-reference", "seed", "torch-forloop", "torch-foreach", "torch-fused")
+OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW")
+SMALL_TENSOR_SIZES = (64, 4096)  # the many-tensors case draws sizes from this range
+
+# torch.optim equivalents (same rule, each library's defaults otherwise).
+TORCH = {
+    "SGD": ("SGD", dict(lr=0.01)),
+    "Momentum": ("SGD", dict(lr=0.01, momentum=0.9)),
+    "Nesterov": ("SGD", dict(lr=0.01, momentum=0.9, nesterov=True)),
+    "AdaGrad": ("Adagrad", dict(lr=0.01)),
+    "RMSprop": ("RMSprop", dict(lr=0.01)),
+    "Adam": ("Adam", dict(lr=0.001)),
+    "AdamW": ("AdamW", dict(lr=0.001)),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    optimizer: str
+    dtype: str
+    sizes: tuple  # elements of each tensor
+
+    @property
+    def numel(self):
+        return int(sum(self.sizes))
+
+    @property
+    def tensors(self):
+        return len(self.sizes)
+
+
+def make_cases(optimizers, dtypes, sizes, tensors, seed_=0):
+    """One single-tensor case per size, and one many-tensors case per count in ``tensors``."""
+    rng = np.random.default_rng(seed_)
+    shapes = [(int(n),) for n in sizes]
+    shapes += [tuple(int(x) for x in rng.integers(SMALL_TENSOR_SIZES[0], SMALL_TENSOR_SIZES[1] + 1, int(t)))
+               for t in tensors if int(t) > 1]
+    return [Case(o, d, s) for o in optimizers for d in dtypes for s in shapes]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def make_step(impl, case, xp, rng):
+    """A function that runs one step of ``impl`` on fresh arrays, or None if ``impl`` can't run here."""
+    host = {f"p{i}": rng.standard_normal(n).astype(case.dtype) for i, n in enumerate(case.sizes)}
+    grads_host = {k: rng.standard_normal(v.shape).astype(case.dtype) for k, v in host.items()}
+    if impl.startswith("torch"):
+        return _torch_step(impl, case, xp, host, grads_host)
+    params = {k: xp.asarray(v) for k, v in host.items()}
+    grads = {k: xp.asarray(v) for k, v in grads_host.items()}
+    if impl == "seed":
+        if not hasattr(seed, case.optimizer):
+            return None
+        opt = getattr(seed, case.optimizer)()
+    else:
+        import xopt
+
+        opt = getattr(xopt, case.optimizer)(impl="reference" if impl == "xopt-reference" else "auto")
+    return lambda: opt.update(params, grads)
+
+
+def _torch_step(impl, case, xp, host, grads_host):
+    torch = _torch()
+    if torch is None:
+        return None
+    device = "cuda" if _backend.library_name(xp.empty(0)) == "cupy" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    name, kwargs = TORCH[case.optimizer]
+    tensors = [torch.asarray(v, device=device) for v in host.values()]
+    for t, g in zip(tensors, grads_host.values()):
+        t.grad = torch.asarray(g, device=device)
+    flavour = impl.split("-")[1]
+    options = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[flavour]
+    try:
+        opt = getattr(torch.optim, name)(tensors, **kwargs, **options)
+        opt.step()  # an unsupported flavour (a fused RMSprop, say) raises here
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return opt.step
+
+
+class _Timer:
+    """Seconds of ``fn``: host clock on the CPU; CUDA events on the GPU."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        if gpu:
+            import cupy
+
+            self.cupy = cupy
+            self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def __call__(self, fn, calls):
+        if self.gpu:
+            self.start.record()
+            for _ in range(calls):
+                fn()
+            self.end.record()
+            self.end.synchronize()
+            return self.cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3 / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+
+
+def measure_case(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, seed_=0):
+    """{impl: median seconds per step}; an impl that can't run here is left out."""
+    rng = np.random.default_rng(seed_)
+    steps = {}
+    for impl in impls:
+        fn = make_step(impl, case, xp, rng)
+        if fn is not None:
+            steps[impl] = fn
+    timer = _Timer(gpu)
+    calls = {}
+    for impl, fn in steps.items():  # warm-up, outside the figures; sets calls per round to last >= min_seconds
+        fn()
+        once = timer(fn, 1)
+        calls[impl] = max(1, min(1000, int(min_seconds / max(once, 1e-9))))
+    samples = {impl: [] for impl in steps}
+    for _ in range(repeat):
+        for impl, fn in steps.items():
+            samples[impl].append(timer(fn, calls[impl]))
+    return {impl: statistics.median(s) for impl, s in samples.items()}
