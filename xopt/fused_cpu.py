@@ -370,9 +370,3 @@ def compile_all():
             opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0
 
-
-@njit(parallel=True, cache=True)
-def parallel_copy(dst, src):
-    """dst[:] = src[:] over every core: the benchmark's measure of the memory roofline."""
-    for i in prange(src.shape[0]):
-        dst[i] = src[i]

@@ -62,7 +62,9 @@ def table(result) -> str:
     rows = result["rows"]
     header = (f"{'optimizer':<9} {'dtype':<8} {'numel':>10} {'tensors':>7} {'impl':<15} {'ms/step':>9} "
               f"{'GB/s':>7} {'roofline':>8} {'vs seed':>8} {'vs torch-fused':>14}")
-    lines = [f"device: {result['device']}   copy bandwidth: {result['copy_GBps']:.1f} GB/s", header,
+    copies = ", ".join(f"{k} {v:.1f}" for k, v in result.get("copy_variants_GBps", {}).items())
+    lines = [f"device: {result['device']}   copy bandwidth (roofline): {result['copy_GBps']:.1f} GB/s ({copies})",
+             header,
              "-" * len(header)]
     cases = {}
     for r in rows:
