@@ -105,7 +105,9 @@ def main(argv=None):
     ap.add_argument("--out", default="digits_loss.png")
     args = ap.parse_args(argv)
     if args.device == "gpu":
-        import cupy as xp
+        import cupy
+
+        xp = array_namespace(cupy.empty(0))
     else:
         xp = array_namespace(np.empty(0))
     device = None
