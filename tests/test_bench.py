@@ -32,7 +32,8 @@ def test_results_follow_the_schema(small_run):
             assert isinstance(row[key], kind), (key, row)
         assert row["impl"] in runner.IMPLS
         assert row["seconds"] > 0
-        want = roofline.bytes_per_element(row["optimizer"], row["dtype"]) * row["numel"] / row["seconds"] / 1e9
+        nbytes = roofline.bytes_per_element(row["optimizer"], row["dtype"], runner.STATE_DTYPES.get(row["impl"]))
+        want = nbytes * row["numel"] / row["seconds"] / 1e9
         assert row["GBps"] == pytest.approx(want)
         assert row["roofline_fraction"] == pytest.approx(row["GBps"] / result["copy_GBps"])
 
@@ -50,6 +51,7 @@ def test_rows_cover_every_case_and_impl(small_run):
     for case in cases:
         got = {r["impl"] for r in result["rows"] if (r["optimizer"], r["numel"], r["tensors"]) == case}
         assert impls <= got, (case, got)
+        assert ("xopt-bf16-state" in got) == (case[0] == "Adam"), (case, got)
 
 
 def test_plots_are_pngs(small_run):
@@ -68,6 +70,10 @@ def test_plots_are_pngs(small_run):
 ])
 def test_bytes_per_element(optimizer, dtype, expected):
     assert roofline.bytes_per_element(optimizer, dtype) == expected
+
+
+def test_bytes_per_element_with_bfloat16_state():
+    assert roofline.bytes_per_element("Adam", "float32", "bfloat16") == 3 * 4 + 2 * 2 * 2  # 20, not 28
 
 
 def test_many_tensor_cases_draw_small_tensors():

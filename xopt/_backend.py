@@ -21,6 +21,7 @@ __all__ = [
     "can_rebind_only",
     "compute_dtype",
     "dtype_name",
+    "low_precision_dtype",
     "is_real_floating",
     "to_numpy",
     "from_numpy",
@@ -65,6 +66,9 @@ def is_writable(x) -> bool:
 
 
 def is_real_floating(xp, dtype) -> bool:
+    """A standard real floating dtype, or bfloat16 (which NumPy's isdtype does not know)."""
+    if dtype_name(dtype) == "bfloat16":
+        return True
     return xp.isdtype(dtype, "real floating")
 
 
@@ -73,6 +77,19 @@ def dtype_name(dtype) -> str:
     if isinstance(dtype, type) and issubclass(dtype, np.generic):
         return np.dtype(dtype).name
     return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+
+
+def low_precision_dtype(xp, name):
+    """The dtype called ``name`` ('bfloat16') in ``xp``, or None where xopt does not support it.
+
+    NumPy gets bfloat16 from ml_dtypes.  Other libraries are not supported yet: their
+    bfloat16 arrays do not move to NumPy (state files) the same way.
+    """
+    if name == "bfloat16" and _compat.is_numpy_namespace(xp):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return None
 
 
 def compute_dtype(xp, dtype):

@@ -39,14 +39,15 @@ def check_impl(impl, optimizer_name):
 
 
 def apply_reference(opt, entries):
-    """Run ``opt.rule`` on each entry; float16 params compute in float32."""
+    """Run ``opt.rule`` on each entry; float16 params and bfloat16 state compute in float32."""
     for e in entries:
         xp = e.xp
         dtype = _backend.compute_dtype(xp, e.p.dtype)
         p = xp.astype(e.p, dtype, copy=False)
         g = xp.astype(e.g, dtype, copy=False)
-        p_new, buffers = opt.rule(xp, p, g, e.state, e.scalars)
-        e.state.update(buffers)
+        state = {k: xp.astype(e.state[k], dtype, copy=False) for k in opt.buffers()}
+        p_new, buffers = opt.rule(xp, p, g, state, e.scalars)
+        e.state.update({k: xp.astype(v, e.state[k].dtype, copy=False) for k, v in buffers.items()})
         p_new = xp.astype(p_new, e.p.dtype, copy=False)
         if e.rebind:
             e.p = p_new
@@ -60,22 +61,22 @@ def select(opt, entries):
         return apply_reference
     fused = _fused_cpu()
     can_fuse = fused is not None and fused.supports(opt)
-    fused_entries = [e for e in entries if can_fuse and fused.accepts(e)]
+    fused_entries = [e for e in entries if can_fuse and fused.accepts(opt, e)]
     if opt.impl == "fused" and len(fused_entries) != len(entries):
         if not can_fuse:
             raise ValueError(f"impl='fused': no fused kernel for {opt!r}")
-        bad = next(e for e in entries if not fused.accepts(e))
+        bad = next(e for e in entries if not fused.accepts(opt, e))
         raise TypeError(f"impl='fused': param {describe(bad.key)} is a {_backend.library_name(bad.p)} "
                         f"array of {_backend.dtype_name(bad.p.dtype)}; the fused CPU kernels take NumPy "
-                        "float16/32/64 arrays")
+                        "float16/32/64 arrays (float16/32 with state_dtype='bfloat16')")
     if not fused_entries:
         return apply_reference
     if len(fused_entries) == len(entries):
         return fused.apply
 
     def apply_mixed(opt, entries):
-        fused.apply(opt, [e for e in entries if fused.accepts(e)])
-        apply_reference(opt, [e for e in entries if not fused.accepts(e)])
+        fused.apply(opt, [e for e in entries if fused.accepts(opt, e)])
+        apply_reference(opt, [e for e in entries if not fused.accepts(opt, e)])
 
     return apply_mixed
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag"]
+__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of"]
 
 
 def _real(name, value) -> float:
@@ -48,6 +48,15 @@ def flag(name, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def one_of(*choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return check
 
 
 class Hyper:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ._hyper import Hyper, flag, non_negative, unit_interval
+from ._hyper import Hyper, flag, non_negative, one_of, unit_interval
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -36,6 +36,9 @@ class Adam(Optimizer):
         amsgrad: use the running maximum of v (Reddi et al. 2018).
         weight_decay: λ, L2 penalty added to the gradient.
         eps_hat: where ε sits, see above.
+        state_dtype: None (m and v in the compute dtype) or ``"bfloat16"``: m and v stored in
+            bfloat16 and computed in float32, which cuts float32 Adam from 28 to 20 bytes per
+            element per step (NumPy arrays; the math is unchanged, the state is rounded).
     """
 
     lr = Hyper(non_negative)
@@ -45,12 +48,13 @@ class Adam(Optimizer):
     amsgrad = Hyper(flag)
     weight_decay = Hyper(non_negative)
     eps_hat = Hyper(flag)
+    state_dtype = Hyper(one_of(None, "bfloat16"))
     decoupled_weight_decay = False
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-7, amsgrad=False, weight_decay=0.0,
-                 eps_hat=True, **options):
+                 eps_hat=True, state_dtype=None, **options):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
-                         eps_hat=eps_hat, **options)
+                         eps_hat=eps_hat, state_dtype=state_dtype, **options)
 
     def buffers(self):
         return ("m", "v", "v_max") if self.amsgrad else ("m", "v")
@@ -99,6 +103,6 @@ class AdamW(Adam):
     decoupled_weight_decay = True
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
-                 eps_hat=False, **options):
+                 eps_hat=False, state_dtype=None, **options):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
-                         eps_hat=eps_hat, **options)
+                         eps_hat=eps_hat, state_dtype=state_dtype, **options)

@@ -21,6 +21,7 @@ import operator
 from collections.abc import Mapping
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
@@ -69,6 +70,41 @@ def _typed_ptr(typingctx, addr, proto):
 def _view(obj_id, offset, proto, lo, hi):
     """Elements lo:hi of the contiguous array whose object is ``obj_id``."""
     return carray(_typed_ptr(_load_i64(obj_id + offset), proto), (hi,))[lo:hi]
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _bf16_load(h):
+    """bfloat16 bits -> float32 (exact)."""
+    return _float_from_bits(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def _bf16_store(x):
+    """float32 -> bfloat16 bits, rounded to nearest even as ml_dtypes does; NaN stays NaN."""
+    u = np.int64(_bits_from_float(np.float32(x)))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((u >> 16) | 0x40)
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
 # -- element rules: the reference rules as loops ----------------------------------------
@@ -138,39 +174,63 @@ def _rmsprop(p, g, h, g_avg, b, s):
             p[i] = p[i] - lr * gi / d
 
 
-@njit(cache=True, error_model="numpy")
-def _adam(p, g, m, v, v_max, s):
+@njit(cache=True, error_model="numpy", inline="always")
+def _adam_element(pi, gi, mi, vi, v_max_i, s):
     one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad = (
         s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
+    if l2 != 0.0:
+        gi = gi + l2 * pi
+    if decay != 1.0:
+        pi = pi * decay
+    mi = mi + one_minus_beta1 * (gi - mi)
+    vi = beta2 * vi + one_minus_beta2 * gi * gi
+    denom_v = vi
+    if amsgrad != 0.0:
+        v_max_i = max(v_max_i, vi)
+        denom_v = v_max_i
+    return pi - step_size * (mi / (np.sqrt(denom_v) / sqrt_bc2 + eps)), mi, vi, v_max_i
+
+
+@njit(cache=True, error_model="numpy")
+def _adam(p, g, m, v, v_max, s):
+    amsgrad = s[8] != 0.0  # without amsgrad, s[8] (0) stands in for v_max: a scalar of the right type
     for i in range(p.shape[0]):
-        gi = g[i]
-        pi = p[i]
-        if l2 != 0.0:
-            gi = gi + l2 * pi
-        if decay != 1.0:
-            pi = pi * decay
-        mi = m[i] + one_minus_beta1 * (gi - m[i])
-        vi = beta2 * v[i] + one_minus_beta2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        if amsgrad != 0.0:
-            vi = max(v_max[i], vi)
-            v_max[i] = vi
-        p[i] = pi - step_size * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
+        p[i], m[i], v[i], v_max_i = _adam_element(p[i], g[i], m[i], v[i], v_max[i] if amsgrad else s[8], s)
+        if amsgrad:
+            v_max[i] = v_max_i
 
 
-RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam)  # the kernel's ``rule`` argument indexes this
+@njit(cache=True, error_model="numpy")
+def _adam_bf16(p, g, m, v, v_max, s):
+    """Adam with m, v (and v_max) stored as bfloat16 bits: loaded to float32, rounded back on store."""
+    amsgrad = s[8] != 0.0
+    for i in range(p.shape[0]):
+        v_max_i = _bf16_load(v_max[i]) if amsgrad else s[8]
+        p[i], mi, vi, v_max_i = _adam_element(p[i], g[i], _bf16_load(m[i]), _bf16_load(v[i]), v_max_i, s)
+        m[i] = _bf16_store(mi)
+        v[i] = _bf16_store(vi)
+        if amsgrad:
+            v_max[i] = _bf16_store(v_max_i)
+
+
+RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adam_bf16)  # the kernel's ``rule`` indexes this
+BF16_RULES = {4: 5}  # rule -> its form with bfloat16 state
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _kernel(rule, ids, chunks, offset, s):
+def _kernel(rule, ids, chunks, offset, s, bits):
     """One parallel call over a table of tensors, cut into chunks of at most CHUNK elements.
 
-    (One function with a rule index rather than one closure per rule: numba caches no closures.)
+    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
+    a rule index rather than one closure per rule: numba caches no closures.
     """
     for c in prange(chunks.shape[0]):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ids[t, 0], offset, s, lo, hi), _view(ids[t, 1], offset, s, lo, hi)
+        if rule == 5:
+            _adam_bf16(p, g, _view(ids[t, 2], offset, bits, lo, hi), _view(ids[t, 3], offset, bits, lo, hi),
+                       _view(ids[t, 4], offset, bits, lo, hi), s)
+            continue
         b0, b1, b2 = _view(ids[t, 2], offset, s, lo, hi), _view(ids[t, 3], offset, s, lo, hi), \
             _view(ids[t, 4], offset, s, lo, hi)
         if rule == 0:
@@ -220,16 +280,24 @@ KERNELS = {  # optimizer -> (index into RULES, its scalars in the rule's order, 
 }
 
 _FLOATS = (np.float16, np.float32, np.float64)
+_BITS = np.empty(0, dtype=np.uint16)
 
 
 def supports(opt) -> bool:
     return type(opt).__name__ in KERNELS
 
 
-def accepts(e) -> bool:
-    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too."""
-    return (type(e.p) is np.ndarray and isinstance(e.g, (np.ndarray, np.generic)) and e.p.dtype in _FLOATS
-            and not e.rebind)
+def _bf16_state(opt) -> bool:
+    return opt._hyper.get("state_dtype") == "bfloat16"
+
+
+def accepts(opt, e) -> bool:
+    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too; float16/32 for bfloat16 state."""
+    if type(e.p) is not np.ndarray or not isinstance(e.g, (np.ndarray, np.generic)) or e.rebind:
+        return False
+    if _bf16_state(opt):
+        return e.p.dtype in (np.float16, np.float32)
+    return e.p.dtype in _FLOATS
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -249,6 +317,8 @@ class Table:
 
     def __init__(self, opt, ps, states, dtype, sizes):
         self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        if _bf16_state(opt):
+            self.rule = BF16_RULES[self.rule]
         self.dtype = dtype  # of params, grads, state and scalars alike: float32 or float64
         self.ids = np.empty((len(ps), 5), dtype=np.int64)
         for row, (p, st) in enumerate(zip(ps, states)):
@@ -259,7 +329,7 @@ class Table:
     def run(self, opt, gs, scalars):
         self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=len(gs))
         s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
-        _kernel(self.rule, self.ids, self.chunks, DATA_OFFSET, s)
+        _kernel(self.rule, self.ids, self.chunks, DATA_OFFSET, s, _BITS)
 
 
 def apply(opt, entries):
@@ -312,9 +382,9 @@ class Plan:
             return None
         dtype, step = entries[0].p.dtype, entries[0].state["step"]
         for e in entries:
-            if not (accepts(e) and e.p.flags.c_contiguous and e.p.dtype == dtype and e.state["step"] == step):
+            if not (accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype and e.state["step"] == step):
                 return None
-        if dtype not in (np.float32, np.float64):
+        if dtype not in (np.float32, np.float64):  # float16 goes through float32 copies: no plan
             return None
         return cls(opt, params, entries)
 

@@ -115,11 +115,22 @@ class Optimizer:
         self._plan = _dispatch.plan(self, params, entries)
 
     # -- state ------------------------------------------------------------------------
+    def buffer_dtype(self, e):
+        """The dtype of e's state buffers: its compute dtype, or the lower ``state_dtype`` if one is set."""
+        low = self._hyper.get("state_dtype")
+        if low is None:
+            return _backend.compute_dtype(e.xp, e.p.dtype)
+        dtype = _backend.low_precision_dtype(e.xp, low)
+        if dtype is None:
+            raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy arrays only, "
+                            f"not {_backend.library_name(e.p)}")
+        return dtype
+
     def _check_state(self, e):
+        dtype = self.buffer_dtype(e)  # raises for an unsupported state_dtype, before any write
         st = self.state.get(e.key)
         if st is None:
             return
-        dtype = _backend.compute_dtype(e.xp, e.p.dtype)
         for name in self.buffers():
             buf = st.get(name)
             if buf is None:
@@ -129,12 +140,12 @@ class Optimizer:
                                  f"state {name!r} was made for shape {tuple(buf.shape)}")
             # Compared by name: a state loaded from a file is NumPy until its first use.
             if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
-                raise TypeError(f"param {describe(e.key)} computes in {_backend.dtype_name(dtype)} but its "
+                raise TypeError(f"param {describe(e.key)} keeps its state in {_backend.dtype_name(dtype)} but its "
                                 f"optimizer state {name!r} is {_backend.dtype_name(buf.dtype)}")
 
     def _state_for(self, e):
         st = self.state.setdefault(e.key, {"step": 0})
-        xp, dtype = e.xp, _backend.compute_dtype(e.xp, e.p.dtype)
+        xp, dtype = e.xp, self.buffer_dtype(e)
         for name in self.buffers():
             buf = st.get(name)
             if buf is None:

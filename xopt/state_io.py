@@ -100,12 +100,15 @@ def save_state(state_dict, path):
     for key, st in state_dict["state"].items():
         if isinstance(key, bool) or not isinstance(key, (str, int)):
             raise TypeError(f"param name {key!r} cannot be saved: names must be str (dict) or int (list)")
-        refs = {}
+        refs, bits = {}, {}
         for name, buf in st.items():
             if name != "step":
                 refs[name] = f"a{len(arrays)}"
                 arrays[refs[name]] = _backend.to_numpy(buf)
-        entries.append({"key": key, "step": st["step"], "buffers": refs})
+                if _backend.dtype_name(buf.dtype) == "bfloat16":  # .npy has no bfloat16: keep its bits
+                    arrays[refs[name]] = arrays[refs[name]].view(np.uint16)
+                    bits[name] = "bfloat16"
+        entries.append({"key": key, "step": st["step"], "buffers": refs, "bits_of": bits})
     meta = {
         "format": FORMAT,
         "optimizer": state_dict["optimizer"],
@@ -139,6 +142,8 @@ def load_state(path) -> dict:
             st = {"step": entry["step"]}
             for name, ref in entry["buffers"].items():
                 st[name] = archive[ref]
+                if entry.get("bits_of", {}).get(name) == "bfloat16":
+                    st[name] = st[name].view(_backend.low_precision_dtype(np, "bfloat16"))
             state[entry["key"]] = st
     return {
         "optimizer": meta["optimizer"],

@@ -98,8 +98,9 @@ def run(args):
     for case in cases:
         progress.set_description(f"{case.optimizer} {case.dtype} {case.numel} x{case.tensors}")
         medians = runner.measure_case(case, args.impls, xp, args.repeat, gpu=gpu)
-        nbytes = roofline.bytes_per_element(case.optimizer, case.dtype) * case.numel
         for impl, seconds in medians.items():
+            nbytes = case.numel * roofline.bytes_per_element(case.optimizer, case.dtype,
+                                                             runner.STATE_DTYPES.get(impl))
             gbps = nbytes / seconds / 1e9
             rows.append({"optimizer": case.optimizer, "impl": impl, "dtype": case.dtype, "numel": case.numel,
                          "tensors": case.tensors, "seconds": seconds, "GBps": gbps,

@@ -13,10 +13,10 @@ __all__ = ["bytes_per_element", "copy_bandwidth_cpu", "copy_bandwidth_gpu", "cac
 STATE_BUFFERS = {"SGD": 0, "Momentum": 1, "Nesterov": 1, "AdaGrad": 1, "RMSprop": 1, "Adam": 2, "AdamW": 2}
 
 
-def bytes_per_element(optimizer: str, dtype: str) -> int:
+def bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> int:
     """Read p, g and each buffer once; write p and each buffer once (float16 params keep float32 state)."""
     item = np.dtype(dtype).itemsize
-    state_item = 4 if item == 2 else item
+    state_item = 2 if state_dtype == "bfloat16" else 4 if item == 2 else item
     buffers = STATE_BUFFERS[optimizer]
     return 3 * item + 2 * buffers * state_item
 

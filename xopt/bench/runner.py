@@ -19,7 +19,8 @@ from . import seed
 
 __all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case"]
 
-IMPLS = ("xopt", "xopt-reference", "seed", "torch-forloop", "torch-foreach", "torch-fused")
+IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "seed", "torch-forloop", "torch-foreach", "torch-fused")
+STATE_DTYPES = {"xopt-bf16-state": "bfloat16"}  # impls that keep a lower-precision state
 OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW")
 SMALL_TENSOR_SIZES = (64, 4096)  # the many-tensors case draws sizes from this range
 
@@ -82,7 +83,14 @@ def make_step(impl, case, xp, rng):
     else:
         import xopt
 
-        opt = getattr(xopt, case.optimizer)(impl="reference" if impl == "xopt-reference" else "auto")
+        cls = getattr(xopt, case.optimizer)
+        options = {"impl": "reference" if impl == "xopt-reference" else "auto"}
+        if impl in STATE_DTYPES:
+            if (not hasattr(cls, "state_dtype") or _backend.library_name(xp.empty(0)) != "numpy"
+                    or case.dtype == "float64"):
+                return None  # bfloat16 state: Adam and AdamW, NumPy float16/32 params
+            options["state_dtype"] = STATE_DTYPES[impl]
+        opt = cls(**options)
     return lambda: opt.update(params, grads)
 
 
