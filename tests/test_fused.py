@@ -124,7 +124,7 @@ def test_impl_fused_refuses_arrays_it_cannot_take_before_writing(rng):
     a = rng.standard_normal(4)
     kept = a.copy()
     params = {"a": a, "t": torch.ones(3, dtype=torch.float64)}
-    with pytest.raises(TypeError, match="'t' is a torch array"):
+    with pytest.raises(TypeError, match="param 't', a torch array"):
         opt.update(params, {"a": np.ones(4), "t": torch.ones(3, dtype=torch.float64)})
     np.testing.assert_array_equal(a, kept)
     assert opt.iter == 0 and not opt.state
@@ -134,6 +134,7 @@ def test_impl_fused_without_numba_raises_in_the_constructor(monkeypatch):
     from xopt import _dispatch
 
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
+    monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: None)
     with pytest.raises(ValueError, match="numba"):
         xopt.Adam(impl="fused")
     opt = xopt.Adam()  # auto falls back to the reference rule

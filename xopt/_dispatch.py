@@ -1,12 +1,16 @@
 """The one place that decides how a step is computed.
 
 ``reference``: the optimizer's array-API ``rule``, one param at a time, for any
-array library.  ``fused``: a kernel that reads and writes each element once
-(:mod:`xopt.fused_cpu` for NumPy arrays).  ``auto`` takes the fused kernel where
-one exists for the array and the optimizer's flags, the reference elsewhere.
+array library.  ``fused``: an engine that reads and writes each element once —
+:mod:`xopt.fused_cpu` (numba) for NumPy arrays, :mod:`xopt.fused_cuda` (CuPy) for
+CuPy arrays.  ``auto`` takes a fused engine where one accepts the array and is
+trusted under auto (the CUDA one only once verified on a GPU), the reference
+elsewhere.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from . import _backend
 from ._inputs import describe
@@ -17,7 +21,7 @@ IMPLS = ("auto", "reference", "fused")
 
 
 def _fused_cpu():
-    """The NumPy fused module, or None when its engine (numba) is not installed."""
+    """The NumPy engine, or None when numba is not installed."""
     try:
         from . import fused_cpu
     except ImportError:
@@ -25,16 +29,32 @@ def _fused_cpu():
     return fused_cpu
 
 
+def _fused_cuda():
+    """The CuPy engine, or None when CuPy is not installed."""
+    if importlib.util.find_spec("cupy") is None:
+        return None
+    from . import fused_cuda
+
+    return fused_cuda
+
+
+def _engines(opt):
+    """Fused engines for ``opt``, each with whether ``impl="auto"`` may use it."""
+    engines = []
+    cpu, cuda = _fused_cpu(), _fused_cuda()
+    if cpu is not None and cpu.supports(opt):
+        engines.append((cpu, True))
+    if cuda is not None and cuda.supports(opt):
+        engines.append((cuda, cuda.VERIFIED))
+    return engines
+
+
 def check_impl(impl, optimizer_name):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
-    if impl == "fused":
-        fused = _fused_cpu()
-        if fused is None:
-            raise ValueError("impl='fused' needs numba (pip install numba); use impl='auto' to fall back "
-                             "to the reference rule")
-        if optimizer_name not in fused.KERNELS:
-            raise ValueError(f"impl='fused': there is no fused kernel for {optimizer_name}")
+    if impl == "fused" and _fused_cpu() is None and _fused_cuda() is None:
+        raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays); "
+                         "use impl='auto' to fall back to the reference rule")
     return impl
 
 
@@ -56,29 +76,20 @@ def apply_reference(opt, entries):
 
 
 def select(opt, entries):
-    """The function that will apply this step; raises (before any write) if impl can't be honoured."""
+    """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured."""
     if opt.impl == "reference":
-        return apply_reference
-    fused = _fused_cpu()
-    can_fuse = fused is not None and fused.supports(opt)
-    fused_entries = [e for e in entries if can_fuse and fused.accepts(opt, e)]
-    if opt.impl == "fused" and len(fused_entries) != len(entries):
-        if not can_fuse:
-            raise ValueError(f"impl='fused': no fused kernel for {opt!r}")
-        bad = next(e for e in entries if not fused.accepts(opt, e))
-        raise TypeError(f"impl='fused': param {describe(bad.key)} is a {_backend.library_name(bad.p)} "
-                        f"array of {_backend.dtype_name(bad.p.dtype)}; the fused CPU kernels take NumPy "
-                        "float16/32/64 arrays (float16/32 with state_dtype='bfloat16')")
-    if not fused_entries:
-        return apply_reference
-    if len(fused_entries) == len(entries):
-        return fused.apply
-
-    def apply_mixed(opt, entries):
-        fused.apply(opt, [e for e in entries if fused.accepts(opt, e)])
-        apply_reference(opt, [e for e in entries if not fused.accepts(opt, e)])
-
-    return apply_mixed
+        return [(apply_reference, entries)]
+    engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
+    groups = {}
+    for e in entries:
+        engine = next((m for m in engines if m.accepts(opt, e)), None)
+        if engine is None and opt.impl == "fused":
+            raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
+                            f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
+                            f"{opt!r}; the CPU kernels take NumPy float16/32/64 arrays (float16/32 with "
+                            "state_dtype='bfloat16'), the CUDA kernels CuPy float16/32/64 arrays")
+        groups.setdefault(engine, []).append(e)
+    return [(apply_reference if engine is None else engine.apply, group) for engine, group in groups.items()]
 
 
 def plan(opt, params, entries):

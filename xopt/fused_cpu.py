@@ -25,6 +25,8 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from ._kernel_table import KERNELS
+
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "Plan", "CHUNK"]
 
 CHUNK = 1 << 15  # elements per unit of parallel work
@@ -245,46 +247,12 @@ def _kernel(rule, ids, chunks, offset, s, bits):
             _adam(p, g, b0, b1, b2, s)
 
 
-# -- per optimizer: the kernel, and its scalars in the kernel's order ----------------------
-def _sgd_scalars(opt, s):
-    return (s["lr"], s["weight_decay"], s["momentum"], s["b_decay"], s["b_scale"],
-            float(opt.momentum != 0.0), float(opt.nesterov))
-
-
-def _momentum_scalars(opt, s):
-    return (s["lr"], s["momentum"], float(type(opt).__name__ == "Nesterov"))
-
-
-def _adagrad_scalars(opt, s):
-    return (s["clr"], s["eps"], s["weight_decay"])
-
-
-def _rmsprop_scalars(opt, s):
-    return (s["lr"], s["decay_rate"], 1.0 - s["decay_rate"], s["eps"], s["momentum"], s["weight_decay"],
-            float(opt.centered), float(opt.momentum > 0.0))
-
-
-def _adam_scalars(opt, s):
-    return (1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], s["sqrt_bc2"],
-            s["l2"], s["decay"], float(opt.amsgrad))
-
-
-KERNELS = {  # optimizer -> (index into RULES, its scalars in the rule's order, its buffers in the rule's slots)
-    "SGD": (0, _sgd_scalars, ("b",)),
-    "Momentum": (1, _momentum_scalars, ("v",)),
-    "Nesterov": (1, _momentum_scalars, ("v",)),
-    "AdaGrad": (2, _adagrad_scalars, ("h",)),
-    "RMSprop": (3, _rmsprop_scalars, ("h", "g_avg", "b")),
-    "Adam": (4, _adam_scalars, ("m", "v", "v_max")),
-    "AdamW": (4, _adam_scalars, ("m", "v", "v_max")),
-}
-
 _FLOATS = (np.float16, np.float32, np.float64)
 _BITS = np.empty(0, dtype=np.uint16)
 
 
 def supports(opt) -> bool:
-    return type(opt).__name__ in KERNELS
+    return type(opt).__name__ in KERNELS and opt._hyper.get("state_dtype") in (None, "bfloat16")
 
 
 def _bf16_state(opt) -> bool:

@@ -98,7 +98,7 @@ class Optimizer:
         if self.skip_nonfinite and not all(_all_finite(e) for e in entries):
             self.skipped_steps += 1
             return
-        apply = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
+        paths = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
         scalars_by_step = {}
         for e in entries:
             e.state = self._state_for(e)
@@ -106,7 +106,8 @@ class Optimizer:
             if step not in scalars_by_step:
                 scalars_by_step[step] = self.scalars(step)
             e.scalars = scalars_by_step[step]
-        apply(self, entries)
+        for apply, group in paths:
+            apply(self, group)
         for e in entries:
             e.state["step"] += 1
             if e.rebind:
