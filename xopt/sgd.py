@@ -105,7 +105,7 @@ class Momentum(Optimizer):
         return p + v, {"v": v}
 
 
-class Nesterov(Optimizer):
+class Nesterov(Momentum):
     r"""Nesterov's accelerated gradient in the seed's velocity form (Bengio et al. 2012).
 
     .. math::
@@ -118,18 +118,6 @@ class Nesterov(Optimizer):
         lr: learning rate η.
         momentum: α.
     """
-
-    lr = Hyper(non_negative)
-    momentum = Hyper(non_negative)
-
-    def __init__(self, lr=0.01, momentum=0.9, **options):
-        super().__init__(lr=lr, momentum=momentum, **options)
-
-    def buffers(self):
-        return ("v",)
-
-    def scalars(self, step):
-        return {"lr": self.lr, "momentum": self.momentum}
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g
