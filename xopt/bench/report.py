@@ -97,47 +97,60 @@ def plot(result, out_dir):
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    from .runner import IMPLS
+
+    color = {impl: f"C{k}" for k, impl in enumerate(IMPLS)}  # one colour per impl in every panel
     paths = []
     single = [r for r in rows if r["tensors"] == 1]
     many = [r for r in rows if r["tensors"] > 1]
     title = f"{result['device']} ({result['backend']}), {result['commit'][:12]}"
     if single:
         groups = sorted({(r["optimizer"], r["dtype"]) for r in single})
-        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False, sharey=True)
-        for ax, (opt, dtype) in zip(axes[0], groups):
-            for impl in sorted({r["impl"] for r in single}):
+        ncols = min(4, len(groups))
+        nrows = -(-len(groups) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.3 * nrows + 0.8), squeeze=False,
+                                 sharey=True)
+        for ax, (opt, dtype) in zip(axes.flat, groups):
+            for impl in IMPLS:
                 pts = sorted((r["numel"], r["GBps"]) for r in single
                              if (r["optimizer"], r["dtype"], r["impl"]) == (opt, dtype, impl))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=impl)
+                    ax.plot(*zip(*pts), marker="o", markersize=3, color=color[impl], label=impl)
             ax.axhline(result["copy_GBps"], color="k", linestyle="--", label="copy roofline")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("elements")
-            ax.set_title(f"{opt} {dtype}")
-        axes[0][0].set_ylabel("GB/s (minimal bytes / time)")
-        axes[0][-1].legend(fontsize=7)
+            ax.set_title(f"{opt} {dtype}", fontsize=10)
+        for ax in axes.flat[len(groups):]:
+            ax.axis("off")
+        for row in axes:
+            row[0].set_ylabel("GB/s (minimal bytes / time)")
+        handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         paths.append(os.path.join(out_dir, "throughput.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     if many:
         cases = sorted({(r["optimizer"], r["dtype"], r["tensors"]) for r in many})
-        impls = sorted({r["impl"] for r in many})
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cases) * len(impls) / 3), 4))
+        impls = [impl for impl in IMPLS if any(r["impl"] == impl for r in many)]
+        fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(cases)), 4.5))
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
+            labelled = False
             for i, case in enumerate(cases):
                 r = next((r for r in many if (r["optimizer"], r["dtype"], r["tensors"]) == case
                           and r["impl"] == impl), None)
                 if r:
-                    ax.bar(i + j * width, r["seconds"] * 1e3, width, color=f"C{j}", label=impl if i == 0 else None)
+                    ax.bar(i + j * width, r["seconds"] * 1e3, width, color=color[impl],
+                           label=None if labelled else impl)
+                    labelled = True
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
         ax.set_xticklabels([f"{o} {d}\n{t} tensors" for o, d, t in cases], fontsize=8)
         ax.set_ylabel("ms per step")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        ax.set_title(f"many small tensors ({title})", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"one step over many small tensors ({title})", fontsize=9)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, "many_tensors.png"))
         fig.savefig(paths[-1], dpi=110)
