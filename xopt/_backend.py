@@ -16,6 +16,7 @@ __all__ = [
     "device",
     "is_numpy",
     "is_cupy",
+    "is_dask",
     "library_name",
     "is_writable",
     "can_rebind_only",
@@ -43,6 +44,10 @@ def is_numpy(x) -> bool:
 
 def is_cupy(x) -> bool:
     return _compat.is_cupy_array(x)
+
+
+def is_dask(x) -> bool:
+    return _compat.is_dask_array(x)
 
 
 def library_name(x) -> str:
@@ -102,6 +107,8 @@ def to_numpy(x) -> np.ndarray:
     """A NumPy copy of any array (host transfer for device arrays)."""
     if _compat.is_cupy_array(x):
         return x.get()
+    if _compat.is_dask_array(x):
+        return to_numpy(x.compute())  # gathers to the host: only when asked (save, an explicit copy)
     if _compat.is_torch_array(x):
         return x.detach().cpu().numpy().copy()
     if isinstance(x, np.ndarray):
@@ -117,4 +124,8 @@ def from_numpy(a: np.ndarray, like):
     xp = namespace(like)
     if _compat.is_numpy_array(like):
         return np.array(a, copy=True)
+    if _compat.is_dask_array(like):
+        import dask.array as da
+
+        return da.from_array(np.array(a, copy=True), chunks=like.chunks)
     return xp.asarray(a, device=device(like), copy=True)

@@ -1,7 +1,8 @@
 """The one place that decides how a step is computed.
 
 ``reference``: the optimizer's array-API ``rule``, one param at a time, for any
-array library.  ``fused``: an engine that reads and writes each element once —
+array library.  Dask arrays always go to :mod:`xopt.fused_dask`, which runs the
+chosen path on each chunk where it lives.  ``fused``: an engine that reads and writes each element once —
 :mod:`xopt.fused_cpu` (numba) for NumPy arrays, :mod:`xopt.fused_cuda` (CuPy) for
 CuPy arrays.  ``auto`` takes a fused engine where one accepts the array and is
 trusted under auto (the CUDA one only once verified on a GPU), the reference
@@ -36,6 +37,15 @@ def _fused_cuda():
     from . import fused_cuda
 
     return fused_cuda
+
+
+def _fused_dask():
+    """The Dask engine, or None when Dask is not installed."""
+    if importlib.util.find_spec("dask") is None:
+        return None
+    from . import fused_dask
+
+    return fused_dask
 
 
 def _engines(opt):
@@ -77,8 +87,15 @@ def apply_reference(opt, entries):
 
 def select(opt, entries):
     """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured."""
+    paths = []
+    dask_engine = _fused_dask()
+    if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
+        chunked = [e for e in entries if dask_engine.accepts(opt, e)]
+        if chunked:
+            paths.append((dask_engine.apply, chunked))
+            entries = [e for e in entries if not dask_engine.accepts(opt, e)]
     if opt.impl == "reference":
-        return [(apply_reference, entries)]
+        return paths + [(apply_reference, entries)]
     engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
     groups = {}
     for e in entries:
@@ -89,7 +106,7 @@ def select(opt, entries):
                             f"{opt!r}; the CPU kernels take NumPy float16/32/64 arrays (float16/32 with "
                             "state_dtype='bfloat16'), the CUDA kernels CuPy float16/32/64 arrays")
         groups.setdefault(engine, []).append(e)
-    return [(apply_reference if engine is None else engine.apply, group) for engine, group in groups.items()]
+    return paths + [(apply_reference if engine is None else engine.apply, group) for engine, group in groups.items()]
 
 
 def plan(opt, params, entries):

@@ -150,7 +150,8 @@ class Optimizer:
         for name in self.buffers():
             buf = st.get(name)
             if buf is None:
-                st[name] = xp.full(e.p.shape, self.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+                # full_like: a Dask param's state is chunked like the param
+                st[name] = xp.full_like(e.p, self.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
         return st
