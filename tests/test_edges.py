@@ -166,3 +166,17 @@ def test_list_and_tuple_params(rng):
     opt.update(params, [np.ones(3), np.ones(2)])
     np.testing.assert_allclose(a, want["0"], rtol=1e-15)
     np.testing.assert_allclose(b, want["1"], rtol=1e-15)
+
+
+def test_torch_parameters_that_require_grad_are_updated_in_place(rng):
+    """nn.Parameter-style leaves: written under no_grad as torch.optim does; they stay leaves with no history."""
+    torch = pytest.importorskip("torch")
+    w0 = rng.standard_normal((3, 4))
+    w = torch.tensor(w0, requires_grad=True)
+    g = rng.standard_normal((3, 4))
+    opt = xopt.Adam(lr=0.1)
+    opt.update({"w": w}, {"w": torch.tensor(g)})
+    want = numpy_run("Adam", {"w": w0}, [{"w": g}], lr=0.1)["w"]
+    assert w.requires_grad and w.is_leaf and w.grad_fn is None
+    assert opt.state["w"]["m"].grad_fn is None and not opt.state["w"]["m"].requires_grad
+    np.testing.assert_allclose(w.detach().numpy(), want, rtol=1e-14)

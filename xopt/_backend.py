@@ -19,6 +19,8 @@ __all__ = [
     "is_dask",
     "library_name",
     "is_writable",
+    "assign",
+    "detached",
     "can_rebind_only",
     "compute_dtype",
     "dtype_name",
@@ -65,9 +67,24 @@ def is_writable(x) -> bool:
     if can_rebind_only(x):
         return False
     if _compat.is_torch_array(x):
-        # Writing a leaf that requires grad outside no_grad raises in torch.
-        return not (x.requires_grad and x.is_leaf)
+        return True  # a leaf that requires grad too: assign() writes it under no_grad, as torch.optim does
     return _compat.is_writeable_array(x)
+
+
+def detached(x):
+    """x without autograd history (torch), so the rule's arithmetic records none."""
+    return x.detach() if _compat.is_torch_array(x) else x
+
+
+def assign(x, value):
+    """x[...] = value, in place."""
+    if _compat.is_torch_array(x):
+        import torch
+
+        with torch.no_grad():
+            x.copy_(value)
+        return
+    x[...] = value
 
 
 def is_real_floating(xp, dtype) -> bool:

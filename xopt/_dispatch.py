@@ -73,8 +73,8 @@ def apply_reference(opt, entries):
     for e in entries:
         xp = e.xp
         dtype = _backend.compute_dtype(xp, e.p.dtype)
-        p = xp.astype(e.p, dtype, copy=False)
-        g = xp.astype(e.g, dtype, copy=False)
+        p = xp.astype(_backend.detached(e.p), dtype, copy=False)
+        g = xp.astype(_backend.detached(e.g), dtype, copy=False)
         state = {k: xp.astype(e.state[k], dtype, copy=False) for k in opt.buffers()}
         p_new, buffers = opt.rule(xp, p, g, state, e.scalars)
         e.state.update({k: xp.astype(v, e.state[k].dtype, copy=False) for k, v in buffers.items()})
@@ -82,7 +82,7 @@ def apply_reference(opt, entries):
         if e.rebind:
             e.p = p_new
         else:
-            e.p[...] = p_new
+            _backend.assign(e.p, p_new)
 
 
 def select(opt, entries):
