@@ -137,7 +137,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     report.write_json(result, path)
-    pngs = report.plot(result, args.out)
+    try:
+        pngs = report.plot(result, args.out)
+    except ImportError:
+        pngs = []
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     print(report.table(result))
     print(f"\nJIT compile / cache load: {result['compile_seconds']:.2f} s (not in any figure above)")
     print(f"wrote {path}" + "".join(f", {p}" for p in pngs) + f" in {time.perf_counter() - t0:.0f} s")
