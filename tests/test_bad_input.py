@@ -54,6 +54,7 @@ BAD_CALLS = {
                                             ValueError, "'b'"),
     "param dtype changed since its state": (lambda p, g: ({**p, "b": p["b"].astype(np.float32)},
                                                           {**g, "b": g["b"].astype(np.float32)}), TypeError, "'b'"),
+    "the same array twice": (lambda p, g: ({**p, "b": p["W"]}, {**g, "b": g["W"]}), ValueError, "'W' and 'b'"),
     "grads not a mapping": (lambda p, g: (p, list(g.values())), TypeError, "grads"),
     "params not a container": (lambda p, g: (p["W"], g), TypeError, "params"),
 }

@@ -79,6 +79,12 @@ def _check_pair(key, p, g):
 def collect(params, grads) -> list[Entry]:
     """Validate every (param, grad) pair; return the ones to update (grad not None)."""
     items, fixed_container = _items(params, grads)
+    seen = {}
+    for key, p, _ in items:
+        if id(p) in seen:  # tied weights: two updates of one array, a race in a parallel kernel
+            raise ValueError(f"params {describe(seen[id(p)])} and {describe(key)} are the same array; "
+                             "pass each array once")
+        seen[id(p)] = key
     entries = []
     for key, p, g in items:
         if g is None:
