@@ -14,8 +14,6 @@ import array_api_compat as _compat
 __all__ = [
     "namespace",
     "device",
-    "is_numpy",
-    "is_cupy",
     "is_dask",
     "library_name",
     "is_writable",
@@ -38,14 +36,6 @@ def namespace(*arrays):
 
 def device(x):
     return _compat.device(x)
-
-
-def is_numpy(x) -> bool:
-    return _compat.is_numpy_array(x)
-
-
-def is_cupy(x) -> bool:
-    return _compat.is_cupy_array(x)
 
 
 def is_dask(x) -> bool:

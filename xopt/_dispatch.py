@@ -85,15 +85,21 @@ def apply_reference(opt, entries):
             _backend.assign(e.p, p_new)
 
 
+def _partition(items, test):
+    yes, no = [], []
+    for item in items:
+        (yes if test(item) else no).append(item)
+    return yes, no
+
+
 def select(opt, entries):
     """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured."""
     paths = []
     dask_engine = _fused_dask()
     if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
-        chunked = [e for e in entries if dask_engine.accepts(opt, e)]
+        chunked, entries = _partition(entries, lambda e: dask_engine.accepts(opt, e))
         if chunked:
             paths.append((dask_engine.apply, chunked))
-            entries = [e for e in entries if not dask_engine.accepts(opt, e)]
     if opt.impl == "reference":
         return paths + [(apply_reference, entries)]
     engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]

@@ -25,6 +25,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from . import _backend
 from ._kernel_table import KERNELS
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "Plan", "CHUNK"]
@@ -256,7 +257,7 @@ _BITS = np.empty(0, dtype=np.uint16)
 
 
 def supports(opt) -> bool:
-    return type(opt).__name__ in KERNELS and opt._hyper.get("state_dtype") in (None, "bfloat16")
+    return type(opt).__name__ in KERNELS
 
 
 def _bf16_state(opt) -> bool:
@@ -312,7 +313,7 @@ def apply(opt, entries):
     names = opt.buffers()
     for (dtype, _), group in groups.items():
         ps, gs, write_back = [], [], []
-        work_dtype = np.dtype(np.float32) if dtype == np.float16 else dtype  # numba has no CPU float16
+        work_dtype = np.dtype(_backend.compute_dtype(np, dtype))  # float16 via float32 copies: numba has none
         for e in group:
             p = e.p
             if p.dtype != work_dtype or not p.flags.c_contiguous:

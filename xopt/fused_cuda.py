@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _backend
 from ._kernel_table import KERNELS
 
 __all__ = ["VERIFIED", "supports", "accepts", "apply"]
@@ -123,7 +124,7 @@ def apply(opt, entries):
 
     rule, scalar_order, slots = KERNELS[type(opt).__name__]
     for e in entries:
-        dtype = np.dtype(np.float32) if e.p.dtype == np.float16 else np.dtype(e.p.dtype)
+        dtype = np.dtype(_backend.compute_dtype(np, np.dtype(e.p.dtype)))
         values = scalar_order(opt, e.scalars)
         scalars = [dtype.type(v) for v in values] + [dtype.type(0)] * (_N_SCALARS - len(values))
         placeholder = cupy.empty(1, dtype=dtype)

@@ -18,11 +18,7 @@ import dask.array as da
 from . import _backend
 from ._inputs import Entry
 
-__all__ = ["supports", "accepts", "apply"]
-
-
-def supports(opt) -> bool:
-    return True
+__all__ = ["accepts", "apply"]
 
 
 def accepts(opt, e) -> bool:

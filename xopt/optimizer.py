@@ -76,7 +76,7 @@ class Optimizer:
 
     def __getattr__(self, name):
         # The seed's attributes: Adam.m, Adam.v, AdaGrad.h, ... as {key: buffer}, None before the first step.
-        if name.startswith("_") or name not in type(self).buffers(self):
+        if name.startswith("_") or name not in self.buffers():
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         if not self.state:
             return None
