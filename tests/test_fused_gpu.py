@@ -69,3 +69,27 @@ def test_float16_params_keep_a_small_eps(rng, cupy):
     opt = xopt.Adam(eps=1e-8, eps_hat=False, impl="fused")
     opt.update({"p": p}, {"p": cupy.zeros(4, dtype=cupy.float16)})  # m = v = 0: 0 / (0 + eps) must be 0
     assert not bool(cupy.isnan(p).any())
+
+
+def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
+    """10,000 tensors of 64-4096 elements: one launch a step, the plan from step 2, the reference's numbers."""
+    import xopt
+    from xopt import fused_cuda
+
+    launches = []
+    real_launch = fused_cuda.CupyDevice.launch
+    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
+                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    sizes = rng.integers(64, 4097, 10_000)
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    a = {f"w{i}": cupy.asarray(h) for i, h in enumerate(host)}
+    b = {f"w{i}": cupy.asarray(h) for i, h in enumerate(host)}
+    ref, fused = xopt.Adam(impl="reference"), xopt.Adam(impl="fused")
+    for _ in range(3):
+        g = {k: cupy.asarray(rng.standard_normal(v.shape).astype(np.float32)) for k, v in a.items()}
+        ref.update(a, g)
+        fused.update(b, g)
+    assert len(launches) == 3
+    assert fused._plan is not None and fused._plan.engine is fused_cuda
+    flat = lambda d: cupy.asnumpy(cupy.concatenate([v for v in d.values()]))  # noqa: E731
+    np.testing.assert_allclose(flat(b), flat(a), **TOL[np.float32])

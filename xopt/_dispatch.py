@@ -15,6 +15,7 @@ import importlib.util
 
 from . import _backend
 from ._inputs import describe
+from ._plan import Plan
 
 __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
 
@@ -117,7 +118,9 @@ def select(opt, entries):
 
 def plan(opt, params, entries):
     """A fast path for the next step if this one can repeat without per-param checks, else None."""
-    if opt.impl == "reference":
+    if opt.impl == "reference" or not entries:
         return None
-    fused = _fused_cpu()
-    return None if fused is None else fused.Plan.build(opt, params, entries)
+    for engine, under_auto in _engines(opt):
+        if (under_auto or opt.impl == "fused") and engine.accepts(opt, entries[0]):
+            return Plan.build(engine, opt, params, entries)
+    return None

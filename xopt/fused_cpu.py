@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import operator
-from collections.abc import Mapping
-
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
@@ -28,7 +26,7 @@ from numba.extending import intrinsic
 from . import _backend
 from ._kernel_table import KERNELS
 
-__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "Plan", "CHUNK"]
+__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PLAN_DTYPES", "layout", "writable"]
 
 CHUNK = 1 << 15  # elements per unit of parallel work
 
@@ -288,7 +286,7 @@ def chunk_table(sizes) -> np.ndarray:
 class Table:
     """The arrays of one call: ids of (p, g, buffer0..2) per tensor, and the chunks over them."""
 
-    def __init__(self, opt, ps, states, dtype, sizes):
+    def __init__(self, opt, ps, states, dtype):
         self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
         if _bf16_state(opt):
             self.rule = BF16_RULES[self.rule]
@@ -297,7 +295,7 @@ class Table:
         for row, (p, st) in enumerate(zip(ps, states)):
             # A slot whose buffer this configuration does not keep points at p: never read.
             self.ids[row] = [id(p), id(p)] + [id(st.get(name, p)) for name in slots] + [id(p)] * (3 - len(slots))
-        self.chunks = chunk_table(sizes)
+        self.chunks = chunk_table([p.size for p in ps])
 
     def run(self, opt, gs, scalars):
         self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=len(gs))
@@ -323,7 +321,7 @@ def apply(opt, entries):
             gs.append(np.ascontiguousarray(e.g, dtype=work_dtype))
         for e in group:
             _contiguous_state(e.state, names)
-        table = Table(opt, ps, [e.state for e in group], work_dtype, [p.size for p in ps])
+        table = Table(opt, ps, [e.state for e in group], work_dtype)
         table.run(opt, gs, group[0].scalars)
         for target, source in write_back:
             target[...] = source
@@ -335,69 +333,9 @@ def _contiguous_state(state, names):
             state[name] = np.ascontiguousarray(state[name])
 
 
-_LAYOUT = operator.attrgetter("dtype", "shape", "strides")
-_WRITEABLE = operator.attrgetter("flags.writeable")
-
-
-class Plan:
-    """The table of a step that repeats: same params, same arrays, grads of the same layout.
-
-    Built after a checked step in which every param was a contiguous NumPy array of
-    one dtype at one step count; :meth:`try_step` then runs a step with a few C-level
-    list comparisons in place of the per-param checks, or declines (returns False)
-    and leaves everything to the general path, which checks and explains.
-    """
-
-    @classmethod
-    def build(cls, opt, params, entries):
-        n = len(params)
-        if not entries or len(entries) != n or not supports(opt):
-            return None
-        dtype, step = entries[0].p.dtype, entries[0].state["step"]
-        for e in entries:
-            if not (accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype and e.state["step"] == step):
-                return None
-        if dtype not in (np.float32, np.float64):  # float16 goes through float32 copies: no plan
-            return None
-        return cls(opt, params, entries)
-
-    def __init__(self, opt, params, entries):
-        self.container = params
-        self.keys = [e.key for e in entries]
-        self.arrays = [e.p for e in entries]
-        self.layout = [_LAYOUT(p) for p in self.arrays]
-        self.states = [e.state for e in entries]
-        self.buffers = opt.buffers()
-        self.step = entries[0].state["step"]
-        self.table = Table(opt, self.arrays, self.states, entries[0].p.dtype, [p.size for p in self.arrays])
-
-    def try_step(self, opt, params, grads) -> bool:
-        if (params is not self.container or opt.impl == "reference" or opt.skip_nonfinite
-                or opt.buffers() != self.buffers):
-            return False
-        if len(params) != len(self.keys) or len(grads) != len(self.keys):
-            return False
-        if isinstance(params, Mapping):
-            if not isinstance(grads, Mapping) or list(params) != self.keys:
-                return False
-            arrays = list(params.values())
-            try:
-                gs = list(map(grads.__getitem__, self.keys))
-            except KeyError:
-                return False
-        else:
-            arrays, gs = list(params), list(grads)
-        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {np.ndarray}:
-            return False
-        if not all(map(_WRITEABLE, arrays)):  # made read-only since: let the checks say so
-            return False
-        if list(map(_LAYOUT, gs)) != self.layout:
-            return False
-        self.step += 1
-        self.table.run(opt, gs, opt.scalars(self.step))
-        for st in self.states:
-            st["step"] = self.step
-        return True
+PLAN_DTYPES = ("float32", "float64")  # float16 goes through float32 copies: no plan
+layout = operator.attrgetter("dtype", "shape", "strides")
+writable = operator.attrgetter("flags.writeable")
 
 
 def compile_all():

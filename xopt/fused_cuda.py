@@ -1,133 +1,175 @@
-"""Fused CUDA kernels (CuPy ``ElementwiseKernel``): one pass over memory per tensor.
+"""Fused CUDA kernels (CuPy): one launch per step for any number of tensors.
 
-UNVERIFIED: written without a GPU at hand and not yet run on one.  Until
-``tests/test_fused_gpu.py`` has passed on a real NVIDIA GPU (and VERIFIED below is
-set to True with the results committed under ``benchmarks/results/``), ``impl="auto"``
-keeps CuPy arrays on the array-API reference rule and these kernels run only when
-asked for with ``impl="fused"``.
+UNVERIFIED ON A GPU: the kernel source, ``xopt/cuda/optimizers.cu``, is compiled by
+``nvcc`` and run thread by thread on the CPU in the tests (``tests/test_cuda_source.py``,
+through this module's own tables), but it has not yet run on an NVIDIA GPU.  Until
+``tests/test_fused_gpu.py`` has passed on one, with the GPU benchmark committed under
+``benchmarks/results/`` and VERIFIED below set to True, ``impl="auto"`` keeps CuPy
+arrays on the array-API reference rule; ``impl="fused"`` runs these kernels.
 
-Each kernel body is the optimizer's reference ``rule`` (in ``xopt/<name>.py``)
-written per element, with the same names, the same order of operations and the
-scalars of the same ``scalars(step)``, in the order of ``fused_cpu``'s
-``*_scalars`` functions.  ``P`` is the param's type, ``S`` the state's and the
-math's (float for half params); per-step scalars arrive already cast to ``S``, so
-a small eps is not lost to a half-precision scalar.  State buffers are ``raw``
-(they are xopt's own, always contiguous, indexed by ``i``), so a buffer that the
-configuration does not keep is a one-element placeholder that is never read.
-Kernels are built on first use and cached by CuPy (in memory and on disk).
+A step is one launch of ``xopt_step<rule, P, S>`` over a :class:`Table`: the addresses
+of every tensor's param, grad and state buffers, their sizes, and which chunk of which
+tensor each block updates.  The table is built on the host and uploaded once; while
+the arrays stay the same (see :mod:`xopt._plan`) a step uploads only the grads'
+addresses and launches.  Scalars are computed on the host by the optimizer's own
+``scalars(step)`` and passed by value in the math type (float32 for half params, so a
+small eps survives).
 """
 
 from __future__ import annotations
+
+import functools
+import operator
+import re
+from pathlib import Path
 
 import numpy as np
 
 from . import _backend
 from ._kernel_table import KERNELS
 
-__all__ = ["VERIFIED", "supports", "accepts", "apply"]
+__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
+           "supports", "accepts", "apply", "PLAN_DTYPES", "layout", "writable"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
-_BODIES = {
-    0: """  // SGD
-        S gi = (S)g;
-        S pi = (S)p;
-        if (s1 != (S)0) gi = gi + s1 * pi;
-        if (s5 != (S)0) {
-            S bi = s3 * b0[i] + s4 * gi;
-            b0[i] = bi;
-            gi = (s6 != (S)0) ? gi + s2 * bi : bi;
-        }
-        p = (P)(pi - s0 * gi);
-    """,
-    1: """  // Momentum, Nesterov
-        S gi = (S)g;
-        S vi = s1 * b0[i] - s0 * gi;
-        b0[i] = vi;
-        p = (s2 != (S)0) ? (P)((S)p + s1 * vi - s0 * gi) : (P)((S)p + vi);
-    """,
-    2: """  // AdaGrad
-        S gi = (S)g;
-        S pi = (S)p;
-        if (s2 != (S)0) gi = gi + s2 * pi;
-        S hi = b0[i] + gi * gi;
-        b0[i] = hi;
-        p = (P)(pi - s0 * gi / (sqrt(hi) + s1));
-    """,
-    3: """  // RMSprop
-        S gi = (S)g;
-        S pi = (S)p;
-        if (s5 != (S)0) gi = gi + s5 * pi;
-        S hi = s1 * b0[i] + s2 * gi * gi;
-        b0[i] = hi;
-        S d;
-        if (s6 != (S)0) {
-            S ai = b1[i] + s2 * (gi - b1[i]);
-            b1[i] = ai;
-            d = sqrt(hi - ai * ai) + s3;
-        } else {
-            d = sqrt(hi) + s3;
-        }
-        if (s7 != (S)0) {
-            S bi = s4 * b2[i] + gi / d;
-            b2[i] = bi;
-            p = (P)(pi - s0 * bi);
-        } else {
-            p = (P)(pi - s0 * gi / d);
-        }
-    """,
-    4: """  // Adam, AdamW
-        S gi = (S)g;
-        S pi = (S)p;
-        if (s6 != (S)0) gi = gi + s6 * pi;
-        if (s7 != (S)1) pi = pi * s7;
-        S mi = b0[i] + s0 * (gi - b0[i]);
-        S vi = s1 * b1[i] + s2 * gi * gi;
-        b0[i] = mi;
-        b1[i] = vi;
-        if (s8 != (S)0) {
-            vi = max(b2[i], vi);
-            b2[i] = vi;
-        }
-        p = (P)(pi - s4 * (mi / (sqrt(vi) / s5 + s3)));
-    """,
-}
+SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
+CHUNK = int(re.search(r"#define XOPT_CHUNK (\d+)", SOURCE.read_text()).group(1))  # elements per block
+THREADS = 256  # threads per block
+N_SCALARS = 9  # the kernel's s0..s8; a rule that needs fewer gets zeros
+N_SLOTS = 5  # rows of the address table: param, grad, three state buffers
 
-_N_SCALARS = 9
-_kernels = {}
+# param dtype -> (its C type in the kernel, the C type of the math and the state)
+PTYPES = {"float16": ("unsigned short", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
+OPTIONS = ("--fmad=false",)  # no a * b + c fused: the reference's rounding
 
 
-def _kernel(rule):
-    """The ElementwiseKernel of ``rule``, built once."""
-    if rule not in _kernels:
+def kernel_name(rule: int, dtype) -> str:
+    """The template instance that runs ``rule`` on params of ``dtype``."""
+    p, s = PTYPES[np.dtype(dtype).name]
+    return f"xopt_step<{rule}, {p}, {s}>"
+
+
+def block_table(sizes) -> np.ndarray:
+    """(tensor, chunk) per block, int32: every element of every tensor in exactly one block."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = -(-sizes // CHUNK)
+    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    chunk = np.arange(len(tensor), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    if len(sizes) >= 2**31 or (len(chunk) and chunk[-1] >= 2**31):
+        raise ValueError("too many tensors or chunks for one launch")
+    return np.stack([tensor, chunk], axis=1).astype(np.int32).reshape(-1, 2)
+
+
+class CupyDevice:
+    """How a :class:`Table` reaches the GPU; the tests put the CPU build of the kernel in its place."""
+
+    address = staticmethod(operator.attrgetter("data.ptr"))
+
+    @staticmethod
+    def upload(host):
         import cupy
 
-        scalars = ", ".join(f"S s{k}" for k in range(_N_SCALARS))
-        _kernels[rule] = cupy.ElementwiseKernel(
-            f"G g, raw S b0, raw S b1, raw S b2, {scalars}", "P p", _BODIES[rule], f"xopt_rule{rule}")
-    return _kernels[rule]
+        return cupy.asarray(host)
+
+    @staticmethod
+    def set_row(table, row, host):
+        table[row].set(host)
+
+    @staticmethod
+    def function(rule, dtype):
+        return _function(kernel_name(rule, dtype))
+
+    @staticmethod
+    def launch(function, n_blocks, args):
+        function((n_blocks,), (THREADS,), args)
+
+
+DEVICE = CupyDevice  # the tests swap in the CPU build of the same kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name):
+    """The compiled kernel ``name``: built on first use, cached by CuPy in memory and on disk."""
+    import cupy
+
+    module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=(name,))
+    return module.get_function(name)
+
+
+class Table:
+    """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks."""
+
+    def __init__(self, opt, ps, states, dtype):
+        rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        device = DEVICE
+        self.device, self.n = device, len(ps)
+        self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
+        addresses = np.empty((N_SLOTS, self.n), dtype=np.uint64)
+        for t, (p, st) in enumerate(zip(ps, states)):
+            # A slot this configuration does not keep points at p and is never read.
+            row = [p, p] + [st.get(name, p) for name in slots] + [p] * (N_SLOTS - 2 - len(slots))
+            addresses[:, t] = [device.address(a) for a in row]
+        sizes = np.array([p.size for p in ps], dtype=np.int64)
+        blocks = block_table(sizes)
+        self.n_blocks = len(blocks)
+        self.addresses, self.sizes, self.blocks = device.upload(addresses), device.upload(sizes), device.upload(blocks)
+        self.function = device.function(rule, dtype)
+
+    def run(self, opt, gs, scalars):
+        """One launch: the grads' addresses in, scalars by value."""
+        if self.n_blocks == 0:
+            return
+        self.device.set_row(self.addresses, 1, np.fromiter(map(self.device.address, gs), np.uint64, self.n))
+        values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
+        values += [self.math.type(0)] * (N_SCALARS - len(values))
+        self.device.launch(self.function, self.n_blocks,
+                           (self.addresses, self.sizes, self.blocks, np.int32(self.n), *values))
+
+
+PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
+layout = operator.attrgetter("dtype", "shape", "strides", "data.device_id")  # no Device object per array
+
+
+def writable(a) -> bool:
+    return True  # CuPy arrays have no read-only flag
 
 
 def supports(opt) -> bool:
     return type(opt).__name__ in KERNELS and opt._hyper.get("state_dtype") is None
 
 
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
 def accepts(opt, e) -> bool:
     """CuPy float16/32/64 params with CuPy grads."""
-    return (type(e.p).__module__.startswith("cupy") and type(e.g).__module__.startswith("cupy")
-            and np.dtype(e.p.dtype) in (np.float16, np.float32, np.float64))
+    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
 
 
 def apply(opt, entries):
-    """One launch per tensor; scalars computed on the host, cast to the state's type."""
-    import cupy
-
-    rule, scalar_order, slots = KERNELS[type(opt).__name__]
+    """One launch per (dtype, step) group; non-contiguous params and grads of another dtype via copies."""
+    xp = entries[0].xp if entries else None
+    groups = {}
     for e in entries:
-        dtype = np.dtype(_backend.compute_dtype(np, np.dtype(e.p.dtype)))
-        values = scalar_order(opt, e.scalars)
-        scalars = [dtype.type(v) for v in values] + [dtype.type(0)] * (_N_SCALARS - len(values))
-        placeholder = cupy.empty(1, dtype=dtype)
-        buffers = [e.state.get(name, placeholder) for name in slots] + [placeholder] * (3 - len(slots))
-        g = e.g if e.g.dtype == e.p.dtype else e.g.astype(e.p.dtype)
-        _kernel(rule)(g, *buffers, *scalars, e.p)
+        groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
+    for (dtype, _), group in groups.items():
+        ps, gs, write_back = [], [], []
+        for e in group:
+            p = e.p
+            if not p.flags.c_contiguous:
+                p = xp.ascontiguousarray(p)  # C order: so is the state, below
+                write_back.append((e.p, p))
+            ps.append(p)
+            g = e.g
+            if g.dtype != dtype or not g.flags.c_contiguous:
+                g = xp.ascontiguousarray(g, dtype=dtype)
+            gs.append(g)
+            for name in opt.buffers():
+                if not e.state[name].flags.c_contiguous:
+                    e.state[name] = e.state[name].copy(order="C")
+        table = Table(opt, ps, [e.state for e in group], dtype)
+        table.run(opt, gs, group[0].scalars)
+        for target, source in write_back:
+            target[...] = source
