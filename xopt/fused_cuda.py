@@ -29,7 +29,7 @@ from . import _backend
 from ._kernel_table import KERNELS
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
-           "supports", "accepts", "apply", "PLAN_DTYPES", "layout", "writable"]
+           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "layout", "writable"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -95,6 +95,17 @@ def _function(name):
 
     module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=(name,))
     return module.get_function(name)
+
+
+def compile_all() -> float:
+    """Build (or load from CuPy's disk cache) every kernel instance; returns seconds."""
+    import time
+
+    t0 = time.perf_counter()
+    for rule in sorted({r for r, _, _ in KERNELS.values()}):
+        for dtype in PTYPES:
+            _function(kernel_name(rule, dtype))
+    return time.perf_counter() - t0
 
 
 class Table:

@@ -78,7 +78,11 @@ def run(args):
     result["command"] = "xopt-bench " + " ".join(sys.argv[1:])
 
     compile_seconds = 0.0
-    if not gpu:
+    if gpu:
+        from .. import fused_cuda
+
+        compile_seconds = fused_cuda.compile_all()
+    else:
         try:
             from .. import fused_cpu
         except ImportError:
