@@ -22,6 +22,8 @@ import xopt
 from xopt import _dispatch, fused_cpu, fused_cuda
 from test_edges import CONFIGS, make
 
+pytestmark = pytest.mark.cuda_source
+
 HERE = Path(__file__).parent
 DTYPES = [np.float16, np.float32, np.float64]
 C = fused_cuda.CHUNK

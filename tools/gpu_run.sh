@@ -17,6 +17,7 @@ fi
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
+# The gpu-marked tests, and the CPU build of the kernel source beside them (skipped if the image lacks g++/nvcc).
+python3 -m pytest -q -p no:cacheprovider -m "gpu or cuda_source" tests/ 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
 python3 -m xopt.bench.cli --device gpu --optimizers Adam,RMSprop,SGD --sizes 2^20,2^24,2^28 --tensors 10000 \
   --repeat 7 --out "$OUT/gpu-$(date +%F)" 2>"$OUT/bench-stderr.txt" | tee "$OUT/gpu-bench.txt"
