@@ -2,10 +2,11 @@
 # Everything a session with a lent GPU should run, in one call of the device tool:
 #   the GPU tests (CuPy reference path, tests/test_fused_gpu.py for the CUDA kernels) and the GPU benchmark.
 #
-# Here, once:  echo /.whl/ >> .git/info/exclude
-#              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#                array-api-compat ml_dtypes matplotlib tqdm      (add what the device's image lacks)
+# Here, once (the device image has Python 3.12, CuPy 14 for CUDA 13, numba, torch, ml-dtypes, matplotlib, tqdm,
+# pytest, hypothesis: it lacks only array-api-compat, and array-api-strict for the strict backend's tests):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl array-api-compat array-api-strict
 # Then: run(command="bash tools/gpu_run.sh", carry=[".whl"]) and commit $OUT/gpu-*/ under benchmarks/results/.
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
