@@ -9,6 +9,7 @@ cannot show is anything about the GPU itself; ``tests/test_fused_gpu.py`` does, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import shutil
@@ -48,8 +49,20 @@ class HostDevice:
 
     launches = 0
     launch_fn = None
+    current = None  # the "GPU" entered with on()
+    launched_on = []  # (current GPU, sizes in the table) per launch
 
     address = staticmethod(lambda a: a.ctypes.data)
+    device_of = staticmethod(lambda a: 0)
+
+    @classmethod
+    @contextlib.contextmanager
+    def on(cls, device_id):
+        before, cls.current = cls.current, device_id
+        try:
+            yield
+        finally:
+            cls.current = before
     upload = staticmethod(lambda host: np.array(host, copy=True, order="C"))
 
     @staticmethod
@@ -70,6 +83,7 @@ class HostDevice:
                            int(n_tensors), ptr(s))
         assert rc == 0, f"no kernel for rule {rule}, {bits}-bit params"
         cls.launches += 1
+        cls.launched_on.append((cls.current, sizes.tolist()))
 
 
 @pytest.fixture
@@ -77,6 +91,7 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     """Route NumPy arrays to xopt.fused_cuda, running on the CPU build of its kernel."""
     monkeypatch.setattr(HostDevice, "launch_fn", host_kernel)
     monkeypatch.setattr(HostDevice, "launches", 0)
+    monkeypatch.setattr(HostDevice, "launched_on", [])
     monkeypatch.setattr(fused_cuda, "DEVICE", HostDevice)
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind
@@ -150,6 +165,19 @@ def test_plan_sees_new_grad_arrays_each_step(cuda_on_cpu, rng):
         ref.update(a, g)
         ours.update(b, {k: v.copy() for k, v in g.items()})
     _assert_same(ref, ours, a, b, "fresh grads")
+
+
+def test_one_launch_per_gpu_and_no_plan_across_gpus(cuda_on_cpu, monkeypatch, rng):
+    """Params on two GPUs: a table and a launch for each, on its own GPU; the plan declines a mixed set."""
+    monkeypatch.setattr(HostDevice, "device_of", staticmethod(lambda a: a.size % 2))  # odd sizes on "GPU 1"
+    params = {f"w{i}": rng.standard_normal(n) for i, n in enumerate([10, 11, 12, 13, 1])}
+    grads_seq = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+    ref, a = _run("Adam-amsgrad-wd", params, grads_seq, impl="reference")
+    ours, b = _run("Adam-amsgrad-wd", params, grads_seq, impl="fused")
+    assert cuda_on_cpu.launches == 6 and ours._plan is None
+    for device_id, sizes in cuda_on_cpu.launched_on:
+        assert {n % 2 for n in sizes} == {device_id}, "a launch touched another GPU's arrays"
+    _assert_same(ref, ours, a, b, "two GPUs")
 
 
 def test_half_params_keep_a_small_eps(cuda_on_cpu):

@@ -7,7 +7,7 @@ step with a few C-level list comparisons in place of the per-param checks, or de
 
 An engine (:mod:`xopt.fused_cpu`, :mod:`xopt.fused_cuda`) gives the Plan its
 ``supports``/``accepts``, the dtypes it runs without copies (``PLAN_DTYPES``), how an
-array's ``layout`` and ``writable`` are read, and its ``Table``.
+array's ``layout``, ``writable`` and ``device_of`` are read, and its ``Table``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class Plan:
             if not (engine.accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype
                     and e.state["step"] == step):
                 return None
-        if dtype.name not in engine.PLAN_DTYPES:
-            return None
+        if dtype.name not in engine.PLAN_DTYPES or len({engine.device_of(e.p) for e in entries}) != 1:
+            return None  # a table spans one device
         return cls(engine, opt, params, entries)
 
     def __init__(self, engine, opt, params, entries):

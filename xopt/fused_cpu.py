@@ -26,7 +26,8 @@ from numba.extending import intrinsic
 from . import _backend
 from ._kernel_table import KERNELS
 
-__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PLAN_DTYPES", "layout", "writable"]
+__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PLAN_DTYPES", "layout", "writable",
+           "device_of"]
 
 CHUNK = 1 << 15  # elements per unit of parallel work
 
@@ -336,6 +337,10 @@ def _contiguous_state(state, names):
 PLAN_DTYPES = ("float32", "float64")  # float16 goes through float32 copies: no plan
 layout = operator.attrgetter("dtype", "shape", "strides")
 writable = operator.attrgetter("flags.writeable")
+
+
+def device_of(a):
+    return "cpu"
 
 
 def compile_all():

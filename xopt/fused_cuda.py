@@ -29,7 +29,7 @@ from . import _backend
 from ._kernel_table import KERNELS
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
-           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "layout", "writable"]
+           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "layout", "writable", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -65,6 +65,14 @@ class CupyDevice:
     """How a :class:`Table` reaches the GPU; the tests put the CPU build of the kernel in its place."""
 
     address = staticmethod(operator.attrgetter("data.ptr"))
+    device_of = staticmethod(operator.attrgetter("data.device_id"))
+
+    @staticmethod
+    def on(device_id):
+        """A context in which ``device_id`` is the current GPU."""
+        import cupy
+
+        return cupy.cuda.Device(device_id)
 
     @staticmethod
     def upload(host):
@@ -112,9 +120,11 @@ class Table:
     """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks."""
 
     def __init__(self, opt, ps, states, dtype):
+        """``ps``: contiguous params of ``dtype``, all on one GPU."""
         rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
         device = DEVICE
         self.device, self.n = device, len(ps)
+        self.device_id = device.device_of(ps[0]) if ps else None
         self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
         addresses = np.empty((N_SLOTS, self.n), dtype=np.uint64)
         for t, (p, st) in enumerate(zip(ps, states)):
@@ -124,22 +134,29 @@ class Table:
         sizes = np.array([p.size for p in ps], dtype=np.int64)
         blocks = block_table(sizes)
         self.n_blocks = len(blocks)
-        self.addresses, self.sizes, self.blocks = device.upload(addresses), device.upload(sizes), device.upload(blocks)
+        with device.on(self.device_id):
+            self.addresses, self.sizes, self.blocks = (device.upload(addresses), device.upload(sizes),
+                                                       device.upload(blocks))
         self.function = device.function(rule, dtype)
 
     def run(self, opt, gs, scalars):
         """One launch: the grads' addresses in, scalars by value."""
         if self.n_blocks == 0:
             return
-        self.device.set_row(self.addresses, 1, np.fromiter(map(self.device.address, gs), np.uint64, self.n))
         values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
         values += [self.math.type(0)] * (N_SCALARS - len(values))
-        self.device.launch(self.function, self.n_blocks,
-                           (self.addresses, self.sizes, self.blocks, np.int32(self.n), *values))
+        with self.device.on(self.device_id):
+            self.device.set_row(self.addresses, 1, np.fromiter(map(self.device.address, gs), np.uint64, self.n))
+            self.device.launch(self.function, self.n_blocks,
+                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), *values))
 
 
 PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
 layout = operator.attrgetter("dtype", "shape", "strides", "data.device_id")  # no Device object per array
+
+
+def device_of(a):
+    return DEVICE.device_of(a)
 
 
 def writable(a) -> bool:
@@ -160,27 +177,29 @@ def accepts(opt, e) -> bool:
 
 
 def apply(opt, entries):
-    """One launch per (dtype, step) group; non-contiguous params and grads of another dtype via copies."""
+    """One launch per (dtype, step, GPU) group; non-contiguous params and grads of another dtype via copies."""
+    device = DEVICE
     xp = entries[0].xp if entries else None
     groups = {}
     for e in entries:
-        groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
-    for (dtype, _), group in groups.items():
-        ps, gs, write_back = [], [], []
-        for e in group:
-            p = e.p
-            if not p.flags.c_contiguous:
-                p = xp.ascontiguousarray(p)  # C order: so is the state, below
-                write_back.append((e.p, p))
-            ps.append(p)
-            g = e.g
-            if g.dtype != dtype or not g.flags.c_contiguous:
-                g = xp.ascontiguousarray(g, dtype=dtype)
-            gs.append(g)
-            for name in opt.buffers():
-                if not e.state[name].flags.c_contiguous:
-                    e.state[name] = e.state[name].copy(order="C")
-        table = Table(opt, ps, [e.state for e in group], dtype)
-        table.run(opt, gs, group[0].scalars)
-        for target, source in write_back:
-            target[...] = source
+        groups.setdefault((np.dtype(e.p.dtype), e.state["step"], device.device_of(e.p)), []).append(e)
+    for (dtype, _, device_id), group in groups.items():
+        with device.on(device_id):
+            ps, gs, write_back = [], [], []
+            for e in group:
+                p = e.p
+                if not p.flags.c_contiguous:
+                    p = xp.ascontiguousarray(p)  # C order: so is the state, below
+                    write_back.append((e.p, p))
+                ps.append(p)
+                g = e.g
+                if g.dtype != dtype or not g.flags.c_contiguous:
+                    g = xp.ascontiguousarray(g, dtype=dtype)
+                gs.append(g)
+                for name in opt.buffers():
+                    if not e.state[name].flags.c_contiguous:
+                        e.state[name] = e.state[name].copy(order="C")
+            table = Table(opt, ps, [e.state for e in group], dtype)
+            table.run(opt, gs, group[0].scalars)
+            for target, source in write_back:
+                target[...] = source
