@@ -49,6 +49,24 @@ def test_cuda_kernels_match_reference(config, shape, dtype, rng, cupy):
         _check(ref, fused, a, b, dtype, f"{config} step {step + 1}", cupy)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_kernels_equal_reference_bit_for_bit(config, dtype, rng, cupy):
+    """Expected, not just close: the kernel is built with --fmad=false, divides and takes roots IEEE-rounded
+    (NVRTC's defaults), and rounds half params as CuPy's astype does; the CPU build already is bit-equal
+    (tests/test_cuda_source.py).  A failure here with the test above passing points at rounding, not logic."""
+    ref, fused = make(config, impl="reference"), make(config, impl="fused")
+    p0 = rng.standard_normal(1000).astype(dtype)
+    a, b = {"p": cupy.asarray(p0)}, {"p": cupy.asarray(p0)}
+    for _ in range(4):
+        g = cupy.asarray((rng.standard_normal(1000) + 0.1).astype(dtype))
+        ref.update(a, {"p": g})
+        fused.update(b, {"p": g})
+    np.testing.assert_array_equal(cupy.asnumpy(b["p"]), cupy.asnumpy(a["p"]))
+    for name in ref.buffers():
+        np.testing.assert_array_equal(cupy.asnumpy(fused.state["p"][name]), cupy.asnumpy(ref.state["p"][name]))
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cuda_kernels_on_non_contiguous_params(config, rng, cupy):
     base = rng.standard_normal((8, 12)).astype(np.float32)
