@@ -180,6 +180,17 @@ def test_one_launch_per_gpu_and_no_plan_across_gpus(cuda_on_cpu, monkeypatch, rn
     _assert_same(ref, ours, a, b, "two GPUs")
 
 
+def test_plan_follows_a_change_of_impl(cuda_on_cpu, rng):
+    """impl='auto' does not take the unverified CUDA kernel: switching to it must end the fused plan."""
+    params, opt = {"w": rng.standard_normal(50)}, xopt.Adam(impl="fused")
+    for _ in range(2):
+        opt.update(params, {"w": rng.standard_normal(50)})
+    assert cuda_on_cpu.launches == 2 and opt._plan is not None
+    opt.impl = "auto"
+    opt.update(params, {"w": rng.standard_normal(50)})
+    assert cuda_on_cpu.launches == 2 and opt._plan is None
+
+
 def test_half_params_keep_a_small_eps(cuda_on_cpu):
     """eps=1e-8 is 0 in float16: the kernel takes its scalars in float (the math type)."""
     p = np.zeros(4, dtype=np.float16)

@@ -41,11 +41,12 @@ class Plan:
         self.layout = [engine.layout(p) for p in self.arrays]
         self.states = [e.state for e in entries]
         self.buffers = opt.buffers()
+        self.impl = opt.impl
         self.step = entries[0].state["step"]
         self.table = engine.Table(opt, self.arrays, self.states, entries[0].p.dtype)
 
     def try_step(self, opt, params, grads) -> bool:
-        if (params is not self.container or opt.impl == "reference" or opt.skip_nonfinite
+        if (params is not self.container or opt.impl != self.impl or opt.skip_nonfinite
                 or opt.buffers() != self.buffers):
             return False
         if len(params) != len(self.keys) or len(grads) != len(self.keys):
