@@ -63,7 +63,8 @@ class Plan:
             arrays, gs = list(params), list(grads)
         if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.array_type}:
             return False
-        if not all(map(self.engine.writable, arrays)):  # made read-only since: let the checks say so
+        writable = self.engine.writable  # None: the library has no read-only arrays
+        if writable is not None and not all(map(writable, arrays)):  # made read-only since: let the checks say so
             return False
         if list(map(self.engine.layout, gs)) != self.layout:
             return False
