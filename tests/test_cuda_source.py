@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +232,48 @@ def test_nvcc_builds_every_kernel_instance(tmp_path):
     assert text.count(".entry ") == len(names) == 15
     assert "fma." not in text, "--fmad=false should leave no fused multiply-add"
     assert "cvt.rn.f16.f32" in text and "cvt.f32.f16" in text  # half params converted in the kernel
+
+
+_ASAN_DRIVER = r"""
+import ctypes, sys
+import numpy as np
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from xopt import fused_cuda
+from test_cuda_source import HostDevice, SHAPES, DTYPES
+from test_edges import CONFIGS, make
+
+HostDevice.launch_fn = ctypes.CDLL(sys.argv[1]).xopt_host_launch
+fused_cuda.DEVICE = HostDevice
+rng = np.random.default_rng(0)
+for config in CONFIGS:
+    for dtype in DTYPES:
+        opt = make(config)
+        math = np.float64 if dtype == np.float64 else np.float32
+        ps = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]   # each its own allocation
+        gs = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
+        states = [{name: np.full(s, 0.5, dtype=math) for name in opt.buffers()} for s in SHAPES]
+        table = fused_cuda.Table(opt, ps, states, np.dtype(dtype))
+        for step in (1, 2):
+            table.run(opt, gs, opt.scalars(step))
+print("launches", HostDevice.launches)
+"""
+
+
+def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
+    """Every rule, dtype and configuration over the edge shapes, each array its own allocation, with
+    AddressSanitizer watching every load and store of the kernel (a read or write one past an array fails)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the kernel with AddressSanitizer")
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_file():
+        pytest.skip("g++ has no AddressSanitizer runtime here")
+    lib = tmp_path / "cuda_host_asan.so"
+    subprocess.run([cxx, "-O1", "-g", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fsanitize=address",
+                    "-o", str(lib), str(HERE / "cuda_host.cpp")], check=True, capture_output=True)
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
+    out = subprocess.run([sys.executable, "-c", _ASAN_DRIVER, str(lib), str(HERE), str(HERE.parent)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"launches {len(CONFIGS) * len(DTYPES) * 2}" in out.stdout
