@@ -1,11 +1,23 @@
 """What every fused engine needs to know of an optimizer: its rule, its scalars in order, its buffers' slots.
 
-Shared by the CPU (numba) and CUDA (CuPy) kernels, which number their element rules alike:
+Shared by the CPU (numba) and CUDA (CuPy) kernels, which number their element rules alike
+and cut tensors into chunks alike (:func:`cut`):
 0 SGD, 1 Momentum/Nesterov, 2 AdaGrad, 3 RMSprop, 4 Adam/AdamW.  The scalars come from
 the optimizer's own ``scalars(step)``, so host-side math lives in one place.
 """
 
-__all__ = ["KERNELS"]
+import numpy as np
+
+__all__ = ["KERNELS", "cut"]
+
+
+def cut(sizes, chunk):
+    """Every tensor cut into pieces of at most ``chunk`` elements: (tensor, piece number), int64, one per piece."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = -(-sizes // chunk)
+    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    piece = np.arange(len(tensor), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return tensor, piece
 
 
 def _sgd_scalars(opt, s):

@@ -24,7 +24,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from . import _backend
-from ._kernel_table import KERNELS
+from ._kernel_table import KERNELS, cut
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PLAN_DTYPES", "layout", "writable",
            "device_of"]
@@ -275,12 +275,9 @@ def accepts(opt, e) -> bool:
 # -- tables ------------------------------------------------------------------------------
 def chunk_table(sizes) -> np.ndarray:
     """(tensor, lo, hi) rows covering every element, no row longer than CHUNK."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    counts = -(-sizes // CHUNK)
-    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    lo = (np.arange(len(tensor), dtype=np.int64) - first) * CHUNK
-    hi = np.minimum(lo + CHUNK, sizes[tensor])
+    tensor, piece = cut(sizes, CHUNK)
+    lo = piece * CHUNK
+    hi = np.minimum(lo + CHUNK, np.asarray(sizes, dtype=np.int64)[tensor])
     return np.stack([tensor, lo, hi], axis=1) if len(tensor) else np.zeros((0, 3), dtype=np.int64)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _backend
-from ._kernel_table import KERNELS
+from ._kernel_table import KERNELS, cut
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
            "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "layout", "writable", "device_of"]
@@ -52,10 +52,7 @@ def kernel_name(rule: int, dtype) -> str:
 
 def block_table(sizes) -> np.ndarray:
     """(tensor, chunk) per block, int32: every element of every tensor in exactly one block."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    counts = -(-sizes // CHUNK)
-    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
-    chunk = np.arange(len(tensor), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    tensor, chunk = cut(sizes, CHUNK)
     if len(sizes) >= 2**31 or (len(chunk) and chunk[-1] >= 2**31):
         raise ValueError("too many tensors or chunks for one launch")
     return np.stack([tensor, chunk], axis=1).astype(np.int32).reshape(-1, 2)
