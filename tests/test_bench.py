@@ -1,15 +1,31 @@
-"""xopt-bench: the results JSON follows the schema, the plots are written, the roofline counts bytes right."""
+"""xopt-bench: the results JSON follows the schema, the plots are written, the roofline counts bytes right,
+and the loop scenario trains the same net alike with every implementation."""
 
+import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
 
-from xopt.bench import cli, roofline, runner
+from xopt.bench import cli, loop, report, roofline, runner
 
 SCHEMA_TOP = {"commit": str, "device": str, "backend": str, "date": str, "copy_GBps": float, "versions": dict,
               "rows": list}
-SCHEMA_ROW = {"optimizer": str, "impl": str, "dtype": str, "numel": int, "tensors": int, "seconds": float,
-              "GBps": float, "roofline_fraction": float}
+SCHEMA_ROW = {"scenario": str, "optimizer": str, "impl": str, "dtype": str, "numel": int, "tensors": int,
+              "seconds": float, "seconds_spread": dict, "GBps": float, "roofline_fraction": float}
+SCHEMA_LOOP_ROW = {"scenario": str, "net": str, "net_layers": str, "batch": int, "dtype": str, "params": int,
+                   "optimizer": str, "impl": str, "rounds": int, "block": int, "iterations": int, "update_ms": float,
+                   "iteration_ms": float, "update_ms_spread": dict, "iteration_ms_spread": dict,
+                   "update_vs_seed": float, "iteration_vs_seed": float, "loss_first": float, "loss_last": float,
+                   "params_max_rel_diff_vs_seed": float}
+LOOP_IMPLS_HERE = {"xopt", "xopt-reference", "seed"}
+try:
+    import torch  # noqa: F401
+except ImportError:
+    HAVE_TORCH = False
+else:
+    HAVE_TORCH = True
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +33,7 @@ def small_run(tmp_path_factory):
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench")
     cli.main(["--device", "cpu", "--optimizers", "Adam,SGD", "--sizes", "2^10,5000", "--tensors", "30",
-              "--repeat", "2", "--out", str(out)])
+              "--repeat", "2", "--nets", "book", "--block", "2", "--out", str(out)])
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -27,7 +43,10 @@ def test_results_follow_the_schema(small_run):
         assert isinstance(result[key], kind), key
     assert result["backend"] == "numpy" and result["copy_GBps"] > 0
     assert result["commit"] == "unknown" or len(result["commit"].split("-")[0]) == 40
-    for row in result["rows"]:
+    for row in report.step_rows(result):
+        assert row["scenario"] == "step"
+        spread = row["seconds_spread"]
+        assert spread["min"] <= spread["q1"] <= row["seconds"] <= spread["q3"] <= spread["max"]
         for key, kind in SCHEMA_ROW.items():
             assert isinstance(row[key], kind), (key, row)
         assert row["impl"] in runner.IMPLS
@@ -46,17 +65,19 @@ def test_rows_cover_every_case_and_impl(small_run):
         impls |= {"torch-fused", "torch-foreach", "torch-forloop"}
     except ImportError:
         pass
-    cases = {(r["optimizer"], r["numel"], r["tensors"]) for r in result["rows"]}
+    rows = report.step_rows(result)
+    assert {r["scenario"] for r in result["rows"]} == {"step", "loop"}
+    cases = {(r["optimizer"], r["numel"], r["tensors"]) for r in rows}
     assert {(o, t) for o, _, t in cases} == {("Adam", 1), ("SGD", 1), ("Adam", 30), ("SGD", 30)}
     for case in cases:
-        got = {r["impl"] for r in result["rows"] if (r["optimizer"], r["numel"], r["tensors"]) == case}
+        got = {r["impl"] for r in rows if (r["optimizer"], r["numel"], r["tensors"]) == case}
         assert impls <= got, (case, got)
         assert ("xopt-bf16-state" in got) == (case[0] == "Adam"), (case, got)
 
 
 def test_plots_are_pngs(small_run):
     out, _ = small_run
-    for name in ("throughput.png", "many_tensors.png"):
+    for name in ("throughput.png", "many_tensors.png", "loop.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
@@ -86,3 +107,107 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--optimizers", "Adamax"])
     assert "Adamax" in capsys.readouterr().err
+
+
+# --- the loop scenario -------------------------------------------------------------------------------------------
+
+TINY = loop.Net("tiny", (12, 16, 16, 4), 8, "float64", block=3, samples=64)
+
+
+def test_loop_rows_of_the_small_run(small_run):
+    """--nets book --optimizers Adam,SGD: the book net, both optimizers, every loop impl, in the schema."""
+    _, result = small_run
+    rows = report.loop_rows(result)
+    impls = LOOP_IMPLS_HERE | ({"torch-fused"} if HAVE_TORCH else set())
+    assert {(r["net"], r["optimizer"]) for r in rows} == {("book", "Adam"), ("book", "SGD")}
+    for opt in ("Adam", "SGD"):
+        assert {r["impl"] for r in rows if r["optimizer"] == opt} == impls
+    for row in rows:
+        for key, kind in SCHEMA_LOOP_ROW.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert row["net_layers"] == "64-100-100-100-100-10" and row["batch"] == 100 and row["dtype"] == "float64"
+        assert row["params"] == 37_810 and row["tensors"] == 10
+        assert row["rounds"] == 2 and row["block"] == 2
+        assert row["iterations"] == 1 + 2 * (row["rounds"] + row["warmup_rounds"])
+        assert 0 < row["update_ms"] < row["iteration_ms"] and math.isfinite(row["iteration_ms"])
+        assert row["update_share"] == pytest.approx(row["update_ms"] / row["iteration_ms"])
+        for kind in ("update", "iteration"):
+            sp = row[f"{kind}_ms_spread"]
+            assert sp["min"] <= row[f"{kind}_ms"] <= sp["max"]
+            seed_row = next(r for r in rows if r["optimizer"] == row["optimizer"] and r["impl"] == "seed")
+            assert row[f"{kind}_vs_seed"] == pytest.approx(seed_row[f"{kind}_ms"] / row[f"{kind}_ms"])
+        assert (row["torch_peer"] == "torch-fused") == HAVE_TORCH
+    threads = result["threads"]
+    assert threads["cpu_count"] >= 1 and "threadpools" in threads
+    assert "numba_num_threads" in threads and "numba_threading_layer" in threads
+    text = report.table(result)
+    assert "loop:" in text and "book  Adam" in text
+
+
+def test_loop_runs_every_impl_with_finite_times():
+    impls = loop.LOOP_IMPLS
+    rows = loop.loop_rows("Adam", TINY, impls, rounds=2, warmup_rounds=(1, 2))
+    got = {r["impl"] for r in rows}
+    assert got == LOOP_IMPLS_HERE | ({"torch-fused"} if HAVE_TORCH else set())
+    for r in rows:
+        for key in ("update_ms", "iteration_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["scenario"] == "loop" and r["net"] == "tiny"
+        assert r["params"] == 12 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4
+
+
+@pytest.mark.parametrize("optimizer", loop.LOOP_OPTIMIZERS)
+def test_loop_trains_and_every_impl_lands_on_the_seeds_params(optimizer):
+    """Same init, same batches, same number of iterations: the same params (torch.optim's eps sits a hair
+    elsewhere for Adam, AdaGrad and RMSprop; its SGD and momentum are the seed's rule), and a lower loss."""
+    net = dataclasses.replace(TINY, block=10)
+    samples = loop.measure_loop(optimizer, net, ["seed", "xopt", "xopt-reference", "torch"], rounds=3,
+                                warmup_rounds=(1, 1))
+    trainers = {impl: s["trainer"] for impl, s in samples.items()}
+    seed_params = trainers["seed"].params
+    init = loop.init_params(net, np.random.default_rng(0))
+    for impl, trainer in trainers.items():
+        assert trainer.i == 41
+        exact = impl.startswith("xopt") or optimizer in ("SGD", "Momentum")
+        for k, ref in seed_params.items():
+            moved = float(np.max(np.abs(ref - init[k])))
+            assert moved > 0, k  # training changed every param
+            diff = float(np.max(np.abs(trainer.params[k] - ref)))
+            # the same rule: equal to rounding; torch's eps elsewhere: within 5 % of how far the seed moved
+            assert diff <= (1e-12 if exact else 0.05 * moved), (impl, k, diff, moved)
+        first, last = np.mean(trainer.losses[:4]), np.mean(trainer.losses[-4:])
+        assert last < first, (impl, trainer.losses)
+
+
+def test_loop_grads_are_the_derivative_of_the_loss():
+    """The benchmark's backward pass is right: a central difference on a few entries of every param."""
+    net = loop.Net("check", (5, 7, 6, 3), 4, "float64", block=1, samples=4)
+    rng = np.random.default_rng(3)
+    params = loop.init_params(net, rng)
+    for k in params:
+        params[k] += 0.1 * rng.standard_normal(params[k].shape)  # nonzero biases
+    x, t = loop.make_batches(net, rng)[0]
+    _, grads = loop.loss_and_grads(params, x, t, 3)
+    assert list(grads) == list(params)
+    for k, p in params.items():
+        for idx in list(np.ndindex(p.shape))[:5]:
+            old = p[idx]
+            p[idx] = old + 1e-6
+            up, _ = loop.loss_and_grads(params, x, t, 3)
+            p[idx] = old - 1e-6
+            down, _ = loop.loss_and_grads(params, x, t, 3)
+            p[idx] = old
+            assert grads[k][idx] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-7), (k, idx)
+
+
+def test_loop_cases_follow_the_arguments():
+    full = cli.parse_args([])
+    assert [(n.name, o) for n, o in cli.loop_cases_of(full)] == (
+        [("book", o) for o in loop.LOOP_OPTIMIZERS] + [("wide", "Adam")])
+    quick = cli.parse_args(["--quick"])
+    assert [(n.name, n.block, o) for n, o in cli.loop_cases_of(quick)] == [
+        ("book", 10, "RMSprop"), ("book", 10, "Adam"), ("wide", 1, "Adam")]
+    given = cli.parse_args(["--optimizers", "SGD,AdamW", "--nets", "wide", "--block", "2"])
+    assert [(n.name, n.block, o) for n, o in cli.loop_cases_of(given)] == [("wide", 2, "SGD")]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--nets", "huge"])

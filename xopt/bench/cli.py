@@ -1,14 +1,17 @@
-"""``xopt-bench``: time every optimizer step against the seed, torch.optim and the memory roofline."""
+"""``xopt-bench``: time every optimizer step against the seed, torch.optim and the memory roofline, and the
+training loop users run (forward + backward + update of a NumPy MLP)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
+import statistics
 import sys
 import time
 
-from . import report, roofline, runner
+from . import loop, report, roofline, runner
 
 QUICK = dict(optimizers=["Adam", "RMSprop"], dtypes=["float32"], sizes=[2**16, 2**20, 2**23], tensors=[2000],
              repeat=5)
@@ -40,18 +43,29 @@ def parse_args(argv=None):
                                                         "elements each), e.g. 2000; 1 or none to skip")
     ap.add_argument("--impls", type=_list(str), default=list(runner.IMPLS), help=", ".join(runner.IMPLS))
     ap.add_argument("--repeat", type=int, help="interleaved rounds; each row is the median")
+    ap.add_argument("--scenario", choices=["all", "step", "loop"], default="all",
+                    help="step: one optimizer step on random arrays; loop: forward + backward + update of a NumPy "
+                         "MLP (CPU only); all (default): both")
+    ap.add_argument("--nets", type=_list(str), default=list(loop.NETS),
+                    help="nets of the loop scenario: " + "; ".join(f"{k}: {n.label}" for k, n in loop.NETS.items()))
+    ap.add_argument("--block", type=int, help="loop iterations per implementation per round (default: the net's, "
+                                              + ", ".join(f"{k} {n.block}" for k, n in loop.NETS.items()) + ")")
     ap.add_argument("--out", default="xopt-bench-results", help="folder for results.json and the PNGs")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
+    args.optimizers_given = args.optimizers is not None
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     unknown = [o for o in args.optimizers if o not in runner.OPTIMIZERS]
     unknown += [i for i in args.impls if i not in runner.IMPLS]
+    unknown += [n for n in args.nets if n not in loop.NETS]
     if unknown:
         ap.error(f"unknown: {', '.join(unknown)}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.block is not None and args.block < 1:
+        ap.error("--block must be at least 1")
     return args
 
 
@@ -96,24 +110,53 @@ def run(args):
     cache = 0 if gpu else roofline.cache_bytes()
     result["cache_bytes"] = cache
 
-    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors)
+    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors) if args.scenario != "loop" else []
+    loop_cases = loop_cases_of(args) if args.scenario != "step" else []
+    if loop_cases and gpu:
+        print("xopt-bench: the loop scenario is a NumPy (CPU) loop: not run with --device gpu", file=sys.stderr)
+        loop_cases = []
     rows = []
-    progress = _progress(len(cases))
+    progress = _progress(len(cases) + len(loop_cases))
     for case in cases:
         progress.set_description(f"{case.optimizer} {case.dtype} {case.numel} x{case.tensors}")
-        medians = runner.measure_case(case, args.impls, xp, args.repeat, gpu=gpu)
-        for impl, seconds in medians.items():
+        samples, warmup_rounds = runner.measure_case_samples(case, args.impls, xp, args.repeat, gpu=gpu)
+        for impl, times in samples.items():
+            seconds = statistics.median(times)
             nbytes = case.numel * roofline.bytes_per_element(case.optimizer, case.dtype,
                                                              runner.STATE_DTYPES.get(impl))
             gbps = nbytes / seconds / 1e9
-            rows.append({"optimizer": case.optimizer, "impl": impl, "dtype": case.dtype, "numel": case.numel,
-                         "tensors": case.tensors, "seconds": seconds, "GBps": gbps,
+            rows.append({"scenario": "step", "optimizer": case.optimizer, "impl": impl, "dtype": case.dtype,
+                         "numel": case.numel, "tensors": case.tensors, "seconds": seconds,
+                         "seconds_spread": runner.spread(times), "rounds": len(times),
+                         "warmup_rounds": warmup_rounds, "GBps": gbps,
                          "roofline_fraction": gbps / result["copy_GBps"],
                          "fits_in_cache": bool(cache and nbytes <= cache)})
         progress.update()
+    loop_impls = [i for i in loop.LOOP_IMPLS if i in args.impls or (i == "torch" and any(
+        x.startswith("torch") for x in args.impls))]
+    for net, optimizer in loop_cases:
+        progress.set_description(f"loop {net.name} {optimizer}")
+        rows += loop.loop_rows(optimizer, net, loop_impls, args.repeat, warmup_seconds=1.0 if args.quick else 2.0)
+        progress.update()
     progress.close()
     result["rows"] = rows
+    result["threads"] = loop.threads_info()  # after the kernels ran: numba's threading layer is chosen by then
     return result
+
+
+def loop_cases_of(args):
+    """(net, optimizer) pairs of the loop scenario: each net's own optimizers among those asked for, or every
+    loop optimizer asked for when --optimizers was given."""
+    cases = []
+    for name in args.nets:
+        net = loop.NETS[name]
+        if args.block is not None:
+            net = dataclasses.replace(net, block=args.block)
+        elif args.quick:  # a short loop run: half the iterations per round
+            net = dataclasses.replace(net, block=max(1, net.block // 2))
+        mine = loop.LOOP_OPTIMIZERS if args.optimizers_given else net.optimizers
+        cases += [(net, o) for o in mine if o in args.optimizers]
+    return cases
 
 
 def _progress(total):

@@ -2,8 +2,9 @@
 
 Every implementation gets its own copy of the same random params and grads (never
 zeros) and a function that runs one optimizer step.  Rounds go over all
-implementations in turn, so a slow phase of a shared machine hits them alike;
-each row reports the median over rounds.
+implementations in turn (in an order rotated from round to round), so a slow
+phase of a shared machine hits them alike; each row reports the median over
+rounds and their spread.  Warm-up rounds run first, until two in a row agree.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from .. import _backend
 from . import seed
 
-__all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case"]
+__all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case", "measure_case_samples", "spread"]
 
 IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "seed", "torch-forloop", "torch-foreach", "torch-fused")
 STATE_DTYPES = {"xopt-bf16-state": "bfloat16"}  # impls that keep a lower-precision state
@@ -141,8 +142,26 @@ class _Timer:
         return (time.perf_counter() - t0) / calls
 
 
-def measure_case(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, seed_=0):
-    """{impl: median seconds per step}; an impl that can't run here is left out."""
+def spread(values):
+    """min, quartiles and max of a list of timings (the quartiles of one value are that value)."""
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"min": values[0], "q1": q[0], "q3": q[2], "max": values[-1]}
+
+
+def settled(history, tolerance=0.10):
+    """The last two timings agree within ``tolerance`` (of the smaller)."""
+    return len(history) >= 2 and abs(history[-1] - history[-2]) <= tolerance * min(history[-1], history[-2])
+
+
+def measure_case_samples(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, seed_=0, warmup_seconds=1.0,
+                         warmup_rounds=(2, 10), tolerance=0.10):
+    """({impl: [seconds per step, one per round]}, warm-up rounds run); an impl that can't run here is left out.
+
+    Warm-up, outside the figures: interleaved rounds like the measured ones, at least ``warmup_rounds[0]``, until
+    every impl's last two rounds agree within ``tolerance``, or ``warmup_rounds[1]`` rounds or ``warmup_seconds``
+    have passed: a case is not measured while the machine (clock, caches, page tables, thread pools) settles.
+    """
     rng = np.random.default_rng(seed_)
     steps = {}
     for impl in impls:
@@ -151,12 +170,30 @@ def measure_case(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, seed_=0):
             steps[impl] = fn
     timer = _Timer(gpu)
     calls = {}
-    for impl, fn in steps.items():  # warm-up, outside the figures; sets calls per round to last >= min_seconds
+    for impl, fn in steps.items():  # first call (allocations, plans); sets calls per round to last >= min_seconds
         fn()
         once = timer(fn, 1)
         calls[impl] = max(1, min(1000, int(min_seconds / max(once, 1e-9))))
-    samples = {impl: [] for impl in steps}
-    for _ in range(repeat):
+    history = {impl: [] for impl in steps}
+    t_end = time.perf_counter() + warmup_seconds
+    done = 0
+    while steps and done < warmup_rounds[1]:
         for impl, fn in steps.items():
-            samples[impl].append(timer(fn, calls[impl]))
+            history[impl].append(timer(fn, calls[impl]))
+        done += 1
+        if done >= warmup_rounds[0] and (all(settled(h, tolerance) for h in history.values())
+                                         or time.perf_counter() > t_end):
+            break
+    samples = {impl: [] for impl in steps}
+    order = list(steps)
+    for r in range(repeat):
+        k = r % len(order)
+        for impl in order[k:] + order[:k]:  # rotated: no impl always runs right after the same one
+            samples[impl].append(timer(steps[impl], calls[impl]))
+    return samples, done
+
+
+def measure_case(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, seed_=0, **warmup):
+    """{impl: median seconds per step}; an impl that can't run here is left out."""
+    samples, _ = measure_case_samples(case, impls, xp, repeat, gpu, min_seconds, seed_, **warmup)
     return {impl: statistics.median(s) for impl, s in samples.items()}
