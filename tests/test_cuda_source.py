@@ -97,7 +97,6 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind
                         and e.p.dtype.name in fused_cuda.PTYPES)
-    monkeypatch.setattr(fused_cuda, "layout", fused_cpu.layout)  # NumPy arrays have no device.id
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
     monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
     return HostDevice

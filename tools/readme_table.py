@@ -19,7 +19,7 @@ CASES = [  # (label, optimizer, tensors > 1, impl shown as xopt, peer)
 
 def main(path):
     result = json.load(open(path))
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("scenario", "step") == "step"]  # the loop rows have their own table
     print(f"commit {result['commit']}, {result['device']}, copy roofline {result['copy_GBps']:.1f} GB/s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in result['copy_variants_GBps'].items())})\n")
     print("| case (float32) | xopt | peer | seed | xopt vs peer | xopt vs seed | xopt roofline fraction |")

@@ -10,6 +10,7 @@ from .adam import Adam, AdamW
 from .optimizer import Optimizer
 from .rmsprop import RMSprop
 from .sgd import SGD, Momentum, Nesterov
+from ._threads import get_num_threads, set_num_threads
 from .state_io import load_state, save_state
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "Optimizer",
     "save_state",
     "load_state",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 __version__ = "0.1.0"

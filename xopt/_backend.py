@@ -26,6 +26,8 @@ __all__ = [
     "is_real_floating",
     "to_numpy",
     "from_numpy",
+    "byte_spans",
+    "shares_memory",
 ]
 
 
@@ -136,3 +138,67 @@ def from_numpy(a: np.ndarray, like):
 
         return da.from_array(np.array(a, copy=True), chunks=like.chunks)
     return xp.asarray(a, device=device(like), copy=True)
+
+
+def _strided_span(base, shape, strides, itemsize):
+    lo = hi = base
+    for n, stride in zip(shape, strides):
+        if n == 0:
+            return base, base
+        if stride > 0:
+            hi += (n - 1) * stride
+        else:
+            lo += (n - 1) * stride
+    return lo, hi + itemsize
+
+
+def _numpy_bounds(arrays):
+    try:
+        from .fused_cpu import byte_bounds  # one compiled pass over the array structs
+    except ImportError:
+        from numpy.lib.array_utils import byte_bounds as one
+
+        spans = [one(a) for a in arrays]
+        return [s[0] for s in spans], [s[1] for s in spans]
+    lo, hi = byte_bounds(arrays)
+    return lo.tolist(), hi.tolist()
+
+
+def byte_spans(arrays):
+    """(memory space, lo, hi) per array: the bytes it can reach; None where xopt cannot tell (Dask, JAX).
+
+    Two arrays can share memory only if they are in the same space and their [lo, hi) meet.
+    """
+    spans = [None] * len(arrays)
+    numpy_at = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
+    if numpy_at:
+        lo, hi = _numpy_bounds([arrays[i] for i in numpy_at])
+        for i, a, b in zip(numpy_at, lo, hi):
+            spans[i] = ("cpu", a, b)
+    for i, a in enumerate(arrays):
+        if spans[i] is not None or isinstance(a, np.generic):
+            continue
+        if _compat.is_cupy_array(a):
+            spans[i] = (f"cuda:{a.data.device_id}",
+                        *_strided_span(a.data.ptr, a.shape, a.strides, a.itemsize))
+        elif _compat.is_torch_array(a):
+            size = a.element_size()
+            spans[i] = (str(a.device), *_strided_span(a.data_ptr(), a.shape, [s * size for s in a.stride()], size))
+        elif type(a).__module__.startswith("array_api_strict") and isinstance(getattr(a, "_array", None),
+                                                                             np.ndarray):
+            spans[i] = byte_spans([a._array])[0]
+    return spans
+
+
+def shares_memory(a, b) -> bool:
+    """Whether a and b, whose byte ranges meet, have an element in common (True when it can't be told)."""
+    if type(a).__module__.startswith("array_api_strict"):
+        a = getattr(a, "_array", a)
+    if type(b).__module__.startswith("array_api_strict"):
+        b = getattr(b, "_array", b)
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        try:
+            return bool(np.shares_memory(a, b, max_work=100_000))
+        except np.exceptions.TooHardError:
+            return True
+    return True

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from . import _backend
 
-__all__ = ["Entry", "collect", "describe"]
+__all__ = ["Entry", "collect", "describe", "check_overlaps"]
 
 
 @dataclass
@@ -55,6 +56,10 @@ def _items(params, grads):
 
 def _check_pair(key, p, g):
     name = describe(key)
+    for what, x in ((f"param {name}", p), (f"grad of param {name}", g)):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{what} is a NumPy masked array; xopt does not apply masks (the fused kernels "
+                            "would read the masked values): pass np.ma.getdata(x) or x.filled(value)")
     if not array_api_compat.is_array_api_obj(p):
         raise TypeError(f"param {name} is not an array (got {type(p).__name__})")
     if not array_api_compat.is_array_api_obj(g):
@@ -102,3 +107,30 @@ def collect(params, grads) -> list[Entry]:
             rebind = True
         entries.append(Entry(key, p, g, xp, rebind))
     return entries
+
+
+def check_overlaps(named):
+    """Refuse arrays of one step that share memory: [(array, what it is, is_grad)].
+
+    Two params, a param and a state buffer, two state buffers, or a grad and any of those
+    would be read after being written (or written twice) in one step: the result would
+    depend on the order of the elements' updates, and the parallel kernels race.  Grads may
+    share memory with each other (they are only read).
+    """
+    if len(named) < 2:
+        return
+    spans = _backend.byte_spans([a for a, _, _ in named])
+    live = [(space, lo, hi, i) for i, s in enumerate(spans) if s is not None for space, lo, hi in [s] if lo < hi]
+    live.sort()
+    active = []  # ranges that may reach the next one: normally at most one
+    for space, lo, hi, b in live:
+        active = [r for r in active if r[0] == space and r[2] > lo]
+        for *_, a in active:
+            if named[a][2] and named[b][2]:
+                continue
+            if _backend.shares_memory(named[a][0], named[b][0]):
+                a, b = sorted((a, b), key=lambda i: (named[i][2], i))  # the param or buffer first
+                raise ValueError(f"{named[a][1]} and {named[b][1]} share memory; xopt writes each param and "
+                                 "state buffer once per step and reads the grads while it writes: pass "
+                                 "arrays that do not overlap (a copy of one of them)")
+        active.append((space, lo, hi, b))

@@ -1,48 +1,104 @@
-"""Fused CPU kernels (numba): one pass over memory, both cores, one call for any number of tensors.
+"""Fused CPU kernels (numba): one pass over memory, one call for any number of tensors.
 
 Each optimizer's element rule below is its reference ``rule`` (in ``xopt/<name>.py``)
 written as a loop: same names, same order of operations, scalars from the same
 ``scalars(step)``.  ``tests/test_fused.py`` holds every one to its reference.
 
-Many tensors take one call: the kernel gets a table of array *objects* (their
-``id``), reads each one's data pointer itself (the ``data`` field of NumPy's
-array struct, found once at import), and walks a table of chunks spread over
-the cores with ``prange``.  So a step with 2,000 small tensors costs one call,
-and the user's arrays are neither copied nor moved.
+A step is one :class:`Table` run: every tensor of the step cut into chunks of at most
+``CHUNK`` elements.  Small steps run on the calling thread; a step of at least
+``PARALLEL_MIN`` elements is split over ``get_num_threads()`` threads (the caller and
+a pool of idle workers that sleep, never spin, between steps, so they leave the cores
+to BLAS between the steps of a training loop).  See :func:`set_num_threads`.
 
-Compiled code is cached on disk (``cache=True``): a second process does not
-compile again.
+Memory model (how the kernel never touches memory that is not the step's):
+    A :class:`Table` holds a strong reference to every param and state buffer it names,
+    for its whole life, and the caller holds the grads for the length of :meth:`Table.run`:
+    every object id in the table is a live NumPy array and no id can be reused by another.
+    Addresses are never taken on trust.  Before each run, ``_vouch`` (compiled) reads each
+    array's own struct (data pointer, dims, flags, dtype) and checks it is what the checked
+    path saw when the table was built: each param and state buffer at the same address and
+    shape, C-contiguous, aligned, writeable, of the same native float type; each grad of its
+    param's shape and type, C-contiguous and aligned, sharing no byte with any param or state
+    buffer (which share none with each other: checked at build).  Only then are the vouched
+    addresses handed to the kernel, which reads and writes through them alone.  If anything
+    differs, nothing is written and ``run`` returns False: the plan hands the step to the
+    checked path, which explains.  Calls on one optimizer are serialised by its lock.
+
+Compiled code is cached on disk (``cache=True``): a second process does not compile again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import operator
+import sys
+
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from . import _backend
 from ._kernel_table import KERNELS, cut
+from ._threads import get_num_threads, pool as _pool, set_num_threads
 
-__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PLAN_DTYPES", "layout", "writable",
-           "device_of"]
+__all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
+           "device_of", "byte_bounds"]
 
-CHUNK = 1 << 15  # elements per unit of parallel work
-
-
-# -- pointers ------------------------------------------------------------------------
-def _find_data_offset() -> int:
-    """Where NumPy keeps an array's data pointer inside the array object (16 on CPython 64-bit)."""
-    probes = [np.empty(3), np.empty((2, 2), dtype=np.float32)]
-    for offset in range(8, 129, 8):
-        if all(ctypes.c_int64.from_address(id(a) + offset).value == a.ctypes.data for a in probes):
-            return offset
-    raise ImportError("cannot find the data pointer in NumPy's array struct")
+CHUNK = 1 << 15  # elements per unit of work
+# Below this many elements a step runs on the calling thread alone: waking a worker costs more than
+# it saves, and a worker woken between a training loop's matmuls fights BLAS's threads for the cores.
+# Measured on a 2-core EPYC (benchmarks/thread_threshold.py): see the README's Speed section.
+PARALLEL_MIN = 1 << 19
+# How many threads: xopt.set_num_threads (xopt/_threads.py).
 
 
-DATA_OFFSET = _find_data_offset()
+# -- reading NumPy's array struct ------------------------------------------------------
+def _read(obj, offset, ctype=ctypes.c_int64):
+    return ctype.from_address(id(obj) + offset).value
+
+
+def _find_struct():
+    """Offsets in NumPy's array struct (PyArrayObject_fields) and dtype struct, checked on probes.
+
+    The public layout (data, nd, dimensions, strides, base, descr, flags) is the same in NumPy 1
+    and 2; only where it starts depends on the object header, so it is found, then every field
+    is checked on arrays whose values are known.  Any mismatch: this engine is not used.
+    """
+    probes = [np.empty(3), np.empty((2, 5), dtype=np.float32)[:, ::2], np.empty((), dtype=np.float16),
+              np.empty(4, dtype=np.dtype(">f8"))]
+    probes[0].flags.writeable = False
+    for data in range(8, 129, 8):
+        if all(_read(a, data) == a.__array_interface__["data"][0] for a in probes):
+            break
+    else:
+        raise ImportError("cannot find the data pointer in NumPy's array struct")
+    off = dict(data=data, nd=data + 8, dims=data + 16, strides=data + 24, descr=data + 40, flags=data + 48,
+               type_num=28, byteorder=26)
+    for a in probes:
+        dims, strides = _read(a, off["dims"]), _read(a, off["strides"])
+        ok = (_read(a, off["nd"], ctypes.c_int32) == a.ndim
+              and [ctypes.c_int64.from_address(dims + 8 * d).value for d in range(a.ndim)] == list(a.shape)
+              and [ctypes.c_int64.from_address(strides + 8 * d).value for d in range(a.ndim)] == list(a.strides)
+              and _read(a, off["descr"]) == id(a.dtype)
+              and _read(a, off["flags"], ctypes.c_int32) == a.flags.num
+              and _read(a.dtype, off["type_num"], ctypes.c_int32) == a.dtype.num
+              and _read(a.dtype, off["byteorder"], ctypes.c_char) == a.dtype.byteorder.encode())
+        if not ok:
+            raise ImportError("NumPy's array struct is not laid out as xopt.fused_cpu expects")
+    return off
+
+
+_OFF = _find_struct()
+DATA, ND, DIMS, STRIDES = _OFF["data"], _OFF["nd"], _OFF["dims"], _OFF["strides"]
+DESCR, FLAGS = _OFF["descr"], _OFF["flags"]
+TYPE_NUM, BYTEORDER = _OFF["type_num"], _OFF["byteorder"]
+C_CONTIGUOUS, ALIGNED, WRITEABLE = 0x0001, 0x0100, 0x0400
+READ_FLAGS = C_CONTIGUOUS | ALIGNED
+WRITE_FLAGS = C_CONTIGUOUS | ALIGNED | WRITEABLE
+FOREIGN_ORDER = ord(">" if sys.byteorder == "little" else "<")  # the byte-order mark of a swapped dtype
+_OFFSETS = np.array([DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN_ORDER], dtype=np.int64)
+_BOUNDS_OFFSETS = np.array([DATA, ND, DIMS, STRIDES], dtype=np.int64)
 
 
 @intrinsic
@@ -58,6 +114,30 @@ def _load_i64(typingctx, addr):
 
 
 @intrinsic
+def _load_i32(typingctx, addr):
+    """The int32 stored at address ``addr``, as int64."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(32)))
+        return builder.sext(builder.load(ptr), ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _load_i8(typingctx, addr):
+    """The byte stored at address ``addr``, as int64."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+        return builder.zext(builder.load(ptr), ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
 def _typed_ptr(typingctx, addr, proto):
     """``addr`` as a pointer to the element type of the array ``proto``."""
     sig = types.CPointer(proto.dtype)(addr, proto)
@@ -68,10 +148,84 @@ def _typed_ptr(typingctx, addr, proto):
     return sig, codegen
 
 
-@njit(cache=True)
-def _view(obj_id, offset, proto, lo, hi):
-    """Elements lo:hi of the contiguous array whose object is ``obj_id``."""
-    return carray(_typed_ptr(_load_i64(obj_id + offset), proto), (hi,))[lo:hi]
+@njit(cache=True, inline="always")
+def _view(addr, proto, lo, hi):
+    """Elements lo:hi of the contiguous array at the (vouched) address ``addr``."""
+    return carray(_typed_ptr(addr, proto), (hi,))[lo:hi]
+
+
+@njit(cache=True, nogil=True)
+def _bounds(off, ids, itemsizes, lo, hi):
+    """The byte range [lo, hi) each array in ``ids`` (live NumPy arrays) can reach; lo == hi if empty."""
+    data_at, nd_at, dims_at, strides_at = off[0], off[1], off[2], off[3]
+    for i in range(ids.shape[0]):
+        obj = ids[i]
+        first = last = _load_i64(obj + data_at)
+        dims, strides = _load_i64(obj + dims_at), _load_i64(obj + strides_at)
+        empty = False
+        for d in range(_load_i32(obj + nd_at)):
+            n, stride = _load_i64(dims + 8 * d), _load_i64(strides + 8 * d)
+            if n == 0:
+                empty = True
+            elif stride > 0:
+                last += (n - 1) * stride
+            else:
+                first += (n - 1) * stride
+        lo[i] = first
+        hi[i] = first if empty else last + itemsizes[i]
+
+
+def byte_bounds(arrays):
+    """(lo, hi) int64 arrays: the byte range each NumPy array in ``arrays`` can reach (one compiled pass)."""
+    ids = np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays))
+    itemsizes = np.fromiter(map(operator.attrgetter("itemsize"), arrays), dtype=np.int64, count=len(arrays))
+    lo, hi = np.empty_like(ids), np.empty_like(ids)
+    _bounds(_BOUNDS_OFFSETS, ids, itemsizes, lo, hi)
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _vouch(off, ids, want, type_nums, shapes, shape_at, nbytes, starts, ends, ptrs):
+    """0 if every array named in ``ids`` is what the table was built for, else 1 + the first row that is not.
+
+    ``off``: DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN_ORDER.  Row t holds the ids of
+    param, grad and three state buffers (0: a buffer this configuration does not keep); ``want`` their
+    data pointers (grad's unused); ``type_nums`` their dtype numbers; ``shapes[shape_at[t]:shape_at[t+1]]``
+    the param's shape; ``nbytes[t]`` the grad's byte count; ``starts``/``ends`` the sorted, disjoint
+    byte ranges of every param and state buffer.  On success ``ptrs`` holds the vouched addresses
+    (an unused slot gets the param's, and is never read).
+    """
+    data, nd_at, dims_at, descr_at, flags_at, type_num_at, order_at, foreign = (
+        off[0], off[1], off[2], off[3], off[4], off[5], off[6], off[7])
+    for t in range(ids.shape[0]):
+        nd = shape_at[t + 1] - shape_at[t]
+        for slot in range(5):
+            obj = ids[t, slot]
+            if obj == 0:
+                ptrs[t, slot] = ptrs[t, 0]
+                continue
+            address = _load_i64(obj + data)
+            if slot != 1 and address != want[t, slot]:
+                return t + 1
+            need = 0x0101 if slot == 1 else 0x0501  # C-contiguous, aligned (, writeable)
+            if _load_i32(obj + flags_at) & need != need:
+                return t + 1
+            descr = _load_i64(obj + descr_at)
+            if _load_i32(descr + type_num_at) != type_nums[t, slot] or _load_i8(descr + order_at) == foreign:
+                return t + 1
+            if _load_i32(obj + nd_at) != nd:
+                return t + 1
+            dims = _load_i64(obj + dims_at)
+            for d in range(nd):
+                if _load_i64(dims + 8 * d) != shapes[shape_at[t] + d]:
+                    return t + 1
+            ptrs[t, slot] = address
+        if nbytes[t] > 0 and starts.shape[0] > 0:  # the grad overlaps no param or state buffer
+            lo = ptrs[t, 1]
+            j = np.searchsorted(starts, lo + nbytes[t])  # ranges before j start below the grad's end;
+            if j > 0 and ends[j - 1] > lo:  # they are disjoint, so only the last of them can reach it
+                return t + 1
+    return 0
 
 
 @intrinsic
@@ -107,6 +261,12 @@ def _bf16_store(x):
     if (u & 0x7FFFFFFF) > 0x7F800000:
         return np.uint16((u >> 16) | 0x40)
     return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _maximum(a, b):
+    """max as xp.maximum: NaN if either is NaN (Python's max drops a NaN in b)."""
+    return a if (a >= b or a != a) else b
 
 
 # -- element rules: the reference rules as loops ----------------------------------------
@@ -188,7 +348,7 @@ def _adam_element(pi, gi, mi, vi, v_max_i, s):
     vi = beta2 * vi + one_minus_beta2 * gi * gi
     denom_v = vi
     if amsgrad != 0.0:
-        v_max_i = max(v_max_i, vi)
+        v_max_i = _maximum(v_max_i, vi)
         denom_v = v_max_i
     return pi - step_size * (mi / (np.sqrt(denom_v) / sqrt_bc2 + eps)), mi, vi, v_max_i
 
@@ -223,22 +383,21 @@ RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adam_bf16)  # the kernel's
 BF16_RULES = {4: 5}  # rule -> its form with bfloat16 state
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _kernel(rule, ids, chunks, offset, s, bits):
-    """One parallel call over a table of tensors, cut into chunks of at most CHUNK elements.
+@njit(cache=True, nogil=True, error_model="numpy")
+def _kernel(rule, ptrs, chunks, first, last, s, bits):
+    """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``.
 
     ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
     a rule index rather than one closure per rule: numba caches no closures.
     """
-    for c in prange(chunks.shape[0]):
+    for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ids[t, 0], offset, s, lo, hi), _view(ids[t, 1], offset, s, lo, hi)
+        p, g = _view(ptrs[t, 0], s, lo, hi), _view(ptrs[t, 1], s, lo, hi)
         if rule == 5:
-            _adam_bf16(p, g, _view(ids[t, 2], offset, bits, lo, hi), _view(ids[t, 3], offset, bits, lo, hi),
-                       _view(ids[t, 4], offset, bits, lo, hi), s)
+            _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
+                       _view(ptrs[t, 4], bits, lo, hi), s)
             continue
-        b0, b1, b2 = _view(ids[t, 2], offset, s, lo, hi), _view(ids[t, 3], offset, s, lo, hi), \
-            _view(ids[t, 4], offset, s, lo, hi)
+        b0, b1, b2 = _view(ptrs[t, 2], s, lo, hi), _view(ptrs[t, 3], s, lo, hi), _view(ptrs[t, 4], s, lo, hi)
         if rule == 0:
             _sgd(p, g, b0, b1, b2, s)
         elif rule == 1:
@@ -251,6 +410,14 @@ def _kernel(rule, ids, chunks, offset, s, bits):
             _adam(p, g, b0, b1, b2, s)
 
 
+def _split(chunks, parts):
+    """Chunk indices cutting the table into ``parts`` runs of about equal elements."""
+    work = np.cumsum(chunks[:, 2] - chunks[:, 1])
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts)
+    return [0, *(int(c) for c in cuts), len(chunks)]
+
+
+# -- what the engine takes ---------------------------------------------------------------
 _FLOATS = (np.float16, np.float32, np.float64)
 _BITS = np.empty(0, dtype=np.uint16)
 
@@ -281,24 +448,87 @@ def chunk_table(sizes) -> np.ndarray:
     return np.stack([tensor, lo, hi], axis=1) if len(tensor) else np.zeros((0, 3), dtype=np.int64)
 
 
+def _address(a) -> int:
+    return a.__array_interface__["data"][0]
+
+
+
+
 class Table:
-    """The arrays of one call: ids of (p, g, buffer0..2) per tensor, and the chunks over them."""
+    """The arrays of one call: param, grad and three state slots per tensor, and the chunks over them.
+
+    See the module's docstring for the memory model: ``self.arrays`` keeps every param and
+    state buffer named in ``self.ids`` alive; ``run`` vouches for them (and the grads) first.
+    """
 
     def __init__(self, opt, ps, states, dtype):
+        """``ps``: C-contiguous native params of ``dtype`` (float32/64), ``states`` their state dicts,
+        all checked by the general path: no two of these arrays share memory."""
         self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
         if _bf16_state(opt):
             self.rule = BF16_RULES[self.rule]
-        self.dtype = dtype  # of params, grads, state and scalars alike: float32 or float64
-        self.ids = np.empty((len(ps), 5), dtype=np.int64)
-        for row, (p, st) in enumerate(zip(ps, states)):
-            # A slot whose buffer this configuration does not keep points at p: never read.
-            self.ids[row] = [id(p), id(p)] + [id(st.get(name, p)) for name in slots] + [id(p)] * (3 - len(slots))
-        self.chunks = chunk_table([p.size for p in ps])
+        kept = opt.buffers()
+        self.dtype = np.dtype(dtype)  # of params, grads, scalars (and state, but for bfloat16 bits)
+        self.n = n = len(ps)
+        self.arrays = []  # every array named below, kept alive for as long as the table lives
+        self.ids = np.zeros((n, 5), dtype=np.int64)
+        self.want = np.zeros((n, 5), dtype=np.int64)
+        self.type_nums = np.zeros((n, 5), dtype=np.int64)
+        self.ptrs = np.zeros((n, 5), dtype=np.int64)
+        shapes, spans = [], []
+        for t, (p, st) in enumerate(zip(ps, states)):
+            row = [p, None] + [st[name] if name in kept else None for name in slots]
+            row += [None] * (5 - len(row))
+            for slot, a in enumerate(row):
+                if a is None:
+                    continue
+                self.arrays.append(a)
+                self.ids[t, slot], self.want[t, slot], self.type_nums[t, slot] = id(a), _address(a), a.dtype.num
+                if a.size:
+                    spans.append((self.want[t, slot], self.want[t, slot] + a.nbytes))
+            self.type_nums[t, 1] = self.dtype.num
+            shapes.append(p.shape)
+        self.shape_at = np.zeros(n + 1, dtype=np.int64)
+        self.shape_at[1:] = np.cumsum([len(s) for s in shapes])
+        self.shapes = np.array([d for s in shapes for d in s], dtype=np.int64)
+        sizes = np.array([p.size for p in ps], dtype=np.int64)
+        self.nbytes = sizes * self.dtype.itemsize
+        spans = np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
+        self.starts, self.ends = np.ascontiguousarray(spans[:, 0]), np.ascontiguousarray(spans[:, 1])
+        if np.any(self.starts[1:] < self.ends[:-1]):
+            raise RuntimeError("xopt internal error: a table over arrays that share memory")
+        self.chunks = chunk_table(sizes)
+        self.elements = int(sizes.sum())
+        self.parts = None
 
-    def run(self, opt, gs, scalars):
-        self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=len(gs))
+    def run(self, opt, gs, scalars) -> bool:
+        """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
+        self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=self.n)
+        if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
+                  self.starts, self.ends, self.ptrs):
+            return False
         s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
-        _kernel(self.rule, self.ids, self.chunks, DATA_OFFSET, s, _BITS)
+        threads = get_num_threads() if self.elements >= PARALLEL_MIN else 1
+        if threads == 1 or len(self.chunks) < 2:
+            _kernel(self.rule, self.ptrs, self.chunks, 0, len(self.chunks), s, _BITS)
+            return True
+        if self.parts is None or len(self.parts) != min(threads, len(self.chunks)) + 1:
+            self.parts = _split(self.chunks, min(threads, len(self.chunks)))
+        cuts = self.parts
+        pool = _pool(threads)
+        futures = [pool.submit(_kernel, self.rule, self.ptrs, self.chunks, cuts[i], cuts[i + 1], s, _BITS)
+                   for i in range(1, len(cuts) - 1)]
+        _kernel(self.rule, self.ptrs, self.chunks, cuts[0], cuts[1], s, _BITS)
+        for f in futures:
+            f.result()
+        return True
+
+
+def _kernel_ready(a):
+    """A state buffer the kernel can take: C-contiguous, aligned, writeable, native byte order."""
+    if a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative:
+        return a
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
 def apply(opt, entries):
@@ -312,28 +542,25 @@ def apply(opt, entries):
         work_dtype = np.dtype(_backend.compute_dtype(np, dtype))  # float16 via float32 copies: numba has none
         for e in group:
             p = e.p
-            if p.dtype != work_dtype or not p.flags.c_contiguous:
-                p = np.ascontiguousarray(p, dtype=work_dtype)
+            if p.dtype != work_dtype or not (p.flags.c_contiguous and p.flags.aligned):
+                p = np.array(p, dtype=work_dtype, order="C")  # a fresh, aligned copy
                 write_back.append((e.p, p))
             ps.append(p)
-            gs.append(np.ascontiguousarray(e.g, dtype=work_dtype))
+            g = np.asarray(e.g)
+            if g.dtype is not work_dtype or not (g.flags.c_contiguous and g.flags.aligned) or g.shape != p.shape:
+                g = np.array(g, dtype=work_dtype, order="C").reshape(p.shape)
+            gs.append(g)
         for e in group:
-            _contiguous_state(e.state, names)
+            for name in names:
+                e.state[name] = _kernel_ready(e.state[name])
         table = Table(opt, ps, [e.state for e in group], work_dtype)
-        table.run(opt, gs, group[0].scalars)
+        if not table.run(opt, gs, group[0].scalars):
+            raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
         for target, source in write_back:
             target[...] = source
 
 
-def _contiguous_state(state, names):
-    for name in names:
-        if not state[name].flags.c_contiguous:
-            state[name] = np.ascontiguousarray(state[name])
-
-
 PLAN_DTYPES = ("float32", "float64")  # float16 goes through float32 copies: no plan
-layout = operator.attrgetter("dtype", "shape", "strides")
-writable = operator.attrgetter("flags.writeable")
 
 
 def device_of(a):
@@ -352,4 +579,3 @@ def compile_all():
                     RMSprop(impl="fused"), Adam(impl="fused")):
             opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0
-

@@ -29,7 +29,7 @@ from . import _backend
 from ._kernel_table import KERNELS, cut
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
-           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "layout", "writable", "device_of"]
+           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -113,22 +113,46 @@ def compile_all() -> float:
     return time.perf_counter() - t0
 
 
+_shape_of = operator.attrgetter("dtype", "shape", "strides")
+
+
 class Table:
-    """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks."""
+    """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks.
+
+    Memory model: the table holds every param and state buffer whose address it uploads
+    (``self.arrays``), so none is freed while it may be written; the caller holds the grads
+    through :meth:`run`.  Before a launch, :meth:`run` checks on the host that each of them is
+    still at the address, with the dtype, shape and strides, it was built with, and that no
+    grad shares a byte with a param or a buffer; else it launches nothing and returns False.
+    """
 
     def __init__(self, opt, ps, states, dtype):
-        """``ps``: contiguous params of ``dtype``, all on one GPU."""
+        """``ps``: contiguous params of ``dtype``, all on one GPU, sharing no memory (checked by the caller)."""
         rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        kept = opt.buffers()
         device = DEVICE
         self.device, self.n = device, len(ps)
         self.device_id = device.device_of(ps[0]) if ps else None
         self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
         addresses = np.empty((N_SLOTS, self.n), dtype=np.uint64)
+        self.arrays, spans = [], []
         for t, (p, st) in enumerate(zip(ps, states)):
             # A slot this configuration does not keep points at p and is never read.
-            row = [p, p] + [st.get(name, p) for name in slots] + [p] * (N_SLOTS - 2 - len(slots))
+            buffers = [st[name] for name in slots if name in kept]
+            row = [p, p] + buffers + [p] * (N_SLOTS - 2 - len(buffers))
             addresses[:, t] = [device.address(a) for a in row]
+            for a in [p] + buffers:
+                self.arrays.append(a)
+                if a.size:
+                    spans.append((device.address(a), device.address(a) + a.nbytes))
+        self.layouts = self._layouts(self.arrays)
+        self.grad_layouts = [_shape_of(p) for p in ps]
+        spans = np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
+        self.starts, self.ends = spans[:, 0].copy(), spans[:, 1].copy()
+        if np.any(self.starts[1:] < self.ends[:-1]):
+            raise RuntimeError("xopt internal error: a table over arrays that share memory")
         sizes = np.array([p.size for p in ps], dtype=np.int64)
+        self.grad_bytes = sizes * np.dtype(dtype).itemsize
         blocks = block_table(sizes)
         self.n_blocks = len(blocks)
         with device.on(self.device_id):
@@ -136,27 +160,38 @@ class Table:
                                                        device.upload(blocks))
         self.function = device.function(rule, dtype)
 
-    def run(self, opt, gs, scalars):
-        """One launch: the grads' addresses in, scalars by value."""
+    def _layouts(self, arrays):
+        return list(zip(map(_shape_of, arrays), map(self.device.address, arrays), map(self.device.device_of, arrays)))
+
+    def run(self, opt, gs, scalars) -> bool:
+        """One launch: the grads' addresses in, scalars by value; False (nothing launched) if an array moved."""
+        if self._layouts(self.arrays) != self.layouts or list(map(_shape_of, gs)) != self.grad_layouts:
+            return False
+        if {self.device.device_of(g) for g in gs} - {self.device_id}:
+            return False
+        grads = np.fromiter(map(self.device.address, gs), np.uint64, self.n)
+        if len(self.starts):
+            lo = grads.astype(np.int64)
+            j = np.searchsorted(self.starts, lo + self.grad_bytes)
+            if np.any((self.grad_bytes > 0) & (j > 0) & (self.ends[np.maximum(j - 1, 0)] > lo)):
+                return False
         if self.n_blocks == 0:
-            return
+            return True
         values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
         values += [self.math.type(0)] * (N_SCALARS - len(values))
         with self.device.on(self.device_id):
-            self.device.set_row(self.addresses, 1, np.fromiter(map(self.device.address, gs), np.uint64, self.n))
+            self.device.set_row(self.addresses, 1, grads)
             self.device.launch(self.function, self.n_blocks,
                                (self.addresses, self.sizes, self.blocks, np.int32(self.n), *values))
+        return True
 
 
 PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
-layout = operator.attrgetter("dtype", "shape", "strides", "data.device_id")  # no Device object per array
 
 
 def device_of(a):
     return DEVICE.device_of(a)
 
-
-writable = None  # CuPy arrays have no read-only flag: the plan skips that check
 
 
 def supports(opt) -> bool:
@@ -196,6 +231,7 @@ def apply(opt, entries):
                     if not e.state[name].flags.c_contiguous:
                         e.state[name] = e.state[name].copy(order="C")
             table = Table(opt, ps, [e.state for e in group], dtype)
-            table.run(opt, gs, group[0].scalars)
+            if not table.run(opt, gs, group[0].scalars):
+                raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
             for target, source in write_back:
                 target[...] = source

@@ -8,9 +8,12 @@ API.  That rule is the reference: every fused path is tested against it.
 
 from __future__ import annotations
 
+import numbers
+
 from . import _backend, _dispatch
+from ._atomic import StepGuard
 from ._hyper import Hyper, flag
-from ._inputs import collect, describe
+from ._inputs import check_overlaps, collect, describe
 
 __all__ = ["Optimizer"]
 
@@ -45,6 +48,16 @@ class Optimizer:
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
         self._plan = None  # the fast path of a step that repeats (see _dispatch.plan)
+        self._guard = StepGuard()  # one step at a time; Ctrl-C between steps (see _atomic)
+
+    def __getstate__(self):  # copy/pickle: the plan (ids of this process's arrays) and the lock stay behind
+        state = dict(self.__dict__)
+        state["_plan"], state["_guard"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._guard = StepGuard()
 
     # -- what a subclass defines -------------------------------------------------------
     def buffers(self) -> tuple:
@@ -85,9 +98,14 @@ class Optimizer:
     def update(self, params, grads):
         """Update ``params`` in place from ``grads`` (both dicts name -> array, or lists).
 
-        Everything is checked before the first array is written: a call that
-        raises changes no param, no state and no step count.
+        All or nothing: everything is checked before the first array is written, so a call
+        that raises changes no param, no state and no step count; a step's arrays and step
+        counts move together, Ctrl-C included (it is raised when the step is whole).  Calls
+        from several threads on one optimizer run one after the other.
         """
+        self._guard.run(self._update, params, grads)
+
+    def _update(self, params, grads):
         if self._plan is not None and self._plan.try_step(self, params, grads):
             self.iter += 1
             return
@@ -95,25 +113,52 @@ class Optimizer:
         entries = collect(params, grads)
         for e in entries:
             self._check_state(e)
+        check_overlaps(self._named_arrays(entries))
         if self.skip_nonfinite and not all(_all_finite(e) for e in entries):
             self.skipped_steps += 1
             return
         paths = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
-        scalars_by_step = {}
+        created = {e.key for e in entries if e.key not in self.state}
+        try:
+            scalars_by_step = {}
+            for e in entries:
+                e.state = self._state_for(e)
+                step = e.state["step"] + 1
+                if step not in scalars_by_step:
+                    scalars_by_step[step] = self.scalars(step)
+                e.scalars = scalars_by_step[step]
+        except BaseException:
+            for key in created:  # nothing written yet: take back the state this call made
+                self.state.pop(key, None)
+            raise
+        for done, (apply, group) in enumerate(paths):
+            try:
+                apply(self, group)
+            except BaseException:
+                # The groups after this one are unwritten: the state this call made for them goes.
+                # (This one may be half-written only if its array library failed inside the rule.)
+                for _, later in paths[done + 1:]:
+                    for e in later:
+                        if e.key in created:
+                            self.state.pop(e.key, None)
+                raise
         for e in entries:
-            e.state = self._state_for(e)
-            step = e.state["step"] + 1
-            if step not in scalars_by_step:
-                scalars_by_step[step] = self.scalars(step)
-            e.scalars = scalars_by_step[step]
-        for apply, group in paths:
-            apply(self, group)
-        for e in entries:
-            e.state["step"] += 1
+            e.state["step"] = int(e.state["step"]) + 1
             if e.rebind:
                 params[e.key] = e.p
         self.iter += 1
         self._plan = _dispatch.plan(self, params, entries)
+
+    def _named_arrays(self, entries):
+        """Every array a step writes or reads, named for messages: (array, name, is a grad)."""
+        named = []
+        for e in entries:
+            named.append((e.p, f"param {describe(e.key)}", False))
+            named.append((e.g, f"the grad of param {describe(e.key)}", True))
+            for name, buf in self.state.get(e.key, {}).items():
+                if name != "step":
+                    named.append((buf, f"optimizer state {name!r} of param {describe(e.key)}", False))
+        return named
 
     # -- state ------------------------------------------------------------------------
     def buffer_dtype(self, e):
@@ -132,6 +177,10 @@ class Optimizer:
         st = self.state.get(e.key)
         if st is None:
             return
+        step = st.get("step")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**62:
+            raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
+                             "is an int >= 0")
         for name in self.buffers():
             buf = st.get(name)
             if buf is None:
@@ -157,7 +206,10 @@ class Optimizer:
         return st
 
     def state_dict(self) -> dict:
-        """A snapshot: plain Python numbers and copies of every buffer."""
+        """A snapshot: plain Python numbers and copies of every buffer (taken between steps)."""
+        return self._guard.run(self._state_dict)
+
+    def _state_dict(self) -> dict:
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),
@@ -176,6 +228,9 @@ class Optimizer:
         """
         from .state_io import checked_state
 
+        self._guard.run(self._load_state_dict, checked_state, state_dict, params)
+
+    def _load_state_dict(self, checked_state, state_dict, params):
         hyper, state, counters = checked_state(self, state_dict, params)
         self._hyper = hyper
         self.state = state

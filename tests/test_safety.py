@@ -1,0 +1,411 @@
+"""The fast path keeps every promise of the checked path (issue #11).
+
+Each test pokes the default path (the fused CPU kernel and the plan of a repeated step) the
+way a user might, next to a twin with ``impl="reference"`` on copies of the same arrays,
+and asks for the twin's numbers or the twin's error.  ``tests/test_stateful.py`` hunts
+for more of the same by random sequences of such pokes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt import fused_cpu
+
+TOL = dict(rtol=1e-12, atol=0)
+
+
+def twins(cls=xopt.Adam, **kw):
+    return cls(**kw), cls(impl="reference", **kw)
+
+
+def net(rng, dtype=np.float64, sizes=((5, 7), (7,), (300,))):
+    return {f"p{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(sizes)}
+
+
+def copies(d):
+    return {k: v.copy() for k, v in d.items()}
+
+
+def grads_like(params, rng):
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+
+
+def same(fast, ref, p_fast, p_ref):
+    for k in p_ref:
+        np.testing.assert_allclose(p_fast[k], p_ref[k], **TOL, err_msg=f"param {k}")
+        assert fast.state[k]["step"] == ref.state[k]["step"], k
+        for name in ref.buffers():
+            np.testing.assert_allclose(fast.state[k][name], ref.state[k][name], **TOL, err_msg=f"{name} of {k}")
+    assert fast.iter == ref.iter
+
+
+def steps(fast, ref, p_fast, p_ref, rng, n=3):
+    for _ in range(n):
+        g = grads_like(p_ref, rng)
+        ref.update(p_ref, g)
+        fast.update(p_fast, copies(g))
+
+
+@pytest.fixture
+def pair(rng):
+    fast, ref = twins(amsgrad=True)
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    assert fast._plan is not None, "the plan should be running"
+    return fast, ref, p_fast, p_ref
+
+
+# -- 1. state replaced between steps -------------------------------------------------------
+def test_a_replaced_state_buffer_is_the_one_updated(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for opt in (fast, ref):
+        opt.state["p0"]["v"] = np.zeros((5, 7))  # a reset of one buffer
+    bystanders = [np.full(35, 7.0) for _ in range(50)]  # memory the old buffer may be reused for
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+    assert all(np.all(b == 7.0) for b in bystanders)
+
+
+def test_a_reset_step_count_is_honoured(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for opt in (fast, ref):
+        opt.state["p2"]["step"] = 0
+    steps(fast, ref, p_fast, p_ref, rng, n=2)
+    same(fast, ref, p_fast, p_ref)
+    assert fast.state["p2"]["step"] == 2
+
+
+def test_a_deleted_state_starts_afresh(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for opt in (fast, ref):
+        del opt.state["p1"]
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+
+
+def test_a_state_buffer_of_the_wrong_dtype_is_refused_on_both_paths(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    g = grads_like(p_ref, rng)
+    for opt, params in ((fast, p_fast), (ref, p_ref)):
+        opt.state["p2"]["m"] = np.zeros(300, dtype=np.float32)
+        before = copies(params)
+        with pytest.raises(TypeError, match="'p2'.*'m' is float32"):
+            opt.update(params, copies(g))
+        for k in params:
+            np.testing.assert_array_equal(params[k], before[k])
+
+
+@pytest.mark.parametrize("step", [-1, 1.5, "3", True, 10**400])
+def test_a_bad_step_count_is_refused_before_any_write(pair, rng, step):
+    fast, ref, p_fast, p_ref = pair
+    for opt, params in ((fast, p_fast), (ref, p_ref)):
+        opt.state["p0"]["step"] = step
+        before = copies(params)
+        with pytest.raises(ValueError, match="'p0'.*step"):
+            opt.update(params, grads_like(params, rng))
+        for k in params:
+            np.testing.assert_array_equal(params[k], before[k])
+
+
+# -- 2. threads ----------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_two_threads_on_one_optimizer_lose_no_step(impl):
+    """Identical grads: whatever the order, 2 x N steps must give N + N sequential steps, exactly."""
+    size = 3 * fused_cpu.PARALLEL_MIN // 4  # two tensors: the parallel kernel
+    params = {"a": np.linspace(-1, 1, size), "b": np.linspace(1, 2, size)}
+    grads = {k: np.cos(v) for k, v in params.items()}
+    serial = copies(params)
+    opt, serial_opt = xopt.Adam(impl=impl), xopt.Adam(impl=impl)
+    n = 15
+    for _ in range(2 * n):
+        serial_opt.update(serial, grads)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(n):
+                opt.update(params, grads)
+        except BaseException as exc:  # pragma: no cover - shown by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert opt.iter == 2 * n and opt.state["a"]["step"] == 2 * n
+    for k in params:
+        np.testing.assert_array_equal(params[k], serial[k])
+        np.testing.assert_array_equal(opt.state[k]["m"], serial_opt.state[k]["m"])
+
+
+def test_update_from_inside_update_raises():
+    opt = xopt.Adam()
+    params = {"a": np.ones(3)}
+
+    class Evil(dict):
+        def __getitem__(self, key):
+            opt.update(params, {"a": np.ones(3)})
+
+    with pytest.raises(RuntimeError, match="inside an update"):
+        opt.update(params, Evil(a=np.ones(3)))
+
+
+# -- 3. byte order -------------------------------------------------------------------------
+def test_big_endian_state_and_grads_give_the_reference_numbers(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for opt in (fast, ref):
+        for k, st in opt.state.items():
+            st["m"] = st["m"].astype(">f8")
+    g = {k: v.astype(">f8") for k, v in grads_like(p_ref, rng).items()}
+    ref.update(p_ref, g)
+    fast.update(p_fast, g)
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+
+
+def test_big_endian_params_give_the_reference_numbers(rng):
+    fast, ref = twins()
+    p_ref = {k: v.astype(">f8") for k, v in net(rng).items()}
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+
+
+# -- 5. all or nothing ---------------------------------------------------------------------
+def test_a_step_that_fails_on_one_param_writes_no_other(rng, monkeypatch):
+    """The reference path (first) fails, as an array library out of memory would: the fused params stay."""
+    xps = pytest.importorskip("array_api_strict")
+    opt = xopt.Adam()
+    params = {"a": rng.standard_normal(4), "s": xps.asarray(rng.standard_normal(3))}
+    grads = {"a": np.ones(4), "s": xps.asarray(np.ones(3))}
+    from xopt import _dispatch
+
+    def fail(opt, entries):
+        raise MemoryError("out of memory in the array library")
+
+    monkeypatch.setattr(_dispatch, "apply_reference", fail)
+    before = params["a"].copy()
+    with pytest.raises(MemoryError):
+        opt.update(params, grads)
+    np.testing.assert_array_equal(params["a"], before)
+    assert opt.iter == 0 and "a" not in opt.state, "the state this call made for 'a' was taken back"
+
+
+_INTERRUPT = textwrap.dedent("""
+    import os, signal, numpy as np, xopt
+    from xopt import fused_cpu
+    real = fused_cpu._kernel
+    calls = []
+    def kernel(*args):
+        real(*args)
+        calls.append(1)
+        signal.raise_signal(signal.SIGINT)   # Ctrl-C right after the kernel wrote
+    opt = xopt.Adam()
+    params = {"a": np.ones(1000), "b": np.ones(10)}
+    grads = {"a": np.ones(1000), "b": np.ones(10)}
+    opt.update(params, grads)
+    fused_cpu._kernel = kernel
+    for i in range(3):
+        try:
+            opt.update(params, grads)
+        except KeyboardInterrupt:
+            print("interrupted", opt.iter, opt.state["a"]["step"], opt.state["b"]["step"], len(calls))
+""")
+
+
+def test_ctrl_c_during_a_step_lands_after_the_step_is_counted():
+    out = subprocess.run([sys.executable, "-c", _INTERRUPT], capture_output=True, text=True, check=True).stdout
+    # every interrupted step was applied (one kernel call each) and counted, whatever the path
+    assert out.split("\n")[:3] == ["interrupted 2 2 2 1", "interrupted 3 3 3 2", "interrupted 4 4 4 3"], out
+
+
+# -- 6. overlap ----------------------------------------------------------------------------
+def _refused_alike(params, grads, match):
+    for impl in ("auto", "reference"):
+        opt = xopt.Adam(impl=impl)
+        ps = dict(params)
+        before = {k: v.copy() for k, v in ps.items()}
+        with pytest.raises(ValueError, match=match):
+            opt.update(ps, grads)
+        for k in ps:
+            np.testing.assert_array_equal(ps[k], before[k])
+        assert opt.iter == 0
+
+
+def test_two_params_that_are_views_of_one_buffer_are_refused():
+    base = np.arange(20.0)
+    _refused_alike({"a": base[:12], "b": base[8:]}, {"a": np.ones(12), "b": np.ones(12)},
+                   "param 'a' and param 'b' share memory")
+
+
+def test_a_grad_overlapping_its_param_or_another_is_refused():
+    a, b = np.arange(10.0), np.arange(5.0)
+    _refused_alike({"a": a, "b": b}, {"a": a, "b": np.ones(5)}, "param 'a' and the grad of param 'a' share")
+    _refused_alike({"a": a, "b": b}, {"a": np.ones(10), "b": a[2:7]}, "param 'a' and the grad of param 'b'")
+
+
+def test_interleaved_views_do_not_overlap_and_are_taken(rng):
+    base = np.arange(20.0)
+    fast = xopt.Adam()
+    fast.update({"even": base[::2], "odd": base[1::2]}, {"even": np.ones(10), "odd": np.ones(10)})
+    assert np.all(base < np.arange(20.0))
+
+
+def test_grads_may_share_memory_with_each_other(rng):
+    g = rng.standard_normal(10)
+    fast, ref = twins()
+    p_ref = {"a": np.ones(10), "b": np.ones(10)}
+    p_fast = copies(p_ref)
+    for _ in range(3):
+        ref.update(p_ref, {"a": g, "b": g})
+        fast.update(p_fast, {"a": g, "b": g})
+    same(fast, ref, p_fast, p_ref)
+
+
+def test_the_plan_refuses_a_grad_that_overlaps_a_param(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    g = grads_like(p_fast, rng)
+    g["p1"] = p_fast["p2"][:7]
+    before = copies(p_fast)
+    with pytest.raises(ValueError, match="param 'p2' and the grad of param 'p1' share memory"):
+        fast.update(p_fast, g)
+    for k in p_fast:
+        np.testing.assert_array_equal(p_fast[k], before[k])
+
+
+def test_a_state_buffer_that_is_a_param_is_refused(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    fast.state["p1"]["v"] = p_fast["p2"][:7]
+    with pytest.raises(ValueError, match="share memory"):
+        fast.update(p_fast, grads_like(p_fast, rng))
+
+
+# -- 7. the plan re-checks params ----------------------------------------------------------
+def test_a_param_reshaped_in_place_goes_back_to_the_checks(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for params in (p_fast, p_ref):
+        params["p0"].shape = (7, 5)
+    for opt, params in ((fast, p_fast), (ref, p_ref)):
+        with pytest.raises(ValueError, match="'p0' has shape"):
+            opt.update(params, grads_like(params, rng))
+
+
+def test_a_param_retyped_in_place_goes_back_to_the_checks(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for params in (p_fast, p_ref):
+        params["p2"].dtype = np.float32  # same bytes, read as 600 float32
+    for opt, params in ((fast, p_fast), (ref, p_ref)):
+        with pytest.raises(ValueError, match="'p2' has shape"):
+            opt.update(params, grads_like(params, rng))
+
+
+def test_a_param_resized_in_place_is_not_written_through_its_old_buffer(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for params in (p_fast, p_ref):
+        params["p2"].resize(100_000, refcheck=False)  # frees the old buffer
+    for opt, params in ((fast, p_fast), (ref, p_ref)):
+        with pytest.raises(ValueError, match="'p2' has shape"):
+            opt.update(params, grads_like(params, rng))
+
+
+def test_state_dtype_set_mid_run_is_honoured(rng):
+    fast = xopt.Adam()
+    params = {"a": rng.standard_normal(50).astype(np.float32)}
+    for _ in range(3):
+        fast.update(params, {"a": np.ones(50, np.float32)})
+    fast.state_dtype = "bfloat16"
+    with pytest.raises(TypeError, match="'a' keeps its state in bfloat16"):
+        fast.update(params, {"a": np.ones(50, np.float32)})
+
+
+def test_amsgrad_turned_on_mid_run_gets_its_buffer(rng):
+    fast, ref = twins()
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    fast.amsgrad = ref.amsgrad = True
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+
+
+def test_a_read_only_state_buffer_is_not_written_in_place(pair, rng):
+    fast, ref, p_fast, p_ref = pair
+    for opt in (fast, ref):
+        opt.state["p0"]["m"] = opt.state["p0"]["m"].copy()
+        opt.state["p0"]["m"].flags.writeable = False
+    frozen = fast.state["p0"]["m"].copy()
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+    assert not np.array_equal(fast.state["p0"]["m"], frozen)
+
+
+# -- minor -------------------------------------------------------------------------------
+def test_amsgrad_keeps_a_nan_in_v_max_as_the_reference_does():
+    fast, ref = twins(amsgrad=True)
+    p_ref = {"a": np.ones(4)}
+    p_fast = copies(p_ref)
+    g = np.array([1.0, np.nan, 1.0, 1.0])
+    with np.errstate(invalid="ignore"):
+        ref.update(p_ref, {"a": g})
+        fast.update(p_fast, {"a": g.copy()})
+        for _ in range(2):
+            ref.update(p_ref, {"a": np.ones(4)})
+            fast.update(p_fast, {"a": np.ones(4)})
+    np.testing.assert_array_equal(np.isnan(fast.state["a"]["v_max"]), np.isnan(ref.state["a"]["v_max"]))
+    np.testing.assert_array_equal(np.isnan(p_fast["a"]), np.isnan(p_ref["a"]))
+
+
+@pytest.mark.parametrize("which", ["param", "grad"])
+def test_masked_arrays_are_refused_on_every_path(which):
+    for impl in ("auto", "reference"):
+        opt = xopt.Adam(impl=impl)
+        p, g = np.ones(3), np.ones(3)
+        masked = np.ma.masked_array(np.ones(3), mask=[0, 1, 0])
+        params, grads = ({"a": masked}, {"a": g}) if which == "param" else ({"a": p}, {"a": masked})
+        with pytest.raises(TypeError, match="masked array"):
+            opt.update(params, grads)
+
+
+def test_a_deep_copy_does_not_share_the_plan(pair, rng):
+    import copy
+    import pickle
+
+    fast, ref, p_fast, p_ref = pair
+    other = copy.deepcopy(fast)
+    assert other._plan is None and other.state["p0"]["m"] is not fast.state["p0"]["m"]
+    again = pickle.loads(pickle.dumps(fast))
+    p_other = copies(p_fast)
+    g = grads_like(p_fast, rng)
+    for opt, params in ((other, p_other), (again, copies(p_fast))):
+        opt.update(params, copies(g))
+    fast.update(p_fast, copies(g))
+    np.testing.assert_array_equal(p_other["p0"], p_fast["p0"])
+
+
+def test_the_number_of_threads_can_be_set():
+    before = xopt.set_num_threads(1)
+    try:
+        assert xopt.get_num_threads() == 1
+        with pytest.raises(ValueError, match="positive int"):
+            xopt.set_num_threads(0)
+        xopt.set_num_threads(3)
+        params = {"a": np.linspace(0, 1, 2 * fused_cpu.PARALLEL_MIN)}
+        ref = copies(params)
+        xopt.Adam().update(params, {"a": np.ones_like(params["a"])})
+        xopt.Adam(impl="reference").update(ref, {"a": np.ones_like(ref["a"])})
+        np.testing.assert_allclose(params["a"], ref["a"], rtol=1e-15)
+    finally:
+        xopt.set_num_threads(before)
+    assert xopt.get_num_threads() == before
