@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import sys
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -144,6 +145,18 @@ def _typed_ptr(typingctx, addr, proto):
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, addr, value):
+    """Atomically add ``value`` to the int64 at ``addr``; returns what was there."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
 
     return sig, codegen
 
@@ -410,11 +423,26 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
             _adam(p, g, b0, b1, b2, s)
 
 
-def _split(chunks, parts):
-    """Chunk indices cutting the table into ``parts`` runs of about equal elements."""
-    work = np.cumsum(chunks[:, 2] - chunks[:, 1])
-    cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts)
-    return [0, *(int(c) for c in cuts), len(chunks)]
+@njit(cache=True, nogil=True, error_model="numpy")
+def _claim(rule, ptrs, chunks, counters, s, bits):
+    """Take chunks one at a time (``counters[0]``: the next one) until none is left; ``counters[1]``
+    counts those done.  Every thread of a step runs this, so a thread that the OS does not run
+    soon (the cores busy with BLAS, or another process) simply takes fewer chunks: a step never
+    waits for a thread that has not started, only for chunks already under way."""
+    base = counters.ctypes.data
+    n = chunks.shape[0]
+    while True:
+        c = _fetch_add(base, 1)
+        if c >= n:
+            return
+        _kernel(rule, ptrs, chunks, c, c + 1, s, bits)
+        _fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True)
+def _done(counters):
+    """How many chunks are done (an atomic read)."""
+    return _fetch_add(counters.ctypes.data + 8, 0)
 
 
 # -- what the engine takes ---------------------------------------------------------------
@@ -499,7 +527,6 @@ class Table:
             raise RuntimeError("xopt internal error: a table over arrays that share memory")
         self.chunks = chunk_table(sizes)
         self.elements = int(sizes.sum())
-        self.parts = None
 
     def run(self, opt, gs, scalars) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
@@ -508,19 +535,19 @@ class Table:
                   self.starts, self.ends, self.ptrs):
             return False
         s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
-        threads = get_num_threads() if self.elements >= PARALLEL_MIN else 1
-        if threads == 1 or len(self.chunks) < 2:
+        threads = min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
+        if threads <= 1:
             _kernel(self.rule, self.ptrs, self.chunks, 0, len(self.chunks), s, _BITS)
             return True
-        if self.parts is None or len(self.parts) != min(threads, len(self.chunks)) + 1:
-            self.parts = _split(self.chunks, min(threads, len(self.chunks)))
-        cuts = self.parts
+        # Fresh counters each step: a worker that starts only after its step is over finds no chunk left
+        # and touches nothing.  The caller takes chunks too and waits only for chunks under way.
+        counters = np.zeros(2, dtype=np.int64)
         pool = _pool(threads)
-        futures = [pool.submit(_kernel, self.rule, self.ptrs, self.chunks, cuts[i], cuts[i + 1], s, _BITS)
-                   for i in range(1, len(cuts) - 1)]
-        _kernel(self.rule, self.ptrs, self.chunks, cuts[0], cuts[1], s, _BITS)
-        for f in futures:
-            f.result()
+        for _ in range(threads - 1):
+            pool.submit(_claim, self.rule, self.ptrs, self.chunks, counters, s, _BITS)
+        _claim(self.rule, self.ptrs, self.chunks, counters, s, _BITS)
+        while _done(counters) < len(self.chunks):
+            time.sleep(0)  # a worker is finishing its last chunk
         return True
 
 
