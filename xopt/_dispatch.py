@@ -16,6 +16,7 @@ import importlib.util
 from . import _backend
 from ._inputs import describe
 from ._plan import Plan
+from ._reference import apply_reference
 
 __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
 
@@ -67,23 +68,6 @@ def check_impl(impl, optimizer_name):
         raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays); "
                          "use impl='auto' to fall back to the reference rule")
     return impl
-
-
-def apply_reference(opt, entries):
-    """Run ``opt.rule`` on each entry; float16 params and bfloat16 state compute in float32."""
-    for e in entries:
-        xp = e.xp
-        dtype = _backend.compute_dtype(xp, e.p.dtype)
-        p = xp.astype(_backend.detached(e.p), dtype, copy=False)
-        g = xp.astype(_backend.detached(e.g), dtype, copy=False)
-        state = {k: xp.astype(e.state[k], dtype, copy=False) for k in opt.buffers()}
-        p_new, buffers = opt.rule(xp, p, g, state, e.scalars)
-        e.state.update({k: xp.astype(v, e.state[k].dtype, copy=False) for k, v in buffers.items()})
-        p_new = xp.astype(p_new, e.p.dtype, copy=False)
-        if e.rebind:
-            e.p = p_new
-        else:
-            _backend.assign(e.p, p_new)
 
 
 def _partition(items, test):

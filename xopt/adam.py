@@ -89,8 +89,10 @@ class Adam(Optimizer):
         new = {"m": m, "v": v}
         if self.amsgrad:
             v = new["v_max"] = xp.maximum(state["v_max"], v)
-        denom = xp.sqrt(v) / s["sqrt_bc2"] + s["eps"]
-        return p - s["step_size"] * (m / denom), new
+        root = xp.sqrt(v)
+        if s["sqrt_bc2"] != 1.0:  # with eps_hat it is 1.0, and root / 1.0 is root: one pass fewer
+            root = root / s["sqrt_bc2"]
+        return p - s["step_size"] * (m / (root + s["eps"])), new
 
 
 class AdamW(Adam):

@@ -1,0 +1,133 @@
+"""The reference path: each optimizer's array-API ``rule``, for any array library.
+
+``rule`` is pure: it returns a new param and new buffers and leaves its inputs alone.
+Run on a whole large param it would hold several param-sized temporaries at once and
+stream each of them through memory.  So a param larger than one chunk is cut into
+chunks: the rule runs on one chunk at a time and its results are written back into the
+param and its buffers.  The temporaries are a chunk each and stay in the CPU cache, and a
+step needs a few chunks of memory, not a few params.  A chunk is the same index into views
+of the param, its grad and its buffers (one flat view each where all of them are
+C-contiguous, else slices of the leading axes), so it picks the same elements of each,
+whatever their layouts.  The rule is elementwise: chunking changes no number.
+
+A param no larger than a chunk runs whole, and its new buffers replace the old ones.
+Immutable arrays (JAX) cannot be written in slices either: they run whole and the new
+param replaces the old one too.  float16 params and bfloat16 state compute in float32
+(a chunk at a time), as :func:`xopt._backend.compute_dtype` says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from . import _backend
+
+__all__ = ["apply_reference", "chunk_elements", "chunk_indices"]
+
+HOST_CHUNK_BYTES = 2**17  # NumPy: every operand's chunk and the rule's temporaries fit in L2
+TORCH_CPU_CHUNK_BYTES = 2**20  # torch pays microseconds per op and splits large ones over the cores
+DEVICE_CHUNK_ELEMENTS = 2**24  # GPUs: chunks only bound the temporaries (each op is a kernel launch)
+
+
+def apply_reference(opt, entries):
+    """Run ``opt.rule`` on each entry; float16 params and bfloat16 state compute in float32."""
+    names = opt.buffers()
+    for e in entries:
+        dtype, n, torch = _kind(e)
+        if e.rebind or math.prod(e.p.shape) <= n:
+            _apply_whole(opt, e, names, dtype, torch)
+        else:
+            _apply_chunked(opt, e, names, dtype, torch, n)
+
+
+def _apply_whole(opt, e, names, dtype, torch):
+    xp, state, p = e.xp, e.state, e.p
+    g = e.g.detach() if torch else e.g
+    p_new, new = opt.rule(xp, _as(xp, p.detach() if torch else p, dtype), _as(xp, g, dtype),
+                          {k: _as(xp, state[k], dtype) for k in names}, e.scalars)
+    for k, v in new.items():
+        state[k] = _as(xp, v, state[k].dtype)
+    p_new = _as(xp, p_new, p.dtype)
+    if e.rebind:
+        e.p = p_new
+    elif torch:
+        _backend.assign(p, p_new)  # under no_grad: p may be a leaf that requires grad
+    else:
+        p[...] = p_new
+
+
+def _apply_chunked(opt, e, names, dtype, torch, n):
+    xp = e.xp
+    p, g = (e.p.detach(), e.g.detach()) if torch else (e.p, e.g)  # a detached p shares e.p's memory
+    bufs = [e.state[k] for k in names]
+    flat = [_flat_view(x) for x in (p, g, *bufs)]
+    if all(x is not None for x in flat):
+        p, g, *bufs = flat
+    rule, s = opt.rule, e.scalars
+    for i in chunk_indices(tuple(p.shape), n):
+        p_new, new = rule(xp, _as(xp, p[i], dtype), _as(xp, g[i], dtype),
+                          {k: _as(xp, b[i], dtype) for k, b in zip(names, bufs)}, s)
+        p[i] = _as(xp, p_new, p.dtype)
+        for k, b in zip(names, bufs):
+            b[i] = _as(xp, new[k], b.dtype)
+
+
+_KINDS = {}  # (array type, dtype, torch's is_cpu) -> what _kind returns
+
+
+def _kind(e):
+    """(compute dtype, elements per chunk, is a torch tensor) for e's param; worked out once per kind."""
+    p = e.p
+    key = (type(p), p.dtype, getattr(p, "is_cpu", None))
+    kind = _KINDS.get(key)
+    if kind is None:
+        kind = _KINDS[key] = (_backend.compute_dtype(e.xp, p.dtype), chunk_elements(e.xp, p),
+                              _backend.library_name(p) == "torch")
+    return kind
+
+
+def chunk_elements(xp, x) -> int:
+    """How many elements of ``x`` the rule takes at a time."""
+    library = _backend.library_name(x)
+    if library == "torch":
+        chunk_bytes = TORCH_CPU_CHUNK_BYTES if x.device.type == "cpu" else None
+    else:
+        chunk_bytes = HOST_CHUNK_BYTES if library in ("numpy", "array_api_strict") else None
+    if chunk_bytes is None:
+        return DEVICE_CHUNK_ELEMENTS
+    itemsize = getattr(x, "itemsize", None) or xp.finfo(x.dtype).bits // 8  # array-api-strict has no itemsize
+    return max(1, chunk_bytes // itemsize)
+
+
+def chunk_indices(shape, n):
+    """Indices that cut an array of ``shape`` into views of at most ``n`` elements, in C order.
+
+    Each is a tuple: fixed indices into the leading axes, then a slice of the next one (the
+    axes after it whole).  The leading axes are as few as ``n`` allows.
+    """
+    axis, inner = len(shape), 1  # shape[axis:] holds `inner` elements and fits in a chunk
+    while axis > 0 and inner * shape[axis - 1] <= n:
+        axis -= 1
+        inner *= shape[axis]
+    if axis == 0:
+        return [(...,)]
+    run, size = max(1, n // inner), shape[axis - 1]  # along axis - 1
+    runs = [slice(j, min(j + run, size)) for j in range(0, size, run)]  # stops in bounds: the standard asks it
+    return [(*lead, r) for lead in itertools.product(*map(range, shape[:axis - 1])) for r in runs]
+
+
+def _flat_view(x):
+    """A 1-D view of ``x`` in C order, or None where that would be a copy (or can't be told)."""
+    flags = getattr(x, "flags", None)  # NumPy, CuPy
+    if flags is not None:
+        return x.reshape(-1) if flags.c_contiguous else None
+    is_contiguous = getattr(x, "is_contiguous", None)  # torch
+    if is_contiguous is not None:
+        return x.view(-1) if is_contiguous() else None
+    return None
+
+
+def _as(xp, x, dtype):
+    """x in ``dtype``: x itself when it already is."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
