@@ -78,7 +78,11 @@ def _partition(items, test):
 
 
 def select(opt, entries):
-    """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured."""
+    """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured.
+
+    The reference goes first: it is the path that could still fail halfway (an array library
+    out of memory), so a failure there leaves the fused groups, which cannot, unwritten.
+    """
     paths = []
     dask_engine = _fused_dask()
     if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
@@ -86,7 +90,7 @@ def select(opt, entries):
         if chunked:
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
-        return paths + [(apply_reference, entries)]
+        return [(apply_reference, entries)] + paths
     engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
     groups = {}
     for e in entries:
@@ -97,7 +101,8 @@ def select(opt, entries):
                             f"{opt!r}; the CPU kernels take NumPy float16/32/64 arrays (float16/32 with "
                             "state_dtype='bfloat16'), the CUDA kernels CuPy float16/32/64 arrays")
         groups.setdefault(engine, []).append(e)
-    return paths + [(apply_reference if engine is None else engine.apply, group) for engine, group in groups.items()]
+    reference = [(apply_reference, groups.pop(None))] if None in groups else []
+    return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
 def plan(opt, params, entries):
