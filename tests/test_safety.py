@@ -274,15 +274,20 @@ def test_grads_may_share_memory_with_each_other(rng):
     same(fast, ref, p_fast, p_ref)
 
 
-def test_the_plan_refuses_a_grad_that_overlaps_a_param(pair, rng):
+@pytest.mark.parametrize("which", ["fused", "reference"])
+def test_the_plan_refuses_a_grad_that_overlaps_a_param_or_a_buffer(pair, rng, which):
     fast, ref, p_fast, p_ref = pair
-    g = grads_like(p_fast, rng)
-    g["p1"] = p_fast["p2"][:7]
-    before = copies(p_fast)
-    with pytest.raises(ValueError, match="param 'p2' and the grad of param 'p1' share memory"):
-        fast.update(p_fast, g)
-    for k in p_fast:
-        np.testing.assert_array_equal(p_fast[k], before[k])
+    opt, params = (fast, p_fast) if which == "fused" else (ref, p_ref)
+    assert opt._plan is not None
+    for culprit, source, what in (("p1", params["p2"][:7], "param 'p2'"),
+                                  ("p1", opt.state["p2"]["v"][10:17], "optimizer state 'v' of param 'p2'")):
+        g = grads_like(params, rng)
+        g[culprit] = source
+        before = copies(params)
+        with pytest.raises(ValueError, match=f"{what} and the grad of param 'p1' share memory"):
+            opt.update(params, g)
+        for k in params:
+            np.testing.assert_array_equal(params[k], before[k])
 
 
 def test_a_state_buffer_that_is_a_param_is_refused(pair, rng):

@@ -27,6 +27,7 @@ __all__ = [
     "to_numpy",
     "from_numpy",
     "byte_spans",
+    "numpy_bounds",
     "shares_memory",
 ]
 
@@ -152,16 +153,16 @@ def _strided_span(base, shape, strides, itemsize):
     return lo, hi + itemsize
 
 
-def _numpy_bounds(arrays):
+def numpy_bounds(arrays):
+    """(lo, hi) int64 arrays: the byte range each NumPy array can reach (one compiled pass where numba is)."""
     try:
-        from .fused_cpu import byte_bounds  # one compiled pass over the array structs
+        from .fused_cpu import byte_bounds
     except ImportError:
         from numpy.lib.array_utils import byte_bounds as one
 
-        spans = [one(a) for a in arrays]
-        return [s[0] for s in spans], [s[1] for s in spans]
-    lo, hi = byte_bounds(arrays)
-    return lo.tolist(), hi.tolist()
+        spans = np.array([one(a) for a in arrays], dtype=np.int64).reshape(-1, 2)
+        return spans[:, 0], spans[:, 1]
+    return byte_bounds(arrays)
 
 
 def byte_spans(arrays):
@@ -172,8 +173,8 @@ def byte_spans(arrays):
     spans = [None] * len(arrays)
     numpy_at = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
     if numpy_at:
-        lo, hi = _numpy_bounds([arrays[i] for i in numpy_at])
-        for i, a, b in zip(numpy_at, lo, hi):
+        lo, hi = numpy_bounds([arrays[i] for i in numpy_at])
+        for i, a, b in zip(numpy_at, lo.tolist(), hi.tolist()):
             spans[i] = ("cpu", a, b)
     for i, a in enumerate(arrays):
         if spans[i] is not None or isinstance(a, np.generic):

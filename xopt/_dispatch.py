@@ -15,7 +15,7 @@ import importlib.util
 
 from . import _backend
 from ._inputs import describe
-from ._plan import Plan
+from ._plan import FusedPlan, ReferencePlan
 from ._reference import apply_reference
 
 __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
@@ -105,11 +105,14 @@ def select(opt, entries):
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
-def plan(opt, params, entries):
+def plan(opt, params, entries, paths):
     """A fast path for the next step if this one can repeat without per-param checks, else None."""
-    if opt.impl == "reference" or not entries:
+    if not entries or len(paths) != 1:
         return None
+    apply, _ = paths[0]
+    if apply is apply_reference:
+        return ReferencePlan.build(opt, params, entries)
     for engine, under_auto in _engines(opt):
-        if (under_auto or opt.impl == "fused") and engine.accepts(opt, entries[0]):
-            return Plan.build(engine, opt, params, entries)
+        if apply == engine.apply:
+            return FusedPlan.build(engine, opt, params, entries)
     return None

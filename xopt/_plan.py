@@ -1,35 +1,43 @@
 """The fast path of a step that repeats: same params, same state, grads of the same layout.
 
-Built after a checked step in which every param was a contiguous array that one fused
-engine took, all of one dtype at one step count.  :meth:`Plan.try_step` then runs a step
-with a few C-level passes over lists in place of the per-param checks, or declines
-(returns False, having written nothing) and leaves everything to the general path, which
-checks and explains.
+Built after a checked step in which every param was updated (no ``None`` grad), in place,
+and by one path: :class:`FusedPlan` when one fused engine took them all (contiguous, one
+dtype, one step count), :class:`ReferencePlan` when the array-API rule did (torch, CuPy
+today, array-api-strict, ``impl="reference"``).  :meth:`Plan.try_step` then runs a step with
+a few C-level passes over lists in place of the per-param checks, or declines (returns
+False, having written nothing) and leaves everything to the general path, which checks
+and explains.
 
 What it proves each step, before anything is written (everything the general path would check):
-- the same params container, the same keys in the same order, the same param objects;
-- the same state: ``opt.state``'s dict of every param is the one the table was built on, and
+- the same params container, the same keys in the same order, the same param objects, of the
+  same dtype and shape, still writeable;
+- the same state: ``opt.state``'s dict of every param is the one the plan was built on, and
   holds the same buffer objects (a buffer replaced or deleted, a param's state reset: declined),
-  every step count equal to the plan's;
+  every step count what the plan counted;
 - the same configuration: ``impl``, the buffers kept, ``state_dtype``, no ``skip_nonfinite``;
-- grads of the engine's array type; the engine's :meth:`Table.run` vouches for every array's
-  address, shape, dtype, flags and for no overlap between a grad and a param or buffer.
+- grads of the type, dtype and shape (and device) of the first step's, sharing no byte with a
+  param or a state buffer.  The fused engines' ``Table.run`` vouches again, from each array's
+  own struct, for the addresses it hands its kernel (see :mod:`xopt.fused_cpu`).
 Ids are compared where objects are: the plan holds every object it compares, so no id it
 holds can be reused by another object.
-
-An engine (:mod:`xopt.fused_cpu`, :mod:`xopt.fused_cuda`) gives the Plan its ``supports``/``accepts``,
-the dtypes it runs without copies (``PLAN_DTYPES``), ``device_of`` and its ``Table``.
 """
 
 from __future__ import annotations
 
+import bisect
 import operator
 from collections.abc import Mapping
 from itertools import chain
 
-__all__ = ["Plan"]
+import numpy as np
+
+from . import _backend
+
+__all__ = ["Plan", "FusedPlan", "ReferencePlan"]
 
 _step_of = operator.itemgetter("step")
+_numpy_sig = operator.attrgetter("dtype", "shape")
+_sig = operator.attrgetter("dtype", "shape", "device")
 
 
 def config(opt):
@@ -38,25 +46,12 @@ def config(opt):
 
 
 class Plan:
-    @classmethod
-    def build(cls, engine, opt, params, entries):
-        if not entries or len(entries) != len(params) or not engine.supports(opt) or opt.skip_nonfinite:
-            return None
-        dtype, step = entries[0].p.dtype, entries[0].state["step"]
-        for e in entries:
-            if not (engine.accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype
-                    and e.state["step"] == step):
-                return None
-        if dtype.name not in engine.PLAN_DTYPES or len({engine.device_of(e.p) for e in entries}) != 1:
-            return None  # a table spans one device
-        return cls(engine, opt, params, entries)
+    """What both plans check; a subclass runs the step (``_run``)."""
 
-    def __init__(self, engine, opt, params, entries):
-        self.engine = engine
+    def __init__(self, opt, params, entries):
         self.container = params
         self.keys = [e.key for e in entries]
         self.arrays = [e.p for e in entries]
-        self.array_type = type(self.arrays[0])
         self.config = config(opt)
         self.state_root = opt.state
         self.states = [e.state for e in entries]
@@ -71,8 +66,12 @@ class Plan:
         else:
             self.current_buffers = lambda states, get=operator.itemgetter(*names): chain.from_iterable(
                 map(get, states))
-        self.step = entries[0].state["step"]
-        self.table = engine.Table(opt, self.arrays, self.states, entries[0].p.dtype)
+        self.steps = [e.state["step"] for e in entries]
+        self.grad_type = type(entries[0].g)
+        numpy = all(type(e.p).__module__ == "numpy" for e in entries)
+        self.sig = _numpy_sig if numpy else _sig
+        self.param_sigs = list(map(self.sig, self.arrays))
+        self.writable = operator.attrgetter("flags.writeable") if numpy else None
 
     def try_step(self, opt, params, grads) -> bool:
         n = len(self.keys)
@@ -90,7 +89,11 @@ class Plan:
                 return False
         else:
             arrays, gs = list(params), list(grads)
-        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.array_type}:
+        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.grad_type}:
+            return False
+        if list(map(self.sig, arrays)) != self.param_sigs:  # reshaped, retyped or resized in place
+            return False
+        if self.writable is not None and not all(map(self.writable, arrays)):  # made read-only since
             return False
         states = list(map(self.state_root.get, self.keys))
         if list(map(id, states)) != self.state_ids:
@@ -98,13 +101,109 @@ class Plan:
         try:
             if list(map(id, self.current_buffers(states))) != self.buffer_ids:
                 return False
-            if list(map(_step_of, states)).count(self.step) != n:
+            if list(map(_step_of, states)) != self.steps:
                 return False
         except (KeyError, TypeError):  # a buffer or a step count deleted
             return False
+        if not self._run(opt, gs):
+            return False
+        self.steps = [step + 1 for step in self.steps]
+        for st, step in zip(self.states, self.steps):
+            st["step"] = step
+        return True
+
+
+class FusedPlan(Plan):
+    """One fused engine's :class:`Table` over every param: a step is one kernel call."""
+
+    @classmethod
+    def build(cls, engine, opt, params, entries):
+        if not entries or len(entries) != len(params) or not engine.supports(opt) or opt.skip_nonfinite:
+            return None
+        dtype, step = entries[0].p.dtype, entries[0].state["step"]
+        for e in entries:
+            if not (engine.accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype
+                    and e.state["step"] == step):
+                return None
+        if dtype.name not in engine.PLAN_DTYPES or len({engine.device_of(e.p) for e in entries}) != 1:
+            return None  # a table spans one device
+        return cls(engine, opt, params, entries)
+
+    def __init__(self, engine, opt, params, entries):
+        super().__init__(opt, params, entries)
+        self.engine = engine
+        self.step = entries[0].state["step"]
+        self.table = engine.Table(opt, self.arrays, self.states, entries[0].p.dtype)
+
+    def _run(self, opt, gs):
+        # The table checks the grads' layout, dtype and overlap itself, from the arrays' own structs.
         if not self.table.run(opt, gs, opt.scalars(self.step + 1)):
             return False
         self.step += 1
-        for st in self.states:
-            st["step"] = self.step
+        return True
+
+
+class ReferencePlan(Plan):
+    """The array-API rule over every param, without the per-param checks of the general path."""
+
+    @classmethod
+    def build(cls, opt, params, entries):
+        if (not entries or len(entries) != len(params) or opt.skip_nonfinite or any(e.rebind for e in entries)
+                or len({type(e.g) for e in entries}) != 1 or len({type(e.p) for e in entries}) != 1):
+            return None
+        try:
+            return cls(opt, params, entries)
+        except AttributeError:  # an array library without .device
+            return None
+
+    def __init__(self, opt, params, entries):
+        super().__init__(opt, params, entries)
+        self.entries = entries
+        self.grad_sigs = [self.sig(e.g) for e in entries]
+        # NumPy params and grads (not scalars): overlap found by one compiled pass and vectorized searches
+        self.numpy = self.writable is not None and issubclass(self.grad_type, np.ndarray)
+        self._hold(self.buffers)
+
+    def _hold(self, buffers):
+        """Take ``buffers`` as the state's: the rule gives a small param new buffers each step."""
+        self.buffers, self.buffer_ids = buffers, list(map(id, buffers))
+        arrays = self.arrays + buffers
+        if self.numpy:
+            arrays = [a for a in arrays if isinstance(a, np.ndarray)]  # a 0-d rule's result is a NumPy scalar
+            lo, hi = _backend.numpy_bounds(arrays)
+            order = np.argsort(lo[lo < hi], kind="stable")
+            self.starts, self.ends = lo[lo < hi][order], hi[lo < hi][order]
+            return
+        spans = _backend.byte_spans(arrays)
+        self.spans = sorted(s for s in spans if s is not None and s[1] < s[2])  # disjoint: checked at the step
+        self.span_starts = [s[:2] for s in self.spans]
+
+    def _overlap(self, gs) -> bool:
+        """Whether a grad shares a byte range with a param or a state buffer."""
+        if self.numpy:
+            if not len(self.starts):
+                return False
+            lo, hi = _backend.numpy_bounds(gs)
+            j = np.searchsorted(self.starts, hi)  # ranges before j start below the grad's end; they are
+            return bool(np.any((lo < hi) & (j > 0) & (self.ends[j - 1] > lo)))  # disjoint: j - 1 is the one
+        for s in _backend.byte_spans(gs):
+            if s is None or s[1] >= s[2]:
+                continue
+            j = bisect.bisect_left(self.span_starts, (s[0], s[2]))
+            if j and self.spans[j - 1][0] == s[0] and self.spans[j - 1][2] > s[1]:
+                return True
+        return False
+
+    def _run(self, opt, gs):
+        if list(map(self.sig, gs)) != self.grad_sigs or self._overlap(gs):
+            return False
+        from ._dispatch import apply_reference  # at call time: tests replace it
+
+        scalars = {step: opt.scalars(step + 1) for step in set(self.steps)}
+        for e, g, step in zip(self.entries, gs, self.steps):
+            e.g, e.scalars = g, scalars[step]
+        apply_reference(opt, self.entries)
+        buffers = list(self.current_buffers(self.states))
+        if list(map(id, buffers)) != self.buffer_ids:
+            self._hold(buffers)
         return True

@@ -167,6 +167,10 @@ def _view(addr, proto, lo, hi):
     return carray(_typed_ptr(addr, proto), (hi,))[lo:hi]
 
 
+def _is_ndarray(a) -> bool:
+    return isinstance(a, np.ndarray)
+
+
 @njit(cache=True, nogil=True)
 def _bounds(off, ids, itemsizes, lo, hi):
     """The byte range [lo, hi) each array in ``ids`` (live NumPy arrays) can reach; lo == hi if empty."""
@@ -190,6 +194,8 @@ def _bounds(off, ids, itemsizes, lo, hi):
 
 def byte_bounds(arrays):
     """(lo, hi) int64 arrays: the byte range each NumPy array in ``arrays`` can reach (one compiled pass)."""
+    if not all(map(_is_ndarray, arrays)):  # the pass reads each object as an array struct
+        raise TypeError("byte_bounds takes NumPy arrays only")
     ids = np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays))
     itemsizes = np.fromiter(map(operator.attrgetter("itemsize"), arrays), dtype=np.int64, count=len(arrays))
     lo, hi = np.empty_like(ids), np.empty_like(ids)

@@ -147,7 +147,7 @@ class Optimizer:
             if e.rebind:
                 params[e.key] = e.p
         self.iter += 1
-        self._plan = _dispatch.plan(self, params, entries)
+        self._plan = _dispatch.plan(self, params, entries, paths)
 
     def _named_arrays(self, entries):
         """Every array a step writes or reads, named for messages: (array, name, is a grad)."""
