@@ -420,3 +420,14 @@ def test_the_number_of_threads_can_be_set():
     finally:
         xopt.set_num_threads(before)
     assert xopt.get_num_threads() == before
+
+
+def test_numpy_scalar_grads_of_0d_params_are_never_read_as_arrays(rng):
+    fast, ref = twins()
+    p_ref = {"a": np.array(1.0), "b": np.array(2.0)}
+    p_fast = copies(p_ref)
+    for _ in range(4):
+        g = {"a": np.float64(rng.standard_normal()), "b": np.float64(rng.standard_normal())}
+        ref.update(p_ref, g)
+        fast.update(p_fast, g)
+    same(fast, ref, p_fast, p_ref)

@@ -536,6 +536,8 @@ class Table:
 
     def run(self, opt, gs, scalars) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
+        if not all(map(_is_ndarray, gs)):  # _vouch reads each grad object as an array struct
+            return False
         self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=self.n)
         if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
                   self.starts, self.ends, self.ptrs):
