@@ -3,39 +3,124 @@
 A file is an ``.npz`` archive: one array per buffer, and the rest (optimizer
 name, hyperparameters, step counts, param names) as JSON stored in a uint8
 array.  Nothing is pickled, so loading a file runs no code.
+
+What a state may hold: the buffers of *any* configuration of its optimizer, not
+only of the current hyperparameters.  Turning ``amsgrad`` (or SGD's momentum,
+RMSprop's ``centered`` or momentum) off keeps the buffer that option made, as
+torch.optim does, and turning an option on mid-run leaves the new buffer to be
+made at the next step; both states save and load.  A buffer that no
+configuration of the optimizer keeps is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import numbers
 import os
-import tempfile
+import secrets
+import stat
+import types
+import zipfile
+import zlib
 from collections.abc import Mapping
 
 import array_api_compat
 import numpy as np
 
 from . import _backend
+from ._hyper import Hyper
 from ._inputs import describe
 
 __all__ = ["save_state", "load_state", "checked_state"]
 
 FORMAT = "xopt-state-1"
+_INT64_MAX = 2**63 - 1
 
 
-def _count(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"state_dict[{name!r}] must be a non-negative integer, got {value!r}")
-    return int(value)
+class _StateFileError(ValueError):
+    """A refusal whose message is already final (not wrapped as 'not an xopt state file')."""
 
 
-def _param_shapes(params):
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
+def _count(what, value) -> int:
+    """A step count: a Python (or NumPy) integer, not a bool, in [0, 2**63)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be a non-negative integer, got {_short(value)} ({type(value).__name__})")
+    value = int(value)
+    if not 0 <= value <= _INT64_MAX:
+        raise ValueError(f"{what} must be a non-negative integer below 2**63, got {_short(value)}")
+    return value
+
+
+def _param_arrays(params):
     if isinstance(params, Mapping):
-        return {k: tuple(v.shape) for k, v in params.items()}
+        return dict(params.items())
     if isinstance(params, (list, tuple)):
-        return {i: tuple(v.shape) for i, v in enumerate(params)}
+        return dict(enumerate(params))
     raise TypeError(f"params must be a dict, a list or a tuple, got {type(params).__name__}")
+
+
+# -- which buffers an optimizer can hold ------------------------------------------------
+_BUFFER_SETS = {}
+
+
+def _buffer_sets(opt):
+    """(always, possible): the buffers every configuration of type(opt) keeps, and those some configuration keeps.
+
+    Found by asking ``buffers()`` of a scratch optimizer for every combination of
+    its flags and of zero / non-zero for its numeric hyperparameters (``buffers()``
+    depends on which options are on).  Other hyperparameters keep ``opt``'s value.
+    """
+    cls = type(opt)
+    choices = {}
+    for name, value in opt.hyperparameters().items():
+        if isinstance(value, bool):
+            choices[name] = (False, True)
+        elif isinstance(value, float):
+            check = getattr(cls, name).check if isinstance(getattr(cls, name, None), Hyper) else None
+            nonzero = next((x for x in (0.5, 0.9, 1e-3, 1.0, 2.0) if _valid(check, name, x)), None)
+            choices[name] = (0.0,) if nonzero is None else (0.0, nonzero)
+        else:
+            choices[name] = (value,)
+    key = (cls, tuple((n, c) for n, c in choices.items() if len(c) == 1))
+    if key not in _BUFFER_SETS:
+        found = [frozenset(opt.buffers())]
+        names = list(choices)
+        for combo in itertools.product(*(choices[n] for n in names)):
+            try:
+                scratch = cls(impl="reference", **dict(zip(names, combo)))
+            except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
+                continue
+            found.append(frozenset(scratch.buffers()))
+        _BUFFER_SETS[key] = (frozenset.intersection(*found), frozenset.union(*found))
+    return _BUFFER_SETS[key]
+
+
+def _valid(check, name, value) -> bool:
+    if check is None:
+        return True
+    try:
+        check(name, value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# -- checking a state_dict ---------------------------------------------------------------
+def _native(buf):
+    """``buf`` in native byte order (a kernel reads raw bytes), a fresh copy."""
+    dtype = buf.dtype
+    if isinstance(buf, np.ndarray):
+        return np.array(buf, dtype=dtype.newbyteorder("=") if not dtype.isnative else dtype, order="C", copy=True)
+    if isinstance(dtype, np.dtype) and not dtype.isnative:  # Dask arrays carry NumPy dtypes too
+        return buf.astype(dtype.newbyteorder("="))
+    return _backend.namespace(buf).asarray(buf, copy=True)
 
 
 def checked_state(opt, state_dict, params=None):
@@ -51,29 +136,40 @@ def checked_state(opt, state_dict, params=None):
     kind = type(opt).__name__
     if state_dict["optimizer"] != kind:
         raise ValueError(f"state_dict is for {state_dict['optimizer']}, not {kind}")
+    if not isinstance(state_dict["hyperparameters"], Mapping):
+        raise TypeError(f"state_dict['hyperparameters'] must be a dict, got "
+                        f"{type(state_dict['hyperparameters']).__name__}")
     hyper = dict(state_dict["hyperparameters"])
     expected = set(opt._hyper)
     if set(hyper) != expected:
         raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
-                         f"{sorted(expected - set(hyper))}, unknown {sorted(set(hyper) - expected)}")
+                         f"{sorted(expected - set(hyper))}, unknown {sorted(set(hyper) - expected, key=str)}")
     trial = type(opt)(impl=opt.impl, **hyper)  # the constructor's checks, on a scratch optimizer
-    buffers = set(trial.buffers())
-    shapes = None if params is None else _param_shapes(params)
+    always, possible = _buffer_sets(trial)
+    arrays = None if params is None else _param_arrays(params)
 
     state = {}
     if not isinstance(state_dict["state"], Mapping):
         raise TypeError("state_dict['state'] must be a dict: param name -> its state")
     for key, st in state_dict["state"].items():
         name = describe(key)
-        if shapes is not None and key not in shapes:
+        if arrays is not None and key not in arrays:
             raise KeyError(f"state_dict has state for param {name}, which is not among the params")
         if not isinstance(st, Mapping) or "step" not in st:
             raise ValueError(f"state of param {name} must be a dict with a 'step'")
-        step = _count(f"state'][{key!r}]['step", st["step"])
+        step = _count(f"the step of param {name}", st["step"])
         names = set(st) - {"step"}
-        if step > 0 and names != buffers:
-            raise ValueError(f"state of param {name} holds {sorted(names)} but {trial!r} keeps {sorted(buffers)}")
-        entry, first_shape = {"step": step}, None
+        unknown = names - possible
+        if unknown:
+            raise ValueError(f"state of param {name} holds {sorted(unknown, key=str)}, which no {kind} keeps "
+                             f"(a {kind} keeps at most {sorted(possible)})")
+        if step > 0 and not always <= names:
+            raise ValueError(f"state of param {name} lacks {sorted(always - names)}, which every {kind} keeps "
+                             f"from a param's first step (its step is {step})")
+        expect_dtype = expect_shape = None
+        if arrays is not None:
+            expect_dtype, expect_shape = _expected_layout(trial, key, arrays[key])
+        entry, first = {"step": step}, None
         for buf_name in sorted(names):
             buf = st[buf_name]
             if not array_api_compat.is_array_api_obj(buf):
@@ -81,21 +177,47 @@ def checked_state(opt, state_dict, params=None):
             xp = _backend.namespace(buf)
             if not _backend.is_real_floating(xp, buf.dtype):
                 raise TypeError(f"state {buf_name!r} of param {name} has dtype {buf.dtype}")
-            shape = tuple(buf.shape)
-            if shapes is not None and shape != shapes[key]:
+            shape, dtype = tuple(buf.shape), _backend.dtype_name(buf.dtype)
+            if expect_shape is not None and shape != expect_shape:
                 raise ValueError(f"state {buf_name!r} of param {name} has shape {shape} but the param has "
-                                 f"shape {shapes[key]}")
-            if first_shape is not None and first_shape != shape:
-                raise ValueError(f"state buffers of param {name} differ in shape: {first_shape} and {shape}")
-            first_shape = shape
-            entry[buf_name] = xp.asarray(buf, copy=True)
+                                 f"shape {expect_shape}")
+            if expect_dtype is not None and dtype != expect_dtype:
+                raise TypeError(f"state {buf_name!r} of param {name} is {dtype} but {trial!r} keeps the state "
+                                f"of that param in {expect_dtype}")
+            if first is not None and first[1] != shape:
+                raise ValueError(f"state buffers of param {name} differ in shape: {first[0]!r} has {first[1]} "
+                                 f"and {buf_name!r} has {shape}")
+            if first is not None and first[2] != dtype:
+                raise TypeError(f"state buffers of param {name} differ in dtype: {first[0]!r} is {first[2]} "
+                                f"and {buf_name!r} is {dtype}")
+            first = first or (buf_name, shape, dtype)
+            entry[buf_name] = _native(buf)
         state[key] = entry
-    counters = (_count("iter", state_dict["iter"]), _count("skipped_steps", state_dict["skipped_steps"]))
+    counters = (_count("state_dict['iter']", state_dict["iter"]),
+                _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
     return trial._hyper, state, counters
 
 
+def _expected_layout(opt, key, p):
+    """(dtype name, shape) that ``opt`` keeps the state of param ``p`` in."""
+    if not array_api_compat.is_array_api_obj(p):
+        raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
+    xp = _backend.namespace(p)
+    if not _backend.is_real_floating(xp, p.dtype):
+        raise TypeError(f"param {describe(key)} has dtype {p.dtype}; xopt updates real floating-point arrays only")
+    dtype = opt.buffer_dtype(types.SimpleNamespace(key=key, p=p, xp=xp))  # raises for an unsupported state_dtype
+    return _backend.dtype_name(dtype), tuple(p.shape)
+
+
+# -- files -------------------------------------------------------------------------------
 def save_state(state_dict, path):
-    """Write a state_dict to ``path`` as an ``.npz`` archive (atomically: a temp file, then a rename)."""
+    """Write a state_dict to ``path`` as an ``.npz`` archive.
+
+    Atomic: written to a temp file in the target's directory, flushed to disk, then
+    renamed onto it.  A symlink is written through (its target is replaced, the link
+    stays) and an existing file keeps its permission bits; a new file gets the
+    usual 0o666 less the umask.
+    """
     arrays, entries = {}, []
     for key, st in state_dict["state"].items():
         if isinstance(key, bool) or not isinstance(key, (str, int)):
@@ -108,43 +230,181 @@ def save_state(state_dict, path):
                 if _backend.dtype_name(buf.dtype) == "bfloat16":  # .npy has no bfloat16: keep its bits
                     arrays[refs[name]] = arrays[refs[name]].view(np.uint16)
                     bits[name] = "bfloat16"
-        entries.append({"key": key, "step": st["step"], "buffers": refs, "bits_of": bits})
+        entries.append({"key": key, "step": int(st["step"]), "buffers": refs, "bits_of": bits})
     meta = {
         "format": FORMAT,
         "optimizer": state_dict["optimizer"],
         "hyperparameters": state_dict["hyperparameters"],
-        "iter": state_dict["iter"],
-        "skipped_steps": state_dict["skipped_steps"],
+        "iter": int(state_dict["iter"]),
+        "skipped_steps": int(state_dict["skipped_steps"]),
         "state": entries,
     }
     blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+
+    target = os.path.realpath(os.fspath(path))  # through symlinks: the link stays, its target is replaced
+    directory = os.path.dirname(target)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = _new_temp(directory, os.path.basename(target))
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, meta=blob, **arrays)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _new_temp(directory, base):
+    """A new file next to the target, created with mode 0o666 so the umask applies as for any new file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync_directory(directory):
+    """Make the rename durable where the platform allows it (POSIX); best effort elsewhere."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def load_state(path) -> dict:
-    """Read a file written by :func:`save_state` into a state_dict of NumPy arrays."""
-    with np.load(os.fspath(path), allow_pickle=False) as archive:
-        if "meta" not in archive.files:
-            raise ValueError(f"{path} is not an xopt state file (no 'meta' entry)")
-        meta = json.loads(archive["meta"].tobytes().decode("utf-8"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} has format {meta.get('format')!r}; this xopt reads {FORMAT!r}")
-        state = {}
-        for entry in meta["state"]:
-            st = {"step": entry["step"]}
-            for name, ref in entry["buffers"].items():
-                st[name] = archive[ref]
-                if entry.get("bits_of", {}).get(name) == "bfloat16":
-                    st[name] = st[name].view(_backend.low_precision_dtype(np, "bfloat16"))
-            state[entry["key"]] = st
+    """Read a file written by :func:`save_state` into a state_dict of NumPy arrays (native byte order).
+
+    Anything else (an ``.npy`` or text file, an empty or truncated file, another
+    archive) raises ``ValueError("... is not an xopt state file ...")``; a missing
+    file raises FileNotFoundError.
+    """
+    with open(os.fspath(path), "rb") as f:  # FileNotFoundError, IsADirectoryError, PermissionError pass as they are
+        head = f.read(len(_ZIP_MAGIC))
+        if head != _ZIP_MAGIC:
+            what = "it is empty" if not head else "it is not an .npz (zip) archive"
+            raise ValueError(f"{path} is not an xopt state file ({what})")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return _read(_Archive(archive, path), path)
+        except _StateFileError as exc:
+            raise ValueError(str(exc)) from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, NotImplementedError,
+                UnicodeDecodeError, OSError) as exc:  # truncated, corrupt or foreign content
+            raise ValueError(f"{path} is not an xopt state file ({type(exc).__name__}: {exc})") from exc
+
+
+def _foreign(path, why):
+    return _StateFileError(f"{path} is not an xopt state file ({why})")
+
+
+class _Archive:
+    """The .npy arrays of a zip archive by name (as ``np.load`` names them), read with their sizes checked.
+
+    ``np.load`` allocates whatever shape a member's header claims before reading it;
+    here a header must agree with the member's size first, and object arrays are refused.
+    """
+
+    def __init__(self, zf, path):
+        self.zf, self.path = zf, path
+        self.members = {}
+        for name in zf.namelist():
+            self.members.setdefault(name[:-4] if name.endswith(".npy") else name, name)
+
+    def __contains__(self, name):
+        return name in self.members
+
+    def __getitem__(self, name):
+        member = self.members[name]
+        size = self.zf.getinfo(member).file_size
+        with self.zf.open(member) as m:
+            version = np.lib.format.read_magic(m)  # ValueError if it is no .npy
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(m)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(m)
+            else:
+                raise _foreign(self.path, f"entry {name!r} is a version {version} .npy")
+            if dtype.hasobject:
+                raise _foreign(self.path, f"entry {name!r} holds Python objects")
+            count = int(np.prod(shape, dtype=object))
+            nbytes = count * dtype.itemsize
+            if nbytes != size - m.tell():
+                raise _foreign(self.path, f"entry {name!r} claims shape {shape} of {dtype} ({nbytes} bytes) "
+                                          f"but holds {size - m.tell()} bytes")
+            data = m.read(nbytes)  # the zip's CRC is checked on reaching the end
+        if len(data) != nbytes:
+            raise _foreign(self.path, f"entry {name!r} is truncated")
+        a = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+        native = dtype if dtype.isnative else dtype.newbyteorder("=")  # re-saved big-endian, say
+        return np.array(a, dtype=native, order="C", copy=True)
+
+
+def _read(archive, path):
+    if "meta" not in archive:
+        raise _foreign(path, "no 'meta' entry")
+    blob = archive["meta"]
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise _foreign(path, "its 'meta' entry is not the uint8 text xopt writes")
+    meta = json.loads(blob.tobytes().decode("utf-8"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
+        raise _foreign(path, "its 'meta' entry is not xopt's")
+    if meta["format"] != FORMAT:
+        if meta["format"].startswith("xopt-state-"):
+            raise _StateFileError(f"{path} has format {meta['format']!r}; this xopt reads {FORMAT!r}")
+        raise _foreign(path, f"format {meta['format']!r}")
+    kinds = {"optimizer": str, "hyperparameters": dict, "state": list}
+    for field, kind in kinds.items():
+        if not isinstance(meta.get(field), kind):
+            raise _foreign(path, f"'meta' has no {field} {kind.__name__}")
+    for field in ("iter", "skipped_steps"):
+        if field not in meta:
+            raise _foreign(path, f"'meta' has no {field}")
+    state = {}
+    for entry in meta["state"]:
+        if not (isinstance(entry, dict) and {"key", "step", "buffers"} <= set(entry)
+                and isinstance(entry["buffers"], dict) and isinstance(entry.get("bits_of", {}), dict)):
+            raise _foreign(path, "a malformed state entry")
+        key = entry["key"]
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise _foreign(path, f"param name {key!r} is neither str nor int")
+        if key in state:
+            raise _foreign(path, f"param {describe(key)} appears twice")
+        st = {"step": entry["step"]}
+        for name, ref in entry["buffers"].items():
+            if name == "step" or not isinstance(ref, str) or ref == "meta" or ref not in archive:
+                raise _foreign(path, f"buffer {name!r} of param {describe(key)} has no array")
+            buf = archive[ref]  # in native byte order: the kernels read raw bytes
+            bits = entry.get("bits_of", {}).get(name)
+            if bits == "bfloat16":
+                if buf.dtype != np.uint16:
+                    raise _foreign(path, f"buffer {name!r} of param {describe(key)}: bfloat16 bits stored as "
+                                         f"{buf.dtype}, not uint16")
+                buf = buf.view(_backend.low_precision_dtype(np, "bfloat16"))
+            elif bits is not None:
+                raise _foreign(path, f"buffer {name!r} of param {describe(key)} is stored as {bits!r}")
+            st[name] = buf
+        state[key] = st
     return {
         "optimizer": meta["optimizer"],
         "hyperparameters": meta["hyperparameters"],
