@@ -175,6 +175,7 @@ class Twins(RuleBasedStateMachine):
         self.bystanders = []  # (array or bytes, index or None, the bytes it must keep)
         self.log = []  # what the machine did
         self.clean = False
+        self.corrupted = False  # a buffer of another dtype was put into the state: a load may refuse it
 
     def _note(self, line):
         self.clean = False  # set again by a step that succeeded: nothing changed since a valid call
@@ -380,6 +381,7 @@ class Twins(RuleBasedStateMachine):
                     self.bystanders.append(extra)
             self.opt[side].state[key][name] = new
         del old
+        self.corrupted |= kind == "otherdtype"
         self._note(f"replace state[{key!r}][{name!r}] ({kind})")
         self._add_bystanders()
 
@@ -424,7 +426,13 @@ class Twins(RuleBasedStateMachine):
         n = {"shrink": max(size - 1, 0), "grow": size + 1, "empty": 0, "one": 1, "double": 2 * size + 3}[form]
 
         def resize(side):
-            self.params[side][key].resize((n,), refcheck=False)
+            p = self.params[side][key]
+            writeable = p.flags.writeable
+            p.resize((n,), refcheck=False)
+            if n > size:  # NumPy leaves the new tail of a read-only array uninitialised: same values on both
+                p.flags.writeable = True
+                p[size:] = 0
+                p.flags.writeable = writeable
 
         self._both(f"p.resize({n})", resize)
         self._note(f"{key!r}.resize({n})")
@@ -479,7 +487,8 @@ class Twins(RuleBasedStateMachine):
 
     # Only right after a step that succeeded, so that the overlap is the one thing wrong with the call.
     @precondition(lambda self: "alias" not in SKIP and self.clean
-                  and any(p.size for p in self.params["ref"].values()))
+                  and any(p.size for p in self.params["ref"].values())
+                  and all(p.flags.writeable for p in self.params["ref"].values()))
     @rule(data=st.data(), form=st.sampled_from(["same", "view", "flat_view", "half_overlap", "grad_is_param",
                                                   "grad_view_of_param", "grad_is_other_param"]))
     def alias(self, data, form):
@@ -546,7 +555,7 @@ class Twins(RuleBasedStateMachine):
 
         out = self._both(f"round trip ({kind})", go)
         self._note(f"round trip ({kind}): {type(out['ref']).__name__ if out['ref'] else 'ok'}")
-        if kind != "with_params":
+        if kind != "with_params" and not self.corrupted:
             assert out["ref"] is None, f"round trip ({kind}) of the optimizer's own state was refused: {out['ref']!r}"
         if out["ref"] is not None:
             return

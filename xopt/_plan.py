@@ -48,6 +48,8 @@ def config(opt):
 class Plan:
     """What both plans check; a subclass runs the step (``_run``)."""
 
+    check_params = True  # dtype, shape and writeable of the params, here (or by the engine's table)
+
     def __init__(self, opt, params, entries):
         self.container = params
         self.keys = [e.key for e in entries]
@@ -91,10 +93,11 @@ class Plan:
             arrays, gs = list(params), list(grads)
         if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.grad_type}:
             return False
-        if list(map(self.sig, arrays)) != self.param_sigs:  # reshaped, retyped or resized in place
-            return False
-        if self.writable is not None and not all(map(self.writable, arrays)):  # made read-only since
-            return False
+        if self.check_params:  # a fused table checks these itself, from each array's own struct
+            if list(map(self.sig, arrays)) != self.param_sigs:  # reshaped, retyped or resized in place
+                return False
+            if self.writable is not None and not all(map(self.writable, arrays)):  # made read-only since
+                return False
         states = list(map(self.state_root.get, self.keys))
         if list(map(id, states)) != self.state_ids:
             return False
@@ -115,6 +118,8 @@ class Plan:
 
 class FusedPlan(Plan):
     """One fused engine's :class:`Table` over every param: a step is one kernel call."""
+
+    check_params = False  # Table.run vouches for every param's address, dtype, shape and flags
 
     @classmethod
     def build(cls, engine, opt, params, entries):

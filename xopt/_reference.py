@@ -21,6 +21,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as _np
+
 from . import _backend
 
 __all__ = ["apply_reference", "chunk_elements", "chunk_indices"]
@@ -129,5 +131,7 @@ def _flat_view(x):
 
 
 def _as(xp, x, dtype):
-    """x in ``dtype``: x itself when it already is."""
+    """x in ``dtype``: x itself when it already is (a NumPy scalar, the result of 0-d math, as an array)."""
+    if isinstance(x, _np.generic):
+        x = _np.asarray(x)
     return x if x.dtype == dtype else xp.astype(x, dtype)

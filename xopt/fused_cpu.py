@@ -516,6 +516,8 @@ class Table:
             for slot, a in enumerate(row):
                 if a is None:
                     continue
+                if not isinstance(a, np.ndarray):  # _vouch reads it as an array struct
+                    raise RuntimeError("xopt internal error: a table over something that is not a NumPy array")
                 self.arrays.append(a)
                 self.ids[t, slot], self.want[t, slot], self.type_nums[t, slot] = id(a), _address(a), a.dtype.num
                 if a.size:
@@ -561,7 +563,7 @@ class Table:
 
 def _kernel_ready(a):
     """A state buffer the kernel can take: C-contiguous, aligned, writeable, native byte order."""
-    if a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative:
+    if type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative:
         return a
     return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 

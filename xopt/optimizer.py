@@ -203,6 +203,8 @@ class Optimizer:
                 st[name] = xp.full_like(e.p, self.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
+            elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
+                st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
         return st
 
     def state_dict(self) -> dict:
