@@ -178,7 +178,7 @@ class Optimizer:
         if st is None:
             return
         step = st.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**62:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
             raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
                              "is an int >= 0")
         for name in self.buffers():
