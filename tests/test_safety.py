@@ -431,3 +431,26 @@ def test_numpy_scalar_grads_of_0d_params_are_never_read_as_arrays(rng):
         ref.update(p_ref, g)
         fast.update(p_fast, g)
     same(fast, ref, p_fast, p_ref)
+
+
+@pytest.mark.parametrize("config", ["SGD", "RMSprop-all", "Adam-amsgrad-wd"])
+def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypatch):
+    """Every step split over 3 threads (the caller and 2 workers claiming chunks): every element once."""
+    from test_edges import make
+
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN", 0)
+    before = xopt.set_num_threads(3)
+    try:
+        sizes = rng.integers(1, 3 * fused_cpu.CHUNK, 25)
+        p_ref = {f"t{i}": rng.standard_normal(int(n)) for i, n in enumerate(sizes)}
+        p_fast = copies(p_ref)
+        fast, ref = make(config), make(config, impl="reference")
+        for _ in range(4):
+            g = grads_like(p_ref, rng)
+            ref.update(p_ref, g)
+            fast.update(p_fast, copies(g))
+        assert fast._plan is not None
+        for k in p_ref:
+            np.testing.assert_allclose(p_fast[k], p_ref[k], rtol=1e-13, atol=1e-15, err_msg=k)
+    finally:
+        xopt.set_num_threads(before)

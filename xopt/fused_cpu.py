@@ -47,10 +47,13 @@ __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLE
            "device_of", "byte_bounds"]
 
 CHUNK = 1 << 15  # elements per unit of work
-# Below this many elements a step runs on the calling thread alone: waking a worker costs more than
-# it saves, and a worker woken between a training loop's matmuls fights BLAS's threads for the cores.
-# Measured on a 2-core EPYC (benchmarks/thread_threshold.py): see the README's Speed section.
-PARALLEL_MIN = 1 << 19
+# Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
+# EPYC (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
+# second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
+# (0.53-0.63x the one-thread time); in a loop with a matmul before each step it neither won nor lost (1.01-1.09x
+# from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
+# few chunks; see _claim).
+PARALLEL_MIN = 1 << 21
 # How many threads: xopt.set_num_threads (xopt/_threads.py).
 
 
