@@ -283,6 +283,10 @@ def measure_loop(optimizer, net, impls, rounds, warmup_seconds=2.0, warmup_round
     for r in range(rounds):
         k = r % len(order)
         for impl in order[k:] + order[:k]:  # rotated: no impl always follows the same one
+            # Two iterations untimed first: the block before may leave threads spinning (torch's OpenMP
+            # pool spins after its steps), which would slow whatever comes next, not what a user's own
+            # loop sees.  (Rotated, xopt followed torch in 3 rounds of 4 and read 10-20 % slower.)
+            trainers[impl].run(2)
             update_s, iteration_s = trainers[impl].run(net.block)
             samples[impl]["update"].append(update_s / net.block)
             samples[impl]["iteration"].append(iteration_s / net.block)
