@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Mapping
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -57,17 +57,8 @@ class Plan:
         self.config = config(opt)
         self.state_root = opt.state
         self.states = [e.state for e in entries]
-        self.state_ids = list(map(id, self.states))
-        names = opt.buffers()
-        self.buffers = [e.state[name] for e in entries for name in names]  # held: their ids stay theirs
-        self.buffer_ids = list(map(id, self.buffers))
-        if len(names) == 0:
-            self.current_buffers = lambda states: []
-        elif len(names) == 1:
-            self.current_buffers = lambda states, get=operator.itemgetter(names[0]): map(get, states)
-        else:
-            self.current_buffers = lambda states, get=operator.itemgetter(*names): chain.from_iterable(
-                map(get, states))
+        self.getters = [operator.itemgetter(name) for name in opt.buffers()]
+        self.held = [list(map(get, self.states)) for get in self.getters]  # held: compared by identity
         self.steps = [e.state["step"] for e in entries]
         self.grad_type = type(entries[0].g)
         numpy = all(type(e.p).__module__ == "numpy" for e in entries)
@@ -98,22 +89,28 @@ class Plan:
                 return False
             if self.writable is not None and not all(map(self.writable, arrays)):  # made read-only since
                 return False
-        states = list(map(self.state_root.get, self.keys))
-        if list(map(id, states)) != self.state_ids:
+        if not all(map(operator.is_, map(self.state_root.get, self.keys), self.states)):
             return False
-        try:
-            if list(map(id, self.current_buffers(states))) != self.buffer_ids:
+        try:  # the same buffer objects (a replaced or deleted one: declined), the same step counts
+            if not all(all(map(operator.is_, map(get, self.states), held))
+                       for get, held in zip(self.getters, self.held)):
                 return False
-            if list(map(_step_of, states)) != self.steps:
+            if not self._same_steps():
                 return False
-        except (KeyError, TypeError):  # a buffer or a step count deleted
+        except KeyError:  # a buffer or a step count deleted
             return False
         if not self._run(opt, gs):
             return False
+        self._count()
+        return True
+
+    def _same_steps(self) -> bool:
+        return list(map(_step_of, self.states)) == self.steps
+
+    def _count(self):
         self.steps = [step + 1 for step in self.steps]
         for st, step in zip(self.states, self.steps):
             st["step"] = step
-        return True
 
 
 class FusedPlan(Plan):
@@ -139,6 +136,12 @@ class FusedPlan(Plan):
         self.engine = engine
         self.step = entries[0].state["step"]
         self.table = engine.Table(opt, self.arrays, self.states, entries[0].p.dtype)
+
+    def _same_steps(self) -> bool:  # one step count for all
+        return list(map(_step_of, self.states)).count(self.step) == len(self.states)
+
+    def _count(self):
+        list(map(operator.setitem, self.states, repeat("step"), repeat(self.step)))  # C-level: no loop here
 
     def _run(self, opt, gs):
         # The table checks the grads' layout, dtype and overlap itself, from the arrays' own structs.
@@ -167,12 +170,12 @@ class ReferencePlan(Plan):
         self.grad_sigs = [self.sig(e.g) for e in entries]
         # NumPy params and grads (not scalars): overlap found by one compiled pass and vectorized searches
         self.numpy = self.writable is not None and issubclass(self.grad_type, np.ndarray)
-        self._hold(self.buffers)
+        self._hold(self.held)
 
-    def _hold(self, buffers):
-        """Take ``buffers`` as the state's: the rule gives a small param new buffers each step."""
-        self.buffers, self.buffer_ids = buffers, list(map(id, buffers))
-        arrays = self.arrays + buffers
+    def _hold(self, held):
+        """Take ``held`` (per buffer name, per param) as the state's: the rule gives a small param new buffers."""
+        self.held = held
+        arrays = self.arrays + list(chain.from_iterable(held))
         if self.numpy:
             arrays = [a for a in arrays if isinstance(a, np.ndarray)]  # a 0-d rule's result is a NumPy scalar
             lo, hi = _backend.numpy_bounds(arrays)
@@ -208,7 +211,7 @@ class ReferencePlan(Plan):
         for e, g, step in zip(self.entries, gs, self.steps):
             e.g, e.scalars = g, scalars[step]
         apply_reference(opt, self.entries)
-        buffers = list(self.current_buffers(self.states))
-        if list(map(id, buffers)) != self.buffer_ids:
-            self._hold(buffers)
+        held = [list(map(get, self.states)) for get in self.getters]
+        if not all(all(map(operator.is_, now, before)) for now, before in zip(held, self.held)):
+            self._hold(held)
         return True

@@ -189,6 +189,9 @@ def measure_case_samples(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, s
     for r in range(repeat):
         k = r % len(order)
         for impl in order[k:] + order[:k]:  # rotated: no impl always runs right after the same one
+            # One step untimed first: the impl before may leave threads spinning (torch's OpenMP pool spins
+            # after its steps), which would slow whatever runs next, not what a user's own loop of steps sees.
+            steps[impl]()
             samples[impl].append(timer(steps[impl], calls[impl]))
     return samples, done
 
