@@ -454,3 +454,20 @@ def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypat
             np.testing.assert_allclose(p_fast[k], p_ref[k], rtol=1e-13, atol=1e-15, err_msg=k)
     finally:
         xopt.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [">f2", ">f4", ">f8"])
+def test_big_endian_params_keep_native_state_of_their_compute_dtype(rng, dtype):
+    fast, ref = twins()
+    p_ref = {"a": rng.standard_normal(6).astype(dtype)}
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    native = np.dtype(dtype).newbyteorder("=")
+    want = np.float32 if native == np.float16 else native
+    for opt in (fast, ref):
+        assert opt.state["a"]["m"].dtype == want and opt.state["a"]["m"].dtype.isnative
+    # the same param, its bytes swapped back to native: the state still fits
+    for params in (p_fast, p_ref):
+        params["a"] = params["a"].astype(native)
+    steps(fast, ref, p_fast, p_ref, rng)
+    np.testing.assert_allclose(p_fast["a"], p_ref["a"], rtol=2e-3 if native == np.float16 else 1e-6)
