@@ -8,7 +8,6 @@ for more of the same by random sequences of such pokes.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import textwrap

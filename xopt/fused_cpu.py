@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 from . import _backend
 from ._kernel_table import KERNELS, cut
-from ._threads import get_num_threads, pool as _pool, set_num_threads
+from ._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
            "device_of", "byte_bounds"]
