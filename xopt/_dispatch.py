@@ -112,7 +112,7 @@ def plan(opt, params, entries, paths):
     apply, _ = paths[0]
     if apply is apply_reference:
         return ReferencePlan.build(opt, params, entries)
-    for engine, under_auto in _engines(opt):
+    for engine, _ in _engines(opt):
         if apply == engine.apply:
             return FusedPlan.build(engine, opt, params, entries)
     return None

@@ -105,40 +105,25 @@ _OFFSETS = np.array([DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN_
 _BOUNDS_OFFSETS = np.array([DATA, ND, DIMS, STRIDES], dtype=np.int64)
 
 
-@intrinsic
-def _load_i64(typingctx, addr):
-    """The int64 stored at address ``addr``."""
-    sig = types.int64(types.int64)
+def _loader(bits, signed):
+    """An intrinsic: the ``bits``-bit integer stored at an address, widened to int64."""
 
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
-        return builder.load(ptr)
+    @intrinsic
+    def load(typingctx, addr):
+        sig = types.int64(types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            value = builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(bits))))
+            if bits == 64:
+                return value
+            return (builder.sext if signed else builder.zext)(value, ir.IntType(64))
 
+        return sig, codegen
 
-@intrinsic
-def _load_i32(typingctx, addr):
-    """The int32 stored at address ``addr``, as int64."""
-    sig = types.int64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(32)))
-        return builder.sext(builder.load(ptr), ir.IntType(64))
-
-    return sig, codegen
+    return load
 
 
-@intrinsic
-def _load_i8(typingctx, addr):
-    """The byte stored at address ``addr``, as int64."""
-    sig = types.int64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
-        return builder.zext(builder.load(ptr), ir.IntType(64))
-
-    return sig, codegen
+_load_i64, _load_i32, _load_i8 = _loader(64, True), _loader(32, True), _loader(8, False)
 
 
 @intrinsic
