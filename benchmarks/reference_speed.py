@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import xopt
-from xopt import _reference
+from xopt.engines import reference as _reference
 from xopt._inputs import collect
 from xopt.bench import seed
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import xopt
-from xopt import fused_cpu
+from xopt.engines import fused_cpu
 
 
 def _time_updates(opt, params, grads, a, b, with_matmul, n):

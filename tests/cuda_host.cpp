@@ -1,4 +1,4 @@
-// xopt/cuda/optimizers.cu built for the CPU: every block, every thread, one after another.
+// xopt/engines/cuda/optimizers.cu built for the CPU: every block, every thread, one after another.
 //
 // The kernel has no shared memory and no __syncthreads, so running its threads in turn gives
 // what the GPU computes (with --fmad=false there, -ffp-contract=off here).  What this cannot
@@ -22,7 +22,7 @@ XOPT_INLINE void xopt_store(xopt_half* dst, float x) { _Float16 f = (_Float16)x;
 XOPT_INLINE float xopt_sqrt(float x) { return std::sqrt(x); }
 XOPT_INLINE double xopt_sqrt(double x) { return std::sqrt(x); }
 
-#include "../xopt/cuda/optimizers.cu"
+#include "../xopt/engines/cuda/optimizers.cu"
 
 template <int RULE, typename P, typename S>
 static void run(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes, const int* blocks,
@@ -49,7 +49,7 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
     return 1;
 }
 
-// rule: 0-4 as in xopt/_kernel_table.py; ptype: the param's bits (16 half, 32 float, 64 double).
+// rule: 0-4 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
                                 const long long* sizes, const int* blocks, int n_tensors, const double* s) {
     switch (rule) {

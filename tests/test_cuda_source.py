@@ -1,8 +1,8 @@
 """The CUDA kernel source, checked without a GPU: built by nvcc, and run on the CPU.
 
-``tests/cuda_host.cpp`` builds ``xopt/cuda/optimizers.cu`` with the host C++ compiler and runs
+``tests/cuda_host.cpp`` builds ``xopt/engines/cuda/optimizers.cu`` with the host C++ compiler and runs
 each launch block by block, thread by thread.  The tests below put that build in the place of
-CuPy (``fused_cuda.DEVICE``), so ``update()`` goes through xopt.fused_cuda's own dispatch, tables,
+CuPy (``fused_cuda.DEVICE``), so ``update()`` goes through xopt.engines.fused_cuda's own dispatch, tables,
 scalars and plan, and the results must equal the array-API reference bit for bit.  What they
 cannot show is anything about the GPU itself; ``tests/test_fused_gpu.py`` does, on a GPU.
 """
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import xopt
-from xopt import _dispatch, fused_cpu, fused_cuda
+from xopt import _dispatch
+from xopt.engines import fused_cpu, fused_cuda
 from xopt._plan import FusedPlan
 from test_edges import CONFIGS, make
 
@@ -37,7 +38,7 @@ SHAPES = [(), (0,), (1, 0, 2), (7,), (3, 5), (C - 1,), (C,), (2 * C + 3,)]  # on
 def host_kernel(tmp_path_factory):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("no C++ compiler to build xopt/cuda/optimizers.cu for the CPU")
+        pytest.skip("no C++ compiler to build xopt/engines/cuda/optimizers.cu for the CPU")
     lib = tmp_path_factory.mktemp("cuda_host") / "cuda_host.so"
     subprocess.run([cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror",
                     "-o", str(lib), str(HERE / "cuda_host.cpp")], check=True, capture_output=True)
@@ -90,7 +91,7 @@ class HostDevice:
 
 @pytest.fixture
 def cuda_on_cpu(host_kernel, monkeypatch):
-    """Route NumPy arrays to xopt.fused_cuda, running on the CPU build of its kernel."""
+    """Route NumPy arrays to xopt.engines.fused_cuda, running on the CPU build of its kernel."""
     monkeypatch.setattr(HostDevice, "launch_fn", host_kernel)
     monkeypatch.setattr(HostDevice, "launches", 0)
     monkeypatch.setattr(HostDevice, "launched_on", [])
@@ -239,7 +240,7 @@ _ASAN_DRIVER = r"""
 import ctypes, sys
 import numpy as np
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
-from xopt import fused_cuda
+from xopt.engines import fused_cuda
 from test_cuda_source import HostDevice, SHAPES, DTYPES
 from test_edges import CONFIGS, make
 

@@ -10,7 +10,7 @@ import xopt
 from xopt._plan import FusedPlan
 from test_edges import CONFIGS, make
 
-fused_cpu = pytest.importorskip("xopt.fused_cpu", reason="numba is not installed")
+fused_cpu = pytest.importorskip("xopt.engines.fused_cpu", reason="numba is not installed")
 
 DTYPES = [np.float16, np.float32, np.float64]
 SHAPES = [(), (0,), (1, 0, 2), (7,), (3, 5), (2 * fused_cpu.CHUNK + 3,)]  # the last spans three chunks
@@ -165,7 +165,7 @@ def test_chunk_table_covers_every_element_once():
 
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
     """A second process loads the kernels from the disk cache instead of compiling them."""
-    code = ("import xopt.fused_cpu as f; f.compile_all(); "
+    code = ("import xopt.engines.fused_cpu as f; f.compile_all(); "
             "print(len(f._kernel.stats.cache_hits), len(f._kernel.stats.cache_misses))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()

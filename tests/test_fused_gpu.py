@@ -1,7 +1,7 @@
 """The CUDA kernels (CuPy) against the array-API reference on the same GPU arrays.
 
 Runs wherever CuPy sees an NVIDIA GPU; skipped elsewhere.  Until it has passed on a
-real GPU, xopt.fused_cuda.VERIFIED stays False and impl="auto" does not use the kernels.
+real GPU, xopt.engines.fused_cuda.VERIFIED stays False and impl="auto" does not use the kernels.
 """
 
 import numpy as np
@@ -92,7 +92,7 @@ def test_float16_params_keep_a_small_eps(rng, cupy):
 def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
     """10,000 tensors of 64-4096 elements: one launch a step, the plan from step 2, the reference's numbers."""
     import xopt
-    from xopt import fused_cuda
+    from xopt.engines import fused_cuda
 
     launches = []
     real_launch = fused_cuda.CupyDevice.launch

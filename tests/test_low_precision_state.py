@@ -39,7 +39,7 @@ def test_fused_bfloat16_state_equals_the_reference_bit_for_bit(config, shape, dt
 
 def test_rounding_matches_ml_dtypes_on_hard_values():
     """Ties, subnormals, huge values, inf and NaN round as ml_dtypes rounds them."""
-    from xopt import fused_cpu
+    from xopt.engines import fused_cpu
 
     hard = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40, -1e-40, 3.4e38, np.inf, -np.inf, np.nan, 0.0, -0.0,
                      65504.0, 1e-3, np.float32(2**-126)], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""The reference path (xopt/_reference.py): cutting a param into chunks changes no bit, on any layout.
+"""The reference path (xopt/engines/reference.py): cutting a param into chunks changes no bit, on any layout.
 
 The chunk sizes are shrunk here so that small arrays span many chunks; every chunked
 step is held bit for bit to the optimizer's ``rule`` run on the whole arrays.
@@ -11,7 +11,8 @@ import pytest
 
 import xopt
 from test_edges import CONFIGS, make
-from xopt import _backend, _reference
+from xopt import _backend
+from xopt.engines import reference as _reference
 from xopt._inputs import Entry
 
 LAYOUTS = ["contiguous", "transposed", "strided", "3-d"]

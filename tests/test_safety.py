@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import xopt
-from xopt import fused_cpu
+from xopt.engines import fused_cpu
 
 TOL = dict(rtol=1e-12, atol=0)
 
@@ -204,7 +204,7 @@ def test_a_step_that_fails_on_one_param_writes_no_other(rng, monkeypatch):
 
 _INTERRUPT = textwrap.dedent("""
     import os, signal, numpy as np, xopt
-    from xopt import fused_cpu
+    from xopt.engines import fused_cpu
     real = fused_cpu._kernel
     calls = []
     def kernel(*args):

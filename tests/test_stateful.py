@@ -40,7 +40,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 try:
-    from xopt.fused_cpu import CHUNK
+    from xopt.engines.fused_cpu import CHUNK
 except ImportError:  # no numba: auto is the reference, and the test still checks the rest
     CHUNK = 1 << 15
 

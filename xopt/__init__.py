@@ -5,11 +5,11 @@
     >>> optimizer.update(params, grads)   # doctest: +SKIP
 """
 
-from .adagrad import AdaGrad
-from .adam import Adam, AdamW
+from .optimizers.adagrad import AdaGrad
+from .optimizers.adam import Adam, AdamW
 from .optimizer import Optimizer
-from .rmsprop import RMSprop
-from .sgd import SGD, Momentum, Nesterov
+from .optimizers.rmsprop import RMSprop
+from .optimizers.sgd import SGD, Momentum, Nesterov
 from ._threads import get_num_threads, set_num_threads
 from .state_io import load_state, save_state
 

@@ -1,9 +1,9 @@
 """The one place that decides how a step is computed.
 
 ``reference``: the optimizer's array-API ``rule``, one param at a time, for any
-array library.  Dask arrays always go to :mod:`xopt.fused_dask`, which runs the
+array library.  Dask arrays always go to :mod:`xopt.engines.fused_dask`, which runs the
 chosen path on each chunk where it lives.  ``fused``: an engine that reads and writes each element once —
-:mod:`xopt.fused_cpu` (numba) for NumPy arrays, :mod:`xopt.fused_cuda` (CuPy) for
+:mod:`xopt.engines.fused_cpu` (numba) for NumPy arrays, :mod:`xopt.engines.fused_cuda` (CuPy) for
 CuPy arrays.  ``auto`` takes a fused engine where one accepts the array and is
 trusted under auto (the CUDA one only once verified on a GPU), the reference
 elsewhere.
@@ -16,7 +16,7 @@ import importlib.util
 from . import _backend
 from ._inputs import describe
 from ._plan import FusedPlan, ReferencePlan
-from ._reference import apply_reference
+from .engines.reference import apply_reference
 
 __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
 
@@ -26,7 +26,7 @@ IMPLS = ("auto", "reference", "fused")
 def _fused_cpu():
     """The NumPy engine, or None when numba is not installed."""
     try:
-        from . import fused_cpu
+        from .engines import fused_cpu
     except ImportError:
         return None
     return fused_cpu
@@ -36,7 +36,7 @@ def _fused_cuda():
     """The CuPy engine, or None when CuPy is not installed."""
     if importlib.util.find_spec("cupy") is None:
         return None
-    from . import fused_cuda
+    from .engines import fused_cuda
 
     return fused_cuda
 
@@ -45,7 +45,7 @@ def _fused_dask():
     """The Dask engine, or None when Dask is not installed."""
     if importlib.util.find_spec("dask") is None:
         return None
-    from . import fused_dask
+    from .engines import fused_dask
 
     return fused_dask
 

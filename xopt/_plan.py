@@ -17,7 +17,7 @@ What it proves each step, before anything is written (everything the general pat
 - the same configuration: ``impl``, the buffers kept, ``state_dtype``, no ``skip_nonfinite``;
 - grads of the type, dtype and shape (and device) of the first step's, sharing no byte with a
   param or a state buffer.  The fused engines' ``Table.run`` vouches again, from each array's
-  own struct, for the addresses it hands its kernel (see :mod:`xopt.fused_cpu`).
+  own struct, for the addresses it hands its kernel (see :mod:`xopt.engines.fused_cpu`).
 Ids are compared where objects are: the plan holds every object it compares, so no id it
 holds can be reused by another object.
 """

@@ -42,7 +42,7 @@ def set_num_threads(n=None):
     """Use at most ``n`` threads (the caller's included) for a CPU step; None: the default.
 
     The default is the environment's ``XOPT_NUM_THREADS``, else the cores this process may
-    run on.  Steps below ``xopt.fused_cpu.PARALLEL_MIN`` elements always run on the calling thread.
+    run on.  Steps below ``xopt.engines.fused_cpu.PARALLEL_MIN`` elements always run on the calling thread.
     Returns the number in force before, so ``set_num_threads(set_num_threads(1))`` restores it.
     """
     before = get_num_threads()

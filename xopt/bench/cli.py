@@ -93,12 +93,12 @@ def run(args):
 
     compile_seconds = 0.0
     if gpu:
-        from .. import fused_cuda
+        from ..engines import fused_cuda
 
         compile_seconds = fused_cuda.compile_all()
     else:
         try:
-            from .. import fused_cpu
+            from ..engines import fused_cpu
         except ImportError:
             print("numba is not installed: xopt runs its reference rule", file=sys.stderr)
         else:

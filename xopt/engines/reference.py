@@ -23,7 +23,7 @@ import math
 
 import numpy as _np
 
-from . import _backend
+from .. import _backend
 
 __all__ = ["apply_reference", "chunk_elements", "chunk_indices"]
 

@@ -2,7 +2,7 @@
 
 A step is one ``apply_gufunc`` per param whose function takes the chunks of p, g and
 the state buffers and returns their new values, computed on the worker by the
-engine that fits the chunk (:mod:`xopt.fused_cpu` for NumPy chunks, the reference
+engine that fits the chunk (:mod:`xopt.engines.fused_cpu` for NumPy chunks, the reference
 rule otherwise), exactly as a single-process step would.  All outputs of a step are
 persisted in one call, so each new array's graph is just its chunks: neither the
 graph nor the step time grows with the number of steps, and nothing is gathered to
@@ -15,8 +15,8 @@ from __future__ import annotations
 import dask
 import dask.array as da
 
-from . import _backend
-from ._inputs import Entry
+from .. import _backend
+from .._inputs import Entry
 
 __all__ = ["accepts", "apply"]
 
@@ -27,7 +27,7 @@ def accepts(opt, e) -> bool:
 
 def _update_chunks(p, g, *buffers, opt, names, step, scalars):
     """On a worker: new (p, *buffers) for one chunk, by the same path a single-process step takes."""
-    from . import _dispatch  # on the worker
+    from .. import _dispatch  # on the worker
 
     xp = _backend.namespace(p, g)
     state = {"step": step - 1, **{n: xp.asarray(b, copy=True) for n, b in zip(names, buffers)}}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._hyper import Hyper, non_negative
-from .optimizer import Optimizer
+from .._hyper import Hyper, non_negative
+from ..optimizer import Optimizer
 
 __all__ = ["AdaGrad"]
 

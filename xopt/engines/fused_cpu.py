@@ -39,9 +39,9 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from . import _backend
-from ._kernel_table import KERNELS, cut
-from ._threads import get_num_threads, pool as _pool
+from .. import _backend
+from .kernels import KERNELS, cut
+from .._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
            "device_of", "byte_bounds"]
@@ -89,7 +89,7 @@ def _find_struct():
               and _read(a.dtype, off["type_num"], ctypes.c_int32) == a.dtype.num
               and _read(a.dtype, off["byteorder"], ctypes.c_char) == a.dtype.byteorder.encode())
         if not ok:
-            raise ImportError("NumPy's array struct is not laid out as xopt.fused_cpu expects")
+            raise ImportError("NumPy's array struct is not laid out as xopt.engines.fused_cpu expects")
     return off
 
 
@@ -625,7 +625,7 @@ def compile_all():
     """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
     import time
 
-    from . import Adam, AdaGrad, Momentum, RMSprop, SGD
+    from .. import Adam, AdaGrad, Momentum, RMSprop, SGD
 
     t0 = time.perf_counter()
     for dtype in (np.float32, np.float64):

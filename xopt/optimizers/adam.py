@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ._hyper import Hyper, flag, non_negative, one_of, unit_interval
-from .optimizer import Optimizer
+from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
+from ..optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._hyper import Hyper, flag, non_negative, unit_interval
-from .optimizer import Optimizer
+from .._hyper import Hyper, flag, non_negative, unit_interval
+from ..optimizer import Optimizer
 
 __all__ = ["RMSprop"]
 

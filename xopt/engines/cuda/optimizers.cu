@@ -8,12 +8,12 @@
 //                               address and is never read)
 //   sizes[t]                    its number of elements
 //   blocks[2 * b], [2 * b + 1]  the tensor and the chunk (of XOPT_CHUNK elements) of block b
-// built on the host by xopt/fused_cuda.py, uploaded once and reused while the arrays stay
+// built on the host by xopt/engines/fused_cuda.py, uploaded once and reused while the arrays stay
 // the same; only the grad column changes from step to step.
 //
 // Each rule is the optimizer's reference rule (xopt/<name>.py) per element: the same names,
 // the same order of operations, and the scalars of its scalars(step) in the order of
-// xopt/_kernel_table.py, computed on the host and passed by value in the math type S.
+// xopt/engines/kernels.py, computed on the host and passed by value in the math type S.
 // P is how the param is stored: float, double, or half (as its 16 bits, converted with
 // xopt_load / xopt_store); S is the type of the math and of the state: float for half and
 // float params, double for double.

@@ -1,6 +1,6 @@
 """Fused CUDA kernels (CuPy): one launch per step for any number of tensors.
 
-UNVERIFIED ON A GPU: the kernel source, ``xopt/cuda/optimizers.cu``, is compiled by
+UNVERIFIED ON A GPU: the kernel source, ``xopt/engines/cuda/optimizers.cu``, is compiled by
 ``nvcc`` and run thread by thread on the CPU in the tests (``tests/test_cuda_source.py``,
 through this module's own tables), but it has not yet run on an NVIDIA GPU.  Until
 ``tests/test_fused_gpu.py`` has passed on one, with the GPU benchmark committed under
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _backend
-from ._kernel_table import KERNELS, cut
+from .. import _backend
+from .kernels import KERNELS, cut
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
            "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of"]

@@ -1,0 +1,3 @@
+"""How a step is computed: ``reference`` (the array-API rule, any library), ``fused_cpu`` (numba, NumPy),
+``fused_cuda`` (CuPy), ``fused_dask`` (each chunk on its worker); ``kernels`` is what the fused ones share.
+Which one runs is decided in one place, :mod:`xopt._dispatch`."""

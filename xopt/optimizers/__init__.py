@@ -1,0 +1,1 @@
+"""The optimizers: one class per file, its math in the docstring and one array-API ``rule``."""
