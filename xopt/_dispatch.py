@@ -5,8 +5,8 @@ array library.  Dask arrays always go to :mod:`xopt.engines.fused_dask`, which r
 chosen path on each chunk where it lives.  ``fused``: an engine that reads and writes each element once —
 :mod:`xopt.engines.fused_cpu` (numba) for NumPy arrays, :mod:`xopt.engines.fused_cuda` (CuPy) for
 CuPy arrays.  ``auto`` takes a fused engine where one accepts the array and is
-trusted under auto (the CUDA one only once verified on a GPU), the reference
-elsewhere.
+trusted under auto (the CUDA one, until verified on a GPU, once its self-check has
+passed on that GPU for that rule and dtype), the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -50,14 +50,18 @@ def _fused_dask():
     return fused_dask
 
 
+def _always(opt, e):
+    return True
+
+
 def _engines(opt):
-    """Fused engines for ``opt``, each with whether ``impl="auto"`` may use it."""
+    """Fused engines for ``opt``, each with whether ``impl="auto"`` may use it for an entry."""
     engines = []
     cpu, cuda = _fused_cpu(), _fused_cuda()
     if cpu is not None and cpu.supports(opt):
-        engines.append((cpu, True))
+        engines.append((cpu, _always))
     if cuda is not None and cuda.supports(opt):
-        engines.append((cuda, cuda.VERIFIED))
+        engines.append((cuda, cuda.trusted))  # its self-check, once per GPU, rule and dtype
     return engines
 
 
@@ -91,10 +95,11 @@ def select(opt, entries):
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
         return [(apply_reference, entries)] + paths
-    engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
+    engines = _engines(opt)
+    fused = opt.impl == "fused"
     groups = {}
     for e in entries:
-        engine = next((m for m in engines if m.accepts(opt, e)), None)
+        engine = next((m for m, under_auto in engines if m.accepts(opt, e) and (fused or under_auto(opt, e))), None)
         if engine is None and opt.impl == "fused":
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "

@@ -1,23 +1,25 @@
 """Fused CUDA kernels (CuPy): one launch per step for any number of tensors.
 
-UNVERIFIED ON A GPU: the kernel source, ``xopt/engines/cuda/optimizers.cu``, is compiled by
-``nvcc`` and run thread by thread on the CPU in the tests (``tests/test_cuda_source.py``,
-through this module's own tables), but it has not yet run on an NVIDIA GPU.  Until
-``tests/test_fused_gpu.py`` has passed on one, with the GPU benchmark committed under
-``benchmarks/results/`` and VERIFIED below set to True, ``impl="auto"`` keeps CuPy
-arrays on the array-API reference rule; ``impl="fused"`` runs these kernels.
+Not yet run on an NVIDIA GPU: the kernel source, ``xopt/engines/cuda/optimizers.cu``, is compiled
+in the tests exactly as :func:`build` compiles it on a GPU (CuPy's NVRTC, for sm_90; its SASS read
+for 128-bit accesses and spills, ``tests/test_cuda_build.py``) and run thread by thread on the CPU
+through this module's own tables (``tests/test_cuda_source.py``).  Until ``tests/test_fused_gpu.py``
+has passed on a GPU and VERIFIED below is set to True, ``impl="auto"`` runs these kernels for a
+(GPU, rule, dtype) only once :func:`self_check` has found them equal to the reference rule there,
+bit for bit, on edge shapes; ``impl="fused"`` runs them without it.
 
 A step is one launch of ``xopt_step<rule, P, S>`` over a :class:`Table`: the addresses
 of every tensor's param, grad and state buffers, their sizes, and which chunk of which
 tensor each block updates.  The table is built on the host and uploaded once; while
-the arrays stay the same (see :mod:`xopt._plan`) a step uploads only the grads'
-addresses and launches.  Scalars are computed on the host by the optimizer's own
-``scalars(step)`` and passed by value in the math type (float32 for half params, so a
-small eps survives).
+the arrays stay the same (see :mod:`xopt._plan`) a step uploads the grads' addresses only when
+they changed, and launches on CuPy's current stream.  Scalars are computed on the host by the
+optimizer's own ``scalars(step)`` and passed by value in the math type (float32 for half params,
+so a small eps survives).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import operator
 import re
@@ -28,8 +30,9 @@ import numpy as np
 from .. import _backend
 from .kernels import KERNELS, cut
 
-__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
-           "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of"]
+__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "OPTIONS", "kernel_name", "block_table", "build",
+           "Table", "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of", "self_check",
+           "SelfCheck", "SelfCheckWarning", "trusted"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -38,10 +41,13 @@ CHUNK = int(re.search(r"#define XOPT_CHUNK (\d+)", SOURCE.read_text()).group(1))
 THREADS = 256  # threads per block
 N_SCALARS = 9  # the kernel's s0..s8; a rule that needs fewer gets zeros
 N_SLOTS = 5  # rows of the address table: param, grad, three state buffers
+ALIGN = 16  # bytes: a tensor whose arrays all start on this boundary gets 128-bit loads and stores
 
 # param dtype -> (its C type in the kernel, the C type of the math and the state)
 PTYPES = {"float16": ("unsigned short", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
-OPTIONS = ("--fmad=false",)  # no a * b + c fused: the reference's rounding
+# --fmad=false: no a * b + c fused (the reference's rounding).  Not CuPy's RawModule, which adds
+# -ftz=true after these (flushing float32 subnormals to zero): NVRTC's default, -ftz=false, keeps them.
+OPTIONS = ("--fmad=false",)
 
 
 def kernel_name(rule: int, dtype) -> str:
@@ -50,12 +56,58 @@ def kernel_name(rule: int, dtype) -> str:
     return f"xopt_step<{rule}, {p}, {s}>"
 
 
-def block_table(sizes) -> np.ndarray:
-    """(tensor, chunk) per block, int32: every element of every tensor in exactly one block."""
+def block_table(sizes, aligned=None) -> np.ndarray:
+    """(tensor, chunk, aligned) per block, int32: every element of every tensor in exactly one block."""
     tensor, chunk = cut(sizes, CHUNK)
     if len(sizes) >= 2**31 or (len(chunk) and chunk[-1] >= 2**31):
         raise ValueError("too many tensors or chunks for one launch")
-    return np.stack([tensor, chunk], axis=1).astype(np.int32).reshape(-1, 2)
+    flag = np.zeros(len(tensor), dtype=np.int64) if aligned is None else np.asarray(aligned, dtype=np.int64)[tensor]
+    return np.stack([tensor, chunk, flag], axis=1).astype(np.int32).reshape(-1, 3)
+
+
+def build(names, arch=None, log_stream=None):
+    """Compile the kernel instances ``names`` as xopt does before a launch: (cubin, {name: lowered name}).
+
+    CuPy's NVRTC (``cupy.cuda.compiler.compile_using_nvrtc``) with :data:`OPTIONS`; ``arch=None`` is
+    CuPy's own choice for the current GPU (its compute capability, capped at what NVRTC knows).
+    """
+    from cupy.cuda import compiler
+
+    return compiler.compile_using_nvrtc(SOURCE.read_text(), OPTIONS, arch=arch, name_expressions=tuple(names),
+                                        log_stream=log_stream)
+
+
+class _PinnedRow:
+    """Writes one row of a device table from page-locked host memory, on the current stream.
+
+    Two staging buffers, each rewritten only once the copy that last read it is done (an event
+    each), so a step waits for the GPU only when it runs two address changes ahead of it.
+    """
+
+    def __init__(self, table, row):
+        import cupy
+
+        self.dst = table[row]
+        self.memory = [cupy.cuda.alloc_pinned_memory(max(self.dst.nbytes, 1)) for _ in range(2)]
+        self.host = [np.frombuffer(m, self.dst.dtype, self.dst.size) for m in self.memory]
+        self.copied = [None, None]
+        self.turn = 0
+
+    def __call__(self, values):
+        import cupy
+
+        k, self.turn = self.turn, 1 - self.turn
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()
+        self.host[k][...] = values
+        stream = cupy.cuda.get_current_stream()
+        self.dst.data.copy_from_host_async(self.host[k].ctypes.data_as(ctypes.c_void_p), self.dst.nbytes, stream)
+        self.copied[k] = stream.record()
+
+    def __del__(self):  # the staging memory goes back to CuPy's pool: not while a copy may still read it
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
 
 
 class CupyDevice:
@@ -63,6 +115,12 @@ class CupyDevice:
 
     address = staticmethod(operator.attrgetter("data.ptr"))
     device_of = staticmethod(operator.attrgetter("data.device_id"))
+
+    @staticmethod
+    def current_device():
+        import cupy
+
+        return cupy.cuda.Device().id
 
     @staticmethod
     def on(device_id):
@@ -78,38 +136,48 @@ class CupyDevice:
         return cupy.asarray(host)
 
     @staticmethod
-    def set_row(table, row, host):
-        table[row].set(host)
+    def download(a):
+        import cupy
+
+        return cupy.asnumpy(a)
+
+    row_writer = _PinnedRow
 
     @staticmethod
     def function(rule, dtype):
-        return _function(kernel_name(rule, dtype))
+        import cupy
+
+        return _function(cupy.cuda.Device().id, kernel_name(rule, dtype))
 
     @staticmethod
     def launch(function, n_blocks, args):
-        function((n_blocks,), (THREADS,), args)
+        import cupy
+
+        function((n_blocks,), (THREADS,), args, stream=cupy.cuda.get_current_stream())
 
 
 DEVICE = CupyDevice  # the tests swap in the CPU build of the same kernel
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name):
-    """The compiled kernel ``name``: built on first use, cached by CuPy in memory and on disk."""
-    import cupy
+def _function(device_id, name):
+    """The compiled kernel ``name`` on GPU ``device_id`` (current): built on first use in this process."""
+    from cupy.cuda import function
 
-    module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=(name,))
-    return module.get_function(name)
+    cubin, lowered = build([name])
+    module = function.Module()
+    module.load(cubin)
+    return module.get_function(lowered[name])
 
 
 def compile_all() -> float:
-    """Build (or load from CuPy's disk cache) every kernel instance; returns seconds."""
+    """Build every kernel instance for the current GPU; returns seconds."""
     import time
 
     t0 = time.perf_counter()
     for rule in sorted({r for r, _, _ in KERNELS.values()}):
         for dtype in PTYPES:
-            _function(kernel_name(rule, dtype))
+            DEVICE.function(rule, dtype)
     return time.perf_counter() - t0
 
 
@@ -119,6 +187,11 @@ _shape_of = operator.attrgetter("dtype", "shape", "strides")
 class Table:
     """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks.
 
+    Each state buffer has its slot (the rule's, from :data:`~xopt.engines.kernels.KERNELS`); a
+    slot the configuration does not keep holds 0 and its bit in ``live`` is clear, so the kernel
+    never reads it.  A tensor whose param and buffers all start on a 16-byte boundary is flagged
+    in the block table for 128-bit accesses (the kernel checks the grad's address itself).
+
     Memory model: the table holds every param and state buffer whose address it uploads
     (``self.arrays``), so none is freed while it may be written; the caller holds the grads
     through :meth:`run`.  Before a launch, :meth:`run` checks on the host that each of them is
@@ -126,22 +199,26 @@ class Table:
     grad shares a byte with a param or a buffer; else it launches nothing and returns False.
     """
 
-    def __init__(self, opt, ps, states, dtype):
-        """``ps``: contiguous params of ``dtype``, all on one GPU, sharing no memory (checked by the caller)."""
+    def __init__(self, opt, ps, states, dtype, gs=None):
+        """``ps``: contiguous params of ``dtype``, all on one GPU, sharing no memory (checked by the caller);
+        ``gs``: the grads of the first :meth:`run`, if known, uploaded with the table."""
         rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
         kept = opt.buffers()
         device = DEVICE
         self.device, self.n = device, len(ps)
         self.device_id = device.device_of(ps[0]) if ps else None
         self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
-        addresses = np.empty((N_SLOTS, self.n), dtype=np.uint64)
+        self.live = np.int32(sum(1 << k for k, name in enumerate(slots) if name in kept))
+        addresses = np.zeros((N_SLOTS, self.n), dtype=np.uint64)
+        aligned = np.ones(self.n, dtype=bool)
         self.arrays, spans = [], []
         for t, (p, st) in enumerate(zip(ps, states)):
-            # A slot this configuration does not keep points at p and is never read.
-            buffers = [st[name] for name in slots if name in kept]
-            row = [p, p] + buffers + [p] * (N_SLOTS - 2 - len(buffers))
-            addresses[:, t] = [device.address(a) for a in row]
-            for a in [p] + buffers:
+            row = [p] + [st[name] if name in kept else None for name in slots]
+            for slot, a in zip([0, *range(2, 2 + len(slots))], row):
+                if a is None:
+                    continue
+                addresses[slot, t] = device.address(a)
+                aligned[t] &= device.address(a) % ALIGN == 0
                 self.arrays.append(a)
                 if a.size:
                     spans.append((device.address(a), device.address(a) + a.nbytes))
@@ -153,18 +230,22 @@ class Table:
             raise RuntimeError("xopt internal error: a table over arrays that share memory")
         sizes = np.array([p.size for p in ps], dtype=np.int64)
         self.grad_bytes = sizes * np.dtype(dtype).itemsize
-        blocks = block_table(sizes)
+        blocks = block_table(sizes, aligned)
         self.n_blocks = len(blocks)
+        self.grads = None  # the grads' addresses in the device table, once there
+        if gs is not None:
+            self.grads = addresses[1] = np.fromiter(map(device.address, gs), np.uint64, self.n)
+        self._writer = None
         with device.on(self.device_id):
             self.addresses, self.sizes, self.blocks = (device.upload(addresses), device.upload(sizes),
                                                        device.upload(blocks))
-        self.function = device.function(rule, dtype)
+            self.function = device.function(rule, dtype) if self.n_blocks else None
 
     def _layouts(self, arrays):
         return list(zip(map(_shape_of, arrays), map(self.device.address, arrays), map(self.device.device_of, arrays)))
 
     def run(self, opt, gs, scalars) -> bool:
-        """One launch: the grads' addresses in, scalars by value; False (nothing launched) if an array moved."""
+        """One launch: the grads' addresses in (if changed), scalars by value; False (nothing launched) if an array moved."""
         if self._layouts(self.arrays) != self.layouts or list(map(_shape_of, gs)) != self.grad_layouts:
             return False
         if {self.device.device_of(g) for g in gs} - {self.device_id}:
@@ -180,9 +261,13 @@ class Table:
         values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
         values += [self.math.type(0)] * (N_SCALARS - len(values))
         with self.device.on(self.device_id):
-            self.device.set_row(self.addresses, 1, grads)
+            if self.grads is None or not np.array_equal(grads, self.grads):
+                if self._writer is None:
+                    self._writer = self.device.row_writer(self.addresses, 1)
+                self._writer(grads)
+                self.grads = grads
             self.device.launch(self.function, self.n_blocks,
-                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), *values))
+                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), self.live, *values))
         return True
 
 
@@ -191,7 +276,6 @@ PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
 
 def device_of(a):
     return DEVICE.device_of(a)
-
 
 
 def supports(opt) -> bool:
@@ -230,8 +314,11 @@ def apply(opt, entries):
                 for name in opt.buffers():
                     if not e.state[name].flags.c_contiguous:
                         e.state[name] = e.state[name].copy(order="C")
-            table = Table(opt, ps, [e.state for e in group], dtype)
+            table = Table(opt, ps, [e.state for e in group], dtype, gs)
             if not table.run(opt, gs, group[0].scalars):
                 raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
             for target, source in write_back:
                 target[...] = source
+
+
+from .cuda_check import SelfCheck, SelfCheckWarning, self_check, trusted  # noqa: E402  (it reads this module)

@@ -3,24 +3,34 @@
 //
 // A launch gets a table instead of a list of arguments (torch's multi_tensor_apply passes
 // pointers by value and so launches once per ~36 tensors):
-//   ptrs[slot * n_tensors + t]  the address of tensor t's slot: 0 param, 1 grad, 2-4 state buffers
-//                               (a slot the configuration does not keep holds the param's
-//                               address and is never read)
+//   ptrs[slot * n_tensors + t]  the address of tensor t's slot: 0 param, 1 grad, 2-4 the rule's
+//                               state buffers, each in its own slot (0 where the configuration
+//                               does not keep it: `live` says which are read)
 //   sizes[t]                    its number of elements
-//   blocks[2 * b], [2 * b + 1]  the tensor and the chunk (of XOPT_CHUNK elements) of block b
+//   blocks[3b], [3b + 1], [3b + 2]  block b's tensor, its chunk (of XOPT_CHUNK elements), and 1 if
+//                               the tensor's param and state addresses are 16-byte aligned
 // built on the host by xopt/engines/fused_cuda.py, uploaded once and reused while the arrays stay
-// the same; only the grad column changes from step to step.
+// the same; only the grad row changes from step to step (and is uploaded only when it does).
 //
-// Each rule is the optimizer's reference rule (xopt/<name>.py) per element: the same names,
-// the same order of operations, and the scalars of its scalars(step) in the order of
-// xopt/engines/kernels.py, computed on the host and passed by value in the math type S.
-// P is how the param is stored: float, double, or half (as its 16 bits, converted with
-// xopt_load / xopt_store); S is the type of the math and of the state: float for half and
-// float params, double for double.
+// Shaped for bandwidth as torch's fused Adam (fused_adam_utils.cuh) and apex: each thread loads
+// XOPT_W elements of every operand into registers before any math (explicit ILP), with 128-bit
+// accesses where the tensor is aligned (the table's flag, and the grad's address, checked here
+// since it changes from step to step), and a scalar path otherwise and for a chunk's last
+// XOPT_W - 1 elements.  Every access is an explicit global one (__ldcs / __stcs: streamed, read
+// and written once), so no load turns generic.
 //
-// Built by CuPy (NVRTC) on a GPU with --fmad=false, so that no a * b + c is fused and the
-// rounding is the reference's.  tests/cuda_host.cpp builds the same file with the host C++
-// compiler and runs it block by block, thread by thread on the CPU (tests/test_cuda_source.py).
+// Each rule is the optimizer's reference rule (xopt/optimizers/<name>.py) per element, on values
+// already in registers: p and g loaded, the state buffers' values in and out by reference; it
+// returns the new p.  The same names, the same order of operations, and the scalars of its
+// scalars(step) in the order of xopt/engines/kernels.py, computed on the host and passed by
+// value in the math type S.  P is how the param is stored: float, double, or half (its 16 bits,
+// converted with xopt_to_math / xopt_from_math); S is the type of the math and of the state:
+// float for half and float params, double for double.
+//
+// Built by xopt/engines/fused_cuda.py through CuPy's NVRTC with --fmad=false (no a * b + c is
+// fused: the reference's rounding) and without CuPy's -ftz=true (subnormals kept, as NumPy
+// does).  tests/cuda_host.cpp builds the same file with the host C++ compiler and runs it block
+// by block, thread by thread on the CPU (tests/test_cuda_source.py).
 
 #ifndef XOPT_CHUNK
 #define XOPT_CHUNK 16384  // elements per block; the host side reads this line
@@ -29,122 +39,215 @@
 #ifndef XOPT_HOST
 #define XOPT_INLINE __device__ __forceinline__
 typedef unsigned short xopt_half;  // the 16 bits of an IEEE half
-XOPT_INLINE float xopt_load(xopt_half h) {
+XOPT_INLINE float xopt_to_math(xopt_half h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-XOPT_INLINE void xopt_store(xopt_half* dst, float x) {  // rounded to nearest even, as NumPy does
+XOPT_INLINE xopt_half xopt_from_math(float x, xopt_half*) {  // rounded to nearest even, as NumPy does
     xopt_half h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    *dst = h;
+    return h;
 }
 XOPT_INLINE float xopt_sqrt(float x) { return sqrtf(x); }
 XOPT_INLINE double xopt_sqrt(double x) { return sqrt(x); }
+// One element, or 16 bytes, from or to global memory, streamed (evict first).
+template <typename T>
+XOPT_INLINE T xopt_ld(const T* a) { return __ldcs(a); }
+template <typename T>
+XOPT_INLINE void xopt_st(T* a, T x) { __stcs(a, x); }
+XOPT_INLINE uint4 xopt_ld16(const void* a) { return __ldcs((const uint4*)a); }
+XOPT_INLINE void xopt_st16(void* a, uint4 x) { __stcs((uint4*)a, x); }
+#define XOPT_ALIGNED(a) (((unsigned long long)(a) & 15) == 0)
+#define XOPT_UNROLL _Pragma("unroll")
 #endif  // the host build defines these in tests/cuda_host.cpp
 
-XOPT_INLINE float xopt_load(float x) { return x; }
-XOPT_INLINE double xopt_load(double x) { return x; }
-XOPT_INLINE void xopt_store(float* dst, float x) { *dst = x; }
-XOPT_INLINE void xopt_store(double* dst, double x) { *dst = x; }
+XOPT_INLINE float xopt_to_math(float x) { return x; }
+XOPT_INLINE double xopt_to_math(double x) { return x; }
+XOPT_INLINE float xopt_from_math(float x, float*) { return x; }
+XOPT_INLINE double xopt_from_math(double x, double*) { return x; }
 
 // max as xp.maximum: NaN if either is NaN
 template <typename S>
 XOPT_INLINE S xopt_maximum(S a, S b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 
-// -- the element rules: p and g loaded, state buffers indexed by i; returns the new p -----------
+// -- the element rules: (p, g, the state's values) -> the new p and state, all in registers ----
+// A rule reads a state value only when its scalars say the configuration keeps that buffer.
 // 0 SGD: lr, weight_decay, momentum, b_decay, b_scale, has_b, nesterov
 template <typename S>
-XOPT_INLINE S xopt_sgd(S p, S g, S* b, S*, S*, long long i, const S* s) {
+XOPT_INLINE S xopt_sgd(S p, S g, S& b, S&, S&, const S* s) {
     if (s[1] != (S)0) g = g + s[1] * p;
     if (s[5] != (S)0) {
-        S bi = s[3] * b[i] + s[4] * g;
-        b[i] = bi;
-        g = (s[6] != (S)0) ? g + s[2] * bi : bi;
+        b = s[3] * b + s[4] * g;
+        g = (s[6] != (S)0) ? g + s[2] * b : b;
     }
     return p - s[0] * g;
 }
 
 // 1 Momentum, Nesterov: lr, momentum, nesterov
 template <typename S>
-XOPT_INLINE S xopt_momentum(S p, S g, S* v, S*, S*, long long i, const S* s) {
-    S vi = s[1] * v[i] - s[0] * g;
-    v[i] = vi;
-    return (s[2] != (S)0) ? p + s[1] * vi - s[0] * g : p + vi;
+XOPT_INLINE S xopt_momentum(S p, S g, S& v, S&, S&, const S* s) {
+    v = s[1] * v - s[0] * g;
+    return (s[2] != (S)0) ? p + s[1] * v - s[0] * g : p + v;
 }
 
 // 2 AdaGrad: clr, eps, weight_decay
 template <typename S>
-XOPT_INLINE S xopt_adagrad(S p, S g, S* h, S*, S*, long long i, const S* s) {
+XOPT_INLINE S xopt_adagrad(S p, S g, S& h, S&, S&, const S* s) {
     if (s[2] != (S)0) g = g + s[2] * p;
-    S hi = h[i] + g * g;
-    h[i] = hi;
-    return p - s[0] * g / (xopt_sqrt(hi) + s[1]);
+    h = h + g * g;
+    return p - s[0] * g / (xopt_sqrt(h) + s[1]);
 }
 
 // 3 RMSprop: lr, decay_rate, 1 - decay_rate, eps, momentum, weight_decay, centered, has_b
 template <typename S>
-XOPT_INLINE S xopt_rmsprop(S p, S g, S* h, S* g_avg, S* b, long long i, const S* s) {
+XOPT_INLINE S xopt_rmsprop(S p, S g, S& h, S& g_avg, S& b, const S* s) {
     if (s[5] != (S)0) g = g + s[5] * p;
-    S hi = s[1] * h[i] + s[2] * g * g;
-    h[i] = hi;
+    h = s[1] * h + s[2] * g * g;
     S d;
     if (s[6] != (S)0) {
-        S ai = g_avg[i] + s[2] * (g - g_avg[i]);
-        g_avg[i] = ai;
-        d = xopt_sqrt(hi - ai * ai) + s[3];
+        g_avg = g_avg + s[2] * (g - g_avg);
+        d = xopt_sqrt(h - g_avg * g_avg) + s[3];
     } else {
-        d = xopt_sqrt(hi) + s[3];
+        d = xopt_sqrt(h) + s[3];
     }
     if (s[7] != (S)0) {
-        S bi = s[4] * b[i] + g / d;
-        b[i] = bi;
-        return p - s[0] * bi;
+        b = s[4] * b + g / d;
+        return p - s[0] * b;
     }
     return p - s[0] * g / d;
 }
 
 // 4 Adam, AdamW: 1 - beta1, beta2, 1 - beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad
 template <typename S>
-XOPT_INLINE S xopt_adam(S p, S g, S* m, S* v, S* v_max, long long i, const S* s) {
+XOPT_INLINE S xopt_adam(S p, S g, S& m, S& v, S& v_max, const S* s) {
     if (s[6] != (S)0) g = g + s[6] * p;
     if (s[7] != (S)1) p = p * s[7];
-    S mi = m[i] + s[0] * (g - m[i]);
-    S vi = s[1] * v[i] + s[2] * g * g;
-    m[i] = mi;
-    v[i] = vi;
+    m = m + s[0] * (g - m);
+    v = s[1] * v + s[2] * g * g;
+    S vi = v;
     if (s[8] != (S)0) {
-        vi = xopt_maximum(v_max[i], vi);
-        v_max[i] = vi;
+        v_max = xopt_maximum(v_max, v);
+        vi = v_max;
     }
-    return p - s[4] * (mi / (xopt_sqrt(vi) / s[5] + s[3]));
+    return p - s[4] * (m / (xopt_sqrt(vi) / s[5] + s[3]));
 }
 
 template <int RULE, typename S>
-XOPT_INLINE S xopt_rule(S p, S g, S* b0, S* b1, S* b2, long long i, const S* s) {
-    if (RULE == 0) return xopt_sgd(p, g, b0, b1, b2, i, s);
-    if (RULE == 1) return xopt_momentum(p, g, b0, b1, b2, i, s);
-    if (RULE == 2) return xopt_adagrad(p, g, b0, b1, b2, i, s);
-    if (RULE == 3) return xopt_rmsprop(p, g, b0, b1, b2, i, s);
-    return xopt_adam(p, g, b0, b1, b2, i, s);
+XOPT_INLINE S xopt_rule(S p, S g, S& b0, S& b1, S& b2, const S* s) {
+    if (RULE == 0) return xopt_sgd(p, g, b0, b1, b2, s);
+    if (RULE == 1) return xopt_momentum(p, g, b0, b1, b2, s);
+    if (RULE == 2) return xopt_adagrad(p, g, b0, b1, b2, s);
+    if (RULE == 3) return xopt_rmsprop(p, g, b0, b1, b2, s);
+    return xopt_adam(p, g, b0, b1, b2, s);
 }
 
-// -- the kernel: block b updates chunk blocks[2b + 1] of tensor blocks[2b] -----------------------
+// -- the kernel ---------------------------------------------------------------------------------
+template <typename P>
+struct xopt_width { enum { value = sizeof(P) == 2 ? 8 : 4 }; };  // elements per thread: 16 bytes of half
+
+template <typename T, int W>
+union xopt_pack {  // W elements as 16-byte words
+    uint4 u[W * sizeof(T) / 16];
+    T x[W];
+};
+
+template <typename T, int W>
+XOPT_INLINE void xopt_load(xopt_pack<T, W>& dst, const T* src) {
+    XOPT_UNROLL
+    for (int k = 0; k < (int)(W * sizeof(T) / 16); ++k) dst.u[k] = xopt_ld16((const uint4*)src + k);
+}
+
+template <typename T, int W>
+XOPT_INLINE void xopt_store(T* dst, const xopt_pack<T, W>& src) {
+    XOPT_UNROLL
+    for (int k = 0; k < (int)(W * sizeof(T) / 16); ++k) xopt_st16((uint4*)dst + k, src.u[k]);
+}
+
+template <typename T, int W>
+XOPT_INLINE void xopt_load_if(xopt_pack<T, W>& dst, const T* src, bool live) {
+    if (live) {
+        xopt_load(dst, src);
+    } else {
+    XOPT_UNROLL
+        for (int k = 0; k < W; ++k) dst.x[k] = (T)0;
+    }
+}
+
+// W consecutive elements from i, every operand 16-byte aligned: all loads, then the math, then the stores.
+template <int RULE, typename P, typename S, int W>
+XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, int live, const S* s) {
+    xopt_pack<P, W> pw, gw;
+    xopt_pack<S, W> w0, w1, w2;
+    xopt_load(pw, p + i);
+    xopt_load(gw, g + i);
+    xopt_load_if(w0, b0 + i, live & 1);
+    xopt_load_if(w1, b1 + i, live & 2);
+    xopt_load_if(w2, b2 + i, live & 4);
+    XOPT_UNROLL
+    for (int k = 0; k < W; ++k) {
+        S pk = xopt_rule<RULE, S>(xopt_to_math(pw.x[k]), xopt_to_math(gw.x[k]), w0.x[k], w1.x[k], w2.x[k], s);
+        pw.x[k] = xopt_from_math(pk, p);
+    }
+    xopt_store(p + i, pw);
+    if (live & 1) xopt_store(b0 + i, w0);
+    if (live & 2) xopt_store(b1 + i, w1);
+    if (live & 4) xopt_store(b2 + i, w2);
+}
+
+// Elements i, i + stride, ... (W of them, those below hi), one by one: for unaligned tensors and a chunk's tail.
+template <int RULE, typename P, typename S, int W>
+XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i, long long stride, long long hi,
+                             int live, const S* s) {
+    S pv[W], gv[W], v0[W], v1[W], v2[W];
+    XOPT_UNROLL
+    for (int k = 0; k < W; ++k) {
+        const long long j = i + k * stride;
+        const bool in = j < hi;
+        pv[k] = in ? xopt_to_math(xopt_ld(p + j)) : (S)0;
+        gv[k] = in ? xopt_to_math(xopt_ld(g + j)) : (S)0;
+        v0[k] = in && (live & 1) ? xopt_ld(b0 + j) : (S)0;
+        v1[k] = in && (live & 2) ? xopt_ld(b1 + j) : (S)0;
+        v2[k] = in && (live & 4) ? xopt_ld(b2 + j) : (S)0;
+    }
+    XOPT_UNROLL
+    for (int k = 0; k < W; ++k) pv[k] = xopt_rule<RULE, S>(pv[k], gv[k], v0[k], v1[k], v2[k], s);
+    XOPT_UNROLL
+    for (int k = 0; k < W; ++k) {
+        const long long j = i + k * stride;
+        if (j < hi) {
+            xopt_st(p + j, xopt_from_math(pv[k], p));
+            if (live & 1) xopt_st(b0 + j, v0[k]);
+            if (live & 2) xopt_st(b1 + j, v1[k]);
+            if (live & 4) xopt_st(b2 + j, v2[k]);
+        }
+    }
+}
+
+// Block b updates chunk blocks[3b + 1] of tensor blocks[3b]; live: bit k set if state slot 2 + k is kept.
 template <int RULE, typename P, typename S>
 __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
-                          const int* __restrict__ blocks, int n_tensors,
+                          const int* __restrict__ blocks, int n_tensors, int live,
                           S s0, S s1, S s2, S s3, S s4, S s5, S s6, S s7, S s8) {
+    enum { W = xopt_width<P>::value };
     const S s[9] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
-    const int t = blocks[2 * blockIdx.x];
-    const long long lo = (long long)blocks[2 * blockIdx.x + 1] * XOPT_CHUNK;
+    const int t = blocks[3 * blockIdx.x];
+    const long long lo = (long long)blocks[3 * blockIdx.x + 1] * XOPT_CHUNK;
     const long long n = sizes[t];
     const long long hi = n < lo + XOPT_CHUNK ? n : lo + XOPT_CHUNK;
     P* __restrict__ p = (P*)ptrs[t];
     const P* __restrict__ g = (const P*)ptrs[n_tensors + t];
-    S* b0 = (S*)ptrs[2 * n_tensors + t];
-    S* b1 = (S*)ptrs[3 * n_tensors + t];
-    S* b2 = (S*)ptrs[4 * n_tensors + t];
-    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        xopt_store(p + i, xopt_rule<RULE, S>(xopt_load(p[i]), xopt_load(g[i]), b0, b1, b2, i, s));
+    S* __restrict__ b0 = (S*)ptrs[2 * n_tensors + t];
+    S* __restrict__ b1 = (S*)ptrs[3 * n_tensors + t];
+    S* __restrict__ b2 = (S*)ptrs[4 * n_tensors + t];
+    const long long threads = blockDim.x;
+    long long i = lo;
+    if (blocks[3 * blockIdx.x + 2] && XOPT_ALIGNED(g)) {  // lo is a multiple of W: every group stays aligned
+        const long long end = lo + (hi - lo) / W * W;
+        for (long long j = lo + threadIdx.x * (long long)W; j < end; j += threads * W)
+            xopt_wide<RULE, P, S, W>(p, g, b0, b1, b2, j, live, s);
+        i = end;
     }
+    for (long long j = i + threadIdx.x; j < hi; j += threads * W)
+        xopt_narrow<RULE, P, S, W>(p, g, b0, b1, b2, j, threads, hi, live, s);
 }

@@ -1,0 +1,163 @@
+"""The CUDA kernel's self-check: the kernel and the reference rule side by side on one GPU, bit for bit.
+
+Until a GPU run of the test suite is committed (``fused_cuda.VERIFIED``), ``impl="auto"`` runs the
+CUDA kernel for a (GPU, rule, param dtype) only after :func:`self_check` has passed there, once per
+process.  A failure warns once (:class:`SelfCheckWarning`, naming the case) and that
+(GPU, rule, dtype) keeps the reference rule from then on.  Anyone can call :func:`self_check` and
+read its result; :data:`RESULTS` holds those that ``impl="auto"`` ran.
+
+What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
+every branch of its element function), on six tensors in one launch per step, two steps (SGD's
+first step differs): a scalar, an empty tensor, 15 elements (a 128-bit group and a scalar tail),
+37 elements with the param and then the grad offset by one element (not 16-byte aligned: the
+scalar path), and one more than two chunks' worth spread over two blocks.  Params standard normal,
+grads standard normal + 0.1 with a -0.0 and (step 2) a NaN.  Every param and state element must
+have the reference's bits (any NaN equals any NaN).  Subnormals are left out: CuPy builds the
+reference's elementwise kernels with -ftz=true, xopt's kernel keeps them (as NumPy does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from .kernels import KERNELS
+
+__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted"]
+
+CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element function
+    0: [("SGD", {}), ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
+        ("SGD", dict(momentum=0.9, nesterov=True))],
+    1: [("Momentum", {}), ("Nesterov", {})],
+    2: [("AdaGrad", dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01))],
+    3: [("RMSprop", {}), ("RMSprop", dict(momentum=0.5)), ("RMSprop", dict(momentum=0.5, centered=True,
+                                                                            weight_decay=0.01))],
+    4: [("Adam", {}), ("Adam", dict(amsgrad=True, weight_decay=0.01, eps_hat=False)), ("AdamW", dict(amsgrad=True))],
+}
+
+
+def _cases():
+    """(shape, param offset, grad offset) in elements: an offset view is not 16-byte aligned."""
+    from . import fused_cuda  # which imports this module
+
+    return [((), 0, 0), ((0,), 0, 0), ((3, 5), 0, 0), ((37,), 1, 0), ((37,), 0, 1), ((2 * fused_cuda.CHUNK + 9,), 0, 0)]
+
+
+RESULTS = {}  # (GPU, rule, dtype name) -> SelfCheck, those impl="auto" ran
+
+
+class SelfCheckWarning(RuntimeWarning):
+    """The CUDA kernel differed from the reference rule on this GPU: the reference rule is used instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCheck:
+    kernel: str  # the template instance, e.g. "xopt_step<4, float, float>"
+    device: int  # the GPU
+    passed: bool
+    checked: str  # what ran
+    mismatch: str | None = None  # the first difference, or why the kernel could not run
+
+    def __str__(self):
+        verdict = "passed" if self.passed else f"FAILED: {self.mismatch}"
+        return f"self-check of {self.kernel} on GPU {self.device}: {verdict} ({self.checked})"
+
+
+def rule_of(optimizer) -> int:
+    """The kernel rule number of an optimizer (instance, class or name) or of a rule number."""
+    if isinstance(optimizer, (int, np.integer)):
+        return int(optimizer)
+    name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", type(optimizer).__name__)
+    return KERNELS[name][0]
+
+
+def _configs(rule):
+    return CONFIGS.get(rule) or [(name, {}) for name, (r, _, _) in KERNELS.items() if r == rule]
+
+
+def _placed(device, host, offset):
+    """``host`` on the device, starting ``offset`` elements into its allocation."""
+    flat = np.concatenate([np.zeros(offset, host.dtype), host.reshape(-1)])
+    return device.upload(flat)[offset:].reshape(host.shape)
+
+
+def _first_difference(ours, ref):
+    ours, ref = np.asarray(ours).reshape(-1), np.asarray(ref).reshape(-1)
+    bits = f"u{ref.dtype.itemsize}"
+    differ = (ours.view(bits) != ref.view(bits)) & ~(np.isnan(ours) & np.isnan(ref))
+    if not differ.any():
+        return None
+    i = int(np.argmax(differ))
+    return f"element {i}: kernel {ours[i]!r}, reference {ref[i]!r}"
+
+
+def self_check(optimizer, dtype, device=None) -> SelfCheck:
+    """Run the CUDA kernel and the reference rule on the same arrays of GPU ``device`` (default: the
+    current one) and compare every param and state element bit for bit; see the module docstring.
+
+    ``optimizer``: an optimizer, its class or name ("Adam"), or a kernel rule number; every
+    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.
+    """
+    import xopt
+
+    from . import fused_cuda
+
+    rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
+    device = dev.current_device() if device is None else device
+    kernel = fused_cuda.kernel_name(rule, dtype)
+    configs = _configs(rule)
+    cases = _cases()
+    checked = f"{len(configs)} configurations x {len(cases)} tensors x 2 steps"
+
+    def failed(why):
+        return SelfCheck(kernel, device, False, checked, why)
+
+    with dev.on(device), np.errstate(all="ignore"):
+        for name, hyper in configs:
+            label = f"{name}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
+            rng = np.random.default_rng(0)
+            hosts = [rng.standard_normal(shape).astype(dtype) for shape, _, _ in cases]
+            ref, ours = getattr(xopt, name)(impl="reference", **hyper), getattr(xopt, name)(impl="fused", **hyper)
+            a = {f"t{i}": _placed(dev, h, off) for i, (h, (_, off, _)) in enumerate(zip(hosts, cases))}
+            b = {f"t{i}": _placed(dev, h, off) for i, (h, (_, off, _)) in enumerate(zip(hosts, cases))}
+            for step in (1, 2):
+                gh = [(rng.standard_normal(h.shape) + 0.1).astype(dtype) for h in hosts]
+                gh[2].reshape(-1)[0] = -0.0
+                if step == 2:
+                    gh[2].reshape(-1)[1] = np.nan
+                g = {f"t{i}": _placed(dev, x, off) for i, (x, (_, _, off)) in enumerate(zip(gh, cases))}
+                ref.update(a, g)
+                try:
+                    ours.update(b, g)
+                except Exception as exc:  # not built, not launched: the kernel cannot be used here
+                    return failed(f"{label}: the kernel raised {exc!r}")
+                for i, (shape, p_off, g_off) in enumerate(cases):
+                    k = f"t{i}"
+                    where = f"{label} step {step}, tensor {shape} (param offset {p_off}, grad offset {g_off})"
+                    diff = _first_difference(dev.download(b[k]), dev.download(a[k]))
+                    if diff:
+                        return failed(f"{where}, param {diff}")
+                    for buf in ref.buffers():
+                        diff = _first_difference(dev.download(ours.state[k][buf]), dev.download(ref.state[k][buf]))
+                        if diff:
+                            return failed(f"{where}, state {buf} {diff}")
+    return SelfCheck(kernel, device, True, checked)
+
+
+def trusted(opt, e) -> bool:
+    """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Self-checks its (GPU, rule, dtype) once."""
+    from . import fused_cuda
+
+    if fused_cuda.VERIFIED:
+        return True
+    key = (fused_cuda.device_of(e.p), rule_of(opt), np.dtype(e.p.dtype).name)
+    result = RESULTS.get(key)
+    if result is None:
+        result = RESULTS[key] = self_check(key[1], key[2], key[0])
+        if not result.passed:
+            warnings.warn(f"xopt: {result}. impl='auto' uses the reference rule for {key[2]} params of this rule "
+                          "on this GPU from now on; please report this with the message.", SelfCheckWarning,
+                          stacklevel=2)
+    return result.passed
