@@ -1,7 +1,8 @@
 """The CUDA kernels (CuPy) against the array-API reference on the same GPU arrays.
 
 Runs wherever CuPy sees an NVIDIA GPU; skipped elsewhere.  Until it has passed on a
-real GPU, xopt.engines.fused_cuda.VERIFIED stays False and impl="auto" does not use the kernels.
+real GPU, xopt.engines.fused_cuda.VERIFIED stays False and impl="auto" uses a kernel only after
+its self-check (xopt.engines.cuda_check) has passed on that GPU.
 """
 
 import numpy as np
@@ -111,3 +112,67 @@ def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
     assert fused._plan is not None and fused._plan.engine is fused_cuda
     flat = lambda d: cupy.asnumpy(cupy.concatenate([v for v in d.values()]))  # noqa: E731
     np.testing.assert_allclose(flat(b), flat(a), **TOL[np.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_subnormals_as_numpy(config, dtype, rng, cupy):
+    """Built without -ftz: on values around the smallest normal number the kernel gives NumPy's bits."""
+    tiny = np.finfo(dtype).smallest_normal
+    p0 = (rng.standard_normal(1000) * tiny).astype(dtype)
+    grads = [(rng.standard_normal(1000) * tiny).astype(dtype) for _ in range(3)]
+    ref, fused = make(config, impl="reference"), make(config, impl="fused")
+    a, b = {"p": p0.copy()}, {"p": cupy.asarray(p0)}
+    with np.errstate(all="ignore"):
+        for g in grads:
+            ref.update(a, {"p": g})
+            fused.update(b, {"p": cupy.asarray(g)})
+    np.testing.assert_array_equal(cupy.asnumpy(b["p"]), a["p"])
+    for name in ref.buffers():
+        np.testing.assert_array_equal(cupy.asnumpy(fused.state["p"][name]), ref.state["p"][name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("rule", [0, 1, 2, 3, 4])
+def test_self_check_passes(rule, dtype, cupy):
+    from xopt.engines import fused_cuda
+
+    result = fused_cuda.self_check(rule, dtype)
+    assert result.passed, str(result)
+
+
+def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch):
+    import xopt
+    from xopt.engines import cuda_check, fused_cuda
+
+    monkeypatch.setattr(cuda_check, "RESULTS", {})
+    launches = []
+    real_launch = fused_cuda.CupyDevice.launch
+    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
+                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    p = {"w": cupy.asarray(rng.standard_normal(1000).astype(np.float32))}
+    xopt.Adam().update(p, {"w": cupy.ones(1000, dtype=cupy.float32)})
+    assert cuda_check.RESULTS[(cupy.cuda.Device().id, 4, "float32")].passed
+    assert len(launches) == 2 * len(cuda_check.CONFIGS[4]) + 1
+
+
+def test_grads_row_uploaded_only_when_addresses_change_and_on_the_current_stream(rng, cupy, monkeypatch):
+    """Same grad arrays: no upload after the plan's first; another stream: the step's work queued there."""
+    import xopt
+    from xopt.engines import fused_cuda
+
+    writes = []
+    real_call = fused_cuda._PinnedRow.__call__
+    monkeypatch.setattr(fused_cuda._PinnedRow, "__call__", lambda self, v: (writes.append(1), real_call(self, v)))
+    host = rng.standard_normal(4096).astype(np.float32)
+    a, b = {"w": cupy.asarray(host)}, {"w": cupy.asarray(host)}
+    g = {"w": cupy.asarray(rng.standard_normal(4096).astype(np.float32))}
+    ref, fused = xopt.Adam(impl="reference"), xopt.Adam(impl="fused")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for _ in range(5):
+        with stream:
+            ref.update(a, g)
+            fused.update(b, g)
+    stream.synchronize()
+    assert len(writes) == 1
+    np.testing.assert_array_equal(cupy.asnumpy(b["w"]), cupy.asnumpy(a["w"]))

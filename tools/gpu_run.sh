@@ -18,7 +18,15 @@ fi
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
-# The gpu-marked tests, and the CPU build of the kernel source beside them (skipped if the image lacks g++/nvcc).
+# The kernels' self-check on this GPU (what impl="auto" runs before it trusts a kernel), every rule and dtype.
+python3 -c "
+from xopt.engines import fused_cuda
+for rule in sorted({r for r, _, _ in fused_cuda.KERNELS.values()}):
+    for dtype in fused_cuda.PTYPES:
+        print(fused_cuda.self_check(rule, dtype))
+" 2>&1 | tee "$OUT/self-check.txt"
+# The gpu-marked tests, and the kernel source built and run on the CPU beside them (skipped if the image lacks
+# g++/nvcc/nvdisasm).
 python3 -m pytest -q -p no:cacheprovider -m "gpu or cuda_source" tests/ 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
 python3 -m xopt.bench.cli --device gpu --optimizers Adam,RMSprop,SGD --sizes 2^20,2^24,2^28 --tensors 10000 \
   --repeat 7 --out "$OUT/gpu-$(date +%F)" 2>"$OUT/bench-stderr.txt" | tee "$OUT/gpu-bench.txt"

@@ -85,7 +85,7 @@ def make_step(impl, case, xp, rng):
         import xopt
 
         cls = getattr(xopt, case.optimizer)
-        # "xopt" is the fused path: what impl="auto" runs, but for CuPy arrays while the CUDA kernels are unverified
+        # "xopt" is the fused path: what impl="auto" runs (for CuPy arrays once the kernel's self-check passed)
         options = {"impl": "reference" if impl == "xopt-reference" else "fused"}
         if impl in STATE_DTYPES:
             if (not hasattr(cls, "state_dtype") or _backend.library_name(xp.empty(0)) != "numpy"
@@ -129,7 +129,7 @@ class _Timer:
             self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
 
     def __call__(self, fn, calls):
-        if self.gpu:
+        if self.gpu:  # CuPy's events on its default stream: CUDA's legacy default one, torch's too
             self.start.record()
             for _ in range(calls):
                 fn()
