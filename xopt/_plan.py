@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Mapping
-from itertools import chain, repeat
+from itertools import chain
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class Plan:
                 return False
         else:
             arrays, gs = list(params), list(grads)
-        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.grad_type}:
+        if not all(map(operator.is_, arrays, self.arrays)):
             return False
         if self.check_params:  # a fused table checks these itself, from each array's own struct
             if list(map(self.sig, arrays)) != self.param_sigs:  # reshaped, retyped or resized in place
@@ -141,10 +141,12 @@ class FusedPlan(Plan):
         return list(map(_step_of, self.states)).count(self.step) == len(self.states)
 
     def _count(self):
-        list(map(operator.setitem, self.states, repeat("step"), repeat(self.step)))  # C-level: no loop here
+        step = self.step
+        for st in self.states:
+            st["step"] = step
 
     def _run(self, opt, gs):
-        # The table checks the grads' layout, dtype and overlap itself, from the arrays' own structs.
+        # The table checks the grads' type, layout, dtype and overlap itself, from the arrays' own structs.
         if not self.table.run(opt, gs, opt.scalars(self.step + 1)):
             return False
         self.step += 1
@@ -203,7 +205,7 @@ class ReferencePlan(Plan):
         return False
 
     def _run(self, opt, gs):
-        if list(map(self.sig, gs)) != self.grad_sigs or self._overlap(gs):
+        if set(map(type, gs)) != {self.grad_type} or list(map(self.sig, gs)) != self.grad_sigs or self._overlap(gs):
             return False
         from ._dispatch import apply_reference  # at call time: tests replace it
 

@@ -447,6 +447,46 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, s, bits):
+    """A whole step on the calling thread in one compiled call: ``_vouch``, then, only if every array is
+    what it was, ``_kernel`` over every chunk.  ``packed`` holds the table's int64 arrays end to end (see
+    :meth:`Table.pack`; one argument instead of ten: a small step's cost is mostly the call).
+    Returns ``_vouch``'s answer (0: done)."""
+    ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks = _unpack(
+        packed, n, n_dims, n_spans, n_chunks)
+    bad = _vouch(off, ids, want, type_nums, shapes, shape_at, nbytes, starts, ends, ptrs)
+    if bad == 0:
+        _kernel(rule, ptrs, chunks, 0, n_chunks, s, bits)
+    return bad
+
+
+@njit(cache=True, inline="always")
+def _unpack(packed, n, n_dims, n_spans, n_chunks):
+    """The views :meth:`Table.pack` laid end to end, in its order."""
+    at = 0
+    ids = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    want = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    type_nums = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    ptrs = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    shape_at = packed[at:at + n + 1]
+    at += n + 1
+    shapes = packed[at:at + n_dims]
+    at += n_dims
+    nbytes = packed[at:at + n]
+    at += n
+    starts = packed[at:at + n_spans]
+    at += n_spans
+    ends = packed[at:at + n_spans]
+    at += n_spans
+    chunks = packed[at:at + 3 * n_chunks].reshape((n_chunks, 3))
+    return ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _claim(rule, ptrs, chunks, counters, s, bits):
     """Take chunks one at a time (``counters[0]``: the next one) until none is left; ``counters[1]``
     counts those done.  Every thread of a step runs this, so a thread that the OS does not run
@@ -552,20 +592,35 @@ class Table:
             raise RuntimeError("xopt internal error: a table over arrays that share memory")
         self.chunks = chunk_table(sizes)
         self.elements = int(sizes.sum())
+        self.pack()
+
+    def pack(self):
+        """Lay the int64 arrays end to end in one buffer (``_unpack`` cuts it again) and make the named
+        ones views of it, so ``run`` fills the grads' ids in place and the kernel gets one argument."""
+        parts = (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
+                 self.starts, self.ends, self.chunks)
+        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts])
+        views, at = [], 0
+        for a in parts:
+            views.append(self.packed[at:at + a.size].reshape(a.shape))
+            at += a.size
+        (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
+         self.starts, self.ends, self.chunks) = views
+        self.grad_ids = self.ids[:, 1]
+        self.counts = (self.n, len(self.shapes), len(self.starts), len(self.chunks))
 
     def run(self, opt, gs, scalars) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
-        if set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs)):  # _vouch reads each as an array
-            return False
-        self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=self.n)
-        if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
-                  self.starts, self.ends, self.ptrs):
-            return False
+        if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
+            return False  # _vouch reads each grad as an array struct
+        self.grad_ids[:] = list(map(id, gs))
         s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
         threads = min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
         if threads <= 1:
-            _kernel(self.rule, self.ptrs, self.chunks, 0, len(self.chunks), s, _BITS)
-            return True
+            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, s, _BITS)
+        if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
+                  self.starts, self.ends, self.ptrs):
+            return False
         # Fresh counters each step: a worker that starts only after its step is over finds no chunk left
         # and touches nothing.  The caller takes chunks too and waits only for chunks under way.
         counters = np.zeros(2, dtype=np.int64)
