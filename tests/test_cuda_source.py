@@ -268,6 +268,24 @@ def test_plan_sees_new_grad_arrays_each_step(cuda_on_cpu, rng):
     _assert_same(ref, ours, a, b, "fresh grads")
 
 
+class _GradSubclass(np.ndarray):
+    pass
+
+
+def test_plan_declines_a_grad_of_another_type(cuda_on_cpu, rng):
+    """The plan leaves grad types to the table: a grad the engine would not take ends the plan, nothing written."""
+    params, opt = {"w": rng.standard_normal(50)}, xopt.Adam(impl="fused")
+    for _ in range(2):
+        opt.update(params, {"w": rng.standard_normal(50)})
+    assert isinstance(opt._plan, FusedPlan)
+    before, state = params["w"].copy(), opt.state["w"]["m"].copy()
+    with pytest.raises(TypeError, match="no fused kernel takes param"):
+        opt.update(params, {"w": rng.standard_normal(50).view(_GradSubclass)})
+    assert cuda_on_cpu.launches == 2
+    np.testing.assert_array_equal(params["w"], before)
+    np.testing.assert_array_equal(opt.state["w"]["m"], state)
+
+
 def test_one_launch_per_gpu_and_no_plan_across_gpus(cuda_on_cpu, monkeypatch, rng):
     """Params on two GPUs: a table and a launch for each, on its own GPU; the plan declines a mixed set."""
     monkeypatch.setattr(HostDevice, "device_of", staticmethod(lambda a: a.size % 2))  # odd sizes on "GPU 1"

@@ -195,8 +195,9 @@ class Table:
     Memory model: the table holds every param and state buffer whose address it uploads
     (``self.arrays``), so none is freed while it may be written; the caller holds the grads
     through :meth:`run`.  Before a launch, :meth:`run` checks on the host that each of them is
-    still at the address, with the dtype, shape and strides, it was built with, and that no
-    grad shares a byte with a param or a buffer; else it launches nothing and returns False.
+    still at the address, with the dtype, shape and strides, it was built with, that every grad is
+    of the params' type and shares no byte with a param or a buffer; else it launches nothing and
+    returns False.
     """
 
     def __init__(self, opt, ps, states, dtype, gs=None):
@@ -206,6 +207,7 @@ class Table:
         kept = opt.buffers()
         device = DEVICE
         self.device, self.n = device, len(ps)
+        self.array_type = type(ps[0]) if ps else None  # the grads' type too (a NumPy grad has no device address)
         self.device_id = device.device_of(ps[0]) if ps else None
         self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
         self.live = np.int32(sum(1 << k for k, name in enumerate(slots) if name in kept))
@@ -245,7 +247,10 @@ class Table:
         return list(zip(map(_shape_of, arrays), map(self.device.address, arrays), map(self.device.device_of, arrays)))
 
     def run(self, opt, gs, scalars) -> bool:
-        """One launch: the grads' addresses in (if changed), scalars by value; False (nothing launched) if an array moved."""
+        """One launch: the grads' addresses in (if changed), scalars by value; False (nothing launched) if an array moved
+        or a grad is not of the params' array type."""
+        if set(map(type, gs)) - {self.array_type}:
+            return False
         if self._layouts(self.arrays) != self.layouts or list(map(_shape_of, gs)) != self.grad_layouts:
             return False
         if {self.device.device_of(g) for g in gs} - {self.device_id}:
