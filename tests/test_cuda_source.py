@@ -333,6 +333,12 @@ def test_self_check_passes_on_the_kernel(rule, dtype, cuda_on_cpu):
     assert str(result).startswith(f"self-check of {fused_cuda.kernel_name(rule, dtype)} on GPU 0: passed")
 
 
+def test_readme_shows_what_self_check_prints(cuda_on_cpu):
+    readme = (HERE.parent / "README.md").read_text()
+    line = str(fused_cuda.self_check("Adam", "float32"))
+    assert f">>> print(fused_cuda.self_check(\"Adam\", \"float32\"))" in readme and f"\n{line}\n" in readme
+
+
 def test_self_check_names_the_case_it_fails_on(cuda_on_cpu, monkeypatch):
     _break_rule(monkeypatch, 3)
     result = fused_cuda.self_check("RMSprop", np.float32)
