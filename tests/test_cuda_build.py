@@ -145,6 +145,17 @@ def test_sass_has_128_bit_global_accesses_and_no_local_memory(sass, rule, dtype)
     assert not local, f"local memory (register spills): {sorted(local)}"
 
 
+@pytest.mark.parametrize("rule, dtype", [(r, d) for r in (3, 4) for d in ("float16", "float32")], ids=str)
+def test_sass_issues_every_load_of_a_group_before_its_math(sass, rule, dtype):
+    """Explicit ILP, RMSprop and Adam: from the first 128-bit load on, every 128-bit load of the group (param,
+    grad, the three state slots: 5 for float32, 2 + 3 x 2 for half params) comes before the first math."""
+    lines = sass[rule, dtype].splitlines()
+    first = next(i for i, line in enumerate(lines) if re.search(r"\bLDG\.E(\.\w+)*\.128\b", line))
+    math = next(i for i in range(first, len(lines)) if re.search(r"\b(MUFU|FADD|FMUL|FFMA|FSETP)\b", lines[i]))
+    loads = sum(bool(re.search(r"\bLDG\.E(\.\w+)*\.128\b", line)) for line in lines[first:math])
+    assert loads == (5 if dtype == "float32" else 8), "\n".join(lines[first:math])
+
+
 def test_nvrtc_keeps_subnormals(compiler, monkeypatch):
     """No flush-to-zero instruction in the PTX of any instance (CuPy's PTX mode of the same build);
     the same count finds CuPy's -ftz=true when it is added, as RawModule would."""
