@@ -6,7 +6,8 @@
 # pytest, hypothesis: it lacks only array-api-compat, and array-api-strict for the strict backend's tests):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl array-api-compat array-api-strict
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl array-api-compat array-api-strict \
+#     nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump   # for tests/test_cuda_build.py's SASS checks (5.5 MB)
 # Then: run(command="bash tools/gpu_run.sh", carry=[".whl"]) and commit $OUT/gpu-*/ under benchmarks/results/.
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
