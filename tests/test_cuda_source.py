@@ -408,17 +408,26 @@ HostDevice.lib = ctypes.CDLL(sys.argv[1])
 HostDevice.lib.xopt_host_wide_accesses.restype = ctypes.c_longlong
 fused_cuda.DEVICE = HostDevice
 rng = np.random.default_rng(0)
+
+
+def ending(values, offset):  # its own allocation, ending where the array ends, starting offset elements before it
+    out = np.empty(values.size + offset, dtype=values.dtype)[offset:].reshape(values.shape)
+    out[...] = values
+    return out
+
+
 for config in CONFIGS:
     for dtype in DTYPES:
-        opt = make(config)
-        math = np.float64 if dtype == np.float64 else np.float32
-        ps = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]   # each its own allocation
-        gs = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
-        states = [{name: np.full(s, 0.5, dtype=math) for name in opt.buffers()} for s in SHAPES]
-        table = fused_cuda.Table(opt, ps, states, np.dtype(dtype))
-        for step in (1, 2):
-            table.run(opt, gs, opt.scalars(step))
-print("launches", HostDevice.launches)
+        for offset in (0, 1):  # 16-byte accesses, and one at a time
+            opt = make(config)
+            math = np.float64 if dtype == np.float64 else np.float32
+            ps = [ending(np.array(rng.standard_normal(s), dtype=dtype), offset) for s in SHAPES]
+            gs = [ending(np.array(rng.standard_normal(s), dtype=dtype), offset) for s in SHAPES]
+            states = [{name: ending(np.full(s, 0.5, dtype=math), offset) for name in opt.buffers()} for s in SHAPES]
+            table = fused_cuda.Table(opt, ps, states, np.dtype(dtype))
+            for step in (1, 2):
+                assert table.run(opt, gs, opt.scalars(step))
+print("launches", HostDevice.launches, "wide", sum(HostDevice.wide))
 """
 
 
@@ -439,4 +448,5 @@ def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"launches {len(CONFIGS) * len(DTYPES) * 2}" in out.stdout
+    assert f"launches {len(CONFIGS) * len(DTYPES) * 2 * 2} wide " in out.stdout
+    assert int(out.stdout.split()[-1]) > 0, "no 16-byte access ran under the sanitizer"
