@@ -91,7 +91,12 @@ def select(opt, entries):
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
         return [(apply_reference, entries)] + paths
-    engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
+    supported = _engines(opt)
+    if opt.impl == "fused" and entries and not supported:
+        raise TypeError(f"impl='fused': {type(opt).__name__} has no fused kernel (a subclass that redefines rule, "
+                        "scalars or buffers computes its own rule, which only the reference runs); use "
+                        "impl='auto' or impl='reference'")
+    engines = [m for m, under_auto in supported if under_auto or opt.impl == "fused"]
     groups = {}
     for e in entries:
         engine = next((m for m in engines if m.accepts(opt, e)), None)
