@@ -215,8 +215,13 @@ def test_a_subclass_with_its_own_rule_runs_it_not_the_kernel(rng):
     HalfStepSGD(lr=0.1).update(params, {"p": np.ones(4)})  # impl="auto": its own rule
     np.testing.assert_array_equal(params["p"], np.full(4, 0.95))
     with pytest.raises(TypeError, match="HalfStepSGD has no fused kernel"):
-        HalfStepSGD(impl="fused").update(params, {"p": np.ones(4)})
-    np.testing.assert_array_equal(params["p"], np.full(4, 0.95))  # refused before any write
+        HalfStepSGD(impl="fused")  # in the constructor
+    opt = HalfStepSGD()
+    opt.impl = "fused"  # set after: refused at the step, before any write
+    with pytest.raises(TypeError, match="HalfStepSGD has no fused kernel"):
+        opt.update(params, {"p": np.ones(4)})
+    np.testing.assert_array_equal(params["p"], np.full(4, 0.95))
+    assert opt.state == {}
 
 
 def test_fused_with_an_optimizer_without_a_kernel_says_so():
@@ -229,9 +234,8 @@ def test_fused_with_an_optimizer_without_a_kernel_says_so():
 
     params = {"p": np.ones(3)}
     with pytest.raises(TypeError, match="Sign has no fused kernel") as info:
-        Sign(impl="fused").update(params, {"p": np.ones(3)})
+        Sign(impl="fused")
     assert "float64" not in str(info.value)  # not "no kernel takes a NumPy float64 array"
-    np.testing.assert_array_equal(params["p"], np.ones(3))
     Sign().update(params, {"p": np.ones(3)})
     np.testing.assert_array_equal(params["p"], np.full(3, 0.99))
     assert _dispatch._engines(Sign()) == []
@@ -251,3 +255,11 @@ def test_xopt_bench_runs_them(name):
         pytest.importorskip("torch")
     assert set(times) == want and all(t > 0 for t in times.values())
     assert roofline.bytes_per_element(name, "float32") == (20 if name == "Lion" else 28)
+
+
+def test_fused_bfloat16_state_without_the_cpu_engine_says_why(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
+    monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
+    xopt.Adam(impl="fused")  # the CUDA engine runs Adam
+    with pytest.raises(TypeError, match="no installed fused engine runs Adam.*bfloat16"):
+        xopt.Adam(state_dtype="bfloat16", impl="fused")
