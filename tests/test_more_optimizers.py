@@ -263,3 +263,16 @@ def test_fused_bfloat16_state_without_the_cpu_engine_says_why(monkeypatch):
     xopt.Adam(impl="fused")  # the CUDA engine runs Adam
     with pytest.raises(TypeError, match="no installed fused engine runs Adam.*bfloat16"):
         xopt.Adam(state_dtype="bfloat16", impl="fused")
+
+
+def test_nadam_params_a_step_apart_cost_one_product_each(monkeypatch):
+    """A param that missed a step is one count behind for good: the products must not start over each step."""
+    opt = xopt.NAdam()
+    calls = []
+    real = opt._mu
+    monkeypatch.setattr(opt, "_mu", lambda t: calls.append(t) or real(t))
+    for t in range(2, 500):
+        opt.mu_product(t)
+        opt.mu_product(t - 1)
+    assert len(calls) <= 2 * 500  # mu_{t+1} for the product, and scalars' own mu, mu_next are apart
+    assert opt.mu_product(499) == xopt.NAdam().mu_product(499)

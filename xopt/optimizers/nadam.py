@@ -8,6 +8,8 @@ from .adam import moments, weight_decay_scalars
 
 __all__ = ["NAdam"]
 
+_KEEP = 8  # steps of products kept below the latest asked for
+
 
 class NAdam(Optimizer):
     r"""NAdam (Dozat 2016), with torch.optim.NAdam's options and numbers.
@@ -61,16 +63,23 @@ class NAdam(Optimizer):
         return self.beta1 * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
 
     def mu_product(self, step) -> float:
-        """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order; the last one is kept to go on from."""
+        """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order (the same bits however it is reached).
+
+        The last few products are kept to go on from: a step multiplies once per param step count
+        (params whose counts differ, one having missed a step, each go on from their own).
+        """
         key = (self.beta1, self.momentum_decay)
-        cached = self.__dict__.get("_mu_product")
-        t, product = (cached[1], cached[2]) if cached is not None and cached[0] == key and cached[1] <= step \
-            else (0, 1.0)
+        kept_key, kept = self.__dict__.get("_mu_products", (None, {}))
+        if kept_key != key:
+            kept = {0: 1.0}
+        t = max(k for k in kept if k <= step)
+        product = kept[t]
         while t < step and product != 0.0:  # 0.0 (underflowed, after some 7000 steps at beta1=0.9) stays 0.0
             t += 1
             product *= self._mu(t)
-        t = step
-        self._mu_product = (key, t, product)
+        kept = {k: v for k, v in kept.items() if k >= step - _KEEP or k == 0}
+        kept[step] = product
+        self._mu_products = (key, kept)
         return product
 
     def scalars(self, step):
