@@ -77,7 +77,7 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
     return 1;
 }
 
-// rule: 0-4 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
+// rule: 0-9 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 // Returns 0, 1 for no such kernel, 2 if a 16-byte access was not 16-byte aligned.
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
                                 const long long* sizes, const int* blocks, int n_tensors, int live, const double* s) {
@@ -90,6 +90,11 @@ extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, 
         case 2: rc = run_typed<2>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
         case 3: rc = run_typed<3>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
         case 4: rc = run_typed<4>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 5: rc = run_typed<5>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 6: rc = run_typed<6>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 7: rc = run_typed<7>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 8: rc = run_typed<8>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 9: rc = run_typed<9>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
     }
     return rc == 0 && xopt_host_misaligned ? 2 : rc;
 }

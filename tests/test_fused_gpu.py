@@ -133,7 +133,7 @@ def test_subnormals_as_numpy(config, dtype, rng, cupy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("rule", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("rule", range(10))
 def test_self_check_passes(rule, dtype, cupy):
     from xopt.engines import fused_cuda
 

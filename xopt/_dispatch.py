@@ -65,12 +65,26 @@ def _engines(opt):
     return engines
 
 
-def check_impl(impl, optimizer_name):
+def _no_kernel(opt):
+    from .engines.kernels import kernel_of
+
+    if kernel_of(opt) is None:
+        return TypeError(f"impl='fused': {type(opt).__name__} has no fused kernel (a subclass that redefines rule, "
+                         "scalars or buffers computes its own rule, which only the reference runs); use "
+                         "impl='auto' or impl='reference'")
+    return TypeError(f"impl='fused': no installed fused engine runs {opt!r} (bfloat16 state needs the CPU "
+                     "engine, numba); use impl='auto' or impl='reference'")
+
+
+def check_impl(impl, opt):
+    """``impl``, checked in ``opt``'s constructor: fused needs an engine, and a kernel for ``opt``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "fused" and _fused_cpu() is None and _fused_cuda() is None:
         raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays); "
                          "use impl='auto' to fall back to the reference rule")
+    if impl == "fused" and not _engines(opt):
+        raise _no_kernel(opt)
     return impl
 
 
@@ -97,6 +111,8 @@ def select(opt, entries):
         return [(apply_reference, entries)] + paths
     engines = _engines(opt)
     fused = opt.impl == "fused"
+    if fused and entries and not engines:  # opt.impl set since the constructor checked it
+        raise _no_kernel(opt)
     groups = {}
     for e in entries:
         engine = next((m for m, under_auto in engines if m.accepts(opt, e) and (fused or under_auto(opt, e))), None)

@@ -43,7 +43,7 @@ class Optimizer:
         self.skip_nonfinite = skip_nonfinite
         self._constructing = False
         self._check_hyperparameters()
-        self.impl = _dispatch.check_impl(impl, type(self).__name__)
+        self.impl = _dispatch.check_impl(impl, self)
         self.state = {}  # param key -> {"step": int, buffer name -> array}
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0

@@ -8,9 +8,10 @@ read its result; :data:`RESULTS` holds those that ``impl="auto"`` ran.
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
 every branch of its element function), on six tensors in one launch per step, two steps (SGD's
-first step differs): a scalar, an empty tensor, 15 elements (a 128-bit group and a scalar tail),
-37 elements with the param and then the grad offset by one element (not 16-byte aligned: the
-scalar path), and one more than two chunks' worth spread over two blocks.  Params standard normal,
+first step differs; RAdam seven, as it rectifies from step 6): a scalar, an empty tensor, 15
+elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
+by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
+over two blocks.  Params standard normal,
 grads standard normal + 0.1 with a -0.0 and (step 2) a NaN.  Every param and state element must
 have the reference's bits (any NaN equals any NaN).  Subnormals are left out: CuPy builds the
 reference's elementwise kernels with -ftz=true, xopt's kernel keeps them (as NumPy does).
@@ -23,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from .kernels import KERNELS
+from .kernels import lookup
 
 __all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted"]
 
@@ -35,7 +36,12 @@ CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element
     3: [("RMSprop", {}), ("RMSprop", dict(momentum=0.5)), ("RMSprop", dict(momentum=0.5, centered=True,
                                                                             weight_decay=0.01))],
     4: [("Adam", {}), ("Adam", dict(amsgrad=True, weight_decay=0.01, eps_hat=False)), ("AdamW", dict(amsgrad=True))],
-}
+    5: [("AdaDelta", dict(weight_decay=0.01))],
+    6: [("Adamax", dict(weight_decay=0.01))],
+    7: [("NAdam", dict(weight_decay=0.01)), ("NAdam", dict(weight_decay=0.01, decoupled_weight_decay=True))],
+    8: [("RAdam", dict(weight_decay=0.01), 7), ("RAdam", dict(weight_decay=0.01, decoupled_weight_decay=True), 7)],
+    9: [("Lion", dict(weight_decay=0.1))],
+}  # a third item: steps, where 2 do not reach a branch (RAdam rectifies from step 6)
 
 
 def _cases():
@@ -69,12 +75,14 @@ def rule_of(optimizer) -> int:
     """The kernel rule number of an optimizer (instance, class or name) or of a rule number."""
     if isinstance(optimizer, (int, np.integer)):
         return int(optimizer)
-    name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", type(optimizer).__name__)
-    return KERNELS[name][0]
+    if isinstance(optimizer, str):
+        import xopt
 
-
-def _configs(rule):
-    return CONFIGS.get(rule) or [(name, {}) for name, (r, _, _) in KERNELS.items() if r == rule]
+        optimizer = getattr(xopt, optimizer)
+    found = lookup(optimizer() if isinstance(optimizer, type) else optimizer)
+    if found is None:
+        raise ValueError(f"{optimizer!r} has no CUDA kernel")
+    return found[0]
 
 
 def _placed(device, host, offset):
@@ -107,22 +115,23 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
     device = dev.current_device() if device is None else device
     kernel = fused_cuda.kernel_name(rule, dtype)
-    configs = _configs(rule)
+    configs = CONFIGS[rule]
     cases = _cases()
-    checked = f"{len(configs)} configurations x {len(cases)} tensors x 2 steps"
+    steps = sorted({config[2] if len(config) > 2 else 2 for config in configs})
+    checked = f"{len(configs)} configurations x {len(cases)} tensors x {'/'.join(map(str, steps))} steps"
 
     def failed(why):
         return SelfCheck(kernel, device, False, checked, why)
 
     with dev.on(device), np.errstate(all="ignore"):
-        for name, hyper in configs:
+        for name, hyper, *n_steps in configs:
             label = f"{name}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
             rng = np.random.default_rng(0)
             hosts = [rng.standard_normal(shape).astype(dtype) for shape, _, _ in cases]
             ref, ours = getattr(xopt, name)(impl="reference", **hyper), getattr(xopt, name)(impl="fused", **hyper)
             a = {f"t{i}": _placed(dev, h, off) for i, (h, (_, off, _)) in enumerate(zip(hosts, cases))}
             b = {f"t{i}": _placed(dev, h, off) for i, (h, (_, off, _)) in enumerate(zip(hosts, cases))}
-            for step in (1, 2):
+            for step in range(1, (n_steps[0] if n_steps else 2) + 1):
                 gh = [(rng.standard_normal(h.shape) + 0.1).astype(dtype) for h in hosts]
                 gh[2].reshape(-1)[0] = -0.0
                 if step == 2:

@@ -40,7 +40,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from .. import _backend
-from .kernels import KERNELS, cut
+from .kernels import KERNELS, cut, lookup
 from .._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
@@ -347,16 +347,21 @@ def _rmsprop(p, g, h, g_avg, b, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
-    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
-    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2, l2, decay = (
-        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+def _moments(pi, gi, mi, vi, s):
+    """Adam's, NAdam's and RAdam's weight decay (L2 or decoupled), then m and v: s[0], s[1], s[2], s[6], s[7]."""
+    one_minus_beta1, beta2, one_minus_beta2, l2, decay = s[0], s[1], s[2], s[6], s[7]
     if l2 != 0.0:
         gi = gi + l2 * pi
     if decay != 1.0:
         pi = pi * decay
-    mi = mi + one_minus_beta1 * (gi - mi)
-    vi = beta2 * vi + one_minus_beta2 * gi * gi
+    return pi, gi, mi + one_minus_beta1 * (gi - mi), beta2 * vi + one_minus_beta2 * gi * gi
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
+    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
+    eps, step_size, sqrt_bc2 = s[3], s[4], s[5]
+    pi, gi, mi, vi = _moments(pi, gi, mi, vi, s)
     denom_v = vi
     if amsgrad:
         v_max_i = _maximum(v_max_i, vi)
@@ -415,21 +420,107 @@ def _adam_bf16(p, g, m, v, v_max, s):
         _adam_bf16_loop(p, g, m, v, v_max, s, False, False)
 
 
-RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adam_bf16)  # the kernel's ``rule`` indexes this
-BF16_RULES = {4: 5}  # rule -> its form with bfloat16 state
+@njit(cache=True, error_model="numpy")
+def _adadelta(p, g, msg, msdx, _2, s):
+    lr, rho, one_minus_rho, eps, weight_decay = s[0], s[1], s[2], s[3], s[4]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        msg_i = rho * msg[i] + one_minus_rho * gi * gi
+        msg[i] = msg_i
+        delta = np.sqrt(msdx[i] + eps) / np.sqrt(msg_i + eps) * gi
+        msdx[i] = rho * msdx[i] + one_minus_rho * delta * delta
+        p[i] = p[i] - lr * delta
+
+
+@njit(cache=True, error_model="numpy")
+def _adamax(p, g, m, u, _2, s):
+    one_minus_beta1, beta2, eps, clr, weight_decay = s[0], s[1], s[2], s[3], s[4]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        mi = m[i] + one_minus_beta1 * (gi - m[i])
+        ui = _maximum(beta2 * u[i], np.abs(gi) + eps)
+        m[i], u[i] = mi, ui
+        p[i] = p[i] - clr * (mi / ui)
+
+
+@njit(cache=True, error_model="numpy")
+def _nadam(p, g, m, v, _2, s):
+    eps, bias_correction2, g_step, m_step = s[3], s[4], s[5], s[8]
+    for i in range(p.shape[0]):
+        pi, gi, mi, vi = _moments(p[i], g[i], m[i], v[i], s)
+        m[i], v[i] = mi, vi
+        d = np.sqrt(vi / bias_correction2) + eps
+        p[i] = pi - g_step * (gi / d) - m_step * (mi / d)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _radam_loop(p, g, m, v, s, rectified):
+    eps, step_size = s[3], s[4]
+    for i in range(p.shape[0]):
+        pi, _, mi, vi = _moments(p[i], g[i], m[i], v[i], s)
+        m[i], v[i] = mi, vi
+        if rectified:
+            p[i] = pi - step_size * (mi / (np.sqrt(vi) + eps))
+        else:
+            p[i] = pi - step_size * mi
+
+
+@njit(cache=True, error_model="numpy")
+def _radam(p, g, m, v, _2, s):
+    if s[5] != 0.0:  # one loop each, as in _adam
+        _radam_loop(p, g, m, v, s, True)
+    else:
+        _radam_loop(p, g, m, v, s, False)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sign(x):
+    """xp.sign in x's own type: -1, 0 or 1, NaN for NaN, and +0 for -0 as NumPy (numba's np.sign keeps -0)."""
+    sg = np.sign(x)
+    return sg if sg != 0.0 else x - x
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lion_loop(p, g, m, s, decayed):
+    lr, beta1, one_minus_beta1, one_minus_beta2, beta2, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
+    for i in range(p.shape[0]):
+        gi, mi = g[i], m[i]
+        update = _sign(one_minus_beta1 * gi + beta1 * mi)
+        if decayed:
+            update = update + weight_decay * p[i]
+        p[i] = p[i] - lr * update
+        m[i] = one_minus_beta2 * gi + beta2 * mi
+
+
+@njit(cache=True, error_model="numpy")
+def _lion(p, g, m, _1, _2, s):
+    if s[5] != 0.0:  # one loop each, as in _adam
+        _lion_loop(p, g, m, s, True)
+    else:
+        _lion_loop(p, g, m, s, False)
+
+
+# The kernel's ``rule`` indexes this: 0-9 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
+RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _adam_bf16)
+ADAM_BF16 = len(RULES) - 1
+BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _kernel(rule, ptrs, chunks, first, last, s, bits):
     """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``.
 
-    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
+    ``bits`` (an empty uint16 array) types the bfloat16 state of rule ADAM_BF16.  One function with
     a rule index rather than one closure per rule: numba caches no closures.
     """
     for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs[t, 0], s, lo, hi), _view(ptrs[t, 1], s, lo, hi)
-        if rule == 5:
+        if rule == ADAM_BF16:
             _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
                        _view(ptrs[t, 4], bits, lo, hi), s)
             continue
@@ -442,8 +533,18 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
             _adagrad(p, g, b0, b1, b2, s)
         elif rule == 3:
             _rmsprop(p, g, b0, b1, b2, s)
-        else:
+        elif rule == 4:
             _adam(p, g, b0, b1, b2, s)
+        elif rule == 5:
+            _adadelta(p, g, b0, b1, b2, s)
+        elif rule == 6:
+            _adamax(p, g, b0, b1, b2, s)
+        elif rule == 7:
+            _nadam(p, g, b0, b1, b2, s)
+        elif rule == 8:
+            _radam(p, g, b0, b1, b2, s)
+        else:
+            _lion(p, g, b0, b1, b2, s)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -514,7 +615,7 @@ _BITS = np.empty(0, dtype=np.uint16)
 
 
 def supports(opt) -> bool:
-    return type(opt).__name__ in KERNELS
+    return lookup(opt) is not None
 
 
 def _bf16_state(opt) -> bool:
@@ -555,7 +656,7 @@ class Table:
     def __init__(self, opt, ps, states, dtype):
         """``ps``: C-contiguous native params of ``dtype`` (float32/64), ``states`` their state dicts,
         all checked by the general path: no two of these arrays share memory."""
-        self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        self.rule, self.scalar_order, slots = lookup(opt)
         if _bf16_state(opt):
             self.rule = BF16_RULES[self.rule]
         kept = opt.buffers()
@@ -680,11 +781,12 @@ def compile_all():
     """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
     import time
 
-    from .. import Adam, AdaGrad, Momentum, RMSprop, SGD
+    from .. import AdaDelta, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
 
     t0 = time.perf_counter()
     for dtype in (np.float32, np.float64):
         for opt in (SGD(momentum=0.9, impl="fused"), Momentum(impl="fused"), AdaGrad(impl="fused"),
-                    RMSprop(impl="fused"), Adam(impl="fused")):
+                    RMSprop(impl="fused"), Adam(impl="fused"), AdaDelta(impl="fused"), Adamax(impl="fused"),
+                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused")):
             opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0

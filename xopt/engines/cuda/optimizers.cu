@@ -118,13 +118,20 @@ XOPT_INLINE S xopt_rmsprop(S p, S g, S& h, S& g_avg, S& b, const S* s) {
     return p - s[0] * g / d;
 }
 
-// 4 Adam, AdamW: 1 - beta1, beta2, 1 - beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad
+// Adam's, NAdam's and RAdam's weight decay (L2 or decoupled), then m and v:
+// 1 - beta1, beta2, 1 - beta2 in s[0..2], l2 and decay in s[6], s[7]
 template <typename S>
-XOPT_INLINE S xopt_adam(S p, S g, S& m, S& v, S& v_max, const S* s) {
+XOPT_INLINE void xopt_moments(S& p, S& g, S& m, S& v, const S* s) {
     if (s[6] != (S)0) g = g + s[6] * p;
     if (s[7] != (S)1) p = p * s[7];
     m = m + s[0] * (g - m);
     v = s[1] * v + s[2] * g * g;
+}
+
+// 4 Adam, AdamW: 1 - beta1, beta2, 1 - beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad
+template <typename S>
+XOPT_INLINE S xopt_adam(S p, S g, S& m, S& v, S& v_max, const S* s) {
+    xopt_moments(p, g, m, v, s);
     S vi = v;
     if (s[8] != (S)0) {
         v_max = xopt_maximum(v_max, v);
@@ -133,13 +140,66 @@ XOPT_INLINE S xopt_adam(S p, S g, S& m, S& v, S& v_max, const S* s) {
     return p - s[4] * (m / (xopt_sqrt(vi) / s[5] + s[3]));
 }
 
+// 5 AdaDelta: lr, rho, 1 - rho, eps, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_adadelta(S p, S g, S& msg, S& msdx, S&, const S* s) {
+    if (s[4] != (S)0) g = g + s[4] * p;
+    msg = s[1] * msg + s[2] * g * g;
+    S delta = xopt_sqrt(msdx + s[3]) / xopt_sqrt(msg + s[3]) * g;
+    msdx = s[1] * msdx + s[2] * delta * delta;
+    return p - s[0] * delta;
+}
+
+// 6 Adamax: 1 - beta1, beta2, eps, clr, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_adamax(S p, S g, S& m, S& u, S&, const S* s) {
+    if (s[4] != (S)0) g = g + s[4] * p;
+    m = m + s[0] * (g - m);
+    u = xopt_maximum(s[1] * u, (g < (S)0 ? -g : g) + s[2]);
+    return p - s[3] * (m / u);
+}
+
+// 7 NAdam: 1 - beta1, beta2, 1 - beta2, eps, bias_correction2, g_step, l2, decay, m_step
+template <typename S>
+XOPT_INLINE S xopt_nadam(S p, S g, S& m, S& v, S&, const S* s) {
+    xopt_moments(p, g, m, v, s);
+    S d = xopt_sqrt(v / s[4]) + s[3];
+    return p - s[5] * (g / d) - s[8] * (m / d);
+}
+
+// 8 RAdam: 1 - beta1, beta2, 1 - beta2, eps, step_size, rectified, l2, decay
+template <typename S>
+XOPT_INLINE S xopt_radam(S p, S g, S& m, S& v, S&, const S* s) {
+    xopt_moments(p, g, m, v, s);
+    if (s[5] != (S)0) return p - s[4] * (m / (xopt_sqrt(v) + s[3]));
+    return p - s[4] * m;
+}
+
+// sign as xp.sign: -1, 0 or 1, NaN for NaN, +0 for -0
+template <typename S>
+XOPT_INLINE S xopt_sign(S x) { return x > (S)0 ? (S)1 : (x < (S)0 ? (S)-1 : x - x); }
+
+// 9 Lion: lr, beta1, 1 - beta1, 1 - beta2, beta2, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_lion(S p, S g, S& m, S&, S&, const S* s) {
+    S update = xopt_sign(s[2] * g + s[1] * m);
+    if (s[5] != (S)0) update = update + s[5] * p;
+    m = s[3] * g + s[4] * m;
+    return p - s[0] * update;
+}
+
 template <int RULE, typename S>
 XOPT_INLINE S xopt_rule(S p, S g, S& b0, S& b1, S& b2, const S* s) {
     if (RULE == 0) return xopt_sgd(p, g, b0, b1, b2, s);
     if (RULE == 1) return xopt_momentum(p, g, b0, b1, b2, s);
     if (RULE == 2) return xopt_adagrad(p, g, b0, b1, b2, s);
     if (RULE == 3) return xopt_rmsprop(p, g, b0, b1, b2, s);
-    return xopt_adam(p, g, b0, b1, b2, s);
+    if (RULE == 4) return xopt_adam(p, g, b0, b1, b2, s);
+    if (RULE == 5) return xopt_adadelta(p, g, b0, b1, b2, s);
+    if (RULE == 6) return xopt_adamax(p, g, b0, b1, b2, s);
+    if (RULE == 7) return xopt_nadam(p, g, b0, b1, b2, s);
+    if (RULE == 8) return xopt_radam(p, g, b0, b1, b2, s);
+    return xopt_lion(p, g, b0, b1, b2, s);
 }
 
 // -- the kernel ---------------------------------------------------------------------------------
