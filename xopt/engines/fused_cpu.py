@@ -44,7 +44,7 @@ from .kernels import KERNELS, cut
 from .._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
-           "device_of", "byte_bounds"]
+           "device_of", "byte_bounds", "sum_squares", "CLIPS"]
 
 CHUNK = 1 << 15  # elements per unit of work
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -424,11 +424,17 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
     """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``.
 
     ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
-    a rule index rather than one closure per rule: numba caches no closures.
+    a rule index rather than one closure per rule: numba caches no closures.  The last of the
+    scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off): every rule gets the grad
+    times it, from a scratch chunk, so the caller's grads are only read.
     """
+    clip = s[s.shape[0] - 1]
+    scratch = np.empty(CHUNK if clip != 1.0 else 0, dtype=s.dtype)
     for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs[t, 0], s, lo, hi), _view(ptrs[t, 1], s, lo, hi)
+        if clip != 1.0:
+            g = _scaled(g, clip, scratch)
         if rule == 5:
             _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
                        _view(ptrs[t, 4], bits, lo, hi), s)
@@ -446,6 +452,15 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
             _adam(p, g, b0, b1, b2, s)
 
 
+@njit(cache=True, inline="always")
+def _scaled(g, clip, scratch):
+    """g times ``clip``, in ``scratch`` (a view of the same type as g)."""
+    out = scratch[:g.shape[0]]
+    for i in range(g.shape[0]):
+        out[i] = g[i] * clip
+    return out
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _claim(rule, ptrs, chunks, counters, s, bits):
     """Take chunks one at a time (``counters[0]``: the next one) until none is left; ``counters[1]``
@@ -460,6 +475,31 @@ def _claim(rule, ptrs, chunks, counters, s, bits):
             return
         _kernel(rule, ptrs, chunks, c, c + 1, s, bits)
         _fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True)
+def _claim_squares(ptrs, chunks, counters, proto, sums):
+    """:func:`_claim` for the norm's pass (:func:`_squares`)."""
+    base = counters.ctypes.data
+    n = chunks.shape[0]
+    while True:
+        c = _fetch_add(base, 1)
+        if c >= n:
+            return
+        _squares(ptrs, chunks, c, c + 1, proto, sums)
+        _fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _squares(ptrs, chunks, first, last, proto, sums):
+    """``sums[c]``: the sum of squares of chunk c's grad, in float64 (``proto`` types the grads)."""
+    for c in range(first, last):
+        g = _view(ptrs[chunks[c, 0], 1], proto, chunks[c, 1], chunks[c, 2])
+        acc = 0.0
+        for i in range(g.shape[0]):
+            x = np.float64(g[i])
+            acc += x * x
+        sums[c] = acc
 
 
 @njit(cache=True, nogil=True)
@@ -553,29 +593,49 @@ class Table:
         self.chunks = chunk_table(sizes)
         self.elements = int(sizes.sum())
 
-    def run(self, opt, gs, scalars) -> bool:
+    def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
+        if not self.vouch(gs):
+            return False
+        self.launch(opt, scalars, clip)
+        return True
+
+    def vouch(self, gs) -> bool:
+        """Whether ``gs`` and the table's arrays are what the table was built for; the kernel's addresses if so."""
         if set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs)):  # _vouch reads each as an array
             return False
         self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=self.n)
-        if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
-                  self.starts, self.ends, self.ptrs):
-            return False
-        s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
-        threads = min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
+        return not _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
+                          self.starts, self.ends, self.ptrs)
+
+    def sum_squares(self) -> float:
+        """The sum of the squares of the vouched grads, in float64: one more pass, over the same chunks."""
+        sums = np.empty(len(self.chunks), dtype=np.float64)
+        self._parallel(_squares, _claim_squares, (self.ptrs, self.chunks), (np.empty(0, dtype=self.dtype), sums))
+        return float(sums.sum())
+
+    def launch(self, opt, scalars, clip=None):
+        """The step through the vouched addresses; ``clip``: the scale of the grads (None: 1)."""
+        s = np.array(self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,), dtype=self.dtype)
+        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))
+
+    def _parallel(self, run, claim, head, tail):
+        """``run(*head, first, last, *tail)`` over every chunk, on this thread, or for a large step
+        ``claim(*head, counters, *tail)`` on several."""
+        n = len(self.chunks)
+        threads = min(get_num_threads(), n) if self.elements >= PARALLEL_MIN else 1
         if threads <= 1:
-            _kernel(self.rule, self.ptrs, self.chunks, 0, len(self.chunks), s, _BITS)
-            return True
+            run(*head, 0, n, *tail)
+            return
         # Fresh counters each step: a worker that starts only after its step is over finds no chunk left
         # and touches nothing.  The caller takes chunks too and waits only for chunks under way.
         counters = np.zeros(2, dtype=np.int64)
         pool = _pool(threads)
         for _ in range(threads - 1):
-            pool.submit(_claim, self.rule, self.ptrs, self.chunks, counters, s, _BITS)
-        _claim(self.rule, self.ptrs, self.chunks, counters, s, _BITS)
-        while _done(counters) < len(self.chunks):
+            pool.submit(claim, *head, counters, *tail)
+        claim(*head, counters, *tail)
+        while _done(counters) < n:
             time.sleep(0)  # a worker is finishing its last chunk
-        return True
 
 
 def _kernel_ready(a):
@@ -608,13 +668,38 @@ def apply(opt, entries):
             for name in names:
                 e.state[name] = _kernel_ready(e.state[name])
         table = Table(opt, ps, [e.state for e in group], work_dtype)
-        if not table.run(opt, gs, group[0].scalars):
+        if not table.run(opt, gs, group[0].scalars, group[0].clip):
             raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
         for target, source in write_back:
             target[...] = source
 
 
 PLAN_DTYPES = ("float32", "float64")  # float16 goes through float32 copies: no plan
+CLIPS = True  # apply and Table take the clip scale (Entry.clip) and scale the grads as they read them
+
+
+def sum_squares(arrays) -> float:
+    """The sum of the squares of NumPy arrays, in float64, by chunks of CHUNK as :meth:`Table.sum_squares`."""
+    sums = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
+            a = a.astype(np.float32 if a.dtype.itemsize <= 4 else np.float64)  # float16: exact in float32
+        a = np.ascontiguousarray(a).reshape(-1)
+        out = np.empty(-(-a.size // CHUNK), dtype=np.float64)
+        _chunk_squares(a, out)
+        sums.append(out)
+    return float(np.concatenate(sums).sum()) if sums else 0.0
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _chunk_squares(a, out):
+    for c in range(out.shape[0]):
+        acc = 0.0
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, a.shape[0])):
+            x = np.float64(a[i])
+            acc += x * x
+        out[c] = acc
 
 
 def device_of(a):
