@@ -247,6 +247,8 @@ def _decode(value):
 
 def _expected_layout(opt, key, p):
     """(dtype name, shape) that ``opt`` keeps the state of param ``p`` in."""
+    if isinstance(p, (float, np.floating)):  # a number param is updated as a 0-d array of its dtype
+        p = np.asarray(p)
     if not array_api_compat.is_array_api_obj(p):
         raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
     xp = _backend.namespace(p)
