@@ -9,6 +9,7 @@ API.  That rule is the reference: every fused path is tested against it.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import numbers
 
 from . import _backend, _clip, _dispatch
@@ -23,10 +24,6 @@ class Optimizer:
     """Base class: see the subclasses for the update rules.
 
     Args common to every optimizer (keyword only):
-        lr: a number, or a schedule ``f(count) -> lr`` where ``count`` is the number of updates
-            already applied to the param (0 on its first step), as in optax; see
-            :mod:`xopt.schedules`.  ``opt.lr`` gives back what was set; ``opt.current_lr(key)``
-            the value the next step of param ``key`` uses.
         overrides: ``{pattern: {hyperparameter: value}}``, hyperparameters for some params:
             ``pattern`` is an ``fnmatch`` glob matched against dict keys (case-sensitive) or an
             int matching that list index; the first pattern that matches a param wins; params
@@ -44,10 +41,27 @@ class Optimizer:
         impl: ``"auto"`` (the fastest path available for each array),
             ``"reference"`` (the array-API rule) or ``"fused"`` (require a fused
             kernel; raises if none can be had).
+
+    Schedules: ``lr`` (an override's too) may be a function ``f(count) -> lr``, ``count`` the
+    number of updates already applied to the param (0 on its first step), as in optax; see
+    :mod:`xopt.schedules`.  ``opt.lr`` gives back what was set, ``opt.current_lr(key)`` the
+    value the next step of param ``key`` uses.
     """
 
     skip_nonfinite = Hyper(flag)
     clip_grad_norm = Hyper(optional_positive)
+
+    def __init_subclass__(cls, **kwargs):
+        """help(SomeOptimizer) shows the arguments every optimizer takes: in its signature and its docstring."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+            common = [p for p in inspect.signature(Optimizer.__init__).parameters.values()
+                      if p.kind is p.KEYWORD_ONLY]
+            init.__signature__ = inspect.signature(init).replace(parameters=own + common)
+        if cls.__doc__ and "Args common to every optimizer" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n    " + _COMMON_ARGS
 
     def __init__(self, *, skip_nonfinite=False, clip_grad_norm=None, impl="auto", overrides=None,
                  **hyperparameters):
@@ -378,6 +392,9 @@ class Optimizer:
         from .state_io import load_state
 
         self.load_state_dict(load_state(path), params)
+
+
+_COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip()
 
 
 def _unexpected(kind, name) -> str:
