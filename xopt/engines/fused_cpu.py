@@ -47,6 +47,7 @@ __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLE
            "device_of", "byte_bounds", "sum_squares", "CLIPS"]
 
 CHUNK = 1 << 15  # elements per unit of work
+CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many at a time (8 or 16 KiB: in L1)
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
 # EPYC (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
 # second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
@@ -419,42 +420,65 @@ RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adam_bf16)  # the kernel's
 BF16_RULES = {4: 5}  # rule -> its form with bfloat16 state
 
 
+@njit(cache=True, inline="always")
+def _scratch(s):
+    """Room for a block of grads times the clip scale (the last of the scalars ``s``; 1.0: none needed)."""
+    return np.empty(CLIP_BLOCK if s[s.shape[0] - 1] != 1.0 else 0, dtype=s.dtype)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _kernel(rule, ptrs, chunks, first, last, s, bits):
-    """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``.
+    """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``."""
+    _chunks(rule, ptrs, chunks, first, last, s, bits, _scratch(s))
 
-    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
-    a rule index rather than one closure per rule: numba caches no closures.  The last of the
-    scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off): every rule gets the grad
-    times it, from a scratch chunk, so the caller's grads are only read.
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
+    """:func:`_kernel`'s work, with the scratch block of the calling thread.
+
+    The last of the scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off).  With one,
+    a chunk goes to its rule in blocks of ``CLIP_BLOCK`` elements, each with its grads times the
+    scale in ``scratch`` (in L1), so every rule gets scaled grads and the caller's are only read.
     """
     clip = s[s.shape[0] - 1]
-    scratch = np.empty(CHUNK if clip != 1.0 else 0, dtype=s.dtype)
     for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ptrs[t, 0], s, lo, hi), _view(ptrs[t, 1], s, lo, hi)
-        if clip != 1.0:
-            g = _scaled(g, clip, scratch)
-        if rule == 5:
-            _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
-                       _view(ptrs[t, 4], bits, lo, hi), s)
+        if clip == 1.0:
+            _rule(rule, ptrs, t, lo, hi, _view(ptrs[t, 1], s, lo, hi), s, bits)
             continue
-        b0, b1, b2 = _view(ptrs[t, 2], s, lo, hi), _view(ptrs[t, 3], s, lo, hi), _view(ptrs[t, 4], s, lo, hi)
-        if rule == 0:
-            _sgd(p, g, b0, b1, b2, s)
-        elif rule == 1:
-            _momentum(p, g, b0, b1, b2, s)
-        elif rule == 2:
-            _adagrad(p, g, b0, b1, b2, s)
-        elif rule == 3:
-            _rmsprop(p, g, b0, b1, b2, s)
-        else:
-            _adam(p, g, b0, b1, b2, s)
+        for a in range(lo, hi, CLIP_BLOCK):
+            b = min(a + CLIP_BLOCK, hi)
+            _rule(rule, ptrs, t, a, b, _scaled(_view(ptrs[t, 1], s, a, b), clip, scratch), s, bits)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _rule(rule, ptrs, t, lo, hi, g, s, bits):
+    """Rule number ``rule`` on elements lo:hi of tensor t, with the grads ``g`` of those elements.
+
+    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
+    a rule index rather than one closure per rule: numba caches no closures.
+    """
+    p = _view(ptrs[t, 0], s, lo, hi)
+    if rule == 5:
+        _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
+                   _view(ptrs[t, 4], bits, lo, hi), s)
+        return
+    b0, b1, b2 = _view(ptrs[t, 2], s, lo, hi), _view(ptrs[t, 3], s, lo, hi), _view(ptrs[t, 4], s, lo, hi)
+    if rule == 0:
+        _sgd(p, g, b0, b1, b2, s)
+    elif rule == 1:
+        _momentum(p, g, b0, b1, b2, s)
+    elif rule == 2:
+        _adagrad(p, g, b0, b1, b2, s)
+    elif rule == 3:
+        _rmsprop(p, g, b0, b1, b2, s)
+    else:
+        _adam(p, g, b0, b1, b2, s)
 
 
 @njit(cache=True, inline="always")
 def _scaled(g, clip, scratch):
-    """g times ``clip``, in ``scratch`` (a view of the same type as g)."""
+    """g times ``clip``, in ``scratch``."""
     out = scratch[:g.shape[0]]
     for i in range(g.shape[0]):
         out[i] = g[i] * clip
@@ -469,11 +493,12 @@ def _claim(rule, ptrs, chunks, counters, s, bits):
     waits for a thread that has not started, only for chunks already under way."""
     base = counters.ctypes.data
     n = chunks.shape[0]
+    scratch = _scratch(s)
     while True:
         c = _fetch_add(base, 1)
         if c >= n:
             return
-        _kernel(rule, ptrs, chunks, c, c + 1, s, bits)
+        _chunks(rule, ptrs, chunks, c, c + 1, s, bits, scratch)
         _fetch_add(base + 8, 1)
 
 
@@ -490,16 +515,30 @@ def _claim_squares(ptrs, chunks, counters, proto, sums):
         _fetch_add(base + 8, 1)
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+@njit(cache=True, nogil=True)
 def _squares(ptrs, chunks, first, last, proto, sums):
     """``sums[c]``: the sum of squares of chunk c's grad, in float64 (``proto`` types the grads)."""
     for c in range(first, last):
-        g = _view(ptrs[chunks[c, 0], 1], proto, chunks[c, 1], chunks[c, 2])
-        acc = 0.0
-        for i in range(g.shape[0]):
-            x = np.float64(g[i])
-            acc += x * x
-        sums[c] = acc
+        sums[c] = _sum_of_squares(_view(ptrs[chunks[c, 0], 1], proto, chunks[c, 1], chunks[c, 2]))
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+def _sum_of_squares(g):
+    """In float64.  Four quarters read side by side: four streams keep more loads in flight than one
+    (2^25 float32 on one thread: 16 -> 12 ms); reassociated so LLVM vectorizes (the order is fixed
+    for a given chunk)."""
+    q = g.shape[0] // 4
+    a0 = a1 = a2 = a3 = 0.0
+    for i in range(q):
+        x0, x1, x2, x3 = np.float64(g[i]), np.float64(g[q + i]), np.float64(g[2 * q + i]), np.float64(g[3 * q + i])
+        a0 += x0 * x0
+        a1 += x1 * x1
+        a2 += x2 * x2
+        a3 += x3 * x3
+    for i in range(4 * q, g.shape[0]):
+        x = np.float64(g[i])
+        a0 += x * x
+    return (a0 + a1) + (a2 + a3)
 
 
 @njit(cache=True, nogil=True)
@@ -692,14 +731,10 @@ def sum_squares(arrays) -> float:
     return float(np.concatenate(sums).sum()) if sums else 0.0
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+@njit(cache=True, nogil=True)
 def _chunk_squares(a, out):
     for c in range(out.shape[0]):
-        acc = 0.0
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, a.shape[0])):
-            x = np.float64(a[i])
-            acc += x * x
-        out[c] = acc
+        out[c] = _sum_of_squares(a[c * CHUNK:min((c + 1) * CHUNK, a.shape[0])])
 
 
 def device_of(a):
