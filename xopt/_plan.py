@@ -47,6 +47,10 @@ def config(opt):
             opt.skip_nonfinite, opt.clip_grad_norm is None)
 
 
+def _config_key(opt):
+    return opt.__dict__.get("_version", 0), opt.impl
+
+
 def _views(opt, groups, steps):
     """{(group, step): (view, its scalars for the step after ``step``)} for the params of a step."""
     out = {}
@@ -66,6 +70,8 @@ class Plan:
         self.keys = [e.key for e in entries]
         self.arrays = [e.p for e in entries]
         self.config = config(opt)
+        self.config_key = _config_key(opt)  # while it holds, so does config (hyperparameters unset since)
+        self.scheduled = any(scheduled for _, scheduled in opt._groups())
         self.state_root = opt.state
         self.states = [e.state for e in entries]
         self.getters = [operator.itemgetter(name) for name in opt.buffers()]
@@ -80,7 +86,7 @@ class Plan:
 
     def try_step(self, opt, params, grads) -> bool:
         n = len(self.keys)
-        if params is not self.container or config(opt) != self.config or opt.state is not self.state_root:
+        if params is not self.container or not self._same_config(opt) or opt.state is not self.state_root:
             return False
         if len(params) != n or len(grads) != n:
             return False
@@ -114,6 +120,15 @@ class Plan:
         if not self._run(opt, gs):
             return False
         self._count()
+        return True
+
+    def _same_config(self, opt) -> bool:
+        key = _config_key(opt)
+        if key == self.config_key:
+            return True
+        if config(opt) != self.config:  # a hyperparameter was set: only what fixes kernel and buffers counts
+            return False
+        self.config_key = key
         return True
 
     def _same_steps(self) -> bool:
@@ -159,12 +174,20 @@ class FusedPlan(Plan):
         at = {}
         for i, group in enumerate(self.groups):
             at.setdefault(group, []).append(i)
+        self.views_key = None
         self.tables = []  # (group, table, picks its grads from the step's)
         for group, idx in at.items():
             table = engine.Table(entries[idx[0]].opt, [self.arrays[i] for i in idx], [self.states[i] for i in idx],
                                  entries[0].p.dtype)
             pick = None if len(at) == 1 else (lambda gs, idx=idx: list(map(gs.__getitem__, idx)))
             self.tables.append((group, table, pick))
+
+    def _views(self, opt):
+        """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""
+        if self.scheduled or self.views_key != self.config_key:
+            self.views = [opt._at(group, self.step) for group, _, _ in self.tables]
+            self.views_key = None if self.scheduled else self.config_key
+        return self.views
 
     def _same_steps(self) -> bool:  # one step count for all
         return list(map(_step_of, self.states)).count(self.step) == len(self.states)
@@ -174,7 +197,7 @@ class FusedPlan(Plan):
 
     def _run(self, opt, gs):
         # The tables check the grads' layout, dtype and overlap themselves, from the arrays' own structs.
-        views = [opt._at(group, self.step) for group, _, _ in self.tables]  # a schedule's error: before any write
+        views = self._views(opt)  # a schedule's error: before any write
         if len(self.tables) == 1 and opt.clip_grad_norm is None:
             (_, table, _), view = self.tables[0], views[0]
             if not table.run(view, gs, view.scalars(self.step + 1)):

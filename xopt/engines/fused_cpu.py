@@ -436,44 +436,36 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
 def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
     """:func:`_kernel`'s work, with the scratch block of the calling thread.
 
-    The last of the scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off).  With one,
-    a chunk goes to its rule in blocks of ``CLIP_BLOCK`` elements, each with its grads times the
-    scale in ``scratch`` (in L1), so every rule gets scaled grads and the caller's are only read.
+    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
+    a rule index rather than one closure per rule: numba caches no closures.  The last of the
+    scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off).  With one, a chunk goes to
+    its rule in blocks of ``CLIP_BLOCK`` elements, each with its grads times the scale in
+    ``scratch`` (in L1): every rule gets scaled grads, and the caller's are only read.
     """
     clip = s[s.shape[0] - 1]
     for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        if clip == 1.0:
-            _rule(rule, ptrs, t, lo, hi, _view(ptrs[t, 1], s, lo, hi), s, bits)
-            continue
-        for a in range(lo, hi, CLIP_BLOCK):
-            b = min(a + CLIP_BLOCK, hi)
-            _rule(rule, ptrs, t, a, b, _scaled(_view(ptrs[t, 1], s, a, b), clip, scratch), s, bits)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _rule(rule, ptrs, t, lo, hi, g, s, bits):
-    """Rule number ``rule`` on elements lo:hi of tensor t, with the grads ``g`` of those elements.
-
-    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
-    a rule index rather than one closure per rule: numba caches no closures.
-    """
-    p = _view(ptrs[t, 0], s, lo, hi)
-    if rule == 5:
-        _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
-                   _view(ptrs[t, 4], bits, lo, hi), s)
-        return
-    b0, b1, b2 = _view(ptrs[t, 2], s, lo, hi), _view(ptrs[t, 3], s, lo, hi), _view(ptrs[t, 4], s, lo, hi)
-    if rule == 0:
-        _sgd(p, g, b0, b1, b2, s)
-    elif rule == 1:
-        _momentum(p, g, b0, b1, b2, s)
-    elif rule == 2:
-        _adagrad(p, g, b0, b1, b2, s)
-    elif rule == 3:
-        _rmsprop(p, g, b0, b1, b2, s)
-    else:
-        _adam(p, g, b0, b1, b2, s)
+        block = hi - lo if clip == 1.0 else CLIP_BLOCK
+        for a in range(lo, hi, max(block, 1)):
+            b = min(a + block, hi)
+            p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
+            if clip != 1.0:
+                g = _scaled(g, clip, scratch)
+            if rule == 5:
+                _adam_bf16(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b),
+                           _view(ptrs[t, 4], bits, a, b), s)
+                continue
+            b0, b1, b2 = _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b)
+            if rule == 0:
+                _sgd(p, g, b0, b1, b2, s)
+            elif rule == 1:
+                _momentum(p, g, b0, b1, b2, s)
+            elif rule == 2:
+                _adagrad(p, g, b0, b1, b2, s)
+            elif rule == 3:
+                _rmsprop(p, g, b0, b1, b2, s)
+            else:
+                _adam(p, g, b0, b1, b2, s)
 
 
 @njit(cache=True, inline="always")
