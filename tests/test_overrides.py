@@ -167,3 +167,18 @@ def test_overrides_in_repr_state_dict_and_files(tmp_path, rng):
         resumed.update(twin, g)
     for k in params:
         np.testing.assert_array_equal(twin[k], params[k])
+
+
+def test_int_patterns_save_and_a_state_without_overrides_keeps_the_optimizers(tmp_path):
+    params = [np.ones(2), np.ones(3)]
+    opt = xopt.SGD(lr=1.0, momentum=0.5, overrides={1: {"lr": 0.5}})
+    opt.update(params, [np.ones(2), np.ones(3)])
+    opt.save(tmp_path / "s.npz")
+    loaded = xopt.SGD(lr=1.0, momentum=0.5)
+    loaded.load(tmp_path / "s.npz", params)
+    assert loaded.overrides == {1: {"lr": 0.5}}
+    old_style = opt.state_dict()
+    del old_style["overrides"]  # a state_dict from before overrides existed
+    kept = xopt.SGD(lr=1.0, momentum=0.5, overrides={0: {"lr": 0.1}})
+    kept.load_state_dict(old_style)
+    assert kept.overrides == {0: {"lr": 0.1}}

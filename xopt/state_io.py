@@ -147,7 +147,9 @@ def checked_state(opt, state_dict, params=None):
         raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
                          f"{sorted(expected - set(hyper))}, unknown {sorted(set(hyper) - expected, key=str)}")
     hyper = {k: _own_schedule(v, opt._hyper.get(k), k) for k, v in hyper.items()}
-    overrides = state_dict.get("overrides") or {}
+    overrides = state_dict.get("overrides")
+    if overrides is None:  # a state made before overrides existed: the optimizer keeps its own
+        overrides = opt.overrides
     if not isinstance(overrides, Mapping):
         raise TypeError(f"state_dict['overrides'] must be a dict, got {type(overrides).__name__}")
     overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
