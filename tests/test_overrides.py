@@ -182,3 +182,27 @@ def test_int_patterns_save_and_a_state_without_overrides_keeps_the_optimizers(tm
     kept = xopt.SGD(lr=1.0, momentum=0.5, overrides={0: {"lr": 0.1}})
     kept.load_state_dict(old_style)
     assert kept.overrides == {0: {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("name, base, override, torch_override", [
+    ("SGD", dict(lr=0.1), {"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": True}),
+    ("AdamW", dict(lr=0.01), {"amsgrad": True, "beta2": 0.9}, {"amsgrad": True, "betas": (0.9, 0.9)}),
+    ("RMSprop", dict(lr=0.01, eps=1e-8), {"centered": True, "momentum": 0.5}, {"centered": True, "momentum": 0.5}),
+])
+def test_an_override_that_keeps_other_buffers(name, base, override, torch_override, impl, rng):
+    """Some params keep buffers the others do not (momentum, v_max, g_avg): state and steps as torch's."""
+    params, grads = _draws(7)
+    torch_base = dict(base, **({"alpha": 0.99} if name == "RMSprop" else {}))
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    ref = getattr(torch.optim, name)([{"params": [tensors[k] for k in ("W", "embed")]},
+                                      {"params": [tensors["b1"], tensors["b2"]], **torch_override}], **torch_base)
+    opt = getattr(xopt, name)(**base, overrides={"b?": override}, impl=impl)
+    for g in grads:
+        for k, t in tensors.items():
+            t.grad = torch.tensor(g[k])
+        ref.step()
+        opt.update(params, {k: v.copy() for k, v in g.items()})
+    for k, t in tensors.items():
+        np.testing.assert_allclose(params[k], t.numpy(), rtol=1e-12, atol=1e-14, err_msg=k)
+    assert set(opt.state["b1"]) > set(opt.state["W"])
