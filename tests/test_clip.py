@@ -77,7 +77,10 @@ def test_a_non_finite_norm_skips_the_step_with_skip_nonfinite(impl):
     for _ in range(3):
         opt.update(params, {"W": np.full(4, 2.0), "b": np.ones(2)})
     before = {k: v.copy() for k, v in params.items()}
+    plan = opt._plan
+    assert impl == "reference" or type(plan).__name__ == "FusedPlan"  # the norm's pass decides on the fast path
     opt.update(params, {"W": np.array([1.0, np.inf, 0.0, 0.0]), "b": np.ones(2)})
+    assert opt._plan is plan and opt.iter == 3
     assert opt.skipped_steps == 1 and opt.state["W"]["step"] == 3 and np.isinf(opt.last_grad_norm)
     for k in params:
         np.testing.assert_array_equal(params[k], before[k])

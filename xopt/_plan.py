@@ -14,7 +14,8 @@ What it proves each step, before anything is written (everything the general pat
 - the same state: ``opt.state``'s dict of every param is the one the plan was built on, and
   holds the same buffer objects (a buffer replaced or deleted, a param's state reset: declined),
   every step count what the plan counted;
-- the same configuration: ``impl``, the buffers kept, ``state_dtype``, no ``skip_nonfinite``;
+- the same configuration: ``impl``, the buffers kept, ``state_dtype``, ``skip_nonfinite`` (planned only
+  with ``clip_grad_norm``, whose norm finds a non-finite grad), clipping on or off;
 - grads of the type, dtype and shape (and device) of the first step's, sharing no byte with a
   param or a state buffer.  The fused engines' ``Table.run`` vouches again, from each array's
   own struct, for the addresses it hands its kernel (see :mod:`xopt.engines.fused_cpu`).
@@ -39,6 +40,9 @@ __all__ = ["Plan", "FusedPlan", "ReferencePlan"]
 _step_of = operator.itemgetter("step")
 _numpy_sig = operator.attrgetter("dtype", "shape")
 _sig = operator.attrgetter("dtype", "shape", "device")
+
+
+SKIPPED = "skipped"  # what _run returns for a step skip_nonfinite skipped
 
 
 def config(opt):
@@ -117,9 +121,13 @@ class Plan:
                 return False
         except KeyError:  # a buffer or a step count deleted
             return False
-        if not self._run(opt, gs):
+        ran = self._run(opt, gs)
+        if ran is SKIPPED:
+            return True  # handled: skip_nonfinite found a non-finite norm, and nothing was written
+        if not ran:
             return False
         self._count()
+        opt.iter += 1
         return True
 
     def _same_config(self, opt) -> bool:
@@ -151,7 +159,9 @@ class FusedPlan(Plan):
 
     @classmethod
     def build(cls, engine, opt, params, entries):
-        if not entries or len(entries) != len(params) or not engine.supports(opt) or opt.skip_nonfinite:
+        if not entries or len(entries) != len(params) or not engine.supports(opt):
+            return None
+        if opt.skip_nonfinite and opt.clip_grad_norm is None:  # the norm's pass is what finds a non-finite grad
             return None
         dtype, step = entries[0].p.dtype, entries[0].state["step"]
         for e in entries:
@@ -209,6 +219,9 @@ class FusedPlan(Plan):
             factor = None
             if opt.clip_grad_norm is not None:
                 opt.last_grad_norm = math.sqrt(sum(table.sum_squares() for _, table, _ in self.tables))
+                if opt.skip_nonfinite and not math.isfinite(opt.last_grad_norm):
+                    opt.skipped_steps += 1
+                    return SKIPPED
                 factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
             for (_, table, _), view in zip(self.tables, views):
                 table.launch(view, view.scalars(self.step + 1), factor)

@@ -213,8 +213,7 @@ class Optimizer:
         self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        if self._plan is not None and self._plan.try_step(self, params, grads):
-            self.iter += 1
+        if self._plan is not None and self._plan.try_step(self, params, grads):  # counts iter itself
             return
         self._plan = None
         entries = collect(params, grads)
