@@ -95,9 +95,9 @@ def test_without_skip_a_nan_grad_makes_every_param_nan_as_in_torch():
     assert np.isnan(params["b"]).all()  # torch: clip_coef is NaN, every grad times it
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_low_precision_fused_clipping_agrees_with_the_reference(dtype, rng):
-    fused, ref = xopt.Adam(clip_grad_norm=0.5, impl="fused"), xopt.Adam(clip_grad_norm=0.5, impl="reference")
+@pytest.mark.parametrize("dtype, state_dtype", [(np.float32, None), (np.float16, None), (np.float32, "bfloat16")])
+def test_low_precision_fused_clipping_agrees_with_the_reference(dtype, state_dtype, rng):
+    fused, ref = (xopt.Adam(clip_grad_norm=0.5, state_dtype=state_dtype, impl=impl) for impl in ("fused", "reference"))
     sizes = [3, 70_000, 1]  # a tensor of several kernel chunks
     p1 = {f"p{i}": rng.standard_normal(n).astype(dtype) for i, n in enumerate(sizes)}
     p2 = {k: v.copy() for k, v in p1.items()}
