@@ -21,6 +21,11 @@ OPTIMIZERS = {
     "RMSprop": xopt.RMSprop(lr=0.1),
     "Adam": xopt.Adam(lr=0.3),
     "AdamW": xopt.AdamW(lr=0.3, weight_decay=0.01),
+    "AdaDelta": xopt.AdaDelta(lr=100.0, rho=0.95),  # its steps start at sqrt(eps) = 1e-3 times the gradient's
+    "Adamax": xopt.Adamax(lr=0.3),
+    "NAdam": xopt.NAdam(lr=0.3),
+    "RAdam": xopt.RAdam(lr=0.5),  # SGD with momentum for its first 5 steps, then Adam rectified
+    "Lion": xopt.Lion(lr=0.3),  # every coordinate moves by exactly lr each step
 }
 
 
@@ -54,7 +59,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     xs, ys = np.meshgrid(np.linspace(-10, 10, 200), np.linspace(-5, 5, 200))
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    rows = -(-len(OPTIMIZERS) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.5 * rows))
     for ax, (name, optimizer) in zip(axes.flat, OPTIMIZERS.items()):
         pts = path(optimizer, args.steps)
         ax.contour(xs, ys, f(xs, ys), levels=np.geomspace(0.05, 30, 12), colors="0.75", linewidths=0.8)
@@ -64,7 +70,8 @@ def main(argv=None):
         ax.set_ylim(-5, 5)
         ax.set_title(f"{name}: f = {f(*pts[-1]):.2g} after {args.steps} steps", fontsize=10)
         print(f"{name:<9} ends at ({pts[-1, 0]:+.4f}, {pts[-1, 1]:+.4f}), f = {f(*pts[-1]):.3g}")
-    axes.flat[-1].axis("off")
+    for ax in axes.flat[len(OPTIMIZERS):]:
+        ax.axis("off")
     fig.suptitle("f(x, y) = x²/20 + y² from (-7, 2)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=90)

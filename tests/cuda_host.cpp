@@ -49,7 +49,7 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
     return 1;
 }
 
-// rule: 0-4 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
+// rule: 0-9 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
                                 const long long* sizes, const int* blocks, int n_tensors, const double* s) {
     switch (rule) {
@@ -58,6 +58,11 @@ extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, 
         case 2: return run_typed<2>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
         case 3: return run_typed<3>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
         case 4: return run_typed<4>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
+        case 5: return run_typed<5>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
+        case 6: return run_typed<6>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
+        case 7: return run_typed<7>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
+        case 8: return run_typed<8>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
+        case 9: return run_typed<9>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, s);
     }
     return 1;
 }

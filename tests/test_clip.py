@@ -8,6 +8,8 @@ from torch_cases import CASES
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.usefixtures("torch_float64")
+
 SHAPES = {"W": (3, 4), "b": (5,), "c": (2, 2)}
 STEPS = 6
 NO_GRAD = (3, "b")

@@ -17,6 +17,13 @@ OPTIMIZERS_UNDER_TEST = [
     ("Adam", dict(lr=0.1), 300),
     ("Adam", dict(lr=0.1, amsgrad=True, eps_hat=False), 300),
     ("AdamW", dict(lr=0.1, weight_decay=1e-4), 300),
+    ("AdaDelta", dict(lr=4.0, rho=0.99), 600),
+    ("Adamax", dict(lr=0.3), 300),
+    ("NAdam", dict(lr=0.1), 300),
+    ("NAdam", dict(lr=0.1, weight_decay=1e-4, decoupled_weight_decay=True), 300),
+    ("RAdam", dict(lr=0.05), 500),  # its first 5 steps are SGD with momentum: a larger lr leaves Rosenbrock
+    ("Lion", dict(lr=0.1), 300),
+    ("Lion", dict(lr=0.03, weight_decay=0.01), 300),
 ]
 
 

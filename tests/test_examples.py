@@ -18,7 +18,8 @@ def test_optimizer_paths(tmp_path, capsys):
     _main("optimizer_paths.py")(["--steps", "30", "--out", str(out)])
     text = capsys.readouterr().out
     assert out.read_bytes()[:4] == b"\x89PNG"
-    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW"):
+    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax", "NAdam",
+                 "RAdam", "Lion"):
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         f_end = float(line.rsplit("f = ", 1)[1])
         assert f_end < 0.2 * (49 / 20 + 4), f"{name} barely moved toward the minimum: {line}"

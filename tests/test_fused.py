@@ -166,7 +166,7 @@ def test_chunk_table_covers_every_element_once():
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
     """A second process loads the kernels from the disk cache instead of compiling them."""
     code = ("import xopt.engines.fused_cpu as f; f.compile_all(); "
-            "print(len(f._kernel.stats.cache_hits), len(f._kernel.stats.cache_misses))")
+            "print(len(f._serial_step.stats.cache_hits), len(f._serial_step.stats.cache_misses))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     hits, misses = int(out[0]), int(out[1])

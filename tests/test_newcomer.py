@@ -11,7 +11,8 @@ import pytest
 import xopt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OPTIMIZERS = [xopt.SGD, xopt.Momentum, xopt.Nesterov, xopt.AdaGrad, xopt.RMSprop, xopt.Adam, xopt.AdamW]
+OPTIMIZERS = [c for c in map(xopt.__dict__.get, xopt.__all__) if isinstance(c, type) and c is not xopt.Optimizer
+              and issubclass(c, xopt.Optimizer)]
 
 
 @pytest.mark.parametrize("cls", [xopt.Adam, xopt.AdamW])

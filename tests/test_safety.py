@@ -205,17 +205,18 @@ def test_a_step_that_fails_on_one_param_writes_no_other(rng, monkeypatch):
 _INTERRUPT = textwrap.dedent("""
     import os, signal, numpy as np, xopt
     from xopt.engines import fused_cpu
-    real = fused_cpu._kernel
+    real = fused_cpu._serial_step   # a small step's checks and kernel, one compiled call
     calls = []
     def kernel(*args):
-        real(*args)
+        bad = real(*args)
         calls.append(1)
         signal.raise_signal(signal.SIGINT)   # Ctrl-C right after the kernel wrote
+        return bad
     opt = xopt.Adam()
     params = {"a": np.ones(1000), "b": np.ones(10)}
     grads = {"a": np.ones(1000), "b": np.ones(10)}
     opt.update(params, grads)
-    fused_cpu._kernel = kernel
+    fused_cpu._serial_step = kernel
     for i in range(3):
         try:
             opt.update(params, grads)

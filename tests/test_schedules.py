@@ -35,6 +35,8 @@ def test_schedules_take_optaxs_arguments_by_name():
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.usefixtures("torch_float64")
+
 
 def _torch_lrs(make_scheduler, base, n):
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)

@@ -12,13 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = {"W": (3, 4), "b": (5,)}
-STEPS = 6
+STEPS = 10  # RAdam's rectification switches on at step 6 (with any beta2): both sides of it
 NO_GRAD = (3, "b")  # at this step this param gets no grad: both must leave it alone
 
-_LR_SCHEDULE = [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]  # multiplies the case's lr, step by step
+_LR_SCHEDULE = [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125, 0.125, 0.125]  # multiplies the case's lr, step by step
 
 ADAM_STATE = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "v_max"}
 RMSPROP_STATE = {"square_avg": "h", "grad_avg": "g_avg", "momentum_buffer": "b"}
+ADADELTA_STATE = {"square_avg": "msg", "acc_delta": "msdx"}
+ADAMAX_STATE = {"exp_avg": "m", "exp_inf": "u"}
+MV_STATE = {"exp_avg": "m", "exp_avg_sq": "v"}  # NAdam, RAdam
 
 CASES = {
     "sgd": ("SGD", dict(lr=0.1), "SGD", dict(lr=0.1), {}),
@@ -58,6 +61,23 @@ CASES = {
     "adamw": ("AdamW", dict(lr=0.01), "AdamW", dict(lr=0.01), ADAM_STATE),
     "adamw-amsgrad": ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, beta2=0.99),
                       "AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, betas=(0.9, 0.99)), ADAM_STATE),
+    "adadelta": ("AdaDelta", dict(lr=1.0), "Adadelta", dict(lr=1.0), ADADELTA_STATE),
+    "adadelta-wd": ("AdaDelta", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.05),
+                    "Adadelta", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.05), ADADELTA_STATE),
+    "adamax": ("Adamax", dict(lr=0.002), "Adamax", dict(lr=0.002), ADAMAX_STATE),
+    "adamax-wd": ("Adamax", dict(lr=0.01, beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.05),
+                  "Adamax", dict(lr=0.01, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.05), ADAMAX_STATE),
+    "nadam": ("NAdam", dict(lr=0.002), "NAdam", dict(lr=0.002), MV_STATE),
+    "nadam-wd": ("NAdam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05, momentum_decay=0.1),
+                 "NAdam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, momentum_decay=0.1),
+                 MV_STATE),
+    "nadam-decoupled": ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+                        "NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), MV_STATE),
+    "radam": ("RAdam", dict(lr=0.01), "RAdam", dict(lr=0.01), MV_STATE),
+    "radam-wd": ("RAdam", dict(lr=0.01, beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.05),
+                 "RAdam", dict(lr=0.01, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.05), MV_STATE),
+    "radam-decoupled": ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+                        "RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), MV_STATE),
 }
 
 
@@ -84,13 +104,20 @@ def run_torch(case, params, grads):
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
     opt = getattr(torch.optim, torch_name)(list(tensors.values()), **torch_kwargs)
     trajectory = []
-    for step, (lr, g) in enumerate(zip(lr_schedule(case), grads), start=1):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for k, t in tensors.items():
-            t.grad = None if (step, k) == NO_GRAD else torch.tensor(g[k], dtype=torch.float64)
-        opt.step()
-        trajectory.append({k: t.detach().numpy().copy() for k, t in tensors.items()})
+    default_dtype = torch.get_default_dtype()
+    # torch keeps its per-param scalars (step, NAdam's mu_product) in the default dtype: float64 here, as
+    # xopt's host scalars are (in float32 NAdam's mu_product alone would put 1e-8 between the two).
+    torch.set_default_dtype(torch.float64)
+    try:
+        for step, (lr, g) in enumerate(zip(lr_schedule(case), grads), start=1):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for k, t in tensors.items():
+                t.grad = None if (step, k) == NO_GRAD else torch.tensor(g[k], dtype=torch.float64)
+            opt.step()
+            trajectory.append({k: t.detach().numpy().copy() for k, t in tensors.items()})
+    finally:
+        torch.set_default_dtype(default_dtype)
     state = {}
     for k, t in tensors.items():
         st = opt.state[t]

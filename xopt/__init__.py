@@ -5,9 +5,14 @@
     >>> optimizer.update(params, grads)   # doctest: +SKIP
 """
 
+from .optimizers.adadelta import AdaDelta
 from .optimizers.adagrad import AdaGrad
 from .optimizers.adam import Adam, AdamW
+from .optimizers.adamax import Adamax
+from .optimizers.lion import Lion
+from .optimizers.nadam import NAdam
 from .optimizer import Optimizer
+from .optimizers.radam import RAdam
 from .optimizers.rmsprop import RMSprop
 from .optimizers.sgd import SGD, Momentum, Nesterov
 from ._threads import get_num_threads, set_num_threads
@@ -22,6 +27,11 @@ __all__ = [
     "RMSprop",
     "Adam",
     "AdamW",
+    "AdaDelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Lion",
     "Optimizer",
     "save_state",
     "load_state",

@@ -61,12 +61,26 @@ def _engines(opt):
     return engines
 
 
-def check_impl(impl, optimizer_name):
+def _no_kernel(opt):
+    from .engines.kernels import kernel_of
+
+    if kernel_of(opt) is None:
+        return TypeError(f"impl='fused': {type(opt).__name__} has no fused kernel (a subclass that redefines rule, "
+                         "scalars or buffers computes its own rule, which only the reference runs); use "
+                         "impl='auto' or impl='reference'")
+    return TypeError(f"impl='fused': no installed fused engine runs {opt!r} (bfloat16 state needs the CPU "
+                     "engine, numba); use impl='auto' or impl='reference'")
+
+
+def check_impl(impl, opt):
+    """``impl``, checked in ``opt``'s constructor: fused needs an engine, and a kernel for ``opt``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "fused" and _fused_cpu() is None and _fused_cuda() is None:
         raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays); "
                          "use impl='auto' to fall back to the reference rule")
+    if impl == "fused" and not _engines(opt):
+        raise _no_kernel(opt)
     return impl
 
 
@@ -107,7 +121,10 @@ def _select(opt, entries):
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
         return [(apply_reference, entries)] + paths
-    engines = [m for m, under_auto in _engines(opt) if under_auto or opt.impl == "fused"]
+    supported = _engines(opt)
+    if opt.impl == "fused" and entries and not supported:  # opt.impl set since the constructor checked it
+        raise _no_kernel(opt)
+    engines = [m for m, under_auto in supported if under_auto or opt.impl == "fused"]
     groups = {}
     for e in entries:
         engine = next((m for m in engines if m.accepts(opt, e)), None)

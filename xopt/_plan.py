@@ -29,7 +29,7 @@ import bisect
 import math
 import operator
 from collections.abc import Mapping
-from itertools import chain, repeat
+from itertools import chain
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class Plan:
                 return False
         else:
             arrays, gs = list(params), list(grads)
-        if not all(map(operator.is_, arrays, self.arrays)) or set(map(type, gs)) != {self.grad_type}:
+        if not all(map(operator.is_, arrays, self.arrays)):
             return False
         if self.check_params:  # a fused table checks these itself, from each array's own struct
             if list(map(self.sig, arrays)) != self.param_sigs:  # reshaped, retyped or resized in place
@@ -203,10 +203,12 @@ class FusedPlan(Plan):
         return list(map(_step_of, self.states)).count(self.step) == len(self.states)
 
     def _count(self):
-        list(map(operator.setitem, self.states, repeat("step"), repeat(self.step)))  # C-level: no loop here
+        step = self.step
+        for st in self.states:
+            st["step"] = step
 
     def _run(self, opt, gs):
-        # The tables check the grads' layout, dtype and overlap themselves, from the arrays' own structs.
+        # The tables check the grads' type, layout, dtype and overlap themselves, from the arrays' own structs.
         views = self._views(opt)  # a schedule's error: before any write
         if len(self.tables) == 1 and opt.clip_grad_norm is None:
             (_, table, _), view = self.tables[0], views[0]
@@ -281,7 +283,7 @@ class ReferencePlan(Plan):
         return False
 
     def _run(self, opt, gs):
-        if list(map(self.sig, gs)) != self.grad_sigs or self._overlap(gs):
+        if set(map(type, gs)) != {self.grad_type} or list(map(self.sig, gs)) != self.grad_sigs or self._overlap(gs):
             return False
         from ._dispatch import apply_reference  # at call time: tests replace it
 

@@ -78,7 +78,7 @@ class Optimizer:
         self._overrides = check_overrides(self, overrides)
         self._reset_groups()
         self._groups()  # each override's hyperparameters checked together, as the optimizer's own are
-        self.impl = _dispatch.check_impl(impl, type(self).__name__)
+        self.impl = _dispatch.check_impl(impl, self)
         self.state = {}  # param key -> {"step": int, buffer name -> array}
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
@@ -117,7 +117,8 @@ class Optimizer:
 
     # -- the public API ---------------------------------------------------------------
     def hyperparameters(self) -> dict:
-        return {k: v for k, v in self._hyper.items() if k != "skip_nonfinite"}
+        """The rule's hyperparameters (not the step's options skip_nonfinite and clip_grad_norm)."""
+        return {k: v for k, v in self._hyper.items() if k not in ("skip_nonfinite", "clip_grad_norm")}
 
     @property
     def overrides(self) -> dict:
@@ -125,7 +126,9 @@ class Optimizer:
         return {pattern: dict(values) for pattern, values in self._overrides.items()}
 
     def __repr__(self):
-        args = [f"{k}={v!r}" for k, v in self.hyperparameters().items() if k != "clip_grad_norm" or v is not None]
+        args = [f"{k}={v!r}" for k, v in self.hyperparameters().items()]
+        if self.clip_grad_norm is not None:
+            args.append(f"clip_grad_norm={self.clip_grad_norm!r}")
         if self._overrides:
             args.append(f"overrides={self._overrides!r}")
         return f"{type(self).__name__}({', '.join(args)})"

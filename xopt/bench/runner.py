@@ -22,7 +22,8 @@ __all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case", "measure_
 
 IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "seed", "torch-forloop", "torch-foreach", "torch-fused")
 STATE_DTYPES = {"xopt-bf16-state": "bfloat16"}  # impls that keep a lower-precision state
-OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW")
+OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax", "NAdam",
+              "RAdam", "Lion")
 SMALL_TENSOR_SIZES = (64, 4096)  # the many-tensors case draws sizes from this range
 
 # torch.optim equivalents (same rule, each library's defaults otherwise).
@@ -34,7 +35,11 @@ TORCH = {
     "RMSprop": ("RMSprop", dict(lr=0.01)),
     "Adam": ("Adam", dict(lr=0.001)),
     "AdamW": ("AdamW", dict(lr=0.001)),
-}
+    "AdaDelta": ("Adadelta", dict()),
+    "Adamax": ("Adamax", dict()),
+    "NAdam": ("NAdam", dict()),
+    "RAdam": ("RAdam", dict()),
+}  # torch.optim has no Lion
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ def _torch_step(impl, case, xp, host, grads_host):
         return None
     device = "cuda" if _backend.library_name(xp.empty(0)) == "cupy" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
+        return None
+    if case.optimizer not in TORCH:
         return None
     name, kwargs = TORCH[case.optimizer]
     tensors = [torch.asarray(v, device=device) for v in host.values()]

@@ -40,7 +40,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from .. import _backend
-from .kernels import KERNELS, cut
+from .kernels import KERNELS, cut, lookup
 from .._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
@@ -348,16 +348,21 @@ def _rmsprop(p, g, h, g_avg, b, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
-    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
-    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2, l2, decay = (
-        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+def _moments(pi, gi, mi, vi, s):
+    """Adam's, NAdam's and RAdam's weight decay (L2 or decoupled), then m and v: s[0], s[1], s[2], s[6], s[7]."""
+    one_minus_beta1, beta2, one_minus_beta2, l2, decay = s[0], s[1], s[2], s[6], s[7]
     if l2 != 0.0:
         gi = gi + l2 * pi
     if decay != 1.0:
         pi = pi * decay
-    mi = mi + one_minus_beta1 * (gi - mi)
-    vi = beta2 * vi + one_minus_beta2 * gi * gi
+    return pi, gi, mi + one_minus_beta1 * (gi - mi), beta2 * vi + one_minus_beta2 * gi * gi
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
+    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
+    eps, step_size, sqrt_bc2 = s[3], s[4], s[5]
+    pi, gi, mi, vi = _moments(pi, gi, mi, vi, s)
     denom_v = vi
     if amsgrad:
         v_max_i = _maximum(v_max_i, vi)
@@ -416,8 +421,94 @@ def _adam_bf16(p, g, m, v, v_max, s):
         _adam_bf16_loop(p, g, m, v, v_max, s, False, False)
 
 
-RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adam_bf16)  # the kernel's ``rule`` indexes this
-BF16_RULES = {4: 5}  # rule -> its form with bfloat16 state
+@njit(cache=True, error_model="numpy")
+def _adadelta(p, g, msg, msdx, _2, s):
+    lr, rho, one_minus_rho, eps, weight_decay = s[0], s[1], s[2], s[3], s[4]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        msg_i = rho * msg[i] + one_minus_rho * gi * gi
+        msg[i] = msg_i
+        delta = np.sqrt(msdx[i] + eps) / np.sqrt(msg_i + eps) * gi
+        msdx[i] = rho * msdx[i] + one_minus_rho * delta * delta
+        p[i] = p[i] - lr * delta
+
+
+@njit(cache=True, error_model="numpy")
+def _adamax(p, g, m, u, _2, s):
+    one_minus_beta1, beta2, eps, clr, weight_decay = s[0], s[1], s[2], s[3], s[4]
+    for i in range(p.shape[0]):
+        gi = g[i]
+        if weight_decay != 0.0:
+            gi = gi + weight_decay * p[i]
+        mi = m[i] + one_minus_beta1 * (gi - m[i])
+        ui = _maximum(beta2 * u[i], np.abs(gi) + eps)
+        m[i], u[i] = mi, ui
+        p[i] = p[i] - clr * (mi / ui)
+
+
+@njit(cache=True, error_model="numpy")
+def _nadam(p, g, m, v, _2, s):
+    eps, bias_correction2, g_step, m_step = s[3], s[4], s[5], s[8]
+    for i in range(p.shape[0]):
+        pi, gi, mi, vi = _moments(p[i], g[i], m[i], v[i], s)
+        m[i], v[i] = mi, vi
+        d = np.sqrt(vi / bias_correction2) + eps
+        p[i] = pi - g_step * (gi / d) - m_step * (mi / d)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _radam_loop(p, g, m, v, s, rectified):
+    eps, step_size = s[3], s[4]
+    for i in range(p.shape[0]):
+        pi, _, mi, vi = _moments(p[i], g[i], m[i], v[i], s)
+        m[i], v[i] = mi, vi
+        if rectified:
+            p[i] = pi - step_size * (mi / (np.sqrt(vi) + eps))
+        else:
+            p[i] = pi - step_size * mi
+
+
+@njit(cache=True, error_model="numpy")
+def _radam(p, g, m, v, _2, s):
+    if s[5] != 0.0:  # one loop each, as in _adam
+        _radam_loop(p, g, m, v, s, True)
+    else:
+        _radam_loop(p, g, m, v, s, False)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sign(x):
+    """xp.sign in x's own type: -1, 0 or 1, NaN for NaN, and +0 for -0 as NumPy (numba's np.sign keeps -0)."""
+    sg = np.sign(x)
+    return sg if sg != 0.0 else x - x
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lion_loop(p, g, m, s, decayed):
+    lr, beta1, one_minus_beta1, one_minus_beta2, beta2, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
+    for i in range(p.shape[0]):
+        gi, mi = g[i], m[i]
+        update = _sign(one_minus_beta1 * gi + beta1 * mi)
+        if decayed:
+            update = update + weight_decay * p[i]
+        p[i] = p[i] - lr * update
+        m[i] = one_minus_beta2 * gi + beta2 * mi
+
+
+@njit(cache=True, error_model="numpy")
+def _lion(p, g, m, _1, _2, s):
+    if s[5] != 0.0:  # one loop each, as in _adam
+        _lion_loop(p, g, m, s, True)
+    else:
+        _lion_loop(p, g, m, s, False)
+
+
+# The kernel's ``rule`` indexes this: 0-9 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
+RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _adam_bf16)
+ADAM_BF16 = len(RULES) - 1
+BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
 
 
 @njit(cache=True, inline="always")
@@ -436,7 +527,7 @@ def _kernel(rule, ptrs, chunks, first, last, s, bits):
 def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
     """:func:`_kernel`'s work, with the scratch block of the calling thread.
 
-    ``bits`` (an empty uint16 array) types the bfloat16 state of rule 5.  One function with
+    ``bits`` (an empty uint16 array) types the bfloat16 state of rule ADAM_BF16.  One function with
     a rule index rather than one closure per rule: numba caches no closures.  The last of the
     scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off).  With one, a chunk goes to
     its rule in blocks of ``CLIP_BLOCK`` elements, each with its grads times the scale in
@@ -451,7 +542,7 @@ def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
             p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
             if clip != 1.0:
                 g = _scaled(g, clip, scratch)
-            if rule == 5:
+            if rule == ADAM_BF16:
                 _adam_bf16(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b),
                            _view(ptrs[t, 4], bits, a, b), s)
                 continue
@@ -464,8 +555,18 @@ def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
                 _adagrad(p, g, b0, b1, b2, s)
             elif rule == 3:
                 _rmsprop(p, g, b0, b1, b2, s)
-            else:
+            elif rule == 4:
                 _adam(p, g, b0, b1, b2, s)
+            elif rule == 5:
+                _adadelta(p, g, b0, b1, b2, s)
+            elif rule == 6:
+                _adamax(p, g, b0, b1, b2, s)
+            elif rule == 7:
+                _nadam(p, g, b0, b1, b2, s)
+            elif rule == 8:
+                _radam(p, g, b0, b1, b2, s)
+            else:
+                _lion(p, g, b0, b1, b2, s)
 
 
 @njit(cache=True, inline="always")
@@ -475,6 +576,46 @@ def _scaled(g, clip, scratch):
     for i in range(g.shape[0]):
         out[i] = g[i] * clip
     return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, s, bits):
+    """A whole step on the calling thread in one compiled call: ``_vouch``, then, only if every array is
+    what it was, ``_kernel`` over every chunk.  ``packed`` holds the table's int64 arrays end to end (see
+    :meth:`Table.pack`; one argument instead of ten: a small step's cost is mostly the call).
+    Returns ``_vouch``'s answer (0: done)."""
+    ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks = _unpack(
+        packed, n, n_dims, n_spans, n_chunks)
+    bad = _vouch(off, ids, want, type_nums, shapes, shape_at, nbytes, starts, ends, ptrs)
+    if bad == 0:
+        _kernel(rule, ptrs, chunks, 0, n_chunks, s, bits)
+    return bad
+
+
+@njit(cache=True, inline="always")
+def _unpack(packed, n, n_dims, n_spans, n_chunks):
+    """The views :meth:`Table.pack` laid end to end, in its order."""
+    at = 0
+    ids = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    want = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    type_nums = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    ptrs = packed[at:at + 5 * n].reshape((n, 5))
+    at += 5 * n
+    shape_at = packed[at:at + n + 1]
+    at += n + 1
+    shapes = packed[at:at + n_dims]
+    at += n_dims
+    nbytes = packed[at:at + n]
+    at += n
+    starts = packed[at:at + n_spans]
+    at += n_spans
+    ends = packed[at:at + n_spans]
+    at += n_spans
+    chunks = packed[at:at + 3 * n_chunks].reshape((n_chunks, 3))
+    return ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -545,7 +686,7 @@ _BITS = np.empty(0, dtype=np.uint16)
 
 
 def supports(opt) -> bool:
-    return type(opt).__name__ in KERNELS
+    return lookup(opt) is not None
 
 
 def _bf16_state(opt) -> bool:
@@ -586,7 +727,7 @@ class Table:
     def __init__(self, opt, ps, states, dtype):
         """``ps``: C-contiguous native params of ``dtype`` (float32/64), ``states`` their state dicts,
         all checked by the general path: no two of these arrays share memory."""
-        self.rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        self.rule, self.scalar_order, slots = lookup(opt)
         if _bf16_state(opt):
             self.rule = BF16_RULES[self.rule]
         kept = opt.buffers()
@@ -623,21 +764,56 @@ class Table:
             raise RuntimeError("xopt internal error: a table over arrays that share memory")
         self.chunks = chunk_table(sizes)
         self.elements = int(sizes.sum())
+        self.pack()
+
+    def pack(self):
+        """Lay the int64 arrays end to end in one buffer (``_unpack`` cuts it again) and make the named
+        ones views of it, so ``run`` fills the grads' ids in place and the kernel gets one argument."""
+        parts = (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
+                 self.starts, self.ends, self.chunks)
+        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts])
+        views, at = [], 0
+        for a in parts:
+            views.append(self.packed[at:at + a.size].reshape(a.shape))
+            at += a.size
+        (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
+         self.starts, self.ends, self.chunks) = views
+        self.grad_ids = self.ids[:, 1]
+        self.counts = (self.n, len(self.shapes), len(self.starts), len(self.chunks))
 
     def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
-        if not self.vouch(gs):
+        if not self._take(gs):
             return False
-        self.launch(opt, scalars, clip)
+        s = self._scalars(opt, scalars, clip)
+        if self._threads() <= 1:  # vouch and kernel in one compiled call
+            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, s, _BITS)
+        if not self._vouched():
+            return False
+        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))
         return True
+
+    def _take(self, gs) -> bool:
+        """The grads' ids into the table, if they are as many NumPy arrays as the table has tensors."""
+        if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
+            return False  # _vouch reads each grad as an array struct
+        self.grad_ids[:] = list(map(id, gs))
+        return True
+
+    def _vouched(self) -> bool:
+        return not _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
+                          self.starts, self.ends, self.ptrs)
+
+    def _scalars(self, opt, scalars, clip):
+        """The kernel's scalars: the rule's, then the clip scale (1.0: none)."""
+        return np.array(self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,), dtype=self.dtype)
+
+    def _threads(self) -> int:
+        return min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
 
     def vouch(self, gs) -> bool:
         """Whether ``gs`` and the table's arrays are what the table was built for; the kernel's addresses if so."""
-        if set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs)):  # _vouch reads each as an array
-            return False
-        self.ids[:, 1] = np.fromiter(map(id, gs), dtype=np.int64, count=self.n)
-        return not _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
-                          self.starts, self.ends, self.ptrs)
+        return self._take(gs) and self._vouched()
 
     def sum_squares(self) -> float:
         """The sum of the squares of the vouched grads, in float64: one more pass, over the same chunks."""
@@ -647,14 +823,13 @@ class Table:
 
     def launch(self, opt, scalars, clip=None):
         """The step through the vouched addresses; ``clip``: the scale of the grads (None: 1)."""
-        s = np.array(self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,), dtype=self.dtype)
-        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))
+        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (self._scalars(opt, scalars, clip), _BITS))
 
     def _parallel(self, run, claim, head, tail):
         """``run(*head, first, last, *tail)`` over every chunk, on this thread, or for a large step
         ``claim(*head, counters, *tail)`` on several."""
         n = len(self.chunks)
-        threads = min(get_num_threads(), n) if self.elements >= PARALLEL_MIN else 1
+        threads = self._threads()
         if threads <= 1:
             run(*head, 0, n, *tail)
             return
@@ -737,11 +912,12 @@ def compile_all():
     """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
     import time
 
-    from .. import Adam, AdaGrad, Momentum, RMSprop, SGD
+    from .. import AdaDelta, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
 
     t0 = time.perf_counter()
     for dtype in (np.float32, np.float64):
         for opt in (SGD(momentum=0.9, impl="fused"), Momentum(impl="fused"), AdaGrad(impl="fused"),
-                    RMSprop(impl="fused"), Adam(impl="fused")):
+                    RMSprop(impl="fused"), Adam(impl="fused"), AdaDelta(impl="fused"), Adamax(impl="fused"),
+                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused")):
             opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _backend
-from .kernels import KERNELS, cut
+from .kernels import KERNELS, cut, lookup
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "kernel_name", "block_table", "Table",
            "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of"]
@@ -128,7 +128,7 @@ class Table:
 
     def __init__(self, opt, ps, states, dtype):
         """``ps``: contiguous params of ``dtype``, all on one GPU, sharing no memory (checked by the caller)."""
-        rule, self.scalar_order, slots = KERNELS[type(opt).__name__]
+        rule, self.scalar_order, slots = lookup(opt)
         kept = opt.buffers()
         device = DEVICE
         self.device, self.n = device, len(ps)
@@ -195,7 +195,7 @@ def device_of(a):
 
 
 def supports(opt) -> bool:
-    return type(opt).__name__ in KERNELS and opt._hyper.get("state_dtype") is None
+    return lookup(opt) is not None and opt._hyper.get("state_dtype") is None
 
 
 def _is_cupy(x) -> bool:

@@ -57,15 +57,23 @@ def _apply_whole(opt, e, names, dtype, torch):
     g = e.g.detach() if torch else e.g
     p_new, new = opt.rule(xp, _as(xp, p.detach() if torch else p, dtype), _grad(xp, g, dtype, e.clip),
                           {k: _as(xp, state[k], dtype) for k in names}, e.scalars)
-    for k, v in new.items():
-        state[k] = _as(xp, v, state[k].dtype)
-    p_new = _as(xp, p_new, p.dtype)
     if e.rebind:
-        e.p = p_new
-    elif torch:
-        _backend.assign(p, p_new)  # under no_grad: p may be a leaf that requires grad
+        for k, v in new.items():
+            state[k] = _as(xp, v, state[k].dtype)
+        e.p = _as(xp, p_new, p.dtype)
+        return
+    # Into the arrays in place, buffers too: a buffer that keeps its identity keeps a repeated step's plan
+    # (xopt._plan) from recording new buffers each step, which costs more than the copy.
+    for k, v in new.items():
+        _assign(xp, state[k], v, torch)
+    _assign(xp, p, p_new, torch)
+
+
+def _assign(xp, target, value, torch):
+    if torch:
+        _backend.assign(target, value)  # under no_grad: a param may be a leaf that requires grad
     else:
-        p[...] = p_new
+        target[...] = _as(xp, value, target.dtype)
 
 
 def _apply_chunked(opt, e, names, dtype, torch, n):

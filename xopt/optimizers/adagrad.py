@@ -30,6 +30,7 @@ class AdaGrad(Optimizer):
         weight_decay: λ, L2 penalty added to the gradient.
     """
 
+    kernel = "adagrad"  # the fused element rule (xopt/engines/kernels.py)
     lr = Hyper(non_negative)
     eps = Hyper(non_negative)
     lr_decay = Hyper(non_negative)

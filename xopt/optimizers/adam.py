@@ -7,7 +7,23 @@ import math
 from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
 from ..optimizer import Optimizer
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "weight_decay_scalars", "moments"]
+
+
+def weight_decay_scalars(lr, weight_decay, decoupled) -> dict:
+    """L2 (``l2``, added to g) or decoupled (``decay``, multiplies W) weight decay: Adam, NAdam, RAdam."""
+    return {"l2": 0.0 if decoupled else weight_decay, "decay": 1.0 - lr * weight_decay if decoupled else 1.0}
+
+
+def moments(p, g, state, s):
+    """What Adam, NAdam and RAdam start with: the weight decay, then m and v; returns (p, g, m, v)."""
+    if s["l2"] != 0.0:
+        g = g + s["l2"] * p
+    if s["decay"] != 1.0:
+        p = p * s["decay"]
+    m = state["m"] + (1.0 - s["beta1"]) * (g - state["m"])
+    v = s["beta2"] * state["v"] + (1.0 - s["beta2"]) * g * g
+    return p, g, m, v
 
 
 class Adam(Optimizer):
@@ -47,6 +63,7 @@ class Adam(Optimizer):
             element per step (NumPy arrays; the math is unchanged, the state is rounded).
     """
 
+    kernel = "adam"  # the fused element rule (xopt/engines/kernels.py); AdamW inherits it
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)
@@ -74,24 +91,11 @@ class Adam(Optimizer):
         else:
             step_size = self.lr / bias_correction1
             sqrt_bc2 = math.sqrt(bias_correction2)
-        decoupled = self.decoupled_weight_decay
-        return {
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "eps": self.eps,
-            "step_size": step_size,
-            "sqrt_bc2": sqrt_bc2,
-            "l2": 0.0 if decoupled else self.weight_decay,  # added to g
-            "decay": 1.0 - self.lr * self.weight_decay if decoupled else 1.0,  # multiplies W
-        }
+        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps, "step_size": step_size,
+                "sqrt_bc2": sqrt_bc2, **weight_decay_scalars(self.lr, self.weight_decay, self.decoupled_weight_decay)}
 
     def rule(self, xp, p, g, state, s):
-        if s["l2"] != 0.0:
-            g = g + s["l2"] * p
-        if s["decay"] != 1.0:
-            p = p * s["decay"]
-        m = state["m"] + (1.0 - s["beta1"]) * (g - state["m"])
-        v = s["beta2"] * state["v"] + (1.0 - s["beta2"]) * g * g
+        p, g, m, v = moments(p, g, state, s)
         new = {"m": m, "v": v}
         if self.amsgrad:
             v = new["v_max"] = xp.maximum(state["v_max"], v)

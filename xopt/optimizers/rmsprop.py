@@ -36,6 +36,7 @@ class RMSprop(Optimizer):
         weight_decay: λ, L2 penalty added to the gradient.
     """
 
+    kernel = "rmsprop"  # the fused element rule (xopt/engines/kernels.py)
     lr = Hyper(non_negative)
     decay_rate = Hyper(unit_interval)
     eps = Hyper(non_negative)

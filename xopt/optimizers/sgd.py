@@ -39,6 +39,7 @@ class SGD(Optimizer):
         array([0.95, 0.95, 0.95])
     """
 
+    kernel = "sgd"  # the fused element rule (xopt/engines/kernels.py)
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
     dampening = Hyper(closed_unit_interval)
@@ -96,6 +97,7 @@ class Momentum(Optimizer):
         momentum: α.
     """
 
+    kernel = "momentum"
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
 
@@ -130,6 +132,8 @@ class Nesterov(Momentum):
         lr: learning rate η.
         momentum: α.
     """
+
+    kernel = "nesterov"
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g

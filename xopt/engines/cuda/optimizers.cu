@@ -104,20 +104,82 @@ XOPT_INLINE S xopt_rmsprop(S p, S g, S* h, S* g_avg, S* b, long long i, const S*
     return p - s[0] * g / d;
 }
 
+// Adam's, NAdam's and RAdam's weight decay (L2 or decoupled), then m and v, stored and returned in mi, vi:
+// 1 - beta1, beta2, 1 - beta2 in s[0..2], l2 and decay in s[6], s[7]
+template <typename S>
+XOPT_INLINE void xopt_moments(S& p, S& g, S& mi, S& vi, S* m, S* v, long long i, const S* s) {
+    if (s[6] != (S)0) g = g + s[6] * p;
+    if (s[7] != (S)1) p = p * s[7];
+    mi = m[i] + s[0] * (g - m[i]);
+    vi = s[1] * v[i] + s[2] * g * g;
+    m[i] = mi;
+    v[i] = vi;
+}
+
 // 4 Adam, AdamW: 1 - beta1, beta2, 1 - beta2, eps, step_size, sqrt_bc2, l2, decay, amsgrad
 template <typename S>
 XOPT_INLINE S xopt_adam(S p, S g, S* m, S* v, S* v_max, long long i, const S* s) {
-    if (s[6] != (S)0) g = g + s[6] * p;
-    if (s[7] != (S)1) p = p * s[7];
-    S mi = m[i] + s[0] * (g - m[i]);
-    S vi = s[1] * v[i] + s[2] * g * g;
-    m[i] = mi;
-    v[i] = vi;
+    S mi, vi;
+    xopt_moments(p, g, mi, vi, m, v, i, s);
     if (s[8] != (S)0) {
         vi = xopt_maximum(v_max[i], vi);
         v_max[i] = vi;
     }
     return p - s[4] * (mi / (xopt_sqrt(vi) / s[5] + s[3]));
+}
+
+// 5 AdaDelta: lr, rho, 1 - rho, eps, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_adadelta(S p, S g, S* msg, S* msdx, S*, long long i, const S* s) {
+    if (s[4] != (S)0) g = g + s[4] * p;
+    S msg_i = s[1] * msg[i] + s[2] * g * g;
+    msg[i] = msg_i;
+    S delta = xopt_sqrt(msdx[i] + s[3]) / xopt_sqrt(msg_i + s[3]) * g;
+    msdx[i] = s[1] * msdx[i] + s[2] * delta * delta;
+    return p - s[0] * delta;
+}
+
+// 6 Adamax: 1 - beta1, beta2, eps, clr, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_adamax(S p, S g, S* m, S* u, S*, long long i, const S* s) {
+    if (s[4] != (S)0) g = g + s[4] * p;
+    S mi = m[i] + s[0] * (g - m[i]);
+    S ui = xopt_maximum(s[1] * u[i], (g < (S)0 ? -g : g) + s[2]);
+    m[i] = mi;
+    u[i] = ui;
+    return p - s[3] * (mi / ui);
+}
+
+// 7 NAdam: 1 - beta1, beta2, 1 - beta2, eps, bias_correction2, g_step, l2, decay, m_step
+template <typename S>
+XOPT_INLINE S xopt_nadam(S p, S g, S* m, S* v, S*, long long i, const S* s) {
+    S mi, vi;
+    xopt_moments(p, g, mi, vi, m, v, i, s);
+    S d = xopt_sqrt(vi / s[4]) + s[3];
+    return p - s[5] * (g / d) - s[8] * (mi / d);
+}
+
+// 8 RAdam: 1 - beta1, beta2, 1 - beta2, eps, step_size, rectified, l2, decay
+template <typename S>
+XOPT_INLINE S xopt_radam(S p, S g, S* m, S* v, S*, long long i, const S* s) {
+    S mi, vi;
+    xopt_moments(p, g, mi, vi, m, v, i, s);
+    if (s[5] != (S)0) return p - s[4] * (mi / (xopt_sqrt(vi) + s[3]));
+    return p - s[4] * mi;
+}
+
+// sign as xp.sign: -1, 0 or 1, NaN for NaN, +0 for -0
+template <typename S>
+XOPT_INLINE S xopt_sign(S x) { return x > (S)0 ? (S)1 : (x < (S)0 ? (S)-1 : x - x); }
+
+// 9 Lion: lr, beta1, 1 - beta1, 1 - beta2, beta2, weight_decay
+template <typename S>
+XOPT_INLINE S xopt_lion(S p, S g, S* m, S*, S*, long long i, const S* s) {
+    S mi = m[i];
+    S update = xopt_sign(s[2] * g + s[1] * mi);
+    if (s[5] != (S)0) update = update + s[5] * p;
+    m[i] = s[3] * g + s[4] * mi;
+    return p - s[0] * update;
 }
 
 template <int RULE, typename S>
@@ -126,7 +188,12 @@ XOPT_INLINE S xopt_rule(S p, S g, S* b0, S* b1, S* b2, long long i, const S* s) 
     if (RULE == 1) return xopt_momentum(p, g, b0, b1, b2, i, s);
     if (RULE == 2) return xopt_adagrad(p, g, b0, b1, b2, i, s);
     if (RULE == 3) return xopt_rmsprop(p, g, b0, b1, b2, i, s);
-    return xopt_adam(p, g, b0, b1, b2, i, s);
+    if (RULE == 4) return xopt_adam(p, g, b0, b1, b2, i, s);
+    if (RULE == 5) return xopt_adadelta(p, g, b0, b1, b2, i, s);
+    if (RULE == 6) return xopt_adamax(p, g, b0, b1, b2, i, s);
+    if (RULE == 7) return xopt_nadam(p, g, b0, b1, b2, i, s);
+    if (RULE == 8) return xopt_radam(p, g, b0, b1, b2, i, s);
+    return xopt_lion(p, g, b0, b1, b2, i, s);
 }
 
 // -- the kernel: block b updates chunk blocks[2b + 1] of tensor blocks[2b] -----------------------

@@ -1,0 +1,57 @@
+"""Lion: the sign of an interpolated momentum, one state buffer."""
+
+from __future__ import annotations
+
+from .._hyper import Hyper, non_negative, unit_interval
+from ..optimizer import Optimizer
+
+__all__ = ["Lion"]
+
+
+class Lion(Optimizer):
+    r"""Lion, "EvoLved Sign Momentum" (Chen et al. 2023), with optax.lion's numbers.
+
+    In plain text::
+
+        c ← β₁m + (1 − β₁)g;  W ← W − η(sign(c) + λW);  m ← β₂m + (1 − β₂)g
+
+    .. math::
+        c &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        W &\leftarrow W - \eta\, (\operatorname{sign}(c) + \lambda W) \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2) g
+
+    Every element moves by ±η (0 where c is 0), so η is typically 3-10x smaller than AdamW's and
+    λ 3-10x larger.  One buffer, m: a float32 step reads p, g, m and writes p, m, 20 bytes an
+    element to Adam's 28.  The weight decay is decoupled, as in the paper and optax.
+
+    Args:
+        lr: learning rate η.
+        beta1: β1, how much of m the sign sees, in [0, 1).
+        beta2: β2, decay rate of m, in [0, 1).
+        weight_decay: λ, decoupled: W shrinks by ηλW each step.
+
+    References:
+        Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023, arXiv:2302.06675.
+    """
+
+    kernel = "lion"
+    lr = Hyper(non_negative)
+    beta1 = Hyper(unit_interval)
+    beta2 = Hyper(unit_interval)
+    weight_decay = Hyper(non_negative)
+
+    def __init__(self, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, **options):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, **options)
+
+    def buffers(self):
+        return ("m",)
+
+    def scalars(self, step):
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "weight_decay": self.weight_decay}
+
+    def rule(self, xp, p, g, state, s):
+        m = state["m"]
+        update = xp.sign((1.0 - s["beta1"]) * g + s["beta1"] * m)
+        if s["weight_decay"] != 0.0:
+            update = update + s["weight_decay"] * p
+        return p - s["lr"] * update, {"m": (1.0 - s["beta2"]) * g + s["beta2"] * m}

@@ -1,0 +1,106 @@
+"""NAdam: Adam with Nesterov momentum and a momentum schedule."""
+
+from __future__ import annotations
+
+from .._hyper import Hyper, flag, non_negative, unit_interval
+from ..optimizer import Optimizer
+from .adam import moments, weight_decay_scalars
+
+__all__ = ["NAdam"]
+
+_KEEP = 8  # steps of products kept below the latest asked for
+
+
+class NAdam(Optimizer):
+    r"""NAdam (Dozat 2016), with torch.optim.NAdam's options and numbers.
+
+    In plain text::
+
+        g ← g + λW;  μₜ = β₁(1 − ½·0.96^(tψ)),  Πₜ = μ₁⋯μₜ;  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;
+        d = √(v / (1 − β₂ᵗ)) + ε;  W ← W − η(1 − μₜ)/(1 − Πₜ) · g/d − η μₜ₊₁/(1 − Πₜμₜ₊₁) · m/d
+
+    .. math::
+        g &\leftarrow g + \lambda W \quad\text{(or, decoupled: } W \leftarrow (1 - \eta\lambda) W) \\
+        \mu_t &= \beta_1 \left(1 - \tfrac12\, 0.96^{t \psi}\right), \quad
+            \Pi_t = \textstyle\prod_{k \le t} \mu_k \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \quad v \leftarrow \beta_2 v + (1 - \beta_2) g \odot g \\
+        d &= \sqrt{v / (1 - \beta_2^t)} + \epsilon \\
+        W &\leftarrow W - \eta \frac{1 - \mu_t}{1 - \Pi_t} \frac{g}{d}
+            - \eta \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m}{d}
+
+    ψ is ``momentum_decay``.  μ_t, Π_t (torch's per-param ``mu_product``) and the bias correction
+    are per-step numbers, computed on the host; the kernels get the two step sizes.  Π_t is a
+    function of the param's step count t: it is computed as torch accumulates it (Π_t = Π_{t-1} μ_t,
+    in float64) rather than kept, so a state_dict holds it through the step count.  The one
+    difference from torch: if beta1 or momentum_decay change during training, Π_t is the product
+    under the new values (torch's keeps the old factors).
+
+    Args:
+        lr: learning rate η.
+        beta1, beta2: decay rates of m and v, in [0, 1).
+        eps: ε, added to the root.
+        weight_decay: λ, L2 penalty added to the gradient, or decoupled (see below).
+        momentum_decay: ψ, how fast μ_t rises to β1.
+        decoupled_weight_decay: decay W directly, as AdamW does (torch's NAdamW).
+
+    References:
+        Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
+    """
+
+    kernel = "nadam"
+    lr = Hyper(non_negative)
+    beta1 = Hyper(unit_interval)
+    beta2 = Hyper(unit_interval)
+    eps = Hyper(non_negative)
+    weight_decay = Hyper(non_negative)
+    momentum_decay = Hyper(non_negative)
+    decoupled_weight_decay = Hyper(flag)
+
+    def __init__(self, lr=0.002, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=0.004,
+                 decoupled_weight_decay=False, **options):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, **options)
+
+    def buffers(self):
+        return ("m", "v")
+
+    def _mu(self, step):
+        return self.beta1 * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
+
+    def mu_product(self, step) -> float:
+        """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order (the same bits however it is reached).
+
+        The last few products are kept to go on from: a step multiplies once per param step count
+        (params whose counts differ, one having missed a step, each go on from their own).
+        """
+        key = (self.beta1, self.momentum_decay)
+        kept_key, kept = self.__dict__.get("_mu_products", (None, {}))
+        if kept_key != key:
+            kept = {0: 1.0}
+        t = max(k for k in kept if k <= step)
+        product = kept[t]
+        while t < step and product != 0.0:  # 0.0 (underflowed, after some 7000 steps at beta1=0.9) stays 0.0
+            t += 1
+            product *= self._mu(t)
+        kept = {k: v for k, v in kept.items() if k >= step - _KEEP or k == 0}
+        kept[step] = product
+        self._mu_products = (key, kept)
+        return product
+
+    def scalars(self, step):
+        mu, mu_next = self._mu(step), self._mu(step + 1)
+        mu_product = self.mu_product(step)
+        return {
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "bias_correction2": 1.0 - self.beta2**step,
+            "g_step": self.lr * (1.0 - mu) / (1.0 - mu_product),  # the step along g
+            "m_step": self.lr * mu_next / (1.0 - mu_product * mu_next),  # the step along m
+            **weight_decay_scalars(self.lr, self.weight_decay, self.decoupled_weight_decay),
+        }
+
+    def rule(self, xp, p, g, state, s):
+        p, g, m, v = moments(p, g, state, s)
+        d = xp.sqrt(v / s["bias_correction2"]) + s["eps"]
+        return p - s["g_step"] * (g / d) - s["m_step"] * (m / d), {"m": m, "v": v}
