@@ -1,4 +1,7 @@
-"""The README's example: linear regression with a dict of params, trained by xopt's Adam."""
+"""The README's example: linear regression with a dict of params, trained by xopt's Adam.
+
+    python examples/quickstart.py
+"""
 
 import numpy as np
 

@@ -68,3 +68,13 @@ def backend(request):
 def rng(request):
     """A generator seeded from the test's id: fresh inputs per test, the same on every run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def torch_float64():
+    """torch's default dtype float64 for a test: torch keeps some per-step scalars (NAdam's mu_product) in it."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

@@ -16,6 +16,7 @@ from .optimizers.radam import RAdam
 from .optimizers.rmsprop import RMSprop
 from .optimizers.sgd import SGD, Momentum, Nesterov
 from ._threads import get_num_threads, set_num_threads
+from . import schedules
 from .state_io import load_state, save_state
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_state",
     "set_num_threads",
     "get_num_threads",
+    "schedules",
 ]
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from ._inputs import describe
 from ._plan import FusedPlan, ReferencePlan
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan", "takes_clip"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -98,9 +98,25 @@ def _partition(items, test):
 def select(opt, entries):
     """[(apply function, its entries)] for this step; raises (before any write) if impl can't be honoured.
 
-    The reference goes first: it is the path that could still fail halfway (an array library
-    out of memory), so a failure there leaves the fused groups, which cannot, unwritten.
+    Each group's entries share one hyperparameter set (``Entry.opt``, the optimizer itself where
+    it is None): an engine takes one set per call.  The reference goes first: it is the path that
+    could still fail halfway (an array library out of memory), so a failure there leaves the
+    fused groups, which cannot, unwritten.
     """
+    by_view = {}
+    for e in entries:
+        if e.opt is None:
+            e.opt = opt
+        by_view.setdefault(id(e.opt), []).append(e)
+    first, then = [], []
+    for group in by_view.values():
+        paths = _select(group[0].opt, group)
+        first += [p for p in paths if p[0] is apply_reference]
+        then += [p for p in paths if p[0] is not apply_reference]
+    return first + then
+
+
+def _select(opt, entries):
     paths = []
     dask_engine = _fused_dask()
     if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
@@ -126,11 +142,22 @@ def select(opt, entries):
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
+def takes_clip(apply) -> bool:
+    """Whether ``apply`` scales the grads by ``Entry.clip`` itself (else the step hands it scaled copies)."""
+    if apply is apply_reference:
+        return True
+    cpu = _fused_cpu()
+    return cpu is not None and apply is cpu.apply and getattr(cpu, "CLIPS", False)
+
+
 def plan(opt, params, entries, paths):
     """A fast path for the next step if this one can repeat without per-param checks, else None."""
-    if not entries or len(paths) != 1:
+    if not entries or any(e.unbox is not None for e in entries):  # a number param is a new object each step
         return None
-    apply, _ = paths[0]
+    applies = {apply for apply, _ in paths}
+    if len(applies) != 1:
+        return None
+    apply = applies.pop()
     if apply is apply_reference:
         return ReferencePlan.build(opt, params, entries)
     for engine, _ in _engines(opt):

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of"]
+__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of", "optional_positive",
+           "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides"]
+
+SCHEDULABLE = ("lr",)  # may be a schedule: a callable f(count) -> value
+GLOBAL = ("skip_nonfinite", "clip_grad_norm", "state_dtype")  # one value for the whole step: no override
 
 
 def _real(name, value) -> float:
@@ -50,6 +54,16 @@ def flag(name, value) -> bool:
     return value
 
 
+def optional_positive(name, value):
+    """None (off) or a real number > 0."""
+    if value is None:
+        return None
+    value = _real(name, value)
+    if value <= 0.0:
+        raise ValueError(f"{name} must be None or > 0, got {value!r}")
+    return value
+
+
 def one_of(*choices):
     def check(name, value):
         if value not in choices:
@@ -75,7 +89,8 @@ class Hyper:
         return obj._hyper[self.name]
 
     def __set__(self, obj, value):
-        value = self.check(self.name, value)
+        value = check_value(self, value)
+        obj.__dict__["_version"] = obj.__dict__.get("_version", 0) + 1  # cached override sets are rebuilt
         hyper = obj.__dict__.setdefault("_hyper", {})
         old = hyper.get(self.name, _MISSING)
         hyper[self.name] = value
@@ -88,3 +103,42 @@ class Hyper:
 
 
 _MISSING = object()
+
+
+def check_value(hyper, value, where=""):
+    """``value`` checked for the hyperparameter ``hyper``; a schedule where one is allowed (its value at count 0
+    is checked: a schedule that cannot give a first value fails here, not at the first step)."""
+    name = where + hyper.name
+    if hyper.name in SCHEDULABLE and callable(value):
+        hyper.check(f"{name}(0)", value(0))
+        return value
+    return hyper.check(name, value)
+
+
+def check_overrides(opt, overrides) -> dict:
+    """``overrides`` (pattern -> {hyperparameter: value}) checked as constructor arguments are: a new dict."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict (pattern -> {{hyperparameter: value}}), got "
+                        f"{type(overrides).__name__}")
+    cls = type(opt)
+    allowed = [n for n in opt._hyper if n not in GLOBAL]
+    checked = {}
+    for pattern, values in overrides.items():
+        if isinstance(pattern, bool) or not isinstance(pattern, (str, int)):
+            raise TypeError(f"overrides: a pattern is a str (an fnmatch glob over dict keys) or an int (a list "
+                            f"index), got {pattern!r}")
+        if not isinstance(values, dict):
+            raise TypeError(f"overrides[{pattern!r}] must be a dict of hyperparameters, got {type(values).__name__}")
+        out = {}
+        for name, value in values.items():
+            if name in GLOBAL:
+                raise ValueError(f"overrides[{pattern!r}]: {name} applies to the whole step, not per param; "
+                                 f"pass it to {cls.__name__}() itself")
+            if name not in allowed:
+                raise TypeError(f"overrides[{pattern!r}]: {cls.__name__} has no hyperparameter {name!r} "
+                                f"(it has {', '.join(allowed)})")
+            out[name] = check_value(getattr(cls, name), value, where=f"overrides[{pattern!r}].")
+        checked[pattern] = out
+    return checked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["Entry", "collect", "describe", "check_overlaps"]
+__all__ = ["Entry", "collect", "describe", "check_overlaps", "param_keys"]
 
 
 @dataclass
@@ -25,6 +26,14 @@ class Entry:
     rebind: bool = False  # immutable array: the container entry gets the new array
     state: dict = field(default=None)
     scalars: dict = field(default=None)
+    opt: Any = None  # the optimizer as this param's hyperparameters make it (see Optimizer._at)
+    unbox: Any = None  # a Python float or NumPy scalar param: p is a 0-d copy, unbox(p) the new value
+    clip: Any = None  # clip_grad_norm: the scale the rule applies to g (engines that take it), else None
+
+
+def param_keys(params) -> list:
+    """The names of ``params``: dict keys, or list indices."""
+    return list(params) if isinstance(params, Mapping) else list(range(len(params)))
 
 
 def describe(key) -> str:
@@ -54,6 +63,22 @@ def _items(params, grads):
                     f"got {type(params).__name__}")
 
 
+def _is_scalar(x) -> bool:
+    """A Python float or a NumPy floating scalar: a number the book's scripts keep as a param."""
+    return isinstance(x, (float, np.floating)) and not isinstance(x, bool)
+
+
+def _boxed(p, g):
+    """(0-d array copy of the scalar p, g as an array, how to turn the new p back into p's kind)."""
+    if isinstance(p, np.floating):
+        box, unbox = np.array(p), operator.itemgetter(())  # a NumPy scalar of p's dtype
+    else:
+        box, unbox = np.array(p, dtype=np.float64), float
+    if isinstance(g, (int, float, np.number)) and not isinstance(g, bool):
+        g = np.asarray(g, dtype=box.dtype if isinstance(g, (int, float)) else None)
+    return box, g, unbox
+
+
 def _check_pair(key, p, g):
     name = describe(key)
     for what, x in ((f"param {name}", p), (f"grad of param {name}", g)):
@@ -61,7 +86,9 @@ def _check_pair(key, p, g):
             raise TypeError(f"{what} is a NumPy masked array; xopt does not apply masks (the fused kernels "
                             "would read the masked values): pass np.ma.getdata(x) or x.filled(value)")
     if not array_api_compat.is_array_api_obj(p):
-        raise TypeError(f"param {name} is not an array (got {type(p).__name__})")
+        raise TypeError(_not_a_param(name, p))
+    if isinstance(g, (int, float, np.number)) and not isinstance(g, bool) and isinstance(p, np.ndarray):
+        g = np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None)  # a number for a 0-d param
     if not array_api_compat.is_array_api_obj(g):
         raise TypeError(f"grad of param {name} is not an array (got {type(g).__name__})")
     try:
@@ -78,7 +105,11 @@ def _check_pair(key, p, g):
                          f"{tuple(p.shape)} (xopt never broadcasts)")
     if _backend.device(p) != _backend.device(g):
         raise ValueError(f"param {name} is on {_backend.device(p)} but its grad is on {_backend.device(g)}")
-    return xp
+    return xp, g
+
+
+def _not_a_param(name, p) -> str:
+    return f"param {name} is not an array (got {type(p).__name__}); params are arrays or Python floats"
 
 
 def collect(params, grads) -> list[Entry]:
@@ -86,6 +117,8 @@ def collect(params, grads) -> list[Entry]:
     items, fixed_container = _items(params, grads)
     seen = {}
     for key, p, _ in items:
+        if _is_scalar(p):  # a number is never written in place: two keys may name one float object
+            continue
         if id(p) in seen:  # tied weights: two updates of one array, a race in a parallel kernel
             raise ValueError(f"params {describe(seen[id(p)])} and {describe(key)} are the same array; "
                              "pass each array once")
@@ -93,10 +126,16 @@ def collect(params, grads) -> list[Entry]:
     entries = []
     for key, p, g in items:
         if g is None:
-            if not array_api_compat.is_array_api_obj(p):
-                raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
+            if not (array_api_compat.is_array_api_obj(p) or _is_scalar(p)):
+                raise TypeError(_not_a_param(describe(key), p))
             continue
-        xp = _check_pair(key, p, g)
+        unbox = None
+        if _is_scalar(p):  # updated by rebinding, as the seed's `params[key] -= ...` does
+            if fixed_container:
+                raise TypeError(f"param {describe(key)} is a number in a {type(params).__name__}; pass a dict "
+                                "or a list so it can be replaced")
+            p, g, unbox = _boxed(p, g)
+        xp, g = _check_pair(key, p, g)
         rebind = False
         if not _backend.is_writable(p):
             if not _backend.can_rebind_only(p):
@@ -105,7 +144,7 @@ def collect(params, grads) -> list[Entry]:
                 raise TypeError(f"param {describe(key)} is an immutable {_backend.library_name(p)} array "
                                 f"in a {type(params).__name__}; pass a dict or a list so it can be replaced")
             rebind = True
-        entries.append(Entry(key, p, g, xp, rebind))
+        entries.append(Entry(key, p, g, xp, rebind, unbox=unbox))
     return entries
 
 

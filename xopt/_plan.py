@@ -14,7 +14,8 @@ What it proves each step, before anything is written (everything the general pat
 - the same state: ``opt.state``'s dict of every param is the one the plan was built on, and
   holds the same buffer objects (a buffer replaced or deleted, a param's state reset: declined),
   every step count what the plan counted;
-- the same configuration: ``impl``, the buffers kept, ``state_dtype``, no ``skip_nonfinite``;
+- the same configuration: ``impl``, the buffers kept, ``state_dtype``, ``skip_nonfinite`` (planned only
+  with ``clip_grad_norm``, whose norm finds a non-finite grad), clipping on or off;
 - grads of the type, dtype and shape (and device) of the first step's, sharing no byte with a
   param or a state buffer.  The fused engines' ``Table.run`` vouches again, from each array's
   own struct, for the addresses it hands its kernel (see :mod:`xopt.engines.fused_cpu`).
@@ -25,13 +26,14 @@ holds can be reused by another object.
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 from collections.abc import Mapping
 from itertools import chain
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _clip
 
 __all__ = ["Plan", "FusedPlan", "ReferencePlan"]
 
@@ -40,9 +42,26 @@ _numpy_sig = operator.attrgetter("dtype", "shape")
 _sig = operator.attrgetter("dtype", "shape", "device")
 
 
+SKIPPED = "skipped"  # what _run returns for a step skip_nonfinite skipped
+
+
 def config(opt):
     """What fixes the kernel and the buffers of a step: a change ends the plan."""
-    return opt.impl, opt.buffers(), opt._hyper.get("state_dtype"), opt.skip_nonfinite
+    return (opt.impl, tuple(view.buffers() for view, _ in opt._groups()), opt._hyper.get("state_dtype"),
+            opt.skip_nonfinite, opt.clip_grad_norm is None)
+
+
+def _config_key(opt):
+    return opt.__dict__.get("_version", 0), opt.impl
+
+
+def _views(opt, groups, steps):
+    """{(group, step): (view, its scalars for the step after ``step``)} for the params of a step."""
+    out = {}
+    for key in set(zip(groups, steps)):
+        view = opt._at(*key)
+        out[key] = (view, view.scalars(key[1] + 1))
+    return out
 
 
 class Plan:
@@ -55,11 +74,14 @@ class Plan:
         self.keys = [e.key for e in entries]
         self.arrays = [e.p for e in entries]
         self.config = config(opt)
+        self.config_key = _config_key(opt)  # while it holds, so does config (hyperparameters unset since)
+        self.scheduled = any(scheduled for _, scheduled in opt._groups())
         self.state_root = opt.state
         self.states = [e.state for e in entries]
         self.getters = [operator.itemgetter(name) for name in opt.buffers()]
         self.held = [list(map(get, self.states)) for get in self.getters]  # held: compared by identity
         self.steps = [e.state["step"] for e in entries]
+        self.groups = [opt._group_of(e.key) for e in entries]  # which hyperparameter set each param takes
         self.grad_type = type(entries[0].g)
         numpy = all(type(e.p).__module__ == "numpy" for e in entries)
         self.sig = _numpy_sig if numpy else _sig
@@ -68,7 +90,7 @@ class Plan:
 
     def try_step(self, opt, params, grads) -> bool:
         n = len(self.keys)
-        if params is not self.container or config(opt) != self.config or opt.state is not self.state_root:
+        if params is not self.container or not self._same_config(opt) or opt.state is not self.state_root:
             return False
         if len(params) != n or len(grads) != n:
             return False
@@ -99,9 +121,22 @@ class Plan:
                 return False
         except KeyError:  # a buffer or a step count deleted
             return False
-        if not self._run(opt, gs):
+        ran = self._run(opt, gs)
+        if ran is SKIPPED:
+            return True  # handled: skip_nonfinite found a non-finite norm, and nothing was written
+        if not ran:
             return False
         self._count()
+        opt.iter += 1
+        return True
+
+    def _same_config(self, opt) -> bool:
+        key = _config_key(opt)
+        if key == self.config_key:
+            return True
+        if config(opt) != self.config:  # a hyperparameter was set: only what fixes kernel and buffers counts
+            return False
+        self.config_key = key
         return True
 
     def _same_steps(self) -> bool:
@@ -114,28 +149,55 @@ class Plan:
 
 
 class FusedPlan(Plan):
-    """One fused engine's :class:`Table` over every param: a step is one kernel call."""
+    """One fused engine's :class:`Table` per hyperparameter set: a step is one kernel call per set.
+
+    With more than one set, or with ``clip_grad_norm``, every table vouches for its arrays before
+    any is written (the engine's ``Table.vouch``/``launch``); the norm is one more compiled pass.
+    """
 
     check_params = False  # Table.run vouches for every param's address, dtype, shape and flags
 
     @classmethod
     def build(cls, engine, opt, params, entries):
-        if not entries or len(entries) != len(params) or not engine.supports(opt) or opt.skip_nonfinite:
+        if not entries or len(entries) != len(params) or not engine.supports(opt):
+            return None
+        if opt.skip_nonfinite and opt.clip_grad_norm is None:  # the norm's pass is what finds a non-finite grad
             return None
         dtype, step = entries[0].p.dtype, entries[0].state["step"]
         for e in entries:
-            if not (engine.accepts(opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype
+            if not (engine.accepts(e.opt, e) and e.p.flags.c_contiguous and e.p.dtype == dtype
                     and e.state["step"] == step):
                 return None
         if dtype.name not in engine.PLAN_DTYPES or len({engine.device_of(e.p) for e in entries}) != 1:
             return None  # a table spans one device
+        split = hasattr(engine.Table, "vouch")
+        if opt.clip_grad_norm is not None and not (split and getattr(engine, "CLIPS", False)):
+            return None
+        if len({opt._group_of(e.key) for e in entries}) > 1 and not split:
+            return None
         return cls(engine, opt, params, entries)
 
     def __init__(self, engine, opt, params, entries):
         super().__init__(opt, params, entries)
         self.engine = engine
         self.step = entries[0].state["step"]
-        self.table = engine.Table(opt, self.arrays, self.states, entries[0].p.dtype)
+        at = {}
+        for i, group in enumerate(self.groups):
+            at.setdefault(group, []).append(i)
+        self.views_key = None
+        self.tables = []  # (group, table, picks its grads from the step's)
+        for group, idx in at.items():
+            table = engine.Table(entries[idx[0]].opt, [self.arrays[i] for i in idx], [self.states[i] for i in idx],
+                                 entries[0].p.dtype)
+            pick = None if len(at) == 1 else (lambda gs, idx=idx: list(map(gs.__getitem__, idx)))
+            self.tables.append((group, table, pick))
+
+    def _views(self, opt):
+        """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""
+        if self.scheduled or self.views_key != self.config_key:
+            self.views = [opt._at(group, self.step) for group, _, _ in self.tables]
+            self.views_key = None if self.scheduled else self.config_key
+        return self.views
 
     def _same_steps(self) -> bool:  # one step count for all
         return list(map(_step_of, self.states)).count(self.step) == len(self.states)
@@ -146,9 +208,25 @@ class FusedPlan(Plan):
             st["step"] = step
 
     def _run(self, opt, gs):
-        # The table checks the grads' type, layout, dtype and overlap itself, from the arrays' own structs.
-        if not self.table.run(opt, gs, opt.scalars(self.step + 1)):
-            return False
+        # The tables check the grads' type, layout, dtype and overlap themselves, from the arrays' own structs.
+        views = self._views(opt)  # a schedule's error: before any write
+        if len(self.tables) == 1 and opt.clip_grad_norm is None:
+            (_, table, _), view = self.tables[0], views[0]
+            if not table.run(view, gs, view.scalars(self.step + 1)):
+                return False
+        else:
+            grads = [gs if pick is None else pick(gs) for _, _, pick in self.tables]
+            if not all(table.vouch(g) for (_, table, _), g in zip(self.tables, grads)):
+                return False
+            factor = None
+            if opt.clip_grad_norm is not None:
+                opt.last_grad_norm = math.sqrt(sum(table.sum_squares() for _, table, _ in self.tables))
+                if opt.skip_nonfinite and not math.isfinite(opt.last_grad_norm):
+                    opt.skipped_steps += 1
+                    return SKIPPED
+                factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
+            for (_, table, _), view in zip(self.tables, views):
+                table.launch(view, view.scalars(self.step + 1), factor)
         self.step += 1
         return True
 
@@ -209,9 +287,13 @@ class ReferencePlan(Plan):
             return False
         from ._dispatch import apply_reference  # at call time: tests replace it
 
-        scalars = {step: opt.scalars(step + 1) for step in set(self.steps)}
-        for e, g, step in zip(self.entries, gs, self.steps):
-            e.g, e.scalars = g, scalars[step]
+        views = _views(opt, self.groups, self.steps)
+        factor = None
+        if opt.clip_grad_norm is not None:
+            opt.last_grad_norm = _clip.global_norm(gs)
+            factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
+        for e, g, key in zip(self.entries, gs, zip(self.groups, self.steps)):
+            e.g, (e.opt, e.scalars), e.clip = g, views[key], factor
         apply_reference(opt, self.entries)
         held = [list(map(get, self.states)) for get in self.getters]
         if not all(all(map(operator.is_, now, before)) for now, before in zip(held, self.held)):

@@ -8,12 +8,14 @@ API.  That rule is the reference: every fused path is tested against it.
 
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import numbers
 
-from . import _backend, _dispatch
+from . import _backend, _clip, _dispatch
 from ._atomic import StepGuard
-from ._hyper import Hyper, flag
-from ._inputs import check_overlaps, collect, describe
+from ._hyper import Hyper, check_overrides, flag, optional_positive
+from ._inputs import check_overlaps, collect, describe, param_keys
 
 __all__ = ["Optimizer"]
 
@@ -22,37 +24,71 @@ class Optimizer:
     """Base class: see the subclasses for the update rules.
 
     Args common to every optimizer (keyword only):
+        overrides: ``{pattern: {hyperparameter: value}}``, hyperparameters for some params:
+            ``pattern`` is an ``fnmatch`` glob matched against dict keys (case-sensitive) or an
+            int matching that list index; the first pattern that matches a param wins; params
+            no pattern matches use the optimizer's own values.  Example:
+            ``AdamW(weight_decay=0.01, overrides={"b*": {"weight_decay": 0.0}})``.  A pattern
+            that matches no param at the first update raises ValueError.
+        clip_grad_norm: None, or ``max_norm``: before the rule, every grad of the step is
+            scaled by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` the L2 norm over all
+            grads of the step, as ``torch.nn.utils.clip_grad_norm_`` then the step does.  The
+            grad arrays passed in are not modified; ``opt.last_grad_norm`` holds the norm.
         skip_nonfinite: when True, a step in which any gradient holds a NaN or an
             Inf changes nothing (params, state, step counts) and is counted in
             ``skipped_steps``.  Default False: non-finite values propagate, as in
-            the seed and torch.optim.
+            the seed and torch.optim.  With ``clip_grad_norm`` the norm decides.
         impl: ``"auto"`` (the fastest path available for each array),
             ``"reference"`` (the array-API rule) or ``"fused"`` (require a fused
             kernel; raises if none can be had).
+
+    Schedules: ``lr`` (an override's too) may be a function ``f(count) -> lr``, ``count`` the
+    number of updates already applied to the param (0 on its first step), as in optax; see
+    :mod:`xopt.schedules`.  ``opt.lr`` gives back what was set, ``opt.current_lr(key)`` the
+    value the next step of param ``key`` uses.
     """
 
     skip_nonfinite = Hyper(flag)
+    clip_grad_norm = Hyper(optional_positive)
 
-    def __init__(self, *, skip_nonfinite=False, impl="auto", **hyperparameters):
+    def __init_subclass__(cls, **kwargs):
+        """help(SomeOptimizer) shows the arguments every optimizer takes: in its signature and its docstring."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+            common = [p for p in inspect.signature(Optimizer.__init__).parameters.values()
+                      if p.kind is p.KEYWORD_ONLY]
+            init.__signature__ = inspect.signature(init).replace(parameters=own + common)
+        if cls.__doc__ and "Args common to every optimizer" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n    " + _COMMON_ARGS
+
+    def __init__(self, *, skip_nonfinite=False, clip_grad_norm=None, impl="auto", overrides=None,
+                 **hyperparameters):
         self._constructing = True
         self._hyper = {}
         for name, value in hyperparameters.items():
             if not isinstance(getattr(type(self), name, None), Hyper):
-                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+                raise TypeError(_unexpected(type(self).__name__, name))
             setattr(self, name, value)
         self.skip_nonfinite = skip_nonfinite
+        self.clip_grad_norm = clip_grad_norm
         self._constructing = False
         self._check_hyperparameters()
+        self._overrides = check_overrides(self, overrides)
+        self._reset_groups()
+        self._groups()  # each override's hyperparameters checked together, as the optimizer's own are
         self.impl = _dispatch.check_impl(impl, self)
         self.state = {}  # param key -> {"step": int, buffer name -> array}
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
+        self.last_grad_norm = None  # with clip_grad_norm: the norm of the last step's grads
         self._plan = None  # the fast path of a step that repeats (see _dispatch.plan)
         self._guard = StepGuard()  # one step at a time; Ctrl-C between steps (see _atomic)
 
     def __getstate__(self):  # copy/pickle: the plan (ids of this process's arrays) and the lock stay behind
         state = dict(self.__dict__)
-        state["_plan"], state["_guard"] = None, None
+        state["_plan"], state["_guard"], state["_group_cache"] = None, None, None
         return state
 
     def __setstate__(self, state):
@@ -81,11 +117,85 @@ class Optimizer:
 
     # -- the public API ---------------------------------------------------------------
     def hyperparameters(self) -> dict:
-        return {k: v for k, v in self._hyper.items() if k != "skip_nonfinite"}
+        """The rule's hyperparameters (not the step's options skip_nonfinite and clip_grad_norm)."""
+        return {k: v for k, v in self._hyper.items() if k not in ("skip_nonfinite", "clip_grad_norm")}
+
+    @property
+    def overrides(self) -> dict:
+        """The per-param hyperparameters: {pattern: {name: value}} (a copy)."""
+        return {pattern: dict(values) for pattern, values in self._overrides.items()}
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({args})"
+        args = [f"{k}={v!r}" for k, v in self.hyperparameters().items()]
+        if self.clip_grad_norm is not None:
+            args.append(f"clip_grad_norm={self.clip_grad_norm!r}")
+        if self._overrides:
+            args.append(f"overrides={self._overrides!r}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def current_lr(self, key) -> float:
+        """The learning rate the next step of param ``key`` uses (its override's, its schedule's value)."""
+        st = self.state.get(key)
+        return self._at(self._group_of(key), int(st["step"]) if st else 0).lr
+
+    # -- hyperparameter sets: the optimizer's own (group 0) and each override's (group i + 1) --------
+    def _reset_groups(self):
+        self._group_index = {}  # param key -> its group
+        self._patterns_checked = False
+        self._group_cache = None
+
+    def _groups(self):
+        """[(view, scheduled)] per group, rebuilt when a hyperparameter is set: ``view`` is an optimizer
+        that reads the group's hyperparameters (``self`` for group 0), ``scheduled`` whether its lr is one."""
+        version = (self.__dict__.get("_version", 0), self.__dict__.get("impl"))  # views copy impl too
+        if self._group_cache is not None and self._group_cache[0] == version:
+            return self._group_cache[1]
+        groups = [(self, callable(self._hyper.get("lr")))]
+        for pattern, values in self._overrides.items():
+            view = self._view({**self._hyper, **values})
+            try:
+                view._check_hyperparameters()
+            except ValueError as exc:
+                raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
+            groups.append((view, callable(view._hyper.get("lr"))))
+        self._group_cache = (version, groups)
+        return groups
+
+    def _view(self, hyper):
+        """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.__dict__["_hyper"] = hyper
+        return view
+
+    def _at(self, group, count):
+        """The view of ``group`` for a param with ``count`` updates applied: its schedule read at ``count``."""
+        view, scheduled = self._groups()[group]
+        if not scheduled:
+            return view
+        schedule = view._hyper["lr"]
+        where = "lr" if group == 0 else f"overrides[{list(self._overrides)[group - 1]!r}].lr"
+        lr = type(self).lr.check(f"{where} at count {count} ({schedule!r})", schedule(count))
+        return self._view({**view._hyper, "lr": lr})
+
+    def _group_of(self, key) -> int:
+        group = self._group_index.get(key)
+        if group is None:
+            group = next((i + 1 for i, pattern in enumerate(self._overrides) if _matches(pattern, key)), 0)
+            self._group_index[key] = group
+        return group
+
+    def _check_patterns(self, params):
+        """At the first update: every override pattern must match some param."""
+        if self._patterns_checked or not self._overrides:
+            return
+        keys = param_keys(params)
+        for pattern in self._overrides:
+            if not any(_matches(pattern, k) for k in keys):
+                names = ", ".join(map(describe, keys[:10])) + (", ..." if len(keys) > 10 else "")
+                raise ValueError(f"overrides pattern {pattern!r} matches no param (the params are {names}); "
+                                 "a str pattern is an fnmatch glob over dict keys, an int a list index")
+        self._patterns_checked = True
 
     def __getattr__(self, name):
         # The seed's attributes: Adam.m, Adam.v, AdaGrad.h, ... as {key: buffer}, None before the first step.
@@ -106,34 +216,51 @@ class Optimizer:
         self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        if self._plan is not None and self._plan.try_step(self, params, grads):
-            self.iter += 1
+        if self._plan is not None and self._plan.try_step(self, params, grads):  # counts iter itself
             return
         self._plan = None
         entries = collect(params, grads)
+        self._check_patterns(params)
+        views = {}  # (group, count) -> the view its params step with
         for e in entries:
+            count = self._check_step(e)
+            group = self._group_of(e.key)
+            view = views.get((group, count))
+            if view is None:
+                view = views[group, count] = self._at(group, count)
+            e.opt = view
             self._check_state(e)
         check_overlaps(self._named_arrays(entries))
-        if self.skip_nonfinite and not all(_all_finite(e) for e in entries):
+        scale = None
+        if self.clip_grad_norm is not None:
+            self.last_grad_norm = _clip.global_norm([e.g for e in entries])
+            if self.skip_nonfinite and not _clip.is_finite(self.last_grad_norm):
+                self.skipped_steps += 1
+                return
+            scale = _clip.scale(self.last_grad_norm, self.clip_grad_norm)
+        elif self.skip_nonfinite and not all(_all_finite(e) for e in entries):
             self.skipped_steps += 1
             return
         paths = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
+        if scale is not None:
+            _clip.hand_over(paths, scale)
         created = {e.key for e in entries if e.key not in self.state}
         try:
-            scalars_by_step = {}
+            scalars = {}  # (view, step) -> its scalars
             for e in entries:
                 e.state = self._state_for(e)
                 step = e.state["step"] + 1
-                if step not in scalars_by_step:
-                    scalars_by_step[step] = self.scalars(step)
-                e.scalars = scalars_by_step[step]
+                key = (id(e.opt), step)
+                if key not in scalars:
+                    scalars[key] = e.opt.scalars(step)
+                e.scalars = scalars[key]
         except BaseException:
             for key in created:  # nothing written yet: take back the state this call made
                 self.state.pop(key, None)
             raise
         for done, (apply, group) in enumerate(paths):
             try:
-                apply(self, group)
+                apply(group[0].opt, group)
             except BaseException:
                 # The groups after this one are unwritten: the state this call made for them goes.
                 # (This one may be half-written only if its array library failed inside the rule.)
@@ -144,7 +271,9 @@ class Optimizer:
                 raise
         for e in entries:
             e.state["step"] = int(e.state["step"]) + 1
-            if e.rebind:
+            if e.unbox is not None:
+                params[e.key] = e.unbox(e.p)
+            elif e.rebind:
                 params[e.key] = e.p
         self.iter += 1
         self._plan = _dispatch.plan(self, params, entries, paths)
@@ -172,16 +301,23 @@ class Optimizer:
                             f"not {_backend.library_name(e.p)}")
         return dtype
 
+    def _check_step(self, e) -> int:
+        """The updates already applied to e's param (its schedule's count), checked."""
+        st = self.state.get(e.key)
+        if st is None:
+            return 0
+        step = st.get("step")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
+            raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
+                             "is an int >= 0")
+        return int(step)
+
     def _check_state(self, e):
         dtype = self.buffer_dtype(e)  # raises for an unsupported state_dtype, before any write
         st = self.state.get(e.key)
         if st is None:
             return
-        step = st.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
-            raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
-                             "is an int >= 0")
-        for name in self.buffers():
+        for name in (e.opt or self).buffers():
             buf = st.get(name)
             if buf is None:
                 continue
@@ -190,13 +326,17 @@ class Optimizer:
                                  f"state {name!r} was made for shape {tuple(buf.shape)}")
             # Compared by name: a state loaded from a file is NumPy until its first use.
             if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
-                raise TypeError(f"param {describe(e.key)} keeps its state in {_backend.dtype_name(dtype)} but its "
-                                f"optimizer state {name!r} is {_backend.dtype_name(buf.dtype)}")
+                have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
+                if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
+                    raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
+                                    f"optimizer state {name!r} is {have}")
+                raise TypeError(f"param {describe(e.key)} keeps its state in {want} (state_dtype) but its "
+                                f"optimizer state {name!r} is {have}")
 
     def _state_for(self, e):
         st = self.state.setdefault(e.key, {"step": 0})
         xp, dtype = e.xp, self.buffer_dtype(e)
-        for name in self.buffers():
+        for name in (e.opt or self).buffers():
             buf = st.get(name)
             if buf is None:
                 # full_like: a Dask param's state is chunked like the param
@@ -215,6 +355,7 @@ class Optimizer:
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),
+            "overrides": self.overrides,
             "iter": self.iter,
             "skipped_steps": self.skipped_steps,
             "state": {
@@ -233,8 +374,11 @@ class Optimizer:
         self._guard.run(self._load_state_dict, checked_state, state_dict, params)
 
     def _load_state_dict(self, checked_state, state_dict, params):
-        hyper, state, counters = checked_state(self, state_dict, params)
+        hyper, overrides, state, counters = checked_state(self, state_dict, params)
         self._hyper = hyper
+        self._overrides = overrides
+        self._version = self.__dict__.get("_version", 0) + 1
+        self._reset_groups()
         self.state = state
         self._plan = None
         self.iter, self.skipped_steps = counters
@@ -250,6 +394,23 @@ class Optimizer:
         from .state_io import load_state
 
         self.load_state_dict(load_state(path), params)
+
+
+_COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip()
+
+
+def _unexpected(kind, name) -> str:
+    if name == "betas":
+        return (f"{kind}() got an unexpected keyword argument 'betas': xopt names them as the paper and the "
+                "seed do, beta1=0.9, beta2=0.999 (torch's betas=(0.9, 0.999))")
+    return f"{kind}() got an unexpected keyword argument {name!r}"
+
+
+def _matches(pattern, key) -> bool:
+    """A str pattern is an fnmatch glob over str keys (case-sensitive); an int one matches that list index."""
+    if isinstance(pattern, str):
+        return isinstance(key, str) and fnmatch.fnmatchcase(key, pattern)
+    return not isinstance(key, (bool, str)) and key == pattern
 
 
 def _copy(x):

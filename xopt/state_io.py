@@ -32,6 +32,7 @@ import numpy as np
 from . import _backend
 from ._hyper import Hyper
 from ._inputs import describe
+from .schedules import Schedule, from_spec
 
 __all__ = ["save_state", "load_state", "checked_state"]
 
@@ -140,11 +141,21 @@ def checked_state(opt, state_dict, params=None):
         raise TypeError(f"state_dict['hyperparameters'] must be a dict, got "
                         f"{type(state_dict['hyperparameters']).__name__}")
     hyper = dict(state_dict["hyperparameters"])
+    hyper.setdefault("clip_grad_norm", None)  # a state saved before clip_grad_norm existed
     expected = set(opt._hyper)
     if set(hyper) != expected:
         raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
                          f"{sorted(expected - set(hyper))}, unknown {sorted(set(hyper) - expected, key=str)}")
-    trial = type(opt)(impl=opt.impl, **hyper)  # the constructor's checks, on a scratch optimizer
+    hyper = {k: _own_schedule(v, opt._hyper.get(k), k) for k, v in hyper.items()}
+    overrides = state_dict.get("overrides")
+    if overrides is None:  # a state made before overrides existed: the optimizer keeps its own
+        overrides = opt.overrides
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"state_dict['overrides'] must be a dict, got {type(overrides).__name__}")
+    overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
+                                            f"overrides[{pattern!r}].{k}") for k, v in values.items()}
+                 if isinstance(values, Mapping) else values for pattern, values in overrides.items()}
+    trial = type(opt)(impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks, on a scratch one
     always, possible = _buffer_sets(trial)
     arrays = None if params is None else _param_arrays(params)
 
@@ -195,11 +206,51 @@ def checked_state(opt, state_dict, params=None):
         state[key] = entry
     counters = (_count("state_dict['iter']", state_dict["iter"]),
                 _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
-    return trial._hyper, state, counters
+    return trial._hyper, trial._overrides, state, counters
+
+
+class SavedCustomSchedule:
+    """In a loaded state: a schedule that was a function of the user's, which a file cannot hold."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return f"<custom schedule {self.text}, not saved>"
+
+
+def _own_schedule(saved, current, where):
+    """A saved custom schedule is the one the optimizer loaded into was given (it must have one)."""
+    if not isinstance(saved, SavedCustomSchedule):
+        return saved
+    if callable(current) and not isinstance(current, Schedule):
+        return current
+    raise ValueError(f"the saved {where} was a custom schedule, {saved.text}, and a state file holds no code: "
+                     f"make the optimizer with that schedule again ({where}=your_function) and load into it; "
+                     "xopt.schedules' schedules are saved by name and arguments")
+
+
+def _encode(value):
+    """A hyperparameter as JSON: a built-in schedule by name and arguments, a custom one by its repr only."""
+    if isinstance(value, Schedule):
+        return value.spec()
+    if callable(value):
+        return {"custom_schedule": repr(value)}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and "schedule" in value:
+        return from_spec(value)
+    if isinstance(value, dict) and "custom_schedule" in value:
+        return SavedCustomSchedule(str(value["custom_schedule"]))
+    return value
 
 
 def _expected_layout(opt, key, p):
     """(dtype name, shape) that ``opt`` keeps the state of param ``p`` in."""
+    if isinstance(p, (float, np.floating)):  # a number param is updated as a 0-d array of its dtype
+        p = np.asarray(p)
     if not array_api_compat.is_array_api_obj(p):
         raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
     xp = _backend.namespace(p)
@@ -234,7 +285,9 @@ def save_state(state_dict, path):
     meta = {
         "format": FORMAT,
         "optimizer": state_dict["optimizer"],
-        "hyperparameters": state_dict["hyperparameters"],
+        "hyperparameters": {k: _encode(v) for k, v in state_dict["hyperparameters"].items()},
+        "overrides": [[pattern, {k: _encode(v) for k, v in values.items()}]
+                      for pattern, values in state_dict.get("overrides", {}).items()],
         "iter": int(state_dict["iter"]),
         "skipped_steps": int(state_dict["skipped_steps"]),
         "state": entries,
@@ -405,9 +458,19 @@ def _read(archive, path):
                 raise _foreign(path, f"buffer {name!r} of param {describe(key)} is stored as {bits!r}")
             st[name] = buf
         state[key] = st
+    overrides = meta.get("overrides", [])
+    if not (isinstance(overrides, list) and all(isinstance(o, list) and len(o) == 2 and isinstance(o[1], dict)
+                                                 for o in overrides)):
+        raise _foreign(path, "its 'overrides' are not xopt's")
+    try:
+        hyper = {k: _decode(v) for k, v in meta["hyperparameters"].items()}
+        overrides = {pattern: {k: _decode(v) for k, v in values.items()} for pattern, values in overrides}
+    except (TypeError, ValueError, KeyError) as exc:
+        raise _foreign(path, f"a schedule it names cannot be made ({exc})") from None
     return {
         "optimizer": meta["optimizer"],
-        "hyperparameters": meta["hyperparameters"],
+        "hyperparameters": hyper,
+        "overrides": overrides,
         "iter": meta["iter"],
         "skipped_steps": meta["skipped_steps"],
         "state": state,

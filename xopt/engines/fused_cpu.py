@@ -44,9 +44,10 @@ from .kernels import KERNELS, cut, lookup
 from .._threads import get_num_threads, pool as _pool
 
 __all__ = ["KERNELS", "supports", "accepts", "apply", "Table", "CHUNK", "PARALLEL_MIN", "PLAN_DTYPES",
-           "device_of", "byte_bounds"]
+           "device_of", "byte_bounds", "sum_squares", "CLIPS"]
 
 CHUNK = 1 << 15  # elements per unit of work
+CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many at a time (8 or 16 KiB: in L1)
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
 # EPYC (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
 # second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
@@ -510,41 +511,71 @@ ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
 
 
+@njit(cache=True, inline="always")
+def _scratch(s):
+    """Room for a block of grads times the clip scale (the last of the scalars ``s``; 1.0: none needed)."""
+    return np.empty(CLIP_BLOCK if s[s.shape[0] - 1] != 1.0 else 0, dtype=s.dtype)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _kernel(rule, ptrs, chunks, first, last, s, bits):
-    """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``.
+    """Chunks ``first:last`` of a table, on the calling thread, through the vouched addresses ``ptrs``."""
+    _chunks(rule, ptrs, chunks, first, last, s, bits, _scratch(s))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _chunks(rule, ptrs, chunks, first, last, s, bits, scratch):
+    """:func:`_kernel`'s work, with the scratch block of the calling thread.
 
     ``bits`` (an empty uint16 array) types the bfloat16 state of rule ADAM_BF16.  One function with
-    a rule index rather than one closure per rule: numba caches no closures.
+    a rule index rather than one closure per rule: numba caches no closures.  The last of the
+    scalars ``s`` is the clip scale (clip_grad_norm; 1.0 when off).  With one, a chunk goes to
+    its rule in blocks of ``CLIP_BLOCK`` elements, each with its grads times the scale in
+    ``scratch`` (in L1): every rule gets scaled grads, and the caller's are only read.
     """
+    clip = s[s.shape[0] - 1]
     for c in range(first, last):
         t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ptrs[t, 0], s, lo, hi), _view(ptrs[t, 1], s, lo, hi)
-        if rule == ADAM_BF16:
-            _adam_bf16(p, g, _view(ptrs[t, 2], bits, lo, hi), _view(ptrs[t, 3], bits, lo, hi),
-                       _view(ptrs[t, 4], bits, lo, hi), s)
-            continue
-        b0, b1, b2 = _view(ptrs[t, 2], s, lo, hi), _view(ptrs[t, 3], s, lo, hi), _view(ptrs[t, 4], s, lo, hi)
-        if rule == 0:
-            _sgd(p, g, b0, b1, b2, s)
-        elif rule == 1:
-            _momentum(p, g, b0, b1, b2, s)
-        elif rule == 2:
-            _adagrad(p, g, b0, b1, b2, s)
-        elif rule == 3:
-            _rmsprop(p, g, b0, b1, b2, s)
-        elif rule == 4:
-            _adam(p, g, b0, b1, b2, s)
-        elif rule == 5:
-            _adadelta(p, g, b0, b1, b2, s)
-        elif rule == 6:
-            _adamax(p, g, b0, b1, b2, s)
-        elif rule == 7:
-            _nadam(p, g, b0, b1, b2, s)
-        elif rule == 8:
-            _radam(p, g, b0, b1, b2, s)
-        else:
-            _lion(p, g, b0, b1, b2, s)
+        block = hi - lo if clip == 1.0 else CLIP_BLOCK
+        for a in range(lo, hi, max(block, 1)):
+            b = min(a + block, hi)
+            p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
+            if clip != 1.0:
+                g = _scaled(g, clip, scratch)
+            if rule == ADAM_BF16:
+                _adam_bf16(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b),
+                           _view(ptrs[t, 4], bits, a, b), s)
+                continue
+            b0, b1, b2 = _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b)
+            if rule == 0:
+                _sgd(p, g, b0, b1, b2, s)
+            elif rule == 1:
+                _momentum(p, g, b0, b1, b2, s)
+            elif rule == 2:
+                _adagrad(p, g, b0, b1, b2, s)
+            elif rule == 3:
+                _rmsprop(p, g, b0, b1, b2, s)
+            elif rule == 4:
+                _adam(p, g, b0, b1, b2, s)
+            elif rule == 5:
+                _adadelta(p, g, b0, b1, b2, s)
+            elif rule == 6:
+                _adamax(p, g, b0, b1, b2, s)
+            elif rule == 7:
+                _nadam(p, g, b0, b1, b2, s)
+            elif rule == 8:
+                _radam(p, g, b0, b1, b2, s)
+            else:
+                _lion(p, g, b0, b1, b2, s)
+
+
+@njit(cache=True, inline="always")
+def _scaled(g, clip, scratch):
+    """g times ``clip``, in ``scratch``."""
+    out = scratch[:g.shape[0]]
+    for i in range(g.shape[0]):
+        out[i] = g[i] * clip
+    return out
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -595,12 +626,52 @@ def _claim(rule, ptrs, chunks, counters, s, bits):
     waits for a thread that has not started, only for chunks already under way."""
     base = counters.ctypes.data
     n = chunks.shape[0]
+    scratch = _scratch(s)
     while True:
         c = _fetch_add(base, 1)
         if c >= n:
             return
-        _kernel(rule, ptrs, chunks, c, c + 1, s, bits)
+        _chunks(rule, ptrs, chunks, c, c + 1, s, bits, scratch)
         _fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True)
+def _claim_squares(ptrs, chunks, counters, proto, sums):
+    """:func:`_claim` for the norm's pass (:func:`_squares`)."""
+    base = counters.ctypes.data
+    n = chunks.shape[0]
+    while True:
+        c = _fetch_add(base, 1)
+        if c >= n:
+            return
+        _squares(ptrs, chunks, c, c + 1, proto, sums)
+        _fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True)
+def _squares(ptrs, chunks, first, last, proto, sums):
+    """``sums[c]``: the sum of squares of chunk c's grad, in float64 (``proto`` types the grads)."""
+    for c in range(first, last):
+        sums[c] = _sum_of_squares(_view(ptrs[chunks[c, 0], 1], proto, chunks[c, 1], chunks[c, 2]))
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+def _sum_of_squares(g):
+    """In float64.  Four quarters read side by side: four streams keep more loads in flight than one
+    (2^25 float32 on one thread: 16 -> 12 ms); reassociated so LLVM vectorizes (the order is fixed
+    for a given chunk)."""
+    q = g.shape[0] // 4
+    a0 = a1 = a2 = a3 = 0.0
+    for i in range(q):
+        x0, x1, x2, x3 = np.float64(g[i]), np.float64(g[q + i]), np.float64(g[2 * q + i]), np.float64(g[3 * q + i])
+        a0 += x0 * x0
+        a1 += x1 * x1
+        a2 += x2 * x2
+        a3 += x3 * x3
+    for i in range(4 * q, g.shape[0]):
+        x = np.float64(g[i])
+        a0 += x * x
+    return (a0 + a1) + (a2 + a3)
 
 
 @njit(cache=True, nogil=True)
@@ -710,28 +781,67 @@ class Table:
         self.grad_ids = self.ids[:, 1]
         self.counts = (self.n, len(self.shapes), len(self.starts), len(self.chunks))
 
-    def run(self, opt, gs, scalars) -> bool:
+    def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
+        if not self._take(gs):
+            return False
+        s = self._scalars(opt, scalars, clip)
+        if self._threads() <= 1:  # vouch and kernel in one compiled call
+            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, s, _BITS)
+        if not self._vouched():
+            return False
+        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))
+        return True
+
+    def _take(self, gs) -> bool:
+        """The grads' ids into the table, if they are as many NumPy arrays as the table has tensors."""
         if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
             return False  # _vouch reads each grad as an array struct
         self.grad_ids[:] = list(map(id, gs))
-        s = np.array(self.scalar_order(opt, scalars), dtype=self.dtype)
-        threads = min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
+        return True
+
+    def _vouched(self) -> bool:
+        return not _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
+                          self.starts, self.ends, self.ptrs)
+
+    def _scalars(self, opt, scalars, clip):
+        """The kernel's scalars: the rule's, then the clip scale (1.0: none)."""
+        return np.array(self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,), dtype=self.dtype)
+
+    def _threads(self) -> int:
+        return min(get_num_threads(), len(self.chunks)) if self.elements >= PARALLEL_MIN else 1
+
+    def vouch(self, gs) -> bool:
+        """Whether ``gs`` and the table's arrays are what the table was built for; the kernel's addresses if so."""
+        return self._take(gs) and self._vouched()
+
+    def sum_squares(self) -> float:
+        """The sum of the squares of the vouched grads, in float64: one more pass, over the same chunks."""
+        sums = np.empty(len(self.chunks), dtype=np.float64)
+        self._parallel(_squares, _claim_squares, (self.ptrs, self.chunks), (np.empty(0, dtype=self.dtype), sums))
+        return float(sums.sum())
+
+    def launch(self, opt, scalars, clip=None):
+        """The step through the vouched addresses; ``clip``: the scale of the grads (None: 1)."""
+        self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (self._scalars(opt, scalars, clip), _BITS))
+
+    def _parallel(self, run, claim, head, tail):
+        """``run(*head, first, last, *tail)`` over every chunk, on this thread, or for a large step
+        ``claim(*head, counters, *tail)`` on several."""
+        n = len(self.chunks)
+        threads = self._threads()
         if threads <= 1:
-            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, s, _BITS)
-        if _vouch(_OFFSETS, self.ids, self.want, self.type_nums, self.shapes, self.shape_at, self.nbytes,
-                  self.starts, self.ends, self.ptrs):
-            return False
+            run(*head, 0, n, *tail)
+            return
         # Fresh counters each step: a worker that starts only after its step is over finds no chunk left
         # and touches nothing.  The caller takes chunks too and waits only for chunks under way.
         counters = np.zeros(2, dtype=np.int64)
         pool = _pool(threads)
         for _ in range(threads - 1):
-            pool.submit(_claim, self.rule, self.ptrs, self.chunks, counters, s, _BITS)
-        _claim(self.rule, self.ptrs, self.chunks, counters, s, _BITS)
-        while _done(counters) < len(self.chunks):
+            pool.submit(claim, *head, counters, *tail)
+        claim(*head, counters, *tail)
+        while _done(counters) < n:
             time.sleep(0)  # a worker is finishing its last chunk
-        return True
 
 
 def _kernel_ready(a):
@@ -764,13 +874,34 @@ def apply(opt, entries):
             for name in names:
                 e.state[name] = _kernel_ready(e.state[name])
         table = Table(opt, ps, [e.state for e in group], work_dtype)
-        if not table.run(opt, gs, group[0].scalars):
+        if not table.run(opt, gs, group[0].scalars, group[0].clip):
             raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
         for target, source in write_back:
             target[...] = source
 
 
 PLAN_DTYPES = ("float32", "float64")  # float16 goes through float32 copies: no plan
+CLIPS = True  # apply and Table take the clip scale (Entry.clip) and scale the grads as they read them
+
+
+def sum_squares(arrays) -> float:
+    """The sum of the squares of NumPy arrays, in float64, by chunks of CHUNK as :meth:`Table.sum_squares`."""
+    sums = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
+            a = a.astype(np.float32 if a.dtype.itemsize <= 4 else np.float64)  # float16: exact in float32
+        a = np.ascontiguousarray(a).reshape(-1)
+        out = np.empty(-(-a.size // CHUNK), dtype=np.float64)
+        _chunk_squares(a, out)
+        sums.append(out)
+    return float(np.concatenate(sums).sum()) if sums else 0.0
+
+
+@njit(cache=True, nogil=True)
+def _chunk_squares(a, out):
+    for c in range(out.shape[0]):
+        out[c] = _sum_of_squares(a[c * CHUNK:min((c + 1) * CHUNK, a.shape[0])])
 
 
 def device_of(a):

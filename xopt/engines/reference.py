@@ -33,20 +33,29 @@ DEVICE_CHUNK_ELEMENTS = 2**24  # GPUs: chunks only bound the temporaries (each o
 
 
 def apply_reference(opt, entries):
-    """Run ``opt.rule`` on each entry; float16 params and bfloat16 state compute in float32."""
-    names = opt.buffers()
+    """Run the rule on each entry (with its own hyperparameters, ``e.opt``, where set); float16 params and
+    bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read."""
     for e in entries:
+        view = e.opt if e.opt is not None else opt
         dtype, n, torch = _kind(e)
         if e.rebind or math.prod(e.p.shape) <= n:
-            _apply_whole(opt, e, names, dtype, torch)
+            _apply_whole(view, e, view.buffers(), dtype, torch)
         else:
-            _apply_chunked(opt, e, names, dtype, torch, n)
+            _apply_chunked(view, e, view.buffers(), dtype, torch, n)
+
+
+def _grad(xp, g, dtype, clip):
+    """g in the compute dtype, times the clip scale if there is one."""
+    g = _as(xp, g, dtype)
+    if clip is None:
+        return g
+    return g * (clip if isinstance(clip, float) else _as(xp, clip, dtype))
 
 
 def _apply_whole(opt, e, names, dtype, torch):
     xp, state, p = e.xp, e.state, e.p
     g = e.g.detach() if torch else e.g
-    p_new, new = opt.rule(xp, _as(xp, p.detach() if torch else p, dtype), _as(xp, g, dtype),
+    p_new, new = opt.rule(xp, _as(xp, p.detach() if torch else p, dtype), _grad(xp, g, dtype, e.clip),
                           {k: _as(xp, state[k], dtype) for k in names}, e.scalars)
     if e.rebind:
         for k, v in new.items():
@@ -74,9 +83,9 @@ def _apply_chunked(opt, e, names, dtype, torch, n):
     flat = [_flat_view(x) for x in (p, g, *bufs)]
     if all(x is not None for x in flat):
         p, g, *bufs = flat
-    rule, s = opt.rule, e.scalars
+    rule, s, clip = opt.rule, e.scalars, e.clip
     for i in chunk_indices(tuple(p.shape), n):
-        p_new, new = rule(xp, _as(xp, p[i], dtype), _as(xp, g[i], dtype),
+        p_new, new = rule(xp, _as(xp, p[i], dtype), _grad(xp, g[i], dtype, clip),
                           {k: _as(xp, b[i], dtype) for k, b in zip(names, bufs)}, s)
         p[i] = _as(xp, p_new, p.dtype)
         for k, b in zip(names, bufs):

@@ -11,6 +11,11 @@ __all__ = ["AdaDelta"]
 class AdaDelta(Optimizer):
     r"""AdaDelta (Zeiler 2012), with torch.optim.Adadelta's options and numbers.
 
+    In plain text::
+
+        g ← g + λW;  msg ← ρ·msg + (1 − ρ)g²;  Δ ← √(msdx + ε) / √(msg + ε) · g;
+        msdx ← ρ·msdx + (1 − ρ)Δ²;  W ← W − ηΔ
+
     .. math::
         g &\leftarrow g + \lambda W \\
         msg &\leftarrow \rho\, msg + (1 - \rho)\, g \odot g \\

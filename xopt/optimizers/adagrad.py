@@ -11,6 +11,10 @@ __all__ = ["AdaGrad"]
 class AdaGrad(Optimizer):
     r"""AdaGrad (Duchi et al. 2011), the seed's, with torch.optim.Adagrad's options.
 
+    In plain text::
+
+        g ← g + λW;  h ← h + g²;  W ← W − η / (1 + (t − 1)δ) · g / (√h + ε)
+
     .. math::
         g &\leftarrow g + \lambda W \\
         h &\leftarrow h + g \odot g \\

@@ -29,6 +29,12 @@ def moments(p, g, state, s):
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba 2015), the seed's, with torch.optim.Adam's options.
 
+    In plain text::
+
+        g ← g + λW;  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²  (amsgrad: v_max ← max(v_max, v), used below);
+        W ← W − η √(1 − β₂ᵗ) / (1 − β₁ᵗ) · m / (√v + ε̂)   (eps_hat=True)
+        W ← W − η / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)   (eps_hat=False)
+
     .. math::
         g &\leftarrow g + \lambda W \quad\text{(Adam; AdamW instead: } W \leftarrow (1 - \eta\lambda) W) \\
         m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
@@ -101,6 +107,10 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     r"""Adam with decoupled weight decay (Loshchilov & Hutter 2019): ``W <- (1 - lr * wd) W`` before the Adam step.
+
+    In plain text::
+
+        W ← (1 − ηλ)W, then Adam's rule without the L2 term (see Adam)
 
     torch.optim.AdamW's defaults: ``eps=1e-8``, ``weight_decay=0.01``, ``eps_hat=False``.
     See :class:`Adam` for the rule and the arguments.

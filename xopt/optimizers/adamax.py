@@ -11,6 +11,10 @@ __all__ = ["Adamax"]
 class Adamax(Optimizer):
     r"""Adamax (Kingma & Ba 2015, section 7.1), with torch.optim.Adamax's options and numbers.
 
+    In plain text::
+
+        g ← g + λW;  m ← β₁m + (1 − β₁)g;  u ← max(β₂u, |g| + ε);  W ← W − η / (1 − β₁ᵗ) · m / u
+
     .. math::
         g &\leftarrow g + \lambda W \\
         m &\leftarrow \beta_1 m + (1 - \beta_1) g \\

@@ -11,6 +11,10 @@ __all__ = ["Lion"]
 class Lion(Optimizer):
     r"""Lion, "EvoLved Sign Momentum" (Chen et al. 2023), with optax.lion's numbers.
 
+    In plain text::
+
+        c ← β₁m + (1 − β₁)g;  W ← W − η(sign(c) + λW);  m ← β₂m + (1 − β₂)g
+
     .. math::
         c &\leftarrow \beta_1 m + (1 - \beta_1) g \\
         W &\leftarrow W - \eta\, (\operatorname{sign}(c) + \lambda W) \\

@@ -14,6 +14,11 @@ _KEEP = 8  # steps of products kept below the latest asked for
 class NAdam(Optimizer):
     r"""NAdam (Dozat 2016), with torch.optim.NAdam's options and numbers.
 
+    In plain text::
+
+        g ← g + λW;  μₜ = β₁(1 − ½·0.96^(tψ)),  Πₜ = μ₁⋯μₜ;  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;
+        d = √(v / (1 − β₂ᵗ)) + ε;  W ← W − η(1 − μₜ)/(1 − Πₜ) · g/d − η μₜ₊₁/(1 − Πₜμₜ₊₁) · m/d
+
     .. math::
         g &\leftarrow g + \lambda W \quad\text{(or, decoupled: } W \leftarrow (1 - \eta\lambda) W) \\
         \mu_t &= \beta_1 \left(1 - \tfrac12\, 0.96^{t \psi}\right), \quad

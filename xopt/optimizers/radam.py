@@ -14,6 +14,11 @@ __all__ = ["RAdam"]
 class RAdam(Optimizer):
     r"""RAdam (Liu et al. 2020), with torch.optim.RAdam's options and numbers.
 
+    In plain text::
+
+        g ← g + λW;  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;  ρₜ = ρ∞ − 2tβ₂ᵗ/(1 − β₂ᵗ);
+        W ← W − η rₜ √(1 − β₂ᵗ)/(1 − β₁ᵗ) · m/(√v + ε) if ρₜ > 5, else W ← W − η/(1 − β₁ᵗ) · m
+
     .. math::
         g &\leftarrow g + \lambda W \quad\text{(or, decoupled: } W \leftarrow (1 - \eta\lambda) W) \\
         m &\leftarrow \beta_1 m + (1 - \beta_1) g, \quad v \leftarrow \beta_2 v + (1 - \beta_2) g \odot g \\

@@ -11,6 +11,11 @@ __all__ = ["RMSprop"]
 class RMSprop(Optimizer):
     r"""RMSprop (Tieleman & Hinton 2012), the seed's, with torch.optim.RMSprop's options.
 
+    In plain text::
+
+        g ← g + λW;  h ← ρh + (1 − ρ)g²;  d = √h + ε  (centered: ḡ ← ρḡ + (1 − ρ)g, d = √(h − ḡ²) + ε);
+        W ← W − ηg / d  (momentum: b ← μb + g / d, W ← W − ηb)
+
     .. math::
         g &\leftarrow g + \lambda W \\
         h &\leftarrow \rho h + (1 - \rho)\, g \odot g \\

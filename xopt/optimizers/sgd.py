@@ -11,6 +11,10 @@ __all__ = ["SGD", "Momentum", "Nesterov"]
 class SGD(Optimizer):
     r"""Stochastic gradient descent, with torch.optim.SGD's momentum, dampening and Nesterov.
 
+    In plain text::
+
+        g ← g + λW;  b ← μb + (1 − τ)g  (b ← g on step 1);  g ← g + μb (nesterov) or b;  W ← W − ηg
+
     .. math::
         g &\leftarrow g + \lambda W \\
         b &\leftarrow \mu b + (1 - \tau) g \quad (b \leftarrow g \text{ on the first step}) \\
@@ -77,6 +81,10 @@ class SGD(Optimizer):
 class Momentum(Optimizer):
     r"""The seed's momentum: a velocity ``v`` with the learning rate folded in.
 
+    In plain text::
+
+        v ← αv − ηg;  W ← W + v
+
     .. math::
         v &\leftarrow \alpha v - \eta g \\
         W &\leftarrow W + v
@@ -109,6 +117,10 @@ class Momentum(Optimizer):
 
 class Nesterov(Momentum):
     r"""Nesterov's accelerated gradient in the seed's velocity form (Bengio et al. 2012).
+
+    In plain text::
+
+        v ← αv − ηg;  W ← W + αv − ηg
 
     .. math::
         v &\leftarrow \alpha v - \eta g \\
