@@ -31,7 +31,7 @@ def main(argv=None):
     import dask.array as da
     import distributed
 
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                        silence_logs=50)
     client = distributed.Client(cluster)
     try:

@@ -1,8 +1,11 @@
-"""Dask arrays on a two-worker local cluster: the seed's loop unchanged, NumPy's numbers, a bounded graph."""
+"""Dask arrays on a two-worker local cluster: the seed's loop unchanged, NumPy's numbers, a bounded graph,
+one task per chunk per step, a task's thread budget, Dask's schedulers."""
 
 import os
 import signal
+import threading
 
+import dask
 import numpy as np
 import pytest
 
@@ -18,7 +21,7 @@ SHAPE = (200, 16)
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                        silence_logs=50)
     client = distributed.Client(cluster)
     yield client
@@ -56,6 +59,7 @@ def test_seed_loop_over_dask_arrays_matches_numpy(config, client, rng):
 
 
 def test_graph_stays_bounded_and_data_stays_on_the_workers(client, rng):
+    """After every step each array's graph is the step's persisted chunks and one lazy pick per chunk."""
     w0, grads = _inputs(rng, 20)
     params = {"W": da.from_array(w0.copy(), chunks=CHUNKS)}
     optimizer = xopt.Adam()
@@ -63,8 +67,11 @@ def test_graph_stays_bounded_and_data_stays_on_the_workers(client, rng):
     sizes = []
     for g in grads:
         optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
-        sizes.append((len(params["W"].__dask_graph__()), len(optimizer.state["W"]["m"].__dask_graph__())))
-    assert sizes == [(n_chunks, n_chunks)] * 20, sizes
+        graphs = [params["W"].__dask_graph__(), optimizer.state["W"]["m"].__dask_graph__()]
+        sizes.append([(len(graph.layers), len(graph)) for graph in graphs])
+        persisted = [set(graph.layers) - {a.name} for graph, a in zip(graphs, (params["W"], optimizer.state["W"]["m"]))]
+        assert persisted[0] == persisted[1], "p and m are not picks of the same persisted step"
+    assert sizes == [[(2, 2 * n_chunks)] * 2] * 20, sizes
     distributed.wait(params["W"])  # persist returns at once; the chunks land on the workers
     who_has = client.who_has(params["W"])
     assert len(who_has) == n_chunks and all(who_has.values()), "a chunk is not held by any worker"
@@ -113,3 +120,126 @@ def test_a_killed_worker_ends_in_an_error_or_the_right_numbers(client, rng):
     finally:
         client.wait_for_workers(2, timeout=60)
     np.testing.assert_array_equal(got, want)
+
+
+def _plain_adam(p, g, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam written as plain dask.array expressions, the way a Dask user would (the seed's math)."""
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    p = p - lr * (m / (1 - beta1 ** step)) / (da.sqrt(v / (1 - beta2 ** step)) + eps)
+    return p, m, v
+
+
+def _tasks_run(client, do):
+    """How many tasks the cluster ran for ``do()``, all of them finished."""
+    with distributed.get_task_stream(client) as stream:
+        arrays = do()
+        distributed.wait(arrays)
+    return len(stream.data)
+
+
+@pytest.mark.parametrize("lazy_grads", [False, True], ids=["persisted-grads", "grads-from-params"])
+def test_a_step_runs_one_task_per_chunk_no_more_than_plain_dask_array(client, rng, lazy_grads):
+    """One task per chunk (plain dask.array: one per array it writes), grads persisted or computed
+    elementwise from the params in the same step (fused into the step's task, as plain dask.array's)."""
+    w0, (g0,) = _inputs(rng, 1)
+    target = da.from_array(g0, chunks=CHUNKS).persist()
+    n_chunks = target.npartitions
+
+    def grads(p):
+        return p - target if lazy_grads else target
+
+    params = {"W": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
+    optimizer = xopt.Adam()
+    optimizer.update(params, {"W": grads(params["W"])})  # the first step also makes the state
+    distributed.wait([target, params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]])
+    counts = []
+    for _ in range(3):
+        def xopt_step():
+            optimizer.update(params, {"W": grads(params["W"])})
+            return [params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]]
+        counts.append(_tasks_run(client, xopt_step))
+
+    plain = {"p": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
+    plain["m"] = da.zeros_like(plain["p"]).persist()
+    plain["v"] = da.zeros_like(plain["p"]).persist()
+    distributed.wait(list(plain.values()))
+    plain_counts = []
+    for step in range(1, 4):
+        def plain_step():
+            new = dask.persist(*_plain_adam(plain["p"], grads(plain["p"]), plain["m"], plain["v"], step))
+            plain.update(zip("pmv", new))
+            return new
+        plain_counts.append(_tasks_run(client, plain_step))
+    assert counts == [n_chunks] * 3, (counts, n_chunks)
+    assert max(counts) < min(plain_counts), (counts, plain_counts)
+    want, reference = w0.copy(), xopt.Adam()
+    for _ in range(4):
+        reference.update([want], [want - g0 if lazy_grads else g0])
+    np.testing.assert_array_equal(params["W"].compute(), want)
+
+
+def _xopt_threads():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("xopt"))
+
+
+def test_a_chunks_kernel_takes_the_threads_dask_gives_a_task_never_more():
+    """xopt would take 4 threads in the worker (XOPT_NUM_THREADS); Dask's OMP_NUM_THREADS=1 wins,
+    and a worker given OMP_NUM_THREADS=2 gets two (the pool's one thread beside the task's)."""
+    from xopt.engines.fused_cpu import PARALLEL_MIN
+
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                       silence_logs=50, env={"XOPT_NUM_THREADS": "4"})
+    try:
+        with distributed.Client(cluster) as client:
+            assert client.run(os.getenv, "OMP_NUM_THREADS") == {w: "1" for w in client.run(os.getpid)}
+            w = da.random.default_rng(0).standard_normal(2 * PARALLEL_MIN, chunks=PARALLEL_MIN)  # big enough
+            params = {"W": w.astype(np.float32).persist()}                                     # for threads
+            w0 = params["W"].compute()
+            optimizer = xopt.Adam()
+            threads = []
+            for omp in ("1", "2"):
+                client.run(lambda: os.environ.update(OMP_NUM_THREADS=omp))  # noqa: B023 (run now)
+                optimizer.update(params, {"W": da.ones_like(params["W"])})
+                distributed.wait(params["W"])
+                threads.append(list(client.run(_xopt_threads).values())[0])
+            assert threads == [[], ["xopt_0"]], threads
+            np.testing.assert_array_equal(params["W"].compute(),
+                                          _numpy_run("Adam", w0, [np.ones_like(w0)] * 2)[0])
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_dask_config_scheduler_is_honoured_beside_a_client(client, rng, scheduler):
+    """As ``dask.persist``: ``dask.config.set(scheduler=...)`` wins over the default client; no task reaches it."""
+    w0, grads = _inputs(rng, 3)
+    params = {"W": da.from_array(w0.copy(), chunks=CHUNKS)}
+    optimizer = xopt.Adam()
+    with distributed.get_task_stream(client) as stream, dask.config.set(scheduler=scheduler):
+        for g in grads:
+            optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
+        got = params["W"].compute()
+    assert stream.data == []
+    np.testing.assert_array_equal(got, _numpy_run("Adam", w0, grads)[0])
+
+
+def test_no_chunk_anyone_can_read_is_written(client, rng):
+    """The user's NumPy array behind ``from_array`` (a view under the threaded scheduler), last step's
+    arrays and a ``state_dict()`` snapshot all keep their values after later steps."""
+    w0, grads = _inputs(rng, 4)
+    kept = w0.copy()
+    params = {"W": da.from_array(w0, chunks=CHUNKS)}
+    optimizer = xopt.Adam()
+    with dask.config.set(scheduler="threads"):
+        optimizer.update(params, {"W": da.from_array(grads[0], chunks=CHUNKS)})
+        old_p, old_m = params["W"], optimizer.state["W"]["m"]
+        snapshot = optimizer.state_dict()["state"]["W"]["v"]
+        want_p, want_m, want_v = old_p.compute(), old_m.compute(), snapshot.compute()
+        for g in grads[1:]:
+            optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
+        np.testing.assert_array_equal(w0, kept)
+        np.testing.assert_array_equal(old_p.compute(), want_p)
+        np.testing.assert_array_equal(old_m.compute(), want_m)
+        np.testing.assert_array_equal(snapshot.compute(), want_v)
+        assert not np.array_equal(params["W"].compute(), want_p)
