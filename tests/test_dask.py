@@ -58,6 +58,26 @@ def test_seed_loop_over_dask_arrays_matches_numpy(config, client, rng):
         np.testing.assert_array_equal(optimizer.state["W"][name].compute(), ref.state["W"][name])
 
 
+@pytest.mark.parametrize("shape, dtype, chunks", [((), "float32", ()), ((0,), "float64", 2), ((5, 0, 3), "float32", 2),
+                                                   ((7,), "float16", 3), ((6, 5), "float16", (4, 2)),
+                                                   ((6, 4), "float64", (4, 3))])
+def test_edge_shapes_and_float16_params_match_numpy(client, rng, shape, dtype, chunks):
+    """float16 params keep float32 state on Dask as on NumPy (Dask's array-API namespace has no float16)."""
+    w0 = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+    want, ref = _numpy_run("AdamW-amsgrad", w0, grads)
+    params, optimizer = {"W": da.from_array(w0.copy(), chunks=chunks)}, make("AdamW-amsgrad")
+    for g in grads:
+        optimizer.update(params, {"W": da.from_array(g, chunks=chunks)})
+    got = params["W"].compute()
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    for name in ref.buffers():
+        state = optimizer.state["W"][name]
+        assert state.dtype == ref.state["W"][name].dtype, name
+        np.testing.assert_array_equal(state.compute(), ref.state["W"][name])
+
+
 def test_graph_stays_bounded_and_data_stays_on_the_workers(client, rng):
     """After every step each array's graph is the step's persisted chunks and one lazy pick per chunk."""
     w0, grads = _inputs(rng, 20)
