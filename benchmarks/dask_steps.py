@@ -5,9 +5,10 @@
 For every size and chunk count, on one LocalCluster of 2 worker processes with 1 thread each: a step
 of xopt on a Dask array, a step of Adam written as plain dask.array expressions (what a Dask user
 would write; one task per chunk for each of p, m and v), and a step of xopt on NumPy arrays in this
-process, beside the cluster.  Each round times one step of each, in an order that rotates from round
-to round (the machine is shared: interleaving puts the same noise on all three), after two untimed
-steps each; medians over rounds.  A Dask step is timed until its chunks are persisted on the workers
+process, beside the cluster.  All chunk counts of a size are set up at once; each round times one
+step of every (chunk count, Dask path) and one in-process step, in an order that rotates from round
+to round (the machine is shared: interleaving spreads the same noise over all of them), after two
+untimed steps each; medians over rounds, and the median of each round's xopt/plain ratio.  A Dask step is timed until its chunks are persisted on the workers
 (``distributed.wait``), grads already there.  Tasks per step are counted in one more step of each,
 outside the timed rounds.  Then a least-squares fit of each Dask path's median step time to
 
@@ -89,33 +90,38 @@ class Paths:
         return len(stream.data)
 
 
-def measure(client, numel, chunks, rounds):
-    paths = Paths(numel, chunks)
-    for impl in IMPLS:
+def measure(client, numel, chunk_counts, rounds):
+    """Every chunk count of one size set up at once and timed in the same rounds: a round times one step of
+    each (chunks, Dask path) and one in-process step (which has no chunks), in an order that rotates."""
+    paths = {chunks: Paths(numel, chunks) for chunks in chunk_counts}
+    jobs = [(chunks, impl) for chunks in chunk_counts for impl in IMPLS[:2]] + [(chunk_counts[0], "xopt")]
+    for chunks, impl in jobs:
         for _ in range(2):  # warm-up: kernels loaded on the workers, state made
-            paths.step(impl)
-    times = {impl: [] for impl in IMPLS}
+            paths[chunks].step(impl)
+    times = {job: [] for job in jobs}
     for r in range(rounds):
-        order = IMPLS[r % 3:] + IMPLS[:r % 3]
-        for impl in order:
+        for chunks, impl in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
             t0 = time.perf_counter()
-            paths.step(impl)
-            times[impl].append(time.perf_counter() - t0)
-    tasks = {impl: paths.tasks(client, impl) for impl in IMPLS[:2]}
-    graph = len(paths.params["W"].__dask_graph__())
+            paths[chunks].step(impl)
+            times[chunks, impl].append(time.perf_counter() - t0)
+    tasks = {(chunks, impl): paths[chunks].tasks(client, impl) for chunks in chunk_counts for impl in IMPLS[:2]}
+    graph = {chunks: len(paths[chunks].params["W"].__dask_graph__()) for chunks in chunk_counts}
     del paths
     return times, tasks, graph
 
 
 def fit(rows, impl):
-    """Least squares: median step seconds = fixed + per_chunk * chunks + per_byte * bytes."""
+    """Least squares in relative error (each row weighted by 1/t, so the small steps count as much as the
+    big ones): median step seconds t = fixed + per_chunk * chunks + per_byte * bytes."""
     sel = [r for r in rows if r["impl"] == impl]
     a = np.array([[1.0, r["chunks"], r["bytes"]] for r in sel])
     t = np.array([r["seconds"] for r in sel])
-    (fixed, per_chunk, per_byte), *_ = np.linalg.lstsq(a, t, rcond=None)
-    model = a @ np.array([fixed, per_chunk, per_byte])
-    return {"impl": impl, "fixed_s": float(fixed), "per_chunk_s": float(per_chunk), "per_byte_s": float(per_byte),
-            "per_GB_s": float(per_byte) * 1e9, "max_abs_residual_fraction": float(np.max(np.abs(model - t) / t))}
+    coef, *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+    residual = (a @ coef - t) / t
+    fixed, per_chunk, per_byte = map(float, coef)
+    return {"impl": impl, "fixed_s": fixed, "per_chunk_s": per_chunk, "per_byte_s": per_byte,
+            "per_GB_s": per_byte * 1e9, "relative_residuals": [float(x) for x in residual],
+            "rows": [(r["numel"], r["chunks"]) for r in sel]}
 
 
 def main(argv=None):
@@ -139,20 +145,24 @@ def main(argv=None):
         print(f"{'numel':>9} {'chunks':>6} {'xopt-dask ms':>12} {'plain ms':>9} {'one proc ms':>11} "
               f"{'xopt/plain':>10} {'tasks x/plain':>13}")
         for numel in args.numel:
+            times, tasks, graph = measure(client, numel, args.chunks, args.rounds)
+            local = statistics.median(times[args.chunks[0], "xopt"])
+            rows.append({"optimizer": "Adam", "impl": "xopt", "dtype": "float32", "numel": numel, "tensors": 1,
+                         "chunks": None, "bytes": 28 * numel, "seconds": local,
+                         "per_round_seconds": times[args.chunks[0], "xopt"]})
             for chunks in args.chunks:
-                times, tasks, graph = measure(client, numel, chunks, args.rounds)
-                med = {impl: statistics.median(ts) for impl, ts in times.items()}
-                ratios = [x / p for x, p in zip(times["xopt-dask"], times["plain-dask"])]
-                for impl in IMPLS:
+                med = {impl: statistics.median(times[chunks, impl]) for impl in IMPLS[:2]}
+                ratios = [x / p for x, p in zip(times[chunks, "xopt-dask"], times[chunks, "plain-dask"])]
+                for impl in IMPLS[:2]:
                     rows.append({"optimizer": "Adam", "impl": impl, "dtype": "float32", "numel": numel,
                                  "tensors": 1, "chunks": chunks, "bytes": 28 * numel, "seconds": med[impl],
-                                 "per_round_seconds": times[impl], "tasks_per_step": tasks.get(impl),
-                                 "graph_keys_after_step": graph if impl == "xopt-dask" else None,
+                                 "per_round_seconds": times[chunks, impl], "tasks_per_step": tasks[chunks, impl],
+                                 "graph_keys_after_step": graph[chunks] if impl == "xopt-dask" else None,
                                  "vs_plain_dask_median_of_round_ratios": statistics.median(ratios)
                                  if impl == "xopt-dask" else None})
                 print(f"{numel:>9} {chunks:>6} {med['xopt-dask'] * 1e3:12.1f} {med['plain-dask'] * 1e3:9.1f} "
-                      f"{med['xopt'] * 1e3:11.1f} {statistics.median(ratios):10.2f} "
-                      f"{tasks['xopt-dask']:>6}/{tasks['plain-dask']:<6}", flush=True)
+                      f"{local * 1e3:11.1f} {statistics.median(ratios):10.2f} "
+                      f"{tasks[chunks, 'xopt-dask']:>6}/{tasks[chunks, 'plain-dask']:<6}", flush=True)
     finally:
         client.close()
         cluster.close()
@@ -160,7 +170,8 @@ def main(argv=None):
     fits = [fit(rows, impl) for impl in IMPLS[:2]]
     for f in fits:
         print(f"{f['impl']:>10}: {f['fixed_s'] * 1e3:.1f} ms fixed + {f['per_chunk_s'] * 1e3:.2f} ms per chunk + "
-              f"{f['per_GB_s'] * 1e3:.0f} ms per GB moved (worst residual {100 * f['max_abs_residual_fraction']:.0f}%)")
+              f"{f['per_GB_s'] * 1e3:.0f} ms per GB moved (residuals "
+              f"{min(f['relative_residuals']):+.0%} to {max(f['relative_residuals']):+.0%})")
     copy = roofline.copy_bandwidth_cpu()
     result = {**report.environment("numpy"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
