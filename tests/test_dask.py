@@ -2,8 +2,11 @@
 one task per chunk per step, a task's thread budget, Dask's schedulers."""
 
 import os
+import pathlib
+import re
 import signal
 import threading
+import warnings
 
 import dask
 import numpy as np
@@ -263,3 +266,15 @@ def test_no_chunk_anyone_can_read_is_written(client, rng):
         np.testing.assert_array_equal(old_m.compute(), want_m)
         np.testing.assert_array_equal(snapshot.compute(), want_v)
         assert not np.array_equal(params["W"].compute(), want_p)
+
+
+def test_the_readme_distributed_example_runs_and_converges(capsys):
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Beyond one machine: Dask"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "LocalCluster(" in code and 'Client("tcp://' in code
+    with warnings.catch_warnings():  # another cluster on this machine may hold the dashboard's default port
+        warnings.filterwarnings("ignore", message="Port 8787 is already in use", category=UserWarning)
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    error = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[-1])
+    assert error < 0.1, error
