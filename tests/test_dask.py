@@ -154,52 +154,63 @@ def _plain_adam(p, g, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
 
 
 def _tasks_run(client, do):
-    """How many tasks the cluster ran for ``do()``, all of them finished."""
+    """The key names of the tasks the cluster ran for ``do()``, all of them finished."""
     with distributed.get_task_stream(client) as stream:
         arrays = do()
         distributed.wait(arrays)
-    return len(stream.data)
+    return [t["key"][0] if isinstance(t["key"], tuple) else t["key"] for t in stream.data]
 
 
-@pytest.mark.parametrize("lazy_grads", [False, True], ids=["persisted-grads", "grads-from-params"])
-def test_a_step_runs_one_task_per_chunk_no_more_than_plain_dask_array(client, rng, lazy_grads):
-    """One task per chunk (plain dask.array: one per array it writes), grads persisted or computed
-    elementwise from the params in the same step (fused into the step's task, as plain dask.array's)."""
+GRADS = {"persisted": lambda p, target: target,
+         "elementwise": lambda p, target: p - target,
+         "with-a-reduction": lambda p, target: p - target * p.mean()}
+
+
+@pytest.mark.parametrize("grads", GRADS)
+def test_a_step_runs_one_task_per_chunk_no_more_than_plain_dask_array(client, rng, grads):
+    """One xopt task per chunk, where plain dask.array runs one per chunk for each array it writes.  The picks
+    of the new p and state are fused into the tasks that read them; only where two kinds of task read p (a
+    reduction's and the step's) does its pick run as a task of its own (a reference, not a copy)."""
     w0, (g0,) = _inputs(rng, 1)
     target = da.from_array(g0, chunks=CHUNKS).persist()
     n_chunks = target.npartitions
-
-    def grads(p):
-        return p - target if lazy_grads else target
+    grads_of = GRADS[grads]
 
     params = {"W": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
     optimizer = xopt.Adam()
-    optimizer.update(params, {"W": grads(params["W"])})  # the first step also makes the state
+    optimizer.update(params, {"W": grads_of(params["W"], target)})  # the first step also makes the state
     distributed.wait([target, params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]])
-    counts = []
+    runs = []
     for _ in range(3):
         def xopt_step():
-            optimizer.update(params, {"W": grads(params["W"])})
+            optimizer.update(params, {"W": grads_of(params["W"], target)})
             return [params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]]
-        counts.append(_tasks_run(client, xopt_step))
+        runs.append(_tasks_run(client, xopt_step))
 
     plain = {"p": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
     plain["m"] = da.zeros_like(plain["p"]).persist()
     plain["v"] = da.zeros_like(plain["p"]).persist()
     distributed.wait(list(plain.values()))
-    plain_counts = []
+    plain_runs = []
     for step in range(1, 4):
         def plain_step():
-            new = dask.persist(*_plain_adam(plain["p"], grads(plain["p"]), plain["m"], plain["v"], step))
+            g = grads_of(plain["p"], target)
+            new = dask.persist(*_plain_adam(plain["p"], g, plain["m"], plain["v"], step))
             plain.update(zip("pmv", new))
             return new
-        plain_counts.append(_tasks_run(client, plain_step))
-    assert counts == [n_chunks] * 3, (counts, n_chunks)
-    assert max(counts) < min(plain_counts), (counts, plain_counts)
+        plain_runs.append(_tasks_run(client, plain_step))
+    steps = [sum(bool(re.fullmatch(r"xopt-adam-[0-9a-f]+", k)) for k in run) for run in runs]
+    picks = [sorted({k.rsplit("-", 1)[1] for k in run if re.fullmatch(r"xopt-adam-[0-9a-f]+-.+", k)}) for run in runs]
+    assert steps == [n_chunks] * 3, runs
+    if grads == "with-a-reduction":  # p read by the reduction's tasks and by the step's: its pick is a task
+        assert picks == [["p"]] * 3 and [len(run) for run in runs] == [len(runs[0])] * 3, runs
+    else:
+        assert [len(run) for run in runs] == [n_chunks] * 3, runs
+    assert max(map(len, runs)) < min(map(len, plain_runs)), (runs, plain_runs)
     want, reference = w0.copy(), xopt.Adam()
     for _ in range(4):
-        reference.update([want], [want - g0 if lazy_grads else g0])
-    np.testing.assert_array_equal(params["W"].compute(), want)
+        reference.update([want], [grads_of(want, g0)])
+    np.testing.assert_allclose(params["W"].compute(), want, rtol=1e-13 if grads == "with-a-reduction" else 0)
 
 
 def _xopt_threads():

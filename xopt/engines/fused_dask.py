@@ -12,12 +12,12 @@ The new p and buffers are then handed out as lazy picks of the persisted step
 (``chunks.arrays[i]``, a reference, not a copy): a pick runs only when something reads that
 array, and Dask's graph optimisation fuses it into the task that reads it, so the next step
 reads the persisted chunks directly and an elementwise ``grads(params)`` fused into the step
-pays no extra task either (a pick runs as a task of its own where more than one task reads
-it, e.g. a matmul's).  Every array's
-graph after a step is the step's persisted chunks and one pick per chunk: it does not grow with
-the number of steps, and nothing is gathered to the client.  Dask arrays cannot be written in
-place: ``update`` puts the new arrays into the params dict (a list works too; a tuple cannot
-take them).
+pays no extra task either.  Where two kinds of task read p (a reduction's and the step's, say),
+p's pick runs as a task of its own: one more per chunk, still fewer than plain ``dask.array``.
+Every array's graph after a step is the step's persisted chunks and one pick per chunk: it does
+not grow with the number of steps, and nothing is gathered to the client.  Dask arrays cannot
+be written in place: ``update`` puts the new arrays into the params dict (a list works too; a
+tuple cannot take them).
 
 Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 ``distributed.Client``, or ``dask.config.set(scheduler=...)`` (``"threads"``, ``"processes"``,
