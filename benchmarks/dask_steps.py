@@ -8,9 +8,10 @@ would write; one task per chunk for each of p, m and v), and a step of xopt on N
 process, beside the cluster.  All chunk counts of a size are set up at once; each round times one
 step of every (chunk count, Dask path) and one in-process step, in an order that rotates from round
 to round (the machine is shared: interleaving spreads the same noise over all of them), after two
-untimed steps each; medians over rounds, and the median of each round's xopt/plain ratio.  A Dask step is timed until its chunks are persisted on the workers
-(``distributed.wait``), grads already there.  Tasks per step are counted in one more step of each,
-outside the timed rounds.  Then a least-squares fit of each Dask path's median step time to
+untimed steps each; medians over rounds, and the median of each round's xopt/plain ratio.  A Dask
+step is timed until its chunks are persisted on the workers (``distributed.wait``), grads already
+there.  Tasks per step are counted in one more step of each, outside the timed rounds.  Then a
+least-squares fit, in relative error, of each Dask path's median step time to
 
     t = fixed + per_chunk * chunks + per_byte * bytes     (bytes = 28 * elements: Adam float32's traffic)
 

@@ -130,7 +130,8 @@ def apply(opt, entries):
         arrays = [a if a.chunks == e.p.chunks else a.rechunk(e.p.chunks) for a in arrays]
         ind = tuple(range(e.p.ndim))
         step = e.state["step"] + 1
-        name = f"xopt-{type(opt).__name__.lower()}-{tokenize(opt._hyper, step, *(a.name for a in arrays))}"
+        token = tokenize(opt.impl, opt._hyper, step, *(a.name for a in arrays))  # the step's inputs: a pure key
+        name = f"xopt-{type(opt).__name__.lower()}-{token}"
         steps.append(da.blockwise(
             _update_chunks, ind, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
