@@ -244,6 +244,24 @@ def test_a_chunks_kernel_takes_the_threads_dask_gives_a_task_never_more():
         cluster.close()
 
 
+def test_a_pool_first_made_under_a_task_limit_still_serves_the_whole_process():
+    from xopt import _threads
+    from xopt.engines.fused_cpu import PARALLEL_MIN
+
+    before = xopt.set_num_threads(3)  # a new number: the pool is made again at the next parallel step
+    try:
+        params, grads = {"W": np.ones(4 * PARALLEL_MIN, np.float32)}, {"W": np.ones(4 * PARALLEL_MIN, np.float32)}
+        optimizer = xopt.Adam()
+        with _threads.limit(2):
+            optimizer.update(params, grads)
+        pool = _threads._threads["pool"]  # its threads start as work is submitted: one per thread of a step
+        under_limit = len(pool._threads)
+        optimizer.update(params, grads)
+        assert (under_limit, len(pool._threads), _threads._threads["pool"] is pool) == (1, 2, True)
+    finally:
+        xopt.set_num_threads(before)
+
+
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_dask_config_scheduler_is_honoured_beside_a_client(client, rng, scheduler):
     """As ``dask.persist``: ``dask.config.set(scheduler=...)`` wins over the default client; no task reaches it."""

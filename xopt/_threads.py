@@ -82,6 +82,8 @@ def pool(n):
     """n - 1 workers (the caller is the n-th); made again in a forked child, whose workers are gone."""
     with _threads_lock:
         if _threads["pool"] is None or _threads["pid"] != os.getpid():
-            _threads["pool"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="xopt")
+            # Sized for the process's number, not a limit()'s lower one: a pool first made under a cap stays
+            # big enough for the uncapped steps after it (its threads start only as work is submitted).
+            _threads["pool"] = ThreadPoolExecutor(max_workers=max(n, _threads["n"] or n) - 1, thread_name_prefix="xopt")
             _threads["pid"] = os.getpid()
         return _threads["pool"]
