@@ -1,8 +1,14 @@
-"""Dask arrays on a two-worker local cluster: the seed's loop unchanged, NumPy's numbers, a bounded graph."""
+"""Dask arrays on a two-worker local cluster: the seed's loop unchanged, NumPy's numbers, a bounded graph,
+one task per chunk per step, a task's thread budget, Dask's schedulers."""
 
 import os
+import pathlib
+import re
 import signal
+import threading
+import warnings
 
+import dask
 import numpy as np
 import pytest
 
@@ -18,7 +24,7 @@ SHAPE = (200, 16)
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                        silence_logs=50)
     client = distributed.Client(cluster)
     yield client
@@ -55,7 +61,28 @@ def test_seed_loop_over_dask_arrays_matches_numpy(config, client, rng):
         np.testing.assert_array_equal(optimizer.state["W"][name].compute(), ref.state["W"][name])
 
 
+@pytest.mark.parametrize("shape, dtype, chunks", [((), "float32", ()), ((0,), "float64", 2), ((5, 0, 3), "float32", 2),
+                                                   ((7,), "float16", 3), ((6, 5), "float16", (4, 2)),
+                                                   ((6, 4), "float64", (4, 3))])
+def test_edge_shapes_and_float16_params_match_numpy(client, rng, shape, dtype, chunks):
+    """float16 params keep float32 state on Dask as on NumPy (Dask's array-API namespace has no float16)."""
+    w0 = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+    want, ref = _numpy_run("AdamW-amsgrad", w0, grads)
+    params, optimizer = {"W": da.from_array(w0.copy(), chunks=chunks)}, make("AdamW-amsgrad")
+    for g in grads:
+        optimizer.update(params, {"W": da.from_array(g, chunks=chunks)})
+    got = params["W"].compute()
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    for name in ref.buffers():
+        state = optimizer.state["W"][name]
+        assert state.dtype == ref.state["W"][name].dtype, name
+        np.testing.assert_array_equal(state.compute(), ref.state["W"][name])
+
+
 def test_graph_stays_bounded_and_data_stays_on_the_workers(client, rng):
+    """After every step each array's graph is the step's persisted chunks and one lazy pick per chunk."""
     w0, grads = _inputs(rng, 20)
     params = {"W": da.from_array(w0.copy(), chunks=CHUNKS)}
     optimizer = xopt.Adam()
@@ -63,8 +90,11 @@ def test_graph_stays_bounded_and_data_stays_on_the_workers(client, rng):
     sizes = []
     for g in grads:
         optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
-        sizes.append((len(params["W"].__dask_graph__()), len(optimizer.state["W"]["m"].__dask_graph__())))
-    assert sizes == [(n_chunks, n_chunks)] * 20, sizes
+        graphs = [params["W"].__dask_graph__(), optimizer.state["W"]["m"].__dask_graph__()]
+        sizes.append([(len(graph.layers), len(graph)) for graph in graphs])
+        persisted = [set(graph.layers) - {a.name} for graph, a in zip(graphs, (params["W"], optimizer.state["W"]["m"]))]
+        assert persisted[0] == persisted[1], "p and m are not picks of the same persisted step"
+    assert sizes == [[(2, 2 * n_chunks)] * 2] * 20, sizes
     distributed.wait(params["W"])  # persist returns at once; the chunks land on the workers
     who_has = client.who_has(params["W"])
     assert len(who_has) == n_chunks and all(who_has.values()), "a chunk is not held by any worker"
@@ -113,3 +143,167 @@ def test_a_killed_worker_ends_in_an_error_or_the_right_numbers(client, rng):
     finally:
         client.wait_for_workers(2, timeout=60)
     np.testing.assert_array_equal(got, want)
+
+
+def _plain_adam(p, g, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam written as plain dask.array expressions, the way a Dask user would (the seed's math)."""
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    p = p - lr * (m / (1 - beta1 ** step)) / (da.sqrt(v / (1 - beta2 ** step)) + eps)
+    return p, m, v
+
+
+def _tasks_run(client, do):
+    """The key names of the tasks the cluster ran for ``do()``, all of them finished."""
+    with distributed.get_task_stream(client) as stream:
+        arrays = do()
+        distributed.wait(arrays)
+    return [t["key"][0] if isinstance(t["key"], tuple) else t["key"] for t in stream.data]
+
+
+GRADS = {"persisted": lambda p, target: target,
+         "elementwise": lambda p, target: p - target,
+         "with-a-reduction": lambda p, target: p - target * p.mean()}
+
+
+@pytest.mark.parametrize("grads", GRADS)
+def test_a_step_runs_one_task_per_chunk_no_more_than_plain_dask_array(client, rng, grads):
+    """One xopt task per chunk, where plain dask.array runs one per chunk for each array it writes.  The picks
+    of the new p and state are fused into the tasks that read them; only where two kinds of task read p (a
+    reduction's and the step's) does its pick run as a task of its own (a reference, not a copy)."""
+    w0, (g0,) = _inputs(rng, 1)
+    target = da.from_array(g0, chunks=CHUNKS).persist()
+    n_chunks = target.npartitions
+    grads_of = GRADS[grads]
+
+    params = {"W": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
+    optimizer = xopt.Adam()
+    optimizer.update(params, {"W": grads_of(params["W"], target)})  # the first step also makes the state
+    distributed.wait([target, params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]])
+    runs = []
+    for _ in range(3):
+        def xopt_step():
+            optimizer.update(params, {"W": grads_of(params["W"], target)})
+            return [params["W"], optimizer.state["W"]["m"], optimizer.state["W"]["v"]]
+        runs.append(_tasks_run(client, xopt_step))
+
+    plain = {"p": da.from_array(w0.copy(), chunks=CHUNKS).persist()}
+    plain["m"] = da.zeros_like(plain["p"]).persist()
+    plain["v"] = da.zeros_like(plain["p"]).persist()
+    distributed.wait(list(plain.values()))
+    plain_runs = []
+    for step in range(1, 4):
+        def plain_step():
+            g = grads_of(plain["p"], target)
+            new = dask.persist(*_plain_adam(plain["p"], g, plain["m"], plain["v"], step))
+            plain.update(zip("pmv", new))
+            return new
+        plain_runs.append(_tasks_run(client, plain_step))
+    steps = [sum(bool(re.fullmatch(r"xopt-adam-[0-9a-f]+", k)) for k in run) for run in runs]
+    picks = [sorted({k.rsplit("-", 1)[1] for k in run if re.fullmatch(r"xopt-adam-[0-9a-f]+-.+", k)}) for run in runs]
+    assert steps == [n_chunks] * 3, runs
+    if grads == "with-a-reduction":  # p read by the reduction's tasks and by the step's: its pick is a task
+        assert picks == [["p"]] * 3 and [len(run) for run in runs] == [len(runs[0])] * 3, runs
+    else:
+        assert [len(run) for run in runs] == [n_chunks] * 3, runs
+    assert max(map(len, runs)) < min(map(len, plain_runs)), (runs, plain_runs)
+    want, reference = w0.copy(), xopt.Adam()
+    for _ in range(4):
+        reference.update([want], [grads_of(want, g0)])
+    np.testing.assert_allclose(params["W"].compute(), want, rtol=1e-13 if grads == "with-a-reduction" else 0)
+
+
+def _xopt_threads():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("xopt"))
+
+
+def test_a_chunks_kernel_takes_the_threads_dask_gives_a_task_never_more():
+    """xopt would take 4 threads in the worker (XOPT_NUM_THREADS); Dask's OMP_NUM_THREADS=1 wins,
+    and a worker given OMP_NUM_THREADS=2 gets two (the pool's one thread beside the task's)."""
+    from xopt.engines.fused_cpu import PARALLEL_MIN
+
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                       silence_logs=50, env={"XOPT_NUM_THREADS": "4"})
+    try:
+        with distributed.Client(cluster) as client:
+            assert client.run(os.getenv, "OMP_NUM_THREADS") == {w: "1" for w in client.run(os.getpid)}
+            w = da.random.default_rng(0).standard_normal(2 * PARALLEL_MIN, chunks=PARALLEL_MIN)  # big enough
+            params = {"W": w.astype(np.float32).persist()}                                     # for threads
+            w0 = params["W"].compute()
+            optimizer = xopt.Adam()
+            threads = []
+            for omp in ("1", "2"):
+                client.run(lambda: os.environ.update(OMP_NUM_THREADS=omp))  # noqa: B023 (run now)
+                optimizer.update(params, {"W": da.ones_like(params["W"])})
+                distributed.wait(params["W"])
+                threads.append(list(client.run(_xopt_threads).values())[0])
+            assert threads == [[], ["xopt_0"]], threads
+            np.testing.assert_array_equal(params["W"].compute(),
+                                          _numpy_run("Adam", w0, [np.ones_like(w0)] * 2)[0])
+    finally:
+        cluster.close()
+
+
+def test_a_pool_first_made_under_a_task_limit_still_serves_the_whole_process():
+    from xopt import _threads
+    from xopt.engines.fused_cpu import PARALLEL_MIN
+
+    before = xopt.set_num_threads(3)  # a new number: the pool is made again at the next parallel step
+    try:
+        params, grads = {"W": np.ones(4 * PARALLEL_MIN, np.float32)}, {"W": np.ones(4 * PARALLEL_MIN, np.float32)}
+        optimizer = xopt.Adam()
+        with _threads.limit(2):
+            optimizer.update(params, grads)
+        pool = _threads._threads["pool"]  # its threads start as work is submitted: one per thread of a step
+        under_limit = len(pool._threads)
+        optimizer.update(params, grads)
+        assert (under_limit, len(pool._threads), _threads._threads["pool"] is pool) == (1, 2, True)
+    finally:
+        xopt.set_num_threads(before)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_dask_config_scheduler_is_honoured_beside_a_client(client, rng, scheduler):
+    """As ``dask.persist``: ``dask.config.set(scheduler=...)`` wins over the default client; no task reaches it."""
+    w0, grads = _inputs(rng, 3)
+    params = {"W": da.from_array(w0.copy(), chunks=CHUNKS)}
+    optimizer = xopt.Adam()
+    with distributed.get_task_stream(client) as stream, dask.config.set(scheduler=scheduler):
+        for g in grads:
+            optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
+        got = params["W"].compute()
+    assert stream.data == []
+    np.testing.assert_array_equal(got, _numpy_run("Adam", w0, grads)[0])
+
+
+def test_no_chunk_anyone_can_read_is_written(client, rng):
+    """The user's NumPy array behind ``from_array`` (a view under the threaded scheduler), last step's
+    arrays and a ``state_dict()`` snapshot all keep their values after later steps."""
+    w0, grads = _inputs(rng, 4)
+    kept = w0.copy()
+    params = {"W": da.from_array(w0, chunks=CHUNKS)}
+    optimizer = xopt.Adam()
+    with dask.config.set(scheduler="threads"):
+        optimizer.update(params, {"W": da.from_array(grads[0], chunks=CHUNKS)})
+        old_p, old_m = params["W"], optimizer.state["W"]["m"]
+        snapshot = optimizer.state_dict()["state"]["W"]["v"]
+        want_p, want_m, want_v = old_p.compute(), old_m.compute(), snapshot.compute()
+        for g in grads[1:]:
+            optimizer.update(params, {"W": da.from_array(g, chunks=CHUNKS)})
+        np.testing.assert_array_equal(w0, kept)
+        np.testing.assert_array_equal(old_p.compute(), want_p)
+        np.testing.assert_array_equal(old_m.compute(), want_m)
+        np.testing.assert_array_equal(snapshot.compute(), want_v)
+        assert not np.array_equal(params["W"].compute(), want_p)
+
+
+def test_the_readme_distributed_example_runs_and_converges(capsys):
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Beyond one machine: Dask"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "LocalCluster(" in code and 'Client("tcp://' in code
+    with warnings.catch_warnings():  # another cluster on this machine may hold the dashboard's default port
+        warnings.filterwarnings("ignore", message="Port 8787 is already in use", category=UserWarning)
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    error = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[-1])
+    assert error < 0.1, error

@@ -111,6 +111,8 @@ def compute_dtype(xp, dtype):
     """The dtype the math and the state are kept in: float16 is promoted to float32."""
     if isinstance(dtype, np.dtype) and not dtype.isnative:  # a byte-swapped param: math and state native
         dtype = dtype.newbyteorder("=")
+    if isinstance(dtype, np.dtype) and dtype == np.float16:  # NumPy's, CuPy's, Dask's (its namespace has none)
+        return xp.float32
     float16 = getattr(xp, "float16", None)  # not in the standard, but in NumPy, CuPy, torch
     return xp.float32 if float16 is not None and dtype == float16 else dtype
 

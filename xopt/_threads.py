@@ -11,11 +11,12 @@ be set before start-up with the environment variable ``XOPT_NUM_THREADS``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["set_num_threads", "get_num_threads", "pool"]
+__all__ = ["set_num_threads", "get_num_threads", "limit", "pool"]
 
 
 def _default_threads() -> int:
@@ -36,6 +37,7 @@ def _checked_threads(n, what="n"):
 
 _threads = {"n": None, "pool": None, "pid": None}
 _threads_lock = threading.Lock()
+_caps = threading.local()  # .n: limit()'s cap on the calling thread
 
 
 def set_num_threads(n=None):
@@ -60,13 +62,28 @@ def get_num_threads() -> int:
     n = _threads["n"]
     if n is None:
         n = _threads["n"] = _default_threads()
-    return n
+    cap = getattr(_caps, "n", None)
+    return n if cap is None else min(n, cap)
+
+
+@contextlib.contextmanager
+def limit(n):
+    """At most ``n`` threads for the CPU steps this thread runs inside the block, whatever the
+    process's number (a Dask task: its worker runs other tasks on its other threads)."""
+    before = getattr(_caps, "n", None)
+    _caps.n = _checked_threads(n)
+    try:
+        yield
+    finally:
+        _caps.n = before
 
 
 def pool(n):
     """n - 1 workers (the caller is the n-th); made again in a forked child, whose workers are gone."""
     with _threads_lock:
         if _threads["pool"] is None or _threads["pid"] != os.getpid():
-            _threads["pool"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="xopt")
+            # Sized for the process's number, not a limit()'s lower one: a pool first made under a cap stays
+            # big enough for the uncapped steps after it (its threads start only as work is submitted).
+            _threads["pool"] = ThreadPoolExecutor(max_workers=max(n, _threads["n"] or n) - 1, thread_name_prefix="xopt")
             _threads["pid"] = os.getpid()
         return _threads["pool"]

@@ -1,61 +1,144 @@
-"""Dask arrays: every chunk updated where it lives, params and state persisted together each step.
+"""Dask arrays: one task per chunk per step, on the worker that holds the chunk.
 
-A step is one ``apply_gufunc`` per param whose function takes the chunks of p, g and
-the state buffers and returns their new values, computed on the worker by the
-engine that fits the chunk (:mod:`xopt.engines.fused_cpu` for NumPy chunks, the reference
-rule otherwise), exactly as a single-process step would.  All outputs of a step are
-persisted in one call, so each new array's graph is just its chunks: neither the
-graph nor the step time grows with the number of steps, and nothing is gathered to
-the client.  Dask arrays cannot be written in place: ``update`` puts the new arrays
-into the params dict (a list works too; a tuple cannot take them).
+A step of a param is one ``blockwise`` layer whose task for a chunk takes the chunks of p, g
+and the state buffers and returns all their new values together, as one :class:`Chunks`
+object, computed by the engine that fits the chunk (:mod:`xopt.engines.fused_cpu` for NumPy
+chunks, the reference rule otherwise), exactly as a single-process step would.  The steps of
+all params are persisted in one call, so only these tasks run: one per chunk, where plain
+``dask.array`` runs one per chunk for each array it writes (three for Adam) and
+``apply_gufunc`` adds a ``getitem`` and a ``transpose`` task per output.
+
+The new p and buffers are then handed out as lazy picks of the persisted step
+(``chunks.arrays[i]``, a reference, not a copy): a pick runs only when something reads that
+array, and Dask's graph optimisation fuses it into the task that reads it, so the next step
+reads the persisted chunks directly and an elementwise ``grads(params)`` fused into the step
+pays no extra task either.  Where two kinds of task read p (a reduction's and the step's, say),
+p's pick runs as a task of its own: one more per chunk, still fewer than plain ``dask.array``.
+Every array's graph after a step is the step's persisted chunks and one pick per chunk: it does
+not grow with the number of steps, and nothing is gathered to the client.  Dask arrays cannot
+be written in place: ``update`` puts the new arrays into the params dict (a list works too; a
+tuple cannot take them).
+
+Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
+``distributed.Client``, or ``dask.config.set(scheduler=...)`` (``"threads"``, ``"processes"``,
+``"sync"``).  How many threads a chunk's kernel uses follows Dask's thread budget for a task
+(:func:`task_threads`).
 """
 
 from __future__ import annotations
 
+import os
+
 import dask
 import dask.array as da
+import numpy as np
+from dask.base import get_scheduler, tokenize
+from dask.local import get_sync
+from dask.sizeof import sizeof
 
-from .. import _backend
+from .. import _backend, _threads
 from .._inputs import Entry
 
-__all__ = ["accepts", "apply"]
+__all__ = ["accepts", "apply", "Chunks", "task_threads"]
+
+
+class Chunks:
+    """One chunk of every array a step wrote: p, then the state buffers in ``opt.buffers()`` order."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def __reduce__(self):  # pickled as the tuple of arrays: NumPy's buffers travel out of band
+        return Chunks, (self.arrays,)
+
+
+@sizeof.register(Chunks)
+def _sizeof_chunks(c):  # a worker's memory accounting and spilling see the arrays' bytes
+    return sum(sizeof(a) for a in c.arrays)
 
 
 def accepts(opt, e) -> bool:
     return _backend.is_dask(e.p)
 
 
-def _update_chunks(p, g, *buffers, opt, names, step, scalars):
-    """On a worker: new (p, *buffers) for one chunk, by the same path a single-process step takes."""
+def task_threads(whole=None) -> int:
+    """How many threads one chunk's kernel may use inside a Dask task.
+
+    Dask runs one task per thread of a worker and tells a task how many threads of its own it
+    may start through ``OMP_NUM_THREADS``: a ``distributed`` nanny sets it to 1 in every worker
+    process (``distributed.nanny.pre-spawn-environ``), as a worker already runs ``nthreads``
+    tasks at once.  numba's and xopt's threads do not read it, so it is read here: the kernel
+    takes ``OMP_NUM_THREADS`` threads, 1 where it is unset (an in-process worker or the threaded
+    scheduler, where each of the pool's threads runs a task), never more than
+    :func:`xopt.get_num_threads` of that process.  ``whole``: the client's budget when the
+    tasks run one at a time on its thread (the synchronous scheduler).
+    """
+    budget = whole
+    if budget is None:
+        try:
+            budget = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+        except ValueError:
+            budget = 1
+    return min(budget, _threads.get_num_threads())
+
+
+def _update_chunks(p, g, *buffers, opt, names, step, scalars, threads):
+    """On a worker: the new p and buffers of one chunk, by the path a single-process step takes.
+
+    The kernels write in place, so each new array starts as a copy of its input chunk, and
+    none of the copies can go: an input chunk is the value of a Dask key that may still be
+    read after this task wrote it.  Other tasks of the same graph may read it (a p chunk by
+    the user's grads, a buffer by a ``state_dict()`` snapshot; in a thread they would see the
+    write half-done); a user may hold last step's arrays; a worker that fetched the chunk keeps
+    its replica, from which Dask recomputes this task after a worker is lost, which must see the
+    old values or it applies the step twice; under the local schedulers a chunk of
+    ``da.from_array`` is a view of the user's NumPy array and ``da.full_like``'s chunks are one
+    read-only scalar broadcast.  The grad is only read: never copied here.
+    """
     from .. import _dispatch  # on the worker
 
     xp = _backend.namespace(p, g)
     state = {"step": step - 1, **{n: xp.asarray(b, copy=True) for n, b in zip(names, buffers)}}
     e = Entry(key="chunk", p=xp.asarray(p, copy=True), g=g, xp=xp, state=state, scalars=scalars)
-    for apply, group in _dispatch.select(opt, [e]):
-        apply(opt, group)
-    return (e.p, *(e.state[n] for n in names))
+    with _threads.limit(task_threads(threads)):
+        for apply_group, group in _dispatch.select(opt, [e]):
+            apply_group(opt, group)
+    return Chunks((e.p, *(e.state[n] for n in names)))
+
+
+def _pick(chunks, i):
+    return chunks.arrays[i]
+
+
+def _picked(step, i, like, what):
+    """The ``i``-th array of a persisted step, as a Dask array chunked and typed like ``like``."""
+    ind = tuple(range(like.ndim))
+    return da.blockwise(_pick, ind, step, ind, i, None, dtype=like.dtype, meta=like._meta,
+                        name=f"{step.name}-{what}")
 
 
 def apply(opt, entries):
     names = opt.buffers()
     worker_opt = type(opt)(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
-    outputs = []
+    # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
+    threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
+    steps = []
     for e in entries:
-        g = e.g if e.g.chunks == e.p.chunks else e.g.rechunk(e.p.chunks)
-        buffers = [e.state[n] if e.state[n].chunks == e.p.chunks else e.state[n].rechunk(e.p.chunks)
-                   for n in names]
-        signature = ",".join(["()"] * (2 + len(names))) + "->" + ",".join(["()"] * (1 + len(names)))
-        result = da.apply_gufunc(
-            _update_chunks, signature, e.p, g, *buffers,
-            output_dtypes=[e.p.dtype] + [b.dtype for b in buffers],
-            opt=worker_opt, names=names, step=e.state["step"] + 1, scalars=e.scalars)
-        outputs.append(result if isinstance(result, tuple) else (result,))
-    persisted = dask.persist(*[a for out in outputs for a in out])
-    k = 0
-    for e, out in zip(entries, outputs):
-        e.p = persisted[k]
-        for n in names:
-            k += 1
-            e.state[n] = persisted[k]
-        k += 1
+        arrays = [e.p, e.g] + [e.state[n] for n in names]
+        arrays = [a if a.chunks == e.p.chunks else a.rechunk(e.p.chunks) for a in arrays]
+        ind = tuple(range(e.p.ndim))
+        step = e.state["step"] + 1
+        token = tokenize(opt.impl, opt._hyper, step, *(a.name for a in arrays))  # the step's inputs: a pure key
+        name = f"xopt-{type(opt).__name__.lower()}-{token}"
+        steps.append(da.blockwise(
+            _update_chunks, ind, *(x for a in arrays for x in (a, ind)),
+            dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
+            opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads))
+    steps = dask.persist(*steps)
+    for e, step in zip(entries, steps):
+        like = [e.p] + [e.state[n] for n in names]
+        e.p = _picked(step, 0, e.p, "p")
+        for i, n in enumerate(names, 1):
+            e.state[n] = _picked(step, i, like[i], n)
