@@ -78,10 +78,14 @@ class Plan:
         self.scheduled = any(scheduled for _, scheduled in opt._groups())
         self.state_root = opt.state
         self.states = [e.state for e in entries]
-        self.getters = [operator.itemgetter(name) for name in opt.buffers()]
-        self.held = [list(map(get, self.states)) for get in self.getters]  # held: compared by identity
         self.steps = [e.state["step"] for e in entries]
         self.groups = [opt._group_of(e.key) for e in entries]  # which hyperparameter set each param takes
+        kept = [view.buffers() for view, _ in opt._groups()]  # an override may keep other buffers (amsgrad)
+        self.keeps = []  # (getter of a buffer, the states of the params whose set keeps it)
+        for name in dict.fromkeys(chain.from_iterable(kept[group] for group in sorted(set(self.groups)))):
+            states = [st for st, group in zip(self.states, self.groups) if name in kept[group]]
+            self.keeps.append((operator.itemgetter(name), states))
+        self.held = [list(map(get, states)) for get, states in self.keeps]  # held: compared by identity
         self.grad_type = type(entries[0].g)
         numpy = all(type(e.p).__module__ == "numpy" for e in entries)
         self.sig = _numpy_sig if numpy else _sig
@@ -114,8 +118,8 @@ class Plan:
         if not all(map(operator.is_, map(self.state_root.get, self.keys), self.states)):
             return False
         try:  # the same buffer objects (a replaced or deleted one: declined), the same step counts
-            if not all(all(map(operator.is_, map(get, self.states), held))
-                       for get, held in zip(self.getters, self.held)):
+            if not all(all(map(operator.is_, map(get, states), held))
+                       for (get, states), held in zip(self.keeps, self.held)):
                 return False
             if not self._same_steps():
                 return False
@@ -137,6 +141,7 @@ class Plan:
         if config(opt) != self.config:  # a hyperparameter was set: only what fixes kernel and buffers counts
             return False
         self.config_key = key
+        self.scheduled = any(scheduled for _, scheduled in opt._groups())  # lr set to a schedule, or to a number
         return True
 
     def _same_steps(self) -> bool:
@@ -295,7 +300,7 @@ class ReferencePlan(Plan):
         for e, g, key in zip(self.entries, gs, zip(self.groups, self.steps)):
             e.g, (e.opt, e.scalars), e.clip = g, views[key], factor
         apply_reference(opt, self.entries)
-        held = [list(map(get, self.states)) for get in self.getters]
+        held = [list(map(get, states)) for get, states in self.keeps]
         if not all(all(map(operator.is_, now, before)) for now, before in zip(held, self.held)):
             self._hold(held)
         return True

@@ -1,0 +1,93 @@
+"""The fast path of a repeated step (xopt._plan) under the training features: overrides, schedules, clipping.
+
+Each test runs the same calls on twins, ``impl="reference"`` (the oracle) and the default path (the numba
+kernel and its FusedPlan), with a change between steps that a plan built before it must notice.  Found by
+tests/test_stateful.py's rules for overrides and schedules; each is the shortest form of one finding.
+"""
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt._plan import FusedPlan, ReferencePlan
+from xopt.schedules import linear_schedule
+
+IMPLS = ("reference", "auto")
+
+
+def _params(dtype=np.float64):
+    return {"a": np.linspace(-1.0, 1.0, 7).astype(dtype), "b": np.linspace(0.5, 2.0, 5).astype(dtype)}
+
+
+def _grads(rng, params):
+    return {k: rng.standard_normal(p.shape).astype(p.dtype) for k, p in params.items()}
+
+
+def _twins(make, steps, between=None, seed=0):
+    """The params and state of each impl after ``steps`` updates, ``between(opt, i)`` before step i."""
+    out = {}
+    for impl in IMPLS:
+        rng = np.random.default_rng(seed)
+        params, opt = _params(), make(impl)
+        for i in range(steps):
+            if between is not None:
+                between(opt, i)
+            opt.update(params, _grads(rng, params))
+        out[impl] = (params, opt)
+    return out
+
+
+def _agree(out):
+    (ref, ref_opt), (dut, dut_opt) = out["reference"], out["auto"]
+    for k in ref:
+        np.testing.assert_allclose(dut[k], ref[k], rtol=1e-13, atol=1e-15, err_msg=f"param {k!r}")
+        assert sorted(dut_opt.state[k]) == sorted(ref_opt.state[k]), f"state of {k!r}"
+        for name, buf in ref_opt.state[k].items():
+            np.testing.assert_allclose(dut_opt.state[k][name], buf, rtol=1e-13, atol=1e-15,
+                                       err_msg=f"state[{k!r}][{name!r}]")
+
+
+@pytest.mark.parametrize("first, then", [(0.1, linear_schedule(0.1, 0.0, 4)), (linear_schedule(0.1, 0.0, 4), 0.05),
+                                         (linear_schedule(0.1, 0.0, 4), linear_schedule(0.2, 0.1, 3))],
+                         ids=["number-to-schedule", "schedule-to-number", "schedule-to-schedule"])
+def test_lr_set_between_steps_is_read_by_the_plan(first, then):
+    """A plan made while lr was a number read the schedule set since at its first step only (stale after)."""
+
+    def between(opt, i):
+        if i == 3:
+            opt.lr = then
+
+    out = _twins(lambda impl: xopt.SGD(lr=first, momentum=0.9, impl=impl), 8, between)
+    assert isinstance(out["auto"][1]._plan, FusedPlan)
+    _agree(out)
+
+
+@pytest.mark.parametrize("name, kwargs, override", [
+    ("RMSprop", dict(momentum=0.5, centered=True), {"centered": False}),
+    ("Adam", dict(amsgrad=True), {"amsgrad": False}),
+    ("SGD", dict(momentum=0.9), {"momentum": 0.0}),
+], ids=["RMSprop-centered", "Adam-amsgrad", "SGD-momentum"])
+def test_an_override_that_keeps_fewer_buffers_gets_a_plan(name, kwargs, override):
+    """Params whose override keeps fewer buffers than the optimizer's own: building the plan read the buffers
+    of the optimizer's set from every param and raised KeyError after the step had been applied."""
+    out = _twins(lambda impl: getattr(xopt, name)(**kwargs, overrides={"a": override}, impl=impl), 4)
+    _agree(out)
+    assert isinstance(out["auto"][1]._plan, FusedPlan) and isinstance(out["reference"][1]._plan, ReferencePlan)
+
+
+@pytest.mark.parametrize("action", ["replace", "delete"])
+def test_a_buffer_only_an_override_keeps_is_watched_by_the_plan(action):
+    """SGD without momentum but for param 'b': its buffer replaced (the fused plan went on writing the old one)
+    or deleted (the reference plan raised KeyError having written param 'a') between steps."""
+
+    def between(opt, i):
+        if i == 3:
+            if action == "replace":
+                opt.state["b"]["b"] = np.full(5, 0.25)
+            else:
+                del opt.state["b"]["b"]
+
+    out = _twins(lambda impl: xopt.SGD(lr=0.1, overrides={"b": {"momentum": 0.9}}, impl=impl), 6, between)
+    _agree(out)
+    for impl in IMPLS:
+        assert out[impl][1].iter == 6
