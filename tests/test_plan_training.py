@@ -91,3 +91,27 @@ def test_a_buffer_only_an_override_keeps_is_watched_by_the_plan(action):
     _agree(out)
     for impl in IMPLS:
         assert out[impl][1].iter == 6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_overrides_initial_accumulator_value_starts_its_params_state(impl):
+    """AdaGrad's h starts at the override's initial_accumulator_value (it started at the optimizer's own).
+    torch.optim.Adagrad reads only its constructor's value for every group; xopt's overrides apply whole."""
+    params, g = _params(), {"a": np.full(7, 0.5), "b": np.full(5, 0.5)}
+    opt = xopt.AdaGrad(lr=0.1, initial_accumulator_value=0.1, overrides={"b": {"initial_accumulator_value": 2.0}},
+                       impl=impl)
+    opt.update(params, g)
+    np.testing.assert_array_equal(opt.state["a"]["h"], np.full(7, 0.1 + 0.25))
+    np.testing.assert_array_equal(opt.state["b"]["h"], np.full(5, 2.0 + 0.25))
+    np.testing.assert_allclose(params["b"], _params()["b"] - 0.1 * 0.5 / (np.sqrt(2.25) + 1e-7), rtol=1e-15)
+
+
+def test_a_clipped_call_that_raises_leaves_last_grad_norm():
+    """impl='fused' refusing a param is found after the norm: the call raised but had set last_grad_norm."""
+    xps = pytest.importorskip("array_api_strict")
+    opt = xopt.Adam(clip_grad_norm=1.0, impl="fused")
+    opt.update({"w": np.ones(3)}, {"w": np.full(3, 2.0)})
+    assert opt.last_grad_norm == pytest.approx(np.sqrt(12.0), rel=1e-15)
+    with pytest.raises(TypeError, match="no fused kernel takes param 'w'"):
+        opt.update({"w": xps.ones(3, dtype=xps.float64)}, {"w": xps.full(3, 5.0, dtype=xps.float64)})
+    assert opt.last_grad_norm == pytest.approx(np.sqrt(12.0), rel=1e-15)

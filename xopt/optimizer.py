@@ -231,13 +231,14 @@ class Optimizer:
             e.opt = view
             self._check_state(e)
         check_overlaps(self._named_arrays(entries))
-        scale = None
+        scale = norm = None
         if self.clip_grad_norm is not None:
-            self.last_grad_norm = _clip.global_norm([e.g for e in entries])
-            if self.skip_nonfinite and not _clip.is_finite(self.last_grad_norm):
+            norm = _clip.global_norm([e.g for e in entries])
+            if self.skip_nonfinite and not _clip.is_finite(norm):
+                self.last_grad_norm = norm
                 self.skipped_steps += 1
                 return
-            scale = _clip.scale(self.last_grad_norm, self.clip_grad_norm)
+            scale = _clip.scale(norm, self.clip_grad_norm)
         elif self.skip_nonfinite and not all(_all_finite(e) for e in entries):
             self.skipped_steps += 1
             return
@@ -276,6 +277,8 @@ class Optimizer:
             elif e.rebind:
                 params[e.key] = e.p
         self.iter += 1
+        if norm is not None:  # set with the step: a call that raises leaves the last one's
+            self.last_grad_norm = norm
         self._plan = _dispatch.plan(self, params, entries, paths)
 
     def _named_arrays(self, entries):
@@ -335,12 +338,12 @@ class Optimizer:
 
     def _state_for(self, e):
         st = self.state.setdefault(e.key, {"step": 0})
-        xp, dtype = e.xp, self.buffer_dtype(e)
-        for name in (e.opt or self).buffers():
+        xp, dtype, view = e.xp, self.buffer_dtype(e), e.opt or self
+        for name in view.buffers():
             buf = st.get(name)
             if buf is None:
-                # full_like: a Dask param's state is chunked like the param
-                st[name] = xp.full_like(e.p, self.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+                # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
+                st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
             elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
