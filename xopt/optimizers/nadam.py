@@ -58,6 +58,7 @@ class NAdam(Optimizer):
 
     def __init__(self, lr=0.002, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=0.004,
                  decoupled_weight_decay=False, **options):
+        self._mu_products = {}  # (beta1, momentum_decay) -> {step: product}; the views share it (see mu_product)
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, **options)
 
@@ -71,20 +72,27 @@ class NAdam(Optimizer):
         """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order (the same bits however it is reached).
 
         The last few products are kept to go on from: a step multiplies once per param step count
-        (params whose counts differ, one having missed a step, each go on from their own).
+        (params whose counts differ, one having missed a step, each go on from their own).  They are
+        kept in one dict, changed in place, that the optimizer shares with its views (which copy its
+        ``__dict__``): a scheduled lr makes a new view every step, which must go on from the last one's.
         """
         key = (self.beta1, self.momentum_decay)
-        kept_key, kept = self.__dict__.get("_mu_products", (None, {}))
-        if kept_key != key:
-            kept = {0: 1.0}
+        products = self.__dict__.get("_mu_products")
+        if not isinstance(products, dict):  # made by an xopt that kept one (key, products) pair
+            products = self._mu_products = {}
+        kept = products.get(key)
+        if kept is None:
+            if len(products) >= _KEEP:  # beta1 or momentum_decay changed often: forget the older ones
+                products.clear()
+            kept = products[key] = {0: 1.0}
         t = max(k for k in kept if k <= step)
         product = kept[t]
         while t < step and product != 0.0:  # 0.0 (underflowed, after some 7000 steps at beta1=0.9) stays 0.0
             t += 1
             product *= self._mu(t)
-        kept = {k: v for k, v in kept.items() if k >= step - _KEEP or k == 0}
+        for k in [k for k in kept if k < step - _KEEP and k != 0]:
+            del kept[k]
         kept[step] = product
-        self._mu_products = (key, kept)
         return product
 
     def scalars(self, step):
