@@ -133,3 +133,17 @@ def test_nadam_with_a_scheduled_lr_goes_on_from_the_last_product(impl, monkeypat
     for t in range(1, 101):
         product *= 0.8 * (1.0 - 0.5 * 0.96 ** (t * 0.004))  # torch: mu_product *= mu, step by step
     assert opt._at(1, 99).mu_product(100) == product
+
+
+def test_a_hyperparameter_an_override_cannot_go_with_is_refused_where_it_is_set():
+    """opt.nesterov = True was accepted although the override of 'b' (momentum 0) cannot take it: every
+    later update raised.  Refused at the assignment now, as the constructor refuses it, and nothing changes."""
+    opt = xopt.SGD(lr=0.1, momentum=0.9, overrides={"b": {"momentum": 0.0}})
+    with pytest.raises(ValueError, match=r"overrides\['b'\]: nesterov=True requires momentum > 0"):
+        opt.nesterov = True
+    assert opt.nesterov is False
+    with pytest.raises(ValueError, match=r"overrides\['b'\]"):
+        xopt.SGD(lr=0.1, momentum=0.9, nesterov=True, overrides={"b": {"momentum": 0.0}})
+    params = _params()
+    opt.update(params, {k: np.ones_like(p) for k, p in params.items()})
+    np.testing.assert_allclose(params["b"], _params()["b"] - 0.1)

@@ -97,8 +97,11 @@ class Hyper:
         if not obj.__dict__.get("_constructing", False):
             try:
                 obj._check_hyperparameters()
+                if obj.__dict__.get("_overrides"):
+                    obj._groups()  # each override's set with the new value: refused here, not at the next step
             except Exception:
                 hyper[self.name] = old
+                obj.__dict__["_version"] += 1  # the sets cached with the refused value are dropped
                 raise
 
 
