@@ -147,3 +147,47 @@ def test_a_hyperparameter_an_override_cannot_go_with_is_refused_where_it_is_set(
     params = _params()
     opt.update(params, {k: np.ones_like(p) for k, p in params.items()})
     np.testing.assert_allclose(params["b"], _params()["b"] - 0.1)
+
+
+class MyAdam(xopt.Adam):
+    """A user's subclass that keeps Adam's rule."""
+
+
+class FixedBetaAdam(xopt.Adam):
+    """A user's subclass whose constructor fixes some hyperparameters (takes fewer arguments)."""
+
+    def __init__(self, lr=1e-3, **options):
+        super().__init__(lr=lr, beta1=0.8, beta2=0.99, **options)
+
+
+@pytest.mark.parametrize("through", ["state_dict", "file"])
+def test_a_subclass_loads_its_parents_state_and_its_own(through, tmp_path):
+    """A user's subclass of an xopt optimizer loads the state that optimizer saved (it was refused: 'state_dict
+    is for Adam, not MyAdam'), and a subclass whose constructor takes fewer arguments loads its own state
+    (it was refused: TypeError from its constructor).  xopt's own optimizers still refuse each other's."""
+    params = _params()
+    adam = xopt.Adam(lr=0.01, overrides={"b": {"lr": 0.001}})
+    adam.update(params, {k: np.ones_like(p) for k, p in params.items()})
+
+    def moved(opt, into):
+        if through == "file":
+            opt.save(tmp_path / "state.npz")
+            into.load(tmp_path / "state.npz", params)
+        else:
+            into.load_state_dict(opt.state_dict(), params)
+        return into
+
+    mine = moved(adam, MyAdam())
+    assert (mine.lr, mine.overrides, mine.iter) == (0.01, {"b": {"lr": 0.001}}, 1)
+    np.testing.assert_array_equal(mine.state["a"]["v"], adam.state["a"]["v"])
+    fixed = FixedBetaAdam(lr=0.02)
+    fixed.update(params, {k: np.ones_like(p) for k, p in params.items()})
+    again = moved(fixed, FixedBetaAdam())
+    assert (again.lr, again.beta1, again.beta2, again.iter) == (0.02, 0.8, 0.99, 1)
+    with pytest.raises(ValueError, match="state_dict is for Adam, not AdamW"):
+        moved(adam, xopt.AdamW())
+    with pytest.raises(ValueError, match="state_dict is for MyAdam, not Adam"):
+        moved(mine, xopt.Adam())
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        FixedBetaAdam().load_state_dict({**fixed.state_dict(), "hyperparameters": {
+            **fixed.state_dict()["hyperparameters"], "lr": "0.1"}})

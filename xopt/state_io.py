@@ -95,7 +95,7 @@ def _buffer_sets(opt):
         names = list(choices)
         for combo in itertools.product(*(choices[n] for n in names)):
             try:
-                scratch = cls(impl="reference", **dict(zip(names, combo)))
+                scratch = _scratch(cls, impl="reference", **dict(zip(names, combo)))
             except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
                 continue
             found.append(frozenset(scratch.buffers()))
@@ -114,6 +114,30 @@ def _valid(check, name, value) -> bool:
 
 
 # -- checking a state_dict ---------------------------------------------------------------
+def _names_taken(cls):
+    """The optimizer names whose states ``cls`` loads: its own, and for a user's subclass, that of the xopt
+    optimizer it derives from (its rule and buffers; ``class MyAdam(xopt.Adam)`` loads an Adam's state).
+    Two of xopt's own optimizers never load each other's (AdamW derives from Adam but is another rule)."""
+    builtin = next((c for c in cls.__mro__ if c.__module__.startswith("xopt.optimizers.")), cls)
+    return {cls.__name__, builtin.__name__}
+
+
+def _scratch(cls, **kwargs):
+    """An optimizer of ``cls`` made from every argument, checked as its constructor checks them.  A user's
+    subclass whose ``__init__`` takes other arguments (it fixes some hyperparameters) is made through
+    the base class's, which takes every hyperparameter by name."""
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        if cls.__module__.startswith("xopt."):
+            raise
+        from .optimizer import Optimizer
+
+        scratch = object.__new__(cls)
+        Optimizer.__init__(scratch, **kwargs)  # a wrong name or type raises here as it would have
+        return scratch
+
+
 def _native(buf):
     """``buf`` in native byte order (a kernel reads raw bytes), a fresh copy."""
     dtype = buf.dtype
@@ -135,7 +159,7 @@ def checked_state(opt, state_dict, params=None):
     if missing:
         raise KeyError(f"state_dict lacks {', '.join(sorted(missing))}")
     kind = type(opt).__name__
-    if state_dict["optimizer"] != kind:
+    if state_dict["optimizer"] not in _names_taken(type(opt)):
         raise ValueError(f"state_dict is for {state_dict['optimizer']}, not {kind}")
     if not isinstance(state_dict["hyperparameters"], Mapping):
         raise TypeError(f"state_dict['hyperparameters'] must be a dict, got "
@@ -155,7 +179,7 @@ def checked_state(opt, state_dict, params=None):
     overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
                                             f"overrides[{pattern!r}].{k}") for k, v in values.items()}
                  if isinstance(values, Mapping) else values for pattern, values in overrides.items()}
-    trial = type(opt)(impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks, on a scratch one
+    trial = _scratch(type(opt), impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
     always, possible = _buffer_sets(trial)
     arrays = None if params is None else _param_arrays(params)
 
