@@ -191,3 +191,23 @@ def test_a_subclass_loads_its_parents_state_and_its_own(through, tmp_path):
     with pytest.raises(TypeError, match="lr must be a real number"):
         FixedBetaAdam().load_state_dict({**fixed.state_dict(), "hyperparameters": {
             **fixed.state_dict()["hyperparameters"], "lr": "0.1"}})
+
+
+def test_setting_hyperparameters_with_overrides_does_not_keep_old_params_alive():
+    """Each override's view copied the optimizer's dict, with the views and the plan of the moment: every
+    hyperparameter set (opt.lr = ... each epoch) made a chain one link longer, each link holding a plan,
+    its tables and the params it was built on (a new model's arrays each time: all of them kept)."""
+    import gc
+    import weakref
+
+    opt = xopt.Adam(lr=1e-3, overrides={"b": {"lr": 1e-4}})
+    arrays = []
+    for i in range(6):
+        params = _params()
+        arrays.append(weakref.ref(params["a"]))
+        opt.lr = 1e-3 * (i + 1)
+        for _ in range(2):  # the second step builds on the first's plan
+            opt.update(params, {k: np.ones_like(p) for k, p in params.items()})
+    del params
+    gc.collect()
+    assert sum(ref() is not None for ref in arrays) <= 1  # the last plan's (the optimizer's own)

@@ -165,7 +165,9 @@ class Optimizer:
         """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
-        view.__dict__["_hyper"] = hyper
+        # Not the sets and the plan of the moment: each set's views would hold the last set's, a chain one
+        # longer for every hyperparameter set (opt.lr = ... each step), each link holding a plan and its arrays.
+        view.__dict__.update(_hyper=hyper, _group_cache=None, _plan=None)
         return view
 
     def _at(self, group, count):
