@@ -211,3 +211,18 @@ def test_setting_hyperparameters_with_overrides_does_not_keep_old_params_alive()
     del params
     gc.collect()
     assert sum(ref() is not None for ref in arrays) <= 1  # the last plan's (the optimizer's own)
+
+
+def test_a_state_from_before_clipping_keeps_the_optimizers_clip_grad_norm():
+    """A state_dict saved before clip_grad_norm existed set it to None on load: clipping silently off in the
+    optimizer made with it.  It keeps the optimizer's own, as a state without 'overrides' keeps its overrides."""
+    params = _params()
+    saved = xopt.Adam(lr=0.01)
+    saved.update(params, {k: np.ones_like(p) for k, p in params.items()})
+    old_style = saved.state_dict()
+    del old_style["hyperparameters"]["clip_grad_norm"], old_style["overrides"]
+    opt = xopt.Adam(clip_grad_norm=0.5)
+    opt.load_state_dict(old_style)
+    assert (opt.clip_grad_norm, opt.lr, opt.iter) == (0.5, 0.01, 1)
+    opt.load_state_dict(saved.state_dict())  # a state that says None: None
+    assert opt.clip_grad_norm is None

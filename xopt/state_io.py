@@ -165,7 +165,7 @@ def checked_state(opt, state_dict, params=None):
         raise TypeError(f"state_dict['hyperparameters'] must be a dict, got "
                         f"{type(state_dict['hyperparameters']).__name__}")
     hyper = dict(state_dict["hyperparameters"])
-    hyper.setdefault("clip_grad_norm", None)  # a state saved before clip_grad_norm existed
+    hyper.setdefault("clip_grad_norm", opt.clip_grad_norm)  # saved before it existed: the optimizer's own
     expected = set(opt._hyper)
     if set(hyper) != expected:
         raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
