@@ -226,3 +226,35 @@ def test_a_state_from_before_clipping_keeps_the_optimizers_clip_grad_norm():
     assert (opt.clip_grad_norm, opt.lr, opt.iter) == (0.5, 0.01, 1)
     opt.load_state_dict(saved.state_dict())  # a state that says None: None
     assert opt.clip_grad_norm is None
+
+
+@pytest.mark.usefixtures("torch_float64")
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nadam_with_overrides_a_schedule_and_clipping_equals_torch_param_groups(impl, clip):
+    """NAdam's mu_product is derived from the step count on the host, per hyperparameter set: against
+    torch.optim.NAdam's per-param running product, with a group of another beta1 and momentum_decay, an lr
+    schedule (LambdaLR) and clip_grad_norm_, float64."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    start = {"W": rng.standard_normal(4), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in start.items()} for _ in range(12)]
+    schedule = linear_schedule(0.01, 0.001, 8)
+    w, b = (torch.tensor(start[k], requires_grad=True) for k in ("W", "b"))
+    ref = torch.optim.NAdam([{"params": [w]}, {"params": [b], "betas": (0.6, 0.9), "momentum_decay": 0.01,
+                                                "weight_decay": 0.1}], lr=1.0)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(ref, schedule)
+    opt = xopt.NAdam(lr=schedule, clip_grad_norm=clip, impl=impl, overrides={
+        "b": {"beta1": 0.6, "beta2": 0.9, "momentum_decay": 0.01, "weight_decay": 0.1}})
+    ours = {k: v.copy() for k, v in start.items()}
+    for step, g in enumerate(grads, start=1):
+        w.grad, b.grad = torch.tensor(g["W"]), torch.tensor(g["b"])
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([w, b], clip)
+        ref.step()
+        lambda_lr.step()
+        opt.update(ours, {k: v.copy() for k, v in g.items()})
+        for k, t in (("W", w), ("b", b)):
+            np.testing.assert_allclose(ours[k], t.detach().numpy(), rtol=1e-13, atol=1e-15,
+                                       err_msg=f"param {k} after step {step}")
+    assert ref.state[b]["mu_product"].item() == opt._at(1, 12).mu_product(12)
