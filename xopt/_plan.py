@@ -12,7 +12,8 @@ What it proves each step, before anything is written (everything the general pat
 - the same params container, the same keys in the same order, the same param objects, of the
   same dtype and shape, still writeable;
 - the same state: ``opt.state``'s dict of every param is the one the plan was built on, and
-  holds the same buffer objects (a buffer replaced or deleted, a param's state reset: declined),
+  holds the same objects for the buffers its hyperparameter set keeps (an override may keep other
+  buffers than the optimizer's own; a buffer replaced or deleted, a param's state reset: declined),
   every step count what the plan counted;
 - the same configuration: ``impl``, the buffers kept, ``state_dtype``, ``skip_nonfinite`` (planned only
   with ``clip_grad_norm``, whose norm finds a non-finite grad), clipping on or off;
