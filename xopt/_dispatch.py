@@ -162,8 +162,8 @@ def takes_clip(apply) -> bool:
     """Whether ``apply`` scales the grads by ``Entry.clip`` itself (else the step hands it scaled copies)."""
     if apply is apply_reference:
         return True
-    cpu = _fused_cpu()
-    return cpu is not None and apply is cpu.apply and getattr(cpu, "CLIPS", False)
+    return any(engine is not None and apply is engine.apply and getattr(engine, "CLIPS", False)
+               for engine in (_fused_cpu(), _fused_cuda(), _fused_dask()))
 
 
 def plan(opt, params, entries, paths):
