@@ -2,8 +2,9 @@
 
 As ``torch.nn.utils.clip_grad_norm_``: ``norm`` is the L2 norm over every grad of the step,
 and each grad is multiplied by ``min(1, max_norm / (norm + 1e-6))`` before the rule.  The
-user's grads are never written: the CPU kernel and the reference rule multiply as they read
-(``Entry.clip``); for any other engine the step works on scaled copies.
+user's grads are never written: the engines (the CPU and CUDA kernels, a Dask chunk's, the
+reference rule) multiply as they read, in the math type (``Entry.clip``); an engine that did not
+would get scaled copies.
 
 The norm of NumPy grads is summed in float64 on the host (one compiled pass when numba is
 there); grads of one other library (torch, CuPy) are summed by it in float64, and the norm
