@@ -9,7 +9,7 @@ import pytest
 import xopt
 from xopt import schedules
 from xopt._plan import FusedPlan
-from xopt.engines import fused_cuda
+from xopt.engines import cuda_check, fused_cuda
 from test_cuda_source import ALL_CONFIGS, HostDevice, _assert_same, _placed, cuda_on_cpu, host_kernel  # noqa: F401
 from test_edges import make
 
@@ -127,3 +127,15 @@ def test_a_skipped_step_launches_nothing(clip, cuda_on_cpu, rng):
     _assert_same(ref, ours, a, b, "skipped")
     assert (ours.iter, ours.skipped_steps) == (ref.iter, ref.skipped_steps) == (3, 1)
     assert cuda_on_cpu.launches == 3
+
+
+@pytest.mark.parametrize("rule", sorted(cuda_check.CONFIGS))
+def test_self_check_covers_the_clip_scale(rule, cuda_on_cpu, monkeypatch):
+    """A kernel that ignored the clip scale fails each rule's self-check, naming the clipped configuration."""
+    launch = HostDevice.launch.__func__
+
+    def no_clip(cls, function, n_blocks, args):
+        launch(cls, function, n_blocks, (*args[:5], np.uint64(0), *args[6:]))
+    monkeypatch.setattr(HostDevice, "launch", classmethod(no_clip))
+    result = fused_cuda.self_check(rule, np.float32)
+    assert not result.passed and "clip_grad_norm=1.0" in result.mismatch and "step 1" in result.mismatch, str(result)
