@@ -139,3 +139,37 @@ def test_self_check_covers_the_clip_scale(rule, cuda_on_cpu, monkeypatch):
     monkeypatch.setattr(HostDevice, "launch", classmethod(no_clip))
     result = fused_cuda.self_check(rule, np.float32)
     assert not result.passed and "clip_grad_norm=1.0" in result.mismatch and "step 1" in result.mismatch, str(result)
+
+
+def test_a_failed_self_check_beside_a_working_plan(cuda_on_cpu, monkeypatch, rng):
+    """A float32 plan under impl="auto" (its self-check passed); a float16 param joins the same dict and its
+    kernel fails the self-check: one warning, the float16 param on the reference rule, the float32 ones on the
+    kernel (one launch a step), and no plan across the two paths; every number the reference's."""
+    launch = HostDevice.launch.__func__
+
+    def broken_half(cls, function, n_blocks, args):
+        if function[1] == 16:
+            args = (*args[:6], np.nextafter(args[6], np.inf), *args[7:])
+        launch(cls, function, n_blocks, args)
+    monkeypatch.setattr(HostDevice, "launch", classmethod(broken_half))
+    params = _params(rng, np.float32)
+    ref, ours = xopt.Adam(impl="reference"), xopt.Adam()
+    a, b = ({k: _placed(v) for k, v in params.items()} for _ in range(2))
+    for g in _grads(rng, params, 3):
+        ref.update(a, g)
+        ours.update(b, g)
+    assert isinstance(ours._plan, FusedPlan) and cuda_check.RESULTS[(0, 4, "float32")].passed
+    half = np.array(rng.standard_normal(33), dtype=np.float16)
+    a["h"], b["h"] = _placed(half), _placed(half)
+    before = cuda_on_cpu.launches
+    for i, g in enumerate(_grads(rng, a, 3)):
+        ref.update(a, g)
+        if i == 0:
+            with pytest.warns(cuda_check.SelfCheckWarning, match=r"xopt_step<4, unsigned short, float>"):
+                ours.update(b, g)
+            before = cuda_on_cpu.launches
+        else:
+            ours.update(b, g)
+        assert ours._plan is None
+    assert cuda_on_cpu.launches == before + 2, "float32 params: one launch a step; float16: none"
+    _assert_same(ref, ours, a, b, "half on the reference, the rest on the kernel")
