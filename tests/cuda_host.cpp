@@ -54,25 +54,25 @@ XOPT_INLINE void xopt_st16(void* a, uint4 x) {
 
 template <int RULE, typename P, typename S>
 static void run(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes, const int* blocks,
-                int n_tensors, int live, const double* s) {
+                int n_tensors, int live, const void* clip, const double* s) {
     blockDim.x = threads;
     for (int b = 0; b < n_blocks; ++b) {
         blockIdx.x = b;
         for (int t = 0; t < threads; ++t) {
             threadIdx.x = t;
-            xopt_step<RULE, P, S>(ptrs, sizes, blocks, n_tensors, live, (S)s[0], (S)s[1], (S)s[2], (S)s[3], (S)s[4],
-                                  (S)s[5], (S)s[6], (S)s[7], (S)s[8]);
+            xopt_step<RULE, P, S>(ptrs, sizes, blocks, n_tensors, live, (const S*)clip, (S)s[0], (S)s[1], (S)s[2],
+                                  (S)s[3], (S)s[4], (S)s[5], (S)s[6], (S)s[7], (S)s[8]);
         }
     }
 }
 
 template <int RULE>
 static int run_typed(int ptype, int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
-                     const int* blocks, int n_tensors, int live, const double* s) {
+                     const int* blocks, int n_tensors, int live, const void* clip, const double* s) {
     switch (ptype) {
-        case 16: run<RULE, xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); return 0;
-        case 32: run<RULE, float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); return 0;
-        case 64: run<RULE, double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); return 0;
+        case 16: run<RULE, xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
+        case 32: run<RULE, float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
+        case 64: run<RULE, double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
     }
     return 1;
 }
@@ -80,21 +80,22 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
 // rule: 0-9 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 // Returns 0, 1 for no such kernel, 2 if a 16-byte access was not 16-byte aligned.
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
-                                const long long* sizes, const int* blocks, int n_tensors, int live, const double* s) {
+                                const long long* sizes, const int* blocks, int n_tensors, int live, const void* clip,
+                                const double* s) {
     xopt_host_wide = 0;
     xopt_host_misaligned = false;
     int rc = 1;
     switch (rule) {
-        case 0: rc = run_typed<0>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 1: rc = run_typed<1>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 2: rc = run_typed<2>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 3: rc = run_typed<3>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 4: rc = run_typed<4>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 5: rc = run_typed<5>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 6: rc = run_typed<6>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 7: rc = run_typed<7>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 8: rc = run_typed<8>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
-        case 9: rc = run_typed<9>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, s); break;
+        case 0: rc = run_typed<0>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 1: rc = run_typed<1>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 2: rc = run_typed<2>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 3: rc = run_typed<3>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 4: rc = run_typed<4>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 5: rc = run_typed<5>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 6: rc = run_typed<6>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 7: rc = run_typed<7>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 8: rc = run_typed<8>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+        case 9: rc = run_typed<9>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
     }
     return rc == 0 && xopt_host_misaligned ? 2 : rc;
 }

@@ -194,7 +194,7 @@ def test_nvcc_builds_every_kernel_instance(tmp_path):
     for rule, dtype in INSTANCES:
         name, math = fused_cuda.kernel_name(rule, dtype), fused_cuda.PTYPES[np.dtype(dtype).name][1]
         lines.append(f"template __global__ void {name}(const unsigned long long*, const long long*, "
-                     f"const int*, int, int, {', '.join([math] * fused_cuda.N_SCALARS)});")
+                     f"const int*, int, int, const {math}*, {', '.join([math] * fused_cuda.N_SCALARS)});")
     src = tmp_path / "instances.cu"
     src.write_text("\n".join(lines) + "\n")
     ptx = tmp_path / "instances.ptx"

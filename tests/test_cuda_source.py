@@ -75,6 +75,7 @@ class HostDevice:
         finally:
             cls.current = before
     upload = staticmethod(lambda host: np.array(host, copy=True, order="C"))
+    scale = staticmethod(lambda clip, dtype: np.array(clip, dtype=dtype).reshape(1))
 
     @classmethod
     def row_writer(cls, table, row):
@@ -89,13 +90,13 @@ class HostDevice:
 
     @classmethod
     def launch(cls, function, n_blocks, args):
-        (rule, bits), (addresses, sizes, blocks, n_tensors, live), scalars = function, args[:5], args[5:]
+        (rule, bits), (addresses, sizes, blocks, n_tensors, live, clip), scalars = function, args[:6], args[6:]
         assert all(type(s) is type(scalars[0]) for s in scalars), "scalars of mixed types"
-        assert type(live) is np.int32 and type(n_tensors) is np.int32
+        assert type(live) is np.int32 and type(n_tensors) is np.int32 and type(clip) is np.uint64
         s = np.array(scalars, dtype=np.float64)
         ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
         rc = cls.lib.xopt_host_launch(rule, bits, n_blocks, fused_cuda.THREADS, ptr(addresses), ptr(sizes),
-                                      ptr(blocks), int(n_tensors), int(live), ptr(s))
+                                      ptr(blocks), int(n_tensors), int(live), ctypes.c_void_p(int(clip)), ptr(s))
         assert rc != 2, "a 16-byte access at an address that is not 16-byte aligned"
         assert rc == 0, f"no kernel for rule {rule}, {bits}-bit params"
         cls.launches += 1
@@ -319,7 +320,7 @@ def _break_rule(monkeypatch, rule):
 
     def broken(cls, function, n_blocks, args):
         if function[0] == rule:
-            args = (*args[:5], np.nextafter(args[5], np.inf), *args[6:])
+            args = (*args[:6], np.nextafter(args[6], np.inf), *args[7:])
         launch(cls, function, n_blocks, args)
     monkeypatch.setattr(HostDevice, "launch", classmethod(broken))
 

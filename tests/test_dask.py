@@ -307,3 +307,21 @@ def test_the_readme_distributed_example_runs_and_converges(capsys):
         exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
     error = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[-1])
     assert error < 0.1, error
+
+
+def test_clipped_steps_with_overrides_on_the_cluster_match_numpy(client, rng):
+    """The clip scale is one key on the cluster that every chunk's task reads (persisted with the first
+    hyperparameter set's steps, read by the second's); grads of quarters: the norm is exact in any order.
+    float16: each chunk's engine scales a grad in float32, as it reads it."""
+    w0, b0 = rng.standard_normal(SHAPE).astype(np.float16), rng.standard_normal(SHAPE[1]).astype(np.float16)
+    grads = [{"W": (rng.integers(-9, 10, SHAPE) / 4).astype(np.float16),
+              "b": (rng.integers(-9, 10, SHAPE[1]) / 4).astype(np.float16)} for _ in range(4)]
+    extra = dict(clip_grad_norm=1.0, overrides={"b": {"lr": 0.01}})
+    ref, want = xopt.RAdam(**extra), {"W": w0.copy(), "b": b0.copy()}
+    ours, params = xopt.RAdam(**extra), {"W": da.from_array(w0.copy(), chunks=CHUNKS), "b": da.from_array(b0, 4)}
+    for g in grads:
+        ref.update(want, g)
+        ours.update(params, {k: da.from_array(v, chunks=params[k].chunks) for k, v in g.items()})
+    for k in want:
+        np.testing.assert_array_equal(params[k].compute(), want[k])
+    assert float(ours.last_grad_norm.compute()) == ref.last_grad_norm > 1.0

@@ -2,8 +2,9 @@
 
 As ``torch.nn.utils.clip_grad_norm_``: ``norm`` is the L2 norm over every grad of the step,
 and each grad is multiplied by ``min(1, max_norm / (norm + 1e-6))`` before the rule.  The
-user's grads are never written: the CPU kernel and the reference rule multiply as they read
-(``Entry.clip``); for any other engine the step works on scaled copies.
+user's grads are never written: the engines (the CPU and CUDA kernels, a Dask chunk's, the
+reference rule) multiply as they read, in the math type (``Entry.clip``); an engine that did not
+would get scaled copies.
 
 The norm of NumPy grads is summed in float64 on the host (one compiled pass when numba is
 there); grads of one other library (torch, CuPy) are summed by it in float64, and the norm
@@ -66,14 +67,23 @@ def _wide(xp, g):
         return xp.float32
 
 
+_COMPUTED = {}  # a lazy (Dask) norm's key -> its value, once is_finite computed it: scale reads it, no second pass
+
+
 def is_finite(norm) -> bool:
     if isinstance(norm, float):
         return math.isfinite(norm)
+    if _backend.is_dask(norm):
+        _COMPUTED.clear()
+        _COMPUTED[norm.name] = value = float(norm.compute())
+        return math.isfinite(value)
     return bool(_backend.namespace(norm).isfinite(norm))
 
 
 def scale(norm, max_norm):
     """``min(1, max_norm / (norm + 1e-6))`` as torch computes it (a NaN norm gives NaN); None for 1."""
+    if not isinstance(norm, float) and _backend.is_dask(norm):
+        norm = _COMPUTED.get(norm.name, norm)  # computed by is_finite (skip_nonfinite): a number now
     if isinstance(norm, float):
         coef = max_norm / (norm + EPS)
         return None if coef >= 1.0 else coef

@@ -12,6 +12,7 @@ passed on that GPU for that rule and dtype), the reference elsewhere.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from . import _backend
 from ._inputs import describe
@@ -32,9 +33,23 @@ def _fused_cpu():
     return fused_cpu
 
 
+_FOUND = {}  # library name -> whether find_spec found it (a lookup costs some 40 us: once per process)
+
+
+def _installed(name) -> bool:
+    """Whether library ``name`` can be imported: imported already, or found once by find_spec.  One
+    not found is looked for again only through ``sys.modules``, once something has imported it."""
+    if sys.modules.get(name) is not None:
+        return True
+    found = _FOUND.get(name)
+    if found is None:
+        found = _FOUND[name] = importlib.util.find_spec(name) is not None
+    return found
+
+
 def _fused_cuda():
     """The CuPy engine, or None when CuPy is not installed."""
-    if importlib.util.find_spec("cupy") is None:
+    if not _installed("cupy"):
         return None
     from .engines import fused_cuda
 
@@ -42,8 +57,9 @@ def _fused_cuda():
 
 
 def _fused_dask():
-    """The Dask engine, or None when Dask is not installed."""
-    if importlib.util.find_spec("dask") is None:
+    """The Dask engine, or None when no Dask array can exist: dask.array not imported (so a NumPy user
+    with Dask installed does not import it, half a second, at the first step)."""
+    if sys.modules.get("dask.array") is None:
         return None
     from .engines import fused_dask
 
@@ -146,8 +162,8 @@ def takes_clip(apply) -> bool:
     """Whether ``apply`` scales the grads by ``Entry.clip`` itself (else the step hands it scaled copies)."""
     if apply is apply_reference:
         return True
-    cpu = _fused_cpu()
-    return cpu is not None and apply is cpu.apply and getattr(cpu, "CLIPS", False)
+    return any(engine is not None and apply is engine.apply and getattr(engine, "CLIPS", False)
+               for engine in (_fused_cpu(), _fused_cuda(), _fused_dask()))
 
 
 def plan(opt, params, entries, paths):

@@ -7,7 +7,7 @@ process.  A failure warns once (:class:`SelfCheckWarning`, naming the case) and 
 read its result; :data:`RESULTS` holds those that ``impl="auto"`` ran.
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
-every branch of its element function), on six tensors in one launch per step, two steps (SGD's
+every branch of its element function; the last one with ``clip_grad_norm``), on six tensors in one launch per step, two steps (SGD's
 first step differs; RAdam seven, as it rectifies from step 6): a scalar, an empty tensor, 15
 elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
 by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
@@ -42,6 +42,14 @@ CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element
     8: [("RAdam", dict(weight_decay=0.01), 7), ("RAdam", dict(weight_decay=0.01, decoupled_weight_decay=True), 7)],
     9: [("Lion", dict(weight_decay=0.1))],
 }  # a third item: steps, where 2 do not reach a branch (RAdam rectifies from step 6)
+
+
+def _clipped(config):
+    name, hyper, *steps = config
+    return (name, {**hyper, "clip_grad_norm": 1.0}, *steps)
+
+
+CONFIGS = {rule: [*configs, _clipped(configs[0])] for rule, configs in CONFIGS.items()}  # the clip-scale path too
 
 
 def _cases():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+import struct
 import sys
 import time
 
@@ -580,12 +581,20 @@ def _scaled(g, clip, scratch):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, s, bits):
-    """A whole step on the calling thread in one compiled call: ``_vouch``, then, only if every array is
-    what it was, ``_kernel`` over every chunk.  ``packed`` holds the table's int64 arrays end to end (see
-    :meth:`Table.pack`; one argument instead of ten: a small step's cost is mostly the call).
-    Returns ``_vouch``'s answer (0: done)."""
+    """A whole step on the calling thread in one compiled call: the grads' ids and the scalars taken
+    from the tail of ``packed`` (where :meth:`Table.run` wrote them), ``_vouch``, then, only if every
+    array is what it was, ``_kernel`` over every chunk.  ``packed`` holds the table's int64 arrays end
+    to end (see :meth:`Table.pack`): one argument instead of ten, since a small step's cost is mostly
+    calls, and cold ones at that in a training loop (``benchmarks/cold_call.py``).
+    ``s``: the table's scalars array (the param dtype), filled here.  Returns ``_vouch``'s answer (0: done)."""
     ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks = _unpack(
         packed, n, n_dims, n_spans, n_chunks)
+    tail = packed.shape[0] - n - s.shape[0]
+    for t in range(n):
+        ids[t, 1] = packed[tail + t]
+    values = packed[tail + n:].view(np.float64)
+    for i in range(s.shape[0]):
+        s[i] = values[i]  # rounded to the param dtype as np.array(..., dtype) rounds
     bad = _vouch(off, ids, want, type_nums, shapes, shape_at, nbytes, starts, ends, ptrs)
     if bad == 0:
         _kernel(rule, ptrs, chunks, 0, n_chunks, s, bits)
@@ -766,12 +775,17 @@ class Table:
         self.elements = int(sizes.sum())
         self.pack()
 
-    def pack(self):
+    def pack(self, n_scalars=0):
         """Lay the int64 arrays end to end in one buffer (``_unpack`` cuts it again) and make the named
-        ones views of it, so ``run`` fills the grads' ids in place and the kernel gets one argument."""
+        ones views of it, so the kernel gets one argument.  A tail of ``n`` + ``n_scalars`` slots takes
+        a step's grad ids and scalars (float64 bits), written by one ``struct.pack_into``."""
         parts = (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
                  self.starts, self.ends, self.chunks)
-        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts])
+        tail = np.zeros(self.n + n_scalars, dtype=np.int64)
+        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts] + [tail])
+        self.s = np.zeros(n_scalars, dtype=self.dtype)  # the kernel's scalars, filled by _serial_step
+        self.tail = struct.Struct(f"{self.n}q{n_scalars}d")
+        self.tail_at = (self.packed.size - len(tail)) * 8
         views, at = [], 0
         for a in parts:
             views.append(self.packed[at:at + a.size].reshape(a.shape))
@@ -783,11 +797,17 @@ class Table:
 
     def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
+        if self._threads() <= 1:  # ids and scalars written at once, vouch and kernel in one compiled call
+            if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
+                return False  # _vouch reads each grad as an array struct
+            values = self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,)
+            if len(values) != len(self.s):
+                self.pack(len(values))
+            self.tail.pack_into(self.packed, self.tail_at, *map(id, gs), *values)
+            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, self.s, _BITS)
         if not self._take(gs):
             return False
         s = self._scalars(opt, scalars, clip)
-        if self._threads() <= 1:  # vouch and kernel in one compiled call
-            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, s, _BITS)
         if not self._vouched():
             return False
         self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))

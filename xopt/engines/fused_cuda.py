@@ -14,7 +14,9 @@ tensor each block updates.  The table is built on the host and uploaded once; wh
 the arrays stay the same (see :mod:`xopt._plan`) a step uploads the grads' addresses only when
 they changed, and launches on CuPy's current stream.  Scalars are computed on the host by the
 optimizer's own ``scalars(step)`` and passed by value in the math type (float32 for half params,
-so a small eps survives).
+so a small eps survives).  The clip scale of ``clip_grad_norm`` stays on the GPU (computed there
+from the norm, no host sync): the kernel reads it from device memory and multiplies each grad by
+it in the math type, as the reference rule does; the caller's grads are read, never copied.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .kernels import KERNELS, cut, lookup
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "OPTIONS", "kernel_name", "block_table", "build",
            "Table", "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of", "self_check",
-           "SelfCheck", "SelfCheckWarning", "trusted"]
+           "SelfCheck", "SelfCheckWarning", "trusted", "CLIPS"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -144,6 +146,13 @@ class CupyDevice:
     row_writer = _PinnedRow
 
     @staticmethod
+    def scale(clip, dtype):
+        """The clip scale (a number, or a 0-d array on the GPU: no host sync) as one element of ``dtype`` there."""
+        import cupy
+
+        return cupy.asarray(clip, dtype=dtype).reshape(1)
+
+    @staticmethod
     def function(rule, dtype):
         import cupy
 
@@ -246,9 +255,9 @@ class Table:
     def _layouts(self, arrays):
         return list(zip(map(_shape_of, arrays), map(self.device.address, arrays), map(self.device.device_of, arrays)))
 
-    def run(self, opt, gs, scalars) -> bool:
-        """One launch: the grads' addresses in (if changed), scalars by value; False (nothing launched) if an array moved
-        or a grad is not of the params' array type."""
+    def run(self, opt, gs, scalars, clip=None) -> bool:
+        """One launch: the grads' addresses in (if changed), scalars by value, the clip scale (clip_grad_norm; None:
+        off) in device memory; False (nothing launched) if an array moved or a grad is not of the params' array type."""
         if set(map(type, gs)) - {self.array_type}:
             return False
         if self._layouts(self.arrays) != self.layouts or list(map(_shape_of, gs)) != self.grad_layouts:
@@ -266,17 +275,20 @@ class Table:
         values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
         values += [self.math.type(0)] * (N_SCALARS - len(values))
         with self.device.on(self.device_id):
+            scale = None if clip is None else self.device.scale(clip, self.math)  # held until the launch is queued
             if self.grads is None or not np.array_equal(grads, self.grads):
                 if self._writer is None:
                     self._writer = self.device.row_writer(self.addresses, 1)
                 self._writer(grads)
                 self.grads = grads
             self.device.launch(self.function, self.n_blocks,
-                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), self.live, *values))
+                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), self.live,
+                                np.uint64(0 if scale is None else self.device.address(scale)), *values))
         return True
 
 
 PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
+CLIPS = True  # apply and Table take the clip scale (Entry.clip): the kernel scales each grad in the math type
 
 
 def device_of(a):
@@ -320,7 +332,7 @@ def apply(opt, entries):
                     if not e.state[name].flags.c_contiguous:
                         e.state[name] = e.state[name].copy(order="C")
             table = Table(opt, ps, [e.state for e in group], dtype, gs)
-            if not table.run(opt, gs, group[0].scalars):
+            if not table.run(opt, gs, group[0].scalars, group[0].clip):
                 raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
             for target, source in write_back:
                 target[...] = source

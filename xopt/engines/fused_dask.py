@@ -19,6 +19,12 @@ not grow with the number of steps, and nothing is gathered to the client.  Dask 
 be written in place: ``update`` puts the new arrays into the params dict (a list works too; a
 tuple cannot take them).
 
+With ``clip_grad_norm`` the norm is a lazy reduction over every chunk of every grad, persisted
+with the steps (one key every chunk's task reads, the number it scales its grad by as a
+single-process step does); with ``skip_nonfinite`` it is computed first, on the client's call,
+and the steps get its number.  ``opt.last_grad_norm`` is that lazy norm: computing it again
+reads the grads again.
+
 Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 ``distributed.Client``, or ``dask.config.set(scheduler=...)`` (``"threads"``, ``"processes"``,
 ``"sync"``).  How many threads a chunk's kernel uses follows Dask's thread budget for a task
@@ -39,7 +45,7 @@ from dask.sizeof import sizeof
 from .. import _backend, _threads
 from .._inputs import Entry
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads"]
+__all__ = ["accepts", "apply", "Chunks", "task_threads", "CLIPS"]
 
 
 class Chunks:
@@ -84,8 +90,12 @@ def task_threads(whole=None) -> int:
     return min(budget, _threads.get_num_threads())
 
 
-def _update_chunks(p, g, *buffers, opt, names, step, scalars, threads):
+def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads):
     """On a worker: the new p and buffers of one chunk, by the path a single-process step takes.
+
+    ``clip``: the clip scale (``clip_grad_norm``; None: off), a number or a 0-d array (the scale
+    computed on the cluster from the norm of every chunk of every grad, one key every task reads),
+    given to the chunk's engine as a float, which multiplies as it reads the grad, as in one process.
 
     The kernels write in place, so each new array starts as a copy of its input chunk, and
     none of the copies can go: an input chunk is the value of a Dask key that may still be
@@ -101,7 +111,8 @@ def _update_chunks(p, g, *buffers, opt, names, step, scalars, threads):
 
     xp = _backend.namespace(p, g)
     state = {"step": step - 1, **{n: xp.asarray(b, copy=True) for n, b in zip(names, buffers)}}
-    e = Entry(key="chunk", p=xp.asarray(p, copy=True), g=g, xp=xp, state=state, scalars=scalars)
+    e = Entry(key="chunk", p=xp.asarray(p, copy=True), g=g, xp=xp, state=state, scalars=scalars,
+              clip=None if clip is None else float(clip))
     with _threads.limit(task_threads(threads)):
         for apply_group, group in _dispatch.select(opt, [e]):
             apply_group(opt, group)
@@ -119,26 +130,49 @@ def _picked(step, i, like, what):
                         name=f"{step.name}-{what}")
 
 
+_PERSISTED = {}  # the last step's lazy clip scale -> the same persisted: its other groups (overrides) read it
+
+
+def _persisted(clip):
+    """The clip scale as persisted by an earlier group of this step, else itself; forgets older steps' scales."""
+    if not isinstance(clip, da.Array):
+        return clip
+    if clip.name in _PERSISTED:
+        return _PERSISTED[clip.name]
+    _PERSISTED.clear()
+    return clip
+
+
 def apply(opt, entries):
+    """One blockwise layer per param, all persisted in one call (with the clip scale where it is lazy)."""
     names = opt.buffers()
     worker_opt = type(opt)(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
+    clip = _persisted(entries[0].clip) if entries else None  # one scale for the whole step
+    clip_arg = (clip, ()) if isinstance(clip, da.Array) else (clip, None)  # a 0-d array: one key all tasks read
     steps = []
     for e in entries:
         arrays = [e.p, e.g] + [e.state[n] for n in names]
         arrays = [a if a.chunks == e.p.chunks else a.rechunk(e.p.chunks) for a in arrays]
         ind = tuple(range(e.p.ndim))
         step = e.state["step"] + 1
-        token = tokenize(opt.impl, opt._hyper, step, *(a.name for a in arrays))  # the step's inputs: a pure key
+        clip_token = clip.name if isinstance(clip, da.Array) else clip
+        token = tokenize(opt.impl, opt._hyper, step, clip_token, *(a.name for a in arrays))  # the inputs: a pure key
         name = f"xopt-{type(opt).__name__.lower()}-{token}"
         steps.append(da.blockwise(
-            _update_chunks, ind, *(x for a in arrays for x in (a, ind)),
+            _update_chunks, ind, *clip_arg, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads))
-    steps = dask.persist(*steps)
+    if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
+        *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
+    else:
+        steps = dask.persist(*steps)
     for e, step in zip(entries, steps):
         like = [e.p] + [e.state[n] for n in names]
         e.p = _picked(step, 0, e.p, "p")
         for i, n in enumerate(names, 1):
             e.state[n] = _picked(step, i, like[i], n)
+
+
+CLIPS = True  # apply takes the clip scale (Entry.clip) and each chunk's engine scales the grads as it reads them

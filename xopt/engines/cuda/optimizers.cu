@@ -234,9 +234,14 @@ XOPT_INLINE void xopt_load_if(xopt_pack<T, W>& dst, const T* src, bool live) {
     }
 }
 
+// A grad in the math type, times the clip scale *c where there is one (clip_grad_norm; c null: none), as the
+// reference rule scales it: in the math type, after the conversion.
+template <typename P, typename S>
+XOPT_INLINE S xopt_grad(P g, const S* c) { return c ? xopt_to_math(g) * *c : xopt_to_math(g); }
+
 // W consecutive elements from i, every operand 16-byte aligned: all loads, then the math, then the stores.
 template <int RULE, typename P, typename S, int W>
-XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, int live, const S* s) {
+XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, int live, const S* s, const S* c) {
     xopt_pack<P, W> pw, gw;
     xopt_pack<S, W> w0, w1, w2;
     xopt_load(pw, p + i);
@@ -246,7 +251,7 @@ XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, i
     xopt_load_if(w2, b2 + i, live & 4);
     XOPT_UNROLL
     for (int k = 0; k < W; ++k) {
-        S pk = xopt_rule<RULE, S>(xopt_to_math(pw.x[k]), xopt_to_math(gw.x[k]), w0.x[k], w1.x[k], w2.x[k], s);
+        S pk = xopt_rule<RULE, S>(xopt_to_math(pw.x[k]), xopt_grad(gw.x[k], c), w0.x[k], w1.x[k], w2.x[k], s);
         pw.x[k] = xopt_from_math(pk, p);
     }
     xopt_store(p + i, pw);
@@ -258,14 +263,14 @@ XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, i
 // Elements i, i + stride, ... (W of them, those below hi), one by one: for unaligned tensors and a chunk's tail.
 template <int RULE, typename P, typename S, int W>
 XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i, long long stride, long long hi,
-                             int live, const S* s) {
+                             int live, const S* s, const S* c) {
     S pv[W], gv[W], v0[W], v1[W], v2[W];
     XOPT_UNROLL
     for (int k = 0; k < W; ++k) {
         const long long j = i + k * stride;
         const bool in = j < hi;
         pv[k] = in ? xopt_to_math(xopt_ld(p + j)) : (S)0;
-        gv[k] = in ? xopt_to_math(xopt_ld(g + j)) : (S)0;
+        gv[k] = in ? xopt_grad(xopt_ld(g + j), c) : (S)0;
         v0[k] = in && (live & 1) ? xopt_ld(b0 + j) : (S)0;
         v1[k] = in && (live & 2) ? xopt_ld(b1 + j) : (S)0;
         v2[k] = in && (live & 4) ? xopt_ld(b2 + j) : (S)0;
@@ -284,10 +289,11 @@ XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i,
     }
 }
 
-// Block b updates chunk blocks[3b + 1] of tensor blocks[3b]; live: bit k set if state slot 2 + k is kept.
+// Block b updates chunk blocks[3b + 1] of tensor blocks[3b]; live: bit k set if state slot 2 + k is kept;
+// clip: the clip scale in device memory (clip_grad_norm: computed on the device, no host sync), or null.
 template <int RULE, typename P, typename S>
 __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
-                          const int* __restrict__ blocks, int n_tensors, int live,
+                          const int* __restrict__ blocks, int n_tensors, int live, const S* __restrict__ clip,
                           S s0, S s1, S s2, S s3, S s4, S s5, S s6, S s7, S s8) {
     enum { W = xopt_width<P>::value };
     const S s[9] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
@@ -305,9 +311,9 @@ __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const lon
     if (blocks[3 * blockIdx.x + 2] && XOPT_ALIGNED(g)) {  // lo is a multiple of W: every group stays aligned
         const long long end = lo + (hi - lo) / W * W;
         for (long long j = lo + threadIdx.x * (long long)W; j < end; j += threads * W)
-            xopt_wide<RULE, P, S, W>(p, g, b0, b1, b2, j, live, s);
+            xopt_wide<RULE, P, S, W>(p, g, b0, b1, b2, j, live, s, clip);
         i = end;
     }
     for (long long j = i + threadIdx.x; j < hi; j += threads * W)
-        xopt_narrow<RULE, P, S, W>(p, g, b0, b1, b2, j, threads, hi, live, s);
+        xopt_narrow<RULE, P, S, W>(p, g, b0, b1, b2, j, threads, hi, live, s, clip);
 }
