@@ -17,7 +17,7 @@ from ._atomic import StepGuard
 from ._hyper import Hyper, check_overrides, flag, optional_positive
 from ._inputs import check_overlaps, collect, describe, param_keys
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "fresh"]
 
 
 class Optimizer:
@@ -399,6 +399,21 @@ class Optimizer:
         from .state_io import load_state
 
         self.load_state_dict(load_state(path), params)
+
+
+def fresh(cls, **arguments):
+    """An optimizer of ``cls`` made from every argument (all its hyperparameters by name), checked as its
+    constructor checks them: what a state is checked with, and what runs a step elsewhere (a Dask worker).
+    A user's subclass whose ``__init__`` takes other arguments (it fixes some hyperparameters) is made
+    through ``Optimizer.__init__``, which takes every hyperparameter by name."""
+    try:
+        return cls(**arguments)
+    except TypeError:
+        if cls.__module__.startswith("xopt."):
+            raise
+        made = object.__new__(cls)
+        Optimizer.__init__(made, **arguments)  # a wrong name or type raises here as it would have
+        return made
 
 
 _COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip()

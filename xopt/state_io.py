@@ -32,6 +32,7 @@ import numpy as np
 from . import _backend
 from ._hyper import Hyper
 from ._inputs import describe
+from .optimizer import fresh
 from .schedules import Schedule, from_spec
 
 __all__ = ["save_state", "load_state", "checked_state"]
@@ -95,7 +96,7 @@ def _buffer_sets(opt):
         names = list(choices)
         for combo in itertools.product(*(choices[n] for n in names)):
             try:
-                scratch = _scratch(cls, impl="reference", **dict(zip(names, combo)))
+                scratch = fresh(cls, impl="reference", **dict(zip(names, combo)))
             except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
                 continue
             found.append(frozenset(scratch.buffers()))
@@ -120,22 +121,6 @@ def _names_taken(cls):
     Two of xopt's own optimizers never load each other's (AdamW derives from Adam but is another rule)."""
     builtin = next((c for c in cls.__mro__ if c.__module__.startswith("xopt.optimizers.")), cls)
     return {cls.__name__, builtin.__name__}
-
-
-def _scratch(cls, **kwargs):
-    """An optimizer of ``cls`` made from every argument, checked as its constructor checks them.  A user's
-    subclass whose ``__init__`` takes other arguments (it fixes some hyperparameters) is made through
-    the base class's, which takes every hyperparameter by name."""
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        if cls.__module__.startswith("xopt."):
-            raise
-        from .optimizer import Optimizer
-
-        scratch = object.__new__(cls)
-        Optimizer.__init__(scratch, **kwargs)  # a wrong name or type raises here as it would have
-        return scratch
 
 
 def _native(buf):
@@ -179,7 +164,7 @@ def checked_state(opt, state_dict, params=None):
     overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
                                             f"overrides[{pattern!r}].{k}") for k, v in values.items()}
                  if isinstance(values, Mapping) else values for pattern, values in overrides.items()}
-    trial = _scratch(type(opt), impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
+    trial = fresh(type(opt), impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
     always, possible = _buffer_sets(trial)
     arrays = None if params is None else _param_arrays(params)
 
