@@ -131,3 +131,22 @@ def test_a_state_file_with_overrides_and_a_schedule_resumes_as_numpy(rng, tmp_pa
         for g in grads[3:]:
             second.update(b, {k: da.from_array(v, chunks=SHAPES[k][1]) for k, v in g.items()})
     _assert_same(ref, a, second, b)
+
+
+def test_a_subclass_with_its_own_init_steps_on_dask_as_on_numpy():
+    """A user's subclass that fixes some hyperparameters in its own __init__: the chunks' optimizer is made
+    from every hyperparameter by name (it raised "multiple values for keyword argument 'beta1'")."""
+
+    class Fixed(xopt.Adam):
+        def __init__(self, lr=1e-3, **options):
+            super().__init__(lr=lr, beta1=0.8, beta2=0.99, **options)
+
+    w = np.linspace(-1.0, 1.0, 8)
+    g = np.linspace(0.5, -0.25, 8)
+    on_numpy, on_dask = Fixed(), Fixed()
+    p_numpy, p_dask = {"w": w.copy()}, {"w": da.from_array(w.copy(), chunks=4)}
+    for _ in range(3):
+        on_numpy.update(p_numpy, {"w": g})
+        with dask.config.set(scheduler="sync"):
+            on_dask.update(p_dask, {"w": da.from_array(g, chunks=4)})
+    np.testing.assert_array_equal(p_dask["w"].compute(), p_numpy["w"])

@@ -146,7 +146,9 @@ def _persisted(clip):
 def apply(opt, entries):
     """One blockwise layer per param, all persisted in one call (with the clip scale where it is lazy)."""
     names = opt.buffers()
-    worker_opt = type(opt)(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
+    from ..optimizer import fresh  # at call time: xopt.optimizer imports the dispatch that imports this
+
+    worker_opt = fresh(type(opt), impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
     clip = _persisted(entries[0].clip) if entries else None  # one scale for the whole step
