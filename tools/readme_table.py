@@ -14,6 +14,9 @@ CASES = [  # (label, optimizer, tensors > 1, impl shown as xopt, peer)
     ("RMSprop, 2^25", "RMSprop", False, "xopt", "torch-foreach"),
     ("AdaGrad, 2^25", "AdaGrad", False, "xopt", "torch-fused"),
     ("SGD, 2,000 tensors", "SGD", True, "xopt", "torch-fused"),
+    ("NAdam, 2^25", "NAdam", False, "xopt", "torch-foreach"),
+    ("RAdam, 2^25", "RAdam", False, "xopt", "torch-foreach"),
+    ("Lion, 2^25", "Lion", False, "xopt", None),
 ]
 
 
@@ -37,9 +40,9 @@ def main(path):
         def ms(r):
             return f"{r['seconds'] * 1e3:.2f} ms" if r else ""
 
-        print(f"| {label} | {ms(x)} | {peer} {ms(p)} | {ms(s)} | "
-              f"{p['seconds'] / x['seconds']:.2f}x | " + (f"{s['seconds'] / x['seconds']:.1f}x" if s else "")
-              + f" | {x['roofline_fraction']:.2f} |")
+        print(f"| {label} | {ms(x)} | {f'{peer} {ms(p)}' if p else ''} | {ms(s)} | "
+              + (f"{p['seconds'] / x['seconds']:.2f}x" if p else "") + " | "
+              + (f"{s['seconds'] / x['seconds']:.1f}x" if s else "") + f" | {x['roofline_fraction']:.2f} |")
 
 
 if __name__ == "__main__":
