@@ -205,6 +205,7 @@ def test_a_step_that_fails_on_one_param_writes_no_other(rng, monkeypatch):
 _INTERRUPT = textwrap.dedent("""
     import os, signal, numpy as np, xopt
     from xopt.engines import fused_cpu
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever disposition the test runner left us
     real = fused_cpu._serial_step   # a small step's checks and kernel, one compiled call
     calls = []
     def kernel(*args):
@@ -226,7 +227,8 @@ _INTERRUPT = textwrap.dedent("""
 
 
 def test_ctrl_c_during_a_step_lands_after_the_step_is_counted():
-    out = subprocess.run([sys.executable, "-c", _INTERRUPT], capture_output=True, text=True, check=True).stdout
+    run = subprocess.run([sys.executable, "-c", _INTERRUPT], capture_output=True, text=True, check=True)
+    out = run.stdout + run.stderr
     # every interrupted step was applied (one kernel call each) and counted, whatever the path
     assert out.split("\n")[:3] == ["interrupted 2 2 2 1", "interrupted 3 3 3 2", "interrupted 4 4 4 3"], out
 

@@ -22,6 +22,15 @@ What it proves each step, before anything is written (everything the general pat
   own struct, for the addresses it hands its kernel (see :mod:`xopt.engines.fused_cpu`).
 Ids are compared where objects are: the plan holds every object it compares, so no id it
 holds can be reused by another object.
+
+The quick step (:meth:`FusedPlan._quick`): with one CPU table, no clipping and no schedule,
+``update()`` takes the lock without waiting and hands the table's compiled call the ids of
+what it was given (params, state dicts, buffers, in order), the step counts and the grads;
+the call compares them with what the plan holds, checks each grad's type, vouches for every
+array, and only then writes.  So a repeated small step is a few Python operations instead of a
+few dozen, which matters in a training loop, where they run cold (``benchmarks/cold_call.py``);
+a step whose scalars cannot change (``Optimizer.steady_from``) does not even compute them.
+Anything it does not recognise it declines, having written nothing, to :meth:`Plan.try_step`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from __future__ import annotations
 import bisect
 import math
 import operator
+import struct
+import sys
 from collections.abc import Mapping
 from itertools import chain
 
@@ -69,6 +80,7 @@ class Plan:
     """What both plans check; a subclass runs the step (``_run``)."""
 
     check_params = True  # dtype, shape and writeable of the params, here (or by the engine's table)
+    quick = False  # True: _quick(opt, params, grads) -> bool takes a whole step, checks and all (FusedPlan)
 
     def __init__(self, opt, params, entries):
         self.container = params
@@ -143,6 +155,7 @@ class Plan:
             return False
         self.config_key = key
         self.scheduled = any(scheduled for _, scheduled in opt._groups())  # lr set to a schedule, or to a number
+        self.values = None  # FusedPlan.quick's scalars, computed for the old values
         return True
 
     def _same_steps(self) -> bool:
@@ -197,6 +210,17 @@ class FusedPlan(Plan):
                                  entries[0].p.dtype)
             pick = None if len(at) == 1 else (lambda gs, idx=idx: list(map(gs.__getitem__, idx)))
             self.tables.append((group, table, pick))
+        if (len(self.tables) == 1 and opt.clip_grad_norm is None and getattr(table, "can_watch", False)
+                and type(params) in (dict, list) and all(states == self.states for _, states in self.keeps)):
+            # What try_step compares by identity, as ids for the table's compiled call to compare: the
+            # plan holds every object named (self.arrays, self.states, self.held), so no id is reused.
+            table.watch([*map(id, self.arrays), *map(id, self.states), *map(id, chain.from_iterable(self.held))])
+            self.getters = [get for get, _ in self.keeps]
+            self.quick_table = table
+            self.values = None  # the kernel's scalars for step values_step: kept while they cannot change
+            self.values_step = 0
+            self.steady = entries[0].opt.steady_from() or sys.maxsize
+            self.quick = True
 
     def _views(self, opt):
         """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""
@@ -204,6 +228,35 @@ class FusedPlan(Plan):
             self.views = [opt._at(group, self.step) for group, _, _ in self.tables]
             self.views_key = None if self.scheduled else self.config_key
         return self.views
+
+    def _quick(self, opt, params, grads) -> bool:
+        """:meth:`try_step` for one table, no clipping and no schedule, its checks done in the table's
+        compiled call (``Table.quick``): a repeated small step is a few Python operations, which in a
+        training loop run cold (benchmarks/cold_call.py).  Called under the optimizer's lock.
+        False: declined, nothing written (the caller then takes the checked path)."""
+        n = len(self.keys)
+        if (params is not self.container or type(grads) is not type(params) or opt.state is not self.state_root
+                or len(params) != n or len(grads) != n or self.scheduled
+                or (opt.__dict__.get("_version", 0), opt.impl) != self.config_key):
+            return False
+        table, keys, states, step = self.quick_table, self.keys, self.states, self.step + 1
+        values = self.values
+        if values is None or (step != self.values_step and self.values_step < self.steady):
+            view = self._views(opt)[0]
+            values = self.values = table.scalar_order(view, view.scalars(step)) + (1.0,)  # clip scale 1: none
+            self.values_step = step
+        try:
+            if not table.quick(list(map(grads.__getitem__, keys)), values, self.step, chain(
+                    map(id, map(params.__getitem__, keys)), map(id, map(opt.state.get, keys)),
+                    *[map(id, map(get, states)) for get in self.getters], map(_step_of, states))):
+                return False
+        except (LookupError, TypeError, struct.error):  # a key gone, a buffer deleted, a step count not an int
+            return False
+        for st in states:
+            st["step"] = step
+        self.step = step
+        opt.iter += 1
+        return True
 
     def _same_steps(self) -> bool:  # one step count for all
         return list(map(_step_of, self.states)).count(self.step) == len(self.states)

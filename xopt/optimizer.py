@@ -108,6 +108,12 @@ class Optimizer:
         """The per-step numbers the rule needs, computed on the host."""
         raise NotImplementedError
 
+    def steady_from(self):
+        """The first step from which ``scalars(step)`` gives the same values at every later step, for the
+        current hyperparameters; None (the default) if it never does.  A fused plan then computes the
+        scalars once instead of every step; ``tests/test_plan.py`` holds each optimizer to its answer."""
+        return None
+
     def rule(self, xp, p, g, state: dict, s: dict):
         """The reference update: returns (new p, {buffer name: new buffer})."""
         raise NotImplementedError
@@ -215,7 +221,9 @@ class Optimizer:
         counts move together, Ctrl-C included (it is raised when the step is whole).  Calls
         from several threads on one optimizer run one after the other.
         """
-        self._guard.run(self._update, params, grads)
+        plan = self._plan
+        if plan is None or not plan.quick or not self._guard.attempt(plan._quick, self, params, grads):
+            self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
         if self._plan is not None and self._plan.try_step(self, params, grads):  # counts iter itself

@@ -23,6 +23,10 @@ Memory model (how the kernel never touches memory that is not the step's):
     addresses handed to the kernel, which reads and writes through them alone.  If anything
     differs, nothing is written and ``run`` returns False: the plan hands the step to the
     checked path, which explains.  Calls on one optimizer are serialised by its lock.
+    :meth:`Table.quick` (a plan's repeated step) adds, in the same compiled call and before
+    anything else: the ids it is handed must be those :meth:`Table.watch` expects (ids only
+    compared, never read through), and each grad, held by the caller's list, must be an exact
+    ``numpy.ndarray`` (its object header's type slot, found on probes at import, is read).
 
 Compiled code is cached on disk (``cache=True``): a second process does not compile again.
 """
@@ -95,7 +99,18 @@ def _find_struct():
     return off
 
 
+def _find_type_slot():
+    """Where an object's header keeps its type (``ob_type``), checked on probes; None if not found (then
+    :meth:`Table.quick` is off and every repeated step takes :meth:`Table.run`)."""
+    probes = [np.empty(3), 1.5, "x", [], {}, np.float64(1.0)]
+    for at in range(8, 33, 8):
+        if all(_read(a, at) == id(type(a)) for a in probes):
+            return at
+    return None
+
+
 _OFF = _find_struct()
+_OB_TYPE = _find_type_slot()
 DATA, ND, DIMS, STRIDES = _OFF["data"], _OFF["nd"], _OFF["dims"], _OFF["strides"]
 DESCR, FLAGS = _OFF["descr"], _OFF["flags"]
 TYPE_NUM, BYTEORDER = _OFF["type_num"], _OFF["byteorder"]
@@ -103,7 +118,9 @@ C_CONTIGUOUS, ALIGNED, WRITEABLE = 0x0001, 0x0100, 0x0400
 READ_FLAGS = C_CONTIGUOUS | ALIGNED
 WRITE_FLAGS = C_CONTIGUOUS | ALIGNED | WRITEABLE
 FOREIGN_ORDER = ord(">" if sys.byteorder == "little" else "<")  # the byte-order mark of a swapped dtype
-_OFFSETS = np.array([DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN_ORDER], dtype=np.int64)
+# _vouch reads the first eight; _serial_step the last two: where an object's type is, and NumPy's ndarray type
+_OFFSETS = np.array([DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN_ORDER, _OB_TYPE or 0, id(np.ndarray)],
+                    dtype=np.int64)
 _BOUNDS_OFFSETS = np.array([DATA, ND, DIMS, STRIDES], dtype=np.int64)
 
 
@@ -580,20 +597,34 @@ def _scaled(g, clip, scratch):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, s, bits):
+def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, n_expect, watch, step, s, bits):
     """A whole step on the calling thread in one compiled call: the grads' ids and the scalars taken
-    from the tail of ``packed`` (where :meth:`Table.run` wrote them), ``_vouch``, then, only if every
-    array is what it was, ``_kernel`` over every chunk.  ``packed`` holds the table's int64 arrays end
-    to end (see :meth:`Table.pack`): one argument instead of ten, since a small step's cost is mostly
-    calls, and cold ones at that in a training loop (``benchmarks/cold_call.py``).
-    ``s``: the table's scalars array (the param dtype), filled here.  Returns ``_vouch``'s answer (0: done)."""
-    ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks = _unpack(
+    from the tail of ``packed`` (where :meth:`Table.run` or :meth:`Table.quick` wrote them), ``_vouch``,
+    then, only if every array is what it was, ``_kernel`` over every chunk.  ``packed`` holds the
+    table's int64 arrays end to end (see :meth:`Table.pack`): one argument instead of ten, since a
+    small step's cost is mostly calls, and cold ones at that in a training loop
+    (``benchmarks/cold_call.py``).  ``s``: the table's scalars array (the param dtype), filled here.
+
+    ``watch`` (from :meth:`Table.quick`): first, the ``n_expect`` ids written after the scalars must
+    be those :meth:`Table.watch` expects, the ``n`` step counts after them all ``step``, and every
+    grad an exact ``numpy.ndarray`` (its header's type read at ``off[8]``); else -1, nothing written.
+    Returns 0 when the step is done, else ``_vouch``'s answer (nothing written)."""
+    ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks, at = _unpack(
         packed, n, n_dims, n_spans, n_chunks)
-    tail = packed.shape[0] - n - s.shape[0]
+    grads = at + n_expect  # the tail: grad ids, scalars (float64 bits), then what quick() watches
+    k = s.shape[0]
+    if watch:
+        seen = grads + n + k
+        for i in range(n_expect):
+            if packed[seen + i] != packed[at + i]:
+                return -1
+        for t in range(n):
+            if packed[seen + n_expect + t] != step or _load_i64(packed[grads + t] + off[8]) != off[9]:
+                return -1
     for t in range(n):
-        ids[t, 1] = packed[tail + t]
-    values = packed[tail + n:].view(np.float64)
-    for i in range(s.shape[0]):
+        ids[t, 1] = packed[grads + t]
+    values = packed[grads + n:grads + n + k].view(np.float64)
+    for i in range(k):
         s[i] = values[i]  # rounded to the param dtype as np.array(..., dtype) rounds
     bad = _vouch(off, ids, want, type_nums, shapes, shape_at, nbytes, starts, ends, ptrs)
     if bad == 0:
@@ -603,7 +634,7 @@ def _serial_step(rule, off, packed, n, n_dims, n_spans, n_chunks, s, bits):
 
 @njit(cache=True, inline="always")
 def _unpack(packed, n, n_dims, n_spans, n_chunks):
-    """The views :meth:`Table.pack` laid end to end, in its order."""
+    """The views :meth:`Table.pack` laid end to end, in its order, and where they end."""
     at = 0
     ids = packed[at:at + 5 * n].reshape((n, 5))
     at += 5 * n
@@ -624,7 +655,8 @@ def _unpack(packed, n, n_dims, n_spans, n_chunks):
     ends = packed[at:at + n_spans]
     at += n_spans
     chunks = packed[at:at + 3 * n_chunks].reshape((n_chunks, 3))
-    return ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks
+    at += 3 * n_chunks
+    return ids, want, type_nums, ptrs, shape_at, shapes, nbytes, starts, ends, chunks, at
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -777,14 +809,19 @@ class Table:
 
     def pack(self, n_scalars=0):
         """Lay the int64 arrays end to end in one buffer (``_unpack`` cuts it again) and make the named
-        ones views of it, so the kernel gets one argument.  A tail of ``n`` + ``n_scalars`` slots takes
-        a step's grad ids and scalars (float64 bits), written by one ``struct.pack_into``."""
+        ones views of it, so the kernel gets one argument.  Then what :meth:`watch` expects, and a tail
+        of ``n`` + ``n_scalars`` slots for a step's grad ids and scalars (float64 bits), written by one
+        ``struct.pack_into``, and room for what :meth:`quick` is handed to compare."""
         parts = (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
                  self.starts, self.ends, self.chunks)
-        tail = np.zeros(self.n + n_scalars, dtype=np.int64)
-        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts] + [tail])
+        expect = getattr(self, "expect", np.zeros(0, dtype=np.int64))
+        watched = len(expect) + self.n if len(expect) else 0
+        tail = np.zeros(self.n + n_scalars + watched, dtype=np.int64)
+        self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts]
+                                     + [expect, tail])
         self.s = np.zeros(n_scalars, dtype=self.dtype)  # the kernel's scalars, filled by _serial_step
         self.tail = struct.Struct(f"{self.n}q{n_scalars}d")
+        self.quick_tail = struct.Struct(f"{self.n}q{n_scalars}d{watched}q")
         self.tail_at = (self.packed.size - len(tail)) * 8
         views, at = [], 0
         for a in parts:
@@ -793,7 +830,7 @@ class Table:
         (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
          self.starts, self.ends, self.chunks) = views
         self.grad_ids = self.ids[:, 1]
-        self.counts = (self.n, len(self.shapes), len(self.starts), len(self.chunks))
+        self.counts = (self.n, len(self.shapes), len(self.starts), len(self.chunks), len(expect))
 
     def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
@@ -804,7 +841,7 @@ class Table:
             if len(values) != len(self.s):
                 self.pack(len(values))
             self.tail.pack_into(self.packed, self.tail_at, *map(id, gs), *values)
-            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, self.s, _BITS)
+            return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, False, 0, self.s, _BITS)
         if not self._take(gs):
             return False
         s = self._scalars(opt, scalars, clip)
@@ -812,6 +849,32 @@ class Table:
             return False
         self._parallel(_kernel, _claim, (self.rule, self.ptrs, self.chunks), (s, _BITS))
         return True
+
+    @property
+    def can_watch(self) -> bool:
+        """Whether :meth:`quick` can take this table's steps: a step on the calling thread, and a type slot found."""
+        return self.elements < PARALLEL_MIN and _OB_TYPE is not None
+
+    def watch(self, expect):
+        """Ids (ints) that :meth:`quick` must be handed again, in order, for a step to be taken.
+
+        The caller holds every object named in ``expect`` for as long as it watches, so no id in it
+        can come to name another object; the ids are only compared, never read through."""
+        self.expect = np.array(expect, dtype=np.int64).reshape(-1)
+        self.pack(len(self.s))
+
+    def quick(self, gs, values, step, watched) -> bool:
+        """A step in one compiled call that checks, before it writes, what a plan's :meth:`Plan.try_step`
+        would: ``watched`` (an iterable of ints) must be what :meth:`watch` expects and then one step
+        count per tensor, each equal to ``step``; ``gs`` (a list the caller holds) must be exact
+        ``numpy.ndarray`` grads that :func:`_vouch` accepts.  ``values``: the kernel's scalars, clip
+        scale last.  False: declined, nothing written."""
+        if len(gs) != self.n:
+            return False
+        if len(values) != len(self.s):
+            self.pack(len(values))
+        self.quick_tail.pack_into(self.packed, self.tail_at, *map(id, gs), *values, *watched)
+        return not _serial_step(self.rule, _OFFSETS, self.packed, *self.counts, True, step, self.s, _BITS)
 
     def _take(self, gs) -> bool:
         """The grads' ids into the table, if they are as many NumPy arrays as the table has tensors."""
