@@ -24,7 +24,7 @@ Ids are compared where objects are: the plan holds every object it compares, so 
 holds can be reused by another object.
 
 The quick step (:meth:`FusedPlan._quick`): with one CPU table, no clipping and no schedule,
-``update()`` takes the lock without waiting and hands the table's compiled call the ids of
+``update()``, under the optimizer's lock, hands the table's compiled call the ids of
 what it was given (params, state dicts, buffers, in order), the step counts and the grads;
 the call compares them with what the plan holds, checks each grad's type, vouches for every
 array, and only then writes.  So a repeated small step is a few Python operations instead of a
@@ -155,8 +155,11 @@ class Plan:
             return False
         self.config_key = key
         self.scheduled = any(scheduled for _, scheduled in opt._groups())  # lr set to a schedule, or to a number
-        self.values = None  # FusedPlan.quick's scalars, computed for the old values
+        self._settle(opt)
         return True
+
+    def _settle(self, opt):
+        """After a hyperparameter set that keeps the plan: forget what was derived from the old values."""
 
     def _same_steps(self) -> bool:
         return list(map(_step_of, self.states)) == self.steps
@@ -217,10 +220,15 @@ class FusedPlan(Plan):
             table.watch([*map(id, self.arrays), *map(id, self.states), *map(id, chain.from_iterable(self.held))])
             self.getters = [get for get, _ in self.keeps]
             self.quick_table = table
+            self.quick = True
+            self._settle(opt)
+
+    def _settle(self, opt):
+        if self.quick:
             self.values = None  # the kernel's scalars for step values_step: kept while they cannot change
             self.values_step = 0
-            self.steady = entries[0].opt.steady_from() or sys.maxsize
-            self.quick = True
+            # from the hyperparameters now: one set later may unsettle them (AdaGrad's lr_decay)
+            self.steady = opt._groups()[self.tables[0][0]][0].steady_from() or sys.maxsize
 
     def _views(self, opt):
         """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""

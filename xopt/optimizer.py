@@ -221,13 +221,12 @@ class Optimizer:
         counts move together, Ctrl-C included (it is raised when the step is whole).  Calls
         from several threads on one optimizer run one after the other.
         """
-        plan = self._plan
-        if plan is None or not plan.quick or not self._guard.attempt(plan._quick, self, params, grads):
-            self._guard.run(self._update, params, grads)
+        self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        if self._plan is not None and self._plan.try_step(self, params, grads):  # counts iter itself
-            return
+        plan = self._plan  # read under the lock: the plan of the step before
+        if plan is not None and (plan.quick and plan._quick(self, params, grads) or plan.try_step(self, params, grads)):
+            return  # a plan's step (it counts iter itself)
         self._plan = None
         entries = collect(params, grads)
         self._check_patterns(params)
