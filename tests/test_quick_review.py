@@ -284,3 +284,38 @@ def test_threads_stepping_small_params_lose_no_step_and_double_none():
     assert opt.iter == 4 * n and {st["step"] for st in opt.state.values()} == {4 * n}
     for k in params:
         np.testing.assert_array_equal(params[k], serial[k])
+
+
+# -- found (before 3a97ab6 too): an optimizer lived until the cyclic GC ran -------------------------------
+LIVES = {  # optimizer, how its steps run
+    "no-step": (lambda: xopt.Adam(), 0), "fused-quick": (lambda: xopt.Adam(), 4),
+    "reference-plan": (lambda: xopt.Adam(impl="reference"), 4),
+    "override-for-some": (lambda: xopt.Adam(overrides={"b": {"lr": 0.1}}), 4),
+    "lr-schedule": (lambda: xopt.Adam(lr=xopt.schedules.linear_schedule(0.01, 0.001, 10)), 4),
+    "clipped": (lambda: xopt.Adam(clip_grad_norm=0.5), 4),
+}
+
+
+@pytest.mark.parametrize("how", list(LIVES))
+def test_an_optimizer_and_its_state_are_freed_without_the_cyclic_gc(how):
+    """The optimizer's hyperparameter sets held the optimizer itself (group 0's view is ``self``), and so did
+    its plan (each table's view, each reference entry's ``opt``): opt -> ... -> opt, so its state buffers
+    (as large as the model) stayed until a full collection."""
+    import gc
+    import weakref
+
+    make, n = LIVES[how]
+    params = {"a": np.ones(100), "b": np.ones(3)}
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        opt = make()
+        for _ in range(n):
+            opt.update(params, {"a": np.ones(100), "b": np.ones(3)})
+        alive = [weakref.ref(opt)] + [weakref.ref(b) for st in opt.state.values() for k, b in st.items() if k != "step"]
+        del opt
+        left = [r() for r in alive if r() is not None]
+        assert not left, [type(x).__name__ for x in left]
+    finally:
+        if was:
+            gc.enable()

@@ -231,9 +231,11 @@ class FusedPlan(Plan):
             self.steady = opt._groups()[self.tables[0][0]][0].steady_from() or sys.maxsize
 
     def _views(self, opt):
-        """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""
+        """Each table's view for this step, None for opt itself: kept while no hyperparameter is set and no
+        lr is scheduled.  Not opt: opt -> its plan -> opt would be a cycle, which only the cyclic GC frees
+        (and with it the state buffers the plan holds)."""
         if self.scheduled or self.views_key != self.config_key:
-            self.views = [opt._at(group, self.step) for group, _, _ in self.tables]
+            self.views = [None if view is opt else view for view in (opt._at(g, self.step) for g, _, _ in self.tables)]
             self.views_key = None if self.scheduled else self.config_key
         return self.views
 
@@ -251,6 +253,7 @@ class FusedPlan(Plan):
         values = self.values
         if values is None or (step != self.values_step and self.values_step < self.steady):
             view = self._views(opt)[0]
+            view = opt if view is None else view
             values = self.values = table.scalar_order(view, view.scalars(step)) + (1.0,)  # clip scale 1: none
             self.values_step = step
         try:
@@ -278,7 +281,7 @@ class FusedPlan(Plan):
         # The tables check the grads' type, layout, dtype and overlap themselves, from the arrays' own structs.
         views = self._views(opt)  # a schedule's error: before any write
         if len(self.tables) == 1 and opt.clip_grad_norm is None:
-            (_, table, _), view = self.tables[0], views[0]
+            (_, table, _), view = self.tables[0], opt if views[0] is None else views[0]
             if not table.run(view, gs, view.scalars(self.step + 1)):
                 return False
         else:
@@ -293,6 +296,7 @@ class FusedPlan(Plan):
                     return SKIPPED
                 factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
             for (_, table, _), view in zip(self.tables, views):
+                view = opt if view is None else view
                 table.launch(view, view.scalars(self.step + 1), factor)
         self.step += 1
         return True
@@ -314,10 +318,17 @@ class ReferencePlan(Plan):
     def __init__(self, opt, params, entries):
         super().__init__(opt, params, entries)
         self.entries = entries
+        self._let_go(entries)
         self.grad_sigs = [self.sig(e.g) for e in entries]
         # NumPy params and grads (not scalars): overlap found by one compiled pass and vectorized searches
         self.numpy = self.writable is not None and issubclass(self.grad_type, np.ndarray)
         self._hold(self.held)
+
+    @staticmethod
+    def _let_go(entries):
+        """Between steps an entry holds no view: group 0's is opt itself (opt -> its plan -> opt, a cycle)."""
+        for e in entries:
+            e.opt = None
 
     def _hold(self, held):
         """Take ``held`` (per buffer name, per param) as the state's: the rule gives a small param new buffers."""
@@ -361,7 +372,10 @@ class ReferencePlan(Plan):
             factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
         for e, g, key in zip(self.entries, gs, zip(self.groups, self.steps)):
             e.g, (e.opt, e.scalars), e.clip = g, views[key], factor
-        apply_reference(opt, self.entries)
+        try:
+            apply_reference(opt, self.entries)
+        finally:
+            self._let_go(self.entries)
         held = [list(map(get, states)) for get, states in self.keeps]
         if not all(all(map(operator.is_, now, before)) for now, before in zip(held, self.held)):
             self._hold(held)

@@ -154,18 +154,18 @@ class Optimizer:
         """[(view, scheduled)] per group, rebuilt when a hyperparameter is set: ``view`` is an optimizer
         that reads the group's hyperparameters (``self`` for group 0), ``scheduled`` whether its lr is one."""
         version = (self.__dict__.get("_version", 0), self.__dict__.get("impl"))  # views copy impl too
-        if self._group_cache is not None and self._group_cache[0] == version:
-            return self._group_cache[1]
-        groups = [(self, callable(self._hyper.get("lr")))]
-        for pattern, values in self._overrides.items():
-            view = self._view({**self._hyper, **values})
-            try:
-                view._check_hyperparameters()
-            except ValueError as exc:
-                raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
-            groups.append((view, callable(view._hyper.get("lr"))))
-        self._group_cache = (version, groups)
-        return groups
+        if self._group_cache is None or self._group_cache[0] != version:
+            views = []
+            for pattern, values in self._overrides.items():
+                view = self._view({**self._hyper, **values})
+                try:
+                    view._check_hyperparameters()
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
+                views.append((view, callable(view._hyper.get("lr"))))
+            # The overrides' sets only: self kept in self would be a cycle, freed by the cyclic GC alone
+            self._group_cache = (version, views)
+        return [(self, callable(self._hyper.get("lr"))), *self._group_cache[1]]
 
     def _view(self, hyper):
         """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
@@ -178,7 +178,7 @@ class Optimizer:
 
     def _at(self, group, count):
         """The view of ``group`` for a param with ``count`` updates applied: its schedule read at ``count``."""
-        view, scheduled = self._groups()[group]
+        view, scheduled = (self, callable(self._hyper.get("lr"))) if group == 0 else self._groups()[group]
         if not scheduled:
             return view
         schedule = view._hyper["lr"]
