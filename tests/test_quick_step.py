@@ -123,8 +123,26 @@ def _poke_impl(opt, params, grads):
     opt.impl = "reference"
 
 
+def _poke_grad_views_param(opt, params, grads):
+    grads["p2"] = params["p2"][::-1]
+
+
+def _poke_grad_is_param(opt, params, grads):
+    grads["p2"] = params["p2"]
+
+
+def _poke_grad_views_buffer(opt, params, grads):
+    grads["p2"] = opt.state["p2"]["v"][:]
+
+
+def _poke_buffers_swapped(opt, params, grads):
+    a, b = opt.state["p2"], opt.state["p0"]
+    a["m"], a["v"], b["m"] = b["m"], a["m"], a["v"]  # p2's v goes to p0: refused for its shape
+
+
 POKES = [_poke_param, _poke_buffer, _poke_state_dict, _poke_step, _poke_step_type, _poke_grad_type, _poke_grad_dtype,
-         _poke_grad_layout, _poke_read_only, _poke_keys, _poke_grad_missing, _poke_lr_schedule, _poke_impl]
+         _poke_grad_layout, _poke_read_only, _poke_keys, _poke_grad_missing, _poke_lr_schedule, _poke_impl,
+         _poke_grad_views_param, _poke_grad_is_param, _poke_grad_views_buffer, _poke_buffers_swapped]
 
 
 @pytest.mark.parametrize("poke", POKES, ids=[p.__name__[6:] for p in POKES])

@@ -56,21 +56,12 @@ class StepGuard:
         me = threading.get_ident()
         if self.owner == me:
             raise RuntimeError("update() called from inside an update() of the same optimizer")
-        self.lock.acquire()
-        return self._holding(me, f, args)
-
-    def attempt(self, f, *args):
-        """``run(f, *args)`` if the lock is free now, else False without waiting (``f`` returns a bool)."""
-        if not self.lock.acquire(False):
-            return False
-        return self._holding(threading.get_ident(), f, args)
-
-    def _holding(self, me, f, args):
-        """``f(*args)`` as one step, the lock taken; the lock released when it returns or raises."""
-        try:
-            main = me == _MAIN
-            if main and not _held["installed"]:
-                _install()
+        main = me == _MAIN
+        if main and not _held["installed"]:
+            _install()
+        # ``with``, not acquire() then try: a KeyboardInterrupt raised at acquire()'s own check for signals,
+        # the lock just taken, would leave it held (the next update waits forever); ``with`` releases it.
+        with self.lock:
             self.owner = me
             if main:
                 _held["depth"] += 1
@@ -85,5 +76,3 @@ class StepGuard:
                         _held["frames"].clear()
                         if signal.getsignal(signal.SIGINT) is _sigint:
                             _held["next"](signal.SIGINT, frame)
-        finally:
-            self.lock.release()

@@ -24,7 +24,7 @@ Ids are compared where objects are: the plan holds every object it compares, so 
 holds can be reused by another object.
 
 The quick step (:meth:`FusedPlan._quick`): with one CPU table, no clipping and no schedule,
-``update()`` takes the lock without waiting and hands the table's compiled call the ids of
+``update()``, under the optimizer's lock, hands the table's compiled call the ids of
 what it was given (params, state dicts, buffers, in order), the step counts and the grads;
 the call compares them with what the plan holds, checks each grad's type, vouches for every
 array, and only then writes.  So a repeated small step is a few Python operations instead of a
@@ -155,8 +155,11 @@ class Plan:
             return False
         self.config_key = key
         self.scheduled = any(scheduled for _, scheduled in opt._groups())  # lr set to a schedule, or to a number
-        self.values = None  # FusedPlan.quick's scalars, computed for the old values
+        self._settle(opt)
         return True
+
+    def _settle(self, opt):
+        """After a hyperparameter set that keeps the plan: forget what was derived from the old values."""
 
     def _same_steps(self) -> bool:
         return list(map(_step_of, self.states)) == self.steps
@@ -217,15 +220,22 @@ class FusedPlan(Plan):
             table.watch([*map(id, self.arrays), *map(id, self.states), *map(id, chain.from_iterable(self.held))])
             self.getters = [get for get, _ in self.keeps]
             self.quick_table = table
+            self.quick = True
+            self._settle(opt)
+
+    def _settle(self, opt):
+        if self.quick:
             self.values = None  # the kernel's scalars for step values_step: kept while they cannot change
             self.values_step = 0
-            self.steady = entries[0].opt.steady_from() or sys.maxsize
-            self.quick = True
+            # from the hyperparameters now: one set later may unsettle them (AdaGrad's lr_decay)
+            self.steady = opt._groups()[self.tables[0][0]][0].steady_from() or sys.maxsize
 
     def _views(self, opt):
-        """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled."""
+        """Each table's view for this step, None for opt itself: kept while no hyperparameter is set and no
+        lr is scheduled.  Not opt: opt -> its plan -> opt would be a cycle, which only the cyclic GC frees
+        (and with it the state buffers the plan holds)."""
         if self.scheduled or self.views_key != self.config_key:
-            self.views = [opt._at(group, self.step) for group, _, _ in self.tables]
+            self.views = [None if view is opt else view for view in (opt._at(g, self.step) for g, _, _ in self.tables)]
             self.views_key = None if self.scheduled else self.config_key
         return self.views
 
@@ -243,6 +253,7 @@ class FusedPlan(Plan):
         values = self.values
         if values is None or (step != self.values_step and self.values_step < self.steady):
             view = self._views(opt)[0]
+            view = opt if view is None else view
             values = self.values = table.scalar_order(view, view.scalars(step)) + (1.0,)  # clip scale 1: none
             self.values_step = step
         try:
@@ -270,7 +281,7 @@ class FusedPlan(Plan):
         # The tables check the grads' type, layout, dtype and overlap themselves, from the arrays' own structs.
         views = self._views(opt)  # a schedule's error: before any write
         if len(self.tables) == 1 and opt.clip_grad_norm is None:
-            (_, table, _), view = self.tables[0], views[0]
+            (_, table, _), view = self.tables[0], opt if views[0] is None else views[0]
             if not table.run(view, gs, view.scalars(self.step + 1)):
                 return False
         else:
@@ -285,6 +296,7 @@ class FusedPlan(Plan):
                     return SKIPPED
                 factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
             for (_, table, _), view in zip(self.tables, views):
+                view = opt if view is None else view
                 table.launch(view, view.scalars(self.step + 1), factor)
         self.step += 1
         return True
@@ -306,10 +318,17 @@ class ReferencePlan(Plan):
     def __init__(self, opt, params, entries):
         super().__init__(opt, params, entries)
         self.entries = entries
+        self._let_go(entries)
         self.grad_sigs = [self.sig(e.g) for e in entries]
         # NumPy params and grads (not scalars): overlap found by one compiled pass and vectorized searches
         self.numpy = self.writable is not None and issubclass(self.grad_type, np.ndarray)
         self._hold(self.held)
+
+    @staticmethod
+    def _let_go(entries):
+        """Between steps an entry holds no view: group 0's is opt itself (opt -> its plan -> opt, a cycle)."""
+        for e in entries:
+            e.opt = None
 
     def _hold(self, held):
         """Take ``held`` (per buffer name, per param) as the state's: the rule gives a small param new buffers."""
@@ -353,7 +372,10 @@ class ReferencePlan(Plan):
             factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
         for e, g, key in zip(self.entries, gs, zip(self.groups, self.steps)):
             e.g, (e.opt, e.scalars), e.clip = g, views[key], factor
-        apply_reference(opt, self.entries)
+        try:
+            apply_reference(opt, self.entries)
+        finally:
+            self._let_go(self.entries)
         held = [list(map(get, states)) for get, states in self.keeps]
         if not all(all(map(operator.is_, now, before)) for now, before in zip(held, self.held)):
             self._hold(held)

@@ -154,18 +154,18 @@ class Optimizer:
         """[(view, scheduled)] per group, rebuilt when a hyperparameter is set: ``view`` is an optimizer
         that reads the group's hyperparameters (``self`` for group 0), ``scheduled`` whether its lr is one."""
         version = (self.__dict__.get("_version", 0), self.__dict__.get("impl"))  # views copy impl too
-        if self._group_cache is not None and self._group_cache[0] == version:
-            return self._group_cache[1]
-        groups = [(self, callable(self._hyper.get("lr")))]
-        for pattern, values in self._overrides.items():
-            view = self._view({**self._hyper, **values})
-            try:
-                view._check_hyperparameters()
-            except ValueError as exc:
-                raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
-            groups.append((view, callable(view._hyper.get("lr"))))
-        self._group_cache = (version, groups)
-        return groups
+        if self._group_cache is None or self._group_cache[0] != version:
+            views = []
+            for pattern, values in self._overrides.items():
+                view = self._view({**self._hyper, **values})
+                try:
+                    view._check_hyperparameters()
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
+                views.append((view, callable(view._hyper.get("lr"))))
+            # The overrides' sets only: self kept in self would be a cycle, freed by the cyclic GC alone
+            self._group_cache = (version, views)
+        return [(self, callable(self._hyper.get("lr"))), *self._group_cache[1]]
 
     def _view(self, hyper):
         """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
@@ -178,7 +178,7 @@ class Optimizer:
 
     def _at(self, group, count):
         """The view of ``group`` for a param with ``count`` updates applied: its schedule read at ``count``."""
-        view, scheduled = self._groups()[group]
+        view, scheduled = (self, callable(self._hyper.get("lr"))) if group == 0 else self._groups()[group]
         if not scheduled:
             return view
         schedule = view._hyper["lr"]
@@ -221,13 +221,12 @@ class Optimizer:
         counts move together, Ctrl-C included (it is raised when the step is whole).  Calls
         from several threads on one optimizer run one after the other.
         """
-        plan = self._plan
-        if plan is None or not plan.quick or not self._guard.attempt(plan._quick, self, params, grads):
-            self._guard.run(self._update, params, grads)
+        self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        if self._plan is not None and self._plan.try_step(self, params, grads):  # counts iter itself
-            return
+        plan = self._plan  # read under the lock: the plan of the step before
+        if plan is not None and (plan.quick and plan._quick(self, params, grads) or plan.try_step(self, params, grads)):
+            return  # a plan's step (it counts iter itself)
         self._plan = None
         entries = collect(params, grads)
         self._check_patterns(params)

@@ -17,8 +17,8 @@ Memory model (how the kernel never touches memory that is not the step's):
     Addresses are never taken on trust.  Before each run, ``_vouch`` (compiled) reads each
     array's own struct (data pointer, dims, flags, dtype) and checks it is what the checked
     path saw when the table was built: each param and state buffer at the same address and
-    shape, C-contiguous, aligned, writeable, of the same native float type; each grad of its
-    param's shape and type, C-contiguous and aligned, sharing no byte with any param or state
+    shape, C-contiguous, aligned, writeable, of the same native float type; each grad (an exact
+    ``numpy.ndarray``: a subclass is the general path's to check) of its param's shape and type, C-contiguous and aligned, sharing no byte with any param or state
     buffer (which share none with each other: checked at build).  Only then are the vouched
     addresses handed to the kernel, which reads and writes through them alone.  If anything
     differs, nothing is written and ``run`` returns False: the plan hands the step to the
@@ -835,8 +835,8 @@ class Table:
     def run(self, opt, gs, scalars, clip=None) -> bool:
         """One step with grads ``gs``; False (and nothing written) if any array is not what it was."""
         if self._threads() <= 1:  # ids and scalars written at once, vouch and kernel in one compiled call
-            if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
-                return False  # _vouch reads each grad as an array struct
+            if len(gs) != self.n or set(map(type, gs)) != _NDARRAY:
+                return False  # see _take
             values = self.scalar_order(opt, scalars) + (1.0 if clip is None else clip,)
             if len(values) != len(self.s):
                 self.pack(len(values))
@@ -878,8 +878,10 @@ class Table:
 
     def _take(self, gs) -> bool:
         """The grads' ids into the table, if they are as many NumPy arrays as the table has tensors."""
-        if len(gs) != self.n or (set(map(type, gs)) != _NDARRAY and not all(map(_is_ndarray, gs))):
-            return False  # _vouch reads each grad as an array struct
+        if len(gs) != self.n or set(map(type, gs)) != _NDARRAY:
+            # _vouch reads each grad as an array struct.  A subclass goes to the general path, which refuses
+            # some (a masked array: the kernel would read the masked values; np.matrix) and converts the others.
+            return False
         self.grad_ids[:] = list(map(id, gs))
         return True
 

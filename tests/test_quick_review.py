@@ -1,0 +1,321 @@
+"""An adversarial review of the quick step (3a97ab6): what broke it, and what it held against.
+
+As in ``tests/test_quick_step.py``: the default path next to a twin with ``impl="reference"`` on
+copies of the same arrays, the twin's numbers or the twin's error asked for, and the quick steps
+counted where a test is about them (a test that never reaches the quick step proves nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+import xopt
+from test_quick_step import _counting
+from test_safety import copies, grads_like, net, same, steps
+
+
+def _twin_errors(fast, ref, p_fast, p_ref, g_fast, g_ref):
+    """One step of each twin; their errors, the impl named in them left out."""
+    errors = []
+    for opt, params, grads in ((ref, p_ref, g_ref), (fast, p_fast, g_fast)):
+        try:
+            opt.update(params, grads)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}".replace("impl='reference'", "").replace("'reference'", ""))
+    return errors
+
+
+# -- found: a hyperparameter that makes the scalars step-dependent, set mid-run ---------------------------
+@pytest.mark.parametrize("cls, kw", [(xopt.AdaGrad, dict(lr_decay=0.1)),
+                                     (xopt.AdaGrad, dict(lr_decay=0.1, overrides={"*": {"eps": 1e-9}}))],
+                         ids=["AdaGrad-lr_decay", "AdaGrad-lr_decay-one-override-for-all"])
+def test_a_hyperparameter_set_mid_run_that_unsettles_the_scalars_is_followed(cls, kw, rng, monkeypatch):
+    """The plan kept ``steady_from()`` as it was when built (AdaGrad: 1, lr_decay 0): set lr_decay
+    later and it computed the decayed lr once and kept it for every later step."""
+    counts = _counting(monkeypatch)
+    decay = {k: v for k, v in kw.items() if k != "overrides"}
+    fast, ref = cls(overrides=kw.get("overrides")), cls(impl="reference", overrides=kw.get("overrides"))
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng, n=3)
+    for opt in (fast, ref):
+        for name, value in decay.items():
+            setattr(opt, name, value)
+    steps(fast, ref, p_fast, p_ref, rng, n=5)
+    same(fast, ref, p_fast, p_ref)
+    assert counts["quick"] >= 5, counts  # the steps after the set were quick ones
+
+
+# -- found: grads the general path refuses (np.matrix, masked arrays) taken by the fused plan -------------
+@pytest.mark.parametrize("kind", ["masked", "matrix"])
+def test_a_grad_the_general_path_refuses_is_refused_once_a_plan_runs(kind, rng):
+    """Table.run took any ndarray subclass; the general path refuses masked arrays (the kernel would read
+    the masked values) and np.matrix (not an array-API array): with a plan running they were stepped."""
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    shapes = ((5, 7), (3, 4))
+    p_ref = net(rng, sizes=shapes)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    g = grads_like(p_ref, rng)
+    wrap = (lambda a: np.ma.masked_array(a, mask=a > 1)) if kind == "masked" else np.asmatrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # np.matrix's own
+        g_ref = {k: wrap(v) for k, v in g.items()}
+        g_fast = {k: wrap(v.copy()) for k, v in g.items()}
+    before = copies(p_fast)
+    errors = _twin_errors(fast, ref, p_fast, p_ref, g_fast, g_ref)
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    for k in before:
+        np.testing.assert_array_equal(p_fast[k], before[k])
+    same(fast, ref, p_fast, p_ref)
+
+
+# -- found: Ctrl-C between taking the lock and the step's try left the lock held ----------------------
+_BARRAGE = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    import numpy as np, xopt
+    from xopt import _atomic
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    params = {"a": np.ones(10), "b": np.ones(3)}
+    grads = {"a": np.ones(10), "b": np.ones(3)}
+    opt = xopt.Adam()
+    for _ in range(3):  # the plan, then quick steps
+        opt.update(params, grads)
+    inside = False
+    def interrupt(signum, frame):  # the default handler's KeyboardInterrupt, while the loop below steps
+        global inside
+        if inside:
+            inside = False
+            raise KeyboardInterrupt
+    if _atomic._held["next"] is not None:  # xopt's handler holds SIGINT back during a step, then calls this
+        _atomic._held["next"] = interrupt
+    else:
+        signal.signal(signal.SIGINT, interrupt)
+    # Ctrl-C from outside, at any moment (a signal sent by a thread of ours lands only where it drops the GIL)
+    killer = subprocess.Popen([sys.executable, "-c", "import os, sys, time, random\\n"
+                               "while True:\\n    os.kill(int(sys.argv[1]), 2)\\n    time.sleep(random.random() * 1e-4)",
+                               str(os.getpid())])
+    interrupts, end = 0, time.monotonic() + float(sys.argv[1])
+    while time.monotonic() < end and not opt._guard.lock.locked():
+        try:
+            inside = True
+            for _ in range(1000):
+                opt.update(params, grads)
+            inside = False
+        except KeyboardInterrupt:
+            interrupts += 1
+    killer.kill()
+    killer.wait()
+    inside = False
+    steps = {st["step"] for st in opt.state.values()}
+    print(interrupts, opt._guard.lock.locked(), steps == {opt.iter}, flush=True)
+""")
+
+
+def test_ctrl_c_at_any_moment_never_leaves_the_optimizer_locked():
+    """``attempt`` took the lock with ``acquire(False)`` outside any ``with``/``try``: a KeyboardInterrupt
+    raised right after it (at the call's own check for signals) left the lock held, and the next update
+    (or a state_dict() in the handler that saves a checkpoint) waited forever.  A barrage of real
+    SIGINTs from another process hit that window within a few hundred interrupts."""
+    run = subprocess.run([sys.executable, "-c", _BARRAGE, "4"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    interrupts, locked, counted = run.stdout.split()
+    assert int(interrupts) > 100, run.stdout  # the barrage landed
+    assert locked == "False", f"the lock was left held after {interrupts} interrupts"
+    assert counted == "True", run.stdout  # every step whole: its step counts with it
+
+
+# -- held: what the review tried that the quick step got right (kept as tests) ----------------------------
+class _Grads(Mapping):
+    def __init__(self, d):
+        self.d = d
+
+    def __getitem__(self, k):
+        return self.d[k]
+
+    def __iter__(self):
+        return iter(self.d)
+
+    def __len__(self):
+        return len(self.d)
+
+
+class _ZeroingDict(dict):
+    """A dict subclass whose [] is not what items() says: the quick step must not read it its own way."""
+
+    def __getitem__(self, k):
+        return np.zeros_like(dict.__getitem__(self, k))
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+def _same_grad_twice(g):
+    shared = g["p1"]
+    return {**g, "p3": shared}
+
+
+GRADS = {  # how the grads of every step are passed, from the plan's first step on
+    "Mapping": _Grads, "dict-subclass": _ZeroingDict,
+    "ndarray-subclass": lambda g: {k: v.view(_Sub) for k, v in g.items()},
+    "one-grad-for-two-params": _same_grad_twice,
+    "numpy-scalar-for-0-d": lambda g: {k: (v[()] if v.ndim == 0 else v) for k, v in g.items()},
+    "float-for-0-d": lambda g: {k: (float(v) if v.ndim == 0 else v) for k, v in g.items()},
+    "float32-for-float64": lambda g: {k: v.astype(np.float32) for k, v in g.items()},
+    "read-only": lambda g: {k: np.lib.stride_tricks.as_strided(v, writeable=False) for k, v in g.items()},
+}
+
+
+@pytest.mark.parametrize("how", list(GRADS))
+def test_grads_of_every_kind_give_the_reference_numbers(how, rng):
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    p_ref = net(rng, sizes=((5, 7), (7,), (), (7,), (0,), (1, 0, 2)))
+    p_fast = copies(p_ref)
+    for _ in range(5):
+        g = grads_like(p_ref, rng)
+        errors = _twin_errors(fast, ref, p_fast, p_ref, GRADS[how](copies(g)), GRADS[how](g))
+        assert not errors, errors
+    same(fast, ref, p_fast, p_ref)
+
+
+@pytest.mark.parametrize("container", [list, dict])
+def test_a_list_of_params_and_int_keys_step_quick(container, rng, monkeypatch):
+    counts = _counting(monkeypatch)
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    arrays = [rng.standard_normal(s) for s in ((4, 5), (3,), ())]
+    keyed = (lambda xs: list(xs)) if container is list else (lambda xs: dict(enumerate(xs)))
+    p_ref, p_fast = keyed(arrays), keyed(a.copy() for a in arrays)
+    for _ in range(4):
+        g = [rng.standard_normal(a.shape) for a in arrays]
+        assert not _twin_errors(fast, ref, p_fast, p_ref, keyed(x.copy() for x in g), keyed(g))
+    for k in range(3):
+        np.testing.assert_array_equal(p_fast[k], p_ref[k])
+    assert counts == {"quick": 3, "declined": 0}, counts
+
+
+STEPS = {  # a step count set between steps to an equal value of another type, or back
+    "np.int64": np.int64, "np.int32": np.int32, "one-less": lambda s: s - 1, "zero": lambda s: 0,
+}
+
+
+@pytest.mark.parametrize("how", list(STEPS))
+def test_a_step_count_of_another_int_type_or_value_counts_as_the_reference_does(how, rng):
+    fast, ref = xopt.SGD(momentum=0.9, dampening=0.5), xopt.SGD(momentum=0.9, dampening=0.5, impl="reference")
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    for opt in (fast, ref):
+        for st in opt.state.values():
+            st["step"] = STEPS[how](st["step"])
+    steps(fast, ref, p_fast, p_ref, rng, n=4)
+    same(fast, ref, p_fast, p_ref)
+
+
+def test_buffers_swapped_between_two_params_of_one_shape_are_followed(rng, monkeypatch):
+    counts = _counting(monkeypatch)
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    p_ref = net(rng, sizes=((6,), (6,)))
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    for opt in (fast, ref):
+        a, b = opt.state["p0"], opt.state["p1"]
+        a["m"], b["m"] = b["m"], a["m"]
+    steps(fast, ref, p_fast, p_ref, rng)
+    same(fast, ref, p_fast, p_ref)
+    assert counts["declined"] == 1, counts
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "copy"])
+def test_an_optimizer_copied_mid_run_steps_as_the_reference(how, rng):
+    """A copy gets no plan (it names this process's arrays); a shallow copy shares the state dicts, so the
+    original's plan must see the steps the copy counted in them."""
+    import pickle
+
+    dup = {"deepcopy": copy.deepcopy, "pickle": lambda o: pickle.loads(pickle.dumps(o)), "copy": copy.copy}[how]
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    fast2, ref2 = dup(fast), dup(ref)
+    p_fast2, p_ref2 = (p_fast, p_ref) if how == "copy" else (copies(p_fast), copies(p_ref))
+    for _ in range(3):
+        g = grads_like(p_ref, rng)
+        for f, r, pf, pr in ((fast, ref, p_fast, p_ref), (fast2, ref2, p_fast2, p_ref2)):
+            assert not _twin_errors(f, r, pf, pr, copies(g), copies(g))
+    same(fast, ref, p_fast, p_ref)
+    same(fast2, ref2, p_fast2, p_ref2)
+
+
+def test_threads_stepping_small_params_lose_no_step_and_double_none():
+    """Small tensors, so steps are quick ones (the lock taken at once) or wait for it: identical grads,
+    so whatever the order, 4 x N steps must give 4N sequential steps, exactly."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        params = {"a": np.linspace(-1, 1, 50), "b": np.linspace(1, 2, 7)}
+        grads = {k: np.cos(v) for k, v in params.items()}
+        serial = copies(params)
+        opt, serial_opt = xopt.Adam(), xopt.Adam()
+        n = 300
+        for _ in range(4 * n):
+            serial_opt.update(serial, grads)
+
+        def work():
+            for _ in range(n):
+                opt.update(params, grads)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert opt.iter == 4 * n and {st["step"] for st in opt.state.values()} == {4 * n}
+    for k in params:
+        np.testing.assert_array_equal(params[k], serial[k])
+
+
+# -- found (before 3a97ab6 too): an optimizer lived until the cyclic GC ran -------------------------------
+LIVES = {  # optimizer, how its steps run
+    "no-step": (lambda: xopt.Adam(), 0), "fused-quick": (lambda: xopt.Adam(), 4),
+    "reference-plan": (lambda: xopt.Adam(impl="reference"), 4),
+    "override-for-some": (lambda: xopt.Adam(overrides={"b": {"lr": 0.1}}), 4),
+    "lr-schedule": (lambda: xopt.Adam(lr=xopt.schedules.linear_schedule(0.01, 0.001, 10)), 4),
+    "clipped": (lambda: xopt.Adam(clip_grad_norm=0.5), 4),
+}
+
+
+@pytest.mark.parametrize("how", list(LIVES))
+def test_an_optimizer_and_its_state_are_freed_without_the_cyclic_gc(how):
+    """The optimizer's hyperparameter sets held the optimizer itself (group 0's view is ``self``), and so did
+    its plan (each table's view, each reference entry's ``opt``): opt -> ... -> opt, so its state buffers
+    (as large as the model) stayed until a full collection."""
+    import gc
+    import weakref
+
+    make, n = LIVES[how]
+    params = {"a": np.ones(100), "b": np.ones(3)}
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        opt = make()
+        for _ in range(n):
+            opt.update(params, {"a": np.ones(100), "b": np.ones(3)})
+        alive = [weakref.ref(opt)] + [weakref.ref(b) for st in opt.state.values() for k, b in st.items() if k != "step"]
+        del opt
+        left = [r() for r in alive if r() is not None]
+        assert not left, [type(x).__name__ for x in left]
+    finally:
+        if was:
+            gc.enable()
