@@ -5,8 +5,9 @@
 The book's MultiLayerNet 64-100-100-100-100-10 (W1..W5, b1..b5, float64) with fixed
 grads.  For each of the seed's five optimizers, with default arguments (which give the
 seed's numbers): ``xopt.<Name>(impl="reference").update`` against the seed's ``update``
-(``xopt/bench/seed.py``), and the reference path alone (``_reference.apply_reference`` on
-entries already checked, i.e. update() less its checks and bookkeeping).  After warm-up
+(``xopt/bench/seed.py``), the reference path alone (``_reference.apply_reference`` on
+entries already checked, i.e. update() less its checks and bookkeeping), and the rules alone (each
+param's ``rule`` evaluated, its results thrown away: the NumPy calls a pure rule makes, with no write-back).  After warm-up
 steps, each round times ``--steps`` calls of each, in alternating order; the figures are
 medians over the rounds, and the ratios (xopt / seed, lower is faster) come from the same run.
 """
@@ -51,6 +52,12 @@ def _checked_entries(opt, params, grads):
     return entries
 
 
+def _rules_only(opt, entries):
+    names = opt.buffers()
+    for e in entries:
+        opt.rule(np, e.p, e.g, {k: e.state[k] for k in names}, e.scalars)
+
+
 def _per_call(fn, steps):
     t = time.perf_counter()
     for _ in range(steps):
@@ -77,6 +84,7 @@ def main(argv=None):
         runs[name] = {
             "xopt update": lambda opt=opt, p=ours: opt.update(p, grads),
             "reference path only": lambda base=base, es=entries: _reference.apply_reference(base, es),
+            "rules only": lambda base=base, es=entries: _rules_only(base, es),
             "seed update": lambda ref=ref, p=theirs: ref.update(p, grads),
         }
     times = {name: {what: [] for what in fns} for name, fns in runs.items()}
@@ -90,7 +98,8 @@ def main(argv=None):
                 times[name][what].append(_per_call(fns[what], args.steps))
 
     print(f"book net 64-100-100-100-100-10, {args.dtype}, {args.rounds} rounds of {args.steps} calls (medians)")
-    print(f"{'optimizer':10s} {'seed':>10s} {'xopt ref.':>10s} {'ratio':>7s} {'path only':>10s} {'ratio':>7s}")
+    print(f"{'optimizer':10s} {'seed':>10s} {'xopt ref.':>10s} {'ratio':>7s} {'path only':>10s} {'ratio':>7s} "
+          f"{'rules only':>10s} {'ratio':>7s}")
     table = {}
     for name in NAMES:
         med = {what: statistics.median(ts) for what, ts in times[name].items()}
@@ -100,10 +109,13 @@ def main(argv=None):
             "reference_path_only_s": med["reference path only"],
             "update_ratio": med["xopt update"] / med["seed update"],
             "path_only_ratio": med["reference path only"] / med["seed update"],
+            "rules_only_s": med["rules only"],
+            "rules_only_ratio": med["rules only"] / med["seed update"],
         }
         table[name] = row
         print(f"{name:10s} {row['seed_update_s'] * 1e6:8.1f}us {row['xopt_reference_update_s'] * 1e6:8.1f}us "
-              f"{row['update_ratio']:6.2f}x {row['reference_path_only_s'] * 1e6:8.1f}us {row['path_only_ratio']:6.2f}x")
+              f"{row['update_ratio']:6.2f}x {row['reference_path_only_s'] * 1e6:8.1f}us {row['path_only_ratio']:6.2f}x "
+              f"{row['rules_only_s'] * 1e6:8.1f}us {row['rules_only_ratio']:6.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"what": "time per update on the book's net; ratio = xopt / seed (lower is faster)",
