@@ -39,6 +39,26 @@ def test_steady_from_is_where_the_scalars_stop_changing(cls, kw):
         assert not [s for s in changes if s > first], f"{cls.__name__} said its scalars settle at step {first}"
 
 
+
+class _DecayingMomentum(xopt.Momentum):
+    """Keeps Momentum's kernel (names it) with scalars of its own that change every step: Momentum's
+    ``steady_from()`` (1) is not this class's answer."""
+
+    kernel = "momentum"
+
+    def scalars(self, step):
+        return {"lr": self.lr / step, "momentum": self.momentum}
+
+
+def test_a_subclass_redefining_scalars_is_not_held_to_its_parents_steady_from(rng, monkeypatch):
+    counts = _counting(monkeypatch)
+    fast, ref = _DecayingMomentum(lr=0.1), _DecayingMomentum(lr=0.1, impl="reference")
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng, n=6)
+    same(fast, ref, p_fast, p_ref)
+    assert counts == {"quick": 5, "declined": 0}, counts  # the kernel's path, quick: what is tested here
+
 def _counting(monkeypatch):
     counts = {"quick": 0, "declined": 0}
     real = _plan.FusedPlan._quick

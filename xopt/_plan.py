@@ -23,7 +23,8 @@ What it proves each step, before anything is written (everything the general pat
 Ids are compared where objects are: the plan holds every object it compares, so no id it
 holds can be reused by another object.
 
-The quick step (:meth:`FusedPlan._quick`): with one CPU table, no clipping and no schedule,
+The quick step (:meth:`FusedPlan._quick`): with one CPU table run on the calling thread (fewer than
+``PARALLEL_MIN`` elements), params in a dict or a list, no clipping and no schedule,
 ``update()``, under the optimizer's lock, hands the table's compiled call the ids of
 what it was given (params, state dicts, buffers, in order), the step counts and the grads;
 the call compares them with what the plan holds, checks each grad's type, vouches for every
@@ -65,6 +66,14 @@ def config(opt):
 
 def _config_key(opt):
     return opt.__dict__.get("_version", 0), opt.impl
+
+
+def _steady_from(view):
+    """``view.steady_from()``, or None where a class redefines ``scalars`` below the one whose ``steady_from``
+    it inherits (a subclass that names a kernel and computes its own scalars): that answer is not about them."""
+    mro = type(view).__mro__
+    where = [next(i for i, c in enumerate(mro) if name in vars(c)) for name in ("steady_from", "scalars")]
+    return view.steady_from() if where[0] <= where[1] else None
 
 
 def _views(opt, groups, steps):
@@ -228,7 +237,7 @@ class FusedPlan(Plan):
             self.values = None  # the kernel's scalars for step values_step: kept while they cannot change
             self.values_step = 0
             # from the hyperparameters now: one set later may unsettle them (AdaGrad's lr_decay)
-            self.steady = opt._groups()[self.tables[0][0]][0].steady_from() or sys.maxsize
+            self.steady = _steady_from(opt._groups()[self.tables[0][0]][0]) or sys.maxsize
 
     def _views(self, opt):
         """Each table's view for this step, None for opt itself: kept while no hyperparameter is set and no

@@ -111,7 +111,8 @@ class Optimizer:
     def steady_from(self):
         """The first step from which ``scalars(step)`` gives the same values at every later step, for the
         current hyperparameters; None (the default) if it never does.  A fused plan then computes the
-        scalars once instead of every step; ``tests/test_plan.py`` holds each optimizer to its answer."""
+        scalars once instead of every step; ``tests/test_quick_step.py`` holds each optimizer to its answer.
+        A subclass that redefines ``scalars`` redefines this too, or is taken to say None."""
         return None
 
     def rule(self, xp, p, g, state: dict, s: dict):
