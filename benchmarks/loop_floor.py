@@ -12,6 +12,8 @@ update call of:
 - ``bare loop`` (SGD only): a numba loop ``p[i] -= lr * g[i]`` over the 10 tensors, no checks at all.
 
 The last two are not safe to use (they trust their caller); they are here to show where the time goes.
+``xopt kernel alone`` computes its scalars once: right for optimizers whose scalars are steady
+(``steady_from()``: SGD, Momentum, AdaGrad); for Adam it would time the same work with stale scalars.
 Every case trains its own copy of the net; rounds rotate through the cases (medians over rounds of the
 mean per block).  Prints a table, writes JSON with --out.
 
@@ -59,8 +61,9 @@ def _kernel_alone(trainer, optimizer):
 
     def update(params, grads):
         table.tail.pack_into(table.packed, table.tail_at, *map(id, grads.values()), *values)
-        fused_cpu._serial_step(table.rule, fused_cpu._OFFSETS, table.packed, *table.counts, False, 0, table.s,
-                               fused_cpu._BITS)
+        if fused_cpu._serial_step(table.rule, fused_cpu._OFFSETS, table.packed, *table.counts, False, 0, table.s,
+                                  fused_cpu._BITS):
+            raise RuntimeError("loop_floor: the table declined a step (nothing written): the timing would be void")
     return update
 
 

@@ -12,17 +12,18 @@ to BLAS between the steps of a training loop).  See :func:`set_num_threads`.
 
 Memory model (how the kernel never touches memory that is not the step's):
     A :class:`Table` holds a strong reference to every param and state buffer it names,
-    for its whole life, and the caller holds the grads for the length of :meth:`Table.run`:
-    every object id in the table is a live NumPy array and no id can be reused by another.
-    Addresses are never taken on trust.  Before each run, ``_vouch`` (compiled) reads each
-    array's own struct (data pointer, dims, flags, dtype) and checks it is what the checked
-    path saw when the table was built: each param and state buffer at the same address and
-    shape, C-contiguous, aligned, writeable, of the same native float type; each grad (an exact
-    ``numpy.ndarray``: a subclass is the general path's to check) of its param's shape and type, C-contiguous and aligned, sharing no byte with any param or state
+    for its whole life, and the caller holds the grads for the length of :meth:`Table.run` (or
+    :meth:`Table.quick`): every object id in the table is a live NumPy array and no id can be
+    reused by another.  Addresses are never taken on trust.  Before each run, ``_vouch``
+    (compiled) reads each array's own struct (data pointer, dims, flags, dtype) and checks it
+    is what the checked path saw when the table was built: each param and state buffer at the
+    same address and shape, C-contiguous, aligned, writeable, of the same native float type;
+    each grad (an exact ``numpy.ndarray``: a subclass is the general path's to check) of its
+    param's shape and type, C-contiguous and aligned, sharing no byte with any param or state
     buffer (which share none with each other: checked at build).  Only then are the vouched
     addresses handed to the kernel, which reads and writes through them alone.  If anything
-    differs, nothing is written and ``run`` returns False: the plan hands the step to the
-    checked path, which explains.  Calls on one optimizer are serialised by its lock.
+    differs, nothing is written and ``run`` (or ``quick``) returns False: the plan hands the
+    step to the checked path, which explains.  Calls on one optimizer are serialised by its lock.
     :meth:`Table.quick` (a plan's repeated step) adds, in the same compiled call and before
     anything else: the ids it is handed must be those :meth:`Table.watch` expects (ids only
     compared, never read through), and each grad, held by the caller's list, must be an exact
