@@ -806,6 +806,7 @@ class Table:
             raise RuntimeError("xopt internal error: a table over arrays that share memory")
         self.chunks = chunk_table(sizes)
         self.elements = int(sizes.sum())
+        self.expect = np.zeros(0, dtype=np.int64)  # the ids quick() must be handed: none until watch()
         self.pack()
 
     def pack(self, n_scalars=0):
@@ -815,7 +816,7 @@ class Table:
         ``struct.pack_into``, and room for what :meth:`quick` is handed to compare."""
         parts = (self.ids, self.want, self.type_nums, self.ptrs, self.shape_at, self.shapes, self.nbytes,
                  self.starts, self.ends, self.chunks)
-        expect = getattr(self, "expect", np.zeros(0, dtype=np.int64))
+        expect = self.expect
         watched = len(expect) + self.n if len(expect) else 0
         tail = np.zeros(self.n + n_scalars + watched, dtype=np.int64)
         self.packed = np.concatenate([np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts]
