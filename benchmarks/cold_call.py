@@ -27,6 +27,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import seed
+from xopt.bench.report import commit
 
 
 @numba.njit(cache=True)
@@ -87,7 +88,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['case']:40s} {r['warm_us']:9.1f} {r['cold_us']:9.1f}")
     if args.out:
-        result = {"command": "python benchmarks/cold_call.py " + " ".join(argv or []),
+        result = {"command": "python benchmarks/cold_call.py " + " ".join(argv or []), "commit": commit(),
                   "machine": platform.processor() or platform.machine(), "sweep_mib": args.sweep_mib,
                   "rounds": args.rounds, "rows": rows}
         with open(args.out, "w") as f:

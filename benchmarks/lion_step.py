@@ -24,6 +24,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import roofline
+from xopt.bench.report import commit
 
 
 def _time(fn):
@@ -70,6 +71,7 @@ def main(argv=None):
     fraction = [c / lion for c, lion in zip(times["copy"], times["Lion"])]
     vs_adam = [lion / adam for lion, adam in zip(times["Lion"], times["Adam"])]
     result = {
+        "commit": commit(),
         "command": "python benchmarks/lion_step.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": platform.processor() or platform.machine(),

@@ -32,6 +32,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import loop, seed
+from xopt.bench.report import commit
 from xopt.engines import fused_cpu
 
 NET = loop.NETS["book"]
@@ -106,7 +107,7 @@ def main(argv=None):
             print(f"{optimizer:9s} {k:18s} {us:7.1f} us  ({us / seed_us:.2f} of the seed's time)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python benchmarks/loop_floor.py " + " ".join(argv or []), "net": NET.label,
+            json.dump({"command": "python benchmarks/loop_floor.py " + " ".join(argv or []), "commit": commit(), "net": NET.label,
                        "machine": platform.machine(), "rounds": args.rounds, "block": args.block, "rows": rows},
                       f, indent=1)
 

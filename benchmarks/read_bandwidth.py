@@ -31,6 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from xopt.bench.report import commit
 from xopt.engines import fused_cpu
 
 CHUNK = fused_cpu.CHUNK
@@ -121,7 +122,7 @@ def main(argv=None):
         print(f"{row['way']:24s} {row['threads']} thread(s) {row['GBps']:6.1f} GB/s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python benchmarks/read_bandwidth.py " + " ".join(argv or []), "elements": n,
+            json.dump({"command": "python benchmarks/read_bandwidth.py " + " ".join(argv or []), "commit": commit(), "elements": n,
                        "dtype": "float32", "repeat": args.repeat, "ahead": args.ahead, "machine": platform.machine(),
                        "rows": rows}, f, indent=1)
 

@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ import xopt
 from xopt.engines import reference as _reference
 from xopt._inputs import collect
 from xopt.bench import seed
+from xopt.bench.report import commit
 
 NAMES = ["SGD", "Momentum", "AdaGrad", "RMSprop", "Adam"]
 LAYERS = [64, 100, 100, 100, 100, 10]
@@ -118,7 +120,8 @@ def main(argv=None):
               f"{row['rules_only_s'] * 1e6:8.1f}us {row['rules_only_ratio']:6.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"what": "time per update on the book's net; ratio = xopt / seed (lower is faster)",
+            json.dump({"what": "time per update on the book's net; ratio = xopt / seed (lower is faster)", "commit": commit(),
+                       "command": "python benchmarks/reference_speed.py " + " ".join(sys.argv[1:]),
                        "dtype": args.dtype, "rounds": args.rounds, "steps": args.steps,
                        "date": str(datetime.date.today()), "machine": platform.platform(),
                        "numpy": np.__version__, "results": table}, f, indent=2)

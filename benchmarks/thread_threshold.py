@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 import xopt
+from xopt.bench.report import commit
 from xopt.engines import fused_cpu
 
 
@@ -74,7 +75,7 @@ def main(argv=None):
         xopt.set_num_threads(None)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(), threads=args.threads,
+            json.dump(dict(commit=commit(), machine=platform.processor() or platform.machine(), threads=args.threads,
                            rounds=args.rounds, optimizer="Adam", dtype="float32", rows=rows), f, indent=1)
 
 

@@ -29,6 +29,8 @@ def main(path):
     print("|---|---|---|---|---|---|---|")
     for label, opt, many, impl, peer in CASES:
         sel = [r for r in rows if r["optimizer"] == opt and (r["tensors"] > 1) == many]
+        if not sel:  # a run without this optimizer or case
+            continue
         if not many:
             biggest = max(r["numel"] for r in sel)
             sel = [r for r in sel if r["numel"] == biggest]

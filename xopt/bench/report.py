@@ -33,7 +33,7 @@ def _iqr_percent(spread, median):
     return f"{100 * (spread['q3'] - spread['q1']) / median:.0f}%"
 
 
-def _commit():
+def commit():
     """The sha of the measured tree, '-dirty' if it has uncommitted changes; 'unknown' outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -75,7 +75,7 @@ def environment(backend):
         device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     else:
         device = _cpu_name()
-    return {"commit": _commit(), "device": device, "backend": backend, "versions": versions}
+    return {"commit": commit(), "device": device, "backend": backend, "versions": versions}
 
 
 def table(result) -> str:
