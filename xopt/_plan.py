@@ -240,13 +240,13 @@ class FusedPlan(Plan):
             self.steady = _steady_from(opt._groups()[self.tables[0][0]][0]) or sys.maxsize
 
     def _views(self, opt):
-        """Each table's view for this step, None for opt itself: kept while no hyperparameter is set and no
-        lr is scheduled.  Not opt: opt -> its plan -> opt would be a cycle, which only the cyclic GC frees
-        (and with it the state buffers the plan holds)."""
+        """Each table's view for this step: kept while no hyperparameter is set and no lr is scheduled, with
+        None kept for opt itself (opt -> its plan -> opt would be a cycle, which only the cyclic GC frees, and
+        with it the state buffers the plan holds)."""
         if self.scheduled or self.views_key != self.config_key:
             self.views = [None if view is opt else view for view in (opt._at(g, self.step) for g, _, _ in self.tables)]
             self.views_key = None if self.scheduled else self.config_key
-        return self.views
+        return [opt if view is None else view for view in self.views]
 
     def _quick(self, opt, params, grads) -> bool:
         """:meth:`try_step` for one table, no clipping and no schedule, its checks done in the table's
@@ -256,13 +256,12 @@ class FusedPlan(Plan):
         n = len(self.keys)
         if (params is not self.container or type(grads) is not type(params) or opt.state is not self.state_root
                 or len(params) != n or len(grads) != n or self.scheduled
-                or (opt.__dict__.get("_version", 0), opt.impl) != self.config_key):
+                or _config_key(opt) != self.config_key):
             return False
         table, keys, states, step = self.quick_table, self.keys, self.states, self.step + 1
         values = self.values
         if values is None or (step != self.values_step and self.values_step < self.steady):
             view = self._views(opt)[0]
-            view = opt if view is None else view
             values = self.values = table.scalar_order(view, view.scalars(step)) + (1.0,)  # clip scale 1: none
             self.values_step = step
         try:
@@ -290,7 +289,7 @@ class FusedPlan(Plan):
         # The tables check the grads' type, layout, dtype and overlap themselves, from the arrays' own structs.
         views = self._views(opt)  # a schedule's error: before any write
         if len(self.tables) == 1 and opt.clip_grad_norm is None:
-            (_, table, _), view = self.tables[0], opt if views[0] is None else views[0]
+            (_, table, _), view = self.tables[0], views[0]
             if not table.run(view, gs, view.scalars(self.step + 1)):
                 return False
         else:
@@ -305,7 +304,6 @@ class FusedPlan(Plan):
                     return SKIPPED
                 factor = _clip.scale(opt.last_grad_norm, opt.clip_grad_norm)
             for (_, table, _), view in zip(self.tables, views):
-                view = opt if view is None else view
                 table.launch(view, view.scalars(self.step + 1), factor)
         self.step += 1
         return True
