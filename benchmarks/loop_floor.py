@@ -5,15 +5,15 @@ params; a forward and a backward pass with OpenBLAS matmuls before each update),
 update call of:
 
 - ``seed``: the seed's code (the book's ``common/optimizer.py``);
-- ``xopt``: xopt's default path (``impl="auto"``: the plan's quick step);
-- ``xopt kernel alone``: the same compiled call xopt's step ends in (``Table.run``'s: vouch for every
-  array, then the element loop over all tensors), with the grads' ids and the scalars packed by the
-  caller and none of the plan's checks: what xopt would cost if its checks were free;
+- ``xopt``: xopt's default path (``impl="auto"``: the exact-type lane);
+- ``xopt kernel alone``: the engine call xopt's step ends in (``fused_cpu.step``: its lists of buffers, one
+  compiled call that checks every array, then the element loop over all tensors), with the scalars computed
+  once by the caller and none of the lane's own work: what xopt would cost if gathering a step were free;
 - ``bare loop`` (SGD only): a numba loop ``p[i] -= lr * g[i]`` over the 10 tensors, no checks at all.
 
 The last two are not safe to use (they trust their caller); they are here to show where the time goes.
-``xopt kernel alone`` computes its scalars once: right for optimizers whose scalars are steady
-(``steady_from()``: SGD, Momentum, AdaGrad); for Adam it would time the same work with stale scalars.
+``xopt kernel alone`` computes its scalars once: right for optimizers whose scalars do not change from
+step to step (SGD after its first, Momentum, AdaGrad); for Adam it would time the same work with stale scalars.
 Every case trains its own copy of the net; rounds rotate through the cases (medians over rounds of the
 mean per block).  Prints a table, writes JSON with --out.
 
@@ -52,19 +52,17 @@ def _bare_sgd(ps, gs, lr):
 
 
 def _kernel_alone(trainer, optimizer):
-    """An update that packs the grads' ids and the kernel's scalars and makes the table's compiled call."""
+    """An update that hands the engine the step's lists with scalars computed once: its one compiled call."""
     opt = getattr(xopt, optimizer)()
     trainer.update = opt.update
-    trainer.run(3)  # the plan is built and its table packed
-    plan = opt._plan
-    table = plan.tables[0][1]
-    values = table.scalar_order(opt, opt.scalars(plan.step + 1)) + (1.0,)  # steady for these optimizers
+    trainer.run(3)  # the state exists
+    kind = fused_cpu.kind(opt, np.dtype(np.float64))
+    states = list(opt.state.values())
+    values = [kind.order(opt, opt.scalars(states[0]["step"] + 1))]  # steady for these optimizers
 
     def update(params, grads):
-        table.tail.pack_into(table.packed, table.tail_at, *map(id, grads.values()), *values)
-        if fused_cpu._serial_step(table.rule, fused_cpu._OFFSETS, table.packed, *table.counts, False, 0, table.s,
-                                  fused_cpu._BITS):
-            raise RuntimeError("loop_floor: the table declined a step (nothing written): the timing would be void")
+        if fused_cpu.step(opt, kind, [opt], values, list(params.values()), list(grads.values()), states, None) is None:
+            raise RuntimeError("loop_floor: the engine declined a step (nothing written): the timing would be void")
     return update
 
 

@@ -78,3 +78,19 @@ def torch_float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def lane(monkeypatch):
+    """What the exact-type lane (``xopt._lane.take``) answered at each update: True where it took the step."""
+    from xopt import _lane
+
+    answers = []
+    real = _lane.take
+
+    def take(opt, params, grads):
+        answers.append(real(opt, params, grads))
+        return answers[-1]
+
+    monkeypatch.setattr(_lane, "take", take)
+    return answers

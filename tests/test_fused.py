@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import xopt
-from xopt._plan import FusedPlan
 from test_edges import CONFIGS, make
 
 fused_cpu = pytest.importorskip("xopt.engines.fused_cpu", reason="numba is not installed")
@@ -68,31 +67,30 @@ def test_fused_matches_reference_on_many_tensors_of_mixed_dtypes_and_steps(confi
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_repeated_steps_take_the_plan_and_stay_right(config, rng):
-    """Steps after the first take the plan's fast path; it must give what the checked path gives."""
+def test_later_steps_take_the_lane_and_stay_right(config, rng, lane):
+    """Steps after the first take the exact-type lane; it must give what the checked path gives."""
     p0 = {f"t{i}": rng.standard_normal(int(n)).astype(np.float32) for i, n in enumerate(rng.integers(1, 5000, 30))}
     ref, fused = _pair(config)
     p_ref, p_fused = ({k: v.copy() for k, v in p0.items()} for _ in range(2))
-    plan = None
     for step in range(6):
         grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
         ref.update(p_ref, grads)
         fused.update(p_fused, grads)
         if step == 3:
-            ref.lr = fused.lr = 0.5 * ref.lr  # a schedule: the plan reads hyperparameters each step
-        assert fused._plan is not None and (plan is None or fused._plan is plan), "the plan was not reused"
-        plan = fused._plan
+            ref.lr = fused.lr = 0.5 * ref.lr  # a schedule: the lane reads hyperparameters each step
+    assert lane[1::2] == [False] + [True] * 5, "the reference's steps: never the lane; the fused one's after the first"
     _assert_parity(ref, fused, p_ref, p_fused, np.float32, config)
     assert fused.iter == ref.iter == 6
 
 
-def test_plan_declines_what_it_was_not_built_for(rng):
+def test_the_lane_declines_what_it_cannot_take(rng, lane):
     """A changed layout, a new array or a read-only param goes back through the checks (which explain)."""
     opt = xopt.Adam()
     params = {"a": rng.standard_normal(8).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
     grads = {k: np.ones_like(v) for k, v in params.items()}
     opt.update(params, grads)
-    assert opt._plan is not None
+    opt.update(params, grads)
+    assert lane == [False, True]
     with pytest.raises(ValueError, match="'b'"):
         opt.update(params, {"a": grads["a"], "b": np.ones(4, dtype=np.float32)})
     with pytest.raises(TypeError, match="'b'"):
@@ -105,7 +103,7 @@ def test_plan_declines_what_it_was_not_built_for(rng):
     before = params["a"].copy()
     opt.update(params, {"a": strided, "b": grads["b"]})  # a non-contiguous grad: the checked path copes
     assert not np.array_equal(params["a"], before)
-    assert opt.state["a"]["step"] == opt.state["b"]["step"] == 2
+    assert opt.state["a"]["step"] == opt.state["b"]["step"] == 3
 
 
 def test_non_contiguous_params_and_grads(rng):
@@ -131,7 +129,7 @@ def test_impl_fused_refuses_arrays_it_cannot_take_before_writing(rng):
     assert opt.iter == 0 and not opt.state
 
 
-def test_impl_fused_without_numba_raises_in_the_constructor(monkeypatch):
+def test_impl_fused_without_numba_raises_in_the_constructor(monkeypatch, lane):
     from xopt import _dispatch
 
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
@@ -141,15 +139,17 @@ def test_impl_fused_without_numba_raises_in_the_constructor(monkeypatch):
     opt = xopt.Adam()  # auto falls back to the reference rule
     params = {"a": np.ones(3)}
     opt.update(params, {"a": np.ones(3)})
-    assert not isinstance(opt._plan, FusedPlan) and params["a"][0] < 1.0
+    opt.update(params, {"a": np.ones(3)})
+    assert not any(lane) and params["a"][0] < 1.0
 
 
-def test_auto_uses_the_reference_for_other_libraries(rng):
+def test_auto_uses_the_reference_for_other_libraries(rng, lane):
     xps = pytest.importorskip("array_api_strict")
     opt = xopt.Adam()
     params = {"a": xps.asarray(rng.standard_normal(3))}
     opt.update(params, {"a": xps.asarray(np.ones(3))})
-    assert not isinstance(opt._plan, FusedPlan)
+    opt.update(params, {"a": xps.asarray(np.ones(3))})
+    assert lane == [False, False]
 
 
 def test_chunk_table_covers_every_element_once():
@@ -166,7 +166,7 @@ def test_chunk_table_covers_every_element_once():
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
     """A second process loads the kernels from the disk cache instead of compiling them."""
     code = ("import xopt.engines.fused_cpu as f; f.compile_all(); "
-            "print(len(f._serial_step.stats.cache_hits), len(f._serial_step.stats.cache_misses))")
+            "print(len(f._step.stats.cache_hits), len(f._step.stats.cache_misses))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     hits, misses = int(out[0]), int(out[1])

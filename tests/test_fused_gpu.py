@@ -109,7 +109,6 @@ def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
         ref.update(a, g)
         fused.update(b, g)
     assert len(launches) == 3
-    assert fused._plan is not None and fused._plan.engine is fused_cuda
     flat = lambda d: cupy.asnumpy(cupy.concatenate([v for v in d.values()]))  # noqa: E731
     np.testing.assert_allclose(flat(b), flat(a), **TOL[np.float32])
 

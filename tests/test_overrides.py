@@ -134,21 +134,17 @@ def test_one_call_per_hyperparameter_set(impl, monkeypatch):
         real = reference.apply_reference
         monkeypatch.setattr("xopt._dispatch.apply_reference", lambda opt, es: calls.append(len(es)) or real(opt, es))
     else:
-        for method in ("run", "launch"):  # a table's call: run (vouch and kernel) or, after vouch, launch
-            real = getattr(fused_cpu.Table, method)
-            monkeypatch.setattr(fused_cpu.Table, method,
-                                lambda self, *a, real=real: calls.append(self.n) or real(self, *a))
+        real = fused_cpu.Arrays.check  # each compiled call of the engine: its checks, then its kernel
+        monkeypatch.setattr(fused_cpu.Arrays, "check", lambda self, *a: calls.append(len(self.sizes)) or real(self, *a))
     params = {f"W{i}": np.ones(4) for i in range(4)} | {f"b{i}": np.ones(2) for i in range(3)}
     opt = xopt.Adam(overrides={"b*": {"lr": 0.5}}, impl=impl)
     for step in range(4):
         calls.clear()
         opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
-        if impl == "reference" and step == 0:
-            assert sorted(calls) == [3, 4]  # the general path: one call per set
-        elif impl == "reference":
-            assert calls == [7]  # the plan: one pass, each param with its own set
+        if impl == "reference" or step == 0:
+            assert sorted(calls) == [3, 4], f"step {step}"  # the checked path: one call per set
         else:
-            assert sorted(calls) == [3, 4], f"step {step}"
+            assert calls == [7], f"step {step}"  # the lane: one call, each param with its own set
     assert opt.current_lr("b0") == 0.5 and opt.current_lr("W0") == 0.001
 
 

@@ -1,6 +1,6 @@
-"""The fast path keeps every promise of the checked path (issue #11).
+"""The fast path keeps every promise of the checked path.
 
-Each test pokes the default path (the fused CPU kernel and the plan of a repeated step) the
+Each test pokes the default path (the exact-type lane and the fused CPU kernel) the
 way a user might, next to a twin with ``impl="reference"`` on copies of the same arrays,
 and asks for the twin's numbers or the twin's error.  ``tests/test_stateful.py`` hunts
 for more of the same by random sequences of such pokes.
@@ -55,12 +55,12 @@ def steps(fast, ref, p_fast, p_ref, rng, n=3):
 
 
 @pytest.fixture
-def pair(rng):
+def pair(rng, lane):
     fast, ref = twins(amsgrad=True)
     p_ref = net(rng)
     p_fast = copies(p_ref)
     steps(fast, ref, p_fast, p_ref, rng)
-    assert fast._plan is not None, "the plan should be running"
+    assert lane[-1], "the lane should be taking the fast twin's steps"
     return fast, ref, p_fast, p_ref
 
 
@@ -206,7 +206,7 @@ _INTERRUPT = textwrap.dedent("""
     import os, signal, numpy as np, xopt
     from xopt.engines import fused_cpu
     signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever disposition the test runner left us
-    real = fused_cpu._serial_step   # a small step's checks and kernel, one compiled call
+    real = fused_cpu._step   # a small step's checks and kernel, one compiled call
     calls = []
     def kernel(*args):
         bad = real(*args)
@@ -217,7 +217,7 @@ _INTERRUPT = textwrap.dedent("""
     params = {"a": np.ones(1000), "b": np.ones(10)}
     grads = {"a": np.ones(1000), "b": np.ones(10)}
     opt.update(params, grads)
-    fused_cpu._serial_step = kernel
+    fused_cpu._step = kernel
     for i in range(3):
         try:
             opt.update(params, grads)
@@ -277,10 +277,9 @@ def test_grads_may_share_memory_with_each_other(rng):
 
 
 @pytest.mark.parametrize("which", ["fused", "reference"])
-def test_the_plan_refuses_a_grad_that_overlaps_a_param_or_a_buffer(pair, rng, which):
+def test_the_lane_refuses_a_grad_that_overlaps_a_param_or_a_buffer(pair, rng, which):
     fast, ref, p_fast, p_ref = pair
     opt, params = (fast, p_fast) if which == "fused" else (ref, p_ref)
-    assert opt._plan is not None
     for culprit, source, what in (("p1", params["p2"][:7], "param 'p2'"),
                                   ("p1", opt.state["p2"]["v"][10:17], "optimizer state 'v' of param 'p2'")):
         g = grads_like(params, rng)
@@ -391,13 +390,13 @@ def test_masked_arrays_are_refused_on_every_path(which):
             opt.update(params, grads)
 
 
-def test_a_deep_copy_does_not_share_the_plan(pair, rng):
+def test_a_deep_copy_shares_no_state(pair, rng):
     import copy
     import pickle
 
     fast, ref, p_fast, p_ref = pair
     other = copy.deepcopy(fast)
-    assert other._plan is None and other.state["p0"]["m"] is not fast.state["p0"]["m"]
+    assert other.state["p0"]["m"] is not fast.state["p0"]["m"]
     again = pickle.loads(pickle.dumps(fast))
     p_other = copies(p_fast)
     g = grads_like(p_fast, rng)
@@ -436,7 +435,7 @@ def test_numpy_scalar_grads_of_0d_params_are_never_read_as_arrays(rng):
 
 
 @pytest.mark.parametrize("config", ["SGD", "RMSprop-all", "Adam-amsgrad-wd"])
-def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypatch):
+def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypatch, lane):
     """Every step split over 3 threads (the caller and 2 workers claiming chunks): every element once."""
     from test_edges import make
 
@@ -451,7 +450,7 @@ def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypat
             g = grads_like(p_ref, rng)
             ref.update(p_ref, g)
             fast.update(p_fast, copies(g))
-        assert fast._plan is not None
+        assert lane[-1]
         for k in p_ref:
             np.testing.assert_allclose(p_fast[k], p_ref[k], rtol=1e-13, atol=1e-15, err_msg=k)
     finally:

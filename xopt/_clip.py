@@ -24,18 +24,13 @@ __all__ = ["global_norm", "is_finite", "scale", "hand_over", "EPS"]
 EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
 
-def _fused_cpu():
-    try:
-        from .engines import fused_cpu
-    except ImportError:
-        return None
-    return fused_cpu
-
-
 def _numpy_sum_squares(arrays) -> float:
-    engine = _fused_cpu()
-    if engine is not None:
-        return engine.sum_squares(arrays)
+    try:
+        from .engines.cpu_rules import sum_squares
+    except ImportError:  # no numba
+        sum_squares = None
+    if sum_squares is not None:
+        return sum_squares(arrays)
     return float(sum(np.sum(np.square(np.asarray(a), dtype=np.float64)) for a in arrays))
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import numpy as np
+
 from . import _backend
 from ._inputs import describe
-from ._plan import FusedPlan, ReferencePlan
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "plan", "takes_clip"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "takes_clip", "lane_engine"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -166,17 +167,10 @@ def takes_clip(apply) -> bool:
                for engine in (_fused_cpu(), _fused_cuda(), _fused_dask()))
 
 
-def plan(opt, params, entries, paths):
-    """A fast path for the next step if this one can repeat without per-param checks, else None."""
-    if not entries or any(e.unbox is not None for e in entries):  # a number param is a new object each step
+def lane_engine(opt, array_type):
+    """The engine whose exact-type lane (:mod:`xopt._lane`) takes ``opt``'s steps on params of
+    ``array_type``, or None: the checked path takes them."""
+    if opt.impl == "reference" or array_type is not np.ndarray:
         return None
-    applies = {apply for apply, _ in paths}
-    if len(applies) != 1:
-        return None
-    apply = applies.pop()
-    if apply is apply_reference:
-        return ReferencePlan.build(opt, params, entries)
-    for engine, _ in _engines(opt):
-        if apply == engine.apply:
-            return FusedPlan.build(engine, opt, params, entries)
-    return None
+    engine = _fused_cpu()
+    return engine if engine is not None and engine.supports(opt) else None

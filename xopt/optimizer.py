@@ -12,7 +12,7 @@ import fnmatch
 import inspect
 import numbers
 
-from . import _backend, _clip, _dispatch
+from . import _backend, _clip, _dispatch, _lane
 from ._atomic import StepGuard
 from ._hyper import Hyper, check_overrides, flag, optional_positive
 from ._inputs import check_overlaps, collect, describe, param_keys
@@ -83,12 +83,11 @@ class Optimizer:
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
         self.last_grad_norm = None  # with clip_grad_norm: the norm of the last step's grads
-        self._plan = None  # the fast path of a step that repeats (see _dispatch.plan)
         self._guard = StepGuard()  # one step at a time; Ctrl-C between steps (see _atomic)
 
-    def __getstate__(self):  # copy/pickle: the plan (ids of this process's arrays) and the lock stay behind
+    def __getstate__(self):  # copy/pickle: the lock and the cached hyperparameter sets stay behind
         state = dict(self.__dict__)
-        state["_plan"], state["_guard"], state["_group_cache"] = None, None, None
+        state["_guard"], state["_group_cache"] = None, None
         return state
 
     def __setstate__(self, state):
@@ -107,13 +106,6 @@ class Optimizer:
     def scalars(self, step: int) -> dict:
         """The per-step numbers the rule needs, computed on the host."""
         raise NotImplementedError
-
-    def steady_from(self):
-        """The first step from which ``scalars(step)`` gives the same values at every later step, for the
-        current hyperparameters; None (the default) if it never does.  A fused plan then computes the
-        scalars once instead of every step; ``tests/test_quick_step.py`` holds each optimizer to its answer.
-        A subclass that redefines ``scalars`` redefines this too, or is taken to say None."""
-        return None
 
     def rule(self, xp, p, g, state: dict, s: dict):
         """The reference update: returns (new p, {buffer name: new buffer})."""
@@ -172,9 +164,9 @@ class Optimizer:
         """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
-        # Not the sets and the plan of the moment: each set's views would hold the last set's, a chain one
-        # longer for every hyperparameter set (opt.lr = ... each step), each link holding a plan and its arrays.
-        view.__dict__.update(_hyper=hyper, _group_cache=None, _plan=None)
+        # Not the sets of the moment: each set's views would hold the last set's, a chain one longer for
+        # every hyperparameter set (opt.lr = ... each step).
+        view.__dict__.update(_hyper=hyper, _group_cache=None)
         return view
 
     def _at(self, group, count):
@@ -225,10 +217,9 @@ class Optimizer:
         self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        plan = self._plan  # read under the lock: the plan of the step before
-        if plan is not None and (plan.quick and plan._quick(self, params, grads) or plan.try_step(self, params, grads)):
-            return  # a plan's step (it counts iter itself)
-        self._plan = None
+        if _lane.take(self, params, grads):
+            return  # the exact-type lane took the whole step (it counts iter itself)
+        # The checked path: every param converted where it can be, explained where it cannot.
         entries = collect(params, grads)
         self._check_patterns(params)
         views = {}  # (group, count) -> the view its params step with
@@ -289,7 +280,6 @@ class Optimizer:
         self.iter += 1
         if norm is not None:  # set with the step: a call that raises leaves the last one's
             self.last_grad_norm = norm
-        self._plan = _dispatch.plan(self, params, entries, paths)
 
     def _named_arrays(self, entries):
         """Every array a step writes or reads, named for messages: (array, name, is a grad)."""
@@ -393,7 +383,6 @@ class Optimizer:
         self._version = self.__dict__.get("_version", 0) + 1
         self._reset_groups()
         self.state = state
-        self._plan = None
         self.iter, self.skipped_steps = counters
 
     def save(self, path):

@@ -53,9 +53,6 @@ class AdaDelta(Optimizer):
         return {"lr": self.lr, "rho": self.rho, "one_minus_rho": 1.0 - self.rho, "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
-    def steady_from(self):
-        return 1
-
     def rule(self, xp, p, g, state, s):
         rho, one_minus_rho, eps = s["rho"], s["one_minus_rho"], s["eps"]
         if s["weight_decay"] != 0.0:

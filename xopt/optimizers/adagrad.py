@@ -55,9 +55,6 @@ class AdaGrad(Optimizer):
             "weight_decay": self.weight_decay,
         }
 
-    def steady_from(self):
-        return 1 if self.lr_decay == 0.0 else None
-
     def rule(self, xp, p, g, state, s):
         if s["weight_decay"] != 0.0:
             g = g + s["weight_decay"] * p

@@ -49,9 +49,6 @@ class Lion(Optimizer):
     def scalars(self, step):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "weight_decay": self.weight_decay}
 
-    def steady_from(self):
-        return 1
-
     def rule(self, xp, p, g, state, s):
         m = state["m"]
         update = xp.sign((1.0 - s["beta1"]) * g + s["beta1"] * m)

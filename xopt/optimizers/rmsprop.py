@@ -61,9 +61,6 @@ class RMSprop(Optimizer):
             "weight_decay": self.weight_decay,
         }
 
-    def steady_from(self):
-        return 1
-
     def rule(self, xp, p, g, state, s):
         rho = s["decay_rate"]
         if s["weight_decay"] != 0.0:

@@ -68,9 +68,6 @@ class SGD(Optimizer):
             "b_scale": 1.0 if first else 1.0 - self.dampening,
         }
 
-    def steady_from(self):
-        return 2  # step 1 starts the buffer at g
-
     def rule(self, xp, p, g, state, s):
         if s["weight_decay"] != 0.0:
             g = g + s["weight_decay"] * p
@@ -112,9 +109,6 @@ class Momentum(Optimizer):
 
     def scalars(self, step):
         return {"lr": self.lr, "momentum": self.momentum}
-
-    def steady_from(self):
-        return 1
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g

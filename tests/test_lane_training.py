@@ -1,15 +1,15 @@
-"""The fast path of a repeated step (xopt._plan) under the training features: overrides, schedules, clipping.
+"""The default path (the exact-type lane, xopt._lane) under the training features: overrides, schedules, clipping.
 
 Each test runs the same calls on twins, ``impl="reference"`` (the oracle) and the default path (the numba
-kernel and its FusedPlan), with a change between steps that a plan built before it must notice.  Found by
-tests/test_stateful.py's rules for overrides and schedules; each is the shortest form of one finding.
+kernel through the lane), with a change between steps that a fast path must notice.  Found by
+tests/test_stateful.py's rules for overrides and schedules against earlier fast paths; each is the
+shortest form of one finding.
 """
 
 import numpy as np
 import pytest
 
 import xopt
-from xopt._plan import FusedPlan, ReferencePlan
 from xopt.schedules import linear_schedule
 
 IMPLS = ("reference", "auto")
@@ -50,15 +50,15 @@ def _agree(out):
 @pytest.mark.parametrize("first, then", [(0.1, linear_schedule(0.1, 0.0, 4)), (linear_schedule(0.1, 0.0, 4), 0.05),
                                          (linear_schedule(0.1, 0.0, 4), linear_schedule(0.2, 0.1, 3))],
                          ids=["number-to-schedule", "schedule-to-number", "schedule-to-schedule"])
-def test_lr_set_between_steps_is_read_by_the_plan(first, then):
-    """A plan made while lr was a number read the schedule set since at its first step only (stale after)."""
+def test_lr_set_between_steps_is_read(first, then, lane):
+    """A cross-step plan made while lr was a number once read the schedule set since at its first step only."""
 
     def between(opt, i):
         if i == 3:
             opt.lr = then
 
     out = _twins(lambda impl: xopt.SGD(lr=first, momentum=0.9, impl=impl), 8, between)
-    assert isinstance(out["auto"][1]._plan, FusedPlan)
+    assert lane[-1]
     _agree(out)
 
 
@@ -67,18 +67,18 @@ def test_lr_set_between_steps_is_read_by_the_plan(first, then):
     ("Adam", dict(amsgrad=True), {"amsgrad": False}),
     ("SGD", dict(momentum=0.9), {"momentum": 0.0}),
 ], ids=["RMSprop-centered", "Adam-amsgrad", "SGD-momentum"])
-def test_an_override_that_keeps_fewer_buffers_gets_a_plan(name, kwargs, override):
-    """Params whose override keeps fewer buffers than the optimizer's own: building the plan read the buffers
+def test_an_override_that_keeps_fewer_buffers_takes_the_lane(name, kwargs, override, lane):
+    """Params whose override keeps fewer buffers than the optimizer's own: a fast path once read the buffers
     of the optimizer's set from every param and raised KeyError after the step had been applied."""
     out = _twins(lambda impl: getattr(xopt, name)(**kwargs, overrides={"a": override}, impl=impl), 4)
     _agree(out)
-    assert isinstance(out["auto"][1]._plan, FusedPlan) and isinstance(out["reference"][1]._plan, ReferencePlan)
+    assert lane[-1]
 
 
 @pytest.mark.parametrize("action", ["replace", "delete"])
-def test_a_buffer_only_an_override_keeps_is_watched_by_the_plan(action):
-    """SGD without momentum but for param 'b': its buffer replaced (the fused plan went on writing the old one)
-    or deleted (the reference plan raised KeyError having written param 'a') between steps."""
+def test_a_buffer_only_an_override_keeps_is_followed(action):
+    """SGD without momentum but for param 'b': its buffer replaced (a fused plan once went on writing the old
+    one) or deleted (a reference plan raised KeyError having written param 'a') between steps."""
 
     def between(opt, i):
         if i == 3:

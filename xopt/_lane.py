@@ -1,0 +1,149 @@
+"""The exact-type lane: a whole step in a few passes over lists, for arrays a fused engine reads itself.
+
+``update(params, grads)`` tries this first.  It takes params and grads in a ``dict`` (or a
+``list``) of exact NumPy arrays whose state exists (every step after a param's first), gathers
+params, grads and state dicts into lists in one pass each, splits the step into parts (a
+hyperparameter set at a step count: one part in a plain run), computes each part's scalars on
+the host, and hands the lists to the engine, whose one compiled call checks every array from
+its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  Nothing is
+remembered from one call to the next.
+
+Whatever the lane does not take (another container or array type, a first step, a ``None``
+grad, mixed dtypes, float16, a read-only or strided array, anything wrong) it declines having
+written nothing, and the checked path (``Optimizer._update``) takes the step, converting what it
+can and naming the culprit of what it cannot.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _dispatch
+
+__all__ = ["take"]
+
+_MAX_STEP = 2**63 - 2  # a step count and the one after it fit in int64
+_NUMBERS = (float, int, np.floating)
+
+
+def take(opt, params, grads) -> bool:
+    """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
+    if opt._overrides and not opt._patterns_checked:
+        return False
+    kind = type(params)
+    if kind is dict:
+        if type(grads) is not dict or len(grads) != len(params):
+            return False
+        keys = list(params)
+        ps = list(params.values())
+        try:
+            gs = list(map(grads.__getitem__, keys))
+        except KeyError:
+            return False
+    elif kind is list:
+        if type(grads) is not list or len(grads) != len(params):
+            return False
+        keys = range(len(params))
+        ps, gs = list(params), list(grads)  # our own lists: the compiled call reads them
+    else:
+        return False
+    if not ps:
+        return False
+    boxes = None
+    if type(ps[0]) is not np.ndarray:
+        if not isinstance(ps[0], _NUMBERS):
+            return False
+        boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
+        if boxes is None:
+            return False
+        ps = boxes[0]
+        gs = _arrays(gs, ps)
+        if gs is None:
+            return False
+    engine = _dispatch.lane_engine(opt, type(ps[0]))
+    if engine is None:
+        return False
+    states = list(map(opt.state.get, keys))
+    if None in states:  # a first step: the checked path makes the state
+        return False
+    try:
+        steps = list(map(operator.itemgetter("step"), states))
+    except (KeyError, TypeError):
+        return False
+    first = steps[0]
+    if type(first) is not int or not 0 <= first <= _MAX_STEP:  # each one's type is checked by the engine
+        return False
+    groups = list(map(opt._group_of, keys)) if opt._overrides else None
+    if steps.count(first) == len(steps) and (groups is None or groups.count(groups[0]) == len(groups)):
+        pairs, part = [(groups[0] if groups else 0, first)], None
+    else:
+        if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in set(steps)):
+            return False
+        index = {}
+        part = [index.setdefault(pair, len(index)) for pair in zip(groups or [0] * len(steps), steps)]
+        pairs = list(index)
+    kind = engine.kind(opt, ps[0].dtype)
+    if kind is None:
+        return False
+    views, values = [], []
+    for group, count in pairs:
+        view = opt._at(group, count)  # a schedule's error raises here, before any write
+        views.append(view)
+        values.append(kind.order(view, view.scalars(count + 1)))
+    outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
+    if outcome is None and any(type(g) is not np.ndarray for g in gs):
+        gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
+        if gs is not None:
+            outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
+    if outcome is None:
+        return False
+    norm, skipped = outcome
+    if skipped:
+        opt.skipped_steps += 1
+        if norm is not None:
+            opt.last_grad_norm = norm
+        return True
+    for st in states:
+        st["step"] += 1
+    if boxes is not None:
+        for key, box, unbox in zip(keys, ps, boxes[1]):
+            params[key] = unbox(box)
+    opt.iter += 1
+    if norm is not None:
+        opt.last_grad_norm = norm
+    return True
+
+
+def _arrays(gs, ps):
+    """Number grads as 0-d arrays, as the checked path converts them: a Python number in its param's
+    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number."""
+    out = []
+    for g, p in zip(gs, ps):
+        if type(g) is np.ndarray:
+            out.append(g)
+        elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and p.ndim == 0:
+            out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
+        else:
+            return None
+    return out
+
+
+def _box(ps):
+    """(0-d arrays holding the float params, how to turn each back), or None if some param is not a float.
+
+    A Python float steps in float64 and comes back a float; a NumPy float scalar steps in its dtype
+    and comes back a scalar of it."""
+    boxes, unboxes = [], []
+    for p in ps:
+        kind = type(p)
+        if kind is float:
+            boxes.append(np.array(p, dtype=np.float64))
+            unboxes.append(float)
+        elif kind in (np.float64, np.float32, np.float16):
+            boxes.append(np.array(p))
+            unboxes.append(operator.itemgetter(()))
+        else:
+            return None
+    return boxes, unboxes

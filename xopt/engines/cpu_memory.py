@@ -1,0 +1,329 @@
+"""Reading CPython's and NumPy's object structs from compiled code: what lets one numba call check a step.
+
+A CPU step hands its compiled call the ids of a few Python lists it has just built (params,
+grads, state buffers, step counts).  The call reads each list's items (a ``PyListObject``: its
+size, then a pointer to its item array), each item's type (the object header's ``ob_type``)
+and each NumPy array's struct (data pointer, dims, flags, dtype).  Every offset is found and
+checked at import on probes whose values are known; if any disagrees, ImportError: the CPU
+engine is not used and the reference rule runs.
+
+Nothing here keeps an address from one call to the next.  The caller holds every list and
+every object in them for the length of the call (and holds the optimizer's lock), so every id
+read names a live object of the type its header says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import sys
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "fetch_add", "bf16_load", "bf16_store",
+           "HEAD", "N_HEAD"]
+
+
+def _read(obj, offset, ctype=ctypes.c_int64):
+    return ctype.from_address(id(obj) + offset).value
+
+
+def _find_struct():
+    """Offsets in NumPy's array struct (PyArrayObject_fields) and dtype struct, checked on probes.
+
+    The public layout (data, nd, dimensions, strides, base, descr, flags) is the same in NumPy 1
+    and 2; only where it starts depends on the object header, so it is found, then every field
+    is checked on arrays whose values are known.
+    """
+    probes = [np.empty(3), np.empty((2, 5), dtype=np.float32)[:, ::2], np.empty((), dtype=np.float16),
+              np.empty(4, dtype=np.dtype(">f8"))]
+    probes[0].flags.writeable = False
+    for data in range(8, 129, 8):
+        if all(_read(a, data) == a.__array_interface__["data"][0] for a in probes):
+            break
+    else:
+        raise ImportError("cannot find the data pointer in NumPy's array struct")
+    off = dict(data=data, nd=data + 8, dims=data + 16, strides=data + 24, descr=data + 40, flags=data + 48,
+               type_num=28, byteorder=26)
+    for a in probes:
+        dims, strides = _read(a, off["dims"]), _read(a, off["strides"])
+        ok = (_read(a, off["nd"], ctypes.c_int32) == a.ndim
+              and [ctypes.c_int64.from_address(dims + 8 * d).value for d in range(a.ndim)] == list(a.shape)
+              and [ctypes.c_int64.from_address(strides + 8 * d).value for d in range(a.ndim)] == list(a.strides)
+              and _read(a, off["descr"]) == id(a.dtype)
+              and _read(a, off["flags"], ctypes.c_int32) == a.flags.num
+              and _read(a.dtype, off["type_num"], ctypes.c_int32) == a.dtype.num
+              and _read(a.dtype, off["byteorder"], ctypes.c_char) == a.dtype.byteorder.encode())
+        if not ok:
+            raise ImportError("NumPy's array struct is not laid out as xopt.engines.cpu_memory expects")
+    return off
+
+
+def _find_type_slot():
+    """Where an object's header keeps its type (``ob_type``), checked on probes."""
+    probes = [np.empty(3), 1.5, "x", [], {}, np.float64(1.0), 7, None]
+    for at in range(8, 33, 8):
+        if all(_read(a, at) == id(type(a)) for a in probes):
+            return at
+    raise ImportError("cannot find an object's type in its header")
+
+
+def _find_list_layout(ob_type):
+    """(where a list keeps its size, where its pointer to the items is), checked on probes."""
+    probes = [[np.empty(2), 1.5, "x"], [None] * 9, [], list(range(40))]
+    size_at, items_at = ob_type + 8, ob_type + 16
+    for lst in probes:
+        if _read(lst, size_at) != len(lst):
+            raise ImportError("a Python list is not laid out as xopt.engines.cpu_memory expects")
+        items = _read(lst, items_at)
+        if [ctypes.c_int64.from_address(items + 8 * i).value for i in range(len(lst))] != list(map(id, lst)):
+            raise ImportError("a Python list is not laid out as xopt.engines.cpu_memory expects")
+    return size_at, items_at
+
+
+_OFF = _find_struct()
+_OB_TYPE = _find_type_slot()
+_LIST_SIZE, _LIST_ITEMS = _find_list_layout(_OB_TYPE)
+_FOREIGN_ORDER = ord(">" if sys.byteorder == "little" else "<")  # the byte-order mark of a swapped dtype
+
+# What the compiled code reads, by index into OFFSETS.
+DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN, OB_TYPE, NDARRAY, LIST_SIZE, LIST_ITEMS, INT, NONE, \
+    STRIDES = range(15)
+OFFSETS = np.array([_OFF["data"], _OFF["nd"], _OFF["dims"], _OFF["descr"], _OFF["flags"], _OFF["type_num"],
+                    _OFF["byteorder"], _FOREIGN_ORDER, _OB_TYPE, id(np.ndarray), _LIST_SIZE, _LIST_ITEMS, id(int),
+                    id(None), _OFF["strides"]], dtype=np.int64)
+C_CONTIGUOUS, ALIGNED, WRITEABLE = 0x0001, 0x0100, 0x0400
+READ_FLAGS = C_CONTIGUOUS | ALIGNED
+WRITE_FLAGS = C_CONTIGUOUS | ALIGNED | WRITEABLE
+
+
+def _loader(bits, signed):
+    """An intrinsic: the ``bits``-bit integer stored at an address, widened to int64."""
+
+    @intrinsic
+    def load(typingctx, addr):
+        sig = types.int64(types.int64)
+
+        def codegen(context, builder, signature, args):
+            value = builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(bits))))
+            if bits == 64:
+                return value
+            return (builder.sext if signed else builder.zext)(value, ir.IntType(64))
+
+        return sig, codegen
+
+    return load
+
+
+load_i64, load_i32, load_i8 = _loader(64, True), _loader(32, True), _loader(8, False)
+
+
+@intrinsic
+def _typed_ptr(typingctx, addr, proto):
+    """``addr`` as a pointer to the element type of the array ``proto``."""
+    sig = types.CPointer(proto.dtype)(addr, proto)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, addr, value):
+    """Atomically add ``value`` to the int64 at ``addr``; returns what was there."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def view(addr, proto, lo, hi):
+    """Elements lo:hi of the contiguous array at the (checked) address ``addr``, typed as ``proto``'s."""
+    return carray(_typed_ptr(addr, proto), (hi,))[lo:hi]
+
+
+# -- a step's arrays, checked --------------------------------------------------------------
+# The int64 head of a step (see check_step), then per part of the step three "keeps" flags.
+HEAD = ("params", "grads", "slot0", "slot1", "slot2", "steps", "n", "param_type", "state_type",
+        "param_size", "state_size", "n_parts", "mode", "split_at")
+N_HEAD = len(HEAD)
+
+
+@njit(cache=True, inline="always")
+def _list_item(off, lst, t):
+    return load_i64(load_i64(lst + off[LIST_ITEMS]) + 8 * t)
+
+
+@njit(cache=True, inline="always")
+def _is_array(off, obj, flags, type_num, nd, dims_of):
+    """Whether ``obj`` is an exact ndarray with ``flags``, of native ``type_num``, shaped as the array
+    whose dims pointer is ``dims_of`` (nd dims); or, with ``dims_of`` 0, any shape."""
+    if load_i64(obj + off[OB_TYPE]) != off[NDARRAY]:
+        return False
+    if load_i32(obj + off[FLAGS]) & flags != flags:
+        return False
+    descr = load_i64(obj + off[DESCR])
+    if load_i32(descr + off[TYPE_NUM]) != type_num or load_i8(descr + off[BYTEORDER]) == off[FOREIGN]:
+        return False
+    if dims_of == 0:
+        return True
+    if load_i32(obj + off[ND]) != nd:
+        return False
+    dims = load_i64(obj + off[DIMS])
+    for d in range(nd):
+        if load_i64(dims + 8 * d) != load_i64(dims_of + 8 * d):
+            return False
+    return True
+
+
+@njit(cache=True)
+def check_step(off, head, part, ptrs, sizes):
+    """0 if the arrays of a step are what a kernel may read and write, else 1 + the first row that is not
+    (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.
+
+    ``head`` (see HEAD): the ids of six lists of n items each, built by the caller: params, grads,
+    the state buffers of the kernel's three slots (0: no list) and the step counts (0: no list),
+    then n, the dtype numbers of params and state buffers and their item sizes, the number of
+    parts (hyperparameter set and step count pairs) and two numbers for the caller's use, followed
+    by 3 flags per part: whether its configuration keeps each slot.  ``part[t]`` is row t's part (empty: all part 0).
+
+    Row t is good when its param is an exact ``numpy.ndarray``, C-contiguous, aligned, writeable,
+    of the param dtype in native byte order, and not empty; its grad the same but for writeable,
+    and of the param's shape; each buffer its part keeps the same as the param but of the state
+    dtype (a buffer the part does not keep is not part of the step: not read, not written); its
+    step count an exact ``int`` (the caller compares the values).  Then memory: no two params or
+    kept buffers share a byte, and no grad shares one with any of them (grads may share with each
+    other: they are only read).  ``ptrs[t]``: the addresses of param, grad and the three slots (an
+    unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.
+    """
+    n = head[6]
+    param_type, state_type, param_size, state_size, n_parts = head[7], head[8], head[9], head[10], head[11]
+    for k in range(6):
+        if head[k] != 0 and load_i64(head[k] + off[LIST_SIZE]) != n:
+            return n + 1
+    spans_lo = np.empty(4 * n, dtype=np.int64)
+    spans_hi = np.empty(4 * n, dtype=np.int64)
+    m = 0
+    for t in range(n):
+        p = _list_item(off, head[0], t)
+        if not _is_array(off, p, WRITE_FLAGS, param_type, 0, 0):
+            return t + 1
+        nd = load_i32(p + off[ND])
+        dims = load_i64(p + off[DIMS])
+        size = 1
+        for d in range(nd):
+            size *= load_i64(dims + 8 * d)
+        if size == 0:  # an empty param: the checked path's (two keys may name one empty array)
+            return t + 1
+        sizes[t] = size
+        ptrs[t, 0] = load_i64(p + off[DATA])
+        spans_lo[m], spans_hi[m] = ptrs[t, 0], ptrs[t, 0] + size * param_size
+        m += 1
+        g = _list_item(off, head[1], t)
+        if not _is_array(off, g, READ_FLAGS, param_type, nd, dims):
+            return t + 1
+        ptrs[t, 1] = load_i64(g + off[DATA])
+        row = part[t] if part.shape[0] else 0
+        for j in range(3):
+            ptrs[t, 2 + j] = ptrs[t, 0]
+            if head[2 + j] == 0 or head[N_HEAD + 3 * row + j] == 0:
+                continue
+            b = _list_item(off, head[2 + j], t)
+            if not _is_array(off, b, WRITE_FLAGS, state_type, nd, dims):
+                return t + 1
+            ptrs[t, 2 + j] = load_i64(b + off[DATA])
+            spans_lo[m], spans_hi[m] = ptrs[t, 2 + j], ptrs[t, 2 + j] + size * state_size
+            m += 1
+        if head[5] != 0 and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
+            return t + 1
+    order = np.argsort(spans_lo[:m])
+    starts, ends = spans_lo[:m][order], spans_hi[:m][order]
+    for i in range(1, m):
+        if starts[i] < ends[i - 1]:
+            return n + 1
+    for t in range(n):  # a grad meets a param or a buffer if the last range starting below its end reaches it
+        lo, hi = ptrs[t, 1], ptrs[t, 1] + sizes[t] * param_size
+        j = np.searchsorted(starts, hi)
+        if j > 0 and ends[j - 1] > lo:
+            return n + 1
+    return 0
+
+
+# -- byte ranges of arbitrary NumPy arrays ----------------------------------------------------
+@njit(cache=True, nogil=True)
+def _bounds(off, ids, itemsizes, lo, hi):
+    """The byte range [lo, hi) each array in ``ids`` (live NumPy arrays) can reach; lo == hi if empty."""
+    for i in range(ids.shape[0]):
+        obj = ids[i]
+        first = last = load_i64(obj + off[DATA])
+        dims, strides = load_i64(obj + off[DIMS]), load_i64(obj + off[STRIDES])
+        empty = False
+        for d in range(load_i32(obj + off[ND])):
+            n, stride = load_i64(dims + 8 * d), load_i64(strides + 8 * d)
+            if n == 0:
+                empty = True
+            elif stride > 0:
+                last += (n - 1) * stride
+            else:
+                first += (n - 1) * stride
+        lo[i] = first
+        hi[i] = first if empty else last + itemsizes[i]
+
+
+def _is_ndarray(a) -> bool:
+    return isinstance(a, np.ndarray)
+
+
+def byte_bounds(arrays):
+    """(lo, hi) int64 arrays: the byte range each NumPy array in ``arrays`` can reach (one compiled pass)."""
+    if not all(map(_is_ndarray, arrays)):  # the pass reads each object as an array struct
+        raise TypeError("byte_bounds takes NumPy arrays only")
+    ids = np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays))
+    itemsizes = np.fromiter(map(operator.attrgetter("itemsize"), arrays), dtype=np.int64, count=len(arrays))
+    lo, hi = np.empty_like(ids), np.empty_like(ids)
+    _bounds(OFFSETS, ids, itemsizes, lo, hi)
+    return lo, hi
+
+
+# -- bfloat16 bits ---------------------------------------------------------------------------
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def bf16_load(h):
+    """bfloat16 bits -> float32 (exact)."""
+    return _float_from_bits(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def bf16_store(x):
+    """float32 -> bfloat16 bits, rounded to nearest even as ml_dtypes does; NaN stays NaN."""
+    u = np.int64(_bits_from_float(np.float32(x)))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((u >> 16) | 0x40)
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
