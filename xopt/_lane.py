@@ -52,9 +52,7 @@ def take(opt, params, grads) -> bool:
     if not ps:
         return False
     boxes = None
-    if type(ps[0]) is not np.ndarray:
-        if not isinstance(ps[0], _NUMBERS):
-            return False
+    if isinstance(ps[0], _NUMBERS):
         boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
         if boxes is None:
             return False
@@ -62,7 +60,7 @@ def take(opt, params, grads) -> bool:
         gs = _arrays(gs, ps)
         if gs is None:
             return False
-    engine = _dispatch.lane_engine(opt, type(ps[0]))
+    engine = _dispatch.lane_engine(opt, type(ps[0]))  # the array type of the first param picks the engine
     if engine is None:
         return False
     states = list(map(opt.state.get, keys))
@@ -93,7 +91,7 @@ def take(opt, params, grads) -> bool:
         views.append(view)
         values.append(kind.order(view, view.scalars(count + 1)))
     outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
-    if outcome is None and any(type(g) is not np.ndarray for g in gs):
+    if outcome is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is not None:
             outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
