@@ -37,7 +37,14 @@ def namespace(*arrays):
     return _compat.array_namespace(*arrays)
 
 
+_OWN_DEVICE = ("torch", "cupy", "array_api_strict")  # libraries whose x.device is the array API's device
+
+
 def device(x):
+    if type(x) is np.ndarray:
+        return "cpu"
+    if library_name(x) in _OWN_DEVICE:
+        return x.device
     return _compat.device(x)
 
 
@@ -50,13 +57,22 @@ def library_name(x) -> str:
     return type(x).__module__.split(".")[0]
 
 
+_IMMUTABLE = {}  # array type -> whether its arrays are immutable (a fact of the type)
+
+
 def can_rebind_only(x) -> bool:
     """True for immutable array types (JAX, Dask): the container entry is rebound instead."""
-    return _compat.is_jax_array(x) or _compat.is_dask_array(x)
+    kind = type(x)
+    immutable = _IMMUTABLE.get(kind)
+    if immutable is None:
+        immutable = _IMMUTABLE[kind] = bool(_compat.is_jax_array(x) or _compat.is_dask_array(x))
+    return immutable
 
 
 def is_writable(x) -> bool:
     """Whether ``x`` can be written in place (a read-only NumPy view cannot)."""
+    if type(x) is np.ndarray:
+        return x.flags.writeable
     if can_rebind_only(x):
         return False
     if _compat.is_torch_array(x):
@@ -108,6 +124,20 @@ def low_precision_dtype(xp, name):
 
 
 def compute_dtype(xp, dtype):
+    """The dtype the math and the state are kept in: float16 is promoted to float32."""
+    try:
+        return _COMPUTE[xp, dtype]
+    except KeyError:
+        found = _COMPUTE[xp, dtype] = _compute_dtype(xp, dtype)
+        return found
+    except TypeError:  # an unhashable dtype
+        return _compute_dtype(xp, dtype)
+
+
+_COMPUTE = {}  # (namespace, dtype) -> its compute dtype
+
+
+def _compute_dtype(xp, dtype):
     """The dtype the math and the state are kept in: float16 is promoted to float32."""
     if isinstance(dtype, np.dtype) and not dtype.isnative:  # a byte-swapped param: math and state native
         dtype = dtype.newbyteorder("=")
@@ -186,13 +216,27 @@ def byte_spans(arrays):
         if _compat.is_cupy_array(a):
             spans[i] = (f"cuda:{a.data.device_id}",
                         *_strided_span(a.data.ptr, a.shape, a.strides, a.itemsize))
-        elif _compat.is_torch_array(a):
-            size = a.element_size()
-            spans[i] = (str(a.device), *_strided_span(a.data_ptr(), a.shape, [s * size for s in a.stride()], size))
+        elif library_name(a) == "torch":
+            spans[i] = _torch_span(a)
         elif type(a).__module__.startswith("array_api_strict") and isinstance(getattr(a, "_array", None),
                                                                              np.ndarray):
             spans[i] = byte_spans([a._array])[0]
     return spans
+
+
+_DEVICE_NAMES = {}  # torch device -> its name, the memory space of its tensors
+
+
+def _torch_span(a):
+    device = a.device
+    space = _DEVICE_NAMES.get(device)
+    if space is None:
+        space = _DEVICE_NAMES[device] = str(device)
+    size = a.element_size()
+    if a.is_contiguous():
+        lo = a.data_ptr()
+        return space, lo, lo + a.numel() * size if a.numel() else lo
+    return (space, *_strided_span(a.data_ptr(), a.shape, [s * size for s in a.stride()], size))
 
 
 def shares_memory(a, b) -> bool:

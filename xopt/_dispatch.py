@@ -26,12 +26,18 @@ IMPLS = ("auto", "reference", "fused")
 
 
 def _fused_cpu():
-    """The NumPy engine, or None when numba is not installed."""
-    try:
-        from .engines import fused_cpu
-    except ImportError:
-        return None
-    return fused_cpu
+    """The NumPy engine, or None when numba is not installed (looked for once)."""
+    global _CPU
+    if _CPU is False:
+        try:
+            from .engines import fused_cpu
+        except ImportError:
+            fused_cpu = None
+        _CPU = fused_cpu
+    return _CPU
+
+
+_CPU = False
 
 
 _FOUND = {}  # library name -> whether find_spec found it (a lookup costs some 40 us: once per process)

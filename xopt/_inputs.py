@@ -79,7 +79,29 @@ def _boxed(p, g):
     return box, g, unbox
 
 
+_KINDS = {}  # (param type, grad type, param dtype, grad dtype) -> namespace, for pairs that passed every check
+
+
 def _check_pair(key, p, g):
+    """(namespace, grad) of a param and its grad, checked: arrays of one library, real floating, one shape,
+    one device.  What depends on their types and dtypes alone is worked out once per kind of pair."""
+    if isinstance(g, (int, float, np.number)) and not isinstance(g, bool) and isinstance(p, np.ndarray):
+        g = np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None)  # a number for a 0-d param
+    kind = (type(p), type(g), getattr(p, "dtype", None), getattr(g, "dtype", None))
+    xp = _KINDS.get(kind)
+    if xp is None:
+        xp = _check_kind(key, p, g)
+        _KINDS[kind] = xp
+    if tuple(p.shape) != tuple(g.shape):
+        raise ValueError(f"grad of param {describe(key)} has shape {tuple(g.shape)} but the param has shape "
+                         f"{tuple(p.shape)} (xopt never broadcasts)")
+    if _backend.device(p) != _backend.device(g):
+        raise ValueError(f"param {describe(key)} is on {_backend.device(p)} but its grad is on {_backend.device(g)}")
+    return xp, g
+
+
+def _check_kind(key, p, g):
+    """The namespace of a (param, grad) pair of a kind not seen yet, or the error that names it."""
     name = describe(key)
     for what, x in ((f"param {name}", p), (f"grad of param {name}", g)):
         if isinstance(x, np.ma.MaskedArray):
@@ -87,8 +109,6 @@ def _check_pair(key, p, g):
                             "would read the masked values): pass np.ma.getdata(x) or x.filled(value)")
     if not array_api_compat.is_array_api_obj(p):
         raise TypeError(_not_a_param(name, p))
-    if isinstance(g, (int, float, np.number)) and not isinstance(g, bool) and isinstance(p, np.ndarray):
-        g = np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None)  # a number for a 0-d param
     if not array_api_compat.is_array_api_obj(g):
         raise TypeError(f"grad of param {name} is not an array (got {type(g).__name__})")
     try:
@@ -100,12 +120,7 @@ def _check_pair(key, p, g):
         raise TypeError(f"param {name} has dtype {p.dtype}; xopt updates real floating-point arrays only")
     if not _backend.is_real_floating(xp, g.dtype):
         raise TypeError(f"grad of param {name} has dtype {g.dtype}; grads must be real floating-point")
-    if tuple(p.shape) != tuple(g.shape):
-        raise ValueError(f"grad of param {name} has shape {tuple(g.shape)} but the param has shape "
-                         f"{tuple(p.shape)} (xopt never broadcasts)")
-    if _backend.device(p) != _backend.device(g):
-        raise ValueError(f"param {name} is on {_backend.device(p)} but its grad is on {_backend.device(g)}")
-    return xp, g
+    return xp
 
 
 def _not_a_param(name, p) -> str:

@@ -89,36 +89,41 @@ def chunk_table(sizes) -> np.ndarray:
 
 
 @njit(cache=True)
-def _step(rule, off, head, part, ptrs, sizes, scal, bits):
-    """Check the step's arrays (``check_step``); then, unless its mode (``head``) says otherwise, run it here.
+def _step(rule, off, head, scal, bits):
+    """Check the step's arrays (``check_step``); then, unless its mode says otherwise, run it here.
 
-    Returns 0 (done), 1 + a refused row (nothing written), ``LARGE`` (checked, not run: ``CHECK_ONLY``,
-    or at least ``head[13]`` elements, which go to several threads) or ``NONFINITE`` (``CHECK_FINITE``
-    and a grad is not finite: nothing written).  One call for a whole small step: in a training loop its
-    code and data are cold, and every call more costs microseconds (``benchmarks/cold_call.py``)."""
+    ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
+    there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 (done), 1 + a
+    refused row (nothing written), ``LARGE`` (checked, not run: ``CHECK_ONLY``, or at least ``head[13]``
+    elements, which go to several threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite:
+    nothing written).  One call for a whole small step: in a training loop its code and data are cold,
+    and every call more costs microseconds (``benchmarks/cold_call.py``)."""
+    n = head[6]
+    part = head[N_HEAD + 3 * head[11]:]
+    ptrs = np.empty((n, 5), dtype=np.int64)
+    sizes = np.empty(n, dtype=np.int64)
     bad = check_step(off, head, part, ptrs, sizes)
     if bad != 0:
         return bad
-    mode = head[12]
-    if mode & CHECK_ONLY or sizes.sum() >= head[13]:
+    if head[12] & CHECK_ONLY or sizes.sum() >= head[13]:
         return LARGE
-    if mode & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
+    if head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
         return NONFINITE
     run_serial(rule, ptrs, sizes, scal, part, bits)
     return 0
 
 
 class Arrays:
-    """One step's arrays, as :func:`_step` checked them: the kernel's addresses and sizes."""
+    """One step's arrays, checked again by :func:`check_step` for a run from Python (several threads, or
+    after the clip norm): the kernel's addresses and sizes."""
 
-    def __init__(self, rule, dtype, n, scal, part):
-        self.rule, self.dtype, self.scal, self.part = rule, dtype, scal, part
+    def __init__(self, rule, head, scal):
+        n = int(head[6])
+        self.rule, self.scal, self.part = rule, scal, head[N_HEAD + 3 * int(head[11]):]
         self.ptrs = np.empty((n, 5), dtype=np.int64)
         self.sizes = np.empty(n, dtype=np.int64)
         self.chunks = None
-
-    def check(self, head) -> int:
-        return _step(self.rule, OFFSETS, head, self.part, self.ptrs, self.sizes, self.scal, _BITS)
+        self.good = check_step(OFFSETS, head, self.part, self.ptrs, self.sizes) == 0
 
     def _chunks(self):
         if self.chunks is None:
@@ -169,25 +174,27 @@ class Arrays:
             time.sleep(0)  # a worker is finishing its last chunk
 
 
-def _head(lists, n, dtype, state_dtype, keeps, mode):
-    """:func:`_step`'s head (see ``cpu_memory.HEAD``): the lists' ids, the sizes, the mode, each part's kept slots."""
-    split_at = PARALLEL_MIN if get_num_threads() > 1 else _NEVER
-    return np.array([0 if x is None else id(x) for x in lists]
-                    + [n, dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize, len(keeps), mode, split_at]
-                    + [int(flag) for kept in keeps for flag in kept], dtype=np.int64)
-
-
-_NEVER = 2**62
-
-
 class Kind:
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
-    state is bfloat16), the order of its scalars, its state slots and the state's dtype."""
+    state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
-    __slots__ = ("rule", "order", "slots", "dtype", "state_dtype")
+    __slots__ = ("rule", "order", "slots", "dtype", "state_dtype", "numbers", "_keeps")
 
     def __init__(self, rule, order, slots, dtype, state_dtype):
         self.rule, self.order, self.slots, self.dtype, self.state_dtype = rule, order, slots, dtype, state_dtype
+        self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
+        self._keeps = {}
+
+    def keeps(self, buffers) -> list:
+        """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
+        try:
+            found = self._keeps.get(buffers)
+        except TypeError:  # a subclass's buffers() gave a list
+            buffers = tuple(buffers)
+            found = self._keeps.get(buffers)
+        if found is None:
+            found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
+        return found
 
 
 _KINDS = {}  # (optimizer class, param dtype, state_dtype) -> its Kind, or None: no kernel
@@ -217,6 +224,21 @@ def _new_kind(opt, dtype):
     return Kind(BF16_RULES[rule], order, slots, dtype, _BF16)
 
 
+def _head(lists, n, kind, keeps, mode, part):
+    """:func:`_step`'s head: the lists' ids, the numbers, the kept slots of each part, each tensor's part."""
+    split_at = PARALLEL_MIN if get_num_threads() > 1 else _NEVER
+    head = [0 if x is None else id(x) for x in lists]
+    head += [n, *kind.numbers, len(keeps), mode, split_at]
+    for kept in keeps:
+        head += kept
+    if part is not None:
+        head += part
+    return np.array(head, dtype=np.int64)
+
+
+_NEVER = 2**62
+
+
 def step(opt, kind, views, values, ps, gs, states, part):
     """The whole step in one engine call, or None: declined, nothing written.
 
@@ -226,14 +248,9 @@ def step(opt, kind, views, values, ps, gs, states, part):
     skipped)``: ``norm`` the clip norm (None without ``clip_grad_norm``), ``skipped`` True where
     skip_nonfinite skipped the step (nothing written).
     """
-    slots = kind.slots
-    if len(views) == 1:
-        kept = views[0].buffers()
-        keeps = [[name in kept for name in slots]]
-    else:
-        keeps = [[name in view.buffers() for name in slots] for view in views]
+    keeps = [kind.keeps(view.buffers()) for view in views]
     lists = [ps, gs]
-    for j, name in enumerate(slots):
+    for j, name in enumerate(kind.slots):
         if all(kept[j] for kept in keeps):
             try:
                 lists.append(list(map(operator.itemgetter(name), states)))
@@ -245,20 +262,20 @@ def step(opt, kind, views, values, ps, gs, states, part):
             lists.append(None)
     lists += [None] * (5 - len(lists))
     lists.append([st["step"] for st in states])  # their types checked in the compiled call, values by the caller
-    n = len(ps)
-    dtype = kind.dtype
     clip = opt.clip_grad_norm
     mode = CHECK_ONLY if clip is not None else CHECK_FINITE if opt.skip_nonfinite else 0
-    head = _head(lists, n, dtype, kind.state_dtype, [kept + [False] * (3 - len(kept)) for kept in keeps], mode)
-    scal = np.array([(*v, 1.0) for v in values], dtype=dtype)
-    arrays = Arrays(kind.rule, dtype, n, scal, _NO_PART if part is None else np.array(part, dtype=np.int64))
-    answer = arrays.check(head)
+    head = _head(lists, len(ps), kind, keeps, mode, part)
+    scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
+    answer = _step(kind.rule, OFFSETS, head, scal, _BITS)
+    if answer == 0:
+        return None, False
     if answer > 0:
         return None
     if answer == NONFINITE:
         return None, True
-    if answer == 0:
-        return None, False
+    arrays = Arrays(kind.rule, head, scal)  # checked: a large step, or a clipped one
+    if not arrays.good:
+        raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
     norm = None
     if clip is not None:
         norm = math.sqrt(arrays.sum_squares())
@@ -304,7 +321,7 @@ def apply(opt, entries):
             for name in names:
                 e.state[name] = _kernel_ready(e.state[name])
         found = kind(opt, work_dtype)
-        keep = [name in names for name in found.slots]
+        keep = found.keeps(names)
         states = [e.state for e in group]
         live = [i for i, p in enumerate(ps) if p.size]  # an empty param has nothing to update
         if live:
@@ -313,13 +330,12 @@ def apply(opt, entries):
             lists += [None] * (6 - len(lists))
             scal = np.array([found.order(opt, group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
-            arrays = Arrays(found.rule, work_dtype, len(live), scal, _NO_PART)
-            head = _head(lists, len(live), work_dtype, found.state_dtype, [keep + [False] * (3 - len(keep))], 0)
-            answer = arrays.check(head)
+            head = _head(lists, len(live), found, [keep], 0, None)
+            answer = _step(found.rule, OFFSETS, head, scal, _BITS)
             if answer > 0:
                 raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
             if answer == LARGE:
-                arrays.run()
+                Arrays(found.rule, head, scal).run()
         for target, source in write_back:
             target[...] = source
 

@@ -96,6 +96,16 @@ def kernel_of(opt):
     computes: it has none (and runs its own rule under ``impl="auto"``).
     """
     cls = type(opt)
+    found = _KERNEL_OF.get(cls, False)
+    if found is False:
+        found = _KERNEL_OF[cls] = _kernel_of(cls)
+    return found
+
+
+_KERNEL_OF = {}  # optimizer class -> its kernel's name (a fact of the class)
+
+
+def _kernel_of(cls):
     owner = next((c for c in cls.__mro__ if "kernel" in vars(c)), None)
     if owner is None or owner.kernel not in KERNELS:
         return None

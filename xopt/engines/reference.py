@@ -35,6 +35,16 @@ DEVICE_CHUNK_ELEMENTS = 2**24  # GPUs: chunks only bound the temporaries (each o
 def apply_reference(opt, entries):
     """Run the rule on each entry (with its own hyperparameters, ``e.opt``, where set); float16 params and
     bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read."""
+    if any(_kind(e)[2] for e in entries):
+        import torch
+
+        with torch.no_grad():  # a param may be a leaf that requires grad: written as torch.optim does
+            _apply(opt, entries)
+        return
+    _apply(opt, entries)
+
+
+def _apply(opt, entries):
     for e in entries:
         view = e.opt if e.opt is not None else opt
         dtype, n, torch = _kind(e)
@@ -71,7 +81,7 @@ def _apply_whole(opt, e, names, dtype, torch):
 
 def _assign(xp, target, value, torch):
     if torch:
-        _backend.assign(target, value)  # under no_grad: a param may be a leaf that requires grad
+        target.copy_(value)  # under no_grad (apply_reference)
     else:
         target[...] = _as(xp, value, target.dtype)
 
