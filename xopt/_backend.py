@@ -190,7 +190,7 @@ def _strided_span(base, shape, strides, itemsize):
 def numpy_bounds(arrays):
     """(lo, hi) int64 arrays: the byte range each NumPy array can reach (one compiled pass where numba is)."""
     try:
-        from .engines.fused_cpu import byte_bounds
+        from .engines.cpu_memory import byte_bounds
     except ImportError:
         from numpy.lib.array_utils import byte_bounds as one
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["global_norm", "is_finite", "scale", "hand_over", "EPS"]
+__all__ = ["global_norm", "is_finite", "scale", "EPS"]
 
 EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
@@ -84,19 +84,3 @@ def scale(norm, max_norm):
         return None if coef >= 1.0 else coef
     xp = _backend.namespace(norm)
     return xp.minimum(max_norm / (norm + EPS), xp.ones_like(norm))
-
-
-def hand_over(paths, factor):
-    """Give each path's entries the scale: as ``Entry.clip`` where the engine applies it, else as scaled copies."""
-    from ._dispatch import takes_clip
-
-    if factor is None:
-        return
-    for apply, group in paths:
-        if takes_clip(apply):
-            for e in group:
-                e.clip = factor
-            continue
-        for e in group:
-            xp = e.xp
-            e.g = e.g * (factor if isinstance(factor, float) else xp.astype(factor, e.g.dtype))

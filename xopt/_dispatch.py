@@ -20,7 +20,7 @@ from . import _backend
 from ._inputs import describe
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "takes_clip", "lane_engine"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "takes_clip", "hand_over", "lane_engine"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -70,6 +70,7 @@ def _fused_dask():
         return None
     from .engines import fused_dask
 
+    fused_dask.SELECT = select  # what each chunk's task runs on its worker (the engine does not import this)
     return fused_dask
 
 
@@ -171,6 +172,20 @@ def takes_clip(apply) -> bool:
         return True
     return any(engine is not None and apply is engine.apply and getattr(engine, "CLIPS", False)
                for engine in (_fused_cpu(), _fused_cuda(), _fused_dask()))
+
+
+def hand_over(paths, factor):
+    """Give each path's entries the scale: as ``Entry.clip`` where the engine applies it, else as scaled copies."""
+    if factor is None:
+        return
+    for apply, group in paths:
+        if takes_clip(apply):
+            for e in group:
+                e.clip = factor
+            continue
+        for e in group:
+            xp = e.xp
+            e.g = e.g * (factor if isinstance(factor, float) else xp.astype(factor, e.g.dtype))
 
 
 def lane_engine(opt, array_type):

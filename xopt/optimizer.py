@@ -94,6 +94,21 @@ class Optimizer:
         self.__dict__.update(state)
         self._guard = StepGuard()
 
+    @classmethod
+    def fresh(cls, **arguments):
+        """An optimizer of this class made from every argument (all its hyperparameters by name), checked as
+        its constructor checks them: what a state is checked with, and what runs a step elsewhere (a Dask
+        worker).  A user's subclass whose ``__init__`` takes other arguments (it fixes some
+        hyperparameters) is made through ``Optimizer.__init__``, which takes every hyperparameter by name."""
+        try:
+            return cls(**arguments)
+        except TypeError:
+            if cls.__module__.startswith("xopt."):
+                raise
+            made = object.__new__(cls)
+            Optimizer.__init__(made, **arguments)  # a wrong name or type raises here as it would have
+            return made
+
     # -- what a subclass defines -------------------------------------------------------
     def buffers(self) -> tuple:
         """Names of the state buffers kept per param, for the current hyperparameters."""
@@ -245,7 +260,7 @@ class Optimizer:
             return
         paths = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
         if scale is not None:
-            _clip.hand_over(paths, scale)
+            _dispatch.hand_over(paths, scale)
         created = {e.key for e in entries if e.key not in self.state}
         try:
             scalars = {}  # (view, step) -> its scalars
@@ -399,18 +414,8 @@ class Optimizer:
 
 
 def fresh(cls, **arguments):
-    """An optimizer of ``cls`` made from every argument (all its hyperparameters by name), checked as its
-    constructor checks them: what a state is checked with, and what runs a step elsewhere (a Dask worker).
-    A user's subclass whose ``__init__`` takes other arguments (it fixes some hyperparameters) is made
-    through ``Optimizer.__init__``, which takes every hyperparameter by name."""
-    try:
-        return cls(**arguments)
-    except TypeError:
-        if cls.__module__.startswith("xopt."):
-            raise
-        made = object.__new__(cls)
-        Optimizer.__init__(made, **arguments)  # a wrong name or type raises here as it would have
-        return made
+    """``cls.fresh(**arguments)``: see :meth:`Optimizer.fresh`."""
+    return cls.fresh(**arguments)
 
 
 _COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip()

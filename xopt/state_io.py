@@ -32,7 +32,6 @@ import numpy as np
 from . import _backend
 from ._hyper import Hyper
 from ._inputs import describe
-from .optimizer import fresh
 from .schedules import Schedule, from_spec
 
 __all__ = ["save_state", "load_state", "checked_state"]
@@ -96,7 +95,7 @@ def _buffer_sets(opt):
         names = list(choices)
         for combo in itertools.product(*(choices[n] for n in names)):
             try:
-                scratch = fresh(cls, impl="reference", **dict(zip(names, combo)))
+                scratch = cls.fresh(impl="reference", **dict(zip(names, combo)))
             except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
                 continue
             found.append(frozenset(scratch.buffers()))
@@ -164,7 +163,7 @@ def checked_state(opt, state_dict, params=None):
     overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
                                             f"overrides[{pattern!r}].{k}") for k, v in values.items()}
                  if isinstance(values, Mapping) else values for pattern, values in overrides.items()}
-    trial = fresh(type(opt), impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
+    trial = type(opt).fresh(impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
     always, possible = _buffer_sets(trial)
     arrays = None if params is None else _param_arrays(params)
 

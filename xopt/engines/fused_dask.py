@@ -45,7 +45,9 @@ from dask.sizeof import sizeof
 from .. import _backend, _threads
 from .._inputs import Entry
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads", "CLIPS"]
+__all__ = ["accepts", "apply", "Chunks", "task_threads", "CLIPS", "SELECT"]
+
+SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
 
 class Chunks:
@@ -90,7 +92,7 @@ def task_threads(whole=None) -> int:
     return min(budget, _threads.get_num_threads())
 
 
-def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads):
+def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads, select):
     """On a worker: the new p and buffers of one chunk, by the path a single-process step takes.
 
     ``clip``: the clip scale (``clip_grad_norm``; None: off), a number or a 0-d array (the scale
@@ -107,14 +109,12 @@ def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads):
     ``da.from_array`` is a view of the user's NumPy array and ``da.full_like``'s chunks are one
     read-only scalar broadcast.  The grad is only read: never copied here.
     """
-    from .. import _dispatch  # on the worker
-
     xp = _backend.namespace(p, g)
     state = {"step": step - 1, **{n: xp.asarray(b, copy=True) for n, b in zip(names, buffers)}}
     e = Entry(key="chunk", p=xp.asarray(p, copy=True), g=g, xp=xp, state=state, scalars=scalars,
               clip=None if clip is None else float(clip))
     with _threads.limit(task_threads(threads)):
-        for apply_group, group in _dispatch.select(opt, [e]):
+        for apply_group, group in select(opt, [e]):
             apply_group(opt, group)
     return Chunks((e.p, *(e.state[n] for n in names)))
 
@@ -146,9 +146,7 @@ def _persisted(clip):
 def apply(opt, entries):
     """One blockwise layer per param, all persisted in one call (with the clip scale where it is lazy)."""
     names = opt.buffers()
-    from ..optimizer import fresh  # at call time: xopt.optimizer imports the dispatch that imports this
-
-    worker_opt = fresh(type(opt), impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
+    worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
     clip = _persisted(entries[0].clip) if entries else None  # one scale for the whole step
@@ -165,7 +163,7 @@ def apply(opt, entries):
         steps.append(da.blockwise(
             _update_chunks, ind, *clip_arg, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
-            opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads))
+            opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
     if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
         *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
     else:
