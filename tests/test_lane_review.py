@@ -336,3 +336,50 @@ def test_an_optimizer_and_its_state_are_freed_without_the_cyclic_gc(how):
     finally:
         if was:
             gc.enable()
+
+
+# -- the lane's first step: it makes the state, and takes it back when it declines ------------------------
+@pytest.mark.parametrize("bad", ["shape", "read-only", "int-grad", "overlap"])
+def test_a_first_step_the_lane_declines_leaves_no_state(bad, rng, lane):
+    opt = xopt.Adam()
+    params = {"a": rng.standard_normal(5), "b": rng.standard_normal(3)}
+    grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    if bad == "shape":
+        grads["b"] = rng.standard_normal(4)
+    elif bad == "read-only":
+        params["b"].flags.writeable = False
+    elif bad == "int-grad":
+        grads["b"] = np.ones(3, dtype=np.int64)
+    else:
+        grads["b"] = params["a"][:3]
+    before = copies(params)
+    with pytest.raises((ValueError, TypeError)):
+        opt.update(params, grads)
+    assert lane == [False] and opt.state == {} and opt.iter == 0
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+
+
+def test_params_added_mid_run_start_their_state_in_the_lane(rng, lane):
+    """A new param joins at step 3: its state is made, and its step 1 and the others' step 4 are one call."""
+    fast, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng)
+    p_ref["new"] = rng.standard_normal(11)
+    p_fast["new"] = p_ref["new"].copy()
+    steps(fast, ref, p_fast, p_ref, rng, n=2)
+    same(fast, ref, p_fast, p_ref)
+    assert fast.state["new"]["step"] == 2 and all(lane[1::2])
+
+
+def test_a_first_step_with_overrides_is_the_checked_paths_then_the_lane(rng, lane):
+    """The checked path checks the override patterns at the first step; every later step takes the lane."""
+    fast, ref = (xopt.Adam(overrides={"p1": {"lr": 0.1}}, impl=impl) for impl in ("auto", "reference"))
+    p_ref = net(rng)
+    p_fast = copies(p_ref)
+    steps(fast, ref, p_fast, p_ref, rng, n=3)
+    same(fast, ref, p_fast, p_ref)
+    assert lane[1::2] == [False, True, True]
+    with pytest.raises(ValueError, match="matches no param"):
+        xopt.Adam(overrides={"nothing*": {"lr": 0.1}}).update(copies(p_fast), grads_like(p_fast, rng))

@@ -163,8 +163,17 @@ def collect(params, grads) -> list[Entry]:
     return entries
 
 
+def _label(what, key) -> str:
+    """How an array of a step is named in a message: ``what`` is "param", "grad" or a buffer's name."""
+    if what == "param":
+        return f"param {describe(key)}"
+    if what == "grad":
+        return f"the grad of param {describe(key)}"
+    return f"optimizer state {what!r} of param {describe(key)}"
+
+
 def check_overlaps(named):
-    """Refuse arrays of one step that share memory: [(array, what it is, is_grad)].
+    """Refuse arrays of one step that share memory: [(array, (what, param key), is_grad)].
 
     Two params, a param and a state buffer, two state buffers, or a grad and any of those
     would be read after being written (or written twice) in one step: the result would
@@ -184,7 +193,7 @@ def check_overlaps(named):
                 continue
             if _backend.shares_memory(named[a][0], named[b][0]):
                 a, b = sorted((a, b), key=lambda i: (named[i][2], i))  # the param or buffer first
-                raise ValueError(f"{named[a][1]} and {named[b][1]} share memory; xopt writes each param and "
+                raise ValueError(f"{_label(*named[a][1])} and {_label(*named[b][1])} share memory; xopt writes each param and "
                                  "state buffer once per step and reads the grads while it writes: pass "
                                  "arrays that do not overlap (a copy of one of them)")
         active.append((space, lo, hi, b))

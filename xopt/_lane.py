@@ -30,10 +30,8 @@ _NUMBERS = (float, int, np.floating)
 
 def take(opt, params, grads) -> bool:
     """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
-    if opt._overrides and not opt._patterns_checked:
-        return False
-    kind = type(params)
-    if kind is dict:
+    container = type(params)
+    if container is dict:
         if type(grads) is not dict or len(grads) != len(params):
             return False
         keys = list(params)
@@ -42,7 +40,7 @@ def take(opt, params, grads) -> bool:
             gs = list(map(grads.__getitem__, keys))
         except KeyError:
             return False
-    elif kind is list:
+    elif container is list:
         if type(grads) is not list or len(grads) != len(params):
             return False
         keys = range(len(params))
@@ -63,9 +61,50 @@ def take(opt, params, grads) -> bool:
     engine = _dispatch.lane_engine(opt, type(ps[0]))  # the array type of the first param picks the engine
     if engine is None:
         return False
-    states = list(map(opt.state.get, keys))
-    if None in states:  # a first step: the checked path makes the state
+    kind = engine.kind(opt, ps[0].dtype)
+    if kind is None:
         return False
+    states = list(map(opt.state.get, keys))
+    created = _new_states(opt, engine, kind, keys, ps, states) if None in states else ()
+    if created is None:
+        return False
+    try:
+        took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes)
+    except BaseException:
+        _forget(opt, created)
+        raise
+    if not took:
+        _forget(opt, created)
+    return took
+
+
+def _new_states(opt, engine, kind, keys, ps, states):
+    """The state of each param that has none (its first step), made by the engine into ``opt.state`` and
+    ``states``; the keys made, or None (nothing made) where the lane leaves the first step to the checked path."""
+    if opt._overrides and not opt._patterns_checked:  # the checked path checks the patterns first
+        return None
+    made, views = [], {}
+    for i, st in enumerate(states):
+        if st is None:
+            group = opt._group_of(keys[i]) if opt._overrides else 0
+            view = views.get(group)
+            if view is None:
+                view = views[group] = opt._at(group, 0)
+            st = engine.new_state(view, kind, ps[i])
+            if st is None:
+                _forget(opt, made)
+                return None
+            opt.state[keys[i]] = states[i] = st
+            made.append(keys[i])
+    return made
+
+
+def _forget(opt, keys):
+    for key in keys:
+        opt.state.pop(key, None)
+
+
+def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):
@@ -82,9 +121,6 @@ def take(opt, params, grads) -> bool:
         index = {}
         part = [index.setdefault(pair, len(index)) for pair in zip(groups or [0] * len(steps), steps)]
         pairs = list(index)
-    kind = engine.kind(opt, ps[0].dtype)
-    if kind is None:
-        return False
     views, values = [], []
     for group, count in pairs:
         view = opt._at(group, count)  # a schedule's error raises here, before any write

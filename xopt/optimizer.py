@@ -12,6 +12,8 @@ import fnmatch
 import inspect
 import numbers
 
+import numpy as np
+
 from . import _backend, _clip, _dispatch, _lane
 from ._atomic import StepGuard
 from ._hyper import Hyper, check_overrides, flag, optional_positive
@@ -297,14 +299,14 @@ class Optimizer:
             self.last_grad_norm = norm
 
     def _named_arrays(self, entries):
-        """Every array a step writes or reads, named for messages: (array, name, is a grad)."""
+        """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad)."""
         named = []
         for e in entries:
-            named.append((e.p, f"param {describe(e.key)}", False))
-            named.append((e.g, f"the grad of param {describe(e.key)}", True))
+            named.append((e.p, ("param", e.key), False))
+            named.append((e.g, ("grad", e.key), True))
             for name, buf in self.state.get(e.key, {}).items():
                 if name != "step":
-                    named.append((buf, f"optimizer state {name!r} of param {describe(e.key)}", False))
+                    named.append((buf, (name, e.key), False))
         return named
 
     # -- state ------------------------------------------------------------------------
@@ -356,7 +358,9 @@ class Optimizer:
         xp, dtype, view = e.xp, self.buffer_dtype(e), e.opt or self
         for name in view.buffers():
             buf = st.get(name)
-            if buf is None:
+            if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
+                st[name] = np.full(e.p.shape, view.initial_value(name), dtype=dtype)
+            elif buf is None:
                 # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
                 st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):

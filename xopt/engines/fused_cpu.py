@@ -34,7 +34,7 @@ from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, done
 from .cpu_rules import sum_squares as _sum_squares
 from .kernels import cut, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "CHUNK", "PARALLEL_MIN", "chunk_table", "CLIPS",
+__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table", "CLIPS",
            "device_of", "compile_all"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -222,6 +222,18 @@ def _new_kind(opt, dtype):
     if _BF16 is None:
         _BF16 = np.dtype(_backend.low_precision_dtype(np, "bfloat16"))
     return Kind(BF16_RULES[rule], order, slots, dtype, _BF16)
+
+
+def new_state(view, kind, p):
+    """The state a param starts from (its first step), as the checked path makes it, or None where ``p`` is
+    not an array this kind's step takes (the checked path then makes it, and explains)."""
+    if type(p) is not np.ndarray or p.dtype != kind.dtype:
+        return None
+    st = {"step": 0}
+    for name in view.buffers():
+        start = view.initial_value(name)
+        st[name] = np.zeros(p.shape, kind.state_dtype) if start == 0.0 else np.full(p.shape, start, kind.state_dtype)
+    return st
 
 
 def _head(lists, n, kind, keeps, mode, part):
