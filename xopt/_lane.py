@@ -126,9 +126,13 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
         view = opt._at(group, count)  # a schedule's error raises here, before any write
         views.append(view)
         values.append(kind.order(view, view.scalars(count + 1)))
+    if type(ps[0]) is np.ndarray and type(gs[0]) is not np.ndarray:
+        gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
+        if gs is None:
+            return False
     outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
     if outcome is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
-        gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
+        gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
             outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
     if outcome is None:

@@ -178,11 +178,12 @@ class Kind:
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
-    __slots__ = ("rule", "order", "slots", "dtype", "state_dtype", "numbers", "_keeps")
+    __slots__ = ("rule", "order", "slots", "getters", "dtype", "state_dtype", "numbers", "_keeps")
 
     def __init__(self, rule, order, slots, dtype, state_dtype):
         self.rule, self.order, self.slots, self.dtype, self.state_dtype = rule, order, slots, dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
+        self.getters = [operator.itemgetter(name) for name in slots]
         self._keeps = {}
 
     def keeps(self, buffers) -> list:
@@ -261,18 +262,16 @@ def step(opt, kind, views, values, ps, gs, states, part):
     skip_nonfinite skipped the step (nothing written).
     """
     keeps = [kind.keeps(view.buffers()) for view in views]
-    lists = [ps, gs]
-    for j, name in enumerate(kind.slots):
-        if all(kept[j] for kept in keeps):
+    lists = [ps, gs, None, None, None]
+    for j, get in enumerate(kind.getters):
+        kept = [k[j] for k in keeps]
+        if all(kept):
             try:
-                lists.append(list(map(operator.itemgetter(name), states)))
+                lists[2 + j] = list(map(get, states))
             except KeyError:  # made at the checked path's next step (an option turned on)
                 return None
-        elif any(kept[j] for kept in keeps):
-            lists.append([st.get(name) for st in states])
-        else:
-            lists.append(None)
-    lists += [None] * (5 - len(lists))
+        elif any(kept):  # a buffer some parts keep: None for the others' params, never read
+            lists[2 + j] = [st.get(kind.slots[j]) for st in states]
     lists.append([st["step"] for st in states])  # their types checked in the compiled call, values by the caller
     clip = opt.clip_grad_norm
     mode = CHECK_ONLY if clip is not None else CHECK_FINITE if opt.skip_nonfinite else 0
