@@ -59,9 +59,11 @@ def _kernel_alone(trainer, optimizer):
     kind = fused_cpu.kind(opt, np.dtype(np.float64))
     states = list(opt.state.values())
     values = [kind.order(opt, opt.scalars(states[0]["step"] + 1))]  # steady for these optimizers
+    steps = [st["step"] for st in states]
 
     def update(params, grads):
-        if fused_cpu.step(opt, kind, [opt], values, list(params.values()), list(grads.values()), states, None) is None:
+        if fused_cpu.step(opt, kind, [opt], values, list(params.values()), list(grads.values()), states, steps,
+                          None) is None:
             raise RuntimeError("loop_floor: the engine declined a step (nothing written): the timing would be void")
     return update
 

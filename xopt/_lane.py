@@ -130,11 +130,11 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:
             return False
-    outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
+    outcome = engine.step(opt, kind, views, values, ps, gs, states, steps, part)
     if outcome is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
-            outcome = engine.step(opt, kind, views, values, ps, gs, states, part)
+            outcome = engine.step(opt, kind, views, values, ps, gs, states, steps, part)
     if outcome is None:
         return False
     norm, skipped = outcome

@@ -299,14 +299,16 @@ class Optimizer:
             self.last_grad_norm = norm
 
     def _named_arrays(self, entries):
-        """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad)."""
+        """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad).
+        A buffer the param's hyperparameters do not keep (left by an option turned off) is not one of them."""
         named = []
         for e in entries:
             named.append((e.p, ("param", e.key), False))
             named.append((e.g, ("grad", e.key), True))
-            for name, buf in self.state.get(e.key, {}).items():
-                if name != "step":
-                    named.append((buf, (name, e.key), False))
+            st = self.state.get(e.key, {})
+            for name in e.opt.buffers():
+                if name in st:
+                    named.append((st[name], (name, e.key), False))
         return named
 
     # -- state ------------------------------------------------------------------------
