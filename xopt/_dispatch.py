@@ -20,7 +20,7 @@ from . import _backend
 from ._inputs import describe
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "takes_clip", "hand_over", "lane_engine"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -166,26 +166,13 @@ def _select(opt, entries):
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
-def takes_clip(apply) -> bool:
-    """Whether ``apply`` scales the grads by ``Entry.clip`` itself (else the step hands it scaled copies)."""
-    if apply is apply_reference:
-        return True
-    return any(engine is not None and apply is engine.apply and getattr(engine, "CLIPS", False)
-               for engine in (_fused_cpu(), _fused_cuda(), _fused_dask()))
-
-
 def hand_over(paths, factor):
-    """Give each path's entries the scale: as ``Entry.clip`` where the engine applies it, else as scaled copies."""
+    """Give each path's entries the clip scale (``Entry.clip``): every engine scales a grad as it reads it."""
     if factor is None:
         return
-    for apply, group in paths:
-        if takes_clip(apply):
-            for e in group:
-                e.clip = factor
-            continue
+    for _, group in paths:
         for e in group:
-            xp = e.xp
-            e.g = e.g * (factor if isinstance(factor, float) else xp.astype(factor, e.g.dtype))
+            e.clip = factor
 
 
 def lane_engine(opt, array_type):

@@ -36,7 +36,7 @@ from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, done
 from .cpu_rules import sum_squares as _sum_squares
 from .kernels import cut, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table", "CLIPS",
+__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
            "device_of", "compile_all"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -46,7 +46,6 @@ __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", 
 # from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
 # few chunks; see cpu_rules.claim).
 PARALLEL_MIN = 1 << 21
-CLIPS = True  # apply and step take the clip scale and scale the grads as they read them
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies

@@ -45,7 +45,7 @@ from dask.sizeof import sizeof
 from .. import _backend, _threads
 from .._inputs import Entry
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads", "CLIPS", "SELECT"]
+__all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT"]
 
 SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
@@ -174,5 +174,3 @@ def apply(opt, entries):
         for i, n in enumerate(names, 1):
             e.state[n] = _picked(step, i, like[i], n)
 
-
-CLIPS = True  # apply takes the clip scale (Entry.clip) and each chunk's engine scales the grads as it reads them
