@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 import xopt
+from xopt import _checked
 from xopt.engines import reference as _reference
 from xopt._inputs import collect
 from xopt.bench import seed
@@ -49,7 +50,7 @@ def _checked_entries(opt, params, grads):
     """What update() hands the reference path: entries with their state and this step's scalars."""
     entries = collect(params, grads)
     for e in entries:
-        e.state = opt._state_for(e)
+        e.state = _checked.state_for(opt, e)
         e.scalars = opt.scalars(e.state["step"] + 1)
     return entries
 

@@ -12,6 +12,7 @@ import pytest
 import xopt
 from test_edges import CONFIGS, make
 from xopt import _backend
+from xopt import _checked
 from xopt.engines import reference as _reference
 from xopt._inputs import Entry
 
@@ -160,7 +161,7 @@ def test_immutable_params_are_replaced_whole(rng):
     p.flags.writeable = False
     opt = xopt.Adam(impl="reference")
     e = Entry("p", p, g, _backend.namespace(p), rebind=True)
-    e.state = opt._state_for(e)
+    e.state = _checked.state_for(opt, e)
     e.scalars = opt.scalars(1)
     _reference.apply_reference(opt, [e])
     assert e.p is not p

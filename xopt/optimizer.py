@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import numbers
 
-import numpy as np
-
-from . import _backend, _clip, _dispatch, _lane
+from . import _backend, _checked, _dispatch, _lane
 from ._atomic import StepGuard
 from ._hyper import Hyper, check_overrides, flag, optional_positive
-from ._inputs import check_overlaps, collect, describe, param_keys
+from ._inputs import describe, param_keys
 
 __all__ = ["Optimizer", "fresh"]
 
@@ -234,82 +231,8 @@ class Optimizer:
         self._guard.run(self._update, params, grads)
 
     def _update(self, params, grads):
-        if _lane.take(self, params, grads):
-            return  # the exact-type lane took the whole step (it counts iter itself)
-        # The checked path: every param converted where it can be, explained where it cannot.
-        entries = collect(params, grads)
-        self._check_patterns(params)
-        views = {}  # (group, count) -> the view its params step with
-        for e in entries:
-            count = self._check_step(e)
-            group = self._group_of(e.key)
-            view = views.get((group, count))
-            if view is None:
-                view = views[group, count] = self._at(group, count)
-            e.opt = view
-            self._check_state(e)
-        check_overlaps(self._named_arrays(entries))
-        scale = norm = None
-        if self.clip_grad_norm is not None:
-            norm = _clip.global_norm([e.g for e in entries])
-            if self.skip_nonfinite and not _clip.is_finite(norm):
-                self.last_grad_norm = norm
-                self.skipped_steps += 1
-                return
-            scale = _clip.scale(norm, self.clip_grad_norm)
-        elif self.skip_nonfinite and not all(_all_finite(e) for e in entries):
-            self.skipped_steps += 1
-            return
-        paths = _dispatch.select(self, entries)  # raises before any write if impl can't be honoured
-        if scale is not None:
-            _dispatch.hand_over(paths, scale)
-        created = {e.key for e in entries if e.key not in self.state}
-        try:
-            scalars = {}  # (view, step) -> its scalars
-            for e in entries:
-                e.state = self._state_for(e)
-                step = e.state["step"] + 1
-                key = (id(e.opt), step)
-                if key not in scalars:
-                    scalars[key] = e.opt.scalars(step)
-                e.scalars = scalars[key]
-        except BaseException:
-            for key in created:  # nothing written yet: take back the state this call made
-                self.state.pop(key, None)
-            raise
-        for done, (apply, group) in enumerate(paths):
-            try:
-                apply(group[0].opt, group)
-            except BaseException:
-                # The groups after this one are unwritten: the state this call made for them goes.
-                # (This one may be half-written only if its array library failed inside the rule.)
-                for _, later in paths[done + 1:]:
-                    for e in later:
-                        if e.key in created:
-                            self.state.pop(e.key, None)
-                raise
-        for e in entries:
-            e.state["step"] = int(e.state["step"]) + 1
-            if e.unbox is not None:
-                params[e.key] = e.unbox(e.p)
-            elif e.rebind:
-                params[e.key] = e.p
-        self.iter += 1
-        if norm is not None:  # set with the step: a call that raises leaves the last one's
-            self.last_grad_norm = norm
-
-    def _named_arrays(self, entries):
-        """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad).
-        A buffer the param's hyperparameters do not keep (left by an option turned off) is not one of them."""
-        named = []
-        for e in entries:
-            named.append((e.p, ("param", e.key), False))
-            named.append((e.g, ("grad", e.key), True))
-            st = self.state.get(e.key, {})
-            for name in e.opt.buffers():
-                if name in st:
-                    named.append((st[name], (name, e.key), False))
-        return named
+        if not _lane.take(self, params, grads):  # the exact-type lane takes the whole step, or nothing
+            _checked.step(self, params, grads)
 
     # -- state ------------------------------------------------------------------------
     def buffer_dtype(self, e):
@@ -322,54 +245,6 @@ class Optimizer:
             raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy arrays only, "
                             f"not {_backend.library_name(e.p)}")
         return dtype
-
-    def _check_step(self, e) -> int:
-        """The updates already applied to e's param (its schedule's count), checked."""
-        st = self.state.get(e.key)
-        if st is None:
-            return 0
-        step = st.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
-            raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
-                             "is an int >= 0")
-        return int(step)
-
-    def _check_state(self, e):
-        dtype = self.buffer_dtype(e)  # raises for an unsupported state_dtype, before any write
-        st = self.state.get(e.key)
-        if st is None:
-            return
-        for name in (e.opt or self).buffers():
-            buf = st.get(name)
-            if buf is None:
-                continue
-            if tuple(buf.shape) != tuple(e.p.shape):
-                raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
-                                 f"state {name!r} was made for shape {tuple(buf.shape)}")
-            # Compared by name: a state loaded from a file is NumPy until its first use.
-            if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
-                have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
-                if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
-                    raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
-                                    f"optimizer state {name!r} is {have}")
-                raise TypeError(f"param {describe(e.key)} keeps its state in {want} (state_dtype) but its "
-                                f"optimizer state {name!r} is {have}")
-
-    def _state_for(self, e):
-        st = self.state.setdefault(e.key, {"step": 0})
-        xp, dtype, view = e.xp, self.buffer_dtype(e), e.opt or self
-        for name in view.buffers():
-            buf = st.get(name)
-            if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
-                st[name] = np.full(e.p.shape, view.initial_value(name), dtype=dtype)
-            elif buf is None:
-                # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
-                st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
-            elif _backend.library_name(buf) != _backend.library_name(e.p):
-                st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
-            elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
-                st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
-        return st
 
     def state_dict(self) -> dict:
         """A snapshot: plain Python numbers and copies of every buffer (taken between steps)."""
@@ -444,8 +319,4 @@ def _matches(pattern, key) -> bool:
 def _copy(x):
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
-
-
-def _all_finite(e) -> bool:
-    return bool(e.xp.all(e.xp.isfinite(e.g)))
 

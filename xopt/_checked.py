@@ -1,0 +1,154 @@
+"""The checked path: a step of anything ``update`` is given, every param converted where it can be and
+explained where it cannot.
+
+:mod:`xopt._lane` takes the steps whose arrays a fused engine reads itself; the others come here: other
+containers and array libraries, float16 and strided arrays, ``None`` grads, number params in a tuple,
+a first step with overrides, and every call that is wrong (its error names the culprit).  Everything is
+checked before anything is written; the groups of a step run reference first (see ``_dispatch.select``).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _backend, _clip, _dispatch
+from ._inputs import check_overlaps, collect, describe
+
+__all__ = ["step", "state_for"]
+
+
+def step(opt, params, grads):
+    """The checked step of optimizer ``opt``: see the module's docstring."""
+    entries = collect(params, grads)
+    opt._check_patterns(params)
+    views = {}  # (group, count) -> the view its params step with
+    for e in entries:
+        count = _check_step(opt, e)
+        group = opt._group_of(e.key)
+        view = views.get((group, count))
+        if view is None:
+            view = views[group, count] = opt._at(group, count)
+        e.opt = view
+        _check_state(opt, e)
+    check_overlaps(_named_arrays(opt, entries))
+    scale = norm = None
+    if opt.clip_grad_norm is not None:
+        norm = _clip.global_norm([e.g for e in entries])
+        if opt.skip_nonfinite and not _clip.is_finite(norm):
+            opt.last_grad_norm = norm
+            opt.skipped_steps += 1
+            return
+        scale = _clip.scale(norm, opt.clip_grad_norm)
+    elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
+        opt.skipped_steps += 1
+        return
+    paths = _dispatch.select(opt, entries)  # raises before any write if impl can't be honoured
+    if scale is not None:
+        _dispatch.hand_over(paths, scale)
+    created = {e.key for e in entries if e.key not in opt.state}
+    try:
+        scalars = {}  # (view, step) -> its scalars
+        for e in entries:
+            e.state = state_for(opt, e)
+            step = e.state["step"] + 1
+            key = (id(e.opt), step)
+            if key not in scalars:
+                scalars[key] = e.opt.scalars(step)
+            e.scalars = scalars[key]
+    except BaseException:
+        for key in created:  # nothing written yet: take back the state this call made
+            opt.state.pop(key, None)
+        raise
+    for done, (apply, group) in enumerate(paths):
+        try:
+            apply(group[0].opt, group)
+        except BaseException:
+            # The groups after this one are unwritten: the state this call made for them goes.
+            # (This one may be half-written only if its array library failed inside the rule.)
+            for _, later in paths[done + 1:]:
+                for e in later:
+                    if e.key in created:
+                        opt.state.pop(e.key, None)
+            raise
+    for e in entries:
+        e.state["step"] = int(e.state["step"]) + 1
+        if e.unbox is not None:
+            params[e.key] = e.unbox(e.p)
+        elif e.rebind:
+            params[e.key] = e.p
+    opt.iter += 1
+    if norm is not None:  # set with the step: a call that raises leaves the last one's
+        opt.last_grad_norm = norm
+
+def _named_arrays(opt, entries):
+    """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad).
+    A buffer the param's hyperparameters do not keep (left by an option turned off) is not one of them."""
+    named = []
+    for e in entries:
+        named.append((e.p, ("param", e.key), False))
+        named.append((e.g, ("grad", e.key), True))
+        st = opt.state.get(e.key, {})
+        for name in e.opt.buffers():
+            if name in st:
+                named.append((st[name], (name, e.key), False))
+    return named
+
+
+def _check_step(opt, e) -> int:
+    """The updates already applied to e's param (its schedule's count), checked."""
+    st = opt.state.get(e.key)
+    if st is None:
+        return 0
+    step = st.get("step")
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
+        raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
+                         "is an int >= 0")
+    return int(step)
+
+def _check_state(opt, e):
+    dtype = opt.buffer_dtype(e)  # raises for an unsupported state_dtype, before any write
+    st = opt.state.get(e.key)
+    if st is None:
+        return
+    for name in (e.opt or opt).buffers():
+        buf = st.get(name)
+        if buf is None:
+            continue
+        if tuple(buf.shape) != tuple(e.p.shape):
+            raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
+                             f"state {name!r} was made for shape {tuple(buf.shape)}")
+        # Compared by name: a state loaded from a file is NumPy until its first use.
+        if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
+            have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
+            if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
+                raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
+                                f"optimizer state {name!r} is {have}")
+            raise TypeError(f"param {describe(e.key)} keeps its state in {want} (state_dtype) but its "
+                            f"optimizer state {name!r} is {have}")
+
+def state_for(opt, e):
+    st = opt.state.setdefault(e.key, {"step": 0})
+    xp, dtype, view = e.xp, opt.buffer_dtype(e), e.opt or opt
+    for name in view.buffers():
+        buf = st.get(name)
+        if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
+            st[name] = np.full(e.p.shape, view.initial_value(name), dtype=dtype)
+        elif buf is None:
+            # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
+            st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+        elif _backend.library_name(buf) != _backend.library_name(e.p):
+            st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
+        elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
+            st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
+    return st
+
+
+def _copy(x):
+    xp = _backend.namespace(x)
+    return xp.asarray(x, copy=True)
+
+
+def _all_finite(e) -> bool:
+    return bool(e.xp.all(e.xp.isfinite(e.g)))
