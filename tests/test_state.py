@@ -1,16 +1,23 @@
 """state_dict, files, and resuming: bit-identical to never stopping; a misfit is refused and changes nothing."""
 
 import io
+import json
 import os
+import pathlib
 import pickle
 import stat
+import struct
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 
 import xopt
+from xopt import _backend
 from test_edges import CONFIGS, make
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 
 def _grads(rng, steps):
@@ -535,10 +542,14 @@ def _npy_bytes(a):
     return buf.getvalue()
 
 
+def _meta_bytes(meta):
+    return _npy_bytes(np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
 FOREIGN = {
     "empty": lambda p, good: p.write_bytes(b""),
     "text": lambda p, good: p.write_text("step,loss\n1,0.5\n"),
-    "json": lambda p, good: p.write_text('{"format": "xopt-state-1"}'),
+    "json": lambda p, good: p.write_text('{"format": "xopt-state-2"}'),
     "random bytes": lambda p, good: p.write_bytes(bytes(range(256)) * 4),
     "npy": lambda p, good: np.save(p, np.ones(3)),
     "npy named .npz": lambda p, good: p.write_bytes(_npy_bytes(np.ones(3))),
@@ -554,13 +565,72 @@ FOREIGN = {
     "meta of another format": lambda p, good: np.savez(p, meta=np.frombuffer(b'{"format": "keras"}', np.uint8)),
     "meta without state": lambda p, good: np.savez(
         p, meta=np.frombuffer(b'{"format": "xopt-state-1", "optimizer": "Adam"}', np.uint8)),
-    "a buffer's array missing": lambda p, good: _drop_member(p, good, "a1.npy"),
-    "a buffer as an object array": lambda p, good: _replace_member(p, good, "a1.npy",
-                                                                    _npy_bytes(np.array([None], dtype=object))),
-    "a buffer not .npy": lambda p, good: _replace_member(p, good, "a1.npy", b"not an array"),
-    "a header claiming 8 PB": lambda p, good: _replace_member(p, good, "a1.npy", _lying_npy((10**15,))),
-    "a header claiming too little": lambda p, good: _replace_member(p, good, "a1.npy", _lying_npy((2,))),
+    "meta without keys": lambda p, good: np.savez(
+        p, meta=np.frombuffer(b'{"format": "xopt-state-2", "optimizer": "Adam"}', np.uint8)),
 }
+
+# Format 2 (what save writes): the good file of _good_file with one member changed, dropped or added.
+DATA = "data_float64.npy"
+FOREIGN_V2 = {
+    "the data missing": lambda m: m.pop(DATA),
+    "the table missing": lambda m: m.pop("table.npy"),
+    "the steps missing": lambda m: m.pop("steps.npy"),
+    "the data as an object array": lambda m: m.update({DATA: _npy_bytes(np.array([None], dtype=object))}),
+    "the data not .npy": lambda m: m.update({DATA: b"not an array"}),
+    "the data's header claiming 8 PB": lambda m: m.update({DATA: _lying_npy((10**15,))}),
+    "the data's header claiming too little": lambda m: m.update({DATA: _lying_npy((2,))}),
+    "the data in float32": lambda m: m.update({DATA: _npy_bytes(_array(m, DATA).astype(np.float32))}),
+    "the data 2-d": lambda m: m.update({DATA: _npy_bytes(_array(m, DATA).reshape(1, -1))}),
+    "the data one number short": lambda m: m.update({DATA: _npy_bytes(_array(m, DATA)[:-1])}),
+    "the data one number long": lambda m: m.update({DATA: _npy_bytes(np.append(_array(m, DATA), 1.0))}),
+    "the table in float64": lambda m: _table(m, lambda t: t.astype(np.float64)),
+    "the table 1-d": lambda m: _table(m, lambda t: t.ravel()),
+    "the table with 3 columns": lambda m: _table(m, lambda t: t[:, :3]),
+    "the table with 100 columns": lambda m: _table(m, lambda t: np.ones((len(t), 100), np.int64)),
+    "a param out of range": lambda m: _table(m, lambda t: _put(t, (0, 0), 2)),
+    "a negative param": lambda m: _table(m, lambda t: _put(t, (0, 0), -1)),
+    "a buffer name out of range": lambda m: _table(m, lambda t: _put(t, (0, 1), 2)),
+    "a dtype out of range": lambda m: _table(m, lambda t: _put(t, (0, 2), 1)),
+    "an ndim beyond the columns": lambda m: _table(m, lambda t: _put(t, (0, 3), 3)),
+    "a negative ndim": lambda m: _table(m, lambda t: _put(t, (0, 3), -1)),
+    "a negative dim": lambda m: _table(m, lambda t: _put(t, (1, 4), -12)),
+    "a padding dim not 1": lambda m: _table(m, lambda t: _put(t, (2, 5), 2)),
+    "a buffer named twice": lambda m: _table(m, lambda t: _put(t, (1, 1), 0)),
+    "a buffer named twice, rows shuffled": lambda m: _table(m, lambda t: _put(t[::-1].copy(), (0, 1), 0)),
+    "a dim claiming more than the data": lambda m: _table(m, lambda t: _put(t, (0, 4), 2**40)),
+    "dims whose product overflows int64": lambda m: _table(m, lambda t: _put(_put(t, (0, 4), 2**32), (0, 5), 2**32)),
+    "dims of a shape too large": lambda m: _table(m, lambda t: _put(_put(t, (0, 4), 3), (0, 5), 5)),
+    "the steps in float64": lambda m: m.update({"steps.npy": _npy_bytes(np.array([2.0, 2.0]))}),
+    "a step too few": lambda m: m.update({"steps.npy": _npy_bytes(np.array([2], np.int64))}),
+    "a param named twice": lambda m: _meta(m, keys=["W", "W"]),
+    "a bool param name": lambda m: _meta(m, keys=["W", True]),
+    "a float param name": lambda m: _meta(m, keys=["W", 1.5]),
+    "keys not a list": lambda m: _meta(m, keys={"W": 0}),
+    "a buffer name not str": lambda m: _meta(m, buffers=["m", 1]),
+    "a buffer named step": lambda m: _meta(m, buffers=["m", "step"]),
+    "buffer names twice": lambda m: _meta(m, buffers=["m", "m"]),
+    "an unknown dtype": lambda m: _meta(m, dtypes=["float64x"]),
+    "bfloat16 data not uint16": lambda m: (_meta(m, dtypes=["bfloat16"]),
+                                           m.update({"data_bfloat16.npy": m.pop(DATA)})),
+}
+
+
+def _array(members, name):
+    return np.load(io.BytesIO(members[name]), allow_pickle=False)
+
+
+def _table(members, change):
+    members["table.npy"] = _npy_bytes(change(_array(members, "table.npy")))
+
+
+def _put(a, at, value):
+    a[at] = value
+    return a
+
+
+def _meta(members, **fields):
+    meta = json.loads(_array(members, "meta.npy").tobytes())
+    members["meta.npy"] = _meta_bytes({**meta, **fields})
 
 
 def _lying_npy(shape):
@@ -591,13 +661,7 @@ def _good_file(rng, tmp_path):
     return (tmp_path / "good.npz").read_bytes()
 
 
-@pytest.mark.parametrize("case", FOREIGN)
-def test_a_foreign_file_is_refused_as_not_a_state_file(case, rng, tmp_path):
-    good = _good_file(rng, tmp_path)
-    path = tmp_path / "checkpoint.npz"
-    FOREIGN[case](path, good)
-    if case == "npy":
-        path = tmp_path / "checkpoint.npz.npy"
+def _refused_whole(path, rng):
     target, params = _trained(rng, lr=0.01)
     before = target.state_dict()
     with pytest.raises(ValueError, match="is not an xopt state file") as info:
@@ -606,10 +670,64 @@ def test_a_foreign_file_is_refused_as_not_a_state_file(case, rng, tmp_path):
     with pytest.raises(ValueError, match="is not an xopt state file"):
         xopt.load_state(path)
     _assert_unchanged(target, before)
+    return str(info.value)
 
 
-def test_a_truncated_file_is_refused_as_not_a_state_file(rng, tmp_path):
+@pytest.mark.parametrize("case", FOREIGN)
+def test_a_foreign_file_is_refused_as_not_a_state_file(case, rng, tmp_path):
     good = _good_file(rng, tmp_path)
+    path = tmp_path / "checkpoint.npz"
+    FOREIGN[case](path, good)
+    if case == "npy":
+        path = tmp_path / "checkpoint.npz.npy"
+    _refused_whole(path, rng)
+
+
+def test_the_good_file_of_these_tests_is_format_2_and_loads(rng, tmp_path):
+    members = _members(_good_file(rng, tmp_path))
+    assert sorted(members) == ["data_float64.npy", "meta.npy", "steps.npy", "table.npy"]
+    assert json.loads(_array(members, "meta.npy").tobytes())["format"] == "xopt-state-2"
+    assert _array(members, "table.npy").shape == (4, 6)  # W's m and v (2-d), b's m and v (1-d, padded)
+    _zip(tmp_path / "rezipped.npz", members)
+    assert xopt.load_state(tmp_path / "rezipped.npz")["iter"] == 2
+
+
+@pytest.mark.parametrize("case", FOREIGN_V2)
+def test_a_format_2_file_with_a_member_wrong_is_refused_as_not_a_state_file(case, rng, tmp_path):
+    members = _members(_good_file(rng, tmp_path))
+    FOREIGN_V2[case](members)
+    path = tmp_path / "checkpoint.npz"
+    _zip(path, members)
+    _refused_whole(path, rng)
+
+
+# Format 1 (what xopt wrote before format 2): one .npy member per buffer, the v1 fixture with one changed.
+FOREIGN_V1 = {
+    "a buffer's array missing": lambda p, good: _drop_member(p, good, "a1.npy"),
+    "a buffer as an object array": lambda p, good: _replace_member(p, good, "a1.npy",
+                                                                    _npy_bytes(np.array([None], dtype=object))),
+    "a buffer not .npy": lambda p, good: _replace_member(p, good, "a1.npy", b"not an array"),
+    "a header claiming 8 PB": lambda p, good: _replace_member(p, good, "a1.npy", _lying_npy((10**15,))),
+    "a header claiming too little": lambda p, good: _replace_member(p, good, "a1.npy", _lying_npy((2,))),
+    "a malformed entry": lambda p, good: _replace_member(p, good, "meta.npy", _meta_bytes(
+        {**json.loads(_array(_members(good), "meta.npy").tobytes()), "state": [{"key": "W"}]})),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_V1)
+def test_a_format_1_file_with_a_member_wrong_is_refused_as_not_a_state_file(case, rng, tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    FOREIGN_V1[case](path, (GOLDEN / "state-v1-adamw.npz").read_bytes())
+    _refused_whole(path, rng)
+
+
+def _good_bytes(which, rng, tmp_path):
+    return _good_file(rng, tmp_path) if which == "format 2" else (GOLDEN / "state-v1-adamw.npz").read_bytes()
+
+
+@pytest.mark.parametrize("which", ["format 2", "format 1"])
+def test_a_truncated_file_is_refused_as_not_a_state_file(which, rng, tmp_path):
+    good = _good_bytes(which, rng, tmp_path)
     path = tmp_path / "cut.npz"
     cuts = sorted(set(range(0, len(good), max(1, len(good) // 97))) | {1, 3, 4, 30, len(good) - 22, len(good) - 1})
     for cut in cuts:
@@ -618,9 +736,10 @@ def test_a_truncated_file_is_refused_as_not_a_state_file(rng, tmp_path):
             xopt.load_state(path)
 
 
-def test_a_corrupted_file_is_refused_as_not_a_state_file(rng, tmp_path):
+@pytest.mark.parametrize("which", ["format 2", "format 1"])
+def test_a_corrupted_file_is_refused_as_not_a_state_file(which, rng, tmp_path):
     """A flipped byte: the zip's CRC or headers catch it (or it sits in a field nobody reads), never a low-level error."""
-    good = _good_file(rng, tmp_path)
+    good = _good_bytes(which, rng, tmp_path)
     path = tmp_path / "bad.npz"
     refused = 0
     for at in range(0, len(good), max(1, len(good) // 97)):
@@ -628,11 +747,73 @@ def test_a_corrupted_file_is_refused_as_not_a_state_file(rng, tmp_path):
         bad[at] ^= 0x5A
         path.write_bytes(bytes(bad))
         try:
-            xopt.Adam().load(path)
+            xopt.load_state(path)
         except ValueError as exc:
             assert f"{path} is not an xopt state file" in str(exc), (at, exc)
             refused += 1
     assert refused > 50
+
+
+def _claiming(good, member, size):
+    """``good`` re-zipped (stored, no zip64), the zip's local and central headers of ``member`` claiming ``size``
+    bytes and its .npy header a shape to match: what a crafted file could say to make a reader allocate."""
+    data = bytearray(_zip_bytes(_members(good)))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+        info = z.getinfo(member)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": ((size - 128) // 8,)})
+    assert info.compress_type == zipfile.ZIP_STORED and len(header.getvalue()) == 128
+    local = info.header_offset
+    assert data[local:local + 4] == b"PK\x03\x04"
+    name_len, extra_len = struct.unpack("<HH", data[local + 26:local + 30])
+    start = local + 30 + name_len + extra_len
+    assert data[start:start + 6] == b"\x93NUMPY" and info.file_size >= 128
+    data[start:start + 128] = header.getvalue()  # in place of the member's own .npy header, 128 bytes too
+    data[local + 18:local + 26] = struct.pack("<II", size, size)
+    central = 0
+    while True:  # the central directory record of ``member``
+        central = bytes(data).index(b"PK\x01\x02", central)
+        name_len = struct.unpack("<H", data[central + 28:central + 30])[0]
+        if data[central + 46:central + 46 + name_len] == member.encode():
+            break
+        central += 4
+    data[central + 20:central + 28] = struct.pack("<II", size, size)
+    return bytes(data)
+
+
+# A file whose headers claim more than it holds: refused before anything of that size is allocated.
+HUGE = {
+    "the data's .npy header": lambda m, good: _zip_bytes({**m, DATA: _lying_npy((10**15,))}),
+    "the table's dims": lambda m, good: (_table(m, lambda t: _put(t, (0, 4), 2**40)), _zip_bytes(m))[1],
+    "the zip headers of the data": lambda m, good: _claiming(good, DATA, 2**32 - 8),
+    "the zip headers of the table": lambda m, good: _claiming(good, "table.npy", 2**32 - 8),
+    "the zip headers of format 1": lambda m, good: _claiming((GOLDEN / "state-v1-adamw.npz").read_bytes(),
+                                                             "a1.npy", 2**32 - 8),
+}
+
+
+def _zip_bytes(members):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", HUGE)
+def test_a_header_claiming_a_huge_array_is_refused_without_allocating_it(case, rng, tmp_path):
+    good = _good_file(rng, tmp_path)
+    path = tmp_path / "huge.npz"
+    path.write_bytes(HUGE[case](_members(good), good))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="is not an xopt state file"):
+            xopt.load_state(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24, peak  # NumPy's allocations are traced too: far below the 4 GB to 8 PB claimed
 
 
 def test_a_missing_file_raises_file_not_found(tmp_path):
@@ -642,5 +823,311 @@ def test_a_missing_file_raises_file_not_found(tmp_path):
 
 def test_a_newer_format_is_named(tmp_path):
     np.savez(tmp_path / "s.npz", meta=np.frombuffer(b'{"format": "xopt-state-9"}', np.uint8))
-    with pytest.raises(ValueError, match="has format 'xopt-state-9'; this xopt reads 'xopt-state-1'"):
+    with pytest.raises(ValueError, match="has format 'xopt-state-9'; this xopt reads 'xopt-state-1' and "
+                                         "'xopt-state-2'"):
         xopt.Adam().load(tmp_path / "s.npz")
+
+
+# -- format 2: every state round-trips bit for bit ----------------------------------------------------------------
+def _same_state_dict(a, b, ordered=True):
+    """Two state_dicts alike: param names in order, buffer names (in order unless not ``ordered``: an
+    optimizer's loaded state has them sorted), steps (as int), every buffer's dtype, shape and bytes."""
+    assert b["optimizer"] == a["optimizer"]
+    assert b["hyperparameters"] == a["hyperparameters"] and b["overrides"] == a["overrides"]
+    assert (b["iter"], b["skipped_steps"]) == (a["iter"], a["skipped_steps"])
+    assert list(b["state"]) == list(a["state"])
+    for k, st in a["state"].items():
+        assert (list if ordered else sorted)(b["state"][k]) == (list if ordered else sorted)(st), k
+        assert type(b["state"][k]["step"]) is int and b["state"][k]["step"] == st["step"], k
+        for n, v in st.items():
+            if n != "step":
+                w = b["state"][k][n]
+                assert isinstance(w, np.ndarray) and w.dtype == v.dtype and w.shape == v.shape, (k, n)
+                assert w.tobytes() == np.asarray(v).tobytes(), (k, n)
+
+
+def _own_buffers(sd):
+    """Each loaded buffer: C-contiguous, native, writeable, and sharing no byte with any other."""
+    bufs = [b for st in sd["state"].values() for n, b in st.items() if n != "step"]
+    assert all(b.flags.c_contiguous and b.flags.writeable and b.dtype.isnative for b in bufs)
+    spans = sorted((b.__array_interface__["data"][0], b.nbytes) for b in bufs if b.nbytes)
+    assert all(lo + size <= next_lo for (lo, size), (next_lo, _) in zip(spans, spans[1:]))
+
+
+ROUND_TRIPS = {
+    "float64 dict, Adam amsgrad": (lambda: xopt.Adam(amsgrad=True), np.float64, "dict"),
+    "float32 list, AdamW": (lambda: xopt.AdamW(weight_decay=0.1), np.float32, "list"),
+    "float16 params (float32 state), RMSprop": (lambda: xopt.RMSprop(centered=True, momentum=0.5), np.float16, "dict"),
+    "bfloat16 state, list": (lambda: xopt.Adam(state_dtype="bfloat16", amsgrad=True), np.float32, "list"),
+    "mixed float32 and float64, dict": (lambda: xopt.Adam(), "mixed", "dict"),
+    "overrides and schedules": (lambda: xopt.AdamW(
+        lr=xopt.schedules.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=10),
+        overrides={"b*": {"weight_decay": 0.0, "lr": xopt.schedules.exponential_decay(1e-3, 3, 0.5)},
+                   "W": {"beta1": 0.8}}), np.float64, "dict"),
+    "list with override by index": (lambda: xopt.SGD(lr=0.1, momentum=0.9, overrides={1: {"lr": 0.5}}),
+                                    np.float32, "list"),
+}
+SHAPES = [(3, 4), (5,), (), (0,), (2, 3, 2), (1,), (7,)]
+
+
+def _round_trip_params(dtype, kind, rng):
+    dtypes = [np.float32 if i % 2 else np.float64 for i in range(len(SHAPES))] if dtype == "mixed" else \
+        [dtype] * len(SHAPES)
+    arrays = [rng.standard_normal(s).astype(d) for s, d in zip(SHAPES, dtypes)]
+    if kind == "list":
+        return arrays
+    return {name: a for name, a in zip(["W", "b", "scale", "empty", "conv", "b2", "bias"], arrays)}
+
+
+@pytest.mark.parametrize("case", ROUND_TRIPS)
+def test_a_format_2_file_gives_the_state_back_bit_for_bit(case, rng, tmp_path):
+    new, dtype, kind = ROUND_TRIPS[case]
+    if "bfloat16" in case:
+        pytest.importorskip("ml_dtypes")
+    params = _round_trip_params(dtype, kind, rng)
+    keys = list(params) if kind == "dict" else list(range(len(params)))
+    opt = new()
+    for step in range(3):
+        grads = [None if step < 2 and i == 1 else rng.standard_normal(np.shape(params[k])).astype(params[k].dtype)
+                 for i, k in enumerate(keys)]  # the second param's state starts at the third step
+        opt.update(params, dict(zip(keys, grads)) if kind == "dict" else grads)
+    opt.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        assert json.loads(f["meta"].tobytes())["format"] == "xopt-state-2"
+        assert len(f.files) <= 5  # meta, steps, table and one array per dtype: not one per buffer
+    loaded = xopt.load_state(tmp_path / "s.npz")
+    _same_state_dict(opt.state_dict(), loaded)
+    _own_buffers(loaded)
+    for with_params in (None, params):
+        back = type(opt)()
+        back.load(tmp_path / "s.npz", params=with_params)
+        _same_state_dict(opt.state_dict(), back.state_dict(), ordered=False)
+        assert repr(back) == repr(opt)
+    twin = {k: v.copy() for k, v in params.items()} if kind == "dict" else [p.copy() for p in params]
+    grads = [rng.standard_normal(np.shape(params[k])).astype(params[k].dtype) for k in keys]
+    opt.update(params, dict(zip(keys, grads)) if kind == "dict" else grads)
+    back.update(twin, dict(zip(keys, [g.copy() for g in grads])) if kind == "dict" else [g.copy() for g in grads])
+    for k in keys:
+        assert twin[k].tobytes() == params[k].tobytes(), k
+
+
+def test_a_state_dict_of_any_buffers_round_trips(tmp_path):
+    """save_state saves what it is given (load_state_dict checks it): a param with no buffer yet, int keys
+    beyond the list, byte-swapped and Fortran-ordered buffers, a step of 2**63 - 1."""
+    sd = xopt.Adam().state_dict()
+    w = np.arange(6, dtype=">f8").reshape(2, 3)
+    sd["state"] = {"early": {"step": 0}, 7: {"step": 2**63 - 1, "m": w, "v": np.asfortranarray(w.astype("<f8"))},
+                   "i": {"step": 1, "m": np.arange(3, dtype=np.int16)}}
+    xopt.save_state(sd, tmp_path / "s.npz")
+    back = xopt.load_state(tmp_path / "s.npz")
+    assert list(back["state"]) == ["early", 7, "i"] and back["state"]["early"] == {"step": 0}
+    assert back["state"][7]["step"] == 2**63 - 1
+    for name in ("m", "v"):
+        assert back["state"][7][name].dtype == np.float64 and back["state"][7][name].dtype.isnative
+        np.testing.assert_array_equal(back["state"][7][name], w)
+    assert back["state"]["i"]["m"].dtype == np.int16
+    _own_buffers(back)
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda st: st.update(step=2**63), (ValueError, "step of param 'W' cannot be saved")),
+    (lambda st: st.update({1: np.ones(3)}), (TypeError, "state 1 of param 'W' cannot be saved: buffer names")),
+    (lambda st: st.update(m=np.array(["a"])), (TypeError, "state 'm' of param 'W' has dtype <U1, which a state")),
+])
+def test_what_a_state_file_cannot_hold_is_refused_at_save(change, error, rng, tmp_path):
+    opt, _ = _trained(rng)
+    opt.save(tmp_path / "s.npz")
+    old = (tmp_path / "s.npz").read_bytes()
+    sd = opt.state_dict()
+    change(sd["state"]["W"])
+    with pytest.raises(error[0], match=error[1]):
+        xopt.save_state(sd, tmp_path / "s.npz")
+    assert (tmp_path / "s.npz").read_bytes() == old and os.listdir(tmp_path) == ["s.npz"]
+
+
+def test_param_names_a_state_file_cannot_hold_are_refused_at_save(tmp_path):
+    sd = xopt.Adam().state_dict()
+    for key in (True, 1.5, ("a",), np.int64(3)):
+        sd["state"] = {key: {"step": 0}}
+        with pytest.raises(TypeError, match="cannot be saved: names must be str"):
+            xopt.save_state(sd, tmp_path / "s.npz")
+
+
+# -- format 1: files written before format 2 still load ---------------------------------------------------------
+# tests/golden/state-v1-*.npz were written by xopt's save at e4e676a (format 1), from
+#   rng = np.random.default_rng(20261125)
+#   adamw: params {"W": (3, 4), "b": (5,), "s": ()} float64; AdamW(lr=warmup_cosine_decay_schedule(0.0, 1e-2,
+#          warmup_steps=2, decay_steps=10), amsgrad=True, weight_decay=0.01, overrides={"b": {"weight_decay": 0.0}});
+#          two updates, amsgrad=False, one update;
+#   bfloat16: list params of float32 (2, 3), (7,), (4,); Adam(state_dtype="bfloat16"); three updates, the last
+#          param's grad None (it has no state);
+# each with the params after those updates in state-v1-<name>-params.npz.
+V1_FILES = {"adamw": (xopt.AdamW, "dict"), "bfloat16": (xopt.Adam, "list")}
+
+
+def _v1_params(name, kind):
+    with np.load(GOLDEN / f"state-v1-{name}-params.npz") as f:
+        return {k: f[k] for k in f.files} if kind == "dict" else [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+@pytest.mark.parametrize("name", V1_FILES)
+def test_a_format_1_file_still_loads(name, tmp_path):
+    pytest.importorskip("ml_dtypes")
+    cls, kind = V1_FILES[name]
+    path = GOLDEN / f"state-v1-{name}.npz"
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(f["meta"].tobytes())
+        members = {k: f[k] for k in f.files}
+    assert meta["format"] == "xopt-state-1"
+    loaded = xopt.load_state(path)
+    assert [e["key"] for e in meta["state"]] == list(loaded["state"])
+    for entry in meta["state"]:  # every buffer is the bits its member holds
+        st = loaded["state"][entry["key"]]
+        assert st["step"] == entry["step"] and set(st) == {"step", *entry["buffers"]}
+        for buf, ref in entry["buffers"].items():
+            assert st[buf].tobytes() == members[ref].tobytes() and st[buf].shape == members[ref].shape
+            assert st[buf].dtype.name == ("bfloat16" if entry["bits_of"].get(buf) else members[ref].dtype.name)
+    params = _v1_params(name, kind)
+    for with_params in (None, params):
+        opt = cls(lr=0.5)
+        opt.load(path, params=with_params)
+        assert opt.iter == 3
+        _same_state_dict(loaded, {**opt.state_dict(), "hyperparameters": loaded["hyperparameters"],
+                                  "overrides": loaded["overrides"]}, ordered=False)
+    if name == "adamw":
+        assert opt.lr == xopt.schedules.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=10)
+        assert opt.overrides == {"b": {"weight_decay": 0.0}} and not opt.amsgrad and "v_max" in opt.state["W"]
+    else:
+        assert opt.state_dtype == "bfloat16" and set(opt.state) == {0, 1}
+    # Saved again it is format 2, the same state; the step after either is the same.
+    opt.save(tmp_path / "v2.npz")
+    again = cls()
+    again.load(tmp_path / "v2.npz", params=params)
+    _same_state_dict(opt.state_dict(), again.state_dict(), ordered=False)
+    twin = {k: v.copy() for k, v in params.items()} if kind == "dict" else [p.copy() for p in params]
+    grads = {k: np.full(np.shape(v), 0.25, v.dtype) for k, v in params.items()} if kind == "dict" else \
+        [np.full(p.shape, 0.25, p.dtype) for p in params]
+    opt.update(params, grads)
+    again.update(twin, grads)
+    for k in (params if kind == "dict" else range(len(params))):
+        assert twin[k].tobytes() == params[k].tobytes()
+
+
+@pytest.mark.parametrize("config", ["Adam-amsgrad-wd", "RMSprop-all", "SGD-nesterov-wd", "bfloat16"])
+def test_a_format_1_file_of_the_kept_writer_loads_as_format_2_does(config, rng, tmp_path):
+    from xopt.state_io import _save_v1
+
+    if config == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+        opt, dtype = xopt.Adam(state_dtype="bfloat16"), np.float32
+    else:
+        opt, dtype = make(config), np.float64
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    for _ in range(2):
+        opt.update(params, [rng.standard_normal(p.shape).astype(dtype) for p in params])
+    _save_v1(opt.state_dict(), tmp_path / "v1.npz")
+    opt.save(tmp_path / "v2.npz")
+    with np.load(tmp_path / "v1.npz") as f:
+        assert json.loads(f["meta"].tobytes())["format"] == "xopt-state-1" and len(f.files) > len(SHAPES)
+    v1, v2 = xopt.load_state(tmp_path / "v1.npz"), xopt.load_state(tmp_path / "v2.npz")
+    _same_state_dict(v2, v1)
+    _same_state_dict(opt.state_dict(), v1)
+
+
+# -- checked_state: the quick lane takes only what the full checks take, and makes the same entry ---------------------
+def _checks(opt, sd, params):
+    from xopt.state_io import _buffer_sets, _EntryChecks, _param_arrays
+
+    trial = xopt.optimizer.fresh(type(opt), impl=opt.impl, **sd["hyperparameters"])
+    return _EntryChecks(type(opt).__name__, trial, *_buffer_sets(trial),
+                        None if params is None else _param_arrays(params))
+
+
+@pytest.mark.parametrize("with_params", [False, True], ids=["alone", "with params"])
+@pytest.mark.parametrize("case", [*MISFITS, "fits"])
+def test_the_quick_lane_of_the_checks_takes_only_what_the_full_checks_take(case, with_params, rng):
+    source, params = _trained(rng)
+    sd = source.state_dict() if case == "fits" else _misfit(source.state_dict(), case)
+    checks = _checks(source, source.state_dict(), params if with_params else None)
+    for key, st in sd["state"].items():
+        quick = checks.quick(key, st)
+        try:
+            slow = checks.slow(key, st)
+        except (TypeError, ValueError, KeyError):
+            assert quick is None, (case, key)
+            continue
+        if quick is not None:
+            assert list(quick) == list(slow) and quick["step"] == slow["step"]
+            for n in slow:
+                if n != "step":
+                    assert quick[n].dtype == slow[n].dtype and quick[n].tobytes() == slow[n].tobytes()
+                    assert quick[n].flags.c_contiguous and not np.shares_memory(quick[n], st[n])
+        else:
+            assert case != "fits", key
+
+
+@pytest.mark.parametrize("odd", ["big-endian", "Fortran order", "a memmap", "a read-only view", "a torch tensor",
+                                 "a float16 param", "a subclass that keeps state by name"])
+def test_the_checks_of_odd_buffers_and_params_give_what_they_gave(odd, rng, tmp_path):
+    """Buffers and params the quick lane leaves to the full checks: loaded as before, or refused as before."""
+    opt, params = _trained(rng)
+    sd = opt.state_dict()
+    m = sd["state"]["W"]["m"]
+    cls = xopt.Adam
+    if odd == "big-endian":
+        sd["state"]["W"]["m"] = m.astype(">f8")
+    elif odd == "Fortran order":
+        sd["state"]["W"]["m"] = np.asfortranarray(m)
+    elif odd == "a memmap":
+        mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=m.dtype, shape=m.shape)
+        mm[...] = m
+        sd["state"]["W"]["m"] = mm
+    elif odd == "a read-only view":
+        view = m.view()
+        view.flags.writeable = False
+        sd["state"]["W"]["m"] = view
+    elif odd == "a torch tensor":
+        torch = pytest.importorskip("torch")
+        sd["state"]["W"]["m"] = torch.asarray(m.copy())
+    elif odd == "a float16 param":
+        params = {**params, "b": params["b"].astype(np.float16)}  # keeps float64 state: refused with params
+        with pytest.raises(TypeError, match="state 'm' of param 'b' is float64 but .* in float32"):
+            xopt.Adam().load_state_dict(sd, params=params)
+        return
+    else:
+        class Keyed(xopt.Adam):
+            def buffer_dtype(self, e):  # W's state in float32, the others' as Adam keeps them
+                return np.dtype(np.float32) if e.key == "W" else super().buffer_dtype(e)
+
+        cls = Keyed
+        with pytest.raises(TypeError, match="state 'm' of param 'W' is float64 but .* in float32"):
+            cls().load_state_dict(sd, params=params)
+        sd["state"]["W"] = {n: (v if n == "step" else v.astype(np.float32)) for n, v in sd["state"]["W"].items()}
+    back = cls()
+    back.load_state_dict(sd, params=params)
+    for k, st in sd["state"].items():
+        for n, v in st.items():
+            if n != "step":
+                got = back.state[k][n]
+                assert type(got) is (np.ndarray if isinstance(v, np.ndarray) else type(v))
+                assert _native_bytes(got) == _native_bytes(v)
+                if isinstance(got, np.ndarray):
+                    assert got.flags.c_contiguous and got.flags.writeable and got.dtype.isnative
+                    assert not np.shares_memory(got, np.asarray(v))
+
+
+def _native_bytes(a):
+    a = _backend.to_numpy(a)
+    return a.astype(a.dtype.newbyteorder("="), order="C").tobytes()
+
+
+@pytest.mark.parametrize("make_array", [lambda: np.ones(3), lambda: np.ones((2, 2), ">f4"),
+                                        lambda: np.zeros(2, [("a", "f4")]), lambda: np.ones(3).view(np.matrix)])
+def test_the_namespace_of_a_numpy_array_is_array_namespaces(make_array):
+    """namespace() answers a plain NumPy array from a cache (state_dict asks it once per buffer): the answer
+    array_api_compat gives, and any other array (a structured dtype, a subclass) is asked of it every time."""
+    import array_api_compat
+
+    a = make_array()
+    assert _backend.namespace(a) is array_api_compat.array_namespace(a)
+    assert _backend.namespace(a, np.ones(1)) is array_api_compat.array_namespace(a, np.ones(1))

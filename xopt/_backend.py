@@ -32,8 +32,17 @@ __all__ = [
 ]
 
 
+_numpy_namespace = []  # what array_namespace answers for a NumPy array, once asked
+
+
 def namespace(*arrays):
     """The array-API namespace of ``arrays`` (raises TypeError if they mix libraries)."""
+    if len(arrays) == 1 and type(arrays[0]) is np.ndarray and arrays[0].dtype.names is None:
+        # One plain NumPy array (not JAX's float0, a structured dtype), asked once per buffer by state_dict
+        # and checks: array_namespace's answer depends on nothing else, and asking it costs microseconds.
+        if not _numpy_namespace:
+            _numpy_namespace.append(_compat.array_namespace(arrays[0]))
+        return _numpy_namespace[0]
     return _compat.array_namespace(*arrays)
 
 

@@ -1,8 +1,21 @@
 """Optimizer state in and out: checking a state_dict, and files that hold one.
 
-A file is an ``.npz`` archive: one array per buffer, and the rest (optimizer
-name, hyperparameters, step counts, param names) as JSON stored in a uint8
-array.  Nothing is pickled, so loading a file runs no code.
+A file is an ``.npz`` archive of a few arrays, whatever the number of params (format
+``xopt-state-2``):
+
+- ``meta``: JSON stored in a uint8 array: the optimizer's name, hyperparameters (a
+  built-in schedule by name and arguments), overrides, step counts, and the param names
+  (``keys``, str or int), buffer names (``buffers``) and dtype names (``dtypes``) the
+  other arrays refer to by index;
+- ``steps``: int64, the step count of each param, in the order of ``keys``;
+- ``table``: int64, one row per buffer: its param, buffer name and dtype (indices), its
+  ndim, then its dims (padded with 1 to the widest);
+- ``data_<dtype>``: every buffer of that dtype flattened (C order), one after the other
+  in the order of the table's rows; bfloat16 (which ``.npy`` lacks) as its bits, uint16.
+
+Nothing is pickled, so loading a file runs no code, and every size is checked against the
+bytes the file holds before anything is allocated.  Files of format ``xopt-state-1``
+(earlier xopt: one ``.npy`` member per buffer, the state entries in ``meta``) still load.
 
 What a state may hold: the buffers of *any* configuration of its optimizer, not
 only of the current hyperparameters.  Turning ``amsgrad`` (or SGD's momentum,
@@ -36,7 +49,8 @@ from .schedules import Schedule, from_spec
 
 __all__ = ["save_state", "load_state", "checked_state"]
 
-FORMAT = "xopt-state-1"
+FORMAT = "xopt-state-2"  # what save_state writes
+FORMAT_1 = "xopt-state-1"  # what xopt wrote before, which load_state reads too
 _INT64_MAX = 2**63 - 1
 
 
@@ -167,10 +181,97 @@ def checked_state(opt, state_dict, params=None):
     always, possible = _buffer_sets(trial)
     arrays = None if params is None else _param_arrays(params)
 
-    state = {}
     if not isinstance(state_dict["state"], Mapping):
         raise TypeError("state_dict['state'] must be a dict: param name -> its state")
+    checks = _EntryChecks(kind, trial, always, possible, arrays)
+    quick, slow = checks.quick, checks.slow
+    state = {}
     for key, st in state_dict["state"].items():
+        entry = quick(key, st)
+        state[key] = slow(key, st) if entry is None else entry
+    counters = (_count("state_dict['iter']", state_dict["iter"]),
+                _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
+    return trial._hyper, trial._overrides, state, counters
+
+
+class _EntryChecks:
+    """The checks of one param's state: ``slow`` makes each check and raises the message of the first that
+    fails; ``quick`` takes the common case (NumPy buffers of a real floating dtype, an int step) in fewer
+    steps and returns the same entry, or None when anything is not that case (then ``slow`` decides).
+
+    ``quick`` asks the questions whose answers depend only on a type and a dtype (the array library's
+    namespace, whether the dtype is real floating, its name, the dtype ``trial`` keeps a param's state in)
+    once per dtype, and those that depend only on a state's buffer names once per set of names.
+    """
+
+    def __init__(self, kind, trial, always, possible, arrays):
+        self.kind, self.trial, self.always, self.possible, self.arrays = kind, trial, always, possible, arrays
+        self.buffer_dtypes = {}  # buffer dtype -> its name, or False: not a native real floating dtype
+        self.layouts = {}  # param dtype -> the name of the dtype its state is kept in
+        self.name_sets = {}  # the keys of a state dict, in order -> its buffer names sorted, or None
+        # The dtype the state is kept in depends on the param's dtype alone unless a subclass says otherwise.
+        # (the base class's own buffer_dtype, found by name: this module does not import the optimizer's)
+        self.layout_by_dtype = type(trial).buffer_dtype.__qualname__ == "Optimizer.buffer_dtype"
+
+    def quick(self, key, st):
+        if type(st) is not dict:
+            return None
+        step = st.get("step")
+        if type(step) is not int or not 0 <= step <= _INT64_MAX:
+            return None
+        names = self.name_sets.get(tuple(st), False)
+        if names is False:
+            names = self.name_sets[tuple(st)] = self._names(tuple(st))
+        if names is None or step > 0 and not names[1]:
+            return None
+        arrays = self.arrays
+        if arrays is not None:
+            p = arrays.get(key)
+            if type(p) is not np.ndarray:
+                return None
+            expect_dtype = self.layouts.get(p.dtype) or self._layout(key, p)
+            if expect_dtype is None:
+                return None
+            expect_shape = p.shape
+        else:
+            expect_dtype = expect_shape = None
+        entry = {"step": step}
+        buffer_dtypes = self.buffer_dtypes
+        for buf_name in names[0]:
+            buf = st[buf_name]
+            if type(buf) is not np.ndarray:
+                return None
+            name = buffer_dtypes.get(buf.dtype)
+            if name is None:
+                name = buffer_dtypes[buf.dtype] = _native_real_floating(buf)
+            if not name:
+                return None
+            if expect_shape is None:  # the first buffer: the others have its shape and dtype
+                expect_shape, expect_dtype = buf.shape, name
+            elif buf.shape != expect_shape or name != expect_dtype:
+                return None
+            entry[buf_name] = buf.copy()  # C order, native: what _native makes of it
+        return entry
+
+    def _names(self, signature):
+        """(buffer names sorted, whether they hold every buffer always kept), or None if some is unknown."""
+        names = set(signature) - {"step"}
+        if "step" not in signature or names - self.possible:
+            return None
+        return tuple(sorted(names)), self.always <= names
+
+    def _layout(self, key, p):
+        if not self.layout_by_dtype:
+            return None
+        try:
+            dtype, _ = _expected_layout(self.trial, key, p)
+        except (TypeError, ValueError):  # slow raises it, after the checks that come first
+            return None
+        self.layouts[p.dtype] = dtype
+        return dtype
+
+    def slow(self, key, st):
+        kind, trial, always, possible, arrays = self.kind, self.trial, self.always, self.possible, self.arrays
         name = describe(key)
         if arrays is not None and key not in arrays:
             raise KeyError(f"state_dict has state for param {name}, which is not among the params")
@@ -211,10 +312,20 @@ def checked_state(opt, state_dict, params=None):
                                 f"and {buf_name!r} is {dtype}")
             first = first or (buf_name, shape, dtype)
             entry[buf_name] = _native(buf)
-        state[key] = entry
-    counters = (_count("state_dict['iter']", state_dict["iter"]),
-                _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
-    return trial._hyper, trial._overrides, state, counters
+        return entry
+
+
+def _native_real_floating(buf):
+    """The dtype name of NumPy array ``buf`` if it is a real floating dtype in native byte order, else False."""
+    dtype = buf.dtype
+    if not dtype.isnative:
+        return False
+    try:
+        if not _backend.is_real_floating(_backend.namespace(buf), dtype):
+            return False
+    except (TypeError, ValueError):
+        return False
+    return _backend.dtype_name(dtype)
 
 
 class SavedCustomSchedule:
@@ -270,37 +381,14 @@ def _expected_layout(opt, key, p):
 
 # -- files -------------------------------------------------------------------------------
 def save_state(state_dict, path):
-    """Write a state_dict to ``path`` as an ``.npz`` archive.
+    """Write a state_dict to ``path`` as an ``.npz`` archive (format 2, see the module's docstring).
 
     Atomic: written to a temp file in the target's directory, flushed to disk, then
     renamed onto it.  A symlink is written through (its target is replaced, the link
     stays) and an existing file keeps its permission bits; a new file gets the
     usual 0o666 less the umask.
     """
-    arrays, entries = {}, []
-    for key, st in state_dict["state"].items():
-        if isinstance(key, bool) or not isinstance(key, (str, int)):
-            raise TypeError(f"param name {key!r} cannot be saved: names must be str (dict) or int (list)")
-        refs, bits = {}, {}
-        for name, buf in st.items():
-            if name != "step":
-                refs[name] = f"a{len(arrays)}"
-                arrays[refs[name]] = _backend.to_numpy(buf)
-                if _backend.dtype_name(buf.dtype) == "bfloat16":  # .npy has no bfloat16: keep its bits
-                    arrays[refs[name]] = arrays[refs[name]].view(np.uint16)
-                    bits[name] = "bfloat16"
-        entries.append({"key": key, "step": int(st["step"]), "buffers": refs, "bits_of": bits})
-    meta = {
-        "format": FORMAT,
-        "optimizer": state_dict["optimizer"],
-        "hyperparameters": {k: _encode(v) for k, v in state_dict["hyperparameters"].items()},
-        "overrides": [[pattern, {k: _encode(v) for k, v in values.items()}]
-                      for pattern, values in state_dict.get("overrides", {}).items()],
-        "iter": int(state_dict["iter"]),
-        "skipped_steps": int(state_dict["skipped_steps"]),
-        "state": entries,
-    }
-    blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    arrays = _pack(state_dict)
 
     target = os.path.realpath(os.fspath(path))  # through symlinks: the link stays, its target is replaced
     directory = os.path.dirname(target)
@@ -311,7 +399,7 @@ def save_state(state_dict, path):
     fd, tmp = _new_temp(directory, os.path.basename(target))
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=blob, **arrays)
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         if mode is not None:
@@ -322,6 +410,111 @@ def save_state(state_dict, path):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _meta(state_dict, form, **fields):
+    meta = {
+        "format": form,
+        "optimizer": state_dict["optimizer"],
+        "hyperparameters": {k: _encode(v) for k, v in state_dict["hyperparameters"].items()},
+        "overrides": [[pattern, {k: _encode(v) for k, v in values.items()}]
+                      for pattern, values in state_dict.get("overrides", {}).items()],
+        "iter": int(state_dict["iter"]),
+        "skipped_steps": int(state_dict["skipped_steps"]),
+        **fields,
+    }
+    return np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+
+def _saved_key(key):
+    if type(key) is not str and (isinstance(key, bool) or not isinstance(key, (str, int))):
+        raise TypeError(f"param name {key!r} cannot be saved: names must be str (dict) or int (list)")
+    return key
+
+
+def _pack(state_dict) -> dict:
+    """The arrays of a format-2 file: 'meta', 'steps', 'table' and one 'data_<dtype>' per dtype."""
+    keys, steps = [], []
+    rows, shapes = [], []  # per buffer: its param, buffer name and dtype (indices, flat); its shape
+    names, name_at = [], {}  # buffer names in order of appearance
+    groups, group_at = [], {}  # per dtype of the file: [native dtype, name, [arrays]]; dtype -> its index
+    for i, (key, st) in enumerate(state_dict["state"].items()):
+        keys.append(key if type(key) is str or type(key) is int else _saved_key(key))
+        steps.append(int(st["step"]))
+        for name, buf in st.items():
+            if name == "step":
+                continue
+            n = name_at.get(name)
+            if n is None:
+                if not isinstance(name, str):
+                    raise TypeError(f"state {name!r} of param {describe(key)} cannot be saved: buffer names "
+                                    "must be str")
+                n = name_at[name] = len(names)
+                names.append(name)
+            a = buf if type(buf) is np.ndarray else _backend.to_numpy(buf)
+            g = group_at.get(a.dtype)
+            if g is None:
+                g = group_at[a.dtype] = _group(groups, a.dtype, name, key)
+            groups[g][2].append(a)
+            rows += (i, n, g)
+            shapes.append(a.shape)
+
+    count = len(shapes)
+    ndim = np.fromiter(map(len, shapes), dtype=np.int64, count=count)
+    table = np.ones((count, _COLUMNS + int(ndim.max(initial=0))), dtype=np.int64)
+    table[:, :3] = np.array(rows, dtype=np.int64).reshape(count, 3)
+    table[:, 3] = ndim
+    dims = table[:, _COLUMNS:]
+    dims[np.arange(dims.shape[1]) < ndim[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(shapes), dtype=np.int64, count=int(ndim.sum()))
+    try:
+        steps = np.array(steps, dtype=np.int64)
+    except OverflowError:
+        at = next(i for i, s in enumerate(steps) if not -2**63 <= s <= _INT64_MAX)
+        raise ValueError(f"the step of param {describe(keys[at])} cannot be saved: {_short(steps[at])} is not "
+                         "an int64") from None
+    arrays = {"meta": _meta(state_dict, FORMAT, keys=keys, buffers=names, dtypes=[name for _, name, _ in groups]),
+              "steps": steps, "table": table}
+    for native, name, parts in groups:
+        flat = np.concatenate(parts, axis=None, dtype=native)  # each buffer in C order, all in native order
+        arrays[f"data_{name}"] = flat.view(np.uint16) if name == "bfloat16" else flat  # .npy has no bfloat16
+    return arrays
+
+
+_COLUMNS = 4  # a format-2 table's columns before the dims: param, buffer name, dtype (indices), ndim
+
+
+def _group(groups, dtype, name, key) -> int:
+    """The index of the file's dtype for buffers of ``dtype`` (native and byte-swapped ones share one)."""
+    dname = _backend.dtype_name(dtype)
+    if dname != "bfloat16" and dtype.kind not in "biufc":
+        raise TypeError(f"state {name!r} of param {describe(key)} has dtype {dtype}, which a state file "
+                        "cannot hold (it holds numbers)")
+    native = dtype.newbyteorder("=") if not dtype.isnative else dtype
+    for g, (other, other_name, _) in enumerate(groups):
+        if other_name == dname:
+            if other != native:
+                raise TypeError(f"state {name!r} of param {describe(key)} has dtype {dtype}, another dtype "
+                                f"than the {other} of others named {dname}")
+            return g
+    groups.append([native, dname, []])
+    return len(groups) - 1
+
+
+def _save_v1(state_dict, path):
+    """A format-1 file (one .npy member per buffer), as xopt wrote before format 2: for tests of the reader."""
+    arrays, entries = {}, []
+    for key, st in state_dict["state"].items():
+        refs, bits = {}, {}
+        for name, buf in st.items():
+            if name != "step":
+                refs[name] = f"a{len(arrays)}"
+                arrays[refs[name]] = _backend.to_numpy(buf)
+                if _backend.dtype_name(buf.dtype) == "bfloat16":
+                    arrays[refs[name]] = arrays[refs[name]].view(np.uint16)
+                    bits[name] = "bfloat16"
+        entries.append({"key": _saved_key(key), "step": int(st["step"]), "buffers": refs, "bits_of": bits})
+    np.savez(path, meta=_meta(state_dict, FORMAT_1, state=entries), **arrays)
 
 
 def _new_temp(directory, base):
@@ -353,7 +546,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def load_state(path) -> dict:
-    """Read a file written by :func:`save_state` into a state_dict of NumPy arrays (native byte order).
+    """Read a file written by :func:`save_state` (format 2, or format 1 of earlier xopt) into a state_dict
+    of NumPy arrays in native byte order: each buffer C-contiguous and writeable, sharing no memory with
+    another (those of format 2 are views of one fresh array per dtype, each its own span of it).
 
     Anything else (an ``.npy`` or text file, an empty or truncated file, another
     archive) raises ``ValueError("... is not an xopt state file ...")``; a missing
@@ -367,11 +562,11 @@ def load_state(path) -> dict:
         f.seek(0)
         try:
             with zipfile.ZipFile(f) as archive:
-                return _read(_Archive(archive, path), path)
+                return _read(_Archive(archive, path, os.fstat(f.fileno()).st_size), path)
         except _StateFileError as exc:
             raise ValueError(str(exc)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, NotImplementedError,
-                UnicodeDecodeError, OSError) as exc:  # truncated, corrupt or foreign content
+                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError) as exc:  # truncated, corrupt
             raise ValueError(f"{path} is not an xopt state file ({type(exc).__name__}: {exc})") from exc
 
 
@@ -383,11 +578,13 @@ class _Archive:
     """The .npy arrays of a zip archive by name (as ``np.load`` names them), read with their sizes checked.
 
     ``np.load`` allocates whatever shape a member's header claims before reading it;
-    here a header must agree with the member's size first, and object arrays are refused.
+    here a header must agree with the member's size first, and that size with the
+    bytes the file has (a stored member holds at most the file, a deflated one at most
+    1032 times what it takes in it), and object arrays are refused.
     """
 
-    def __init__(self, zf, path):
-        self.zf, self.path = zf, path
+    def __init__(self, zf, path, length):
+        self.zf, self.path, self.length = zf, path, length
         self.members = {}
         for name in zf.namelist():
             self.members.setdefault(name[:-4] if name.endswith(".npy") else name, name)
@@ -397,7 +594,12 @@ class _Archive:
 
     def __getitem__(self, name):
         member = self.members[name]
-        size = self.zf.getinfo(member).file_size
+        info = self.zf.getinfo(member)
+        size = info.file_size
+        if (info.compress_size > self.length
+                or info.compress_type == zipfile.ZIP_STORED and size != info.compress_size
+                or info.compress_type == zipfile.ZIP_DEFLATED and size > 1032 * info.compress_size + 1024):
+            raise _foreign(self.path, f"entry {name!r} claims {size} bytes, which the file cannot hold")
         with self.zf.open(member) as m:
             version = np.lib.format.read_magic(m)  # ValueError if it is no .npy
             if version == (1, 0):
@@ -430,17 +632,40 @@ def _read(archive, path):
     meta = json.loads(blob.tobytes().decode("utf-8"))
     if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
         raise _foreign(path, "its 'meta' entry is not xopt's")
-    if meta["format"] != FORMAT:
+    if meta["format"] not in _READERS:
         if meta["format"].startswith("xopt-state-"):
-            raise _StateFileError(f"{path} has format {meta['format']!r}; this xopt reads {FORMAT!r}")
+            raise _StateFileError(f"{path} has format {meta['format']!r}; this xopt reads "
+                                  f"{' and '.join(map(repr, _READERS))}")
         raise _foreign(path, f"format {meta['format']!r}")
-    kinds = {"optimizer": str, "hyperparameters": dict, "state": list}
+    kinds = {"optimizer": str, "hyperparameters": dict, **_READERS[meta["format"]][1]}
     for field, kind in kinds.items():
         if not isinstance(meta.get(field), kind):
             raise _foreign(path, f"'meta' has no {field} {kind.__name__}")
     for field in ("iter", "skipped_steps"):
         if field not in meta:
             raise _foreign(path, f"'meta' has no {field}")
+    state = _READERS[meta["format"]][0](archive, meta, path)
+    overrides = meta.get("overrides", [])
+    if not (isinstance(overrides, list) and all(isinstance(o, list) and len(o) == 2 and isinstance(o[1], dict)
+                                                 for o in overrides)):
+        raise _foreign(path, "its 'overrides' are not xopt's")
+    try:
+        hyper = {k: _decode(v) for k, v in meta["hyperparameters"].items()}
+        overrides = {pattern: {k: _decode(v) for k, v in values.items()} for pattern, values in overrides}
+    except (TypeError, ValueError, KeyError) as exc:
+        raise _foreign(path, f"a schedule it names cannot be made ({exc})") from None
+    return {
+        "optimizer": meta["optimizer"],
+        "hyperparameters": hyper,
+        "overrides": overrides,
+        "iter": meta["iter"],
+        "skipped_steps": meta["skipped_steps"],
+        "state": state,
+    }
+
+
+def _state_v1(archive, meta, path):
+    """Format 1: the state entries in 'meta', each buffer an .npy member of its own."""
     state = {}
     for entry in meta["state"]:
         if not (isinstance(entry, dict) and {"key", "step", "buffers"} <= set(entry)
@@ -466,20 +691,92 @@ def _read(archive, path):
                 raise _foreign(path, f"buffer {name!r} of param {describe(key)} is stored as {bits!r}")
             st[name] = buf
         state[key] = st
-    overrides = meta.get("overrides", [])
-    if not (isinstance(overrides, list) and all(isinstance(o, list) and len(o) == 2 and isinstance(o[1], dict)
-                                                 for o in overrides)):
-        raise _foreign(path, "its 'overrides' are not xopt's")
-    try:
-        hyper = {k: _decode(v) for k, v in meta["hyperparameters"].items()}
-        overrides = {pattern: {k: _decode(v) for k, v in values.items()} for pattern, values in overrides}
-    except (TypeError, ValueError, KeyError) as exc:
-        raise _foreign(path, f"a schedule it names cannot be made ({exc})") from None
-    return {
-        "optimizer": meta["optimizer"],
-        "hyperparameters": hyper,
-        "overrides": overrides,
-        "iter": meta["iter"],
-        "skipped_steps": meta["skipped_steps"],
-        "state": state,
-    }
+    return state
+
+
+def _int_table(archive, name, ndim, path):
+    if name not in archive:
+        raise _foreign(path, f"no {name!r} entry")
+    a = archive[name]
+    if a.dtype != np.int64 or a.ndim != ndim:
+        raise _foreign(path, f"its {name!r} entry is not the {ndim}-d int64 array xopt writes")
+    return a
+
+
+def _state_v2(archive, meta, path):
+    """Format 2: the param names in 'meta', their steps in 'steps', one row per buffer in 'table' and the
+    buffers of one dtype one after the other in 'data_<dtype>'; every size checked before a buffer is made."""
+    keys, names, dtypes = meta["keys"], meta["buffers"], meta["dtypes"]
+    for key in keys:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise _foreign(path, f"param name {_short(key)} is neither str nor int")
+    if len(set(keys)) != len(keys):
+        seen = set()
+        raise _foreign(path, f"param {describe(next(k for k in keys if k in seen or seen.add(k)))} appears twice")
+    for what, listed in (("buffer", names), ("dtype", dtypes)):
+        if not all(isinstance(n, str) and n != "step" for n in listed) or len(set(listed)) != len(listed):
+            raise _foreign(path, f"its {what} names are not xopt's")
+    steps = _int_table(archive, "steps", 1, path)
+    if len(steps) != len(keys):
+        raise _foreign(path, f"it has {len(steps)} steps for {len(keys)} params")
+    flats = [_data(archive, dname, path) for dname in dtypes]
+    table = _int_table(archive, "table", 2, path)
+    rows, width = table.shape
+    if not _COLUMNS <= width <= _COLUMNS + 64:
+        raise _foreign(path, f"its table has {width} columns")
+    param, buf_name, dtype, ndim = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
+    dims = table[:, _COLUMNS:]
+    for column, what, bound in ((param, "a param index", len(keys)), (buf_name, "a buffer name index", len(names)),
+                                (dtype, "a dtype index", len(dtypes)), (ndim, "an ndim", width - _COLUMNS + 1)):
+        if rows and not (0 <= column.min() and column.max() < bound):
+            raise _foreign(path, f"its table has {what} out of range")
+    pad = np.arange(dims.shape[1]) >= ndim[:, None]
+    if np.any(dims[pad] != 1) or np.any(dims < 0):
+        raise _foreign(path, "its table holds a shape xopt does not write")
+    which = param * len(names) + buf_name  # in increasing order as xopt writes them, else sorted to compare
+    if rows > 1 and not np.all(which[1:] > which[:-1]) and len(np.unique(which)) != rows:
+        raise _foreign(path, "its table names a buffer twice")
+    # The size of each buffer, without overflow: none holds more than its dtype's data has.
+    largest = max((len(f) for f in flats), default=0)
+    empty = np.any(dims == 0, axis=1)
+    if np.any(dims[~empty] > largest) or np.any(np.prod(dims[~empty].astype(np.float64), axis=1) > largest):
+        raise _foreign(path, "its table claims a buffer larger than the data it has")
+    sizes = np.where(empty, 0, np.prod(dims, axis=1))
+    starts = np.empty(rows, dtype=np.int64)
+    for d, flat in enumerate(flats):
+        at = np.flatnonzero(dtype == d)
+        ends = np.cumsum(sizes[at])
+        if (ends[-1] if len(ends) else 0) != len(flat):
+            raise _foreign(path, f"its table claims {ends[-1] if len(ends) else 0} {dtypes[d]} numbers but "
+                                 f"its data has {len(flat)}")
+        starts[at] = ends - sizes[at]
+
+    # Each buffer a view of its own span of its dtype's data: the spans do not overlap, and the data
+    # arrays are this state's alone (fresh, writeable, C-contiguous, native).
+    state = {key: {"step": step} for key, step in zip(keys, steps.tolist())}
+    shaped = {i: tuple(row[_COLUMNS:_COLUMNS + row[3]]) for i, row in zip(
+        np.flatnonzero(ndim != 1).tolist(), table[ndim != 1].tolist())}
+    for i, (p, n, d, start, end) in enumerate(zip(param.tolist(), buf_name.tolist(), dtype.tolist(),
+                                                  starts.tolist(), (starts + sizes).tolist())):
+        buf = flats[d][start:end]
+        state[keys[p]][names[n]] = buf if i not in shaped else buf.reshape(shaped[i])
+    return state
+
+
+def _data(archive, dname, path):
+    """The numbers of one dtype, bfloat16 kept as its bits (uint16)."""
+    name = f"data_{dname}"
+    if name not in archive:
+        raise _foreign(path, f"no {name!r} entry")
+    flat = archive[name]
+    stored = np.dtype(np.uint16) if dname == "bfloat16" else None
+    if flat.ndim != 1 or (flat.dtype != stored if stored is not None else
+                          flat.dtype.kind not in "biufc" or flat.dtype.name != dname):
+        raise _foreign(path, f"its {name!r} entry is {flat.dtype} {flat.shape}, not 1-d {dname}"
+                             + (" bits (uint16)" if stored is not None else ""))
+    return flat.view(_backend.low_precision_dtype(np, "bfloat16")) if stored is not None else flat
+
+
+# format -> (its reader, the fields its 'meta' holds besides those of every format)
+_READERS = {FORMAT_1: (_state_v1, {"state": list}),
+            FORMAT: (_state_v2, {"keys": list, "buffers": list, "dtypes": list})}
