@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 
+import numpy as np
+
 from . import _backend, _checked, _dispatch, _lane
 from ._atomic import StepGuard
 from ._hyper import Hyper, check_overrides, flag, optional_positive
@@ -317,6 +319,8 @@ def _matches(pattern, key) -> bool:
 
 
 def _copy(x):
+    if type(x) is np.ndarray:
+        return x.copy()
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
 
