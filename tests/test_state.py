@@ -1036,7 +1036,7 @@ def test_a_format_1_file_of_the_kept_writer_loads_as_format_2_does(config, rng, 
 
 # -- checked_state: the quick lane takes only what the full checks take, and makes the same entry ---------------------
 def _checks(opt, sd, params):
-    from xopt.state_io import _buffer_sets, _EntryChecks, _param_arrays
+    from xopt.state_check import _buffer_sets, _EntryChecks, _param_arrays
 
     trial = xopt.optimizer.fresh(type(opt), impl=opt.impl, **sd["hyperparameters"])
     return _EntryChecks(type(opt).__name__, trial, *_buffer_sets(trial),

@@ -1,4 +1,4 @@
-"""Optimizer state in and out: checking a state_dict, and files that hold one.
+"""Optimizer state files: a state_dict in and out of an ``.npz`` (checking one: :mod:`xopt.state_check`).
 
 A file is an ``.npz`` archive of a few arrays, whatever the number of params (format
 ``xopt-state-2``):
@@ -16,13 +16,6 @@ A file is an ``.npz`` archive of a few arrays, whatever the number of params (fo
 Nothing is pickled, so loading a file runs no code, and every size is checked against the
 bytes the file holds before anything is allocated.  Files of format ``xopt-state-1``
 (earlier xopt: one ``.npy`` member per buffer, the state entries in ``meta``) still load.
-
-What a state may hold: the buffers of *any* configuration of its optimizer, not
-only of the current hyperparameters.  Turning ``amsgrad`` (or SGD's momentum,
-RMSprop's ``centered`` or momentum) off keeps the buffer that option made, as
-torch.optim does, and turning an option on mid-run leaves the new buffer to be
-made at the next step; both states save and load.  A buffer that no
-configuration of the optimizer keeps is refused.
 """
 
 from __future__ import annotations
@@ -30,22 +23,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import numbers
 import os
 import secrets
 import stat
-import types
 import zipfile
 import zlib
-from collections.abc import Mapping
 
-import array_api_compat
 import numpy as np
 
 from . import _backend
-from ._hyper import Hyper
 from ._inputs import describe
 from .schedules import Schedule, from_spec
+from .state_check import SavedCustomSchedule, _short, checked_state
 
 __all__ = ["save_state", "load_state", "checked_state"]
 
@@ -56,297 +45,6 @@ _INT64_MAX = 2**63 - 1
 
 class _StateFileError(ValueError):
     """A refusal whose message is already final (not wrapped as 'not an xopt state file')."""
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
-
-
-def _count(what, value) -> int:
-    """A step count: a Python (or NumPy) integer, not a bool, in [0, 2**63)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be a non-negative integer, got {_short(value)} ({type(value).__name__})")
-    value = int(value)
-    if not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"{what} must be a non-negative integer below 2**63, got {_short(value)}")
-    return value
-
-
-def _param_arrays(params):
-    if isinstance(params, Mapping):
-        return dict(params.items())
-    if isinstance(params, (list, tuple)):
-        return dict(enumerate(params))
-    raise TypeError(f"params must be a dict, a list or a tuple, got {type(params).__name__}")
-
-
-# -- which buffers an optimizer can hold ------------------------------------------------
-_BUFFER_SETS = {}
-
-
-def _buffer_sets(opt):
-    """(always, possible): the buffers every configuration of type(opt) keeps, and those some configuration keeps.
-
-    Found by asking ``buffers()`` of a scratch optimizer for every combination of
-    its flags and of zero / non-zero for its numeric hyperparameters (``buffers()``
-    depends on which options are on).  Other hyperparameters keep ``opt``'s value.
-    """
-    cls = type(opt)
-    choices = {}
-    for name, value in opt.hyperparameters().items():
-        if isinstance(value, bool):
-            choices[name] = (False, True)
-        elif isinstance(value, float):
-            check = getattr(cls, name).check if isinstance(getattr(cls, name, None), Hyper) else None
-            nonzero = next((x for x in (0.5, 0.9, 1e-3, 1.0, 2.0) if _valid(check, name, x)), None)
-            choices[name] = (0.0,) if nonzero is None else (0.0, nonzero)
-        else:
-            choices[name] = (value,)
-    key = (cls, tuple((n, c) for n, c in choices.items() if len(c) == 1))
-    if key not in _BUFFER_SETS:
-        found = [frozenset(opt.buffers())]
-        names = list(choices)
-        for combo in itertools.product(*(choices[n] for n in names)):
-            try:
-                scratch = cls.fresh(impl="reference", **dict(zip(names, combo)))
-            except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
-                continue
-            found.append(frozenset(scratch.buffers()))
-        _BUFFER_SETS[key] = (frozenset.intersection(*found), frozenset.union(*found))
-    return _BUFFER_SETS[key]
-
-
-def _valid(check, name, value) -> bool:
-    if check is None:
-        return True
-    try:
-        check(name, value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-# -- checking a state_dict ---------------------------------------------------------------
-def _names_taken(cls):
-    """The optimizer names whose states ``cls`` loads: its own, and for a user's subclass, that of the xopt
-    optimizer it derives from (its rule and buffers; ``class MyAdam(xopt.Adam)`` loads an Adam's state).
-    Two of xopt's own optimizers never load each other's (AdamW derives from Adam but is another rule)."""
-    builtin = next((c for c in cls.__mro__ if c.__module__.startswith("xopt.optimizers.")), cls)
-    return {cls.__name__, builtin.__name__}
-
-
-def _native(buf):
-    """``buf`` in native byte order (a kernel reads raw bytes), a fresh copy."""
-    dtype = buf.dtype
-    if isinstance(buf, np.ndarray):
-        return np.array(buf, dtype=dtype.newbyteorder("=") if not dtype.isnative else dtype, order="C", copy=True)
-    if isinstance(dtype, np.dtype) and not dtype.isnative:  # Dask arrays carry NumPy dtypes too
-        return buf.astype(dtype.newbyteorder("="))
-    return _backend.namespace(buf).asarray(buf, copy=True)
-
-
-def checked_state(opt, state_dict, params=None):
-    """Validate ``state_dict`` for ``opt`` as a whole; return (hyperparameters, state, (iter, skipped)).
-
-    Nothing of ``opt`` is touched here, so a misfit leaves it as it was.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    missing = {"optimizer", "hyperparameters", "iter", "skipped_steps", "state"} - set(state_dict)
-    if missing:
-        raise KeyError(f"state_dict lacks {', '.join(sorted(missing))}")
-    kind = type(opt).__name__
-    if state_dict["optimizer"] not in _names_taken(type(opt)):
-        raise ValueError(f"state_dict is for {state_dict['optimizer']}, not {kind}")
-    if not isinstance(state_dict["hyperparameters"], Mapping):
-        raise TypeError(f"state_dict['hyperparameters'] must be a dict, got "
-                        f"{type(state_dict['hyperparameters']).__name__}")
-    hyper = dict(state_dict["hyperparameters"])
-    hyper.setdefault("clip_grad_norm", opt.clip_grad_norm)  # saved before it existed: the optimizer's own
-    expected = set(opt._hyper)
-    if set(hyper) != expected:
-        raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
-                         f"{sorted(expected - set(hyper))}, unknown {sorted(set(hyper) - expected, key=str)}")
-    hyper = {k: _own_schedule(v, opt._hyper.get(k), k) for k, v in hyper.items()}
-    overrides = state_dict.get("overrides")
-    if overrides is None:  # a state made before overrides existed: the optimizer keeps its own
-        overrides = opt.overrides
-    if not isinstance(overrides, Mapping):
-        raise TypeError(f"state_dict['overrides'] must be a dict, got {type(overrides).__name__}")
-    overrides = {pattern: {k: _own_schedule(v, opt._overrides.get(pattern, {}).get(k),
-                                            f"overrides[{pattern!r}].{k}") for k, v in values.items()}
-                 if isinstance(values, Mapping) else values for pattern, values in overrides.items()}
-    trial = type(opt).fresh(impl=opt.impl, overrides=overrides, **hyper)  # the constructor's checks
-    always, possible = _buffer_sets(trial)
-    arrays = None if params is None else _param_arrays(params)
-
-    if not isinstance(state_dict["state"], Mapping):
-        raise TypeError("state_dict['state'] must be a dict: param name -> its state")
-    checks = _EntryChecks(kind, trial, always, possible, arrays)
-    quick, slow = checks.quick, checks.slow
-    state = {}
-    for key, st in state_dict["state"].items():
-        entry = quick(key, st)
-        state[key] = slow(key, st) if entry is None else entry
-    counters = (_count("state_dict['iter']", state_dict["iter"]),
-                _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
-    return trial._hyper, trial._overrides, state, counters
-
-
-class _EntryChecks:
-    """The checks of one param's state: ``slow`` makes each check and raises the message of the first that
-    fails; ``quick`` takes the common case (NumPy buffers of a real floating dtype, an int step) in fewer
-    steps and returns the same entry, or None when anything is not that case (then ``slow`` decides).
-
-    ``quick`` asks the questions whose answers depend only on a type and a dtype (the array library's
-    namespace, whether the dtype is real floating, its name, the dtype ``trial`` keeps a param's state in)
-    once per dtype, and those that depend only on a state's buffer names once per set of names.
-    """
-
-    def __init__(self, kind, trial, always, possible, arrays):
-        self.kind, self.trial, self.always, self.possible, self.arrays = kind, trial, always, possible, arrays
-        self.buffer_dtypes = {}  # buffer dtype -> its name, or False: not a native real floating dtype
-        self.layouts = {}  # param dtype -> the name of the dtype its state is kept in
-        self.name_sets = {}  # the keys of a state dict, in order -> its buffer names sorted, or None
-        # The dtype the state is kept in depends on the param's dtype alone unless a subclass says otherwise.
-        # (the base class's own buffer_dtype, found by name: this module does not import the optimizer's)
-        self.layout_by_dtype = type(trial).buffer_dtype.__qualname__ == "Optimizer.buffer_dtype"
-
-    def quick(self, key, st):
-        if type(st) is not dict:
-            return None
-        step = st.get("step")
-        if type(step) is not int or not 0 <= step <= _INT64_MAX:
-            return None
-        names = self.name_sets.get(tuple(st), False)
-        if names is False:
-            names = self.name_sets[tuple(st)] = self._names(tuple(st))
-        if names is None or step > 0 and not names[1]:
-            return None
-        arrays = self.arrays
-        if arrays is not None:
-            p = arrays.get(key)
-            if type(p) is not np.ndarray:
-                return None
-            expect_dtype = self.layouts.get(p.dtype) or self._layout(key, p)
-            if expect_dtype is None:
-                return None
-            expect_shape = p.shape
-        else:
-            expect_dtype = expect_shape = None
-        entry = {"step": step}
-        buffer_dtypes = self.buffer_dtypes
-        for buf_name in names[0]:
-            buf = st[buf_name]
-            if type(buf) is not np.ndarray:
-                return None
-            name = buffer_dtypes.get(buf.dtype)
-            if name is None:
-                name = buffer_dtypes[buf.dtype] = _native_real_floating(buf)
-            if not name:
-                return None
-            if expect_shape is None:  # the first buffer: the others have its shape and dtype
-                expect_shape, expect_dtype = buf.shape, name
-            elif buf.shape != expect_shape or name != expect_dtype:
-                return None
-            entry[buf_name] = buf.copy()  # C order, native: what _native makes of it
-        return entry
-
-    def _names(self, signature):
-        """(buffer names sorted, whether they hold every buffer always kept), or None if some is unknown."""
-        names = set(signature) - {"step"}
-        if "step" not in signature or names - self.possible:
-            return None
-        return tuple(sorted(names)), self.always <= names
-
-    def _layout(self, key, p):
-        if not self.layout_by_dtype:
-            return None
-        try:
-            dtype, _ = _expected_layout(self.trial, key, p)
-        except (TypeError, ValueError):  # slow raises it, after the checks that come first
-            return None
-        self.layouts[p.dtype] = dtype
-        return dtype
-
-    def slow(self, key, st):
-        kind, trial, always, possible, arrays = self.kind, self.trial, self.always, self.possible, self.arrays
-        name = describe(key)
-        if arrays is not None and key not in arrays:
-            raise KeyError(f"state_dict has state for param {name}, which is not among the params")
-        if not isinstance(st, Mapping) or "step" not in st:
-            raise ValueError(f"state of param {name} must be a dict with a 'step'")
-        step = _count(f"the step of param {name}", st["step"])
-        names = set(st) - {"step"}
-        unknown = names - possible
-        if unknown:
-            raise ValueError(f"state of param {name} holds {sorted(unknown, key=str)}, which no {kind} keeps "
-                             f"(a {kind} keeps at most {sorted(possible)})")
-        if step > 0 and not always <= names:
-            raise ValueError(f"state of param {name} lacks {sorted(always - names)}, which every {kind} keeps "
-                             f"from a param's first step (its step is {step})")
-        expect_dtype = expect_shape = None
-        if arrays is not None:
-            expect_dtype, expect_shape = _expected_layout(trial, key, arrays[key])
-        entry, first = {"step": step}, None
-        for buf_name in sorted(names):
-            buf = st[buf_name]
-            if not array_api_compat.is_array_api_obj(buf):
-                raise TypeError(f"state {buf_name!r} of param {name} is not an array ({type(buf).__name__})")
-            xp = _backend.namespace(buf)
-            if not _backend.is_real_floating(xp, buf.dtype):
-                raise TypeError(f"state {buf_name!r} of param {name} has dtype {buf.dtype}")
-            shape, dtype = tuple(buf.shape), _backend.dtype_name(buf.dtype)
-            if expect_shape is not None and shape != expect_shape:
-                raise ValueError(f"state {buf_name!r} of param {name} has shape {shape} but the param has "
-                                 f"shape {expect_shape}")
-            if expect_dtype is not None and dtype != expect_dtype:
-                raise TypeError(f"state {buf_name!r} of param {name} is {dtype} but {trial!r} keeps the state "
-                                f"of that param in {expect_dtype}")
-            if first is not None and first[1] != shape:
-                raise ValueError(f"state buffers of param {name} differ in shape: {first[0]!r} has {first[1]} "
-                                 f"and {buf_name!r} has {shape}")
-            if first is not None and first[2] != dtype:
-                raise TypeError(f"state buffers of param {name} differ in dtype: {first[0]!r} is {first[2]} "
-                                f"and {buf_name!r} is {dtype}")
-            first = first or (buf_name, shape, dtype)
-            entry[buf_name] = _native(buf)
-        return entry
-
-
-def _native_real_floating(buf):
-    """The dtype name of NumPy array ``buf`` if it is a real floating dtype in native byte order, else False."""
-    dtype = buf.dtype
-    if not dtype.isnative:
-        return False
-    try:
-        if not _backend.is_real_floating(_backend.namespace(buf), dtype):
-            return False
-    except (TypeError, ValueError):
-        return False
-    return _backend.dtype_name(dtype)
-
-
-class SavedCustomSchedule:
-    """In a loaded state: a schedule that was a function of the user's, which a file cannot hold."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def __repr__(self):
-        return f"<custom schedule {self.text}, not saved>"
-
-
-def _own_schedule(saved, current, where):
-    """A saved custom schedule is the one the optimizer loaded into was given (it must have one)."""
-    if not isinstance(saved, SavedCustomSchedule):
-        return saved
-    if callable(current) and not isinstance(current, Schedule):
-        return current
-    raise ValueError(f"the saved {where} was a custom schedule, {saved.text}, and a state file holds no code: "
-                     f"make the optimizer with that schedule again ({where}=your_function) and load into it; "
-                     "xopt.schedules' schedules are saved by name and arguments")
 
 
 def _encode(value):
@@ -364,19 +62,6 @@ def _decode(value):
     if isinstance(value, dict) and "custom_schedule" in value:
         return SavedCustomSchedule(str(value["custom_schedule"]))
     return value
-
-
-def _expected_layout(opt, key, p):
-    """(dtype name, shape) that ``opt`` keeps the state of param ``p`` in."""
-    if isinstance(p, (float, np.floating)):  # a number param is updated as a 0-d array of its dtype
-        p = np.asarray(p)
-    if not array_api_compat.is_array_api_obj(p):
-        raise TypeError(f"param {describe(key)} is not an array (got {type(p).__name__})")
-    xp = _backend.namespace(p)
-    if not _backend.is_real_floating(xp, p.dtype):
-        raise TypeError(f"param {describe(key)} has dtype {p.dtype}; xopt updates real floating-point arrays only")
-    dtype = opt.buffer_dtype(types.SimpleNamespace(key=key, p=p, xp=xp))  # raises for an unsupported state_dtype
-    return _backend.dtype_name(dtype), tuple(p.shape)
 
 
 # -- files -------------------------------------------------------------------------------
