@@ -15,7 +15,10 @@ Adam on N float32 tensors of 256 elements (10, 1,000, 10,000), plain, with ``cli
 (one more launch: the norm pass) and with ``overrides={"b*": {"lr": 0.1}}`` (half the tensors
 named b*: two parts in the one launch).  A step's grads are a set of arrays other than the step
 before's (three sets in turn).  ``--reader python`` also times the lane's fallback reader (Python
-attribute lookups, where the compiled reader of CuPy's structs is not available).
+attribute lookups, where the compiled reader of CuPy's structs is not available).  The "floor" rows
+time the same plain updates with the engine's ``step`` replaced by one that returns at once: what
+``update()`` and the lane (``xopt/_lane.py``) cost around the engine, which it cannot lower.
+The stub's own work (reading the table's address through ctypes) is in the figures.
 
 Rounds interleave every case; each figure is the median over rounds of the median of ``--steps``
 updates, in microseconds.  Prints a table and writes JSON with --out.
@@ -132,15 +135,23 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
     setups = {(r, n, case): setup(cupy, n, extra, rng) for r in readers for n in sizes for case, extra in CASES.items()}
+    setups.update({("floor", n, "plain"): setup(cupy, n, {}, rng) for n in sizes})
+    real_step = fused_cuda.step
+
+    def no_step(*args):
+        StubDevice.calls["upload"] += 1  # counted as the step would
+        return None, False
     times = {key: [] for key in setups}
     calls = {}
     clock = time.perf_counter
     for key, (opt, params, grads) in setups.items():  # warm: compiled code loaded, every path run once
-        fused_cuda.cuda_memory = compiled if key[0] == "compiled" else None
+        fused_cuda.cuda_memory = None if key[0] == "python" else compiled
+        fused_cuda.step = no_step if key[0] == "floor" else real_step
         opt.update(params, grads[0])
     for _ in range(args.rounds):
         for key, (opt, params, grads) in setups.items():
-            fused_cuda.cuda_memory = compiled if key[0] == "compiled" else None
+            fused_cuda.cuda_memory = None if key[0] == "python" else compiled
+            fused_cuda.step = no_step if key[0] == "floor" else real_step
             before = dict(StubDevice.calls)
             laps = []
             for s in range(args.steps):
@@ -152,7 +163,7 @@ def main(argv=None):
             calls[key] = {k: (StubDevice.calls[k] - before[k]) / args.steps for k in before}
             if calls[key]["upload"] != 1:  # the checked path would have failed here: it runs CuPy kernels
                 raise SystemExit(f"not one upload a step: {key} {calls[key]}")
-    fused_cuda.cuda_memory = compiled
+    fused_cuda.cuda_memory, fused_cuda.step = compiled, real_step
     warm_up = max(1, args.rounds // 10)
     rows = []
     for (reader, n, case), laps in times.items():

@@ -183,6 +183,22 @@ def _loader(bits):
 
 _load64, _load32 = _loader(64), _loader(32)
 
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Ask for the cache line at ``addr`` (a hint: never faults, whatever the address)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(ir.IntType(32), 0),
+                          ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 # The int64 head of a step (see gather), then three "keeps" flags per part.
 HEAD = ("params", "grads", "slot0", "slot1", "slot2", "steps", "n", "param_dtype", "state_dtype", "param_size",
         "state_size", "n_parts", "scalar_bytes", "chunk")
@@ -217,20 +233,48 @@ def _array(off, obj, dtype, write, info):
         begin = _load64(obj + off[SHAPE])
         info[2] = (_load64(obj + off[SHAPE] + 8) - begin) >> 3
         info[3] = begin
+        info[4] = _load64(obj + off[SIZE])
     else:
         info[2] = _load32(obj + off[ND])
         info[3] = _load64(obj + off[DIMS])
+        info[4] = -1
     return True
 
 
 @njit(cache=True, inline="always")
-def _same_shape(info, nd, dims):
+def _same_shape(info, nd, dims, size):
+    """Whether the array ``info`` describes has the shape (nd dims at ``dims``, ``size`` elements); up to one
+    dimension, from the sizes where the layout keeps them (the dims are another cache line away)."""
     if info[2] != nd:
         return False
+    if nd <= 1 and info[4] >= 0:
+        return info[4] == size
     for d in range(nd):
         if _load64(info[3] + 8 * d) != _load64(dims + 8 * d):
             return False
     return True
+
+
+@njit(cache=True, inline="always")
+def _ahead(off, head, t, n):
+    """Prefetch what rows t + 8 (the arrays' structs) and t + 4 (what those point to) will read: the loop over the
+    rows is bound by these dependent loads, each a cache miss in a training loop."""
+    far, near = t + 8, t + 4
+    for k in range(5):
+        if head[k] == 0:
+            continue
+        if far < n:
+            obj = _item(off, head[k], far)
+            _prefetch(obj)
+            _prefetch(obj + 64)
+        if near < n:
+            obj = _item(off, head[k], near)
+            if off[MEMPTR] >= 0:
+                _prefetch(_load64(obj + off[MEMPTR]))
+            if off[SHAPE] >= 0:
+                _prefetch(_load64(obj + off[SHAPE]))
+            else:
+                _prefetch(_load64(obj + off[DIMS]))
 
 
 @njit(cache=True)
@@ -329,19 +373,21 @@ def gather(off, head, part):
     spans_lo = np.empty((4, n), dtype=np.int64)  # by slot (params, then each buffer): runs the pool often sorted
     spans_hi = np.empty((4, n), dtype=np.int64)
     runs = np.zeros(4, dtype=np.int64)
-    info = np.empty(4, dtype=np.int64)
+    info = np.empty(5, dtype=np.int64)
     device = -2
     n_blocks = 0
     for t in range(n):
+        _ahead(off, head, t, n)
         row = part[t] if part.shape[0] else 0
         if row < 0 or row >= n_parts:
             return t + 1, -1, 0, np.empty(0, dtype=np.uint8)
         if not _array(off, _item(off, head[0], t), p_dtype, True, info):
             return t + 1, -1, 0, np.empty(0, dtype=np.uint8)
-        nd, dims = info[2], info[3]
-        size = 1
-        for d in range(nd):
-            size *= _load64(dims + 8 * d)
+        nd, dims, size = info[2], info[3], info[4]
+        if size < 0:
+            size = 1
+            for d in range(nd):
+                size *= _load64(dims + 8 * d)
         if device == -2:
             device = info[1]
         elif info[1] != device:
@@ -354,7 +400,7 @@ def gather(off, head, part):
             if info[0] % p_size:
                 return t + 1, -1, 0, np.empty(0, dtype=np.uint8)
             aligned[t] = info[0] % 16 == 0
-        if not _array(off, _item(off, head[1], t), p_dtype, False, info) or not _same_shape(info, nd, dims):
+        if not _array(off, _item(off, head[1], t), p_dtype, False, info) or not _same_shape(info, nd, dims, size):
             return t + 1, -1, 0, np.empty(0, dtype=np.uint8)
         if info[1] != device:
             return n + 2, -1, 0, np.empty(0, dtype=np.uint8)
@@ -366,7 +412,8 @@ def gather(off, head, part):
         for j in range(3):
             if head[2 + j] == 0 or head[N_HEAD + 3 * row + j] == 0:
                 continue
-            if not _array(off, _item(off, head[2 + j], t), s_dtype, True, info) or not _same_shape(info, nd, dims):
+            buf = _item(off, head[2 + j], t)
+            if not _array(off, buf, s_dtype, True, info) or not _same_shape(info, nd, dims, size):
                 return t + 1, -1, 0, np.empty(0, dtype=np.uint8)
             if info[1] != device:
                 return n + 2, -1, 0, np.empty(0, dtype=np.uint8)

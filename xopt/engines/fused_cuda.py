@@ -267,6 +267,7 @@ def _table(ptrs, sizes, aligned, part, scalar_bytes):
 
 
 _size = operator.attrgetter("size")
+_step_of = operator.itemgetter("step")
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
@@ -397,21 +398,26 @@ def step(opt, kind, views, values, ps, gs, states, part):
     if len(views) == 1:
         kept = views[0].buffers()
         keeps = [[name in kept for name in slots]]
+        try:
+            lists = [ps, gs, *[list(map(operator.itemgetter(name), states)) if name in kept else None
+                               for name in slots]]
+        except KeyError:  # made at the checked path's next step (an option turned on)
+            return None
     else:
         keeps = [[name in view.buffers() for name in slots] for view in views]
-    lists = [ps, gs]
-    for j, name in enumerate(slots):
-        if all(k[j] for k in keeps):
-            try:
-                lists.append(list(map(operator.itemgetter(name), states)))
-            except KeyError:  # made at the checked path's next step (an option turned on)
-                return None
-        elif any(k[j] for k in keeps):
-            lists.append([st.get(name) for st in states])
-        else:
-            lists.append(None)
+        lists = [ps, gs]
+        for j, name in enumerate(slots):
+            if all(k[j] for k in keeps):
+                try:
+                    lists.append(list(map(operator.itemgetter(name), states)))
+                except KeyError:
+                    return None
+            elif any(k[j] for k in keeps):
+                lists.append([st.get(name) for st in states])
+            else:
+                lists.append(None)
     lists += [None] * (5 - len(lists))
-    lists.append([st["step"] for st in states])  # their types checked with the arrays, values by the caller
+    lists.append(list(map(_step_of, states)))  # their types checked with the arrays, values by the caller
     keeps = [k + [False] * (3 - len(k)) for k in keeps]
     n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
     scalar_bytes = _scalar_bytes(n_parts, math_dtype)
@@ -443,8 +449,7 @@ def step(opt, kind, views, values, ps, gs, states, part):
     if n_blocks == 0:
         return None if clip is not None or skip else (None, False)  # nothing to write; the checked path's norm
     rows = np.zeros((n_parts, N_SCALARS), dtype=math_dtype)
-    for i, v in enumerate(values):
-        rows[i, :len(v)] = v
+    rows[:, :len(values[0])] = values  # every part's row as long: one kind
     _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
     table[o_scalars:o_scalars + rows.nbytes] = rows.reshape(-1).view(np.uint8)
     norm = None
