@@ -315,7 +315,7 @@ def _sorted(rows, lengths):
         run = rows[r, :lengths[r]]
         for i in range(1, run.shape[0]):
             if run[i] < run[i - 1]:
-                run = _radix_sort(run)
+                run = np.sort(run) if run.shape[0] < 256 else _radix_sort(run)
                 break
         if m == 0:
             out[:run.shape[0]] = run
