@@ -21,7 +21,9 @@ time the same plain updates with the engine's ``step`` replaced by one that retu
 The stub's own work (reading the table's address through ctypes) is in the figures.
 
 Rounds interleave every case; each figure is the median over rounds of the median of ``--steps``
-updates, in microseconds.  Prints a table and writes JSON with --out.
+updates, in microseconds.  Prints a table and writes JSON with --out, with the load average and
+the time of a Python call that does nothing (the machine's speed at the time: compare with
+``benchmarks/cold_call.py``'s figures).
 
     python benchmarks/cuda_host.py [--rounds 30] [--steps 5] [--sizes 10,1000,10000] [--reader both] [--out FILE]
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -115,6 +118,10 @@ def setup(cupy, n, extra, rng):
     return opt, params, grads
 
 
+def _nothing():
+    pass
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=30)
@@ -165,6 +172,11 @@ def main(argv=None):
                 raise SystemExit(f"not one upload a step: {key} {calls[key]}")
     fused_cuda.cuda_memory, fused_cuda.step = compiled, real_step
     warm_up = max(1, args.rounds // 10)
+    nothing = []
+    for _ in range(2000):
+        t0 = clock()
+        _nothing()
+        nothing.append(clock() - t0)
     rows = []
     for (reader, n, case), laps in times.items():
         us = statistics.median(laps[warm_up:]) * 1e6
@@ -181,7 +193,8 @@ def main(argv=None):
     if args.out:
         result = {"command": "python benchmarks/cuda_host.py " + " ".join(argv or []), "commit": commit(),
                   "machine": platform.processor() or platform.machine(), "cupy": cupy.__version__,
-                  "elements_per_tensor": ELEMENTS, "rounds": args.rounds, "steps": args.steps, "rows": rows}
+                  "elements_per_tensor": ELEMENTS, "rounds": args.rounds, "steps": args.steps,
+                  "load_average": os.getloadavg(), "python_call_us": statistics.median(nothing) * 1e6, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
