@@ -1,10 +1,12 @@
 // xopt/engines/cuda/optimizers.cu built for the CPU: every block, every thread, one after another.
 //
-// The kernel has no shared memory and no __syncthreads, so running its threads in turn gives
-// what the GPU computes (with --fmad=false there, -ffp-contract=off here).  Its 16-byte accesses
-// are counted, and one at an address the GPU could not load 16 bytes from makes the launch fail
-// (xopt_host_launch returns 2).  What this cannot show: anything about the GPU itself (NVRTC, the
-// PTX half conversions, speed).  Built and driven by tests/test_cuda_source.py.
+// The step kernel has no shared memory and no __syncthreads, so running its threads in turn gives
+// what the GPU computes (with --fmad=false there, -ffp-contract=off here).  The norm kernel's
+// phases, which __syncthreads separates on the GPU, run here each for every thread of a block
+// before the next (xopt_host_norm).  The 16-byte accesses are counted, and one at an address the
+// GPU could not load 16 bytes from makes the launch fail (xopt_host_launch returns 2).  What this
+// cannot show: anything about the GPU itself (NVRTC, the PTX half conversions, the atomics and
+// fences of the norm pass, speed).  Built and driven by tests/test_cuda_source.py.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,6 +34,13 @@ template <typename T>
 XOPT_INLINE T xopt_ld(const T* a) { return *a; }
 template <typename T>
 XOPT_INLINE void xopt_st(T* a, T x) { *a = x; }
+template <typename T>
+XOPT_INLINE T xopt_ld_l2(const T* a) { return *a; }
+XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks) {  // atomicInc, one block at a time
+    const unsigned int old = *done;
+    *done = old >= blocks - 1 ? 0 : old + 1;
+    return old;
+}
 #define XOPT_ALIGNED(a) (((std::uintptr_t)(a) & 15) == 0)
 #define XOPT_UNROLL
 
@@ -54,25 +63,24 @@ XOPT_INLINE void xopt_st16(void* a, uint4 x) {
 
 template <int RULE, typename P, typename S>
 static void run(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes, const int* blocks,
-                int n_tensors, int live, const void* clip, const double* s) {
+                int n_tensors, const void* clip, const void* scalars) {
     blockDim.x = threads;
     for (int b = 0; b < n_blocks; ++b) {
         blockIdx.x = b;
         for (int t = 0; t < threads; ++t) {
             threadIdx.x = t;
-            xopt_step<RULE, P, S>(ptrs, sizes, blocks, n_tensors, live, (const S*)clip, (S)s[0], (S)s[1], (S)s[2],
-                                  (S)s[3], (S)s[4], (S)s[5], (S)s[6], (S)s[7], (S)s[8]);
+            xopt_step<RULE, P, S>(ptrs, sizes, blocks, n_tensors, (const S*)clip, (const S*)scalars);
         }
     }
 }
 
 template <int RULE>
 static int run_typed(int ptype, int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
-                     const int* blocks, int n_tensors, int live, const void* clip, const double* s) {
+                     const int* blocks, int n_tensors, const void* clip, const void* scalars) {
     switch (ptype) {
-        case 16: run<RULE, xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
-        case 32: run<RULE, float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
-        case 64: run<RULE, double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); return 0;
+        case 16: run<RULE, xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
+        case 32: run<RULE, float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
+        case 64: run<RULE, double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
     }
     return 1;
 }
@@ -80,25 +88,49 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
 // rule: 0-9 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 // Returns 0, 1 for no such kernel, 2 if a 16-byte access was not 16-byte aligned.
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
-                                const long long* sizes, const int* blocks, int n_tensors, int live, const void* clip,
-                                const double* s) {
+                                const long long* sizes, const int* blocks, int n_tensors, const void* clip,
+                                const void* scalars) {
     xopt_host_wide = 0;
     xopt_host_misaligned = false;
     int rc = 1;
     switch (rule) {
-        case 0: rc = run_typed<0>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 1: rc = run_typed<1>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 2: rc = run_typed<2>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 3: rc = run_typed<3>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 4: rc = run_typed<4>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 5: rc = run_typed<5>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 6: rc = run_typed<6>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 7: rc = run_typed<7>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 8: rc = run_typed<8>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
-        case 9: rc = run_typed<9>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, live, clip, s); break;
+#define XOPT_CASE(r) case r: rc = run_typed<r>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); break;
+        XOPT_CASE(0) XOPT_CASE(1) XOPT_CASE(2) XOPT_CASE(3) XOPT_CASE(4)
+        XOPT_CASE(5) XOPT_CASE(6) XOPT_CASE(7) XOPT_CASE(8) XOPT_CASE(9)
+#undef XOPT_CASE
     }
     return rc == 0 && xopt_host_misaligned ? 2 : rc;
 }
 
 // The 16-byte accesses of the last launch.
 extern "C" long long xopt_host_wide_accesses() { return xopt_host_wide; }
+
+// xopt_norm as the GPU runs it: its phases in the order its __syncthreads sets, each phase for every thread of a
+// block before the next (the blocks one after another: the last one counted is the last one run).
+template <typename P, typename S>
+static void norm(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                 int n_tensors, double* sums, unsigned int* done, double* out, S* scale, double max_norm) {
+    static double sq[XOPT_THREADS], nf[XOPT_THREADS];
+    for (int b = 0; b < n_blocks; ++b) {
+        for (int t = 0; t < threads; ++t) xopt_norm_share<P>(ptrs, sizes, blocks, n_tensors, b, t, threads, sq, nf);
+        if (!xopt_norm_block(sq, nf, threads, sums, done, b, n_blocks)) continue;
+        for (int t = 0; t < threads; ++t) xopt_norm_gather(sums, n_blocks, t, threads, sq, nf);
+        xopt_norm_finish<S>(sq, nf, threads, out, scale, max_norm);
+    }
+}
+
+// ptype as above; returns 0, or 1 for no such kernel or more threads than the kernel's shared arrays hold.
+extern "C" int xopt_host_norm(int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
+                              const long long* sizes, const int* blocks, int n_tensors, double* sums,
+                              unsigned int* done, double* out, void* scale, double max_norm) {
+    if (threads > XOPT_THREADS) return 1;
+    switch (ptype) {
+        case 16: norm<xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
+                                        (float*)scale, max_norm); return 0;
+        case 32: norm<float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
+                                    (float*)scale, max_norm); return 0;
+        case 64: norm<double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
+                                      (double*)scale, max_norm); return 0;
+    }
+    return 1;
+}

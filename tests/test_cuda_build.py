@@ -194,14 +194,36 @@ def test_nvcc_builds_every_kernel_instance(tmp_path):
     for rule, dtype in INSTANCES:
         name, math = fused_cuda.kernel_name(rule, dtype), fused_cuda.PTYPES[np.dtype(dtype).name][1]
         lines.append(f"template __global__ void {name}(const unsigned long long*, const long long*, "
-                     f"const int*, int, int, const {math}*, {', '.join([math] * fused_cuda.N_SCALARS)});")
+                     f"const int*, int, const {math}*, const {math}*);")
+    for dtype in DTYPES:
+        name, math = fused_cuda.norm_name(dtype), fused_cuda.PTYPES[dtype][1]
+        lines.append(f"template __global__ void {name}(const unsigned long long*, const long long*, const int*, int, "
+                     f"double*, unsigned int*, double*, {math}*, double);")
     src = tmp_path / "instances.cu"
     src.write_text("\n".join(lines) + "\n")
     ptx = tmp_path / "instances.ptx"
     subprocess.run([nvcc, f"-arch=sm_{ARCH}", *fused_cuda.OPTIONS, "-Werror", "all-warnings", "-ptx", str(src),
                     "-o", str(ptx)], check=True, capture_output=True, text=True)
     text = ptx.read_text()
-    assert text.count(".entry ") == len(INSTANCES)
+    assert text.count(".entry ") == len(INSTANCES) + len(DTYPES)
     assert "fma." not in text, "--fmad=false should leave no fused multiply-add"
     assert ".ftz" not in text, "subnormals are kept"
     assert "cvt.rn.f16.f32" in text and "cvt.f32.f16" in text  # half params converted in the kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_pass_builds_through_cupys_nvrtc_without_a_warning_or_local_memory(compiler, dtype, tmp_path):
+    """The norm pass (clip_grad_norm, skip_nonfinite) of each grad dtype, built as fused_cuda._function builds it."""
+    name, log = fused_cuda.norm_name(dtype), io.StringIO()
+    cubin, lowered = fused_cuda.build([name], arch=ARCH, log_stream=log)
+    assert log.getvalue().strip("\0 \n") == "", f"{name}: NVRTC said {log.getvalue()!r}"
+    assert lowered.get(name, "").startswith("_Z9xopt_norm") and cubin[:4] == b"\x7fELF"
+    nvdisasm = _tool("nvdisasm")
+    if nvdisasm is None:
+        pytest.skip("no nvdisasm (the nvidia-cuda-nvdisasm wheel) to read the SASS")
+    path = tmp_path / "norm.cubin"
+    path.write_bytes(_complete(cubin))
+    text = subprocess.run([nvdisasm, str(path)], check=True, capture_output=True, text=True).stdout
+    accesses = _accesses(text)
+    assert not {a for a in accesses if a.split(".")[0] in ("LDL", "STL")}, f"local memory: {sorted(accesses)}"
+    assert "ATOM" in text or "RED" in text, "no atomic count of the blocks done"

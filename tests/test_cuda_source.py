@@ -47,19 +47,35 @@ def host_kernel(tmp_path_factory):
     return so
 
 
+def at(address, dtype, count):
+    """``count`` elements of ``dtype`` at ``address`` (a NumPy view: what a launch's table holds there)."""
+    dtype = np.dtype(dtype)
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(int(address)), dtype)
+
+
 class HostDevice:
-    """fused_cuda.CupyDevice's interface over NumPy arrays and the CPU build of the kernel."""
+    """fused_cuda.CupyDevice's interface over NumPy arrays and the CPU build of the kernel.
+
+    The lane takes NumPy arrays here (and CuPy arrays made over host memory: their addresses are the host's)."""
 
     launches = 0
     lib = None
     current = None  # the "GPU" entered with on()
-    launched_on = []  # (current GPU, sizes in the table) per launch
-    wide = []  # 16-byte accesses per launch
-    uploads = []  # the rows written into tables after they were built
+    launched_on = []  # (current GPU, sizes in the table) per step launch
+    wide = []  # 16-byte accesses per step launch
+    uploads = []  # the tables uploaded
+    norms = 0  # norm-pass launches
 
-    address = staticmethod(lambda a: a.ctypes.data)
-    device_of = staticmethod(lambda a: 0)
+    address = staticmethod(lambda a: a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr)
+    device_of = staticmethod(lambda a: 0 if isinstance(a, np.ndarray) else a.data.device_id)
     download = staticmethod(np.asarray)
+
+    @staticmethod
+    def takes(array_type):
+        cupy = sys.modules.get("cupy")
+        return array_type is np.ndarray or (cupy is not None and array_type is cupy.ndarray)
 
     @classmethod
     def current_device(cls):
@@ -73,34 +89,62 @@ class HostDevice:
             yield
         finally:
             cls.current = before
-    upload = staticmethod(lambda host: np.array(host, copy=True, order="C"))
-    scale = staticmethod(lambda clip, dtype: np.array(clip, dtype=dtype).reshape(1))
 
     @classmethod
-    def row_writer(cls, table, row):
-        def write(host):
-            cls.uploads.append(np.array(host))
-            table[row] = host
-        return write
+    def upload(cls, host):
+        if host.dtype == np.uint8:  # a step's table (the self-check uploads its arrays too)
+            cls.uploads.append(host.copy())
+        return np.array(host, copy=True, order="C")
+
+    scratch = staticmethod(lambda nbytes: np.full(nbytes, 0xFF, dtype=np.uint8))  # not zeroed, as on a GPU
+    scale = staticmethod(lambda clip, dtype: np.array(clip, dtype=dtype).reshape(1))
 
     @staticmethod
     def function(rule, dtype):
         return rule, np.dtype(dtype).itemsize * 8
 
+    @staticmethod
+    def norm_function(dtype):
+        return "norm", np.dtype(dtype).itemsize * 8
+
     @classmethod
     def launch(cls, function, n_blocks, args):
-        (rule, bits), (addresses, sizes, blocks, n_tensors, live, clip), scalars = function, args[:6], args[6:]
-        assert all(type(s) is type(scalars[0]) for s in scalars), "scalars of mixed types"
-        assert type(live) is np.int32 and type(n_tensors) is np.int32 and type(clip) is np.uint64
-        s = np.array(scalars, dtype=np.float64)
-        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
-        rc = cls.lib.xopt_host_launch(rule, bits, n_blocks, fused_cuda.THREADS, ptr(addresses), ptr(sizes),
-                                      ptr(blocks), int(n_tensors), int(live), ctypes.c_void_p(int(clip)), ptr(s))
+        kernel, bits = function
+        assert type(args[3]) is np.int32 and all(type(a) is np.uint64 for a in args[:3]), "table, sizes, blocks, n"
+        n_tensors = int(args[3])
+        ptrs, sizes, blocks = (ctypes.c_void_p(int(a)) for a in args[:3])
+        if kernel == "norm":
+            sums, done, out, scale, max_norm = args[4:]
+            assert all(type(a) is np.uint64 for a in (sums, done, out, scale)) and type(max_norm) is np.float64
+            rc = cls.lib.xopt_host_norm(bits, n_blocks, fused_cuda.THREADS, ptrs, sizes, blocks, n_tensors,
+                                        *(ctypes.c_void_p(int(a)) for a in (sums, done, out, scale)),
+                                        ctypes.c_double(max_norm))
+            assert rc == 0, f"no norm kernel for {bits}-bit grads"
+            cls.norms += 1
+            return
+        clip, scalars = args[4:]
+        assert type(clip) is np.uint64 and type(scalars) is np.uint64, "the clip scale's and the scalars' addresses"
+        rc = cls.lib.xopt_host_launch(kernel, bits, n_blocks, fused_cuda.THREADS, ptrs, sizes, blocks, n_tensors,
+                                      ctypes.c_void_p(int(clip)), ctypes.c_void_p(int(scalars)))
         assert rc != 2, "a 16-byte access at an address that is not 16-byte aligned"
-        assert rc == 0, f"no kernel for rule {rule}, {bits}-bit params"
+        assert rc == 0, f"no kernel for rule {kernel}, {bits}-bit params"
         cls.launches += 1
-        cls.launched_on.append((cls.current, sizes.tolist()))
+        cls.launched_on.append((cls.current, at(args[1], np.int64, n_tensors).tolist()))
         cls.wide.append(cls.lib.xopt_host_wide_accesses())
+
+
+def grads_read(args):
+    """The grad row of a step launch's table: the addresses the kernel reads its grads from."""
+    n = int(args[3])
+    return at(int(args[0]) + 8 * n, np.int64, n).tolist()
+
+
+def nudge_first_scalar(function, n_blocks, args):
+    """The first scalar of each part a step launch runs, one ulp up (a kernel made wrong)."""
+    math = np.float64 if function[1] == 64 else np.float32
+    for part in set(at(args[2], np.int32, 4 * n_blocks)[3::4].tolist()):
+        first = at(int(args[5]) + part * fused_cuda.N_SCALARS * np.dtype(math).itemsize, math, 1)
+        first[0] = np.nextafter(first[0], math(np.inf))
 
 
 @pytest.fixture
@@ -111,6 +155,7 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(HostDevice, "launched_on", [])
     monkeypatch.setattr(HostDevice, "wide", [])
     monkeypatch.setattr(HostDevice, "uploads", [])
+    monkeypatch.setattr(HostDevice, "norms", 0)
     monkeypatch.setattr(fused_cuda, "DEVICE", HostDevice)
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind
@@ -313,7 +358,7 @@ def _break_rule(monkeypatch, rule):
 
     def broken(cls, function, n_blocks, args):
         if function[0] == rule:
-            args = (*args[:6], np.nextafter(args[6], np.inf), *args[7:])
+            nudge_first_scalar(function, n_blocks, args)
         launch(cls, function, n_blocks, args)
     monkeypatch.setattr(HostDevice, "launch", classmethod(broken))
 
@@ -380,11 +425,12 @@ def test_half_params_keep_a_small_eps(cuda_on_cpu):
 @pytest.mark.parametrize("sizes", [[], [0], [0, 0, 5], [1, C, C + 1, 3 * C, 7], list(range(0, 5 * C, 997))])
 def test_block_table_covers_each_element_once(sizes):
     aligned = [t % 2 for t in range(len(sizes))]
-    blocks = fused_cuda.block_table(sizes, aligned)
-    assert blocks.dtype == np.int32 and blocks.shape[1] == 3
+    part = [t % 3 for t in range(len(sizes))]
+    blocks = fused_cuda.block_table(sizes, aligned, part)
+    assert blocks.dtype == np.int32 and blocks.shape[1] == 4
     covered = [np.zeros(n, dtype=np.int64) for n in sizes]
-    for t, chunk, flag in blocks:
-        assert flag == aligned[t], "a block without its tensor's alignment"
+    for t, chunk, flag, row in blocks:
+        assert flag == aligned[t] and row == part[t], "a block without its tensor's alignment or part"
         lo = int(chunk) * C
         assert lo < sizes[t], "a block with nothing to do"
         covered[t][lo:lo + C] += 1
@@ -413,16 +459,19 @@ def ending(values, offset):  # its own allocation, ending where the array ends, 
 
 for config in CONFIGS:
     for dtype in DTYPES:
-        for offset in (0, 1):  # 16-byte accesses, and one at a time
-            opt = make(config)
+        for offset in (0, 1):  # 16-byte accesses, and one at a time (with the norm pass before the step)
+            opt = make(config, impl="fused", clip_grad_norm=1.0 if offset else None, skip_nonfinite=bool(offset))
             math = np.float64 if dtype == np.float64 else np.float32
             ps = [ending(np.array(rng.standard_normal(s), dtype=dtype), offset) for s in SHAPES]
             gs = [ending(np.array(rng.standard_normal(s), dtype=dtype), offset) for s in SHAPES]
-            states = [{name: ending(np.full(s, 0.5, dtype=math), offset) for name in opt.buffers()} for s in SHAPES]
-            table = fused_cuda.Table(opt, ps, states, np.dtype(dtype))
-            for step in (1, 2):
-                assert table.run(opt, gs, opt.scalars(step))
-print("launches", HostDevice.launches, "wide", sum(HostDevice.wide))
+            states = [{name: ending(np.full(s, 0.5, dtype=math), offset) for name in opt.buffers()} | {"step": 1}
+                      for s in SHAPES]
+            found = fused_cuda.kind(opt, np.dtype(dtype))
+            for step in (1, 2):  # the lane's step, as update() calls it, over arrays each in its own allocation
+                values = [found.order(opt, opt.scalars(step))]
+                outcome = fused_cuda.step(opt, found, [opt], values, ps, gs, states, None)
+                assert outcome is not None and outcome[1] is False and (outcome[0] is None) == (not offset)
+print("norms", HostDevice.norms, "launches", HostDevice.launches, "wide", sum(HostDevice.wide))
 """
 
 
@@ -443,5 +492,5 @@ def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"launches {len(CONFIGS) * len(DTYPES) * 2 * 2} wide " in out.stdout
+    assert f"norms {len(CONFIGS) * len(DTYPES) * 2} launches {len(CONFIGS) * len(DTYPES) * 2 * 2} wide " in out.stdout
     assert int(out.stdout.split()[-1]) > 0, "no 16-byte access ran under the sanitizer"

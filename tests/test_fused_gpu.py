@@ -91,7 +91,7 @@ def test_float16_params_keep_a_small_eps(rng, cupy):
 
 
 def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
-    """10,000 tensors of 64-4096 elements: one launch a step, the plan from step 2, the reference's numbers."""
+    """10,000 tensors of 64-4096 elements: one launch a step (the lane's from step 2), the reference's numbers."""
     import xopt
     from xopt.engines import fused_cuda
 
@@ -155,23 +155,58 @@ def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch):
     assert len(launches) == 2 * len(cuda_check.CONFIGS[4]) + 1
 
 
-def test_grads_row_uploaded_only_when_addresses_change_and_on_the_current_stream(rng, cupy, monkeypatch):
-    """Same grad arrays: no upload after the plan's first; another stream: the step's work queued there."""
+@pytest.mark.parametrize("extra", [{}, dict(clip_grad_norm=1.0), dict(overrides={"b*": {"lr": 0.1}}),
+                                   dict(clip_grad_norm=1.0, skip_nonfinite=True)], ids=str)
+def test_lane_one_upload_and_one_launch_a_step_on_the_current_stream(extra, rng, cupy, monkeypatch):
+    """From the second step the lane takes each step: one table upload and one step launch (after the norm pass
+    where clip_grad_norm or skip_nonfinite asks), new grad arrays each step, all on the current stream; the
+    reference's numbers (a non-finite grad skips a step); the lane's norm the reference's up to its last bits."""
     import xopt
+    from xopt import _lane
     from xopt.engines import fused_cuda
 
-    writes = []
-    real_call = fused_cuda._PinnedRow.__call__
-    monkeypatch.setattr(fused_cuda._PinnedRow, "__call__", lambda self, v: (writes.append(1), real_call(self, v)))
-    host = rng.standard_normal(4096).astype(np.float32)
-    a, b = {"w": cupy.asarray(host)}, {"w": cupy.asarray(host)}
-    g = {"w": cupy.asarray(rng.standard_normal(4096).astype(np.float32))}
-    ref, fused = xopt.Adam(impl="reference"), xopt.Adam(impl="fused")
+    uploads, launches, answers = [], [], []
+    real_upload, real_launch, real_take = fused_cuda.CupyDevice.upload, fused_cuda.CupyDevice.launch, _lane.take
+    monkeypatch.setattr(fused_cuda.CupyDevice, "upload", staticmethod(lambda h: (uploads.append(1), real_upload(h))[1]))
+    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
+                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    monkeypatch.setattr(_lane, "take", lambda *args: (answers.append(real_take(*args)), answers[-1])[1])
+    host = {"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    a, b = ({k: cupy.asarray(v) for k, v in host.items()} for _ in range(2))
+    ref, fused = xopt.Adam(impl="reference", **extra), xopt.Adam(impl="fused", **extra)
     stream = cupy.cuda.Stream(non_blocking=True)
-    for _ in range(5):
-        with stream:
+    with stream:
+        for i in range(5):
+            g = {k: cupy.asarray(rng.standard_normal(v.shape).astype(np.float32) * 3) for k, v in host.items()}
+            if i == 3 and extra.get("skip_nonfinite"):
+                g["w"][7] = cupy.inf
             ref.update(a, g)
-            fused.update(b, g)
+            answers.clear()
+            fused.update(b, {k: v.copy() for k, v in g.items()})
+            assert answers == [i > 0]
     stream.synchronize()
-    assert len(writes) == 1
-    np.testing.assert_array_equal(cupy.asnumpy(b["w"]), cupy.asnumpy(a["w"]))
+    norm_pass = "clip_grad_norm" in extra
+    skipped = 1 if extra.get("skip_nonfinite") else 0
+    first = 2 if "overrides" in extra else 1
+    assert len(uploads) == first + 4 and len(launches) == first + 4 - skipped + (4 if norm_pass else 0)
+    assert fused.skipped_steps == ref.skipped_steps == skipped
+    for k in host:
+        np.testing.assert_allclose(cupy.asnumpy(b[k]), cupy.asnumpy(a[k]), **TOL[np.float32])
+    if norm_pass:
+        assert float(fused.last_grad_norm) == pytest.approx(float(ref.last_grad_norm), rel=1e-14)
+
+
+def test_lane_declines_what_it_must_not_take(rng, cupy):
+    """A grad that is its param, of another dtype, or not contiguous: the lane declines; the checked path raises
+    or takes the step as it would without the lane."""
+    import xopt
+
+    p = {"w": cupy.asarray(rng.standard_normal(100).astype(np.float32))}
+    opt = xopt.Adam(impl="fused")
+    for _ in range(2):
+        opt.update(p, {"w": cupy.ones(100, dtype=cupy.float32)})
+    with pytest.raises(ValueError):
+        opt.update(p, {"w": p["w"]})
+    opt.update(p, {"w": cupy.ones(100, dtype=cupy.float64)})
+    opt.update(p, {"w": cupy.ones(200, dtype=cupy.float32)[::2]})
+    assert opt.iter == 4

@@ -177,8 +177,17 @@ def hand_over(paths, factor):
 
 def lane_engine(opt, array_type):
     """The engine whose exact-type lane (:mod:`xopt._lane`) takes ``opt``'s steps on params of
-    ``array_type``, or None: the checked path takes them."""
-    if opt.impl == "reference" or array_type is not np.ndarray:
+    ``array_type``, or None: the checked path takes them.  NumPy arrays: the CPU engine; otherwise the CUDA
+    engine where its device takes that type (``fused_cuda.takes_type``: exact ``cupy.ndarray``) and the impl
+    lets it (``impl="auto"``: once a self-check of the rule has passed; the engine checks the step's GPU and
+    dtype)."""
+    if opt.impl == "reference":
         return None
-    engine = _fused_cpu()
-    return engine if engine is not None and engine.supports(opt) else None
+    if array_type is np.ndarray:
+        engine = _fused_cpu()
+        if engine is not None:
+            return engine if engine.supports(opt) else None
+    engine = _fused_cuda()
+    if engine is not None and engine.takes_type(array_type) and engine.supports(opt) and engine.lane_allowed(opt):
+        return engine
+    return None

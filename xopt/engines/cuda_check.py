@@ -12,7 +12,9 @@ first step differs; RAdam seven, as it rectifies from step 6): a scalar, an empt
 elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
 by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
 over two blocks.  Params standard normal,
-grads standard normal + 0.1 with a -0.0 and (step 2) a NaN.  Every param and state element must
+grads standard normal + 0.1 with a -0.0 and (step 2) a NaN; with ``clip_grad_norm``, rounded to multiples of
+1/64, so that the norm is exact whatever order a sum takes (the kernel's norm pass and CuPy's reduction add in
+different orders).  Every param and state element must
 have the reference's bits (any NaN equals any NaN).  Subnormals are left out: CuPy builds the
 reference's elementwise kernels with -ftz=true, xopt's kernel keeps them (as NumPy does).
 """
@@ -26,7 +28,7 @@ import numpy as np
 
 from .kernels import lookup
 
-__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted"]
+__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed"]
 
 CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element function
     0: [("SGD", {}), ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
@@ -141,6 +143,8 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
             b = {f"t{i}": _placed(dev, h, off) for i, (h, (_, off, _)) in enumerate(zip(hosts, cases))}
             for step in range(1, (n_steps[0] if n_steps else 2) + 1):
                 gh = [(rng.standard_normal(h.shape) + 0.1).astype(dtype) for h in hosts]
+                if "clip_grad_norm" in hyper:  # multiples of 1/64: their sum of squares is exact in any order
+                    gh = [(np.round(x.astype(np.float64) * 64) / 64).astype(dtype) for x in gh]
                 gh[2].reshape(-1)[0] = -0.0
                 if step == 2:
                     gh[2].reshape(-1)[1] = np.nan
@@ -161,6 +165,13 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
                         if diff:
                             return failed(f"{where}, state {buf} {diff}")
     return SelfCheck(kernel, device, True, checked)
+
+
+def passed(device, rule, dtype_name) -> bool:
+    """Whether the self-check ``impl="auto"`` ran for (GPU ``device``, ``rule``, param dtype) passed; False where
+    none ran yet (this runs none: the checked path's :func:`trusted` does)."""
+    result = RESULTS.get((device, rule, dtype_name))
+    return result is not None and result.passed
 
 
 def trusted(opt, e) -> bool:

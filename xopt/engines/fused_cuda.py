@@ -8,23 +8,33 @@ has passed on a GPU and VERIFIED below is set to True, ``impl="auto"`` runs thes
 (GPU, rule, dtype) only once :func:`self_check` has found them equal to the reference rule there,
 bit for bit, on edge shapes; ``impl="fused"`` runs them without it.
 
-A step is one launch of ``xopt_step<rule, P, S>`` over a :class:`Table`: the addresses
-of every tensor's param, grad and state buffers, their sizes, and which chunk of which
-tensor each block updates.  The table is built on the host and uploaded once; while
-the arrays stay the same (see :mod:`xopt._plan`) a step uploads the grads' addresses only when
-they changed, and launches on CuPy's current stream.  Scalars are computed on the host by the
-optimizer's own ``scalars(step)`` and passed by value in the math type (float32 for half params,
-so a small eps survives).  The clip scale of ``clip_grad_norm`` stays on the GPU (computed there
-from the norm, no host sync): the kernel reads it from device memory and multiplies each grad by
-it in the math type, as the reference rule does; the caller's grads are read, never copied.
+A step is one launch of ``xopt_step<rule, P, S>`` over a table built on the host for that step and
+uploaded in one host-to-device copy: the addresses of every tensor's param, grad and state buffers,
+their sizes, which chunk of which tensor each block updates (with whether the tensor is 16-byte
+aligned, for 128-bit accesses, and its part), and a row of scalars for each part of the step (a
+hyperparameter set at a step count: several parts, from ``overrides=`` or params at different step
+counts, share the launch).  The scalars are computed on the host by the optimizer's own
+``scalars(step)`` and written in the math type (float32 for half params, so a small eps survives).
+Nothing is remembered from one step to the next.
+
+The exact-type lane (:mod:`xopt._lane`) calls :func:`kind` and :func:`step`: one compiled call
+(:func:`xopt.engines.cuda_memory.gather`) reads every array's own struct, checks what the checked
+path checks (exact type, dtype, shape, C order, one GPU, no shared memory) and writes the table,
+or the step is declined with nothing written and the checked path (:func:`apply`) takes it.
+
+``clip_grad_norm`` and ``skip_nonfinite`` add one launch before the step, ``xopt_norm`` over the
+same table: the norm of the grads in double, left on the GPU with the clip scale, which the step
+reads from device memory (no host sync); the caller's grads are read, never copied.  Only
+``skip_nonfinite`` reads the norm's check back to the host (a sync), as the checked path does.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import math
 import operator
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +42,22 @@ import numpy as np
 from .. import _backend
 from .kernels import KERNELS, cut, lookup
 
-__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "PTYPES", "OPTIONS", "kernel_name", "block_table", "build",
-           "Table", "supports", "accepts", "apply", "compile_all", "PLAN_DTYPES", "device_of", "self_check",
-           "SelfCheck", "SelfCheckWarning", "trusted", "CLIPS"]
+try:
+    from . import cuda_memory
+except ImportError:  # no numba: the lane gathers through Python
+    cuda_memory = None
+
+__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",
+           "block_table", "build", "supports", "accepts", "takes_type", "lane_allowed", "kind", "Kind", "step",
+           "apply", "compile_all", "device_of", "self_check", "SelfCheck", "SelfCheckWarning", "trusted", "CLIPS"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
 SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
-CHUNK = int(re.search(r"#define XOPT_CHUNK (\d+)", SOURCE.read_text()).group(1))  # elements per block
-THREADS = 256  # threads per block
-N_SCALARS = 9  # the kernel's s0..s8; a rule that needs fewer gets zeros
+_TEXT = SOURCE.read_text()
+CHUNK = int(re.search(r"#define XOPT_CHUNK (\d+)", _TEXT).group(1))  # elements per block
+THREADS = int(re.search(r"#define XOPT_THREADS (\d+)", _TEXT).group(1))  # threads per block
+N_SCALARS = int(re.search(r"#define XOPT_SCALARS (\d+)", _TEXT).group(1))  # a part's row; fewer: zeros after
 N_SLOTS = 5  # rows of the address table: param, grad, three state buffers
 ALIGN = 16  # bytes: a tensor whose arrays all start on this boundary gets 128-bit loads and stores
 
@@ -58,13 +74,24 @@ def kernel_name(rule: int, dtype) -> str:
     return f"xopt_step<{rule}, {p}, {s}>"
 
 
-def block_table(sizes, aligned=None) -> np.ndarray:
-    """(tensor, chunk, aligned) per block, int32: every element of every tensor in exactly one block."""
+def norm_name(dtype) -> str:
+    """The template instance of the norm pass over grads of ``dtype``."""
+    p, s = PTYPES[np.dtype(dtype).name]
+    return f"xopt_norm<{p}, {s}>"
+
+
+def block_table(sizes, aligned=None, part=None) -> np.ndarray:
+    """(tensor, chunk, aligned, part) per block, int32: every element of every tensor in exactly one block."""
     tensor, chunk = cut(sizes, CHUNK)
     if len(sizes) >= 2**31 or (len(chunk) and chunk[-1] >= 2**31):
         raise ValueError("too many tensors or chunks for one launch")
-    flag = np.zeros(len(tensor), dtype=np.int64) if aligned is None else np.asarray(aligned, dtype=np.int64)[tensor]
-    return np.stack([tensor, chunk, flag], axis=1).astype(np.int32).reshape(-1, 3)
+    out = np.zeros((len(tensor), 4), dtype=np.int32)
+    out[:, 0], out[:, 1] = tensor, chunk
+    if aligned is not None:
+        out[:, 2] = np.asarray(aligned, dtype=np.int32)[tensor]
+    if part is not None:
+        out[:, 3] = np.asarray(part, dtype=np.int32)[tensor]
+    return out
 
 
 def build(names, arch=None, log_stream=None):
@@ -79,44 +106,17 @@ def build(names, arch=None, log_stream=None):
                                         log_stream=log_stream)
 
 
-class _PinnedRow:
-    """Writes one row of a device table from page-locked host memory, on the current stream.
-
-    Two staging buffers, each rewritten only once the copy that last read it is done (an event
-    each), so a step waits for the GPU only when it runs two address changes ahead of it.
-    """
-
-    def __init__(self, table, row):
-        import cupy
-
-        self.dst = table[row]
-        self.memory = [cupy.cuda.alloc_pinned_memory(max(self.dst.nbytes, 1)) for _ in range(2)]
-        self.host = [np.frombuffer(m, self.dst.dtype, self.dst.size) for m in self.memory]
-        self.copied = [None, None]
-        self.turn = 0
-
-    def __call__(self, values):
-        import cupy
-
-        k, self.turn = self.turn, 1 - self.turn
-        if self.copied[k] is not None:
-            self.copied[k].synchronize()
-        self.host[k][...] = values
-        stream = cupy.cuda.get_current_stream()
-        self.dst.data.copy_from_host_async(self.host[k].ctypes.data_as(ctypes.c_void_p), self.dst.nbytes, stream)
-        self.copied[k] = stream.record()
-
-    def __del__(self):  # the staging memory goes back to CuPy's pool: not while a copy may still read it
-        for event in self.copied:
-            if event is not None:
-                event.synchronize()
-
-
 class CupyDevice:
-    """How a :class:`Table` reaches the GPU; the tests put the CPU build of the kernel in its place."""
+    """How a step's table reaches the GPU and is launched; the tests put the CPU build of the kernel in its place."""
 
     address = staticmethod(operator.attrgetter("data.ptr"))
     device_of = staticmethod(operator.attrgetter("data.device_id"))
+
+    @staticmethod
+    def takes(array_type) -> bool:
+        """Whether the lane takes params of ``array_type`` here: exact ``cupy.ndarray`` (never imports CuPy)."""
+        cupy = sys.modules.get("cupy")
+        return cupy is not None and array_type is getattr(cupy, "ndarray", None)
 
     @staticmethod
     def current_device():
@@ -133,17 +133,24 @@ class CupyDevice:
 
     @staticmethod
     def upload(host):
+        """``host`` (a NumPy array) on the current GPU: one copy, on the current stream (CuPy stages it through
+        page-locked memory, which it keeps until the copy is done)."""
         import cupy
 
         return cupy.asarray(host)
+
+    @staticmethod
+    def scratch(nbytes):
+        """``nbytes`` of device memory (uint8), not initialised."""
+        import cupy
+
+        return cupy.empty(nbytes, dtype=cupy.uint8)
 
     @staticmethod
     def download(a):
         import cupy
 
         return cupy.asnumpy(a)
-
-    row_writer = _PinnedRow
 
     @staticmethod
     def scale(clip, dtype):
@@ -157,6 +164,12 @@ class CupyDevice:
         import cupy
 
         return _function(cupy.cuda.Device().id, kernel_name(rule, dtype))
+
+    @staticmethod
+    def norm_function(dtype):
+        import cupy
+
+        return _function(cupy.cuda.Device().id, norm_name(dtype))
 
     @staticmethod
     def launch(function, n_blocks, args):
@@ -184,111 +197,14 @@ def compile_all() -> float:
     import time
 
     t0 = time.perf_counter()
-    for rule in sorted({r for r, _, _ in KERNELS.values()}):
-        for dtype in PTYPES:
+    for dtype in PTYPES:
+        for rule in sorted({r for r, _, _ in KERNELS.values()}):
             DEVICE.function(rule, dtype)
+        DEVICE.norm_function(dtype)
     return time.perf_counter() - t0
 
 
-_shape_of = operator.attrgetter("dtype", "shape", "strides")
-
-
-class Table:
-    """The arrays of one launch: addresses (param, grad, buffers) per tensor, sizes, blocks.
-
-    Each state buffer has its slot (the rule's, from :data:`~xopt.engines.kernels.KERNELS`); a
-    slot the configuration does not keep holds 0 and its bit in ``live`` is clear, so the kernel
-    never reads it.  A tensor whose param and buffers all start on a 16-byte boundary is flagged
-    in the block table for 128-bit accesses (the kernel checks the grad's address itself).
-
-    Memory model: the table holds every param and state buffer whose address it uploads
-    (``self.arrays``), so none is freed while it may be written; the caller holds the grads
-    through :meth:`run`.  Before a launch, :meth:`run` checks on the host that each of them is
-    still at the address, with the dtype, shape and strides, it was built with, that every grad is
-    of the params' type and shares no byte with a param or a buffer; else it launches nothing and
-    returns False.
-    """
-
-    def __init__(self, opt, ps, states, dtype, gs=None):
-        """``ps``: contiguous params of ``dtype``, all on one GPU, sharing no memory (checked by the caller);
-        ``gs``: the grads of the first :meth:`run`, if known, uploaded with the table."""
-        rule, self.scalar_order, slots = lookup(opt)
-        kept = opt.buffers()
-        device = DEVICE
-        self.device, self.n = device, len(ps)
-        self.array_type = type(ps[0]) if ps else None  # the grads' type too (a NumPy grad has no device address)
-        self.device_id = device.device_of(ps[0]) if ps else None
-        self.math = np.dtype(_backend.compute_dtype(np, np.dtype(dtype)))
-        self.live = np.int32(sum(1 << k for k, name in enumerate(slots) if name in kept))
-        addresses = np.zeros((N_SLOTS, self.n), dtype=np.uint64)
-        aligned = np.ones(self.n, dtype=bool)
-        self.arrays, spans = [], []
-        for t, (p, st) in enumerate(zip(ps, states)):
-            row = [p] + [st[name] if name in kept else None for name in slots]
-            for slot, a in zip([0, *range(2, 2 + len(slots))], row):
-                if a is None:
-                    continue
-                addresses[slot, t] = device.address(a)
-                aligned[t] &= device.address(a) % ALIGN == 0
-                self.arrays.append(a)
-                if a.size:
-                    spans.append((device.address(a), device.address(a) + a.nbytes))
-        self.layouts = self._layouts(self.arrays)
-        self.grad_layouts = [_shape_of(p) for p in ps]
-        spans = np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
-        self.starts, self.ends = spans[:, 0].copy(), spans[:, 1].copy()
-        if np.any(self.starts[1:] < self.ends[:-1]):
-            raise RuntimeError("xopt internal error: a table over arrays that share memory")
-        sizes = np.array([p.size for p in ps], dtype=np.int64)
-        self.grad_bytes = sizes * np.dtype(dtype).itemsize
-        blocks = block_table(sizes, aligned)
-        self.n_blocks = len(blocks)
-        self.grads = None  # the grads' addresses in the device table, once there
-        if gs is not None:
-            self.grads = addresses[1] = np.fromiter(map(device.address, gs), np.uint64, self.n)
-        self._writer = None
-        with device.on(self.device_id):
-            self.addresses, self.sizes, self.blocks = (device.upload(addresses), device.upload(sizes),
-                                                       device.upload(blocks))
-            self.function = device.function(rule, dtype) if self.n_blocks else None
-
-    def _layouts(self, arrays):
-        return list(zip(map(_shape_of, arrays), map(self.device.address, arrays), map(self.device.device_of, arrays)))
-
-    def run(self, opt, gs, scalars, clip=None) -> bool:
-        """One launch: the grads' addresses in (if changed), scalars by value, the clip scale (clip_grad_norm; None:
-        off) in device memory; False (nothing launched) if an array moved or a grad is not of the params' array type."""
-        if set(map(type, gs)) - {self.array_type}:
-            return False
-        if self._layouts(self.arrays) != self.layouts or list(map(_shape_of, gs)) != self.grad_layouts:
-            return False
-        if {self.device.device_of(g) for g in gs} - {self.device_id}:
-            return False
-        grads = np.fromiter(map(self.device.address, gs), np.uint64, self.n)
-        if len(self.starts):
-            lo = grads.astype(np.int64)
-            j = np.searchsorted(self.starts, lo + self.grad_bytes)
-            if np.any((self.grad_bytes > 0) & (j > 0) & (self.ends[np.maximum(j - 1, 0)] > lo)):
-                return False
-        if self.n_blocks == 0:
-            return True
-        values = [self.math.type(v) for v in self.scalar_order(opt, scalars)]
-        values += [self.math.type(0)] * (N_SCALARS - len(values))
-        with self.device.on(self.device_id):
-            scale = None if clip is None else self.device.scale(clip, self.math)  # held until the launch is queued
-            if self.grads is None or not np.array_equal(grads, self.grads):
-                if self._writer is None:
-                    self._writer = self.device.row_writer(self.addresses, 1)
-                self._writer(grads)
-                self.grads = grads
-            self.device.launch(self.function, self.n_blocks,
-                               (self.addresses, self.sizes, self.blocks, np.int32(self.n), self.live,
-                                np.uint64(0 if scale is None else self.device.address(scale)), *values))
-        return True
-
-
-PLAN_DTYPES = tuple(PTYPES)  # half too: the kernel converts, no copies
-CLIPS = True  # apply and Table take the clip scale (Entry.clip): the kernel scales each grad in the math type
+CLIPS = True  # apply and step take the clip scale (Entry.clip): the kernel scales each grad in the math type
 
 
 def device_of(a):
@@ -308,6 +224,259 @@ def accepts(opt, e) -> bool:
     return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
 
 
+def takes_type(array_type) -> bool:
+    """Whether the exact-type lane may hand this engine params of ``array_type`` (exact ``cupy.ndarray``; the
+    tests' CPU build of the kernel takes NumPy arrays too)."""
+    return DEVICE.takes(array_type)
+
+
+def lane_allowed(opt) -> bool:
+    """Whether ``opt``'s impl lets the lane try this engine: ``impl="fused"``, or the kernels verified, or under
+    ``impl="auto"`` a self-check of its rule passed on some GPU (:func:`step` checks the step's GPU and dtype)."""
+    if opt.impl == "fused" or VERIFIED:
+        return True
+    from . import cuda_check
+
+    rule = lookup(opt)[0]
+    return any(result.passed and key[1] == rule for key, result in cuda_check.RESULTS.items())
+
+
+# -- a step's table ---------------------------------------------------------------------------------
+def _sections(n, n_blocks, scalar_bytes):
+    """Byte offsets in a step's table: sizes, blocks, scalars' rows, the norm pass's count, the end."""
+    sizes, blocks = 40 * n, 48 * n
+    scalars = blocks + 16 * n_blocks
+    count = scalars + scalar_bytes
+    return sizes, blocks, scalars, count, count + 8
+
+
+def _scalar_bytes(n_parts, math_dtype) -> int:
+    return -(-n_parts * N_SCALARS * math_dtype.itemsize // 8) * 8
+
+
+def _table(ptrs, sizes, aligned, part, scalar_bytes):
+    """The table :func:`xopt.engines.cuda_memory.gather` writes, from the addresses (5 x n), sizes, aligned flags
+    and parts; zeroed scalars' rows and count."""
+    n = len(sizes)
+    blocks = block_table(sizes, aligned, part)
+    table = np.zeros(_sections(n, len(blocks), scalar_bytes)[-1], dtype=np.uint8)
+    table[:40 * n] = ptrs.astype(np.int64).reshape(-1).view(np.uint8)
+    table[40 * n:48 * n] = sizes.astype(np.int64).view(np.uint8)
+    table[48 * n:48 * n + blocks.nbytes] = blocks.reshape(-1).view(np.uint8)
+    return len(blocks), table
+
+
+_size = operator.attrgetter("size")
+_step_of = operator.itemgetter("step")
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+
+
+def _flags_ok(arrays, array_type, write) -> bool:
+    if not all(a.flags.c_contiguous for a in arrays):
+        return False
+    if array_type is np.ndarray:  # the CPU build's arrays: aligned, and writeable where written
+        return all(a.flags.aligned and (a.flags.writeable or not write) for a in arrays)
+    return True
+
+
+def _gather_python(array_type, lists, keeps, part, dtype, state_dtype, scalar_bytes):
+    """What :func:`xopt.engines.cuda_memory.gather` answers, by Python's attribute lookups: (answer, device,
+    blocks, table), answer 0 where every check passed (any other number: refused)."""
+    ps, gs, slots, steps = lists[0], lists[1], lists[2:5], lists[5]
+    n = len(ps)
+    device = DEVICE
+    if len(gs) != n or any(lst is not None and len(lst) != n for lst in slots) or (steps is not None
+                                                                                    and len(steps) != n):
+        return 1, -1, 0, None
+    part = np.zeros(n, dtype=np.int64) if part is None or not len(part) else np.asarray(part, dtype=np.int64)
+    if n and (part.min() < 0 or part.max() >= len(keeps)):
+        return 1, -1, 0, None
+    kept = np.asarray(keeps, dtype=bool).reshape(-1, 3)[part]  # (n, 3): which slots each tensor's part keeps
+    rows = [np.flatnonzero(kept[:, j]) if slots[j] is not None else np.zeros(0, dtype=np.int64) for j in range(3)]
+    bufs = [[slots[j][i] for i in rows[j]] for j in range(3)]
+    flat = [b for slot in bufs for b in slot]
+    if {*map(type, ps), *map(type, gs), *map(type, flat)} != {array_type}:
+        return 1, -1, 0, None
+    if {*map(_dtype, ps), *map(_dtype, gs)} != {dtype} or (flat and set(map(_dtype, flat)) != {state_dtype}):
+        return 1, -1, 0, None
+    shapes = list(map(_shape, ps))
+    if list(map(_shape, gs)) != shapes:
+        return 1, -1, 0, None
+    for j in range(3):
+        if [b.shape for b in bufs[j]] != [shapes[i] for i in rows[j]]:
+            return 1, -1, 0, None
+    if not (_flags_ok(ps, array_type, True) and _flags_ok(gs, array_type, False)
+            and _flags_ok(flat, array_type, True)):
+        return 1, -1, 0, None
+    if steps is not None and not all(type(s) is int for s in steps):
+        return 1, -1, 0, None
+    devices = {*map(device.device_of, ps), *map(device.device_of, gs), *map(device.device_of, flat)}
+    if len(devices) > 1:
+        return n + 2, -1, 0, None
+    sizes = np.fromiter(map(_size, ps), dtype=np.int64, count=n)
+    ptrs = np.zeros((N_SLOTS, n), dtype=np.int64)
+    ptrs[0] = np.fromiter(map(device.address, ps), dtype=np.uint64, count=n).astype(np.int64)
+    ptrs[1] = np.fromiter(map(device.address, gs), dtype=np.uint64, count=n).astype(np.int64)
+    for j in range(3):
+        ptrs[2 + j, rows[j]] = np.fromiter(map(device.address, bufs[j]), dtype=np.uint64,
+                                           count=len(rows[j])).astype(np.int64)
+    live = sizes > 0
+    p_size, s_size = dtype.itemsize, state_dtype.itemsize
+    item = np.array([p_size, p_size, s_size, s_size, s_size], dtype=np.int64)[:, None]
+    present = (ptrs != 0) | (np.arange(N_SLOTS) < 2)[:, None]
+    if np.any(live & np.any(present & (ptrs % item != 0), axis=0)):
+        return 1, -1, 0, None
+    aligned = ~np.any(present & (ptrs % ALIGN != 0), axis=0)
+    spans_lo, spans_hi = [ptrs[0, live]], [ptrs[0, live] + sizes[live] * p_size]
+    for j in range(3):
+        where = rows[j][live[rows[j]]]
+        spans_lo.append(ptrs[2 + j, where])
+        spans_hi.append(ptrs[2 + j, where] + sizes[where] * s_size)
+    lo, hi = np.concatenate(spans_lo), np.concatenate(spans_hi)
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    if np.any(lo[1:] < hi[:-1]):
+        return n + 1, -1, 0, None
+    g_lo = ptrs[1, live]
+    j = np.searchsorted(lo, g_lo + sizes[live] * p_size)
+    if np.any((j > 0) & (hi[np.maximum(j - 1, 0)] > g_lo)):
+        return n + 1, -1, 0, None
+    n_blocks, table = _table(ptrs, sizes, aligned, part, scalar_bytes)
+    return 0, (devices.pop() if devices else -1), n_blocks, table
+
+
+# -- the exact-type lane ------------------------------------------------------------------------------
+class Kind:
+    """What a step of one optimizer class on one param dtype runs: its rule, the order of its scalars, its state
+    slots, the params' dtype and the math (and state) dtype."""
+
+    __slots__ = ("rule", "order", "slots", "dtype", "math")
+
+    def __init__(self, rule, order, slots, dtype, math):
+        self.rule, self.order, self.slots, self.dtype, self.math = rule, order, slots, dtype, math
+
+
+_KINDS = {}  # (optimizer class, param dtype, state_dtype) -> its Kind, or None: no kernel
+_NO_PART = np.empty(0, dtype=np.int64)
+
+
+def kind(opt, dtype):
+    """The :class:`Kind` of a step of ``opt`` on params of ``dtype`` (float16, float32 or float64), or None."""
+    key = (type(opt), dtype, opt._hyper.get("state_dtype"))
+    found = _KINDS.get(key, False)
+    if found is False:
+        found = _KINDS[key] = _new_kind(opt, dtype)
+    return found
+
+
+def _new_kind(opt, dtype):
+    found = lookup(opt)
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        return None
+    if found is None or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
+        return None
+    rule, order, slots = found
+    dtype = np.dtype(name)
+    return Kind(rule, order, slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
+
+
+def step(opt, kind, views, values, ps, gs, states, part):
+    """The whole step in one launch (two with ``clip_grad_norm`` or ``skip_nonfinite``), or None: declined,
+    nothing written.
+
+    As :func:`xopt.engines.fused_cpu.step`: ``kind`` from :func:`kind`; ``views`` the hyperparameter set of
+    each part of the step and ``values`` its kernel scalars; ``part`` each tensor's part (None: all part 0);
+    ``ps``, ``gs`` and ``states`` lists the caller holds.  Returns ``(norm, skipped)``: ``norm`` the clip norm,
+    a 0-d float64 array on the GPU (None without ``clip_grad_norm``); ``skipped`` True where skip_nonfinite
+    skipped the step (nothing written).
+    """
+    array_type = type(ps[0])
+    slots = kind.slots
+    if len(views) == 1:
+        kept = views[0].buffers()
+        keeps = [[name in kept for name in slots]]
+        try:
+            lists = [ps, gs, *[list(map(operator.itemgetter(name), states)) if name in kept else None
+                               for name in slots]]
+        except KeyError:  # made at the checked path's next step (an option turned on)
+            return None
+    else:
+        keeps = [[name in view.buffers() for name in slots] for view in views]
+        lists = [ps, gs]
+        for j, name in enumerate(slots):
+            if all(k[j] for k in keeps):
+                try:
+                    lists.append(list(map(operator.itemgetter(name), states)))
+                except KeyError:
+                    return None
+            elif any(k[j] for k in keeps):
+                lists.append([st.get(name) for st in states])
+            else:
+                lists.append(None)
+    lists += [None] * (5 - len(lists))
+    lists.append(list(map(_step_of, states)))  # their types checked with the arrays, values by the caller
+    keeps = [k + [False] * (3 - len(k)) for k in keeps]
+    n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
+    scalar_bytes = _scalar_bytes(n_parts, math_dtype)
+    off = None if cuda_memory is None else cuda_memory.layout(array_type)
+    if off is not None:
+        head = np.array([0 if x is None else id(x) for x in lists]
+                        + [n, id(dtype), id(math_dtype), dtype.itemsize, math_dtype.itemsize, n_parts, scalar_bytes,
+                           CHUNK] + [int(flag) for k in keeps for flag in k], dtype=np.int64)
+        answer, device_id, n_blocks, table = cuda_memory.gather(off, head, _NO_PART if part is None
+                                                                else np.array(part, dtype=np.int64))
+    else:
+        answer, device_id, n_blocks, table = _gather_python(array_type, lists, keeps, part, dtype, math_dtype,
+                                                            scalar_bytes)
+    if answer:
+        return None
+    device = DEVICE
+    if device_id < 0:  # arrays without a device field (the CPU build's NumPy arrays): asked one by one
+        ids = {*map(device.device_of, ps), *map(device.device_of, gs)}
+        ids.update(device.device_of(b) for lst in lists[2:5] if lst is not None for b in lst if b is not None)
+        if len(ids) != 1:
+            return None
+        device_id = ids.pop()
+    if opt.impl != "fused" and not VERIFIED:
+        from . import cuda_check
+
+        if not cuda_check.passed(device_id, kind.rule, dtype.name):
+            return None  # impl="auto" before its self-check on this GPU: the checked path runs it
+    clip, skip = opt.clip_grad_norm, opt.skip_nonfinite
+    if n_blocks == 0:
+        return None if clip is not None or skip else (None, False)  # nothing to write; the checked path's norm
+    rows = np.zeros((n_parts, N_SCALARS), dtype=math_dtype)
+    rows[:, :len(values[0])] = values  # every part's row as long: one kind
+    _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
+    table[o_scalars:o_scalars + rows.nbytes] = rows.reshape(-1).view(np.uint8)
+    norm = None
+    with device.on(device_id):
+        dev = device.upload(table)
+        base = device.address(dev)
+        tables = (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n))
+        scale = 0
+        if clip is not None or skip:
+            scratch = device.scratch(24 + 16 * n_blocks)  # norm and check (float64), the clip scale, the sums
+            at = device.address(scratch)
+            scale = 0 if clip is None else at + 16
+            device.launch(device.norm_function(dtype), n_blocks,
+                          (*tables, np.uint64(at + 24), np.uint64(base + o_count), np.uint64(at), np.uint64(scale),
+                           np.float64(0.0 if clip is None else clip)))
+            if clip is not None:
+                norm = scratch[:8].view(np.float64).reshape(())
+            if skip:
+                found, check = device.download(scratch[:16].view(np.float64)).tolist()
+                if not (math.isfinite(found) if clip is not None else check == 0.0):
+                    return norm, True
+        device.launch(device.function(kind.rule, dtype), n_blocks,
+                      (*tables, np.uint64(scale), np.uint64(base + o_scalars)))
+    return norm, False
+
+
+# -- the checked path -----------------------------------------------------------------------------
 def apply(opt, entries):
     """One launch per (dtype, step, GPU) group; non-contiguous params and grads of another dtype via copies."""
     device = DEVICE
@@ -315,25 +484,51 @@ def apply(opt, entries):
     groups = {}
     for e in entries:
         groups.setdefault((np.dtype(e.p.dtype), e.state["step"], device.device_of(e.p)), []).append(e)
+    names = opt.buffers()
     for (dtype, _, device_id), group in groups.items():
+        found = kind(opt, dtype)
         with device.on(device_id):
             ps, gs, write_back = [], [], []
             for e in group:
                 p = e.p
-                if not p.flags.c_contiguous:
-                    p = xp.ascontiguousarray(p)  # C order: so is the state, below
+                if not p.flags.c_contiguous or device.address(p) % p.itemsize:
+                    p = p.copy(order="C")  # C order, aligned: so is the state, below
                     write_back.append((e.p, p))
                 ps.append(p)
                 g = e.g
                 if g.dtype != dtype or not g.flags.c_contiguous:
                     g = xp.ascontiguousarray(g, dtype=dtype)
+                if device.address(g) % g.itemsize:
+                    g = g.copy(order="C")
                 gs.append(g)
-                for name in opt.buffers():
-                    if not e.state[name].flags.c_contiguous:
-                        e.state[name] = e.state[name].copy(order="C")
-            table = Table(opt, ps, [e.state for e in group], dtype, gs)
-            if not table.run(opt, gs, group[0].scalars, group[0].clip):
+                for name in names:
+                    buf = e.state[name]
+                    if not buf.flags.c_contiguous or device.address(buf) % buf.itemsize:
+                        e.state[name] = buf.copy(order="C")
+            states = [e.state for e in group]
+            keep = [name in names for name in found.slots]
+            lists = [ps, gs] + [[st[name] for st in states] if k else None for name, k in zip(found.slots, keep)]
+            lists += [None] * (5 - len(lists)) + [None]
+            scalar_bytes = _scalar_bytes(1, found.math)
+            answer, _, n_blocks, table = _gather_python(type(ps[0]), lists, [keep + [False] * (3 - len(keep))],
+                                                        None, dtype, found.math, scalar_bytes)
+            if answer:
                 raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
+            if n_blocks == 0:
+                continue
+            row = np.zeros(N_SCALARS, dtype=found.math)
+            values = found.order(opt, group[0].scalars)
+            row[:len(values)] = values
+            n = len(ps)
+            _, o_blocks, o_scalars, _, _ = _sections(n, n_blocks, scalar_bytes)
+            table[o_scalars:o_scalars + row.nbytes] = row.view(np.uint8)
+            clip = group[0].clip
+            scale = None if clip is None else device.scale(clip, found.math)  # held until the launch is queued
+            dev = device.upload(table)
+            base = device.address(dev)
+            device.launch(device.function(found.rule, dtype), n_blocks,
+                          (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n),
+                           np.uint64(0 if scale is None else device.address(scale)), np.uint64(base + o_scalars)))
             for target, source in write_back:
                 target[...] = source
 

@@ -4,28 +4,34 @@
 // A launch gets a table instead of a list of arguments (torch's multi_tensor_apply passes
 // pointers by value and so launches once per ~36 tensors):
 //   ptrs[slot * n_tensors + t]  the address of tensor t's slot: 0 param, 1 grad, 2-4 the rule's
-//                               state buffers, each in its own slot (0 where the configuration
-//                               does not keep it: `live` says which are read)
+//                               state buffers, each in its own slot (0 where the tensor's
+//                               hyperparameter set does not keep it: such a slot is never read)
 //   sizes[t]                    its number of elements
-//   blocks[3b], [3b + 1], [3b + 2]  block b's tensor, its chunk (of XOPT_CHUNK elements), and 1 if
-//                               the tensor's param and state addresses are 16-byte aligned
-// built on the host by xopt/engines/fused_cuda.py, uploaded once and reused while the arrays stay
-// the same; only the grad row changes from step to step (and is uploaded only when it does).
+//   blocks[4b], [4b + 1], [4b + 2], [4b + 3]  block b's tensor, its chunk (of XOPT_CHUNK elements),
+//                               1 if the tensor's param, grad and state addresses are 16-byte
+//                               aligned, and the tensor's part: its row of `scalars`
+//   scalars[XOPT_SCALARS * part + k]  the rule's scalars of each part of the step (a hyperparameter
+//                               set at a step count), in the math type S
+// built on the host by xopt/engines/fused_cuda.py for each step and uploaded in one copy with it.
 //
 // Shaped for bandwidth as torch's fused Adam (fused_adam_utils.cuh) and apex: each thread loads
 // XOPT_W elements of every operand into registers before any math (explicit ILP), with 128-bit
 // accesses where the tensor is aligned (the table's flag, and the grad's address, checked here
-// since it changes from step to step), and a scalar path otherwise and for a chunk's last
-// XOPT_W - 1 elements.  Every access is an explicit global one (__ldcs / __stcs: streamed, read
-// and written once), so no load turns generic.
+// as well), and a scalar path otherwise and for a chunk's last XOPT_W - 1 elements.  Every
+// access to a tensor is an explicit global one (__ldcs / __stcs: streamed, read and written
+// once), so no load turns generic.
 //
 // Each rule is the optimizer's reference rule (xopt/optimizers/<name>.py) per element, on values
 // already in registers: p and g loaded, the state buffers' values in and out by reference; it
 // returns the new p.  The same names, the same order of operations, and the scalars of its
-// scalars(step) in the order of xopt/engines/kernels.py, computed on the host and passed by
-// value in the math type S.  P is how the param is stored: float, double, or half (its 16 bits,
+// scalars(step) in the order of xopt/engines/kernels.py, computed on the host and read from the
+// table in the math type S.  P is how the param is stored: float, double, or half (its 16 bits,
 // converted with xopt_to_math / xopt_from_math); S is the type of the math and of the state:
 // float for half and float params, double for double.
+//
+// clip_grad_norm and skip_nonfinite add a launch before the step: xopt_norm, over the same
+// table, sums the grads' squares in double and leaves the norm, a finiteness check and the
+// clip scale in device memory, where the step reads the scale (no host sync).
 //
 // Built by xopt/engines/fused_cuda.py through CuPy's NVRTC with --fmad=false (no a * b + c is
 // fused: the reference's rounding) and without CuPy's -ftz=true (subnormals kept, as NumPy
@@ -35,6 +41,8 @@
 #ifndef XOPT_CHUNK
 #define XOPT_CHUNK 16384  // elements per block; the host side reads this line
 #endif
+#define XOPT_THREADS 256  // threads per block; the host side reads this line
+#define XOPT_SCALARS 9  // scalars per part (a rule that needs fewer gets zeros); the host side reads this line
 
 #ifndef XOPT_HOST
 #define XOPT_INLINE __device__ __forceinline__
@@ -58,6 +66,14 @@ template <typename T>
 XOPT_INLINE void xopt_st(T* a, T x) { __stcs(a, x); }
 XOPT_INLINE uint4 xopt_ld16(const void* a) { return __ldcs((const uint4*)a); }
 XOPT_INLINE void xopt_st16(void* a, uint4 x) { __stcs((uint4*)a, x); }
+// Cached in L2 only: the norm pass's grads (the step reads them next) and the sums other blocks wrote.
+template <typename T>
+XOPT_INLINE T xopt_ld_l2(const T* a) { return __ldcg(a); }
+// A count of the blocks done with their sums.
+XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks) {
+    __threadfence();  // this block's sums are seen by the block that counts last
+    return atomicInc(done, blocks - 1);  // back to 0 after the last block: the count is reusable
+}
 #define XOPT_ALIGNED(a) (((unsigned long long)(a) & 15) == 0)
 #define XOPT_UNROLL _Pragma("unroll")
 #endif  // the host build defines these in tests/cuda_host.cpp
@@ -289,16 +305,20 @@ XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i,
     }
 }
 
-// Block b updates chunk blocks[3b + 1] of tensor blocks[3b]; live: bit k set if state slot 2 + k is kept;
-// clip: the clip scale in device memory (clip_grad_norm: computed on the device, no host sync), or null.
+// Block b updates chunk blocks[4b + 1] of tensor blocks[4b] with the scalars of part blocks[4b + 3]; a state slot
+// whose address is 0 is not kept; clip: the clip scale in device memory (clip_grad_norm: computed on the device,
+// no host sync), or null.
 template <int RULE, typename P, typename S>
 __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
-                          const int* __restrict__ blocks, int n_tensors, int live, const S* __restrict__ clip,
-                          S s0, S s1, S s2, S s3, S s4, S s5, S s6, S s7, S s8) {
+                          const int* __restrict__ blocks, int n_tensors, const S* __restrict__ clip,
+                          const S* __restrict__ scalars) {
     enum { W = xopt_width<P>::value };
-    const S s[9] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
-    const int t = blocks[3 * blockIdx.x];
-    const long long lo = (long long)blocks[3 * blockIdx.x + 1] * XOPT_CHUNK;
+    const int t = blocks[4 * blockIdx.x];
+    const long long lo = (long long)blocks[4 * blockIdx.x + 1] * XOPT_CHUNK;
+    const S* row = scalars + XOPT_SCALARS * blocks[4 * blockIdx.x + 3];
+    S s[XOPT_SCALARS];
+    XOPT_UNROLL
+    for (int k = 0; k < XOPT_SCALARS; ++k) s[k] = row[k];
     const long long n = sizes[t];
     const long long hi = n < lo + XOPT_CHUNK ? n : lo + XOPT_CHUNK;
     P* __restrict__ p = (P*)ptrs[t];
@@ -306,9 +326,10 @@ __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const lon
     S* __restrict__ b0 = (S*)ptrs[2 * n_tensors + t];
     S* __restrict__ b1 = (S*)ptrs[3 * n_tensors + t];
     S* __restrict__ b2 = (S*)ptrs[4 * n_tensors + t];
+    const int live = (b0 != 0) | ((b1 != 0) << 1) | ((b2 != 0) << 2);
     const long long threads = blockDim.x;
     long long i = lo;
-    if (blocks[3 * blockIdx.x + 2] && XOPT_ALIGNED(g)) {  // lo is a multiple of W: every group stays aligned
+    if (blocks[4 * blockIdx.x + 2] && XOPT_ALIGNED(g)) {  // lo is a multiple of W: every group stays aligned
         const long long end = lo + (hi - lo) / W * W;
         for (long long j = lo + threadIdx.x * (long long)W; j < end; j += threads * W)
             xopt_wide<RULE, P, S, W>(p, g, b0, b1, b2, j, live, s, clip);
@@ -317,3 +338,93 @@ __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const lon
     for (long long j = i + threadIdx.x; j < hi; j += threads * W)
         xopt_narrow<RULE, P, S, W>(p, g, b0, b1, b2, j, threads, hi, live, s, clip);
 }
+
+// -- the norm pass (clip_grad_norm, skip_nonfinite): one launch over the step's table, before the step --------------
+// Block b sums the squares of its chunk's grad in double (exact for float and half grads: a square of a float fits
+// a double), and the grad minus itself (0, or NaN where an element is not finite).  The block that finishes last
+// adds the blocks' sums in block order, so the total does not depend on which block that is, and writes
+// out[0] the norm, out[1] the finiteness check (0: every grad finite) and, if scale is not null, the clip scale
+// min(1, max_norm / (norm + 1e-6)) in S, as torch's clip_grad_norm_ and xopt's reference compute it (NaN for a NaN
+// norm).  The phases below are separated by __syncthreads in xopt_norm; the CPU build runs each phase for every
+// thread of a block before the next.
+
+// Phase 1, each thread: its share of block b's chunk (elements lo + t, lo + t + threads, ...).
+template <typename P>
+XOPT_INLINE void xopt_norm_share(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                 int n_tensors, long long b, long long t, long long threads, double* sq, double* nf) {
+    const int tensor = blocks[4 * b];
+    const long long lo = (long long)blocks[4 * b + 1] * XOPT_CHUNK;
+    const long long n = sizes[tensor];
+    const long long hi = n < lo + XOPT_CHUNK ? n : lo + XOPT_CHUNK;
+    const P* g = (const P*)ptrs[n_tensors + tensor];
+    double s = 0.0, z = 0.0;
+    for (long long j = lo + t; j < hi; j += threads) {
+        const double x = (double)xopt_to_math(xopt_ld_l2(g + j));
+        s += x * x;
+        z += x - x;
+    }
+    sq[t] = s;
+    nf[t] = z;
+}
+
+// Phase 2, thread 0: the block's sums (its threads' shares in order) into sums[b] and sums[n_blocks + b]; whether
+// this block is the last one done.
+XOPT_INLINE bool xopt_norm_block(const double* sq, const double* nf, long long threads, double* sums,
+                                 unsigned int* done, long long b, long long n_blocks) {
+    double s = 0.0, z = 0.0;
+    for (long long t = 0; t < threads; ++t) {
+        s += sq[t];
+        z += nf[t];
+    }
+    sums[b] = s;
+    sums[n_blocks + b] = z;
+    return xopt_count_done(done, (unsigned int)n_blocks) == (unsigned int)(n_blocks - 1);
+}
+
+// Phase 3, each thread of the last block: its share of the blocks' sums (blocks t, t + threads, ...).
+XOPT_INLINE void xopt_norm_gather(const double* sums, long long n_blocks, long long t, long long threads,
+                                  double* sq, double* nf) {
+    double s = 0.0, z = 0.0;
+    for (long long b = t; b < n_blocks; b += threads) {
+        s += xopt_ld_l2(sums + b);
+        z += xopt_ld_l2(sums + n_blocks + b);
+    }
+    sq[t] = s;
+    nf[t] = z;
+}
+
+// Phase 4, thread 0 of the last block: the total, the norm, the check, the clip scale.
+template <typename S>
+XOPT_INLINE void xopt_norm_finish(const double* sq, const double* nf, long long threads, double* out, S* scale,
+                                  double max_norm) {
+    double s = 0.0, z = 0.0;
+    for (long long t = 0; t < threads; ++t) {
+        s += sq[t];
+        z += nf[t];
+    }
+    const double norm = xopt_sqrt(s);
+    out[0] = norm;
+    out[1] = z;
+    if (scale) {
+        const double c = max_norm / (norm + 1e-6);
+        *scale = (S)(c != c || c < 1.0 ? c : 1.0);
+    }
+}
+
+#ifndef XOPT_HOST
+template <typename P, typename S>
+__global__ void xopt_norm(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+                          const int* __restrict__ blocks, int n_tensors, double* sums, unsigned int* done,
+                          double* out, S* scale, double max_norm) {
+    __shared__ double sq[XOPT_THREADS], nf[XOPT_THREADS];
+    __shared__ bool last;
+    xopt_norm_share<P>(ptrs, sizes, blocks, n_tensors, blockIdx.x, threadIdx.x, blockDim.x, sq, nf);
+    __syncthreads();
+    if (threadIdx.x == 0) last = xopt_norm_block(sq, nf, blockDim.x, sums, done, blockIdx.x, gridDim.x);
+    __syncthreads();
+    if (!last) return;
+    xopt_norm_gather(sums, gridDim.x, threadIdx.x, blockDim.x, sq, nf);
+    __syncthreads();
+    if (threadIdx.x == 0) xopt_norm_finish<S>(sq, nf, blockDim.x, out, scale, max_norm);
+}
+#endif  // the CPU build runs the phases itself (tests/cuda_host.cpp)
