@@ -150,7 +150,7 @@ def test_self_check_covers_the_clip_scale(rule, cuda_on_cpu, monkeypatch):
     def no_clip(cls, function, n_blocks, args):
         launch(cls, function, n_blocks, args if function[0] == "norm" else (*args[:4], np.uint64(0), *args[5:]))
     monkeypatch.setattr(HostDevice, "launch", classmethod(no_clip))
-    result = fused_cuda.self_check(rule, np.float32)
+    result = cuda_check.self_check(rule, np.float32)
     assert not result.passed and "clip_grad_norm=1.0" in result.mismatch and "step 1" in result.mismatch, str(result)
 
 
@@ -498,7 +498,7 @@ def test_lane_on_cupy_arrays_refuses_whole(kind, reader, cuda_on_cpu, lane, monk
     before = {k: _host(v) for k, v in b.items()}
     state = {k: {n: _host(v) for n, v in st.items() if n != "step"} for k, st in ours.state.items()}
     bad = _cupy_bad(kind, b, ours.state, rng)
-    monkeypatch.setattr(xopt.optimizer, "collect", lambda params, grads: (_ for _ in ()).throw(_CheckedPath()))
+    monkeypatch.setattr(xopt._checked, "collect", lambda params, grads: (_ for _ in ()).throw(_CheckedPath()))
     lane.clear()
     with pytest.raises(_CheckedPath):
         ours.update(b, bad)

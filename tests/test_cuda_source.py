@@ -366,7 +366,7 @@ def _break_rule(monkeypatch, rule):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("rule", sorted(cuda_check.CONFIGS))
 def test_self_check_passes_on_the_kernel(rule, dtype, cuda_on_cpu):
-    result = fused_cuda.self_check(rule, dtype)
+    result = cuda_check.self_check(rule, dtype)
     assert result.passed and result.mismatch is None, str(result)
     steps = sum(config[2] if len(config) > 2 else 2 for config in cuda_check.CONFIGS[rule])
     assert cuda_on_cpu.launches == steps, "one launch per configuration and step"
@@ -375,13 +375,13 @@ def test_self_check_passes_on_the_kernel(rule, dtype, cuda_on_cpu):
 
 def test_readme_shows_what_self_check_prints(cuda_on_cpu):
     readme = (HERE.parent / "README.md").read_text()
-    line = str(fused_cuda.self_check("Adam", "float32"))
-    assert f">>> print(fused_cuda.self_check(\"Adam\", \"float32\"))" in readme and f"\n{line}\n" in readme
+    line = str(cuda_check.self_check("Adam", "float32"))
+    assert f">>> print(cuda_check.self_check(\"Adam\", \"float32\"))" in readme and f"\n{line}\n" in readme
 
 
 def test_self_check_names_the_case_it_fails_on(cuda_on_cpu, monkeypatch):
     _break_rule(monkeypatch, 3)
-    result = fused_cuda.self_check("RMSprop", np.float32)
+    result = cuda_check.self_check("RMSprop", np.float32)
     assert not result.passed
     assert result.mismatch.startswith("RMSprop() step 1, tensor (3, 5) (param offset 0, grad offset 0), param element ")
     assert "FAILED: RMSprop() step 1" in str(result)
@@ -411,7 +411,7 @@ def test_self_check_fails_cleanly_where_the_kernel_cannot_run(cuda_on_cpu, monke
     def no_kernel(rule, dtype):
         raise RuntimeError("NVRTC not found")
     monkeypatch.setattr(HostDevice, "function", staticmethod(no_kernel))
-    result = fused_cuda.self_check("Adam", np.float64)
+    result = cuda_check.self_check("Adam", np.float64)
     assert not result.passed and "the kernel raised RuntimeError('NVRTC not found')" in result.mismatch
 
 
@@ -469,7 +469,7 @@ for config in CONFIGS:
             found = fused_cuda.kind(opt, np.dtype(dtype))
             for step in (1, 2):  # the lane's step, as update() calls it, over arrays each in its own allocation
                 values = [found.order(opt, opt.scalars(step))]
-                outcome = fused_cuda.step(opt, found, [opt], values, ps, gs, states, None)
+                outcome = fused_cuda.step(opt, found, [opt], values, ps, gs, states, [st["step"] for st in states], None)
                 assert outcome is not None and outcome[1] is False and (outcome[0] is None) == (not offset)
 print("norms", HostDevice.norms, "launches", HostDevice.launches, "wide", sum(HostDevice.wide))
 """

@@ -134,9 +134,9 @@ def test_subnormals_as_numpy(config, dtype, rng, cupy):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("rule", range(10))
 def test_self_check_passes(rule, dtype, cupy):
-    from xopt.engines import fused_cuda
+    from xopt.engines import cuda_check, fused_cuda
 
-    result = fused_cuda.self_check(rule, dtype)
+    result = cuda_check.self_check(rule, dtype)
     assert result.passed, str(result)
 
 

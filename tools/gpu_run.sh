@@ -21,10 +21,10 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 # The kernels' self-check on this GPU (what impl="auto" runs before it trusts a kernel), every rule and dtype.
 python3 -c "
-from xopt.engines import fused_cuda
+from xopt.engines import cuda_check, fused_cuda
 for rule in sorted({r for r, _, _ in fused_cuda.KERNELS.values()}):
     for dtype in fused_cuda.PTYPES:
-        print(fused_cuda.self_check(rule, dtype))
+        print(cuda_check.self_check(rule, dtype))
 " 2>&1 | tee "$OUT/self-check.txt"
 # The gpu-marked tests, and the kernel source built and run on the CPU beside them (skipped if the image lacks
 # g++/nvcc/nvdisasm).

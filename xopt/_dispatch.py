@@ -58,9 +58,15 @@ def _fused_cuda():
     """The CuPy engine, or None when CuPy is not installed."""
     if not _installed("cupy"):
         return None
-    from .engines import fused_cuda
+    from .engines import cuda_check, fused_cuda  # noqa: F401  (cuda_check tells the engine what auto may run)
 
     return fused_cuda
+
+
+def _cuda_check():
+    from .engines import cuda_check
+
+    return cuda_check
 
 
 def _fused_dask():
@@ -85,7 +91,7 @@ def _engines(opt):
     if cpu is not None and cpu.supports(opt):
         engines.append((cpu, _always))
     if cuda is not None and cuda.supports(opt):
-        engines.append((cuda, cuda.trusted))  # its self-check, once per GPU, rule and dtype
+        engines.append((cuda, _cuda_check().trusted))  # its self-check, once per GPU, rule and dtype
     return engines
 
 
@@ -188,6 +194,6 @@ def lane_engine(opt, array_type):
         if engine is not None:
             return engine if engine.supports(opt) else None
     engine = _fused_cuda()
-    if engine is not None and engine.takes_type(array_type) and engine.supports(opt) and engine.lane_allowed(opt):
+    if engine is not None and engine.takes_type(array_type) and engine.supports(opt) and _cuda_check().lane_allowed(opt):
         return engine
     return None

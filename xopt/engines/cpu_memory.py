@@ -205,7 +205,7 @@ def check_step(off, head, part, ptrs, sizes):
     unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.
     """
     n = head[6]
-    param_type, state_type, param_size, state_size, n_parts = head[7], head[8], head[9], head[10], head[11]
+    param_type, state_type, param_size, state_size = head[7], head[8], head[9], head[10]
     for k in range(6):
         if head[k] != 0 and load_i64(head[k] + off[LIST_SIZE]) != n:
             return n + 1

@@ -28,7 +28,7 @@ import numpy as np
 
 from .kernels import lookup
 
-__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed"]
+__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed", "lane_allowed"]
 
 CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element function
     0: [("SGD", {}), ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
@@ -189,3 +189,29 @@ def trusted(opt, e) -> bool:
                           "on this GPU from now on; please report this with the message.", SelfCheckWarning,
                           stacklevel=2)
     return result.passed
+
+
+def lane_allowed(opt) -> bool:
+    """Whether ``opt``'s impl lets the lane try this engine: ``impl="fused"``, or the kernels verified, or under
+    ``impl="auto"`` a self-check of its rule passed on some GPU (:func:`step` checks the step's GPU and dtype)."""
+    from . import fused_cuda
+
+    if opt.impl == "fused" or fused_cuda.VERIFIED:
+        return True
+    rule = lookup(opt)[0]
+    return any(result.passed and key[1] == rule for key, result in RESULTS.items())
+
+
+def _auto_allowed(device, rule, dtype_name) -> bool:
+    return passed(device, rule, dtype_name)
+
+
+def _tell_the_engine():
+    """The CUDA engine asks this module (through ``fused_cuda.AUTO_ALLOWED``) whether ``impl="auto"`` may run a
+    kernel; the engine does not import this module, which runs it."""
+    from . import fused_cuda
+
+    fused_cuda.AUTO_ALLOWED = _auto_allowed
+
+
+_tell_the_engine()

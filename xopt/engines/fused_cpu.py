@@ -31,7 +31,7 @@ from numba import njit
 from .. import _backend
 from .._clip import is_finite, scale
 from .._threads import get_num_threads, pool as _pool
-from .cpu_memory import HEAD, N_HEAD, OFFSETS, check_step
+from .cpu_memory import N_HEAD, OFFSETS, check_step
 from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, done, run_serial, squares
 from .cpu_rules import sum_squares as _sum_squares
 from .kernels import cut, lookup

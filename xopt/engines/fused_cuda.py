@@ -48,8 +48,8 @@ except ImportError:  # no numba: the lane gathers through Python
     cuda_memory = None
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",
-           "block_table", "build", "supports", "accepts", "takes_type", "lane_allowed", "kind", "Kind", "step",
-           "apply", "compile_all", "device_of", "self_check", "SelfCheck", "SelfCheckWarning", "trusted", "CLIPS"]
+           "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step",
+           "apply", "compile_all", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -230,15 +230,11 @@ def takes_type(array_type) -> bool:
     return DEVICE.takes(array_type)
 
 
-def lane_allowed(opt) -> bool:
-    """Whether ``opt``'s impl lets the lane try this engine: ``impl="fused"``, or the kernels verified, or under
-    ``impl="auto"`` a self-check of its rule passed on some GPU (:func:`step` checks the step's GPU and dtype)."""
-    if opt.impl == "fused" or VERIFIED:
-        return True
-    from . import cuda_check
+def _not_yet(device_id, rule, dtype_name) -> bool:
+    return False
 
-    rule = lookup(opt)[0]
-    return any(result.passed and key[1] == rule for key, result in cuda_check.RESULTS.items())
+
+AUTO_ALLOWED = _not_yet  # (GPU, rule, param dtype name) -> may impl="auto" run the kernel: set by cuda_check
 
 
 # -- a step's table ---------------------------------------------------------------------------------
@@ -267,7 +263,6 @@ def _table(ptrs, sizes, aligned, part, scalar_bytes):
 
 
 _size = operator.attrgetter("size")
-_step_of = operator.itemgetter("step")
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
@@ -383,13 +378,20 @@ def _new_kind(opt, dtype):
     return Kind(rule, order, slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
 
 
-def step(opt, kind, views, values, ps, gs, states, part):
+def new_state(view, kind, p):
+    """None: a param's first step on the GPU is the checked path's (which makes its state, and under
+    ``impl="auto"`` runs the self-check); the lane takes the steps after it."""
+    return None
+
+
+def step(opt, kind, views, values, ps, gs, states, steps, part):
     """The whole step in one launch (two with ``clip_grad_norm`` or ``skip_nonfinite``), or None: declined,
     nothing written.
 
     As :func:`xopt.engines.fused_cpu.step`: ``kind`` from :func:`kind`; ``views`` the hyperparameter set of
     each part of the step and ``values`` its kernel scalars; ``part`` each tensor's part (None: all part 0);
-    ``ps``, ``gs`` and ``states`` lists the caller holds.  Returns ``(norm, skipped)``: ``norm`` the clip norm,
+    ``ps``, ``gs``, ``states`` and ``steps`` (their step counts) lists the caller holds.  Returns ``(norm,
+    skipped)``: ``norm`` the clip norm,
     a 0-d float64 array on the GPU (None without ``clip_grad_norm``); ``skipped`` True where skip_nonfinite
     skipped the step (nothing written).
     """
@@ -417,7 +419,7 @@ def step(opt, kind, views, values, ps, gs, states, part):
             else:
                 lists.append(None)
     lists += [None] * (5 - len(lists))
-    lists.append(list(map(_step_of, states)))  # their types checked with the arrays, values by the caller
+    lists.append(steps)  # their types checked with the arrays, their values by the caller
     keeps = [k + [False] * (3 - len(k)) for k in keeps]
     n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
     scalar_bytes = _scalar_bytes(n_parts, math_dtype)
@@ -440,11 +442,8 @@ def step(opt, kind, views, values, ps, gs, states, part):
         if len(ids) != 1:
             return None
         device_id = ids.pop()
-    if opt.impl != "fused" and not VERIFIED:
-        from . import cuda_check
-
-        if not cuda_check.passed(device_id, kind.rule, dtype.name):
-            return None  # impl="auto" before its self-check on this GPU: the checked path runs it
+    if opt.impl != "fused" and not VERIFIED and not AUTO_ALLOWED(device_id, kind.rule, dtype.name):
+        return None  # impl="auto" before its self-check on this GPU: the checked path runs it
     clip, skip = opt.clip_grad_norm, opt.skip_nonfinite
     if n_blocks == 0:
         return None if clip is not None or skip else (None, False)  # nothing to write; the checked path's norm
@@ -532,5 +531,3 @@ def apply(opt, entries):
             for target, source in write_back:
                 target[...] = source
 
-
-from .cuda_check import SelfCheck, SelfCheckWarning, self_check, trusted  # noqa: E402  (it reads this module)
