@@ -1,4 +1,4 @@
-"""What a step costs when the caches are cold, as in a training loop: the measurement behind #10's small-net figures.
+"""What a step costs when the caches are cold, as in a training loop: what a small update costs beyond its arrays.
 
 Between two updates a training loop runs a forward and a backward pass, which sweep megabytes of
 activations through the caches.  The next update then finds its code and its Python objects cold.
@@ -44,7 +44,7 @@ def cases(optimizer):
     grads = {k: np.ones(1) for k in range(10)}
     seed_params = {k: np.ones(1) for k in range(10)}
     ours, theirs = getattr(xopt, optimizer)(), getattr(seed, optimizer)()
-    for _ in range(3):  # the plan is built: later updates take the fast path
+    for _ in range(3):  # compiled, the state made, the caches warm
         ours.update(params, grads)
         theirs.update(seed_params, grads)
     floats = (0.1, 0.9, 0.999, 1e-8, 0.001)

@@ -48,7 +48,7 @@ def main(argv=None):
         opt = getattr(xopt, name)(impl="fused")
         params = {"p": rng.standard_normal(n).astype(np.float32)}
         grads = {"p": rng.standard_normal(n).astype(np.float32)}
-        opt.update(params, grads)  # state, plan, compiled kernel
+        opt.update(params, grads)  # state, compiled kernel
         steps[name] = lambda opt=opt, params=params, grads=grads: opt.update(params, grads)
     # Lion's bytes: read 20 bytes an element and write 10 of them again = 10 bytes an element, read + written.
     src = rng.random(n * 10 // 4, dtype=np.float32) + 1.0  # 10 bytes an element of Lion's tensor

@@ -72,8 +72,8 @@ def _apply_whole(opt, e, names, dtype, torch):
             state[k] = _as(xp, v, state[k].dtype)
         e.p = _as(xp, p_new, p.dtype)
         return
-    # Into the arrays in place, buffers too: a buffer that keeps its identity keeps a repeated step's plan
-    # (xopt._plan) from recording new buffers each step, which costs more than the copy.
+    # Into the arrays in place, buffers too: the state keeps its arrays (a reference held to one sees the
+    # step, as with the fused engines).
     for k, v in new.items():
         _assign(xp, state[k], v, torch)
     _assign(xp, p, p_new, torch)
