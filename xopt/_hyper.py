@@ -11,7 +11,7 @@ import math
 import numbers
 
 __all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of", "optional_positive",
-           "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides"]
+           "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides", "publish"]
 
 SCHEDULABLE = ("lr",)  # may be a schedule: a callable f(count) -> value
 GLOBAL = ("skip_nonfinite", "clip_grad_norm", "state_dtype")  # one value for the whole step: no override
@@ -74,7 +74,13 @@ def one_of(*choices):
 
 
 class Hyper:
-    """A hyperparameter checked by ``check(name, value)`` whenever it is set."""
+    """A hyperparameter checked by ``check(name, value)`` whenever it is set.
+
+    The value lives in the optimizer's ``_hyper`` (all of them, as the state_dict and the views read them) and,
+    for reading, in its ``__dict__`` under its own name: this descriptor has no ``__get__``, so ``opt.lr`` is a
+    plain attribute read (a step reads several; a Python-level ``__get__`` call each would cost more than the
+    rest of a small step's scalars).  Whatever replaces ``_hyper`` puts the values in ``__dict__`` too
+    (:func:`publish`)."""
 
     def __init__(self, check):
         self.check = check
@@ -83,26 +89,31 @@ class Hyper:
     def __set_name__(self, owner, name):
         self.name = name
 
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        return obj._hyper[self.name]
-
     def __set__(self, obj, value):
         value = check_value(self, value)
         obj.__dict__["_version"] = obj.__dict__.get("_version", 0) + 1  # cached override sets are rebuilt
         hyper = obj.__dict__.setdefault("_hyper", {})
         old = hyper.get(self.name, _MISSING)
-        hyper[self.name] = value
+        hyper[self.name] = obj.__dict__[self.name] = value
         if not obj.__dict__.get("_constructing", False):
             try:
                 obj._check_hyperparameters()
                 if obj.__dict__.get("_overrides"):
                     obj._groups()  # each override's set with the new value: refused here, not at the next step
             except Exception:
-                hyper[self.name] = old
+                if old is _MISSING:
+                    hyper.pop(self.name, None)
+                    obj.__dict__.pop(self.name, None)
+                else:
+                    hyper[self.name] = obj.__dict__[self.name] = old
                 obj.__dict__["_version"] += 1  # the sets cached with the refused value are dropped
                 raise
+
+
+def publish(obj, hyper):
+    """``hyper`` as ``obj``'s hyperparameters: its ``_hyper`` and, for reading, its attributes (see Hyper)."""
+    obj.__dict__["_hyper"] = hyper
+    obj.__dict__.update(hyper)
 
 
 _MISSING = object()

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _backend, _checked, _dispatch, _lane
 from ._atomic import StepGuard
-from ._hyper import Hyper, check_overrides, flag, optional_positive
+from ._hyper import Hyper, check_overrides, flag, optional_positive, publish
 from ._inputs import describe, param_keys
 
 __all__ = ["Optimizer", "fresh"]
@@ -182,7 +182,8 @@ class Optimizer:
         view.__dict__.update(self.__dict__)
         # Not the sets of the moment: each set's views would hold the last set's, a chain one longer for
         # every hyperparameter set (opt.lr = ... each step).
-        view.__dict__.update(_hyper=hyper, _group_cache=None)
+        view.__dict__["_group_cache"] = None
+        publish(view, hyper)
         return view
 
     def _at(self, group, count):
@@ -276,7 +277,7 @@ class Optimizer:
 
     def _load_state_dict(self, checked_state, state_dict, params):
         hyper, overrides, state, counters = checked_state(self, state_dict, params)
-        self._hyper = hyper
+        publish(self, hyper)
         self._overrides = overrides
         self._version = self.__dict__.get("_version", 0) + 1
         self._reset_groups()
