@@ -190,7 +190,7 @@ def check_step(off, head, part, ptrs, sizes):
     (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.
 
     ``head`` (see HEAD): the ids of six lists of n items each, built by the caller: params, grads,
-    the state buffers of the kernel's three slots (0: no list) and the step counts (0: no list),
+    the state buffers of the kernel's three slots and the step counts (``id(None)``: no list),
     then n, the dtype numbers of params and state buffers and their item sizes, the number of
     parts (hyperparameter set and step count pairs) and two numbers for the caller's use, followed
     by 3 flags per part: whether its configuration keeps each slot.  ``part[t]`` is row t's part (empty: all part 0).
@@ -207,7 +207,7 @@ def check_step(off, head, part, ptrs, sizes):
     n = head[6]
     param_type, state_type, param_size, state_size = head[7], head[8], head[9], head[10]
     for k in range(6):
-        if head[k] != 0 and load_i64(head[k] + off[LIST_SIZE]) != n:
+        if head[k] != off[NONE] and load_i64(head[k] + off[LIST_SIZE]) != n:
             return n + 1
     spans_lo = np.empty(4 * n, dtype=np.int64)
     spans_hi = np.empty(4 * n, dtype=np.int64)
@@ -234,7 +234,7 @@ def check_step(off, head, part, ptrs, sizes):
         row = part[t] if part.shape[0] else 0
         for j in range(3):
             ptrs[t, 2 + j] = ptrs[t, 0]
-            if head[2 + j] == 0 or head[N_HEAD + 3 * row + j] == 0:
+            if head[2 + j] == off[NONE] or head[N_HEAD + 3 * row + j] == 0:
                 continue
             b = _list_item(off, head[2 + j], t)
             if not _is_array(off, b, WRITE_FLAGS, state_type, nd, dims):
@@ -242,7 +242,7 @@ def check_step(off, head, part, ptrs, sizes):
             ptrs[t, 2 + j] = load_i64(b + off[DATA])
             spans_lo[m], spans_hi[m] = ptrs[t, 2 + j], ptrs[t, 2 + j] + size * state_size
             m += 1
-        if head[5] != 0 and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
+        if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
     order = np.argsort(spans_lo[:m])
     starts, ends = spans_lo[:m][order], spans_hi[:m][order]

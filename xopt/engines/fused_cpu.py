@@ -244,7 +244,7 @@ def _head(lists, n, kind, keeps, mode, part):
     A step of one part (the usual one) writes it into this thread's own buffer with one ``pack_into``: one
     allocation and one conversion less per call, which in a training loop run cold."""
     split_at = PARALLEL_MIN if get_num_threads() > 1 else _NEVER
-    head = [0 if x is None else id(x) for x in lists]
+    head = list(map(id, lists))  # id(None): no list
     head += [n, *kind.numbers, len(keeps), mode, split_at]
     for kept in keeps:
         head += kept
@@ -289,17 +289,17 @@ def step(opt, kind, views, values, ps, gs, states, steps, part):
     skipped)``: ``norm`` the clip norm (None without ``clip_grad_norm``), ``skipped`` True where
     skip_nonfinite skipped the step (nothing written).
     """
-    keeps = [kind.keeps(view.buffers()) for view in views]
     lists = [ps, gs, None, None, None]
+    keeps = [kind.keeps(view.buffers()) for view in views] if len(views) > 1 else [kind.keeps(views[0].buffers())]
     for j, get in enumerate(kind.getters):
-        kept = [k[j] for k in keeps]
-        if all(kept):
+        everywhere = keeps[0][j] if len(keeps) == 1 else all(k[j] for k in keeps)
+        if everywhere:
             try:
                 lists[2 + j] = list(map(get, states))
             except KeyError:  # made at the checked path's next step (an option turned on)
                 return None
-        elif any(kept):  # a buffer some parts keep: None for the others' params, never read
-            lists[2 + j] = [st.get(kind.slots[j]) for st in states]
+        elif len(keeps) > 1 and any(k[j] for k in keeps):  # a buffer some parts keep: None for the others'
+            lists[2 + j] = [st.get(kind.slots[j]) for st in states]  # params, never read
     lists.append(steps)  # their types checked in the compiled call, their values by the caller
     clip = opt._hyper["clip_grad_norm"]
     mode = CHECK_ONLY if clip is not None else CHECK_FINITE if opt._hyper["skip_nonfinite"] else 0
