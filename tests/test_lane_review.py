@@ -383,3 +383,18 @@ def test_a_first_step_with_overrides_is_the_checked_paths_then_the_lane(rng, lan
     assert lane[1::2] == [False, True, True]
     with pytest.raises(ValueError, match="matches no param"):
         xopt.Adam(overrides={"nothing*": {"lr": 0.1}}).update(copies(p_fast), grads_like(p_fast, rng))
+
+
+def test_a_copied_optimizers_hyperparameters_are_its_own(rng):
+    """Hyperparameters are plain attributes mirrored in ``_hyper``: a copy that shared the dict would read one
+    value and save another."""
+    import pickle
+
+    opt = xopt.Adam(lr=0.1)
+    for other in (copy.copy(opt), copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        other.lr = 0.5
+        assert (opt.lr, opt._hyper["lr"], opt.state_dict()["hyperparameters"]["lr"]) == (0.1, 0.1, 0.1)
+        assert (other.lr, other._hyper["lr"]) == (0.5, 0.5)
+    view = opt._at(0, 0)
+    opt.lr = 0.2
+    assert opt._at(0, 0).lr == 0.2 and opt.current_lr("nothing") == 0.2

@@ -93,6 +93,7 @@ class Optimizer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        publish(self, dict(state["_hyper"]))  # a copy's hyperparameters are its own (copy.copy shares the dict)
         self._guard = StepGuard()
 
     @classmethod
