@@ -395,6 +395,5 @@ def test_a_copied_optimizers_hyperparameters_are_its_own(rng):
         other.lr = 0.5
         assert (opt.lr, opt._hyper["lr"], opt.state_dict()["hyperparameters"]["lr"]) == (0.1, 0.1, 0.1)
         assert (other.lr, other._hyper["lr"]) == (0.5, 0.5)
-    view = opt._at(0, 0)
     opt.lr = 0.2
     assert opt._at(0, 0).lr == 0.2 and opt.current_lr("nothing") == 0.2
