@@ -397,3 +397,42 @@ def test_a_copied_optimizers_hyperparameters_are_its_own(rng):
         assert (other.lr, other._hyper["lr"]) == (0.5, 0.5)
     opt.lr = 0.2
     assert opt._at(0, 0).lr == 0.2 and opt.current_lr("nothing") == 0.2
+
+
+def test_a_skipped_first_step_makes_no_state(rng, lane):
+    """skip_nonfinite skips a first step with a NaN grad: no state is left, as on the checked path."""
+    for clip in (None, 1.0):
+        fast, ref = (xopt.Adam(skip_nonfinite=True, clip_grad_norm=clip, impl=impl) for impl in ("auto", "reference"))
+        for opt in (fast, ref):
+            opt.update({"w": np.ones(3), "x": np.ones(2)}, {"w": np.array([1.0, np.nan, 0.0]), "x": np.ones(2)})
+            assert opt.state == {} and opt.skipped_steps == 1 and opt.iter == 0 and opt.m is None
+    assert lane[0::2] == [True, True]
+
+
+@pytest.mark.parametrize("bad", [[1], "array", None])
+def test_a_malformed_step_count_gets_the_checked_paths_error(bad, rng, lane):
+    opt = xopt.Adam()
+    params = {"a": np.ones(3), "b": np.ones(2)}
+    opt.update(params, grads_like(params, rng))
+    opt.state["b"]["step"] = np.array([1, 1]) if bad == "array" else bad
+    with pytest.raises((ValueError, TypeError), match="'b'"):
+        opt.update(params, grads_like(params, rng))
+    assert lane[-1] is False and opt.state["a"]["step"] == 1
+
+
+def test_a_first_step_whose_schedule_raises_makes_no_state(rng):
+    """New params mid-run, one in an override group whose lr schedule raises: no state is left for either."""
+    def schedule(count):
+        if count == 0 and armed:
+            raise RuntimeError("schedule refused")
+        return 0.1
+
+    armed = False
+    opt = xopt.Adam(overrides={"b*": {"lr": schedule}})
+    params = {"a": np.ones(3), "b": np.ones(2)}
+    opt.update(params, grads_like(params, rng))
+    armed = True
+    params.update({"a2": np.ones(4), "b2": np.ones(5)})
+    with pytest.raises(RuntimeError, match="schedule refused"):
+        opt.update(params, grads_like(params, rng))
+    assert sorted(opt.state) == ["a", "b"]

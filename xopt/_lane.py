@@ -26,6 +26,7 @@ __all__ = ["take"]
 
 _MAX_STEP = 2**63 - 2  # a step count and the one after it fit in int64
 _NUMBERS = (float, int, np.floating)
+_SKIPPED = "skipped"  # what _step returns for a step skip_nonfinite skipped: handled, nothing written
 
 
 def take(opt, params, grads) -> bool:
@@ -65,38 +66,41 @@ def take(opt, params, grads) -> bool:
     if kind is None:
         return False
     states = list(map(opt.state.get, keys))
-    created = _new_states(opt, engine, kind, keys, ps, states) if None in states else ()
-    if created is None:
-        return False
+    created = []
     try:
-        took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes)
+        if None in states and not _new_states(opt, engine, kind, keys, ps, states, created):
+            took = False
+        else:
+            took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes)
     except BaseException:
         _forget(opt, created)
         raise
-    if not took:
+    if took is not True:  # declined, or skipped (skip_nonfinite): the state this call made goes
         _forget(opt, created)
-    return took
+    return bool(took)
 
 
-def _new_states(opt, engine, kind, keys, ps, states):
+def _new_states(opt, engine, kind, keys, ps, states, made) -> bool:
     """The state of each param that has none (its first step), made by the engine into ``opt.state`` and
-    ``states``; the keys made, or None (nothing made) where the lane leaves the first step to the checked path."""
+    ``states``, its key appended to ``made``; False where the lane leaves the first step to the checked path
+    (the caller then forgets what ``made`` holds)."""
     if opt._overrides and not opt._patterns_checked:  # the checked path checks the patterns first
-        return None
-    made, views = [], {}
+        return False
+    views = {}
     for i, st in enumerate(states):
         if st is None:
+            if keys[i] in opt.state:  # a state set to None: the checked path's to refuse
+                return False
             group = opt._group_of(keys[i]) if opt._overrides else 0
             view = views.get(group)
             if view is None:
                 view = views[group] = opt._at(group, 0)
             st = engine.new_state(view, kind, ps[i])
             if st is None:
-                _forget(opt, made)
-                return None
+                return False
             opt.state[keys[i]] = states[i] = st
             made.append(keys[i])
-    return made
+    return True
 
 
 def _forget(opt, keys):
@@ -104,7 +108,8 @@ def _forget(opt, keys):
         opt.state.pop(key, None)
 
 
-def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
+def _step(opt, engine, kind, params, keys, ps, gs, states, boxes):
+    """True: the step is done; _SKIPPED: skip_nonfinite skipped it; False: declined (nothing written)."""
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):
@@ -113,10 +118,14 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
     if type(first) is not int or not 0 <= first <= _MAX_STEP:  # each one's type is checked by the engine
         return False
     groups = list(map(opt._group_of, keys)) if opt._overrides else None
-    if steps.count(first) == len(steps) and (groups is None or groups.count(groups[0]) == len(groups)):
+    try:  # a step count that is an array or unhashable: the checked path's to refuse, naming it
+        same = steps.count(first) == len(steps)
+    except (TypeError, ValueError):
+        return False
+    if same and (groups is None or groups.count(groups[0]) == len(groups)):
         pairs, part = [(groups[0] if groups else 0, first)], None
     else:
-        if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in set(steps)):
+        if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in steps):
             return False
         index = {}
         part = [index.setdefault(pair, len(index)) for pair in zip(groups or [0] * len(steps), steps)]
@@ -142,7 +151,7 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes) -> bool:
         opt.skipped_steps += 1
         if norm is not None:
             opt.last_grad_norm = norm
-        return True
+        return _SKIPPED
     for st in states:
         st["step"] += 1
     if boxes is not None:
