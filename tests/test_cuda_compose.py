@@ -221,19 +221,22 @@ CASES = {"plain": {}, "clip": dict(clip_grad_norm=1.0), "overrides": dict(overri
          "in place": {}}
 
 
+def _case_inputs(case, dtype, rng):
+    """(hyperparameters, config, params, steps, grads of each step) of a lane case; "skip" cases get an Inf at step 3."""
+    params = _params(rng, dtype)
+    grads_seq = _grads(rng, params, 5, scale=3.0, exact_norm=True)
+    if "skip" in case:
+        grads_seq[2]["w1"][17] = np.inf
+    return CASES[case], "Adam-amsgrad-wd", params, 5, grads_seq
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_lane_steps_equal_the_reference(case, dtype, reader, cuda_on_cpu, lane, rng):
     """Every step after the first taken by the lane (the first makes the state: the checked path): params and every
     buffer the reference's, bit for bit; one table upload and one step launch a step (and one norm pass before it
     with clip_grad_norm or skip_nonfinite); a step skip_nonfinite skips launches no step and writes nothing."""
-    extra = CASES[case]
-    config = "Adam-amsgrad-wd"
-    params = _params(rng, dtype)
-    steps = 5
-    grads_seq = _grads(rng, params, steps, scale=3.0, exact_norm=True)
-    if "skip" in case:
-        grads_seq[2]["w1"][17] = np.inf
+    extra, config, params, steps, grads_seq = _case_inputs(case, dtype, rng)
     ref, a, ours, b = _lane_twins(config, params, grads_seq, lane, inplace=case == "in place", **extra)
     _assert_same(ref, ours, a, b, case)
     assert lane == [False] + [True] * (steps - 1), "the lane took every step after the first"
@@ -428,13 +431,7 @@ def _cupy_twin(config, params, first_grads, **extra):
 def test_lane_on_cupy_arrays_equals_the_reference(case, dtype, reader, cuda_on_cpu, lane, rng):
     """CuPy arrays, read from CuPy's structs (or, under the Python reader, by their attributes): every step after
     the first the lane's, bit for bit the reference's (on NumPy copies), one upload and one launch a step."""
-    extra = CASES[case]
-    config = "Adam-amsgrad-wd"
-    params = _params(rng, dtype)
-    steps = 5
-    grads_seq = _grads(rng, params, steps, scale=3.0, exact_norm=True)
-    if "skip" in case:
-        grads_seq[2]["w1"][17] = np.inf
+    extra, config, params, steps, grads_seq = _case_inputs(case, dtype, rng)
     ref = _opt(config, impl="reference", **extra)
     a = {k: _placed(v) for k, v in params.items()}
     with np.errstate(all="ignore"):
