@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -94,6 +95,12 @@ class StubDevice(fused_cuda.CupyDevice):
     @staticmethod
     def norm_function(dtype):
         return None
+
+    @classmethod
+    def launcher(cls, function, n_blocks, args):
+        return functools.partial(cls.launch, function, n_blocks, args)
+
+    select = staticmethod(lambda device_id: functools.partial(int))  # one device: nothing to switch
 
     @classmethod
     def launch(cls, function, n_blocks, args):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -106,6 +107,14 @@ class HostDevice:
     @staticmethod
     def norm_function(dtype):
         return "norm", np.dtype(dtype).itemsize * 8
+
+    @classmethod
+    def launcher(cls, function, n_blocks, args):
+        return functools.partial(cls.launch, function, n_blocks, args)
+
+    @classmethod
+    def select(cls, device_id):
+        return functools.partial(setattr, cls, "current", device_id)
 
     @classmethod
     def launch(cls, function, n_blocks, args):
@@ -469,8 +478,10 @@ for config in CONFIGS:
             found = fused_cuda.kind(opt, np.dtype(dtype))
             for step in (1, 2):  # the lane's step, as update() calls it, over arrays each in its own allocation
                 values = [found.order(opt, opt.scalars(step))]
-                outcome = fused_cuda.step(opt, found, [opt], values, ps, gs, states, [st["step"] for st in states], None)
-                assert outcome is not None and outcome[1] is False and (outcome[0] is None) == (not offset)
+                seen = []
+                took = fused_cuda.step(opt, found, [opt], values, ps, gs, states, [st["step"] for st in states], None,
+                                       lambda norm, skipped: seen.append((norm, skipped)) or [])
+                assert took is True and seen[-1][1] is False and (seen[-1][0] is None) == (not offset)
 print("norms", HostDevice.norms, "launches", HostDevice.launches, "wide", sum(HostDevice.wide))
 """
 

@@ -134,8 +134,14 @@ def test_one_call_per_hyperparameter_set(impl, monkeypatch):
         real = reference.apply_reference
         monkeypatch.setattr("xopt._dispatch.apply_reference", lambda opt, es: calls.append(len(es)) or real(opt, es))
     else:
-        real = fused_cpu._step  # each compiled call of the engine: its checks, then its kernel; head[6]: tensors
+        real = fused_cpu._step  # the lane's compiled call: its checks, then its kernel; head[6]: tensors
         monkeypatch.setattr(fused_cpu, "_step", lambda rule, off, head, *a: calls.append(int(head[6])) or real(rule, off, head, *a))
+
+        class Arrays(fused_cpu.Arrays):  # the checked path's: its arrays checked, then run by writes()
+            def __init__(self, rule, head, scal):
+                calls.append(int(head[6]))
+                super().__init__(rule, head, scal)
+        monkeypatch.setattr(fused_cpu, "Arrays", Arrays)
     params = {f"W{i}": np.ones(4) for i in range(4)} | {f"b{i}": np.ones(2) for i in range(3)}
     opt = xopt.Adam(overrides={"b*": {"lr": 0.5}}, impl=impl)
     for step in range(4):

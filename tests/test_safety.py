@@ -203,21 +203,20 @@ def test_a_step_that_fails_on_one_param_writes_no_other(rng, monkeypatch):
 
 
 _INTERRUPT = textwrap.dedent("""
-    import os, signal, numpy as np, xopt
+    import ctypes, functools, os, signal, numpy as np, xopt
     from xopt.engines import fused_cpu
     signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever disposition the test runner left us
-    real = fused_cpu._step   # a small step's checks and kernel, one compiled call
+    real = fused_cpu.together   # a small step's kernel and its counts, one call into C
     calls = []
-    def kernel(*args):
-        bad = real(*args)
+    kill = ctypes.CDLL(None).kill  # C's kill(): os.kill and signal.raise_signal run the handler before they return
+    def together(writes):  # Ctrl-C right after the kernel wrote
         calls.append(1)
-        signal.raise_signal(signal.SIGINT)   # Ctrl-C right after the kernel wrote
-        return bad
+        real([writes[0], functools.partial(kill, os.getpid(), signal.SIGINT), *writes[1:]])
     opt = xopt.Adam()
     params = {"a": np.ones(1000), "b": np.ones(10)}
     grads = {"a": np.ones(1000), "b": np.ones(10)}
     opt.update(params, grads)
-    fused_cpu._step = kernel
+    fused_cpu.together = together
     for i in range(3):
         try:
             opt.update(params, grads)

@@ -1,78 +1,72 @@
-"""A step is all or nothing: one thread at a time, and Ctrl-C between steps, never inside one.
+"""A step is all or nothing: one thread at a time, and every write of a step in one C-level call.
 
-``update()`` runs under a :class:`StepGuard`: the optimizer's lock (a second thread waits
-for the first's step to end; a call from inside a step of the same optimizer raises), and
-SIGINT held back while the main thread is inside a step, then handed to the handler it was
-meant for (a KeyboardInterrupt, by default) once the step's arrays and step counts have all
-moved.  Without it a Ctrl-C landing between the kernel and the step counts would leave a
-step applied but not counted, and a resume would repeat its bias correction.
+CPython runs a Python signal handler (Ctrl-C's ``KeyboardInterrupt``, a SIGTERM or SIGALRM handler
+that raises) only between bytecodes of the main thread, never inside a call into C (the ``signal``
+module's documentation: "a long-running calculation implemented purely in C ... may run uninterrupted
+... regardless of any signals received").  So a step computes everything first, where an exception
+leaves nothing written, and then makes all its writes (the kernel or the array copies, the step
+counts, ``iter``, the rebinding of new arrays) with :func:`together`: one ``deque(map(...))`` loop
+in C over calls into C.  No handler, whichever is installed, can run between the first write and
+the last; one that arrives meanwhile runs as soon as the step is whole.  xopt installs no signal
+handler.
 
-Holding back costs a check of one number per step: at the first step taken on the main
-thread, if SIGINT has Python's default handler, it is replaced once by :func:`_sigint`,
-which passes every signal on to that handler unless a step is running.  (Swapping handlers
-around every step would cost two system calls, ~5 us, per step.)  A program that installs
-its own SIGINT handler afterwards gets it called at once, as without xopt.
+What remains: a write that fails inside its array library (out of memory in a copy), and a call that
+is not C after all (a user's ``dict`` subclass with a Python ``__setitem__``, a profiler set with
+``sys.setprofile``), which could let a handler run in the middle.
 """
 
 from __future__ import annotations
 
-import signal
+import collections
+import functools
+import operator
+import os
 import threading
 
-__all__ = ["StepGuard"]
+__all__ = ["StepGuard", "together", "each", "CALL"]
 
-_MAIN = threading.main_thread().ident
-_held = {"depth": 0, "frames": [], "next": None, "installed": False}
-
-
-def _sigint(signum, frame):
-    """xopt's SIGINT handler: held back during a step on the main thread, else the one it replaced."""
-    if _held["depth"]:
-        _held["frames"].append(frame)
-        return
-    _held["next"](signum, frame)
+CALL = operator.methodcaller("__call__")  # CALL(f) is f(), in C
+_FORKS = [0]  # how many forks this process descends from: a guard made before the last one has a new lock
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
 
-def _install():
-    _held["installed"] = True  # one try, whatever it finds
-    try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            _held["next"] = signal.default_int_handler
-            signal.signal(signal.SIGINT, _sigint)
-    except (ValueError, OSError):  # no signals here (an embedded interpreter)
-        pass
+def together(calls):
+    """Call each of ``calls`` (callables without arguments, each a call into C: a builtin, a
+    ``functools.partial`` of one, a numba function) in order, in one C-level loop: no Python signal
+    handler runs before the last returns.  One that raises stops the rest."""
+    collections.deque(map(CALL, calls), maxlen=0)
+
+
+def each(f, *iterables):
+    """A call for :func:`together` that applies ``f`` (a C function) to each item of ``iterables``, lazily:
+    an iterable that reads arrays reads them when the call runs."""
+    return functools.partial(collections.deque, map(f, *iterables), 0)
 
 
 class StepGuard:
-    """``guard.run(f, *args)`` runs ``f`` as one step; one guard per optimizer."""
+    """``guard.run(f, *args)`` runs ``f`` as one step; one guard per optimizer.
 
-    __slots__ = ("lock", "owner")
+    A second thread waits for the first's step to end; a call from inside a step of the same optimizer
+    (a schedule that steps its own optimizer) raises.  A forked child starts with a new lock: the parent's
+    may have been held by a thread the child does not have."""
+
+    __slots__ = ("lock", "owner", "forks")
 
     def __init__(self):
         self.lock = threading.Lock()
         self.owner = None
+        self.forks = _FORKS[0]
 
     def run(self, f, *args):
         me = threading.get_ident()
+        if self.forks != _FORKS[0]:
+            self.lock, self.owner, self.forks = threading.Lock(), None, _FORKS[0]
         if self.owner == me:
             raise RuntimeError("update() called from inside an update() of the same optimizer")
-        main = me == _MAIN
-        if main and not _held["installed"]:
-            _install()
-        # ``with``, not acquire() then try: a KeyboardInterrupt raised at acquire()'s own check for signals,
-        # the lock just taken, would leave it held (the next update waits forever); ``with`` releases it.
         with self.lock:
             self.owner = me
-            if main:
-                _held["depth"] += 1
             try:
                 return f(*args)
             finally:
                 self.owner = None
-                if main:
-                    _held["depth"] -= 1
-                    if not _held["depth"] and _held["frames"]:
-                        frame = _held["frames"][0]
-                        _held["frames"].clear()
-                        if signal.getsignal(signal.SIGINT) is _sigint:
-                            _held["next"](signal.SIGINT, frame)

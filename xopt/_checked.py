@@ -10,10 +10,14 @@ checked before anything is written; the groups of a step run reference first (se
 from __future__ import annotations
 
 import numbers
+import operator
+from functools import partial
+from itertools import repeat
 
 import numpy as np
 
 from . import _backend, _clip, _dispatch
+from ._atomic import CALL, each, together
 from ._inputs import check_overlaps, collect, describe
 
 __all__ = ["step", "state_for"]
@@ -34,20 +38,20 @@ def step(opt, params, grads):
         _check_state(opt, e)
     check_overlaps(_named_arrays(opt, entries))
     scale = norm = None
+    own = opt.__dict__.__setitem__
     if opt.clip_grad_norm is not None:
         norm = _clip.global_norm([e.g for e in entries])
         if opt.skip_nonfinite and not _clip.is_finite(norm):
-            opt.last_grad_norm = norm
-            opt.skipped_steps += 1
+            together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", opt.skipped_steps + 1)])
             return
         scale = _clip.scale(norm, opt.clip_grad_norm)
     elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
-        opt.skipped_steps += 1
+        own("skipped_steps", opt.skipped_steps + 1)
         return
     paths = _dispatch.select(opt, entries)  # raises before any write if impl can't be honoured
     if scale is not None:
         _dispatch.hand_over(paths, scale)
-    created = {e.key for e in entries if e.key not in opt.state}
+    created = [e.key for e in entries if e.key not in opt.state]
     try:
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
@@ -57,30 +61,34 @@ def step(opt, params, grads):
             if key not in scalars:
                 scalars[key] = e.opt.scalars(step)
             e.scalars = scalars[key]
+        writes = []
+        for apply, group in paths:  # each computes its group's new values and returns their writes
+            writes += apply(group[0].opt, group)
+        writes += _commit(opt, params, entries, norm)
     except BaseException:
-        for key in created:  # nothing written yet: take back the state this call made
-            opt.state.pop(key, None)
+        for key in created:  # nothing written: take back the state this call made (unless a handler
+            st = opt.state.get(key)  # that raised came after the step was whole: then its count is 1)
+            if st is not None and st.get("step") == 0:
+                del opt.state[key]
         raise
-    for done, (apply, group) in enumerate(paths):
-        try:
-            apply(group[0].opt, group)
-        except BaseException:
-            # The groups after this one are unwritten: the state this call made for them goes.
-            # (This one may be half-written only if its array library failed inside the rule.)
-            for _, later in paths[done + 1:]:
-                for e in later:
-                    if e.key in created:
-                        opt.state.pop(e.key, None)
-            raise
-    for e in entries:
-        e.state["step"] = int(e.state["step"]) + 1
-        if e.unbox is not None:
-            params[e.key] = e.unbox(e.p)
-        elif e.rebind:
-            params[e.key] = e.p
-    opt.iter += 1
+    together(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
+
+
+def _commit(opt, params, entries, norm) -> list:
+    """The calls that count the step: each param's step count, the params rebound (new arrays of libraries
+    that cannot write in place; float params read back from their boxes once written), ``iter``, the norm."""
+    own = opt.__dict__.__setitem__
+    calls = [partial(dict.__setitem__, e.state, "step", int(e.state["step"]) + 1) for e in entries]
+    unboxed = [e for e in entries if e.unbox is not None]
+    if unboxed:
+        calls.append(each(operator.setitem, repeat(params), [e.key for e in unboxed],
+                          map(CALL, map(partial, [e.unbox for e in unboxed], [e.p for e in unboxed]))))
+    calls += [partial(operator.setitem, params, e.key, e.p) for e in entries if e.rebind and e.unbox is None]
+    calls.append(partial(own, "iter", opt.iter + 1))
     if norm is not None:  # set with the step: a call that raises leaves the last one's
-        opt.last_grad_norm = norm
+        calls.append(partial(own, "last_grad_norm", norm))
+    return calls
+
 
 def _named_arrays(opt, entries):
     """Every array a step writes or reads, named for messages: (array, (what, param key), is a grad).

@@ -17,16 +17,18 @@ can and naming the culprit of what it cannot.
 from __future__ import annotations
 
 import operator
+from functools import partial
+from itertools import repeat
 
 import numpy as np
 
 from . import _dispatch
+from ._atomic import CALL, each
 
 __all__ = ["take"]
 
 _MAX_STEP = 2**63 - 2  # a step count and the one after it fit in int64
 _NUMBERS = (float, int, np.floating)
-_SKIPPED = "skipped"  # what _step returns for a step skip_nonfinite skipped: handled, nothing written
 
 
 def take(opt, params, grads) -> bool:
@@ -71,13 +73,13 @@ def take(opt, params, grads) -> bool:
         if None in states and not _new_states(opt, engine, kind, keys, ps, states, created):
             took = False
         else:
-            took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes)
+            took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created)
     except BaseException:
         _forget(opt, created)
         raise
-    if took is not True:  # declined, or skipped (skip_nonfinite): the state this call made goes
+    if not took:
         _forget(opt, created)
-    return bool(took)
+    return took
 
 
 def _new_states(opt, engine, kind, keys, ps, states, made) -> bool:
@@ -104,12 +106,15 @@ def _new_states(opt, engine, kind, keys, ps, states, made) -> bool:
 
 
 def _forget(opt, keys):
+    """Take back the states made for a step that did not happen (a count still 0: not committed)."""
     for key in keys:
-        opt.state.pop(key, None)
+        st = opt.state.get(key)
+        if st is not None and st.get("step") == 0:
+            del opt.state[key]
 
 
-def _step(opt, engine, kind, params, keys, ps, gs, states, boxes):
-    """True: the step is done; _SKIPPED: skip_nonfinite skipped it; False: declined (nothing written)."""
+def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
+    """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written)."""
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):
@@ -139,28 +144,43 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes):
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:
             return False
-    outcome = engine.step(opt, kind, views, values, ps, gs, states, steps, part)
-    if outcome is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
+    commit = _Commit(opt, params, keys, ps, states, steps, boxes, created)
+    took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
+    if took is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
-            outcome = engine.step(opt, kind, views, values, ps, gs, states, steps, part)
-    if outcome is None:
-        return False
-    norm, skipped = outcome
-    if skipped:
-        opt.skipped_steps += 1
+            took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
+    return took is True
+
+
+class _Commit:
+    """``commit(norm, skipped)``: the calls into C that count a step (the engine runs them in the C-level call
+    that writes it, ``xopt._atomic.together``): each param's step count, ``iter``, the clip norm, float params
+    rebound; or, for a step skip_nonfinite skips, ``skipped_steps``, the norm, and the state this call made
+    taken back."""
+
+    __slots__ = ("opt", "params", "keys", "ps", "states", "steps", "boxes", "created")
+
+    def __init__(self, opt, params, keys, ps, states, steps, boxes, created):
+        self.opt, self.params, self.keys, self.ps = opt, params, keys, ps
+        self.states, self.steps, self.boxes, self.created = states, steps, boxes, created
+
+    def __call__(self, norm, skipped) -> list:
+        opt = self.opt
+        own = opt.__dict__.__setitem__
+        if skipped:
+            calls = [partial(own, "skipped_steps", opt.skipped_steps + 1)]
+            calls += [partial(opt.state.pop, key, None) for key in self.created]
+        else:
+            counts = [count + 1 for count in self.steps]
+            calls = [each(dict.__setitem__, self.states, repeat("step"), counts),
+                     partial(own, "iter", opt.iter + 1)]
+            if self.boxes is not None:  # the new values of float params, read from their boxes once written
+                calls.append(each(operator.setitem, repeat(self.params), self.keys,
+                                  map(CALL, map(partial, self.boxes[1], self.ps))))
         if norm is not None:
-            opt.last_grad_norm = norm
-        return _SKIPPED
-    for st in states:
-        st["step"] += 1
-    if boxes is not None:
-        for key, box, unbox in zip(keys, ps, boxes[1]):
-            params[key] = unbox(box)
-    opt.iter += 1
-    if norm is not None:
-        opt.last_grad_norm = norm
-    return True
+            calls.append(partial(own, "last_grad_norm", norm))
+        return calls
 
 
 def _arrays(gs, ps):

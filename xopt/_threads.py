@@ -13,16 +13,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 
-__all__ = ["set_num_threads", "get_num_threads", "limit", "pool"]
+__all__ = ["set_num_threads", "get_num_threads", "limit", "pool", "Pool"]
+
+
+def _from_environment():
+    """``XOPT_NUM_THREADS``, checked when xopt is imported; None where it is unset or empty."""
+    env = os.environ.get("XOPT_NUM_THREADS", "").strip()
+    if not env:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"XOPT_NUM_THREADS={env!r}: the number of threads xopt's CPU steps use must be a "
+                         "positive int (unset it for all the cores, or call xopt.set_num_threads(n))")
+    return n
+
+
+_ENVIRONMENT = _from_environment()
 
 
 def _default_threads() -> int:
-    env = os.environ.get("XOPT_NUM_THREADS")
-    if env:
-        return _checked_threads(int(env), "XOPT_NUM_THREADS")
+    if _ENVIRONMENT is not None:
+        return _ENVIRONMENT
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -35,7 +54,7 @@ def _checked_threads(n, what="n"):
     return n
 
 
-_threads = {"n": None, "pool": None, "pid": None}
+_threads = {"n": None, "pool": None}
 _threads_lock = threading.Lock()
 _caps = threading.local()  # .n: limit()'s cap on the calling thread
 
@@ -46,12 +65,13 @@ def set_num_threads(n=None):
     The default is the environment's ``XOPT_NUM_THREADS``, else the cores this process may
     run on.  Steps below ``xopt.engines.fused_cpu.PARALLEL_MIN`` elements always run on the calling thread.
     Returns the number in force before, so ``set_num_threads(set_num_threads(1))`` restores it.
+    A step under way on another thread finishes with the workers it started with.
     """
     before = get_num_threads()
     n = _default_threads() if n is None else _checked_threads(n)
     with _threads_lock:
         if n != _threads["n"] and _threads["pool"] is not None:
-            _threads["pool"].shutdown(wait=False)
+            _threads["pool"].close()
             _threads["pool"] = None
         _threads["n"] = n
     return before
@@ -78,12 +98,54 @@ def limit(n):
         _caps.n = before
 
 
-def pool(n):
-    """n - 1 workers (the caller is the n-th); made again in a forked child, whose workers are gone."""
+class Pool:
+    """Workers that sleep on a queue and run each task put there.  ``put`` is ``SimpleQueue.put``, a C
+    function: a step hands out its work inside the one C-level call that writes it (see ``xopt._atomic``).
+    A task left in the queue of a closed pool never runs; one that runs after its step ended finds no work."""
+
+    def __init__(self, workers):
+        self._tasks = queue.SimpleQueue()
+        self.put = self._tasks.put
+        self.size = workers
+        for i in range(workers):
+            threading.Thread(target=_work, args=(self._tasks,), name=f"xopt-{i}", daemon=True).start()
+
+    def close(self):
+        for _ in range(self.size):
+            self.put(None)
+
+
+def _work(tasks):
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        try:
+            task()
+        except BaseException:  # a kernel does not raise: a bug, reported, and the worker lives on
+            traceback.print_exc(file=sys.stderr)
+        del task
+
+
+def pool(n) -> Pool:
+    """At least n - 1 workers (the caller is the n-th)."""
     with _threads_lock:
-        if _threads["pool"] is None or _threads["pid"] != os.getpid():
+        found = _threads["pool"]
+        if found is None or found.size < n - 1:
+            if found is not None:
+                found.close()
             # Sized for the process's number, not a limit()'s lower one: a pool first made under a cap stays
-            # big enough for the uncapped steps after it (its threads start only as work is submitted).
-            _threads["pool"] = ThreadPoolExecutor(max_workers=max(n, _threads["n"] or n) - 1, thread_name_prefix="xopt")
-            _threads["pid"] = os.getpid()
-        return _threads["pool"]
+            # big enough for the uncapped steps after it.
+            found = _threads["pool"] = Pool(max(n, _threads["n"] or n) - 1)
+        return found
+
+
+def _after_fork():
+    """A forked child has none of its parent's workers (nor, maybe, an unlocked lock): it starts afresh."""
+    global _threads_lock
+    _threads_lock = threading.Lock()
+    _threads["pool"] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -84,7 +84,7 @@ class Optimizer:
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
         self.last_grad_norm = None  # with clip_grad_norm: the norm of the last step's grads
-        self._guard = StepGuard()  # one step at a time; Ctrl-C between steps (see _atomic)
+        self._guard = StepGuard()  # one step at a time (see _atomic)
 
     def __getstate__(self):  # copy/pickle: the lock and the cached hyperparameter sets stay behind
         state = dict(self.__dict__)
@@ -229,7 +229,7 @@ class Optimizer:
 
         All or nothing: everything is checked before the first array is written, so a call
         that raises changes no param, no state and no step count; a step's arrays and step
-        counts move together, Ctrl-C included (it is raised when the step is whole).  Calls
+        counts move together, whatever signal arrives (its writes are one call into C).  Calls
         from several threads on one optimizer run one after the other.
         """
         self._guard.run(self._update, params, grads)

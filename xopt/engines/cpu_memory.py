@@ -21,9 +21,10 @@ import sys
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "fetch_add", "bf16_load", "bf16_store",
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
            "HEAD", "N_HEAD"]
 
 
@@ -144,6 +145,21 @@ def fetch_add(typingctx, addr, value):
     return sig, codegen
 
 
+_YIELD = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
+
+
+@intrinsic
+def yield_cpu(typingctx):
+    """``sched_yield()``: let another thread run on this core (a symbol, not an address: the cache keeps)."""
+    sig = types.int32()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), _YIELD)
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def view(addr, proto, lo, hi):
     """Elements lo:hi of the contiguous array at the (checked) address ``addr``, typed as ``proto``'s."""
@@ -153,7 +169,7 @@ def view(addr, proto, lo, hi):
 # -- a step's arrays, checked --------------------------------------------------------------
 # The int64 head of a step (see check_step), then per part of the step three "keeps" flags.
 HEAD = ("params", "grads", "slot0", "slot1", "slot2", "steps", "n", "param_type", "state_type",
-        "param_size", "state_size", "n_parts", "mode", "split_at")
+        "param_size", "state_size", "n_parts", "mode", "split_at", "answer")
 N_HEAD = len(HEAD)
 
 

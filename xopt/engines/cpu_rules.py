@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store, fetch_add, view as _view
+from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store, fetch_add, view as _view, yield_cpu
 
 __all__ = ["RULES", "BF16_RULES", "CHUNK", "CLIP_BLOCK", "run_serial", "claim", "claim_squares", "squares",
-           "sum_of_squares", "all_finite", "done"]
+           "sum_of_squares", "all_finite", "wait_done"]
 
 CHUNK = 1 << 15  # elements per unit of work
 CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many at a time (8 or 16 KiB: in L1)
@@ -345,9 +345,11 @@ def claim(rule, ptrs, chunks, part, counters, scal, bits):
 
 
 @njit(cache=True, nogil=True)
-def done(counters):
-    """How many chunks are done (an atomic read)."""
-    return fetch_add(counters.ctypes.data + 8, 0)
+def wait_done(counters, n):
+    """Until ``n`` chunks are done (``counters[1]``): the last ones, under way on workers, are a chunk each."""
+    base = counters.ctypes.data + 8
+    while fetch_add(base, 0) < n:
+        yield_cpu()
 
 
 # -- the norm of the grads (clip_grad_norm) and their finiteness (skip_nonfinite) ------------------

@@ -19,6 +19,7 @@ Compiled code is cached on disk (``cache=True``): a second process does not comp
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import struct
@@ -30,14 +31,15 @@ from numba import njit
 
 from .. import _backend
 from .._clip import is_finite, scale
+from .._atomic import together
 from .._threads import get_num_threads, pool as _pool
-from .cpu_memory import N_HEAD, OFFSETS, check_step
-from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, done, run_serial, squares
+from .cpu_memory import HEAD, N_HEAD, OFFSETS, check_step
+from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, run_serial, squares, wait_done
 from .cpu_rules import sum_squares as _sum_squares
 from .kernels import cut, lookup
 
 __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
-           "device_of", "compile_all"]
+           "device_of", "compile_all", "NotRun"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
 # machine (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
@@ -53,11 +55,16 @@ _BITS = np.empty(0, dtype=np.uint16)
 _NO_PART = np.empty(0, dtype=np.int64)
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 
-# _step's answers besides 0 (done) and 1 + a refused row
+# _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
 LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
 NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
 # _step's mode bits (head[12]; head[13]: from how many elements a step may be split over threads)
 CHECK_FINITE, CHECK_ONLY = 1, 2
+ANSWER = HEAD.index("answer")
+
+
+class NotRun(Exception):
+    """:func:`_step` wrote nothing: its answer is in the head's ``ANSWER`` slot."""
 
 
 def supports(opt) -> bool:
@@ -94,22 +101,25 @@ def _step(rule, off, head, scal, bits):
     """Check the step's arrays (``check_step``); then, unless its mode says otherwise, run it here.
 
     ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
-    there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 (done), 1 + a
-    refused row (nothing written), ``LARGE`` (checked, not run: ``CHECK_ONLY``, or at least ``head[13]``
-    elements, which go to several threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite:
-    nothing written).  One call for a whole small step: in a training loop its code and data are cold,
-    and every call more costs microseconds (``benchmarks/cold_call.py``)."""
+    there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 having run the
+    step, or raises :class:`NotRun` having written nothing, its answer in ``head[ANSWER]``: 1 + a refused
+    row, ``LARGE`` (checked, not run: ``CHECK_ONLY``, or at least ``head[13]`` elements, which go to several
+    threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite).  Raising, not returning, lets a
+    step's commit follow this call in one C-level call (``xopt._atomic.together``).  One call for a whole
+    small step: in a training loop its code and data are cold, and every call more costs microseconds
+    (``benchmarks/cold_call.py``)."""
     n = head[6]
     part = head[N_HEAD + 3 * head[11]:]
     ptrs = np.empty((n, 5), dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
-    bad = check_step(off, head, part, ptrs, sizes)
-    if bad != 0:
-        return bad
-    if head[12] & CHECK_ONLY or sizes.sum() >= head[13]:
-        return LARGE
-    if head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
-        return NONFINITE
+    answer = check_step(off, head, part, ptrs, sizes)
+    if answer == 0 and (head[12] & CHECK_ONLY or sizes.sum() >= head[13]):
+        answer = LARGE
+    if answer == 0 and head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
+        answer = NONFINITE
+    if answer != 0:
+        head[ANSWER] = answer
+        raise NotRun
     run_serial(rule, ptrs, sizes, scal, part, bits)
     return 0
 
@@ -141,38 +151,34 @@ class Arrays:
         """The sum of the squares of the grads, in float64, chunk by chunk as :func:`sum_squares` sums."""
         chunks = self._chunks()
         sums = np.empty(len(chunks), dtype=np.float64)
-        self._parallel(squares, claim_squares, (self.ptrs, chunks), (self.scal[0], sums))
+        threads = self._threads()
+        if threads <= 1:
+            squares(self.ptrs, chunks, 0, len(chunks), self.scal[0], sums)
+        else:
+            counters = np.zeros(2, dtype=np.int64)
+            together(self._parallel(threads, counters,
+                                    functools.partial(claim_squares, self.ptrs, chunks, counters, self.scal[0], sums)))
         return float(sums.sum())
 
-    def run(self, clip=None):
-        """The kernel over every tensor; ``clip``: the scale of the grads (None: 1)."""
+    def writes(self, clip=None) -> list:
+        """The calls (into C, for ``xopt._atomic.together``) that run the kernel over every tensor; ``clip``:
+        the scale of the grads (None: 1)."""
         if clip is not None:
             self.scal[:, -1] = clip
-        if self._threads() <= 1:
-            run_serial(self.rule, self.ptrs, self.sizes, self.scal, self.part, _BITS)
-            return
-        self._parallel(None, claim, (self.rule, self.ptrs, self._chunks(), self.part), (self.scal, _BITS))
-
-    def _parallel(self, serial, claimer, head, tail):
-        """``serial(*head, 0, n, *tail)`` on this thread, or for a large step ``claimer(*head, counters, *tail)``
-        on several (``serial`` None: ``claimer`` on this thread alone)."""
-        n = len(self._chunks())
         threads = self._threads()
-        counters = np.zeros(2, dtype=np.int64)
         if threads <= 1:
-            if serial is not None:
-                serial(*head, 0, n, *tail)
-            else:
-                claimer(*head, counters, *tail)
-            return
-        # Fresh counters each step: a worker that starts only after its step is over finds no chunk left
-        # and touches nothing.  The caller takes chunks too and waits only for chunks under way.
-        workers = _pool(threads)
-        for _ in range(threads - 1):
-            workers.submit(claimer, *head, counters, *tail)
-        claimer(*head, counters, *tail)
-        while done(counters) < n:
-            time.sleep(0)  # a worker is finishing its last chunk
+            return [functools.partial(run_serial, self.rule, self.ptrs, self.sizes, self.scal, self.part, _BITS)]
+        counters = np.zeros(2, dtype=np.int64)
+        return self._parallel(threads, counters, functools.partial(claim, self.rule, self.ptrs, self._chunks(),
+                                                                   self.part, counters, self.scal, _BITS))
+
+    def _parallel(self, threads, counters, claimer) -> list:
+        """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over
+        finds no chunk left and touches nothing) on ``threads - 1`` workers and the caller, then wait for the
+        chunks still under way on workers."""
+        put = _pool(threads).put
+        return [functools.partial(put, claimer)] * (threads - 1) + [
+            claimer, functools.partial(wait_done, counters, len(self._chunks()))]
 
 
 class Kind:
@@ -245,7 +251,7 @@ def _head(lists, n, kind, keeps, mode, part):
     allocation and one conversion less per call, which in a training loop run cold."""
     split_at = PARALLEL_MIN if get_num_threads() > 1 else _NEVER
     head = list(map(id, lists))  # id(None): no list
-    head += [n, *kind.numbers, len(keeps), mode, split_at]
+    head += [n, *kind.numbers, len(keeps), mode, split_at, 0]  # 0: the answer's slot
     for kept in keeps:
         head += kept
     if part is not None:
@@ -279,15 +285,15 @@ _SCRATCH = threading.local()  # each thread's buffers for the head and scalars o
 _HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
 
 
-def step(opt, kind, views, values, ps, gs, states, steps, part):
-    """The whole step in one engine call, or None: declined, nothing written.
+def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
+    """The whole step, committed, in one engine call; or None: declined, nothing written.
 
     ``kind``: :func:`kind` of ``opt`` and the params' dtype; ``views``: the hyperparameter set of each
     part of the step, ``values`` its kernel scalars (``kind.order``); ``part`` each tensor's part (a list,
     or None: all part 0); ``ps``, ``gs``, ``states`` and ``steps`` (their step counts) lists the caller holds.
-    Returns ``(norm,
-    skipped)``: ``norm`` the clip norm (None without ``clip_grad_norm``), ``skipped`` True where
-    skip_nonfinite skipped the step (nothing written).
+    ``commit(norm, skipped)``: the calls that count the step (``norm`` the clip norm, None without
+    ``clip_grad_norm``; ``skipped`` True where skip_nonfinite skips it), run in the same C-level call as the
+    kernel (``xopt._atomic.together``).  Returns True where the step ran or was skipped.
     """
     lists = [ps, gs, None, None, None]
     keeps = [kind.keeps(view.buffers()) for view in views] if len(views) > 1 else [kind.keeps(views[0].buffers())]
@@ -305,27 +311,31 @@ def step(opt, kind, views, values, ps, gs, states, steps, part):
     mode = CHECK_ONLY if clip is not None else CHECK_FINITE if opt._hyper["skip_nonfinite"] else 0
     head = _head(lists, len(ps), kind, keeps, mode, part)
     scal = _scalars(values, kind.dtype)
-    answer = _step(kind.rule, OFFSETS, head, scal, _BITS)
-    if answer == 0:
-        return None, False
+    try:
+        together([functools.partial(_step, kind.rule, OFFSETS, head, scal, _BITS), *commit(None, False)])
+        return True
+    except NotRun:
+        answer = head[ANSWER]
     if answer > 0:
         return None
     if answer == NONFINITE:
-        return None, True
+        together(commit(None, True))
+        return True
     arrays = Arrays(kind.rule, head, scal)  # checked: a large step, or a clipped one
     if not arrays.good:
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
-    norm = None
+    norm = scale_by = None
     if clip is not None:
         norm = math.sqrt(arrays.sum_squares())
         if opt.skip_nonfinite and not is_finite(norm):
-            return norm, True
-        arrays.run(scale(norm, clip))
-        return norm, False
-    if opt.skip_nonfinite and not arrays.all_finite():
-        return None, True
-    arrays.run()
-    return None, False
+            together(commit(norm, True))
+            return True
+        scale_by = scale(norm, clip)
+    elif opt.skip_nonfinite and not arrays.all_finite():
+        together(commit(None, True))
+        return True
+    together([*arrays.writes(scale_by), *commit(norm, False)])
+    return True
 
 
 def _kernel_ready(a):
@@ -335,14 +345,15 @@ def _kernel_ready(a):
     return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
-def apply(opt, entries):
-    """The checked path's call: one fused call per (dtype, step) group of entries whose hyperparameter set
-    is ``opt``; arrays the kernel can't take directly (float16, strided, byte-swapped, unaligned, scalar
-    grads) go through copies."""
+def apply(opt, entries) -> list:
+    """The checked path's call: the writes (calls into C, for ``xopt._atomic.together``) of one fused call
+    per (dtype, step) group of entries whose hyperparameter set is ``opt``; arrays the kernel can't take
+    directly (float16, strided, byte-swapped, unaligned, scalar grads) go through copies, written back."""
     groups = {}
     for e in entries:
         groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
     names = opt.buffers()
+    writes = []
     for (dtype, _), group in groups.items():
         ps, gs, write_back = [], [], []
         work_dtype = np.dtype(_backend.compute_dtype(np, dtype))  # float16 via float32 copies: numba has none
@@ -350,7 +361,7 @@ def apply(opt, entries):
             p = e.p
             if p.dtype != work_dtype or not (p.flags.c_contiguous and p.flags.aligned):
                 p = np.array(p, dtype=work_dtype, order="C")  # a fresh, aligned copy
-                write_back.append((e.p, p))
+                write_back.append(functools.partial(operator.setitem, e.p, Ellipsis, p))  # C, as np.copyto is not
             ps.append(p)
             g = np.asarray(e.g)
             if g.dtype != work_dtype or not (g.flags.c_contiguous and g.flags.aligned) or g.shape != p.shape:
@@ -358,7 +369,7 @@ def apply(opt, entries):
             gs.append(g)
         for e in group:
             for name in names:
-                e.state[name] = _kernel_ready(e.state[name])
+                e.state[name] = _kernel_ready(e.state[name])  # the same numbers, in an array the kernel takes
         found = kind(opt, work_dtype)
         keep = found.keeps(names)
         states = [e.state for e in group]
@@ -369,14 +380,13 @@ def apply(opt, entries):
             lists += [None] * (6 - len(lists))
             scal = np.array([found.order(opt, group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
-            head = _head(lists, len(live), found, [keep], 0, [0] * len(live))  # its own array: Arrays may keep it
-            answer = _step(found.rule, OFFSETS, head, scal, _BITS)
-            if answer > 0:
+            arrays = Arrays(found.rule, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
+            if not arrays.good:
                 raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
-            if answer == LARGE:
-                Arrays(found.rule, head, scal).run()
-        for target, source in write_back:
-            target[...] = source
+            writes += arrays.writes()
+            writes.append(functools.partial(len, lists))  # holds the copies the kernel reads until it has run
+        writes += write_back
+    return writes
 
 
 def sum_squares(arrays) -> float:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _backend
+from .._atomic import together
 from .kernels import KERNELS, cut, lookup
 
 try:
@@ -173,9 +174,21 @@ class CupyDevice:
 
     @staticmethod
     def launch(function, n_blocks, args):
+        CupyDevice.launcher(function, n_blocks, args)()
+
+    @staticmethod
+    def select(device_id):
+        """Making ``device_id`` the current GPU, as a call into C (the runtime's ``cudaSetDevice``)."""
         import cupy
 
-        function((n_blocks,), (THREADS,), args, stream=cupy.cuda.get_current_stream())
+        return functools.partial(cupy.cuda.runtime.setDevice, device_id)
+
+    @staticmethod
+    def launcher(function, n_blocks, args):
+        """The launch as a call into C (CuPy's compiled ``Function.__call__``): for ``xopt._atomic.together``."""
+        import cupy
+
+        return functools.partial(function, (n_blocks,), (THREADS,), args, stream=cupy.cuda.get_current_stream())
 
 
 DEVICE = CupyDevice  # the tests swap in the CPU build of the same kernel
@@ -384,16 +397,16 @@ def new_state(view, kind, p):
     return None
 
 
-def step(opt, kind, views, values, ps, gs, states, steps, part):
-    """The whole step in one launch (two with ``clip_grad_norm`` or ``skip_nonfinite``), or None: declined,
-    nothing written.
+def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
+    """The whole step in one launch (two with ``clip_grad_norm`` or ``skip_nonfinite``), committed; or None:
+    declined, nothing written.
 
     As :func:`xopt.engines.fused_cpu.step`: ``kind`` from :func:`kind`; ``views`` the hyperparameter set of
     each part of the step and ``values`` its kernel scalars; ``part`` each tensor's part (None: all part 0);
-    ``ps``, ``gs``, ``states`` and ``steps`` (their step counts) lists the caller holds.  Returns ``(norm,
-    skipped)``: ``norm`` the clip norm,
-    a 0-d float64 array on the GPU (None without ``clip_grad_norm``); ``skipped`` True where skip_nonfinite
-    skipped the step (nothing written).
+    ``ps``, ``gs``, ``states`` and ``steps`` (their step counts) lists the caller holds; ``commit(norm,
+    skipped)`` the calls that count the step, queued with the step's launch in one C-level call
+    (``xopt._atomic.together``): ``norm`` the clip norm, a 0-d float64 array on the GPU (None without
+    ``clip_grad_norm``), ``skipped`` True where skip_nonfinite skips the step.  Returns True.
     """
     array_type = type(ps[0])
     slots = kind.slots
@@ -445,8 +458,11 @@ def step(opt, kind, views, values, ps, gs, states, steps, part):
     if opt.impl != "fused" and not VERIFIED and not AUTO_ALLOWED(device_id, kind.rule, dtype.name):
         return None  # impl="auto" before its self-check on this GPU: the checked path runs it
     clip, skip = opt.clip_grad_norm, opt.skip_nonfinite
-    if n_blocks == 0:
-        return None if clip is not None or skip else (None, False)  # nothing to write; the checked path's norm
+    if n_blocks == 0:  # nothing to write; the checked path's norm
+        if clip is not None or skip:
+            return None
+        together(commit(None, False))
+        return True
     rows = np.zeros((n_parts, N_SCALARS), dtype=math_dtype)
     rows[:, :len(values[0])] = values  # every part's row as long: one kind
     _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
@@ -456,7 +472,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part):
         dev = device.upload(table)
         base = device.address(dev)
         tables = (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n))
-        scale = 0
+        scale, scratch = 0, None
         if clip is not None or skip:
             scratch = device.scratch(24 + 16 * n_blocks)  # norm and check (float64), the clip scale, the sums
             at = device.address(scratch)
@@ -469,30 +485,35 @@ def step(opt, kind, views, values, ps, gs, states, steps, part):
             if skip:
                 found, check = device.download(scratch[:16].view(np.float64)).tolist()
                 if not (math.isfinite(found) if clip is not None else check == 0.0):
-                    return norm, True
-        device.launch(device.function(kind.rule, dtype), n_blocks,
-                      (*tables, np.uint64(scale), np.uint64(base + o_scalars)))
-    return norm, False
+                    together(commit(norm, True))
+                    return True
+        together([device.launcher(device.function(kind.rule, dtype), n_blocks,
+                                  (*tables, np.uint64(scale), np.uint64(base + o_scalars))),
+                  functools.partial(len, (dev, scratch)),  # the table and scratch live until the launch is queued
+                  *commit(norm, False)])
+    return True
 
 
 # -- the checked path -----------------------------------------------------------------------------
-def apply(opt, entries):
-    """One launch per (dtype, step, GPU) group; non-contiguous params and grads of another dtype via copies."""
+def apply(opt, entries) -> list:
+    """The writes (calls into C, for ``xopt._atomic.together``) of one launch per (dtype, step, GPU) group;
+    non-contiguous params and grads of another dtype via copies, written back."""
     device = DEVICE
     xp = entries[0].xp if entries else None
     groups = {}
     for e in entries:
         groups.setdefault((np.dtype(e.p.dtype), e.state["step"], device.device_of(e.p)), []).append(e)
     names = opt.buffers()
+    writes = []
     for (dtype, _, device_id), group in groups.items():
         found = kind(opt, dtype)
+        ps, gs, write_back = [], [], []
         with device.on(device_id):
-            ps, gs, write_back = [], [], []
             for e in group:
                 p = e.p
                 if not p.flags.c_contiguous or device.address(p) % p.itemsize:
                     p = p.copy(order="C")  # C order, aligned: so is the state, below
-                    write_back.append((e.p, p))
+                    write_back.append(functools.partial(operator.setitem, e.p, Ellipsis, p))
                 ps.append(p)
                 g = e.g
                 if g.dtype != dtype or not g.flags.c_contiguous:
@@ -503,7 +524,7 @@ def apply(opt, entries):
                 for name in names:
                     buf = e.state[name]
                     if not buf.flags.c_contiguous or device.address(buf) % buf.itemsize:
-                        e.state[name] = buf.copy(order="C")
+                        e.state[name] = buf.copy(order="C")  # the same numbers, in an array the kernel takes
             states = [e.state for e in group]
             keep = [name in names for name in found.slots]
             lists = [ps, gs] + [[st[name] for st in states] if k else None for name, k in zip(found.slots, keep)]
@@ -522,12 +543,16 @@ def apply(opt, entries):
             _, o_blocks, o_scalars, _, _ = _sections(n, n_blocks, scalar_bytes)
             table[o_scalars:o_scalars + row.nbytes] = row.view(np.uint8)
             clip = group[0].clip
-            scale = None if clip is None else device.scale(clip, found.math)  # held until the launch is queued
+            scale = None if clip is None else device.scale(clip, found.math)
             dev = device.upload(table)
             base = device.address(dev)
-            device.launch(device.function(found.rule, dtype), n_blocks,
-                          (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n),
-                           np.uint64(0 if scale is None else device.address(scale)), np.uint64(base + o_scalars)))
-            for target, source in write_back:
-                target[...] = source
-
+            writes += [device.select(device_id), device.launcher(
+                device.function(found.rule, dtype), n_blocks,
+                (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n),
+                 np.uint64(0 if scale is None else device.address(scale)), np.uint64(base + o_scalars))),
+                functools.partial(len, (dev, scale, lists))]  # alive until the launch is queued
+        if write_back:
+            writes += [device.select(device_id), *write_back]
+    if writes:
+        writes.append(device.select(device.current_device()))
+    return writes

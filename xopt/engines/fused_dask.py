@@ -33,6 +33,7 @@ Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 
 from __future__ import annotations
 
+import functools
 import os
 
 import dask
@@ -43,6 +44,7 @@ from dask.local import get_sync
 from dask.sizeof import sizeof
 
 from .. import _backend, _threads
+from .._atomic import together
 from .._inputs import Entry
 
 __all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT"]
@@ -115,7 +117,7 @@ def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads, sel
               clip=None if clip is None else float(clip))
     with _threads.limit(task_threads(threads)):
         for apply_group, group in select(opt, [e]):
-            apply_group(opt, group)
+            together(apply_group(opt, group))
     return Chunks((e.p, *(e.state[n] for n in names)))
 
 
@@ -143,8 +145,10 @@ def _persisted(clip):
     return clip
 
 
-def apply(opt, entries):
-    """One blockwise layer per param, all persisted in one call (with the clip scale where it is lazy)."""
+def apply(opt, entries) -> list:
+    """One blockwise layer per param, all persisted in one call (with the clip scale where it is lazy); returns
+    the writes that rebind the state to the new arrays (``e.p`` is the new param, rebound by the step's commit).
+    The computation can be interrupted (Ctrl-C): nothing is written until the writes run."""
     names = opt.buffers()
     worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
@@ -168,9 +172,11 @@ def apply(opt, entries):
         *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
     else:
         steps = dask.persist(*steps)
+    writes = []
     for e, step in zip(entries, steps):
         like = [e.p] + [e.state[n] for n in names]
         e.p = _picked(step, 0, e.p, "p")
-        for i, n in enumerate(names, 1):
-            e.state[n] = _picked(step, i, like[i], n)
+        writes += [functools.partial(dict.__setitem__, e.state, n, _picked(step, i, like[i], n))
+                   for i, n in enumerate(names, 1)]
+    return writes
 

@@ -85,7 +85,7 @@ KERNELS = {  # kernel name -> (index into the engines' rules, its scalars in the
     "lion": (9, _lion_scalars, ("m",)),
 }
 
-_RULE_METHODS = ("rule", "scalars", "buffers")  # what a kernel is a copy of
+_RULE_METHODS = ("rule", "scalars", "buffers", "buffer_dtype")  # what a kernel is a copy of (and the state it reads)
 
 
 def kernel_of(opt):
@@ -93,7 +93,8 @@ def kernel_of(opt):
 
     The rule is the ``kernel`` attribute of the nearest class that sets one.  A subclass that
     redefines ``rule``, ``scalars`` or ``buffers`` below that class is not what the kernel
-    computes: it has none (and runs its own rule under ``impl="auto"``).
+    computes, and one that redefines ``buffer_dtype`` keeps state the kernel does not read: it has
+    none (and runs its own rule under ``impl="auto"``).
     """
     cls = type(opt)
     found = _KERNEL_OF.get(cls, False)

@@ -3,14 +3,17 @@
 ``rule`` is pure: it returns a new param and new buffers and leaves its inputs alone.
 Run on a whole large param it would hold several param-sized temporaries at once and
 stream each of them through memory.  So a param larger than one chunk is cut into
-chunks: the rule runs on one chunk at a time and its results are written back into the
-param and its buffers.  The temporaries are a chunk each and stay in the CPU cache, and a
-step needs a few chunks of memory, not a few params.  A chunk is the same index into views
+chunks: the rule runs on one chunk at a time and its results go into new arrays the size of
+the param and its buffers.  The temporaries are a chunk each and stay in the CPU cache.  A chunk is the same index into views
 of the param, its grad and its buffers (one flat view each where all of them are
 C-contiguous, else slices of the leading axes), so it picks the same elements of each,
 whatever their layouts.  The rule is elementwise: chunking changes no number.
 
-A param no larger than a chunk runs whole, and its new buffers replace the old ones.
+Nothing is written while the rule runs: its results go to new arrays, and the step writes them all
+at once when every param's are ready (see :mod:`xopt._atomic`), so a step that fails or is
+interrupted before then changes nothing.  A large param costs a copy of itself and its buffers.
+
+A param no larger than a chunk runs whole.
 Immutable arrays (JAX) cannot be written in slices either: they run whole and the new
 param replaces the old one too.  float16 params and bfloat16 state compute in float32
 (a chunk at a time), as :func:`xopt._backend.compute_dtype` says.
@@ -18,8 +21,10 @@ param replaces the old one too.  float16 params and bfloat16 state compute in fl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 
 import numpy as _np
 
@@ -32,26 +37,29 @@ TORCH_CPU_CHUNK_BYTES = 2**20  # torch pays microseconds per op and splits large
 DEVICE_CHUNK_ELEMENTS = 2**24  # GPUs: chunks only bound the temporaries (each op is a kernel launch)
 
 
-def apply_reference(opt, entries):
-    """Run the rule on each entry (with its own hyperparameters, ``e.opt``, where set); float16 params and
-    bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read."""
+def apply_reference(opt, entries) -> list:
+    """Run the rule on each entry (with its own hyperparameters, ``e.opt``, where set) into new arrays, and
+    return the writes that put them in place (calls into C, for ``xopt._atomic.together``); float16 params
+    and bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read.
+    Immutable arrays (JAX) are rebound instead: ``e.p`` and the state dict get the new ones in the writes."""
     if any(_kind(e)[2] for e in entries):
         import torch
 
-        with torch.no_grad():  # a param may be a leaf that requires grad: written as torch.optim does
-            _apply(opt, entries)
-        return
-    _apply(opt, entries)
+        with torch.no_grad():  # a param may be a leaf that requires grad
+            return _apply(opt, entries)
+    return _apply(opt, entries)
 
 
 def _apply(opt, entries):
+    writes = []
     for e in entries:
         view = e.opt if e.opt is not None else opt
         dtype, n, torch = _kind(e)
         if e.rebind or math.prod(e.p.shape) <= n:
-            _apply_whole(view, e, view.buffers(), dtype, torch)
+            writes += _apply_whole(view, e, view.buffers(), dtype, torch)
         else:
-            _apply_chunked(view, e, view.buffers(), dtype, torch, n)
+            writes += _apply_chunked(view, e, view.buffers(), dtype, torch, n)
+    return writes
 
 
 def _grad(xp, g, dtype, clip):
@@ -68,38 +76,41 @@ def _apply_whole(opt, e, names, dtype, torch):
     p_new, new = opt.rule(xp, _as(xp, p.detach() if torch else p, dtype), _grad(xp, g, dtype, e.clip),
                           {k: _as(xp, state[k], dtype) for k in names}, e.scalars)
     if e.rebind:
-        for k, v in new.items():
-            state[k] = _as(xp, v, state[k].dtype)
-        e.p = _as(xp, p_new, p.dtype)
-        return
+        writes = [functools.partial(dict.__setitem__, state, k, _as(xp, v, state[k].dtype)) for k, v in new.items()]
+        e.p = _as(xp, p_new, p.dtype)  # rebound into the params by the step's commit
+        return writes
     # Into the arrays in place, buffers too: the state keeps its arrays (a reference held to one sees the
     # step, as with the fused engines).
-    for k, v in new.items():
-        _assign(xp, state[k], v, torch)
-    _assign(xp, p, p_new, torch)
+    return [_write(xp, state[k], _as(xp, v, state[k].dtype), torch) for k, v in new.items()] + [
+        _write(xp, p, _as(xp, p_new, p.dtype), torch)]
 
 
-def _assign(xp, target, value, torch):
+def _write(xp, target, value, torch):
+    """The call that writes ``value`` into ``target`` (the same dtype and shape)."""
     if torch:
-        target.copy_(value)  # under no_grad (apply_reference)
-    else:
-        target[...] = _as(xp, value, target.dtype)
+        return functools.partial(target.detach().copy_, value)  # detached: no autograd record
+    # target[...] = value: C for NumPy and CuPy (np.copyto is not: it first runs a Python dispatcher)
+    return functools.partial(operator.setitem, target, Ellipsis, value)
 
 
 def _apply_chunked(opt, e, names, dtype, torch, n):
+    """The rule a chunk at a time into new arrays (a chunk's temporaries stay in the CPU cache), then their
+    writes."""
     xp = e.xp
     p, g = (e.p.detach(), e.g.detach()) if torch else (e.p, e.g)  # a detached p shares e.p's memory
     bufs = [e.state[k] for k in names]
     flat = [_flat_view(x) for x in (p, g, *bufs)]
     if all(x is not None for x in flat):
         p, g, *bufs = flat
+    out_p, outs = xp.empty_like(p), [xp.empty_like(b) for b in bufs]
     rule, s, clip = opt.rule, e.scalars, e.clip
     for i in chunk_indices(tuple(p.shape), n):
         p_new, new = rule(xp, _as(xp, p[i], dtype), _grad(xp, g[i], dtype, clip),
                           {k: _as(xp, b[i], dtype) for k, b in zip(names, bufs)}, s)
-        p[i] = _as(xp, p_new, p.dtype)
-        for k, b in zip(names, bufs):
-            b[i] = _as(xp, new[k], b.dtype)
+        out_p[i] = _as(xp, p_new, p.dtype)
+        for k, b, out in zip(names, bufs, outs):
+            out[i] = _as(xp, new[k], b.dtype)
+    return [_write(xp, b, out, torch) for b, out in zip(bufs, outs)] + [_write(xp, p, out_p, torch)]
 
 
 _KINDS = {}  # (array type, dtype, torch's is_cpu) -> what _kind returns

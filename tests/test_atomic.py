@@ -1,0 +1,163 @@
+"""A step's writes run in one call into C: no Python code (so no Python signal handler) runs among them.
+
+``xopt._atomic.together`` is where every path makes its writes and counts its step.  These tests watch a
+step with ``sys.setprofile``: every Python function that starts while ``together`` runs is a place where a
+signal handler could run in the middle of a step, so there must be none; and the step must have made
+its writes there (its arrays and counts change only inside ``together``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt import _atomic
+
+
+def _compiled_codes():
+    """The code objects of the numba functions xopt calls: numba reports a call of one to a profiler as if it
+    were Python (a frame it makes up), though no bytecode runs."""
+    from numba.core.dispatcher import Dispatcher
+    from xopt.engines import cpu_memory, cpu_rules, fused_cpu
+
+    return {_where(f.py_func.__code__) for m in (cpu_memory, cpu_rules, fused_cpu) for f in vars(m).values()
+            if isinstance(f, Dispatcher)}
+
+
+def _where(code):
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+# numba builds the exception of a compiled call with this Python function: xopt's kernels raise only where
+# they wrote nothing (fused_cpu.NotRun), so it runs before any write of the step.
+_BEFORE_ANY_WRITE = {"_numba_unpickle"}
+
+
+def _watch(step):
+    """Run ``step()``; return (Python functions started inside together, together's calls, what changed
+    outside it: names of the arrays and counts seen to change between two profile events outside)."""
+    inside = []
+    calls = [0]
+    depth = [0]
+    code = _atomic.together.__code__
+    compiled = _compiled_codes()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            depth[0] += 1
+            calls[0] += 1
+        elif event == "return" and frame.f_code is code:
+            depth[0] -= 1
+        elif (event == "call" and depth[0] and _where(frame.f_code) not in compiled
+              and frame.f_code.co_name not in _BEFORE_ANY_WRITE):
+            inside.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return inside, calls[0]
+
+
+def _params(n, size, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"w{i}": rng.standard_normal(size).astype(dtype) for i in range(n)}
+
+
+CASES = {
+    "lane, small": (lambda: xopt.Adam(), 3, 100, np.float32),
+    "lane, clip and skip": (lambda: xopt.Adam(clip_grad_norm=0.5, skip_nonfinite=True), 3, 100, np.float32),
+    "lane, overrides": (lambda: xopt.AdamW(overrides={"w1": {"lr": 0.1}}), 3, 100, np.float32),
+    "lane, several threads": (lambda: xopt.Adam(), 1, 1 << 22, np.float32),
+    "checked, float16": (lambda: xopt.Adam(), 2, 100, np.float16),
+    "reference": (lambda: xopt.Adam(impl="reference"), 2, 100, np.float32),
+    "reference, chunked": (lambda: xopt.RMSprop(impl="reference"), 1, 1 << 17, np.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_step_runs_no_python_code_among_its_writes(case):
+    make, n, size, dtype = CASES[case]
+    before = xopt.set_num_threads(2)
+    warm, params = make(), _params(n, size, dtype)
+    for k in range(2):  # the kernels compiled or loaded (Python code, before any write) outside the watch
+        warm.update(params, _params(n, size, dtype, seed=k + 1))
+    opt = make()
+    params = _params(n, size, dtype)
+    try:
+        for k in range(3):
+            grads = _params(n, size, dtype, seed=k + 1)
+            old = {key: p.copy() for key, p in params.items()}
+            inside, calls = _watch(lambda: opt.update(params, grads))
+            assert calls >= 1, "the step made no writes through together"
+            assert not inside, f"Python code ran among a step's writes: {inside[:8]}"
+            assert opt.iter == k + 1 and all(st["step"] == k + 1 for st in opt.state.values())
+            assert any(not np.array_equal(old[key], params[key]) for key in params)
+    finally:
+        xopt.set_num_threads(before)
+
+
+def test_float_params_are_rebound_inside_the_writes():
+    xopt.SGD(lr=0.5).update({"x": 1.0, "y": np.float32(2.0)}, {"x": 1.0, "y": np.float32(1.0)})  # compiled
+    params = {"x": 1.0, "y": np.float32(2.0)}
+    opt = xopt.SGD(lr=0.5)
+    inside, calls = _watch(lambda: opt.update(params, {"x": 1.0, "y": np.float32(1.0)}))
+    assert not inside and calls >= 1
+    assert params == {"x": 0.5, "y": np.float32(1.5)} and type(params["y"]) is np.float32
+
+
+def test_torch_reference_writes_are_c_calls():
+    torch = pytest.importorskip("torch")
+    params = {"w": torch.nn.Parameter(torch.ones(5)), "b": torch.ones(3)}
+    opt = xopt.Adam()
+    inside, calls = _watch(lambda: opt.update(params, {"w": torch.full((5,), 0.5), "b": torch.ones(3)}))
+    assert not inside and calls >= 1
+    assert opt.state["w"]["step"] == 1 and float(params["w"].detach()[0]) < 1.0
+
+
+def test_a_skipped_first_step_leaves_no_state():
+    opt = xopt.Adam(skip_nonfinite=True)
+    params = {"a": np.ones(3, np.float32)}
+    inside, _ = _watch(lambda: opt.update(params, {"a": np.array([1.0, np.nan, 1.0], np.float32)}))
+    assert not inside
+    assert opt.state == {} and opt.skipped_steps == 1 and opt.iter == 0
+    np.testing.assert_array_equal(params["a"], 1.0)
+
+
+def test_together_stops_at_the_first_call_that_raises():
+    done = []
+    with pytest.raises(ZeroDivisionError):
+        _atomic.together([lambda: done.append(1), lambda: 1 / 0, lambda: done.append(2)])
+    assert done == [1]
+
+
+def test_a_guard_of_a_forked_child_is_free():
+    """A fork while another thread holds the optimizer's lock: the child's step does not wait for ever."""
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    guard = _atomic.StepGuard()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        guard.run(lambda: (held.set(), release.wait()))
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the lock was held by a thread it does not have
+            ok = guard.lock.acquire(timeout=0) is False and guard.run(lambda: 7) == 7
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(status) == 0
