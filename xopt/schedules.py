@@ -9,10 +9,10 @@ A schedule is a function of ``count``, the number of updates already applied to 
 
 The formulas are optax's (``optax/schedules/_schedule.py`` and ``_join.py``), computed
 in Python floats (float64) rather than in float32 as optax's defaults do.  A built-in
-schedule is plain data (its name and arguments): it is saved with the optimizer's state
-and rebuilt on load, so a resumed run reads the same numbers.  Any other callable
-``f(count) -> float`` works too, but is not saved: pass it again to the optimizer you
-load into.
+schedule is plain data (its name and arguments): it is saved with the optimizer's state,
+or pickled, as just those and rebuilt on load, so a resumed run reads the same numbers.
+Any other callable ``f(count) -> float`` works too, but is not saved: pass it again to
+the optimizer you load into.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class Schedule:
 
     def __hash__(self):
         return hash(repr(self))
+
+    def __reduce__(self):  # pickle and deepcopy: by spec, its function made again on load
+        return from_spec, (self.spec(),)
 
     def spec(self) -> dict:
         """JSON-ready: {"schedule": name, "args": {...}}, nested schedules as specs too."""
