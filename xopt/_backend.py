@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import array_api_compat as _compat
 
+from . import _numba
+
 __all__ = [
     "namespace",
     "device",
@@ -197,11 +199,15 @@ def _strided_span(base, shape, strides, itemsize):
 
 
 def numpy_bounds(arrays):
-    """(lo, hi) int64 arrays: the byte range each NumPy array can reach (one compiled pass where numba is)."""
-    try:
+    """(lo, hi) int64 arrays: the byte range each NumPy array can reach (one compiled pass where numba's code
+    runs, see :mod:`xopt._numba`)."""
+    if _numba.engine() is not None:
         from .engines.cpu_memory import byte_bounds
-    except ImportError:
-        from numpy.lib.array_utils import byte_bounds as one
+    else:
+        try:
+            from numpy.lib.array_utils import byte_bounds as one
+        except ImportError:  # NumPy 1.x
+            one = np.byte_bounds
 
         spans = np.array([one(a) for a in arrays], dtype=np.int64).reshape(-1, 2)
         return spans[:, 0], spans[:, 1]

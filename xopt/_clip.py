@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _numba
 
 __all__ = ["global_norm", "is_finite", "scale", "EPS"]
 
@@ -25,11 +25,9 @@ EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
 
 def _numpy_sum_squares(arrays) -> float:
-    try:
+    if _numba.engine() is not None:  # numba's code runs here
         from .engines.cpu_rules import sum_squares
-    except ImportError:  # no numba
-        sum_squares = None
-    if sum_squares is not None:
+
         return sum_squares(arrays)
     return float(sum(np.sum(np.square(np.asarray(a), dtype=np.float64)) for a in arrays))
 

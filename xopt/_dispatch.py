@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _numba
 from ._inputs import describe
 from .engines.reference import apply_reference
 
@@ -26,18 +26,8 @@ IMPLS = ("auto", "reference", "fused")
 
 
 def _fused_cpu():
-    """The NumPy engine, or None when numba is not installed (looked for once)."""
-    global _CPU
-    if _CPU is False:
-        try:
-            from .engines import fused_cpu
-        except ImportError:
-            fused_cpu = None
-        _CPU = fused_cpu
-    return _CPU
-
-
-_CPU = False
+    """The NumPy engine, or None where numba's code cannot run (see :mod:`xopt._numba`)."""
+    return _numba.engine()
 
 
 _FOUND = {}  # library name -> whether find_spec found it (a lookup costs some 40 us: once per process)
@@ -111,8 +101,10 @@ def check_impl(impl, opt):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "fused" and _fused_cpu() is None and _fused_cuda() is None:
-        raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays); "
-                         "use impl='auto' to fall back to the reference rule")
+        why = _numba.why_not()
+        raise ValueError("impl='fused' needs numba (NumPy arrays) or CuPy (GPU arrays)"
+                         + (f" ({why}; CuPy is not installed)" if why else "")
+                         + "; use impl='auto' to fall back to the reference rule")
     if impl == "fused" and not _engines(opt):
         raise _no_kernel(opt)
     return impl
@@ -162,6 +154,9 @@ def _select(opt, entries):
     groups = {}
     for e in entries:
         engine = next((m for m, under_auto in engines if m.accepts(opt, e) and (fused or under_auto(opt, e))), None)
+        if engine is None and opt.impl == "fused" and isinstance(e.p, np.ndarray) and _numba.why_not():
+            raise ValueError(f"impl='fused': param {describe(e.key)} is a NumPy array, and the fused CPU engine "
+                             f"needs numba ({_numba.why_not()}); use impl='auto' or impl='reference'")
         if engine is None and opt.impl == "fused":
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "

@@ -97,12 +97,12 @@ def run(args):
 
         compile_seconds = fused_cuda.compile_all()
     else:
-        try:
-            from ..engines import fused_cpu
-        except ImportError:
-            print("numba is not installed: xopt runs its reference rule", file=sys.stderr)
+        from .. import _numba
+
+        if _numba.engine() is None:
+            print(f"{_numba.why_not()}: xopt runs its reference rule", file=sys.stderr)
         else:
-            compile_seconds = fused_cpu.compile_all()
+            compile_seconds = _numba.engine().compile_all()
     result["compile_seconds"] = compile_seconds  # JIT or disk-cache load, outside every figure below
     variants = roofline.copy_bandwidth_gpu() if gpu else roofline.copy_bandwidth_cpu()
     result["copy_variants_GBps"] = variants

@@ -92,11 +92,11 @@ def threads_info():
         pass
     info["env"] = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                               "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}
-    try:
+    from .. import _numba
+
+    if _numba.engine() is not None:  # numba's code runs here
         import numba
-    except ImportError:
-        pass
-    else:
+
         info["numba_num_threads"] = int(numba.get_num_threads())
         try:
             info["numba_threading_layer"] = numba.threading_layer()

@@ -67,7 +67,7 @@ def environment(backend):
     for name in ("numba", "torch", "cupy", "array_api_compat"):
         try:
             versions[name] = __import__(name).__version__
-        except ImportError:
+        except Exception:  # not installed, or an install whose import raises
             pass
     if backend == "cupy":
         import cupy

@@ -34,10 +34,11 @@ def _median_time(fn, repeat):
 
 def _numba_kernels():
     """Copies over every core: dst[:] = src[:], and src[:] = -src[:] (in place)."""
-    try:
-        from numba import njit, prange
-    except ImportError:
+    from .. import _numba
+
+    if _numba.engine() is None:  # no numba, or its code cannot run here (interpreted, these would take hours)
         return {}
+    from numba import njit, prange
 
     @njit(parallel=True, cache=True)
     def parallel_copy(dst, src):

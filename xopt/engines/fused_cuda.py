@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, _numba
 from .._atomic import together
 from .kernels import KERNELS, cut, lookup
 
-try:
+if _numba.engine() is not None:
     from . import cuda_memory
-except ImportError:  # no numba: the lane gathers through Python
+else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathers through Python
     cuda_memory = None
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",

@@ -1,0 +1,48 @@
+"""Whether xopt's numba code can run here: the one place that decides it.
+
+Every caller of numba-compiled code (the CPU engine, the overlap check's byte bounds, the clip norm's sum,
+the CUDA engine's host-side gather) asks :func:`engine` and takes its pure NumPy / Python path where it
+answers None: numba not installed, numba installed but its import raising (a broken install), numba's JIT
+turned off (``NUMBA_DISABLE_JIT=1``: the kernels read memory through intrinsics that cannot run
+interpreted), or :mod:`xopt.engines.fused_cpu` not importable.  Looked at once per process.
+"""
+
+from __future__ import annotations
+
+__all__ = ["engine", "why_not"]
+
+_ENGINE = False  # not looked at yet; then the module xopt.engines.fused_cpu, or None
+_WHY = None  # why it is None: the end of impl="fused"'s error
+
+
+def _look():
+    global _ENGINE, _WHY
+    try:
+        import numba
+    except Exception as exc:  # not installed, or a broken install
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == "numba"
+        _ENGINE, _WHY = None, ("numba is not installed" if missing
+                               else f"importing numba failed ({type(exc).__name__}: {exc})")
+        return
+    if getattr(getattr(numba, "config", None), "DISABLE_JIT", False):
+        _ENGINE, _WHY = None, "numba's JIT is disabled by NUMBA_DISABLE_JIT"
+        return
+    try:
+        from .engines import fused_cpu
+    except ImportError as exc:
+        _ENGINE, _WHY = None, f"importing xopt.engines.fused_cpu failed ({exc})"
+        return
+    _ENGINE = fused_cpu
+
+
+def engine():
+    """:mod:`xopt.engines.fused_cpu` where xopt's numba code can run, else None."""
+    if _ENGINE is False:
+        _look()
+    return _ENGINE
+
+
+def why_not():
+    """Why :func:`engine` is None (a phrase), or None where it is not."""
+    engine()
+    return _WHY
