@@ -26,9 +26,15 @@ CI mode is bounded to run in about 10 s on a 2-core machine.  Heavier runs:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import itertools
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -131,6 +137,39 @@ GRAD_LAYOUTS = ["c"] * 6 + ["strided", "fortran", "bigendian", "otherdtype"]
 
 
 # -- arrays ---------------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted(signum)
+
+
+_KILL = ctypes.CDLL(None).kill  # C's kill(): os.kill and signal.raise_signal run the handler before they return
+
+
+@contextlib.contextmanager
+def _signal_among_writes(signum, on):
+    """While on: every C-level run of a step's writes (``xopt._atomic.together``) sends ``signum`` to this
+    process from its middle, between two of its calls (a kill() from C: the handler waits for a bytecode)."""
+    if not on:
+        yield
+        return
+    from xopt import _atomic
+
+    def calls_with_a_kill(f, *iterables):  # together's map(CALL, writes), lazy: a kill() after the first write
+        calls = map(f, *iterables)
+        if f is not _atomic.CALL:
+            return calls
+        return itertools.chain(itertools.islice(calls, 1), map(_KILL, [os.getpid()], [signum]), calls)
+
+    _atomic.map = calls_with_a_kill  # found before the builtin by together (and each, which it passes by)
+    try:
+        yield
+    finally:
+        del _atomic.map
+
+
 def _native(dtype):
     dtype = np.dtype(dtype)
     return dtype if dtype == BF16 else dtype.newbyteorder("=")
@@ -384,6 +423,82 @@ class Twins(RuleBasedStateMachine):
             self.last_grads = grads
         self._add_bystanders()
         self.clean = out["ref"] is None and _all_checked(grads)
+
+    @precondition(lambda self: "interrupted_step" not in SKIP and threading.current_thread() is threading.main_thread())
+    @rule(data=st.data(), where=st.sampled_from(["before", "among the writes"]),
+          handler=st.sampled_from(["SIGINT default", "SIGTERM raising", "SIGALRM raising"]))
+    def interrupted_step(self, data, where, handler):
+        """A step of the default twin with a signal whose handler raises: sent just before update() (the step
+        must not happen) or from inside its one C-level call of writes (the step must be whole, then raise).
+        The reference twin then takes the step, or not, as the default one did."""
+        grads = self._fresh_grads(data)
+        signum = {"SIGINT default": signal.SIGINT, "SIGTERM raising": signal.SIGTERM,
+                  "SIGALRM raising": signal.SIGALRM}[handler]
+        before_handler = signal.getsignal(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else _raise_interrupted)
+        dut = self.opt["dut"]
+        counts = {k: st["step"] for k, st in dut.state.items()}
+        done, raised = (dut.iter, dut.skipped_steps), None
+        try:
+            with np.errstate(all="ignore"), _signal_among_writes(signum, where == "among the writes"):
+                if where == "before":
+                    _KILL(os.getpid(), signum)  # C's kill(): the handler runs at the next bytecode
+                dut.update(self.params["dut"], grads["dut"])
+        except (KeyboardInterrupt, _Interrupted) as exc:
+            raised = exc
+        except Exception:  # noqa: BLE001 - the step itself was refused: the reference twin must refuse it too
+            raised = None
+        finally:
+            signal.signal(signum, before_handler)
+        took = (dut.iter, dut.skipped_steps) != done  # a step taken, or skipped (skip_nonfinite) whole
+        self._note(f"interrupted step ({handler}, {where}) {_describe(grads['ref'])}: took={took} "
+                   f"raised={type(raised).__name__ if raised else None}")
+        if where == "before":
+            assert raised is not None and not took, "a signal before update(): the step must not happen"
+        if took:  # the reference twin takes the same step; the invariants compare them whole
+            ref = self.opt["ref"]
+            with np.errstate(all="ignore"):
+                ref.update(self.params["ref"], grads["ref"])
+        else:
+            assert {k: st["step"] for k, st in dut.state.items()} == counts, "a step not taken changed counts"
+        self._add_bystanders()
+
+    @precondition(lambda self: "fork_step" not in SKIP and hasattr(os, "fork") and self.opt["dut"].state)
+    @rule(data=st.data())
+    def fork_step(self, data):
+        """A forked child steps the default twin (its lock and workers made again there) while the parent does
+        too: the child's result equals the parent's."""
+        grads = self._fresh_grads(data, allow_none=False)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: step, send back params, and exit whatever happens
+            code = 1
+            try:
+                signal.alarm(60)
+                with np.errstate(all="ignore"):
+                    self.opt["dut"].update(self.params["dut"], grads["dut"])
+                os.write(write, b"".join(np.ascontiguousarray(self.params["dut"][k]).tobytes() for k in self._keys()))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            child = f.read()
+        _, status = os.waitpid(pid, 0)
+        outcome = self._update(grads, what="step beside a forked child")
+        self._note("fork")
+        if outcome["dut"] is None:
+            assert os.waitstatus_to_exitcode(status) == 0, "the forked child could not step"
+            mine = b"".join(np.ascontiguousarray(self.params["dut"][k]).tobytes() for k in self._keys())
+            assert child == mine, "the forked child's step differs from the parent's"
+        self._add_bystanders()
+
+    @precondition(lambda self: "set_threads" not in SKIP)
+    @rule(n=st.sampled_from([1, 2, 3]))
+    def set_threads(self, n):
+        """The number of threads a CPU step uses: nothing a step computes depends on it."""
+        xopt.set_num_threads(n)
+        self._note(f"set_num_threads({n})")
 
     @precondition(lambda self: "step_same_grads" not in SKIP and self.last_grads is not None)
     @rule(n=st.integers(1, 3))
