@@ -255,9 +255,9 @@ def test_a_pool_first_made_under_a_task_limit_still_serves_the_whole_process():
         with _threads.limit(2):
             optimizer.update(params, grads)
         pool = _threads._threads["pool"]  # its threads start as work is submitted: one per thread of a step
-        under_limit = len(pool._threads)
+        under_limit = pool.size
         optimizer.update(params, grads)
-        assert (under_limit, len(pool._threads), _threads._threads["pool"] is pool) == (1, 2, True)
+        assert (under_limit, pool.size, _threads._threads["pool"] is pool) == (1, 2, True)
     finally:
         xopt.set_num_threads(before)
 

@@ -22,7 +22,9 @@ __all__ = ["set_num_threads", "get_num_threads", "limit", "pool", "Pool"]
 
 
 def _from_environment():
-    """``XOPT_NUM_THREADS``, checked when xopt is imported; None where it is unset or empty."""
+    """``XOPT_NUM_THREADS``, read when xopt is imported: a number, None where it is unset or empty, or the
+    ValueError naming it that the default raises (at the first step that asks, before it writes anything;
+    :func:`set_num_threads` with a number overrides it)."""
     env = os.environ.get("XOPT_NUM_THREADS", "").strip()
     if not env:
         return None
@@ -31,8 +33,8 @@ def _from_environment():
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"XOPT_NUM_THREADS={env!r}: the number of threads xopt's CPU steps use must be a "
-                         "positive int (unset it for all the cores, or call xopt.set_num_threads(n))")
+        return ValueError(f"XOPT_NUM_THREADS={env!r}: the number of threads xopt's CPU steps use must be a "
+                          "positive int (unset it for all the cores, or call xopt.set_num_threads(n))")
     return n
 
 
@@ -40,6 +42,8 @@ _ENVIRONMENT = _from_environment()
 
 
 def _default_threads() -> int:
+    if isinstance(_ENVIRONMENT, ValueError):
+        raise _ENVIRONMENT
     if _ENVIRONMENT is not None:
         return _ENVIRONMENT
     try:
@@ -64,10 +68,14 @@ def set_num_threads(n=None):
 
     The default is the environment's ``XOPT_NUM_THREADS``, else the cores this process may
     run on.  Steps below ``xopt.engines.fused_cpu.PARALLEL_MIN`` elements always run on the calling thread.
-    Returns the number in force before, so ``set_num_threads(set_num_threads(1))`` restores it.
+    Returns the number in force before, so ``set_num_threads(set_num_threads(1))`` restores it (None where
+    none was: an ``XOPT_NUM_THREADS`` that is not a positive int, which a number given here overrides).
     A step under way on another thread finishes with the workers it started with.
     """
-    before = get_num_threads()
+    try:
+        before = get_num_threads()
+    except ValueError:
+        before = None
     n = _default_threads() if n is None else _checked_threads(n)
     with _threads_lock:
         if n != _threads["n"] and _threads["pool"] is not None:
@@ -99,16 +107,21 @@ def limit(n):
 
 
 class Pool:
-    """Workers that sleep on a queue and run each task put there.  ``put`` is ``SimpleQueue.put``, a C
-    function: a step hands out its work inside the one C-level call that writes it (see ``xopt._atomic``).
-    A task left in the queue of a closed pool never runs; one that runs after its step ended finds no work."""
+    """Workers that sleep on a queue and run each task put there, started as steps first need them.  ``put``
+    is ``SimpleQueue.put``, a C function: a step hands out its work inside the one C-level call that writes
+    it (see ``xopt._atomic``).  A task left in the queue of a closed pool never runs; one that runs after its
+    step ended finds no work."""
 
-    def __init__(self, workers):
+    def __init__(self):
         self._tasks = queue.SimpleQueue()
         self.put = self._tasks.put
-        self.size = workers
-        for i in range(workers):
-            threading.Thread(target=_work, args=(self._tasks,), name=f"xopt-{i}", daemon=True).start()
+        self.size = 0
+
+    def grow(self, workers):
+        """At least ``workers`` workers."""
+        while self.size < workers:
+            threading.Thread(target=_work, args=(self._tasks,), name=f"xopt_{self.size}", daemon=True).start()
+            self.size += 1
 
     def close(self):
         for _ in range(self.size):
@@ -128,15 +141,12 @@ def _work(tasks):
 
 
 def pool(n) -> Pool:
-    """At least n - 1 workers (the caller is the n-th)."""
+    """The pool, with at least n - 1 workers (the caller is the n-th)."""
     with _threads_lock:
         found = _threads["pool"]
-        if found is None or found.size < n - 1:
-            if found is not None:
-                found.close()
-            # Sized for the process's number, not a limit()'s lower one: a pool first made under a cap stays
-            # big enough for the uncapped steps after it.
-            found = _threads["pool"] = Pool(max(n, _threads["n"] or n) - 1)
+        if found is None:
+            found = _threads["pool"] = Pool()
+        found.grow(n - 1)
         return found
 
 
