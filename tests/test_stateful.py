@@ -34,7 +34,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import types
 
 import numpy as np
 import pytest
