@@ -325,3 +325,37 @@ def test_clipped_steps_with_overrides_on_the_cluster_match_numpy(client, rng):
     for k in want:
         np.testing.assert_array_equal(params[k].compute(), want[k])
     assert float(ours.last_grad_norm.compute()) == ref.last_grad_norm > 1.0
+
+
+_INTERRUPTED_DASK_STEP = """
+import signal, sys, threading, time
+import dask, dask.array as da, numpy as np, xopt
+signal.signal(signal.SIGINT, signal.default_int_handler)
+dask.config.set(scheduler="threads")
+params = {"W": da.ones(64, chunks=16)}
+opt = xopt.Adam()
+opt.update(params, {"W": da.ones(64, chunks=16)})
+before_W, before_m, before = params["W"], opt.state["W"]["m"], (opt.iter, opt.state["W"]["step"])
+slow = da.ones(64, chunks=16).map_blocks(lambda b: (time.sleep(3), b)[1], dtype=float)  # the user's slow grads
+threading.Timer(0.5, lambda: __import__("os").kill(__import__("os").getpid(), signal.SIGINT)).start()
+t0 = time.monotonic()
+try:
+    opt.update(params, {"W": slow})
+    print("not interrupted")
+except KeyboardInterrupt:
+    late = time.monotonic() - t0
+    same = params["W"] is before_W and opt.state["W"]["m"] is before_m and (opt.iter, opt.state["W"]["step"]) == before
+    print("interrupted", round(late, 2), same)
+"""
+
+
+def test_ctrl_c_during_a_dask_step_computation_interrupts_it_and_changes_nothing():
+    """A Dask step's computation (the user's lazy grads included) can be interrupted; the optimizer stays at its
+    last step: only the rebinding of the new arrays is one call into C."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _INTERRUPTED_DASK_STEP], capture_output=True, text=True, timeout=120)
+    words = run.stdout.split()
+    assert words[:1] == ["interrupted"], run.stdout + run.stderr
+    assert float(words[1]) < 2.5 and words[2] == "True", run.stdout  # before the 3 s grads were done
