@@ -168,8 +168,11 @@ def big_run(impl, n, seed, pool=4):
     make = lambda: xopt.Adam(lr=0.01, impl=impl)
     warm = make()  # kernels loaded before the first signal
     warm.update(copies(params), grads_of(0))
+    t0 = time.perf_counter()
     warm.update(copies(params), grads_of(1))
-    return make(), params, Attempts(make, params, grads_of)
+    attempts = Attempts(make, params, grads_of)
+    attempts.step_s = time.perf_counter() - t0  # what one step takes here: signals land within a few
+    return make(), params, attempts
 '''
 
 
@@ -217,7 +220,7 @@ rnd = random.Random(SEED)
 between = lambda signum, frame: None  # what the kernel installs between cells
 for cell in range(4):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel does before each cell
-    timer = threading.Timer(rnd.uniform(0.005, 0.08), os.kill, (os.getpid(), signal.SIGINT))
+    timer = threading.Timer(rnd.uniform(0.5, 3.0) * attempts.step_s, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         attempts.run(opt, params, 20)
@@ -248,7 +251,7 @@ rnd = random.Random(SEED)
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 signal.signal(signal.SIGALRM, raise_alarm)
 for round in range(6):
-    delay = rnd.uniform(0.005, 0.08)
+    delay = rnd.uniform(0.5, 3.0) * attempts.step_s  # at any moment of the first few steps
     if round % 2 == 0:
         expected, timer = SystemExit, threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
