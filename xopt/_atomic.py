@@ -25,7 +25,7 @@ import threading
 
 __all__ = ["StepGuard", "together", "each", "CALL"]
 
-CALL = operator.methodcaller("__call__")  # CALL(f) is f(), in C
+CALL = getattr(operator, "call", None) or operator.methodcaller("__call__")  # CALL(f) is f(), in C (3.11+: direct)
 _FORKS = [0]  # how many forks this process descends from: a guard made before the last one has a new lock
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
