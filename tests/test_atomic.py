@@ -161,3 +161,60 @@ def test_a_guard_of_a_forked_child_is_free():
         release.set()
         t.join()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+_FIRST_STEPS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np, xopt
+from xopt import _atomic
+import test_atomic
+
+at = {"call": 0}
+def counted(f):  # together's calls, numbered: Python may run only inside the first (a kernel's own dispatch,
+    at["call"] += 1  # which types its arguments before it writes anything)
+    return f()
+_atomic.CALL = counted
+found = []
+compiled = test_atomic._compiled_codes()  # numba's made-up frames of compiled calls: no bytecode
+def profile(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and at["call"] > 1 and code.co_name not in ("counted", "numbered", "together") \
+            and test_atomic._where(code) not in compiled:
+        found.append(f"call {at['call']}: {code.co_filename}:{code.co_name}")
+xopt.set_num_threads(2)
+rng = np.random.default_rng(0)
+for dtype in (np.float32, np.float64):  # each dtype's kernels met for the first time inside these steps
+    for opt, n in ((xopt.Adam(), 1 << 22), (xopt.Adam(clip_grad_norm=1.0), 1 << 22), (xopt.Adam(), 100)):
+        params = {"a": rng.standard_normal(n).astype(dtype), "h": rng.standard_normal(8).astype(np.float16)}
+        for _ in range(2):
+            grads = {k: np.ones_like(v) for k, v in params.items()}
+            real = _atomic.together
+            def numbered(calls):
+                at["call"] = 0
+                real(calls)
+                at["call"] = 0
+            _atomic.together = numbered
+            for module in ("fused_cpu", "_checked", "_lane"):
+                m = sys.modules.get("xopt." + module) or sys.modules.get("xopt.engines." + module)
+                if hasattr(m, "together"):
+                    m.together = numbered
+            sys.setprofile(profile)
+            try:
+                opt.update(params, grads)
+            finally:
+                sys.setprofile(None)
+                _atomic.together = real
+print("inside", found[:10])
+"""
+
+
+def test_a_processes_first_steps_load_their_kernels_before_any_write():
+    """numba types a compiled function's arguments in Python at its first call with new types (and loads or
+    compiles it): for every kernel of a step that is done before the step's writes, not among them."""
+    import pathlib
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _FIRST_STEPS, str(pathlib.Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "inside []", run.stdout[-3000:] + run.stderr[-3000:]

@@ -23,12 +23,21 @@ import operator
 import os
 import threading
 
-__all__ = ["StepGuard", "together", "each", "CALL"]
+__all__ = ["StepGuard", "together", "together_unforked", "each", "CALL"]
 
 CALL = getattr(operator, "call", None) or operator.methodcaller("__call__")  # CALL(f) is f(), in C (3.11+: direct)
 _FORKS = [0]  # how many forks this process descends from: a guard made before the last one has a new lock
+_UNFORKED = [threading.Lock()]  # held by writes that release the GIL (several threads): a fork waits for them
+
+
+def _after_fork_in_child():
+    _FORKS[0] += 1
+    _UNFORKED[0] = threading.Lock()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+    os.register_at_fork(before=lambda: _UNFORKED[0].acquire(), after_in_parent=lambda: _UNFORKED[0].release(),
+                        after_in_child=_after_fork_in_child)
 
 
 def together(calls):
@@ -36,6 +45,13 @@ def together(calls):
     ``functools.partial`` of one, a numba function) in order, in one C-level loop: no Python signal
     handler runs before the last returns.  One that raises stops the rest."""
     collections.deque(map(CALL, calls), maxlen=0)
+
+
+def together_unforked(calls):
+    """:func:`together` for writes that release the GIL (a step on several threads): ``os.fork`` from another
+    thread waits until they are done, so a child never starts with half a step written."""
+    with _UNFORKED[0]:
+        together(calls)
 
 
 def each(f, *iterables):

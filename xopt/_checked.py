@@ -9,15 +9,17 @@ checked before anything is written; the groups of a step run reference first (se
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import operator
+import sys
 from functools import partial
 from itertools import repeat
 
 import numpy as np
 
 from . import _backend, _clip, _dispatch
-from ._atomic import CALL, each, together
+from ._atomic import CALL, each, together, together_unforked
 from ._inputs import check_overlaps, collect, describe
 
 __all__ = ["step", "state_for"]
@@ -71,14 +73,15 @@ def step(opt, params, grads):
             if st is not None and st.get("step") == 0:
                 del opt.state[key]
         raise
-    together(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
+    with _plain_torch(entries):  # a torch function mode (a default device) would run Python in torch's writes
+        together_unforked(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
 
 
 def _commit(opt, params, entries, norm) -> list:
     """The calls that count the step: each param's step count, the params rebound (new arrays of libraries
     that cannot write in place; float params read back from their boxes once written), ``iter``, the norm."""
     own = opt.__dict__.__setitem__
-    calls = [partial(dict.__setitem__, e.state, "step", int(e.state["step"]) + 1) for e in entries]
+    calls = [partial(operator.setitem, e.state, "step", int(e.state["step"]) + 1) for e in entries]
     unboxed = [e for e in entries if e.unbox is not None]
     if unboxed:
         calls.append(each(operator.setitem, repeat(params), [e.key for e in unboxed],
@@ -88,6 +91,14 @@ def _commit(opt, params, entries, norm) -> list:
     if norm is not None:  # set with the step: a call that raises leaves the last one's
         calls.append(partial(own, "last_grad_norm", norm))
     return calls
+
+
+def _plain_torch(entries):
+    """A context without torch function modes where a step writes torch tensors, else one that does nothing."""
+    torch = sys.modules.get("torch")
+    if torch is not None and any(isinstance(e.p, torch.Tensor) for e in entries):
+        return torch._C.DisableTorchFunction()
+    return contextlib.nullcontext()
 
 
 def _named_arrays(opt, entries):

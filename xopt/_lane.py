@@ -173,7 +173,7 @@ class _Commit:
             calls += [partial(opt.state.pop, key, None) for key in self.created]
         else:
             counts = [count + 1 for count in self.steps]
-            calls = [each(dict.__setitem__, self.states, repeat("step"), counts),
+            calls = [each(operator.setitem, self.states, repeat("step"), counts),
                      partial(own, "iter", opt.iter + 1)]
             if self.boxes is not None:  # the new values of float params, read from their boxes once written
                 calls.append(each(operator.setitem, repeat(self.params), self.keys,

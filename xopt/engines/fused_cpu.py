@@ -31,7 +31,7 @@ from numba import njit
 
 from .. import _backend
 from .._clip import is_finite, scale
-from .._atomic import together
+from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import HEAD, N_HEAD, OFFSETS, check_step
 from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, run_serial, squares, wait_done
@@ -53,6 +53,7 @@ _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
 _BITS = np.empty(0, dtype=np.uint16)
 _NO_PART = np.empty(0, dtype=np.int64)
+_NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 
 # _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
@@ -134,6 +135,7 @@ class Arrays:
         self.ptrs = np.empty((n, 5), dtype=np.int64)
         self.sizes = np.empty(n, dtype=np.int64)
         self.chunks = None
+        self.threads = 1  # how many threads writes() hands the kernel to
         self.good = check_step(OFFSETS, head, self.part, self.ptrs, self.sizes) == 0
 
     def _chunks(self):
@@ -156,6 +158,7 @@ class Arrays:
             squares(self.ptrs, chunks, 0, len(chunks), self.scal[0], sums)
         else:
             counters = np.zeros(2, dtype=np.int64)
+            claim_squares(self.ptrs, chunks, _NO_CHUNK_LEFT, self.scal[0], sums)  # see _parallel
             together(self._parallel(threads, counters,
                                     functools.partial(claim_squares, self.ptrs, chunks, counters, self.scal[0], sums)))
         return float(sums.sum())
@@ -165,17 +168,22 @@ class Arrays:
         the scale of the grads (None: 1)."""
         if clip is not None:
             self.scal[:, -1] = clip
-        threads = self._threads()
+        threads = self.threads = self._threads()
         if threads <= 1:
+            run_serial(self.rule, self.ptrs, self.sizes[:0], self.scal, self.part, _BITS)  # see _parallel
             return [functools.partial(run_serial, self.rule, self.ptrs, self.sizes, self.scal, self.part, _BITS)]
         counters = np.zeros(2, dtype=np.int64)
+        claim(self.rule, self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal, _BITS)  # see _parallel
         return self._parallel(threads, counters, functools.partial(claim, self.rule, self.ptrs, self._chunks(),
                                                                    self.part, counters, self.scal, _BITS))
 
     def _parallel(self, threads, counters, claimer) -> list:
         """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over
         finds no chunk left and touches nothing) on ``threads - 1`` workers and the caller, then wait for the
-        chunks still under way on workers."""
+        chunks still under way on workers.  Each compiled function of the calls has run once already, on
+        nothing, with these argument types: numba's dispatcher, which types the arguments of a call in Python
+        (and loads or compiles the kernel) the first time, does it here, not among a step's writes."""
+        wait_done(counters, 0)
         put = _pool(threads).put
         return [functools.partial(put, claimer)] * (threads - 1) + [
             claimer, functools.partial(wait_done, counters, len(self._chunks()))]
@@ -308,21 +316,24 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             lists[2 + j] = [st.get(kind.slots[j]) for st in states]  # params, never read
     lists.append(steps)  # their types checked in the compiled call, their values by the caller
     clip = opt._hyper["clip_grad_norm"]
-    mode = CHECK_ONLY if clip is not None else CHECK_FINITE if opt._hyper["skip_nonfinite"] else 0
+    mode = CHECK_FINITE if opt._hyper["skip_nonfinite"] else 0
     head = _head(lists, len(ps), kind, keeps, mode, part)
     scal = _scalars(values, kind.dtype)
-    try:
-        together([functools.partial(_step, kind.rule, OFFSETS, head, scal, _BITS), *commit(None, False)])
-        return True
-    except NotRun:
-        answer = head[ANSWER]
-    if answer > 0:
-        return None
-    if answer == NONFINITE:
-        together(commit(None, True))
-        return True
-    arrays = Arrays(kind.rule, head, scal)  # checked: a large step, or a clipped one
+    if clip is None:
+        try:
+            together([functools.partial(_step, kind.rule, OFFSETS, head, scal, _BITS), *commit(None, False)])
+            return True
+        except NotRun:
+            answer = head[ANSWER]
+        if answer > 0:
+            return None
+        if answer == NONFINITE:
+            together(commit(None, True))
+            return True
+    arrays = Arrays(kind.rule, head, scal)  # checked (again, for a large step): a large step, or a clipped one
     if not arrays.good:
+        if clip is not None:
+            return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
     norm = scale_by = None
     if clip is not None:
@@ -334,7 +345,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     elif opt.skip_nonfinite and not arrays.all_finite():
         together(commit(None, True))
         return True
-    together([*arrays.writes(scale_by), *commit(norm, False)])
+    writes = arrays.writes(scale_by)
+    (together_unforked if arrays.threads > 1 else together)([*writes, *commit(norm, False)])
     return True
 
 
@@ -367,12 +379,16 @@ def apply(opt, entries) -> list:
             if g.dtype != work_dtype or not (g.flags.c_contiguous and g.flags.aligned) or g.shape != p.shape:
                 g = np.array(g, dtype=work_dtype, order="C").reshape(p.shape)
             gs.append(g)
-        for e in group:
+        states = []
+        for e in group:  # each buffer in an array the kernel takes: a copy where it must, put in place with the step
+            st = dict(e.state)
             for name in names:
-                e.state[name] = _kernel_ready(e.state[name])  # the same numbers, in an array the kernel takes
+                st[name] = _kernel_ready(e.state[name])
+                if st[name] is not e.state[name]:
+                    write_back.insert(0, functools.partial(operator.setitem, e.state, name, st[name]))
+            states.append(st)
         found = kind(opt, work_dtype)
         keep = found.keeps(names)
-        states = [e.state for e in group]
         live = [i for i, p in enumerate(ps) if p.size]  # an empty param has nothing to update
         if live:
             lists = [[ps[i] for i in live], [gs[i] for i in live]]

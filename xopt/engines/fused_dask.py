@@ -44,7 +44,7 @@ from dask.local import get_sync
 from dask.sizeof import sizeof
 
 from .. import _backend, _threads
-from .._atomic import together
+from .._atomic import together_unforked
 from .._inputs import Entry
 
 __all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT"]
@@ -117,7 +117,7 @@ def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads, sel
               clip=None if clip is None else float(clip))
     with _threads.limit(task_threads(threads)):
         for apply_group, group in select(opt, [e]):
-            together(apply_group(opt, group))
+            together_unforked(apply_group(opt, group))
     return Chunks((e.p, *(e.state[n] for n in names)))
 
 

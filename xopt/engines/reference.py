@@ -90,6 +90,9 @@ def _write(xp, target, value, torch):
     if torch:
         return functools.partial(target.detach().copy_, value)  # detached: no autograd record
     # target[...] = value: C for NumPy and CuPy (np.copyto is not: it first runs a Python dispatcher)
+    inner = getattr(target, "_array", None)  # array-api-strict: its own __setitem__ is Python; its NumPy array's
+    if isinstance(inner, _np.ndarray) and type(target).__module__.startswith("array_api_strict"):
+        return functools.partial(operator.setitem, inner, Ellipsis, getattr(value, "_array", value))
     return functools.partial(operator.setitem, target, Ellipsis, value)
 
 
