@@ -144,7 +144,23 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:
             return False
-    commit = _Commit(opt, params, keys, ps, states, steps, boxes, created)
+    def commit(norm, skipped):
+        """The calls into C that count the step (the engine runs them in the C-level call that writes it,
+        ``xopt._atomic.together``): each param's step count, ``iter``, the clip norm, float params rebound; or,
+        for a step skip_nonfinite skips, ``skipped_steps``, the norm, and the state this call made taken back."""
+        own = opt.__dict__.__setitem__
+        if skipped:
+            calls = [partial(own, "skipped_steps", opt.skipped_steps + 1)]
+            calls += [partial(opt.state.pop, key, None) for key in created]
+        else:
+            calls = [each(operator.setitem, states, repeat("step"), list(map(_ONE.__add__, steps))),
+                     partial(own, "iter", opt.iter + 1)]
+            if boxes is not None:  # the new values of float params, read from their boxes once written
+                calls.append(each(operator.setitem, repeat(params), keys, map(CALL, map(partial, boxes[1], ps))))
+        if norm is not None:
+            calls.append(partial(own, "last_grad_norm", norm))
+        return calls
+
     took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
     if took is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
@@ -153,34 +169,7 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
     return took is True
 
 
-class _Commit:
-    """``commit(norm, skipped)``: the calls into C that count a step (the engine runs them in the C-level call
-    that writes it, ``xopt._atomic.together``): each param's step count, ``iter``, the clip norm, float params
-    rebound; or, for a step skip_nonfinite skips, ``skipped_steps``, the norm, and the state this call made
-    taken back."""
-
-    __slots__ = ("opt", "params", "keys", "ps", "states", "steps", "boxes", "created")
-
-    def __init__(self, opt, params, keys, ps, states, steps, boxes, created):
-        self.opt, self.params, self.keys, self.ps = opt, params, keys, ps
-        self.states, self.steps, self.boxes, self.created = states, steps, boxes, created
-
-    def __call__(self, norm, skipped) -> list:
-        opt = self.opt
-        own = opt.__dict__.__setitem__
-        if skipped:
-            calls = [partial(own, "skipped_steps", opt.skipped_steps + 1)]
-            calls += [partial(opt.state.pop, key, None) for key in self.created]
-        else:
-            counts = [count + 1 for count in self.steps]
-            calls = [each(operator.setitem, self.states, repeat("step"), counts),
-                     partial(own, "iter", opt.iter + 1)]
-            if self.boxes is not None:  # the new values of float params, read from their boxes once written
-                calls.append(each(operator.setitem, repeat(self.params), self.keys,
-                                  map(CALL, map(partial, self.boxes[1], self.ps))))
-        if norm is not None:
-            calls.append(partial(own, "last_grad_norm", norm))
-        return calls
+_ONE = 1
 
 
 def _arrays(gs, ps):
