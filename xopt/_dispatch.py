@@ -185,7 +185,7 @@ def lane_engine(opt, array_type):
     if opt.impl == "reference":
         return None
     if array_type is np.ndarray:
-        engine = _numba.engine()
+        engine = _fused_cpu()
         if engine is not None:
             return engine  # its kind() answers None where it has no kernel for opt
     engine = _fused_cuda()
