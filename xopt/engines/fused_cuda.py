@@ -521,11 +521,15 @@ def apply(opt, entries) -> list:
                 if device.address(g) % g.itemsize:
                     g = g.copy(order="C")
                 gs.append(g)
+            states = []
+            for e in group:  # each buffer in an array the kernel takes: a copy where it must, put in place with the step
+                st = dict(e.state)
                 for name in names:
                     buf = e.state[name]
                     if not buf.flags.c_contiguous or device.address(buf) % buf.itemsize:
-                        e.state[name] = buf.copy(order="C")  # the same numbers, in an array the kernel takes
-            states = [e.state for e in group]
+                        st[name] = buf.copy(order="C")
+                        write_back.insert(0, functools.partial(operator.setitem, e.state, name, st[name]))
+                states.append(st)
             keep = [name in names for name in found.slots]
             lists = [ps, gs] + [[st[name] for st in states] if k else None for name, k in zip(found.slots, keep)]
             lists += [None] * (5 - len(lists)) + [None]
