@@ -11,6 +11,13 @@ import pytest
 import xopt
 from xopt import schedules
 
+try:
+    import torch
+except ImportError:
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
+
 GOLDEN = json.loads((pathlib.Path(__file__).parent / "golden" / "schedules.json").read_text())
 
 
@@ -33,11 +40,6 @@ def test_schedules_take_optaxs_arguments_by_name():
         schedules.linear_schedule(0.1, 0.0, 2.5)
 
 
-torch = pytest.importorskip("torch")
-
-pytestmark = pytest.mark.usefixtures("torch_float64")
-
-
 def _torch_lrs(make_scheduler, base, n):
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.SGD([p], lr=base)
@@ -50,6 +52,8 @@ def _torch_lrs(make_scheduler, base, n):
     return out
 
 
+@needs_torch
+@pytest.mark.usefixtures("torch_float64")
 @pytest.mark.parametrize("name", ["linear", "cosine", "exponential", "warmup_cosine"])
 def test_schedules_match_torch_lr_schedulers(name):
     S = torch.optim.lr_scheduler
@@ -79,6 +83,8 @@ SCHEDULED = {  # xopt class and arguments, torch class and arguments
 }
 
 
+@needs_torch
+@pytest.mark.usefixtures("torch_float64")
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("name", sorted(SCHEDULED))
 def test_a_scheduled_step_matches_torch_with_lambdalr(name, impl, rng):
