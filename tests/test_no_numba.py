@@ -154,3 +154,30 @@ def test_without_usable_numba_xopt_runs_the_reference(normal, tmp_path, mode, wh
 def test_the_overlap_message_is_the_same_on_both_paths(normal):
     _, messages = normal
     assert messages["overlap/auto"] == messages["overlap/reference"]
+
+
+_NO_CACHE_LOCATOR = """
+import numba.core.caching as caching
+for name in ("InTreeCacheLocator", "UserWideCacheLocator", "IPythonCacheLocator", "ZipCacheLocator"):
+    setattr(getattr(caching, name), "from_function", classmethod(lambda cls, *a: None))  # nowhere to cache
+import numba, numpy as np, xopt
+from xopt import _dispatch
+p = {"w": np.ones(3, np.float32)}
+opt = xopt.Adam()
+for _ in range(2):
+    opt.update(p, {"w": np.ones(3, np.float32)})
+print(_dispatch._fused_cpu() is not None, numba.config.CACHE_DIR, float(p["w"][0]))
+"""
+
+
+def test_a_read_only_install_without_a_home_caches_its_kernels_in_the_temporary_directory(tmp_path):
+    """numba's cache=True raised "cannot cache function ...: no locator available" at import where the package
+    folder is read-only and there is no writable home (a container's non-root user): every update failed."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), NUMBA_CACHE_DIR="")
+    env.pop("NUMBA_CACHE_DIR")
+    run = subprocess.run([sys.executable, "-c", _NO_CACHE_LOCATOR], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    engine, cache_dir, w = run.stdout.split()
+    assert engine == "True" and cache_dir.startswith(str(tmp_path)) and float(w) < 1.0, run.stdout
+    assert any(Path(cache_dir).rglob("*.nbi")), "nothing was cached there"

@@ -4,7 +4,9 @@ Every caller of numba-compiled code (the CPU engine, the overlap check's byte bo
 the CUDA engine's host-side gather) asks :func:`engine` and takes its pure NumPy / Python path where it
 answers None: numba not installed, numba installed but its import raising (a broken install), numba's JIT
 turned off (``NUMBA_DISABLE_JIT=1``: the kernels read memory through intrinsics that cannot run
-interpreted), or :mod:`xopt.engines.fused_cpu` not importable.  Looked at once per process.
+interpreted), or :mod:`xopt.engines.fused_cpu` not importable.  Looked at once per process.  Where numba
+finds nowhere to cache compiled kernels (a read-only install and no writable home), they are cached in a
+folder of the user's under the temporary directory.
 """
 
 from __future__ import annotations
@@ -28,11 +30,28 @@ def _look():
         _ENGINE, _WHY = None, "numba's JIT is disabled by NUMBA_DISABLE_JIT"
         return
     try:
-        from .engines import fused_cpu
+        try:
+            from .engines import fused_cpu
+        except RuntimeError as exc:  # numba found nowhere to cache the kernels: a read-only install, no home
+            if "cannot cache" not in str(exc) or numba.config.CACHE_DIR:
+                raise
+            numba.config.CACHE_DIR = _private_cache_dir()
+            from .engines import fused_cpu
     except ImportError as exc:
         _ENGINE, _WHY = None, f"importing xopt.engines.fused_cpu failed ({exc})"
         return
     _ENGINE = fused_cpu
+
+
+def _private_cache_dir() -> str:
+    """Where numba caches xopt's kernels when it finds no place of its own (the package's folder is read-only
+    and there is no writable home): a folder of this user's in the temporary directory.  ``NUMBA_CACHE_DIR``
+    chooses another."""
+    import os
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"xopt-numba-cache-{uid}")
 
 
 def engine():
