@@ -17,6 +17,7 @@ can and naming the culprit of what it cannot.
 from __future__ import annotations
 
 import operator
+import sys
 from functools import partial
 from itertools import repeat
 
@@ -61,6 +62,13 @@ def take(opt, params, grads) -> bool:
         gs = _arrays(gs, ps)
         if gs is None:
             return False
+    tensors = None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(ps[0], torch.Tensor):  # CPU tensors: the CPU engine, through NumPy views
+        tensors = ps
+        ps, gs = _numpy_views(ps), _numpy_views(gs)
+        if ps is None or gs is None:
+            return False
     engine = _dispatch.lane_engine(opt, type(ps[0]))  # the array type of the first param picks the engine
     if engine is None:
         return False
@@ -70,10 +78,10 @@ def take(opt, params, grads) -> bool:
     states = list(map(opt.state.get, keys))
     created = []
     try:
-        if None in states and not _new_states(opt, engine, kind, keys, ps, states, created):
-            took = False
+        if None in states and (tensors is not None or not _new_states(opt, engine, kind, keys, ps, states, created)):
+            took = False  # a tensor's first step: the checked path makes its state (torch tensors)
         else:
-            took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created)
+            took = _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors)
     except BaseException:
         _forget(opt, created)
         raise
@@ -113,8 +121,9 @@ def _forget(opt, keys):
             del opt.state[key]
 
 
-def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
-    """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written)."""
+def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors=None):
+    """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written).
+    ``tensors``: the torch params whose NumPy views ``ps`` are (their buffers are viewed here alike)."""
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):
@@ -144,6 +153,12 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:
             return False
+    engine_states = states
+    if tensors is not None:
+        engine_states, written = _numpy_states(states, kind.slots)
+        if engine_states is None:
+            return False
+
     def commit(norm, skipped):
         """The calls into C that count the step (the engine runs them in the C-level call that writes it,
         ``xopt._atomic.together``): each param's step count, ``iter``, the clip norm, float params rebound; or,
@@ -157,19 +172,47 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created):
                      partial(own, "iter", opt.iter + 1)]
             if boxes is not None:  # the new values of float params, read from their boxes once written
                 calls.append(each(operator.setitem, repeat(params), keys, map(CALL, map(partial, boxes[1], ps))))
+            if tensors is not None:  # written in place where autograd does not see it: it is told, as by torch.optim
+                calls.append(partial(sys.modules["torch"]._C._increment_version, [*tensors, *written]))
         if norm is not None:
             calls.append(partial(own, "last_grad_norm", norm))
         return calls
 
-    took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
+    took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
     if took is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
-            took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
+            took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
     return took is True
 
 
 _ONE = 1
+
+
+def _numpy_views(tensors):
+    """NumPy arrays over the memory of CPU torch tensors (``detach().numpy()``), or None where some item is not
+    one a NumPy array can view (another device, bfloat16, not a tensor, ``None``)."""
+    try:
+        return [t.detach().numpy() for t in tensors]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _numpy_states(states, slots):
+    """(the states with NumPy views of their buffers named in ``slots``, the tensors viewed), or (None, None)."""
+    views, written = [], []
+    try:
+        for st in states:
+            view = dict(st)
+            for name in slots:
+                t = st.get(name)
+                if t is not None:
+                    view[name] = t.detach().numpy()
+                    written.append(t)
+            views.append(view)
+    except (AttributeError, TypeError, RuntimeError):
+        return None, None
+    return views, written
 
 
 def _arrays(gs, ps):
