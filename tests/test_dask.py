@@ -8,13 +8,13 @@ import signal
 import threading
 import warnings
 
-import dask
 import numpy as np
 import pytest
 
 import xopt
 from test_edges import CONFIGS, make
 
+dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 

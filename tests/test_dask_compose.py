@@ -1,16 +1,16 @@
 """Dask with what a training step adds: clip_grad_norm, overrides, schedules, skip_nonfinite, the newer optimizers,
 float16, a state file; NumPy's numbers bit for bit, the norm's pass run once per step, a bounded graph."""
 
-import dask
 import numpy as np
 import pytest
-from dask.callbacks import Callback
 
 import xopt
 from xopt import schedules
 from test_edges import make
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
+Callback = pytest.importorskip("dask.callbacks").Callback
 
 SHAPES = {"W": ((40, 12), (10, 5)), "b": ((12,), 5)}  # (shape, chunks): blocks of several sizes
 DTYPES = [np.float16, np.float32, np.float64]

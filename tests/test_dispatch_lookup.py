@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import xopt
 from xopt import _dispatch
@@ -32,8 +33,8 @@ def test_a_numpy_step_does_not_import_dask():
 
 
 def test_dask_arrays_still_find_their_engine():
-    import dask
-    import dask.array as da
+    dask = pytest.importorskip("dask")
+    da = pytest.importorskip("dask.array")
 
     params, want = {"w": da.from_array(np.arange(6.0), chunks=2)}, {"w": np.arange(6.0)}
     xopt.Adam().update(params, {"w": da.ones(6, chunks=2)})
