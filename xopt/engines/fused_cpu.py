@@ -59,8 +59,8 @@ _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 # _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
 LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
 NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
-# _step's mode bits (head[12]; head[13]: from how many elements a step may be split over threads)
-CHECK_FINITE, CHECK_ONLY = 1, 2
+# _step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
+CHECK_FINITE = 1
 ANSWER = HEAD.index("answer")
 
 
@@ -99,12 +99,12 @@ def chunk_table(sizes) -> np.ndarray:
 
 @njit(cache=True)
 def _step(rule, off, head, scal, bits):
-    """Check the step's arrays (``check_step``); then, unless its mode says otherwise, run it here.
+    """Check the step's arrays (``check_step``); then, unless it is large or a grad is not finite, run it here.
 
     ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
     there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 having run the
     step, or raises :class:`NotRun` having written nothing, its answer in ``head[ANSWER]``: 1 + a refused
-    row, ``LARGE`` (checked, not run: ``CHECK_ONLY``, or at least ``head[13]`` elements, which go to several
+    row, ``LARGE`` (checked, not run: at least ``head[13]`` elements, which go to several
     threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite).  Raising, not returning, lets a
     step's commit follow this call in one C-level call (``xopt._atomic.together``).  One call for a whole
     small step: in a training loop its code and data are cold, and every call more costs microseconds
@@ -114,7 +114,7 @@ def _step(rule, off, head, scal, bits):
     ptrs = np.empty((n, 5), dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
     answer = check_step(off, head, part, ptrs, sizes)
-    if answer == 0 and (head[12] & CHECK_ONLY or sizes.sum() >= head[13]):
+    if answer == 0 and sizes.sum() >= head[13]:
         answer = LARGE
     if answer == 0 and head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
         answer = NONFINITE
