@@ -477,7 +477,7 @@ for config in CONFIGS:
                       for s in SHAPES]
             found = fused_cuda.kind(opt, np.dtype(dtype))
             for step in (1, 2):  # the lane's step, as update() calls it, over arrays each in its own allocation
-                values = [found.order(opt, opt.scalars(step))]
+                values = [found.order(opt.scalars(step))]
                 seen = []
                 took = fused_cuda.step(opt, found, [opt], values, ps, gs, states, [st["step"] for st in states], None,
                                        lambda norm, skipped: seen.append((norm, skipped)) or [])

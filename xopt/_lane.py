@@ -148,7 +148,7 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
     for group, count in pairs:
         view = opt._at(group, count)  # a schedule's error raises here, before any write
         views.append(view)
-        values.append(kind.order(view, view.scalars(count + 1)))
+        values.append(kind.order(view.scalars(count + 1)))
     if type(ps[0]) is np.ndarray and type(gs[0]) is not np.ndarray:
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:

@@ -394,7 +394,7 @@ def apply(opt, entries) -> list:
             lists = [[ps[i] for i in live], [gs[i] for i in live]]
             lists += [[states[i][name] for i in live] if kept else None for name, kept in zip(found.slots, keep)]
             lists += [None] * (6 - len(lists))
-            scal = np.array([found.order(opt, group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
+            scal = np.array([found.order(group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
             arrays = Arrays(found.rule, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
             if not arrays.good:

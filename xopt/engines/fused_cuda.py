@@ -541,7 +541,7 @@ def apply(opt, entries) -> list:
             if n_blocks == 0:
                 continue
             row = np.zeros(N_SCALARS, dtype=found.math)
-            values = found.order(opt, group[0].scalars)
+            values = found.order(group[0].scalars)
             row[:len(values)] = values
             n = len(ps)
             _, o_blocks, o_scalars, _, _ = _sections(n, n_blocks, scalar_bytes)

@@ -3,8 +3,10 @@
 Shared by the CPU (numba) and CUDA (CuPy) kernels, which number their element rules alike
 and cut tensors into chunks alike (:func:`cut`).  An optimizer class names its element rule in
 its ``kernel`` attribute (``Adam.kernel = "adam"``; AdamW inherits it); :func:`lookup` finds it.
-The scalars come from the optimizer's own ``scalars(step)``, so host-side math lives in one place.
+The scalars come from the optimizer's own ``scalars(step)``, read by name, so host-side math lives in one place.
 """
+
+import operator
 
 import numpy as np
 
@@ -20,69 +22,26 @@ def cut(sizes, chunk):
     return tensor, piece
 
 
-def _sgd_scalars(opt, s):
-    return (s["lr"], s["weight_decay"], s["momentum"], s["b_decay"], s["b_scale"],
-            float(opt.momentum != 0.0), float(opt.nesterov))
-
-
-def _momentum_scalars(opt, s):
-    return (s["lr"], s["momentum"], 0.0)
-
-
-def _nesterov_scalars(opt, s):
-    return (s["lr"], s["momentum"], 1.0)
-
-
-def _adagrad_scalars(opt, s):
-    return (s["clr"], s["eps"], s["weight_decay"])
-
-
-def _rmsprop_scalars(opt, s):
-    return (s["lr"], s["decay_rate"], 1.0 - s["decay_rate"], s["eps"], s["momentum"], s["weight_decay"],
-            float(opt.centered), float(opt.momentum > 0.0))
-
-
-# Adam, NAdam and RAdam: 1 - beta1, beta2, 1 - beta2 first and l2, decay at 6 and 7, where the engines'
-# shared moment update (weight decay, m, v) reads them.
-def _adam_scalars(opt, s):
-    return (1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], s["sqrt_bc2"],
-            s["l2"], s["decay"], float(opt.amsgrad))
-
-
-def _adadelta_scalars(opt, s):
-    return (s["lr"], s["rho"], s["one_minus_rho"], s["eps"], s["weight_decay"])
-
-
-def _adamax_scalars(opt, s):
-    return (1.0 - s["beta1"], s["beta2"], s["eps"], s["clr"], s["weight_decay"])
-
-
-def _nadam_scalars(opt, s):
-    return (1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["bias_correction2"], s["g_step"],
-            s["l2"], s["decay"], s["m_step"])
-
-
-def _radam_scalars(opt, s):
-    return (1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], float(s["rectified"]),
-            s["l2"], s["decay"])
-
-
-def _lion_scalars(opt, s):
-    return (s["lr"], s["beta1"], 1.0 - s["beta1"], 1.0 - s["beta2"], s["beta2"], s["weight_decay"])
-
-
-KERNELS = {  # kernel name -> (index into the engines' rules, its scalars in the rule's order, its buffers' slots)
-    "sgd": (0, _sgd_scalars, ("b",)),
-    "momentum": (1, _momentum_scalars, ("v",)),
-    "nesterov": (1, _nesterov_scalars, ("v",)),
-    "adagrad": (2, _adagrad_scalars, ("h",)),
-    "rmsprop": (3, _rmsprop_scalars, ("h", "g_avg", "b")),
-    "adam": (4, _adam_scalars, ("m", "v", "v_max")),
-    "adadelta": (5, _adadelta_scalars, ("msg", "msdx")),
-    "adamax": (6, _adamax_scalars, ("m", "u")),
-    "nadam": (7, _nadam_scalars, ("m", "v")),
-    "radam": (8, _radam_scalars, ("m", "v")),
-    "lion": (9, _lion_scalars, ("m",)),
+# Each kernel's scalars, by name, in the order its engines' element rule reads them: keys of the dict its
+# optimizer's ``scalars(step)`` returns (flags as 0.0 or 1.0).  Adam, NAdam and RAdam: one_minus_beta1, beta2,
+# one_minus_beta2 first and l2, decay at 6 and 7, where the engines' shared moment update (weight decay, m, v)
+# reads them.
+KERNELS = {  # kernel name -> (index into the engines' rules, its scalars' names in order, its buffers' slots)
+    "sgd": (0, ("lr", "weight_decay", "momentum", "b_decay", "b_scale", "has_momentum", "nesterov"), ("b",)),
+    "momentum": (1, ("lr", "momentum", "nesterov"), ("v",)),
+    "nesterov": (1, ("lr", "momentum", "nesterov"), ("v",)),
+    "adagrad": (2, ("clr", "eps", "weight_decay"), ("h",)),
+    "rmsprop": (3, ("lr", "decay_rate", "one_minus_decay", "eps", "momentum", "weight_decay", "centered",
+                    "has_momentum"), ("h", "g_avg", "b")),
+    "adam": (4, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "sqrt_bc2", "l2", "decay",
+                 "amsgrad"), ("m", "v", "v_max")),
+    "adadelta": (5, ("lr", "rho", "one_minus_rho", "eps", "weight_decay"), ("msg", "msdx")),
+    "adamax": (6, ("one_minus_beta1", "beta2", "eps", "clr", "weight_decay"), ("m", "u")),
+    "nadam": (7, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias_correction2", "g_step", "l2",
+                  "decay", "m_step"), ("m", "v")),
+    "radam": (8, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "rectified", "l2", "decay"),
+              ("m", "v")),
+    "lion": (9, ("lr", "beta1", "one_minus_beta1", "one_minus_beta2", "beta2", "weight_decay"), ("m",)),
 }
 
 _RULE_METHODS = ("rule", "scalars", "buffers", "buffer_dtype")  # what a kernel is a copy of (and the state it reads)
@@ -116,6 +75,10 @@ def _kernel_of(cls):
 
 
 def lookup(opt):
-    """(rule index, scalar order, buffer slots) of ``opt``'s kernel, or None."""
+    """(rule index, scalar order, buffer slots) of ``opt``'s kernel, or None.  The scalar order is a C
+    function of the dict ``opt.scalars(step)`` returns: the kernel's scalars as a tuple, in its order."""
     name = kernel_of(opt)
-    return None if name is None else KERNELS[name]
+    if name is None:
+        return None
+    rule, names, slots = KERNELS[name]
+    return rule, operator.itemgetter(*names), slots

@@ -91,8 +91,10 @@ class Adam(Optimizer):
         else:
             step_size = self.lr / bias_correction1
             sqrt_bc2 = math.sqrt(bias_correction2)
-        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps, "step_size": step_size,
-                "sqrt_bc2": sqrt_bc2, **weight_decay_scalars(self.lr, self.weight_decay, self.decoupled_weight_decay)}
+        return {"beta1": self.beta1, "beta2": self.beta2, "one_minus_beta1": 1.0 - self.beta1,
+                "one_minus_beta2": 1.0 - self.beta2, "eps": self.eps, "step_size": step_size, "sqrt_bc2": sqrt_bc2,
+                "amsgrad": float(self.amsgrad),
+                **weight_decay_scalars(self.lr, self.weight_decay, self.decoupled_weight_decay)}
 
     def rule(self, xp, p, g, state, s):
         p, g, m, v = moments(p, g, state, s)

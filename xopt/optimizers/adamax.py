@@ -47,7 +47,7 @@ class Adamax(Optimizer):
         return ("m", "u")
 
     def scalars(self, step):
-        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+        return {"beta1": self.beta1, "beta2": self.beta2, "one_minus_beta1": 1.0 - self.beta1, "eps": self.eps,
                 "clr": self.lr / (1.0 - self.beta1**step), "weight_decay": self.weight_decay}
 
     def rule(self, xp, p, g, state, s):

@@ -47,7 +47,8 @@ class Lion(Optimizer):
         return ("m",)
 
     def scalars(self, step):
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "weight_decay": self.weight_decay}
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "one_minus_beta1": 1.0 - self.beta1,
+                "one_minus_beta2": 1.0 - self.beta2, "weight_decay": self.weight_decay}
 
     def rule(self, xp, p, g, state, s):
         m = state["m"]

@@ -101,6 +101,8 @@ class NAdam(Optimizer):
         return {
             "beta1": self.beta1,
             "beta2": self.beta2,
+            "one_minus_beta1": 1.0 - self.beta1,
+            "one_minus_beta2": 1.0 - self.beta2,
             "eps": self.eps,
             "bias_correction2": 1.0 - self.beta2**step,
             "g_step": self.lr * (1.0 - mu) / (1.0 - mu_product),  # the step along g

@@ -70,8 +70,9 @@ class RAdam(Optimizer):
             step_size = self.lr * rect * math.sqrt(bias_correction2) / bias_correction1
         else:
             step_size = self.lr / bias_correction1
-        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps, "step_size": step_size,
-                "rectified": rectified,
+        return {"beta1": self.beta1, "beta2": self.beta2, "one_minus_beta1": 1.0 - self.beta1,
+                "one_minus_beta2": 1.0 - self.beta2, "eps": self.eps, "step_size": step_size,
+                "rectified": float(rectified),
                 **weight_decay_scalars(self.lr, self.weight_decay, self.decoupled_weight_decay)}
 
     def rule(self, xp, p, g, state, s):

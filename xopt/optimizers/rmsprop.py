@@ -56,9 +56,12 @@ class RMSprop(Optimizer):
         return {
             "lr": self.lr,
             "decay_rate": self.decay_rate,
+            "one_minus_decay": 1.0 - self.decay_rate,
             "eps": self.eps,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
+            "centered": float(self.centered),
+            "has_momentum": float(self.momentum > 0.0),
         }
 
     def rule(self, xp, p, g, state, s):

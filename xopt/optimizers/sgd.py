@@ -66,6 +66,8 @@ class SGD(Optimizer):
             "momentum": self.momentum,
             "b_decay": 0.0 if first else self.momentum,
             "b_scale": 1.0 if first else 1.0 - self.dampening,
+            "has_momentum": float(self.momentum != 0.0),
+            "nesterov": float(self.nesterov),
         }
 
     def rule(self, xp, p, g, state, s):
@@ -98,6 +100,7 @@ class Momentum(Optimizer):
     """
 
     kernel = "momentum"
+    nesterov_flag = 0.0  # the kernel's flag (Nesterov's rule: 1.0)
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
 
@@ -108,7 +111,7 @@ class Momentum(Optimizer):
         return ("v",)
 
     def scalars(self, step):
-        return {"lr": self.lr, "momentum": self.momentum}
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov_flag}
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g
@@ -134,6 +137,7 @@ class Nesterov(Momentum):
     """
 
     kernel = "nesterov"
+    nesterov_flag = 1.0
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g
