@@ -20,14 +20,12 @@ from . import _backend, _numba
 from ._inputs import describe
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind"]
 
 IMPLS = ("auto", "reference", "fused")
 
 
-def _fused_cpu():
-    """The NumPy engine, or None where numba's code cannot run (see :mod:`xopt._numba`)."""
-    return _numba.engine()
+_fused_cpu = _numba.engine  # the NumPy engine, or None where numba's code cannot run (see xopt._numba)
 
 
 _FOUND = {}  # library name -> whether find_spec found it (a lookup costs some 40 us: once per process)
@@ -174,6 +172,29 @@ def hand_over(paths, factor):
     for _, group in paths:
         for e in group:
             e.clip = factor
+
+
+def lane_kind(opt, p):
+    """(engine, the engine's ``kind`` of ``opt`` on ``p``'s dtype) for the exact-type lane's step on params like
+    ``p``, or None: the checked path takes it.  For NumPy arrays on the CPU engine a fact of the optimizer's class,
+    the dtype, the state dtype and the impl, looked up once."""
+    if type(p) is np.ndarray:
+        key = (type(opt), p.dtype, opt._hyper.get("state_dtype"), opt.impl, _fused_cpu)
+        found = _CPU_LANE.get(key, False)
+        if found is not False:
+            return found
+        engine = lane_engine(opt, np.ndarray)
+        kind = None if engine is None else engine.kind(opt, p.dtype)
+        found = None if kind is None else (engine, kind)
+        if engine is not None and engine is _fused_cpu():  # the CPU engine's answer is for good (the CUDA one
+            _CPU_LANE[key] = found  # on a test's host arrays waits for a self-check: asked each time)
+        return found
+    engine = lane_engine(opt, type(p))
+    kind = None if engine is None else engine.kind(opt, p.dtype)
+    return None if kind is None else (engine, kind)
+
+
+_CPU_LANE = {}  # (optimizer class, dtype, state dtype, impl, how the CPU engine is found) -> (engine, kind)
 
 
 def lane_engine(opt, array_type):

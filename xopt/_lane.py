@@ -53,28 +53,27 @@ def take(opt, params, grads) -> bool:
         return False
     if not ps:
         return False
-    boxes = None
-    if isinstance(ps[0], _NUMBERS):
-        boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
-        if boxes is None:
-            return False
-        ps = boxes[0]
-        gs = _arrays(gs, ps)
-        if gs is None:
-            return False
-    tensors = None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(ps[0], torch.Tensor):  # CPU tensors: the CPU engine, through NumPy views
-        tensors = ps
-        ps, gs = _numpy_views(ps), _numpy_views(gs)
-        if ps is None or gs is None:
-            return False
-    engine = _dispatch.lane_engine(opt, type(ps[0]))  # the array type of the first param picks the engine
-    if engine is None:
+    boxes = tensors = None
+    if type(ps[0]) is not np.ndarray:
+        if isinstance(ps[0], _NUMBERS):
+            boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
+            if boxes is None:
+                return False
+            ps = boxes[0]
+            gs = _arrays(gs, ps)
+            if gs is None:
+                return False
+        else:
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(ps[0], torch.Tensor):  # CPU tensors: the CPU engine, via NumPy views
+                tensors = ps
+                ps, gs = _numpy_views(ps), _numpy_views(gs)
+                if ps is None or gs is None:
+                    return False
+    found = _dispatch.lane_kind(opt, ps[0])  # the first param picks the engine and the kernel
+    if found is None:
         return False
-    kind = engine.kind(opt, ps[0].dtype)
-    if kind is None:
-        return False
+    engine, kind = found
     states = list(map(opt.state.get, keys))
     created = []
     try:
@@ -131,24 +130,29 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
     first = steps[0]
     if type(first) is not int or not 0 <= first <= _MAX_STEP:  # each one's type is checked by the engine
         return False
-    groups = list(map(opt._group_of, keys)) if opt._overrides else None
     try:  # a step count that is an array or unhashable: the checked path's to refuse, naming it
         same = steps.count(first) == len(steps)
     except (TypeError, ValueError):
         return False
-    if same and (groups is None or groups.count(groups[0]) == len(groups)):
-        pairs, part = [(groups[0] if groups else 0, first)], None
+    if same and not opt._overrides:  # one part: the usual step
+        part = None
+        view = opt if not callable(opt._hyper.get("lr")) else opt._at(0, first)  # a schedule's error raises here
+        views, values = [view], [kind.order(view.scalars(first + 1))]
     else:
-        if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in steps):
-            return False
-        index = {}
-        part = [index.setdefault(pair, len(index)) for pair in zip(groups or [0] * len(steps), steps)]
-        pairs = list(index)
-    views, values = [], []
-    for group, count in pairs:
-        view = opt._at(group, count)  # a schedule's error raises here, before any write
-        views.append(view)
-        values.append(kind.order(view.scalars(count + 1)))
+        groups = list(map(opt._group_of, keys)) if opt._overrides else [0] * len(steps)
+        if same and groups.count(groups[0]) == len(groups):
+            part, pairs = None, [(groups[0], first)]
+        else:
+            if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in steps):
+                return False
+            index = {}
+            part = [index.setdefault(pair, len(index)) for pair in zip(groups, steps)]
+            pairs = list(index)
+        views, values = [], []
+        for group, count in pairs:
+            view = opt._at(group, count)  # a schedule's error raises here, before any write
+            views.append(view)
+            values.append(kind.order(view.scalars(count + 1)))
     if type(ps[0]) is np.ndarray and type(gs[0]) is not np.ndarray:
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:

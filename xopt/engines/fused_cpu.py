@@ -193,13 +193,17 @@ class Kind:
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
-    __slots__ = ("rule", "order", "slots", "getters", "dtype", "state_dtype", "numbers", "_keeps")
+    __slots__ = ("rule", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
+                 "scalars_struct")
 
-    def __init__(self, rule, order, slots, dtype, state_dtype):
-        self.rule, self.order, self.slots, self.dtype, self.state_dtype = rule, order, slots, dtype, state_dtype
+    def __init__(self, kernel, rule, dtype, state_dtype):
+        self.rule, self.order, self.slots, self.size = rule, kernel.order, kernel.slots, kernel.size
+        self.dtype, self.state_dtype = dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
-        self.getters = [operator.itemgetter(name) for name in slots]
+        self.getters = [operator.itemgetter(name) for name in self.slots]
         self._keeps = {}
+        self.layouts = {}  # (buffers, mode, split_at) -> Layout of a one-part step
+        self.scalars_struct = struct.Struct(f"{self.size + 1}{dtype.char}")  # the scalars, then the clip scale
 
     def keeps(self, buffers) -> list:
         """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
@@ -211,6 +215,26 @@ class Kind:
         if found is None:
             found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
         return found
+
+    def layout(self, buffers, mode, split_at):
+        """The :class:`Layout` of a one-part step whose hyperparameter set keeps ``buffers``."""
+        key = (buffers, mode, split_at)
+        found = self.layouts.get(key)
+        if found is None:
+            keep = self.keeps(buffers)
+            kept = [(2 + j, get) for j, get in enumerate(self.getters) if keep[j]]
+            found = self.layouts[key] = Layout(kept, (*self.numbers, 1, mode, split_at, 0, *keep), keep)
+        return found
+
+
+class Layout:
+    """A one-part step's constant part: which slot lists to gather (``kept``: (list index, getter)), the head's
+    numbers after n (``tail``), and the kept-slot flags (``keep``)."""
+
+    __slots__ = ("kept", "tail", "keep")
+
+    def __init__(self, kept, tail, keep):
+        self.kept, self.tail, self.keep = kept, tail, keep
 
 
 _KINDS = {}  # (optimizer class, param dtype, state_dtype) -> its Kind, or None: no kernel
@@ -230,14 +254,13 @@ def _new_kind(opt, dtype):
     found = lookup(opt)
     if found is None or dtype not in _KERNEL_DTYPES:
         return None
-    rule, order, slots = found
     if not _bf16_state(opt):
-        return Kind(rule, order, slots, dtype, dtype)
+        return Kind(found, found.rule, dtype, dtype)
     if dtype != np.float32:
         return None
     if _BF16 is None:
         _BF16 = np.dtype(_backend.low_precision_dtype(np, "bfloat16"))
-    return Kind(BF16_RULES[rule], order, slots, dtype, _BF16)
+    return Kind(found, BF16_RULES[found.rule], dtype, _BF16)
 
 
 def new_state(view, kind, p):
@@ -253,39 +276,29 @@ def new_state(view, kind, p):
 
 
 def _head(lists, n, kind, keeps, mode, part):
-    """:func:`_step`'s head: the lists' ids, the numbers, the kept slots of each part, each tensor's part.
-
-    A step of one part (the usual one) writes it into this thread's own buffer with one ``pack_into``: one
-    allocation and one conversion less per call, which in a training loop run cold."""
-    split_at = PARALLEL_MIN if get_num_threads() > 1 else _NEVER
+    """:func:`_step`'s head for a step of several parts (see :data:`HEAD`): the lists' ids, the numbers, the
+    kept slots of each part, each tensor's part."""
     head = list(map(id, lists))  # id(None): no list
-    head += [n, *kind.numbers, len(keeps), mode, split_at, 0]  # 0: the answer's slot
+    head += [n, *kind.numbers, len(keeps), mode, _split_at(), 0]  # 0: the answer's slot
     for kept in keeps:
         head += kept
-    if part is not None:
-        head += part
-        return np.array(head, dtype=np.int64)
-    mine = _SCRATCH.__dict__
-    buffer = mine.get("head")
-    if buffer is None:
-        buffer = mine["head"] = np.empty(N_HEAD + 3, dtype=np.int64)
-    _HEAD_ONE_PART.pack_into(buffer, 0, *head)
-    return buffer
+    head += part
+    return np.array(head, dtype=np.int64)
 
 
-def _scalars(values, dtype):
-    """The scalars of each part, the clip scale (1.0) last, as :func:`_step` takes them; one part's in this
-    thread's own buffer for its count and dtype."""
-    if len(values) > 1:
-        return np.array([(*v, 1.0) for v in values], dtype=dtype)
-    v = values[0]
+def _split_at():
+    """From how many elements a step is split over threads."""
+    return PARALLEL_MIN if get_num_threads() > 1 else _NEVER
+
+
+def _buffers(kind):
+    """This thread's head and scalars buffers for one-part steps of ``kind`` (one allocation and conversion
+    less per call: in a training loop they run cold)."""
     mine = _SCRATCH.__dict__
-    key = (dtype.char, len(v))
-    buffer = mine.get(key)
-    if buffer is None:
-        buffer = mine[key] = (np.empty((1, len(v) + 1), dtype=dtype), struct.Struct(f"{len(v) + 1}{dtype.char}"))
-    buffer[1].pack_into(buffer[0], 0, *v, 1.0)
-    return buffer[0]
+    found = mine.get(kind)
+    if found is None:
+        found = mine[kind] = (np.empty(N_HEAD + 3, dtype=np.int64), np.empty((1, kind.size + 1), dtype=kind.dtype))
+    return found
 
 
 _NEVER = 2**62
@@ -303,22 +316,32 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     ``clip_grad_norm``; ``skipped`` True where skip_nonfinite skips it), run in the same C-level call as the
     kernel (``xopt._atomic.together``).  Returns True where the step ran or was skipped.
     """
-    lists = [ps, gs, None, None, None]
-    keeps = [kind.keeps(view.buffers()) for view in views] if len(views) > 1 else [kind.keeps(views[0].buffers())]
-    for j, get in enumerate(kind.getters):
-        everywhere = keeps[0][j] if len(keeps) == 1 else all(k[j] for k in keeps)
-        if everywhere:
-            try:
-                lists[2 + j] = list(map(get, states))
-            except KeyError:  # made at the checked path's next step (an option turned on)
-                return None
-        elif len(keeps) > 1 and any(k[j] for k in keeps):  # a buffer some parts keep: None for the others'
-            lists[2 + j] = [st.get(kind.slots[j]) for st in states]  # params, never read
-    lists.append(steps)  # their types checked in the compiled call, their values by the caller
-    clip = opt._hyper["clip_grad_norm"]
-    mode = CHECK_FINITE if opt._hyper["skip_nonfinite"] else 0
-    head = _head(lists, len(ps), kind, keeps, mode, part)
-    scal = _scalars(values, kind.dtype)
+    hyper = opt._hyper
+    clip = hyper["clip_grad_norm"]
+    mode = CHECK_FINITE if hyper["skip_nonfinite"] else 0
+    lists = [ps, gs, None, None, None, steps]  # step counts: their types checked in the compiled call
+    if part is None:  # one part: the usual step
+        layout = kind.layout(views[0].buffers(), mode, PARALLEL_MIN if get_num_threads() > 1 else _NEVER)
+        try:
+            for at, get in layout.kept:
+                lists[at] = list(map(get, states))
+        except KeyError:  # made at the checked path's next step (an option turned on)
+            return None
+        head, scal = _buffers(kind)
+        _HEAD_ONE_PART.pack_into(head, 0, *map(id, lists), len(ps), *layout.tail)
+        kind.scalars_struct.pack_into(scal, 0, *values[0], 1.0)
+    else:
+        keeps = [kind.keeps(view.buffers()) for view in views]
+        for j, get in enumerate(kind.getters):
+            if all(k[j] for k in keeps):
+                try:
+                    lists[2 + j] = list(map(get, states))
+                except KeyError:
+                    return None
+            elif any(k[j] for k in keeps):  # a buffer some parts keep: None for the others' params, never read
+                lists[2 + j] = [st.get(kind.slots[j]) for st in states]
+        head = _head(lists, len(ps), kind, keeps, mode, part)
+        scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
     if clip is None:
         try:
             together([functools.partial(_step, kind.rule, OFFSETS, head, scal, _BITS), *commit(None, False)])

@@ -386,9 +386,8 @@ def _new_kind(opt, dtype):
         return None
     if found is None or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
         return None
-    rule, order, slots = found
     dtype = np.dtype(name)
-    return Kind(rule, order, slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
+    return Kind(found.rule, found.order, found.slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
 
 
 def new_state(view, kind, p):

@@ -7,10 +7,11 @@ The scalars come from the optimizer's own ``scalars(step)``, read by name, so ho
 """
 
 import operator
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-__all__ = ["KERNELS", "cut", "kernel_of", "lookup"]
+__all__ = ["KERNELS", "Kernel", "cut", "kernel_of", "lookup"]
 
 
 def cut(sizes, chunk):
@@ -74,11 +75,19 @@ def _kernel_of(cls):
     return owner.kernel
 
 
+class Kernel(NamedTuple):
+    """An optimizer's kernel as its engines take it."""
+
+    rule: int  # index into the engines' element rules
+    order: Callable  # the dict opt.scalars(step) -> the kernel's scalars, a tuple in its order (a C function)
+    slots: tuple  # the buffers that fill its three state slots
+    size: int  # how many scalars
+
+
 def lookup(opt):
-    """(rule index, scalar order, buffer slots) of ``opt``'s kernel, or None.  The scalar order is a C
-    function of the dict ``opt.scalars(step)`` returns: the kernel's scalars as a tuple, in its order."""
+    """The :class:`Kernel` of ``opt``, or None."""
     name = kernel_of(opt)
     if name is None:
         return None
     rule, names, slots = KERNELS[name]
-    return rule, operator.itemgetter(*names), slots
+    return Kernel(rule, operator.itemgetter(*names), slots, len(names))
