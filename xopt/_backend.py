@@ -201,7 +201,7 @@ def _strided_span(base, shape, strides, itemsize):
 def numpy_bounds(arrays):
     """(lo, hi) int64 arrays: the byte range each NumPy array can reach (one compiled pass where numba's code
     runs, see :mod:`xopt._numba`)."""
-    if _numba.engine() is not None:
+    if _numba.usable():
         from .engines.cpu_memory import byte_bounds
     else:
         try:

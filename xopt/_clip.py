@@ -25,7 +25,7 @@ EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
 
 def _numpy_sum_squares(arrays) -> float:
-    if _numba.engine() is not None:  # numba's code runs here
+    if _numba.usable():  # numba's code runs here
         from .engines.cpu_rules import sum_squares
 
         return sum_squares(arrays)

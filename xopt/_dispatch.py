@@ -25,7 +25,13 @@ __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lan
 IMPLS = ("auto", "reference", "fused")
 
 
-_fused_cpu = _numba.engine  # the NumPy engine, or None where numba's code cannot run (see xopt._numba)
+def _fused_cpu():
+    """The NumPy engine, or None where numba's code cannot run (see :mod:`xopt._numba`)."""
+    if not _numba.usable():
+        return None
+    from .engines import fused_cpu
+
+    return fused_cpu
 
 
 _FOUND = {}  # library name -> whether find_spec found it (a lookup costs some 40 us: once per process)

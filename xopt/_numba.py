@@ -1,46 +1,46 @@
 """Whether xopt's numba code can run here: the one place that decides it.
 
 Every caller of numba-compiled code (the CPU engine, the overlap check's byte bounds, the clip norm's sum,
-the CUDA engine's host-side gather) asks :func:`engine` and takes its pure NumPy / Python path where it
-answers None: numba not installed, numba installed but its import raising (a broken install), numba's JIT
+the CUDA engine's host-side gather) asks :func:`usable` and takes its pure NumPy / Python path where it
+answers False: numba not installed, numba installed but its import raising (a broken install), numba's JIT
 turned off (``NUMBA_DISABLE_JIT=1``: the kernels read memory through intrinsics that cannot run
-interpreted), or :mod:`xopt.engines.fused_cpu` not importable.  Looked at once per process.  Where numba
+interpreted), or the compiled code (:mod:`xopt.engines.cpu_rules`) not importable.  Looked at once per process.  Where numba
 finds nowhere to cache compiled kernels (a read-only install and no writable home), they are cached in a
 folder of the user's under the temporary directory.
 """
 
 from __future__ import annotations
 
-__all__ = ["engine", "why_not"]
+__all__ = ["usable", "why_not"]
 
-_ENGINE = False  # not looked at yet; then the module xopt.engines.fused_cpu, or None
-_WHY = None  # why it is None: the end of impl="fused"'s error
+_USABLE = None  # not looked at yet; then True or False
+_WHY = None  # why it is False: the end of impl="fused"'s error
 
 
 def _look():
-    global _ENGINE, _WHY
+    global _USABLE, _WHY
     try:
         import numba
     except Exception as exc:  # not installed, or a broken install
         missing = isinstance(exc, ModuleNotFoundError) and exc.name == "numba"
-        _ENGINE, _WHY = None, ("numba is not installed" if missing
+        _USABLE, _WHY = False, ("numba is not installed" if missing
                                else f"importing numba failed ({type(exc).__name__}: {exc})")
         return
     if getattr(getattr(numba, "config", None), "DISABLE_JIT", False):
-        _ENGINE, _WHY = None, "numba's JIT is disabled by NUMBA_DISABLE_JIT"
+        _USABLE, _WHY = False, "numba's JIT is disabled by NUMBA_DISABLE_JIT"
         return
     try:
         try:
-            from .engines import fused_cpu
+            from .engines import cpu_rules  # noqa: F401  (its compiled functions, cached on disk)
         except RuntimeError as exc:  # numba found nowhere to cache the kernels: a read-only install, no home
             if "cannot cache" not in str(exc) or numba.config.CACHE_DIR:
                 raise
             numba.config.CACHE_DIR = _private_cache_dir()
-            from .engines import fused_cpu
+            from .engines import cpu_rules  # noqa: F401
     except ImportError as exc:
-        _ENGINE, _WHY = None, f"importing xopt.engines.fused_cpu failed ({exc})"
+        _USABLE, _WHY = False, f"importing xopt.engines.cpu_rules failed ({exc})"
         return
-    _ENGINE = fused_cpu
+    _USABLE = True
 
 
 def _private_cache_dir() -> str:
@@ -54,14 +54,14 @@ def _private_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"xopt-numba-cache-{uid}")
 
 
-def engine():
-    """:mod:`xopt.engines.fused_cpu` where xopt's numba code can run, else None."""
-    if _ENGINE is False:
+def usable() -> bool:
+    """Whether xopt's numba code can run here."""
+    if _USABLE is None:
         _look()
-    return _ENGINE
+    return _USABLE
 
 
 def why_not():
-    """Why :func:`engine` is None (a phrase), or None where it is not."""
-    engine()
+    """Why :func:`usable` is False (a phrase), or None where it is not."""
+    usable()
     return _WHY

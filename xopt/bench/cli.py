@@ -99,10 +99,12 @@ def run(args):
     else:
         from .. import _numba
 
-        if _numba.engine() is None:
+        if not _numba.usable():
             print(f"{_numba.why_not()}: xopt runs its reference rule", file=sys.stderr)
         else:
-            compile_seconds = _numba.engine().compile_all()
+            from ..engines import fused_cpu
+
+            compile_seconds = fused_cpu.compile_all()
     result["compile_seconds"] = compile_seconds  # JIT or disk-cache load, outside every figure below
     variants = roofline.copy_bandwidth_gpu() if gpu else roofline.copy_bandwidth_cpu()
     result["copy_variants_GBps"] = variants

@@ -94,7 +94,7 @@ def threads_info():
                                               "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}
     from .. import _numba
 
-    if _numba.engine() is not None:  # numba's code runs here
+    if _numba.usable():  # numba's code runs here
         import numba
 
         info["numba_num_threads"] = int(numba.get_num_threads())

@@ -36,7 +36,7 @@ def _numba_kernels():
     """Copies over every core: dst[:] = src[:], and src[:] = -src[:] (in place)."""
     from .. import _numba
 
-    if _numba.engine() is None:  # no numba, or its code cannot run here (interpreted, these would take hours)
+    if not _numba.usable():  # no numba, or its code cannot run here (interpreted, these would take hours)
         return {}
     from numba import njit, prange
 

@@ -43,7 +43,7 @@ from .. import _backend, _numba
 from .._atomic import together
 from .kernels import KERNELS, cut, lookup
 
-if _numba.engine() is not None:
+if _numba.usable():
     from . import cuda_memory
 else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathers through Python
     cuda_memory = None
