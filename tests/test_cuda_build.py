@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xopt.engines import fused_cuda
+from xopt.engines import cuda_device, fused_cuda
 from xopt.engines.kernels import KERNELS
 
 pytestmark = pytest.mark.cuda_source
@@ -164,7 +164,7 @@ def test_nvrtc_keeps_subnormals(compiler, monkeypatch):
     ptx, _ = fused_cuda.build(names, arch=ARCH)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     assert ptx.count(".entry ") == len(INSTANCES) and ".ftz" not in ptx
-    monkeypatch.setattr(fused_cuda, "OPTIONS", fused_cuda.OPTIONS + ("-ftz=true",))
+    monkeypatch.setattr(cuda_device, "OPTIONS", cuda_device.OPTIONS + ("-ftz=true",))
     flushed, _ = fused_cuda.build([fused_cuda.kernel_name(4, "float32")], arch=ARCH)
     assert (flushed.decode() if isinstance(flushed, bytes) else flushed).count(".ftz") > 10
 

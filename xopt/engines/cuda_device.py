@@ -1,0 +1,194 @@
+"""The CUDA kernels' source, how it is built, a step's table, and how the table reaches the GPU.
+
+The kernel source is ``xopt/engines/cuda/optimizers.cu``; its constants (elements per block, threads per
+block, scalars per part) are read from it here.  :class:`CupyDevice` is the one place that talks to the GPU
+(through CuPy): the tests put the CPU build of the same kernel in its place (``fused_cuda.DEVICE``).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .kernels import cut
+
+__all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "OPTIONS", "kernel_name",
+           "norm_name", "block_table", "build", "CupyDevice"]
+
+SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
+_TEXT = SOURCE.read_text()
+CHUNK = int(re.search(r"#define XOPT_CHUNK (\d+)", _TEXT).group(1))  # elements per block
+THREADS = int(re.search(r"#define XOPT_THREADS (\d+)", _TEXT).group(1))  # threads per block
+N_SCALARS = int(re.search(r"#define XOPT_SCALARS (\d+)", _TEXT).group(1))  # a part's row; fewer: zeros after
+N_SLOTS = 5  # rows of the address table: param, grad, three state buffers
+ALIGN = 16  # bytes: a tensor whose arrays all start on this boundary gets 128-bit loads and stores
+
+# param dtype -> (its C type in the kernel, the C type of the math and the state)
+PTYPES = {"float16": ("unsigned short", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
+# --fmad=false: no a * b + c fused (the reference's rounding).  Not CuPy's RawModule, which adds
+# -ftz=true after these (flushing float32 subnormals to zero): NVRTC's default, -ftz=false, keeps them.
+OPTIONS = ("--fmad=false",)
+
+
+def kernel_name(rule: int, dtype) -> str:
+    """The template instance that runs ``rule`` on params of ``dtype``."""
+    p, s = PTYPES[np.dtype(dtype).name]
+    return f"xopt_step<{rule}, {p}, {s}>"
+
+
+def norm_name(dtype) -> str:
+    """The template instance of the norm pass over grads of ``dtype``."""
+    p, s = PTYPES[np.dtype(dtype).name]
+    return f"xopt_norm<{p}, {s}>"
+
+
+def block_table(sizes, aligned=None, part=None) -> np.ndarray:
+    """(tensor, chunk, aligned, part) per block, int32: every element of every tensor in exactly one block."""
+    tensor, chunk = cut(sizes, CHUNK)
+    if len(sizes) >= 2**31 or (len(chunk) and chunk[-1] >= 2**31):
+        raise ValueError("too many tensors or chunks for one launch")
+    out = np.zeros((len(tensor), 4), dtype=np.int32)
+    out[:, 0], out[:, 1] = tensor, chunk
+    if aligned is not None:
+        out[:, 2] = np.asarray(aligned, dtype=np.int32)[tensor]
+    if part is not None:
+        out[:, 3] = np.asarray(part, dtype=np.int32)[tensor]
+    return out
+
+
+def build(names, arch=None, log_stream=None):
+    """Compile the kernel instances ``names`` as xopt does before a launch: (cubin, {name: lowered name}).
+
+    CuPy's NVRTC (``cupy.cuda.compiler.compile_using_nvrtc``) with :data:`OPTIONS`; ``arch=None`` is
+    CuPy's own choice for the current GPU (its compute capability, capped at what NVRTC knows).
+    """
+    from cupy.cuda import compiler
+
+    return compiler.compile_using_nvrtc(SOURCE.read_text(), OPTIONS, arch=arch, name_expressions=tuple(names),
+                                        log_stream=log_stream)
+
+
+class CupyDevice:
+    """How a step's table reaches the GPU and is launched; the tests put the CPU build of the kernel in its place."""
+
+    address = staticmethod(operator.attrgetter("data.ptr"))
+    device_of = staticmethod(operator.attrgetter("data.device_id"))
+
+    @staticmethod
+    def takes(array_type) -> bool:
+        """Whether the lane takes params of ``array_type`` here: exact ``cupy.ndarray`` (never imports CuPy)."""
+        cupy = sys.modules.get("cupy")
+        return cupy is not None and array_type is getattr(cupy, "ndarray", None)
+
+    @staticmethod
+    def current_device():
+        import cupy
+
+        return cupy.cuda.Device().id
+
+    @staticmethod
+    def on(device_id):
+        """A context in which ``device_id`` is the current GPU."""
+        import cupy
+
+        return cupy.cuda.Device(device_id)
+
+    @staticmethod
+    def upload(host):
+        """``host`` (a NumPy array) on the current GPU: one copy, on the current stream (CuPy stages it through
+        page-locked memory, which it keeps until the copy is done)."""
+        import cupy
+
+        return cupy.asarray(host)
+
+    @staticmethod
+    def scratch(nbytes):
+        """``nbytes`` of device memory (uint8), not initialised."""
+        import cupy
+
+        return cupy.empty(nbytes, dtype=cupy.uint8)
+
+    @staticmethod
+    def download(a):
+        import cupy
+
+        return cupy.asnumpy(a)
+
+    @staticmethod
+    def scale(clip, dtype):
+        """The clip scale (a number, or a 0-d array on the GPU: no host sync) as one element of ``dtype`` there."""
+        import cupy
+
+        return cupy.asarray(clip, dtype=dtype).reshape(1)
+
+    @staticmethod
+    def function(rule, dtype):
+        import cupy
+
+        return _function(cupy.cuda.Device().id, kernel_name(rule, dtype))
+
+    @staticmethod
+    def norm_function(dtype):
+        import cupy
+
+        return _function(cupy.cuda.Device().id, norm_name(dtype))
+
+    @staticmethod
+    def launch(function, n_blocks, args):
+        CupyDevice.launcher(function, n_blocks, args)()
+
+    @staticmethod
+    def select(device_id):
+        """Making ``device_id`` the current GPU, as a call into C (the runtime's ``cudaSetDevice``)."""
+        import cupy
+
+        return functools.partial(cupy.cuda.runtime.setDevice, device_id)
+
+    @staticmethod
+    def launcher(function, n_blocks, args):
+        """The launch as a call into C (CuPy's compiled ``Function.__call__``): for ``xopt._atomic.together``."""
+        import cupy
+
+        return functools.partial(function, (n_blocks,), (THREADS,), args, stream=cupy.cuda.get_current_stream())
+
+
+@functools.lru_cache(maxsize=None)
+def _function(device_id, name):
+    """The compiled kernel ``name`` on GPU ``device_id`` (current): built on first use in this process."""
+    from cupy.cuda import function
+
+    cubin, lowered = build([name])
+    module = function.Module()
+    module.load(cubin)
+    return module.get_function(lowered[name])
+
+
+
+# -- a step's table ---------------------------------------------------------------------------------
+def _sections(n, n_blocks, scalar_bytes):
+    """Byte offsets in a step's table: sizes, blocks, scalars' rows, the norm pass's count, the end."""
+    sizes, blocks = 40 * n, 48 * n
+    scalars = blocks + 16 * n_blocks
+    count = scalars + scalar_bytes
+    return sizes, blocks, scalars, count, count + 8
+
+
+def _scalar_bytes(n_parts, math_dtype) -> int:
+    return -(-n_parts * N_SCALARS * math_dtype.itemsize // 8) * 8
+
+
+def _table(ptrs, sizes, aligned, part, scalar_bytes):
+    """The table :func:`xopt.engines.cuda_memory.gather` writes, from the addresses (5 x n), sizes, aligned flags
+    and parts; zeroed scalars' rows and count."""
+    n = len(sizes)
+    blocks = block_table(sizes, aligned, part)
+    table = np.zeros(_sections(n, len(blocks), scalar_bytes)[-1], dtype=np.uint8)
+    table[:40 * n] = ptrs.astype(np.int64).reshape(-1).view(np.uint8)
+    table[40 * n:48 * n] = sizes.astype(np.int64).view(np.uint8)
+    table[48 * n:48 * n + blocks.nbytes] = blocks.reshape(-1).view(np.uint8)
+    return len(blocks), table
