@@ -52,15 +52,17 @@ def _fused_cuda():
     """The CuPy engine, or None when CuPy is not installed."""
     if not _installed("cupy"):
         return None
-    from .engines import cuda_check, fused_cuda  # noqa: F401  (cuda_check tells the engine what auto may run)
-
-    return fused_cuda
+    engine = sys.modules.get("xopt.engines.fused_cuda")
+    if engine is None or "xopt.engines.cuda_check" not in sys.modules:
+        from .engines import cuda_check, fused_cuda as engine  # noqa: F401  (cuda_check tells the engine what auto may run)
+    return engine
 
 
 def _cuda_check():
-    from .engines import cuda_check
-
-    return cuda_check
+    found = sys.modules.get("xopt.engines.cuda_check")
+    if found is None:
+        from .engines import cuda_check as found
+    return found
 
 
 def _fused_dask():

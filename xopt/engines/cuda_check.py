@@ -26,6 +26,7 @@ import warnings
 
 import numpy as np
 
+from . import fused_cuda
 from .kernels import lookup
 
 __all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed", "lane_allowed"]
@@ -56,8 +57,6 @@ CONFIGS = {rule: [*configs, _clipped(configs[0])] for rule, configs in CONFIGS.i
 
 def _cases():
     """(shape, param offset, grad offset) in elements: an offset view is not 16-byte aligned."""
-    from . import fused_cuda  # which imports this module
-
     return [((), 0, 0), ((0,), 0, 0), ((3, 5), 0, 0), ((37,), 1, 0), ((37,), 0, 1), ((2 * fused_cuda.CHUNK + 9,), 0, 0)]
 
 
@@ -120,8 +119,6 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     """
     import xopt
 
-    from . import fused_cuda
-
     rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
     device = dev.current_device() if device is None else device
     kernel = fused_cuda.kernel_name(rule, dtype)
@@ -176,8 +173,6 @@ def passed(device, rule, dtype_name) -> bool:
 
 def trusted(opt, e) -> bool:
     """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Self-checks its (GPU, rule, dtype) once."""
-    from . import fused_cuda
-
     if fused_cuda.VERIFIED:
         return True
     key = (fused_cuda.device_of(e.p), rule_of(opt), np.dtype(e.p.dtype).name)
@@ -194,8 +189,6 @@ def trusted(opt, e) -> bool:
 def lane_allowed(opt) -> bool:
     """Whether ``opt``'s impl lets the lane try this engine: ``impl="fused"``, or the kernels verified, or under
     ``impl="auto"`` a self-check of its rule passed on some GPU (:func:`step` checks the step's GPU and dtype)."""
-    from . import fused_cuda
-
     if opt.impl == "fused" or fused_cuda.VERIFIED:
         return True
     rule = lookup(opt)[0]
@@ -209,8 +202,6 @@ def _auto_allowed(device, rule, dtype_name) -> bool:
 def _tell_the_engine():
     """The CUDA engine asks this module (through ``fused_cuda.AUTO_ALLOWED``) whether ``impl="auto"`` may run a
     kernel; the engine does not import this module, which runs it."""
-    from . import fused_cuda
-
     fused_cuda.AUTO_ALLOWED = _auto_allowed
 
 

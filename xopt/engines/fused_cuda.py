@@ -236,40 +236,38 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     """
     array_type = type(ps[0])
     slots = kind.slots
+    lists = [ps, gs, None, None, None, steps]  # step counts: their types checked with the arrays, values by the caller
     if len(views) == 1:
         kept = views[0].buffers()
-        keeps = [[name in kept for name in slots]]
+        flags = [int(name in kept) for name in slots] + [0] * (3 - len(slots))
         try:
-            lists = [ps, gs, *[list(map(operator.itemgetter(name), states)) if name in kept else None
-                               for name in slots]]
+            for j, name in enumerate(slots):
+                if flags[j]:
+                    lists[2 + j] = list(map(operator.itemgetter(name), states))
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
     else:
-        keeps = [[name in view.buffers() for name in slots] for view in views]
-        lists = [ps, gs]
+        keeps = [[int(name in view.buffers()) for name in slots] + [0] * (3 - len(slots)) for view in views]
         for j, name in enumerate(slots):
             if all(k[j] for k in keeps):
                 try:
-                    lists.append(list(map(operator.itemgetter(name), states)))
+                    lists[2 + j] = list(map(operator.itemgetter(name), states))
                 except KeyError:
                     return None
             elif any(k[j] for k in keeps):
-                lists.append([st.get(name) for st in states])
-            else:
-                lists.append(None)
-    lists += [None] * (5 - len(lists))
-    lists.append(steps)  # their types checked with the arrays, their values by the caller
-    keeps = [k + [False] * (3 - len(k)) for k in keeps]
+                lists[2 + j] = [st.get(name) for st in states]
+        flags = [flag for k in keeps for flag in k]
     n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
     scalar_bytes = _scalar_bytes(n_parts, math_dtype)
     off = None if cuda_memory is None else cuda_memory.layout(array_type)
     if off is not None:
-        head = np.array([0 if x is None else id(x) for x in lists]
+        head = np.array([id(x) if x is not None else 0 for x in lists]
                         + [n, id(dtype), id(math_dtype), dtype.itemsize, math_dtype.itemsize, n_parts, scalar_bytes,
-                           CHUNK] + [int(flag) for k in keeps for flag in k], dtype=np.int64)
+                           CHUNK, *flags], dtype=np.int64)
         answer, device_id, n_blocks, table = cuda_memory.gather(off, head, _NO_PART if part is None
                                                                 else np.array(part, dtype=np.int64))
     else:
+        keeps = [flags[i:i + 3] for i in range(0, len(flags), 3)]
         answer, device_id, n_blocks, table = _gather_python(array_type, lists, keeps, part, dtype, math_dtype,
                                                             scalar_bytes)
     if answer:
@@ -289,10 +287,10 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             return None
         together(commit(None, False))
         return True
-    rows = np.zeros((n_parts, N_SCALARS), dtype=math_dtype)
-    rows[:, :len(values[0])] = values  # every part's row as long: one kind
     _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
-    table[o_scalars:o_scalars + rows.nbytes] = rows.reshape(-1).view(np.uint8)
+    rows = table[o_scalars:o_scalars + n_parts * N_SCALARS * math_dtype.itemsize].view(math_dtype)  # zeroed
+    rows.shape = (n_parts, N_SCALARS)
+    rows[:, :len(values[0])] = values  # every part's row as long: one kind
     norm = None
     with device.on(device_id):
         dev = device.upload(table)

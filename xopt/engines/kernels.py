@@ -86,8 +86,17 @@ class Kernel(NamedTuple):
 
 def lookup(opt):
     """The :class:`Kernel` of ``opt``, or None."""
-    name = kernel_of(opt)
-    if name is None:
-        return None
-    rule, names, slots = KERNELS[name]
-    return Kernel(rule, operator.itemgetter(*names), slots, len(names))
+    cls = type(opt)
+    found = _KERNELS_OF.get(cls, False)
+    if found is False:
+        name = kernel_of(opt)
+        if name is not None:
+            rule, names, slots = KERNELS[name]
+            found = Kernel(rule, operator.itemgetter(*names), slots, len(names))
+        else:
+            found = None
+        _KERNELS_OF[cls] = found
+    return found
+
+
+_KERNELS_OF = {}  # optimizer class -> its Kernel, or None (a fact of the class)
