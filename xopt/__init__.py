@@ -6,9 +6,11 @@
 """
 
 from .optimizers.adadelta import AdaDelta
+from .optimizers.adafactor import Adafactor
 from .optimizers.adagrad import AdaGrad
 from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
+from .optimizers.lamb import LAMB
 from .optimizers.lion import Lion
 from .optimizers.nadam import NAdam
 from .optimizer import Optimizer
@@ -32,6 +34,8 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Adafactor",
+    "LAMB",
     "Optimizer",
     "save_state",
     "load_state",

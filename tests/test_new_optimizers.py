@@ -1,0 +1,358 @@
+"""Adafactor, LAMB, ScheduleFreeAdamW and Muon against the libraries whose numbers they give.
+
+Each case runs the same float64 params and grads through xopt and through the library (torch.optim's
+Adafactor and Muon, optax.lamb, schedulefree.AdamWScheduleFree) for ``STEPS`` steps and compares every
+param after every step and every state buffer at the end.  ``tools/make_new_golden.py`` stores the
+libraries' trajectories in ``tests/golden/new_optimizers.npz``: the stored comparison runs everywhere,
+the live one where the library is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import xopt
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "new_optimizers.npz"
+STEPS = 24
+SHAPES = {"W": (8, 5), "U": (4, 9), "T": (2, 3, 5), "b": (7,), "s": ()}
+RTOL, ATOL = 1e-11, 1e-13
+
+
+def _decay(lr):
+    return lambda count: lr * 0.9 ** (count // 4)  # a step schedule: lr changes every 4 steps
+
+
+# name -> (xopt optimizer, its arguments, whether lr follows _decay)
+CASES = {
+    "adafactor": ("Adafactor", dict(), False),
+    "adafactor-wd-d": ("Adafactor", dict(lr=0.05, weight_decay=0.1, d=2.0, eps2=1e-2, beta2_decay=-0.5), False),
+    "adafactor-eps1-schedule": ("Adafactor", dict(lr=0.3, eps1=1e-20), True),
+    "lamb": ("LAMB", dict(lr=0.01), False),
+    "lamb-wd-eps": ("LAMB", dict(lr=0.02, beta1=0.8, beta2=0.99, eps=1e-4, eps_root=1e-8, weight_decay=0.1), False),
+    "lamb-schedule": ("LAMB", dict(lr=0.05, weight_decay=0.01), True),
+}
+
+
+def inputs(seed):
+    rng = np.random.default_rng(seed)
+    params = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) + 0.1 for k, s in SHAPES.items()} for _ in range(STEPS)]
+    return params, grads
+
+
+def lrs(case):
+    name, kwargs, scheduled = CASES[case]
+    lr = kwargs.get("lr", getattr(xopt, name)().lr)
+    return [_decay(lr)(t) if scheduled else lr for t in range(STEPS)]
+
+
+def run_xopt(case, params, grads, asarray=np.asarray, to_numpy=np.asarray):
+    """(params after each step, {param: {buffer: final value}}) as NumPy arrays."""
+    name, kwargs, scheduled = CASES[case]
+    kwargs = dict(kwargs)
+    if scheduled:
+        kwargs["lr"] = _decay(kwargs.get("lr", getattr(xopt, name)().lr))
+    opt = getattr(xopt, name)(**kwargs)
+    ps = {k: asarray(np.array(v, copy=True)) for k, v in params.items()}
+    trajectory = []
+    for g in grads:
+        opt.update(ps, {k: asarray(v) for k, v in g.items()})
+        trajectory.append({k: np.array(to_numpy(v)) for k, v in ps.items()})
+    state = {k: {n: np.array(to_numpy(b)) for n, b in st.items() if n != "step"} for k, st in opt.state.items()}
+    return trajectory, state
+
+
+# -- the libraries -------------------------------------------------------------------------------
+def _torch_run(make, params, grads, lr_list, state_names):
+    import torch
+
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    opt = make(list(tp.values()))
+    trajectory = []
+    for g, lr in zip(grads, lr_list):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for k, p in tp.items():
+            p.grad = torch.tensor(g[k], dtype=torch.float64)
+        opt.step()
+        trajectory.append({k: p.detach().numpy().copy() for k, p in tp.items()})
+    state = {k: {ours: opt.state[p][theirs].detach().numpy().copy() for theirs, ours in state_names.items()
+                 if theirs in opt.state[p]} for k, p in tp.items()}
+    return trajectory, state
+
+
+def torch_adafactor(kwargs, params, grads, lr_list):
+    import torch
+
+    kw = {k: v for k, v in kwargs.items() if k not in ("eps1", "eps2")}
+    kw["eps"] = (kwargs.get("eps1"), kwargs.get("eps2", 1e-3))
+    return _torch_run(lambda ps: torch.optim.Adafactor(ps, **kw), params, grads, lr_list,
+                      {"row_var": "v_row", "col_var": "v_col", "variance": "v"})
+
+
+def optax_lamb(kwargs, params, grads, lr_list):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import optax
+
+    kw = dict(kwargs)
+    kw.pop("lr", None)
+    names = {"beta1": "b1", "beta2": "b2"}
+    kw = {names.get(k, k): v for k, v in kw.items()}
+    schedule = jnp.asarray(lr_list, dtype=jnp.float64)
+    tx = optax.lamb(learning_rate=lambda count: schedule[count], **kw)
+    ps = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in params.items()}
+    st = tx.init(ps)
+    trajectory = []
+    for g in grads:
+        updates, st = tx.update({k: jnp.asarray(v, dtype=jnp.float64) for k, v in g.items()}, st, ps)
+        ps = optax.apply_updates(ps, updates)
+        trajectory.append({k: np.asarray(v).copy() for k, v in ps.items()})
+    adam = st[0]
+    state = {k: {"m": np.asarray(adam.mu[k]), "v": np.asarray(adam.nu[k])} for k in params}
+    return trajectory, state
+
+
+LIBRARIES = {"Adafactor": ("torch", torch_adafactor), "LAMB": ("optax", optax_lamb)}
+
+
+def run_library(case, params, grads):
+    name, kwargs, _ = CASES[case]
+    return LIBRARIES[name][1](kwargs, params, grads, lrs(case))
+
+
+# -- comparisons ---------------------------------------------------------------------------------
+def _compare(case, ours, theirs):
+    (traj, state), (ref_traj, ref_state) = ours, theirs
+    assert len(traj) == len(ref_traj) == STEPS
+    for step in range(STEPS):
+        for k in ref_traj[step]:
+            np.testing.assert_allclose(traj[step][k], ref_traj[step][k], rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{case}: param {k} after step {step + 1}")
+    for k, bufs in ref_state.items():
+        assert bufs, f"{case}: no state of {k} to compare"
+        assert set(bufs) == set(state[k]), f"{case}: buffers of {k}: {sorted(state[k])} vs {sorted(bufs)}"
+        for name, want in bufs.items():
+            np.testing.assert_allclose(state[k][name], want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{case}: state {name} of {k}")
+
+
+def max_abs_diff(ours, theirs) -> float:
+    (traj, state), (ref_traj, ref_state) = ours, theirs
+    diffs = [np.max(np.abs(traj[s][k] - ref_traj[s][k]), initial=0.0) for s in range(STEPS) for k in ref_traj[s]]
+    diffs += [np.max(np.abs(state[k][n] - v), initial=0.0) for k, b in ref_state.items() for n, v in b.items()]
+    return float(max(diffs))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    meta = json.loads(data.pop("meta").tobytes())
+    assert sorted(CASES) == meta["cases"], "the cases changed: run tools/make_new_golden.py"
+    return data
+
+
+def golden_case(data, case):
+    params = {k: data[f"input/param/{k}"] for k in SHAPES}
+    grads = [{k: data[f"input/grad/{s}/{k}"] for k in SHAPES} for s in range(STEPS)]
+    traj = [{k: data[f"{case}/param/{s}/{k}"] for k in SHAPES if f"{case}/param/{s}/{k}" in data}
+            for s in range(STEPS)]
+    prefix = f"{case}/state/"
+    state = {}
+    for key in data:
+        if key.startswith(prefix):
+            k, name = key[len(prefix):].split("/")
+            state.setdefault(k, {})[name] = data[key]
+    return params, grads, (traj, state)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_stored_trajectory(case, golden, backend):
+    params, grads, theirs = golden_case(golden, case)
+    _compare(case, run_xopt(case, params, grads, backend.asarray, backend.to_numpy), theirs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_library_live(case, rng):
+    pytest.importorskip(LIBRARIES[CASES[case][0]][0])
+    params, grads = inputs(int(rng.integers(2**31)))
+    _compare(case, run_xopt(case, params, grads), run_library(case, params, grads))
+
+
+# -- the promises every optimizer keeps ------------------------------------------------------------
+NEW = {"Adafactor": dict(lr=0.05, weight_decay=0.01), "LAMB": dict(lr=0.01, weight_decay=0.01)}
+
+
+def _params(rng):
+    return {"W": rng.standard_normal((6, 5)), "T": rng.standard_normal((2, 3, 4)), "b": rng.standard_normal(5)}
+
+
+def _grads(rng, params):
+    return {k: rng.standard_normal(v.shape) for k, v in params.items()}
+
+
+def _run(opt, params, grad_list):
+    for g in grad_list:
+        opt.update(params, g)
+    return params
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_state_file_round_trip_resumes_the_same_run(name, rng, tmp_path):
+    params = _params(rng)
+    grad_list = [_grads(rng, params) for _ in range(6)]
+    straight = _run(getattr(xopt, name)(**NEW[name]), {k: v.copy() for k, v in params.items()}, grad_list)
+    first = getattr(xopt, name)(**NEW[name])
+    resumed = _run(first, {k: v.copy() for k, v in params.items()}, grad_list[:3])
+    first.save(tmp_path / "state.npz")
+    second = getattr(xopt, name)(**NEW[name])
+    second.load(tmp_path / "state.npz", resumed)
+    third = getattr(xopt, name)(**NEW[name])
+    third.load_state_dict(first.state_dict(), resumed)
+    for k, st in first.state.items():
+        for buf, value in st.items():
+            np.testing.assert_array_equal(second.state[k][buf], value)
+            np.testing.assert_array_equal(third.state[k][buf], value)
+    _run(second, resumed, grad_list[3:])
+    for k in params:
+        np.testing.assert_array_equal(resumed[k], straight[k])
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_state_of_the_wrong_shape_is_refused_whole(name, rng):
+    params = _params(rng)
+    opt = getattr(xopt, name)(**NEW[name])
+    _run(opt, params, [_grads(rng, params)])
+    sd = opt.state_dict()
+    buf = sorted(n for n in sd["state"]["W"] if n != "step")[0]
+    sd["state"]["W"][buf] = np.zeros((7, 7))
+    fresh = getattr(xopt, name)(**NEW[name])
+    with pytest.raises(ValueError, match=f"state '{buf}' of param 'W' has shape"):
+        fresh.load_state_dict(sd, params)
+    assert fresh.state == {}
+    sd["state"]["W"]["nonsense"] = np.zeros(3)
+    with pytest.raises(ValueError, match="nonsense"):
+        fresh.load_state_dict(sd)
+    # loaded without params, the wrong shape is caught by the next step, before anything is written
+    del sd["state"]["W"]["nonsense"]
+    fresh.load_state_dict(sd)
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(ValueError, match=f"state {buf!r}"):
+        fresh.update(params, _grads(rng, params))
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+    assert all(st["step"] == 1 for st in fresh.state.values())
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_bad_call_changes_nothing(name, rng):
+    params = _params(rng)
+    opt = getattr(xopt, name)(**NEW[name])
+    _run(opt, params, [_grads(rng, params)])
+    before = {k: v.copy() for k, v in params.items()}
+    state = {k: {n: np.array(b, copy=True) for n, b in st.items()} for k, st in opt.state.items()}
+    bad = _grads(rng, params)
+    bad["b"] = np.ones(4)
+    with pytest.raises(ValueError, match="'b'"):
+        opt.update(params, bad)
+    shared = _grads(rng, params)
+    shared["T"] = params["T"]  # a grad that is a param: refused before any write
+    with pytest.raises(ValueError, match="share memory"):
+        opt.update(params, shared)
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+        for n, b in state[k].items():
+            np.testing.assert_array_equal(opt.state[k][n], b)
+    assert opt.iter == 1
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_clipping_is_the_step_on_clipped_grads(name, rng):
+    params = _params(rng)
+    grad_list = [{k: 10 * v for k, v in _grads(rng, params).items()} for _ in range(3)]
+    clipped = _run(getattr(xopt, name)(**NEW[name], clip_grad_norm=1.0), {k: v.copy() for k, v in params.items()},
+                   grad_list)
+    by_hand = []
+    for g in grad_list:
+        norm = np.sqrt(sum(np.sum(v * v) for v in g.values()))
+        by_hand.append({k: v * min(1.0, 1.0 / (norm + 1e-6)) for k, v in g.items()})
+    want = _run(getattr(xopt, name)(**NEW[name]), {k: v.copy() for k, v in params.items()}, by_hand)
+    for k in params:
+        np.testing.assert_allclose(clipped[k], want[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_overrides_and_skip_nonfinite(name, rng):
+    params = _params(rng)
+    opt = getattr(xopt, name)(**NEW[name], overrides={"b": {"lr": 0.0}, "T": {"weight_decay": 0.5}},
+                              skip_nonfinite=True)
+    before = {k: v.copy() for k, v in params.items()}
+    grad_list = [_grads(rng, params) for _ in range(2)]
+    _run(opt, params, grad_list)
+    np.testing.assert_array_equal(params["b"], before["b"])
+    assert not np.array_equal(params["W"], before["W"])
+    alone = _run(getattr(xopt, name)(**{**NEW[name], "weight_decay": 0.5}), {"T": before["T"].copy()},
+                 [{"T": g["T"]} for g in grad_list])  # T with the override's hyperparameters, by itself
+    np.testing.assert_array_equal(params["T"], alone["T"])
+    after = {k: v.copy() for k, v in params.items()}
+    g = _grads(rng, params)
+    g["W"][0, 0] = np.nan
+    opt.update(params, g)
+    assert opt.skipped_steps == 1 and all(st["step"] == 2 for st in opt.state.values())
+    for k in params:
+        np.testing.assert_array_equal(params[k], after[k])
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_fused_is_refused_in_the_constructor(name):
+    with pytest.raises(TypeError, match=f"{name} has no fused kernel"):
+        getattr(xopt, name)(impl="fused")
+
+
+def test_a_large_param_is_read_whole(rng):
+    """Larger than a reference chunk (2^17 bytes): the row means and norms are over the whole param."""
+    torch = pytest.importorskip("torch")
+    params = {"W": rng.standard_normal((300, 200))}
+    grad_list = [{"W": rng.standard_normal((300, 200))} for _ in range(3)]
+    ours = _run(xopt.Adafactor(lr=0.05), {"W": params["W"].copy()}, grad_list)
+    theirs = torch_adafactor(dict(lr=0.05), params, grad_list, [0.05] * 3)[0][-1]
+    np.testing.assert_allclose(ours["W"], theirs["W"], rtol=1e-12, atol=1e-14)
+    ours = _run(xopt.LAMB(lr=0.05), {"W": params["W"].copy()}, grad_list)
+    pytest.importorskip("optax")
+    theirs = optax_lamb(dict(lr=0.05), params, grad_list, [0.05] * 3)[0][-1]
+    np.testing.assert_allclose(ours["W"], theirs["W"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name, kwargs, exc, culprit", [
+    ("Adafactor", dict(beta2_decay=0.1), ValueError, "beta2_decay"),
+    ("Adafactor", dict(d=0.5), ValueError, "d must be >= 1"),
+    ("Adafactor", dict(eps1=-1.0), ValueError, "eps1"),
+    ("Adafactor", dict(eps=(None, 1e-3)), TypeError, "eps"),
+    ("LAMB", dict(beta1=1.0), ValueError, "beta1"),
+    ("LAMB", dict(eps_root=-1e-8), ValueError, "eps_root"),
+    ("LAMB", dict(lr="0.1"), TypeError, "lr"),
+])
+def test_bad_hyperparameters_raise_in_the_constructor(name, kwargs, exc, culprit):
+    with pytest.raises(exc, match=culprit):
+        getattr(xopt, name)(**kwargs)
+
+
+def test_adafactor_keeps_factors_for_matrices_and_a_full_moment_for_vectors(rng):
+    params = {"W": rng.standard_normal((6, 5)), "T": rng.standard_normal((2, 3, 4)), "b": rng.standard_normal(5),
+              "s": np.float64(0.5)}
+    opt = xopt.Adafactor()
+    opt.update(params, {k: np.ones(np.shape(v)) for k, v in params.items()})
+    shapes = {k: {n: b.shape for n, b in st.items() if n != "step"} for k, st in opt.state.items()}
+    assert shapes == {"W": {"v_row": (6, 1), "v_col": (1, 5)}, "T": {"v_row": (2, 3, 1), "v_col": (2, 1, 4)},
+                      "b": {"v": (5,)}, "s": {"v": ()}}
+    empty = {"E": np.zeros((0, 3))}
+    opt.update(empty, {"E": np.zeros((0, 3))})  # nothing to move; torch divides 0 by 0 here
+    assert opt.state["E"]["step"] == 1
