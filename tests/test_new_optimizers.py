@@ -35,6 +35,10 @@ CASES = {
     "lamb": ("LAMB", dict(lr=0.01), False),
     "lamb-wd-eps": ("LAMB", dict(lr=0.02, beta1=0.8, beta2=0.99, eps=1e-4, eps_root=1e-8, weight_decay=0.1), False),
     "lamb-schedule": ("LAMB", dict(lr=0.05, weight_decay=0.01), True),
+    "schedule-free": ("ScheduleFreeAdamW", dict(lr=0.01), False),
+    "schedule-free-warmup-r": ("ScheduleFreeAdamW", dict(lr=0.02, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05,
+                                                         warmup_steps=6, r=1.0, weight_lr_power=1.0), False),
+    "schedule-free-schedule": ("ScheduleFreeAdamW", dict(lr=0.03, warmup_steps=3, weight_decay=0.01), True),
 }
 
 
@@ -64,6 +68,13 @@ def run_xopt(case, params, grads, asarray=np.asarray, to_numpy=np.asarray):
         opt.update(ps, {k: asarray(v) for k, v in g.items()})
         trajectory.append({k: np.array(to_numpy(v)) for k, v in ps.items()})
     state = {k: {n: np.array(to_numpy(b)) for n, b in st.items() if n != "step"} for k, st in opt.state.items()}
+    if hasattr(opt, "eval"):  # Schedule-Free: x, then y again
+        opt.eval(ps)
+        for k, v in ps.items():
+            state[k]["x"] = np.array(to_numpy(v))
+        opt.train(ps)
+        for k, v in ps.items():
+            state[k]["y"] = np.array(to_numpy(v))
     return trajectory, state
 
 
@@ -120,7 +131,36 @@ def optax_lamb(kwargs, params, grads, lr_list):
     return trajectory, state
 
 
-LIBRARIES = {"Adafactor": ("torch", torch_adafactor), "LAMB": ("optax", optax_lamb)}
+def schedulefree_adamw(kwargs, params, grads, lr_list):
+    import schedulefree
+    import torch
+
+    kw = {k: v for k, v in kwargs.items() if k not in ("beta1", "beta2")}
+    kw["betas"] = (kwargs.get("beta1", 0.9), kwargs.get("beta2", 0.999))
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    opt = schedulefree.AdamWScheduleFree(list(tp.values()), **kw)
+    opt.train()
+    trajectory = []
+    for g, lr in zip(grads, lr_list):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for k, p in tp.items():
+            p.grad = torch.tensor(g[k], dtype=torch.float64)
+        opt.step()
+        trajectory.append({k: p.detach().numpy().copy() for k, p in tp.items()})
+    state = {k: {"z": opt.state[p]["z"].numpy().copy(), "v": opt.state[p]["exp_avg_sq"].numpy().copy()}
+             for k, p in tp.items()}
+    opt.eval()
+    for k, p in tp.items():
+        state[k]["x"] = p.detach().numpy().copy()
+    opt.train()
+    for k, p in tp.items():
+        state[k]["y"] = p.detach().numpy().copy()
+    return trajectory, state
+
+
+LIBRARIES = {"Adafactor": ("torch", torch_adafactor), "LAMB": ("optax", optax_lamb),
+             "ScheduleFreeAdamW": ("schedulefree", schedulefree_adamw)}
 
 
 def run_library(case, params, grads):
@@ -188,7 +228,8 @@ def test_matches_library_live(case, rng):
 
 
 # -- the promises every optimizer keeps ------------------------------------------------------------
-NEW = {"Adafactor": dict(lr=0.05, weight_decay=0.01), "LAMB": dict(lr=0.01, weight_decay=0.01)}
+NEW = {"Adafactor": dict(lr=0.05, weight_decay=0.01), "LAMB": dict(lr=0.01, weight_decay=0.01),
+       "ScheduleFreeAdamW": dict(lr=0.01, weight_decay=0.01, warmup_steps=2)}
 
 
 def _params(rng):
@@ -243,6 +284,10 @@ def test_a_state_of_the_wrong_shape_is_refused_whole(name, rng):
         fresh.load_state_dict(sd)
     # loaded without params, the wrong shape is caught by the next step, before anything is written
     del sd["state"]["W"]["nonsense"]
+    if name == "ScheduleFreeAdamW":  # the elementwise optimizers' check: every buffer in one shape
+        with pytest.raises(ValueError, match="differ in shape"):
+            fresh.load_state_dict(sd)
+        return
     fresh.load_state_dict(sd)
     before = {k: v.copy() for k, v in params.items()}
     with pytest.raises(ValueError, match=f"state {buf!r}"):
@@ -356,3 +401,58 @@ def test_adafactor_keeps_factors_for_matrices_and_a_full_moment_for_vectors(rng)
     empty = {"E": np.zeros((0, 3))}
     opt.update(empty, {"E": np.zeros((0, 3))})  # nothing to move; torch divides 0 by 0 here
     assert opt.state["E"]["step"] == 1
+
+
+# -- Schedule-Free's two points ---------------------------------------------------------------------
+def test_schedule_free_eval_and_train_switch_the_params_between_x_and_y(rng):
+    params = _params(rng)
+    opt = xopt.ScheduleFreeAdamW(lr=0.05, beta1=0.8)
+    assert opt.training
+    opt.eval(params)  # no state yet: nothing moves
+    assert not opt.training
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.update(params, _grads(rng, params))
+    opt.train(params)
+    _run(opt, params, [_grads(rng, params) for _ in range(3)])
+    y = {k: v.copy() for k, v in params.items()}
+    opt.eval(params)
+    opt.eval(params)  # already in eval mode: nothing moves
+    for k in params:
+        z = opt.state[k]["z"]
+        np.testing.assert_allclose(params[k], y[k] + (1 - 1 / 0.8) * (z - y[k]), rtol=1e-13, atol=1e-15)
+    assert opt.state_dict()["training"] is False
+    with pytest.raises(KeyError, match="'b'"):
+        opt.train({"W": params["W"], "T": params["T"]})
+    assert not opt.training
+    opt.train(params)
+    for k in params:
+        np.testing.assert_allclose(params[k], y[k], rtol=1e-12, atol=1e-14)
+    copy = xopt.ScheduleFreeAdamW(lr=0.05, beta1=0.8)
+    copy.load_state_dict({**opt.state_dict(), "training": False}, params)
+    assert not copy.training
+
+
+def test_schedule_free_eval_of_torch_tensors_keeps_them_in_place(rng):
+    torch = pytest.importorskip("torch")
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in _params(rng).items()}
+    opt = xopt.ScheduleFreeAdamW()
+    ids = {k: id(v) for k, v in params.items()}
+    opt.update(params, {k: torch.ones_like(v) for k, v in params.items()})
+    opt.eval(params)
+    opt.train(params)
+    assert {k: id(v) for k, v in params.items()} == ids and all(v.requires_grad for v in params.values())
+
+
+def test_schedule_free_averages_are_the_packages_sums():
+    """The host's lr_max and weight sum, read at counts a step apart and after a jump, as a running sum has them."""
+    opt = xopt.ScheduleFreeAdamW(lr=0.1, warmup_steps=5, r=0.5, weight_lr_power=2.0)
+    lr_max, total, want = -1.0, 0.0, []
+    for k in range(40):
+        lr = 0.1 * ((k + 1) / 5 if k < 5 else 1.0)
+        lr_max = max(lr, lr_max)
+        weight = ((k + 1) ** 0.5) * (lr_max**2.0)
+        total += weight
+        want.append(weight / total)
+    for t in (1, 2, 3, 2, 40, 39, 10):
+        assert opt.scalars(t)["ckp1"] == want[t - 1]
+    assert xopt.ScheduleFreeAdamW(lr=0.0).scalars(3)["ckp1"] == 0.0  # the package's ZeroDivisionError: 0

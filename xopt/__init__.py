@@ -16,6 +16,7 @@ from .optimizers.nadam import NAdam
 from .optimizer import Optimizer
 from .optimizers.radam import RAdam
 from .optimizers.rmsprop import RMSprop
+from .optimizers.schedule_free import ScheduleFreeAdamW
 from .optimizers.sgd import SGD, Momentum, Nesterov
 from ._threads import get_num_threads, set_num_threads
 from . import schedules
@@ -36,6 +37,7 @@ __all__ = [
     "Lion",
     "Adafactor",
     "LAMB",
+    "ScheduleFreeAdamW",
     "Optimizer",
     "save_state",
     "load_state",
