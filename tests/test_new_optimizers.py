@@ -18,8 +18,8 @@ import pytest
 import xopt
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "new_optimizers.npz"
-STEPS = 24
-SHAPES = {"W": (8, 5), "U": (4, 9), "T": (2, 3, 5), "b": (7,), "s": ()}
+STEPS = 20
+SHAPES = {"W": (6, 4), "V": (6, 4), "U": (3, 7), "T": (2, 3, 4), "b": (5,), "s": ()}  # W, V: one Muon stack
 RTOL, ATOL = 1e-11, 1e-13
 
 
@@ -39,6 +39,12 @@ CASES = {
     "schedule-free-warmup-r": ("ScheduleFreeAdamW", dict(lr=0.02, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05,
                                                          warmup_steps=6, r=1.0, weight_lr_power=1.0), False),
     "schedule-free-schedule": ("ScheduleFreeAdamW", dict(lr=0.03, warmup_steps=3, weight_decay=0.01), True),
+    "muon": ("Muon", dict(lr=0.02), False),
+    "muon-plain-rms": ("Muon", dict(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.05, ns_steps=3,
+                                    adjust_lr_fn="match_rms_adamw", adamw_beta1=0.8, adamw_beta2=0.95,
+                                    adamw_eps=1e-6), False),
+    "muon-cubic-schedule": ("Muon", dict(lr=0.05, weight_decay=0.0, ns_coefficients=(1.5, -0.5, 0.0), ns_steps=8,
+                                         adjust_lr_fn="original"), True),
 }
 
 
@@ -159,8 +165,59 @@ def schedulefree_adamw(kwargs, params, grads, lr_list):
     return trajectory, state
 
 
+def torch_newton_schulz_in_the_params_dtype():
+    """torch.optim.Muon's own Newton-Schulz function with its cast to bfloat16 taken out (its source, with
+    ``grad.bfloat16()`` made ``grad.clone()``): torch's numbers in float64."""
+    import inspect
+
+    from torch.optim import _muon
+
+    source = inspect.getsource(_muon._zeropower_via_newtonschulz)
+    changed = source.replace("ortho_grad = grad.bfloat16()", "ortho_grad = grad.clone()")
+    assert changed != source, "torch.optim.Muon's Newton-Schulz no longer casts as it did: look again"
+    namespace = dict(vars(_muon))
+    exec(changed, namespace)
+    return namespace["_zeropower_via_newtonschulz"]
+
+
+def torch_muon(kwargs, params, grads, lr_list, bfloat16=False):
+    """torch.optim.Muon for the 2-D params, torch.optim.AdamW for the others (what xopt.Muon does)."""
+    import torch
+    from torch.optim import _muon
+
+    muon_names = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn")
+    kw = {k: v for k, v in kwargs.items() if k in muon_names}
+    defaults = xopt.Muon(**kwargs)
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    opts = [torch.optim.Muon([p for p in tp.values() if p.ndim == 2], **kw)]
+    others = [p for p in tp.values() if p.ndim != 2]
+    if others:
+        opts.append(torch.optim.AdamW(others, lr=defaults.lr, betas=(defaults.adamw_beta1, defaults.adamw_beta2),
+                                      eps=defaults.adamw_eps, weight_decay=defaults.weight_decay))
+    real = _muon._zeropower_via_newtonschulz
+    if not bfloat16:
+        _muon._zeropower_via_newtonschulz = torch_newton_schulz_in_the_params_dtype()
+    try:
+        trajectory = []
+        for g, lr in zip(grads, lr_list):
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            for k, p in tp.items():
+                p.grad = torch.tensor(g[k], dtype=torch.float64)
+            for opt in opts:
+                opt.step()
+            trajectory.append({k: p.detach().numpy().copy() for k, p in tp.items()})
+    finally:
+        _muon._zeropower_via_newtonschulz = real
+    names = {"momentum_buffer": "m", "exp_avg": "m", "exp_avg_sq": "v"}
+    state = {k: {names[n]: b.numpy().copy() for opt in opts if p in opt.state for n, b in opt.state[p].items()
+                 if n in names} for k, p in tp.items()}
+    return trajectory, state
+
+
 LIBRARIES = {"Adafactor": ("torch", torch_adafactor), "LAMB": ("optax", optax_lamb),
-             "ScheduleFreeAdamW": ("schedulefree", schedulefree_adamw)}
+             "ScheduleFreeAdamW": ("schedulefree", schedulefree_adamw), "Muon": ("torch", torch_muon)}
 
 
 def run_library(case, params, grads):
@@ -202,9 +259,8 @@ def golden():
 
 def golden_case(data, case):
     params = {k: data[f"input/param/{k}"] for k in SHAPES}
-    grads = [{k: data[f"input/grad/{s}/{k}"] for k in SHAPES} for s in range(STEPS)]
-    traj = [{k: data[f"{case}/param/{s}/{k}"] for k in SHAPES if f"{case}/param/{s}/{k}" in data}
-            for s in range(STEPS)]
+    grads = [{k: data[f"input/grad/{k}"][s] for k in SHAPES} for s in range(STEPS)]
+    traj = [{k: data[f"{case}/param/{k}"][s] for k in SHAPES} for s in range(STEPS)]
     prefix = f"{case}/state/"
     state = {}
     for key in data:
@@ -229,7 +285,7 @@ def test_matches_library_live(case, rng):
 
 # -- the promises every optimizer keeps ------------------------------------------------------------
 NEW = {"Adafactor": dict(lr=0.05, weight_decay=0.01), "LAMB": dict(lr=0.01, weight_decay=0.01),
-       "ScheduleFreeAdamW": dict(lr=0.01, weight_decay=0.01, warmup_steps=2)}
+       "ScheduleFreeAdamW": dict(lr=0.01, weight_decay=0.01, warmup_steps=2), "Muon": dict(lr=0.02)}
 
 
 def _params(rng):
@@ -384,6 +440,13 @@ def test_a_large_param_is_read_whole(rng):
     ("LAMB", dict(beta1=1.0), ValueError, "beta1"),
     ("LAMB", dict(eps_root=-1e-8), ValueError, "eps_root"),
     ("LAMB", dict(lr="0.1"), TypeError, "lr"),
+    ("ScheduleFreeAdamW", dict(beta1=0.0), ValueError, "beta1"),
+    ("ScheduleFreeAdamW", dict(warmup_steps=1.5), ValueError, "warmup_steps"),
+    ("Muon", dict(ns_coefficients=(1.0, 2.0)), TypeError, "ns_coefficients"),
+    ("Muon", dict(ns_steps=100), ValueError, "ns_steps"),
+    ("Muon", dict(adjust_lr_fn="sqrt"), ValueError, "adjust_lr_fn"),
+    ("Muon", dict(use_muon="yes"), ValueError, "use_muon"),
+    ("Muon", dict(momentum=1.0), ValueError, "momentum"),
 ])
 def test_bad_hyperparameters_raise_in_the_constructor(name, kwargs, exc, culprit):
     with pytest.raises(exc, match=culprit):
@@ -456,3 +519,58 @@ def test_schedule_free_averages_are_the_packages_sums():
     for t in (1, 2, 3, 2, 40, 39, 10):
         assert opt.scalars(t)["ckp1"] == want[t - 1]
     assert xopt.ScheduleFreeAdamW(lr=0.0).scalars(3)["ckp1"] == 0.0  # the package's ZeroDivisionError: 0
+
+
+# -- Muon --------------------------------------------------------------------------------------------
+def test_muon_stacks_same_shaped_matrices_and_gives_the_numbers_of_one_at_a_time(rng, monkeypatch):
+    from xopt.optimizers import muon
+
+    shapes = {"A": (6, 4), "B": (6, 4), "C": (6, 4), "D": (4, 6), "E": (5,)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    grad_list = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(4)]
+    calls = []
+    real = muon.orthogonalize
+    monkeypatch.setattr(muon, "orthogonalize", lambda xp, x, *a: calls.append(tuple(x.shape)) or real(xp, x, *a))
+    together = _run(xopt.Muon(lr=0.02), {k: v.copy() for k, v in params.items()}, grad_list)
+    assert calls == [(3, 6, 4), (4, 6)] * 4  # A, B, C in one stack; D alone; E takes AdamW
+    for k in params:
+        alone = _run(xopt.Muon(lr=0.02), {k: params[k].copy()}, [{k: g[k]} for g in grad_list])
+        np.testing.assert_allclose(together[k], alone[k], rtol=1e-14, atol=1e-15, err_msg=k)
+
+
+def test_muon_refuses_what_it_cannot_orthogonalise_and_falls_back_where_told(rng):
+    params = {"W": rng.standard_normal((6, 4)), "b": rng.standard_normal(4)}
+    before = {k: v.copy() for k, v in params.items()}
+    opt = xopt.Muon(use_muon=True)
+    with pytest.raises(ValueError, match=r"use_muon=True: .* shape \(4,\)"):
+        opt.update(params, _grads(rng, params))
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+    assert opt.state == {}
+    grad_list = [_grads(rng, params) for _ in range(3)]
+    ours = _run(xopt.Muon(lr=0.01, weight_decay=0.1, overrides={"W": {"use_muon": False}}),
+                {k: v.copy() for k, v in params.items()}, grad_list)
+    adamw = _run(xopt.AdamW(lr=0.01, weight_decay=0.1), {k: v.copy() for k, v in params.items()}, grad_list)
+    for k in params:
+        np.testing.assert_array_equal(ours[k], adamw[k])
+
+
+def test_muon_against_torch_in_bfloat16_differs_by_bfloat16s_rounding_only(rng):
+    """torch.optim.Muon as it is (its Newton-Schulz in bfloat16) against xopt's in float64: close, not equal."""
+    pytest.importorskip("torch")
+    params = {"W": rng.standard_normal((32, 16)), "U": rng.standard_normal((16, 48))}
+    grad_list = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
+    ours = _run(xopt.Muon(lr=0.02), {k: v.copy() for k, v in params.items()}, grad_list)
+    theirs = torch_muon(dict(lr=0.02), params, grad_list, [0.02] * 5, bfloat16=True)[0][-1]
+    for k in params:
+        moved = np.linalg.norm(theirs[k] - params[k])
+        gap = np.linalg.norm(ours[k] - theirs[k]) / moved
+        assert 1e-6 < gap < 0.03, (k, gap)
+
+
+def test_orthogonalize_gives_singular_values_near_one(rng):
+    x = rng.standard_normal((64, 32))
+    o = xopt.optimizers.muon.orthogonalize(np, x, xopt.optimizers.muon.NS_COEFFICIENTS, 5, 1e-7)
+    s = np.linalg.svd(o, compute_uv=False)
+    assert 0.5 < s.min() and s.max() < 1.3, s  # the quintic's band, as Keller Jordan's post describes
+    np.testing.assert_allclose(o, np.linalg.svd(x)[0][:, :32] @ np.linalg.svd(x)[2], atol=0.5)

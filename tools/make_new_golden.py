@@ -27,13 +27,11 @@ SEED = 20261203
 def main():
     params, grads = inputs(SEED)
     arrays = {f"input/param/{k}": v for k, v in params.items()}
-    for step, g in enumerate(grads):
-        arrays.update({f"input/grad/{step}/{k}": v for k, v in g.items()})
+    arrays.update({f"input/grad/{k}": np.stack([g[k] for g in grads]) for k in params})  # (step, *shape)
     for case in sorted(CASES):
         trajectory, state = run_library(case, params, grads)
         assert len(trajectory) == STEPS
-        for step, p in enumerate(trajectory):
-            arrays.update({f"{case}/param/{step}/{k}": v for k, v in p.items()})
+        arrays.update({f"{case}/param/{k}": np.stack([p[k] for p in trajectory]) for k in params})
         for k, st in state.items():
             arrays.update({f"{case}/state/{k}/{name}": v for name, v in st.items()})
     versions = {}

@@ -12,6 +12,7 @@ from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
 from .optimizers.lamb import LAMB
 from .optimizers.lion import Lion
+from .optimizers.muon import Muon
 from .optimizers.nadam import NAdam
 from .optimizer import Optimizer
 from .optimizers.radam import RAdam
@@ -38,6 +39,7 @@ __all__ = [
     "Adafactor",
     "LAMB",
     "ScheduleFreeAdamW",
+    "Muon",
     "Optimizer",
     "save_state",
     "load_state",
