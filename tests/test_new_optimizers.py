@@ -536,6 +536,10 @@ def test_muon_stacks_same_shaped_matrices_and_gives_the_numbers_of_one_at_a_time
     for k in params:
         alone = _run(xopt.Muon(lr=0.02), {k: params[k].copy()}, [{k: g[k]} for g in grad_list])
         np.testing.assert_allclose(together[k], alone[k], rtol=1e-14, atol=1e-15, err_msg=k)
+    calls.clear()
+    monkeypatch.setattr(xopt.Muon, "stack_max_elements", 23)  # 6x4 is larger: one at a time
+    _run(xopt.Muon(lr=0.02), {k: v.copy() for k, v in params.items()}, grad_list[:1])
+    assert calls == [(6, 4)] * 3 + [(4, 6)]
 
 
 def test_muon_refuses_what_it_cannot_orthogonalise_and_falls_back_where_told(rng):
