@@ -578,3 +578,41 @@ def test_orthogonalize_gives_singular_values_near_one(rng):
     s = np.linalg.svd(o, compute_uv=False)
     assert 0.5 < s.min() and s.max() < 1.3, s  # the quintic's band, as Keller Jordan's post describes
     np.testing.assert_allclose(o, np.linalg.svd(x)[0][:, :32] @ np.linalg.svd(x)[2], atol=0.5)
+
+
+# -- edges ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+def test_float16_and_float32_params_step_in_float32(name, rng):
+    for dtype in (np.float16, np.float32):
+        params = {k: v.astype(dtype) for k, v in _params(rng).items()}
+        opt = getattr(xopt, name)(**NEW[name])
+        _run(opt, params, [{k: v.astype(dtype) for k, v in _grads(rng, params).items()} for _ in range(3)])
+        assert all(v.dtype == dtype and np.all(np.isfinite(v)) for v in params.values())
+        assert {b.dtype for st in opt.state.values() for n, b in st.items() if n != "step"} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_zero_grads_and_zero_params_stay_finite(name):
+    params = {"W": np.zeros((4, 3)), "b": np.zeros(3)}
+    opt = getattr(xopt, name)(**NEW[name])
+    _run(opt, params, [{k: np.zeros_like(v) for k, v in params.items()} for _ in range(3)])
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+    assert all(np.all(np.isfinite(b)) for st in opt.state.values() for n, b in st.items() if n != "step")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_copies_and_pickles_step_as_the_original(name, rng):
+    import copy
+    import pickle
+
+    params = _params(rng)
+    grad_list = [_grads(rng, params) for _ in range(4)]
+    opt = getattr(xopt, name)(**NEW[name])
+    _run(opt, params, grad_list[:2])
+    twins = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    states = [{k: v.copy() for k, v in params.items()} for _ in twins]
+    _run(opt, params, grad_list[2:])
+    for twin, ps in zip(twins, states):
+        _run(twin, ps, grad_list[2:])
+        for k in params:
+            np.testing.assert_array_equal(ps[k], params[k])
