@@ -616,3 +616,25 @@ def test_copies_and_pickles_step_as_the_original(name, rng):
         _run(twin, ps, grad_list[2:])
         for k in params:
             np.testing.assert_array_equal(ps[k], params[k])
+
+
+@pytest.mark.parametrize("name, kwargs", [("Adafactor", dict(lr=0.05)), ("LAMB", dict(lr=0.02)),
+                                          ("ScheduleFreeAdamW", dict(lr=0.05, warmup_steps=10)),
+                                          ("Muon", dict(lr=0.02, weight_decay=0.0))])
+def test_they_fit_a_least_squares_problem(name, kwargs, rng):
+    x = rng.standard_normal((64, 8))
+    w_true, b_true = rng.standard_normal((8, 3)), rng.standard_normal(3)
+    t = x @ w_true + b_true
+    params = {"W": np.zeros((8, 3)) + 0.01, "b": np.zeros(3)}
+
+    def loss_and_grads(p):
+        err = x @ p["W"] + p["b"] - t
+        return float((err**2).mean()), {"W": 2 * x.T @ err / err.size, "b": 2 * err.sum(0) / err.size}
+
+    opt = getattr(xopt, name)(**kwargs)
+    first = loss_and_grads(params)[0]
+    for _ in range(300):
+        opt.update(params, loss_and_grads(params)[1])
+    if name == "ScheduleFreeAdamW":
+        opt.eval(params)  # evaluated at x
+    assert loss_and_grads(params)[0] < 0.01 * first
