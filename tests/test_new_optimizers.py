@@ -638,3 +638,16 @@ def test_they_fit_a_least_squares_problem(name, kwargs, rng):
     if name == "ScheduleFreeAdamW":
         opt.eval(params)  # evaluated at x
     assert loss_and_grads(params)[0] < 0.01 * first
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_dask_params_step_as_numpy_ones(name, rng):
+    da = pytest.importorskip("dask.array")
+    params = _params(rng)
+    grad_list = [_grads(rng, params) for _ in range(3)]
+    want = _run(getattr(xopt, name)(**NEW[name]), {k: v.copy() for k, v in params.items()}, grad_list)
+    chunked = {k: da.from_array(v.copy(), chunks=2) for k, v in params.items()}
+    _run(getattr(xopt, name)(**NEW[name]), chunked, [{k: da.from_array(v, chunks=2) for k, v in g.items()}
+                                                      for g in grad_list])
+    for k in params:
+        np.testing.assert_allclose(np.asarray(chunked[k]), want[k], rtol=1e-13, atol=1e-15)
