@@ -6,14 +6,18 @@
 """
 
 from .optimizers.adadelta import AdaDelta
+from .optimizers.adafactor import Adafactor
 from .optimizers.adagrad import AdaGrad
 from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
+from .optimizers.lamb import LAMB
 from .optimizers.lion import Lion
+from .optimizers.muon import Muon
 from .optimizers.nadam import NAdam
 from .optimizer import Optimizer
 from .optimizers.radam import RAdam
 from .optimizers.rmsprop import RMSprop
+from .optimizers.schedule_free import ScheduleFreeAdamW
 from .optimizers.sgd import SGD, Momentum, Nesterov
 from ._threads import get_num_threads, set_num_threads
 from . import schedules
@@ -32,6 +36,10 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Adafactor",
+    "LAMB",
+    "ScheduleFreeAdamW",
+    "Muon",
     "Optimizer",
     "save_state",
     "load_state",

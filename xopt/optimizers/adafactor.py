@@ -1,0 +1,127 @@
+"""Adafactor: second moments kept as a row and a column factor per matrix, a relative step size."""
+
+from __future__ import annotations
+
+import math
+
+from .._hyper import Hyper, _real, non_negative
+from ._tensor_rule import TensorRule
+
+__all__ = ["Adafactor", "lerp"]
+
+
+def lerp(a, b, w):
+    """``a + w (b - a)`` as torch's ``lerp`` computes it for a number ``w`` (from ``b`` when w >= 1/2)."""
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * (1.0 - w)
+
+
+def _non_positive(name, value):
+    value = _real(name, value)
+    if value > 0.0:
+        raise ValueError(f"{name} must be <= 0, got {value!r}")
+    return value
+
+
+def _at_least_one(name, value):
+    value = non_negative(name, value)
+    if value < 1.0:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value
+
+
+def _optional_non_negative(name, value):
+    return None if value is None else non_negative(name, value)
+
+
+class Adafactor(TensorRule):
+    r"""Adafactor (Shazeer & Stern 2018) with torch.optim.Adafactor's arguments and numbers.
+
+    A param of two or more dimensions keeps its second moment as two factors over its last two axes:
+    the mean of g² over each row (``v_row``, shape ``(..., R, 1)``) and over each column (``v_col``,
+    ``(..., 1, C)``), R + C numbers per matrix instead of R·C.  A vector (or a 0-d param) keeps ``v``,
+    its own shape.  t is the param's step count.  In plain text::
+
+        β̂₂ = t^(beta2_decay);  ρ = min(η, 1/√t);  α = max(ε₂, ‖W‖/√n) · ρ   (n: W's size, ‖W‖ before decay)
+        W ← (1 − ηλ)W
+        matrix: v_row ← v_row + β̂₂(mean(g², last axis) − v_row);  v_col ← likewise over the axis before;
+                v̂ = v_row · v_col / max(mean(v_row), ε₁)       (outer product; mean over the rows)
+        vector: v ← v + β̂₂(g² − v);  v̂ = v
+        u = g / √max(v̂, ε₁²);  W ← W − α / max(1, ‖u‖/(√n · d)) · u
+
+    .. math::
+        \hat\beta_{2,t} &= t^{c}, \quad \rho_t = \min(\eta, 1/\sqrt{t}), \quad
+            \alpha_t = \max(\epsilon_2, \mathrm{RMS}(W_{t-1}))\, \rho_t \\
+        W &\leftarrow (1 - \eta\lambda) W \\
+        R_t &= R_{t-1} + \hat\beta_{2,t}\,(\operatorname{mean}_{\text{cols}}(g^2) - R_{t-1}), \quad
+        C_t = C_{t-1} + \hat\beta_{2,t}\,(\operatorname{mean}_{\text{rows}}(g^2) - C_{t-1}) \\
+        \hat V_t &= \frac{R_t C_t}{\max(\operatorname{mean}(R_t), \epsilon_1)}
+            \quad\text{(a vector: } \hat V_t = V_t = V_{t-1} + \hat\beta_{2,t}(g^2 - V_{t-1})) \\
+        U_t &= \frac{g}{\sqrt{\max(\hat V_t, \epsilon_1^2)}}, \quad
+        W \leftarrow W - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U_t)/d)}\, U_t
+
+    ``lr`` is the cap of the relative step size ρ (torch's meaning of it), not a step size itself;
+    ``weight_decay`` is decoupled and scaled by ``lr``, as torch does.  ``eps1=None`` is the machine
+    epsilon of the dtype the step computes in (float32 for a float16 param, where torch takes float16's).
+    An empty param is left as it is (torch divides 0 by 0 there).  torch's ``eps=(eps1, eps2)`` are
+    ``eps1, eps2`` here; torch's ``maximize`` has no equivalent (negate the grads).
+
+    Args:
+        lr: η, the cap of the relative step size.
+        beta2_decay: c <= 0, the exponent of the second moments' decay: β̂₂ = t^c (1 at the first step).
+        eps1: ε₁, the floor of the second moment (squared) and of the row mean; None: machine epsilon.
+        eps2: ε₂, the floor of the param's RMS in the step size.
+        d: the clipping threshold of the update's RMS, >= 1.
+        weight_decay: λ, decoupled (W ← (1 − ηλ)W).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+        arXiv:1804.04235.
+    """
+
+    lr = Hyper(non_negative)
+    beta2_decay = Hyper(_non_positive)
+    eps1 = Hyper(_optional_non_negative)
+    eps2 = Hyper(non_negative)
+    d = Hyper(_at_least_one)
+    weight_decay = Hyper(non_negative)
+
+    def __init__(self, lr=1e-2, beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, **options):
+        super().__init__(lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay,
+                         **options)
+
+    def buffers(self):
+        return ("v_row", "v_col", "v")
+
+    def buffer_shapes(self, shape):
+        shape = tuple(shape)
+        if len(shape) >= 2:
+            return {"v_row": shape[:-1] + (1,), "v_col": shape[:-2] + (1,) + shape[-1:]}
+        return {"v": shape}
+
+    def scalars(self, step):
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "beta2": float(step) ** self.beta2_decay,
+                "rho": min(self.lr, 1.0 / float(step) ** 0.5), "eps1": self.eps1, "eps2": self.eps2, "d": self.d}
+
+    def rule(self, xp, p, g, state, s):
+        n = math.prod(p.shape)
+        if n == 0:
+            return p, dict(state)
+        eps1 = xp.finfo(p.dtype).eps if s["eps1"] is None else s["eps1"]
+        alpha = max(s["eps2"], float(xp.sqrt(xp.sum(p * p))) / n**0.5) * s["rho"]
+        if s["weight_decay"] != 0.0:
+            p = p * (1.0 - s["lr"] * s["weight_decay"])
+        g2 = g * g
+        if p.ndim >= 2:
+            v_row = lerp(state["v_row"], xp.sum(g2, axis=-1, keepdims=True) / g.shape[-1], s["beta2"])
+            v_col = lerp(state["v_col"], xp.sum(g2, axis=-2, keepdims=True) / g.shape[-2], s["beta2"])
+            row_mean = xp.sum(v_row, axis=-2, keepdims=True) / v_row.shape[-2]
+            v_hat = xp.matmul(v_row, v_col) / xp.clip(row_mean, min=eps1)
+            new = {"v_row": v_row, "v_col": v_col}
+        else:
+            v_hat = lerp(state["v"], g2, s["beta2"])
+            new = {"v": v_hat}
+        u = g / xp.sqrt(xp.clip(v_hat, min=eps1 * eps1))
+        denom = max(1.0, float(xp.sqrt(xp.sum(u * u))) / (n**0.5 * s["d"]))
+        return p - (alpha / denom) * u, new
