@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from xopt.engines import cuda_device, fused_cuda
-from xopt.engines.kernels import KERNELS
+from xopt.engines.kernels import RULES as KERNEL_RULES
 
 pytestmark = pytest.mark.cuda_source
 
-RULES = sorted({rule for rule, _, _ in KERNELS.values()})
+RULES = sorted(set(KERNEL_RULES.values()))
 DTYPES = ["float16", "float32", "float64"]
 INSTANCES = [(rule, dtype) for rule in RULES for dtype in DTYPES]
 ARCH = "90"  # an H100

@@ -12,7 +12,7 @@ import pytest
 import xopt
 from xopt import _dispatch
 from xopt.engines import fused_cpu, fused_cuda
-from xopt.engines.kernels import KERNELS, kernel_of
+from xopt.engines.kernels import RULES, kernel_of
 from test_cuda_source import cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
 
 EVERY_OPTIMIZER = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax",
@@ -183,7 +183,7 @@ def test_defaults_are_the_issues(name):
 # -- which kernel an optimizer runs ---------------------------------------------------------------
 def test_every_optimizer_names_a_kernel_and_every_kernel_is_used():
     names = {kernel_of(getattr(xopt, name)()) for name in EVERY_OPTIMIZER}
-    assert names == set(KERNELS)
+    assert names == set(RULES)
 
 
 @pytest.mark.parametrize("name", EVERY_OPTIMIZER)

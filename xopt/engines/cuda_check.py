@@ -31,28 +31,23 @@ from .kernels import lookup
 
 __all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed", "lane_allowed"]
 
-CONFIGS = {  # rule -> (optimizer, hyperparameters): every branch of its element function
-    0: [("SGD", {}), ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
-        ("SGD", dict(momentum=0.9, nesterov=True))],
-    1: [("Momentum", {}), ("Nesterov", {})],
-    2: [("AdaGrad", dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01))],
-    3: [("RMSprop", {}), ("RMSprop", dict(momentum=0.5)), ("RMSprop", dict(momentum=0.5, centered=True,
-                                                                            weight_decay=0.01))],
-    4: [("Adam", {}), ("Adam", dict(amsgrad=True, weight_decay=0.01, eps_hat=False)), ("AdamW", dict(amsgrad=True))],
-    5: [("AdaDelta", dict(weight_decay=0.01))],
-    6: [("Adamax", dict(weight_decay=0.01))],
-    7: [("NAdam", dict(weight_decay=0.01)), ("NAdam", dict(weight_decay=0.01, decoupled_weight_decay=True))],
-    8: [("RAdam", dict(weight_decay=0.01), 7), ("RAdam", dict(weight_decay=0.01, decoupled_weight_decay=True), 7)],
-    9: [("Lion", dict(weight_decay=0.1))],
-}  # a third item: steps, where 2 do not reach a branch (RAdam rectifies from step 6)
+def _configs():
+    """rule -> [(optimizer name, hyperparameters, steps)]: every optimizer's :class:`~xopt.engines.kernels.Kernel`
+    checks (together they reach every branch of its element function), then the first with ``clip_grad_norm``
+    (the clip-scale path)."""
+    import xopt
+
+    configs = {}
+    for name in xopt.__all__:
+        cls = getattr(xopt, name)
+        kernel = vars(cls).get("kernel") if isinstance(cls, type) else None
+        if kernel is not None and lookup(cls) is kernel:
+            configs.setdefault(kernel.rule, []).extend((name, dict(hyper), kernel.steps) for hyper in kernel.checks)
+    return {rule: [*found, (found[0][0], {**found[0][1], "clip_grad_norm": 1.0}, found[0][2])]
+            for rule, found in sorted(configs.items())}
 
 
-def _clipped(config):
-    name, hyper, *steps = config
-    return (name, {**hyper, "clip_grad_norm": 1.0}, *steps)
-
-
-CONFIGS = {rule: [*configs, _clipped(configs[0])] for rule, configs in CONFIGS.items()}  # the clip-scale path too
+CONFIGS = _configs()
 
 
 def _cases():
@@ -88,10 +83,10 @@ def rule_of(optimizer) -> int:
         import xopt
 
         optimizer = getattr(xopt, optimizer)
-    found = lookup(optimizer() if isinstance(optimizer, type) else optimizer)
+    found = lookup(optimizer)
     if found is None:
         raise ValueError(f"{optimizer!r} has no CUDA kernel")
-    return found[0]
+    return found.rule
 
 
 def _placed(device, host, offset):
@@ -191,7 +186,7 @@ def lane_allowed(opt) -> bool:
     ``impl="auto"`` a self-check of its rule passed on some GPU (:func:`step` checks the step's GPU and dtype)."""
     if opt.impl == "fused" or fused_cuda.VERIFIED:
         return True
-    rule = lookup(opt)[0]
+    rule = lookup(opt).rule
     return any(result.passed and key[1] == rule for key, result in RESULTS.items())
 
 

@@ -40,7 +40,7 @@ from .. import _backend, _numba
 from .._atomic import together
 from .cuda_device import (ALIGN, CHUNK, N_SCALARS, N_SLOTS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes,
                           _sections, _table, block_table, build, kernel_name, norm_name)
-from .kernels import KERNELS, lookup
+from .kernels import RULES, lookup
 
 if _numba.usable():
     from . import cuda_memory
@@ -62,7 +62,7 @@ def compile_all() -> float:
 
     t0 = time.perf_counter()
     for dtype in PTYPES:
-        for rule in sorted({r for r, _, _ in KERNELS.values()}):
+        for rule in sorted(set(RULES.values())):
             DEVICE.function(rule, dtype)
         DEVICE.norm_function(dtype)
     return time.perf_counter() - t0

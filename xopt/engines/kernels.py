@@ -1,17 +1,47 @@
-"""What every fused engine needs to know of an optimizer: its rule, its scalars in order, its buffers' slots.
+"""An optimizer's fused kernel, declared on its class, and what the engines share about kernels.
 
-Shared by the CPU (numba) and CUDA (CuPy) kernels, which number their element rules alike
-and cut tensors into chunks alike (:func:`cut`).  An optimizer class names its element rule in
-its ``kernel`` attribute (``Adam.kernel = "adam"``; AdamW inherits it); :func:`lookup` finds it.
-The scalars come from the optimizer's own ``scalars(step)``, read by name, so host-side math lives in one place.
+An optimizer class with a fused kernel declares it in its ``kernel`` attribute, a :class:`Kernel`: the
+engines' element rule it runs (by name: :data:`RULES` numbers them alike for the CPU (numba) and CUDA (CuPy)
+kernels), the names of the scalars that rule reads (keys of the dict its ``scalars(step)`` returns, in the
+rule's order), the buffers that fill the rule's three state slots, and the hyperparameter sets that together
+reach every branch of the rule (what the CUDA self-check runs, and the tests).  ``Adam.kernel = Kernel("adam",
+...)``; AdamW declares its own with Adam's rule and its own checks.  :func:`lookup` finds an optimizer's.
+The engines also cut tensors into chunks alike (:func:`cut`).
 """
 
 import operator
-from typing import Callable, NamedTuple
 
 import numpy as np
 
-__all__ = ["KERNELS", "Kernel", "cut", "kernel_of", "lookup"]
+__all__ = ["RULES", "Kernel", "cut", "kernel_of", "lookup"]
+
+RULES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 2, "rmsprop": 3, "adam": 4, "adadelta": 5, "adamax": 6,
+         "nadam": 7, "radam": 8, "lion": 9}  # the engines' element rules, numbered as their sources number them
+
+
+class Kernel:
+    """An optimizer class's fused kernel (see the module's docstring).
+
+    ``Kernel(name, scalars, slots, checks=({},), steps=2)``: ``checks`` hyperparameter sets (dicts) that
+    together reach every branch of the rule, each run for ``steps`` steps by the CUDA self-check.  ``rule``:
+    the rule's number; ``order``: a C function of the dict ``scalars(step)`` returns giving the rule's scalars
+    as a tuple, in its order; ``size``: how many."""
+
+    __slots__ = ("name", "rule", "scalars", "slots", "checks", "steps", "order", "size")
+
+    def __init__(self, name, scalars, slots, checks=({},), steps=2):
+        if name not in RULES:
+            raise ValueError(f"no engine has an element rule named {name!r} (they have {', '.join(RULES)})")
+        if len(slots) > 3:
+            raise ValueError(f"a kernel has three state slots, not {len(slots)}")
+        self.name, self.rule, self.scalars, self.slots = name, RULES[name], tuple(scalars), tuple(slots)
+        self.checks, self.steps = tuple(dict(c) for c in checks), steps
+        self.order = operator.itemgetter(*self.scalars) if len(self.scalars) > 1 else (
+            lambda s, _get=operator.itemgetter(self.scalars[0]): (_get(s),))
+        self.size = len(self.scalars)
+
+    def __repr__(self):
+        return f"Kernel({self.name!r}, rule {self.rule}, slots {self.slots})"
 
 
 def cut(sizes, chunk):
@@ -23,80 +53,36 @@ def cut(sizes, chunk):
     return tensor, piece
 
 
-# Each kernel's scalars, by name, in the order its engines' element rule reads them: keys of the dict its
-# optimizer's ``scalars(step)`` returns (flags as 0.0 or 1.0).  Adam, NAdam and RAdam: one_minus_beta1, beta2,
-# one_minus_beta2 first and l2, decay at 6 and 7, where the engines' shared moment update (weight decay, m, v)
-# reads them.
-KERNELS = {  # kernel name -> (index into the engines' rules, its scalars' names in order, its buffers' slots)
-    "sgd": (0, ("lr", "weight_decay", "momentum", "b_decay", "b_scale", "has_momentum", "nesterov"), ("b",)),
-    "momentum": (1, ("lr", "momentum", "nesterov"), ("v",)),
-    "nesterov": (1, ("lr", "momentum", "nesterov"), ("v",)),
-    "adagrad": (2, ("clr", "eps", "weight_decay"), ("h",)),
-    "rmsprop": (3, ("lr", "decay_rate", "one_minus_decay", "eps", "momentum", "weight_decay", "centered",
-                    "has_momentum"), ("h", "g_avg", "b")),
-    "adam": (4, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "sqrt_bc2", "l2", "decay",
-                 "amsgrad"), ("m", "v", "v_max")),
-    "adadelta": (5, ("lr", "rho", "one_minus_rho", "eps", "weight_decay"), ("msg", "msdx")),
-    "adamax": (6, ("one_minus_beta1", "beta2", "eps", "clr", "weight_decay"), ("m", "u")),
-    "nadam": (7, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias_correction2", "g_step", "l2",
-                  "decay", "m_step"), ("m", "v")),
-    "radam": (8, ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "rectified", "l2", "decay"),
-              ("m", "v")),
-    "lion": (9, ("lr", "beta1", "one_minus_beta1", "one_minus_beta2", "beta2", "weight_decay"), ("m",)),
-}
-
 _RULE_METHODS = ("rule", "scalars", "buffers", "buffer_dtype")  # what a kernel is a copy of (and the state it reads)
 
 
 def kernel_of(opt):
-    """The name of ``opt``'s fused element rule, or None if it has none.
-
-    The rule is the ``kernel`` attribute of the nearest class that sets one.  A subclass that
-    redefines ``rule``, ``scalars`` or ``buffers`` below that class is not what the kernel
-    computes, and one that redefines ``buffer_dtype`` keeps state the kernel does not read: it has
-    none (and runs its own rule under ``impl="auto"``).
-    """
-    cls = type(opt)
-    found = _KERNEL_OF.get(cls, False)
-    if found is False:
-        found = _KERNEL_OF[cls] = _kernel_of(cls)
-    return found
-
-
-_KERNEL_OF = {}  # optimizer class -> its kernel's name (a fact of the class)
-
-
-def _kernel_of(cls):
-    owner = next((c for c in cls.__mro__ if "kernel" in vars(c)), None)
-    if owner is None or owner.kernel not in KERNELS:
-        return None
-    if any(getattr(cls, name) is not getattr(owner, name) for name in _RULE_METHODS):
-        return None
-    return owner.kernel
-
-
-class Kernel(NamedTuple):
-    """An optimizer's kernel as its engines take it."""
-
-    rule: int  # index into the engines' element rules
-    order: Callable  # the dict opt.scalars(step) -> the kernel's scalars, a tuple in its order (a C function)
-    slots: tuple  # the buffers that fill its three state slots
-    size: int  # how many scalars
+    """The name of ``opt``'s fused element rule, or None if it has none."""
+    found = lookup(opt)
+    return None if found is None else found.name
 
 
 def lookup(opt):
-    """The :class:`Kernel` of ``opt``, or None."""
-    cls = type(opt)
+    """The :class:`Kernel` of ``opt``'s class (or of ``opt``, a class), or None if it has none.
+
+    It is the ``kernel`` of the nearest class that declares one.  A subclass that redefines ``rule``,
+    ``scalars`` or ``buffers`` below that class is not what the kernel computes, and one that redefines
+    ``buffer_dtype`` keeps state the kernel does not read: it has none (and runs its own rule under
+    ``impl="auto"``)."""
+    cls = opt if isinstance(opt, type) else type(opt)
     found = _KERNELS_OF.get(cls, False)
     if found is False:
-        name = kernel_of(opt)
-        if name is not None:
-            rule, names, slots = KERNELS[name]
-            found = Kernel(rule, operator.itemgetter(*names), slots, len(names))
-        else:
-            found = None
-        _KERNELS_OF[cls] = found
+        found = _KERNELS_OF[cls] = _lookup(cls)
     return found
 
 
 _KERNELS_OF = {}  # optimizer class -> its Kernel, or None (a fact of the class)
+
+
+def _lookup(cls):
+    owner = next((c for c in cls.__mro__ if "kernel" in vars(c)), None)
+    if owner is None or not isinstance(owner.kernel, Kernel):
+        return None
+    if any(getattr(cls, name) is not getattr(owner, name) for name in _RULE_METHODS):
+        return None
+    return owner.kernel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["AdaDelta"]
@@ -37,7 +38,8 @@ class AdaDelta(Optimizer):
         Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012.
     """
 
-    kernel = "adadelta"
+    kernel = Kernel("adadelta", ("lr", "rho", "one_minus_rho", "eps", "weight_decay"), ("msg", "msdx"),
+                    checks=(dict(weight_decay=0.01),))
     lr = Hyper(non_negative)
     rho = Hyper(unit_interval)
     eps = Hyper(non_negative)

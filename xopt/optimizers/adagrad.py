@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, non_negative
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["AdaGrad"]
@@ -30,7 +31,8 @@ class AdaGrad(Optimizer):
         weight_decay: λ, L2 penalty added to the gradient.
     """
 
-    kernel = "adagrad"  # the fused element rule (xopt/engines/kernels.py)
+    kernel = Kernel("adagrad", ("clr", "eps", "weight_decay"), ("h",),
+                    checks=(dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),))
     lr = Hyper(non_negative)
     eps = Hyper(non_negative)
     lr_decay = Hyper(non_negative)

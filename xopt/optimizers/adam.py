@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 
 from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW", "weight_decay_scalars", "moments"]
+
+
+_SCALARS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "sqrt_bc2", "l2", "decay", "amsgrad")
 
 
 def weight_decay_scalars(lr, weight_decay, decoupled) -> dict:
@@ -63,7 +67,10 @@ class Adam(Optimizer):
             element per step (NumPy arrays; the math is unchanged, the state is rounded).
     """
 
-    kernel = "adam"  # the fused element rule (xopt/engines/kernels.py); AdamW inherits it
+    # Adam, NAdam and RAdam: one_minus_beta1, beta2, one_minus_beta2 first and l2, decay at 6 and 7, where the
+    # engines' shared moment update (weight decay, m, v) reads them.
+    kernel = Kernel("adam", _SCALARS, ("m", "v", "v_max"),
+                    checks=({}, dict(amsgrad=True, weight_decay=0.01, eps_hat=False)))
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)
@@ -119,6 +126,7 @@ class AdamW(Adam):
     """
 
     decoupled_weight_decay = True
+    kernel = Kernel("adam", _SCALARS, ("m", "v", "v_max"), checks=(dict(amsgrad=True),))
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
                  eps_hat=False, state_dtype=None, **options):

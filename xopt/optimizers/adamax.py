@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["Adamax"]
@@ -33,7 +34,8 @@ class Adamax(Optimizer):
         Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, Algorithm 2.
     """
 
-    kernel = "adamax"
+    kernel = Kernel("adamax", ("one_minus_beta1", "beta2", "eps", "clr", "weight_decay"), ("m", "u"),
+                    checks=(dict(weight_decay=0.01),))
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["Lion"]
@@ -34,7 +35,8 @@ class Lion(Optimizer):
         Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023, arXiv:2302.06675.
     """
 
-    kernel = "lion"
+    kernel = Kernel("lion", ("lr", "beta1", "one_minus_beta1", "one_minus_beta2", "beta2", "weight_decay"), ("m",),
+                    checks=(dict(weight_decay=0.1),))
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, flag, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 from .adam import moments, weight_decay_scalars
 
@@ -47,7 +48,9 @@ class NAdam(Optimizer):
         Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
     """
 
-    kernel = "nadam"
+    kernel = Kernel("nadam", ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias_correction2", "g_step", "l2",
+                              "decay", "m_step"), ("m", "v"),
+                    checks=(dict(weight_decay=0.01), dict(weight_decay=0.01, decoupled_weight_decay=True)))
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)

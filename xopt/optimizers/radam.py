@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .._hyper import Hyper, flag, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 from .adam import moments, weight_decay_scalars
 
@@ -43,7 +44,10 @@ class RAdam(Optimizer):
         Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020, arXiv:1908.03265.
     """
 
-    kernel = "radam"
+    kernel = Kernel("radam", ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "rectified", "l2",
+                              "decay"), ("m", "v"),
+                    checks=(dict(weight_decay=0.01), dict(weight_decay=0.01, decoupled_weight_decay=True)),
+                    steps=7)  # RAdam rectifies from step 6
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
     beta2 = Hyper(unit_interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, flag, non_negative, unit_interval
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["RMSprop"]
@@ -36,7 +37,9 @@ class RMSprop(Optimizer):
         weight_decay: λ, L2 penalty added to the gradient.
     """
 
-    kernel = "rmsprop"  # the fused element rule (xopt/engines/kernels.py)
+    kernel = Kernel("rmsprop", ("lr", "decay_rate", "one_minus_decay", "eps", "momentum", "weight_decay", "centered",
+                                "has_momentum"), ("h", "g_avg", "b"),
+                    checks=({}, dict(momentum=0.5), dict(momentum=0.5, centered=True, weight_decay=0.01)))
     lr = Hyper(non_negative)
     decay_rate = Hyper(unit_interval)
     eps = Hyper(non_negative)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._hyper import Hyper, closed_unit_interval, flag, non_negative
+from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
 __all__ = ["SGD", "Momentum", "Nesterov"]
@@ -39,7 +40,8 @@ class SGD(Optimizer):
         array([0.95, 0.95, 0.95])
     """
 
-    kernel = "sgd"  # the fused element rule (xopt/engines/kernels.py)
+    kernel = Kernel("sgd", ("lr", "weight_decay", "momentum", "b_decay", "b_scale", "has_momentum", "nesterov"), ("b",),
+                    checks=({}, dict(momentum=0.9, dampening=0.1, weight_decay=0.01), dict(momentum=0.9, nesterov=True)))
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
     dampening = Hyper(closed_unit_interval)
@@ -99,7 +101,7 @@ class Momentum(Optimizer):
         momentum: α.
     """
 
-    kernel = "momentum"
+    kernel = Kernel("momentum", ("lr", "momentum", "nesterov"), ("v",))
     nesterov_flag = 0.0  # the kernel's flag (Nesterov's rule: 1.0)
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
@@ -136,7 +138,7 @@ class Nesterov(Momentum):
         momentum: α.
     """
 
-    kernel = "nesterov"
+    kernel = Kernel("nesterov", ("lr", "momentum", "nesterov"), ("v",))
     nesterov_flag = 1.0
 
     def rule(self, xp, p, g, state, s):
