@@ -177,13 +177,15 @@ class Optimizer:
             self._group_cache = (version, views)
         return [(self, callable(self._hyper.get("lr"))), *self._group_cache[1]]
 
+    _view_carries = ("impl",)  # what a hyperparameter set holds of its optimizer besides the hyperparameters
+
     def _view(self, hyper):
-        """This optimizer reading ``hyper``: what a group's step (its rule, scalars, buffers) is computed with."""
+        """A hyperparameter set: an object of this class holding ``hyper`` (and what ``_view_carries`` names of
+        this optimizer) and nothing else, whose ``rule``, ``scalars`` and ``buffers`` read it; what a group's step
+        is computed with.  It holds no state, no lock and no other set."""
         view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        # Not the sets of the moment: each set's views would hold the last set's, a chain one longer for
-        # every hyperparameter set (opt.lr = ... each step).
-        view.__dict__["_group_cache"] = None
+        mine = self.__dict__
+        view.__dict__.update({name: mine[name] for name in self._view_carries if name in mine})
         publish(view, hyper)
         return view
 
