@@ -29,6 +29,7 @@ DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-02.json"
 CLIP_COST = "clip-cost-2026-11-25f.json"
 MANY_PARAMS = "many-params-2026-12-02.json"
+LEAN_STEP = "lean-step-lane.json"
 
 STEP_CASES = [  # (label, optimizer, tensors > 1, impl shown as xopt, peer)
     ("Adam, 1 tensor of 2^25", "Adam", False, "xopt", "torch-fused"),
@@ -255,6 +256,19 @@ def many_params():
     return "\n".join(lines)
 
 
+def lean_step():
+    """What a call costs beyond its arrays: new dicts and arrays every step, tiny params, many params."""
+    result = load(LEAN_STEP)
+    lines = ["| ratio | value |", "|---|---:|"]
+    for r in result["ratios"]:
+        lines.append(f"| {r['ratio']} | {r['value']:.2f} |")
+    for case, r in result["many_params_seconds"].items():
+        lines.append(f"| 100,000 float32 params of 1–16 elements, Adam: {case} | {r['seconds']:.2f} s |")
+    lines += ["", "Each value is a ratio of times, the first named over the second; \"new every way\": a new params "
+                  "dict, new grad arrays and a new optimizer at every call.  " + _source(LEAN_STEP, result)]
+    return "\n".join(lines)
+
+
 def headline():
     """The README's table: a few figures, each from the runs above."""
     full = load(FULL_RUN)
@@ -284,7 +298,7 @@ def headline():
 
 
 TABLES = {f.__name__: f for f in (step, loop, loop_lane, torch_tensors, step_memory, dask, dask_fit, cuda_host,
-                                  clip_cost, many_params, headline)}
+                                  clip_cost, many_params, lean_step, headline)}
 
 
 def plots(out_dir):
