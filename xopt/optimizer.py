@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import sys
 
 import numpy as np
 
@@ -280,6 +281,8 @@ class Optimizer:
 
     def _load_state_dict(self, checked_state, state_dict, params):
         hyper, overrides, state, counters = checked_state(self, state_dict, params)
+        if params is not None:
+            _as_torch(state, params)
         publish(self, hyper)
         self._overrides = overrides
         self._version = self.__dict__.get("_version", 0) + 1
@@ -320,6 +323,23 @@ def _matches(pattern, key) -> bool:
     if isinstance(pattern, str):
         return isinstance(key, str) and fnmatch.fnmatchcase(key, pattern)
     return not isinstance(key, (bool, str)) and key == pattern
+
+
+_TORCH_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # native order: a file's
+
+
+def _as_torch(state, params):
+    """The NumPy buffers of torch params' states (a state file's) as torch tensors on their params' devices, as
+    the state their steps make: so a loaded state steps where a kept one does (the fused lane of CPU tensors)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    for key, p in (params.items() if isinstance(params, dict) else enumerate(params)):
+        st = state.get(key)
+        if st is not None and isinstance(p, torch.Tensor):
+            for name, buf in st.items():
+                if type(buf) is np.ndarray and buf.dtype in _TORCH_FLOATS:
+                    st[name] = torch.from_numpy(buf).to(p.device)
 
 
 def _copy(x):
