@@ -168,3 +168,21 @@ def test_a_new_lr_takes_effect_on_the_next_step(rng):
     opt.lr = 0.01
     opt.update(params, {"w": np.ones(2)})
     np.testing.assert_allclose(params["w"], 1 - 0.1 - 0.01)
+
+
+def test_a_misspelt_hyperparameter_set_on_the_optimizer_raises():
+    """``opt.learning_rate = 0.1`` (torch's name) was kept and never read: now it raises, naming the real names,
+    and the optimizer is as it was; a user's subclass still sets attributes of its own."""
+    opt = xopt.Adam(lr=0.01)
+    with pytest.raises(AttributeError, match="'learning_rate'.*lr, beta1"):
+        opt.learning_rate = 0.1
+    assert opt.lr == 0.01 and "learning_rate" not in vars(opt)
+    opt.lr, opt.iter = 0.1, 3  # hyperparameters and the counts are set as before
+    assert opt.lr == 0.1 and opt.iter == 3
+
+    class Mine(xopt.Adam):
+        pass
+
+    mine = Mine()
+    mine.note = "kept"
+    assert mine.note == "kept"

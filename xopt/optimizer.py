@@ -87,6 +87,18 @@ class Optimizer:
         self.last_grad_norm = None  # with clip_grad_norm: the norm of the last step's grads
         self._guard = StepGuard()  # one step at a time (see _atomic)
 
+    _attributes = ("state", "iter", "skipped_steps", "last_grad_norm", "impl")  # set besides the hyperparameters
+
+    def __setattr__(self, name, value):
+        """A misspelt hyperparameter (``opt.learning_rate = 0.1``) raises instead of being kept unread.  Only
+        xopt's own classes are held to their names: a user's subclass sets what it likes."""
+        if (name[0] != "_" and name not in self._attributes and not hasattr(type(self), name)
+                and name not in self.__dict__ and type(self).__module__.startswith("xopt.")):
+            hyper = ", ".join(n for n in self.__dict__.get("_hyper", ()) if n not in ("skip_nonfinite",))
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} to set (its hyperparameters: "
+                                 f"{hyper}; and {', '.join(self._attributes)})")
+        object.__setattr__(self, name, value)
+
     def __getstate__(self):  # copy/pickle: the lock and the cached hyperparameter sets stay behind
         state = dict(self.__dict__)
         state["_guard"], state["_group_cache"] = None, None

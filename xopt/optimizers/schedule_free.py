@@ -98,6 +98,7 @@ class ScheduleFreeAdamW(Optimizer):
         self.training = True
         self._averages = {}  # (lr or a schedule's id, warmup, r, power) -> (lr, {t: (lr_max, weight_sum)}), recent t
 
+    _attributes = (*Optimizer._attributes, "training")
     _view_carries = (*Optimizer._view_carries, "_averages")  # each set's averaging weights read the optimizer's sums
 
     def buffers(self):
