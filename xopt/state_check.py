@@ -138,8 +138,9 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     """Validate ``state_dict`` for ``opt`` as a whole; return (hyperparameters, overrides, state, (iter, skipped)).
 
     Nothing of ``opt`` is touched here, so a misfit leaves it as it was.  The state's buffers are copies
-    (C order, native byte order), unless ``copy`` is False: then a NumPy buffer already in that form is
-    taken as it is (a state read from a file, which nothing else holds).
+    (C order, native byte order), unless ``copy`` is False: then the caller vouches that every NumPy buffer
+    is memory of its own, C-contiguous and writeable (what :func:`~xopt.state_io.load_state` makes and
+    nothing else holds), and a NumPy buffer in native byte order is taken as it is.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -241,7 +242,7 @@ class _EntryChecks:
                 expect_shape, expect_dtype = buf.shape, name
             elif buf.shape != expect_shape or name != expect_dtype:
                 return None
-            entry[buf_name] = buf if not copy and _taken_as_it_is(buf) else buf.copy()  # what _native makes
+            entry[buf_name] = buf.copy() if copy else buf  # C order, native: what _native makes of it
         return entry
 
     def _names(self, signature):

@@ -138,9 +138,13 @@ def write(f, laid_out: Plan):
 def _stream(member, native, buffers) -> int:
     """Write ``buffers`` one after the other in C order and ``native`` byte order; return the bytes written."""
     pending, pending_bytes, written = [], 0, 0
+    fits = {native: True}  # dtype -> whether it is ``native`` in some byte order (dtype.name is slow to ask)
     for key, name, buf in buffers:
         a = _host(buf)
-        if _backend.dtype_name(a.dtype) != _backend.dtype_name(native):
+        ok = fits.get(a.dtype)
+        if ok is None:
+            ok = fits[a.dtype] = _backend.dtype_name(a.dtype) == _backend.dtype_name(native)
+        if not ok:
             raise RuntimeError(f"state {name!r} of param {describe(key)} came to the host as {a.dtype}, not "
                                f"{native}")
         if a.nbytes < BLOCK:
