@@ -32,7 +32,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import numpy as np
@@ -146,8 +145,8 @@ def memory(path, total, buffers, repeat):
     for what in ("save", "load"):
         runs = []
         for _ in range(repeat):
-            out = subprocess.run([sys.executable, "-c", MEMORY, path, str(total), str(buffers), what], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", MEMORY, path, str(total), str(buffers), what],
+                                 capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         extra = [r["extra_bytes"] for r in runs]
         rows[what] = {"extra_bytes": extra, "extra_mib_max": max(extra) / 2**20,

@@ -375,7 +375,7 @@ def test_a_save_while_another_thread_steps_holds_the_state_between_two_steps(tmp
     assert seen
 
 
-# -- caches stay bounded -------------------------------------------------------------------------------------------------
+# -- caches stay bounded -----------------------------------------------------------------------------------------------
 def test_the_buffer_set_cache_stays_bounded_and_keeps_no_schedule():
     params = {"W": np.ones(3)}
     base = xopt.Adam()

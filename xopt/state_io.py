@@ -37,11 +37,11 @@ import numpy as np
 from . import _backend
 from .state_check import checked_state
 from .state_files import atomic_write
-from .state_format import FORMAT, FORMAT_1, meta_array, saved_key  # noqa: F401 (FORMAT: the format written)
+from .state_format import FORMAT, FORMAT_1, meta_array, saved_key
 from .state_read import load_state
 from .state_write import plan, write
 
-__all__ = ["save_state", "load_state", "checked_state", "save_optimizer", "load_optimizer"]
+__all__ = ["save_state", "load_state", "checked_state", "save_optimizer", "load_optimizer", "FORMAT"]
 
 
 def save_state(state_dict, path):
