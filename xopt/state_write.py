@@ -25,13 +25,18 @@ __all__ = ["plan", "write"]
 
 
 class Plan:
-    """The small members of a file, and per dtype of the file: (native dtype, name, number of elements,
-    [(param key, buffer name, buffer)])."""
+    """The small members of a file ('meta', 'steps', 'table'), and per dtype of the file: (native dtype, its
+    name, number of elements, [buffers]); ``culprit(g, j)`` names buffer ``j`` of dtype ``g``."""
 
-    __slots__ = ("small", "groups")
+    __slots__ = ("small", "groups", "keys", "names")
 
-    def __init__(self, small, groups):
-        self.small, self.groups = small, groups
+    def __init__(self, small, groups, keys, names):
+        self.small, self.groups, self.keys, self.names = small, groups, keys, names
+
+    def culprit(self, g, j) -> str:
+        table = self.small["table"]
+        row = table[np.flatnonzero(table[:, 2] == g)[j]]
+        return f"state {self.names[row[1]]!r} of param {describe(self.keys[row[0]])}"
 
 
 def plan(state_dict) -> Plan:
@@ -40,7 +45,9 @@ def plan(state_dict) -> Plan:
     keys, steps = [], []
     rows, shapes = [], []  # per buffer: its param, buffer name and dtype (indices, flat); its shape
     names, name_at = [], {}  # buffer names in order of appearance
-    groups, group_at = [], {}  # per dtype of the file: [native dtype, name, count, [buffers]]; dtype -> index
+    groups, group_at = [], {}  # per dtype of the file: [native dtype, name, [buffers]]; dtype -> index
+    last = None, None  # the dtype of the buffer before and its index: most buffers share one
+    append_shape = shapes.append
     for i, (key, st) in enumerate(state_dict["state"].items()):
         keys.append(key if type(key) is str or type(key) is int else saved_key(key))
         steps.append(int(st["step"]))
@@ -55,18 +62,20 @@ def plan(state_dict) -> Plan:
                 n = name_at[name] = len(names)
                 names.append(name)
             if type(buf) is np.ndarray:
-                dtype, shape, size = buf.dtype, buf.shape, buf.size
+                dtype = buf.dtype
+                append_shape(buf.shape)
             else:
-                dtype, shape = _numpy_dtype(buf, name, key), tuple(buf.shape)
-                size = int(np.prod(shape, dtype=np.int64))
-            g = group_at.get(dtype)
-            if g is None:
-                g = group_at[dtype] = _group(groups, dtype, name, key)
-            group = groups[g]
-            group[2] += size
-            group[3].append((key, name, buf))
+                dtype = _numpy_dtype(buf, name, key)
+                append_shape(tuple(buf.shape))
+            if dtype is last[0]:
+                g = last[1]
+            else:
+                g = group_at.get(dtype)
+                if g is None:
+                    g = group_at[dtype] = _group(groups, dtype, name, key)
+                last = dtype, g
+            groups[g][2].append(buf)
             rows += (i, n, g)
-            shapes.append(shape)
 
     count = len(shapes)
     ndim = np.fromiter(map(len, shapes), dtype=np.int64, count=count)
@@ -76,6 +85,7 @@ def plan(state_dict) -> Plan:
     dims = table[:, COLUMNS:]
     dims[np.arange(dims.shape[1]) < ndim[:, None]] = np.fromiter(
         itertools.chain.from_iterable(shapes), dtype=np.int64, count=int(ndim.sum()))
+    sizes = np.prod(dims, axis=1)  # the padding is 1s
     try:
         steps = np.array(steps, dtype=np.int64)
     except OverflowError:
@@ -83,7 +93,9 @@ def plan(state_dict) -> Plan:
         raise ValueError(f"the step of param {describe(keys[at])} cannot be saved: {_short(steps[at])} is not "
                          "an int64") from None
     meta = meta_array(state_dict, FORMAT, keys=keys, buffers=names, dtypes=[g[1] for g in groups])
-    return Plan({"meta": meta, "steps": steps, "table": table}, [tuple(g) for g in groups])
+    laid_out = [(native, dname, int(sizes[table[:, 2] == g].sum()), buffers)
+                for g, (native, dname, buffers) in enumerate(groups)]
+    return Plan({"meta": meta, "steps": steps, "table": table}, laid_out, keys, names)
 
 
 def _numpy_dtype(buf, name, key):
@@ -108,13 +120,13 @@ def _group(groups, dtype, name, key) -> int:
         raise TypeError(f"state {name!r} of param {describe(key)} has dtype {dtype}, which a state file "
                         "cannot hold (it holds numbers)")
     native = dtype.newbyteorder("=") if not dtype.isnative else dtype
-    for g, (other, other_name, _, _) in enumerate(groups):
+    for g, (other, other_name, _) in enumerate(groups):
         if other_name == dname:
             if other != native:
                 raise TypeError(f"state {name!r} of param {describe(key)} has dtype {dtype}, another dtype "
                                 f"than the {other} of others named {dname}")
             return g
-    groups.append([native, dname, 0, []])
+    groups.append([native, dname, []])
     return len(groups) - 1
 
 
@@ -124,29 +136,28 @@ def write(f, laid_out: Plan):
         for name, a in laid_out.small.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, a, allow_pickle=False)
-        for native, dname, count, buffers in laid_out.groups:
+        for g, (native, dname, count, buffers) in enumerate(laid_out.groups):
             stored = np.dtype(np.uint16) if dname == "bfloat16" else native  # .npy has no bfloat16: its bits
             with archive.open(f"data_{dname}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(stored),
                                                               "fortran_order": False, "shape": (count,)})
-                written = _stream(member, native, buffers)
+                written = _stream(member, native, buffers, lambda j, g=g: laid_out.culprit(g, j))
             if written != count * native.itemsize:
                 raise RuntimeError(f"the {dname} buffers changed while they were saved ({written} bytes written "
                                    f"for {count} numbers): save the state between steps")
 
 
-def _stream(member, native, buffers) -> int:
+def _stream(member, native, buffers, culprit) -> int:
     """Write ``buffers`` one after the other in C order and ``native`` byte order; return the bytes written."""
     pending, pending_bytes, written = [], 0, 0
     fits = {native: True}  # dtype -> whether it is ``native`` in some byte order (dtype.name is slow to ask)
-    for key, name, buf in buffers:
+    for j, buf in enumerate(buffers):
         a = _host(buf)
         ok = fits.get(a.dtype)
         if ok is None:
             ok = fits[a.dtype] = _backend.dtype_name(a.dtype) == _backend.dtype_name(native)
         if not ok:
-            raise RuntimeError(f"state {name!r} of param {describe(key)} came to the host as {a.dtype}, not "
-                               f"{native}")
+            raise RuntimeError(f"{culprit(j)} came to the host as {a.dtype}, not {native}")
         if a.nbytes < BLOCK:
             pending.append(a)
             pending_bytes += a.nbytes
