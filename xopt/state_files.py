@@ -81,8 +81,8 @@ def atomic_write(path, write, *, run=_call):
 def _named(exc, target):
     """``exc`` again, naming the file that was being saved (with the same errno: ENOSPC stays ENOSPC)."""
     if exc.errno is None:
-        return OSError(f"{exc} (saving {target!r}; any file there is left as it was)")
-    return OSError(exc.errno, f"{exc.strerror or exc} (saving {target!r}; any file there is left as it was)")
+        return OSError(f"{exc}: cannot save to {target!r}; nothing there was changed")
+    return OSError(exc.errno, f"{exc.strerror or exc}: cannot save to {target!r}; nothing there was changed")
 
 
 def _temp_pattern(base):
