@@ -523,7 +523,7 @@ def test_a_failed_save_leaves_the_old_file_and_no_temp_file(rng, tmp_path, monke
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez", broken)
+    monkeypatch.setattr(xopt.state_write, "_write_block", broken)
     with pytest.raises(OSError, match="disk full"):
         opt.save(path)
     assert path.read_bytes() == old and os.listdir(tmp_path) == ["s.npz"]

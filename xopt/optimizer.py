@@ -269,7 +269,7 @@ class Optimizer:
         """A snapshot: plain Python numbers and copies of every buffer (taken between steps)."""
         return self._guard.run(self._state_dict)
 
-    def _state_dict(self) -> dict:
+    def _state_dict(self, copy=True) -> dict:
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),
@@ -279,7 +279,7 @@ class Optimizer:
             "state": {
                 key: {name: (v if name == "step" else _copy(v)) for name, v in st.items()}
                 for key, st in self.state.items()
-            },
+            } if copy else self.state,  # without copies: for save, which holds the guard while it writes
         }
 
     def load_state_dict(self, state_dict: dict, params=None):
@@ -304,15 +304,15 @@ class Optimizer:
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` (an ``.npz`` file; no pickled code)."""
-        from .state_io import save_state
+        from .state_io import save_optimizer
 
-        save_state(self.state_dict(), path)
+        save_optimizer(self, path)
 
     def load(self, path, params=None):
         """Read a file written by :meth:`save` and :meth:`load_state_dict` it."""
-        from .state_io import load_state
+        from .state_io import load_optimizer
 
-        self.load_state_dict(load_state(path), params)
+        load_optimizer(self, path, params)
 
 
 def fresh(cls, **arguments):

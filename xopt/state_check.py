@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import threading
 import types
 from collections.abc import Mapping
 
@@ -52,7 +53,10 @@ def _param_arrays(params):
 
 
 # -- which buffers an optimizer can hold ------------------------------------------------
-_BUFFER_SETS = {}
+_BUFFER_SETS = {}  # (optimizer class, the values that are not varied) -> (always, possible), the newest last
+_BUFFER_SETS_MAX = 64  # entries kept: the oldest goes first; a miss costs one scratch optimizer per combination
+_BUFFER_SETS_LOCK = threading.Lock()
+_SCHEDULE = object()  # what a schedule (a callable lr) is in a key: any schedule keeps the buffers any other does
 
 
 def _buffer_sets(opt):
@@ -61,6 +65,8 @@ def _buffer_sets(opt):
     Found by asking ``buffers()`` of a scratch optimizer for every combination of
     its flags and of zero / non-zero for its numeric hyperparameters (``buffers()``
     depends on which options are on).  Other hyperparameters keep ``opt``'s value.
+    Remembered for the last :data:`_BUFFER_SETS_MAX` classes and fixed values, a schedule
+    counting as any schedule, so the memory stays bounded however many optimizers are seen.
     """
     cls = type(opt)
     choices = {}
@@ -73,18 +79,30 @@ def _buffer_sets(opt):
             choices[name] = (0.0,) if nonzero is None else (0.0, nonzero)
         else:
             choices[name] = (value,)
-    key = (cls, tuple((n, c) for n, c in choices.items() if len(c) == 1))
-    if key not in _BUFFER_SETS:
-        found = [frozenset(opt.buffers())]
-        names = list(choices)
-        for combo in itertools.product(*(choices[n] for n in names)):
-            try:
-                scratch = cls.fresh(impl="reference", **dict(zip(names, combo)))
-            except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
-                continue
-            found.append(frozenset(scratch.buffers()))
-        _BUFFER_SETS[key] = (frozenset.intersection(*found), frozenset.union(*found))
-    return _BUFFER_SETS[key]
+    key = (cls, tuple((n, _SCHEDULE if callable(c[0]) else c[0]) for n, c in choices.items() if len(c) == 1))
+    try:
+        with _BUFFER_SETS_LOCK:
+            found = _BUFFER_SETS.pop(key, None)
+            if found is not None:
+                _BUFFER_SETS[key] = found  # the newest again
+                return found
+    except TypeError:  # a hyperparameter value that cannot be hashed: found afresh, not remembered
+        key = None
+    sets = [frozenset(opt.buffers())]
+    names = list(choices)
+    for combo in itertools.product(*(choices[n] for n in names)):
+        try:
+            scratch = cls.fresh(impl="reference", **dict(zip(names, combo)))
+        except (TypeError, ValueError):  # a combination the optimizer refuses (nesterov without momentum)
+            continue
+        sets.append(frozenset(scratch.buffers()))
+    found = (frozenset.intersection(*sets), frozenset.union(*sets))
+    if key is not None:
+        with _BUFFER_SETS_LOCK:
+            _BUFFER_SETS[key] = found
+            while len(_BUFFER_SETS) > _BUFFER_SETS_MAX:
+                del _BUFFER_SETS[next(iter(_BUFFER_SETS))]
+    return found
 
 
 def _valid(check, name, value) -> bool:
@@ -116,10 +134,13 @@ def _native(buf):
     return _backend.namespace(buf).asarray(buf, copy=True)
 
 
-def checked_state(opt, state_dict, params=None):
-    """Validate ``state_dict`` for ``opt`` as a whole; return (hyperparameters, state, (iter, skipped)).
+def checked_state(opt, state_dict, params=None, *, copy=True):
+    """Validate ``state_dict`` for ``opt`` as a whole; return (hyperparameters, overrides, state, (iter, skipped)).
 
-    Nothing of ``opt`` is touched here, so a misfit leaves it as it was.
+    Nothing of ``opt`` is touched here, so a misfit leaves it as it was.  The state's buffers are copies
+    (C order, native byte order), unless ``copy`` is False: then the caller vouches that every NumPy buffer
+    is memory of its own, C-contiguous and writeable (what :func:`~xopt.state_io.load_state` makes and
+    nothing else holds), and a NumPy buffer in native byte order is taken as it is.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -153,7 +174,7 @@ def checked_state(opt, state_dict, params=None):
 
     if not isinstance(state_dict["state"], Mapping):
         raise TypeError("state_dict['state'] must be a dict: param name -> its state")
-    checks = _EntryChecks(kind, trial, always, possible, arrays)
+    checks = _EntryChecks(kind, trial, always, possible, arrays, copy)
     quick, slow = checks.quick, checks.slow
     state = {}
     for key, st in state_dict["state"].items():
@@ -174,8 +195,9 @@ class _EntryChecks:
     once per dtype, and those that depend only on a state's buffer names once per set of names.
     """
 
-    def __init__(self, kind, trial, always, possible, arrays):
+    def __init__(self, kind, trial, always, possible, arrays, copy=True):
         self.kind, self.trial, self.always, self.possible, self.arrays = kind, trial, always, possible, arrays
+        self.copy = copy
         self.buffer_dtypes = {}  # buffer dtype -> its name, or False: not a native real floating dtype
         self.layouts = {}  # param dtype -> the name of the dtype its state is kept in
         self.name_sets = {}  # the keys of a state dict, in order -> its buffer names sorted, or None
@@ -206,7 +228,7 @@ class _EntryChecks:
         else:
             expect_dtype = expect_shape = None
         entry = {"step": step}
-        buffer_dtypes = self.buffer_dtypes
+        buffer_dtypes, copy = self.buffer_dtypes, self.copy
         for buf_name in names[0]:
             buf = st[buf_name]
             if type(buf) is not np.ndarray:
@@ -220,7 +242,7 @@ class _EntryChecks:
                 expect_shape, expect_dtype = buf.shape, name
             elif buf.shape != expect_shape or name != expect_dtype:
                 return None
-            entry[buf_name] = buf.copy()  # C order, native: what _native makes of it
+            entry[buf_name] = buf.copy() if copy else buf  # C order, native: what _native makes of it
         return entry
 
     def _names(self, signature):
@@ -281,8 +303,13 @@ class _EntryChecks:
                 raise TypeError(f"state buffers of param {name} differ in dtype: {first[0]!r} is {first[2]} "
                                 f"and {buf_name!r} is {dtype}")
             first = first or (buf_name, shape, dtype)
-            entry[buf_name] = _native(buf)
+            entry[buf_name] = _native(buf) if self.copy or not _taken_as_it_is(buf) else buf
         return entry
+
+
+def _taken_as_it_is(buf) -> bool:
+    return (type(buf) is np.ndarray and buf.dtype.isnative and buf.flags.c_contiguous and buf.flags.writeable
+            and buf.flags.aligned)
 
 
 def _native_real_floating(buf):

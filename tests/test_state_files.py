@@ -1,0 +1,420 @@
+"""State files in hard times: failed, interrupted and killed saves, stale temp files, what a save and a load
+cost in memory, saves while another thread steps, and the checks' cache staying small."""
+
+import errno
+import gc
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+import weakref
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt import state_check, state_files, state_write
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+posix_only = pytest.mark.skipif(state_files.fcntl is None, reason="stale temp files are found by flock (POSIX)")
+
+
+def _trained(n=64, params=2, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {f"p{i}": rng.standard_normal(n).astype(np.float32) for i in range(params)}
+    opt = xopt.Adam(lr=0.01)
+    for _ in range(2):
+        opt.update(params, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()})
+    return opt, params
+
+
+def _temps(directory):
+    return sorted(n for n in os.listdir(directory) if n.endswith(".tmp"))
+
+
+def _child(code, *args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, **kwargs)
+
+
+# -- a save that fails or is interrupted leaves the old file and no temp file, and names the path -----------------
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(),
+                                   MemoryError()], ids=["ENOSPC", "KeyboardInterrupt", "MemoryError"])
+def test_a_save_interrupted_while_writing_leaves_the_old_file_and_no_temp_file(error, tmp_path, monkeypatch):
+    opt, _ = _trained(n=2**21)  # buffers of 8 MiB: each written on its own
+    path = tmp_path / "s.npz"
+    opt.save(path)
+    old = path.read_bytes()
+    writes = []
+
+    def fails_on_the_second_block(member, a):
+        writes.append(a.nbytes)
+        if len(writes) == 2:
+            raise error
+        return real(member, a)
+
+    real = state_write._write_block
+    monkeypatch.setattr(state_write, "_write_block", fails_on_the_second_block)
+    with pytest.raises(type(error)) as caught:
+        opt.save(path)
+    assert len(writes) == 2 and path.read_bytes() == old and os.listdir(tmp_path) == ["s.npz"]
+    if isinstance(error, OSError):
+        assert caught.value.errno == errno.ENOSPC and str(path) in str(caught.value)
+    monkeypatch.undo()
+    opt.update({k: np.ones(2**21, np.float32) for k in ("p0", "p1")},
+               {k: np.ones(2**21, np.float32) for k in ("p0", "p1")})
+    opt.save(path)  # the optimizer is not left locked
+    assert xopt.load_state(path)["iter"] == 3
+
+
+def test_a_file_too_large_for_the_limit_raises_naming_the_path_and_leaves_no_temp_file(tmp_path):
+    """A real write error from the kernel (EFBIG under RLIMIT_FSIZE, as ENOSPC on a full disk)."""
+    child = _child("""
+        import errno, resource, signal, sys
+        import numpy as np, xopt
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        opt = xopt.Adam()
+        p = {"W": np.zeros(2**20, np.float32)}
+        opt.update(p, {"W": np.ones(2**20, np.float32)})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        try:
+            opt.save(sys.argv[1])
+        except OSError as exc:
+            print(exc.errno == errno.EFBIG, sys.argv[1] in str(exc), type(exc).__name__)
+    """, tmp_path / "big.npz", stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=120)
+    assert out.split() == ["True", "True", "OSError"] and os.listdir(tmp_path) == []
+
+
+def test_a_directory_in_the_way_raises_naming_it_and_writes_nothing(tmp_path):
+    opt, _ = _trained()
+    (tmp_path / "s.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match="s.npz"):
+        opt.save(tmp_path / "s.npz")
+    assert os.listdir(tmp_path) == ["s.npz"] and os.listdir(tmp_path / "s.npz") == []
+
+
+def test_a_missing_directory_raises_naming_the_path(tmp_path):
+    opt, _ = _trained()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "s.npz")):
+        opt.save(tmp_path / "nowhere" / "s.npz")
+
+
+def test_no_permission_raises_naming_the_path(tmp_path, monkeypatch):
+    opt, _ = _trained()
+    real = os.open
+
+    def refused(path, flags, *args):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(PermissionError, match=str(tmp_path / "s.npz")):
+        opt.save(tmp_path / "s.npz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_what_a_file_cannot_hold_is_refused_before_a_temp_file_is_made(tmp_path):
+    opt, _ = _trained()
+    opt.state["p0"]["m"] = np.array(["a"] * 64)
+    with pytest.raises(TypeError, match="state 'm' of param 'p0' has dtype <U1"):
+        opt.save(tmp_path / "s.npz")
+    assert os.listdir(tmp_path) == []
+
+
+# -- stale temp files -------------------------------------------------------------------------------------------------
+@posix_only
+def test_a_save_removes_the_temp_files_killed_saves_of_its_target_left_and_nothing_else(tmp_path):
+    opt, _ = _trained()
+    stale = [".s.npz.0123456789ab.tmp", ".s.npz.ffffffffffff.tmp"]
+    others = [".t.npz.0123456789ab.tmp",  # another target's
+              ".s.npz.0123456789ab.tmp.keep", ".s.npz.0123456789a.tmp", ".s.npz.0123456789AB.tmp",  # not the pattern
+              "s.npz.0123456789ab.tmp", ".x.s.npz.0123456789ab.tmp", "notes.txt"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"PK\x03\x04 half a file")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".s.npz.0123456789ab.tmp").write_bytes(b"another directory's")
+    os.symlink(tmp_path / "notes.txt", tmp_path / ".s.npz.aaaaaaaaaaaa.tmp")  # a link of that name: not a temp file
+    assert state_files.stale_temp_files(tmp_path / "s.npz") == sorted(str(tmp_path / n) for n in stale)
+    opt.save(tmp_path / "s.npz")
+    assert sorted(os.listdir(tmp_path)) == sorted(others + ["s.npz", "sub", ".s.npz.aaaaaaaaaaaa.tmp"])
+    assert os.listdir(tmp_path / "sub") == [".s.npz.0123456789ab.tmp"]
+
+
+@posix_only
+def test_the_temp_file_of_a_live_save_in_another_process_stays(tmp_path):
+    """Another process is writing its temp file of the same target (it holds the lock): a save leaves it."""
+    child = _child("""
+        import sys
+        from xopt import state_files
+        fd, tmp = state_files._new_temp(sys.argv[1], "s.npz")
+        print(tmp, flush=True)
+        sys.stdin.readline()  # until the parent has saved
+    """, tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live = child.stdout.readline().strip()
+        assert os.path.exists(live)
+        opt, _ = _trained()
+        opt.save(tmp_path / "s.npz")
+        assert os.path.exists(live) and state_files.stale_temp_files(tmp_path / "s.npz") == []
+    finally:
+        child.communicate("done\n", timeout=60)
+    assert state_files.stale_temp_files(tmp_path / "s.npz") == [live]  # its process ended without removing it
+    opt.save(tmp_path / "s.npz")
+    assert _temps(tmp_path) == []
+
+
+@posix_only
+def test_the_temp_file_of_a_live_save_in_another_thread_stays(tmp_path, monkeypatch):
+    """Two threads save the same target: neither removes the other's temp file, and both succeed."""
+    opt_a, _ = _trained(seed=1)
+    opt_b, _ = _trained(seed=2)
+    inside, go_on = threading.Event(), threading.Event()
+    real = state_write.write
+
+    def slow(f, laid_out):
+        if threading.current_thread().name == "a":
+            inside.set()
+            assert go_on.wait(30)
+        return real(f, laid_out)
+
+    monkeypatch.setattr(state_write, "write", slow)
+    monkeypatch.setattr(xopt.state_io, "write", slow)
+    errors = []
+    a = threading.Thread(target=lambda: _catching(errors, opt_a.save, tmp_path / "s.npz"), name="a")
+    a.start()
+    assert inside.wait(30)
+    (live,) = _temps(tmp_path)
+    opt_b.save(tmp_path / "s.npz")  # cleans up before it writes: a's temp file is live
+    assert _temps(tmp_path) == [live]
+    go_on.set()
+    a.join(30)
+    assert not errors and _temps(tmp_path) == []
+    assert np.array_equal(xopt.load_state(tmp_path / "s.npz")["state"]["p0"]["m"], opt_a.state["p0"]["m"])
+
+
+def _catching(errors, f, *args):
+    try:
+        f(*args)
+    except BaseException as exc:  # noqa: BLE001 (handed to the test)
+        errors.append(exc)
+
+
+@posix_only
+def test_a_temp_file_removed_as_stale_before_its_save_locked_it_is_made_again(tmp_path, monkeypatch):
+    """The window between creating a temp file and locking it: a cleaner that got in there removed it; the
+    save sees that its name no longer leads to its file and makes another."""
+    real, calls = state_files._lock, []
+
+    def a_cleaner_first(fd, wait):
+        if wait and not calls:
+            calls.append(fd)
+            (name,) = _temps(tmp_path)  # a cleaner in another process takes the not yet locked file for stale
+            os.unlink(tmp_path / name)
+        return real(fd, wait)
+
+    monkeypatch.setattr(state_files, "_lock", a_cleaner_first)
+    fd, tmp = state_files._new_temp(str(tmp_path), "s.npz")
+    try:
+        assert calls and os.path.exists(tmp) and _temps(tmp_path) == [os.path.basename(tmp)]
+        assert state_files.stale_temp_files(tmp_path / "s.npz") == []  # locked now
+    finally:
+        state_files._discard(tmp, fd)
+
+
+@posix_only
+def test_saves_killed_at_random_points_leave_no_temp_file_after_the_next_save(tmp_path):
+    """SIGKILL during saves (a 64 MiB state here; benchmarks/state_files.py does 512 MiB): the file there is
+    always a whole save, and the next save leaves no temp file."""
+    path = tmp_path / "s.npz"
+    code = """
+        import sys
+        import numpy as np, xopt
+        opt = xopt.Adam()
+        p = {f"W{i}": np.zeros(2**22, np.float32) for i in range(2)}
+        opt.update(p, {k: np.full(2**22, 1.0, np.float32) for k in p})
+        print("ready", flush=True)
+        while True:
+            opt.save(sys.argv[1])
+    """
+    rng = np.random.default_rng(0)
+    left = 0
+    for _ in range(4):
+        child = _child(code, path, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.4)))
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)
+        child.stdout.close()
+        left += len(_temps(tmp_path))
+        if path.exists():
+            assert xopt.load_state(path)["iter"] == 1
+    opt, _ = _trained()
+    opt.save(path)
+    assert _temps(tmp_path) == [] and xopt.load_state(path)["iter"] == 2
+    print(f"temp files seen after kills: {left}")
+
+
+# -- memory: neither a save nor a load holds the state twice ---------------------------------------------------------
+def _adam_state(count, n):
+    opt = xopt.Adam()
+    params = {f"W{i}": np.zeros(n, np.float32) for i in range(count)}
+    opt.update(params, {k: np.ones(n, np.float32) for k in params})
+    return opt, params
+
+
+def test_a_save_takes_at_most_a_block_more_memory_than_the_state(tmp_path):
+    opt, _ = _adam_state(4, 2**22)  # 8 buffers of 16 MiB
+    opt.save(tmp_path / "s.npz")  # the first: imports and compilations out of the figure
+    tracemalloc.start()
+    try:
+        opt.save(tmp_path / "s.npz")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.2 * 16 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_a_save_of_many_small_buffers_takes_about_a_block(tmp_path):
+    opt, _ = _adam_state(2000, 4096)  # 4,000 buffers of 16 KiB: 62.5 MiB
+    opt.save(tmp_path / "s.npz")
+    tracemalloc.start()
+    try:
+        opt.save(tmp_path / "s.npz")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * state_write.BLOCK + 4 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_a_load_takes_the_state_and_a_block(tmp_path):
+    opt, params = _adam_state(4, 2**22)
+    opt.save(tmp_path / "s.npz")
+    state_bytes = 8 * 16 * 2**20
+    back = xopt.Adam()
+    back.load(tmp_path / "s.npz", params=params)
+    tracemalloc.start()
+    try:
+        back = xopt.Adam()
+        back.load(tmp_path / "s.npz", params=params)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= state_bytes + 2 * state_write.BLOCK + 2**20, f"{(peak - state_bytes) / 2**20:.1f} MiB over"
+    for k, st in opt.state.items():
+        assert all(np.array_equal(back.state[k][n], b) for n, b in st.items() if n != "step")
+
+
+def test_a_loaded_state_is_the_optimizers_own(tmp_path):
+    """The arrays read are kept, not copied: writeable, and no two buffers share memory; a second load from the
+    same file gives arrays of their own."""
+    opt, params = _trained(n=32, params=3)
+    opt.save(tmp_path / "s.npz")
+    a, b = xopt.Adam(), xopt.Adam()
+    a.load(tmp_path / "s.npz", params=params)
+    b.load(tmp_path / "s.npz")
+    bufs = [x for st in a.state.values() for n, x in st.items() if n != "step"]
+    bufs += [x for st in b.state.values() for n, x in st.items() if n != "step"]
+    assert all(x.flags.writeable and x.flags.c_contiguous and x.dtype.isnative for x in bufs)
+    assert not any(np.shares_memory(x, y) for i, x in enumerate(bufs) for y in bufs[i + 1:])
+    for k, st in opt.state.items():
+        assert all(np.array_equal(a.state[k][n], v) and np.array_equal(b.state[k][n], v)
+                   for n, v in st.items() if n != "step")
+
+
+def test_load_state_dict_still_copies(tmp_path):
+    opt, params = _trained()
+    sd = xopt.load_state(_saved(opt, tmp_path))
+    back = xopt.Adam()
+    back.load_state_dict(sd, params=params)
+    assert not np.shares_memory(back.state["p0"]["m"], sd["state"]["p0"]["m"])
+
+
+def _saved(opt, tmp_path):
+    opt.save(tmp_path / "s.npz")
+    return tmp_path / "s.npz"
+
+
+# -- a save reads the state of one moment while another thread steps ---------------------------------------------------
+def test_a_save_while_another_thread_steps_holds_the_state_between_two_steps(tmp_path):
+    n, steps = 2**16, 60
+    rng = np.random.default_rng(3)
+    grads = [{k: rng.standard_normal(n).astype(np.float32) for k in ("a", "b", "c")} for _ in range(steps)]
+    replay, params = xopt.Adam(), {k: np.zeros(n, np.float32) for k in ("a", "b", "c")}
+    snapshots = [None]
+    for g in grads:
+        replay.update(params, g)
+        snapshots.append({k: replay.state[k]["v"].copy() for k in params})
+    opt, live = xopt.Adam(), {k: np.zeros(n, np.float32) for k in ("a", "b", "c")}
+    done = threading.Event()
+
+    def stepping():
+        for g in grads:
+            opt.update(live, g)
+        done.set()
+
+    worker = threading.Thread(target=stepping)
+    worker.start()
+    seen = set()
+    while not done.is_set():
+        opt.save(tmp_path / "s.npz")
+        saved = xopt.load_state(tmp_path / "s.npz")
+        if not saved["state"]:
+            continue
+        k = saved["iter"]
+        assert {st["step"] for st in saved["state"].values()} == {k}
+        assert all(np.array_equal(saved["state"][p]["v"], snapshots[k][p]) for p in params), k
+        seen.add(k)
+    worker.join()
+    assert seen
+
+
+# -- caches stay bounded -----------------------------------------------------------------------------------------------
+def test_the_buffer_set_cache_stays_bounded_and_keeps_no_schedule():
+    params = {"W": np.ones(3)}
+    base = xopt.Adam()
+    base.update(params, {"W": np.ones(3)})
+    sd = base.state_dict()
+
+    class Decay:
+        def __init__(self, rate):
+            self.rate = rate
+
+        def __call__(self, count):
+            return 0.1 * self.rate**count
+
+    kept = []
+    for i in range(200):
+        schedule = Decay(0.5 + i * 1e-4)
+        kept.append(weakref.ref(schedule))
+        opt = xopt.Adam(lr=schedule)
+        opt.load_state_dict({**sd, "hyperparameters": {**sd["hyperparameters"], "lr": schedule}})
+        sd2 = dict(sd, hyperparameters={**sd["hyperparameters"], "lr": xopt.schedules.exponential_decay(
+            0.1 + i * 1e-6, 100, 0.5)})
+        xopt.Adam().load_state_dict(sd2)
+        del opt, schedule
+    gc.collect()
+    assert len(state_check._BUFFER_SETS) <= 100  # 400 schedules seen
+    assert sum(r() is not None for r in kept) == 0
+
+
+def test_the_buffer_sets_are_those_of_the_configuration_whatever_the_cache_holds():
+    """A schedule and a number as lr, options on and off: the cache gives what a fresh search gives."""
+    configs = [dict(cls=xopt.SGD, lr=0.1), dict(cls=xopt.SGD, lr=lambda c: 0.1, momentum=0.9),
+               dict(cls=xopt.RMSprop, centered=True), dict(cls=xopt.Adam, amsgrad=True),
+               dict(cls=xopt.Adam, state_dtype="bfloat16"), dict(cls=xopt.Adam, lr=lambda c: 0.1)]
+    expected = []
+    for c in configs:
+        state_check._BUFFER_SETS.clear()
+        args = dict(c)
+        expected.append(state_check._buffer_sets(args.pop("cls")(**args)))
+    for _ in range(2):
+        for c, want in zip(configs, expected):
+            args = dict(c)
+            assert state_check._buffer_sets(args.pop("cls")(**args)) == want

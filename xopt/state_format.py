@@ -1,0 +1,67 @@
+"""What a state file's reader and writer share: the format names, the table's columns, the metadata.
+
+The format itself is described in :mod:`xopt.state_io`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .schedules import Schedule, from_spec
+from .state_check import SavedCustomSchedule
+
+FORMAT = "xopt-state-2"  # what save_state writes
+FORMAT_1 = "xopt-state-1"  # what xopt wrote before, which load_state reads too
+INT64_MAX = 2**63 - 1
+COLUMNS = 4  # a format-2 table's columns before the dims: param, buffer name, dtype (indices), ndim
+BLOCK = 4 * 2**20  # bytes moved at a time between a file and the buffers (small buffers are gathered up to it)
+
+
+class StateFileError(ValueError):
+    """A refusal whose message is already final (not wrapped as 'not an xopt state file')."""
+
+
+def foreign(path, why) -> StateFileError:
+    return StateFileError(f"{path} is not an xopt state file ({why})")
+
+
+def encode(value):
+    """A hyperparameter as JSON: a built-in schedule by name and arguments, a custom one by its repr only."""
+    if isinstance(value, Schedule):
+        return value.spec()
+    if callable(value):
+        return {"custom_schedule": repr(value)}
+    return value
+
+
+def decode(value):
+    if isinstance(value, dict) and "schedule" in value:
+        return from_spec(value)
+    if isinstance(value, dict) and "custom_schedule" in value:
+        return SavedCustomSchedule(str(value["custom_schedule"]))
+    return value
+
+
+def meta_array(state_dict, form, **fields) -> np.ndarray:
+    """The 'meta' member: the optimizer's name, hyperparameters, overrides and counters, and ``fields``, as
+    JSON text in a uint8 array."""
+    meta = {
+        "format": form,
+        "optimizer": state_dict["optimizer"],
+        "hyperparameters": {k: encode(v) for k, v in state_dict["hyperparameters"].items()},
+        "overrides": [[pattern, {k: encode(v) for k, v in values.items()}]
+                      for pattern, values in state_dict.get("overrides", {}).items()],
+        "iter": int(state_dict["iter"]),
+        "skipped_steps": int(state_dict["skipped_steps"]),
+        **fields,
+    }
+    return np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+
+def saved_key(key):
+    """A param name as a file holds it: str (a dict's) or int (a list's)."""
+    if type(key) is not str and (isinstance(key, bool) or not isinstance(key, (str, int))):
+        raise TypeError(f"param name {key!r} cannot be saved: names must be str (dict) or int (list)")
+    return key
