@@ -202,8 +202,8 @@ class ScheduleFreeAdamW(Optimizer):
         together(writes)
 
     # -- state ---------------------------------------------------------------------------------
-    def _state_dict(self):
-        return {**super()._state_dict(), "training": self.training}
+    def _state_dict(self, copy=True):
+        return {**super()._state_dict(copy), "training": self.training}
 
     def _load_state_dict(self, checked_state, state_dict, params):
         training = state_dict.get("training", True) if isinstance(state_dict, dict) else True
