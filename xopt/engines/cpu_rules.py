@@ -15,7 +15,7 @@ from numba import njit
 
 from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store, fetch_add, view as _view, yield_cpu
 
-__all__ = ["RULES", "BF16_RULES", "CHUNK", "CLIP_BLOCK", "run_serial", "claim", "claim_squares", "squares",
+__all__ = ["RULES", "BF16_RULES", "CHUNK", "CLIP_BLOCK", "run_serial", "claim", "claim_squares", "squares", "chunk_rows",
            "sum_of_squares", "all_finite", "wait_done"]
 
 CHUNK = 1 << 15  # elements per unit of work
@@ -401,6 +401,21 @@ def all_finite(ptrs, sizes, proto):
             if not np.isfinite(g[i]):
                 return False
     return True
+
+
+@njit(cache=True, nogil=True)
+def chunk_rows(sizes, chunk):
+    """(tensor, lo, hi) rows covering every element of tensors of ``sizes``, no row longer than ``chunk``."""
+    n = 0
+    for t in range(sizes.shape[0]):
+        n += (sizes[t] + chunk - 1) // chunk
+    rows = np.empty((n, 3), dtype=np.int64)
+    r = 0
+    for t in range(sizes.shape[0]):
+        for lo in range(0, sizes[t], chunk):
+            rows[r, 0], rows[r, 1], rows[r, 2] = t, lo, min(lo + chunk, sizes[t])
+            r += 1
+    return rows
 
 
 @njit(cache=True, nogil=True)

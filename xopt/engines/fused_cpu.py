@@ -34,9 +34,9 @@ from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import HEAD, N_HEAD, OFFSETS, check_step
-from .cpu_rules import BF16_RULES, CHUNK, all_finite, claim, claim_squares, run_serial, squares, wait_done
+from .cpu_rules import BF16_RULES, CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
 from .cpu_rules import sum_squares as _sum_squares
-from .kernels import cut, lookup
+from .kernels import lookup
 
 __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
            "device_of", "compile_all", "NotRun"]
@@ -55,6 +55,7 @@ _BITS = np.empty(0, dtype=np.uint16)
 _NO_PART = np.empty(0, dtype=np.int64)
 _NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
+_SUM = np.add.reduce  # ndarray.sum without its Python wrapper: the same sum
 
 # _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
 LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
@@ -91,10 +92,7 @@ def device_of(a):
 
 def chunk_table(sizes) -> np.ndarray:
     """(tensor, lo, hi) rows covering every element, no row longer than CHUNK."""
-    tensor, piece = cut(sizes, CHUNK)
-    lo = piece * CHUNK
-    hi = np.minimum(lo + CHUNK, np.asarray(sizes, dtype=np.int64)[tensor])
-    return np.stack([tensor, lo, hi], axis=1) if len(tensor) else np.zeros((0, 3), dtype=np.int64)
+    return chunk_rows(np.asarray(sizes, dtype=np.int64), CHUNK)
 
 
 @njit(cache=True)
@@ -144,7 +142,7 @@ class Arrays:
         return self.chunks
 
     def _threads(self) -> int:
-        return min(get_num_threads(), len(self._chunks())) if int(self.sizes.sum()) >= PARALLEL_MIN else 1
+        return min(get_num_threads(), len(self._chunks())) if int(_SUM(self.sizes)) >= PARALLEL_MIN else 1
 
     def all_finite(self) -> bool:
         return bool(all_finite(self.ptrs, self.sizes, self.scal[0]))
@@ -161,7 +159,7 @@ class Arrays:
             claim_squares(self.ptrs, chunks, _NO_CHUNK_LEFT, self.scal[0], sums)  # see _parallel
             together(self._parallel(threads, counters,
                                     functools.partial(claim_squares, self.ptrs, chunks, counters, self.scal[0], sums)))
-        return float(sums.sum())
+        return float(_SUM(sums))
 
     def writes(self, clip=None) -> list:
         """The calls (into C, for ``xopt._atomic.together``) that run the kernel over every tensor; ``clip``:
