@@ -58,7 +58,7 @@ def _kernel_alone(trainer, optimizer):
     trainer.run(3)  # the state exists
     kind = fused_cpu.kind(opt, np.dtype(np.float64))
     states = list(opt.state.values())
-    values = [kind.order(opt, opt.scalars(states[0]["step"] + 1))]  # steady for these optimizers
+    values = [kind.order(opt.scalars(states[0]["step"] + 1))]  # steady for these optimizers
     steps = [st["step"] for st in states]
 
     def update(params, grads):

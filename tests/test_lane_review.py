@@ -432,3 +432,49 @@ def test_a_first_step_whose_schedule_raises_makes_no_state(rng):
     with pytest.raises(RuntimeError, match="schedule refused"):
         opt.update(params, grads_like(params, rng))
     assert sorted(opt.state) == ["a", "b"]
+
+
+def test_a_0d_param_whose_state_has_another_shape_is_refused():
+    """A param replaced by a 0-d array keeps its old state (shape (7,)): the lane read a 0-d array's NULL dims
+    pointer as "any shape" and stepped it; now every path refuses it, naming it, and nothing is written."""
+    opt = xopt.Nesterov()
+    params = {"a": np.ones(7, np.float32), "b": np.ones(3, np.float32)}
+    for _ in range(2):
+        opt.update(params, {"a": np.ones(7, np.float32), "b": np.ones(3, np.float32)})
+    params["a"] = np.ones((), np.float32)
+    before = {k: v.copy() for k, v in opt.state["b"].items() if k != "step"}
+    with pytest.raises(ValueError, match="param 'a' has shape \\(\\) but its optimizer state 'v'"):
+        opt.update(params, {"a": np.ones((), np.float32), "b": np.ones(3, np.float32)})
+    assert opt.iter == 2 and opt.state["b"]["step"] == 2
+    np.testing.assert_array_equal(opt.state["b"]["v"], before["v"])
+
+
+def test_a_users_subclass_reads_its_own_attributes_under_a_schedule_and_overrides():
+    """A hyperparameter set of a user's subclass carries the subclass's own attributes (not the state)."""
+
+    class ScaledSGD(xopt.SGD):
+        def __init__(self, scale=2.0, **kw):
+            super().__init__(**kw)
+            self.scale = scale
+
+        def scalars(self, step):
+            s = super().scalars(step)
+            s["lr"] *= self.scale
+            return s
+
+    for opt in (ScaledSGD(lr=lambda t: 0.1), ScaledSGD(lr=0.1, overrides={"a": {"lr": 0.1}})):
+        params = {"a": np.ones(3)}
+        opt.update(params, {"a": np.ones(3)})
+        np.testing.assert_array_equal(params["a"], np.full(3, 0.8))
+
+
+def test_impl_fused_refusing_a_param_under_a_schedule_names_it():
+    xps = pytest.importorskip("array_api_strict")
+    opt = xopt.Adam(impl="fused", lr=lambda t: 1e-3)
+    with pytest.raises(TypeError, match="no fused kernel takes param 'w'"):
+        opt.update({"w": xps.ones(3, dtype=xps.float64)}, {"w": xps.ones(3, dtype=xps.float64)})
+
+
+def test_momentum_has_no_switch_that_only_its_kernel_reads():
+    with pytest.raises(AttributeError):
+        xopt.Momentum().nesterov_flag = 1.0

@@ -52,17 +52,21 @@ def _fused_cuda():
     """The CuPy engine, or None when CuPy is not installed."""
     if not _installed("cupy"):
         return None
-    engine = sys.modules.get("xopt.engines.fused_cuda")
-    if engine is None or "xopt.engines.cuda_check" not in sys.modules:
+    engine = _CUDA.get("engine")
+    if engine is None:  # an import statement: it waits for another thread's import of the engine to finish
         from .engines import cuda_check, fused_cuda as engine  # noqa: F401  (cuda_check tells the engine what auto may run)
+        _CUDA["check"], _CUDA["engine"] = cuda_check, engine
     return engine
 
 
 def _cuda_check():
-    found = sys.modules.get("xopt.engines.cuda_check")
+    found = _CUDA.get("check")
     if found is None:
         from .engines import cuda_check as found
     return found
+
+
+_CUDA = {}  # the CUDA engine and its self-check, once both are imported (sys.modules has them while they import)
 
 
 def _fused_dask():

@@ -139,15 +139,17 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
         view = opt if not callable(opt._hyper.get("lr")) else opt._at(0, first)  # a schedule's error raises here
         views, values = [view], [kind.order(view.scalars(first + 1))]
     else:
-        groups = list(map(opt._group_of, keys)) if opt._overrides else [0] * len(steps)
+        groups = _groups(opt, keys) if opt._overrides else [0] * len(steps)
         if same and groups.count(groups[0]) == len(groups):
             part, pairs = None, [(groups[0], first)]
         else:
-            if not all(type(s) is int and 0 <= s <= _MAX_STEP for s in steps):
+            try:  # each count's type is checked by the engine; here their values, as int64 takes them
+                if min(steps) < 0 or max(steps) > _MAX_STEP:
+                    return False
+            except (TypeError, ValueError):
                 return False
-            index = {}
-            part = [index.setdefault(pair, len(index)) for pair in zip(groups, steps)]
-            pairs = list(index)
+            pairs = list(dict.fromkeys(zip(groups, steps)))  # each (group, count) once, in order
+            part = list(map({pair: i for i, pair in enumerate(pairs)}.__getitem__, zip(groups, steps)))
         views, values = [], []
         for group, count in pairs:
             view = opt._at(group, count)  # a schedule's error raises here, before any write
@@ -191,6 +193,12 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
 
 
 _ONE = 1
+
+
+def _groups(opt, keys):
+    """Each key's hyperparameter set (its override's, 0: the optimizer's own), known keys looked up in C."""
+    groups = list(map(opt._group_index.get, keys))
+    return groups if None not in groups else list(map(opt._group_of, keys))
 
 
 def _numpy_views(tensors):

@@ -158,8 +158,9 @@ class Optimizer:
         args = [f"{k}={v!r}" for k, v in self.hyperparameters().items()]
         if self.clip_grad_norm is not None:
             args.append(f"clip_grad_norm={self.clip_grad_norm!r}")
-        if self._overrides:
-            args.append(f"overrides={self._overrides!r}")
+        overrides = self.__dict__.get("_overrides")  # a hyperparameter set has none: it is one
+        if overrides:
+            args.append(f"overrides={overrides!r}")
         return f"{type(self).__name__}({', '.join(args)})"
 
     def current_lr(self, key) -> float:
@@ -198,7 +199,10 @@ class Optimizer:
         is computed with.  It holds no state, no lock and no other set."""
         view = object.__new__(type(self))
         mine = self.__dict__
-        view.__dict__.update({name: mine[name] for name in self._view_carries if name in mine})
+        if type(self).__module__.startswith("xopt."):
+            view.__dict__.update({name: mine[name] for name in self._view_carries if name in mine})
+        else:  # a user's subclass may read attributes of its own: all but the state, the lock and the sets
+            view.__dict__.update({name: v for name, v in mine.items() if name not in _VIEW_LEAVES})
         publish(view, hyper)
         return view
 
@@ -313,6 +317,10 @@ class Optimizer:
         from .state_io import load_optimizer
 
         load_optimizer(self, path, params)
+
+
+_VIEW_LEAVES = ("state", "iter", "skipped_steps", "last_grad_norm", "_guard", "_group_cache", "_group_index",
+                "_overrides", "_patterns_checked", "_version", "_constructing")  # what no hyperparameter set holds
 
 
 def fresh(cls, **arguments):

@@ -181,7 +181,8 @@ def _list_item(off, lst, t):
 @njit(cache=True, inline="always")
 def _is_array(off, obj, flags, type_num, nd, dims_of):
     """Whether ``obj`` is an exact ndarray with ``flags``, of native ``type_num``, shaped as the array
-    whose dims pointer is ``dims_of`` (nd dims); or, with ``dims_of`` 0, any shape."""
+    whose dims pointer is ``dims_of`` (nd dims); or, with ``nd`` -1, any shape.  (A 0-d array's dims
+    pointer may be NULL: it says nothing of the shape, its nd does.)"""
     if load_i64(obj + off[OB_TYPE]) != off[NDARRAY]:
         return False
     if load_i32(obj + off[FLAGS]) & flags != flags:
@@ -189,7 +190,7 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
     descr = load_i64(obj + off[DESCR])
     if load_i32(descr + off[TYPE_NUM]) != type_num or load_i8(descr + off[BYTEORDER]) == off[FOREIGN]:
         return False
-    if dims_of == 0:
+    if nd < 0:
         return True
     if load_i32(obj + off[ND]) != nd:
         return False
@@ -230,7 +231,7 @@ def check_step(off, head, part, ptrs, sizes):
     m = 0
     for t in range(n):
         p = _list_item(off, head[0], t)
-        if not _is_array(off, p, WRITE_FLAGS, param_type, 0, 0):
+        if not _is_array(off, p, WRITE_FLAGS, param_type, -1, 0):
             return t + 1
         nd = load_i32(p + off[ND])
         dims = load_i64(p + off[DIMS])

@@ -71,6 +71,8 @@ class NAdam(Optimizer):
     def _mu(self, step):
         return self.beta1 * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
 
+    _view_carries = (*Optimizer._view_carries, "_mu_products")  # each hyperparameter set reads the kept products
+
     def mu_product(self, step) -> float:
         """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order (the same bits however it is reached).
 

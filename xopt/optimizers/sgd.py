@@ -102,7 +102,6 @@ class Momentum(Optimizer):
     """
 
     kernel = Kernel("momentum", ("lr", "momentum", "nesterov"), ("v",))
-    nesterov_flag = 0.0  # the kernel's flag (Nesterov's rule: 1.0)
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
 
@@ -113,7 +112,7 @@ class Momentum(Optimizer):
         return ("v",)
 
     def scalars(self, step):
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov_flag}
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": 0.0}  # the kernel's flag: Momentum's rule
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g
@@ -139,7 +138,9 @@ class Nesterov(Momentum):
     """
 
     kernel = Kernel("nesterov", ("lr", "momentum", "nesterov"), ("v",))
-    nesterov_flag = 1.0
+
+    def scalars(self, step):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": 1.0}  # the kernel's flag: Nesterov's rule
 
     def rule(self, xp, p, g, state, s):
         v = s["momentum"] * state["v"] - s["lr"] * g
