@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import sys
 
 import numpy as np
 
@@ -255,6 +256,9 @@ class Optimizer:
         return self._guard.run(self._state_dict)
 
     def _state_dict(self) -> dict:
+        dask_engine = sys.modules.get("xopt.engines.fused_dask")
+        if dask_engine is not None:  # Dask state the cluster lost raises, naming it (not a file that can't be written)
+            dask_engine.check_state(self)
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),
