@@ -124,13 +124,27 @@ def _same(run, before):
     assert (run.opt.iter, run.opt.state["W"]["step"]) == before[2]
 
 
-def test_a_step_after_a_cluster_restart_raises_naming_the_lost_state_and_changes_nothing(client, every, tmp_path):
+@pytest.fixture
+def own_client():
+    """A cluster of its own: restarted, it leaves the other tests' alone."""
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       silence_logs=50)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def test_a_step_after_a_cluster_restart_raises_naming_the_lost_state_and_changes_nothing(own_client, every,
+                                                                                         tmp_path):
+    client = own_client
     run = Run(4)
     distributed.wait(run.step(every + 2))
     run.opt.save(tmp_path / "s.npz")
     saved_at = (run.w.copy(), run.ref.state_dict())
     distributed.wait(run.step(2))
-    client.restart()
+    client.restart(wait_for_workers=False)
+    client.wait_for_workers(1, timeout=120)
     run.target = da.from_array(run.t, chunks=CHUNK).persist()  # the user's own data, made again
     before = (run.params["W"], run.opt.state["W"]["m"], (run.opt.iter, run.opt.state["W"]["step"]))
     for _ in range(2):  # and again: nothing moved

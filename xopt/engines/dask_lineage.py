@@ -206,30 +206,11 @@ def _protect(client):
                       "ReduceReplicas from distributed.scheduler.active-memory-manager.policies)", stacklevel=4)
 
 
-def make_durable(steps):
-    """Durable copies of the persisted ``steps`` (arrays over distributed futures): arrays chunked like them
-    over keys with no task behind them, each on ``durable-copies`` workers; None where the steps were not
-    computed by a distributed cluster or a holder went away meanwhile (the next step tries again).
-
-    Waits until the steps are computed; raises where one failed (its exception) or was cancelled."""
-    found = [futures_of(s) for s in steps]
-    if not all(found) or any(len(f) != s.npartitions for f, s in zip(found, steps)):
-        return None
-    import distributed
+def _register(client, flat, pairs):
+    """The new keys of ``pairs`` made on the workers holding the old ones, known to the scheduler as data and
+    copied to ``durable-copies`` workers: {new key: its future}, or None where a holder went away meanwhile."""
     from distributed import Future
 
-    flat = [f for fs in found for _, f in fs]
-    client = flat[0].client
-    distributed.wait(flat)
-    for f in flat:
-        if f.status == "error":
-            f.result()  # the step's own exception
-        if f.status == "cancelled":
-            raise LostStateError(f"a step was cancelled on the cluster while it ran (its key {f.key!r}): the "
-                                 "cluster restarted or the client closed. Nothing was changed; to go on, load the "
-                                 "last file written by save(): optimizer.load(path, params=params)")
-    names = {s.name: PREFIX + tokenize(s.name) for s in steps}
-    pairs = [(k, (names[k[0]], *k[1:])) for fs in found for k, _ in fs]
     copies = durable_copies()
     if copies > 1:
         _protect(client)
@@ -248,6 +229,40 @@ def make_durable(steps):
         return None
     if copies > 1:
         client.replicate(list(news.values()), n=copies)
+    return news
+
+
+def make_durable(steps):
+    """Durable copies of the persisted ``steps`` (arrays over distributed futures): arrays chunked like them
+    over keys with no task behind them, each on ``durable-copies`` workers; None where the steps were not
+    computed by a distributed cluster or a holder went away meanwhile (the next step tries again).
+
+    Waits until the steps are computed; raises where one failed (its exception) or was cancelled."""
+    found = [futures_of(s) for s in steps]
+    if not all(found) or any(len(f) != s.npartitions for f, s in zip(found, steps)):
+        return None
+    import distributed
+
+    flat = [f for fs in found for _, f in fs]
+    client = flat[0].client
+    distributed.wait(flat)
+    for f in flat:
+        if f.status == "error":
+            f.result()  # the step's own exception
+        if f.status == "cancelled":
+            raise LostStateError(f"a step was cancelled on the cluster while it ran (its key {f.key!r}): the "
+                                 "cluster restarted or the client closed. Nothing was changed; to go on, load the "
+                                 "last file written by save(): optimizer.load(path, params=params)")
+    names = {s.name: PREFIX + tokenize(s.name) for s in steps}
+    pairs = [(k, (names[k[0]], *k[1:])) for fs in found for k, _ in fs]
+    try:
+        news = _register(client, flat, pairs)
+    except Exception as exc:  # noqa: BLE001 (a worker lost meanwhile, say: the step stands, the next tries again)
+        warnings.warn(f"xopt: no durable point at this step ({type(exc).__name__}: {exc}); the next step tries "
+                      "again", RuntimeWarning, stacklevel=4)
+        return None
+    if news is None:
+        return None
     out = []
     for s, fs in zip(steps, found):
         name = names[s.name]
