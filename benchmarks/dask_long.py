@@ -1,7 +1,7 @@
 """A long Adam run on a Dask cluster: the scheduler's tasks, the client's memory, a lost worker, a restart.
 
     python benchmarks/dask_long.py [--numel 2^22] [--chunks 8] [--steps 2000] [--every 10] [--plain-steps 300]
-                                   [--workers 2] [--out FILE]
+                                   [--workers 2] [--log-length N] [--out FILE]
 
 One LocalCluster of ``--workers`` worker processes with 1 thread each (the scheduler runs in this process,
 as a LocalCluster's does: its memory is the client's).  Adam on one float32 param of ``--numel`` elements in
@@ -53,6 +53,12 @@ def _tasks(client):
     return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
 
 
+def _events(client):
+    """How many events the scheduler's log holds (each topic keeps the last distributed.admin.low-level-log-length)."""
+    return client.run_on_scheduler(lambda dask_scheduler: sum(
+        len(t.events) for t in getattr(getattr(dask_scheduler, "_broker", None), "_topics", {}).values()))
+
+
 class Run:
     def __init__(self, numel, chunks, seed=0):
         import dask.array as da
@@ -96,6 +102,9 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--plain-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--log-length", type=int, default=None,
+                    help="distributed.admin.low-level-log-length (events the scheduler keeps per topic; Dask's "
+                         "default 1000)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -108,6 +117,9 @@ def main(argv=None):
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "numel": args.numel, "chunks": args.chunks, "workers": args.workers, "every": args.every,
            "dask": dask.__version__, "distributed": distributed.__version__, "cpus": os.cpu_count()}
+    if args.log_length is not None:
+        dask.config.set({"distributed.admin.low-level-log-length": args.log_length})
+    out["low_level_log_length"] = dask.config.get("distributed.admin.low-level-log-length")
     cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
     client = distributed.Client(cluster)
@@ -131,19 +143,21 @@ def main(argv=None):
 
         with dask.config.set({"xopt.dask.durable-every": args.every}):
             run = Run(args.numel, args.chunks)
-            times, tasks, rss = [], {}, {}
+            times, tasks, rss, events = [], {}, {}, {}
             for i in range(1, args.steps + 1):
                 times.append(run.step())
                 if i in (100, 250, args.steps):
                     tasks[i], rss[i] = _tasks(client), _rss_mib()
+                    events[i] = _events(client)
                 if i % 250 == 0:
                     print(f"step {i}: {statistics.median(times[-250:]) * 1e3:.1f} ms median, {_tasks(client)} tasks, "
-                          f"{_rss_mib():.1f} MiB", flush=True)
+                          f"{_rss_mib():.1f} MiB, {_events(client)} events logged", flush=True)
             at_point = [t for i, t in enumerate(times, 1) if i % args.every == 0]
             between = [t for i, t in enumerate(times, 1) if i % args.every]
             median = statistics.median(times)
             out["durable"] = {
-                "steps": args.steps, "tasks": tasks, "rss_mib": rss, "median_step_s": median,
+                "steps": args.steps, "tasks": tasks, "rss_mib": rss, "scheduler_events_logged": events,
+                "median_step_s": median,
                 "median_step_at_durable_point_s": statistics.median(at_point),
                 "median_step_between_s": statistics.median(between),
                 "durability_cost_per_step_s": (statistics.median(at_point) - statistics.median(between)) / args.every,

@@ -25,6 +25,11 @@ single-process step does); with ``skip_nonfinite`` it is computed first, on the 
 and the steps get its number.  ``opt.last_grad_norm`` is that lazy norm: computing it again
 reads the grads again.
 
+On a ``distributed`` cluster, every ``k`` steps is a durable point (:mod:`xopt.engines.dask_lineage`): the
+step is waited for and its chunks held under keys with no task behind them, on two workers, so the
+scheduler keeps at most ``k`` steps of tasks and a lost worker replays at most those.  A step whose state
+the cluster lost for good (a restart) raises :class:`LostStateError` before anything is written.
+
 Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 ``distributed.Client``, or ``dask.config.set(scheduler=...)`` (``"threads"``, ``"processes"``,
 ``"sync"``).  How many threads a chunk's kernel uses follows Dask's thread budget for a task
