@@ -121,7 +121,7 @@ def main(argv=None):
         dask.config.set({"distributed.admin.low-level-log-length": args.log_length})
     out["low_level_log_length"] = dask.config.get("distributed.admin.low-level-log-length")
     cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=50)
+                                       dashboard_address=":0", silence_logs=50)
     client = distributed.Client(cluster)
     try:
         if args.plain_steps:

@@ -26,7 +26,7 @@ EVERY = 3
 def client():
     # The Active Memory Manager every 0.1 s: a replica it would drop is gone long before a test looks
     with dask.config.set({"distributed.scheduler.active-memory-manager.interval": "100ms"}):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                            silence_logs=50)
     client = distributed.Client(cluster)
     yield client
@@ -127,7 +127,7 @@ def _same(run, before):
 @pytest.fixture
 def own_client():
     """A cluster of its own: restarted, it leaves the other tests' alone."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                        silence_logs=50)
     client = distributed.Client(cluster)
     yield client
