@@ -172,7 +172,12 @@ def main(argv=None):
                     run.step()
                 step_count = run.opt.state["W"]["step"]
                 _kill_one(client)
-                took = run.step()
+                try:
+                    took = run.step()
+                except LostStateError as exc:  # both copies of the last durable point lost (a second kill)
+                    kills.append({"killed_after_step": step_count, "raised": f"{type(exc).__name__}: {exc}"})
+                    print("worker killed:", kills[-1], flush=True)
+                    break
                 kills.append({"killed_after_step": step_count, "steps_since_durable_point": step_count % args.every,
                               "next_step_s": took, "over_median": took / median, "bit_identical": run.same()})
                 print("worker killed:", kills[-1], flush=True)

@@ -245,7 +245,12 @@ def make_durable(steps):
 
     flat = [f for fs in found for _, f in fs]
     client = flat[0].client
-    distributed.wait(flat)
+    try:
+        distributed.wait(flat)
+    except distributed.client.FuturesCancelledError as exc:  # a lost input: a restart, or a second lost worker
+        raise LostStateError(f"a step was cancelled on the cluster before it was computed ({exc}). Nothing was "
+                             "changed; to go on, load the last file written by save(): "
+                             "optimizer.load(path, params=params)") from exc
     for f in flat:
         if f.status == "error":
             f.result()  # the step's own exception
