@@ -274,6 +274,9 @@ class Optimizer:
         return self._guard.run(self._state_dict)
 
     def _state_dict(self, copy=True) -> dict:
+        dask_engine = sys.modules.get("xopt.engines.fused_dask")
+        if dask_engine is not None:  # Dask state the cluster lost raises, naming it (not a file that can't be written)
+            dask_engine.check_state(self)
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),

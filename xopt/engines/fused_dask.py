@@ -25,6 +25,11 @@ single-process step does); with ``skip_nonfinite`` it is computed first, on the 
 and the steps get its number.  ``opt.last_grad_norm`` is that lazy norm: computing it again
 reads the grads again.
 
+On a ``distributed`` cluster, every ``k`` steps is a durable point (:mod:`xopt.engines.dask_lineage`): the
+step is waited for and its chunks held under keys with no task behind them, on two workers, so the
+scheduler keeps at most ``k`` steps of tasks and a lost worker replays at most those.  A step whose state
+the cluster lost for good (a restart) raises :class:`LostStateError` before anything is written.
+
 Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 ``distributed.Client``, or ``dask.config.set(scheduler=...)`` (``"threads"``, ``"processes"``,
 ``"sync"``).  How many threads a chunk's kernel uses follows Dask's thread budget for a task
@@ -46,8 +51,10 @@ from dask.sizeof import sizeof
 from .. import _backend, _threads
 from .._atomic import together_unforked
 from .._inputs import Entry
+from . import dask_lineage
+from .dask_lineage import LostStateError, check_state
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT"]
+__all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
 
 SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
@@ -150,6 +157,7 @@ def apply(opt, entries) -> list:
     the writes that rebind the state to the new arrays (``e.p`` is the new param, rebound by the step's commit).
     The computation can be interrupted (Ctrl-C): nothing is written until the writes run."""
     names = opt.buffers()
+    dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
     worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
@@ -171,12 +179,21 @@ def apply(opt, entries) -> list:
     if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
         *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
     else:
-        steps = dask.persist(*steps)
+        steps = list(dask.persist(*steps))
+    holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
+    every = dask_lineage.durable_every()
+    due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
+    if due:  # waits for these steps; the steps after read the durable copies, and nothing older
+        durable = dask_lineage.make_durable([steps[i] for i in due])
+        for i, made in zip(due, durable or ()):
+            steps[i] = made
+            holders[i] = dask_lineage.Durable(entries[i].state["step"] + 1, made)
     writes = []
-    for e, step in zip(entries, steps):
+    for e, step, holder in zip(entries, steps, holders):
         like = [e.p] + [e.state[n] for n in names]
-        e.p = _picked(step, 0, e.p, "p")
-        writes += [functools.partial(dict.__setitem__, e.state, n, _picked(step, i, like[i], n))
+        e.p = dask_lineage.carry(_picked(step, 0, e.p, "p"), holder)
+        writes += [functools.partial(dict.__setitem__, e.state, n,
+                                     dask_lineage.carry(_picked(step, i, like[i], n), holder))
                    for i, n in enumerate(names, 1)]
     return writes
 
