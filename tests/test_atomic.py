@@ -8,6 +8,7 @@ its writes there (its arrays and counts change only inside ``together``).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 
@@ -22,10 +23,12 @@ def _compiled_codes():
     """The code objects of the numba functions xopt calls: numba reports a call of one to a profiler as if it
     were Python (a frame it makes up), though no bytecode runs."""
     from numba.core.dispatcher import Dispatcher
-    from xopt.engines import cpu_memory, cpu_rules, fused_cpu
+    from xopt.engines import cpu_memory, cpu_rules, cpu_step, fused_cpu
 
-    return {_where(f.py_func.__code__) for m in (cpu_memory, cpu_rules, fused_cpu) for f in vars(m).values()
-            if isinstance(f, Dispatcher)}
+    codes = [f.py_func.__code__ for m in (cpu_memory, cpu_rules, cpu_step, fused_cpu) for f in vars(m).values()
+             if isinstance(f, Dispatcher)]
+    codes += [c for c in cpu_step._entries.__code__.co_consts if inspect.iscode(c)]  # each rule's entry points
+    return {_where(code) for code in codes}
 
 
 def _where(code):

@@ -202,6 +202,53 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
 
 
 @njit(cache=True)
+def _sort_spans(lo, hi):
+    """Sort the byte ranges [lo[i], hi[i]) by start, in place: a bottom-up merge sort (a few lines that numba
+    compiles in a fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation);
+    ranges already in order (arrays allocated one after another) cost one pass."""
+    m = lo.shape[0]
+    ordered = True
+    for i in range(1, m):
+        if lo[i] < lo[i - 1]:
+            ordered = False
+            break
+    if ordered:
+        return
+    a_lo, a_hi, b_lo, b_hi = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64)
+    for i in range(m):
+        a_lo[i], a_hi[i] = lo[i], hi[i]
+    width = 1
+    while width < m:
+        for left in range(0, m, 2 * width):
+            mid, right = min(left + width, m), min(left + 2 * width, m)
+            i, j = left, mid
+            for k in range(left, right):
+                if i < mid and (j >= right or a_lo[i] <= a_lo[j]):
+                    b_lo[k], b_hi[k] = a_lo[i], a_hi[i]
+                    i += 1
+                else:
+                    b_lo[k], b_hi[k] = a_lo[j], a_hi[j]
+                    j += 1
+        a_lo, b_lo, a_hi, b_hi = b_lo, a_lo, b_hi, a_hi
+        width *= 2
+    for i in range(m):  # element by element: a slice assignment brings numba's shape-error formatting (seconds)
+        lo[i], hi[i] = a_lo[i], a_hi[i]
+
+
+@njit(cache=True)
+def _count_below(starts, x):
+    """How many of the sorted ``starts`` are below ``x`` (``np.searchsorted(starts, x)``)."""
+    lo, hi = 0, starts.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if starts[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True)
 def check_step(off, head, part, ptrs, sizes):
     """0 if the arrays of a step are what a kernel may read and write, else 1 + the first row that is not
     (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.
@@ -261,14 +308,14 @@ def check_step(off, head, part, ptrs, sizes):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    order = np.argsort(spans_lo[:m])
-    starts, ends = spans_lo[:m][order], spans_hi[:m][order]
+    starts, ends = spans_lo[:m], spans_hi[:m]
+    _sort_spans(starts, ends)
     for i in range(1, m):
         if starts[i] < ends[i - 1]:
             return n + 1
     for t in range(n):  # a grad meets a param or a buffer if the last range starting below its end reaches it
         lo, hi = ptrs[t, 1], ptrs[t, 1] + sizes[t] * param_size
-        j = np.searchsorted(starts, hi)
+        j = _count_below(starts, hi)
         if j > 0 and ends[j - 1] > lo:
             return n + 1
     return 0

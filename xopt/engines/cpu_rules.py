@@ -11,7 +11,9 @@ or chunk by chunk from several (:func:`claim`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import errors
+from numba.extending import overload
 
 from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store, fetch_add, view as _view, yield_cpu
 
@@ -278,11 +280,35 @@ def _scaled(g, clip, scratch):
     return out
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+def _apply(rule, ptrs, t, a, b, p, g, s, bits):
+    """Rule number ``rule`` on elements a:b of tensor t (``p``, ``g`` their views).  Compiled code only, with
+    ``rule`` a compile-time constant (see :func:`_elements`): each rule's code is typed and compiled only
+    where a step of that rule runs."""
+    raise TypeError("xopt.engines.cpu_rules._apply runs in compiled code only")
+
+
+@overload(_apply, prefer_literal=True, inline="always")
+def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
+    if not isinstance(rule, types.IntegerLiteral):
+        raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see fused_cpu.compiled)")
+    f = RULES[rule.literal_value]
+    if rule.literal_value == ADAM_BF16:  # bfloat16 state: its slots viewed as uint16
+        def apply_bf16(rule, ptrs, t, a, b, p, g, s, bits):
+            f(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b), _view(ptrs[t, 4], bits, a, b), s)
+        return apply_bf16
+
+    def apply(rule, ptrs, t, a, b, p, g, s, bits):
+        f(p, g, _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b), s)
+    return apply
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
-    """Elements lo:hi of tensor t.  One function with a rule index rather than one closure per rule:
-    numba caches no closures.  With a clip scale, the rule gets the grads in blocks of ``CLIP_BLOCK``,
-    each times the scale in ``scratch`` (in L1): the caller's grads are only read."""
+    """Elements lo:hi of tensor t.  ``rule`` is a compile-time constant here: the drivers below are
+    called from one small compiled entry per rule (``fused_cpu.compiled``) that passes its own rule number,
+    so numba compiles each driver once per rule and dtype, with that rule's code alone, when a step of it
+    first runs (not every rule at a process's first step).  With a clip scale, the rule gets the grads in
+    blocks of ``CLIP_BLOCK``, each times the scale in ``scratch`` (in L1): the caller's grads are only read."""
     clip = s[s.shape[0] - 1]
     block = hi - lo if clip == 1.0 else CLIP_BLOCK
     for a in range(lo, hi, max(block, 1)):
@@ -290,34 +316,10 @@ def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
         p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
         if clip != 1.0:
             g = _scaled(g, clip, scratch)
-        if rule == ADAM_BF16:
-            _adam_bf16(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b),
-                       _view(ptrs[t, 4], bits, a, b), s)
-            continue
-        b0, b1, b2 = _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b)
-        if rule == 0:
-            _sgd(p, g, b0, b1, b2, s)
-        elif rule == 1:
-            _momentum(p, g, b0, b1, b2, s)
-        elif rule == 2:
-            _adagrad(p, g, b0, b1, b2, s)
-        elif rule == 3:
-            _rmsprop(p, g, b0, b1, b2, s)
-        elif rule == 4:
-            _adam(p, g, b0, b1, b2, s)
-        elif rule == 5:
-            _adadelta(p, g, b0, b1, b2, s)
-        elif rule == 6:
-            _adamax(p, g, b0, b1, b2, s)
-        elif rule == 7:
-            _nadam(p, g, b0, b1, b2, s)
-        elif rule == 8:
-            _radam(p, g, b0, b1, b2, s)
-        else:
-            _lion(p, g, b0, b1, b2, s)
+        _apply(rule, ptrs, t, a, b, p, g, s, bits)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def run_serial(rule, ptrs, sizes, scal, part, bits):
     """Every tensor of the step, whole, on the calling thread."""
     scratch = _scratch(scal[0])
@@ -325,7 +327,7 @@ def run_serial(rule, ptrs, sizes, scal, part, bits):
         _elements(rule, ptrs, t, 0, sizes[t], scal[part[t]] if part.shape[0] else scal[0], bits, scratch)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def claim(rule, ptrs, chunks, part, counters, scal, bits):
     """Take chunks (rows ``tensor, lo, hi``) one at a time (``counters[0]``: the next one) until none is
     left; ``counters[1]`` counts those done.  Every thread of a step runs this, so a thread the OS does

@@ -2,7 +2,7 @@
 
 A step hands :func:`step` the lists it gathered (params, grads, each param's state dict) and
 the scalars of each part of the step (one hyperparameter set at one step count).  One compiled
-call (:func:`_step`) reads every array's own struct, checks it
+call (:mod:`xopt.engines.cpu_step`) reads every array's own struct, checks it
 (:func:`xopt.engines.cpu_memory.check_step`: types, dtypes, shapes, flags, no shared memory) and
 only then runs the kernel (:mod:`xopt.engines.cpu_rules`) through the addresses it checked.
 Nothing is remembered from one call to the next: a step on new arrays, a new dict or a new
@@ -27,14 +27,14 @@ import threading
 import time
 
 import numpy as np
-from numba import njit
 
 from .. import _backend
 from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
-from .cpu_memory import HEAD, N_HEAD, OFFSETS, check_step
-from .cpu_rules import BF16_RULES, CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
+from .cpu_memory import N_HEAD, OFFSETS, check_step
+from .cpu_rules import BF16_RULES, CHUNK, all_finite, chunk_rows, claim_squares, squares, wait_done
+from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, compiled
 from .cpu_rules import sum_squares as _sum_squares
 from .kernels import lookup
 
@@ -56,18 +56,6 @@ _NO_PART = np.empty(0, dtype=np.int64)
 _NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 _SUM = np.add.reduce  # ndarray.sum without its Python wrapper: the same sum
-
-# _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
-LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
-NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
-# _step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
-CHECK_FINITE = 1
-ANSWER = HEAD.index("answer")
-
-
-class NotRun(Exception):
-    """:func:`_step` wrote nothing: its answer is in the head's ``ANSWER`` slot."""
-
 
 def supports(opt) -> bool:
     return lookup(opt) is not None
@@ -95,41 +83,13 @@ def chunk_table(sizes) -> np.ndarray:
     return chunk_rows(np.asarray(sizes, dtype=np.int64), CHUNK)
 
 
-@njit(cache=True)
-def _step(rule, off, head, scal, bits):
-    """Check the step's arrays (``check_step``); then, unless it is large or a grad is not finite, run it here.
-
-    ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
-    there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 having run the
-    step, or raises :class:`NotRun` having written nothing, its answer in ``head[ANSWER]``: 1 + a refused
-    row, ``LARGE`` (checked, not run: at least ``head[13]`` elements, which go to several
-    threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite).  Raising, not returning, lets a
-    step's commit follow this call in one C-level call (``xopt._atomic.together``).  One call for a whole
-    small step: in a training loop its code and data are cold, and every call more costs microseconds
-    (``benchmarks/cold_call.py``)."""
-    n = head[6]
-    part = head[N_HEAD + 3 * head[11]:]
-    ptrs = np.empty((n, 5), dtype=np.int64)
-    sizes = np.empty(n, dtype=np.int64)
-    answer = check_step(off, head, part, ptrs, sizes)
-    if answer == 0 and sizes.sum() >= head[13]:
-        answer = LARGE
-    if answer == 0 and head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
-        answer = NONFINITE
-    if answer != 0:
-        head[ANSWER] = answer
-        raise NotRun
-    run_serial(rule, ptrs, sizes, scal, part, bits)
-    return 0
-
-
 class Arrays:
     """One step's arrays, checked again by :func:`check_step` for a run from Python (several threads, or
     after the clip norm): the kernel's addresses and sizes."""
 
-    def __init__(self, rule, head, scal):
+    def __init__(self, entries, head, scal):
         n = int(head[6])
-        self.rule, self.scal, self.part = rule, scal, head[N_HEAD + 3 * int(head[11]):]
+        self.entries, self.scal, self.part = entries, scal, head[N_HEAD + 3 * int(head[11]):]
         self.ptrs = np.empty((n, 5), dtype=np.int64)
         self.sizes = np.empty(n, dtype=np.int64)
         self.chunks = None
@@ -168,12 +128,14 @@ class Arrays:
             self.scal[:, -1] = clip
         threads = self.threads = self._threads()
         if threads <= 1:
-            run_serial(self.rule, self.ptrs, self.sizes[:0], self.scal, self.part, _BITS)  # see _parallel
-            return [functools.partial(run_serial, self.rule, self.ptrs, self.sizes, self.scal, self.part, _BITS)]
+            serial = self.entries.serial
+            serial(self.ptrs, self.sizes[:0], self.scal, self.part, _BITS)  # see _parallel
+            return [functools.partial(serial, self.ptrs, self.sizes, self.scal, self.part, _BITS)]
         counters = np.zeros(2, dtype=np.int64)
-        claim(self.rule, self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal, _BITS)  # see _parallel
-        return self._parallel(threads, counters, functools.partial(claim, self.rule, self.ptrs, self._chunks(),
-                                                                   self.part, counters, self.scal, _BITS))
+        claimer = self.entries.claim
+        claimer(self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal, _BITS)  # see _parallel
+        return self._parallel(threads, counters, functools.partial(claimer, self.ptrs, self._chunks(), self.part,
+                                                                   counters, self.scal, _BITS))
 
     def _parallel(self, threads, counters, claimer) -> list:
         """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over
@@ -191,11 +153,12 @@ class Kind:
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
-    __slots__ = ("rule", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
+    __slots__ = ("rule", "entries", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
                  "scalars_struct")
 
     def __init__(self, kernel, rule, dtype, state_dtype):
         self.rule, self.order, self.slots, self.size = rule, kernel.order, kernel.slots, kernel.size
+        self.entries = compiled(rule)
         self.dtype, self.state_dtype = dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
         self.getters = [operator.itemgetter(name) for name in self.slots]
@@ -274,8 +237,8 @@ def new_state(view, kind, p):
 
 
 def _head(lists, n, kind, keeps, mode, part):
-    """:func:`_step`'s head for a step of several parts (see :data:`HEAD`): the lists' ids, the numbers, the
-    kept slots of each part, each tensor's part."""
+    """The compiled step's head (``cpu_step._step``) for a step of several parts (see ``cpu_memory.HEAD``):
+    the lists' ids, the numbers, the kept slots of each part, each tensor's part."""
     head = list(map(id, lists))  # id(None): no list
     head += [n, *kind.numbers, len(keeps), mode, _split_at(), 0]  # 0: the answer's slot
     for kept in keeps:
@@ -342,7 +305,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
     if clip is None:
         try:
-            together([functools.partial(_step, kind.rule, OFFSETS, head, scal, _BITS), *commit(None, False)])
+            together([functools.partial(kind.entries.step, OFFSETS, head, scal, _BITS), *commit(None, False)])
             return True
         except NotRun:
             answer = head[ANSWER]
@@ -351,7 +314,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if answer == NONFINITE:
             together(commit(None, True))
             return True
-    arrays = Arrays(kind.rule, head, scal)  # checked (again, for a large step): a large step, or a clipped one
+    arrays = Arrays(kind.entries, head, scal)  # checked (again, for a large step): a large step, or a clipped one
     if not arrays.good:
         if clip is not None:
             return None
@@ -417,7 +380,7 @@ def apply(opt, entries) -> list:
             lists += [None] * (6 - len(lists))
             scal = np.array([found.order(group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
-            arrays = Arrays(found.rule, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
+            arrays = Arrays(found.entries, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
             if not arrays.good:
                 raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
             writes += arrays.writes()

@@ -1,0 +1,77 @@
+"""What a process's first update costs: compiling (cold numba cache) or loading (warm) the CPU kernels.
+
+Each measurement is a fresh Python process that imports xopt and times, in CPU seconds
+(``time.process_time``), its import and then its first ``update`` of float32 params (a 1,000- and a
+10-element param) for one optimizer; "cold" runs with an empty ``NUMBA_CACHE_DIR``, "warm" with the
+cache the cold run left.  With ``--trees A B``, each checkout is measured in turn, interleaved, round after
+round (``PYTHONPATH`` set to the tree), so their ratio is from one run; medians over ``--rounds``.
+
+    python benchmarks/first_use.py [--trees . /tmp/old] [--optimizers Adam SGD] [--rounds 3] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+
+_CHILD = """
+import time, sys
+c0 = time.process_time()
+import numpy as np, xopt
+assert xopt.__file__.startswith(sys.argv[2]), xopt.__file__
+c1 = time.process_time()
+p = {"w": np.ones(1000, np.float32), "b": np.ones(10, np.float32)}
+g = {k: np.ones_like(v) for k, v in p.items()}
+getattr(xopt, sys.argv[1])().update(p, g)
+c2 = time.process_time()
+assert p["w"][0] != 1.0
+print(c1 - c0, c2 - c1)
+"""
+
+
+def _measure(tree, optimizer, cache_dir):
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tree).resolve()), NUMBA_CACHE_DIR=cache_dir)
+    out = subprocess.run([sys.executable, "-c", _CHILD, optimizer, env["PYTHONPATH"]], env=env, capture_output=True, text=True,
+                         check=True, cwd=cache_dir).stdout.split()  # cwd: not a tree ("-c" puts it first on the path)
+    return float(out[0]), float(out[1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", nargs="+", default=["."])
+    ap.add_argument("--optimizers", nargs="+", default=["Adam", "SGD"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    times = {}
+    for _ in range(args.rounds):
+        for optimizer in args.optimizers:
+            for tree in args.trees:
+                with tempfile.TemporaryDirectory(prefix="xopt-first-use-") as cache:
+                    cold = _measure(tree, optimizer, cache)
+                    warm = _measure(tree, optimizer, cache)
+                row = times.setdefault((tree, optimizer), {"import": [], "cold": [], "warm": []})
+                row["import"].append(warm[0])
+                row["cold"].append(cold[1])
+                row["warm"].append(warm[1])
+    rows = []
+    print(f"{'tree':30s} {'optimizer':10s} {'import s':>9s} {'first update cold s':>20s} {'warm s':>8s}")
+    for (tree, optimizer), row in times.items():
+        med = {k: statistics.median(v) for k, v in row.items()}
+        rows.append({"tree": tree, "optimizer": optimizer, **{f"{k}_cpu_s": v for k, v in med.items()},
+                     "runs": row})
+        print(f"{tree:30s} {optimizer:10s} {med['import']:9.2f} {med['cold']:20.2f} {med['warm']:8.3f}")
+    if args.out:
+        result = {"command": "python benchmarks/first_use.py " + " ".join(argv or sys.argv[1:]),
+                  "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "rows": rows}
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
