@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -80,7 +81,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     xopt.set_num_threads(args.threads)
-    report = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+    report = {"command": "python " + " ".join(sys.argv), "cpus": sorted(os.sched_getaffinity(0)), "torch": torch.__version__,
               "threads": {"torch": torch.get_num_threads(), "xopt": xopt.get_num_threads()},
               "float64 max |xopt.torch - torch.optim| after 5 Adam steps": check(), "sets": {}}
     sets = {name: mlp_shapes(widths) for name, widths in MLPS.items()}
