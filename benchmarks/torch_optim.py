@@ -81,7 +81,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     xopt.set_num_threads(args.threads)
-    report = {"command": "python " + " ".join(sys.argv), "cpus": sorted(os.sched_getaffinity(0)), "torch": torch.__version__,
+    report = {"command": "python " + " ".join(sys.argv), "cpus": sorted(os.sched_getaffinity(0)),
+              "torch": torch.__version__,
               "threads": {"torch": torch.get_num_threads(), "xopt": xopt.get_num_threads()},
               "float64 max |xopt.torch - torch.optim| after 5 Adam steps": check(), "sets": {}}
     sets = {name: mlp_shapes(widths) for name, widths in MLPS.items()}
@@ -106,7 +107,8 @@ def main(argv=None):
                     steps[k]()
                     times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-        report["sets"][name] = {"params": n_params, "tensors": len(shapes), "timed calls each": len(times["xopt.torch"]),
+        report["sets"][name] = {"params": n_params, "tensors": len(shapes),
+                                "timed calls each": len(times["xopt.torch"]),
                                 "median_us": med, "xopt.torch / torch fused": med["xopt.torch"] / med["torch fused"],
                                 "xopt.torch / torch foreach": med["xopt.torch"] / med["torch foreach"]}
         print(f"{name}: {n_params} params, {len(shapes)} tensors")

@@ -188,7 +188,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None):
 def _adam_traced(beta1, beta2, weight_decay, decoupled):
     def traced(count, lr):
         bc1, bc2 = _bias_correction(beta1, count), _bias_correction(beta2, count)
-        return {"step_size": lr / bc1, "sqrt_bc2": jnp.sqrt(bc2), "decay": 1.0 - lr * weight_decay if decoupled else 1.0}
+        decay = 1.0 - lr * weight_decay if decoupled else 1.0
+        return {"step_size": lr / bc1, "sqrt_bc2": jnp.sqrt(bc2), "decay": decay}
 
     return traced
 

@@ -621,8 +621,8 @@ class Muon(_Front):
     def _torch_state(self, st, p, group):
         out = super()._torch_state(st, p, group)
         if "v" in st:  # an AdamW param: its step count and m under AdamW's names
-            out = {"step": torch.tensor(float(st["step"]), dtype=_scalar_dtype()), "exp_avg": out.pop("momentum_buffer"),
-                   **out}
+            step = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+            out = {"step": step, "exp_avg": out.pop("momentum_buffer"), **out}
         return out
 
     def _xopt_state(self, key, st, p, hyper):
