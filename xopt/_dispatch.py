@@ -155,6 +155,8 @@ def _select(opt, entries):
         eight, entries = _partition(entries, lambda e: type(e.p) is np.ndarray and is_8bit(opt, e.p.size))
         if eight:
             paths.append(_blockwise(opt, eight))
+        if not entries:
+            return paths
     dask_engine = _fused_dask()
     if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
         chunked, entries = _partition(entries, lambda e: dask_engine.accepts(opt, e))
