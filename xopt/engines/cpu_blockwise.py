@@ -42,16 +42,23 @@ def supports(opt) -> bool:
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _store(x, k, codes, lo, absmax, b, table, mid, y):
     """Block b's new values ``x[:k]`` (float32) as its absmax and codes (see blockwise.quantize)."""
-    top = np.float32(0.0)
+    # The largest |x| as the largest of the bits with the sign cleared: for floats >= 0 the integers order
+    # alike, and any NaN's bits are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet
+    # one arithmetic makes).  An integer maximum vectorizes; a float one with NaN kept does not.
+    xbits = x.view(np.uint32)
+    top_bits = np.uint32(0)
     for j in range(k):
-        a = abs(x[j])
-        if a > top or a != a:  # NaN sticks, as xp.max's does
-            top = a
+        top_bits = max(top_bits, xbits[j] & np.uint32(0x7FFFFFFF))
+    if top_bits > np.uint32(0x7F800000):
+        top_bits = np.uint32(0x7FC00000)
+    ybits = y.view(np.uint32)
+    ybits[0] = top_bits
+    top = y[0]
     absmax[b] = top
     inverse = np.float32(1.0) / (top if top != 0.0 else np.float32(1.0))
     for j in range(k):
         y[j] = x[j] * inverse
-    bits = y.view(np.uint32)
+    bits = ybits
     for j in range(k):
         c = table[bits[j] >> 16]
         if mid[c] < y[j]:
