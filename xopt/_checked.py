@@ -131,7 +131,7 @@ def _check_state(opt, e):
     st = opt.state.get(e.key)
     if st is None:
         return
-    if dtype == np.uint8:  # 8-bit state: the codes are checked below as any buffer, their absmax here
+    if dtype is _CODES:  # 8-bit state: the codes are checked below as any buffer, their absmax here
         _state_8bit().check_state(opt, e, st)
     for name in (e.opt or opt).buffers():
         buf = st.get(name)
@@ -151,7 +151,7 @@ def _check_state(opt, e):
 
 def state_for(opt, e):
     xp, dtype, view = e.xp, opt.buffer_dtype(e), e.opt or opt
-    if dtype == np.uint8:
+    if dtype is _CODES:
         return _state_8bit().state_for(opt, e)
     st = opt.state.setdefault(e.key, {"step": 0})
     for name in view.buffers():
@@ -166,6 +166,9 @@ def state_for(opt, e):
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
     return st
+
+
+_CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared by identity: any library's dtype)
 
 
 def _state_8bit():
