@@ -23,7 +23,8 @@ from .. import _backend
 from .._threads import get_num_threads, pool
 from .blockwise import SIGNED, SUFFIX, UNSIGNED, bucket_table, map_of, midpoints, n_blocks
 from .cpu_memory import fetch_add
-from .cpu_rules import CHUNK, _adam_element, wait_done
+from .cpu_drivers import CHUNK, wait_done
+from .cpu_rules import _adam_element
 from .fused_cpu import PARALLEL_MIN
 from .kernels import lookup
 
@@ -132,6 +133,8 @@ def apply(opt, entries) -> list:
     for e in entries:
         view = e.opt if e.opt is not None else opt
         p = e.p
+        if p.size == 0:  # nothing to update (and no block to split)
+            continue
         work = np.dtype(_backend.compute_dtype(np, p.dtype))
         flat_p, copied = _flat(p, work)
         g = np.asarray(e.g)
