@@ -226,3 +226,18 @@ def test_an_override_that_keeps_other_buffers(name, base, override, torch_overri
     for k, t in tensors.items():
         np.testing.assert_allclose(params[k], t.numpy(), rtol=1e-12, atol=1e-14, err_msg=k)
     assert set(opt.state["b1"]) > set(opt.state["W"])
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_a_refused_first_step_leaves_the_patterns_unchecked(impl):
+    """The patterns are checked until a step is taken: a first call refused after the check (a grad that is its
+    param) proves nothing about the next call's params."""
+    opt = xopt.Adam(impl=impl, overrides={"a": {"lr": 0.1}})
+    a = np.ones(3)
+    with pytest.raises(ValueError, match="share memory|overlap"):
+        opt.update({"a": a, "b": np.ones(2)}, {"a": a, "b": np.ones(2)})
+    with pytest.raises(ValueError, match="overrides pattern 'a' matches no param"):
+        opt.update({"b": np.ones(2)}, {"b": np.ones(2)})
+    opt.update({"a": np.ones(3)}, {"a": np.ones(3)})  # taken: checked, and not again
+    opt.update({"b": np.ones(2)}, {"b": np.ones(2)})
+    assert opt.state["b"]["step"] == 1

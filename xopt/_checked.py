@@ -44,11 +44,12 @@ def step(opt, params, grads):
     if opt.clip_grad_norm is not None:
         norm = _clip.global_norm([e.g for e in entries])
         if opt.skip_nonfinite and not _clip.is_finite(norm):
-            together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", opt.skipped_steps + 1)])
+            together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", opt.skipped_steps + 1),
+                      partial(own, "_patterns_checked", True)])
             return
         scale = _clip.scale(norm, opt.clip_grad_norm)
     elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
-        own("skipped_steps", opt.skipped_steps + 1)
+        together([partial(own, "skipped_steps", opt.skipped_steps + 1), partial(own, "_patterns_checked", True)])
         return
     paths = _dispatch.select(opt, entries)  # raises before any write if impl can't be honoured
     if scale is not None:
@@ -88,6 +89,8 @@ def _commit(opt, params, entries, norm) -> list:
                           map(CALL, map(partial, [e.unbox for e in unboxed], [e.p for e in unboxed]))))
     calls += [partial(operator.setitem, params, e.key, e.p) for e in entries if e.rebind and e.unbox is None]
     calls.append(partial(own, "iter", opt.iter + 1))
+    if not opt._patterns_checked:  # checked by this step: not again (a step not taken leaves it to the next)
+        calls.append(partial(own, "_patterns_checked", True))
     if norm is not None:  # set with the step: a call that raises leaves the last one's
         calls.append(partial(own, "last_grad_norm", norm))
     return calls

@@ -34,6 +34,8 @@ _NUMBERS = (float, int, np.floating)
 
 def take(opt, params, grads) -> bool:
     """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
+    if opt._overrides and not opt._patterns_checked:  # the checked path checks the patterns first
+        return False
     container = type(params)
     if container is dict:
         if type(grads) is not dict or len(grads) != len(params):
@@ -93,8 +95,6 @@ def _new_states(opt, engine, kind, keys, ps, states, made) -> bool:
     """The state of each param that has none (its first step), made by the engine into ``opt.state`` and
     ``states``, its key appended to ``made``; False where the lane leaves the first step to the checked path
     (the caller then forgets what ``made`` holds)."""
-    if opt._overrides and not opt._patterns_checked:  # the checked path checks the patterns first
-        return False
     views = {}
     for i, st in enumerate(states):
         if st is None:

@@ -224,7 +224,8 @@ class Optimizer:
         return group
 
     def _check_patterns(self, params):
-        """At the first update: every override pattern must match some param."""
+        """Until a step is taken: every override pattern must match some param.  (The step's commit sets
+        ``_patterns_checked``: a step refused or interrupted before it leaves it unset.)"""
         if self._patterns_checked or not self._overrides:
             return
         keys = param_keys(params)
@@ -233,7 +234,6 @@ class Optimizer:
                 names = ", ".join(map(describe, keys[:10])) + (", ..." if len(keys) > 10 else "")
                 raise ValueError(f"overrides pattern {pattern!r} matches no param (the params are {names}); "
                                  "a str pattern is an fnmatch glob over dict keys, an int a list index")
-        self._patterns_checked = True
 
     def __getattr__(self, name):
         # The seed's attributes: Adam.m, Adam.v, AdaGrad.h, ... as {key: buffer}, None before the first step.

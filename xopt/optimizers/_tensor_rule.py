@@ -56,11 +56,12 @@ class TensorRule(Optimizer):
         if self.clip_grad_norm is not None:
             norm = _clip.global_norm([e.g for e in entries])
             if self.skip_nonfinite and not _clip.is_finite(norm):
-                together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", self.skipped_steps + 1)])
+                together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", self.skipped_steps + 1),
+                          partial(own, "_patterns_checked", True)])
                 return
             scale = _clip.scale(norm, self.clip_grad_norm)
         elif self.skip_nonfinite and not all(_all_finite(e) for e in entries):
-            own("skipped_steps", self.skipped_steps + 1)
+            together([partial(own, "skipped_steps", self.skipped_steps + 1), partial(own, "_patterns_checked", True)])
             return
         for e in entries:
             e.clip = scale
