@@ -38,7 +38,7 @@ from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim_squares, squares, 
 from .cpu_rules import BF16_RULES
 from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, compiled
 from .cpu_drivers import sum_squares as _sum_squares
-from .kernels import lookup
+from .kernels import KeptSlots, lookup
 
 __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
            "device_of", "compile_all", "NotRun"]
@@ -151,7 +151,7 @@ class Arrays:
             claimer, functools.partial(wait_done, counters, len(self._chunks()))]
 
 
-class Kind:
+class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
@@ -167,17 +167,6 @@ class Kind:
         self._keeps = {}
         self.layouts = {}  # (buffers, mode, split_at) -> Layout of a one-part step
         self.scalars_struct = struct.Struct(f"{self.size + 1}{dtype.char}")  # the scalars, then the clip scale
-
-    def keeps(self, buffers) -> list:
-        """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
-        try:
-            found = self._keeps.get(buffers)
-        except TypeError:  # a subclass's buffers() gave a list
-            buffers = tuple(buffers)
-            found = self._keeps.get(buffers)
-        if found is None:
-            found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
-        return found
 
     def layout(self, buffers, mode, split_at):
         """The :class:`Layout` of a one-part step whose hyperparameter set keeps ``buffers``."""

@@ -41,7 +41,7 @@ from .. import _backend, _numba
 from .._atomic import together
 from .cuda_device import (ALIGN, CHUNK, N_SCALARS, N_SLOTS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes,
                           _sections, _table, block_table, build, kernel_name, norm_name)
-from .kernels import RULES, lookup
+from .kernels import RULES, KeptSlots, lookup
 
 if _numba.usable():
     from . import cuda_memory
@@ -183,7 +183,7 @@ def _gather_python(array_type, lists, keeps, part, dtype, state_dtype, scalar_by
 
 
 # -- the exact-type lane ------------------------------------------------------------------------------
-class Kind:
+class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule, the order of its scalars, its state
     slots, the params' dtype and the math (and state) dtype; and, for a one-part step, the constant numbers of
     the compiled reader's head after n (``tail``, less the kept-slot flags) and how its scalars' row is packed."""
@@ -196,17 +196,6 @@ class Kind:
         self.tail = (id(dtype), id(math), dtype.itemsize, math.itemsize, 1, _scalar_bytes(1, math), CHUNK)
         self.row = struct.Struct(f"{N_SCALARS}{math.char}")
         self._keeps = {}
-
-    def keeps(self, buffers) -> list:
-        """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
-        try:
-            found = self._keeps.get(buffers)
-        except TypeError:  # a subclass's buffers() gave a list
-            buffers = tuple(buffers)
-            found = self._keeps.get(buffers)
-        if found is None:
-            found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
-        return found
 
 
 _HEAD_ONE_PART = struct.Struct("17q")  # a one-part step's head: six list ids, n, the tail, three flags

@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["RULES", "Kernel", "cut", "kernel_of", "lookup"]
+__all__ = ["RULES", "Kernel", "KeptSlots", "cut", "kernel_of", "lookup"]
 
 RULES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 2, "rmsprop": 3, "adam": 4, "adadelta": 5, "adamax": 6,
          "nadam": 7, "radam": 8, "lion": 9, "schedule_free": 10}  # the engines' element rules, numbered as their sources number them
@@ -42,6 +42,24 @@ class Kernel:
 
     def __repr__(self):
         return f"Kernel({self.name!r}, rule {self.rule}, slots {self.slots})"
+
+
+class KeptSlots:
+    """An engine's kind of step: which of its three state slots a hyperparameter set's buffers fill, by the
+    set's ``buffers()`` (memoised in ``self._keeps``; ``self.slots`` the kernel's slot names)."""
+
+    __slots__ = ()
+
+    def keeps(self, buffers) -> list:
+        """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
+        try:
+            found = self._keeps.get(buffers)
+        except TypeError:  # a subclass's buffers() gave a list
+            buffers = tuple(buffers)
+            found = self._keeps.get(buffers)
+        if found is None:
+            found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
+        return found
 
 
 def cut(sizes, chunk):
