@@ -47,8 +47,8 @@ def test_fused_matches_reference(config, shape, dtype, rng):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fused_matches_reference_on_many_tensors_of_mixed_dtypes_and_steps(config, rng):
-    """One call over many tensors: every one right, whatever its size, dtype or step count."""
-    sizes = rng.integers(0, 3 * fused_cpu.CHUNK, 40)
+    """One call over many tensors: every one right, whatever its size (0 to 3 chunks), dtype or step count."""
+    sizes = rng.integers(0, 3 * fused_cpu.CHUNK, 15)
     dtypes = [DTYPES[i % 3] for i in range(len(sizes))]
     p0 = {f"t{i}": rng.standard_normal(n).astype(d) for i, (n, d) in enumerate(zip(sizes, dtypes))}
     ref, fused = _pair(config)
