@@ -85,7 +85,7 @@ static int run_typed(int ptype, int n_blocks, int threads, const unsigned long l
     return 1;
 }
 
-// rule: 0-9 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
+// rule: 0-10 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
 // Returns 0, 1 for no such kernel, 2 if a 16-byte access was not 16-byte aligned.
 extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
                                 const long long* sizes, const int* blocks, int n_tensors, const void* clip,
@@ -96,7 +96,7 @@ extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, 
     switch (rule) {
 #define XOPT_CASE(r) case r: rc = run_typed<r>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); break;
         XOPT_CASE(0) XOPT_CASE(1) XOPT_CASE(2) XOPT_CASE(3) XOPT_CASE(4)
-        XOPT_CASE(5) XOPT_CASE(6) XOPT_CASE(7) XOPT_CASE(8) XOPT_CASE(9)
+        XOPT_CASE(5) XOPT_CASE(6) XOPT_CASE(7) XOPT_CASE(8) XOPT_CASE(9) XOPT_CASE(10)
 #undef XOPT_CASE
     }
     return rc == 0 && xopt_host_misaligned ? 2 : rc;

@@ -26,6 +26,7 @@ CONFIGS = {
     "RAdam-decoupled-wd": dict(beta2=0.99, weight_decay=0.01, decoupled_weight_decay=True),
     "Lion": dict(),
     "Lion-wd": dict(lr=0.01, weight_decay=0.1),
+    "ScheduleFreeAdamW-wd": dict(lr=0.01, weight_decay=0.01, warmup_steps=2, r=0.5),
 }
 
 

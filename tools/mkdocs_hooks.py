@@ -37,11 +37,13 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def _public_names():
-    """xopt.__all__ and xopt.schedules.__all__, read from the sources (as mkdocstrings reads them)."""
+    """The ``__all__`` of xopt, xopt.schedules, xopt.torch and xopt.optax, read from the sources (as mkdocstrings
+    reads them)."""
     import ast
 
     names = []
-    for module, prefix in (("xopt/__init__.py", "xopt."), ("xopt/schedules.py", "xopt.schedules.")):
+    for module, prefix in (("xopt/__init__.py", "xopt."), ("xopt/schedules.py", "xopt.schedules."),
+                           ("xopt/torch.py", "xopt.torch."), ("xopt/optax.py", "xopt.optax.")):
         tree = ast.parse((perf_docs.ROOT / module).read_text())
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):

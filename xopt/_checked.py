@@ -131,6 +131,8 @@ def _check_state(opt, e):
     st = opt.state.get(e.key)
     if st is None:
         return
+    if dtype is _CODES:  # 8-bit state: the codes are checked below as any buffer, their absmax here
+        _state_8bit().check_state(opt, e, st)
     for name in (e.opt or opt).buffers():
         buf = st.get(name)
         if buf is None:
@@ -148,8 +150,10 @@ def _check_state(opt, e):
                             f"optimizer state {name!r} is {have}")
 
 def state_for(opt, e):
-    st = opt.state.setdefault(e.key, {"step": 0})
     xp, dtype, view = e.xp, opt.buffer_dtype(e), e.opt or opt
+    if dtype is _CODES:
+        return _state_8bit().state_for(opt, e)
+    st = opt.state.setdefault(e.key, {"step": 0})
     for name in view.buffers():
         buf = st.get(name)
         if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
@@ -162,6 +166,15 @@ def state_for(opt, e):
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
     return st
+
+
+_CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared by identity: any library's dtype)
+
+
+def _state_8bit():
+    from . import state_8bit
+
+    return state_8bit
 
 
 def _copy(x):

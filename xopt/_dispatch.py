@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _backend, _numba
 from ._inputs import describe
+from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
 __all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind"]
@@ -150,6 +151,12 @@ def select(opt, entries):
 
 def _select(opt, entries):
     paths = []
+    if opt._hyper.get("state_dtype") == "8bit":  # params whose state is 8-bit codes: their own rule
+        eight, entries = _partition(entries, lambda e: type(e.p) is np.ndarray and is_8bit(opt, e.p.size))
+        if eight:
+            paths.append(_blockwise(opt, eight))
+        if not entries:
+            return paths
     dask_engine = _fused_dask()
     if dask_engine is not None:  # whatever impl: each chunk gets it, on its worker
         chunked, entries = _partition(entries, lambda e: dask_engine.accepts(opt, e))
@@ -177,6 +184,20 @@ def _select(opt, entries):
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
+def _blockwise(opt, entries):
+    """The path of params with 8-bit state: the fused CPU kernel where it has the rule, else the reference."""
+    if opt.impl != "reference" and _numba.usable():
+        from .engines import cpu_blockwise
+
+        if cpu_blockwise.supports(opt):
+            return cpu_blockwise.apply, entries
+    if opt.impl == "fused":
+        raise TypeError(f"impl='fused': no fused kernel computes the 8-bit state of {opt!r} (param "
+                        f"{describe(entries[0].key)}){'' if _numba.usable() else ' (' + _numba.why_not() + ')'}; "
+                        "use impl='auto' or impl='reference'")
+    return blockwise_reference, entries
+
+
 def hand_over(paths, factor):
     """Give each path's entries the clip scale (``Entry.clip``): every engine scales a grad as it reads it."""
     if factor is None:
@@ -196,6 +217,8 @@ def lane_kind(opt, p):
         if found is not False:
             return found
         engine = lane_engine(opt, np.ndarray)
+        if opt._hyper.get("state_dtype") == "8bit":  # the checked path sorts 8-bit params from float ones
+            engine = None
         kind = None if engine is None else engine.kind(opt, p.dtype)
         found = None if kind is None else (engine, kind)
         if engine is not None and engine is _fused_cpu():  # the CPU engine's answer is for good (the CUDA one

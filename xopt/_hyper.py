@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of", "optional_positive",
+__all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of", "positive_int", "non_negative_int", "optional_positive",
            "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides", "publish"]
 
 SCHEDULABLE = ("lr",)  # may be a schedule: a callable f(count) -> value
-GLOBAL = ("skip_nonfinite", "clip_grad_norm", "state_dtype")  # one value for the whole step: no override
+GLOBAL = ("skip_nonfinite", "clip_grad_norm", "state_dtype", "block_size", "min_8bit_size")  # one value for the whole step: no override
 
 
 def _real(name, value) -> float:
@@ -61,6 +61,18 @@ def optional_positive(name, value):
     value = _real(name, value)
     if value <= 0.0:
         raise ValueError(f"{name} must be None or > 0, got {value!r}")
+    return value
+
+
+def positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
 
 

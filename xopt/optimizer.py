@@ -263,6 +263,10 @@ class Optimizer:
         low = self._hyper.get("state_dtype")
         if low is None:
             return _backend.compute_dtype(e.xp, e.p.dtype)
+        if low == "8bit":
+            from .state_8bit import buffer_dtype
+
+            return buffer_dtype(self, e)
         dtype = _backend.low_precision_dtype(e.xp, low)
         if dtype is None:
             raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy arrays only, "
@@ -335,6 +339,9 @@ _COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip
 
 
 def _unexpected(kind, name) -> str:
+    if name in ("state_dtype", "block_size", "min_8bit_size"):
+        return (f"{kind}() got an unexpected keyword argument {name!r}: {kind} keeps its state in its params' "
+                "dtype; lower-precision state (state_dtype='bfloat16' or '8bit') is for Adam and AdamW")
     if name == "betas":
         return (f"{kind}() got an unexpected keyword argument 'betas': xopt names them as the paper and the "
                 "seed do, beta1=0.9, beta2=0.999 (torch's betas=(0.9, 0.999))")

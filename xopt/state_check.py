@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import array_api_compat
 import numpy as np
 
-from . import _backend
+from . import _backend, state_8bit
 from ._hyper import Hyper
 from ._inputs import describe
 from .schedules import Schedule
@@ -27,6 +27,7 @@ from .schedules import Schedule
 __all__ = ["checked_state", "SavedCustomSchedule"]
 
 _INT64_MAX = 2**63 - 1
+_STORAGE = ("state_dtype", "block_size", "min_8bit_size")  # how the state is stored, not what the rule computes
 
 
 def _short(value) -> str:
@@ -155,6 +156,13 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
                         f"{type(state_dict['hyperparameters']).__name__}")
     hyper = dict(state_dict["hyperparameters"])
     hyper.setdefault("clip_grad_norm", opt.clip_grad_norm)  # saved before it existed: the optimizer's own
+    for name in _STORAGE[1:]:  # saved before 8-bit state existed (its state is not 8-bit): the optimizer's own
+        if name in opt._hyper:
+            hyper.setdefault(name, opt._hyper[name])
+    saved_block = hyper.get("block_size")
+    if "8bit" in (hyper.get("state_dtype"), opt._hyper.get("state_dtype")):
+        # 8-bit state on either side: the optimizer keeps its own storage and the state converts to it
+        hyper.update({name: opt._hyper[name] for name in _STORAGE if name in opt._hyper})
     expected = set(opt._hyper)
     if set(hyper) != expected:
         raise ValueError(f"state_dict hyperparameters do not fit {kind}: missing "
@@ -177,7 +185,15 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     checks = _EntryChecks(kind, trial, always, possible, arrays, copy)
     quick, slow = checks.quick, checks.slow
     state = {}
-    for key, st in state_dict["state"].items():
+    saved = state_8bit.convert(trial, state_dict["state"], arrays, saved_block)
+    for key, st in saved.items():
+        if isinstance(st, Mapping) and state_8bit.holds_8bit(st):
+            if arrays is not None and key not in arrays:
+                raise KeyError(f"state_dict has state for param {describe(key)}, which is not among the params")
+            step = _count(f"the step of param {describe(key)}", st.get("step"))
+            state[key] = state_8bit.checked_entry(kind, key, st, step, always, possible,
+                                                  None if arrays is None else arrays[key])
+            continue
         entry = quick(key, st)
         state[key] = slow(key, st) if entry is None else entry
     counters = (_count("state_dict['iter']", state_dict["iter"]),

@@ -11,7 +11,7 @@ __all__ = ["bytes_per_element", "copy_bandwidth_cpu", "copy_bandwidth_gpu", "cac
 
 # State buffers each optimizer reads and writes per element, with default hyperparameters.
 STATE_BUFFERS = {"SGD": 0, "Momentum": 1, "Nesterov": 1, "AdaGrad": 1, "RMSprop": 1, "Adam": 2, "AdamW": 2,
-                 "AdaDelta": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Lion": 1}
+                 "AdaDelta": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Lion": 1, "ScheduleFreeAdamW": 2}
 
 
 def bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> int:

@@ -255,8 +255,28 @@ def _lion(p, g, m, _1, _2, s):
         _lion_loop(p, g, m, s, False)
 
 
-# The kernel's ``rule`` indexes this: 0-9 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
-RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _adam_bf16)
+
+# 10 Schedule-Free AdamW: first, beta2, one_minus_beta2, bias_correction2, eps, weight_decay, ckp1,
+# one_minus_ckp1, from_z (lerp from z's end: ckp1 >= 1/2, as torch's lerp), lr, y_step
+@njit(cache=True, error_model="numpy")
+def _schedule_free(p, g, z, v, _2, s):
+    first, beta2, one_minus_beta2, bias_correction2, eps, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
+    ckp1, one_minus_ckp1, from_z, lr, y_step = s[6], s[7], s[8], s[9], s[10]
+    for i in range(p.shape[0]):
+        pi, gi = p[i], g[i]
+        zi = pi if first != 0.0 else z[i]  # z starts as the param
+        vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+        u = gi / (np.sqrt(vi / bias_correction2) + eps)
+        if weight_decay != 0.0:
+            u = u + weight_decay * pi
+        y = zi - (zi - pi) * one_minus_ckp1 if from_z != 0.0 else pi + ckp1 * (zi - pi)
+        p[i] = y + y_step * u
+        z[i] = zi - lr * u
+        v[i] = vi
+
+# The kernel's ``rule`` indexes this: 0-10 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
+RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _schedule_free,
+         _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import struct
 
 import numpy as np
 
@@ -184,16 +185,34 @@ def _gather_python(array_type, lists, keeps, part, dtype, state_dtype, scalar_by
 # -- the exact-type lane ------------------------------------------------------------------------------
 class Kind:
     """What a step of one optimizer class on one param dtype runs: its rule, the order of its scalars, its state
-    slots, the params' dtype and the math (and state) dtype."""
+    slots, the params' dtype and the math (and state) dtype; and, for a one-part step, the constant numbers of
+    the compiled reader's head after n (``tail``, less the kept-slot flags) and how its scalars' row is packed."""
 
-    __slots__ = ("rule", "order", "slots", "dtype", "math")
+    __slots__ = ("rule", "order", "slots", "dtype", "math", "getters", "tail", "row", "_keeps")
 
     def __init__(self, rule, order, slots, dtype, math):
         self.rule, self.order, self.slots, self.dtype, self.math = rule, order, slots, dtype, math
+        self.getters = [operator.itemgetter(name) for name in slots]
+        self.tail = (id(dtype), id(math), dtype.itemsize, math.itemsize, 1, _scalar_bytes(1, math), CHUNK)
+        self.row = struct.Struct(f"{N_SCALARS}{math.char}")
+        self._keeps = {}
+
+    def keeps(self, buffers) -> list:
+        """[0 or 1 for each of the three slots]: which the buffers named ``buffers`` fill."""
+        try:
+            found = self._keeps.get(buffers)
+        except TypeError:  # a subclass's buffers() gave a list
+            buffers = tuple(buffers)
+            found = self._keeps.get(buffers)
+        if found is None:
+            found = self._keeps[buffers] = [int(name in buffers) for name in self.slots] + [0] * (3 - len(self.slots))
+        return found
 
 
+_HEAD_ONE_PART = struct.Struct("17q")  # a one-part step's head: six list ids, n, the tail, three flags
 _KINDS = {}  # (optimizer class, param dtype, state_dtype) -> its Kind, or None: no kernel
 _NO_PART = np.empty(0, dtype=np.int64)
+_ZEROS = (0.0,) * N_SCALARS  # a row's unused scalars
 
 
 def kind(opt, dtype):
@@ -237,33 +256,37 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     array_type = type(ps[0])
     slots = kind.slots
     lists = [ps, gs, None, None, None, steps]  # step counts: their types checked with the arrays, values by the caller
-    if len(views) == 1:
-        kept = views[0].buffers()
-        flags = [int(name in kept) for name in slots] + [0] * (3 - len(slots))
+    n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
+    if n_parts == 1:
+        flags = kind.keeps(views[0].buffers())
         try:
-            for j, name in enumerate(slots):
+            for j, get in enumerate(kind.getters):
                 if flags[j]:
-                    lists[2 + j] = list(map(operator.itemgetter(name), states))
+                    lists[2 + j] = list(map(get, states))
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
     else:
-        keeps = [[int(name in view.buffers()) for name in slots] + [0] * (3 - len(slots)) for view in views]
+        keeps = [kind.keeps(view.buffers()) for view in views]
         for j, name in enumerate(slots):
             if all(k[j] for k in keeps):
                 try:
-                    lists[2 + j] = list(map(operator.itemgetter(name), states))
+                    lists[2 + j] = list(map(kind.getters[j], states))
                 except KeyError:
                     return None
             elif any(k[j] for k in keeps):
                 lists[2 + j] = [st.get(name) for st in states]
         flags = [flag for k in keeps for flag in k]
-    n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
     scalar_bytes = _scalar_bytes(n_parts, math_dtype)
     off = None if cuda_memory is None else cuda_memory.layout(array_type)
     if off is not None:
-        head = np.array([id(x) if x is not None else 0 for x in lists]
-                        + [n, id(dtype), id(math_dtype), dtype.itemsize, math_dtype.itemsize, n_parts, scalar_bytes,
-                           CHUNK, *flags], dtype=np.int64)
+        if n_parts == 1:
+            head = np.empty(17, dtype=np.int64)
+            _HEAD_ONE_PART.pack_into(head, 0, *[id(x) if x is not None else 0 for x in lists], n, *kind.tail,
+                                     *flags)
+        else:
+            head = np.array([id(x) if x is not None else 0 for x in lists]
+                            + [n, id(dtype), id(math_dtype), dtype.itemsize, math_dtype.itemsize, n_parts,
+                               scalar_bytes, CHUNK, *flags], dtype=np.int64)
         answer, device_id, n_blocks, table = cuda_memory.gather(off, head, _NO_PART if part is None
                                                                 else np.array(part, dtype=np.int64))
     else:
@@ -288,9 +311,12 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         together(commit(None, False))
         return True
     _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
-    rows = table[o_scalars:o_scalars + n_parts * N_SCALARS * math_dtype.itemsize].view(math_dtype)  # zeroed
-    rows.shape = (n_parts, N_SCALARS)
-    rows[:, :len(values[0])] = values  # every part's row as long: one kind
+    if n_parts == 1:
+        kind.row.pack_into(table, o_scalars, *values[0], *_ZEROS[len(values[0]):])
+    else:
+        rows = table[o_scalars:o_scalars + n_parts * N_SCALARS * math_dtype.itemsize].view(math_dtype)  # zeroed
+        rows.shape = (n_parts, N_SCALARS)
+        rows[:, :len(values[0])] = values  # every part's row as long: one kind
     norm = None
     with device.on(device_id):
         dev = device.upload(table)

@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["RULES", "Kernel", "cut", "kernel_of", "lookup"]
 
 RULES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 2, "rmsprop": 3, "adam": 4, "adadelta": 5, "adamax": 6,
-         "nadam": 7, "radam": 8, "lion": 9}  # the engines' element rules, numbered as their sources number them
+         "nadam": 7, "radam": 8, "lion": 9, "schedule_free": 10}  # the engines' element rules, numbered as their sources number them
 
 
 class Kernel:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
+from .._hyper import Hyper, flag, non_negative, non_negative_int, one_of, positive_int, unit_interval
+from ..engines.blockwise import BLOCK_SIZE, MIN_8BIT_SIZE
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 
@@ -62,9 +63,15 @@ class Adam(Optimizer):
         amsgrad: use the running maximum of v (Reddi et al. 2018).
         weight_decay: λ, L2 penalty added to the gradient.
         eps_hat: where ε sits, see above.
-        state_dtype: None (m and v in the compute dtype) or ``"bfloat16"``: m and v stored in
+        state_dtype: None (m and v in the compute dtype), ``"bfloat16"``: m and v stored in
             bfloat16 and computed in float32, which cuts float32 Adam from 28 to 20 bytes per
-            element per step (NumPy arrays; the math is unchanged, the state is rounded).
+            element per step (NumPy arrays; the math is unchanged, the state is rounded); or
+            ``"8bit"``: each of m, v (and v_max) of a param of at least ``min_8bit_size``
+            elements kept as uint8 codes plus a float32 absmax per block of ``block_size``
+            elements, bitsandbytes' blockwise 8-bit state (see :mod:`xopt.engines.blockwise`):
+            about 2.03 bytes of state per element instead of 8, 16 bytes per element per step.
+        block_size, min_8bit_size: with ``state_dtype="8bit"``: elements per absmax (256) and the
+            smallest param whose state is 8-bit (4096; smaller ones keep float32 state).
     """
 
     # Adam, NAdam and RAdam: one_minus_beta1, beta2, one_minus_beta2 first and l2, decay at 6 and 7, where the
@@ -78,13 +85,17 @@ class Adam(Optimizer):
     amsgrad = Hyper(flag)
     weight_decay = Hyper(non_negative)
     eps_hat = Hyper(flag)
-    state_dtype = Hyper(one_of(None, "bfloat16"))
+    state_dtype = Hyper(one_of(None, "bfloat16", "8bit"))
+    block_size = Hyper(positive_int)
+    min_8bit_size = Hyper(non_negative_int)
     decoupled_weight_decay = False
+    nonnegative_buffers = ("v", "v_max")  # 8-bit state: these take the unsigned map
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-7, amsgrad=False, weight_decay=0.0,
-                 eps_hat=True, state_dtype=None, **options):
+                 eps_hat=True, state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
-                         eps_hat=eps_hat, state_dtype=state_dtype, **options)
+                         eps_hat=eps_hat, state_dtype=state_dtype, block_size=block_size,
+                         min_8bit_size=min_8bit_size, **options)
 
     def buffers(self):
         return ("m", "v", "v_max") if self.amsgrad else ("m", "v")
@@ -129,6 +140,7 @@ class AdamW(Adam):
     kernel = Kernel("adam", _SCALARS, ("m", "v", "v_max"), checks=(dict(amsgrad=True),))
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
-                 eps_hat=False, state_dtype=None, **options):
+                 eps_hat=False, state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, weight_decay=weight_decay,
-                         eps_hat=eps_hat, state_dtype=state_dtype, **options)
+                         eps_hat=eps_hat, state_dtype=state_dtype, block_size=block_size,
+                         min_8bit_size=min_8bit_size, **options)

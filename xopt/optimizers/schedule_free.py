@@ -10,6 +10,7 @@ from .. import _backend
 from .._atomic import together
 from .._hyper import Hyper, _real, non_negative, unit_interval
 from .._inputs import describe, param_keys
+from ..engines.kernels import Kernel
 from ..engines.reference import _write
 from ..optimizer import Optimizer
 from .adafactor import lerp
@@ -82,6 +83,10 @@ class ScheduleFreeAdamW(Optimizer):
         https://github.com/facebookresearch/schedule_free.
     """
 
+    kernel = Kernel("schedule_free", ("first", "beta2", "one_minus_beta2", "bias_correction2", "eps", "weight_decay",
+                                      "ckp1", "one_minus_ckp1", "from_z", "lr", "y_step"), ("z", "v"),
+                    checks=({}, {"weight_decay": 0.01, "warmup_steps": 2, "r": 0.5}), steps=3)
+
     lr = Hyper(non_negative)
     beta1 = Hyper(_open_unit_interval)
     beta2 = Hyper(unit_interval)
@@ -140,13 +145,14 @@ class ScheduleFreeAdamW(Optimizer):
 
     def scalars(self, step):
         lr, ckp1 = self._average(step)
-        return {"first": step == 1, "beta2": self.beta2, "bias_correction2": 1.0 - self.beta2**step,
-                "eps": self.eps, "weight_decay": self.weight_decay, "ckp1": ckp1, "lr": lr,
+        return {"first": float(step == 1), "beta2": self.beta2, "one_minus_beta2": 1.0 - self.beta2,
+                "bias_correction2": 1.0 - self.beta2**step, "eps": self.eps, "weight_decay": self.weight_decay,
+                "ckp1": ckp1, "one_minus_ckp1": 1.0 - ckp1, "from_z": float(ckp1 >= 0.5), "lr": lr,
                 "y_step": lr * (self.beta1 * (1.0 - ckp1) - 1.0)}
 
     def rule(self, xp, p, g, state, s):
         z = p if s["first"] else state["z"]  # the package's z starts as a copy of the param
-        v = s["beta2"] * state["v"] + (1.0 - s["beta2"]) * (g * g)
+        v = s["beta2"] * state["v"] + s["one_minus_beta2"] * (g * g)
         u = g / (xp.sqrt(v / s["bias_correction2"]) + s["eps"])
         if s["weight_decay"] != 0.0:
             u = u + s["weight_decay"] * p

@@ -42,7 +42,7 @@
 #define XOPT_CHUNK 16384  // elements per block; the host side reads this line
 #endif
 #define XOPT_THREADS 256  // threads per block; the host side reads this line
-#define XOPT_SCALARS 9  // scalars per part (a rule that needs fewer gets zeros); the host side reads this line
+#define XOPT_SCALARS 12  // scalars per part (a rule that needs fewer gets zeros); the host side reads this line
 
 #ifndef XOPT_HOST
 #define XOPT_INLINE __device__ __forceinline__
@@ -204,6 +204,19 @@ XOPT_INLINE S xopt_lion(S p, S g, S& m, S&, S&, const S* s) {
     return p - s[0] * update;
 }
 
+// 10 Schedule-Free AdamW: first, beta2, 1 - beta2, bias_correction2, eps, weight_decay, ckp1, 1 - ckp1,
+// from_z (ckp1 >= 1/2: the lerp from z's end, as torch's lerp), lr, y_step
+template <typename S>
+XOPT_INLINE S xopt_schedule_free(S p, S g, S& z, S& v, S&, const S* s) {
+    S zi = s[0] != (S)0 ? p : z;  // z starts as the param
+    v = s[1] * v + s[2] * (g * g);
+    S u = g / (xopt_sqrt(v / s[3]) + s[4]);
+    if (s[5] != (S)0) u = u + s[5] * p;
+    S y = s[8] != (S)0 ? zi - (zi - p) * s[7] : p + s[6] * (zi - p);
+    z = zi - s[9] * u;
+    return y + s[10] * u;
+}
+
 template <int RULE, typename S>
 XOPT_INLINE S xopt_rule(S p, S g, S& b0, S& b1, S& b2, const S* s) {
     if (RULE == 0) return xopt_sgd(p, g, b0, b1, b2, s);
@@ -215,7 +228,8 @@ XOPT_INLINE S xopt_rule(S p, S g, S& b0, S& b1, S& b2, const S* s) {
     if (RULE == 6) return xopt_adamax(p, g, b0, b1, b2, s);
     if (RULE == 7) return xopt_nadam(p, g, b0, b1, b2, s);
     if (RULE == 8) return xopt_radam(p, g, b0, b1, b2, s);
-    return xopt_lion(p, g, b0, b1, b2, s);
+    if (RULE == 9) return xopt_lion(p, g, b0, b1, b2, s);
+    return xopt_schedule_free(p, g, b0, b1, b2, s);
 }
 
 // -- the kernel ---------------------------------------------------------------------------------

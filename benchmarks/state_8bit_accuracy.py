@@ -1,0 +1,118 @@
+"""Does 8-bit state train as float32 state does?  Adam on scikit-learn's digits, float32 vs bfloat16 vs 8-bit state.
+
+Two networks: the digits example's 64-100-10 (``examples/digits_mlp.py``: W1 has 6,400 elements, so its state is
+8-bit; W2 and the biases are below ``min_8bit_size`` and keep float32 state) and a wider 64-512-512-10 ReLU MLP
+(every weight 8-bit).  Three seeds each (the seed sets the initial weights and the batch order; the data split is
+the example's); the final training loss (the mean over the last epoch) and the test accuracy, side by side, to
+``benchmarks/results/state-8bit-accuracy.json``.
+
+    python benchmarks/state_8bit_accuracy.py [--epochs 40] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+import xopt
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+from digits_mlp import load  # noqa: E402  (the example's data and split)
+
+STATES = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
+NETS = {"digits-64-100-10": (64, 100, 10), "wide-64-512-512-10": (64, 512, 512, 10)}
+
+
+def init(rng, sizes):
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"W{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
+        params[f"b{i}"] = np.zeros(b, np.float32)
+    return params
+
+
+def forward(params, x, layers):
+    acts = [x]
+    for i in range(layers):
+        z = acts[-1] @ params[f"W{i}"] + params[f"b{i}"]
+        acts.append(np.maximum(z, 0.0) if i < layers - 1 else z)
+    return acts
+
+
+def loss_and_grads(params, x, t, layers):
+    acts = forward(params, x, layers)
+    a = acts[-1] - acts[-1].max(axis=1, keepdims=True)
+    e = np.exp(a)
+    y = e / e.sum(axis=1, keepdims=True)
+    n = x.shape[0]
+    loss = float(-np.sum(t * np.log(y + 1e-7)) / n)
+    d = (y - t) / n
+    grads = {}
+    for i in reversed(range(layers)):
+        grads[f"W{i}"] = acts[i].T @ d
+        grads[f"b{i}"] = d.sum(axis=0)
+        if i:
+            d = (d @ params[f"W{i}"].T) * (acts[i] > 0)
+    return loss, grads
+
+
+def run(sizes, state_dtype, seed, data, epochs, batch):
+    (x, t, _), (x_test, l_test) = data
+    rng = np.random.default_rng(seed)
+    params = init(rng, sizes)
+    layers = len(sizes) - 1
+    opt = xopt.Adam(lr=0.002, state_dtype=state_dtype)
+    n = x.shape[0]
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        losses = []
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            loss, grads = loss_and_grads(params, x[idx], t[idx], layers)
+            opt.update(params, grads)
+            losses.append(loss)
+    accuracy = float(np.mean(np.argmax(forward(params, x_test, layers)[-1], axis=1) == l_test))
+    return float(np.mean(losses)), accuracy
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "state-8bit-accuracy.json"))
+    a = ap.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    data = load(np, None)
+    results = {"command": f"python benchmarks/state_8bit_accuracy.py --epochs {a.epochs} --batch {a.batch} "
+                          f"--seeds {a.seeds}", "optimizer": "Adam(lr=0.002)", "nets": {}}
+    t0 = time.perf_counter()
+    for net, sizes in NETS.items():
+        table = {}
+        for state, state_dtype in STATES.items():
+            runs = [run(sizes, state_dtype, seed, data, a.epochs, a.batch) for seed in seeds]
+            table[state] = {"final_loss": [r[0] for r in runs], "test_accuracy": [r[1] for r in runs],
+                            "mean_final_loss": float(np.mean([r[0] for r in runs])),
+                            "mean_test_accuracy": float(np.mean([r[1] for r in runs]))}
+            print(f"{net:<20} {state:<9} loss {table[state]['mean_final_loss']:.5f}  "
+                  f"accuracy {table[state]['mean_test_accuracy']:.4f}  {[round(r[1], 4) for r in runs]}", flush=True)
+        base = table["float32"]
+        for state in ("bfloat16", "8bit"):
+            table[state]["accuracy_minus_float32_pp"] = 100 * (table[state]["mean_test_accuracy"]
+                                                               - base["mean_test_accuracy"])
+            table[state]["loss_over_float32"] = table[state]["mean_final_loss"] / base["mean_final_loss"]
+        results["nets"][net] = table
+    results["seconds"] = time.perf_counter() - t0
+    path = pathlib.Path(a.out)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Adam on one float32 param of 2^25 elements: 8-bit state vs xopt's float32 state vs torch.optim.Adam(fused=True).
+
+Interleaved rounds after a warm-up; each round times each contender once; the medians and their ratios go to
+``benchmarks/results/state-8bit-speed.json``, with the state bytes per param of each.
+
+    taskset -c 1 python benchmarks/state_8bit_speed.py            # one core
+    python benchmarks/state_8bit_speed.py --rounds 15 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import xopt
+
+
+def state_bytes(opt, key) -> int:
+    return sum(b.nbytes for n, b in opt.state[key].items() if n != "step")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--log2", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "state-8bit-speed.json"))
+    a = ap.parse_args()
+    xopt.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    n = 1 << a.log2
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    runs = {}
+    for name, kw in (("xopt-8bit", dict(state_dtype="8bit")), ("xopt-float32", {})):
+        params = {"w": p0.copy()}
+        opt = xopt.Adam(lr=1e-3, eps_hat=False, eps=1e-8, impl="fused", **kw)
+        runs[name] = (lambda o=opt, p=params: o.update(p, {"w": g}), lambda o=opt: state_bytes(o, "w"))
+    tp, tg = torch.from_numpy(p0.copy()), torch.from_numpy(g)
+    tp.grad = tg
+    topt = torch.optim.Adam([tp], lr=1e-3, fused=True)
+    runs["torch-fused"] = (topt.step, lambda: sum(v.nbytes for k, v in topt.state[tp].items() if k != "step"))
+    for step, _ in runs.values():  # warm-up: compile, load, make the state
+        step(); step()
+    times = {k: [] for k in runs}
+    for _ in range(a.rounds):
+        for k, (step, _) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "command": f"python benchmarks/state_8bit_speed.py --log2 {a.log2} --rounds {a.rounds} --threads {a.threads}",
+        "elements": n, "threads": a.threads, "machine": platform.processor() or platform.machine(),
+        "median_ms": {k: v * 1e3 for k, v in med.items()},
+        "ratio_8bit_to_xopt_float32": med["xopt-8bit"] / med["xopt-float32"],
+        "ratio_8bit_to_torch_fused": med["xopt-8bit"] / med["torch-fused"],
+        "state_bytes_per_param": {k: size() / n for k, (_, size) in runs.items()},
+        "all_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+    }
+    path = pathlib.Path(a.out)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "all_ms"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""xopt.optax: xopt's rules as optax transformations, under jax.jit, against optax itself in float64."""
+
+from __future__ import annotations
+
+import pytest
+
+STEPS = 100
+RTOL, ATOL = 1e-11, 1e-13
+
+
+@pytest.fixture
+def jax():
+    """jax with float64 for this test only: the flag goes back to what it was, whatever the test does."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield jax
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def _problem(jax):
+    """Params (a pytree), and the grad of a least-squares loss over fixed data: fresh draws, never zeros."""
+    jnp = jax.numpy
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"w": jax.random.normal(k[0], (5, 3), jnp.float64), "b": jax.random.normal(k[1], (3,), jnp.float64)}
+    x, y = jax.random.normal(k[2], (32, 5), jnp.float64), jax.random.normal(k[3], (32, 3), jnp.float64)
+
+    def loss(p):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    return params, jax.grad(loss)
+
+
+def _run(jax, *txs, steps=STEPS):
+    """Each transformation's params and state after ``steps`` jitted updates from the same start (one compiled
+    step runs them all: compiling costs more than the steps)."""
+    import optax
+
+    params, grad = _problem(jax)
+    runs = [(params, tx.init(params)) for tx in txs]
+
+    @jax.jit
+    def step(runs):
+        out = []
+        for tx, (params, state) in zip(txs, runs):
+            updates, state = tx.update(grad(params), state, params)
+            out.append((optax.apply_updates(params, updates), state))
+        return out
+
+    for _ in range(steps):
+        runs = step(runs)
+    return runs
+
+
+def _cases():
+    import optax
+
+    import xopt.optax as xo
+
+    schedule = optax.cosine_decay_schedule(0.05, 100)
+    return {
+        "adam": (xo.adam(1e-2), optax.adam(1e-2)),
+        "adam-betas-schedule": (xo.adam(schedule, b1=0.8, b2=0.99, eps=1e-6),
+                                optax.adam(schedule, b1=0.8, b2=0.99, eps=1e-6)),
+        "adamw": (xo.adamw(1e-2, weight_decay=0.1), optax.adamw(1e-2, weight_decay=0.1)),
+        "sgd": (xo.sgd(0.05), optax.sgd(0.05)),
+        "sgd-momentum": (xo.sgd(0.05, momentum=0.9), optax.sgd(0.05, momentum=0.9)),
+        "sgd-nesterov-schedule": (xo.sgd(schedule, momentum=0.9, nesterov=True),
+                                  optax.sgd(schedule, momentum=0.9, nesterov=True)),
+        "rmsprop": (xo.rmsprop(1e-3), optax.rmsprop(1e-3, eps_in_sqrt=False)),  # 1e-2 oscillates: chaotic
+        "rmsprop-centered-momentum": (xo.rmsprop(1e-3, centered=True, momentum=0.5),
+                                      optax.rmsprop(1e-3, centered=True, momentum=0.5, eps_in_sqrt=False)),
+        "adagrad-eps0": (xo.adagrad(0.1, eps=0.0), optax.adagrad(0.1, eps=0.0)),
+        "adadelta": (xo.adadelta(1.0, weight_decay=0.01), optax.adadelta(1.0, weight_decay=0.01)),
+        "adamax": (xo.adamax(1e-2), optax.adamax(1e-2)),
+        "lion": (xo.lion(1e-3, weight_decay=0.1), optax.lion(1e-3, weight_decay=0.1)),
+    }
+
+
+CASES = ["adam", "adam-betas-schedule", "adamw", "sgd", "sgd-momentum", "sgd-nesterov-schedule", "rmsprop",
+         "rmsprop-centered-momentum", "adagrad-eps0", "adadelta", "adamax", "lion"]
+
+
+def _same(jax, a, b):
+    import numpy as np
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype == np.float64
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_optax_under_jit_in_float64(jax, case):
+    (params, state), (want, _) = _run(jax, *_cases()[case])
+    _same(jax, params, want)
+    assert int(state.count) == STEPS
+
+
+def test_adam_state_is_optax_moments(jax):
+    import xopt.optax
+
+    import optax
+
+    (_, state), (_, theirs) = _run(jax, xopt.optax.adam(1e-2), optax.adam(1e-2), steps=20)
+    _same(jax, state.buffers["m"], theirs[0].mu)
+    _same(jax, state.buffers["v"], theirs[0].nu)
+
+
+def test_inside_a_chain_with_clipping(jax):
+    import optax
+
+    import xopt.optax
+
+    ours = optax.chain(optax.clip_by_global_norm(1.0), xopt.optax.adamw(1e-2, weight_decay=0.05))
+    theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.05))
+    (params, _), (want, _) = _run(jax, ours, theirs)
+    _same(jax, params, want)
+
+
+def test_float32_without_x64_stays_float32():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on in this process")
+    import xopt.optax
+
+    params = {"w": jax.numpy.ones((3, 2))}
+    tx = xopt.optax.adam(1e-2)
+    updates, state = jax.jit(tx.update)({"w": jax.numpy.full((3, 2), 0.5)}, tx.init(params))
+    assert updates["w"].dtype == state.buffers["v"]["w"].dtype == jax.numpy.float32
+
+
+def test_what_it_refuses(jax):
+    import xopt.optax
+
+    with pytest.raises(ValueError, match=r"xopt.optax.adam: eps_root=1e-08 is not supported"):
+        xopt.optax.adam(1e-3, eps_root=1e-8)
+    with pytest.raises(ValueError, match=r"xopt.optax.rmsprop: eps_in_sqrt=True is not supported"):
+        xopt.optax.rmsprop(1e-3, eps_in_sqrt=True)
+    with pytest.raises(ValueError, match=r"xopt.optax.adam: beta1 must be in \[0, 1\)"):
+        xopt.optax.adam(1e-3, b1=1.5)
+    tx = xopt.optax.adamw(1e-3)
+    params = {"w": jax.numpy.ones(3)}
+    with pytest.raises(ValueError, match="xopt.optax.adamw: its weight decay reads the params"):
+        tx.update(params, tx.init(params))

@@ -1,0 +1,224 @@
+"""xopt.torch: torch.optim's optimizers stepped by xopt, against torch.optim itself in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+RTOL, ATOL = 1e-12, 1e-14
+
+# (name, arguments): both torch.optim.<name> and xopt.torch.<name> take them
+CASES = [
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("AdamW", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.2, amsgrad=True)),
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.8, dampening=0.3)),
+    ("RMSprop", dict(lr=1e-2)),
+    ("RMSprop", dict(lr=1e-2, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.01)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01)),
+    ("Adadelta", dict(lr=1.0, rho=0.8, weight_decay=0.01)),
+    ("Adamax", dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.01)),
+    ("NAdam", dict(lr=1e-2, weight_decay=0.01)),
+    ("NAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=1e-2, weight_decay=0.01)),
+    ("RAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.01)),
+]
+IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
+
+
+@pytest.fixture
+def torch():
+    torch = pytest.importorskip("torch")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # torch keeps NAdam's mu_product in the default dtype
+    yield torch
+    torch.set_default_dtype(before)
+
+
+def _net(torch, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _data(torch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+
+
+def _train(torch, net, opt, steps, scheduler=None, data_seed=1):
+    x, y = _data(torch, data_seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _same(torch, a, b, what=""):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _same_state(torch, ours, theirs):
+    """Both state_dicts in torch's shape, every buffer equal (torch.optim's own float state)."""
+    assert ours.keys() == theirs.keys()
+    for n in theirs:
+        assert set(ours[n]) == set(theirs[n]), n
+        for k in theirs[n]:
+            want = theirs[n][k]
+            torch.testing.assert_close(ours[n][k].to(want.dtype), want, rtol=RTOL, atol=ATOL)
+
+
+def _pair(torch, name, kwargs, params=None):
+    import xopt.torch
+
+    ours, theirs = _net(torch), _net(torch)
+    extra = {"foreach": False} if name != "Adafactor" else {}
+    return (ours, getattr(xopt.torch, name)(params(ours) if params else ours.parameters(), **kwargs),
+            theirs, getattr(torch.optim, name)(params(theirs) if params else theirs.parameters(), **kwargs, **extra))
+
+
+@pytest.mark.parametrize("name, kwargs", CASES, ids=IDS)
+def test_equals_torch_optim_over_25_steps(torch, name, kwargs):
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    _train(torch, ours, opt, 25)
+    _train(torch, theirs, ref, 25)
+    _same(torch, ours, theirs, name)
+    _same_state(torch, opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+def test_param_groups_with_their_own_lr_and_weight_decay(torch):
+    def groups(net):
+        return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 0.05, "weight_decay": 0.0}]
+
+    ours, opt, theirs, ref = _pair(torch, "AdamW", dict(lr=1e-2, weight_decay=0.1), groups)
+    _train(torch, ours, opt, 20)
+    _train(torch, theirs, ref, 20)
+    _same(torch, ours, theirs)
+    opt.param_groups[1]["lr"] = ref.param_groups[1]["lr"] = 0.2  # a change between steps is read at the next
+    _train(torch, ours, opt, 3)
+    _train(torch, theirs, ref, 3)
+    _same(torch, ours, theirs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda torch, opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5),
+    lambda torch, opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20),
+    lambda torch, opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=25),  # cycles beta1 too
+], ids=["StepLR", "CosineAnnealingLR", "OneCycleLR"])
+def test_lr_schedulers(torch, make):
+    def groups(net):
+        return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 3e-3}]
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2), groups)
+    _train(torch, ours, opt, 22, make(torch, opt))
+    _train(torch, theirs, ref, 22, make(torch, ref))
+    _same(torch, ours, theirs)
+    assert opt.param_groups[1]["lr"] == ref.param_groups[1]["lr"] != 3e-3
+
+
+def test_closure_runs_with_grad_and_its_loss_comes_back(torch):
+    ours, opt, theirs, ref = _pair(torch, "SGD", dict(lr=0.1, momentum=0.9))
+    x, y = _data(torch)
+    for net, o in ((ours, opt), (theirs, ref)):
+        for _ in range(20):
+            def closure(net=net, o=o):
+                o.zero_grad()
+                loss = torch.nn.functional.mse_loss(net(x), y)
+                loss.backward()
+                return loss
+
+            with torch.no_grad():  # the closure gets grad mode back
+                loss = o.step(closure)
+            assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    _same(torch, ours, theirs)
+
+
+def test_params_without_grads_are_skipped(torch):
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2))
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 3)
+        net[2].bias.grad = None  # this one misses a step, keeping its state
+        net[0].weight.grad.mul_(0.5)
+        o.step()
+        _train(torch, net, o, 3)
+    _same(torch, ours, theirs)
+    assert opt.state_dict()["state"][3]["step"] == ref.state_dict()["state"][3]["step"] == 6
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[1], CASES[7], CASES[10], CASES[11], CASES[14]],
+                         ids=["Adam", "SGD", "RMSprop", "Adagrad", "NAdam"])
+def test_state_dict_loads_both_ways(torch, name, kwargs):
+    """torch.optim -> xopt.torch and back, halfway through: both go on as torch.optim would have."""
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    _train(torch, ours, opt, 10)
+    _train(torch, theirs, ref, 10)
+    later_ours, later_theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+    import xopt.torch
+
+    into_ours = getattr(xopt.torch, name)(later_theirs.parameters(), **kwargs)
+    into_ours.load_state_dict(ref.state_dict())
+    into_theirs = getattr(torch.optim, name)(later_ours.parameters(), **kwargs)
+    into_theirs.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch.optim keeps the tensors it is given
+    for net, o in ((ours, opt), (theirs, ref), (later_theirs, into_ours), (later_ours, into_theirs)):
+        _train(torch, net, o, 10, data_seed=2)
+    _same(torch, later_theirs, theirs, "torch.optim state in xopt.torch")
+    _same(torch, later_ours, theirs, "xopt.torch state in torch.optim")
+    _same(torch, ours, theirs)
+
+
+def test_a_state_dict_that_does_not_fit_changes_nothing(torch):
+    import xopt.torch
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2))
+    _train(torch, ours, opt, 2)
+    _train(torch, theirs, ref, 2)
+    bad = ref.state_dict()
+    bad["state"][1]["exp_avg"] = torch.zeros(5)
+    before = {n: {k: v.clone() for k, v in st.items()} for n, st in opt.state_dict()["state"].items()}
+    with pytest.raises(ValueError, match="'exp_avg' of param 0.1 has shape"):
+        opt.load_state_dict(bad)
+    _same_state(torch, opt.state_dict()["state"], before)
+    wrong = xopt.torch.SGD(_net(torch).parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="param 0.0 has state 'exp_avg'; SGD keeps momentum_buffer"):
+        wrong.load_state_dict(ref.state_dict())
+
+
+def test_add_param_group_and_the_state_view(torch):
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2), lambda net: net[0].parameters())
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 3)
+        o.add_param_group({"params": net[2].parameters(), "lr": 0.02})
+        _train(torch, net, o, 5)
+    _same(torch, ours, theirs)
+    assert len(opt.state) == len(ref.state) == 4
+    p = ours[2].weight
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and int(opt.state[p]["step"]) == 5
+
+
+def test_what_it_refuses(torch):
+    import xopt.torch
+
+    net = _net(torch)
+    with pytest.raises(ValueError, match="maximize=True is not supported"):
+        xopt.torch.Adam(net.parameters(), maximize=True)
+    with pytest.raises(ValueError, match=r"Adam param_groups\[0\]: beta2 must be in \[0, 1\)"):
+        xopt.torch.Adam(net.parameters(), betas=(0.9, 1.5))
+    opt = xopt.torch.SGD([{"params": net[0].parameters()}, {"params": net[2].parameters()}], lr=0.1)
+    _train(torch, net, opt, 1)
+    opt.param_groups[1]["lr"] = -1.0
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"lr must be >= 0"):
+        _train(torch, net, opt, 1)
+    for p, q in zip(net.parameters(), before):
+        assert torch.equal(p, q)
+    opt.param_groups[1]["lr"] = 0.1
+    _train(torch, net, opt, 1)  # and it goes on once the value is fixed

@@ -1,0 +1,320 @@
+"""The machinery of :mod:`xopt.torch`'s optimizers: a torch.optim.Optimizer that steps its param groups with one
+xopt optimizer (param groups as ``overrides``), and torch-shaped state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import repeat
+from operator import is_not
+
+import torch
+
+from xopt._hyper import check_overrides, check_value, publish
+
+_REFUSED = ("maximize", "capturable", "differentiable")
+_set_grad_enabled = torch._C._set_grad_enabled  # the C call under torch.no_grad(), a fifth of its cost a step
+
+
+class _Front(torch.optim.Optimizer):
+    """What every class here shares; a subclass sets ``rule`` (the xopt class), ``reads`` (the group keys the
+    rule's hyperparameters come from), ``names`` (torch's state buffer name -> xopt's), and ``hyper(group)``."""
+
+    rule = None
+    reads = ()
+    names = {}
+    fixed = {}  # xopt hyperparameters that torch's numbers fix (Adam: eps_hat=False)
+    counts_steps = True  # torch's state holds a "step" (SGD's and Lion's do not)
+
+    def __init__(self, params, defaults):
+        _refuse(type(self).__name__, defaults)
+        super().__init__(params, defaults)
+        hyper = self._checked_hyper(0, self.param_groups[0])
+        try:
+            self._xopt = self.rule(**hyper)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__} param_groups[0]: {exc}") from None
+        for i, group in enumerate(self.param_groups[1:], start=1):
+            self._check_group(i, group)
+        self._seen = [None] * len(self.param_groups)  # each group's values at the last step (None: not pushed yet)
+        self._present = ()  # the groups > 0 whose patterns the xopt optimizer's overrides hold
+        self._keys = []  # per group: its params' xopt keys, "i.j"
+        self.state = _StateView(self)
+
+    @staticmethod
+    def hyper(group) -> dict:
+        """The xopt hyperparameters of ``group`` (torch's names -> xopt's)."""
+        raise NotImplementedError
+
+    def _checked_hyper(self, i, group) -> dict:
+        try:
+            _refuse(f"{type(self).__name__} param_groups[{i}]", group)
+            return {**self.fixed, **self.hyper(group)}
+        except KeyError as exc:
+            raise KeyError(f"{type(self).__name__} param_groups[{i}] lacks {exc.args[0]!r}") from None
+
+    def _check_group(self, i, group):
+        """Group ``i``'s values as the xopt optimizer would take them (each checked, then together)."""
+        xo = self._xopt
+        hyper = self._checked_hyper(i, group)
+        try:
+            hyper = {name: check_value(getattr(type(xo), name), value) for name, value in hyper.items()}
+            xo._view({**xo._hyper, **hyper})._check_hyperparameters()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__} param_groups[{i}]: {exc}") from None
+        return hyper
+
+    def add_param_group(self, param_group):
+        """torch's ``add_param_group``; the new group's values are checked here (a bad one adds nothing)."""
+        super().add_param_group(param_group)
+        seen = self.__dict__.get("_seen")
+        if seen is not None:
+            try:
+                self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+            except BaseException:
+                self.param_groups.pop()
+                raise
+            seen.append(None)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One step of every param that has a grad; ``closure`` (re-evaluates the model, returns the loss)
+        runs first, with grad enabled.  Returns the closure's loss, or None."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        if len(groups) == 1:
+            ps = groups[0]["params"]
+            keys = self._keys_of(0, len(ps))
+            gs = [p.grad for p in ps]
+            if not all(map(is_not, gs, repeat(None))):
+                keys, ps, gs = _with_grads(keys, ps, gs)
+            if self._seen[0] != _values(groups[0], self.reads) or self._present:
+                self._push(groups, ())
+        else:
+            keys, ps, gs, present = [], [], [], []
+            for i, group in enumerate(groups):
+                group_ps = group["params"]
+                group_keys = self._keys_of(i, len(group_ps))
+                group_gs = [p.grad for p in group_ps]
+                if not all(map(is_not, group_gs, repeat(None))):
+                    group_keys, group_ps, group_gs = _with_grads(group_keys, group_ps, group_gs)
+                if group_ps:
+                    keys += group_keys
+                    ps += group_ps
+                    gs += group_gs
+                    if i:
+                        present.append(i)
+            present = tuple(present)
+            if present != self._present or any(self._seen[i] != _values(g, self.reads) for i, g in enumerate(groups)):
+                self._push(groups, present)
+        if keys:
+            enabled = torch.is_grad_enabled()
+            _set_grad_enabled(False)  # as torch.optim's step: a rule on tensors records no graph
+            try:
+                self._xopt.update(dict(zip(keys, ps)), dict(zip(keys, gs)))
+            finally:
+                _set_grad_enabled(enabled)
+        return loss
+
+    def _keys_of(self, i, n):
+        while len(self._keys) <= i:
+            self._keys.append([])
+        keys = self._keys[i]
+        if len(keys) < n:
+            keys += [f"{i}.{j}" for j in range(len(keys), n)]
+        return keys if len(keys) == n else keys[:n]
+
+    def _push(self, groups, present):
+        """The groups' hyperparameters into the xopt optimizer: group 0's as its own, group i's (those with
+        grads this step) as the override ``"i.*"``.  Each group is checked first: a bad value raises, naming
+        its group, and changes nothing."""
+        xo = self._xopt
+        own = self._check_group(0, groups[0])
+        overrides = {f"{i}.*": self._check_group(i, groups[i]) for i in present}
+        old = (xo._hyper, xo._overrides, self._present)
+        publish(xo, {**xo._hyper, **own})
+        xo._overrides = check_overrides(xo, overrides)
+        xo.__dict__["_version"] = xo.__dict__.get("_version", 0) + 1  # the cached override sets are rebuilt
+        if present != old[2]:
+            xo._reset_groups()  # other patterns: each key's group is looked up again
+        self._present = present
+        self._seen = [_values(g, self.reads) for g in groups]
+
+    # -- state in torch's shape ---------------------------------------------------------------------
+    def _params_by_key(self):
+        return {f"{i}.{j}": p for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
+
+    def _torch_state(self, st, p, group) -> dict:
+        """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
+        out = {} if not self.counts_steps else {"step": torch.tensor(float(st["step"]), dtype=_scalar_dtype())}
+        for theirs, ours in self.names.items():
+            if ours in st:
+                out[theirs] = st[ours]
+        return out or None  # torch keeps no state for a param that holds nothing (SGD without momentum)
+
+    def _unstepped_state(self, p, group):
+        """The state torch holds for a param before its first step (None: none; Adagrad makes it up front)."""
+        return None
+
+    def state_dict(self) -> dict:
+        """torch.optim's state_dict: ``{"state": {param index: {torch's buffer names...}}, "param_groups":
+        [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
+        index, groups, start = {}, [], 0
+        for i, group in enumerate(self.param_groups):
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(group["params"])))
+            for j, p in enumerate(group["params"]):
+                index[f"{i}.{j}"] = (start + j, p, group)
+            start += len(group["params"])
+            groups.append(packed)
+        state = {}
+        for key, (n, p, group) in index.items():
+            st = self._xopt.state.get(key)
+            made = self._torch_state(st, p, group) if st is not None else self._unstepped_state(p, group)
+            if made is not None:
+                state[n] = made
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
+        their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
+        Buffers are copied, in each param's dtype and on its device."""
+        kind = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        groups, saved = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved):
+            raise ValueError(f"{kind}.load_state_dict: the state_dict has {len(saved)} parameter groups, "
+                             f"the optimizer {len(groups)}")
+        where = {}
+        for i, (group, s) in enumerate(zip(groups, saved)):
+            if len(group["params"]) != len(s["params"]):
+                raise ValueError(f"{kind}.load_state_dict: parameter group {i} holds {len(s['params'])} params in "
+                                 f"the state_dict, {len(group['params'])} in the optimizer")
+            for j, (n, p) in enumerate(zip(s["params"], group["params"])):
+                where[n] = (f"{i}.{j}", p)
+        new_groups = [{**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
+                      for g, s in zip(groups, saved)]  # a key the saved group lacks keeps its value
+        hypers = [self._checked_hyper(i, g) for i, g in enumerate(new_groups)]
+        state = {}
+        for n, st in state_dict["state"].items():
+            if n not in where:
+                raise KeyError(f"{kind}.load_state_dict: state for param index {n!r}, which no group holds")
+            key, p = where[n]
+            made = self._xopt_state(key, st, p, hypers[int(key.split(".")[0])])
+            if made is not None:
+                state[key] = made
+        for group, new in zip(groups, new_groups):  # in place: a scheduler holding a group sees the new values
+            group.clear()
+            group.update(new)
+        self._xopt.state = state
+        self._xopt.iter = max((st["step"] for st in state.values()), default=0)
+        self._seen = [None] * len(groups)
+        self._present = None  # the next step pushes every group's values and patterns
+
+    def _xopt_state(self, key, st, p, hyper) -> dict:
+        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into p's dtype."""
+        kind = type(self).__name__
+        if not isinstance(st, Mapping):
+            raise TypeError(f"{kind}.load_state_dict: the state of param {key} must be a dict, got "
+                            f"{type(st).__name__}")
+        out = {"step": _step_count(kind, key, st.get("step", 1 if st else 0))}
+        for name, value in st.items():
+            if name == "step" or name in self.derived:
+                continue
+            ours = self.names.get(name)
+            if ours is None:
+                raise ValueError(f"{kind}.load_state_dict: param {key} has state {name!r}; {kind} keeps "
+                                 f"{', '.join(['step', *self.names]) if self.counts_steps else ', '.join(self.names)}")
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{kind}.load_state_dict: state {name!r} of param {key} must be a tensor, got "
+                                f"{type(value).__name__}")
+            want = self._buffer_shape(ours, p)
+            if tuple(value.shape) != want:
+                raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
+                                 f"{tuple(value.shape)}, the param needs {want}")
+            out[ours] = value.detach().to(dtype=p.dtype, device=p.device, memory_format=torch.contiguous_format,
+                                          copy=True)
+        needed = set(self._buffers_for(hyper, p)) - set(out)
+        if needed and len(out) == 1 and out["step"] == 0:
+            return None  # a state before the first step that holds nothing: the first step makes it
+        if needed:
+            theirs = {v: k for k, v in self.names.items()}
+            raise ValueError(f"{kind}.load_state_dict: param {key} lacks state "
+                             f"{', '.join(sorted(theirs[n] for n in needed))}")
+        return out
+
+    derived = ()  # torch state kept alongside that xopt derives from the step count (NAdam's mu_product)
+
+    def _buffer_shape(self, name, p):
+        return tuple(p.shape)
+
+    def _buffers_for(self, hyper, p):
+        return self._xopt._view({**self._xopt._hyper, **hyper}).buffers()
+
+
+def _refuse(where, values):
+    for name in _REFUSED:
+        if values.get(name):
+            raise ValueError(f"{where}: {name}=True is not supported by xopt.torch")
+
+
+def _values(group, reads):
+    return tuple(map(group.get, reads))
+
+
+def _with_grads(keys, ps, gs):
+    """The keys, params and grads of the params that have a grad (torch skips the others)."""
+    kept = [i for i, g in enumerate(gs) if g is not None]
+    return [keys[i] for i in kept], [ps[i] for i in kept], [gs[i] for i in kept]
+
+
+def _step_count(kind, key, step) -> int:
+    value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    if not value.is_integer() or value < 0:
+        raise ValueError(f"{kind}.load_state_dict: param {key} has step {step!r}, not a count")
+    return int(value)
+
+
+def _scalar_dtype():
+    """The dtype torch.optim keeps its per-param scalars in (``step``): float64 under a float64 default."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _float(value):
+    return float(value.item()) if isinstance(value, torch.Tensor) else value
+
+
+def _betas(group):
+    beta1, beta2 = group["betas"]
+    return {"beta1": _float(beta1), "beta2": _float(beta2)}
+
+
+class _StateView(Mapping):
+    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module)."""
+
+    def __init__(self, front):
+        self._front = front
+
+    def _index(self):
+        front = self._front
+        params = front._params_by_key()
+        groups = {f"{i}.{j}": g for i, g in enumerate(front.param_groups) for j in range(len(g["params"]))}
+        return {key: (params[key], groups[key], made) for key, st in front._xopt.state.items() if key in params
+                for made in [front._torch_state(st, params[key], groups[key])] if made is not None}
+
+    def __getitem__(self, p):
+        for q, _, made in self._index().values():
+            if q is p:
+                return made
+        raise KeyError(p)
+
+    def __iter__(self):
+        return iter([p for p, _, _ in self._index().values()])
+
+    def __len__(self):
+        return len(self._index())

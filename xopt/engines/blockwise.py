@@ -1,0 +1,170 @@
+"""Blockwise 8-bit state (``state_dtype="8bit"``): the format, and the reference rule over it.
+
+A state buffer of a param of at least ``min_8bit_size`` elements is kept as two arrays:
+
+- ``name``: uint8 codes, the param's shape: an index into a sorted map of 256 float32 values in [-1, 1];
+- ``name + "_absmax"``: float32, one per block of ``block_size`` consecutive elements (C order; the last
+  block may be shorter): the largest magnitude in the block.
+
+An element's value is ``map[code] * absmax`` of its block.  Smaller params keep their state in float32 (the
+compute dtype), as bitsandbytes does: their state is a small part of the memory and they are often the
+biases and norms that 8-bit state hurts most.
+
+The maps are bitsandbytes' dynamic ones (``create_dynamic_map``, Dettmers et al. 2022, "8-bit Optimizers
+via Block-wise Quantization"): for each decade ``10^(i-6)`` (i = 0..6), values spaced evenly in
+[0.1, 1] times the decade, more of them the larger the decade; plus 0 and 1.  The signed map (for buffers
+that can be negative: Adam's m) has 2^i values of each sign per decade; the unsigned one (for buffers
+that never are: Adam's v and v_max, declared by the optimizer's ``nonnegative_buffers``) has 2^(i+1)
+positive values per decade.  Their relative resolution is some 1-7 % over six decades below the block's
+absmax.
+
+The rule, per param and step (:func:`apply_reference`): every buffer dequantized to its compute dtype
+(float32; float64 for float64 params), the optimizer's own ``rule`` run on it unchanged, each new buffer
+rounded to float32 and quantized again (:func:`quantize`): the new absmax of each block, then each
+element's code, ``count(mid < x * (1 / absmax))``, ``mid`` the 255 float32 midpoints between neighbouring
+map values (round to nearest, a tie to the smaller value; a NaN gets code 255, an all-zero block absmax 0).
+A NaN in a block makes its absmax NaN, so the whole block reads NaN afterwards.  The fused CPU kernel
+(:mod:`xopt.engines.cpu_blockwise`) computes the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _backend
+from .reference import _as, _grad, _write
+
+__all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "SIGNED", "UNSIGNED", "midpoints", "bucket_table",
+           "quantize", "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX"]
+
+BLOCK_SIZE = 256  # bitsandbytes' blockwise default
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller params keep float32 state
+SUFFIX = "_absmax"  # buffer name + SUFFIX: its per-block scales
+REFERENCE_CHUNK = 1 << 15  # elements the reference quantizes at a time (rounded down to whole blocks)
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """bitsandbytes' ``create_dynamic_map(signed)`` (7 exponent bits, 8 bits in all): 256 sorted float32 values,
+    computed in float64 and rounded once."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2**i if signed else 2 ** (i + 1)
+        bounds = np.linspace(0.1, 1.0, n + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0 * 10.0 ** (i - 6)
+        values += means.tolist()
+        if signed:
+            values += (-means).tolist()
+    found = np.sort(np.array(values, dtype=np.float64)).astype(np.float32)
+    assert found.shape == (256,) and np.all(np.diff(found) > 0)
+    return found
+
+
+SIGNED = dynamic_map(True)
+UNSIGNED = dynamic_map(False)
+
+
+def midpoints(code: np.ndarray) -> np.ndarray:
+    """The 255 float32 thresholds between neighbouring map values, then +inf (so code 255 compares false)."""
+    wide = code.astype(np.float64)
+    return np.append(((wide[:-1] + wide[1:]) / 2.0).astype(np.float32), np.float32(np.inf))
+
+
+def bucket_table(mid: np.ndarray) -> np.ndarray:
+    """uint8[65536]: for each value of a float32's top 16 bits, ``count(mid < x)`` for the smallest x with
+    those bits; one comparison with ``mid`` at that code then gives any such x's code (checked here: no
+    bucket holds two thresholds).  NaN buckets give 255.  What the fused kernel quantizes with."""
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    ends = np.stack([top, top | 0xFFFF]).view(np.float32)  # the two ends of each bucket (either order)
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.fmin(ends[0], ends[1]), np.fmax(ends[0], ends[1])
+    first = np.searchsorted(mid[:255], lo, side="left")
+    last = np.searchsorted(mid[:255], hi, side="left")
+    nan = np.isnan(ends[0])
+    assert np.all((last - first <= 1) | nan), "a bucket holds two thresholds"
+    return np.where(nan, 255, first).astype(np.uint8)
+
+
+def map_of(opt, name) -> np.ndarray:
+    """The map of buffer ``name`` of ``opt``: unsigned for the buffers its class declares never negative."""
+    return UNSIGNED if name in getattr(type(opt), "nonnegative_buffers", ()) else SIGNED
+
+
+_MIDS = {id(SIGNED): midpoints(SIGNED), id(UNSIGNED): midpoints(UNSIGNED)}
+
+
+def is_8bit(opt, size) -> bool:
+    """Whether ``opt`` keeps the state of a param of ``size`` elements as 8-bit codes."""
+    return opt._hyper.get("state_dtype") == "8bit" and size >= opt._hyper["min_8bit_size"]
+
+
+def n_blocks(size, block) -> int:
+    return -(-size // block)
+
+
+def quantize(xp, x, code, block):
+    """(uint8 codes, float32 absmax per block) of 1-D ``x`` (float32) on map ``code`` (see the module)."""
+    n = x.shape[0]
+    nb = n_blocks(n, block)
+    mid = xp.asarray(_MIDS[id(code)][:255], device=_backend.device(x))
+    padded = x if nb * block == n else xp.concat([x, xp.zeros(nb * block - n, dtype=x.dtype,
+                                                                device=_backend.device(x))])
+    rows = xp.reshape(padded, (nb, block))
+    absmax = xp.max(xp.abs(rows), axis=1)  # NaN propagates: a NaN makes its block's absmax NaN
+    inverse = 1.0 / xp.where(absmax == 0.0, xp.ones_like(absmax), absmax)
+    y = xp.reshape(rows * inverse[:, None], (-1,))[:n]
+    codes = xp.searchsorted(mid, y, side="left")
+    codes = xp.where(xp.isnan(y), xp.full_like(codes, 255), codes)
+    return xp.astype(codes, xp.uint8), absmax
+
+
+def dequantize(xp, codes, absmax, code, block, dtype):
+    """The values of 1-D ``codes`` with their blocks' ``absmax``, in ``dtype``: ``map[code] * absmax`` (float32)."""
+    n = codes.shape[0]
+    nb = absmax.shape[0]
+    table = xp.asarray(code, device=_backend.device(codes))
+    values = xp.take(table, xp.astype(codes, xp.int64))
+    if nb * block != n:
+        values = xp.concat([values, xp.zeros(nb * block - n, dtype=values.dtype, device=_backend.device(codes))])
+    values = xp.reshape(xp.reshape(values, (nb, block)) * absmax[:, None], (-1,))[:n]
+    return _as(xp, values, dtype)
+
+
+def apply_reference(opt, entries) -> list:
+    """The writes of the rule over 8-bit state (see the module) for ``entries`` (NumPy params of at least
+    ``min_8bit_size`` elements), whole blocks at a time into new arrays; nothing is written before the writes
+    run."""
+    writes = []
+    for e in entries:
+        view = e.opt if e.opt is not None else opt
+        xp, p, st = e.xp, e.p, e.state
+        dtype = _backend.compute_dtype(xp, p.dtype)
+        block = opt._hyper["block_size"]
+        names = view.buffers()
+        maps = [map_of(view, name) for name in names]
+        n = math.prod(p.shape)
+        flat_p, flat_g = xp.reshape(p, (-1,)), xp.reshape(xp.asarray(e.g), (-1,))
+        if flat_g.shape[0] != n:  # a number grad of a 0-d param never gets here (params this small are float)
+            flat_g = xp.broadcast_to(flat_g, (n,))
+        codes = [xp.reshape(st[name], (-1,)) for name in names]
+        scales = [st[name + SUFFIX] for name in names]
+        out_p = xp.empty_like(flat_p)
+        out_codes = [xp.empty_like(c) for c in codes]
+        out_scales = [xp.empty_like(s) for s in scales]
+        chunk = max(1, REFERENCE_CHUNK // block) * block
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            b0, b1 = lo // block, n_blocks(hi, block)
+            state = {name: dequantize(xp, c[lo:hi], s[b0:b1], m, block, dtype)
+                     for name, c, s, m in zip(names, codes, scales, maps)}
+            p_new, new = view.rule(xp, _as(xp, flat_p[lo:hi], dtype), _grad(xp, flat_g[lo:hi], dtype, e.clip),
+                                   state, e.scalars)
+            out_p[lo:hi] = _as(xp, p_new, p.dtype)
+            for name, m, oc, os_ in zip(names, maps, out_codes, out_scales):
+                oc[lo:hi], os_[b0:b1] = quantize(xp, _as(xp, new[name], xp.float32), m, block)
+        for name, oc, os_ in zip(names, out_codes, out_scales):
+            writes += [_write(xp, st[name], xp.reshape(oc, st[name].shape), False),
+                       _write(xp, st[name + SUFFIX], os_, False)]
+        writes.append(_write(xp, p, xp.reshape(out_p, p.shape), False))
+    return writes

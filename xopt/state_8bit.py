@@ -1,0 +1,163 @@
+"""Where the 8-bit state (``state_dtype="8bit"``, format in :mod:`xopt.engines.blockwise`) meets the rest:
+the dtype a param's state is kept in, the state a param starts from, its checks, and the conversions a
+load makes (a float state into an 8-bit optimizer is quantized, an 8-bit state into another is
+dequantized)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _backend
+from ._inputs import describe
+from .engines.blockwise import SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
+
+__all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry"]
+
+
+def buffer_dtype(opt, e):
+    """uint8 (the codes) for a NumPy param of at least ``min_8bit_size`` elements, its compute dtype for a
+    smaller one; raises for other array libraries."""
+    if _backend.library_name(e.p) != "numpy" and not isinstance(e.p, (float, np.floating)):
+        raise TypeError(f"param {describe(e.key)}: state_dtype='8bit' is supported for NumPy arrays only, "
+                        f"not {_backend.library_name(e.p)}")
+    if is_8bit(opt, math.prod(np.shape(e.p))):
+        return np.dtype(np.uint8)
+    return _backend.compute_dtype(e.xp, e.p.dtype)
+
+
+def holds_8bit(st) -> bool:
+    """Whether a param's state dict holds 8-bit buffers."""
+    return any(isinstance(name, str) and name.endswith(SUFFIX) for name in st)
+
+
+def state_for(opt, e):
+    """The state of an 8-bit param, its missing buffers made (each the quantized start value) and read-only
+    ones (a file's, a user's) copied."""
+    st = opt.state.setdefault(e.key, {"step": 0})
+    view = e.opt or opt
+    block = opt._hyper["block_size"]
+    for name in view.buffers():
+        if st.get(name) is None:
+            size = math.prod(e.p.shape)
+            codes, absmax = quantize(np, np.full(size, view.initial_value(name), dtype=np.float32),
+                                     map_of(view, name), block)
+            st[name], st[name + SUFFIX] = codes.reshape(e.p.shape), absmax
+        for key in (name, name + SUFFIX):
+            if not st[key].flags.writeable or not st[key].flags.c_contiguous:
+                st[key] = np.array(st[key], order="C")
+    return st
+
+
+def check_state(opt, e, st):
+    """Every 8-bit buffer of e's state has its absmax: float32, one per block."""
+    block = opt._hyper["block_size"]
+    want = (n_blocks(math.prod(e.p.shape), block),)
+    for name in (e.opt or opt).buffers():
+        if name not in st:
+            continue
+        absmax = st.get(name + SUFFIX)
+        if type(absmax) is not np.ndarray or absmax.dtype != np.float32 or absmax.shape != want:
+            have = "missing" if absmax is None else f"{type(absmax).__name__} {getattr(absmax, 'dtype', '')} " \
+                                                   f"{tuple(getattr(absmax, 'shape', ()))}"
+            raise ValueError(f"param {describe(e.key)}: its 8-bit state {name!r} needs {name + SUFFIX!r}, float32 of "
+                             f"shape {want} (block_size={block}), got {have}")
+
+
+def convert(trial, state, arrays, saved_block):
+    """``state`` (a state_dict's, param key -> dict) in the layout ``trial`` keeps: float buffers of params
+    it keeps 8-bit quantized, 8-bit buffers of params it does not dequantized (to float32, or the compute
+    dtype of the param in ``arrays`` where given); ``saved_block``: the block size the state was made with.  Entries that need neither are passed through as they are
+    (the usual checks follow); returns a new dict, or ``state`` itself where nothing changes."""
+    eight = trial._hyper.get("state_dtype") == "8bit"
+    if not eight and not any(isinstance(st, Mapping) and holds_8bit(st) for st in state.values()):
+        return state
+    out = {}
+    for key, st in state.items():
+        if not isinstance(st, Mapping):
+            out[key] = st
+            continue
+        names = [n for n in st if n != "step" and not (isinstance(n, str) and n.endswith(SUFFIX))]
+        p = None if arrays is None else arrays.get(key)
+        size = _size(st, names, p)
+        want_8bit = eight and size is not None and is_8bit(trial, size)
+        out[key] = _converted(trial, key, st, names, want_8bit, p, saved_block)
+    return out
+
+
+def _size(st, names, p):
+    if p is not None and hasattr(p, "shape"):
+        return math.prod(p.shape)
+    for name in names:
+        shape = getattr(st[name], "shape", None)
+        if shape is not None:
+            return math.prod(shape)
+    return None
+
+
+def _converted(trial, key, st, names, want_8bit, p, saved_block):
+    block = trial._hyper.get("block_size")
+    entry = dict(st)
+    for name in names:
+        buf = st[name]
+        absmax = st.get(name + SUFFIX)
+        if absmax is None and not want_8bit:
+            continue
+        if not isinstance(buf, np.ndarray) or (absmax is not None and not isinstance(absmax, np.ndarray)):
+            raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state converts from and to NumPy "
+                            f"arrays only, got {type(buf).__name__}")
+        if absmax is not None:
+            _check_blocks(key, name, buf, absmax, saved_block)
+            if want_8bit and saved_block == block:
+                continue  # kept as it is: the usual 8-bit checks follow
+            values = dequantize(np, buf.reshape(-1), absmax, map_of(trial, name), saved_block, np.float32)
+            del entry[name + SUFFIX]
+        else:
+            values = np.asarray(buf, dtype=np.float32).reshape(-1)
+        if want_8bit:
+            codes, scales = quantize(np, values, map_of(trial, name), block)
+            entry[name], entry[name + SUFFIX] = codes.reshape(buf.shape), scales
+        else:
+            dtype = np.float32 if p is None or not hasattr(p, "dtype") else _backend.compute_dtype(np, np.dtype(p.dtype))
+            if trial._hyper.get("state_dtype") == "bfloat16":
+                dtype = _backend.low_precision_dtype(np, "bfloat16")
+            entry[name] = values.astype(dtype).reshape(buf.shape)
+    for name in st:
+        if isinstance(name, str) and name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in st:
+            raise ValueError(f"state of param {describe(key)} holds {name!r} without {name[:-len(SUFFIX)]!r}")
+    return entry
+
+
+def _check_blocks(key, name, codes, absmax, block):
+    """An 8-bit buffer: uint8 codes, and a 1-D float32 absmax with one number per block of ``block``."""
+    if codes.dtype != np.uint8 or absmax.dtype != np.float32 or absmax.ndim != 1:
+        raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state is uint8 codes and a 1-D float32 "
+                        f"{name + SUFFIX!r}, got {codes.dtype} and {absmax.dtype} of shape {absmax.shape}")
+    if absmax.shape[0] != n_blocks(codes.size, block):
+        raise ValueError(f"state {name!r} of param {describe(key)}: {codes.size} codes in blocks of {block} "
+                         f"(block_size) need {n_blocks(codes.size, block)} {name + SUFFIX!r}, got {absmax.shape[0]}")
+
+
+def checked_entry(kind, key, st, step, always, possible, p):
+    """A param's 8-bit state (after :func:`convert`), its step count checked already, checked and copied: its
+    names, shapes."""
+    name = describe(key)
+    names = {n for n in st if n != "step" and not n.endswith(SUFFIX)}
+    unknown = names - possible
+    if unknown:
+        raise ValueError(f"state of param {name} holds {sorted(unknown)}, which no {kind} keeps")
+    if step > 0 and not always <= names:
+        raise ValueError(f"state of param {name} lacks {sorted(always - names)}, which every {kind} keeps "
+                         f"from a param's first step (its step is {step})")
+    shape = tuple(p.shape) if p is not None else None
+    entry = {"step": step}
+    for n in sorted(names):
+        codes = st[n]
+        if shape is not None and tuple(codes.shape) != shape:
+            raise ValueError(f"state {n!r} of param {name} has shape {tuple(codes.shape)} but the param has "
+                             f"shape {shape}")
+        shape = tuple(codes.shape)
+        entry[n], entry[n + SUFFIX] = np.array(codes, order="C"), np.array(st[n + SUFFIX], order="C")
+    return entry
