@@ -164,10 +164,16 @@ def test_chunk_table_covers_every_element_once():
 
 
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
-    """A second process loads the kernels from the disk cache instead of compiling them."""
-    code = ("import xopt.engines.fused_cpu as f; f.compile_all(); "
-            "print(len(f._step.stats.cache_hits), len(f._step.stats.cache_misses))")
+    """A second process loads the kernels from the disk cache instead of compiling them: the entry of Adam's
+    steps (compiled per rule, when a step of it first runs; the only rule these processes run)."""
+    code = ("import numpy as np, xopt\n"
+            "from xopt.engines import cpu_step\n"
+            "opt = xopt.Adam(impl='fused')\n"
+            "for _ in range(2):\n"
+            "    opt.update({'p': np.ones(4, np.float32)}, {'p': np.ones(4, np.float32)})\n"
+            "(entries,) = cpu_step._COMPILED.values()\n"
+            "print(len(entries.step.stats.cache_hits), len(entries.step.stats.cache_misses))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     hits, misses = int(out[0]), int(out[1])
-    assert hits >= 2 and misses == 0, f"cache hits {hits}, misses {misses}"
+    assert hits >= 1 and misses == 0, f"cache hits {hits}, misses {misses}"
