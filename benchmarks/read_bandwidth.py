@@ -6,7 +6,7 @@ thread and on two (chunks of 2^15 elements dealt alternately; the kernel's threa
 a shared counter), four ways.  At the default 2^25 (128 MiB) the array is out of the caches: on
 this project's machine a 2^22 array (16 MiB) read about twice as fast, best of 7.
 
-- ``xopt``: xopt's own pass (``cpu_rules.sum_of_squares``: four streams per chunk, float64 sums);
+- ``xopt``: xopt's own pass (``cpu_drivers.sum_of_squares``: four streams per chunk, float64 sums);
 - ``one stream``: the same sum as one plain loop;
 - ``one stream + prefetch``: that loop with a software prefetch ``--ahead`` elements ahead (LLVM's
   ``llvm.prefetch``), to keep more reads in flight than the hardware prefetcher does;
@@ -32,9 +32,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from xopt.bench.report import commit
-from xopt.engines import cpu_rules
+from xopt.engines import cpu_drivers
 
-CHUNK = cpu_rules.CHUNK
+CHUNK = cpu_drivers.CHUNK
 BLOCK = 1024  # elements between two rounds of prefetches
 
 
@@ -100,7 +100,7 @@ def main(argv=None):
     base, _, exp = args.size.partition("^")
     n = int(base) ** int(exp) if exp else int(base)
     g = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    ways = {"xopt": cpu_rules.sum_of_squares, "one stream": _one_stream,
+    ways = {"xopt": cpu_drivers.sum_of_squares, "one stream": _one_stream,
             "one stream + prefetch": lambda a: _one_stream_prefetch(a, args.ahead)}
     for fn in ways.values():
         fn(g[:4 * BLOCK])  # compiled before timing

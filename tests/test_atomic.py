@@ -23,9 +23,9 @@ def _compiled_codes():
     """The code objects of the numba functions xopt calls: numba reports a call of one to a profiler as if it
     were Python (a frame it makes up), though no bytecode runs."""
     from numba.core.dispatcher import Dispatcher
-    from xopt.engines import cpu_memory, cpu_rules, cpu_step, fused_cpu
+    from xopt.engines import cpu_drivers, cpu_memory, cpu_rules, cpu_step, fused_cpu
 
-    codes = [f.py_func.__code__ for m in (cpu_memory, cpu_rules, cpu_step, fused_cpu) for f in vars(m).values()
+    codes = [f.py_func.__code__ for m in (cpu_drivers, cpu_memory, cpu_rules, cpu_step, fused_cpu) for f in vars(m).values()
              if isinstance(f, Dispatcher)]
     codes += [c for c in cpu_step._entries.__code__.co_consts if inspect.iscode(c)]  # each rule's entry points
     return {_where(code) for code in codes}

@@ -7,7 +7,8 @@ import pytest
 
 import xopt
 from xopt.engines import blockwise
-from xopt.engines.blockwise import SIGNED, UNSIGNED, bucket_table, midpoints
+from xopt.engines.blockwise import SIGNED, UNSIGNED, midpoints
+from xopt.engines.cpu_blockwise import key_table, table_code
 
 N = 5000 + 77  # above min_8bit_size, a tail shorter than a block
 CONFIGS = {
@@ -38,19 +39,45 @@ def test_the_maps_are_bitsandbytes_dynamic_maps(signed):
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)  # float64 then rounded, vs float32 throughout
 
 
-def test_the_bucket_table_gives_the_nearest_code():
+def _nearest_rule(code, y):
+    """The reference's code of float32 ``y``: count(mid < y), NaN 255."""
+    found = np.searchsorted(midpoints(code)[:255], y, side="left")
+    return np.where(np.isnan(y), 255, found).astype(np.uint8)
+
+
+@pytest.mark.parametrize("code", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
+def test_the_key_table_gives_the_reference_code_for_every_float32(code):
+    # The kernel's code of y is table[key >> 16] >> 16, plus 1 where the key's low 16 bits pass the entry's.
+    # Within one range of keys (no NaN in it) the reference's code never falls as y grows and rises at most
+    # once (key_table asserts it), at the threshold the entry names; the kernel's is a step at that same low
+    # value.  So the two agree on a whole range when they agree at its two ends and on both sides of its step:
+    # checked here for all 65536 ranges, which covers every float32 but the signaling NaNs (the kernel's values
+    # are products, whose NaNs are quiet).
+    table = key_table(midpoints(code))
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = table & 0xFFFF
+    step = np.minimum(low + 1, 0xFFFF)
+    keys = np.concatenate([top, top | 0xFFFF, top | low, top | step])
+    bits = np.where(keys >> 31 != 0, keys ^ np.uint32(0x80000000), ~keys).astype(np.uint32)
+    signaling = ((bits & 0x7F800000) == 0x7F800000) & ((bits & 0x7FFFFF) != 0) & ((bits & 0x400000) == 0)
+    y = bits[~signaling].view(np.float32)
+    mid = midpoints(code)[:255]
+    extra = np.concatenate([mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, -np.float32(np.inf)),
+                            np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 1e-45, -1e-45])])
+    y = np.concatenate([y, extra.astype(np.float32)])
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(table_code(table, y), _nearest_rule(code, y))
+
+
+def test_the_reference_code_is_the_nearest_value():
     rng = np.random.default_rng(0)
     y = np.concatenate([rng.uniform(-1, 1, 20000), rng.standard_normal(20000) * 1e-4,
                         SIGNED, midpoints(SIGNED)[:255], [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40]]).astype(np.float32)
     for code in (SIGNED, UNSIGNED):
-        mid = midpoints(code)
-        table = bucket_table(mid)
-        fast = table[y.view(np.uint32) >> 16].astype(np.int64)
-        fast += mid[fast] < y
-        assert np.array_equal(fast, np.searchsorted(mid[:255], y, side="left"))
+        found = _nearest_rule(code, y)
         nearest = np.abs(y[:, None].astype(np.float64) - code[None, :]).min(axis=1)
         # nearest, but at a threshold (a float32 midpoint) where both neighbours are as near to float32 precision
-        assert np.all(np.abs(y.astype(np.float64) - code[fast]) <= nearest + 2.0**-23 * np.abs(y) + 1e-45)
+        assert np.all(np.abs(y.astype(np.float64) - code[found]) <= nearest + 2.0**-23 * np.abs(y) + 1e-45)
 
 
 def _edge_grads(rng, dtype, step):

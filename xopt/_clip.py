@@ -26,7 +26,7 @@ EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
 def _numpy_sum_squares(arrays) -> float:
     if _numba.usable():  # numba's code runs here
-        from .engines.cpu_rules import sum_squares
+        from .engines.cpu_drivers import sum_squares
 
         return sum_squares(arrays)
     return float(sum(np.sum(np.square(np.asarray(a), dtype=np.float64)) for a in arrays))

@@ -4,7 +4,7 @@ Every caller of numba-compiled code (the CPU engine, the overlap check's byte bo
 the CUDA engine's host-side gather) asks :func:`usable` and takes its pure NumPy / Python path where it
 answers False: numba not installed, numba installed but its import raising (a broken install), numba's JIT
 turned off (``NUMBA_DISABLE_JIT=1``: the kernels read memory through intrinsics that cannot run
-interpreted), or the compiled code (:mod:`xopt.engines.cpu_rules`) not importable.  Looked at once per process.  Where numba
+interpreted), or the compiled code (:mod:`xopt.engines.cpu_drivers`) not importable.  Looked at once per process.  Where numba
 finds nowhere to cache compiled kernels (a read-only install and no writable home), they are cached in a
 folder of the user's under the temporary directory.
 """
@@ -31,14 +31,14 @@ def _look():
         return
     try:
         try:
-            from .engines import cpu_rules  # noqa: F401  (its compiled functions, cached on disk)
+            from .engines import cpu_drivers  # noqa: F401  (the compiled functions, cached on disk)
         except RuntimeError as exc:  # numba found nowhere to cache the kernels: a read-only install, no home
             if "cannot cache" not in str(exc) or numba.config.CACHE_DIR:
                 raise
             numba.config.CACHE_DIR = _private_cache_dir()
-            from .engines import cpu_rules  # noqa: F401
+            from .engines import cpu_drivers  # noqa: F401
     except ImportError as exc:
-        _USABLE, _WHY = False, f"importing xopt.engines.cpu_rules failed ({exc})"
+        _USABLE, _WHY = False, f"importing xopt.engines.cpu_drivers failed ({exc})"
         return
     _USABLE = True
 

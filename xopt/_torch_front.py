@@ -197,7 +197,7 @@ class _Front(torch.optim.Optimizer):
                 where[n] = (f"{i}.{j}", p)
         new_groups = [{**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
                       for g, s in zip(groups, saved)]  # a key the saved group lacks keeps its value
-        hypers = [self._checked_hyper(i, g) for i, g in enumerate(new_groups)]
+        hypers = [self._check_group(i, g) for i, g in enumerate(new_groups)]  # every value checked, nothing changed yet
         state = {}
         for n, st in state_dict["state"].items():
             if n not in where:
@@ -264,7 +264,20 @@ def _refuse(where, values):
 
 
 def _values(group, reads):
-    return tuple(map(group.get, reads))
+    """The group's values of ``reads``, as plain numbers: a scheduler changes a tensor lr in place, so the
+    tensor itself would compare equal to the one seen before."""
+    values = tuple(map(group.get, reads))
+    if any(isinstance(v, (torch.Tensor, tuple, list)) for v in values):
+        return tuple(map(_plain, values))
+    return values
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(map(_plain, value))
+    return value
 
 
 def _with_grads(keys, ps, gs):

@@ -188,7 +188,9 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None):
 def _adam_traced(beta1, beta2, weight_decay, decoupled):
     def traced(count, lr):
         bc1, bc2 = _bias_correction(beta1, count), _bias_correction(beta2, count)
-        decay = 1.0 - lr * weight_decay if decoupled else 1.0
+        # lr in the widest float: an optax schedule gives float32 even under x64, and optax multiplies it into
+        # float64 updates (a float32 product would round the decay)
+        decay = 1.0 - jnp.asarray(lr, jnp.result_type(float)) * weight_decay if decoupled else 1.0
         return {"step_size": lr / bc1, "sqrt_bc2": jnp.sqrt(bc2), "decay": decay}
 
     return traced

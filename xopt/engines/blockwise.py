@@ -36,8 +36,8 @@ import numpy as np
 from .. import _backend
 from .reference import _as, _grad, _write
 
-__all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "SIGNED", "UNSIGNED", "midpoints", "bucket_table",
-           "quantize", "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX"]
+__all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "SIGNED", "UNSIGNED", "midpoints", "quantize",
+           "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX"]
 
 BLOCK_SIZE = 256  # bitsandbytes' blockwise default
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller params keep float32 state
@@ -69,21 +69,6 @@ def midpoints(code: np.ndarray) -> np.ndarray:
     """The 255 float32 thresholds between neighbouring map values, then +inf (so code 255 compares false)."""
     wide = code.astype(np.float64)
     return np.append(((wide[:-1] + wide[1:]) / 2.0).astype(np.float32), np.float32(np.inf))
-
-
-def bucket_table(mid: np.ndarray) -> np.ndarray:
-    """uint8[65536]: for each value of a float32's top 16 bits, ``count(mid < x)`` for the smallest x with
-    those bits; one comparison with ``mid`` at that code then gives any such x's code (checked here: no
-    bucket holds two thresholds).  NaN buckets give 255.  What the fused kernel quantizes with."""
-    top = np.arange(1 << 16, dtype=np.uint32) << 16
-    ends = np.stack([top, top | 0xFFFF]).view(np.float32)  # the two ends of each bucket (either order)
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.fmin(ends[0], ends[1]), np.fmax(ends[0], ends[1])
-    first = np.searchsorted(mid[:255], lo, side="left")
-    last = np.searchsorted(mid[:255], hi, side="left")
-    nan = np.isnan(ends[0])
-    assert np.all((last - first <= 1) | nan), "a bucket holds two thresholds"
-    return np.where(nan, 255, first).astype(np.uint8)
 
 
 def map_of(opt, name) -> np.ndarray:

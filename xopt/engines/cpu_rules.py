@@ -3,25 +3,17 @@
 Each element rule below is its reference ``rule`` (in ``xopt/optimizers/<name>.py``) as a
 loop: same names, same order of operations, scalars from the same ``scalars(step)`` in the
 order :mod:`xopt.engines.kernels` gives.  ``tests/test_fused.py`` holds every one to its
-reference.  The drivers at the end run them over a step's tensors through addresses that
-:func:`xopt.engines.cpu_memory.check_step` checked: on the calling thread (:func:`run_serial`),
-or chunk by chunk from several (:func:`claim`).
+reference.  :mod:`xopt.engines.cpu_drivers` runs them over a step's tensors.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.core import errors
-from numba.extending import overload
+from numba import njit
 
-from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store, fetch_add, view as _view, yield_cpu
+from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store
 
-__all__ = ["RULES", "BF16_RULES", "CHUNK", "CLIP_BLOCK", "run_serial", "claim", "claim_squares", "squares", "chunk_rows",
-           "sum_of_squares", "all_finite", "wait_done"]
-
-CHUNK = 1 << 15  # elements per unit of work
-CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many at a time (8 or 16 KiB: in L1)
+__all__ = ["RULES", "BF16_RULES", "ADAM_BF16"]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -279,183 +271,3 @@ RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam,
          _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
-
-
-# -- drivers: the rules over a step's tensors, through checked addresses ------------------------
-# ``ptrs[t]``: the addresses of tensor t's param, grad and three state slots; ``scal[k]``: the scalars of
-# part k of the step (one hyperparameter set at one step count), the clip scale last (1.0: none);
-# ``part[t]``: tensor t's part (empty: all part 0); ``bits``: an empty uint16 array that types bfloat16 state.
-@njit(cache=True, inline="always")
-def _scratch(s):
-    """Room for a block of grads times the clip scale (the last of the scalars ``s``; 1.0: none needed)."""
-    return np.empty(CLIP_BLOCK if s[s.shape[0] - 1] != 1.0 else 0, dtype=s.dtype)
-
-
-@njit(cache=True, inline="always")
-def _scaled(g, clip, scratch):
-    """g times ``clip``, in ``scratch``."""
-    out = scratch[:g.shape[0]]
-    for i in range(g.shape[0]):
-        out[i] = g[i] * clip
-    return out
-
-
-def _apply(rule, ptrs, t, a, b, p, g, s, bits):
-    """Rule number ``rule`` on elements a:b of tensor t (``p``, ``g`` their views).  Compiled code only, with
-    ``rule`` a compile-time constant (see :func:`_elements`): each rule's code is typed and compiled only
-    where a step of that rule runs."""
-    raise TypeError("xopt.engines.cpu_rules._apply runs in compiled code only")
-
-
-@overload(_apply, prefer_literal=True, inline="always")
-def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
-    if not isinstance(rule, types.IntegerLiteral):
-        raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see fused_cpu.compiled)")
-    f = RULES[rule.literal_value]
-    if rule.literal_value == ADAM_BF16:  # bfloat16 state: its slots viewed as uint16
-        def apply_bf16(rule, ptrs, t, a, b, p, g, s, bits):
-            f(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b), _view(ptrs[t, 4], bits, a, b), s)
-        return apply_bf16
-
-    def apply(rule, ptrs, t, a, b, p, g, s, bits):
-        f(p, g, _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b), s)
-    return apply
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
-    """Elements lo:hi of tensor t.  ``rule`` is a compile-time constant here: the drivers below are
-    called from one small compiled entry per rule (``fused_cpu.compiled``) that passes its own rule number,
-    so numba compiles each driver once per rule and dtype, with that rule's code alone, when a step of it
-    first runs (not every rule at a process's first step).  With a clip scale, the rule gets the grads in
-    blocks of ``CLIP_BLOCK``, each times the scale in ``scratch`` (in L1): the caller's grads are only read."""
-    clip = s[s.shape[0] - 1]
-    block = hi - lo if clip == 1.0 else CLIP_BLOCK
-    for a in range(lo, hi, max(block, 1)):
-        b = min(a + block, hi)
-        p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
-        if clip != 1.0:
-            g = _scaled(g, clip, scratch)
-        _apply(rule, ptrs, t, a, b, p, g, s, bits)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def run_serial(rule, ptrs, sizes, scal, part, bits):
-    """Every tensor of the step, whole, on the calling thread."""
-    scratch = _scratch(scal[0])
-    for t in range(sizes.shape[0]):
-        _elements(rule, ptrs, t, 0, sizes[t], scal[part[t]] if part.shape[0] else scal[0], bits, scratch)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def claim(rule, ptrs, chunks, part, counters, scal, bits):
-    """Take chunks (rows ``tensor, lo, hi``) one at a time (``counters[0]``: the next one) until none is
-    left; ``counters[1]`` counts those done.  Every thread of a step runs this, so a thread the OS does
-    not run soon (the cores busy with BLAS, or another process) simply takes fewer chunks: a step never
-    waits for a thread that has not started, only for chunks already under way."""
-    base = counters.ctypes.data
-    n = chunks.shape[0]
-    scratch = _scratch(scal[0])
-    while True:
-        c = fetch_add(base, 1)
-        if c >= n:
-            return
-        t = chunks[c, 0]
-        _elements(rule, ptrs, t, chunks[c, 1], chunks[c, 2], scal[part[t]] if part.shape[0] else scal[0], bits,
-                  scratch)
-        fetch_add(base + 8, 1)
-
-
-@njit(cache=True, nogil=True)
-def wait_done(counters, n):
-    """Until ``n`` chunks are done (``counters[1]``): the last ones, under way on workers, are a chunk each."""
-    base = counters.ctypes.data + 8
-    while fetch_add(base, 0) < n:
-        yield_cpu()
-
-
-# -- the norm of the grads (clip_grad_norm) and their finiteness (skip_nonfinite) ------------------
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
-def sum_of_squares(g):
-    """In float64.  Four quarters read side by side: four streams keep more loads in flight than one
-    (2^25 float32 on one thread: 16 -> 12 ms); reassociated so LLVM vectorizes (the order is fixed
-    for a given chunk)."""
-    q = g.shape[0] // 4
-    a0 = a1 = a2 = a3 = 0.0
-    for i in range(q):
-        x0, x1, x2, x3 = np.float64(g[i]), np.float64(g[q + i]), np.float64(g[2 * q + i]), np.float64(g[3 * q + i])
-        a0 += x0 * x0
-        a1 += x1 * x1
-        a2 += x2 * x2
-        a3 += x3 * x3
-    for i in range(4 * q, g.shape[0]):
-        x = np.float64(g[i])
-        a0 += x * x
-    return (a0 + a1) + (a2 + a3)
-
-
-@njit(cache=True, nogil=True)
-def squares(ptrs, chunks, first, last, proto, sums):
-    """``sums[c]``: the sum of squares of chunk c's grad, in float64 (``proto`` types the grads)."""
-    for c in range(first, last):
-        sums[c] = sum_of_squares(_view(ptrs[chunks[c, 0], 1], proto, chunks[c, 1], chunks[c, 2]))
-
-
-@njit(cache=True, nogil=True)
-def claim_squares(ptrs, chunks, counters, proto, sums):
-    """:func:`claim` for the norm's pass (:func:`squares`)."""
-    base = counters.ctypes.data
-    n = chunks.shape[0]
-    while True:
-        c = fetch_add(base, 1)
-        if c >= n:
-            return
-        squares(ptrs, chunks, c, c + 1, proto, sums)
-        fetch_add(base + 8, 1)
-
-
-@njit(cache=True, nogil=True)
-def all_finite(ptrs, sizes, proto):
-    """Whether every grad of the step is finite (no NaN, no Inf)."""
-    for t in range(sizes.shape[0]):
-        g = _view(ptrs[t, 1], proto, 0, sizes[t])
-        for i in range(g.shape[0]):
-            if not np.isfinite(g[i]):
-                return False
-    return True
-
-
-@njit(cache=True, nogil=True)
-def chunk_rows(sizes, chunk):
-    """(tensor, lo, hi) rows covering every element of tensors of ``sizes``, no row longer than ``chunk``."""
-    n = 0
-    for t in range(sizes.shape[0]):
-        n += (sizes[t] + chunk - 1) // chunk
-    rows = np.empty((n, 3), dtype=np.int64)
-    r = 0
-    for t in range(sizes.shape[0]):
-        for lo in range(0, sizes[t], chunk):
-            rows[r, 0], rows[r, 1], rows[r, 2] = t, lo, min(lo + chunk, sizes[t])
-            r += 1
-    return rows
-
-
-@njit(cache=True, nogil=True)
-def _chunk_squares(a, out):
-    for c in range(out.shape[0]):
-        out[c] = sum_of_squares(a[c * CHUNK:min((c + 1) * CHUNK, a.shape[0])])
-
-
-def sum_squares(arrays) -> float:
-    """The sum of the squares of NumPy arrays, in float64: per chunk of CHUNK elements, the chunks'
-    sums then added by NumPy in order, as a step's own pass over its grads adds them."""
-    sums = []
-    for a in arrays:
-        a = np.asarray(a)
-        if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
-            a = a.astype(np.float32 if a.dtype.itemsize <= 4 else np.float64)  # float16: exact in float32
-        a = np.ascontiguousarray(a).reshape(-1)
-        out = np.empty(-(-a.size // CHUNK), dtype=np.float64)
-        _chunk_squares(a, out)
-        sums.append(out)
-    return float(np.concatenate(sums).sum()) if sums else 0.0

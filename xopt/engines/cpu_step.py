@@ -2,7 +2,7 @@
 
 A step's whole check and (when small) its run are one compiled call, :func:`_step`: it reads every
 array's struct (:func:`xopt.engines.cpu_memory.check_step`) and only then runs the rule through the
-addresses it checked (``cpu_rules.run_serial``).  Larger and clipped steps are checked the same way
+addresses it checked (``cpu_drivers.run_serial``).  Larger and clipped steps are checked the same way
 from Python and then run by ``serial`` (the calling thread) or ``claim`` (chunks over threads).
 
 Each entry passes its rule number to that shared code as a compile-time constant (a closure's
@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from .cpu_memory import HEAD, N_HEAD, check_step
-from .cpu_rules import all_finite, claim, run_serial
+from .cpu_drivers import all_finite, claim, run_serial
 
 __all__ = ["Compiled", "compiled", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
 
@@ -66,8 +66,8 @@ def _step(rule, off, head, scal, bits):
 
 class Compiled(NamedTuple):
     """One rule's compiled entry points: ``step(off, head, scal, bits)`` (:func:`_step`),
-    ``serial(ptrs, sizes, scal, part, bits)`` (``cpu_rules.run_serial``) and ``claim(ptrs, chunks, part,
-    counters, scal, bits)`` (``cpu_rules.claim``)."""
+    ``serial(ptrs, sizes, scal, part, bits)`` (``cpu_drivers.run_serial``) and ``claim(ptrs, chunks, part,
+    counters, scal, bits)`` (``cpu_drivers.claim``)."""
 
     step: object
     serial: object

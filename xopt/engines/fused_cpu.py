@@ -4,7 +4,8 @@ A step hands :func:`step` the lists it gathered (params, grads, each param's sta
 the scalars of each part of the step (one hyperparameter set at one step count).  One compiled
 call (:mod:`xopt.engines.cpu_step`) reads every array's own struct, checks it
 (:func:`xopt.engines.cpu_memory.check_step`: types, dtypes, shapes, flags, no shared memory) and
-only then runs the kernel (:mod:`xopt.engines.cpu_rules`) through the addresses it checked.
+only then runs the kernel (:mod:`xopt.engines.cpu_rules`, :mod:`xopt.engines.cpu_drivers`) through the
+addresses it checked.
 Nothing is remembered from one call to the next: a step on new arrays, a new dict or a new
 optimizer costs what a repeated one does.  Anything the check refuses is refused whole, before
 any write, and the checked path (``Optimizer._update``) takes the step and explains.
@@ -33,9 +34,10 @@ from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import N_HEAD, OFFSETS, check_step
-from .cpu_rules import BF16_RULES, CHUNK, all_finite, chunk_rows, claim_squares, squares, wait_done
+from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim_squares, squares, wait_done
+from .cpu_rules import BF16_RULES
 from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, compiled
-from .cpu_rules import sum_squares as _sum_squares
+from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import lookup
 
 __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
@@ -46,7 +48,7 @@ __all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", 
 # second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
 # (0.53-0.63x the one-thread time); in a loop with a matmul before each step it neither won nor lost (1.01-1.09x
 # from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
-# few chunks; see cpu_rules.claim).
+# few chunks; see cpu_drivers.claim).
 PARALLEL_MIN = 1 << 21
 
 _FLOATS = (np.float16, np.float32, np.float64)

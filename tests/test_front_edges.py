@@ -1,0 +1,85 @@
+"""Front ends and 8-bit state at their edges: a tensor lr a scheduler fills in place, a state_dict with a bad
+value, an optax schedule's float32 under x64, an empty param with 8-bit state."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import xopt
+
+
+# -- 1. xopt.torch: a tensor lr that a scheduler fills in place is never pushed ----------------------
+def test_torch_front_follows_a_tensor_lr_that_a_scheduler_fills_in_place():
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xopt.torch")
+
+    def run(cls):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = cls([w], lr=torch.tensor(0.1))  # torch.optim accepts a Tensor lr (foreach=None)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)  # param_group["lr"].fill_(...)
+        for _ in range(4):
+            opt.zero_grad()
+            (w ** 2).sum().backward()
+            opt.step()
+            sched.step()
+        return w.detach()
+
+    # torch computes with the float32 tensor (its step size in float32), xopt with its value in float64
+    torch.testing.assert_close(run(xt.Adam), run(torch.optim.Adam), rtol=1e-6, atol=1e-8)
+
+
+# -- 2. 8-bit state: an empty param with min_8bit_size=0 -------------------------------------------
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+def test_8bit_state_takes_an_empty_param(shape):
+    pytest.importorskip("xopt.engines.fused_cpu", reason="numba is not installed")
+    opt = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    params = {"e": np.zeros(shape, dtype=np.float32), "w": np.ones(300, dtype=np.float32)}
+    opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    assert opt.state["w"]["step"] == 1
+
+
+# -- 3. xopt.torch load_state_dict: hyperparameters are not checked before the load commits ----------
+def test_torch_load_state_dict_refuses_a_bad_hyperparameter_changing_nothing():
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xopt.torch")
+    w, v = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    opt = xt.Adam([{"params": [w]}, {"params": [v], "lr": 0.5}], lr=0.1)
+    opt.zero_grad()
+    ((w ** 2).sum() + (v ** 2).sum()).backward()
+    opt.step()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][1]["lr"] = -1.0
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: lr"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[1]["lr"] == before["param_groups"][1]["lr"]
+
+
+# -- 4. xopt.optax.adamw: the decoupled decay factor is rounded in the schedule's float32 ----------------
+def test_optax_adamw_with_a_schedule_matches_optax_in_float64():
+    pytest.importorskip("optax")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        import jax.numpy as jnp
+        import optax
+
+        import xopt.optax as xo
+
+        sched = optax.exponential_decay(0.1, 1, 0.8)  # returns float32 even under x64
+        outs = []
+        for mod in (optax, xo):
+            tx = mod.adamw(sched, weight_decay=0.1)
+            params = {"a": jnp.arange(6.0, dtype=jnp.float64) / 7}
+            state = tx.init(params)
+            for i in range(5):
+                g = {"a": jnp.sin(params["a"] * (i + 1)) + 0.1}
+                u, state = tx.update(g, state, params)
+                params = optax.apply_updates(params, u)
+            outs.append(np.asarray(params["a"]))
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-13, atol=1e-15)
+    finally:
+        jax.config.update("jax_enable_x64", False)
