@@ -27,7 +27,9 @@ import pytest
 from xopt.engines import cuda_device, fused_cuda
 from xopt.engines.kernels import RULES as KERNEL_RULES
 
-pytestmark = pytest.mark.cuda_source
+# slow: every instance built by NVRTC and nvcc, and its SASS read (tests/test_cuda_source.py runs the same
+# source as C++ by default)
+pytestmark = [pytest.mark.cuda_source, pytest.mark.slow]
 
 RULES = sorted(set(KERNEL_RULES.values()))
 DTYPES = ["float16", "float32", "float64"]

@@ -486,6 +486,7 @@ print("norms", HostDevice.norms, "launches", HostDevice.launches, "wide", sum(Ho
 """
 
 
+@pytest.mark.slow  # a second build of the kernel, with ASan, and a run under it
 def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
     """Every rule, dtype and configuration over the edge shapes, each array its own allocation, with
     AddressSanitizer watching every load and store of the kernel (a read or write one past an array fails)."""

@@ -217,6 +217,7 @@ def _xopt_threads():
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("xopt"))
 
 
+@pytest.mark.slow  # a cluster of its own
 def test_a_chunks_kernel_takes_the_threads_dask_gives_a_task_never_more():
     """xopt would take 4 threads in the worker (XOPT_NUM_THREADS); Dask's OMP_NUM_THREADS=1 wins,
     and a worker given OMP_NUM_THREADS=2 gets two (the pool's one thread beside the task's)."""
@@ -297,6 +298,7 @@ def test_no_chunk_anyone_can_read_is_written(client, rng):
         assert not np.array_equal(params["W"].compute(), want_p)
 
 
+@pytest.mark.slow  # a cluster of its own and 100 steps
 def test_the_readme_distributed_example_runs_and_converges(capsys):
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     section = readme[readme.index("## Beyond one machine: Dask"):]

@@ -66,6 +66,7 @@ class Run:
         assert self.opt.state["W"]["step"] == self.ref.state["W"]["step"]
 
 
+@pytest.mark.slow
 def test_the_schedulers_tasks_stay_bounded_however_many_steps_run(client, every):
     """Without durable points the scheduler keeps every step's tasks, 8 more each step (200 after 24 steps); with
     them, at most the steps since the last one and a few more (forgetting is asynchronous)."""
@@ -78,6 +79,7 @@ def test_the_schedulers_tasks_stay_bounded_however_many_steps_run(client, every)
     run.check()
 
 
+@pytest.mark.slow
 def test_a_lost_worker_replays_only_the_steps_since_the_last_durable_point(client, every):
     run = Run(1)
     distributed.wait(run.step(4 * every + every - 1))  # the worst place: a step short of the next durable point
@@ -92,6 +94,7 @@ def test_a_lost_worker_replays_only_the_steps_since_the_last_durable_point(clien
     client.wait_for_workers(2, timeout=60)
 
 
+@pytest.mark.slow
 def test_durable_copies_outlive_the_active_memory_managers_reduce_replicas(client, every):
     run = Run(2)
     distributed.wait(run.step(every))
@@ -135,6 +138,7 @@ def own_client():
     cluster.close()
 
 
+@pytest.mark.slow  # a cluster of its own, restarted
 def test_a_step_after_a_cluster_restart_raises_naming_the_lost_state_and_changes_nothing(own_client, every,
                                                                                          tmp_path):
     client = own_client

@@ -170,6 +170,7 @@ print(_dispatch._fused_cpu() is not None, numba.config.CACHE_DIR, float(p["w"][0
 """
 
 
+@pytest.mark.slow  # compiles Adam's kernels again, into a cache of its own
 def test_a_read_only_install_without_a_home_caches_its_kernels_in_the_temporary_directory(tmp_path):
     """numba's cache=True raised "cannot cache function ...: no locator available" at import where the package
     folder is read-only and there is no writable home (a container's non-root user): every update failed."""

@@ -30,6 +30,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ["auto", "reference"]
+# The hunts (random signals at random moments) run on the default path by default; on the reference path too
+# with -m slow (CI runs both).
+HUNT_IMPLS = ["auto", pytest.param("reference", marks=pytest.mark.slow)]
 
 # The start of every child's script (after ``SEED = ...`` and ``WATCHDOG = ...``).
 HEADER = r'''
@@ -234,7 +237,7 @@ report(**attempts.facts())
 """
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", HUNT_IMPLS)
 def test_ctrl_c_in_notebook_cells_never_splits_a_step(impl, seed):
     """Four notebook cells, each interrupted by a SIGINT at a random moment while Adam steps a 2^22 float32
     param; SIGINT's handler is Python's default inside each cell and another one between cells (ipykernel).
@@ -270,7 +273,7 @@ report(**attempts.facts())
 """
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", HUNT_IMPLS)
 def test_raising_sigterm_and_sigalrm_handlers_never_split_a_step(impl, seed):
     """A SIGTERM handler that calls sys.exit(0) and a SIGALRM one (setitimer) that raises, each landing at a
     random moment while Adam steps a 2^22 float32 param: after each, the run is the replay of its counted
@@ -406,8 +409,8 @@ def barrage(body, args, seed, timeout=90):
     return facts
 
 
-@pytest.mark.parametrize("size", ["small", "large"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", ["small", pytest.param("large", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("impl", HUNT_IMPLS)
 def test_signal_barrage_with_handlers_reset_around_each_step(impl, size, seed):
     """Another process sends SIGINT, SIGTERM and SIGALRM every 0-3 ms while Adam runs 2,000 steps on four
     small float32 params ("small") or 150 steps on one 2^20 one ("large"); before each step SIGINT gets

@@ -229,6 +229,7 @@ def test_a_temp_file_removed_as_stale_before_its_save_locked_it_is_made_again(tm
 
 
 @posix_only
+@pytest.mark.slow  # a hunt: 4 children killed at random moments while they save
 def test_saves_killed_at_random_points_leave_no_temp_file_after_the_next_save(tmp_path):
     """SIGKILL during saves (a 64 MiB state here; benchmarks/state_files.py does 512 MiB): the file there is
     always a whole save, and the next save leaves no temp file."""

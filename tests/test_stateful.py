@@ -19,7 +19,8 @@ their contents, which catches a kernel writing through a stale pointer.
 Aliasing (a param that overlaps another, a grad that overlaps a param) must raise ValueError naming
 both, on both paths; disjoint views of one buffer (a flat parameter vector cut in pieces) must work.
 
-CI mode is bounded to run in about 10 s on a 2-core machine.  Heavier runs:
+``python -m pytest`` runs each configuration for 2 examples of up to 30 rules (``Test_*``); ``-m slow`` (CI runs
+both) for 6 more (``TestLong_*``).  Heavier runs:
 ``XOPT_STATEFUL_EXAMPLES=500 XOPT_STATEFUL_STEPS=80 python -m pytest tests/test_stateful.py``.
 ``XOPT_STATEFUL_SKIP=rule,rule`` switches rules off (to look past a known failure).
 """
@@ -823,18 +824,24 @@ class Twins(RuleBasedStateMachine):
                                      f"a stale or aliased pointer): {type(obj).__name__} of {len(expected)} bytes")
 
 
-# -- one TestCase per configuration ---------------------------------------------------------
-CI_SETTINGS = settings(
-    max_examples=EXAMPLES or 6,
-    phases=[p for p in Phase if not (NO_SHRINK and p is Phase.shrink)],
-    stateful_step_count=STEPS or 30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+# -- two TestCases per configuration: a short run by default, a longer one marked slow --------------------
+def _settings(examples):
+    return settings(
+        max_examples=EXAMPLES or examples,
+        phases=[p for p in Phase if not (NO_SHRINK and p is Phase.shrink)],
+        stateful_step_count=STEPS or 30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+
+
+SHORT_SETTINGS = _settings(2)  # python -m pytest: 2 runs of up to 30 rules per configuration
+LONG_SETTINGS = _settings(6)  # python -m pytest -m slow (CI runs both): 6 more
 
 for _config in CONFIGS:
-    _machine = type(f"Twins_{_config.replace('-', '_')}", (Twins,), {"CONFIG": _config})
-    _case = _machine.TestCase
-    _case.settings = CI_SETTINGS
-    globals()[f"Test_{_config.replace('-', '_')}"] = _case
-del _config, _machine, _case
+    _name = _config.replace("-", "_")
+    _machine = type(f"Twins_{_name}", (Twins,), {"CONFIG": _config})
+    globals()[f"Test_{_name}"] = type(f"Test_{_name}", (_machine.TestCase,), {"settings": SHORT_SETTINGS})
+    globals()[f"TestLong_{_name}"] = type(f"TestLong_{_name}", (_machine.TestCase,),
+                                          {"settings": LONG_SETTINGS, "pytestmark": [pytest.mark.slow]})
+del _config, _name, _machine

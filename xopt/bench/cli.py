@@ -13,10 +13,12 @@ import time
 
 from . import loop, report, roofline, runner
 
-QUICK = dict(optimizers=["Adam", "RMSprop"], dtypes=["float32"], sizes=[2**16, 2**20, 2**23], tensors=[2000],
-             repeat=5)
+# --quick: Adam alone (one rule to compile, for float32 and the book net's float64), one tensor in cache and one
+# past it (on several threads), 500 small tensors, 3 rounds; xopt against the seed and torch's two fast paths.
+QUICK = dict(optimizers=["Adam"], dtypes=["float32"], sizes=[2**16, 2**22], tensors=[500], repeat=3,
+             impls=["xopt", "seed", "torch-foreach", "torch-fused"])
 FULL = dict(optimizers=list(runner.OPTIMIZERS), dtypes=["float32"], sizes=[2**10, 2**14, 2**18, 2**22, 2**25],
-            tensors=[2000], repeat=9)
+            tensors=[2000], repeat=9, impls=list(runner.IMPLS))
 
 
 def _int(text):
@@ -33,7 +35,9 @@ def _list(convert):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="xopt-bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="a small sweep: under a minute on a 2-core CPU")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small sweep (Adam; 2^16, 2^22 and 500 small tensors; 3 rounds; xopt, the seed, torch "
+                         "foreach and fused): about a minute on a 2-core CPU, compilation included")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                     help="gpu: CuPy arrays (and torch on CUDA); auto: gpu when CuPy sees one, else cpu")
     ap.add_argument("--optimizers", type=_list(str), help=f"comma-separated, of {', '.join(runner.OPTIMIZERS)}")
@@ -41,7 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", type=_list(_int), help="elements of the one-tensor cases, e.g. 2^20,2^25")
     ap.add_argument("--tensors", type=_list(_int), help="tensor counts of the many-small-tensors cases (64-4096 "
                                                         "elements each), e.g. 2000; 1 or none to skip")
-    ap.add_argument("--impls", type=_list(str), default=list(runner.IMPLS), help=", ".join(runner.IMPLS))
+    ap.add_argument("--impls", type=_list(str), help=", ".join(runner.IMPLS) + " (default: all; with --quick, "
+                                                    + ", ".join(QUICK["impls"]) + ")")
     ap.add_argument("--repeat", type=int, help="interleaved rounds; each row is the median")
     ap.add_argument("--scenario", choices=["all", "step", "loop"], default="all",
                     help="step: one optimizer step on random arrays; loop: forward + backward + update of a NumPy "
@@ -91,6 +96,12 @@ def run(args):
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["command"] = "xopt-bench " + " ".join(sys.argv[1:])
 
+    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors) if args.scenario != "loop" else []
+    loop_cases = loop_cases_of(args) if args.scenario != "step" else []
+    if loop_cases and gpu:
+        print("xopt-bench: the loop scenario is a NumPy (CPU) loop: not run with --device gpu", file=sys.stderr)
+        loop_cases = []
+
     compile_seconds = 0.0
     if gpu:
         from ..engines import fused_cuda
@@ -102,21 +113,13 @@ def run(args):
         if not _numba.usable():
             print(f"{_numba.why_not()}: xopt runs its reference rule", file=sys.stderr)
         else:
-            from ..engines import fused_cpu
-
-            compile_seconds = fused_cpu.compile_all()
+            compile_seconds = compile_cpu(kernels_of(args, cases, loop_cases))
     result["compile_seconds"] = compile_seconds  # JIT or disk-cache load, outside every figure below
     variants = roofline.copy_bandwidth_gpu() if gpu else roofline.copy_bandwidth_cpu()
     result["copy_variants_GBps"] = variants
     result["copy_GBps"] = max(variants.values())
     cache = 0 if gpu else roofline.cache_bytes()
     result["cache_bytes"] = cache
-
-    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors) if args.scenario != "loop" else []
-    loop_cases = loop_cases_of(args) if args.scenario != "step" else []
-    if loop_cases and gpu:
-        print("xopt-bench: the loop scenario is a NumPy (CPU) loop: not run with --device gpu", file=sys.stderr)
-        loop_cases = []
     rows = []
     progress = _progress(len(cases) + len(loop_cases))
     for case in cases:
@@ -144,6 +147,38 @@ def run(args):
     result["rows"] = rows
     result["threads"] = loop.threads_info()  # after the kernels ran: numba's threading layer is chosen by then
     return result
+
+
+def kernels_of(args, cases, loop_cases):
+    """The CPU kernels the run calls: (optimizer, dtype, state dtype or None) of every step case an xopt impl
+    runs on the fused path, and of every loop case xopt runs (its default path: the fused one on NumPy)."""
+    import xopt
+
+    kernels = set()
+    for case in cases:
+        if "xopt" in args.impls:
+            kernels.add((case.optimizer, case.dtype, None))
+        for impl, state_dtype in runner.STATE_DTYPES.items():
+            if impl in args.impls and hasattr(getattr(xopt, case.optimizer), "state_dtype") and case.dtype != "float64":
+                kernels.add((case.optimizer, case.dtype, state_dtype))
+    if "xopt" in args.impls:
+        kernels |= {(optimizer, net.dtype, None) for net, optimizer in loop_cases}
+    return sorted(kernels, key=str)
+
+
+def compile_cpu(kernels):
+    """Compile (or load from numba's disk cache) the CPU kernels of ``kernels`` (from :func:`kernels_of`), and no
+    others: a rule's code is compiled when a step of it first runs, per dtype.  Returns seconds."""
+    import numpy as np
+
+    import xopt
+
+    t0 = time.perf_counter()
+    for optimizer, dtype, state_dtype in kernels:
+        opt = getattr(xopt, optimizer)(impl="fused", **({"state_dtype": state_dtype} if state_dtype else {}))
+        for _ in range(2):  # the first step makes the state; the second takes the path of every later one
+            opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
+    return time.perf_counter() - t0
 
 
 def loop_cases_of(args):
