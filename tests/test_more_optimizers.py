@@ -16,7 +16,7 @@ from xopt.engines.kernels import RULES, kernel_of
 from test_cuda_source import cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
 
 EVERY_OPTIMIZER = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax",
-                   "NAdam", "RAdam", "Lion"]
+                   "NAdam", "RAdam", "Lion", "ScheduleFreeAdamW"]
 
 
 # -- Lion against optax ----------------------------------------------------------------------
