@@ -838,10 +838,10 @@ def _settings(examples):
 SHORT_SETTINGS = _settings(2)  # python -m pytest: 2 runs of up to 30 rules per configuration
 LONG_SETTINGS = _settings(6)  # python -m pytest -m slow (CI runs both): 6 more
 
-for _config in CONFIGS:
-    _name = _config.replace("-", "_")
-    _machine = type(f"Twins_{_name}", (Twins,), {"CONFIG": _config})
-    globals()[f"Test_{_name}"] = type(f"Test_{_name}", (_machine.TestCase,), {"settings": SHORT_SETTINGS})
-    globals()[f"TestLong_{_name}"] = type(f"TestLong_{_name}", (_machine.TestCase,),
-                                          {"settings": LONG_SETTINGS, "pytestmark": [pytest.mark.slow]})
-del _config, _name, _machine
+for _config in CONFIGS:  # (not _name: a function of this module)
+    _suffix = _config.replace("-", "_")
+    _machine = type(f"Twins_{_suffix}", (Twins,), {"CONFIG": _config})
+    globals()[f"Test_{_suffix}"] = type(f"Test_{_suffix}", (_machine.TestCase,), {"settings": SHORT_SETTINGS})
+    globals()[f"TestLong_{_suffix}"] = type(f"TestLong_{_suffix}", (_machine.TestCase,),
+                                            {"settings": LONG_SETTINGS, "pytestmark": [pytest.mark.slow]})
+del _config, _suffix, _machine
