@@ -1,4 +1,4 @@
-"""What a newcomer tripped on (issue #13, item 5 and 6): torch's argument names, help(), error wording, names."""
+"""What a newcomer trips on: torch's argument names, help(), error wording, names."""
 
 import inspect
 import pathlib
