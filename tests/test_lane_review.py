@@ -369,14 +369,14 @@ def test_params_added_mid_run_start_their_state_in_the_lane(rng, lane):
     assert fast.state["new"]["step"] == 2 and all(lane[1::2])
 
 
-def test_a_first_step_with_overrides_is_the_checked_paths_then_the_lane(rng, lane):
-    """The checked path checks the override patterns at the first step; every later step takes the lane."""
+def test_a_first_step_with_overrides_takes_the_lane_its_patterns_checked(rng, lane):
+    """The lane checks the override patterns until a step is taken, and takes every step, the first too."""
     fast, ref = (xopt.Adam(overrides={"p1": {"lr": 0.1}}, impl=impl) for impl in ("auto", "reference"))
     p_ref = net(rng)
     p_fast = copies(p_ref)
     steps(fast, ref, p_fast, p_ref, rng, n=3)
     same(fast, ref, p_fast, p_ref)
-    assert lane[1::2] == [False, True, True]
+    assert lane[1::2] == [True, True, True]
     with pytest.raises(ValueError, match="matches no param"):
         xopt.Adam(overrides={"nothing*": {"lr": 0.1}}).update(copies(p_fast), grads_like(p_fast, rng))
 

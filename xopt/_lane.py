@@ -34,8 +34,8 @@ _NUMBERS = (float, int, np.floating)
 
 def take(opt, params, grads) -> bool:
     """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
-    if opt._overrides and not opt._patterns_checked:  # the checked path checks the patterns first
-        return False
+    if opt._overrides and not opt._patterns_checked:  # until a step is taken (its commit marks them checked)
+        opt._check_patterns(params)  # raises, naming the pattern that matches no param, before any write
     container = type(params)
     if container is dict:
         if type(grads) is not dict or len(grads) != len(params):
@@ -182,6 +182,8 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
                 calls.append(partial(sys.modules["torch"]._C._increment_version, [*tensors, *written]))
         if norm is not None:
             calls.append(partial(own, "last_grad_norm", norm))
+        if not opt._patterns_checked:
+            calls.append(partial(own, "_patterns_checked", True))
         return calls
 
     took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
