@@ -39,17 +39,8 @@ def step(opt, params, grads):
         e.opt = view
         _check_state(opt, e)
     check_overlaps(_named_arrays(opt, entries))
-    scale = norm = None
-    own = opt.__dict__.__setitem__
-    if opt.clip_grad_norm is not None:
-        norm = _clip.global_norm([e.g for e in entries])
-        if opt.skip_nonfinite and not _clip.is_finite(norm):
-            together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", opt.skipped_steps + 1),
-                      partial(own, "_patterns_checked", True)])
-            return
-        scale = _clip.scale(norm, opt.clip_grad_norm)
-    elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
-        together([partial(own, "skipped_steps", opt.skipped_steps + 1), partial(own, "_patterns_checked", True)])
+    skipped, norm, scale = clip_or_skip(opt, entries)
+    if skipped:
         return
     paths = _dispatch.select(opt, entries)  # raises before any write if impl can't be honoured
     if scale is not None:
@@ -76,6 +67,24 @@ def step(opt, params, grads):
         raise
     with _plain_torch(entries):  # a torch function mode (a default device) would run Python in torch's writes
         together_unforked(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
+
+
+def clip_or_skip(opt, entries):
+    """(skipped, norm, scale): the clip norm of the grads and the scale it gives (None without
+    ``clip_grad_norm``); or, where ``skip_nonfinite`` skips the step, the skip committed and ``skipped`` True."""
+    scale = norm = None
+    own = opt.__dict__.__setitem__
+    skip = [partial(own, "skipped_steps", opt.skipped_steps + 1), partial(own, "_patterns_checked", True)]
+    if opt.clip_grad_norm is not None:
+        norm = _clip.global_norm([e.g for e in entries])
+        if opt.skip_nonfinite and not _clip.is_finite(norm):
+            together([partial(own, "last_grad_norm", norm), *skip])
+            return True, norm, None
+        scale = _clip.scale(norm, opt.clip_grad_norm)
+    elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
+        together(skip)
+        return True, None, None
+    return False, norm, scale
 
 
 def _commit(opt, params, entries, norm) -> list:

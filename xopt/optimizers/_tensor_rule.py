@@ -13,11 +13,10 @@ gives.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
-from .. import _backend, _clip
-from .._atomic import together, together_unforked
-from .._checked import _all_finite, _check_step, _commit, _plain_torch
+from .. import _backend
+from .._atomic import together_unforked
+from .._checked import _check_step, _commit, _plain_torch, clip_or_skip
 from .._inputs import check_overlaps, collect, describe
 from ..engines.reference import _apply_whole, _kind
 from ..optimizer import Optimizer
@@ -51,17 +50,8 @@ class TensorRule(Optimizer):
             e.opt = view
             self._check_buffers(e)
         check_overlaps(self._named_arrays(entries))
-        scale = norm = None
-        own = self.__dict__.__setitem__
-        if self.clip_grad_norm is not None:
-            norm = _clip.global_norm([e.g for e in entries])
-            if self.skip_nonfinite and not _clip.is_finite(norm):
-                together([partial(own, "last_grad_norm", norm), partial(own, "skipped_steps", self.skipped_steps + 1),
-                          partial(own, "_patterns_checked", True)])
-                return
-            scale = _clip.scale(norm, self.clip_grad_norm)
-        elif self.skip_nonfinite and not all(_all_finite(e) for e in entries):
-            together([partial(own, "skipped_steps", self.skipped_steps + 1), partial(own, "_patterns_checked", True)])
+        skipped, norm, scale = clip_or_skip(self, entries)
+        if skipped:
             return
         for e in entries:
             e.clip = scale
