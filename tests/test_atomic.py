@@ -27,7 +27,6 @@ def _compiled_codes():
 
     codes = [f.py_func.__code__ for m in (cpu_drivers, cpu_memory, cpu_rules, cpu_step, fused_cpu) for f in vars(m).values()
              if isinstance(f, Dispatcher)]
-    codes += [c for c in cpu_step._entries.__code__.co_consts if inspect.iscode(c)]  # each rule's entry points
     return {_where(code) for code in codes}
 
 

@@ -139,14 +139,9 @@ def test_one_call_per_hyperparameter_set(impl, monkeypatch):
         real = reference.apply_reference
         monkeypatch.setattr("xopt._dispatch.apply_reference", lambda opt, es: calls.append(len(es)) or real(opt, es))
     else:
-        real = fused_cpu.compiled  # the lane's compiled call: its checks, then its kernel; head[6]: tensors
-
-        def compiled(rule):
-            entries = real(rule)
-            step = entries.step
-            return entries._replace(step=lambda off, head, *a: calls.append(int(head[6])) or step(off, head, *a))
-        monkeypatch.setattr(fused_cpu, "compiled", compiled)
-        monkeypatch.setattr(fused_cpu, "_KINDS", {})  # kinds made again, with the entries above
+        real = fused_cpu._step  # the lane's compiled call: its checks, then its kernel; head[6]: tensors
+        monkeypatch.setattr(fused_cpu, "_step", lambda function, off, head, *a: calls.append(int(head[6]))
+                            or real(function, off, head, *a))
         monkeypatch.setattr("xopt._dispatch._CPU_LANE", {})
 
         class Arrays(fused_cpu.Arrays):  # the checked path's: its arrays checked, then run by writes()

@@ -2,20 +2,23 @@
 
 They run through addresses that :func:`xopt.engines.cpu_memory.check_step` checked: on the calling thread
 (:func:`run_serial`), or chunk by chunk from several (:func:`claim`); and the grads' norm
-(``clip_grad_norm``) and finiteness (``skip_nonfinite``) passes.
+(``clip_grad_norm``) and finiteness (``skip_nonfinite``) passes.  The drivers are the same code for every
+rule: each rule is a C function of its own (:func:`elements`, compiled for a dtype when a step of that rule
+first runs), which they call through its address.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
 from numba.core import errors
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
-from .cpu_memory import fetch_add, view as _view, yield_cpu
+from .cpu_memory import fetch_add, typed_pointer, view as _view, yield_cpu
 from .cpu_rules import ADAM_BF16, RULES
 
-__all__ = ["CHUNK", "CLIP_BLOCK", "run_serial", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
+__all__ = ["CHUNK", "CLIP_BLOCK", "ELEMENTS_SIGNATURE", "elements", "run_serial", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
            "all_finite", "wait_done", "sum_squares"]
 
 CHUNK = 1 << 15  # elements per unit of work
@@ -65,10 +68,9 @@ def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
-    """Elements lo:hi of tensor t.  ``rule`` is a compile-time constant here: the drivers below are
-    called from one small compiled entry per rule (``fused_cpu.compiled``) that passes its own rule number,
-    so numba compiles each driver once per rule and dtype, with that rule's code alone, when a step of it
-    first runs (not every rule at a process's first step).  With a clip scale, the rule gets the grads in
+    """Elements lo:hi of tensor t.  ``rule`` is a compile-time constant here: each rule's compiled function
+    (:func:`elements`) passes its own, so numba compiles a rule's code once per dtype, alone, when a step of
+    it first runs (not every rule at a process's first step).  With a clip scale, the rule gets the grads in
     blocks of ``CLIP_BLOCK``, each times the scale in ``scratch`` (in L1): the caller's grads are only read."""
     clip = s[s.shape[0] - 1]
     block = hi - lo if clip == 1.0 else CLIP_BLOCK
@@ -80,16 +82,36 @@ def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
         _apply(rule, ptrs, t, a, b, p, g, s, bits)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def run_serial(rule, ptrs, sizes, scal, part, bits):
-    """Every tensor of the step, whole, on the calling thread."""
+@intrinsic
+def _call(typingctx, function, ptrs, t, lo, hi, s, n_s, scratch):
+    """Call the C function at address ``function`` (a rule's :func:`elements`) with seven int64 arguments."""
+    sig = types.void(*[types.int64] * 8)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        callee = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [i64] * 7).as_pointer())
+        builder.call(callee, args[1:])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _run(function, ptrs, t, lo, hi, s, scratch):
+    """Elements lo:hi of tensor t by the rule at address ``function``, with the scalars ``s``."""
+    _call(function, ptrs.ctypes.data, t, lo, hi, s.ctypes.data, s.shape[0], scratch.ctypes.data)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def run_serial(function, ptrs, sizes, scal, part):
+    """Every tensor of the step, whole, on the calling thread, by the rule at address ``function``."""
     scratch = _scratch(scal[0])
     for t in range(sizes.shape[0]):
-        _elements(rule, ptrs, t, 0, sizes[t], scal[part[t]] if part.shape[0] else scal[0], bits, scratch)
+        _run(function, ptrs, t, 0, sizes[t], scal[part[t]] if part.shape[0] else scal[0], scratch)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def claim(rule, ptrs, chunks, part, counters, scal, bits):
+@njit(cache=True, nogil=True, error_model="numpy")
+def claim(function, ptrs, chunks, part, counters, scal):
     """Take chunks (rows ``tensor, lo, hi``) one at a time (``counters[0]``: the next one) until none is
     left; ``counters[1]`` counts those done.  Every thread of a step runs this, so a thread the OS does
     not run soon (the cores busy with BLAS, or another process) simply takes fewer chunks: a step never
@@ -102,9 +124,31 @@ def claim(rule, ptrs, chunks, part, counters, scal, bits):
         if c >= n:
             return
         t = chunks[c, 0]
-        _elements(rule, ptrs, t, chunks[c, 1], chunks[c, 2], scal[part[t]] if part.shape[0] else scal[0], bits,
-                  scratch)
+        _run(function, ptrs, t, chunks[c, 1], chunks[c, 2], scal[part[t]] if part.shape[0] else scal[0], scratch)
         fetch_add(base + 8, 1)
+
+
+# -- each rule's compiled function: the rule over elements lo:hi of one tensor -------------------
+ELEMENTS_SIGNATURE = types.void(*[types.int64] * 7)
+
+
+def elements(rule, dtype):
+    """Rule number ``rule`` over elements lo:hi of one tensor of ``dtype`` params, as a C function
+    ``(ptrs, t, lo, hi, s, n_s, scratch)`` of addresses and sizes (``ptrs``: the step's address table,
+    ``s``: the ``n_s`` scalars of the tensor's part, ``scratch``: room for ``CLIP_BLOCK`` grads where the
+    clip scale is not 1).  The drivers above are the same compiled code for every rule and call a rule's
+    function through its address, so a rule costs one compile (and one disk-cache entry) per dtype: its
+    own code, optimized once, not again inside each driver.  numba caches the function on disk keyed by
+    the closure's constants (``rule``, ``dtype``)."""
+
+    @cfunc(ELEMENTS_SIGNATURE, cache=True, error_model="numpy")
+    def rule_elements(ptrs_at, t, lo, hi, s_at, n_s, scratch_at):
+        ptrs = carray(typed_pointer(ptrs_at, np.int64), (t + 1, 5))
+        s = carray(typed_pointer(s_at, dtype), (n_s,))
+        scratch = carray(typed_pointer(scratch_at, dtype), (CLIP_BLOCK if s[n_s - 1] != 1.0 else 0,))
+        _elements(rule, ptrs, t, lo, hi, s, carray(typed_pointer(0, np.uint16), (0,)), scratch)
+
+    return rule_elements
 
 
 @njit(cache=True, nogil=True)

@@ -24,7 +24,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
            "HEAD", "N_HEAD"]
 
 
@@ -126,6 +126,17 @@ load_i64, load_i32, load_i8 = _loader(64, True), _loader(32, True), _loader(8, F
 def _typed_ptr(typingctx, addr, proto):
     """``addr`` as a pointer to the element type of the array ``proto``."""
     sig = types.CPointer(proto.dtype)(addr, proto)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def typed_pointer(typingctx, addr, dtype):
+    """``addr`` as a pointer to ``dtype`` (a NumPy scalar type, a compile-time constant)."""
+    sig = types.CPointer(dtype.dtype)(addr, dtype)
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
@@ -236,7 +247,7 @@ def _sort_spans(lo, hi):
 
 
 @njit(cache=True)
-def _count_below(starts, x):
+def count_below(starts, x):
     """How many of the sorted ``starts`` are below ``x`` (``np.searchsorted(starts, x)``)."""
     lo, hi = 0, starts.shape[0]
     while lo < hi:
@@ -315,7 +326,7 @@ def check_step(off, head, part, ptrs, sizes):
             return n + 1
     for t in range(n):  # a grad meets a param or a buffer if the last range starting below its end reaches it
         lo, hi = ptrs[t, 1], ptrs[t, 1] + sizes[t] * param_size
-        j = _count_below(starts, hi)
+        j = count_below(starts, hi)
         if j > 0 and ends[j - 1] > lo:
             return n + 1
     return 0

@@ -1,43 +1,41 @@
-"""The CPU engine's compiled entry points: one small compiled function per rule and entry.
+"""The CPU engine's compiled step: the whole check and (when small) the run of a step in one call.
 
-A step's whole check and (when small) its run are one compiled call, :func:`_step`: it reads every
-array's struct (:func:`xopt.engines.cpu_memory.check_step`) and only then runs the rule through the
-addresses it checked (``cpu_drivers.run_serial``).  Larger and clipped steps are checked the same way
-from Python and then run by ``serial`` (the calling thread) or ``claim`` (chunks over threads).
+:func:`step` reads every array's struct (:func:`xopt.engines.cpu_memory.check_step`) and only then runs the
+rule through the addresses it checked (``cpu_drivers.run_serial``).  Larger and clipped steps are checked the
+same way from Python and then run by ``cpu_drivers.run_serial`` (the calling thread) or ``cpu_drivers.claim``
+(chunks over threads).
 
-Each entry passes its rule number to that shared code as a compile-time constant (a closure's
-constant, which numba caches on disk keyed by its value), so only the rule that runs is typed and
-compiled: a process compiles (or loads) a rule's code when a step of it first runs, not every rule
-at its first step.
+These drivers are compiled once for every rule; a rule is a C function of its own
+(:func:`xopt.engines.cpu_drivers.elements`) that they call through its address, compiled (or loaded from the
+disk cache) for a dtype when a step of that rule first runs: :func:`rule_function`.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
 from .cpu_memory import HEAD, N_HEAD, check_step
-from .cpu_drivers import all_finite, claim, run_serial
+from .cpu_drivers import all_finite, elements, run_serial
 
-__all__ = ["Compiled", "compiled", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
+__all__ = ["step", "rule_function", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
 
-# _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
+# step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
 LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
 NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
-# _step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
+# step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
 CHECK_FINITE = 1
 ANSWER = HEAD.index("answer")
 
 
 class NotRun(Exception):
-    """:func:`_step` wrote nothing: its answer is in the head's ``ANSWER`` slot."""
+    """:func:`step` wrote nothing: its answer is in the head's ``ANSWER`` slot."""
 
 
-@njit(cache=True, inline="always")
-def _step(rule, off, head, scal, bits):
-    """Check the step's arrays (``check_step``); then, unless it is large or a grad is not finite, run it here.
+@njit(cache=True, error_model="numpy")
+def step(function, off, head, scal):
+    """Check the step's arrays (``check_step``); then, unless it is large or a grad is not finite, run it here
+    by the rule at address ``function`` (:func:`rule_function`).
 
     ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
     there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 having run the
@@ -59,45 +57,18 @@ def _step(rule, off, head, scal, bits):
     if answer != 0:
         head[ANSWER] = answer
         raise NotRun
-    run_serial(rule, ptrs, sizes, scal, part, bits)
+    run_serial(function, ptrs, sizes, scal, part)
     return 0
 
 
-
-class Compiled(NamedTuple):
-    """One rule's compiled entry points: ``step(off, head, scal, bits)`` (:func:`_step`),
-    ``serial(ptrs, sizes, scal, part, bits)`` (``cpu_drivers.run_serial``) and ``claim(ptrs, chunks, part,
-    counters, scal, bits)`` (``cpu_drivers.claim``)."""
-
-    step: object
-    serial: object
-    claim: object
+_FUNCTIONS = {}  # (rule, dtype) -> its compiled C function (numba's CFunc)
 
 
-_COMPILED = {}  # rule -> its Compiled
-
-
-def compiled(rule) -> Compiled:
-    """The entry points of rule number ``rule``: each passes its rule to the shared code as a compile-time
-    constant (a closure's constant: numba caches it on disk, keyed by its value), so a process compiles (or
-    loads) a rule's code when a step of that rule first runs, not every rule at its first step."""
-    found = _COMPILED.get(rule)
+def rule_function(rule, dtype) -> int:
+    """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``),
+    compiled (or loaded from the disk cache) the first time a process asks for it."""
+    key = (rule, np.dtype(dtype))
+    found = _FUNCTIONS.get(key)
     if found is None:
-        found = _COMPILED[rule] = _entries(rule)
-    return found
-
-
-def _entries(rule) -> Compiled:
-    @njit(cache=True, error_model="numpy")
-    def step(off, head, scal, bits):
-        return _step(rule, off, head, scal, bits)
-
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def serial(ptrs, sizes, scal, part, bits):
-        run_serial(rule, ptrs, sizes, scal, part, bits)
-
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def claimer(ptrs, chunks, part, counters, scal, bits):
-        claim(rule, ptrs, chunks, part, counters, scal, bits)
-
-    return Compiled(step, serial, claimer)
+        found = _FUNCTIONS[key] = elements(rule, key[1].type)
+    return found.address

@@ -24,6 +24,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .cpu_memory import count_below
 from .cuda_layout import (CONTIG, CONTIG_READ, CONTIG_WRITE, DATA, DESCR, DIMS, INT, LIST_ITEMS, LIST_SIZE, MEMPTR,
                           MP_DEVICE, MP_PTR, MP_TYPE, ND, OB_TYPE, SHAPE, SIZE, TYPE, layout)
 
@@ -173,6 +174,20 @@ def _radix_sort(a):
 
 
 @njit(cache=True)
+def _insertion_sort(a):
+    """``a`` sorted (a short run: numba's np.sort compiles a quicksort for seconds)."""
+    out = a.copy()
+    for i in range(1, out.shape[0]):
+        x = out[i]
+        j = i - 1
+        while j >= 0 and out[j] > x:
+            out[j + 1] = out[j]
+            j -= 1
+        out[j + 1] = x
+    return out
+
+
+@njit(cache=True)
 def _sorted(rows, lengths):
     """The first ``lengths[r]`` items of every row of ``rows``, sorted: each row sorted where it is not already
     (a memory pool hands out rising addresses: it mostly is), then the rows merged."""
@@ -183,10 +198,11 @@ def _sorted(rows, lengths):
         run = rows[r, :lengths[r]]
         for i in range(1, run.shape[0]):
             if run[i] < run[i - 1]:
-                run = np.sort(run) if run.shape[0] < 256 else _radix_sort(run)
+                run = _insertion_sort(run) if run.shape[0] < 256 else _radix_sort(run)
                 break
         if m == 0:
-            out[:run.shape[0]] = run
+            for i in range(run.shape[0]):  # element by element: a slice assignment brings numba's shape-error formatting
+                out[i] = run[i]
         else:  # merge out[:m] and run into scratch, then back
             i = j = k = 0
             while i < m and j < run.shape[0]:
@@ -205,7 +221,8 @@ def _sorted(rows, lengths):
                 scratch[k] = run[j]
                 j += 1
                 k += 1
-            out[:k] = scratch[:k]
+            for i in range(k):
+                out[i] = scratch[i]
         m += run.shape[0]
     return out
 
@@ -306,12 +323,16 @@ def gather(off, head, part):
         if sizes[t] == 0:
             continue
         g_lo = ptrs[1, t]
-        j = np.searchsorted(lo, g_lo + sizes[t] * p_size)
+        j = count_below(lo, g_lo + sizes[t] * p_size)
         if j > 0 and hi[j - 1] > g_lo:
             return n + 1, -1, 0, np.empty(0, dtype=np.uint8)
     table = np.zeros(48 * n + 16 * n_blocks + head[12] + 8, dtype=np.uint8)
-    table[:40 * n].view(np.int64)[:] = ptrs.reshape(-1)
-    table[40 * n:48 * n].view(np.int64)[:] = sizes
+    words = table[:48 * n].view(np.int64)
+    for k in range(5):  # ptrs row by row, then the sizes (element by element, as in _sorted)
+        for t in range(n):
+            words[k * n + t] = ptrs[k, t]
+    for t in range(n):
+        words[5 * n + t] = sizes[t]
     blocks = table[48 * n:48 * n + 16 * n_blocks].view(np.int32)
     b = 0
     for t in range(n):

@@ -34,9 +34,9 @@ from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import N_HEAD, OFFSETS, check_step
-from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim_squares, squares, wait_done
+from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
 from .cpu_rules import BF16_RULES
-from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, compiled
+from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, rule_function, step as _step
 from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import KeptSlots, lookup
 
@@ -53,7 +53,6 @@ PARALLEL_MIN = 1 << 21
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
-_BITS = np.empty(0, dtype=np.uint16)
 _NO_PART = np.empty(0, dtype=np.int64)
 _NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
@@ -89,9 +88,9 @@ class Arrays:
     """One step's arrays, checked again by :func:`check_step` for a run from Python (several threads, or
     after the clip norm): the kernel's addresses and sizes."""
 
-    def __init__(self, entries, head, scal):
+    def __init__(self, function, head, scal):
         n = int(head[6])
-        self.entries, self.scal, self.part = entries, scal, head[N_HEAD + 3 * int(head[11]):]
+        self.function, self.scal, self.part = function, scal, head[N_HEAD + 3 * int(head[11]):]
         self.ptrs = np.empty((n, 5), dtype=np.int64)
         self.sizes = np.empty(n, dtype=np.int64)
         self.chunks = None
@@ -130,14 +129,12 @@ class Arrays:
             self.scal[:, -1] = clip
         threads = self.threads = self._threads()
         if threads <= 1:
-            serial = self.entries.serial
-            serial(self.ptrs, self.sizes[:0], self.scal, self.part, _BITS)  # see _parallel
-            return [functools.partial(serial, self.ptrs, self.sizes, self.scal, self.part, _BITS)]
+            run_serial(self.function, self.ptrs, self.sizes[:0], self.scal, self.part)  # see _parallel
+            return [functools.partial(run_serial, self.function, self.ptrs, self.sizes, self.scal, self.part)]
         counters = np.zeros(2, dtype=np.int64)
-        claimer = self.entries.claim
-        claimer(self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal, _BITS)  # see _parallel
-        return self._parallel(threads, counters, functools.partial(claimer, self.ptrs, self._chunks(), self.part,
-                                                                   counters, self.scal, _BITS))
+        claim(self.function, self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal)  # see _parallel
+        return self._parallel(threads, counters, functools.partial(claim, self.function, self.ptrs, self._chunks(),
+                                                                   self.part, counters, self.scal))
 
     def _parallel(self, threads, counters, claimer) -> list:
         """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over
@@ -155,12 +152,12 @@ class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
 
-    __slots__ = ("rule", "entries", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
+    __slots__ = ("rule", "function", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
                  "scalars_struct")
 
     def __init__(self, kernel, rule, dtype, state_dtype):
         self.rule, self.order, self.slots, self.size = rule, kernel.order, kernel.slots, kernel.size
-        self.entries = compiled(rule)
+        self.function = rule_function(rule, dtype)  # the rule's compiled code's address
         self.dtype, self.state_dtype = dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
         self.getters = [operator.itemgetter(name) for name in self.slots]
@@ -228,7 +225,7 @@ def new_state(view, kind, p):
 
 
 def _head(lists, n, kind, keeps, mode, part):
-    """The compiled step's head (``cpu_step._step``) for a step of several parts (see ``cpu_memory.HEAD``):
+    """The compiled step's head (``cpu_step.step``) for a step of several parts (see ``cpu_memory.HEAD``):
     the lists' ids, the numbers, the kept slots of each part, each tensor's part."""
     head = list(map(id, lists))  # id(None): no list
     head += [n, *kind.numbers, len(keeps), mode, _split_at(), 0]  # 0: the answer's slot
@@ -296,7 +293,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
     if clip is None:
         try:
-            together([functools.partial(kind.entries.step, OFFSETS, head, scal, _BITS), *commit(None, False)])
+            together([functools.partial(_step, kind.function, OFFSETS, head, scal), *commit(None, False)])
             return True
         except NotRun:
             answer = head[ANSWER]
@@ -305,7 +302,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if answer == NONFINITE:
             together(commit(None, True))
             return True
-    arrays = Arrays(kind.entries, head, scal)  # checked (again, for a large step): a large step, or a clipped one
+    arrays = Arrays(kind.function, head, scal)  # checked (again, for a large step): a large step, or a clipped one
     if not arrays.good:
         if clip is not None:
             return None
@@ -371,7 +368,7 @@ def apply(opt, entries) -> list:
             lists += [None] * (6 - len(lists))
             scal = np.array([found.order(group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
-            arrays = Arrays(found.entries, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
+            arrays = Arrays(found.function, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
             if not arrays.good:
                 raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
             writes += arrays.writes()
