@@ -1,15 +1,14 @@
 """Built CUDA kernels kept on disk (xopt.engines.cuda_cache): a second process calls NVRTC zero times.
 
-The builds are CuPy's NVRTC as on a GPU, with the GPU's part of ``-arch`` fixed to an H100's (sm_90, as in
-tests/test_cuda_build.py) and the driver's part (loading the cubin into a context) stubbed: no GPU here.
+The two processes are benchmarks/cuda_cache.py's: CuPy's NVRTC as on a GPU, through ``cuda_device._function``,
+with the GPU's part of ``-arch`` fixed to an H100's (sm_90, as in tests/test_cuda_build.py) and the driver's
+part (loading the cubin into a context) stubbed: no GPU here.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,9 @@ import pytest
 from xopt.engines import cuda_cache, cuda_device
 
 HERE = Path(__file__).resolve().parent
-
-# One process's first use of kernels, through cuda_device._function as on a GPU: NVRTC's compiles counted.
-_PROCESS = r"""
-import hashlib, json, sys, time
-from cupy.cuda import compiler, function
-compiler._get_arch_for_options_for_nvrtc = lambda arch=None: ("-arch=sm_90", "cubin")  # CuPy's rule for an H100
-compiles, real = [], compiler._NVRTCProgram.compile
-compiler._NVRTCProgram.compile = lambda self, *a, **k: (compiles.append(1), real(self, *a, **k))[1]
-
-class Module:  # the driver's part of cupy.cuda.function.Module
-    def load(self, cubin):
-        self.cubin = cubin
-    def get_function(self, name):
-        return hashlib.sha256(self.cubin).hexdigest(), name
-
-function.Module = Module
-t0 = time.perf_counter()
-from xopt.engines import cuda_device
-found = [cuda_device._function(0, name) for name in sys.argv[1:]]
-print(json.dumps({"nvrtc": len(compiles), "functions": found, "seconds": time.perf_counter() - t0}))
-"""
+_SPEC = importlib.util.spec_from_file_location("cuda_cache_bench", HERE.parent / "benchmarks" / "cuda_cache.py")
+cuda_cache_bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(cuda_cache_bench)
 
 
 def _nvrtc():
@@ -49,21 +30,12 @@ def _nvrtc():
         pytest.skip(f"CuPy cannot load NVRTC: {exc!r}")
 
 
-def _process(cache, names):
-    env = {**os.environ, cuda_cache.ENV: str(cache),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _PROCESS, *names], capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
-
-
 @pytest.mark.cuda_source
 def test_a_second_process_builds_no_kernel(tmp_path):
     _nvrtc()
     names = [cuda_device.kernel_name(4, "float32"), cuda_device.norm_name("float16")]
-    first = _process(tmp_path, names)
-    second = _process(tmp_path, names)
+    first = cuda_cache_bench.run_child(tmp_path, names)  # each: a new process's first use of the kernels
+    second = cuda_cache_bench.run_child(tmp_path, names)
     assert first["nvrtc"] == 2 and second["nvrtc"] == 0, (first, second)
     assert second["functions"] == first["functions"]
     assert [lowered for _, lowered in first["functions"]][0].startswith("_Z9xopt_step")
