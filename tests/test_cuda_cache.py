@@ -31,6 +31,7 @@ def _nvrtc():
 
 
 @pytest.mark.cuda_source
+@pytest.mark.slow  # NVRTC's builds, as tests/test_cuda_build.py's; the stand-in builds below run by default
 def test_a_second_process_builds_no_kernel(tmp_path):
     _nvrtc()
     names = [cuda_device.kernel_name(4, "float32"), cuda_device.norm_name("float16")]
