@@ -105,13 +105,14 @@ class CupyDevice:
     def identity(device_id) -> str:
         """GPU ``device_id`` as the self-check's verdicts on disk name it: its name, compute capability, UUID (or
         PCI bus id) and the driver's version.  Asks the runtime; loads no module, launches nothing."""
-        from cupy.cuda import runtime
+        from cupy.cuda import Device, runtime
 
         props = runtime.getDeviceProperties(device_id)
-        name, uuid = props["name"], props.get("uuid")
-        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        name, uuid = props.get("name", b"?"), props.get("uuid")
+        name = name.decode(errors="replace").rstrip("\0") if isinstance(name, bytes) else str(name)
         where = uuid.hex() if isinstance(uuid, bytes) and uuid.strip(b"\0") else runtime.deviceGetPCIBusId(device_id)
-        return f"{name} sm_{props['major']}{props['minor']} {where} driver {runtime.driverGetVersion()}"
+        arch = Device(device_id).compute_capability
+        return f"{name} sm_{arch} {where} driver {runtime.driverGetVersion()}"
 
     @staticmethod
     def on(device_id):
