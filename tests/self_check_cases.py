@@ -36,6 +36,14 @@ def passes(rule, dtype, device):
     return _result(rule, dtype, device, True)
 
 
+def terminated(rule, dtype, device):
+    """Stopped from outside (a job's end): no verdict on the kernel."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+
 def hangs(rule, dtype, device):
     time.sleep(120)
 

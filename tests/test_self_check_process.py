@@ -3,7 +3,7 @@
 The parent is the CPU build of the kernel behind xopt's dispatch (``cuda_on_cpu``, as in test_cuda_source.py);
 the child runs a stand-in check from tests/self_check_cases.py through the same code that runs
 ``cuda_check.self_check`` on a GPU: one that aborts (a kernel's fault), one that mismatches, one that passes,
-one that hangs, one that cannot run.
+one that hangs, one that cannot run, one stopped from outside.
 """
 
 from __future__ import annotations
@@ -119,6 +119,27 @@ def test_a_child_that_cannot_run_the_check_keeps_no_verdict(isolated, cuda_on_cp
         assert result.mismatch.startswith("the self-check process could not run the check (exit code 1: ")
         assert "RuntimeError: no CUDA-capable device is detected" in result.mismatch
     assert len(isolated) == 2 and _verdicts(cuda_cache_dir) == []
+
+
+def test_a_child_stopped_from_outside_keeps_no_verdict(isolated, cuda_on_cpu, cuda_cache_dir,
+                                                       monkeypatch):  # noqa: F811
+    monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:terminated")
+    result = cuda_check.verdict(0, 4, "float32")
+    assert not result.passed and result.mismatch == "the self-check process was stopped by signal SIGTERM (not kept)"
+    assert _verdicts(cuda_cache_dir) == []
+
+
+def test_a_cuda_error_after_the_kernel_ran_fails_the_check(cuda_on_cpu, monkeypatch):  # noqa: F811
+    """A kernel's fault shows in a later CUDA call (here a download): a failed check, not an error; an error
+    before any launch (no GPU, no memory) is raised, as the check could not run."""
+    def faulted(a):
+        raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+    monkeypatch.setattr(cuda_on_cpu, "download", staticmethod(faulted))
+    result = cuda_check.self_check("Adam", np.float32)
+    assert not result.passed and result.mismatch.startswith("Adam() step 1: after the kernel ran, RuntimeError(")
+    monkeypatch.setattr(cuda_on_cpu, "upload", staticmethod(faulted))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cuda_check.self_check("Adam", np.float32)
 
 
 def test_a_corrupt_verdict_file_is_asked_again(isolated, cuda_on_cpu, cuda_cache_dir, monkeypatch):  # noqa: F811

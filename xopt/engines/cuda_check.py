@@ -6,10 +6,11 @@ in a child process (:func:`in_child`: a new Python, never a fork of this one's C
 driver, kernel source (with NVRTC, CuPy and xopt's options), rule and dtype: its verdict is kept on disk
 (:mod:`xopt.engines.cuda_cache`) and read there by later processes, which start no child.  So a kernel
 that faults or hangs takes the child down, never the user's process, whose CUDA context stays intact and
-which has loaded no kernel before the verdict.  A failure (a mismatch, or the child killed by a signal or
-past :data:`TIMEOUT`) warns once per process (:class:`SelfCheckWarning`, naming the case) and that
-(GPU, rule, dtype) keeps the reference rule from then on.  A child that cannot run the check at all (it
-exits with an error: no GPU for it, say) fails it for this process only; nothing is kept.  Anyone can call
+which has loaded no kernel before the verdict.  A failure (a mismatch, a CUDA error once the kernel has
+run, or the child killed by a signal or past :data:`TIMEOUT`) warns once per process
+(:class:`SelfCheckWarning`, naming the case) and that (GPU, rule, dtype) keeps the reference rule from then
+on.  A child that cannot run the check at all (it exits with an error: no GPU for it, say) or is stopped
+from outside (Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it for this process only; nothing is kept.  Anyone can call
 :func:`self_check` (in their own process) and read its result; :data:`RESULTS` holds those that
 ``impl="auto"`` used.
 
@@ -128,10 +129,9 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     current one) and compare every param and state element bit for bit; see the module docstring.
 
     ``optimizer``: an optimizer, its class or name ("Adam"), or a kernel rule number; every
-    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.
+    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.  An error once
+    the kernel has run (a CUDA fault is reported by a later call) fails the check; one before raises.
     """
-    import xopt
-
     rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
     device = dev.current_device() if device is None else device
     kernel = fused_cuda.kernel_name(rule, dtype)
@@ -140,8 +140,20 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     steps = sorted({config[2] if len(config) > 2 else 2 for config in configs})
     checked = f"{len(configs)} configurations x {len(cases)} tensors x {'/'.join(map(str, steps))} steps"
 
-    def failed(why):
-        return SelfCheck(kernel, device, False, checked, why)
+    launched = []  # the steps whose kernel ran: a CUDA error after the first is the kernel's (a fault shows late)
+    try:
+        why = _compare(dev, device, dtype, configs, cases, launched)
+    except Exception as exc:  # noqa: BLE001
+        if not launched:
+            raise  # before any launch: the check cannot run here (no GPU, no memory); no verdict on the kernel
+        why = f"{launched[-1]}: after the kernel ran, {exc!r}"
+    return SelfCheck(kernel, device, why is None, checked, why)
+
+
+def _compare(dev, device, dtype, configs, cases, launched):
+    """:func:`self_check`'s runs on GPU ``device``: the first difference (or why the kernel could not run), or
+    None; appends to ``launched`` each step the kernel ran."""
+    import xopt
 
     with dev.on(device), np.errstate(all="ignore"):
         for name, hyper, *n_steps in configs:
@@ -163,18 +175,19 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
                 try:
                     ours.update(b, g)
                 except Exception as exc:  # not built, not launched: the kernel cannot be used here
-                    return failed(f"{label}: the kernel raised {exc!r}")
+                    return f"{label}: the kernel raised {exc!r}"
+                launched.append(f"{label} step {step}")
                 for i, (shape, p_off, g_off) in enumerate(cases):
                     k = f"t{i}"
                     where = f"{label} step {step}, tensor {shape} (param offset {p_off}, grad offset {g_off})"
                     diff = _first_difference(dev.download(b[k]), dev.download(a[k]))
                     if diff:
-                        return failed(f"{where}, param {diff}")
+                        return f"{where}, param {diff}"
                     for buf in ref.buffers():
                         diff = _first_difference(dev.download(ours.state[k][buf]), dev.download(ref.state[k][buf]))
                         if diff:
-                            return failed(f"{where}, state {buf} {diff}")
-    return SelfCheck(kernel, device, True, checked)
+                            return f"{where}, state {buf} {diff}"
+    return None
 
 
 def passed(device, rule, dtype_name) -> bool:
@@ -207,6 +220,7 @@ def trusted(opt, e) -> bool:
 CHECK = "xopt.engines.cuda_check:self_check"  # what the child runs: check(rule, dtype name, device) -> SelfCheck
 TIMEOUT = 600.0  # seconds: a child still running then is stopped, and the kernel fails its check
 ISOLATED = True  # False: verdict() runs CHECK here, keeps nothing (the tests' CPU build of the kernel is here)
+_FROM_OUTSIDE = {"SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"}  # Ctrl-C, a job's end, the OOM killer: no verdict
 _MARK = "xopt-self-check-verdict: "  # the child's line with its verdict (JSON) on stdout
 _LOCK = threading.Lock()
 
@@ -258,9 +272,10 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
 
 def in_child(device, rule, dtype_name, check=None, timeout=None):
     """Run ``check`` (default :data:`CHECK`, "module:qualname") for the case in a new Python process:
-    (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal (a kernel's fault aborts
-    it) or still running after ``timeout`` (default :data:`TIMEOUT`) s is a failed check, kept; a child that
-    exits with an error could not run the check (no GPU for it, say): failed here, not kept."""
+    (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal (a kernel's fault can
+    abort it) or still running after ``timeout`` (default :data:`TIMEOUT`) s is a failed check, kept; one that
+    was stopped from outside (SIGINT, SIGTERM, SIGHUP, SIGKILL) or exits with an error (it could not run the
+    check: no GPU for it, say) is a failed check here, not kept."""
     kernel = fused_cuda.kernel_name(rule, dtype_name)
     check, timeout = check or CHECK, TIMEOUT if timeout is None else timeout
     root = str(Path(__file__).resolve().parents[2])  # where this xopt is imported from
@@ -279,6 +294,9 @@ def in_child(device, rule, dtype_name, check=None, timeout=None):
             why = signal.Signals(-done.returncode).name
         except ValueError:
             why = str(-done.returncode)
+        if why in _FROM_OUTSIDE:
+            return SelfCheck(kernel, device, False, checked, f"the self-check process was stopped by signal {why}"
+                                                              " (not kept)"), False
         return SelfCheck(kernel, device, False, checked, f"the self-check process died with signal {why}"), True
     lines = done.stdout.splitlines()
     found = [line[len(_MARK):] for line in lines if line.startswith(_MARK)]
