@@ -94,3 +94,15 @@ def lane(monkeypatch):
 
     monkeypatch.setattr(_lane, "take", take)
     return answers
+
+
+@pytest.fixture
+def cuda_cache_dir(tmp_path, monkeypatch):
+    """xopt's CUDA disk cache (kernels, self-check verdicts) in a new folder for this test."""
+    from xopt.engines import cuda_cache
+
+    folder = tmp_path / "cuda-cache"
+    monkeypatch.setenv(cuda_cache.ENV, str(folder))
+    cuda_cache.directory.cache_clear()
+    yield folder
+    cuda_cache.directory.cache_clear()

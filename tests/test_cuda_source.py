@@ -82,6 +82,10 @@ class HostDevice:
     def current_device(cls):
         return 0 if cls.current is None else cls.current
 
+    @staticmethod
+    def identity(device_id):
+        return f"the kernel's CPU build ({device_id})"
+
     @classmethod
     @contextlib.contextmanager
     def on(cls, device_id):
@@ -172,6 +176,7 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
     monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
     monkeypatch.setattr(cuda_check, "RESULTS", {})
+    monkeypatch.setattr(cuda_check, "ISOLATED", False)  # the self-check here: this process holds the CPU build
     return HostDevice
 
 

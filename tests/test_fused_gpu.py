@@ -141,19 +141,32 @@ def test_self_check_passes(rule, dtype, cupy):
     assert result.passed, str(result)
 
 
-def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch):
+def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch, cuda_cache_dir):
+    """The self-check runs in a child process (this one launches the step only, its kernel read from the disk
+    cache the child filled), its verdict kept on disk: asked again, as a new process would, it is read there and
+    no child starts."""
     import xopt
-    from xopt.engines import cuda_check, fused_cuda
+    from cupy.cuda import compiler
+    from xopt.engines import cuda_check, cuda_device, fused_cuda
 
+    cuda_device._function.cache_clear()
+    compiles, real_compile = [], compiler._NVRTCProgram.compile  # xopt's builds (not CuPy's own kernels)
+    monkeypatch.setattr(compiler._NVRTCProgram, "compile", lambda self, *a, **k: (
+        compiles.append(1) if "xopt_step" in str(getattr(self, "src", "")) else None, real_compile(self, *a, **k))[1])
     monkeypatch.setattr(cuda_check, "RESULTS", {})
-    launches = []
-    real_launch = fused_cuda.CupyDevice.launch
+    launches, children = [], []
+    real_launch, real_child = fused_cuda.CupyDevice.launch, cuda_check.in_child
     monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
                         staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    monkeypatch.setattr(cuda_check, "in_child", lambda *args: (children.append(args), real_child(*args))[1])
     p = {"w": cupy.asarray(rng.standard_normal(1000).astype(np.float32))}
     xopt.Adam().update(p, {"w": cupy.ones(1000, dtype=cupy.float32)})
-    assert cuda_check.RESULTS[(cupy.cuda.Device().id, 4, "float32")].passed
-    assert len(launches) == 2 * len(cuda_check.CONFIGS[4]) + 1
+    key = (cupy.cuda.Device().id, 4, "float32")
+    assert cuda_check.RESULTS[key].passed, str(cuda_check.RESULTS[key])
+    assert len(launches) == 1 and len(children) == 1
+    assert "configurations" in cuda_check.RESULTS[key].checked and cuda_check.RESULTS[key].kept
+    assert compiles == [], "the child built the kernel: this process read it from the disk cache"
+    assert cuda_check.verdict(*key).passed and len(children) == 1
 
 
 @pytest.mark.parametrize("extra", [{}, dict(clip_grad_norm=1.0), dict(overrides={"b*": {"lr": 0.1}}),

@@ -1,10 +1,18 @@
 """The CUDA kernel's self-check: the kernel and the reference rule side by side on one GPU, bit for bit.
 
 Until a GPU run of the test suite is committed (``fused_cuda.VERIFIED``), ``impl="auto"`` runs the
-CUDA kernel for a (GPU, rule, param dtype) only after :func:`self_check` has passed there, once per
-process.  A failure warns once (:class:`SelfCheckWarning`, naming the case) and that
-(GPU, rule, dtype) keeps the reference rule from then on.  Anyone can call :func:`self_check` and
-read its result; :data:`RESULTS` holds those that ``impl="auto"`` ran.
+CUDA kernel for a (GPU, rule, param dtype) only after :func:`self_check` has passed there.  The check runs
+in a child process (:func:`in_child`: a new Python, never a fork of this one's CUDA context), once per GPU,
+driver, kernel source (with NVRTC, CuPy and xopt's options), rule and dtype: its verdict is kept on disk
+(:mod:`xopt.engines.cuda_cache`) and read there by later processes, which start no child.  So a kernel
+that faults or hangs takes the child down, never the user's process, whose CUDA context stays intact and
+which has loaded no kernel before the verdict.  A failure (a mismatch, a CUDA error once the kernel has
+run, or the child killed by a signal or past :data:`TIMEOUT`) warns once per process
+(:class:`SelfCheckWarning`, naming the case) and that (GPU, rule, dtype) keeps the reference rule from then
+on.  A child that cannot run the check at all (it exits with an error: no GPU for it, say) or is stopped
+from outside (Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it for this process only; nothing is kept.  Anyone can call
+:func:`self_check` (in their own process) and read its result; :data:`RESULTS` holds those that
+``impl="auto"`` used.
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
 every branch of its element function; the last one with ``clip_grad_norm``), on six tensors in one launch per step, two steps (SGD's
@@ -22,14 +30,24 @@ reference's elementwise kernels with -ftz=true, xopt's kernel keeps them (as Num
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 
-from . import fused_cuda
+from . import cuda_cache, fused_cuda
 from .kernels import lookup
 
-__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "trusted", "passed", "lane_allowed"]
+__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "verdict", "in_child", "CHECK",
+           "TIMEOUT", "ISOLATED", "trusted", "passed", "lane_allowed"]
 
 def _configs():
     """rule -> [(optimizer name, hyperparameters, steps)]: every optimizer's :class:`~xopt.engines.kernels.Kernel`
@@ -69,6 +87,7 @@ class SelfCheck:
     passed: bool
     checked: str  # what ran
     mismatch: str | None = None  # the first difference, or why the kernel could not run
+    kept: str | None = dataclasses.field(default=None, compare=False)  # the file on disk holding this verdict
 
     def __str__(self):
         verdict = "passed" if self.passed else f"FAILED: {self.mismatch}"
@@ -110,10 +129,9 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     current one) and compare every param and state element bit for bit; see the module docstring.
 
     ``optimizer``: an optimizer, its class or name ("Adam"), or a kernel rule number; every
-    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.
+    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.  An error once
+    the kernel has run (a CUDA fault is reported by a later call) fails the check; one before raises.
     """
-    import xopt
-
     rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
     device = dev.current_device() if device is None else device
     kernel = fused_cuda.kernel_name(rule, dtype)
@@ -122,8 +140,20 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     steps = sorted({config[2] if len(config) > 2 else 2 for config in configs})
     checked = f"{len(configs)} configurations x {len(cases)} tensors x {'/'.join(map(str, steps))} steps"
 
-    def failed(why):
-        return SelfCheck(kernel, device, False, checked, why)
+    launched = []  # the steps whose kernel ran: a CUDA error after the first is the kernel's (a fault shows late)
+    try:
+        why = _compare(dev, device, dtype, configs, cases, launched)
+    except Exception as exc:  # noqa: BLE001
+        if not launched:
+            raise  # before any launch: the check cannot run here (no GPU, no memory); no verdict on the kernel
+        why = f"{launched[-1]}: after the kernel ran, {exc!r}"
+    return SelfCheck(kernel, device, why is None, checked, why)
+
+
+def _compare(dev, device, dtype, configs, cases, launched):
+    """:func:`self_check`'s runs on GPU ``device``: the first difference (or why the kernel could not run), or
+    None; appends to ``launched`` each step the kernel ran."""
+    import xopt
 
     with dev.on(device), np.errstate(all="ignore"):
         for name, hyper, *n_steps in configs:
@@ -145,18 +175,19 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
                 try:
                     ours.update(b, g)
                 except Exception as exc:  # not built, not launched: the kernel cannot be used here
-                    return failed(f"{label}: the kernel raised {exc!r}")
+                    return f"{label}: the kernel raised {exc!r}"
+                launched.append(f"{label} step {step}")
                 for i, (shape, p_off, g_off) in enumerate(cases):
                     k = f"t{i}"
                     where = f"{label} step {step}, tensor {shape} (param offset {p_off}, grad offset {g_off})"
                     diff = _first_difference(dev.download(b[k]), dev.download(a[k]))
                     if diff:
-                        return failed(f"{where}, param {diff}")
+                        return f"{where}, param {diff}"
                     for buf in ref.buffers():
                         diff = _first_difference(dev.download(ours.state[k][buf]), dev.download(ref.state[k][buf]))
                         if diff:
-                            return failed(f"{where}, state {buf} {diff}")
-    return SelfCheck(kernel, device, True, checked)
+                            return f"{where}, state {buf} {diff}"
+    return None
 
 
 def passed(device, rule, dtype_name) -> bool:
@@ -167,18 +198,122 @@ def passed(device, rule, dtype_name) -> bool:
 
 
 def trusted(opt, e) -> bool:
-    """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Self-checks its (GPU, rule, dtype) once."""
+    """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, dtype)."""
     if fused_cuda.VERIFIED:
         return True
     key = (fused_cuda.device_of(e.p), rule_of(opt), np.dtype(e.p.dtype).name)
     result = RESULTS.get(key)
     if result is None:
-        result = RESULTS[key] = self_check(key[1], key[2], key[0])
-        if not result.passed:
-            warnings.warn(f"xopt: {result}. impl='auto' uses the reference rule for {key[2]} params of this rule "
-                          "on this GPU from now on; please report this with the message.", SelfCheckWarning,
-                          stacklevel=2)
+        with _LOCK:  # one child per case, whichever thread steps first
+            result = RESULTS.get(key)
+            if result is None:
+                result = RESULTS[key] = verdict(*key)
+                if not result.passed:
+                    kept = f" (this verdict is kept in {result.kept}: delete it to check again)" if result.kept else ""
+                    warnings.warn(f"xopt: {result}. impl='auto' uses the reference rule for {key[2]} params of this "
+                                  f"rule on this GPU from now on; please report this with the message.{kept}",
+                                  SelfCheckWarning, stacklevel=2)
     return result.passed
+
+
+# -- the self-check in a child process, its verdict on disk -------------------------------------------------
+CHECK = "xopt.engines.cuda_check:self_check"  # what the child runs: check(rule, dtype name, device) -> SelfCheck
+TIMEOUT = 600.0  # seconds: a child still running then is stopped, and the kernel fails its check
+ISOLATED = True  # False: verdict() runs CHECK here, keeps nothing (the tests' CPU build of the kernel is here)
+_FROM_OUTSIDE = {"SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"}  # Ctrl-C, a job's end, the OOM killer: no verdict
+_MARK = "xopt-self-check-verdict: "  # the child's line with its verdict (JSON) on stdout
+_LOCK = threading.Lock()
+
+
+def _resolve(spec):
+    module, _, qualname = spec.partition(":")
+    found = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _case(device, rule, dtype_name):
+    """What a kept verdict is for: the GPU and driver, the kernel (source, options, NVRTC, CuPy), rule, dtype
+    and the check; None where the GPU cannot say what it is (then nothing is kept)."""
+    try:
+        gpu = fused_cuda.DEVICE.identity(device)
+        import cupy
+        from cupy.cuda import nvrtc
+
+        tools = {"nvrtc": list(nvrtc.getVersion()), "cupy": cupy.__version__}
+    except Exception:  # noqa: BLE001  (no runtime, no NVRTC: the child will say what is wrong)
+        return None
+    source = hashlib.sha256(fused_cuda.SOURCE.read_bytes()).hexdigest()
+    return {"gpu": gpu, "source": source, "options": list(fused_cuda.OPTIONS), **tools, "rule": rule,
+            "dtype": dtype_name, "check": CHECK}
+
+
+def verdict(device, rule, dtype_name) -> SelfCheck:
+    """The self-check's verdict for (GPU ``device``, ``rule``, param dtype): the one kept on disk for this GPU,
+    driver and kernel, else :func:`in_child`'s, then kept (except where the child could not run the check)."""
+    if not ISOLATED:
+        return _resolve(CHECK)(rule, dtype_name, device)
+    case = _case(device, rule, dtype_name)
+    name = f"verdict-{cuda_cache.digest(case)}.json" if case is not None else None
+    folder = cuda_cache.directory()
+    kept = str(folder / name) if name is not None and folder is not None else None
+    found = cuda_cache.read_json(name) if name is not None else None
+    if found is not None and found.get("case") == case and isinstance(found.get("passed"), bool):
+        return SelfCheck(fused_cuda.kernel_name(rule, dtype_name), device, found["passed"], str(found.get("checked")),
+                         found.get("mismatch"), kept)
+    result, keep = in_child(device, rule, dtype_name)
+    if keep and name is not None and cuda_cache.write_json(name, {"case": case, "passed": result.passed,
+                                                                  "checked": result.checked,
+                                                                  "mismatch": result.mismatch}):
+        result = dataclasses.replace(result, kept=kept)
+    return result
+
+
+def in_child(device, rule, dtype_name, check=None, timeout=None):
+    """Run ``check`` (default :data:`CHECK`, "module:qualname") for the case in a new Python process:
+    (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal (a kernel's fault can
+    abort it) or still running after ``timeout`` (default :data:`TIMEOUT`) s is a failed check, kept; one that
+    was stopped from outside (SIGINT, SIGTERM, SIGHUP, SIGKILL) or exits with an error (it could not run the
+    check: no GPU for it, say) is a failed check here, not kept."""
+    kernel = fused_cuda.kernel_name(rule, dtype_name)
+    check, timeout = check or CHECK, TIMEOUT if timeout is None else timeout
+    root = str(Path(__file__).resolve().parents[2])  # where this xopt is imported from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", "import sys; from xopt.engines import cuda_check; cuda_check._child(sys.argv[1:])",
+               str(rule), dtype_name, str(device), check]
+    checked = f"in a child process, by {check}"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return SelfCheck(kernel, device, False, checked, f"the self-check process ran past {timeout:g} s and "
+                                                          "was stopped"), True
+    if done.returncode < 0:
+        try:
+            why = signal.Signals(-done.returncode).name
+        except ValueError:
+            why = str(-done.returncode)
+        if why in _FROM_OUTSIDE:
+            return SelfCheck(kernel, device, False, checked, f"the self-check process was stopped by signal {why}"
+                                                              " (not kept)"), False
+        return SelfCheck(kernel, device, False, checked, f"the self-check process died with signal {why}"), True
+    lines = done.stdout.splitlines()
+    found = [line[len(_MARK):] for line in lines if line.startswith(_MARK)]
+    if done.returncode != 0 or not found:
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        return SelfCheck(kernel, device, False, checked, f"the self-check process could not run the check (exit "
+                                                          f"code {done.returncode}: {last.strip()})"), False
+    answer = json.loads(found[-1])
+    return SelfCheck(kernel, device, bool(answer["passed"]), answer["checked"], answer["mismatch"]), True
+
+
+def _child(argv):
+    """The child's side of :func:`in_child`: ``RULE DTYPE DEVICE CHECK``; prints the verdict as one line."""
+    rule, dtype_name, device, check = argv
+    result = _resolve(check)(int(rule), dtype_name, int(device))
+    print(_MARK + json.dumps({"passed": bool(result.passed), "checked": str(result.checked),
+                              "mismatch": None if result.mismatch is None else str(result.mismatch)}), flush=True)
 
 
 def lane_allowed(opt) -> bool:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cuda_cache
 from .kernels import cut
 
 __all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "OPTIONS", "kernel_name",
-           "norm_name", "block_table", "build", "CupyDevice"]
+           "norm_name", "block_table", "build", "built", "CupyDevice"]
 
 SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
 _TEXT = SOURCE.read_text()
@@ -61,16 +62,25 @@ def block_table(sizes, aligned=None, part=None) -> np.ndarray:
     return out
 
 
-def build(names, arch=None, log_stream=None):
+def build(names, arch=None, log_stream=None, source=None):
     """Compile the kernel instances ``names`` as xopt does before a launch: (cubin, {name: lowered name}).
 
     CuPy's NVRTC (``cupy.cuda.compiler.compile_using_nvrtc``) with :data:`OPTIONS`; ``arch=None`` is
-    CuPy's own choice for the current GPU (its compute capability, capped at what NVRTC knows).
+    CuPy's own choice for the current GPU (its compute capability, capped at what NVRTC knows).  ``source``:
+    the kernel source's text (default: :data:`SOURCE` read now).  Always NVRTC: :func:`built` is the cached build.
     """
     from cupy.cuda import compiler
 
-    return compiler.compile_using_nvrtc(SOURCE.read_text(), OPTIONS, arch=arch, name_expressions=tuple(names),
+    source = SOURCE.read_text() if source is None else source
+    return compiler.compile_using_nvrtc(source, OPTIONS, arch=arch, name_expressions=tuple(names),
                                         log_stream=log_stream)
+
+
+def built(names, arch=None):
+    """:func:`build`'s answer from the disk cache (:mod:`xopt.engines.cuda_cache`) where a process has built the
+    same instances from the same source, options, NVRTC, CuPy and arch before; else :func:`build`'s, kept there."""
+    source = SOURCE.read_text()
+    return cuda_cache.compiled(source, OPTIONS, names, lambda: build(names, arch, source=source), arch)
 
 
 class CupyDevice:
@@ -90,6 +100,19 @@ class CupyDevice:
         import cupy
 
         return cupy.cuda.Device().id
+
+    @staticmethod
+    def identity(device_id) -> str:
+        """GPU ``device_id`` as the self-check's verdicts on disk name it: its name, compute capability, UUID (or
+        PCI bus id) and the driver's version.  Asks the runtime; loads no module, launches nothing."""
+        from cupy.cuda import Device, runtime
+
+        props = runtime.getDeviceProperties(device_id)
+        name, uuid = props.get("name", b"?"), props.get("uuid")
+        name = name.decode(errors="replace").rstrip("\0") if isinstance(name, bytes) else str(name)
+        where = uuid.hex() if isinstance(uuid, bytes) and uuid.strip(b"\0") else runtime.deviceGetPCIBusId(device_id)
+        arch = Device(device_id).compute_capability
+        return f"{name} sm_{arch} {where} driver {runtime.driverGetVersion()}"
 
     @staticmethod
     def on(device_id):
@@ -159,10 +182,11 @@ class CupyDevice:
 
 @functools.lru_cache(maxsize=None)
 def _function(device_id, name):
-    """The compiled kernel ``name`` on GPU ``device_id`` (current): built on first use in this process."""
+    """The compiled kernel ``name`` on GPU ``device_id`` (current): loaded on first use in this process, from the
+    disk cache or built (:func:`built`)."""
     from cupy.cuda import function
 
-    cubin, lowered = build([name])
+    cubin, lowered = built([name])
     module = function.Module()
     module.load(cubin)
     return module.get_function(lowered[name])
