@@ -65,6 +65,7 @@ def _second_process(check, cache):
 
 @pytest.mark.parametrize("check, why", [("aborts", "the self-check process died with signal SIGABRT"),
                                         ("mismatches", "Adam() step 1, tensor (3, 5), param element 0")])
+@pytest.mark.slow  # child processes: a few seconds each
 def test_a_failing_child_leaves_this_process_on_the_reference_and_the_next_reads_the_verdict(
         check, why, isolated, cuda_on_cpu, cuda_cache_dir, monkeypatch):  # noqa: F811
     """The child aborts (what a kernel's fault does) or reports a mismatch: this process goes on, warns once, runs
@@ -88,6 +89,7 @@ def test_a_failing_child_leaves_this_process_on_the_reference_and_the_next_reads
     assert why in warning and "this verdict is kept in" in warning
 
 
+@pytest.mark.slow  # child processes: a few seconds each
 def test_a_passing_child_lets_the_kernel_run_and_is_asked_once(isolated, cuda_on_cpu, cuda_cache_dir,
                                                                 monkeypatch):  # noqa: F811
     monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:passes")
@@ -101,6 +103,7 @@ def test_a_passing_child_lets_the_kernel_run_and_is_asked_once(isolated, cuda_on
     assert cuda_on_cpu.launches == 6 and len(isolated) == 1
 
 
+@pytest.mark.slow  # child processes: a few seconds each
 def test_a_child_past_the_timeout_fails_the_check(isolated, cuda_on_cpu, cuda_cache_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:hangs")
     monkeypatch.setattr(cuda_check, "TIMEOUT", 5.0)
@@ -109,6 +112,7 @@ def test_a_child_past_the_timeout_fails_the_check(isolated, cuda_on_cpu, cuda_ca
     assert [v["passed"] for v in _verdicts(cuda_cache_dir)] == [False]
 
 
+@pytest.mark.slow  # child processes: a few seconds each
 def test_a_child_that_cannot_run_the_check_keeps_no_verdict(isolated, cuda_on_cpu, cuda_cache_dir,
                                                             monkeypatch):  # noqa: F811
     """An error in the child (no GPU for it, say) fails the check in this process only: the next one asks again."""
@@ -142,6 +146,7 @@ def test_a_cuda_error_after_the_kernel_ran_fails_the_check(cuda_on_cpu, monkeypa
         cuda_check.self_check("Adam", np.float32)
 
 
+@pytest.mark.slow  # child processes: a few seconds each
 def test_a_corrupt_verdict_file_is_asked_again(isolated, cuda_on_cpu, cuda_cache_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:passes")
     assert cuda_check.verdict(0, 4, "float32").passed
@@ -153,6 +158,7 @@ def test_a_corrupt_verdict_file_is_asked_again(isolated, cuda_on_cpu, cuda_cache
     assert len(isolated) == 3
 
 
+@pytest.mark.slow  # child processes: a few seconds each
 def test_the_real_check_in_a_child_without_a_gpu(cuda_cache_dir, monkeypatch):
     """cuda_check.self_check itself in the child, on this machine: with no GPU the child cannot run it, which fails
     the check here and keeps nothing (the parent cannot name a GPU either)."""
