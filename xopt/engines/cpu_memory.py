@@ -24,7 +24,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "check_table", "table_sizes", "table_part", "TABLE_HEAD",
+           "N_TABLE_HEAD", "load_i64", "view", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
            "HEAD", "N_HEAD"]
 
 
@@ -308,17 +309,90 @@ def check_step(off, head, part, ptrs, sizes):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    starts, ends = spans_lo[:m], spans_hi[:m]
+    return 0 if _disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else n + 1
+
+
+@njit(cache=True, inline="always")
+def _disjoint(starts, ends, ptrs, sizes, param_size):
+    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place), and no
+    grad (``ptrs[t, 1]``, ``sizes[t]`` elements of ``param_size`` bytes) shares one with any of them."""
     _sort_spans(starts, ends)
-    for i in range(1, m):
+    for i in range(1, starts.shape[0]):
         if starts[i] < ends[i - 1]:
-            return n + 1
-    for t in range(n):  # a grad meets a param or a buffer if the last range starting below its end reaches it
+            return False
+    for t in range(sizes.shape[0]):  # a grad meets a param or a buffer if the last range starting below its end reaches it
         lo, hi = ptrs[t, 1], ptrs[t, 1] + sizes[t] * param_size
         j = _count_below(starts, hi)
         if j > 0 and ends[j - 1] > lo:
-            return n + 1
-    return 0
+            return False
+    return True
+
+
+# The int64 table of a step on CPU torch tensors (see check_table): these numbers, then its rows' columns.
+TABLE_HEAD = ("n", "n_parts", "param_size", "state_size", "mode", "split_at", "answer")
+N_TABLE_HEAD = len(TABLE_HEAD)
+
+
+@njit(cache=True, inline="always")
+def table_sizes(table):
+    """The element counts of a table's rows (a view of ``table``)."""
+    return table[N_TABLE_HEAD:N_TABLE_HEAD + table[0]]
+
+
+@njit(cache=True, inline="always")
+def table_part(table):
+    """Each row's part where the step has several, else an empty array (a view of ``table``)."""
+    n, n_parts = table[0], table[1]
+    at = N_TABLE_HEAD + 6 * n + 3 * n_parts
+    return table[at:at + n] if n_parts > 1 else table[0:0]
+
+
+@njit(cache=True)
+def check_table(table, ptrs):
+    """:func:`check_step` for a step whose addresses the caller read from objects whose own checks it made
+    (CPU torch tensors: type, dtype, device, contiguity, shape; see ``xopt.engines.cpu_tensors``): the
+    element count of the step if its rows may be read and written, else -1 - the first row that may not
+    (-1 - n: the memory check).  Nothing is written but ``ptrs`` (n rows of 5).
+
+    ``table`` (int64): the numbers of ``TABLE_HEAD``, then n element counts, then n addresses of each of
+    the params, the grads and the three state slots (0 where no part keeps the slot), then 3 flags per part
+    of the step (whether it keeps each slot), then, with several parts, each row's part.  Row t is good when
+    its count is positive, its part one of the step's, and each address it reads (the slots its part keeps)
+    not NULL and aligned to its item size; then memory, as :func:`check_step`.  ``ptrs[t]``: row t's five
+    addresses, an unkept slot's the param's (never read)."""
+    n, n_parts, param_size, state_size = table[0], table[1], table[2], table[3]
+    if n <= 0 or n_parts <= 0 or table.shape[0] != N_TABLE_HEAD + 6 * n + 3 * n_parts + (n if n_parts > 1 else 0):
+        return -1 - n
+    sizes, part = table_sizes(table), table_part(table)
+    col = N_TABLE_HEAD + n  # the params' addresses
+    keep = table[N_TABLE_HEAD + 6 * n:N_TABLE_HEAD + 6 * n + 3 * n_parts]
+    spans_lo = np.empty(4 * n, dtype=np.int64)
+    spans_hi = np.empty(4 * n, dtype=np.int64)
+    m = 0
+    total = 0
+    for t in range(n):
+        size = sizes[t]
+        p, g = table[col + t], table[col + n + t]
+        if size <= 0 or p == 0 or p % param_size != 0 or g == 0 or g % param_size != 0:
+            return -1 - t
+        total += size
+        ptrs[t, 0], ptrs[t, 1] = p, g
+        spans_lo[m], spans_hi[m] = p, p + size * param_size
+        m += 1
+        row = part[t] if n_parts > 1 else 0
+        if row < 0 or row >= n_parts:
+            return -1 - t
+        for j in range(3):
+            ptrs[t, 2 + j] = p
+            if keep[3 * row + j] == 0:
+                continue
+            b = table[col + (2 + j) * n + t]
+            if b == 0 or b % state_size != 0:
+                return -1 - t
+            ptrs[t, 2 + j] = b
+            spans_lo[m], spans_hi[m] = b, b + size * state_size
+            m += 1
+    return total if _disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else -1 - n
 
 
 # -- byte ranges of arbitrary NumPy arrays ----------------------------------------------------

@@ -18,10 +18,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from .cpu_memory import HEAD, N_HEAD, check_step
+from .cpu_memory import HEAD, N_HEAD, TABLE_HEAD, check_step, check_table, table_part, table_sizes
 from .cpu_drivers import all_finite, claim, run_serial
 
-__all__ = ["Compiled", "compiled", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
+__all__ = ["Compiled", "compiled", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER", "TABLE_ANSWER"]
 
 # _step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
 LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
@@ -29,6 +29,7 @@ NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite
 # _step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
 CHECK_FINITE = 1
 ANSWER = HEAD.index("answer")
+TABLE_ANSWER = TABLE_HEAD.index("answer")
 
 
 class NotRun(Exception):
@@ -64,14 +65,37 @@ def _step(rule, off, head, scal, bits):
 
 
 
+@njit(cache=True, inline="always")
+def _table_step(rule, table, scal, bits):
+    """:func:`_step` for a step on CPU torch tensors, whose addresses the caller gathered in ``table`` (see
+    ``cpu_memory.check_table``; its head's ``mode`` and ``split_at`` as ``head[12]`` and ``head[13]`` here):
+    checked, then run here unless refused, large or not finite (:class:`NotRun`, the answer in
+    ``table[TABLE_ANSWER]``)."""
+    n = table[0]
+    ptrs = np.empty((max(n, 0), 5), dtype=np.int64)
+    total = check_table(table, ptrs)
+    answer = -total if total < 0 else 0  # 1 + a refused row (n + 1: the memory check)
+    if answer == 0 and total >= table[5]:
+        answer = LARGE
+    if answer == 0 and table[4] & CHECK_FINITE and not all_finite(ptrs, table_sizes(table), scal[0]):
+        answer = NONFINITE
+    if answer != 0:
+        table[TABLE_ANSWER] = answer
+        raise NotRun
+    run_serial(rule, ptrs, table_sizes(table), scal, table_part(table), bits)
+    return 0
+
+
 class Compiled(NamedTuple):
     """One rule's compiled entry points: ``step(off, head, scal, bits)`` (:func:`_step`),
-    ``serial(ptrs, sizes, scal, part, bits)`` (``cpu_drivers.run_serial``) and ``claim(ptrs, chunks, part,
-    counters, scal, bits)`` (``cpu_drivers.claim``)."""
+    ``serial(ptrs, sizes, scal, part, bits)`` (``cpu_drivers.run_serial``), ``claim(ptrs, chunks, part,
+    counters, scal, bits)`` (``cpu_drivers.claim``) and ``table_step(table, scal, bits)`` (:func:`_table_step`:
+    torch tensors)."""
 
     step: object
     serial: object
     claim: object
+    table_step: object
 
 
 _COMPILED = {}  # rule -> its Compiled
@@ -100,4 +124,8 @@ def _entries(rule) -> Compiled:
     def claimer(ptrs, chunks, part, counters, scal, bits):
         claim(rule, ptrs, chunks, part, counters, scal, bits)
 
-    return Compiled(step, serial, claimer)
+    @njit(cache=True, error_model="numpy")
+    def table_step(table, scal, bits):
+        return _table_step(rule, table, scal, bits)
+
+    return Compiled(step, serial, claimer, table_step)

@@ -33,14 +33,14 @@ from .. import _backend
 from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
-from .cpu_memory import N_HEAD, OFFSETS, check_step
+from .cpu_memory import N_HEAD, N_TABLE_HEAD, OFFSETS, check_step, check_table
 from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim_squares, squares, wait_done
 from .cpu_rules import BF16_RULES
-from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, compiled
+from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, TABLE_ANSWER, NotRun, compiled
 from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import KeptSlots, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
+__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
            "device_of", "compile_all", "NotRun"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -97,6 +97,16 @@ class Arrays:
         self.chunks = None
         self.threads = 1  # how many threads writes() hands the kernel to
         self.good = check_step(OFFSETS, head, self.part, self.ptrs, self.sizes) == 0
+        self.total = None  # the element count, once asked
+
+    @classmethod
+    def of_table(cls, entries, ptrs, sizes, scal, part, total):
+        """The arrays of a step whose addresses ``cpu_memory.check_table`` has checked (torch tensors);
+        ``total``: their element count."""
+        self = cls.__new__(cls)
+        self.entries, self.scal, self.part, self.ptrs, self.sizes = entries, scal, part, ptrs, sizes
+        self.chunks, self.threads, self.good, self.total = None, 1, True, total
+        return self
 
     def _chunks(self):
         if self.chunks is None:
@@ -104,7 +114,9 @@ class Arrays:
         return self.chunks
 
     def _threads(self) -> int:
-        return min(get_num_threads(), len(self._chunks())) if int(_SUM(self.sizes)) >= PARALLEL_MIN else 1
+        if self.total is None:
+            self.total = int(_SUM(self.sizes))
+        return min(get_num_threads(), len(self._chunks())) if self.total >= PARALLEL_MIN else 1
 
     def all_finite(self) -> bool:
         return bool(all_finite(self.ptrs, self.sizes, self.scal[0]))
@@ -310,6 +322,12 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if clip is not None:
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
+    return _run(opt, arrays, clip, commit)
+
+
+def _run(opt, arrays, clip, commit, after=()):
+    """A checked step of ``arrays``, from Python: the clip norm or the finite check first where asked, then the
+    kernel (on one thread or several), the calls ``after`` and the commit, together.  Returns True."""
     norm = scale_by = None
     if clip is not None:
         norm = math.sqrt(arrays.sum_squares())
@@ -321,8 +339,109 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         together(commit(None, True))
         return True
     writes = arrays.writes(scale_by)
-    (together_unforked if arrays.threads > 1 else together)([*writes, *commit(norm, False)])
+    (together_unforked if arrays.threads > 1 else together)([*writes, *after, *commit(norm, False)])
     return True
+
+
+_INT = {int}
+
+
+def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
+    """:func:`step` on CPU torch tensors: ``ps``, ``gs`` and the buffers in ``states`` are tensors, read through
+    torch's accessors (:mod:`xopt.engines.cpu_tensors`: type, dtype, device, contiguity, shape, data address)
+    into one int64 table that the compiled call checks (``cpu_memory.check_table``) before the kernel runs;
+    the kernel writes the tensors in place and their version counters are bumped with the commit, as
+    torch's own in-place writes bump them.  Returns True where the step ran or was skipped, None: declined,
+    nothing written."""
+    if not _INT.issuperset(map(type, steps)):  # each count an exact int (the caller checked their values)
+        return None
+    tensors = _TENSORS or _tensors()
+    dtype = tensors.torch_dtype(kind.dtype)
+    if dtype is None or kind.state_dtype != kind.dtype:
+        return None
+    hyper = opt._hyper
+    clip = hyper["clip_grad_norm"]
+    n, size = len(ps), kind.dtype.itemsize
+    keeps = [kind.keeps(view.buffers()) for view in views]
+    lists, columns, partly = [ps, gs], [0, 1], []  # the lists every row fills, their columns; the others
+    for j, get in enumerate(kind.getters):
+        kept = [k[j] for k in keeps]
+        try:
+            if all(kept):
+                lists.append(list(map(get, states)))
+                columns.append(2 + j)
+            elif any(kept):  # a buffer some parts keep: the rows of those parts
+                rows = [t for t in range(n) if kept[part[t]]]
+                partly.append((2 + j, rows, [get(states[t]) for t in rows]))
+        except KeyError:  # made at the checked path's next step (an option turned on)
+            return None
+    at = tensors.addresses([t for ts in lists for t in ts], dtype, len(lists))  # all checked at once
+    if at is None:
+        return None
+    found = dict(zip(columns, (at[i * n:(i + 1) * n] for i in range(len(lists)))))
+    written = [t for ts in lists[2:] for t in ts]
+    if partly:
+        shaped = tensors.shapes(ps)
+        for j, rows, bufs in partly:
+            at = tensors.addresses(bufs, dtype)
+            if at is None or tensors.shapes(bufs) != [shaped[t] for t in rows]:
+                return None
+            found[j] = column = [0] * n
+            for t, a in zip(rows, at):
+                column[t] = a
+            written += bufs
+    written += ps
+    table = [n, len(keeps), size, size, CHECK_FINITE if hyper["skip_nonfinite"] else 0, _split_at(), 0]
+    table += tensors.sizes(ps)
+    zeros = None
+    for j in range(5):
+        column = found.get(j)
+        if column is None:
+            column = zeros = zeros or [0] * n
+        table += column
+    for k in keeps:
+        table += k
+    if part is not None:
+        table += part
+    table = np.array(table, dtype=np.int64)
+    if len(values) == 1:
+        scal = _buffers(kind)[1]
+        kind.scalars_struct.pack_into(scal, 0, *values[0], 1.0)
+    else:
+        scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
+    bump = functools.partial(tensors.increment_version, written)
+    if clip is None:
+        try:
+            together([functools.partial(kind.entries.table_step, table, scal, _BITS), bump, *commit(None, False)])
+            return True
+        except NotRun:
+            answer = table[TABLE_ANSWER]
+        if answer > 0:
+            return None
+        if answer == NONFINITE:
+            together(commit(None, True))
+            return True
+    ptrs = np.empty((n, 5), dtype=np.int64)  # a large step, or a clipped one: checked again, run from here
+    total = check_table(table, ptrs)
+    if total < 0:
+        if clip is not None:
+            return None
+        raise RuntimeError("xopt internal error: a step's table changed between two checks")
+    at = N_TABLE_HEAD + 6 * n + 3 * len(keeps)  # each row's part, where there are several
+    arrays = Arrays.of_table(kind.entries, ptrs, table[N_TABLE_HEAD:N_TABLE_HEAD + n], scal,
+                             _NO_PART if part is None else table[at:at + n], total)
+    return _run(opt, arrays, clip, commit, [bump])
+
+
+def _tensors():
+    """:mod:`xopt.engines.cpu_tensors` (it imports torch: imported at a first step on tensors)."""
+    global _TENSORS
+    if _TENSORS is None:
+        from . import cpu_tensors as _TENSORS
+    return _TENSORS
+
+
+_TENSORS = None
 
 
 def _kernel_ready(a):
