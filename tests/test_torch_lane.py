@@ -155,3 +155,19 @@ def test_parts_that_keep_different_buffers_step_on_the_lane(lane):
     for k in ps:
         torch.testing.assert_close(ps[k], ref[k], rtol=1e-13, atol=1e-15)
 
+
+def test_large_state_buffers_are_plain_tensors_with_the_same_numbers(lane):
+    """A state buffer of 4 MiB or more is made in memory advised for huge pages (Linux): a plain contiguous
+    CPU tensor all the same, stepped on the lane like any other."""
+    p, q = torch.linspace(-1, 1, 1 << 20), torch.linspace(-1, 1, 1 << 20)
+    ours, theirs = xopt.Adam(lr=0.01), xopt.Adam(lr=0.01, impl="reference")
+    for step in range(3):
+        g = torch.full_like(p, 0.25 * (step + 1))
+        theirs.update({"p": q}, {"p": g.clone()})
+        del lane[-1:]
+        ours.update({"p": p}, {"p": g})
+    st = ours.state["p"]
+    assert type(st["m"]) is torch.Tensor and st["m"].is_contiguous() and st["m"].shape == p.shape
+    assert lane == [False, True, True]
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(st["v"], theirs.state["p"]["v"], rtol=1e-6, atol=0)
