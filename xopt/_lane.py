@@ -191,7 +191,7 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
     if took is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
-            took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
+            took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
     return took is True
 
 
