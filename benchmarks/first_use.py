@@ -6,7 +6,10 @@ Each measurement is a fresh Python process that imports xopt and times, in CPU s
 cache the cold run left.  With ``--trees A B``, each checkout is measured in turn, interleaved, round after
 round (``PYTHONPATH`` set to the tree), so their ratio is from one run; medians over ``--rounds``.
 
-    python benchmarks/first_use.py [--trees . /tmp/old] [--optimizers Adam SGD] [--rounds 3] [--out FILE]
+With ``--all-rules``, the "first update" is instead every fused optimizer in float32 and float64, each with a
+small, a large (two threads) and a clipped step: what compiling every kernel costs.
+
+    python benchmarks/first_use.py [--trees . /tmp/old] [--optimizers Adam SGD] [--all-rules] [--rounds 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,10 +37,31 @@ assert p["w"][0] != 1.0
 print(c1 - c0, c2 - c1)
 """
 
+_ALL_RULES = """
+import time, sys
+c0 = time.process_time()
+import numpy as np, xopt
+assert xopt.__file__.startswith(sys.argv[2]), xopt.__file__
+c1 = time.process_time()
+xopt.set_num_threads(2)
+names = ["SGD", "Momentum", "AdaGrad", "RMSprop", "Adam", "AdaDelta", "Adamax", "NAdam", "RAdam", "Lion", "ScheduleFreeAdamW"]
+for dtype in (np.float32, np.float64):
+    for name in names:
+        make = getattr(xopt, name)
+        opt = make(momentum=0.9) if name == "SGD" else make()
+        small, large = {"p": np.ones(4, dtype)}, {"q": np.ones(1 << 21, dtype)}
+        for params in (small, small, large):
+            opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+        make(clip_grad_norm=1.0).update(small, {"p": np.ones(4, dtype)})
+c2 = time.process_time()
+print(c1 - c0, c2 - c1)
+"""
+
 
 def _measure(tree, optimizer, cache_dir):
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tree).resolve()), NUMBA_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, "-c", _CHILD, optimizer, env["PYTHONPATH"]], env=env, capture_output=True, text=True,
+    child = _ALL_RULES if optimizer == "all rules" else _CHILD
+    out = subprocess.run([sys.executable, "-c", child, optimizer, env["PYTHONPATH"]], env=env, capture_output=True, text=True,
                          check=True, cwd=cache_dir).stdout.split()  # cwd: not a tree ("-c" puts it first on the path)
     return float(out[0]), float(out[1])
 
@@ -46,9 +70,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", nargs="+", default=["."])
     ap.add_argument("--optimizers", nargs="+", default=["Adam", "SGD"])
+    ap.add_argument("--all-rules", action="store_true", help="every fused optimizer and dtype instead")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.all_rules:
+        args.optimizers = ["all rules"]
     times = {}
     for _ in range(args.rounds):
         for optimizer in args.optimizers:

@@ -8,7 +8,6 @@ its writes there (its arrays and counts change only inside ``together``).
 
 from __future__ import annotations
 
-import inspect
 import sys
 import threading
 
@@ -23,9 +22,10 @@ def _compiled_codes():
     """The code objects of the numba functions xopt calls: numba reports a call of one to a profiler as if it
     were Python (a frame it makes up), though no bytecode runs."""
     from numba.core.dispatcher import Dispatcher
-    from xopt.engines import cpu_drivers, cpu_memory, cpu_rules, cpu_step, fused_cpu
+    from xopt.engines import cpu_drivers, cpu_memory, cpu_rules, cpu_step, cpu_table, fused_cpu
 
-    codes = [f.py_func.__code__ for m in (cpu_drivers, cpu_memory, cpu_rules, cpu_step, fused_cpu) for f in vars(m).values()
+    codes = [f.py_func.__code__ for m in (cpu_drivers, cpu_memory, cpu_rules, cpu_step, cpu_table, fused_cpu)
+             for f in vars(m).values()
              if isinstance(f, Dispatcher)]
     return {_where(code) for code in codes}
 

@@ -39,18 +39,18 @@ def test_fused_bfloat16_state_equals_the_reference_bit_for_bit(config, shape, dt
 
 def test_rounding_matches_ml_dtypes_on_hard_values():
     """Ties, subnormals, huge values, inf and NaN round as ml_dtypes rounds them."""
-    from xopt.engines import cpu_memory
+    from xopt.engines import cpu_rules
 
     hard = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40, -1e-40, 3.4e38, np.inf, -np.inf, np.nan, 0.0, -0.0,
                      65504.0, 1e-3, np.float32(2**-126)], dtype=np.float32)
     rng = np.random.default_rng(1)
     values = np.concatenate([hard, rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000)])
-    ours = np.array([cpu_memory.bf16_store(x) for x in values], dtype=np.uint16)
+    ours = np.array([cpu_rules.bf16_store(x) for x in values], dtype=np.uint16)
     theirs = values.astype(BF16).view(np.uint16)
     nan = np.isnan(values)
     np.testing.assert_array_equal(ours[~nan], theirs[~nan])
     assert np.all(np.isnan(ours[nan].view(BF16).astype(np.float32)))
-    back = np.array([cpu_memory.bf16_load(h) for h in theirs[~nan]], dtype=np.float32)
+    back = np.array([cpu_rules.bf16_load(h) for h in theirs[~nan]], dtype=np.float32)
     np.testing.assert_array_equal(back, theirs[~nan].view(BF16).astype(np.float32))
 
 

@@ -1,4 +1,4 @@
-"""torch CPU tensors on the exact-type lane: the CPU kernel through NumPy views of the same memory."""
+"""torch CPU tensors on the exact-type lane: the CPU kernel, in place, through the tensors' data addresses."""
 
 from __future__ import annotations
 
@@ -80,3 +80,94 @@ def test_torch_lane_writes_are_one_call_into_c():
     grads = {k: p.grad for k, p in params.items()}
     inside, calls = _watch(lambda: opt.update(params, grads))
     assert calls >= 1 and not inside, inside
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("odd", ["neg_view", "misaligned", "subclass", "strided_state"])
+def test_tensors_the_lane_does_not_take_go_to_the_checked_path(odd, lane):
+    """The lane reads tensors through torch's accessors: one it may not write through its data address (a lazily
+    negated view, an address not aligned to its item size, a subclass, a state buffer replaced by a strided one)
+    is declined whole; the checked path steps it, same numbers."""
+    def make():
+        return {"w": torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4),
+                "b": torch.linspace(0, 1, 3, dtype=torch.float64)}
+
+    ps, ref = make(), make()
+    ours, theirs = xopt.Adam(lr=0.1, amsgrad=True), xopt.Adam(lr=0.1, amsgrad=True, impl="reference")
+    for step in range(3):
+        grads = {k: torch.full_like(v, 0.5 + step) for k, v in ps.items()}
+        ref_grads = {k: g.clone() for k, g in grads.items()}
+        if step == 2:
+            if odd == "neg_view":
+                grads["w"] = torch._neg_view(-grads["w"])
+            elif odd == "misaligned":
+                grads["w"] = torch.frombuffer(bytearray(8 * 12 + 4), dtype=torch.float64, offset=4, count=12).reshape(3, 4)
+                grads["w"].copy_(ref_grads["w"])
+            elif odd == "subclass":
+                grads["w"] = grads["w"].as_subclass(_Sub)
+            elif odd == "strided_state":
+                for opt in (ours, theirs):
+                    v = opt.state["w"]["v"]
+                    opt.state["w"]["v"] = torch.empty(4, 3, dtype=torch.float64).t().copy_(v)
+        theirs.update(ref, ref_grads)
+        del lane[-1:]  # the reference's steps: never the lane's
+        ours.update(ps, grads)
+    assert lane == [False, True, False], lane
+    assert ours.state["w"]["step"] == 3
+    for k in ps:
+        torch.testing.assert_close(ps[k], ref[k], rtol=1e-14, atol=1e-15)
+
+
+def test_a_grad_sharing_its_params_memory_is_declined_then_refused(lane):
+    """Addresses checked in the compiled call: a grad that is a view of its param is declined (nothing
+    written) and the checked path names it."""
+    w = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    opt = xopt.Adam(lr=0.1)
+    for _ in range(2):
+        opt.update({"w": w}, {"w": torch.ones_like(w)})
+    before = w.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.update({"w": w}, {"w": w[:]})
+    assert lane == [False, True, False] and opt.state["w"]["step"] == 2
+    torch.testing.assert_close(w, before, rtol=0, atol=0)
+
+
+def test_parts_that_keep_different_buffers_step_on_the_lane(lane):
+    """Overrides whose hyperparameter sets keep different buffers (amsgrad's v_max in some): one lane step."""
+    def make():
+        torch.manual_seed(1)
+        return {"w": torch.randn(5, 4, dtype=torch.float64), "b": torch.randn(5, dtype=torch.float64),
+                "u": torch.randn(3, dtype=torch.float64)}
+
+    ps, ref = make(), make()
+    over = {"b": {"amsgrad": True, "lr": 0.05}}
+    ours, theirs = xopt.Adam(lr=0.1, overrides=over), xopt.Adam(lr=0.1, overrides=over, impl="reference")
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        grads = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in ps.items()}
+        theirs.update(ref, {k: t.clone() for k, t in grads.items()})
+        del lane[-1:]
+        ours.update(ps, grads)
+    assert lane == [False, True, True, True], lane
+    for k in ps:
+        torch.testing.assert_close(ps[k], ref[k], rtol=1e-13, atol=1e-15)
+
+
+def test_large_state_buffers_are_plain_tensors_with_the_same_numbers(lane):
+    """A state buffer of 4 MiB or more is made in memory advised for huge pages (Linux): a plain contiguous
+    CPU tensor all the same, stepped on the lane like any other."""
+    p, q = torch.linspace(-1, 1, 1 << 20), torch.linspace(-1, 1, 1 << 20)
+    ours, theirs = xopt.Adam(lr=0.01), xopt.Adam(lr=0.01, impl="reference")
+    for step in range(3):
+        g = torch.full_like(p, 0.25 * (step + 1))
+        theirs.update({"p": q}, {"p": g.clone()})
+        del lane[-1:]
+        ours.update({"p": p}, {"p": g})
+    st = ours.state["p"]
+    assert type(st["m"]) is torch.Tensor and st["m"].is_contiguous() and st["m"].shape == p.shape
+    assert lane == [False, True, True]
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(st["v"], theirs.state["p"]["v"], rtol=1e-6, atol=0)

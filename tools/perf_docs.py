@@ -23,7 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 FULL_RUN = "cpu-2026-11-25f/results.json"  # xopt-bench --device cpu: step and loop scenarios
 LANE_LOOP = "loop-book-lane-c/results.json"  # the loop again, on the exact-type lane of today's code
-TORCH_TENSORS = "torch-tensors-lane.json"
+TORCH_TENSORS = "torch-tensors-lane-2026-12-03.json"
 STEP_MEMORY = "step-memory-2026-11-25.json"
 DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-02.json"

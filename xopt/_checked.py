@@ -10,6 +10,8 @@ checked before anything is written; the groups of a step run reference first (se
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import numbers
 import operator
 import sys
@@ -172,13 +174,47 @@ def state_for(opt, e):
             st[name] = np.full(e.p.shape, view.initial_value(name), dtype=dtype)
         elif buf is None:
             # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
-            st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+            buf = _huge_cpu_tensor(e.p, view.initial_value(name), dtype)
+            if buf is None:
+                buf = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+            st[name] = buf
         elif _backend.library_name(buf) != _backend.library_name(e.p):
             st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
     return st
 
+
+def _huge_cpu_tensor(p, value, dtype):
+    """A state buffer like ``p`` (a CPU torch tensor of at least ``HUGE_MIN`` bytes), in transparent huge pages
+    where the system gives them (Linux ``madvise``, as NumPy does for its own arrays of 4 MiB and more; torch's
+    allocator does not unless ``THP_MEM_ALLOC_ENABLE`` is set): advised before its first touch, then filled
+    with ``value``.  A step streams through its buffers: 2 MiB pages take most TLB misses off the state's
+    share.  None where ``p`` is not such a tensor (the caller makes it with ``full_like``)."""
+    torch = sys.modules.get("torch")
+    if _MADV_HUGEPAGE is None or torch is None or type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_cpu:
+        return None
+    buf = torch.empty_like(p, dtype=dtype)
+    nbytes = buf.numel() * buf.element_size()
+    if nbytes < HUGE_MIN or not buf.is_contiguous():
+        return None
+    lo, hi = -(-buf.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE, (buf.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if hi > lo:
+        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)  # advice: a failure changes nothing
+    return buf.fill_(value)
+
+
+def _libc_madvise():
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+HUGE_MIN = 1 << 22  # bytes: NumPy's threshold for advising huge pages
+_HUGE_PAGE = 1 << 21
+_madvise = _libc_madvise() if sys.platform.startswith("linux") else None
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None) if _madvise is not None else None
 
 _CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared by identity: any library's dtype)
 

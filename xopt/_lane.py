@@ -5,7 +5,9 @@
 params, grads and state dicts into lists in one pass each, splits the step into parts (a
 hyperparameter set at a step count: one part in a plain run), computes each part's scalars on
 the host, and hands the lists to the engine, whose one compiled call checks every array from
-its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  Nothing is
+its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  CPU torch
+tensors take the same lane: the engine's ``step_tensors`` reads their facts with torch's accessors
+(:mod:`xopt.engines.cpu_tensors`) into one table that its compiled call checks.  Nothing is
 remembered from one call to the next.
 
 Whatever the lane does not take (another container or array type, a first step, a ``None``
@@ -56,23 +58,25 @@ def take(opt, params, grads) -> bool:
     if not ps:
         return False
     boxes = tensors = None
-    if type(ps[0]) is not np.ndarray:
-        if isinstance(ps[0], _NUMBERS):
+    first = ps[0]  # picks the engine and the kernel
+    if type(first) is not np.ndarray:
+        if isinstance(first, _NUMBERS):
             boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
             if boxes is None:
                 return False
             ps = boxes[0]
+            first = ps[0]
             gs = _arrays(gs, ps)
             if gs is None:
                 return False
         else:
             torch = sys.modules.get("torch")
-            if torch is not None and isinstance(ps[0], torch.Tensor):  # CPU tensors: the CPU engine, via NumPy views
-                tensors = ps
-                ps, gs = _numpy_views(ps), _numpy_views(gs, sys.modules["torch"].Tensor.numpy)
-                if ps is None or gs is None:
+            if torch is not None and isinstance(first, torch.Tensor):  # CPU tensors: the CPU engine, by their addresses
+                first = _prototype(_tensor_dtype(first))
+                if first is None:
                     return False
-    found = _dispatch.lane_kind(opt, ps[0])  # the first param picks the engine and the kernel
+                tensors = ps
+    found = _dispatch.lane_kind(opt, first)
     if found is None:
         return False
     engine, kind = found
@@ -122,7 +126,7 @@ def _forget(opt, keys):
 
 def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors=None):
     """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written).
-    ``tensors``: the torch params whose NumPy views ``ps`` are (their buffers are viewed here alike)."""
+    ``tensors``: ``ps`` when they are CPU torch tensors (the engine's ``step_tensors`` reads them)."""
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):
@@ -159,11 +163,6 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
         gs = _arrays(gs, ps)  # number grads (arithmetic on 0-d arrays gives NumPy scalars)
         if gs is None:
             return False
-    engine_states = states
-    if tensors is not None:
-        engine_states, written = _numpy_states(states, kind.slots)
-        if engine_states is None:
-            return False
 
     def commit(norm, skipped):
         """The calls into C that count the step (the engine runs them in the C-level call that writes it,
@@ -178,61 +177,51 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
                      partial(own, "iter", opt.iter + 1)]
             if boxes is not None:  # the new values of float params, read from their boxes once written
                 calls.append(each(operator.setitem, repeat(params), keys, map(CALL, map(partial, boxes[1], ps))))
-            if tensors is not None:  # written in place where autograd does not see it: it is told, as by torch.optim
-                calls.append(partial(sys.modules["torch"]._C._increment_version, [*tensors, *written]))
         if norm is not None:
             calls.append(partial(own, "last_grad_norm", norm))
         if not opt._patterns_checked:
             calls.append(partial(own, "_patterns_checked", True))
         return calls
 
-    took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
+    if tensors is not None:  # torch tensors: the engine reads them itself, and bumps their version counters
+        return engine.step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit) is True
+    took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
     if took is None and type(ps[0]) is np.ndarray and any(type(g) is not np.ndarray for g in gs):
         gs = _arrays(gs, ps)  # number grads after array ones
         if gs is not None:
-            took = engine.step(opt, kind, views, values, ps, gs, engine_states, steps, part, commit)
+            took = engine.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
     return took is True
 
 
 _ONE = 1
+_PROTOTYPES = {}  # NumPy dtype -> an empty array of it: what picks the engine and kind of a step on tensors
+
+
+def _tensor_dtype(t):
+    """``cpu_tensors.dtype_of(t)`` (the module imports torch: imported at a first step on tensors)."""
+    global _DTYPE_OF
+    if _DTYPE_OF is None:
+        from .engines.cpu_tensors import dtype_of as _DTYPE_OF
+    return _DTYPE_OF(t)
+
+
+_DTYPE_OF = None
+
+
+def _prototype(dtype):
+    """An empty NumPy array of ``dtype`` (None: None), for the engine and kind of a step on tensors of it."""
+    if dtype is None:
+        return None
+    found = _PROTOTYPES.get(dtype)
+    if found is None:
+        found = _PROTOTYPES[dtype] = np.empty(0, dtype)
+    return found
 
 
 def _groups(opt, keys):
     """Each key's hyperparameter set (its override's, 0: the optimizer's own), known keys looked up in C."""
     groups = list(map(opt._group_index.get, keys))
     return groups if None not in groups else list(map(opt._group_of, keys))
-
-
-def _numpy_views(tensors, view=None):
-    """NumPy arrays over the memory of CPU torch tensors (``detach().numpy()``), or None where some item is not
-    one a NumPy array can view (another device, bfloat16, not a tensor, ``None``).  ``view``: ``Tensor.numpy``,
-    to try first on tensors that do not require grad (grads): a detached alias costs about a microsecond each."""
-    try:
-        if view is not None:
-            try:
-                return list(map(view, tensors))
-            except RuntimeError:  # one requires grad: through detached aliases
-                pass
-        return [t.detach().numpy() for t in tensors]
-    except (AttributeError, TypeError, RuntimeError):
-        return None
-
-
-def _numpy_states(states, slots):
-    """(the states with NumPy views of their buffers named in ``slots``, the tensors viewed), or (None, None)."""
-    views, written = [], []
-    try:
-        for st in states:
-            view = dict(st)
-            for name in slots:
-                t = st.get(name)
-                if t is not None:
-                    view[name] = t.numpy() if not t.requires_grad else t.detach().numpy()
-                    written.append(t)
-            views.append(view)
-    except (AttributeError, TypeError, RuntimeError):
-        return None, None
-    return views, written
 
 
 def _arrays(gs, ps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import repeat
-from operator import is_not
+from operator import attrgetter, is_not
 
 import torch
 
@@ -13,6 +13,7 @@ from xopt._hyper import check_overrides, check_value, publish
 
 _REFUSED = ("maximize", "capturable", "differentiable")
 _set_grad_enabled = torch._C._set_grad_enabled  # the C call under torch.no_grad(), a fifth of its cost a step
+_GRAD = attrgetter("grad")
 
 
 class _Front(torch.optim.Optimizer):
@@ -87,7 +88,7 @@ class _Front(torch.optim.Optimizer):
         if len(groups) == 1:
             ps = groups[0]["params"]
             keys = self._keys_of(0, len(ps))
-            gs = [p.grad for p in ps]
+            gs = list(map(_GRAD, ps))
             if not all(map(is_not, gs, repeat(None))):
                 keys, ps, gs = _with_grads(keys, ps, gs)
             if self._seen[0] != _values(groups[0], self.reads) or self._present:
@@ -97,7 +98,7 @@ class _Front(torch.optim.Optimizer):
             for i, group in enumerate(groups):
                 group_ps = group["params"]
                 group_keys = self._keys_of(i, len(group_ps))
-                group_gs = [p.grad for p in group_ps]
+                group_gs = list(map(_GRAD, group_ps))
                 if not all(map(is_not, group_gs, repeat(None))):
                     group_keys, group_ps, group_gs = _with_grads(group_keys, group_ps, group_gs)
                 if group_ps:
@@ -267,9 +268,15 @@ def _values(group, reads):
     """The group's values of ``reads``, as plain numbers: a scheduler changes a tensor lr in place, so the
     tensor itself would compare equal to the one seen before."""
     values = tuple(map(group.get, reads))
-    if any(isinstance(v, (torch.Tensor, tuple, list)) for v in values):
-        return tuple(map(_plain, values))
-    return values
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN or (kinds <= _PLAIN_OR_TUPLE and all(
+            _PLAIN.issuperset(map(type, v)) for v in values if type(v) is tuple)):
+        return values  # what _plain gives back (betas: a tuple of floats), without a call per value
+    return tuple(map(_plain, values))
+
+
+_PLAIN = frozenset({float, int, bool, str, type(None)})  # exact types: values that _plain gives back unchanged
+_PLAIN_OR_TUPLE = _PLAIN | {tuple}
 
 
 def _plain(value):

@@ -2,8 +2,8 @@
 
 Each class here is a :class:`torch.optim.Optimizer` with its torch.optim counterpart's arguments, defaults,
 ``param_groups``, ``step(closure=None)``, ``zero_grad`` and ``add_param_group``, whose ``step`` hands every
-param that has a grad to one xopt optimizer in one ``update`` call (CPU tensors: the fused CPU kernel through
-NumPy views of the same memory; other devices: xopt's path for them).  So an ``lr_scheduler``, a training
+param that has a grad to one xopt optimizer in one ``update`` call (CPU tensors: the fused CPU kernel, in place,
+through the data addresses it reads and checks; other devices: xopt's path for them).  So an ``lr_scheduler``, a training
 loop or a checkpoint written for torch.optim works unchanged:
 
 - param groups are xopt ``overrides``: param ``j`` of group ``i`` is ``"i.j"`` to xopt, and group ``i > 0``

@@ -24,7 +24,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu", "bf16_load", "bf16_store",
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
            "HEAD", "N_HEAD"]
 
 
@@ -319,17 +319,23 @@ def check_step(off, head, part, ptrs, sizes):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    starts, ends = spans_lo[:m], spans_hi[:m]
+    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else n + 1
+
+
+@njit(cache=True, inline="always")
+def disjoint(starts, ends, ptrs, sizes, param_size):
+    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place), and no
+    grad (``ptrs[t, 1]``, ``sizes[t]`` elements of ``param_size`` bytes) shares one with any of them."""
     _sort_spans(starts, ends)
-    for i in range(1, m):
+    for i in range(1, starts.shape[0]):
         if starts[i] < ends[i - 1]:
-            return n + 1
-    for t in range(n):  # a grad meets a param or a buffer if the last range starting below its end reaches it
+            return False
+    for t in range(sizes.shape[0]):  # a grad meets a param or a buffer if the last range starting below its end reaches it
         lo, hi = ptrs[t, 1], ptrs[t, 1] + sizes[t] * param_size
         j = count_below(starts, hi)
         if j > 0 and ends[j - 1] > lo:
-            return n + 1
-    return 0
+            return False
+    return True
 
 
 # -- byte ranges of arbitrary NumPy arrays ----------------------------------------------------
@@ -366,39 +372,3 @@ def byte_bounds(arrays):
     lo, hi = np.empty_like(ids), np.empty_like(ids)
     _bounds(OFFSETS, ids, itemsizes, lo, hi)
     return lo, hi
-
-
-# -- bfloat16 bits ---------------------------------------------------------------------------
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits_from_float(typingctx, x):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@njit(cache=True, inline="always")
-def bf16_load(h):
-    """bfloat16 bits -> float32 (exact)."""
-    return _float_from_bits(np.uint32(h) << np.uint32(16))
-
-
-@njit(cache=True, inline="always")
-def bf16_store(x):
-    """float32 -> bfloat16 bits, rounded to nearest even as ml_dtypes does; NaN stays NaN."""
-    u = np.int64(_bits_from_float(np.float32(x)))
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return np.uint16((u >> 16) | 0x40)
-    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)

@@ -9,11 +9,47 @@ reference.  :mod:`xopt.engines.cpu_drivers` runs them over a step's tensors.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
-from .cpu_memory import bf16_load as _bf16_load, bf16_store as _bf16_store
+__all__ = ["RULES", "BF16_RULES", "ADAM_BF16", "bf16_load", "bf16_store"]
 
-__all__ = ["RULES", "BF16_RULES", "ADAM_BF16"]
+
+# -- bfloat16 bits ---------------------------------------------------------------------------
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def bf16_load(h):
+    """bfloat16 bits -> float32 (exact)."""
+    return _float_from_bits(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def bf16_store(x):
+    """float32 -> bfloat16 bits, rounded to nearest even as ml_dtypes does; NaN stays NaN."""
+    u = np.int64(_bits_from_float(np.float32(x)))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((u >> 16) | 0x40)
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -142,11 +178,11 @@ def _adam(p, g, m, v, v_max, s):
 @njit(cache=True, error_model="numpy", inline="always")
 def _adam_bf16_loop(p, g, m, v, v_max, s, amsgrad, divide):
     for i in range(p.shape[0]):
-        p[i], mi, vi, v_max_i = _adam_element(p[i], g[i], _bf16_load(m[i]), _bf16_load(v[i]),
-                                              _bf16_load(v_max[i]) if amsgrad else s[8], s, amsgrad, divide)
-        m[i], v[i] = _bf16_store(mi), _bf16_store(vi)
+        p[i], mi, vi, v_max_i = _adam_element(p[i], g[i], bf16_load(m[i]), bf16_load(v[i]),
+                                              bf16_load(v_max[i]) if amsgrad else s[8], s, amsgrad, divide)
+        m[i], v[i] = bf16_store(mi), bf16_store(vi)
         if amsgrad:
-            v_max[i] = _bf16_store(v_max_i)
+            v_max[i] = bf16_store(v_max_i)
 
 
 @njit(cache=True, error_model="numpy")

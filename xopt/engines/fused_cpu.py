@@ -21,42 +21,28 @@ Compiled code is cached on disk (``cache=True``): a second process does not comp
 from __future__ import annotations
 
 import functools
-import math
 import operator
 import struct
-import threading
 import time
 
 import numpy as np
 
 from .. import _backend
-from .._clip import is_finite, scale
-from .._atomic import together, together_unforked
-from .._threads import get_num_threads, pool as _pool
-from .cpu_memory import N_HEAD, OFFSETS, check_step
-from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
+from .._atomic import together
+from .cpu_arrays import CHUNK, PARALLEL_MIN, Arrays, buffers as _buffers, chunk_table, run, split_at as _split_at
+from .cpu_memory import N_HEAD, OFFSETS
 from .cpu_rules import BF16_RULES
 from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, rule_function, step as _step
 from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import KeptSlots, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
+__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
            "device_of", "compile_all", "NotRun"]
-
-# Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
-# machine (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
-# second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
-# (0.53-0.63x the one-thread time); in a loop with a matmul before each step it neither won nor lost (1.01-1.09x
-# from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
-# few chunks; see cpu_drivers.claim).
-PARALLEL_MIN = 1 << 21
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
-_NO_PART = np.empty(0, dtype=np.int64)
-_NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
-_SUM = np.add.reduce  # ndarray.sum without its Python wrapper: the same sum
+_HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
 
 def supports(opt) -> bool:
     return lookup(opt) is not None
@@ -77,75 +63,6 @@ def accepts(opt, e) -> bool:
 
 def device_of(a):
     return "cpu"
-
-
-def chunk_table(sizes) -> np.ndarray:
-    """(tensor, lo, hi) rows covering every element, no row longer than CHUNK."""
-    return chunk_rows(np.asarray(sizes, dtype=np.int64), CHUNK)
-
-
-class Arrays:
-    """One step's arrays, checked again by :func:`check_step` for a run from Python (several threads, or
-    after the clip norm): the kernel's addresses and sizes."""
-
-    def __init__(self, function, head, scal):
-        n = int(head[6])
-        self.function, self.scal, self.part = function, scal, head[N_HEAD + 3 * int(head[11]):]
-        self.ptrs = np.empty((n, 5), dtype=np.int64)
-        self.sizes = np.empty(n, dtype=np.int64)
-        self.chunks = None
-        self.threads = 1  # how many threads writes() hands the kernel to
-        self.good = check_step(OFFSETS, head, self.part, self.ptrs, self.sizes) == 0
-
-    def _chunks(self):
-        if self.chunks is None:
-            self.chunks = chunk_table(self.sizes)
-        return self.chunks
-
-    def _threads(self) -> int:
-        return min(get_num_threads(), len(self._chunks())) if int(_SUM(self.sizes)) >= PARALLEL_MIN else 1
-
-    def all_finite(self) -> bool:
-        return bool(all_finite(self.ptrs, self.sizes, self.scal[0]))
-
-    def sum_squares(self) -> float:
-        """The sum of the squares of the grads, in float64, chunk by chunk as :func:`sum_squares` sums."""
-        chunks = self._chunks()
-        sums = np.empty(len(chunks), dtype=np.float64)
-        threads = self._threads()
-        if threads <= 1:
-            squares(self.ptrs, chunks, 0, len(chunks), self.scal[0], sums)
-        else:
-            counters = np.zeros(2, dtype=np.int64)
-            claim_squares(self.ptrs, chunks, _NO_CHUNK_LEFT, self.scal[0], sums)  # see _parallel
-            together(self._parallel(threads, counters,
-                                    functools.partial(claim_squares, self.ptrs, chunks, counters, self.scal[0], sums)))
-        return float(_SUM(sums))
-
-    def writes(self, clip=None) -> list:
-        """The calls (into C, for ``xopt._atomic.together``) that run the kernel over every tensor; ``clip``:
-        the scale of the grads (None: 1)."""
-        if clip is not None:
-            self.scal[:, -1] = clip
-        threads = self.threads = self._threads()
-        if threads <= 1:
-            run_serial(self.function, self.ptrs, self.sizes[:0], self.scal, self.part)  # see _parallel
-            return [functools.partial(run_serial, self.function, self.ptrs, self.sizes, self.scal, self.part)]
-        counters = np.zeros(2, dtype=np.int64)
-        claim(self.function, self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal)  # see _parallel
-        return self._parallel(threads, counters, functools.partial(claim, self.function, self.ptrs, self._chunks(),
-                                                                   self.part, counters, self.scal))
-
-    def _parallel(self, threads, counters, claimer) -> list:
-        """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over
-        finds no chunk left and touches nothing) on ``threads - 1`` workers and the caller, then wait for the
-        chunks still under way on workers.  Each compiled function of the calls has run once already, on
-        nothing, with these argument types: numba's dispatcher, which types the arguments of a call in Python
-        (and loads or compiles the kernel) the first time, does it here, not among a step's writes."""
-        wait_done(counters, 0)
-        put = _pool(threads).put
-        return [functools.partial(put, claimer)] * (threads - 1) + [
-            claimer, functools.partial(wait_done, counters, len(self._chunks()))]
 
 
 class Kind(KeptSlots):
@@ -235,26 +152,6 @@ def _head(lists, n, kind, keeps, mode, part):
     return np.array(head, dtype=np.int64)
 
 
-def _split_at():
-    """From how many elements a step is split over threads."""
-    return PARALLEL_MIN if get_num_threads() > 1 else _NEVER
-
-
-def _buffers(kind):
-    """This thread's head and scalars buffers for one-part steps of ``kind`` (one allocation and conversion
-    less per call: in a training loop they run cold)."""
-    mine = _SCRATCH.__dict__
-    found = mine.get(kind)
-    if found is None:
-        found = mine[kind] = (np.empty(N_HEAD + 3, dtype=np.int64), np.empty((1, kind.size + 1), dtype=kind.dtype))
-    return found
-
-
-_NEVER = 2**62
-_SCRATCH = threading.local()  # each thread's buffers for the head and scalars of a one-part step
-_HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
-
-
 def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     """The whole step, committed, in one engine call; or None: declined, nothing written.
 
@@ -270,7 +167,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     mode = CHECK_FINITE if hyper["skip_nonfinite"] else 0
     lists = [ps, gs, None, None, None, steps]  # step counts: their types checked in the compiled call
     if part is None:  # one part: the usual step
-        layout = kind.layout(views[0].buffers(), mode, PARALLEL_MIN if get_num_threads() > 1 else _NEVER)
+        layout = kind.layout(views[0].buffers(), mode, _split_at())
         try:
             for at, get in layout.kept:
                 lists[at] = list(map(get, states))
@@ -307,19 +204,15 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if clip is not None:
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
-    norm = scale_by = None
-    if clip is not None:
-        norm = math.sqrt(arrays.sum_squares())
-        if opt.skip_nonfinite and not is_finite(norm):
-            together(commit(norm, True))
-            return True
-        scale_by = scale(norm, clip)
-    elif opt.skip_nonfinite and not arrays.all_finite():
-        together(commit(None, True))
-        return True
-    writes = arrays.writes(scale_by)
-    (together_unforked if arrays.threads > 1 else together)([*writes, *commit(norm, False)])
-    return True
+    return run(opt, arrays, clip, commit)
+
+
+def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
+    """:func:`step` on CPU torch tensors (:func:`xopt.engines.cpu_tensors.step`, imported at a first step on
+    tensors: it imports torch)."""
+    from . import cpu_tensors
+
+    return cpu_tensors.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
 
 
 def _kernel_ready(a):

@@ -49,7 +49,7 @@ else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathe
     cuda_memory = None
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",
-           "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step",
+           "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors",
            "apply", "compile_all", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
@@ -228,6 +228,11 @@ def _new_kind(opt, dtype):
 def new_state(view, kind, p):
     """None: a param's first step on the GPU is the checked path's (which makes its state, and under
     ``impl="auto"`` runs the self-check); the lane takes the steps after it."""
+    return None
+
+
+def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
+    """Declined (None): torch tensors on the GPU take the checked path."""
     return None
 
 

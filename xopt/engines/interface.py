@@ -46,3 +46,7 @@ class LaneEngine(Engine, Protocol):
         C-level call as its writes; True: done (or skipped by skip_nonfinite), None: declined, nothing written.
         ``views``/``values``: each part's hyperparameter set and kernel scalars; ``part``: each tensor's part
         (None: all part 0); ``ps``, ``gs``, ``states``, ``steps``: lists the caller holds."""
+
+    def step_tensors(self, opt, kind, views, values, ps, gs, states, steps, part, commit: Callable) -> bool | None:
+        """:meth:`step` where ``ps``, ``gs`` and the state buffers are torch tensors (the lane's exact types), read
+        through torch's accessors; None: declined, nothing written (an engine that takes no tensors declines)."""
