@@ -36,7 +36,7 @@ import numpy as np
 from .. import _backend
 from .reference import _as, _grad, _write
 
-__all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "SIGNED", "UNSIGNED", "midpoints", "quantize",
+__all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "float_map", "SIGNED_FORMAT", "UNSIGNED_FORMAT", "SIGNED", "UNSIGNED", "midpoints", "quantize",
            "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX"]
 
 BLOCK_SIZE = 256  # bitsandbytes' blockwise default
@@ -61,8 +61,35 @@ def dynamic_map(signed: bool) -> np.ndarray:
     return found
 
 
-SIGNED = dynamic_map(True)
-UNSIGNED = dynamic_map(False)
+def float_map(signed: bool, mantissa: int, emin: int) -> np.ndarray:
+    """A small float format relative to the block's absmax: 256 sorted float32 values, exactly those of a
+    format with ``mantissa`` fraction bits whose magnitude code ``c`` (0 up) has the exponent field ``c >> mantissa``
+    and the fraction ``c & (2**mantissa - 1)``: field 0 the subnormals ``f * 2**(emin - mantissa)``, field ``e >= 1``
+    the values ``(1 + f / 2**mantissa) * 2**(emin + e - 1)``.  1.0 is the code ``(1 - emin) << mantissa``; the codes
+    above it (values up to 2) are a block's only if its absmax's inverse is not exact enough for ``x / absmax <= 1``.
+
+    Signed (m): the codes 0..126 are the negatives of magnitudes 127..1, 127 is 0 and 128..255 the magnitudes
+    1..128, so the codes stay in the values' order.  Unsigned (v, v_max): the code is the magnitude code."""
+    def value(c):
+        field, f = c >> mantissa, c & ((1 << mantissa) - 1)
+        if field == 0:
+            return f * 2.0 ** (emin - mantissa)
+        return (2**mantissa + f) * 2.0 ** (emin + field - 1 - mantissa)
+
+    if signed:
+        values = [-value(c) for c in range(127, 0, -1)] + [value(c) for c in range(129)]
+    else:
+        values = [value(c) for c in range(256)]
+    found = np.array(values, dtype=np.float64).astype(np.float32)
+    assert found.shape == (256,) and np.all(np.diff(found) > 0) and np.array_equal(found, values)
+    assert 1.0 in found and found[-1] <= 2.0
+    return found
+
+
+SIGNED_FORMAT = (3, -14)  # m: (fraction bits, emin): values 2**-17 .. 1 of the absmax, 3 bits of fraction
+UNSIGNED_FORMAT = (3, -30)  # v, v_max: 2**-33 .. 1, 3 bits of fraction
+SIGNED = float_map(True, *SIGNED_FORMAT)
+UNSIGNED = float_map(False, *UNSIGNED_FORMAT)
 
 
 def midpoints(code: np.ndarray) -> np.ndarray:

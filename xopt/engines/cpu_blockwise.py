@@ -28,180 +28,233 @@ import operator
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
 from .. import _backend
 from .._threads import get_num_threads, pool
-from .blockwise import SIGNED, SUFFIX, UNSIGNED, map_of, midpoints, n_blocks
+from .blockwise import SIGNED, SIGNED_FORMAT, SUFFIX, UNSIGNED, UNSIGNED_FORMAT, map_of, n_blocks
 from .cpu_memory import fetch_add
 from .cpu_drivers import CHUNK, wait_done
 from .cpu_rules import _adam_element
 from .fused_cpu import PARALLEL_MIN
 from .kernels import lookup
 
-__all__ = ["supports", "apply", "key_table", "table_code"]
+__all__ = ["supports", "apply", "codes_of", "values_of"]
 
-LANES = 16  # elements per gather
-
-
-def _keys(bits):
-    """uint32 keys of float32 ``bits`` that order as the floats do (-0.0 just below +0.0; NaNs at both ends)."""
-    bits = np.asarray(bits, dtype=np.uint32)
-    return bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000)).astype(np.uint32)
-
-
-def key_table(mid: np.ndarray) -> np.ndarray:
-    """uint32[65536], one entry per value ``t`` of a key's top 16 bits (:func:`_keys`): ``code << 16 | low``, where
-    ``code`` is ``count(mid < y)`` for the smallest non-NaN y in the range and ``low`` the low 16 bits of the key of
-    the one threshold ``mid[code]`` inside the range, or 0xFFFF if none is (checked here: no range holds two).
-    A y in the range then has the code ``code + (key(y) & 0xFFFF > low)`` (:func:`table_code`).  A range of
-    NaNs has the code 255; the two ranges that hold an infinity and signaling NaNs have the infinity's code (the
-    kernel's values are products, whose NaNs are quiet)."""
-    t = np.arange(1 << 16, dtype=np.uint32) << 16
-    keys = np.stack([t, t | 0xFFFF])  # each range's smallest and largest key
-    ends = (keys ^ np.where(keys >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
-    # Two ranges hold an infinity and NaNs: -inf is the largest key of its range, +inf the smallest of its.
-    ends = np.where(np.isnan(ends), ends[::-1], ends)
-    first = np.searchsorted(mid[:255], ends[0], side="left")
-    last = np.searchsorted(mid[:255], ends[1], side="left")
-    nan = np.isnan(ends[0])
-    assert np.all((last - first <= 1) | nan), "a range holds two thresholds"
-    inside = (last == first + 1) & ~nan
-    low = np.full(1 << 16, 0xFFFF, np.uint32)
-    low[inside] = _keys(mid[first[inside]].view(np.uint32)) & 0xFFFF
-    code = np.where(nan, 255, first).astype(np.uint32)
-    return (code << 16) | low
-
-
-def table_code(table, y):
-    """The codes of float32 ``y`` by ``table`` (:func:`key_table`), as the kernel computes them (NumPy)."""
-    key = _keys(np.asarray(y, np.float32).view(np.uint32))
-    entry = table[key >> 16]
-    return ((entry >> 16) + ((key & 0xFFFF) > (entry & 0xFFFF))).astype(np.uint8)
-
-
-_TABLES = {id(m): (m, key_table(midpoints(m))) for m in (SIGNED, UNSIGNED)}
 _NO_CODES, _NO_ABSMAX = np.zeros(0, np.uint8), np.zeros(0, np.float32)
 
 
 def supports(opt) -> bool:
-    """Adam and AdamW (the Adam element rule)."""
+    """Adam and AdamW (the Adam element rule) on the maps the kernel computes: m on ``SIGNED``, v (and v_max) on
+    ``UNSIGNED``."""
     found = lookup(opt)
-    return found is not None and found.name == "adam"
+    return (found is not None and found.name == "adam" and map_of(opt, "m") is SIGNED
+            and map_of(opt, "v") is UNSIGNED)
 
 
 @intrinsic
-def _gather16(typingctx, table, index, start, out, j):
-    """``out[j:j + 16] = table[index[start:start + 16]]``: 32-bit ``table`` and ``out``, unsigned ``index``, one
-    ``llvm.masked.gather``.  The caller keeps every index in bounds."""
-    if table.dtype.bitwidth != 32 or out.dtype != table.dtype or not isinstance(index.dtype, types.Integer):
+def _bits(typingctx, x):
+    """The bits of float32 ``x`` as a uint32."""
+    if x != types.float32:
         return None
-    sig = types.void(table, index, start, out, j)
 
     def codegen(context, builder, signature, args):
-        at, ai, _, ao, _ = signature.args
-        tab = make_array(at)(context, builder, args[0])
-        idx = make_array(ai)(context, builder, args[1])
-        dst = make_array(ao)(context, builder, args[3])
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        elt = context.get_value_type(at.dtype)
-        vec = ir.VectorType(elt, LANES)
-        wide = ir.VectorType(i64, LANES)
-        codes = builder.load(builder.bitcast(builder.gep(idx.data, [args[2]]),
-                                             ir.VectorType(ir.IntType(ai.dtype.bitwidth), LANES).as_pointer()), align=1)
-        base = builder.insert_element(ir.Constant(wide, ir.Undefined), builder.ptrtoint(tab.data, i64),
-                                      ir.Constant(i32, 0))
-        base = builder.shuffle_vector(base, base, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
-        offsets = builder.shl(builder.zext(codes, wide), ir.Constant(wide, [2] * LANES))
-        ptrs = builder.inttoptr(builder.add(base, offsets), ir.VectorType(elt.as_pointer(), LANES))
-        kind = "f32" if isinstance(elt, ir.FloatType) else "i32"
-        mask = ir.VectorType(ir.IntType(1), LANES)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [ptrs.type, i32, mask, vec]),
-            f"llvm.masked.gather.v{LANES}{kind}.v{LANES}p0")
-        got = builder.call(fn, [ptrs, ir.Constant(i32, 4), ir.Constant(mask, [1] * LANES), ir.Constant(vec, ir.Undefined)])
-        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[4]]), vec.as_pointer()), align=4)
-        return context.get_dummy_value()
+        return builder.bitcast(args[0], ir.IntType(32))
 
-    return sig, codegen
+    return types.uint32(x), codegen
+
+
+@intrinsic
+def _float(typingctx, u):
+    """The float32 of bits ``u`` (an integer: its low 32 bits)."""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if u.bitwidth != 32:
+            value = builder.trunc(value, ir.IntType(32)) if u.bitwidth > 32 else builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(u), codegen
+
+
+# The two functions of a map, written as LLVM instructions on 32-bit lanes (numba's own integer arithmetic is
+# 64-bit, which halves the lanes of a vector): no branches, so a loop of them vectorizes.
+_I32, _F32 = ir.IntType(32), ir.FloatType()
+
+
+def _i32(value):
+    return ir.Constant(_I32, value)
+
+
+def _f32(value):
+    return ir.Constant(_F32, value)
+
+
+def _code_ir(builder, y, signed, mantissa, emin):
+    """``count(mid < y)`` on ``float_map(signed, mantissa, emin)`` (NaN 255), as an i32: the nearest value, a tie
+    to the smaller (toward zero for y > 0, away from it for y < 0)."""
+    u = builder.bitcast(y, _I32)
+    a = builder.and_(u, _i32(0x7FFFFFFF))
+    sign = builder.lshr(u, _i32(31))
+    neg = builder.icmp_unsigned("!=", sign, _i32(0))
+    # |y| >= 2**emin: the float32 bits rounded to ``mantissa`` fraction bits (a carry runs into the exponent):
+    # add just under half the dropped unit (a tie goes down), or the half if y < 0 (a tie goes up), and shift;
+    # less the code offset of the exponent.
+    bias = builder.add(_i32((1 << (22 - mantissa)) - 1), sign)
+    normal = builder.sub(builder.lshr(builder.add(a, bias), _i32(23 - mantissa)),
+                         _i32((127 + emin - 1) << mantissa))
+    # |y| < 2**emin: t = |y| * 2**(mantissa - emin) is exact and below 2**(mantissa + 1), and so is t - 0.5
+    # where it matters (t >= 0.5); its ceiling (a tie down) or its floor + 1 (a tie up), from its truncation.
+    small = builder.icmp_unsigned("<", a, _i32((127 + emin) << 23))
+    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), _F32), _f32(2.0 ** (mantissa - emin)))
+    down = builder.fsub(t, _f32(0.5))
+    whole = builder.fptosi(down, _I32)
+    back = builder.sitofp(whole, _F32)
+    ceiling = builder.add(whole, builder.zext(builder.fcmp_ordered("<", back, down), _I32))
+    floor_up = builder.sub(builder.add(whole, _i32(1)), builder.zext(builder.fcmp_ordered(">", back, down), _I32))
+    c = builder.select(small, builder.select(neg, floor_up, ceiling), normal)
+    if signed:  # the ends of the map: -v(127) (code 0) and v(128) (code 255)
+        top = builder.select(neg, _i32(127), _i32(128))
+        c = builder.select(builder.icmp_signed("<", c, top), c, top)
+        code = builder.select(neg, builder.sub(_i32(127), c), builder.add(_i32(127), c))
+    else:
+        c = builder.select(builder.icmp_signed("<", c, _i32(255)), c, _i32(255))
+        code = builder.select(neg, _i32(0), c)
+    nan = builder.icmp_unsigned(">", a, _i32(0x7F800000))
+    return builder.select(nan, _i32(255), code)
+
+
+def _value_ir(builder, code, signed, mantissa, emin):
+    """``map[code]`` of ``float_map(signed, mantissa, emin)`` for an i32 ``code`` in 0..255, as a float."""
+    if signed:
+        c = builder.sub(code, _i32(127))
+        neg = builder.icmp_signed("<", c, _i32(0))
+        mag = builder.select(neg, builder.sub(_i32(0), c), c)
+    else:
+        mag = code
+    # field >= 1: the magnitude code shifted into the float32 bits, plus the exponent's offset; field 0 (the
+    # subnormals): a small int times 2**(emin - mantissa), exact
+    normal = builder.bitcast(builder.add(builder.shl(mag, _i32(23 - mantissa)), _i32((127 + emin - 1) << 23)), _F32)
+    sub = builder.fmul(builder.sitofp(mag, _F32), _f32(2.0 ** (emin - mantissa)))
+    x = builder.select(builder.icmp_signed("<", mag, _i32(1 << mantissa)), sub, normal)
+    if signed:
+        bits = builder.or_(builder.bitcast(x, _I32), builder.shl(builder.zext(neg, _I32), _i32(31)))
+        x = builder.bitcast(bits, _F32)
+    return x
+
+
+def _codec(signed, mantissa, emin):
+    """The intrinsics (code of a float32, value of a uint8 code) of ``float_map(signed, mantissa, emin)``."""
+    @intrinsic
+    def code_of(typingctx, y):
+        if y != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.trunc(_code_ir(builder, args[0], signed, mantissa, emin), ir.IntType(8))
+
+        return types.uint8(y), codegen
+
+    @intrinsic
+    def value_of(typingctx, code):
+        if code != types.uint8:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return _value_ir(builder, builder.zext(args[0], _I32), signed, mantissa, emin)
+
+        return types.float32(code), codegen
+
+    return code_of, value_of
+
+
+_signed_code, _signed_value = _codec(True, *SIGNED_FORMAT)
+_unsigned_code, _unsigned_value = _codec(False, *UNSIGNED_FORMAT)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _gather(table, index, start, out, k):
-    """``out[:k] = table[index[start:start + k]]``."""
-    j = 0
-    while j + LANES <= k:
-        _gather16(table, index, start + j, out, j)
-        j += LANES
-    for t in range(j, k):
-        out[t] = table[index[start + t]]
+def _code(y, signed):
+    return _signed_code(y) if signed else _unsigned_code(y)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _load(codes, lo, k, table, absmax, x):
+def _value(code, signed):
+    return _signed_value(code) if signed else _unsigned_value(code)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _load(codes, lo, k, absmax, x, signed):
     """``x[:k]``: the values of block codes ``codes[lo:lo + k]`` (float32, ``map[code] * absmax``)."""
-    _gather(table, codes, lo, x, k)
     a = absmax
     for j in range(k):
-        x[j] = x[j] * a
+        x[j] = _value(codes[lo + j], signed) * a
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _store(x, k, codes, lo, absmax, b, table, key, entry):
-    """Block b's new values ``x[:k]`` (float32) as its absmax and codes (see blockwise.quantize); ``x`` is
-    overwritten (by the values over absmax), ``key`` and ``entry`` are uint32 scratch."""
+def _store(x, k, codes, lo, absmax, b, signed):
+    """Block b's new values ``x[:k]`` (float32) as its absmax and codes (see blockwise.quantize)."""
     # The largest |x| as the largest of the bits with the sign cleared: for floats >= 0 the integers order
     # alike, and any NaN's bits are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet
     # one arithmetic makes).  An integer maximum vectorizes; a float one with NaN kept does not.
-    xbits = x.view(np.uint32)
     top_bits = np.uint32(0)
     for j in range(k):
-        top_bits = max(top_bits, xbits[j] & np.uint32(0x7FFFFFFF))
+        top_bits = max(top_bits, _bits(x[j]) & np.uint32(0x7FFFFFFF))
     if top_bits > np.uint32(0x7F800000):
         top_bits = np.uint32(0x7FC00000)
-    key[0] = top_bits
-    top = key.view(np.float32)[0]
+    top = _float(top_bits)
     absmax[b] = top
     inverse = np.float32(1.0) / (top if top != 0.0 else np.float32(1.0))
-    # y = x / absmax (as the reference: times the inverse), then its key's top bits.  A NaN y is a product's, so
-    # quiet: its key's range holds only NaNs, whose table code is 255 (no test for NaN here).
-    for j in range(k):
-        y = x[j] * inverse
-        x[j] = y
-        u = xbits[j]
-        flip = np.uint32(np.int32(u) >> np.int32(31)) | np.uint32(0x80000000)
-        key[j] = (u ^ flip) >> np.uint32(16)
-    _gather(table, key, 0, entry, k)
     out = codes[lo:lo + k]
     for j in range(k):
-        u = xbits[j]
-        flip = np.uint32(np.int32(u) >> np.int32(31)) | np.uint32(0x80000000)
-        e = entry[j]
-        up = np.uint32(((u ^ flip) & np.uint32(0xFFFF)) > (e & np.uint32(0xFFFF)))
-        out[j] = np.uint8((e >> np.uint32(16)) + up)
+        out[j] = _code(x[j] * inverse, signed)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _codes_of(y, out, signed):
+    for j in range(y.shape[0]):
+        out[j] = _signed_code(y[j]) if signed else _unsigned_code(y[j])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _values_of(codes, out, signed):
+    for j in range(codes.shape[0]):
+        out[j] = _signed_value(codes[j]) if signed else _unsigned_value(codes[j])
+
+
+def codes_of(y, signed: bool) -> np.ndarray:
+    """The kernel's codes of float32 ``y`` on the signed or the unsigned map (for the tests)."""
+    y = np.ascontiguousarray(y, dtype=np.float32).reshape(-1)
+    out = np.empty(y.shape, np.uint8)
+    _codes_of(y, out, signed)
+    return out
+
+
+def values_of(codes, signed: bool) -> np.ndarray:
+    """The kernel's values (``map[code]``) of uint8 ``codes`` on the signed or the unsigned map (for the tests)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    out = np.empty(codes.shape, np.float32)
+    _values_of(codes, out, signed)
+    return out
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tables, amsgrad, divide):
-    sm, tm, su, tu = tables
+def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, amsgrad, divide):
     n = p.shape[0]
     new_m = np.empty(block, np.float32)
     new_v = np.empty(block, np.float32)
     new_x = np.empty(block if amsgrad else 0, np.float32)
-    key = np.empty(block, np.uint32)
-    entry = np.empty(block, np.uint32)
     # The scalars as a tuple, not an array: no loads in the loop for LLVM to check against its stores (with them
     # it does not vectorize the loop).
     sc = (s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
     for b in range(b0, b1):
         lo = b * block
         k = min(block, n - lo)
-        _load(m, lo, k, sm, m_max[b], new_m)
-        _load(v, lo, k, su, v_max[b], new_v)
+        _load(m, lo, k, m_max[b], new_m, True)
+        _load(v, lo, k, v_max[b], new_v, False)
         if amsgrad:
-            _load(x, lo, k, su, x_max[b], new_x)
+            _load(x, lo, k, x_max[b], new_x, False)
         pb, gb = p[lo:lo + k], g[lo:lo + k]
         for j in range(k):
             pb[j], mi, vi, xi = _adam_element(pb[j], gb[j] * clip, new_m[j], new_v[j],
@@ -209,14 +262,14 @@ def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tab
             new_m[j], new_v[j] = np.float32(mi), np.float32(vi)
             if amsgrad:
                 new_x[j] = np.float32(xi)
-        _store(new_m, k, m, lo, m_max, b, tm, key, entry)
-        _store(new_v, k, v, lo, v_max, b, tu, key, entry)
+        _store(new_m, k, m, lo, m_max, b, True)
+        _store(new_v, k, v, lo, v_max, b, False)
         if amsgrad:
-            _store(new_x, k, x, lo, x_max, b, tu, key, entry)
+            _store(new_x, k, x, lo, x_max, b, False)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _claim(counters, per, nb, p, g, m, m_max, v, v_max, x, x_max, s, clip, block, tables):
+def _claim(counters, per, nb, p, g, m, m_max, v, v_max, x, x_max, s, clip, block):
     """Take runs of ``per`` blocks (``counters[0]``: the next) until none is left; ``counters[1]`` counts those
     done.  One loop per (amsgrad, divide), as the float kernels: each compiled without the tests."""
     base = counters.ctypes.data
@@ -228,13 +281,13 @@ def _claim(counters, per, nb, p, g, m, m_max, v, v_max, x, x_max, s, clip, block
             return
         b0, b1 = u * per, min(nb, (u + 1) * per)
         if amsgrad and divide:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tables, True, True)
+            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, True, True)
         elif amsgrad:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tables, True, False)
+            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, True, False)
         elif divide:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tables, False, True)
+            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, False, True)
         else:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, tables, False, False)
+            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, False, False)
         fetch_add(base + 8, 1)
 
 
@@ -274,14 +327,11 @@ def apply(opt, entries) -> list:
                 arrays += [_NO_CODES, _NO_ABSMAX]
         s = np.array(lookup(view).order(e.scalars), dtype=work)
         clip = work.type(1.0 if e.clip is None else e.clip)
-        sm, tm = _TABLES[id(map_of(view, "m"))]
-        su, tu = _TABLES[id(map_of(view, "v"))]
-        tables = (sm, tm, su, tu)
         nb = n_blocks(flat_p.shape[0], block)
         threads = min(get_num_threads(), nb) if flat_p.shape[0] >= PARALLEL_MIN else 1
         per = max(1, CHUNK // block) if threads > 1 else nb
         units = -(-nb // per)
-        args = (per, nb, flat_p, flat_g, *arrays, s, clip, block, tables)
+        args = (per, nb, flat_p, flat_g, *arrays, s, clip, block)
         _claim(np.array([units, 0], dtype=np.int64), *args)  # typed (and loaded) here, not among the writes
         counters = np.zeros(2, dtype=np.int64)
         claim = functools.partial(_claim, counters, *args)
