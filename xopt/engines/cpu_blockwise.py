@@ -29,6 +29,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
 
 from .. import _backend
 from .._threads import get_num_threads, pool
@@ -79,23 +80,52 @@ def _float(typingctx, u):
     return types.float32(u), codegen
 
 
+@intrinsic
+def _magnitude(typingctx, x):
+    """The bits of float32 ``x`` with the sign cleared (uint32): they order as the magnitudes do, and a NaN's are
+    above inf's."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.and_(builder.bitcast(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 0x7FFFFFFF))
+
+    return types.uint32(x), codegen
+
+
+@intrinsic
+def _max32(typingctx, a, b):
+    """The larger of uint32 ``a`` and ``b``, in 32 bits (numba's own max widens to 64)."""
+    if a != types.uint32 or b != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.icmp_unsigned(">", args[0], args[1]), args[0], args[1])
+
+    return types.uint32(a, b), codegen
+
+
 # The two functions of a map, written as LLVM instructions on 32-bit lanes (numba's own integer arithmetic is
 # 64-bit, which halves the lanes of a vector): no branches, so a loop of them vectorizes.
 _I32, _F32 = ir.IntType(32), ir.FloatType()
 
 
-def _i32(value):
-    return ir.Constant(_I32, value)
+def _splat(kind, value, lanes):
+    return ir.Constant(kind, value) if lanes == 1 else ir.Constant(ir.VectorType(kind, lanes), [value] * lanes)
 
 
-def _f32(value):
-    return ir.Constant(_F32, value)
-
-
-def _code_ir(builder, y, signed, mantissa, emin):
+def _code_ir(builder, y, signed, mantissa, emin, lanes=1):
     """``count(mid < y)`` on ``float_map(signed, mantissa, emin)`` (NaN 255), as an i32: the nearest value, a tie
-    to the smaller (toward zero for y > 0, away from it for y < 0)."""
-    u = builder.bitcast(y, _I32)
+    to the smaller (toward zero for y > 0, away from it for y < 0).  ``lanes`` > 1: vectors of that many."""
+    i32, f32 = (_I32, _F32) if lanes == 1 else (ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes))
+
+    def _i32(value):
+        return _splat(_I32, value, lanes)
+
+    def _f32(value):
+        return _splat(_F32, value, lanes)
+
+    u = builder.bitcast(y, i32)
     a = builder.and_(u, _i32(0x7FFFFFFF))
     sign = builder.lshr(u, _i32(31))
     neg = builder.icmp_unsigned("!=", sign, _i32(0))
@@ -108,12 +138,12 @@ def _code_ir(builder, y, signed, mantissa, emin):
     # |y| < 2**emin: t = |y| * 2**(mantissa - emin) is exact and below 2**(mantissa + 1), and so is t - 0.5
     # where it matters (t >= 0.5); its ceiling (a tie down) or its floor + 1 (a tie up), from its truncation.
     small = builder.icmp_unsigned("<", a, _i32((127 + emin) << 23))
-    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), _F32), _f32(2.0 ** (mantissa - emin)))
+    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), f32), _f32(2.0 ** (mantissa - emin)))
     down = builder.fsub(t, _f32(0.5))
-    whole = builder.fptosi(down, _I32)
-    back = builder.sitofp(whole, _F32)
-    ceiling = builder.add(whole, builder.zext(builder.fcmp_ordered("<", back, down), _I32))
-    floor_up = builder.sub(builder.add(whole, _i32(1)), builder.zext(builder.fcmp_ordered(">", back, down), _I32))
+    whole = builder.fptosi(down, i32)
+    back = builder.sitofp(whole, f32)
+    ceiling = builder.add(whole, builder.zext(builder.fcmp_ordered("<", back, down), i32))
+    floor_up = builder.sub(builder.add(whole, _i32(1)), builder.zext(builder.fcmp_ordered(">", back, down), i32))
     c = builder.select(small, builder.select(neg, floor_up, ceiling), normal)
     if signed:  # the ends of the map: -v(127) (code 0) and v(128) (code 255)
         top = builder.select(neg, _i32(127), _i32(128))
@@ -126,8 +156,16 @@ def _code_ir(builder, y, signed, mantissa, emin):
     return builder.select(nan, _i32(255), code)
 
 
-def _value_ir(builder, code, signed, mantissa, emin):
+def _value_ir(builder, code, signed, mantissa, emin, lanes=1):
     """``map[code]`` of ``float_map(signed, mantissa, emin)`` for an i32 ``code`` in 0..255, as a float."""
+    i32, f32 = (_I32, _F32) if lanes == 1 else (ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes))
+
+    def _i32(value):
+        return _splat(_I32, value, lanes)
+
+    def _f32(value):
+        return _splat(_F32, value, lanes)
+
     if signed:
         c = builder.sub(code, _i32(127))
         neg = builder.icmp_signed("<", c, _i32(0))
@@ -136,12 +174,12 @@ def _value_ir(builder, code, signed, mantissa, emin):
         mag = code
     # field >= 1: the magnitude code shifted into the float32 bits, plus the exponent's offset; field 0 (the
     # subnormals): a small int times 2**(emin - mantissa), exact
-    normal = builder.bitcast(builder.add(builder.shl(mag, _i32(23 - mantissa)), _i32((127 + emin - 1) << 23)), _F32)
-    sub = builder.fmul(builder.sitofp(mag, _F32), _f32(2.0 ** (emin - mantissa)))
+    normal = builder.bitcast(builder.add(builder.shl(mag, _i32(23 - mantissa)), _i32((127 + emin - 1) << 23)), f32)
+    sub = builder.fmul(builder.sitofp(mag, f32), _f32(2.0 ** (emin - mantissa)))
     x = builder.select(builder.icmp_signed("<", mag, _i32(1 << mantissa)), sub, normal)
     if signed:
-        bits = builder.or_(builder.bitcast(x, _I32), builder.shl(builder.zext(neg, _I32), _i32(31)))
-        x = builder.bitcast(bits, _F32)
+        bits = builder.or_(builder.bitcast(x, i32), builder.shl(builder.zext(neg, i32), _i32(31)))
+        x = builder.bitcast(bits, f32)
     return x
 
 
@@ -167,11 +205,60 @@ def _codec(signed, mantissa, emin):
 
         return types.float32(code), codegen
 
-    return code_of, value_of
+    @intrinsic
+    def codes16(typingctx, x, inverse, out, j):
+        """``out[j:j + 16] = code(x[j:j + 16] * inverse)``: float32 ``x``, uint8 ``out``, as one vector of 16."""
+        if x.dtype != types.float32 or out.dtype != types.uint8 or inverse != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            src = make_array(signature.args[0])(context, builder, args[0])
+            dst = make_array(signature.args[2])(context, builder, args[2])
+            vec = ir.VectorType(_F32, LANES)
+            y = builder.load(builder.bitcast(builder.gep(src.data, [args[3]]), vec.as_pointer()), align=4)
+            scale = builder.insert_element(ir.Constant(vec, ir.Undefined), args[1], _i32(0))
+            scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+            code = _code_ir(builder, builder.fmul(y, scale), signed, mantissa, emin, LANES)
+            wide = ir.VectorType(ir.IntType(8), LANES)
+            builder.store(builder.trunc(code, wide), builder.bitcast(builder.gep(dst.data, [args[3]]), wide.as_pointer()),
+                          align=1)
+            return context.get_dummy_value()
+
+        return types.void(x, inverse, out, j), codegen
+
+    @intrinsic
+    def values16(typingctx, codes, absmax, x, j):
+        """``x[j:j + 16] = value(codes[j:j + 16]) * absmax``: uint8 ``codes``, float32 ``x``, as one vector of 16."""
+        if x.dtype != types.float32 or codes.dtype != types.uint8 or absmax != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            src = make_array(signature.args[0])(context, builder, args[0])
+            dst = make_array(signature.args[2])(context, builder, args[2])
+            wide = ir.VectorType(ir.IntType(8), LANES)
+            code = builder.load(builder.bitcast(builder.gep(src.data, [args[3]]), wide.as_pointer()), align=1)
+            value = _value_ir(builder, builder.zext(code, ir.VectorType(_I32, LANES)), signed, mantissa, emin, LANES)
+            vec = ir.VectorType(_F32, LANES)
+            scale = builder.insert_element(ir.Constant(vec, ir.Undefined), args[1], _i32(0))
+            scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+            builder.store(builder.fmul(value, scale), builder.bitcast(builder.gep(dst.data, [args[3]]), vec.as_pointer()),
+                          align=4)
+            return context.get_dummy_value()
+
+        return types.void(codes, absmax, x, j), codegen
+
+    return code_of, value_of, codes16, values16
 
 
-_signed_code, _signed_value = _codec(True, *SIGNED_FORMAT)
-_unsigned_code, _unsigned_value = _codec(False, *UNSIGNED_FORMAT)
+LANES = 16  # elements per vector of codes16 and values16
+
+
+def _i32(value):
+    return ir.Constant(_I32, value)
+
+
+_signed_code, _signed_value, _signed_codes16, _signed_values16 = _codec(True, *SIGNED_FORMAT)
+_unsigned_code, _unsigned_value, _unsigned_codes16, _unsigned_values16 = _codec(False, *UNSIGNED_FORMAT)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -187,44 +274,62 @@ def _value(code, signed):
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _load(codes, lo, k, absmax, x, signed):
     """``x[:k]``: the values of block codes ``codes[lo:lo + k]`` (float32, ``map[code] * absmax``)."""
-    a = absmax
-    for j in range(k):
-        x[j] = _value(codes[lo + j], signed) * a
+    block = codes[lo:lo + k]
+    j = 0
+    while j + LANES <= k:
+        if signed:
+            _signed_values16(block, absmax, x, j)
+        else:
+            _unsigned_values16(block, absmax, x, j)
+        j += LANES
+    for t in range(j, k):
+        x[t] = _value(block[t], signed) * absmax
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _store(x, k, codes, lo, absmax, b, signed):
-    """Block b's new values ``x[:k]`` (float32) as its absmax and codes (see blockwise.quantize)."""
-    # The largest |x| as the largest of the bits with the sign cleared: for floats >= 0 the integers order
-    # alike, and any NaN's bits are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet
-    # one arithmetic makes).  An integer maximum vectorizes; a float one with NaN kept does not.
+def _absmax(x, k, absmax, b):
+    """Block b's absmax: the largest |x[:k]|; returns what the values are multiplied by, its inverse (1 for 0)."""
+    # The largest of the bits with the sign cleared: for floats >= 0 the integers order alike, and any NaN's bits
+    # are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet one arithmetic makes).  An
+    # integer maximum vectorizes; a float one with NaN kept does not.
     top_bits = np.uint32(0)
     for j in range(k):
-        top_bits = max(top_bits, _bits(x[j]) & np.uint32(0x7FFFFFFF))
+        top_bits = _max32(top_bits, _magnitude(x[j]))
     if top_bits > np.uint32(0x7F800000):
         top_bits = np.uint32(0x7FC00000)
     top = _float(top_bits)
     absmax[b] = top
-    inverse = np.float32(1.0) / (top if top != 0.0 else np.float32(1.0))
+    return np.float32(1.0) / (top if top != 0.0 else np.float32(1.0))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _store(x, k, codes, lo, inverse, signed):
+    """``codes[lo:lo + k]``: the codes of block values ``x[:k]`` (float32) times ``inverse`` (see blockwise.quantize)."""
     out = codes[lo:lo + k]
-    for j in range(k):
-        out[j] = _code(x[j] * inverse, signed)
+    j = 0
+    while j + LANES <= k:
+        if signed:
+            _signed_codes16(x, inverse, out, j)
+        else:
+            _unsigned_codes16(x, inverse, out, j)
+        j += LANES
+    for t in range(j, k):
+        out[t] = _code(x[t] * inverse, signed)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _codes_of(y, out, signed):
-    for j in range(y.shape[0]):
-        out[j] = _signed_code(y[j]) if signed else _unsigned_code(y[j])
+    _store(y, y.shape[0], out, 0, np.float32(1.0), signed)  # y * 1 is y, bit for bit (a NaN stays a NaN)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _values_of(codes, out, signed):
-    for j in range(codes.shape[0]):
-        out[j] = _signed_value(codes[j]) if signed else _unsigned_value(codes[j])
+    _load(codes, 0, codes.shape[0], np.float32(1.0), out, signed)
 
 
 def codes_of(y, signed: bool) -> np.ndarray:
-    """The kernel's codes of float32 ``y`` on the signed or the unsigned map (for the tests)."""
+    """The kernel's codes of float32 ``y`` on the signed or the unsigned map, as a block's are found (16 at a time,
+    the last ones one by one; for the tests)."""
     y = np.ascontiguousarray(y, dtype=np.float32).reshape(-1)
     out = np.empty(y.shape, np.uint8)
     _codes_of(y, out, signed)
@@ -251,6 +356,8 @@ def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, ams
     for b in range(b0, b1):
         lo = b * block
         k = min(block, n - lo)
+        # The codes' values (float32, map[code] * absmax) into the scratch arrays; one loop of Adam's element rule
+        # over them, the new values (rounded to float32) kept there; then each buffer's absmax and codes.
         _load(m, lo, k, m_max[b], new_m, True)
         _load(v, lo, k, v_max[b], new_v, False)
         if amsgrad:
@@ -262,10 +369,10 @@ def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, ams
             new_m[j], new_v[j] = np.float32(mi), np.float32(vi)
             if amsgrad:
                 new_x[j] = np.float32(xi)
-        _store(new_m, k, m, lo, m_max, b, True)
-        _store(new_v, k, v, lo, v_max, b, False)
+        _store(new_m, k, m, lo, _absmax(new_m, k, m_max, b), True)
+        _store(new_v, k, v, lo, _absmax(new_v, k, v_max, b), False)
         if amsgrad:
-            _store(new_x, k, x, lo, x_max, b, False)
+            _store(new_x, k, x, lo, _absmax(new_x, k, x_max, b), False)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
