@@ -2,19 +2,19 @@
 
 Per block of ``block_size`` elements, each step a short loop over scratch arrays of one block (in L1):
 
-1. dequantize: each buffer's codes looked up in its map of 256 float32 values, 16 at a time by a gather
-   (:func:`_gather`), then times the block's absmax;
+1. dequantize: each buffer's codes turned into their map values by arithmetic on the bits (the maps are small
+   float formats, :func:`xopt.engines.blockwise.float_map`), 16 at a time, times the block's absmax;
 2. Adam's element rule (:func:`xopt.engines.cpu_rules._adam_element`, the one the float kernels run) over the
    block: the param written, the new m and v (rounded to float32) kept in the scratch arrays;
-3. each buffer's new absmax (an integer maximum of the bits), the values times its inverse, and their codes:
-   a gather from a table over the top 16 bits of an order-preserving integer key of the float, whose entry
-   holds the code at the bottom of that range and the low 16 bits of the one threshold inside it, if any
-   (:func:`key_table`); one integer comparison then gives the code.
+3. each buffer's new absmax (an integer maximum of the bits), and the codes of the values times its inverse,
+   16 at a time: the float bits rounded to the format's fraction bits by an integer add and shift, the
+   subnormals by a truncation, with the reference's tie rule (a tie to the smaller value).
 
-Every loop but the gathers is one LLVM vectorizes (no calls, no branches per element); the gathers are
-``llvm.masked.gather`` (vgatherdps on AVX2 and AVX-512; element loads on CPUs without gathers).  The numbers are
-those of the reference (:mod:`xopt.engines.blockwise`) bit for bit: ``tests/test_state_8bit.py`` holds the
-kernel to it, and checks the key table against ``count(mid < y)`` at every end and threshold of every range.
+The codes and values are LLVM instructions on vectors of 16 32-bit lanes (:func:`_code_ir`, :func:`_value_ir`;
+numba's own integer arithmetic is 64-bit), with no branches and no table.  The numbers are those of the reference
+(:mod:`xopt.engines.blockwise`: searchsorted on the midpoints, a take from the map) bit for bit:
+``tests/test_state_8bit.py`` holds the kernel to it, and checks the codes at every threshold, its neighbours
+and powers of two (and, once, all 2^32 float32 against searchsorted, both maps).
 
 A param of at least ``fused_cpu.PARALLEL_MIN`` elements is split into runs of whole blocks over
 ``get_num_threads()`` threads (the caller and xopt's pool of workers, :mod:`xopt._threads`).
@@ -51,18 +51,6 @@ def supports(opt) -> bool:
     found = lookup(opt)
     return (found is not None and found.name == "adam" and map_of(opt, "m") is SIGNED
             and map_of(opt, "v") is UNSIGNED)
-
-
-@intrinsic
-def _bits(typingctx, x):
-    """The bits of float32 ``x`` as a uint32."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(x), codegen
 
 
 @intrinsic
@@ -108,6 +96,11 @@ def _max32(typingctx, a, b):
 # The two functions of a map, written as LLVM instructions on 32-bit lanes (numba's own integer arithmetic is
 # 64-bit, which halves the lanes of a vector): no branches, so a loop of them vectorizes.
 _I32, _F32 = ir.IntType(32), ir.FloatType()
+LANES = 16  # elements per vector of a map's codes16 and values16
+
+
+def _i32(value):
+    return ir.Constant(_I32, value)
 
 
 def _splat(kind, value, lanes):
@@ -135,20 +128,18 @@ def _code_ir(builder, y, signed, mantissa, emin, lanes=1):
     bias = builder.add(_i32((1 << (22 - mantissa)) - 1), sign)
     normal = builder.sub(builder.lshr(builder.add(a, bias), _i32(23 - mantissa)),
                          _i32((127 + emin - 1) << mantissa))
-    # |y| < 2**emin: t = |y| * 2**(mantissa - emin) is exact and below 2**(mantissa + 1), and so is t - 0.5
-    # where it matters (t >= 0.5); its ceiling (a tie down) or its floor + 1 (a tie up), from its truncation.
+    # |y| < 2**emin: the code is |y| * 2**(mantissa - emin) rounded, a number below 2**mantissa.  Times 2**24 more
+    # it is exact and an integer wherever it is at least 0.5 (where a tie or a step can be), so truncated to an
+    # int nothing that matters is lost; then the same rounding by an add and a shift.
     small = builder.icmp_unsigned("<", a, _i32((127 + emin) << 23))
-    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), f32), _f32(2.0 ** (mantissa - emin)))
-    down = builder.fsub(t, _f32(0.5))
-    whole = builder.fptosi(down, i32)
-    back = builder.sitofp(whole, f32)
-    ceiling = builder.add(whole, builder.zext(builder.fcmp_ordered("<", back, down), i32))
-    floor_up = builder.sub(builder.add(whole, _i32(1)), builder.zext(builder.fcmp_ordered(">", back, down), i32))
-    c = builder.select(small, builder.select(neg, floor_up, ceiling), normal)
-    if signed:  # the ends of the map: -v(127) (code 0) and v(128) (code 255)
-        top = builder.select(neg, _i32(127), _i32(128))
-        c = builder.select(builder.icmp_signed("<", c, top), c, top)
-        code = builder.select(neg, builder.sub(_i32(127), c), builder.add(_i32(127), c))
+    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), f32), _f32(2.0 ** (mantissa - emin + 24)))
+    sub = builder.lshr(builder.add(builder.fptosi(t, i32), builder.add(_i32((1 << 23) - 1), sign)), _i32(24))
+    c = builder.select(small, sub, normal)
+    if signed:  # 127 + c, or 127 - c if y < 0, within the map's ends -v(127) (code 0) and v(128) (code 255)
+        minus = builder.sub(_i32(0), sign)  # all ones if y < 0
+        code = builder.add(builder.sub(builder.xor(c, minus), minus), _i32(127))
+        code = builder.select(builder.icmp_signed("<", code, _i32(255)), code, _i32(255))
+        code = builder.select(builder.icmp_signed(">", code, _i32(0)), code, _i32(0))
     else:
         c = builder.select(builder.icmp_signed("<", c, _i32(255)), c, _i32(255))
         code = builder.select(neg, _i32(0), c)
@@ -248,13 +239,6 @@ def _codec(signed, mantissa, emin):
         return types.void(codes, absmax, x, j), codegen
 
     return code_of, value_of, codes16, values16
-
-
-LANES = 16  # elements per vector of codes16 and values16
-
-
-def _i32(value):
-    return ir.Constant(_I32, value)
 
 
 _signed_code, _signed_value, _signed_codes16, _signed_values16 = _codec(True, *SIGNED_FORMAT)
