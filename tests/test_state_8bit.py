@@ -87,6 +87,20 @@ def test_the_kernel_codes_and_values_are_the_maps(signed):
         assert np.array_equal(codes_of(y, signed), _nearest_rule(code, y))
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_kernel_codes_and_values_of_short_runs(signed):
+    # 16 at a time and the rest one by one: every length up to two vectors and a bit, so every tail
+    code = SIGNED if signed else UNSIGNED
+    rng = np.random.default_rng(4)
+    for n in range(1, 40):
+        y = (rng.standard_normal(n) * 10.0 ** rng.integers(-12, 1, n)).astype(np.float32)
+        y[rng.integers(0, n)] = midpoints(code)[rng.integers(0, 255)]  # a tie somewhere
+        y = y if signed else np.abs(y)
+        assert np.array_equal(codes_of(y, signed), _nearest_rule(code, y)), n
+        c = rng.integers(0, 256, n).astype(np.uint8)
+        assert np.array_equal(values_of(c, signed).view(np.uint32), code[c].view(np.uint32)), n
+
+
 def test_the_reference_code_is_the_nearest_value():
     rng = np.random.default_rng(0)
     y = np.concatenate([rng.uniform(-1, 1, 20000), rng.standard_normal(20000) * 1e-4,
