@@ -7,6 +7,13 @@ the example's); the final training loss (the mean over the last epoch) and the t
 ``benchmarks/results/state-8bit-accuracy.json``.
 
     python benchmarks/state_8bit_accuracy.py [--epochs 40] [--seeds 0,1,2]
+
+``--maps NAME`` runs the 8-bit state on other maps, through the reference rule (the fused kernel computes the
+state's own maps only): ``dynamic`` (bitsandbytes'), ``e4m3/e4m4`` (v with 4 fraction bits, 2^-18 .. 1),
+``pow2/pow2`` and ``pow2/pow4`` (m as ``sign(q) (|q|/127)^2``, v as ``(q/255)^2`` or ``^4``); ``--nets`` and
+``--states`` pick some of the rows, e.g. the comparison of maps in docs/training.md:
+
+    python benchmarks/state_8bit_accuracy.py --maps dynamic --nets wide-64-512-512-10 --states 8bit --out ...
 """
 
 from __future__ import annotations
@@ -20,12 +27,37 @@ import time
 import numpy as np
 
 import xopt
+from xopt.engines import blockwise
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 from digits_mlp import load  # noqa: E402  (the example's data and split)
 
 STATES = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
 NETS = {"digits-64-100-10": (64, 100, 10), "wide-64-512-512-10": (64, 512, 512, 10)}
+
+
+def power_map(signed, power):
+    """256 sorted float32 values: sign(q) (|q| / 127)^power for q in -127..128 (signed), (q / 255)^power (unsigned)."""
+    q = np.arange(-127, 129) if signed else np.arange(256)
+    return (np.sign(q) * (np.abs(q) / (127.0 if signed else 255.0)) ** power).astype(np.float32)
+
+
+MAPS = {
+    "float": lambda: (blockwise.SIGNED, blockwise.UNSIGNED),
+    "dynamic": lambda: (blockwise.dynamic_map(True), blockwise.dynamic_map(False)),
+    "e4m3/e4m4": lambda: (blockwise.SIGNED, blockwise.float_map(False, 4, -14)),
+    "pow2/pow2": lambda: (power_map(True, 2), power_map(False, 2)),
+    "pow2/pow4": lambda: (power_map(True, 2), power_map(False, 4)),
+}
+
+
+def use_maps(name):
+    """The 8-bit state's maps (m's, v's) set to those of ``name``; returns the impl to run them with."""
+    signed, unsigned = MAPS[name]()
+    if signed is blockwise.SIGNED and unsigned is blockwise.UNSIGNED:
+        return "auto"
+    blockwise.SIGNED, blockwise.UNSIGNED = signed, unsigned  # what map_of hands the reference rule
+    return "reference"
 
 
 def init(rng, sizes):
@@ -61,12 +93,12 @@ def loss_and_grads(params, x, t, layers):
     return loss, grads
 
 
-def run(sizes, state_dtype, seed, data, epochs, batch):
+def run(sizes, state_dtype, seed, data, epochs, batch, impl="auto"):
     (x, t, _), (x_test, l_test) = data
     rng = np.random.default_rng(seed)
     params = init(rng, sizes)
     layers = len(sizes) - 1
-    opt = xopt.Adam(lr=0.002, state_dtype=state_dtype)
+    opt = xopt.Adam(lr=0.002, state_dtype=state_dtype, impl=impl if state_dtype == "8bit" else "auto")
     n = x.shape[0]
     for _ in range(epochs):
         order = rng.permutation(n)
@@ -85,24 +117,34 @@ def main():
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--maps", default="float", choices=sorted(MAPS))
+    ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--states", default=",".join(STATES))
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "state-8bit-accuracy.json"))
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
+    impl = use_maps(a.maps)
+    nets, states = a.nets.split(","), a.states.split(",")
     data = load(np, None)
     results = {"command": f"python benchmarks/state_8bit_accuracy.py --epochs {a.epochs} --batch {a.batch} "
-                          f"--seeds {a.seeds}", "optimizer": "Adam(lr=0.002)", "nets": {}}
+                          f"--seeds {a.seeds} --maps {a.maps} --nets {a.nets} --states {a.states}",
+               "optimizer": "Adam(lr=0.002)", "maps": a.maps, "nets": {}}
     t0 = time.perf_counter()
-    for net, sizes in NETS.items():
+    for net in nets:
+        sizes = NETS[net]
         table = {}
-        for state, state_dtype in STATES.items():
-            runs = [run(sizes, state_dtype, seed, data, a.epochs, a.batch) for seed in seeds]
+        for state in states:
+            state_dtype = STATES[state]
+            runs = [run(sizes, state_dtype, seed, data, a.epochs, a.batch, impl) for seed in seeds]
             table[state] = {"final_loss": [r[0] for r in runs], "test_accuracy": [r[1] for r in runs],
                             "mean_final_loss": float(np.mean([r[0] for r in runs])),
                             "mean_test_accuracy": float(np.mean([r[1] for r in runs]))}
             print(f"{net:<20} {state:<9} loss {table[state]['mean_final_loss']:.5f}  "
                   f"accuracy {table[state]['mean_test_accuracy']:.4f}  {[round(r[1], 4) for r in runs]}", flush=True)
-        base = table["float32"]
+        base = table.get("float32")
         for state in ("bfloat16", "8bit"):
+            if base is None or state not in table:
+                continue
             table[state]["accuracy_minus_float32_pp"] = 100 * (table[state]["mean_test_accuracy"]
                                                                - base["mean_test_accuracy"])
             table[state]["loss_over_float32"] = table[state]["mean_final_loss"] / base["mean_final_loss"]
