@@ -1,7 +1,7 @@
 """A long Adam run on a Dask cluster: the scheduler's tasks, the client's memory, a lost worker, a restart.
 
-    python benchmarks/dask_long.py [--numel 2^22] [--chunks 8] [--steps 2000] [--every 10] [--plain-steps 300]
-                                   [--workers 2] [--log-length N] [--out FILE]
+    python benchmarks/dask_long.py [--numel 2^22] [--chunks 8] [--steps 2000] [--longer-steps 0] [--every 10]
+                                   [--plain-steps 300] [--workers 2] [--log-length N] [--out FILE]
 
 One LocalCluster of ``--workers`` worker processes with 1 thread each (the scheduler runs in this process,
 as a LocalCluster's does: its memory is the client's).  Adam on one float32 param of ``--numel`` elements in
@@ -11,8 +11,15 @@ beside it.  Each step is timed until its chunks are persisted on the workers (``
 1. ``--plain-steps`` steps with durable points off (``xopt.dask.durable-every`` 0: every step's tasks kept, as
    before durable points): the scheduler's task count and this process's RSS, for comparison.
 2. ``--steps`` steps with a durable point every ``--every`` steps: the task count after step 100 and after the
-   last, this process's RSS after step 250 and after the last, the median step, the median step at a durable
-   point and between them (the durability's cost, per step: their difference over ``--every``).
+   last, this process's RSS after steps 100, 250, 500, 1000 and the last, the median step, the median step at a
+   durable point and between them (the durability's cost, per step: their difference over ``--every``).  With
+   each RSS, what the scheduler holds that could grow with the steps: its spans and the task groups they hold
+   (kept for as long as the scheduler runs), its task groups, and the histories Dask keeps to a fixed length,
+   which fill up over the first hundreds of steps and then stay: the messages each batched stream keeps
+   (``distributed.admin.low-level-log-length``, per stream: the client's to the scheduler holds every step's
+   pickled graph), the events logged, the system monitor's samples (``distributed.admin.system-monitor``: one
+   every 500 ms for an hour).  ``--longer-steps`` N: then on to step N, the same figures after it (growth that
+   goes on past the fill, per step, is a leak; a history that fills, stops).
 3. A worker killed (SIGKILL; its nanny starts a new one) right after the last step, a durable point: the next
    step, timed, and its p, m and v against NumPy's bit for bit; then ``--every - 1`` steps more (the worst
    place: a step short of the next durable point), another worker killed, the same.
@@ -59,6 +66,27 @@ def _events(client):
         len(t.events) for t in getattr(getattr(dask_scheduler, "_broker", None), "_topics", {}).values()))
 
 
+def _held(client):
+    """What the scheduler (and this client) holds that may grow with the steps (see the module's docstring)."""
+
+    def on_scheduler(dask_scheduler):
+        spans = dask_scheduler.extensions.get("spans")
+        broker = getattr(dask_scheduler, "_broker", None)
+        return {
+            "spans": len(spans.spans) if spans else None,
+            "groups_in_spans": sum(len(s.groups) for s in spans.spans.values()) if spans else None,
+            "task_groups": len(dask_scheduler.task_groups),
+            "events_logged": sum(len(t.events) for t in getattr(broker, "_topics", {}).values()),
+            "worker_stream_messages_logged": sum(len(b.recent_message_log) for b in dask_scheduler.stream_comms.values()),
+            "client_stream_messages_logged": sum(len(b.recent_message_log) for b in dask_scheduler.client_comms.values()),
+            "system_monitor_samples": len(dask_scheduler.monitor.quantities["time"]),
+        }
+
+    held = client.run_on_scheduler(on_scheduler)
+    held["this_clients_stream_messages_logged"] = len(client.scheduler_comm.recent_message_log)
+    return held
+
+
 class Run:
     def __init__(self, numel, chunks, seed=0):
         import dask.array as da
@@ -99,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--numel", type=_int, default=2**22)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--longer-steps", type=int, default=0,
+                    help="then on to this step count, measured again (0: stop at --steps)")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--plain-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
@@ -143,15 +173,16 @@ def main(argv=None):
 
         with dask.config.set({"xopt.dask.durable-every": args.every}):
             run = Run(args.numel, args.chunks)
-            times, tasks, rss, events = [], {}, {}, {}
+            times, tasks, rss, events, held = [], {}, {}, {}, {}
+            marks = {i for i in (100, 250, 500, 1000) if i < args.steps} | {args.steps}
             for i in range(1, args.steps + 1):
                 times.append(run.step())
-                if i in (100, 250, args.steps):
+                if i in marks:
                     tasks[i], rss[i] = _tasks(client), _rss_mib()
-                    events[i] = _events(client)
+                    events[i], held[i] = _events(client), _held(client)
                 if i % 250 == 0:
                     print(f"step {i}: {statistics.median(times[-250:]) * 1e3:.1f} ms median, {_tasks(client)} tasks, "
-                          f"{_rss_mib():.1f} MiB, {_events(client)} events logged", flush=True)
+                          f"{_rss_mib():.1f} MiB, {_held(client)}", flush=True)
             at_point = [t for i, t in enumerate(times, 1) if i % args.every == 0]
             between = [t for i, t in enumerate(times, 1) if i % args.every]
             median = statistics.median(times)
@@ -163,8 +194,28 @@ def main(argv=None):
                 "durability_cost_per_step_s": (statistics.median(at_point) - statistics.median(between)) / args.every,
                 "tasks_last_over_100": tasks[args.steps] / tasks[100],
                 "rss_growth_250_to_last_mib": rss[args.steps] - rss[250],
+                "rss_kib_per_step_250_to_last": (rss[args.steps] - rss[250]) * 1024 / (args.steps - 250),
+                "rss_kib_per_step_1000_to_last": ((rss[args.steps] - rss[1000]) * 1024 / (args.steps - 1000)
+                                                  if 1000 in rss else None),
+                "held": held,
                 "bit_identical_before_kill": run.same()}
             print("durable points:", out["durable"], flush=True)
+            if args.longer_steps > args.steps:
+                longer = []
+                for i in range(args.steps + 1, args.longer_steps + 1):
+                    longer.append(run.step())
+                    if i % 500 == 0:
+                        print(f"step {i}: {statistics.median(longer[-500:]) * 1e3:.1f} ms median, {_tasks(client)} "
+                              f"tasks, {_rss_mib():.1f} MiB, {_held(client)}", flush=True)
+                last = args.longer_steps
+                tasks[last], rss[last], held[last] = _tasks(client), _rss_mib(), _held(client)
+                out["longer"] = {
+                    "steps": last, "tasks": tasks[last], "rss_mib": rss[last], "held": held[last],
+                    "median_step_s": statistics.median(longer),
+                    "rss_growth_from_steps_mib": rss[last] - rss[args.steps],
+                    "rss_kib_per_step_from_steps": (rss[last] - rss[args.steps]) * 1024 / (last - args.steps),
+                    "bit_identical": run.same()}
+                print("longer:", out["longer"], flush=True)
 
             kills = []
             for where in (0, args.every - 1):  # right after a durable point, a step short of the next

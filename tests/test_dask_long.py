@@ -111,6 +111,29 @@ def test_durable_copies_outlive_the_active_memory_managers_reduce_replicas(clien
         type(p).__name__ for p in dask_scheduler.extensions["amm"].policies)) == ["KeepDurable"]
 
 
+def _spans(client):
+    """The scheduler's spans and the task groups they hold, all of them."""
+    return client.run_on_scheduler(lambda dask_scheduler: (
+        len(dask_scheduler.extensions["spans"].spans),
+        sum(len(s.groups) for s in dask_scheduler.extensions["spans"].spans.values())))
+
+
+def test_the_schedulers_spans_do_not_grow_with_the_steps(client, every):
+    """The scheduler keeps every span and the task groups it holds for as long as it runs.  Each step is a task
+    group of its own, and a step waited for before the next is submitted would open a default span of its own:
+    one span and one group more every step.  The steps go in one span (durable points too), and the groups the
+    scheduler forgot are dropped from it."""
+    run = Run(7)
+    distributed.wait(run.step(every))
+    before = _spans(client)
+    for _ in range(4 * every):
+        distributed.wait(run.step())
+    after = _spans(client)
+    assert after[0] == before[0], (before, after)
+    assert after[1] <= before[1] + every, (before, after)
+    run.check()
+
+
 def test_no_durable_points_when_turned_off(client):
     run = Run(3)
     with dask.config.set({"xopt.dask.durable-every": 0}):

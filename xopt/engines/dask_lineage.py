@@ -22,6 +22,14 @@ importable on the scheduler, else a warning says the copies will not last).
 The keys of the last durable point stay wanted by the client for as long as an array the engine
 handed out since depends on them: each such array carries them (:data:`_HOLDER` attribute).
 
+**Spans.**  The scheduler's spans extension keeps every span, with the task groups it holds, for as long
+as the scheduler runs; each step is a task group of its own (its keys are named for its inputs), and a step
+waited for before the next is submitted would open a default span of its own.  The steps are submitted in
+one span of this process's (:func:`one_span`), the keys of a durable point are put in the span of the step
+they were made from, and a scheduler plugin (:class:`xopt.engines.dask_amm.ForgetSteps`, added with the first
+durable point) drops from it the groups the scheduler has forgotten: what the scheduler keeps for the spans
+does not grow with the steps.
+
 **Lost state.**  Before a step, :func:`check_alive` reads the status of every future the param's
 arrays (p, grad, state) were computed from: a key the cluster no longer holds and cannot compute
 again (cancelled: the cluster restarted, its client closed, every worker holding a durable point was
@@ -31,8 +39,10 @@ written.  ``state_dict()`` and ``save()`` check the same.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import uuid
 import warnings
 
 import dask
@@ -42,12 +52,14 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.sizeof import sizeof
 
 __all__ = ["LostStateError", "DURABLE_EVERY", "DURABLE_COPIES", "check_alive", "check_state", "durable_every",
-           "due", "make_durable", "carry", "PREFIX"]
+           "due", "make_durable", "carry", "one_span", "PREFIX", "SPAN"]
 
 DURABLE_EVERY = 10  # steps between durable points (dask.config "xopt.dask.durable-every")
 DURABLE_COPIES = 2  # workers holding each chunk of a durable point (dask.config "xopt.dask.durable-copies")
 PREFIX = "xopt-durable-"
 _HOLDER = "_xopt_durable"  # attribute of the arrays the engine hands out: their last durable point
+SPAN = ("xopt",)  # the name of the span the steps are submitted in (one_span)
+_SPAN_ID = f"xopt-{uuid.uuid4().hex}"  # that span's id: one for every step of every optimizer of this process
 
 
 class LostStateError(RuntimeError):
@@ -110,6 +122,30 @@ def carry(array, holder):
     if holder is not None:
         setattr(array, _HOLDER, holder)
     return array
+
+
+def _on_cluster() -> bool:
+    """Whether ``dask.persist`` here goes to a ``distributed`` client."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    from dask.base import get_scheduler
+
+    return isinstance(getattr(get_scheduler(), "__self__", None), distributed.Client)
+
+
+def one_span():
+    """Where the steps are submitted: on a ``distributed`` cluster, in one span (``distributed.spans``) named
+    ``xopt``, the same for every step of this process, where the caller has no span of its own (theirs is left
+    as it is), as ``distributed.span("xopt")`` entered once would put them.
+
+    The scheduler keeps a span and its task groups for as long as it runs; a step waited for before the next
+    is submitted would otherwise open a default span of its own, every step.  The plugin that the first
+    durable point adds to the scheduler (:class:`xopt.engines.dask_amm.ForgetSteps`) drops from this span the
+    groups of the steps the scheduler has forgotten."""
+    if "span" in dask.get_annotations() or not _on_cluster():
+        return contextlib.nullcontext()
+    return dask.annotate(span={"name": SPAN, "ids": (_SPAN_ID,)})
 
 
 def due(e, names, every) -> bool:
@@ -181,29 +217,38 @@ def _alias(pairs, dask_worker=None):
     return {k: sizeof(v) for k, v in data.items()}
 
 
-def _keep_durable(dask_scheduler=None):
-    """On the scheduler: the Active Memory Manager's ReduceReplicas, where it runs, made to leave durable
-    points alone.  Returns what it found."""
-    from .dask_amm import keep_durable
+def _setup(keep, dask_scheduler=None):
+    """On the scheduler: :func:`xopt.engines.dask_amm.setup` (the steps' span kept small; where ``keep``, the
+    Active Memory Manager's ReduceReplicas made to leave durable points alone).  Returns what it found."""
+    from .dask_amm import setup
 
-    return keep_durable(dask_scheduler)
-
-
-_KEPT = {}  # scheduler id -> what _keep_durable answered (asked once per scheduler)
+    return setup(dask_scheduler, keep)
 
 
-def _protect(client):
-    sid = client.scheduler_info().get("id")
-    if sid in _KEPT:
-        return
-    try:
-        _KEPT[sid] = client.run_on_scheduler(_keep_durable)
-    except Exception as exc:  # noqa: BLE001 (xopt not importable there, say)
-        _KEPT[sid] = "failed"
-        warnings.warn(f"xopt could not ask the Dask scheduler to keep the copies of durable points "
-                      f"({type(exc).__name__}: {exc}); its Active Memory Manager may drop them, and a lost worker "
-                      "may then lose the optimizer state (install xopt where the scheduler runs, or remove "
-                      "ReduceReplicas from distributed.scheduler.active-memory-manager.policies)", stacklevel=4)
+_ASKED = {}  # (scheduler id, keep) -> what _setup answered (asked once per scheduler)
+
+
+def _protect(client, keep) -> bool:
+    """:func:`_setup` asked of the scheduler once; whether it answered (xopt is importable there)."""
+    sid = (client.scheduler_info().get("id"), keep)
+    if sid not in _ASKED:
+        try:
+            _ASKED[sid] = client.run_on_scheduler(_setup, keep)
+        except Exception as exc:  # noqa: BLE001 (xopt not importable there, say)
+            _ASKED[sid] = "failed"
+            warnings.warn(f"xopt could not set up the Dask scheduler for durable points ({type(exc).__name__}: "
+                          f"{exc}): its Active Memory Manager may drop the copies of durable points, and a lost "
+                          "worker may then lose the optimizer state (install xopt where the scheduler runs, or "
+                          "remove ReduceReplicas from distributed.scheduler.active-memory-manager.policies); its "
+                          "spans extension keeps a task group for every step", stacklevel=4)
+    return _ASKED[sid] != "failed"
+
+
+def _scheduler_register(who_has, nbytes, client, groups, dask_scheduler=None):
+    """On the scheduler: :func:`xopt.engines.dask_amm.register`."""
+    from .dask_amm import register
+
+    return register(dask_scheduler, who_has, nbytes, client, groups)
 
 
 def _register(client, flat, pairs):
@@ -212,8 +257,7 @@ def _register(client, flat, pairs):
     from distributed import Future
 
     copies = durable_copies()
-    if copies > 1:
-        _protect(client)
+    ours = _protect(client, copies > 1)
     holders = sorted({w for ws in client.who_has(flat).values() for w in ws})
     news = {new: Future(new, client) for _, new in pairs}  # before the scheduler reports them in memory
     got = client.run(_alias, pairs, workers=holders, on_error="return")
@@ -223,7 +267,10 @@ def _register(client, flat, pairs):
             for k, n in answer.items():
                 who_has.setdefault(k, []).append(addr)
                 nbytes[k] = n
-    if who_has:  # whatever was made, known to the scheduler: released with the futures if not used
+    if who_has and ours:  # whatever was made, known to the scheduler: released with the futures if not used
+        groups = sorted({(new[0], old[0]) for old, new in pairs})
+        client.run_on_scheduler(_scheduler_register, who_has, nbytes, client.id, groups)
+    elif who_has:
         client.sync(client.scheduler.update_data, who_has=who_has, nbytes=nbytes, client=client.id)
     if len(who_has) != len(pairs):
         return None

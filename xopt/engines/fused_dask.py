@@ -176,10 +176,11 @@ def apply(opt, entries) -> list:
             _update_chunks, ind, *clip_arg, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
-    if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
-        *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
-    else:
-        steps = list(dask.persist(*steps))
+    with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
+        if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
+            *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
+        else:
+            steps = list(dask.persist(*steps))
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
     every = dask_lineage.durable_every()
     due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
