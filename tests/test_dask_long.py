@@ -118,6 +118,7 @@ def _spans(client):
         sum(len(s.groups) for s in dask_scheduler.extensions["spans"].spans.values())))
 
 
+@pytest.mark.slow  # hundreds of steps on a cluster
 def test_the_schedulers_spans_do_not_grow_with_the_steps(client, every):
     """The scheduler keeps every span and the task groups it holds for as long as it runs.  Each step is a task
     group of its own, and a step waited for before the next is submitted would open a default span of its own:
