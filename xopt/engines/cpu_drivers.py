@@ -28,7 +28,8 @@ CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many
 # -- drivers: the rules over a step's tensors, through checked addresses ------------------------
 # ``ptrs[t]``: the addresses of tensor t's param, grad and three state slots; ``scal[k]``: the scalars of
 # part k of the step (one hyperparameter set at one step count), the clip scale last (1.0: none);
-# ``part[t]``: tensor t's part (empty: all part 0); ``bits``: an empty uint16 array that types bfloat16 state.
+# ``part[t]``: tensor t's part (empty: all part 0); ``function``: the address of a rule's :func:`elements`.
+# In a rule: ``bits``, an empty uint16 array that types bfloat16 state.
 @njit(cache=True, inline="always")
 def _scratch(s):
     """Room for a block of grads times the clip scale (the last of the scalars ``s``; 1.0: none needed)."""
@@ -54,7 +55,7 @@ def _apply(rule, ptrs, t, a, b, p, g, s, bits):
 @overload(_apply, prefer_literal=True, inline="always")
 def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
     if not isinstance(rule, types.IntegerLiteral):
-        raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see fused_cpu.compiled)")
+        raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see cpu_drivers.elements)")
     f = RULES[rule.literal_value]
     if rule.literal_value == ADAM_BF16:  # bfloat16 state: its slots viewed as uint16
         def apply_bf16(rule, ptrs, t, a, b, p, g, s, bits):
@@ -139,7 +140,8 @@ def elements(rule, dtype):
     clip scale is not 1).  The drivers above are the same compiled code for every rule and call a rule's
     function through its address, so a rule costs one compile (and one disk-cache entry) per dtype: its
     own code, optimized once, not again inside each driver.  numba caches the function on disk keyed by
-    the closure's constants (``rule``, ``dtype``)."""
+    the closure's constants (``rule``, ``dtype``).  A C function cannot raise: nothing in it does (numpy's
+    error model, no bounds checks), so a step it runs is never cut short."""
 
     @cfunc(ELEMENTS_SIGNATURE, cache=True, error_model="numpy")
     def rule_elements(ptrs_at, t, lo, hi, s_at, n_s, scratch_at):

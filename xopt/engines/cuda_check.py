@@ -6,11 +6,12 @@ in a child process (:func:`in_child`: a new Python, never a fork of this one's C
 driver, kernel source (with NVRTC, CuPy and xopt's options), rule and dtype: its verdict is kept on disk
 (:mod:`xopt.engines.cuda_cache`) and read there by later processes, which start no child.  So a kernel
 that faults or hangs takes the child down, never the user's process, whose CUDA context stays intact and
-which has loaded no kernel before the verdict.  A failure (a mismatch, a CUDA error once the kernel has
-run, or the child killed by a signal or past :data:`TIMEOUT`) warns once per process
-(:class:`SelfCheckWarning`, naming the case) and that (GPU, rule, dtype) keeps the reference rule from then
-on.  A child that cannot run the check at all (it exits with an error: no GPU for it, say) or is stopped
-from outside (Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it for this process only; nothing is kept.  Anyone can call
+which has loaded no kernel before the verdict.  A failure warns once per process (:class:`SelfCheckWarning`,
+naming the case) and that (GPU, rule, dtype) keeps the reference rule.  What is the kernel's own (a mismatch,
+a fault the kernel's launch left: an illegal or misaligned address, a launch failure, or the child killed by a
+signal) is kept on disk for later processes; what may pass another time (any other error, such as running
+out of memory beside the user's process, a child past :data:`TIMEOUT`, one that cannot run the check at all
+or is stopped from outside: Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it for this process only.  Anyone can call
 :func:`self_check` (in their own process) and read its result; :data:`RESULTS` holds those that
 ``impl="auto"`` used.
 
@@ -245,7 +246,8 @@ def _case(device, rule, dtype_name):
     except Exception:  # noqa: BLE001  (no runtime, no NVRTC: the child will say what is wrong)
         return None
     source = hashlib.sha256(fused_cuda.SOURCE.read_bytes()).hexdigest()
-    return {"gpu": gpu, "source": source, "options": list(fused_cuda.OPTIONS), **tools, "rule": rule,
+    host = hashlib.sha256(b"".join(Path(__file__).with_name(name).read_bytes() for name in _HOST_SIDE)).hexdigest()
+    return {"gpu": gpu, "source": source, "host": host, "options": list(fused_cuda.OPTIONS), **tools, "rule": rule,
             "dtype": dtype_name, "check": CHECK}
 
 
@@ -270,25 +272,43 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
     return result
 
 
+# The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.
+_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "fused_cuda.py", "kernels.py")
+# A CUDA error after the kernel ran that is the kernel's own (kept); any other may pass another time.
+_KERNEL_FAULTS = ("IllegalAddress", "MisalignedAddress", "LaunchFailure", "IllegalInstruction", "HardwareStackError",
+                  "InvalidPc", "InvalidAddressSpace")
+
+
+def _kernels_own(result) -> bool:
+    """Whether a verdict of :func:`self_check` may be kept: a pass, a mismatch, or a fault of the kernel's."""
+    why = result.mismatch or ""
+    raised = "after the kernel ran, " in why or ": the kernel raised " in why
+    return result.passed or not raised or any(fault in why for fault in _KERNEL_FAULTS)
+
+
 def in_child(device, rule, dtype_name, check=None, timeout=None):
     """Run ``check`` (default :data:`CHECK`, "module:qualname") for the case in a new Python process:
     (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal (a kernel's fault can
-    abort it) or still running after ``timeout`` (default :data:`TIMEOUT`) s is a failed check, kept; one that
-    was stopped from outside (SIGINT, SIGTERM, SIGHUP, SIGKILL) or exits with an error (it could not run the
-    check: no GPU for it, say) is a failed check here, not kept."""
+    abort it) is a failed check, kept, as is a verdict that is the kernel's own (:func:`_kernels_own`); one still
+    running after ``timeout`` (default :data:`TIMEOUT`) s, stopped from outside (SIGINT, SIGTERM, SIGHUP,
+    SIGKILL), that exits with an error (it could not run the check: no GPU for it, say), or that cannot be
+    started or answers nothing readable is a failed check here, not kept."""
     kernel = fused_cuda.kernel_name(rule, dtype_name)
     check, timeout = check or CHECK, TIMEOUT if timeout is None else timeout
-    root = str(Path(__file__).resolve().parents[2])  # where this xopt is imported from
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    root = Path(__file__).resolve().parents[2]  # where this xopt is imported from (a checkout: put it first)
+    first = None if root.name in ("site-packages", "dist-packages") else str(root)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [first, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-c", "import sys; from xopt.engines import cuda_check; cuda_check._child(sys.argv[1:])",
                str(rule), dtype_name, str(device), check]
     checked = f"in a child process, by {check}"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout, env=env,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return SelfCheck(kernel, device, False, checked, f"the self-check process ran past {timeout:g} s and "
-                                                          "was stopped"), True
+                                                          "was stopped (not kept)"), False
+    except OSError as exc:  # no process to be had (no Python at sys.executable, no process slots)
+        return SelfCheck(kernel, device, False, checked, f"the self-check process could not start ({exc})"), False
     if done.returncode < 0:
         try:
             why = signal.Signals(-done.returncode).name
@@ -304,8 +324,12 @@ def in_child(device, rule, dtype_name, check=None, timeout=None):
         last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
         return SelfCheck(kernel, device, False, checked, f"the self-check process could not run the check (exit "
                                                           f"code {done.returncode}: {last.strip()})"), False
-    answer = json.loads(found[-1])
-    return SelfCheck(kernel, device, bool(answer["passed"]), answer["checked"], answer["mismatch"]), True
+    try:
+        answer = json.loads(found[-1])
+        result = SelfCheck(kernel, device, bool(answer["passed"]), str(answer["checked"]), answer["mismatch"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return SelfCheck(kernel, device, False, checked, f"the self-check process's answer is unreadable ({exc})"), False
+    return result, _kernels_own(result)
 
 
 def _child(argv):
