@@ -123,20 +123,9 @@ load_i64, load_i32, load_i8 = _loader(64, True), _loader(32, True), _loader(8, F
 
 
 @intrinsic
-def _typed_ptr(typingctx, addr, proto):
-    """``addr`` as a pointer to the element type of the array ``proto``."""
-    sig = types.CPointer(proto.dtype)(addr, proto)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
-
-
-@intrinsic
-def typed_pointer(typingctx, addr, dtype):
-    """``addr`` as a pointer to ``dtype`` (a NumPy scalar type, a compile-time constant)."""
-    sig = types.CPointer(dtype.dtype)(addr, dtype)
+def typed_pointer(typingctx, addr, like):
+    """``addr`` as a pointer to the element type of ``like``: an array, or a NumPy scalar type (a constant)."""
+    sig = types.CPointer(like.dtype)(addr, like)
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
@@ -174,7 +163,7 @@ def yield_cpu(typingctx):
 @njit(cache=True, inline="always")
 def view(addr, proto, lo, hi):
     """Elements lo:hi of the contiguous array at the (checked) address ``addr``, typed as ``proto``'s."""
-    return carray(_typed_ptr(addr, proto), (hi,))[lo:hi]
+    return carray(typed_pointer(addr, proto), (hi,))[lo:hi]
 
 
 # -- a step's arrays, checked --------------------------------------------------------------
