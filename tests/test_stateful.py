@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import itertools
 import os
 import shutil
@@ -439,6 +440,8 @@ class Twins(RuleBasedStateMachine):
         dut = self.opt["dut"]
         counts = {k: st["step"] for k, st in dut.state.items()}
         done, raised = (dut.iter, dut.skipped_steps), None
+        collecting = gc.isenabled()
+        gc.disable()  # the handler raises where the signal lands: not in a GC callback of the harness (unraisable)
         try:
             with np.errstate(all="ignore"), _signal_among_writes(signum, where == "among the writes"):
                 if where == "before":
@@ -450,6 +453,8 @@ class Twins(RuleBasedStateMachine):
             raised = None
         finally:
             signal.signal(signum, before_handler)
+            if collecting:
+                gc.enable()
         took = (dut.iter, dut.skipped_steps) != done  # a step taken, or skipped (skip_nonfinite) whole
         self._note(f"interrupted step ({handler}, {where}) {_describe(grads['ref'])}: took={took} "
                    f"raised={type(raised).__name__ if raised else None}")
