@@ -8,7 +8,7 @@ import pytest
 import xopt
 from xopt.engines import blockwise
 from xopt.engines.blockwise import SIGNED, UNSIGNED, midpoints
-from xopt.engines.cpu_blockwise import codes_of, values_of
+from xopt.engines.cpu_codes import codes_of, values_of
 
 N = 5000 + 77  # above min_8bit_size, a tail shorter than a block
 CONFIGS = {

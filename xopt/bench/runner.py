@@ -93,7 +93,8 @@ def make_step(impl, case, xp, rng):
         # "xopt" is the fused path: what impl="auto" runs (for CuPy arrays once the kernel's self-check passed)
         options = {"impl": "reference" if impl == "xopt-reference" else "fused"}
         if impl in STATE_DTYPES:
-            if (not hasattr(cls, "state_dtype") or _backend.library_name(xp.empty(0)) != "numpy"
+            if (STATE_DTYPES[impl] not in getattr(cls, "state_dtypes", ())
+                    or _backend.library_name(xp.empty(0)) != "numpy"
                     or case.dtype == "float64"):
                 return None  # bfloat16 state: Adam and AdamW, NumPy float16/32 params
             options["state_dtype"] = STATE_DTYPES[impl]
