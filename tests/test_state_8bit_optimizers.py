@@ -236,3 +236,15 @@ def test_8bit_state_keeps_a_run_close_to_float32_state(name):
     apart = max(np.linalg.norm(a - b) / np.linalg.norm(a) for a, b in zip(exact, eight))
     assert 0.0 < apart < 0.06
     assert loss8 < 1.6 * loss
+
+
+@pytest.mark.parametrize("start", [0.0, 0.1])
+def test_the_start_state_is_the_quantized_start_value(start):
+    # made one block's worth and repeated (no param-sized temporaries); a zero grad keeps h = start through a step
+    n = 5000 + 77
+    opt = xopt.AdaGrad(state_dtype="8bit", initial_accumulator_value=start)
+    params = {"w": np.ones(n, np.float32)}
+    opt.update(params, {"w": np.zeros(n, np.float32)})
+    codes, absmax = blockwise.quantize(np, np.full(n, start, np.float32), UNSIGNED, 256)
+    assert np.array_equal(opt.state["w"]["h"], codes) and np.array_equal(opt.state["w"]["h_absmax"], absmax)
+    assert opt.state["w"]["h_absmax"][0] == np.float32(start)
