@@ -250,3 +250,29 @@ def test_the_start_state_is_the_quantized_start_value(start):
     codes, absmax = blockwise.quantize(np, np.full(n, start, np.float32), UNSIGNED, 256)
     assert np.array_equal(opt.state["w"]["h"], codes) and np.array_equal(opt.state["w"]["h_absmax"], absmax)
     assert opt.state["w"]["h_absmax"][0] == np.float32(start)
+
+
+_ONE_STEP = """
+import numpy as np, xopt
+opt = xopt.Lion(state_dtype="8bit", impl="fused")
+opt.update({"w": np.ones(5000, np.float32)}, {"w": np.ones(5000, np.float32)})
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_kernel_from_the_disk_cache(tmp_path):
+    # the kernel of a rule is a closure over plain numbers, so numba's cache key (a hash of them) is the same in
+    # every process: a dispatcher in the closure pickles with a new uuid each time, a new entry each process
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    counts = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _ONE_STEP], capture_output=True, text=True, env=env,
+                             cwd=Path(__file__).parent.parent, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        counts.append(len(list(tmp_path.rglob("cpu_blockwise._make_claim*.nbc"))))
+    assert counts == [1, 1]
