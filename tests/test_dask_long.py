@@ -225,3 +225,38 @@ def test_a_durable_point_waits_for_its_step_and_raises_its_error_with_nothing_ch
     _same(run, before)
     run.step(every + 1)
     run.check()
+
+
+def test_the_key_split_memo_is_cleared_past_its_bound():
+    """Dask's ``key_split`` memo keeps 100,000 keys; a step adds about ten, so the scheduler's plugin clears it
+    past ``KEY_SPLIT_KEPT``: bounded memory, the same answers."""
+    from dask.utils import key_split
+
+    from xopt.engines import dask_amm
+
+    key_split.cache_clear()
+    names = [f"xopt-adam-{i:032x}" for i in range(300)]
+    assert [key_split((n, 0)) for n in names] == ["xopt-adam"] * 300
+    assert key_split.cache_info().currsize == 600  # each tuple and its name
+    assert not dask_amm.trim_key_split(kept=600)
+    assert dask_amm.trim_key_split(kept=599)
+    assert key_split.cache_info().currsize == 0
+    assert key_split((names[0], 1)) == "xopt-adam"
+
+
+@pytest.mark.slow  # dozens of steps on a cluster
+def test_a_long_run_keeps_the_schedulers_key_split_memo_bounded(client, every, monkeypatch):
+    """The plugin clears the memo on the scheduler (in this process: a LocalCluster's) as the steps go on."""
+    from dask.utils import key_split
+
+    from xopt.engines import dask_amm
+
+    monkeypatch.setattr(dask_amm, "KEY_SPLIT_KEPT", 50)
+    run = Run(3)
+    sizes = []
+    for _ in range(8 * every):
+        distributed.wait(run.step())
+        sizes.append(client.run_on_scheduler(lambda: key_split.cache_info().currsize))
+    assert max(sizes) < 50 + 200, sizes  # at most one graph's keys past the bound
+    assert min(sizes[every:]) < 50, sizes  # it was cleared
+    run.check()
