@@ -120,6 +120,17 @@ class HostDevice:
     def select(cls, device_id):
         return functools.partial(setattr, cls, "current", device_id)
 
+    stream = 0  # the "current stream"
+    last = {}  # GPU -> the stream of the last launch recorded (CupyDevice.ordered's bookkeeping)
+    waits = []  # (GPU, the stream that waited, the stream it waited for)
+
+    @classmethod
+    def ordered(cls, device_id):
+        last = cls.last.get(device_id)
+        if last is not None and last != cls.stream:
+            cls.waits.append((device_id, cls.stream, last))
+        return [functools.partial(cls.last.__setitem__, device_id, cls.stream)]
+
     @classmethod
     def launch(cls, function, n_blocks, args):
         kernel, bits = function
@@ -169,6 +180,9 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(HostDevice, "wide", [])
     monkeypatch.setattr(HostDevice, "uploads", [])
     monkeypatch.setattr(HostDevice, "norms", 0)
+    monkeypatch.setattr(HostDevice, "stream", 0)
+    monkeypatch.setattr(HostDevice, "last", {})
+    monkeypatch.setattr(HostDevice, "waits", [])
     monkeypatch.setattr(fused_cuda, "DEVICE", HostDevice)
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind

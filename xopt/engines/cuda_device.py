@@ -173,11 +173,34 @@ class CupyDevice:
         return functools.partial(cupy.cuda.runtime.setDevice, device_id)
 
     @staticmethod
+    def ordered(device_id) -> list:
+        """Order a step's launches on GPU ``device_id`` (the current one) after xopt's last launch there: where
+        that ran on another stream, the current stream waits for the event recorded after it (queued on the
+        GPU; the host does not wait), so no step rewrites a param, a state buffer or a table that a launch
+        still in flight on another stream reads.  Returns the calls into C that record this step's event after
+        its launch and remember it, for ``xopt._atomic.together``, after the launcher."""
+        import cupy
+
+        stream = cupy.cuda.get_current_stream()
+        last = _LAST.get(device_id)
+        if last is not None and last[0] != stream.ptr:
+            stream.wait_event(last[1])
+        event = _EVENTS.get((device_id, stream.ptr))
+        if event is None:
+            event = _EVENTS[device_id, stream.ptr] = cupy.cuda.Event(disable_timing=True)
+        return [functools.partial(event.record, stream),
+                functools.partial(_LAST.__setitem__, device_id, (stream.ptr, event))]
+
+    @staticmethod
     def launcher(function, n_blocks, args):
         """The launch as a call into C (CuPy's compiled ``Function.__call__``): for ``xopt._atomic.together``."""
         import cupy
 
         return functools.partial(function, (n_blocks,), (THREADS,), args, stream=cupy.cuda.get_current_stream())
+
+
+_LAST = {}  # GPU id -> (the stream of xopt's last launch there, the event recorded after it)
+_EVENTS = {}  # (GPU id, stream) -> the event recorded after each launch on that stream (one, recorded again)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,10 @@ or the step is declined with nothing written and the checked path (:func:`apply`
 same table: the norm of the grads in double, left on the GPU with the clip scale, which the step
 reads from device memory (no host sync); the caller's grads are read, never copied.  Only
 ``skip_nonfinite`` reads the norm's check back to the host (a sync), as the checked path does.
+
+Launches on one GPU run in the order of the steps, whatever stream is current: an event is recorded after
+each launch, and a step on another stream than the last launch's queues a wait for it first
+(:meth:`CupyDevice.ordered <xopt.engines.cuda_device.CupyDevice.ordered>`); the host never waits.
 """
 
 from __future__ import annotations
@@ -313,6 +317,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         rows[:, :len(values[0])] = values  # every part's row as long: one kind
     norm = None
     with device.on(device_id):
+        recorded = device.ordered(device_id)  # after xopt's last launch on another stream, if any
         dev = device.upload(table)
         base = device.address(dev)
         tables = (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n))
@@ -333,6 +338,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                     return True
         together([device.launcher(device.function(kind.rule, dtype), n_blocks,
                                   (*tables, np.uint64(scale), np.uint64(base + o_scalars))),
+                  *recorded,
                   functools.partial(len, (dev, scratch)),  # the table and scratch live until the launch is queued
                   *commit(norm, False)])
     return True
@@ -392,13 +398,14 @@ def apply(opt, entries) -> list:
             table[o_scalars:o_scalars + row.nbytes] = row.view(np.uint8)
             clip = group[0].clip
             scale = None if clip is None else device.scale(clip, found.math)
+            recorded = device.ordered(device_id)
             dev = device.upload(table)
             base = device.address(dev)
             writes += [device.select(device_id), device.launcher(
                 device.function(found.rule, dtype), n_blocks,
                 (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n),
                  np.uint64(0 if scale is None else device.address(scale)), np.uint64(base + o_scalars))),
-                functools.partial(len, (dev, scale, lists))]  # alive until the launch is queued
+                *recorded, functools.partial(len, (dev, scale, lists))]  # alive until the launch is queued
         if write_back:
             writes += [device.select(device_id), *write_back]
     if writes:
