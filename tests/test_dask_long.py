@@ -260,3 +260,48 @@ def test_a_long_run_keeps_the_schedulers_key_split_memo_bounded(client, every, m
     assert max(sizes) < 50 + 200, sizes  # at most one graph's keys past the bound
     assert min(sizes[every:]) < 50, sizes  # it was cleared
     run.check()
+
+
+def test_a_scheduler_without_xopt_warns_of_what_it_costs_once(monkeypatch):
+    """Where the scheduler cannot import xopt, one warning per scheduler and setting, naming what is lost: the
+    spans trim always, the durable copies' protection only where copies are kept on more than one worker."""
+    from xopt.engines import dask_lineage
+
+    class Client:
+        calls = 0
+
+        def scheduler_info(self):
+            return {"id": "scheduler-1"}
+
+        def run_on_scheduler(self, *args):
+            Client.calls += 1
+            raise ModuleNotFoundError("No module named 'xopt'")
+
+    monkeypatch.setattr(dask_lineage, "_ASKED", {})
+    with pytest.warns(UserWarning, match="No module named 'xopt'") as one:
+        assert not dask_lineage._protect(Client(), False)
+    assert "Active Memory Manager" not in str(one[0].message) and "spans extension" in str(one[0].message)
+    with pytest.warns(UserWarning, match="Active Memory Manager may drop the copies"):
+        assert not dask_lineage._protect(Client(), True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not dask_lineage._protect(Client(), True)  # asked once per scheduler and setting
+    assert Client.calls == 2
+
+
+def test_forget_steps_trims_only_xopts_spans():
+    """A span of the caller's own that has ``xopt`` among its name's parts keeps its groups; xopt's span (its name's
+    last part ``xopt``) loses those the scheduler forgot, keeping one."""
+    from types import SimpleNamespace as NS
+
+    from xopt.engines import dask_amm
+
+    held, gone1, gone2 = NS(name="held", stop=1.0), NS(name="gone1", stop=2.0), NS(name="gone2", stop=3.0)
+    ours = NS(name=("xopt",), groups={held, gone1, gone2}, _metadata=None)
+    theirs = NS(name=("xopt", "train"), groups={held, gone1}, _metadata=None)
+    spans = NS(spans_search_by_tag={"xopt": [ours, theirs]}, spans={})
+    scheduler = NS(extensions={"spans": spans}, task_groups={"held": held}, tasks={})
+    assert dask_amm.forget_steps(scheduler) == 2
+    assert ours.groups == {held} and theirs.groups == {held, gone1}

@@ -78,8 +78,8 @@ def _trim(span) -> None:
 
 
 def forget_steps(scheduler, touched=()) -> int:
-    """Drop from every span tagged ``xopt`` the task groups ``scheduler`` no longer holds (all their tasks
-    forgotten); a span keeps at least one group (``Span.stop`` reads them).  The metadata that every graph adds
+    """Drop from every span of xopt's (its name's last part ``xopt``, as :func:`_ours` reads it) the task groups
+    ``scheduler`` no longer holds (all their tasks forgotten); a span keeps at least one group (``Span.stop`` reads them).  The metadata that every graph adds
     to each span it touches (the types of its collections) is kept to the last :data:`COLLECTIONS_KEPT` graphs'
     in the spans of xopt and in those of the keys ``touched`` (the inputs a step read: a param's data, the
     user's persisted arrays).  Returns how many groups were dropped."""
@@ -88,6 +88,8 @@ def forget_steps(scheduler, touched=()) -> int:
         return 0
     dropped = 0
     for span in ext.spans_search_by_tag.get(SPAN_TAG, ()):
+        if tuple(span.name)[-1:] != (SPAN_TAG,):  # a span of the caller's own with "xopt" in its name
+            continue
         gone = [tg for tg in span.groups if scheduler.task_groups.get(tg.name) is not tg]
         if gone and len(gone) == len(span.groups):
             gone.remove(max(gone, key=lambda tg: tg.stop))
