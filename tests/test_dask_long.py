@@ -298,7 +298,11 @@ def test_forget_steps_trims_only_xopts_spans():
 
     from xopt.engines import dask_amm
 
-    held, gone1, gone2 = NS(name="held", stop=1.0), NS(name="gone1", stop=2.0), NS(name="gone2", stop=3.0)
+    class Group:  # hashable, as the scheduler's TaskGroups are
+        def __init__(self, name):
+            self.name, self.stop = name, 1.0
+
+    held, gone1, gone2 = Group("held"), Group("gone1"), Group("gone2")
     ours = NS(name=("xopt",), groups={held, gone1, gone2}, _metadata=None)
     theirs = NS(name=("xopt", "train"), groups={held, gone1}, _metadata=None)
     spans = NS(spans_search_by_tag={"xopt": [ours, theirs]}, spans={})
