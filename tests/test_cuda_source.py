@@ -86,6 +86,8 @@ class HostDevice:
     def identity(device_id):
         return f"the kernel's CPU build ({device_id})"
 
+    exclusive = staticmethod(lambda device_id: False)  # the compute mode: any process may use the "GPU"
+
     @classmethod
     @contextlib.contextmanager
     def on(cls, device_id):

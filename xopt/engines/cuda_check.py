@@ -253,7 +253,8 @@ def _case(device, rule, dtype_name):
 
 def verdict(device, rule, dtype_name) -> SelfCheck:
     """The self-check's verdict for (GPU ``device``, ``rule``, param dtype): the one kept on disk for this GPU,
-    driver and kernel, else :func:`in_child`'s, then kept (except where the child could not run the check)."""
+    driver and kernel, else :func:`in_child`'s, then kept (except where the child could not run the check).  A GPU
+    in an exclusive compute mode, which a child cannot use beside this process, fails the check unrun, not kept."""
     if not ISOLATED:
         return _resolve(CHECK)(rule, dtype_name, device)
     case = _case(device, rule, dtype_name)
@@ -264,6 +265,14 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
     if found is not None and found.get("case") == case and isinstance(found.get("passed"), bool):
         return SelfCheck(fused_cuda.kernel_name(rule, dtype_name), device, found["passed"], str(found.get("checked")),
                          found.get("mismatch"), kept)
+    try:
+        alone = fused_cuda.DEVICE.exclusive(device)
+    except Exception:  # noqa: BLE001  (the runtime cannot say: the child will try)
+        alone = False
+    if alone:
+        return SelfCheck(fused_cuda.kernel_name(rule, dtype_name), device, False, "not run",
+                         f"GPU {device} is in an exclusive compute mode: the self-check's process cannot use it while "
+                         "this one does (not kept; impl='fused' runs the kernel without the check)")
     result, keep = in_child(device, rule, dtype_name)
     if keep and name is not None and cuda_cache.write_json(name, {"case": case, "passed": result.passed,
                                                                   "checked": result.checked,

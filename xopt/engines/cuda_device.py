@@ -115,6 +115,14 @@ class CupyDevice:
         return f"{name} sm_{arch} {where} driver {runtime.driverGetVersion()}"
 
     @staticmethod
+    def exclusive(device_id) -> bool:
+        """Whether GPU ``device_id`` is in an exclusive compute mode (one process at a time) or prohibited: then no
+        other process (the self-check's child) can use it while this one holds it."""
+        from cupy.cuda import runtime
+
+        return runtime.getDeviceProperties(device_id).get("computeMode", 0) != 0
+
+    @staticmethod
     def on(device_id):
         """A context in which ``device_id`` is the current GPU."""
         import cupy
