@@ -87,6 +87,10 @@ class HostDevice:
         return f"the kernel's CPU build ({device_id})"
 
     exclusive = staticmethod(lambda device_id: False)  # the compute mode: any process may use the "GPU"
+    takes_tensor = staticmethod(lambda t: t.is_cpu)  # torch's CPU tensors stand for its CUDA ones
+    tensor_device = staticmethod(lambda t: 0)
+    tensor_view = staticmethod(lambda t: t.detach().numpy())  # what DLPack gives CupyDevice: the same memory
+    tensor_stream = staticmethod(lambda t: contextlib.nullcontext())
 
     @classmethod
     @contextlib.contextmanager

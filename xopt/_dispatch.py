@@ -21,7 +21,7 @@ from ._inputs import describe
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind"]
+__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind", "gpu_tensor_kind"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -230,6 +230,25 @@ def lane_kind(opt, p):
 
 
 _CPU_LANE = {}  # (optimizer class, dtype, state dtype, impl, how the CPU engine is found) -> (engine, kind)
+
+
+def gpu_tensor_kind(opt, t):
+    """(the CUDA engine, its ``kind`` of ``opt`` on ``t``'s dtype) for the lane's step on torch tensors like ``t``
+    where that engine takes them (CUDA tensors: ``fused_cuda.tensor_dtype``) and the impl lets it: under
+    ``impl="auto"`` once the self-check of the rule and dtype has passed on ``t``'s GPU (asked here, once: no
+    checked-path step of a tensor asks it); None: the checked path takes them."""
+    if opt.impl == "reference":
+        return None
+    engine = _fused_cuda()
+    if engine is None or not engine.supports(opt):
+        return None
+    dtype = engine.tensor_dtype(t)
+    kind = None if dtype is None else engine.kind(opt, dtype)
+    if kind is None:
+        return None
+    if opt.impl != "fused" and not _cuda_check().trusted_on(opt, engine.tensor_device(t), dtype.name):
+        return None
+    return engine, kind
 
 
 def lane_engine(opt, array_type):

@@ -48,7 +48,7 @@ from . import cuda_cache, fused_cuda
 from .kernels import lookup
 
 __all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "verdict", "in_child", "CHECK",
-           "TIMEOUT", "ISOLATED", "trusted", "passed", "lane_allowed"]
+           "TIMEOUT", "ISOLATED", "trusted", "trusted_on", "passed", "lane_allowed"]
 
 def _configs():
     """rule -> [(optimizer name, hyperparameters, steps)]: every optimizer's :class:`~xopt.engines.kernels.Kernel`
@@ -202,7 +202,15 @@ def trusted(opt, e) -> bool:
     """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, dtype)."""
     if fused_cuda.VERIFIED:
         return True
-    key = (fused_cuda.device_of(e.p), rule_of(opt), np.dtype(e.p.dtype).name)
+    return trusted_on(opt, fused_cuda.device_of(e.p), np.dtype(e.p.dtype).name)
+
+
+def trusted_on(opt, device, dtype_name) -> bool:
+    """May ``impl="auto"`` run ``opt``'s CUDA kernel for params of ``dtype_name`` on GPU ``device``?  Asks
+    :func:`verdict` once per (GPU, rule, dtype) in a process; a failed one warns once."""
+    if fused_cuda.VERIFIED:
+        return True
+    key = (device, rule_of(opt), dtype_name)
     result = RESULTS.get(key)
     if result is None:
         with _LOCK:  # one child per case, whichever thread steps first
@@ -213,7 +221,7 @@ def trusted(opt, e) -> bool:
                     kept = f" (this verdict is kept in {result.kept}: delete it to check again)" if result.kept else ""
                     warnings.warn(f"xopt: {result}. impl='auto' uses the reference rule for {key[2]} params of this "
                                   f"rule on this GPU from now on; please report this with the message.{kept}",
-                                  SelfCheckWarning, stacklevel=2)
+                                  SelfCheckWarning, stacklevel=3)
     return result.passed
 
 
