@@ -112,7 +112,7 @@ def test_the_parts_cover_every_rule_and_run_in_order(fg):
     names = [p.name for p in parts]
     rules = sorted(set(RULES.values()))
     assert list(fg.RULES) == rules == sorted(cuda_check.CONFIGS)
-    assert names[0] == "environment" and names[-1] == "tests" and names[-2] == "host"
+    assert names[0] == "environment" and names[-1] == "tests" and names[-3:-1] == ["host", "torch-cuda"]
     assert names[1:1 + 2 * len(rules)] == ([f"smoke:rule={r}" for r in rules]
                                            + [f"self-check:rule={r}" for r in rules])
     assert [n for n in names if n.startswith("timing:")] == [f"timing:case={c}:dtype={d}" for c, d in fg.TIMING]
