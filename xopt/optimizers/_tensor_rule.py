@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .. import _backend
+from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
 from .._checked import _check_step, _commit, _plain_torch, clip_or_skip
 from .._inputs import check_overlaps, collect, describe
@@ -38,6 +38,8 @@ class TensorRule(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def _update(self, params, grads):
+        if _lane.take(self, params, grads):  # a rule with a fused kernel (LAMB's): the exact-type lane first
+            return
         entries = collect(params, grads)
         self._check_patterns(params)
         views = {}
@@ -77,13 +79,20 @@ class TensorRule(Optimizer):
             together_unforked(writes)
 
     def _compute(self, entries) -> list:
-        """The new values of every entry's param and buffers, as writes (nothing written yet)."""
+        """The new values of every entry's param and buffers, as writes (nothing written yet): the fused CPU
+        engine's where it takes them (a rule with a kernel), the reference rule's on whole params elsewhere
+        (their writes first, as ``_dispatch.select`` orders them)."""
+        fused, entries = _dispatch.select_whole(self, entries)
         if any(_kind(e)[2] for e in entries):
             import torch
 
             with torch.no_grad():
-                return self._compute_each(entries)
-        return self._compute_each(entries)
+                writes = self._compute_each(entries)
+        else:
+            writes = self._compute_each(entries)
+        for apply, group in fused:
+            writes += apply(group[0].opt, group)
+        return writes
 
     def _compute_each(self, entries) -> list:
         writes = []
