@@ -8,7 +8,7 @@ its thread count::
 
     chunks of CHUNK elements (the last one shorter), in order;
     in a chunk, LANES partial sums: lane k adds x[i]² for i = k, k + LANES, k + 2 LANES, ... in order, from 0;
-    a chunk's sum: ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+    a chunk's sum: the lanes added pairwise, (s0 + s1), (s2 + s3), ..., then those pairwise, to one;
     the norm²: the chunks' sums added in order, from 0.
 
 x² is taken in float64 (exact for float32 x).  Other arrays (CuPy, Dask, JAX) are summed by their own
@@ -24,7 +24,7 @@ from . import _backend
 __all__ = ["CHUNK", "LANES", "squared_norm"]
 
 CHUNK = 1 << 15  # elements: the CPU engine's unit of work (xopt.engines.cpu_drivers.CHUNK)
-LANES = 8
+LANES = 16
 _CHUNKS_AT_ONCE = 32  # chunks squared at a time: a 8 MiB temporary at most
 
 
@@ -47,7 +47,8 @@ def _host(x) -> float:
         padded = np.zeros(chunks * CHUNK, dtype=np.float64)  # 0 added to a lane leaves it as it was
         padded[:block.size] = squares
         lanes = np.add.reduce(padded.reshape(chunks, CHUNK // LANES, LANES), axis=1)  # row after row, in order
-        s = lanes.T
-        for chunk_sum in (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))).tolist():
+        while lanes.shape[1] > 1:
+            lanes = lanes[:, 0::2] + lanes[:, 1::2]
+        for chunk_sum in lanes[:, 0].tolist():
             total += chunk_sum
     return total

@@ -4,7 +4,7 @@ LAMB scales each param's update by its trust ratio ‖W‖ / ‖u‖, so a tenso
 over the whole tensor are known.  Two phases:
 
 1. the norms: read p, g, m and v, compute u (the new m and v are not kept) and add p² and u² in float64,
-   in the order of :mod:`xopt._norms` (chunks of ``CHUNK``, 8 lanes in a chunk, the chunks in order), which
+   in the order of :mod:`xopt._norms` (chunks of ``CHUNK``, 16 lanes in a chunk, the chunks in order), which
    the reference rule's norms follow too: the same bits on one thread or several;
 2. the elements: compute m, v and u again (the same operations: the same bits) and write m, v and
    p - lr (u r), r the ratio in the param's dtype.
@@ -26,7 +26,9 @@ eps_root, weight_decay, then the ratio and the clip scale.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, cfunc, njit
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 
 from .._norms import CHUNK as NORM_CHUNK, LANES
 from .cpu_drivers import CHUNK, ELEMENTS_SIGNATURE, _run
@@ -34,9 +36,10 @@ from .cpu_memory import fetch_add, typed_pointer, view as _view
 
 __all__ = ["RATIO", "elements", "norms", "claim_norms", "ratios", "trust_ratio", "per_tensor"]
 
-assert NORM_CHUNK == CHUNK and LANES == 8, "the norms' order is the engine's chunks, 8 lanes"
+assert NORM_CHUNK == CHUNK and LANES == 16, "the norms' order: the engine's chunks, 16 lanes"
 
 RATIO = 10  # the ratio's place in a row of scalars; the clip scale follows it
+BLOCK = 512  # elements of u at a time in the norms' phase (a multiple of LANES; 2 or 4 KiB of scratch)
 
 
 # -- the element math: the reference rule's, in its order ------------------------------------------
@@ -55,46 +58,68 @@ def _update(pi, gi, mi, vi, s, decayed, clipped):
     return m, v, u
 
 
+@intrinsic
+def _add_squares(typingctx, x_at, lanes_at, like):
+    """``lanes[0:16] += float64(x[0:16]) ** 2``, ``x`` of ``like``'s dtype at address ``x_at``, ``lanes`` 16
+    float64 at ``lanes_at``: one vector of 16 (LLVM does not vectorize sixteen scalar sums itself; the
+    operations are the scalar ones, lane by lane: the same bits)."""
+    sig = types.void(types.int64, types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        dtype = signature.args[2].dtype
+        wide = ir.VectorType(ir.DoubleType(), LANES)
+        x = builder.load(builder.inttoptr(args[0], ir.VectorType(context.get_value_type(dtype), LANES).as_pointer()),
+                         align=dtype.bitwidth // 8)
+        if dtype.bitwidth != 64:
+            x = builder.fpext(x, wide)
+        at = builder.inttoptr(args[1], wide.as_pointer())
+        builder.store(builder.fadd(builder.load(at, align=8), builder.fmul(x, x)), at, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _lane(p, g, m, v, i, s, decayed, clipped, pp, uu):
-    """Element i's p² and u² added to one lane's sums."""
-    u = _update(p[i], g[i], m[i], v[i], s, decayed, clipped)[2]
-    x, y = np.float64(p[i]), np.float64(u)
-    return pp + x * x, uu + y * y
+def _add_lanes(x, lanes):
+    """``lanes`` (16 float64 sums) plus the squares of ``x`` (a view starting at a multiple of 16): lane k adds
+    elements k, k + 16, k + 32, ... in order."""
+    n = x.shape[0]
+    full = n - n % LANES
+    at, size, to = x.ctypes.data, x.itemsize, lanes.ctypes.data
+    for i in range(0, full, LANES):
+        _add_squares(at + i * size, to, x)
+    for k in range(n - full):  # the tail: lanes 0 .. n - full - 1
+        y = np.float64(x[full + k])
+        lanes[k] += y * y
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lane_sum(a):
+    """The 16 lanes added pairwise: (s0 + s1), (s2 + s3), ..., then those pairwise, to one sum."""
+    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _u_loop(p, g, m, v, s, u, decayed, clipped):
+    """u of each element into ``u`` (scratch in L1): a loop LLVM vectorizes, as the writes' loop."""
+    for i in range(p.shape[0]):
+        u[i] = _update(p[i], g[i], m[i], v[i], s, decayed, clipped)[2]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _chunk_loop(p, g, m, v, s, decayed, clipped):
-    """(Σ p², Σ u²) over one chunk (views starting at a multiple of 8): lane k takes elements k, k + 8, ..."""
-    n = p.shape[0]
-    full = n - n % 8
-    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
-    u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = 0.0
-    for i in range(0, full, 8):
-        p0, u0 = _lane(p, g, m, v, i, s, decayed, clipped, p0, u0)
-        p1, u1 = _lane(p, g, m, v, i + 1, s, decayed, clipped, p1, u1)
-        p2, u2 = _lane(p, g, m, v, i + 2, s, decayed, clipped, p2, u2)
-        p3, u3 = _lane(p, g, m, v, i + 3, s, decayed, clipped, p3, u3)
-        p4, u4 = _lane(p, g, m, v, i + 4, s, decayed, clipped, p4, u4)
-        p5, u5 = _lane(p, g, m, v, i + 5, s, decayed, clipped, p5, u5)
-        p6, u6 = _lane(p, g, m, v, i + 6, s, decayed, clipped, p6, u6)
-        p7, u7 = _lane(p, g, m, v, i + 7, s, decayed, clipped, p7, u7)
-    if full < n:  # the tail: lanes 0 .. n - full - 1
-        p0, u0 = _lane(p, g, m, v, full, s, decayed, clipped, p0, u0)
-    if full + 1 < n:
-        p1, u1 = _lane(p, g, m, v, full + 1, s, decayed, clipped, p1, u1)
-    if full + 2 < n:
-        p2, u2 = _lane(p, g, m, v, full + 2, s, decayed, clipped, p2, u2)
-    if full + 3 < n:
-        p3, u3 = _lane(p, g, m, v, full + 3, s, decayed, clipped, p3, u3)
-    if full + 4 < n:
-        p4, u4 = _lane(p, g, m, v, full + 4, s, decayed, clipped, p4, u4)
-    if full + 5 < n:
-        p5, u5 = _lane(p, g, m, v, full + 5, s, decayed, clipped, p5, u5)
-    if full + 6 < n:
-        p6, u6 = _lane(p, g, m, v, full + 6, s, decayed, clipped, p6, u6)
-    return (((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)),
-            ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)))
+    """(Σ p², Σ u²) over one chunk (views starting at a multiple of LANES), by blocks of ``BLOCK`` elements: u of
+    a block into scratch, then both sums' lanes."""
+    u = np.empty(min(BLOCK, p.shape[0]), dtype=p.dtype)
+    pp, uu = np.zeros(LANES), np.zeros(LANES)
+    for a in range(0, p.shape[0], BLOCK):
+        b = min(a + BLOCK, p.shape[0])
+        block = u[:b - a]
+        _u_loop(p[a:b], g[a:b], m[a:b], v[a:b], s, block, decayed, clipped)
+        _add_lanes(p[a:b], pp)
+        _add_lanes(block, uu)
+    return _lane_sum(pp), _lane_sum(uu)
 
 
 @njit(cache=True, error_model="numpy")
