@@ -7,7 +7,9 @@ Muon (a matrix function of the update) need the whole param and, for Adafactor, 
 :class:`TensorRule` keeps every promise of ``update`` (inputs checked whole, overlaps refused, clipping,
 ``skip_nonfinite``, overrides and schedules, all or nothing, one call into C for the writes) and runs
 the rule on whole params; its state files are checked against the shapes :meth:`TensorRule.buffer_shapes`
-gives.
+gives.  A subclass with a fused kernel (LAMB: the CPU engine's two-phase rule, :mod:`xopt.engines.cpu_norms`)
+takes the exact-type lane first, and the fused CPU engine for the params it accepts
+(``_dispatch.select_whole``).
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ class LAMB(TensorRule):
     here: ``LAMB(weight_decay=0.01, overrides={"b*": {"weight_decay": 0.0}})``.  torch.optim has no
     LAMB.
 
+    Both norms are summed in float64, in the one order of :mod:`xopt._norms`, which the fused CPU kernel
+    (:mod:`xopt.engines.cpu_norms`: the norms first, then the elements) repeats on any number of threads:
+    the fused step is this rule's bit for bit.  The CUDA engine has no LAMB kernel: on CuPy arrays this
+    rule runs.
+
     Args:
         lr: η (optax's ``learning_rate``; optax has no default).
         beta1, beta2: decay rates of m and v, in [0, 1) (optax's ``b1``, ``b2``).
