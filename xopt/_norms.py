@@ -12,7 +12,7 @@ its thread count::
     the norm²: the chunks' sums added in order, from 0.
 
 x² is taken in float64 (exact for float32 x).  Other arrays (CuPy, Dask, JAX) are summed by their own
-library in float64: no kernel of theirs has to match it.
+library, in their dtype: no kernel of theirs has to match it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def squared_norm(xp, x) -> float:
     if isinstance(x, np.ndarray) or _backend.library_name(x) == "array_api_strict" or (
             _backend.library_name(x) == "torch" and x.device.type == "cpu"):
         return _host(np.ascontiguousarray(_backend.to_numpy(x) if not isinstance(x, np.ndarray) else x).reshape(-1))
-    wide = xp.astype(x, getattr(xp, "float64", None) or xp.float32)
-    return float(xp.sum(wide * wide))
+    return float(xp.sum(x * x))
 
 
 def _host(x) -> float:
