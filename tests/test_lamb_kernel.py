@@ -50,6 +50,14 @@ def test_squared_norm_is_its_definition(size, dtype, rng):
     assert _norms.CHUNK == cpu_drivers.CHUNK
 
 
+def test_the_kernel_reads_the_scalars_where_lamb_puts_them():
+    from xopt.engines import cpu_norms
+
+    kernel = xopt.LAMB.kernel
+    assert kernel.size == len(kernel.scalars) + 1 == cpu_norms.RATIO + 1  # the ratio last, then the clip scale
+    assert kernel.scalars[9] == "weight_decay" and kernel.order(xopt.LAMB().scalars(1))[-1] == -1.0
+
+
 def _grads(rng, shapes, dtype):
     out = {k: rng.standard_normal(shape).astype(dtype) for k, shape in shapes.items()}
     if "zero" in out:
