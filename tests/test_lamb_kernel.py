@@ -181,6 +181,11 @@ def test_the_cuda_engine_declines_lamb():
     fused_cuda = pytest.importorskip("xopt.engines.fused_cuda")
     assert not fused_cuda.supports(xopt.LAMB()) and fused_cuda.kind(xopt.LAMB(), np.dtype(np.float32)) is None
     assert fused_cuda.supports(xopt.Adam())
+    from xopt.engines import cuda_check
+
+    with pytest.raises(ValueError, match="no CUDA kernel"):
+        cuda_check.rule_of("LAMB")
+    assert kernels.RULES["lamb"] not in cuda_check.CONFIGS
 
 
 def test_fused_refuses_arrays_it_cannot_take_and_writes_nothing():

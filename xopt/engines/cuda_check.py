@@ -104,7 +104,7 @@ def rule_of(optimizer) -> int:
 
         optimizer = getattr(xopt, optimizer)
     found = lookup(optimizer)
-    if found is None:
+    if found is None or found.norms:  # LAMB's rule is the CPU engine's alone (kernels.NORMS)
         raise ValueError(f"{optimizer!r} has no CUDA kernel")
     return found.rule
 
