@@ -211,3 +211,22 @@ def test_torch_cpu_tensors_step_as_numpy_arrays():
         outs.append({k: np.asarray(v) for k, v in params.items()})
     for k in start:
         np.testing.assert_array_equal(outs[1][k], outs[0][k])
+
+
+def test_a_run_resumed_from_a_state_file_is_the_reference_run(tmp_path):
+    rng = np.random.default_rng(7)
+    start = {"w": rng.standard_normal((12, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(6)]
+    kwargs = dict(lr=lambda count: 0.02 * 0.9**count, weight_decay=0.01, overrides={"b": {"weight_decay": 0.0}})
+    straight, params = xopt.LAMB(impl="reference", **kwargs), {k: v.copy() for k, v in start.items()}
+    for g in grads:
+        straight.update(params, g)
+    first, resumed = xopt.LAMB(impl="fused", **kwargs), {k: v.copy() for k, v in start.items()}
+    for g in grads[:3]:
+        first.update(resumed, g)
+    first.save(tmp_path / "lamb.npz")
+    second = xopt.LAMB(impl="fused", **kwargs)
+    second.load(tmp_path / "lamb.npz", resumed)
+    for g in grads[3:]:
+        second.update(resumed, g)
+    _assert_same((params, straight), (resumed, second), "resumed")
