@@ -7,7 +7,8 @@ elements, ``--threads`` threads), and the fastest way this machine has to move L
 element (xopt.bench.roofline's copies: NumPy's copy, a parallel copy, an in-place copy, over arrays
 that hold 22 bytes an element, read once and written once).  Per round: roofline time / LAMB time
 (the fraction of the roofline LAMB reaches), the same against 28 bytes (the floor of a step that
-reads and writes each array once) and LAMB time / Adam time; the figures are medians over rounds.
+reads and writes each array once) and LAMB time / Adam time; the figures are medians over rounds.  Each
+step's CPU time (every thread's) is kept too: on a shared machine it moves less than the wall time.
 
     python benchmarks/lamb_step.py [--size 2^25] [--rounds 15] [--threads N] [--weight-decay 0.01] [--out FILE]
 
@@ -32,10 +33,14 @@ from xopt.bench.report import commit
 LAMB_BYTES, ADAM_BYTES = 44, 28  # float32, per element, read + written
 
 
-def _time(fn):
-    t0 = time.perf_counter()
+def _time(fn, cpu=None):
+    """Wall seconds of ``fn()``; its CPU seconds (the process's, every thread's) appended to ``cpu``."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return t
 
 
 def main(argv=None):
@@ -69,13 +74,14 @@ def main(argv=None):
 
     order = list(steps) + ["copy"]
     times = {k: [] for k in order}
+    cpu = {k: [] for k in steps}
     for r in range(args.rounds):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             if name == "copy":
                 times["copy"].append(min(_time(c) for c in copies.values()))
             else:
-                times[name].append(_time(steps[name]))
+                times[name].append(_time(steps[name], cpu[name]))
     fraction = [c / lamb for c, lamb in zip(times["copy"], times["LAMB"])]
     floor = [f * ADAM_BYTES / LAMB_BYTES for f in fraction]
     adam_fraction = [c * ADAM_BYTES / LAMB_BYTES / adam for c, adam in zip(times["copy"], times["Adam"])]
@@ -90,6 +96,8 @@ def main(argv=None):
         "threads": xopt.get_num_threads(),
         "weight_decay": args.weight_decay,
         "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
+        "lamb_over_adam_cpu": statistics.median([a / b for a, b in zip(cpu["LAMB"], cpu["Adam"])]),
         "lamb_fraction_of_roofline": statistics.median(fraction),
         "lamb_fraction_of_28_byte_floor": statistics.median(floor),
         "adam_fraction_of_roofline": statistics.median(adam_fraction),
@@ -102,7 +110,8 @@ def main(argv=None):
     print(f"{n} float32 elements, {result['threads']} thread(s), {args.rounds} interleaved rounds (medians; the "
           "machine may be shared):")
     for k, v in result["median_ms"].items():
-        print(f"  {k:<5} {v:8.2f} ms")
+        extra = f"  ({result['median_cpu_ms'][k]:.2f} ms CPU)" if k in cpu else ""
+        print(f"  {k:<5} {v:8.2f} ms{extra}")
     print(f"  LAMB reaches {result['lamb_fraction_of_roofline']:.2f} of the copy roofline for its 44 bytes "
           f"(per round {min(fraction):.2f}-{max(fraction):.2f}), {result['lamb_fraction_of_28_byte_floor']:.2f} "
           f"of a 28-byte one; Adam {result['adam_fraction_of_roofline']:.2f} of its 28 bytes'; "
