@@ -24,7 +24,8 @@ CONFIGS = {
     "overrides": dict(lr=0.01, weight_decay=0.01, overrides={"b*": {"weight_decay": 0.0, "lr": 0.03}}),
     "clip": dict(lr=0.01, weight_decay=0.01, clip_grad_norm=0.5),
 }
-SHAPES = {"w": (33, 7), "b": (7,), "b1": (1,), "s": (), "e": (0,), "big": (2 * _norms.CHUNK + 37,), "zero": (5, 3)}
+SHAPES = {"w": (33, 7), "b": (7,), "b1": (1,), "s": (), "e": (0,), "big": (2 * _norms.CHUNK + 37,), "zero": (5, 3),
+          "quiet": (4, 4)}
 
 
 def _plain_squared_norm(x):
@@ -60,8 +61,9 @@ def test_the_kernel_reads_the_scalars_where_lamb_puts_them():
 
 def _grads(rng, shapes, dtype):
     out = {k: rng.standard_normal(shape).astype(dtype) for k, shape in shapes.items()}
-    if "zero" in out:
-        out["zero"][...] = 0.0  # a param whose grad is always 0: u is 0 too (weight decay aside)
+    for name in ("zero", "quiet"):  # params whose grads are always 0: u is 0 (weight decay aside)
+        if name in out:
+            out[name][...] = 0.0
     return out
 
 
