@@ -24,7 +24,7 @@ import pytest
 import xopt
 from xopt import _dispatch
 from xopt.engines import cuda_check, fused_cpu, fused_cuda
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 pytestmark = pytest.mark.cuda_source
 
@@ -477,7 +477,7 @@ import numpy as np
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from xopt.engines import fused_cuda
 from test_cuda_source import HostDevice, SHAPES, DTYPES
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 HostDevice.lib = ctypes.CDLL(sys.argv[1])
 HostDevice.lib.xopt_host_wide_accesses.restype = ctypes.c_longlong

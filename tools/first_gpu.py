@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 JSONL, LOG = "first-gpu.jsonl", "first-gpu.log"
 NO_GPU = 3  # a part's exit code: no usable GPU (the environment part)
 CHECK_FAILED = 2  # a part's exit code: it ran, and some of its lines are not ok
-RULES = range(11)  # the kernel's rules (xopt.engines.kernels.RULES; tests/test_first_gpu.py holds them equal)
+RULES = range(11)  # the CUDA kernel's rules (xopt.engines.kernels.CUDA_RULES; tests/test_first_gpu.py holds them equal)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The runner: this process imports no CUDA library; each part is a child process.

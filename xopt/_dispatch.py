@@ -21,7 +21,8 @@ from ._inputs import describe
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind", "gpu_tensor_kind"]
+__all__ = ["IMPLS", "check_impl", "select", "select_whole", "apply_reference", "hand_over", "lane_engine", "lane_kind",
+           "gpu_tensor_kind"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -182,6 +183,32 @@ def _select(opt, entries):
         groups.setdefault(engine, []).append(e)
     reference = [(apply_reference, groups.pop(None))] if None in groups else []
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
+
+
+def select_whole(opt, entries):
+    """For an optimizer whose rule reads whole params (``xopt.optimizers._tensor_rule``): ([(the fused CPU
+    engine's apply, its entries of one hyperparameter set)], the entries left to the reference rule, run on
+    whole params).  Only the CPU engine has such kernels (``kernels.NORMS``); raises (before any write) where
+    ``impl="fused"`` can't be honoured."""
+    if opt.impl == "reference":
+        return [], entries
+    cpu = _fused_cpu()
+    if cpu is None or not cpu.supports(opt):
+        if opt.impl == "fused" and entries:  # opt.impl set since the constructor checked it
+            raise _no_kernel(opt)
+        return [], entries
+    fused, rest = {}, []
+    for e in entries:
+        view = e.opt if e.opt is not None else opt
+        if cpu.accepts(view, e):
+            fused.setdefault(id(view), []).append(e)
+        elif opt.impl == "fused":
+            raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
+                            f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
+                            f"{opt!r}; its kernel is the CPU engine's alone, which takes NumPy float16/32/64 arrays")
+        else:
+            rest.append(e)
+    return [(cpu.apply, group) for group in fused.values()], rest
 
 
 def _blockwise(opt, entries):

@@ -60,7 +60,7 @@ def _configs():
     for name in xopt.__all__:
         cls = getattr(xopt, name)
         kernel = vars(cls).get("kernel") if isinstance(cls, type) else None
-        if kernel is not None and lookup(cls) is kernel:
+        if kernel is not None and lookup(cls) is kernel and not kernel.norms:  # the CUDA source's rules
             configs.setdefault(kernel.rule, []).extend((name, dict(hyper), kernel.steps) for hyper in kernel.checks)
     return {rule: [*found, (found[0][0], {**found[0][1], "clip_grad_norm": 1.0}, found[0][2])]
             for rule, found in sorted(configs.items())}
@@ -104,7 +104,7 @@ def rule_of(optimizer) -> int:
 
         optimizer = getattr(xopt, optimizer)
     found = lookup(optimizer)
-    if found is None:
+    if found is None or found.norms:  # LAMB's rule is the CPU engine's alone (kernels.NORMS)
         raise ValueError(f"{optimizer!r} has no CUDA kernel")
     return found.rule
 

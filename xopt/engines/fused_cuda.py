@@ -46,7 +46,7 @@ from .. import _backend, _numba
 from .._atomic import together
 from .cuda_device import (ALIGN, CHUNK, N_SCALARS, N_SLOTS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes,
                           _sections, _table, block_table, build, kernel_name, norm_name)
-from .kernels import RULES, KeptSlots, lookup
+from .kernels import CUDA_RULES, KeptSlots, lookup
 
 if _numba.usable():
     from . import cuda_memory
@@ -68,7 +68,7 @@ def compile_all() -> float:
 
     t0 = time.perf_counter()
     for dtype in PTYPES:
-        for rule in sorted(set(RULES.values())):
+        for rule in CUDA_RULES:
             DEVICE.function(rule, dtype)
         DEVICE.norm_function(dtype)
     return time.perf_counter() - t0
@@ -82,7 +82,10 @@ def device_of(a):
 
 
 def supports(opt) -> bool:
-    return lookup(opt) is not None and opt._hyper.get("state_dtype") is None
+    """Whether the source has ``opt``'s rule: not one that reads its tensors' norms first (LAMB: the reference
+    rule runs it on the GPU, see ``kernels.NORMS``)."""
+    found = lookup(opt)
+    return found is not None and not found.norms and opt._hyper.get("state_dtype") is None
 
 
 def _is_cupy(x) -> bool:
@@ -224,7 +227,7 @@ def _new_kind(opt, dtype):
         name = np.dtype(dtype).name
     except TypeError:
         return None
-    if found is None or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
+    if found is None or found.norms or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
         return None
     dtype = np.dtype(name)
     return Kind(found.rule, found.order, found.slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
