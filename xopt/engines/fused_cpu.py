@@ -36,8 +36,8 @@ from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, rule_function, st
 from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import KeptSlots, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
-           "device_of", "compile_all", "NotRun"]
+__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "tensor_dtype", "tensor_device", "kind", "Kind",
+           "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table", "device_of", "compile_all", "NotRun"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
@@ -207,6 +207,17 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
     return run(opt, arrays, clip, commit)
+
+
+def tensor_dtype(t):
+    """:func:`xopt.engines.cpu_tensors.dtype_of` (float32, float64 CPU tensors; the module imports torch)."""
+    from .cpu_tensors import dtype_of
+
+    return dtype_of(t)
+
+
+def tensor_device(t):
+    return "cpu"
 
 
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
