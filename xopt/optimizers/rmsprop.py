@@ -62,8 +62,8 @@ class RMSprop(StateStorage, Optimizer):
     def _check_hyperparameters(self):
         if self.state_dtype == "8bit" and self.centered:
             # h - g_avg² of two separately rounded buffers goes negative where the variance is small against the
-            # mean: a NaN step (measured: 964 of 5120 params NaN by step 300 on grads (1 + 1 % noise) times a
-            # per-element scale; none with float32 state).  bitsandbytes refuses it too.
+            # mean: a NaN step (benchmarks/state_8bit_centered.py: 964 of 5120 params NaN after 300 steps; none
+            # with float32 state).  bitsandbytes' RMSprop refuses centered=True altogether.
             raise ValueError("state_dtype='8bit' does not take centered=True: h - g_avg² of two 8-bit buffers "
                              "can be negative (a NaN step); use centered=False or float32 state")
 
