@@ -45,13 +45,24 @@ _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 _HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
 
 
-def __getattr__(name):
-    """CHUNK and chunk_table: :mod:`xopt.engines.cpu_arrays`'s, imported when first asked for (it starts numba,
-    which a small step does not need)."""
-    if name in ("CHUNK", "chunk_table"):
-        from . import cpu_arrays
+def _cpu_arrays():
+    """:mod:`xopt.engines.cpu_arrays` (large, clipped and checked-path steps), imported at its first use: it
+    starts numba, which a small step does not need."""
+    found = _LATER.get("cpu_arrays")
+    if found is None:
+        from . import cpu_arrays as found
 
-        return getattr(cpu_arrays, name)
+        _LATER["cpu_arrays"] = found
+    return found
+
+
+_LATER = {}  # name -> a module imported at its first use (an import statement costs a step some 0.5 us)
+
+
+def __getattr__(name):
+    """CHUNK and chunk_table: :mod:`xopt.engines.cpu_arrays`'s, imported when first asked for."""
+    if name in ("CHUNK", "chunk_table"):
+        return getattr(_cpu_arrays(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -216,14 +227,13 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if answer == NONFINITE:
             together(commit(None, True))
             return True
-    from .cpu_arrays import Arrays, run
-
-    arrays = Arrays(kind.function, head, scal)  # checked (again, for a large step): a large step, or a clipped one
+    later = _cpu_arrays()
+    arrays = later.Arrays(kind.function, head, scal)  # checked (again, for a large step): a large step, or a clipped one
     if not arrays.good:
         if clip is not None:
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
-    return run(opt, arrays, clip, commit)
+    return later.run(opt, arrays, clip, commit)
 
 
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
@@ -245,8 +255,7 @@ def apply(opt, entries) -> list:
     """The checked path's call: the writes (calls into C, for ``xopt._atomic.together``) of one fused call
     per (dtype, step) group of entries whose hyperparameter set is ``opt``; arrays the kernel can't take
     directly (float16, strided, byte-swapped, unaligned, scalar grads) go through copies, written back."""
-    from .cpu_arrays import Arrays
-
+    Arrays = _cpu_arrays().Arrays
     groups = {}
     for e in entries:
         groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
