@@ -110,6 +110,7 @@ def _read(path):
 
 def _write(path, symbol, code):
     """The file, written whole or not at all (another process may be writing the same one)."""
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".o")
@@ -118,14 +119,8 @@ def _write(path, symbol, code):
         os.chmod(tmp, 0o644)  # as numba leaves its cache files (mkstemp makes them private)
         os.replace(tmp, path)
     except OSError:  # nowhere to write: the code runs from memory in this process
-        return
-    stem = os.path.basename(path)[:-len(_key()) - 2]  # older builds of the same function: never read again
-    for other in os.listdir(os.path.dirname(path)):
-        if other.startswith(stem) and other.endswith(".o") and other != os.path.basename(path):
-            try:
-                os.remove(os.path.join(os.path.dirname(path), other))
-            except OSError:
-                pass
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _engine():
