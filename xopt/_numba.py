@@ -61,9 +61,9 @@ def _warm() -> bool:
     try:
         if importlib.util.find_spec("numba") is None:
             return False
-        from .engines import cpu_objects
+        from .engines import cpu_step
 
-        return cpu_objects.cached("step-float32") or cpu_objects.cached("step-float64")
+        return cpu_step.cached()
     except Exception:  # a broken install (the import below says why), or no llvmlite
         return False
 

@@ -4,7 +4,7 @@
 a process whose cache is warm never starts numba (see there).  Two kinds of function:
 
 - :func:`step_function`: the small step of :mod:`xopt.engines.cpu_step` as ``int64 step(int64 call)``:
-  ``call`` the address of an int64 block (:data:`CALL`) naming the head, the scalars and room for the
+  ``call`` the address of an int64 block (``cpu_structs.CALL``) naming the head, the scalars and room for the
   step's addresses and byte ranges.  It checks every array (``cpu_memory.check_rows``) and then, unless the
   step is large, a grad is not finite or an array is refused, runs the rule there.  Where it does not run, it
   writes its answer in the head's ANSWER slot and sets the Python exception ``call[NOT_RUN]`` (the caller,
@@ -29,14 +29,10 @@ from numba.extending import intrinsic
 
 from .cpu_drivers import all_finite, elements, run_rows
 from .cpu_memory import check_rows, typed_pointer
-from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS
+from .cpu_structs import ANSWER, CALL, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
-__all__ = ["CALL", "WORK_PER_ROW", "step_function", "rule_function", "object_code"]
+__all__ = ["step_function", "rule_function", "object_code"]
 
-# The int64 block a step's call reads: the rule's function, the addresses and sizes of OFFSETS, of the head and
-# of the scalars (rows, columns), room for the step's work (WORK_PER_ROW int64 per tensor) and the exception.
-CALL = ("function", "offsets", "head", "head_size", "scal", "rows", "cols", "work", "work_size", "not_run")
-WORK_PER_ROW = 30  # ptrs (5), sizes (1), byte ranges and their sort (6 rows of 4)
 _N_OFFSETS = len(OFFSETS)
 
 

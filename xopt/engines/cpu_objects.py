@@ -34,6 +34,15 @@ _STATE = {}  # "key", "folder", "engine" (llvmlite's MCJIT), "objects" (kept ali
 COUNTS = {"loaded": 0, "built": 0}  # objects read from the cache and built (compiled by numba) by this process
 
 
+def _after_fork_in_child():
+    global _LOCK
+    _LOCK = threading.Lock()  # another thread of the parent may have held it (a build takes seconds)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _llvm():
     import llvmlite.binding as ll
 

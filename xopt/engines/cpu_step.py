@@ -19,9 +19,9 @@ import numpy as np
 
 from .._threads import get_num_threads
 from . import cpu_objects
-from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS
+from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
-__all__ = ["step_function", "rule_function", "Call", "buffers", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
+__all__ = ["step_function", "rule_function", "cached", "Call", "buffers", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
            "CHECK_FINITE", "ANSWER", "PARALLEL_MIN"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -32,7 +32,6 @@ __all__ = ["step_function", "rule_function", "Call", "buffers", "call_block", "s
 # few chunks; see cpu_drivers.claim).
 PARALLEL_MIN = 1 << 21
 _NEVER = 2**62
-_WORK_PER_ROW = 30  # cpu_native.WORK_PER_ROW (int64 of room per tensor)
 _OFFSETS_AT = OFFSETS.ctypes.data
 
 
@@ -65,6 +64,11 @@ def step_function(dtype):
     return found
 
 
+def cached() -> bool:
+    """Whether the small step's code is in xopt's cache for this machine (for float32 or float64 params)."""
+    return any(cpu_objects.cached(f"step-{dtype}") for dtype in ("float32", "float64"))
+
+
 def rule_function(rule, dtype) -> int:
     """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``),
     compiled (or loaded from the cache) the first time a process asks for it."""
@@ -85,7 +89,7 @@ def _build_rule(rule, dtype):
 
 
 class Call:
-    """A step's call block (``cpu_native.CALL``) and the room for its work, which grows with the tensor count."""
+    """A step's call block (``cpu_structs.CALL``) and the room for its work, which grows with the tensor count."""
 
     __slots__ = ("block", "run", "rows", "work")
 
@@ -100,7 +104,7 @@ class Call:
         """Room for a step of ``n`` tensors."""
         if n > self.rows:
             rows = max(n, 2 * self.rows, 16)
-            self.work = np.empty(_WORK_PER_ROW * rows, dtype=np.int64)
+            self.work = np.empty(WORK_PER_ROW * rows, dtype=np.int64)
             self.block[7], self.block[8], self.rows = self.work.ctypes.data, self.work.shape[0], rows
 
 

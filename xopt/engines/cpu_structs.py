@@ -19,7 +19,8 @@ import numpy as np
 
 __all__ = ["OFFSETS", "DATA", "ND", "DIMS", "DESCR", "FLAGS", "TYPE_NUM", "BYTEORDER", "FOREIGN", "OB_TYPE", "NDARRAY",
            "LIST_SIZE", "LIST_ITEMS", "INT", "NONE", "STRIDES", "C_CONTIGUOUS", "ALIGNED", "WRITEABLE", "READ_FLAGS",
-           "WRITE_FLAGS", "HEAD", "N_HEAD", "ANSWER", "LARGE", "NONFINITE", "CHECK_FINITE"]
+           "WRITE_FLAGS", "HEAD", "N_HEAD", "ANSWER", "LARGE", "NONFINITE", "CHECK_FINITE", "CALL",
+           "WORK_PER_ROW"]
 
 
 def _read(obj, offset, ctype=ctypes.c_int64):
@@ -105,3 +106,9 @@ LARGE = -1  # checked, not run: the caller runs it on several threads, or comput
 NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
 # A step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
 CHECK_FINITE = 1
+
+# The int64 block a small step's call reads (cpu_native.step_function): the rule's function, the addresses and
+# sizes of OFFSETS, of the head and of the scalars (rows, columns), room for the step's work (WORK_PER_ROW int64
+# per tensor) and the exception it sets where it does not run.
+CALL = ("function", "offsets", "head", "head_size", "scal", "rows", "cols", "work", "work_size", "not_run")
+WORK_PER_ROW = 30  # ptrs (5), sizes (1), byte ranges and their sort (6 rows of 4)
