@@ -167,7 +167,7 @@ def new_state(view, kind, p):
 
 
 def _head(lists, n, kind, keeps, mode, part):
-    """The compiled step's head (``cpu_step.step``) for a step of several parts (see ``cpu_memory.HEAD``):
+    """The compiled step's head (``cpu_step.step_function``) for a step of several parts (see ``cpu_structs.HEAD``):
     the lists' ids, the numbers, the kept slots of each part, each tensor's part."""
     head = list(map(id, lists))  # id(None): no list
     head += [n, *kind.numbers, len(keeps), mode, _split_at(), 0]  # 0: the answer's slot
