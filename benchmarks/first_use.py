@@ -122,7 +122,8 @@ def _breakdown(args):
     rows = []
     for (tree, optimizer), row in times.items():
         med = {k: statistics.median(v) for k, v in row.items()}
-        rows.append({"tree": tree, "optimizer": optimizer, **{f"{k}_cpu_s": v for k, v in med.items()}, "runs": row})
+        rows.append({"tree": tree, "optimizer": optimizer, **{f"{k}_cpu_s": v for k, v in med.items() if k != "update_imports_numba"},
+                     "update_imports_numba": bool(med["update_imports_numba"]), "runs": row})
         print(f"{tree:30s} {optimizer:10s} {med['numba_import']:15.3f} {med['numba_setup']:15.3f} "
               f"{med['update_after']:14.3f} {'yes' if med['update_imports_numba'] else 'no':>27s}")
     return rows
