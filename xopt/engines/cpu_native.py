@@ -13,8 +13,8 @@ a process whose cache is warm never starts numba (see there).  Two kinds of func
 
 Neither allocates (no numba runtime) nor raises through numba: numba's runtime and exception helpers appear
 in their code only on paths that never run (the release of an array that owns memory, a raising call);
-:func:`object_code` defines those few symbols as traps inside the object, so it needs nothing of numba, and
-refuses a function that refers to any other of numba's helpers.
+:func:`object_code` defines those few symbols as traps inside the object, so it needs nothing of numba; a
+function that refers to any other of numba's helpers is not cached (it runs from numba's compile).
 """
 
 from __future__ import annotations
@@ -102,18 +102,18 @@ _DECLARE = re.compile(r'^declare (?P<head>.*?)@(?P<name>"?[\w.$]+"?)\((?P<params
 def object_code(function):
     """(symbol, object code) of a numba ``cfunc`` compiled in this process (not loaded from numba's cache):
     its module with numba's helpers it refers to (:data:`_TRAPPED`) defined as traps, compiled for this
-    machine as numba compiles it."""
+    machine as numba compiles it; or None where it refers to any other of numba's helpers (its code needs
+    numba: it runs from numba's own compile, uncached)."""
     import llvmlite.binding as ll
 
     library = function._library
     text = str(library._final_module)
+    needs = [m.group("name").strip('"') for m in _DECLARE.finditer(text)]
+    if any(name.startswith(("NRT_", "numba_")) and name not in _TRAPPED for name in needs):
+        return None
 
     def trap(m):
-        name = m.group("name").strip('"')
-        if name.startswith(("NRT_", "numba_")) and name not in _TRAPPED:
-            raise RuntimeError(f"xopt internal error: {function.__qualname__} refers to numba's {name}, which its "
-                               "object code cannot have without numba")
-        if name not in _TRAPPED:
+        if m.group("name").strip('"') not in _TRAPPED:
             return m.group(0)
         return (f"define internal {m.group('head')}@{m.group('name')}({m.group('params')}){m.group('tail')} "
                 "{\n  call void @llvm.trap()\n  unreachable\n}")

@@ -162,7 +162,7 @@ def _load(symbol, code) -> int:
 def address(name, build) -> int:
     """The address of the compiled function ``name``: loaded once per process, from the cache where it is
     there, else ``build()`` (numba compiles it: (symbol, object code), see :mod:`xopt.engines.cpu_native`)
-    and kept."""
+    and kept; where ``build()`` gives a numba ``cfunc`` instead (its code needs numba), that, uncached."""
     found = _ADDRESSES.get(name)
     if found is None:
         with _LOCK:
@@ -172,9 +172,16 @@ def address(name, build) -> int:
                 read = _read(path)
                 if read is None:
                     read = build()
-                    _write(path, *read)
                     COUNTS["built"] += 1
+                    if not isinstance(read, tuple):
+                        _KEPT.append(read)  # its code lives as long as the cfunc
+                        found = _ADDRESSES[name] = read.address
+                        return found
+                    _write(path, *read)
                 else:
                     COUNTS["loaded"] += 1
                 found = _ADDRESSES[name] = _load(*read)
     return found
+
+
+_KEPT = []  # numba cfuncs whose code runs from numba's compile (not cacheable here)

@@ -79,13 +79,15 @@ def rule_function(rule, dtype) -> int:
 def _build_step(dtype):
     from . import cpu_native
 
-    return cpu_native.object_code(cpu_native.step_function(dtype.type))
+    function = cpu_native.step_function(dtype.type)
+    return cpu_native.object_code(function) or function
 
 
 def _build_rule(rule, dtype):
     from . import cpu_native
 
-    return cpu_native.object_code(cpu_native.rule_function(rule, dtype.type))
+    function = cpu_native.rule_function(rule, dtype.type)
+    return cpu_native.object_code(function) or function
 
 
 class Call:
