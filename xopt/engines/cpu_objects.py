@@ -1,11 +1,12 @@
-"""xopt's own disk cache of the CPU engine's machine code, loaded with llvmlite: a warm process never starts numba.
+"""xopt's own disk cache of a small CPU step's machine code, loaded with llvmlite: no numba needed to run it.
 
 numba's own cache (``cache=True``) loads a function only after numba is imported and its compiler set up (its
 target's registries, which import SciPy to probe for BLAS): some 0.45 s of CPU on a process's first update,
 where loading the code itself takes milliseconds (``benchmarks/first_use.py --breakdown``).  So the C
 functions a small step runs (:mod:`xopt.engines.cpu_native`: the step, and each rule's element function) are
 kept here as object files, compiled by numba the first time a machine needs them and loaded afterwards by
-llvmlite's MCJIT alone.  Larger, clipped and torch steps still run numba's dispatchers (numba starts then).
+llvmlite's MCJIT alone.  Other steps (large, clipped, on torch tensors, the checked path's) still run numba's
+dispatchers, and start numba at their first use.
 
 Each file is ``<name>-<key>.o`` in ``$NUMBA_CACHE_DIR/xopt-objects`` (where that is set), else in
 ``xopt/engines/__pycache__`` (where writable), else in a folder of the user's under the temporary directory;
