@@ -101,6 +101,14 @@ class StubDevice(fused_cuda.CupyDevice):
         return functools.partial(cls.launch, function, n_blocks, args)
 
     select = staticmethod(lambda device_id: functools.partial(int))  # one device: nothing to switch
+    last = {}
+
+    @classmethod
+    def ordered(cls, device_id):  # one stream: no wait; the event's record stubbed, its bookkeeping kept
+        last = cls.last.get(device_id)
+        if last is not None and last[0] != 0:
+            cls.calls["wait"] += 1
+        return [functools.partial(int), functools.partial(cls.last.__setitem__, device_id, (0, None))]
 
     @classmethod
     def launch(cls, function, n_blocks, args):

@@ -23,6 +23,11 @@ OPTIMIZERS = {
     "RMSprop": lambda: xopt.RMSprop(lr=0.002),
     "Adam": lambda: xopt.Adam(lr=0.002),
     "AdamW": lambda: xopt.AdamW(lr=0.002),
+    "Lion": lambda: xopt.Lion(lr=1e-3),
+    "LAMB": lambda: xopt.LAMB(lr=0.01),
+    "Adafactor": lambda: xopt.Adafactor(lr=0.01),
+    "Muon": lambda: xopt.Muon(lr=0.005, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),  # AdamW for b1, b2
+    "ScheduleFreeAdamW": lambda: xopt.ScheduleFreeAdamW(lr=0.005, warmup_steps=50),
 }
 
 
@@ -93,6 +98,8 @@ def train(name, xp, device, data, epochs, batch, seed=0):
             loss, grads = loss_and_grads(params, xp.take(x, idx, axis=0), xp.take(t, idx, axis=0))
             optimizer.update(params, grads)
             losses.append(loss)
+    if hasattr(optimizer, "eval"):
+        optimizer.eval(params)  # Schedule-Free: evaluate at x, the average, not at y where it stepped
     return losses, accuracy(params, x_test, l_test)
 
 
@@ -127,7 +134,7 @@ def main(argv=None):
         window = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(smooth, label=f"{name} (test accuracy {acc:.3f})")
-        print(f"{name:<9} final training loss {np.mean(losses[-window:]):.4f}  test accuracy {acc:.4f}")
+        print(f"{name:<17} final training loss {np.mean(losses[-window:]):.4f}  test accuracy {acc:.4f}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving average)")
     ax.set_yscale("log")

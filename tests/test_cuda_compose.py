@@ -516,3 +516,74 @@ def test_cupy_layout_is_probed(reader):
     assert off is not None, "CuPy's array struct is not laid out as xopt.engines.cuda_memory expects"
     assert cuda_memory.layout(np.ndarray) is not None
     assert cuda_memory.layout(_GradSubclass) is None
+
+
+def test_a_step_on_another_stream_waits_for_the_last_launch_on_its_gpu(cuda_on_cpu, lane, rng):
+    """Each step's launch is followed by its event's record; a step on another stream than the last launch's
+    queues a wait for that event before it writes anything (the checked path's first step and the lane's later
+    ones alike); a step on the same stream waits for nothing."""
+    params = _params(rng, np.float32)
+    grads = _grads(rng, params, 5)
+    opt = xopt.Adam(impl="fused")
+    opt.update(params, grads[0])  # the checked path (a first step)
+    assert cuda_on_cpu.last == {0: 0} and cuda_on_cpu.waits == []
+    opt.update(params, grads[1])
+    assert cuda_on_cpu.waits == []
+    cuda_on_cpu.stream = 7
+    opt.update(params, grads[2])
+    assert cuda_on_cpu.waits == [(0, 7, 0)] and cuda_on_cpu.last == {0: 7}
+    opt.update(params, grads[3])
+    assert cuda_on_cpu.waits == [(0, 7, 0)]
+    cuda_on_cpu.stream = 0
+    other = xopt.Adam(impl="fused")  # another optimizer's first step: the checked path, the same GPU's order
+    other.update({"q": _placed(np.ones(9, np.float32))}, {"q": _placed(np.ones(9, np.float32))})
+    assert cuda_on_cpu.waits == [(0, 7, 0), (0, 0, 7)]
+    assert lane == [False, True, True, True, False]
+
+
+def test_cupy_devices_ordered_waits_only_across_streams(monkeypatch):
+    """``CupyDevice.ordered`` with CuPy's stream and event stubbed: the current stream waits for the last launch's
+    event only where that ran on another stream; one event per stream, recorded again; the calls it returns record
+    it on the current stream and remember it."""
+    cupy = pytest.importorskip("cupy")
+    from xopt.engines import cuda_device
+
+    log = []
+
+    class Stream:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def wait_event(self, event):
+            log.append(("wait", self.ptr, event.name))
+
+    class Event:
+        made = 0
+
+        def __init__(self, disable_timing=False):
+            assert disable_timing
+            Event.made += 1
+            self.name = f"e{Event.made}"
+
+        def record(self, stream):
+            log.append(("record", stream.ptr, self.name))
+
+    current = [Stream(0)]
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: current[0])
+    monkeypatch.setattr(cupy.cuda, "Event", Event)
+    monkeypatch.setattr(cuda_device, "_LAST", {})
+    monkeypatch.setattr(cuda_device, "_EVENTS", {})
+
+    def step():
+        for call in cuda_device.CupyDevice.ordered(0):
+            call()
+
+    step()
+    step()
+    assert log == [("record", 0, "e1"), ("record", 0, "e1")]
+    current[0] = Stream(5)
+    step()
+    assert log[2:] == [("wait", 5, "e1"), ("record", 5, "e2")]
+    current[0] = Stream(0)
+    step()
+    assert log[4:] == [("wait", 0, "e2"), ("record", 0, "e1")] and Event.made == 2

@@ -24,7 +24,7 @@ import pytest
 import xopt
 from xopt import _dispatch
 from xopt.engines import cuda_check, fused_cpu, fused_cuda
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 pytestmark = pytest.mark.cuda_source
 
@@ -86,6 +86,12 @@ class HostDevice:
     def identity(device_id):
         return f"the kernel's CPU build ({device_id})"
 
+    exclusive = staticmethod(lambda device_id: False)  # the compute mode: any process may use the "GPU"
+    takes_tensor = staticmethod(lambda t: t.is_cpu)  # torch's CPU tensors stand for its CUDA ones
+    tensor_device = staticmethod(lambda t: 0)
+    tensor_view = staticmethod(lambda t: t.detach().numpy())  # what DLPack gives CupyDevice: the same memory
+    tensor_stream = staticmethod(lambda t: contextlib.nullcontext())
+
     @classmethod
     @contextlib.contextmanager
     def on(cls, device_id):
@@ -119,6 +125,17 @@ class HostDevice:
     @classmethod
     def select(cls, device_id):
         return functools.partial(setattr, cls, "current", device_id)
+
+    stream = 0  # the "current stream"
+    last = {}  # GPU -> the stream of the last launch recorded (CupyDevice.ordered's bookkeeping)
+    waits = []  # (GPU, the stream that waited, the stream it waited for)
+
+    @classmethod
+    def ordered(cls, device_id):
+        last = cls.last.get(device_id)
+        if last is not None and last != cls.stream:
+            cls.waits.append((device_id, cls.stream, last))
+        return [functools.partial(cls.last.__setitem__, device_id, cls.stream)]
 
     @classmethod
     def launch(cls, function, n_blocks, args):
@@ -169,6 +186,9 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(HostDevice, "wide", [])
     monkeypatch.setattr(HostDevice, "uploads", [])
     monkeypatch.setattr(HostDevice, "norms", 0)
+    monkeypatch.setattr(HostDevice, "stream", 0)
+    monkeypatch.setattr(HostDevice, "last", {})
+    monkeypatch.setattr(HostDevice, "waits", [])
     monkeypatch.setattr(fused_cuda, "DEVICE", HostDevice)
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind
@@ -457,7 +477,7 @@ import numpy as np
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from xopt.engines import fused_cuda
 from test_cuda_source import HostDevice, SHAPES, DTYPES
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 HostDevice.lib = ctypes.CDLL(sys.argv[1])
 HostDevice.lib.xopt_host_wide_accesses.restype = ctypes.c_longlong

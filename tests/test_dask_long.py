@@ -225,3 +225,87 @@ def test_a_durable_point_waits_for_its_step_and_raises_its_error_with_nothing_ch
     _same(run, before)
     run.step(every + 1)
     run.check()
+
+
+def test_the_key_split_memo_is_cleared_past_its_bound():
+    """Dask's ``key_split`` memo keeps 100,000 keys; a step adds about ten, so the scheduler's plugin clears it
+    past ``KEY_SPLIT_KEPT``: bounded memory, the same answers."""
+    from dask.utils import key_split
+
+    from xopt.engines import dask_amm
+
+    key_split.cache_clear()
+    names = [f"xopt-adam-{i:032x}" for i in range(300)]
+    assert [key_split((n, 0)) for n in names] == ["xopt-adam"] * 300
+    assert key_split.cache_info().currsize == 600  # each tuple and its name
+    assert not dask_amm.trim_key_split(kept=600)
+    assert dask_amm.trim_key_split(kept=599)
+    assert key_split.cache_info().currsize == 0
+    assert key_split((names[0], 1)) == "xopt-adam"
+
+
+@pytest.mark.slow  # dozens of steps on a cluster
+def test_a_long_run_keeps_the_schedulers_key_split_memo_bounded(client, every, monkeypatch):
+    """The plugin clears the memo on the scheduler (in this process: a LocalCluster's) as the steps go on."""
+    from dask.utils import key_split
+
+    from xopt.engines import dask_amm
+
+    monkeypatch.setattr(dask_amm, "KEY_SPLIT_KEPT", 50)
+    run = Run(3)
+    sizes = []
+    for _ in range(8 * every):
+        distributed.wait(run.step())
+        sizes.append(client.run_on_scheduler(lambda: key_split.cache_info().currsize))
+    assert max(sizes) < 50 + 200, sizes  # at most one graph's keys past the bound
+    assert min(sizes[every:]) < 50, sizes  # it was cleared
+    run.check()
+
+
+def test_a_scheduler_without_xopt_warns_of_what_it_costs_once(monkeypatch):
+    """Where the scheduler cannot import xopt, one warning per scheduler and setting, naming what is lost: the
+    spans trim always, the durable copies' protection only where copies are kept on more than one worker."""
+    from xopt.engines import dask_lineage
+
+    class Client:
+        calls = 0
+
+        def scheduler_info(self):
+            return {"id": "scheduler-1"}
+
+        def run_on_scheduler(self, *args):
+            Client.calls += 1
+            raise ModuleNotFoundError("No module named 'xopt'")
+
+    monkeypatch.setattr(dask_lineage, "_ASKED", {})
+    with pytest.warns(UserWarning, match="No module named 'xopt'") as one:
+        assert not dask_lineage._protect(Client(), False)
+    assert "Active Memory Manager" not in str(one[0].message) and "spans extension" in str(one[0].message)
+    with pytest.warns(UserWarning, match="Active Memory Manager may drop the copies"):
+        assert not dask_lineage._protect(Client(), True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not dask_lineage._protect(Client(), True)  # asked once per scheduler and setting
+    assert Client.calls == 2
+
+
+def test_forget_steps_trims_only_xopts_spans():
+    """A span of the caller's own that has ``xopt`` among its name's parts keeps its groups; xopt's span (its name's
+    last part ``xopt``) loses those the scheduler forgot, keeping one."""
+    from types import SimpleNamespace as NS
+
+    from xopt.engines import dask_amm
+
+    class Group:  # hashable, as the scheduler's TaskGroups are
+        def __init__(self, name):
+            self.name, self.stop = name, 1.0
+
+    held, gone1, gone2 = Group("held"), Group("gone1"), Group("gone2")
+    ours = NS(name=("xopt",), groups={held, gone1, gone2}, _metadata=None)
+    theirs = NS(name=("xopt", "train"), groups={held, gone1}, _metadata=None)
+    spans = NS(spans_search_by_tag={"xopt": [ours, theirs]}, spans={})
+    scheduler = NS(extensions={"spans": spans}, task_groups={"held": held}, tasks={})
+    assert dask_amm.forget_steps(scheduler) == 2
+    assert ours.groups == {held} and theirs.groups == {held, gone1}

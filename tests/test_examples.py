@@ -44,6 +44,19 @@ def test_digits_mlp_reaches_095_with_defaults(tmp_path, capsys):
     assert float(last.split()[3]) >= 0.95, last
 
 
+@pytest.mark.parametrize("name", ["Lion", "LAMB", "Adafactor", "Muon", "ScheduleFreeAdamW"])
+def test_digits_mlp_trains_with_the_newer_optimizers(name, capsys):
+    """Each newer optimizer's row learns the digits in 10 epochs (chance is 0.1); Schedule-Free is evaluated at
+    its average x (``eval``), the params dict left there."""
+    pytest.importorskip("sklearn")
+    ns = runpy.run_path(str(EXAMPLES / "digits_mlp.py"))
+    np = ns["np"]
+    xp = ns["array_namespace"](np.empty(0))
+    losses, acc = ns["train"](name, xp, None, ns["load"](xp, None), 10, 100)
+    assert acc >= 0.9, (name, acc)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), name
+
+
 def test_quickstart_runs(capsys):
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     assert "mean squared error after 200 steps" in capsys.readouterr().out

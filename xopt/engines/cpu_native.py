@@ -9,7 +9,8 @@ a process whose cache is warm never starts numba (see there).  Two kinds of func
   step is large, a grad is not finite or an array is refused, runs the rule there.  Where it does not run, it
   writes its answer in the head's ANSWER slot and sets the Python exception ``call[NOT_RUN]`` (the caller,
   ctypes with the GIL held, raises it): nothing written.
-- a rule's element function (:func:`xopt.engines.cpu_drivers.elements`).
+- a rule's element function (:func:`xopt.engines.cpu_drivers.elements`; LAMB's two phases,
+  :mod:`xopt.engines.cpu_norms`).
 
 Neither allocates (no numba runtime) nor raises through numba: numba's runtime and exception helpers appear
 in their code only on paths that never run (the release of an array that owns memory, a raising call);
@@ -29,6 +30,7 @@ from numba.extending import intrinsic
 
 from .cpu_drivers import all_finite, elements, run_rows
 from .cpu_memory import check_rows, typed_pointer
+from .kernels import RULES
 from .cpu_structs import ANSWER, CALL, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
 __all__ = ["step_function", "rule_function", "object_code"]
@@ -87,8 +89,13 @@ def step_function(dtype):
     return step
 
 
-def rule_function(rule, dtype):
-    """Rule number ``rule``'s element function over ``dtype`` params, a numba ``cfunc``."""
+def rule_function(rule, dtype, phase=None):
+    """Rule number ``rule``'s element function over ``dtype`` params (LAMB's: ``cpu_norms.elements``, or with
+    ``phase="norms"`` its norms' phase), a numba ``cfunc``."""
+    if rule == RULES["lamb"]:
+        from . import cpu_norms
+
+        return (cpu_norms.elements if phase is None else cpu_norms.norms)(dtype)
     return elements(rule, dtype)
 
 
@@ -111,6 +118,8 @@ def object_code(function):
     needs = [m.group("name").strip('"') for m in _DECLARE.finditer(text)]
     if any(name.startswith(("NRT_", "numba_")) and name not in _TRAPPED for name in needs):
         return None
+    if f'@"{function._wrapper_name}"(' not in text and f"@{function._wrapper_name}(" not in text:
+        return None  # not compiled here (loaded from numba's cache: its module holds no code)
 
     def trap(m):
         if m.group("name").strip('"') not in _TRAPPED:

@@ -26,8 +26,9 @@ import threading
 
 __all__ = ["address", "cached", "folder", "COUNTS"]
 
-# The modules whose code the objects hold (and this one, which loads them).
-_SOURCES = ("cpu_structs.py", "cpu_memory.py", "cpu_drivers.py", "cpu_rules.py", "cpu_native.py", "cpu_objects.py")
+# The modules whose code the objects hold (and this one, which loads them), under xopt/.
+_SOURCES = ("engines/cpu_structs.py", "engines/cpu_memory.py", "engines/cpu_drivers.py", "engines/cpu_rules.py",
+            "engines/cpu_norms.py", "_norms.py", "engines/cpu_native.py", "engines/cpu_objects.py")
 _MAGIC = b"xopt-object 1\n"
 _LOCK = threading.Lock()
 _ADDRESSES = {}  # name -> the address of its function in this process
@@ -57,7 +58,7 @@ def _key() -> str:
     if found is None:
         ll = _llvm()
         h = hashlib.sha256()
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for name in _SOURCES:
             with open(os.path.join(here, name), "rb") as f:
                 h.update(f.read())

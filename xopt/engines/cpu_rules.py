@@ -302,8 +302,9 @@ def _schedule_free(p, g, z, v, _2, s):
         z[i] = zi - lr * u
         v[i] = vi
 
-# The kernel's ``rule`` indexes this: 0-10 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
+# The kernel's ``rule`` indexes this: 0-11 as in xopt/engines/kernels.py (11, LAMB, reads its tensors' norms
+# first: its C function is xopt.engines.cpu_norms'), then the bfloat16 form of Adam.
 RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _schedule_free,
-         _adam_bf16)
+         None, _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state

@@ -69,11 +69,13 @@ def cached() -> bool:
     return any(cpu_objects.cached(f"step-{dtype}") for dtype in ("float32", "float64"))
 
 
-def rule_function(rule, dtype) -> int:
-    """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``),
-    compiled (or loaded from the cache) the first time a process asks for it."""
+def rule_function(rule, dtype, phase=None) -> int:
+    """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``; LAMB's,
+    ``cpu_norms.elements``, or with ``phase="norms"`` its norms' phase), compiled (or loaded from the cache)
+    the first time a process asks for it."""
     dtype = np.dtype(dtype)
-    return cpu_objects.address(f"rule{rule}-{dtype.name}", functools.partial(_build_rule, rule, dtype))
+    name = f"rule{rule}-{dtype.name}" if phase is None else f"rule{rule}-{phase}-{dtype.name}"
+    return cpu_objects.address(name, functools.partial(_build_rule, rule, dtype, phase))
 
 
 def _build_step(dtype):
@@ -83,10 +85,10 @@ def _build_step(dtype):
     return cpu_native.object_code(function) or function
 
 
-def _build_rule(rule, dtype):
+def _build_rule(rule, dtype, phase):
     from . import cpu_native
 
-    function = cpu_native.rule_function(rule, dtype.type)
+    function = cpu_native.rule_function(rule, dtype.type, phase)
     return cpu_native.object_code(function) or function
 
 

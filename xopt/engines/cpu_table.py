@@ -2,7 +2,7 @@
 
 :mod:`xopt.engines.cpu_tensors` reads each tensor's facts through torch's accessors into one int64 table;
 :func:`table_step` checks it (:func:`check_table`: counts, NULL and alignment, parts, no shared bytes) and
-runs the rule there, as :func:`xopt.engines.cpu_step.step` does for NumPy arrays.
+runs the rule there, as :func:`xopt.engines.cpu_step.step_function` does for NumPy arrays.
 """
 
 from __future__ import annotations

@@ -236,11 +236,12 @@ def _protect(client, keep) -> bool:
             _ASKED[sid] = client.run_on_scheduler(_setup, keep)
         except Exception as exc:  # noqa: BLE001 (xopt not importable there, say)
             _ASKED[sid] = "failed"
+            copies = ("its Active Memory Manager may drop the copies of durable points, and a lost worker may then "
+                      "lose the optimizer state (install xopt where the scheduler runs, or remove ReduceReplicas "
+                      "from distributed.scheduler.active-memory-manager.policies); " if keep else "")
             warnings.warn(f"xopt could not set up the Dask scheduler for durable points ({type(exc).__name__}: "
-                          f"{exc}): its Active Memory Manager may drop the copies of durable points, and a lost "
-                          "worker may then lose the optimizer state (install xopt where the scheduler runs, or "
-                          "remove ReduceReplicas from distributed.scheduler.active-memory-manager.policies); its "
-                          "spans extension keeps a task group for every step", stacklevel=4)
+                          f"{exc}): {copies}its spans extension keeps a task group for every step (install xopt "
+                          "where the scheduler runs)", stacklevel=4)
     return _ASKED[sid] != "failed"
 
 
