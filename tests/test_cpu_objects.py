@@ -20,7 +20,7 @@ p = {"w": np.linspace(-1, 1, 7, dtype=np.float32), "b": np.float32([0.5, -2.0])}
 g = {k: np.cos(3 * v) for k, v in p.items()}
 opt = xopt.SGD(lr=0.1, momentum=0.9)  # auto: the CPU engine (impl="fused" imports the CUDA one too, where CuPy is)
 opt.update(p, g)
-print(json.dumps({"p": {k: v.tolist() for k, v in p.items()}, "numba": "numba" in sys.modules, **cpu_objects.COUNTS}))
+print(json.dumps({"p": {k: v.tolist() for k, v in p.items()}, "numba_imported": "numba" in sys.modules, **cpu_objects.COUNTS}))
 """
 
 
@@ -42,9 +42,9 @@ def _reference():
 def test_a_warm_process_loads_the_step_without_numba_and_a_damaged_object_is_built_again(tmp_path):
     expected = _reference()
     cold = _run(tmp_path)
-    assert cold["built"] == 2 and cold["loaded"] == 0 and cold["numba"]  # the step and SGD's rule, compiled
+    assert cold["built"] == 2 and cold["loaded"] == 0 and cold["numba_imported"]  # the step and SGD's rule, compiled
     warm = _run(tmp_path)
-    assert warm["built"] == 0 and warm["loaded"] == 2 and not warm["numba"]
+    assert warm["built"] == 0 and warm["loaded"] == 2 and not warm["numba_imported"]
     for got in (cold, warm):
         for k in expected:
             np.testing.assert_allclose(got["p"][k], expected[k], rtol=1e-6)
@@ -71,7 +71,7 @@ def test_a_function_that_needs_numba_at_run_time_runs_uncached():
     name = f"test-allocates-{os.getpid()}"
     address = cpu_objects.address(name, lambda: cpu_native.object_code(allocates) or allocates)
     assert address == allocates.address and not cpu_objects.cached(name)
-    assert cpu_objects.COUNTS["built"] == before["built"] + 1
+    assert cpu_objects.COUNTS == {**before, "numba": before["numba"] + 1}
     import ctypes
 
     assert ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(address)(5) == 6

@@ -10,7 +10,7 @@ a process whose cache is warm never starts numba (see there).  Two kinds of func
   writes its answer in the head's ANSWER slot and sets the Python exception ``call[NOT_RUN]`` (the caller,
   ctypes with the GIL held, raises it): nothing written.
 - a rule's element function (:func:`xopt.engines.cpu_drivers.elements`; LAMB's two phases,
-  :mod:`xopt.engines.cpu_norms`).
+  :mod:`xopt.engines.cpu_norms`, allocate: they run from numba's compile, cached by numba).
 
 Neither allocates (no numba runtime) nor raises through numba: numba's runtime and exception helpers appear
 in their code only on paths that never run (the release of an array that owns memory, a raising call);

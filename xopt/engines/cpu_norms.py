@@ -179,7 +179,7 @@ def elements(dtype):
     (``cpu_drivers.elements``' signature): the ratio from the row of scalars, or, where it is -1, both
     phases over lo:hi, the whole tensor."""
 
-    @cfunc(ELEMENTS_SIGNATURE, error_model="numpy")  # cached by xopt: cpu_objects
+    @cfunc(ELEMENTS_SIGNATURE, cache=True, error_model="numpy")
     def lamb_elements(ptrs_at, t, lo, hi, s_at, n_s, scratch_at):
         ptrs = carray(typed_pointer(ptrs_at, np.int64), (t + 1, 5))
         s = carray(typed_pointer(s_at, dtype), (n_s,))
@@ -202,7 +202,7 @@ def norms(dtype):
     """The norms' phase over elements lo:hi of one tensor (a chunk): its C function writes (Σ p², Σ u²) at
     the address in its last argument (two float64)."""
 
-    @cfunc(ELEMENTS_SIGNATURE, error_model="numpy")  # cached by xopt: cpu_objects
+    @cfunc(ELEMENTS_SIGNATURE, cache=True, error_model="numpy")
     def lamb_norms(ptrs_at, t, lo, hi, s_at, n_s, out_at):
         ptrs = carray(typed_pointer(ptrs_at, np.int64), (t + 1, 5))
         s = carray(typed_pointer(s_at, dtype), (n_s,))

@@ -33,7 +33,9 @@ _MAGIC = b"xopt-object 1\n"
 _LOCK = threading.Lock()
 _ADDRESSES = {}  # name -> the address of its function in this process
 _STATE = {}  # "key", "folder", "engine" (llvmlite's MCJIT), "objects" (kept alive with it)
-COUNTS = {"loaded": 0, "built": 0}  # objects read from the cache and built (compiled by numba) by this process
+# Objects read from the cache and built (compiled by numba) by this process, and functions run from numba's own
+# compile (their code needs numba's runtime: LAMB's, which allocate).
+COUNTS = {"loaded": 0, "built": 0, "numba": 0}
 
 
 def _after_fork_in_child():
@@ -174,11 +176,12 @@ def address(name, build) -> int:
                 read = _read(path)
                 if read is None:
                     read = build()
-                    COUNTS["built"] += 1
                     if not isinstance(read, tuple):
+                        COUNTS["numba"] += 1
                         _KEPT.append(read)  # its code lives as long as the cfunc
                         found = _ADDRESSES[name] = read.address
                         return found
+                    COUNTS["built"] += 1
                     _write(path, *read)
                 else:
                     COUNTS["loaded"] += 1
@@ -186,4 +189,4 @@ def address(name, build) -> int:
     return found
 
 
-_KEPT = []  # numba cfuncs whose code runs from numba's compile (not cacheable here)
+_KEPT = []  # numba cfuncs whose code runs from numba's compile (not cacheable here; numba's cache may hold them)
