@@ -95,3 +95,17 @@ def test_object_code_runs_without_numba_helpers():
     s = np.array([0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # lr, weight_decay, momentum, ..., no buffer; clip 1
     ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 7)(address)(ptrs.ctypes.data, 0, 0, 9, s.ctypes.data, len(s), 0)
     np.testing.assert_array_equal(p, q - 0.1 * g)
+
+
+def test_a_read_only_install_imports_numba_first(monkeypatch):
+    """Objects in the private folder of a read-only install: usable() imports numba (which finds itself a place
+    to cache) rather than skipping it; beside numba's cache, it skips it."""
+    from xopt import _numba
+    from xopt.engines import cpu_objects, cpu_step
+
+    monkeypatch.setattr(cpu_step, "cached", lambda: True)
+    monkeypatch.setitem(cpu_objects._STATE, "folder", "/nonexistent/xopt-objects")
+    monkeypatch.setitem(cpu_objects._STATE, "private", True)
+    assert not _numba._warm()
+    monkeypatch.setitem(cpu_objects._STATE, "private", False)
+    assert _numba._warm()

@@ -55,15 +55,16 @@ def _look():
 def _warm() -> bool:
     """Whether a small step's compiled code is in xopt's own cache for this machine (and numba is installed, its
     JIT not turned off by ``NUMBA_DISABLE_JIT``): then numba is not imported until something needs it (see
-    :mod:`xopt.engines.cpu_objects`)."""
+    :mod:`xopt.engines.cpu_objects`).  Not in a read-only install without ``NUMBA_CACHE_DIR``: numba's import
+    below finds it a place to cache first."""
     if os.environ.get("NUMBA_DISABLE_JIT", "0").strip() not in ("", "0"):
         return False
     try:
         if importlib.util.find_spec("numba") is None:
             return False
-        from .engines import cpu_step
+        from .engines import cpu_objects, cpu_step
 
-        return cpu_step.cached()
+        return cpu_objects.beside_numba() and cpu_step.cached()
     except Exception:  # a broken install (the import below says why), or no llvmlite
         return False
 

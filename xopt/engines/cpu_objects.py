@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 
-__all__ = ["address", "cached", "folder", "COUNTS"]
+__all__ = ["address", "cached", "folder", "beside_numba", "COUNTS"]
 
 # The modules whose code the objects hold (and this one, which loads them), under xopt/.
 _SOURCES = ("engines/cpu_structs.py", "engines/cpu_memory.py", "engines/cpu_drivers.py", "engines/cpu_rules.py",
@@ -93,8 +93,16 @@ def folder() -> str:
                 from .._numba import _private_cache_dir
 
                 found = os.path.join(_private_cache_dir(), "xopt-objects")
+                _STATE["private"] = True
         _STATE["folder"] = found
     return found
+
+
+def beside_numba() -> bool:
+    """Whether the objects are where numba caches too (``NUMBA_CACHE_DIR``, or the package's own
+    ``__pycache__``), not in the private folder of a read-only install, where numba may find no place."""
+    folder()
+    return not _STATE.get("private", False)
 
 
 def _path(name) -> str:
