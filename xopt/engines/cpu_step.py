@@ -81,15 +81,23 @@ def rule_function(rule, dtype, phase=None) -> int:
 def _build_step(dtype):
     from . import cpu_native
 
-    function = cpu_native.step_function(dtype.type)
-    return cpu_native.object_code(function) or function
+    return _object_or_function(cpu_native, cpu_native.step_function(dtype.type))
 
 
 def _build_rule(rule, dtype, phase):
     from . import cpu_native
 
-    function = cpu_native.rule_function(rule, dtype.type, phase)
-    return cpu_native.object_code(function) or function
+    return _object_or_function(cpu_native, cpu_native.rule_function(rule, dtype.type, phase))
+
+
+def _object_or_function(cpu_native, function):
+    """(symbol, object code) of a compiled ``cfunc``, or the cfunc itself where no object code can be made of
+    it (it needs numba's runtime; or numba's internals it is read from changed: then it runs from numba's
+    compile, as it did before xopt kept objects)."""
+    try:
+        return cpu_native.object_code(function) or function
+    except Exception:
+        return function
 
 
 class Call:
