@@ -1,4 +1,4 @@
-"""Where a CPU step starts to gain from a second thread: the measurement behind cpu_arrays.PARALLEL_MIN.
+"""Where a CPU step starts to gain from a second thread: the measurement behind cpu_step.PARALLEL_MIN.
 
 For Adam on one float32 tensor of each size, times xopt's update on the calling thread alone
 and split over ``--threads`` threads, both alone and inside a loop that runs a NumPy matmul
@@ -21,7 +21,7 @@ import numpy as np
 
 import xopt
 from xopt.bench.report import commit
-from xopt.engines import cpu_arrays
+from xopt.engines import cpu_arrays, cpu_step
 
 
 def _time_updates(opt, params, grads, a, b, with_matmul, n):
@@ -44,8 +44,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
-    saved = cpu_arrays.PARALLEL_MIN
-    cpu_arrays.PARALLEL_MIN = 0  # let the thread count alone decide
+    saved = cpu_step.PARALLEL_MIN
+    cpu_step.PARALLEL_MIN = cpu_arrays.PARALLEL_MIN = 0  # let the thread count alone decide (both read it)
     rows = []
     try:
         for log2 in (int(s) for s in args.sizes.split(",")):
@@ -71,7 +71,7 @@ def main(argv=None):
                   f"x{results['alone']['ratio']:.2f} | in a loop: 1 thread {results['loop']['one_thread_us']:9.1f} us,"
                   f" {args.threads} threads x{results['loop']['ratio']:.2f}", flush=True)
     finally:
-        cpu_arrays.PARALLEL_MIN = saved
+        cpu_step.PARALLEL_MIN = cpu_arrays.PARALLEL_MIN = saved
         xopt.set_num_threads(None)
     if args.out:
         with open(args.out, "w") as f:

@@ -163,12 +163,12 @@ def test_chunk_table_covers_every_element_once():
     assert np.all(covered == 1)
 
 
-def test_compiled_kernels_are_cached_on_disk(tmp_path):
+def test_compiled_kernels_are_cached_on_disk():
     """A second process loads the kernels from the disk cache instead of compiling them."""
-    code = ("import xopt.engines.fused_cpu as f; from xopt.engines import cpu_step; f.compile_all(); "
-            "functions = list(cpu_step._FUNCTIONS.values()); "
-            "print(len(functions), sum(x.cache_hits for x in functions), len(cpu_step.step.stats.cache_misses))")
+    code = ("import xopt.engines.fused_cpu as f; from xopt.engines import cpu_objects; f.compile_all(); "
+            "print(cpu_objects.COUNTS['loaded'], cpu_objects.COUNTS['built'], cpu_objects.COUNTS['numba'])")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    n, hits, misses = int(out[0]), int(out[1]), int(out[2])
-    assert n >= 20 and hits == n and misses == 0, f"{n} rule functions, cache hits {hits}, step misses {misses}"
+    loaded, built, numba = map(int, out)
+    # every rule's function and the step in both dtypes from xopt's cache, but LAMB's two (they allocate: numba's)
+    assert loaded >= 22 and built == 0 and numba == 4, f"{loaded} loaded from the cache, {built} compiled, {numba} numba's"

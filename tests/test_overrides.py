@@ -132,23 +132,25 @@ def test_override_sets_are_checked_together():
 
 @pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
 def test_one_call_per_hyperparameter_set(impl, monkeypatch):
-    from xopt.engines import fused_cpu, reference
+    from xopt.engines import cpu_arrays, fused_cpu, reference
 
     calls = []
     if impl == "reference":
         real = reference.apply_reference
         monkeypatch.setattr("xopt._dispatch.apply_reference", lambda opt, es: calls.append(len(es)) or real(opt, es))
     else:
-        real = fused_cpu._step  # the lane's compiled call: its checks, then its kernel; head[6]: tensors
-        monkeypatch.setattr(fused_cpu, "_step", lambda function, off, head, *a: calls.append(int(head[6]))
-                            or real(function, off, head, *a))
+        real = fused_cpu.call_block  # the lane's call into C for a step of several parts; head[6]: tensors
+
+        def call_block(function, head, scal, step):  # its checks, then its kernel
+            return real(function, head, scal, lambda address: calls.append(int(head[6])) or step(address))
+        monkeypatch.setattr(fused_cpu, "call_block", call_block)
         monkeypatch.setattr("xopt._dispatch._CPU_LANE", {})
 
-        class Arrays(fused_cpu.Arrays):  # the checked path's: its arrays checked, then run by writes()
+        class Arrays(cpu_arrays.Arrays):  # the checked path's: its arrays checked, then run by writes()
             def __init__(self, rule, head, scal):
                 calls.append(int(head[6]))
                 super().__init__(rule, head, scal)
-        monkeypatch.setattr(fused_cpu, "Arrays", Arrays)
+        monkeypatch.setattr(cpu_arrays, "Arrays", Arrays)
     params = {f"W{i}": np.ones(4) for i in range(4)} | {f"b{i}": np.ones(2) for i in range(3)}
     opt = xopt.Adam(overrides={"b*": {"lr": 0.5}}, impl=impl)
     for step in range(4):

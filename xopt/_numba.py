@@ -4,12 +4,18 @@ Every caller of numba-compiled code (the CPU engine, the overlap check's byte bo
 the CUDA engine's host-side gather) asks :func:`usable` and takes its pure NumPy / Python path where it
 answers False: numba not installed, numba installed but its import raising (a broken install), numba's JIT
 turned off (``NUMBA_DISABLE_JIT=1``: the kernels read memory through intrinsics that cannot run
-interpreted), or the compiled code (:mod:`xopt.engines.cpu_drivers`) not importable.  Looked at once per process.  Where numba
+interpreted), or the compiled code (:mod:`xopt.engines.cpu_drivers`) not importable.  Looked at once per process;
+where a small step's code is in xopt's own cache already (:mod:`xopt.engines.cpu_objects`), without importing
+numba (its import and start-up are most of a warm process's first update).  Where numba
 finds nowhere to cache compiled kernels (a read-only install and no writable home), they are cached in a
 folder of the user's under the temporary directory.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 __all__ = ["usable", "why_not"]
 
@@ -19,6 +25,9 @@ _WHY = None  # why it is False: the end of impl="fused"'s error
 
 def _look():
     global _USABLE, _WHY
+    if "numba" not in sys.modules and _warm():
+        _USABLE = True
+        return
     try:
         import numba
     except Exception as exc:  # not installed, or a broken install
@@ -43,11 +52,27 @@ def _look():
     _USABLE = True
 
 
+def _warm() -> bool:
+    """Whether a small step's compiled code is in xopt's own cache for this machine (and numba is installed, its
+    JIT not turned off by ``NUMBA_DISABLE_JIT``): then numba is not imported until something needs it (see
+    :mod:`xopt.engines.cpu_objects`).  Not in a read-only install without ``NUMBA_CACHE_DIR``: numba's import
+    below finds it a place to cache first."""
+    if os.environ.get("NUMBA_DISABLE_JIT", "0").strip() not in ("", "0"):
+        return False
+    try:
+        if importlib.util.find_spec("numba") is None:
+            return False
+        from .engines import cpu_objects, cpu_step
+
+        return cpu_objects.beside_numba() and cpu_step.cached()
+    except Exception:  # a broken install (the import below says why), or no llvmlite
+        return False
+
+
 def _private_cache_dir() -> str:
     """Where numba caches xopt's kernels when it finds no place of its own (the package's folder is read-only
     and there is no writable home): a folder of this user's in the temporary directory.  ``NUMBA_CACHE_DIR``
     chooses another."""
-    import os
     import tempfile
 
     uid = os.getuid() if hasattr(os, "getuid") else "user"

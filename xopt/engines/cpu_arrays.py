@@ -1,6 +1,6 @@
 """A checked CPU step run from Python: its arrays' addresses, the clip norm, the kernel on one thread or several.
 
-A small step runs whole inside its one compiled call (:func:`xopt.engines.cpu_step.step`); a large step
+A small step runs whole inside its one call into C (:func:`xopt.engines.cpu_step.step_function`); a large step
 (``PARALLEL_MIN`` elements or more), a clipped one, or one with ``skip_nonfinite`` whose grads are not all
 finite is checked the same way and then run from here (:func:`run`): the clip norm first where asked, then
 the kernel on the calling thread or split into chunks of ``CHUNK`` elements over ``get_num_threads()``
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import numpy as np
 
@@ -19,17 +18,10 @@ from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import N_HEAD, OFFSETS, check_step
+from .cpu_step import PARALLEL_MIN, buffers, split_at
 from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
 
 __all__ = ["Arrays", "run", "chunk_table", "split_at", "buffers", "PARALLEL_MIN", "CHUNK"]
-
-# Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
-# machine (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
-# second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
-# (0.53-0.63x the one-thread time); in a loop with a matmul before each step it neither won nor lost (1.01-1.09x
-# from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
-# few chunks; see cpu_drivers.claim).
-PARALLEL_MIN = 1 << 21
 
 _NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _SUM = np.add.reduce  # ndarray.sum without its Python wrapper: the same sum
@@ -131,24 +123,6 @@ class Arrays:
         put = _pool(threads).put
         return [functools.partial(put, claimer)] * (threads - 1) + [
             claimer, functools.partial(wait_done, counters, len(self._chunks()))]
-
-def split_at():
-    """From how many elements a step is split over threads."""
-    return PARALLEL_MIN if get_num_threads() > 1 else _NEVER
-
-
-def buffers(kind):
-    """This thread's head and scalars buffers for one-part steps of ``kind`` (one allocation and conversion
-    less per call: in a training loop they run cold)."""
-    mine = _SCRATCH.__dict__
-    found = mine.get(kind)
-    if found is None:
-        found = mine[kind] = (np.empty(N_HEAD + 3, dtype=np.int64), np.empty((1, kind.size + 1), dtype=kind.dtype))
-    return found
-
-
-_NEVER = 2**62
-_SCRATCH = threading.local()  # each thread's buffers for the head and scalars of a one-part step
 
 def run(opt, arrays, clip, commit, after=()):
     """A checked step of ``arrays``, from Python: the clip norm or the finite check first where asked, then the

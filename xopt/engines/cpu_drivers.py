@@ -18,7 +18,7 @@ from numba.extending import intrinsic, overload
 from .cpu_memory import fetch_add, typed_pointer, view as _view, yield_cpu
 from .cpu_rules import ADAM_BF16, RULES
 
-__all__ = ["CHUNK", "CLIP_BLOCK", "ELEMENTS_SIGNATURE", "elements", "run_serial", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
+__all__ = ["CHUNK", "CLIP_BLOCK", "ELEMENTS_SIGNATURE", "elements", "run_serial", "run_rows", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
            "all_finite", "wait_done", "sum_squares"]
 
 CHUNK = 1 << 15  # elements per unit of work
@@ -106,7 +106,12 @@ def _run(function, ptrs, t, lo, hi, s, scratch):
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_serial(function, ptrs, sizes, scal, part):
     """Every tensor of the step, whole, on the calling thread, by the rule at address ``function``."""
-    scratch = _scratch(scal[0])
+    run_rows(function, ptrs, sizes, scal, part, _scratch(scal[0]))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def run_rows(function, ptrs, sizes, scal, part, scratch):
+    """:func:`run_serial` with the room for scaled grads given (``_scratch``; empty where the clip scale is 1)."""
     for t in range(sizes.shape[0]):
         _run(function, ptrs, t, 0, sizes[t], scal[part[t]] if part.shape[0] else scal[0], scratch)
 
@@ -139,11 +144,12 @@ def elements(rule, dtype):
     ``s``: the ``n_s`` scalars of the tensor's part, ``scratch``: room for ``CLIP_BLOCK`` grads where the
     clip scale is not 1).  The drivers above are the same compiled code for every rule and call a rule's
     function through its address, so a rule costs one compile (and one disk-cache entry) per dtype: its
-    own code, optimized once, not again inside each driver.  numba caches the function on disk keyed by
-    the closure's constants (``rule``, ``dtype``).  A C function cannot raise: nothing in it does (numpy's
+    own code, optimized once, not again inside each driver.  Not cached by numba: its machine code is kept
+    in xopt's own cache (:mod:`xopt.engines.cpu_objects`), which a process loads without starting numba.
+    A C function cannot raise: nothing in it does (numpy's
     error model, no bounds checks), so a step it runs is never cut short."""
 
-    @cfunc(ELEMENTS_SIGNATURE, cache=True, error_model="numpy")
+    @cfunc(ELEMENTS_SIGNATURE, error_model="numpy")
     def rule_elements(ptrs_at, t, lo, hi, s_at, n_s, scratch_at):
         ptrs = carray(typed_pointer(ptrs_at, np.int64), (t + 1, 5))
         s = carray(typed_pointer(s_at, dtype), (n_s,))

@@ -3,9 +3,8 @@
 A CPU step hands its compiled call the ids of a few Python lists it has just built (params,
 grads, state buffers, step counts).  The call reads each list's items (a ``PyListObject``: its
 size, then a pointer to its item array), each item's type (the object header's ``ob_type``)
-and each NumPy array's struct (data pointer, dims, flags, dtype).  Every offset is found and
-checked at import on probes whose values are known; if any disagrees, ImportError: the CPU
-engine is not used and the reference rule runs.
+and each NumPy array's struct (data pointer, dims, flags, dtype), at the offsets
+:mod:`xopt.engines.cpu_structs` found and checked at import.
 
 Nothing here keeps an address from one call to the next.  The caller holds every list and
 every object in them for the length of the call (and holds the optimizer's lock), so every id
@@ -14,7 +13,6 @@ read names a live object of the type its header says.
 
 from __future__ import annotations
 
-import ctypes
 import operator
 import sys
 
@@ -24,81 +22,11 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
+from .cpu_structs import (BYTEORDER, DATA, DESCR, DIMS, FLAGS, FOREIGN, HEAD, LIST_ITEMS, LIST_SIZE, N_HEAD, ND, NDARRAY,
+                          NONE, OB_TYPE, OFFSETS, INT, READ_FLAGS, STRIDES, TYPE_NUM, WRITE_FLAGS)
+
+__all__ = ["OFFSETS", "byte_bounds", "check_step", "check_rows", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
            "HEAD", "N_HEAD"]
-
-
-def _read(obj, offset, ctype=ctypes.c_int64):
-    return ctype.from_address(id(obj) + offset).value
-
-
-def _find_struct():
-    """Offsets in NumPy's array struct (PyArrayObject_fields) and dtype struct, checked on probes.
-
-    The public layout (data, nd, dimensions, strides, base, descr, flags) is the same in NumPy 1
-    and 2; only where it starts depends on the object header, so it is found, then every field
-    is checked on arrays whose values are known.
-    """
-    probes = [np.empty(3), np.empty((2, 5), dtype=np.float32)[:, ::2], np.empty((), dtype=np.float16),
-              np.empty(4, dtype=np.dtype(">f8"))]
-    probes[0].flags.writeable = False
-    for data in range(8, 129, 8):
-        if all(_read(a, data) == a.__array_interface__["data"][0] for a in probes):
-            break
-    else:
-        raise ImportError("cannot find the data pointer in NumPy's array struct")
-    off = dict(data=data, nd=data + 8, dims=data + 16, strides=data + 24, descr=data + 40, flags=data + 48,
-               type_num=28, byteorder=26)
-    for a in probes:
-        dims, strides = _read(a, off["dims"]), _read(a, off["strides"])
-        ok = (_read(a, off["nd"], ctypes.c_int32) == a.ndim
-              and [ctypes.c_int64.from_address(dims + 8 * d).value for d in range(a.ndim)] == list(a.shape)
-              and [ctypes.c_int64.from_address(strides + 8 * d).value for d in range(a.ndim)] == list(a.strides)
-              and _read(a, off["descr"]) == id(a.dtype)
-              and _read(a, off["flags"], ctypes.c_int32) == a.flags.num
-              and _read(a.dtype, off["type_num"], ctypes.c_int32) == a.dtype.num
-              and _read(a.dtype, off["byteorder"], ctypes.c_char) == a.dtype.byteorder.encode())
-        if not ok:
-            raise ImportError("NumPy's array struct is not laid out as xopt.engines.cpu_memory expects")
-    return off
-
-
-def _find_type_slot():
-    """Where an object's header keeps its type (``ob_type``), checked on probes."""
-    probes = [np.empty(3), 1.5, "x", [], {}, np.float64(1.0), 7, None]
-    for at in range(8, 33, 8):
-        if all(_read(a, at) == id(type(a)) for a in probes):
-            return at
-    raise ImportError("cannot find an object's type in its header")
-
-
-def _find_list_layout(ob_type):
-    """(where a list keeps its size, where its pointer to the items is), checked on probes."""
-    probes = [[np.empty(2), 1.5, "x"], [None] * 9, [], list(range(40))]
-    size_at, items_at = ob_type + 8, ob_type + 16
-    for lst in probes:
-        if _read(lst, size_at) != len(lst):
-            raise ImportError("a Python list is not laid out as xopt.engines.cpu_memory expects")
-        items = _read(lst, items_at)
-        if [ctypes.c_int64.from_address(items + 8 * i).value for i in range(len(lst))] != list(map(id, lst)):
-            raise ImportError("a Python list is not laid out as xopt.engines.cpu_memory expects")
-    return size_at, items_at
-
-
-_OFF = _find_struct()
-_OB_TYPE = _find_type_slot()
-_LIST_SIZE, _LIST_ITEMS = _find_list_layout(_OB_TYPE)
-_FOREIGN_ORDER = ord(">" if sys.byteorder == "little" else "<")  # the byte-order mark of a swapped dtype
-
-# What the compiled code reads, by index into OFFSETS.
-DATA, ND, DIMS, DESCR, FLAGS, TYPE_NUM, BYTEORDER, FOREIGN, OB_TYPE, NDARRAY, LIST_SIZE, LIST_ITEMS, INT, NONE, \
-    STRIDES = range(15)
-OFFSETS = np.array([_OFF["data"], _OFF["nd"], _OFF["dims"], _OFF["descr"], _OFF["flags"], _OFF["type_num"],
-                    _OFF["byteorder"], _FOREIGN_ORDER, _OB_TYPE, id(np.ndarray), _LIST_SIZE, _LIST_ITEMS, id(int),
-                    id(None), _OFF["strides"]], dtype=np.int64)
-C_CONTIGUOUS, ALIGNED, WRITEABLE = 0x0001, 0x0100, 0x0400
-READ_FLAGS = C_CONTIGUOUS | ALIGNED
-WRITE_FLAGS = C_CONTIGUOUS | ALIGNED | WRITEABLE
 
 
 def _loader(bits, signed):
@@ -167,10 +95,6 @@ def view(addr, proto, lo, hi):
 
 
 # -- a step's arrays, checked --------------------------------------------------------------
-# The int64 head of a step (see check_step), then per part of the step three "keeps" flags.
-HEAD = ("params", "grads", "slot0", "slot1", "slot2", "steps", "n", "param_type", "state_type",
-        "param_size", "state_size", "n_parts", "mode", "split_at", "answer")
-N_HEAD = len(HEAD)
 
 
 @njit(cache=True, inline="always")
@@ -202,10 +126,11 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
 
 
 @njit(cache=True)
-def _sort_spans(lo, hi):
+def _sort_spans(lo, hi, temps):
     """Sort the byte ranges [lo[i], hi[i]) by start, in place: a bottom-up merge sort (a few lines that numba
     compiles in a fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation);
-    ranges already in order (arrays allocated one after another) cost one pass."""
+    ranges already in order (arrays allocated one after another) cost one pass.  ``temps``: four rows of
+    room for them (int64, at least ``lo.shape[0]`` wide)."""
     m = lo.shape[0]
     ordered = True
     for i in range(1, m):
@@ -214,7 +139,7 @@ def _sort_spans(lo, hi):
             break
     if ordered:
         return
-    a_lo, a_hi, b_lo, b_hi = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64)
+    a_lo, a_hi, b_lo, b_hi = temps[0, :m], temps[1, :m], temps[2, :m], temps[3, :m]
     for i in range(m):
         a_lo[i], a_hi[i] = lo[i], hi[i]
     width = 1
@@ -250,6 +175,12 @@ def count_below(starts, x):
 
 @njit(cache=True)
 def check_step(off, head, part, ptrs, sizes):
+    """:func:`check_rows` with room of its own for the byte ranges."""
+    return check_rows(off, head, part, ptrs, sizes, np.empty((6, 4 * max(head[6], 0)), dtype=np.int64))
+
+
+@njit(cache=True)
+def check_rows(off, head, part, ptrs, sizes, spans):
     """0 if the arrays of a step are what a kernel may read and write, else 1 + the first row that is not
     (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.
 
@@ -266,15 +197,15 @@ def check_step(off, head, part, ptrs, sizes):
     step count an exact ``int`` (the caller compares the values).  Then memory: no two params or
     kept buffers share a byte, and no grad shares one with any of them (grads may share with each
     other: they are only read).  ``ptrs[t]``: the addresses of param, grad and the three slots (an
-    unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.
+    unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.  ``spans``: room
+    (int64, 6 rows of at least 4n) for the byte ranges and their sort.
     """
     n = head[6]
     param_type, state_type, param_size, state_size = head[7], head[8], head[9], head[10]
     for k in range(6):
         if head[k] != off[NONE] and load_i64(head[k] + off[LIST_SIZE]) != n:
             return n + 1
-    spans_lo = np.empty(4 * n, dtype=np.int64)
-    spans_hi = np.empty(4 * n, dtype=np.int64)
+    spans_lo, spans_hi = spans[0], spans[1]
     m = 0
     for t in range(n):
         p = _list_item(off, head[0], t)
@@ -308,14 +239,15 @@ def check_step(off, head, part, ptrs, sizes):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else n + 1
+    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, spans[2:]) else n + 1
 
 
 @njit(cache=True, inline="always")
-def disjoint(starts, ends, ptrs, sizes, param_size):
-    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place), and no
-    grad (``ptrs[t, 1]``, ``sizes[t]`` elements of ``param_size`` bytes) shares one with any of them."""
-    _sort_spans(starts, ends)
+def disjoint(starts, ends, ptrs, sizes, param_size, temps):
+    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place, with room
+    ``temps``: see :func:`_sort_spans`), and no grad (``ptrs[t, 1]``, ``sizes[t]`` elements of
+    ``param_size`` bytes) shares one with any of them."""
+    _sort_spans(starts, ends, temps)
     for i in range(1, starts.shape[0]):
         if starts[i] < ends[i - 1]:
             return False

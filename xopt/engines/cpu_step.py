@@ -1,82 +1,142 @@
-"""The CPU engine's compiled step: the whole check and (when small) the run of a step in one call.
+"""The CPU engine's small step: the whole check and the run of a step in one call into C, and each rule's C function.
 
-:func:`step` reads every array's struct (:func:`xopt.engines.cpu_memory.check_step`) and only then runs the
-rule through the addresses it checked (``cpu_drivers.run_serial``).  Larger and clipped steps are checked the
-same way from Python and then run by ``cpu_drivers.run_serial`` (the calling thread) or ``cpu_drivers.claim``
-(chunks over threads).
+:func:`step_function` is a C function (:func:`xopt.engines.cpu_native.step_function`) that reads every
+array's struct (:func:`xopt.engines.cpu_memory.check_rows`) and only then runs the rule through the
+addresses it checked.  Larger and clipped steps are checked the same way from Python and then run by
+``cpu_drivers.run_serial`` (the calling thread) or ``cpu_drivers.claim`` (chunks over threads).
 
-These drivers are compiled once for every rule; a rule is a C function of its own
-(:func:`xopt.engines.cpu_drivers.elements`) that they call through its address, compiled (or loaded from the
-disk cache) for a dtype when a step of that rule first runs: :func:`rule_function`.
+Both are machine code from xopt's own cache (:mod:`xopt.engines.cpu_objects`): a process whose cache is warm
+loads them without starting numba.  This module imports no numba.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import threading
+
 import numpy as np
-from numba import njit
 
-from .cpu_memory import HEAD, N_HEAD, check_step
-from .cpu_drivers import all_finite, elements, run_serial
-from .kernels import RULES
+from .._threads import get_num_threads
+from . import cpu_objects
+from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
-__all__ = ["step", "rule_function", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
+__all__ = ["step_function", "rule_function", "cached", "Call", "buffers", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
+           "CHECK_FINITE", "ANSWER", "PARALLEL_MIN"]
 
-# step's answers besides 0 (done) and 1 + a refused row, left in the head's ANSWER slot
-LARGE = -1  # checked, not run: the caller runs it on several threads, or computes the clip norm first
-NONFINITE = -2  # checked, not run: a grad holds a NaN or an Inf (skip_nonfinite)
-# step's mode bit (head[12]; head[13]: from how many elements a step may be split over threads)
-CHECK_FINITE = 1
-ANSWER = HEAD.index("answer")
+# Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
+# machine (benchmarks/thread_threshold.py, results/thread-threshold-2026-11-25.json, Adam float32): alone, a
+# second thread lost 4-32 % up to 2^20 elements (waking it costs more than it takes) and won from 2^21 on
+# (0.53-0.63x the one-thread time); in a loop with a matmul before each step it neither won nor lost (1.01-1.09x
+# from 2^19 on: OpenBLAS's threads spin on the other core for a while after a matmul, so a worker gets
+# few chunks; see cpu_drivers.claim).
+PARALLEL_MIN = 1 << 21
+_NEVER = 2**62
+_OFFSETS_AT = OFFSETS.ctypes.data
 
 
 class NotRun(Exception):
-    """:func:`step` wrote nothing: its answer is in the head's ``ANSWER`` slot."""
+    """The step's call wrote nothing: its answer is in the head's ``ANSWER`` slot."""
 
 
-@njit(cache=True, error_model="numpy")
-def step(function, off, head, scal):
-    """Check the step's arrays (``check_step``); then, unless it is large or a grad is not finite, run it here
-    by the rule at address ``function`` (:func:`rule_function`).
+def split_at():
+    """From how many elements a step is split over threads."""
+    return PARALLEL_MIN if get_num_threads() > 1 else _NEVER
 
-    ``head``: ``cpu_memory.HEAD``'s numbers, 3 kept-slot flags per part, then each tensor's part where
-    there are several; ``scal``: the scalars of each part, the clip scale last.  Returns 0 having run the
-    step, or raises :class:`NotRun` having written nothing, its answer in ``head[ANSWER]``: 1 + a refused
-    row, ``LARGE`` (checked, not run: at least ``head[13]`` elements, which go to several
-    threads) or ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite).  Raising, not returning, lets a
-    step's commit follow this call in one C-level call (``xopt._atomic.together``).  One call for a whole
-    small step: in a training loop its code and data are cold, and every call more costs microseconds
+
+_STEPS = {}  # param dtype -> the step's C function (ctypes)
+# ctypes' Python-API prototype: the GIL held during the call, and the exception the call sets raised on return.
+_PROTOTYPE = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
+
+
+def step_function(dtype):
+    """The small step over ``dtype`` params: ``f(call_block_address)``, returning 0 having run the step, or
+    raising :class:`NotRun` having written nothing, its answer in the head's ``ANSWER`` slot: 1 + a refused
+    row, ``LARGE`` (checked, not run: at least ``head[13]`` elements, which go to several threads) or
+    ``NONFINITE`` (``CHECK_FINITE`` and a grad is not finite).  Raising, not returning, lets a step's commit
+    follow this call in one C-level call (``xopt._atomic.together``).  One call for a whole small step: in a
+    training loop its code and data are cold, and every call more costs microseconds
     (``benchmarks/cold_call.py``)."""
-    n = head[6]
-    part = head[N_HEAD + 3 * head[11]:]
-    ptrs = np.empty((n, 5), dtype=np.int64)
-    sizes = np.empty(n, dtype=np.int64)
-    answer = check_step(off, head, part, ptrs, sizes)
-    if answer == 0 and sizes.sum() >= head[13]:
-        answer = LARGE
-    if answer == 0 and head[12] & CHECK_FINITE and not all_finite(ptrs, sizes, scal[0]):
-        answer = NONFINITE
-    if answer != 0:
-        head[ANSWER] = answer
-        raise NotRun
-    run_serial(function, ptrs, sizes, scal, part)
-    return 0
+    dtype = np.dtype(dtype)
+    found = _STEPS.get(dtype)
+    if found is None:
+        found = _STEPS[dtype] = _PROTOTYPE(cpu_objects.address(f"step-{dtype.name}", functools.partial(_build_step, dtype)))
+    return found
 
 
-_FUNCTIONS = {}  # (rule, dtype) or (rule, dtype, "norms") -> its compiled C function (numba's CFunc)
+def cached() -> bool:
+    """Whether the small step's code is in xopt's cache for this machine (for float32 or float64 params)."""
+    return any(cpu_objects.cached(f"step-{dtype}") for dtype in ("float32", "float64"))
 
 
 def rule_function(rule, dtype, phase=None) -> int:
     """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``; LAMB's,
-    ``cpu_norms.elements``, or with ``phase="norms"`` its norms' phase), compiled (or loaded from the disk
-    cache) the first time a process asks for it."""
-    key = (rule, np.dtype(dtype)) if phase is None else (rule, np.dtype(dtype), phase)
-    found = _FUNCTIONS.get(key)
-    if found is None:
-        if rule == RULES["lamb"]:
-            from . import cpu_norms
+    ``cpu_norms.elements``, or with ``phase="norms"`` its norms' phase), compiled (or loaded from the cache)
+    the first time a process asks for it."""
+    dtype = np.dtype(dtype)
+    name = f"rule{rule}-{dtype.name}" if phase is None else f"rule{rule}-{phase}-{dtype.name}"
+    return cpu_objects.address(name, functools.partial(_build_rule, rule, dtype, phase))
 
-            found = (cpu_norms.elements if phase is None else cpu_norms.norms)(key[1].type)
-        else:
-            found = elements(rule, key[1].type)
-        _FUNCTIONS[key] = found
-    return found.address
+
+def _build_step(dtype):
+    from . import cpu_native
+
+    return _object_or_function(cpu_native, cpu_native.step_function(dtype.type))
+
+
+def _build_rule(rule, dtype, phase):
+    from . import cpu_native
+
+    return _object_or_function(cpu_native, cpu_native.rule_function(rule, dtype.type, phase))
+
+
+def _object_or_function(cpu_native, function):
+    """(symbol, object code) of a compiled ``cfunc``, or the cfunc itself where no object code can be made of
+    it (it needs numba's runtime; or numba's internals it is read from changed: then it runs from numba's
+    compile, as it did before xopt kept objects)."""
+    try:
+        return cpu_native.object_code(function) or function
+    except Exception:
+        return function
+
+
+class Call:
+    """A step's call block (``cpu_structs.CALL``) and the room for its work, which grows with the tensor count."""
+
+    __slots__ = ("block", "run", "rows", "work")
+
+    def __init__(self, function, head, scal, step):
+        self.block = np.array([function, _OFFSETS_AT, head.ctypes.data, head.shape[0], scal.ctypes.data, scal.shape[0],
+                               scal.shape[1], 0, 0, id(NotRun)], dtype=np.int64)
+        self.run = functools.partial(step, self.block.ctypes.data)  # the step: a call into C, for together
+        self.rows = -1
+        self.work = None
+
+    def fit(self, n):
+        """Room for a step of ``n`` tensors."""
+        if n > self.rows:
+            rows = max(n, 2 * self.rows, 16)
+            self.work = np.empty(WORK_PER_ROW * rows, dtype=np.int64)
+            self.block[7], self.block[8], self.rows = self.work.ctypes.data, self.work.shape[0], rows
+
+
+def call_block(function, head, scal, step):
+    """A :class:`Call` of ``step`` (:func:`step_function`) for one step of ``head``'s tensors (the caller
+    holds it, ``head`` and ``scal`` until the call has run)."""
+    call = Call(function, head, scal, step)
+    call.fit(int(head[6]))
+    return call
+
+
+def buffers(kind):
+    """This thread's head, scalars and :class:`Call` for one-part steps of ``kind`` (one allocation and
+    conversion less per call: in a training loop they run cold)."""
+    mine = _SCRATCH.__dict__
+    found = mine.get(kind)
+    if found is None:
+        head, scal = np.empty(N_HEAD + 3, dtype=np.int64), np.empty((1, kind.size + 1), dtype=kind.dtype)
+        found = mine[kind] = (head, scal, Call(kind.function, head, scal, kind.small_step))
+    return found
+
+
+_SCRATCH = threading.local()  # each thread's buffers for the head and scalars of a one-part step

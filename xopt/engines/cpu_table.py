@@ -2,7 +2,7 @@
 
 :mod:`xopt.engines.cpu_tensors` reads each tensor's facts through torch's accessors into one int64 table;
 :func:`table_step` checks it (:func:`check_table`: counts, NULL and alignment, parts, no shared bytes) and
-runs the rule there, as :func:`xopt.engines.cpu_step.step` does for NumPy arrays.
+runs the rule there, as :func:`xopt.engines.cpu_step.step_function` does for NumPy arrays.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def check_table(table, ptrs):
     sizes, part = table_sizes(table), table_part(table)
     col = N_TABLE_HEAD + n  # the params' addresses
     keep = table[N_TABLE_HEAD + 6 * n:N_TABLE_HEAD + 6 * n + 3 * n_parts]
-    spans_lo = np.empty(4 * n, dtype=np.int64)
-    spans_hi = np.empty(4 * n, dtype=np.int64)
+    spans = np.empty((6, 4 * n), dtype=np.int64)  # the byte ranges, then room for their sort
+    spans_lo, spans_hi = spans[0], spans[1]
     m = 0
     total = 0
     for t in range(n):
@@ -80,7 +80,7 @@ def check_table(table, ptrs):
             ptrs[t, 2 + j] = b
             spans_lo[m], spans_hi[m] = b, b + size * state_size
             m += 1
-    return total if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else -1 - n
+    return total if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, spans[2:]) else -1 - n
 
 
 TABLE_ANSWER = TABLE_HEAD.index("answer")

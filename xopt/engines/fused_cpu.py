@@ -3,7 +3,7 @@
 A step hands :func:`step` the lists it gathered (params, grads, each param's state dict) and
 the scalars of each part of the step (one hyperparameter set at one step count).  One compiled
 call (:mod:`xopt.engines.cpu_step`) reads every array's own struct, checks it
-(:func:`xopt.engines.cpu_memory.check_step`: types, dtypes, shapes, flags, no shared memory) and
+(:func:`xopt.engines.cpu_memory.check_rows`: types, dtypes, shapes, flags, no shared memory) and
 only then runs the kernel (:mod:`xopt.engines.cpu_rules`, :mod:`xopt.engines.cpu_drivers`) through the
 addresses it checked.
 Nothing is remembered from one call to the next: a step on new arrays, a new dict or a new
@@ -15,7 +15,9 @@ chunks of ``CHUNK`` elements over ``get_num_threads()`` threads (the caller and 
 workers that sleep, never spin, between steps, so they leave the cores to BLAS between the steps of
 a training loop).  See :func:`xopt.set_num_threads`.
 
-Compiled code is cached on disk (``cache=True``): a second process does not compile again.
+Compiled code is cached on disk: a second process does not compile again.  A small step's code (the step and
+the rule) is in xopt's own cache (:mod:`xopt.engines.cpu_objects`), which a process loads without starting
+numba; the rest (large, clipped and torch steps) in numba's (``cache=True``), imported at its first use.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ import numpy as np
 
 from .. import _backend
 from .._atomic import together
-from .cpu_arrays import CHUNK, PARALLEL_MIN, Arrays, buffers as _buffers, chunk_table, run, split_at as _split_at
-from .cpu_memory import N_HEAD, OFFSETS
-from .cpu_rules import BF16_RULES
-from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, rule_function, step as _step
-from .cpu_drivers import sum_squares as _sum_squares
+from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, buffers as _buffers, call_block, rule_function,
+                       split_at as _split_at, step_function)
+from .cpu_structs import N_HEAD
 from .kernels import KeptSlots, lookup
 
 __all__ = ["supports", "accepts", "apply", "step", "step_tensors", "tensor_dtype", "tensor_device", "kind", "Kind",
@@ -43,6 +43,28 @@ _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 _HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
+
+
+def _cpu_arrays():
+    """:mod:`xopt.engines.cpu_arrays` (large, clipped and checked-path steps), imported at its first use: it
+    starts numba, which a small step does not need."""
+    found = _LATER.get("cpu_arrays")
+    if found is None:
+        from . import cpu_arrays as found
+
+        _LATER["cpu_arrays"] = found
+    return found
+
+
+_LATER = {}  # name -> a module imported at its first use (an import statement costs a step some 0.5 us)
+
+
+def __getattr__(name):
+    """CHUNK and chunk_table: :mod:`xopt.engines.cpu_arrays`'s, imported when first asked for."""
+    if name in ("CHUNK", "chunk_table"):
+        return getattr(_cpu_arrays(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def supports(opt) -> bool:
     return lookup(opt) is not None
@@ -70,12 +92,13 @@ class Kind(KeptSlots):
     state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers;
     ``norms``: the address of the norms' phase of a rule that reads its tensors' norms first (0: none)."""
 
-    __slots__ = ("rule", "function", "norms", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
-                 "scalars_struct")
+    __slots__ = ("rule", "function", "norms", "small_step", "order", "slots", "size", "getters", "dtype", "state_dtype",
+                 "numbers", "_keeps", "layouts", "scalars_struct")
 
     def __init__(self, kernel, rule, dtype, state_dtype):
         self.rule, self.order, self.slots, self.size = rule, kernel.order, kernel.slots, kernel.size
         self.function = rule_function(rule, dtype)  # the rule's compiled code's address
+        self.small_step = step_function(dtype)  # the compiled small step (cpu_step.step_function)
         self.norms = rule_function(rule, dtype, "norms") if kernel.norms else 0
         self.dtype, self.state_dtype = dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
@@ -126,6 +149,8 @@ def _new_kind(opt, dtype):
         return Kind(found, found.rule, dtype, dtype)
     if dtype != np.float32:
         return None
+    from .cpu_rules import BF16_RULES
+
     if _BF16 is None:
         _BF16 = np.dtype(_backend.low_precision_dtype(np, "bfloat16"))
     return Kind(found, BF16_RULES[found.rule], dtype, _BF16)
@@ -144,7 +169,7 @@ def new_state(view, kind, p):
 
 
 def _head(lists, n, kind, keeps, mode, part):
-    """The compiled step's head (``cpu_step.step``) for a step of several parts (see ``cpu_memory.HEAD``):
+    """The compiled step's head (``cpu_step.step_function``) for a step of several parts (see ``cpu_structs.HEAD``):
     the lists' ids, the numbers, the kept slots of each part, each tensor's part."""
     head = list(map(id, lists))  # id(None): no list
     head += [n, *kind.numbers, len(keeps), mode, _split_at(), 0]  # 0: the answer's slot
@@ -175,7 +200,9 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 lists[at] = list(map(get, states))
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
-        head, scal = _buffers(kind)
+        head, scal, call = _buffers(kind)
+        if len(ps) > call.rows:
+            call.fit(len(ps))
         _HEAD_ONE_PART.pack_into(head, 0, *map(id, lists), len(ps), *layout.tail)
         kind.scalars_struct.pack_into(scal, 0, *values[0], 1.0)
     else:
@@ -190,9 +217,10 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 lists[2 + j] = [st.get(kind.slots[j]) for st in states]
         head = _head(lists, len(ps), kind, keeps, mode, part)
         scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
+        call = call_block(kind.function, head, scal, kind.small_step)
     if clip is None:
         try:
-            together([functools.partial(_step, kind.function, OFFSETS, head, scal), *commit(None, False)])
+            together([call.run, *commit(None, False)])
             return True
         except NotRun:
             answer = head[ANSWER]
@@ -201,12 +229,13 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if answer == NONFINITE:
             together(commit(None, True))
             return True
-    arrays = Arrays(kind.function, head, scal, kind.norms)  # checked again: a large step, or a clipped one
+    later = _cpu_arrays()
+    arrays = later.Arrays(kind.function, head, scal, kind.norms)  # checked again: a large step, or a clipped one
     if not arrays.good:
         if clip is not None:
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
-    return run(opt, arrays, clip, commit)
+    return later.run(opt, arrays, clip, commit)
 
 
 def tensor_dtype(t):
@@ -239,6 +268,7 @@ def apply(opt, entries) -> list:
     """The checked path's call: the writes (calls into C, for ``xopt._atomic.together``) of one fused call
     per (dtype, step) group of entries whose hyperparameter set is ``opt``; arrays the kernel can't take
     directly (float16, strided, byte-swapped, unaligned, scalar grads) go through copies, written back."""
+    Arrays = _cpu_arrays().Arrays
     groups = {}
     for e in entries:
         groups.setdefault((np.dtype(e.p.dtype), e.state["step"]), []).append(e)
@@ -286,7 +316,9 @@ def apply(opt, entries) -> list:
 
 def sum_squares(arrays) -> float:
     """The sum of the squares of NumPy arrays, in float64, by chunks of CHUNK as :meth:`Arrays.sum_squares`."""
-    return _sum_squares(arrays)
+    from .cpu_drivers import sum_squares
+
+    return sum_squares(arrays)
 
 
 def compile_all():
