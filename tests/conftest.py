@@ -7,10 +7,12 @@ reason; CuPy needs a working GPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,28 @@ BACKENDS = [
     pytest.param(_torch, id="torch"),
     pytest.param(_cupy, id="cupy", marks=pytest.mark.gpu),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_torch_and_blas():
+    """torch's and BLAS's thread pools (the comparisons' and the examples' matmuls) on one thread; xopt's own
+    threads are left alone.  Their idle threads spin after each small op: that was CPU time taken from the
+    other core, and no test reads their timing or depends on their thread count (elementwise results are the
+    same on any number of threads)."""
+    torch = sys.modules.get("torch")  # imported by the test modules, if at all, at collection
+    torch_threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+    except ImportError:
+        blas = contextlib.nullcontext()
+    else:
+        blas = threadpool_limits(1, user_api="blas")
+    with blas:
+        yield
+    if torch:
+        torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(params=BACKENDS)

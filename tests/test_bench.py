@@ -1,7 +1,6 @@
 """xopt-bench: the results JSON follows the schema, the plots are written, the roofline counts bytes right,
 and the loop scenario trains the same net alike with every implementation."""
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -22,32 +21,11 @@ SCHEMA_LOOP_ROW = {"scenario": str, "net": str, "net_layers": str, "batch": int,
                    "params_max_rel_diff_vs_seed": float}
 LOOP_IMPLS_HERE = {"xopt", "xopt-reference", "seed"}
 try:
-    import torch
+    import torch  # noqa: F401
 except ImportError:
     HAVE_TORCH = False
 else:
     HAVE_TORCH = True
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch and BLAS on one thread for these tests, which read no timing: their pools' threads spin after each
-    small op (about 7 of the 10 s of CPU time a warm small run takes on 2 cores)."""
-    try:
-        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-    except ImportError:
-        blas = contextlib.nullcontext()
-    else:
-        blas = threadpool_limits(1, user_api="blas")
-    torch_threads = torch.get_num_threads() if HAVE_TORCH else None
-    if HAVE_TORCH:
-        torch.set_num_threads(1)
-    try:
-        with blas:
-            yield
-    finally:
-        if HAVE_TORCH:
-            torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(scope="module")
