@@ -1,4 +1,5 @@
-"""Does 8-bit state train as float32 state does?  Adam on scikit-learn's digits, float32 vs bfloat16 vs 8-bit state.
+"""Does 8-bit state train as float32 state does?  Adam (or ``--optimizer``: Lion, RMSprop, AdaGrad, SGD with momentum)
+on scikit-learn's digits, float32 vs bfloat16 (Adam only) vs 8-bit state.
 
 Two networks: the digits example's 64-100-10 (``examples/digits_mlp.py``: W1 has 6,400 elements, so its state is
 8-bit; W2 and the biases are below ``min_8bit_size`` and keep float32 state) and a wider 64-512-512-10 ReLU MLP
@@ -14,6 +15,7 @@ state's own maps only): ``dynamic`` (bitsandbytes'), ``e4m3/e4m4`` (v with 4 fra
 ``--states`` pick some of the rows, e.g. the comparison of maps in docs/training.md:
 
     python benchmarks/state_8bit_accuracy.py --maps dynamic --nets wide-64-512-512-10 --states 8bit --out ...
+    python benchmarks/state_8bit_accuracy.py --optimizer Lion --nets wide-64-512-512-10 --states float32,8bit --out ...
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from digits_mlp import load  # noqa: E402  (the example's data and split)
 
 STATES = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
 NETS = {"digits-64-100-10": (64, 100, 10), "wide-64-512-512-10": (64, 512, 512, 10)}
+OPTIMIZERS = {  # each with an lr that trains the nets well with float32 state
+    "Adam": (xopt.Adam, dict(lr=0.002)),
+    "Lion": (xopt.Lion, dict(lr=2e-4)),
+    "RMSprop": (xopt.RMSprop, dict(lr=1e-3)),
+    "AdaGrad": (xopt.AdaGrad, dict(lr=0.02)),
+    "SGD": (xopt.SGD, dict(lr=0.05, momentum=0.9)),
+}
 
 
 def power_map(signed, power):
@@ -93,12 +102,13 @@ def loss_and_grads(params, x, t, layers):
     return loss, grads
 
 
-def run(sizes, state_dtype, seed, data, epochs, batch, impl="auto"):
+def run(sizes, state_dtype, seed, data, epochs, batch, impl="auto", optimizer="Adam"):
     (x, t, _), (x_test, l_test) = data
     rng = np.random.default_rng(seed)
     params = init(rng, sizes)
     layers = len(sizes) - 1
-    opt = xopt.Adam(lr=0.002, state_dtype=state_dtype, impl=impl if state_dtype == "8bit" else "auto")
+    cls, hyper = OPTIMIZERS[optimizer]
+    opt = cls(**hyper, state_dtype=state_dtype, impl=impl if state_dtype == "8bit" else "auto")
     n = x.shape[0]
     for _ in range(epochs):
         order = rng.permutation(n)
@@ -118,6 +128,7 @@ def main():
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--maps", default="float", choices=sorted(MAPS))
+    ap.add_argument("--optimizer", default="Adam", choices=list(OPTIMIZERS))
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--states", default=",".join(STATES))
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "state-8bit-accuracy.json"))
@@ -127,19 +138,20 @@ def main():
     nets, states = a.nets.split(","), a.states.split(",")
     data = load(np, None)
     results = {"command": f"python benchmarks/state_8bit_accuracy.py --epochs {a.epochs} --batch {a.batch} "
-                          f"--seeds {a.seeds} --maps {a.maps} --nets {a.nets} --states {a.states}",
-               "optimizer": "Adam(lr=0.002)", "maps": a.maps, "nets": {}}
+                          f"--seeds {a.seeds} --maps {a.maps} --optimizer {a.optimizer} --nets {a.nets} "
+                          f"--states {a.states}",
+               "optimizer": f"{a.optimizer}({OPTIMIZERS[a.optimizer][1]})", "maps": a.maps, "nets": {}}
     t0 = time.perf_counter()
     for net in nets:
         sizes = NETS[net]
         table = {}
         for state in states:
             state_dtype = STATES[state]
-            runs = [run(sizes, state_dtype, seed, data, a.epochs, a.batch, impl) for seed in seeds]
+            runs = [run(sizes, state_dtype, seed, data, a.epochs, a.batch, impl, a.optimizer) for seed in seeds]
             table[state] = {"final_loss": [r[0] for r in runs], "test_accuracy": [r[1] for r in runs],
                             "mean_final_loss": float(np.mean([r[0] for r in runs])),
                             "mean_test_accuracy": float(np.mean([r[1] for r in runs]))}
-            print(f"{net:<20} {state:<9} loss {table[state]['mean_final_loss']:.5f}  "
+            print(f"{net:<20} {state:<9} loss {table[state]['mean_final_loss']:.4g}  "
                   f"accuracy {table[state]['mean_test_accuracy']:.4f}  {[round(r[1], 4) for r in runs]}", flush=True)
         base = table.get("float32")
         for state in ("bfloat16", "8bit"):

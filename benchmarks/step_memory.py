@@ -4,8 +4,8 @@
 
 One float32 param of 2^26 elements (256 MiB) with its grad, Adam.  In a fresh process per
 case: small warm-up steps load the kernels (numba, torch) on a separate small param, then
-the big param takes a first step (which also makes the state: m and v, 2x the param) and a
-second one.  For each step the growth of the peak RSS over the RSS just before it is reported,
+the big param takes a first step (which also makes the state: m and v, 2x the param; with
+``state_dtype="8bit"`` uint8 codes and a float32 absmax per 256 elements, 0.51x) and a second one.  For each step the growth of the peak RSS over the RSS just before it is reported,
 in bytes and in param sizes.  The peak is reset before each step by writing "5" to
 /proc/self/clear_refs (Linux); where that is refused, the process's lifetime peak
 (getrusage ru_maxrss) is read instead, which only shows growth above every earlier peak,
@@ -27,6 +27,8 @@ import sys
 CASES = {
     "xopt (default: fused)": "xopt",
     'xopt impl="reference"': "xopt-reference",
+    'xopt state_dtype="8bit"': "xopt-8bit",
+    'xopt 8bit impl="reference"': "xopt-8bit-reference",
     "seed": "seed",
     "torch foreach=False": "torch-forloop",
     "torch foreach=True": "torch-foreach",
@@ -95,9 +97,11 @@ def _make_step(case, numel):
     else:
         import xopt
 
-        impl = "reference" if case == "xopt-reference" else "auto"
-        warm_opt, opt = xopt.Adam(impl=impl), xopt.Adam(impl=impl)
-    small = {"w": rng.standard_normal(1024, dtype=np.float32)}, {"w": rng.standard_normal(1024, dtype=np.float32)}
+        impl = "reference" if case.endswith("-reference") else "auto"
+        state = {"state_dtype": "8bit"} if case.startswith("xopt-8bit") else {}
+        warm_opt, opt = xopt.Adam(impl=impl, **state), xopt.Adam(impl=impl, **state)
+    n_small = 8192 if case.startswith("xopt-8bit") else 1024  # 8-bit state from min_8bit_size (4096) up
+    small = {"w": rng.standard_normal(n_small, dtype=np.float32)}, {"w": rng.standard_normal(n_small, dtype=np.float32)}
     params = {"w": rng.standard_normal(numel, dtype=np.float32)}
     grads = {"w": rng.standard_normal(numel, dtype=np.float32)}
     return (lambda: opt.update(params, grads)), (lambda: warm_opt.update(*small)), params["w"].nbytes
@@ -109,7 +113,9 @@ def child(case, numel):
         warm()
     first, method = _measure(step)
     second, _ = _measure(step)
-    print(json.dumps({"first_step_bytes": first, "second_step_bytes": second, "param_bytes": nbytes,
+    third, _ = _measure(step)
+    print(json.dumps({"first_step_bytes": first, "second_step_bytes": second, "third_step_bytes": third,
+                      "param_bytes": nbytes,
                       "method": method}))
 
 
@@ -137,7 +143,7 @@ def main(argv=None):
     rows = {}
     print(f"Adam, one float32 param of 2^{args.log2_numel} elements ({numel * 4 / 2**20:.0f} MiB): "
           "peak RSS growth of a step, in a fresh process per case")
-    print(f"{'case':26s} {'1st step (makes state)':>24s} {'2nd step':>22s}")
+    print(f"{'case':26s} {'1st step (makes state)':>24s} {'2nd step':>22s} {'3rd step':>22s}")
     for label, case in CASES.items():
         why = _available(case)
         if why is None:
@@ -155,7 +161,8 @@ def main(argv=None):
         first, second = r["first_step_bytes"] / r["param_bytes"], r["second_step_bytes"] / r["param_bytes"]
         r["first_step_params"], r["second_step_params"] = first, second
         print(f"{label:26s} {r['first_step_bytes'] / 2**20:9.1f} MiB ({first:4.2f} p) "
-              f"{r['second_step_bytes'] / 2**20:9.1f} MiB ({second:4.2f} p)")
+              f"{r['second_step_bytes'] / 2**20:9.1f} MiB ({second:4.2f} p) "
+              f"{r['third_step_bytes'] / 2**20:9.1f} MiB ({r['third_step_bytes'] / r['param_bytes']:4.2f} p)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"what": "peak RSS growth of one Adam step (bytes; 'p' = the param's bytes)",

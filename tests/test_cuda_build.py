@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from xopt.engines import cuda_device, fused_cuda
-from xopt.engines.kernels import RULES as KERNEL_RULES
+from xopt.engines.kernels import CUDA_RULES
 
 # slow: every instance built by NVRTC and nvcc, and its SASS read (tests/test_cuda_source.py runs the same
 # source as C++ by default)
 pytestmark = [pytest.mark.cuda_source, pytest.mark.slow]
 
-RULES = sorted(set(KERNEL_RULES.values()))
+RULES = list(CUDA_RULES)
 DTYPES = ["float16", "float32", "float64"]
 INSTANCES = [(rule, dtype) for rule in RULES for dtype in DTYPES]
 ARCH = "90"  # an H100

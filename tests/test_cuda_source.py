@@ -24,7 +24,7 @@ import pytest
 import xopt
 from xopt import _dispatch
 from xopt.engines import cuda_check, fused_cpu, fused_cuda
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 pytestmark = pytest.mark.cuda_source
 
@@ -71,6 +71,12 @@ class HostDevice:
     @staticmethod
     def identity(device_id):
         return f"the kernel's CPU build ({device_id})"
+
+    exclusive = staticmethod(lambda device_id: False)  # the compute mode: any process may use the "GPU"
+    takes_tensor = staticmethod(lambda t: t.is_cpu)  # torch's CPU tensors stand for its CUDA ones
+    tensor_device = staticmethod(lambda t: 0)
+    tensor_view = staticmethod(lambda t: t.detach().numpy())  # what DLPack gives CupyDevice: the same memory
+    tensor_stream = staticmethod(lambda t: contextlib.nullcontext())
 
     @classmethod
     @contextlib.contextmanager
@@ -457,7 +463,7 @@ import numpy as np
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from xopt.engines import fused_cuda
 from test_cuda_source import HostDevice, SHAPES, DTYPES
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS as CONFIGS, make
 
 HostDevice.lib = ctypes.CDLL(sys.argv[1])
 HostDevice.lib.xopt_host_wide_accesses.restype = ctypes.c_longlong

@@ -27,7 +27,10 @@ CONFIGS = {
     "Lion": dict(),
     "Lion-wd": dict(lr=0.01, weight_decay=0.1),
     "ScheduleFreeAdamW-wd": dict(lr=0.01, weight_decay=0.01, warmup_steps=2, r=0.5),
+    "LAMB-wd": dict(lr=0.01, weight_decay=0.01),
 }
+# The configurations whose rule the CUDA source has (LAMB's reads its tensors' norms: the CPU engine's alone).
+CUDA_CONFIGS = {k: v for k, v in CONFIGS.items() if not getattr(xopt, k.split("-")[0]).kernel.norms}
 
 
 def make(config, **extra):

@@ -106,13 +106,13 @@ def test_no_gpu_stops_the_run_with_one_line(fg, tmp_path):
 
 def test_the_parts_cover_every_rule_and_run_in_order(fg):
     from xopt.engines import cuda_check
-    from xopt.engines.kernels import RULES
+    from xopt.engines.kernels import CUDA_RULES
 
     parts = fg.plan()
     names = [p.name for p in parts]
-    rules = sorted(set(RULES.values()))
+    rules = list(CUDA_RULES)
     assert list(fg.RULES) == rules == sorted(cuda_check.CONFIGS)
-    assert names[0] == "environment" and names[-1] == "tests" and names[-2] == "host"
+    assert names[0] == "environment" and names[-1] == "tests" and names[-3:-1] == ["host", "torch-cuda"]
     assert names[1:1 + 2 * len(rules)] == ([f"smoke:rule={r}" for r in rules]
                                            + [f"self-check:rule={r}" for r in rules])
     assert [n for n in names if n.startswith("timing:")] == [f"timing:case={c}:dtype={d}" for c, d in fg.TIMING]

@@ -176,13 +176,14 @@ def test_defaults_are_the_issues(name):
                           decoupled_weight_decay=False),
             "RAdam": dict(lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                           decoupled_weight_decay=False),
-            "Lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0)}[name]
+            "Lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, state_dtype=None, block_size=256,
+                         min_8bit_size=4096)}[name]
     assert getattr(xopt, name)().hyperparameters() == want
 
 
 # -- which kernel an optimizer runs ---------------------------------------------------------------
 def test_every_optimizer_names_a_kernel_and_every_kernel_is_used():
-    names = {kernel_of(getattr(xopt, name)()) for name in EVERY_OPTIMIZER}
+    names = {kernel_of(getattr(xopt, name)()) for name in [*EVERY_OPTIMIZER, "LAMB"]}  # LAMB: the CPU engine's
     assert names == set(RULES)
 
 

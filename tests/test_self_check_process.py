@@ -125,6 +125,21 @@ def test_a_child_that_cannot_run_the_check_keeps_no_verdict(isolated, cuda_on_cp
     assert len(isolated) == 2 and _verdicts(cuda_cache_dir) == []
 
 
+def test_a_gpu_in_an_exclusive_compute_mode_fails_the_check_unrun_and_keeps_nothing(
+        isolated, cuda_on_cpu, cuda_cache_dir, monkeypatch):  # noqa: F811
+    """No child can use a GPU this process holds in exclusive mode: no child is started, the check fails with the
+    reason and the way round it, nothing is kept; a verdict kept from an earlier run is still read."""
+    monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:passes")
+    monkeypatch.setattr(cuda_on_cpu, "exclusive", staticmethod(lambda device_id: True))
+    result = cuda_check.verdict(0, 4, "float32")
+    assert not result.passed and result.kept is None and "exclusive compute mode" in result.mismatch
+    assert "impl='fused'" in result.mismatch and isolated == [] and _verdicts(cuda_cache_dir) == []
+    monkeypatch.setattr(cuda_on_cpu, "exclusive", staticmethod(lambda device_id: False))
+    assert cuda_check.verdict(0, 4, "float32").passed and len(isolated) == 1  # kept now
+    monkeypatch.setattr(cuda_on_cpu, "exclusive", staticmethod(lambda device_id: True))
+    assert cuda_check.verdict(0, 4, "float32").passed and len(isolated) == 1  # read from disk, no child
+
+
 def test_a_child_stopped_from_outside_keeps_no_verdict(isolated, cuda_on_cpu, cuda_cache_dir,
                                                        monkeypatch):  # noqa: F811
     monkeypatch.setattr(cuda_check, "CHECK", "self_check_cases:terminated")
@@ -182,3 +197,16 @@ def test_only_the_kernels_own_failures_are_kept():
     assert not cuda_check._kernels_own(result(False, "Adam() step 1: after the kernel ran, OutOfMemoryError("
                                                      "'Out of memory allocating 512 bytes')"))
     assert not cuda_check._kernels_own(result(False, "Adam(): the kernel raised RuntimeError('no NVRTC')"))
+
+
+def test_cupy_device_reads_the_compute_mode(monkeypatch):
+    """``CupyDevice.exclusive``: the runtime's computeMode, 0 (default) shared, any other (exclusive thread,
+    prohibited, exclusive process) not."""
+    pytest.importorskip("cupy")
+    from cupy.cuda import runtime
+
+    from xopt.engines.cuda_device import CupyDevice
+
+    for mode, alone in ((0, False), (1, True), (2, True), (3, True)):
+        monkeypatch.setattr(runtime, "getDeviceProperties", lambda device_id, mode=mode: {"computeMode": mode})
+        assert CupyDevice.exclusive(0) is alone

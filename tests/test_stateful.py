@@ -81,6 +81,7 @@ CONFIGS = {
     "NAdam": ("NAdam", dict(weight_decay=0.01)),
     "RAdam-decoupled": ("RAdam", dict(weight_decay=0.01, decoupled_weight_decay=True)),
     "Lion": ("Lion", dict(lr=1e-3, weight_decay=0.01)),
+    "LAMB": ("LAMB", dict(lr=0.01, weight_decay=0.01)),
 }
 
 
@@ -124,6 +125,8 @@ HYPER = {
     "RAdam": {"lr": [0.001, 0.01], "beta1": [0.9, 0.5], "beta2": [0.999, 0.8], "eps": [1e-8, 1e-3],
               "weight_decay": [0.0, 0.01], "decoupled_weight_decay": [False, True]},
     "Lion": {"lr": [1e-3, 1e-2], "beta1": [0.9, 0.0], "beta2": [0.99, 0.5], "weight_decay": [0.0, 0.1]},
+    "LAMB": {"lr": [0.01, 0.001], "beta1": [0.9, 0.0], "beta2": [0.999, 0.9], "eps": [1e-6, 1e-3],
+             "eps_root": [0.0, 1e-8], "weight_decay": [0.01, 0.0]},
 }
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]

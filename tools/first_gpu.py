@@ -24,6 +24,9 @@ in order:
   span on the GPU (events around ``update()``) and ``update()``'s host time; medians over repetitions after
   warm-up, GB/s, fractions of the copy's bandwidth.
 - ``host``: ``update()``'s host time at 1 to 10,000 small tensors beside torch's fused Adam.
+- ``torch-cuda``: torch CUDA tensors through the lane (DLPack views, torch's current stream), float32 and
+  float16, bit for bit the reference rule on host copies; Adam's step on GPT-2-small-like tensors against
+  torch's fused Adam.
 - ``tests``: ``pytest -m gpu tests`` under a timeout.
 """
 
@@ -46,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 JSONL, LOG = "first-gpu.jsonl", "first-gpu.log"
 NO_GPU = 3  # a part's exit code: no usable GPU (the environment part)
 CHECK_FAILED = 2  # a part's exit code: it ran, and some of its lines are not ok
-RULES = range(11)  # the kernel's rules (xopt.engines.kernels.RULES; tests/test_first_gpu.py holds them equal)
+RULES = range(11)  # the CUDA kernel's rules (xopt.engines.kernels.CUDA_RULES; tests/test_first_gpu.py holds them equal)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The runner: this process imports no CUDA library; each part is a child process.
@@ -96,6 +99,7 @@ def plan() -> list:
             + [child("part_self_check", 60, rule=r) for r in RULES]
             + [child("part_timing", 90, case=c, dtype=d) for c, d in TIMING]
             + [child("part_host", 90)]
+            + [child("part_torch_cuda", 90)]
             + [child("part_tests", 600)])  # what is left of the budget
 
 
@@ -588,6 +592,75 @@ def _junit_counts(path):
             if found is not None:
                 failed.append(f"{case.get('classname')}::{case.get('name')}: {(found.get('message') or '')[:300]}")
     return counts, failed
+
+
+def part_torch_cuda(steps: int = 5, repeat: int = 20):
+    """torch CUDA tensors through the lane (DLPack views, torch's current stream): Adam on a few float32 and float16
+    shapes, after the first step bit for bit the reference rule on host copies of the same params and state, each
+    later step taken by the lane with one launch; then ``update()`` time against torch's fused Adam on the same
+    tensors (events around each, fresh grads every step)."""
+    import numpy as np
+    import torch
+
+    import xopt
+    from xopt import _lane
+
+    if not torch.cuda.is_available():
+        emit(ok=False, error="torch sees no GPU")
+        return
+    took, real = [], _lane.take
+    _lane.take = lambda opt, params, grads: (took.append(real(opt, params, grads)), took[-1])[1]
+    shapes = [(1000,), (3, 5), (768, 768), (2 * 16384 + 9,), ()]
+    for dtype in (torch.float32, torch.float16):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        b = {f"t{i}": torch.randn(s, device="cuda", generator=g).to(dtype) for i, s in enumerate(shapes)}
+        grads = [{k: (torch.randn(v.shape, device="cuda", generator=g) + 0.1).to(dtype) for k, v in b.items()}
+                 for _ in range(steps)]
+        ours = xopt.Adam()
+        ours.update(b, grads[0])
+        ref = xopt.Adam(impl="reference")
+        a = {k: v.cpu().numpy() for k, v in b.items()}
+        ref.state = {k: {n: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+                     for k, st in ours.state.items()}
+        ref.iter = ours.iter
+        took.clear()
+        for gs in grads[1:]:
+            ref.update(a, {k: v.cpu().numpy() for k, v in gs.items()})
+            ours.update(b, gs)
+        torch.cuda.synchronize()
+        name = str(dtype)[6:]
+        checks = [_compare(b[k].cpu().numpy(), a[k], name) for k in a]
+        checks += [_compare(ours.state[k][n].cpu().numpy(), ref.state[k][n], name) for k in a for n in ("m", "v")]
+        emit(ok=all(took) and all(c[0] for c in checks), dtype=name, lane_steps=sum(took), steps=len(took),
+             bitwise=all(c[0] for c in checks), within_tol=all(c[1] for c in checks),
+             max_abs_diff=max(c[2] for c in checks))
+    sizes = [768 * 768] * 24 + [768 * 3072] * 24 + [768] * 100  # GPT-2-small-like tensors
+    params = [torch.randn(n, device="cuda") for n in sizes]
+    twins = [p.clone().requires_grad_() for p in params]
+    grads = [[torch.randn(n, device="cuda") for n in sizes] for _ in range(3)]
+    ours, theirs = xopt.Adam(), torch.optim.Adam(twins, fused=True)
+    keyed = {f"p{i}": p for i, p in enumerate(params)}
+    times = {"xopt": [], "torch_fused": []}
+    for i in range(repeat + 2):
+        gs = grads[i % 3]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ours.update(keyed, {f"p{j}": x for j, x in enumerate(gs)})
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times["xopt"].append(start.elapsed_time(end))
+        for t, x in zip(twins, gs):
+            t.grad = x
+        start.record()
+        theirs.step()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times["torch_fused"].append(start.elapsed_time(end))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    emit(case="Adam, GPT-2-small-like float32 tensors", tensors=len(sizes), ms=med,
+         xopt_over_torch_fused=med["xopt"] / med["torch_fused"], lane_steps=sum(took[-repeat:]))
 
 
 def part_tests(margin_s: float = 15):

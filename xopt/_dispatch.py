@@ -21,7 +21,8 @@ from ._inputs import describe
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "apply_reference", "hand_over", "lane_engine", "lane_kind"]
+__all__ = ["IMPLS", "check_impl", "select", "select_whole", "apply_reference", "hand_over", "lane_engine", "lane_kind",
+           "gpu_tensor_kind"]
 
 IMPLS = ("auto", "reference", "fused")
 
@@ -184,6 +185,32 @@ def _select(opt, entries):
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
 
 
+def select_whole(opt, entries):
+    """For an optimizer whose rule reads whole params (``xopt.optimizers._tensor_rule``): ([(the fused CPU
+    engine's apply, its entries of one hyperparameter set)], the entries left to the reference rule, run on
+    whole params).  Only the CPU engine has such kernels (``kernels.NORMS``); raises (before any write) where
+    ``impl="fused"`` can't be honoured."""
+    if opt.impl == "reference":
+        return [], entries
+    cpu = _fused_cpu()
+    if cpu is None or not cpu.supports(opt):
+        if opt.impl == "fused" and entries:  # opt.impl set since the constructor checked it
+            raise _no_kernel(opt)
+        return [], entries
+    fused, rest = {}, []
+    for e in entries:
+        view = e.opt if e.opt is not None else opt
+        if cpu.accepts(view, e):
+            fused.setdefault(id(view), []).append(e)
+        elif opt.impl == "fused":
+            raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
+                            f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
+                            f"{opt!r}; its kernel is the CPU engine's alone, which takes NumPy float16/32/64 arrays")
+        else:
+            rest.append(e)
+    return [(cpu.apply, group) for group in fused.values()], rest
+
+
 def _blockwise(opt, entries):
     """The path of params with 8-bit state: the fused CPU kernel where it has the rule, else the reference."""
     if opt.impl != "reference" and _numba.usable():
@@ -230,6 +257,25 @@ def lane_kind(opt, p):
 
 
 _CPU_LANE = {}  # (optimizer class, dtype, state dtype, impl, how the CPU engine is found) -> (engine, kind)
+
+
+def gpu_tensor_kind(opt, t):
+    """(the CUDA engine, its ``kind`` of ``opt`` on ``t``'s dtype) for the lane's step on torch tensors like ``t``
+    where that engine takes them (CUDA tensors: ``fused_cuda.tensor_dtype``) and the impl lets it: under
+    ``impl="auto"`` once the self-check of the rule and dtype has passed on ``t``'s GPU (asked here, once: no
+    checked-path step of a tensor asks it); None: the checked path takes them."""
+    if opt.impl == "reference":
+        return None
+    engine = _fused_cuda()
+    if engine is None or not engine.supports(opt):
+        return None
+    dtype = engine.tensor_dtype(t)
+    kind = None if dtype is None else engine.kind(opt, dtype)
+    if kind is None:
+        return None
+    if opt.impl != "fused" and not _cuda_check().trusted_on(opt, engine.tensor_device(t), dtype.name):
+        return None
+    return engine, kind
 
 
 def lane_engine(opt, array_type):

@@ -7,7 +7,8 @@ hyperparameter set at a step count: one part in a plain run), computes each part
 the host, and hands the lists to the engine, whose one compiled call checks every array from
 its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  CPU torch
 tensors take the same lane: the engine's ``step_tensors`` reads their facts with torch's accessors
-(:mod:`xopt.engines.cpu_tensors`) into one table that its compiled call checks.  Nothing is
+(:mod:`xopt.engines.cpu_tensors`) into one table that its compiled call checks; CUDA tensors, the CUDA
+engine's, as CuPy arrays over the same memory (DLPack) on torch's current stream.  Nothing is
 remembered from one call to the next.
 
 Whatever the lane does not take (another container or array type, a first step, a ``None``
@@ -71,14 +72,17 @@ def take(opt, params, grads) -> bool:
                 return False
         else:
             torch = sys.modules.get("torch")
-            if torch is not None and isinstance(first, torch.Tensor):  # CPU tensors: the CPU engine, by their addresses
-                first = _prototype(_tensor_dtype(first))
-                if first is None:
+            if torch is not None and isinstance(first, torch.Tensor):  # the engine reads them by their addresses
+                dtype = _tensor_dtype(first)  # CPU tensors: the CPU engine; CUDA ones: the CUDA engine
+                found = (_dispatch.lane_kind(opt, _prototype(dtype)) if dtype is not None
+                         else _dispatch.gpu_tensor_kind(opt, first))
+                if found is None:
                     return False
                 tensors = ps
-    found = _dispatch.lane_kind(opt, first)
-    if found is None:
-        return False
+    if tensors is None:
+        found = _dispatch.lane_kind(opt, first)
+        if found is None:
+            return False
     engine, kind = found
     states = list(map(opt.state.get, keys))
     created = []
@@ -126,7 +130,7 @@ def _forget(opt, keys):
 
 def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors=None):
     """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written).
-    ``tensors``: ``ps`` when they are CPU torch tensors (the engine's ``step_tensors`` reads them)."""
+    ``tensors``: ``ps`` when they are torch tensors (the engine's ``step_tensors`` reads them)."""
     try:
         steps = list(map(operator.itemgetter("step"), states))
     except (KeyError, TypeError):

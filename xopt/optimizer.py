@@ -341,7 +341,8 @@ _COMMON_ARGS = Optimizer.__doc__[Optimizer.__doc__.index("Args common"):].rstrip
 def _unexpected(kind, name) -> str:
     if name in ("state_dtype", "block_size", "min_8bit_size"):
         return (f"{kind}() got an unexpected keyword argument {name!r}: {kind} keeps its state in its params' "
-                "dtype; lower-precision state (state_dtype='bfloat16' or '8bit') is for Adam and AdamW")
+                "dtype; lower-precision state is for Adam and AdamW (state_dtype='bfloat16' or '8bit') and Lion, "
+                "RMSprop, AdaGrad, SGD, Momentum and Nesterov ('8bit')")
     if name == "betas":
         return (f"{kind}() got an unexpected keyword argument 'betas': xopt names them as the paper and the "
                 "seed do, beta1=0.9, beta2=0.999 (torch's betas=(0.9, 0.999))")

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend
 from ._inputs import describe
-from .engines.blockwise import SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
+from .engines.blockwise import REFERENCE_CHUNK, SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
 
 __all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry"]
 
@@ -41,10 +41,11 @@ def state_for(opt, e):
     block = opt._hyper["block_size"]
     for name in view.buffers():
         if st.get(name) is None:
-            size = math.prod(e.p.shape)
-            codes, absmax = quantize(np, np.full(size, view.initial_value(name), dtype=np.float32),
+            # every block of a constant has the same codes and absmax: those of one (no param-sized temporaries)
+            codes, absmax = quantize(np, np.full(1, view.initial_value(name), dtype=np.float32),
                                      map_of(view, name), block)
-            st[name], st[name + SUFFIX] = codes.reshape(e.p.shape), absmax
+            st[name] = np.full(e.p.shape, codes[0], dtype=np.uint8)
+            st[name + SUFFIX] = np.full(n_blocks(math.prod(e.p.shape), block), absmax[0], dtype=np.float32)
         for key in (name, name + SUFFIX):
             if not st[key].flags.writeable or not st[key].flags.c_contiguous:
                 st[key] = np.array(st[key], order="C")
@@ -112,12 +113,12 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
             _check_blocks(key, name, buf, absmax, saved_block)
             if want_8bit and saved_block == block:
                 continue  # kept as it is: the usual 8-bit checks follow
-            values = dequantize(np, buf.reshape(-1), absmax, map_of(trial, name), saved_block, np.float32)
+            values = _dequantize_all(buf.reshape(-1), absmax, map_of(trial, name), saved_block)
             del entry[name + SUFFIX]
         else:
             values = np.asarray(buf, dtype=np.float32).reshape(-1)
         if want_8bit:
-            codes, scales = quantize(np, values, map_of(trial, name), block)
+            codes, scales = _quantize_all(values, map_of(trial, name), block)
             entry[name], entry[name + SUFFIX] = codes.reshape(buf.shape), scales
         else:
             dtype = np.float32 if p is None or not hasattr(p, "dtype") else _backend.compute_dtype(np, np.dtype(p.dtype))
@@ -128,6 +129,33 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
         if isinstance(name, str) and name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in st:
             raise ValueError(f"state of param {describe(key)} holds {name!r} without {name[:-len(SUFFIX)]!r}")
     return entry
+
+
+def _chunk(block) -> int:
+    return max(1, REFERENCE_CHUNK // block) * block  # whole blocks: temporaries of a chunk, not of the param
+
+
+def _quantize_all(values, code, block):
+    """:func:`~xopt.engines.blockwise.quantize` of 1-D float32 ``values``, a chunk at a time."""
+    n = values.shape[0]
+    codes, absmax = np.empty(n, np.uint8), np.empty(n_blocks(n, block), np.float32)
+    step = _chunk(block)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        codes[lo:hi], absmax[lo // block:n_blocks(hi, block)] = quantize(np, values[lo:hi], code, block)
+    return codes, absmax
+
+
+def _dequantize_all(codes, absmax, code, block):
+    """:func:`~xopt.engines.blockwise.dequantize` of 1-D ``codes`` to float32, a chunk at a time."""
+    n = codes.shape[0]
+    values = np.empty(n, np.float32)
+    step = _chunk(block)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        values[lo:hi] = dequantize(np, codes[lo:hi], absmax[lo // block:n_blocks(hi, block)], code, block,
+                                   np.float32)
+    return values
 
 
 def _check_blocks(key, name, codes, absmax, block):

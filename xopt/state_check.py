@@ -156,6 +156,8 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
                         f"{type(state_dict['hyperparameters']).__name__}")
     hyper = dict(state_dict["hyperparameters"])
     hyper.setdefault("clip_grad_norm", opt.clip_grad_norm)  # saved before it existed: the optimizer's own
+    if "state_dtype" in opt._hyper:  # saved before the optimizer had a state_dtype: its state is in float
+        hyper.setdefault("state_dtype", None)
     for name in _STORAGE[1:]:  # saved before 8-bit state existed (its state is not 8-bit): the optimizer's own
         if name in opt._hyper:
             hyper.setdefault(name, opt._hyper[name])

@@ -159,7 +159,8 @@ def kernels_of(args, cases, loop_cases):
         if "xopt" in args.impls:
             kernels.add((case.optimizer, case.dtype, None))
         for impl, state_dtype in runner.STATE_DTYPES.items():
-            if impl in args.impls and hasattr(getattr(xopt, case.optimizer), "state_dtype") and case.dtype != "float64":
+            if (impl in args.impls and state_dtype in getattr(getattr(xopt, case.optimizer), "state_dtypes", ())
+                    and case.dtype != "float64"):
                 kernels.add((case.optimizer, case.dtype, state_dtype))
     if "xopt" in args.impls:
         kernels |= {(optimizer, net.dtype, None) for net, optimizer in loop_cases}

@@ -11,15 +11,19 @@ __all__ = ["bytes_per_element", "copy_bandwidth_cpu", "copy_bandwidth_gpu", "cac
 
 # State buffers each optimizer reads and writes per element, with default hyperparameters.
 STATE_BUFFERS = {"SGD": 0, "Momentum": 1, "Nesterov": 1, "AdaGrad": 1, "RMSprop": 1, "Adam": 2, "AdamW": 2,
-                 "AdaDelta": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Lion": 1, "ScheduleFreeAdamW": 2}
+                 "AdaDelta": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Lion": 1, "ScheduleFreeAdamW": 2, "LAMB": 2}
+# Optimizers whose step reads p, g and its buffers twice: once for each tensor's norms, once to write.
+TWO_PASS = {"LAMB"}
 
 
 def bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> int:
-    """Read p, g and each buffer once; write p and each buffer once (float16 params keep float32 state)."""
+    """Read p, g and each buffer once (twice for ``TWO_PASS``); write p and each buffer once (float16 params
+    keep float32 state)."""
     item = np.dtype(dtype).itemsize
     state_item = 2 if state_dtype == "bfloat16" else 4 if item == 2 else item
     buffers = STATE_BUFFERS[optimizer]
-    return 3 * item + 2 * buffers * state_item
+    reads = 2 if optimizer in TWO_PASS else 1
+    return reads * (2 * item + buffers * state_item) + item + buffers * state_item
 
 
 def _median_time(fn, repeat):

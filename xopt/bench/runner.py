@@ -23,7 +23,7 @@ __all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case", "measure_
 IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "seed", "torch-forloop", "torch-foreach", "torch-fused")
 STATE_DTYPES = {"xopt-bf16-state": "bfloat16"}  # impls that keep a lower-precision state
 OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax", "NAdam",
-              "RAdam", "Lion", "ScheduleFreeAdamW")
+              "RAdam", "Lion", "ScheduleFreeAdamW", "LAMB")
 SMALL_TENSOR_SIZES = (64, 4096)  # the many-tensors case draws sizes from this range
 
 # torch.optim equivalents (same rule, each library's defaults otherwise).
@@ -39,7 +39,7 @@ TORCH = {
     "Adamax": ("Adamax", dict()),
     "NAdam": ("NAdam", dict()),
     "RAdam": ("RAdam", dict()),
-}  # torch.optim has no Lion and no Schedule-Free AdamW
+}  # torch.optim has no Lion, no Schedule-Free AdamW and no LAMB
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def make_step(impl, case, xp, rng):
         # "xopt" is the fused path: what impl="auto" runs (for CuPy arrays once the kernel's self-check passed)
         options = {"impl": "reference" if impl == "xopt-reference" else "fused"}
         if impl in STATE_DTYPES:
-            if (not hasattr(cls, "state_dtype") or _backend.library_name(xp.empty(0)) != "numpy"
+            if (STATE_DTYPES[impl] not in getattr(cls, "state_dtypes", ())
+                    or _backend.library_name(xp.empty(0)) != "numpy"
                     or case.dtype == "float64"):
                 return None  # bfloat16 state: Adam and AdamW, NumPy float16/32 params
             options["state_dtype"] = STATE_DTYPES[impl]

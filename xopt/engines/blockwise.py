@@ -12,9 +12,10 @@ compute dtype), as bitsandbytes does: their state is a small part of the memory 
 biases and norms that 8-bit state hurts most.
 
 The maps are small float formats relative to the block's absmax (:func:`float_map`), of the kind of FP8
-(e4m3, e5m3) with 3 fraction bits: for m (signed) the values 0, +-2^-17 .. +-1 (subnormals below 2^-14, 14
-binades above: a relative step of 1/8 to 1/16), for v and v_max (unsigned: the buffers the optimizer declares
-never negative in ``nonnegative_buffers``) 0 and 2^-33 .. 1 (30 binades).  Their codes and values are arithmetic
+(e4m3, e5m3) with 3 fraction bits: signed (Adam's and Lion's m, the momentum buffers) the values 0, +-2^-17 ..
++-1 (subnormals below 2^-14, 14 binades above: a relative step of 1/8 to 1/16), unsigned (the buffers the
+optimizer declares never negative in ``nonnegative_buffers``: Adam's v and v_max, the h of RMSprop and AdaGrad)
+0 and 2^-33 .. 1 (30 binades).  Their codes and values are arithmetic
 on the float bits, which the fused kernel computes 16 at a time; bitsandbytes' dynamic maps
 (:func:`dynamic_map`: 1-7 % steps over six decades, finest near the absmax) need table lookups.  Measured
 (``benchmarks/state_8bit_accuracy.py``, 3 seeds, 64-512-512-10 MLP): final training loss 1.3 % above float32
@@ -91,8 +92,8 @@ def float_map(signed: bool, mantissa: int, emin: int) -> np.ndarray:
     return found
 
 
-SIGNED_FORMAT = (3, -14)  # m: (fraction bits, emin): values 2**-17 .. 1 of the absmax, 3 bits of fraction
-UNSIGNED_FORMAT = (3, -30)  # v, v_max: 2**-33 .. 1, 3 bits of fraction
+SIGNED_FORMAT = (3, -14)  # (fraction bits, emin): values 2**-17 .. 1 of the absmax, 3 bits of fraction
+UNSIGNED_FORMAT = (3, -30)  # 2**-33 .. 1, 3 bits of fraction
 SIGNED = float_map(True, *SIGNED_FORMAT)
 UNSIGNED = float_map(False, *UNSIGNED_FORMAT)
 

@@ -43,9 +43,10 @@ class Arrays:
     """One step's arrays, checked again by :func:`check_step` for a run from Python (several threads, or
     after the clip norm): the kernel's addresses and sizes."""
 
-    def __init__(self, function, head, scal):
+    def __init__(self, function, head, scal, norms=0):
         n = int(head[6])
         self.function, self.scal, self.part = function, scal, head[N_HEAD + 3 * int(head[11]):]
+        self.norms = norms  # the rule's norms' phase (cpu_norms), 0: none
         self.ptrs = np.empty((n, 5), dtype=np.int64)
         self.sizes = np.empty(n, dtype=np.int64)
         self.chunks = None
@@ -54,11 +55,12 @@ class Arrays:
         self.total = None  # the element count, once asked
 
     @classmethod
-    def of_table(cls, function, ptrs, sizes, scal, part, total):
+    def of_table(cls, function, ptrs, sizes, scal, part, total, norms=0):
         """The arrays of a step whose addresses ``cpu_table.check_table`` has checked (torch tensors);
         ``total``: their element count."""
         self = cls.__new__(cls)
         self.function, self.scal, self.part, self.ptrs, self.sizes = function, scal, part, ptrs, sizes
+        self.norms = norms
         self.chunks, self.threads, self.good, self.total = None, 1, True, total
         return self
 
@@ -98,10 +100,26 @@ class Arrays:
         if threads <= 1:
             run_serial(self.function, self.ptrs, self.sizes[:0], self.scal, self.part)  # see _parallel
             return [functools.partial(run_serial, self.function, self.ptrs, self.sizes, self.scal, self.part)]
+        if self.norms:  # the tensors' norms first, every chunk's on every thread; then a row of scalars per tensor
+            self._ratios(threads)
         counters = np.zeros(2, dtype=np.int64)
         claim(self.function, self.ptrs, self._chunks(), self.part, _NO_CHUNK_LEFT, self.scal)  # see _parallel
         return self._parallel(threads, counters, functools.partial(claim, self.function, self.ptrs, self._chunks(),
                                                                    self.part, counters, self.scal))
+
+    def _ratios(self, threads):
+        """The norms' phase of a rule that reads its tensors' norms (``cpu_norms``) on ``threads`` threads, chunk
+        by chunk: then ``scal`` holds a row per tensor with its ratio, ``part`` each tensor's row.  (On one
+        thread the rule's function, given each tensor whole, runs the phase itself: the same sums.)"""
+        from . import cpu_norms
+
+        chunks = self._chunks()
+        sums = np.empty((len(chunks), 2), dtype=np.float64)
+        counters = np.zeros(2, dtype=np.int64)
+        cpu_norms.claim_norms(self.norms, self.ptrs, chunks, self.part, _NO_CHUNK_LEFT, self.scal, sums)  # see _parallel
+        together(self._parallel(threads, counters, functools.partial(cpu_norms.claim_norms, self.norms, self.ptrs,
+                                                                     chunks, self.part, counters, self.scal, sums)))
+        self.scal, self.part = cpu_norms.per_tensor(self.scal, self.part, cpu_norms.ratios(chunks, sums, len(self.sizes)))
 
     def _parallel(self, threads, counters, claimer) -> list:
         """The calls that run ``claimer`` (its counters fresh: a worker that starts only after its step is over

@@ -1,20 +1,20 @@
-"""The fused CPU kernel of 8-bit state (numba): Adam and AdamW over blockwise 8-bit m and v in one pass.
+"""The fused CPU kernel of 8-bit state (numba): an optimizer's element rule over its blockwise 8-bit buffers in one
+pass.
 
 Per block of ``block_size`` elements, each step a short loop over scratch arrays of one block (in L1):
 
-1. dequantize: each buffer's codes turned into their map values by arithmetic on the bits (the maps are small
-   float formats, :func:`xopt.engines.blockwise.float_map`), 16 at a time, times the block's absmax;
-2. Adam's element rule (:func:`xopt.engines.cpu_rules._adam_element`, the one the float kernels run) over the
-   block: the param written, the new m and v (rounded to float32) kept in the scratch arrays;
-3. each buffer's new absmax (an integer maximum of the bits), and the codes of the values times its inverse,
-   16 at a time: the float bits rounded to the format's fraction bits by an integer add and shift, the
-   subnormals by a truncation, with the reference's tie rule (a tie to the smaller value).
+1. dequantize: each kept buffer's codes turned into their map values times the block's absmax
+   (:func:`xopt.engines.cpu_codes.load_block`), widened to float64 for float64 params;
+2. the optimizer's element rule of the float kernels (:data:`xopt.engines.cpu_rules.RULES`, the one its
+   :class:`~xopt.engines.kernels.Kernel` names) over the block: the param written, the new buffers in the
+   scratch arrays, as the reference rule runs on the dequantized buffers;
+3. each buffer rounded to float32, its new absmax and the codes of its values
+   (:func:`~xopt.engines.cpu_codes.block_absmax`, :func:`~xopt.engines.cpu_codes.store_block`).
 
-The codes and values are LLVM instructions on vectors of 16 32-bit lanes (:func:`_code_ir`, :func:`_value_ir`;
-numba's own integer arithmetic is 64-bit), with no branches and no table.  The numbers are those of the reference
-(:mod:`xopt.engines.blockwise`: searchsorted on the midpoints, a take from the map) bit for bit:
-``tests/test_state_8bit.py`` holds the kernel to it, and checks the codes at every threshold, its neighbours
-and powers of two (and, once, all 2^32 float32 against searchsorted, both maps).
+Which map a buffer takes (signed or unsigned: :func:`xopt.engines.blockwise.map_of`, from the optimizer's
+``nonnegative_buffers``) is a constant of the compiled code: one function per (rule, the three slots' maps), made
+when a step of it first runs.  The numbers are those of the reference (:mod:`xopt.engines.blockwise`) bit for bit:
+``tests/test_state_8bit.py`` holds every optimizer's kernel to it.
 
 A param of at least ``fused_cpu.PARALLEL_MIN`` elements is split into runs of whole blocks over
 ``get_num_threads()`` threads (the caller and xopt's pool of workers, :mod:`xopt._threads`).
@@ -26,360 +26,148 @@ import functools
 import operator
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
+from numba.core import errors
+from numba.extending import overload
 
 from .. import _backend
 from .._threads import get_num_threads, pool
-from .blockwise import SIGNED, SIGNED_FORMAT, SUFFIX, UNSIGNED, UNSIGNED_FORMAT, map_of, n_blocks
-from .cpu_memory import fetch_add
+from .blockwise import SIGNED, SUFFIX, map_of, n_blocks
+from .cpu_codes import block_absmax, load_block, store_block
 from .cpu_drivers import CHUNK, wait_done
-from .cpu_rules import _adam_element
+from .cpu_memory import fetch_add
+from .cpu_rules import RULES
 from .fused_cpu import PARALLEL_MIN
 from .kernels import lookup
 
-__all__ = ["supports", "apply", "codes_of", "values_of"]
+__all__ = ["supports", "apply"]
 
 _NO_CODES, _NO_ABSMAX = np.zeros(0, np.uint8), np.zeros(0, np.float32)
 
 
 def supports(opt) -> bool:
-    """Adam and AdamW (the Adam element rule) on the maps the kernel computes: m on ``SIGNED``, v (and v_max) on
-    ``UNSIGNED``."""
-    found = lookup(opt)
-    return (found is not None and found.name == "adam" and map_of(opt, "m") is SIGNED
-            and map_of(opt, "v") is UNSIGNED)
+    """An optimizer with a fused element rule (every buffer's map is one the kernel computes)."""
+    return lookup(opt) is not None
 
 
-@intrinsic
-def _float(typingctx, u):
-    """The float32 of bits ``u`` (an integer: its low 32 bits)."""
-    if not isinstance(u, types.Integer):
-        return None
+# -- float32 values and the rule's dtype -----------------------------------------------------------------
+def _work(x, p):
+    """The scratch the rule reads for float32 scratch ``x``: ``x`` itself for float32 params, one of p's dtype
+    (float64) of the same size otherwise (compiled code only)."""
+    raise TypeError("xopt.engines.cpu_blockwise._work runs in compiled code only")
 
-    def codegen(context, builder, signature, args):
-        value = args[0]
-        if u.bitwidth != 32:
-            value = builder.trunc(value, ir.IntType(32)) if u.bitwidth > 32 else builder.zext(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
 
-    return types.float32(u), codegen
+@overload(_work, inline="always")
+def _work_overload(x, p):
+    if x.dtype == p.dtype:
+        return lambda x, p: x
+    return lambda x, p: np.empty(x.shape[0], p.dtype)
 
 
-@intrinsic
-def _magnitude(typingctx, x):
-    """The bits of float32 ``x`` with the sign cleared (uint32): they order as the magnitudes do, and a NaN's are
-    above inf's."""
-    if x != types.float32:
-        return None
+def _copy(src, dst, k):
+    """``dst[:k] = src[:k]`` in dst's dtype (float32 -> float64 exact, float64 -> float32 rounded); nothing
+    where they are one array (compiled code only)."""
+    raise TypeError("xopt.engines.cpu_blockwise._copy runs in compiled code only")
 
-    def codegen(context, builder, signature, args):
-        return builder.and_(builder.bitcast(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 0x7FFFFFFF))
 
-    return types.uint32(x), codegen
+@overload(_copy, inline="always")
+def _copy_overload(src, dst, k):
+    if src.dtype == dst.dtype:
+        return lambda src, dst, k: None
 
-
-@intrinsic
-def _max32(typingctx, a, b):
-    """The larger of uint32 ``a`` and ``b``, in 32 bits (numba's own max widens to 64)."""
-    if a != types.uint32 or b != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.select(builder.icmp_unsigned(">", args[0], args[1]), args[0], args[1])
-
-    return types.uint32(a, b), codegen
-
-
-# The two functions of a map, written as LLVM instructions on 32-bit lanes (numba's own integer arithmetic is
-# 64-bit, which halves the lanes of a vector): no branches, so a loop of them vectorizes.
-_I32, _F32 = ir.IntType(32), ir.FloatType()
-LANES = 16  # elements per vector of a map's codes16 and values16
-
-
-def _i32(value):
-    return ir.Constant(_I32, value)
-
-
-def _splat(kind, value, lanes):
-    return ir.Constant(kind, value) if lanes == 1 else ir.Constant(ir.VectorType(kind, lanes), [value] * lanes)
-
-
-def _code_ir(builder, y, signed, mantissa, emin, lanes=1):
-    """``count(mid < y)`` on ``float_map(signed, mantissa, emin)`` (NaN 255), as an i32: the nearest value, a tie
-    to the smaller (toward zero for y > 0, away from it for y < 0).  ``lanes`` > 1: vectors of that many."""
-    i32, f32 = (_I32, _F32) if lanes == 1 else (ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes))
-
-    def _i32(value):
-        return _splat(_I32, value, lanes)
-
-    def _f32(value):
-        return _splat(_F32, value, lanes)
-
-    u = builder.bitcast(y, i32)
-    a = builder.and_(u, _i32(0x7FFFFFFF))
-    sign = builder.lshr(u, _i32(31))
-    neg = builder.icmp_unsigned("!=", sign, _i32(0))
-    # |y| >= 2**emin: the float32 bits rounded to ``mantissa`` fraction bits (a carry runs into the exponent):
-    # add just under half the dropped unit (a tie goes down), or the half if y < 0 (a tie goes up), and shift;
-    # less the code offset of the exponent.
-    bias = builder.add(_i32((1 << (22 - mantissa)) - 1), sign)
-    normal = builder.sub(builder.lshr(builder.add(a, bias), _i32(23 - mantissa)),
-                         _i32((127 + emin - 1) << mantissa))
-    # |y| < 2**emin: the code is |y| * 2**(mantissa - emin) rounded, a number below 2**mantissa.  Times 2**24 more
-    # it is exact and an integer wherever it is at least 0.5 (where a tie or a step can be), so truncated to an
-    # int nothing that matters is lost; then the same rounding by an add and a shift.
-    small = builder.icmp_unsigned("<", a, _i32((127 + emin) << 23))
-    t = builder.fmul(builder.bitcast(builder.select(small, a, _i32(0)), f32), _f32(2.0 ** (mantissa - emin + 24)))
-    sub = builder.lshr(builder.add(builder.fptosi(t, i32), builder.add(_i32((1 << 23) - 1), sign)), _i32(24))
-    c = builder.select(small, sub, normal)
-    if signed:  # 127 + c, or 127 - c if y < 0, within the map's ends -v(127) (code 0) and v(128) (code 255)
-        minus = builder.sub(_i32(0), sign)  # all ones if y < 0
-        code = builder.add(builder.sub(builder.xor(c, minus), minus), _i32(127))
-        code = builder.select(builder.icmp_signed("<", code, _i32(255)), code, _i32(255))
-        code = builder.select(builder.icmp_signed(">", code, _i32(0)), code, _i32(0))
-    else:
-        c = builder.select(builder.icmp_signed("<", c, _i32(255)), c, _i32(255))
-        code = builder.select(neg, _i32(0), c)
-    nan = builder.icmp_unsigned(">", a, _i32(0x7F800000))
-    return builder.select(nan, _i32(255), code)
-
-
-def _value_ir(builder, code, signed, mantissa, emin, lanes=1):
-    """``map[code]`` of ``float_map(signed, mantissa, emin)`` for an i32 ``code`` in 0..255, as a float."""
-    i32, f32 = (_I32, _F32) if lanes == 1 else (ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes))
-
-    def _i32(value):
-        return _splat(_I32, value, lanes)
-
-    def _f32(value):
-        return _splat(_F32, value, lanes)
-
-    if signed:
-        c = builder.sub(code, _i32(127))
-        neg = builder.icmp_signed("<", c, _i32(0))
-        mag = builder.select(neg, builder.sub(_i32(0), c), c)
-    else:
-        mag = code
-    # field >= 1: the magnitude code shifted into the float32 bits, plus the exponent's offset; field 0 (the
-    # subnormals): a small int times 2**(emin - mantissa), exact
-    normal = builder.bitcast(builder.add(builder.shl(mag, _i32(23 - mantissa)), _i32((127 + emin - 1) << 23)), f32)
-    sub = builder.fmul(builder.sitofp(mag, f32), _f32(2.0 ** (emin - mantissa)))
-    x = builder.select(builder.icmp_signed("<", mag, _i32(1 << mantissa)), sub, normal)
-    if signed:
-        bits = builder.or_(builder.bitcast(x, i32), builder.shl(builder.zext(neg, i32), _i32(31)))
-        x = builder.bitcast(bits, f32)
-    return x
-
-
-def _codec(signed, mantissa, emin):
-    """The intrinsics (code of a float32, value of a uint8 code) of ``float_map(signed, mantissa, emin)``."""
-    @intrinsic
-    def code_of(typingctx, y):
-        if y != types.float32:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return builder.trunc(_code_ir(builder, args[0], signed, mantissa, emin), ir.IntType(8))
-
-        return types.uint8(y), codegen
-
-    @intrinsic
-    def value_of(typingctx, code):
-        if code != types.uint8:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return _value_ir(builder, builder.zext(args[0], _I32), signed, mantissa, emin)
-
-        return types.float32(code), codegen
-
-    @intrinsic
-    def codes16(typingctx, x, inverse, out, j):
-        """``out[j:j + 16] = code(x[j:j + 16] * inverse)``: float32 ``x``, uint8 ``out``, as one vector of 16."""
-        if x.dtype != types.float32 or out.dtype != types.uint8 or inverse != types.float32:
-            return None
-
-        def codegen(context, builder, signature, args):
-            src = make_array(signature.args[0])(context, builder, args[0])
-            dst = make_array(signature.args[2])(context, builder, args[2])
-            vec = ir.VectorType(_F32, LANES)
-            y = builder.load(builder.bitcast(builder.gep(src.data, [args[3]]), vec.as_pointer()), align=4)
-            scale = builder.insert_element(ir.Constant(vec, ir.Undefined), args[1], _i32(0))
-            scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
-            code = _code_ir(builder, builder.fmul(y, scale), signed, mantissa, emin, LANES)
-            wide = ir.VectorType(ir.IntType(8), LANES)
-            builder.store(builder.trunc(code, wide), builder.bitcast(builder.gep(dst.data, [args[3]]), wide.as_pointer()),
-                          align=1)
-            return context.get_dummy_value()
-
-        return types.void(x, inverse, out, j), codegen
-
-    @intrinsic
-    def values16(typingctx, codes, absmax, x, j):
-        """``x[j:j + 16] = value(codes[j:j + 16]) * absmax``: uint8 ``codes``, float32 ``x``, as one vector of 16."""
-        if x.dtype != types.float32 or codes.dtype != types.uint8 or absmax != types.float32:
-            return None
-
-        def codegen(context, builder, signature, args):
-            src = make_array(signature.args[0])(context, builder, args[0])
-            dst = make_array(signature.args[2])(context, builder, args[2])
-            wide = ir.VectorType(ir.IntType(8), LANES)
-            code = builder.load(builder.bitcast(builder.gep(src.data, [args[3]]), wide.as_pointer()), align=1)
-            value = _value_ir(builder, builder.zext(code, ir.VectorType(_I32, LANES)), signed, mantissa, emin, LANES)
-            vec = ir.VectorType(_F32, LANES)
-            scale = builder.insert_element(ir.Constant(vec, ir.Undefined), args[1], _i32(0))
-            scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
-            builder.store(builder.fmul(value, scale), builder.bitcast(builder.gep(dst.data, [args[3]]), vec.as_pointer()),
-                          align=4)
-            return context.get_dummy_value()
-
-        return types.void(codes, absmax, x, j), codegen
-
-    return code_of, value_of, codes16, values16
-
-
-_signed_code, _signed_value, _signed_codes16, _signed_values16 = _codec(True, *SIGNED_FORMAT)
-_unsigned_code, _unsigned_value, _unsigned_codes16, _unsigned_values16 = _codec(False, *UNSIGNED_FORMAT)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _code(y, signed):
-    return _signed_code(y) if signed else _unsigned_code(y)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _value(code, signed):
-    return _signed_value(code) if signed else _unsigned_value(code)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _load(codes, lo, k, absmax, x, signed):
-    """``x[:k]``: the values of block codes ``codes[lo:lo + k]`` (float32, ``map[code] * absmax``)."""
-    block = codes[lo:lo + k]
-    j = 0
-    while j + LANES <= k:
-        if signed:
-            _signed_values16(block, absmax, x, j)
-        else:
-            _unsigned_values16(block, absmax, x, j)
-        j += LANES
-    for t in range(j, k):
-        x[t] = _value(block[t], signed) * absmax
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _absmax(x, k, absmax, b):
-    """Block b's absmax: the largest |x[:k]|; returns what the values are multiplied by, its inverse (1 for 0)."""
-    # The largest of the bits with the sign cleared: for floats >= 0 the integers order alike, and any NaN's bits
-    # are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet one arithmetic makes).  An
-    # integer maximum vectorizes; a float one with NaN kept does not.
-    top_bits = np.uint32(0)
-    for j in range(k):
-        top_bits = _max32(top_bits, _magnitude(x[j]))
-    if top_bits > np.uint32(0x7F800000):
-        top_bits = np.uint32(0x7FC00000)
-    top = _float(top_bits)
-    absmax[b] = top
-    return np.float32(1.0) / (top if top != 0.0 else np.float32(1.0))
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _store(x, k, codes, lo, inverse, signed):
-    """``codes[lo:lo + k]``: the codes of block values ``x[:k]`` (float32) times ``inverse`` (see blockwise.quantize)."""
-    out = codes[lo:lo + k]
-    j = 0
-    while j + LANES <= k:
-        if signed:
-            _signed_codes16(x, inverse, out, j)
-        else:
-            _unsigned_codes16(x, inverse, out, j)
-        j += LANES
-    for t in range(j, k):
-        out[t] = _code(x[t] * inverse, signed)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _codes_of(y, out, signed):
-    _store(y, y.shape[0], out, 0, np.float32(1.0), signed)  # y * 1 is y, bit for bit (a NaN stays a NaN)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _values_of(codes, out, signed):
-    _load(codes, 0, codes.shape[0], np.float32(1.0), out, signed)
-
-
-def codes_of(y, signed: bool) -> np.ndarray:
-    """The kernel's codes of float32 ``y`` on the signed or the unsigned map, as a block's are found (16 at a time,
-    the last ones one by one; for the tests)."""
-    y = np.ascontiguousarray(y, dtype=np.float32).reshape(-1)
-    out = np.empty(y.shape, np.uint8)
-    _codes_of(y, out, signed)
-    return out
-
-
-def values_of(codes, signed: bool) -> np.ndarray:
-    """The kernel's values (``map[code]``) of uint8 ``codes`` on the signed or the unsigned map (for the tests)."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
-    out = np.empty(codes.shape, np.float32)
-    _values_of(codes, out, signed)
-    return out
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, amsgrad, divide):
-    n = p.shape[0]
-    new_m = np.empty(block, np.float32)
-    new_v = np.empty(block, np.float32)
-    new_x = np.empty(block if amsgrad else 0, np.float32)
-    # The scalars as a tuple, not an array: no loads in the loop for LLVM to check against its stores (with them
-    # it does not vectorize the loop).
-    sc = (s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
-    for b in range(b0, b1):
-        lo = b * block
-        k = min(block, n - lo)
-        # The codes' values (float32, map[code] * absmax) into the scratch arrays; one loop of Adam's element rule
-        # over them, the new values (rounded to float32) kept there; then each buffer's absmax and codes.
-        _load(m, lo, k, m_max[b], new_m, True)
-        _load(v, lo, k, v_max[b], new_v, False)
-        if amsgrad:
-            _load(x, lo, k, x_max[b], new_x, False)
-        pb, gb = p[lo:lo + k], g[lo:lo + k]
+    def copy(src, dst, k):
         for j in range(k):
-            pb[j], mi, vi, xi = _adam_element(pb[j], gb[j] * clip, new_m[j], new_v[j],
-                                              new_x[j] if amsgrad else sc[8], sc, amsgrad, divide)
-            new_m[j], new_v[j] = np.float32(mi), np.float32(vi)
-            if amsgrad:
-                new_x[j] = np.float32(xi)
-        _store(new_m, k, m, lo, _absmax(new_m, k, m_max, b), True)
-        _store(new_v, k, v, lo, _absmax(new_v, k, v_max, b), False)
-        if amsgrad:
-            _store(new_x, k, x, lo, _absmax(new_x, k, x_max, b), False)
+            dst[j] = src[j]
+    return copy
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _claim(counters, per, nb, p, g, m, m_max, v, v_max, x, x_max, s, clip, block):
-    """Take runs of ``per`` blocks (``counters[0]``: the next) until none is left; ``counters[1]`` counts those
-    done.  One loop per (amsgrad, divide), as the float kernels: each compiled without the tests."""
-    base = counters.ctypes.data
-    units = -(-nb // per)
-    amsgrad, divide = s[8] != 0.0, s[5] != 1.0
-    while True:
-        u = fetch_add(base, 1)
-        if u >= units:
-            return
-        b0, b1 = u * per, min(nb, (u + 1) * per)
-        if amsgrad and divide:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, True, True)
-        elif amsgrad:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, True, False)
-        elif divide:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, False, True)
-        else:
-            _adam_blocks(p, g, m, m_max, v, v_max, x, x_max, s, clip, b0, b1, block, False, False)
-        fetch_add(base + 8, 1)
+# -- the kernel of one rule ------------------------------------------------------------------------------
+def _rule(number, p, g, x0, x1, x2, s):
+    """The float kernels' element rule ``number`` (:data:`xopt.engines.cpu_rules.RULES`) over ``p``, ``g`` and the
+    three slots, compiled inline where it is called (compiled code only; ``number`` a compile-time constant)."""
+    raise TypeError("xopt.engines.cpu_blockwise._rule runs in compiled code only")
+
+
+_INLINE = {}  # rule number -> the rule compiled to be inlined
+
+
+@overload(_rule, prefer_literal=True, inline="always")
+def _rule_overload(number, p, g, x0, x1, x2, s):
+    if not isinstance(number, types.IntegerLiteral):
+        raise errors.TypingError("xopt: the 8-bit kernel's rule must be a compile-time constant")
+    n = number.literal_value
+    if n not in _INLINE:
+        # inline into the block loop: called instead, a step of 8-bit Adam on 2^24 float32 elements took 1.4-1.9x
+        # the time of the Adam-only kernel this one replaced, in the same runs
+        _INLINE[n] = njit(inline="always", cache=True, nogil=True, error_model="numpy")(RULES[n].py_func)
+    f = _INLINE[n]
+
+    def apply(number, p, g, x0, x1, x2, s):
+        f(p, g, x0, x1, x2, s)
+    return apply
+
+
+_CLAIMS = {}  # (rule number, the three slots' maps: signed or not) -> its compiled claim function
+
+
+def _claim_of(rule, signed):
+    found = _CLAIMS.get((rule, signed))
+    if found is None:
+        found = _CLAIMS[(rule, signed)] = _make_claim(rule, *signed)
+    return found
+
+
+def _make_claim(rule, signed0, signed1, signed2):
+    """The claim function of element rule number ``rule`` with slots on the signed map or not (``signed0..2``):
+    numba compiles it once per closure's constants, plain numbers (and caches it on disk keyed by them)."""
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def claim(counters, per, nb, p, g, c0, a0, c1, a1, c2, a2, s, clip, block):
+        """Take runs of ``per`` blocks (``counters[0]``: the next) until none is left; ``counters[1]`` counts
+        those done.  A slot whose absmax is empty is not kept: the rule never reads it."""
+        base = counters.ctypes.data
+        units = -(-nb // per)
+        n = p.shape[0]
+        keep0, keep1, keep2, scaled = a0.shape[0] > 0, a1.shape[0] > 0, a2.shape[0] > 0, clip != 1.0
+        x0 = np.empty(block if keep0 else 0, np.float32)
+        x1 = np.empty(block if keep1 else 0, np.float32)
+        x2 = np.empty(block if keep2 else 0, np.float32)
+        w0, w1, w2 = _work(x0, p), _work(x1, p), _work(x2, p)
+        gs = np.empty(block if scaled else 0, p.dtype)
+        while True:
+            u = fetch_add(base, 1)
+            if u >= units:
+                return
+            for b in range(u * per, min(nb, (u + 1) * per)):
+                lo = b * block
+                k = min(block, n - lo)
+                if keep0:
+                    load_block(c0, lo, k, a0[b], x0, signed0)
+                    _copy(x0, w0, k)
+                if keep1:
+                    load_block(c1, lo, k, a1[b], x1, signed1)
+                    _copy(x1, w1, k)
+                if keep2:
+                    load_block(c2, lo, k, a2[b], x2, signed2)
+                    _copy(x2, w2, k)
+                gb = g[lo:lo + k]
+                if scaled:  # the grads times the clip scale, a block at a time: the caller's are only read
+                    for j in range(k):
+                        gs[j] = gb[j] * clip
+                    gb = gs[:k]
+                _rule(rule, p[lo:lo + k], gb, w0[:k], w1[:k], w2[:k], s)
+                if keep0:
+                    _copy(w0, x0, k)
+                    store_block(x0, k, c0, lo, block_absmax(x0, k, a0, b), signed0)
+                if keep1:
+                    _copy(w1, x1, k)
+                    store_block(x1, k, c1, lo, block_absmax(x1, k, a1, b), signed1)
+                if keep2:
+                    _copy(w2, x2, k)
+                    store_block(x2, k, c2, lo, block_absmax(x2, k, a2, b), signed2)
+            fetch_add(base + 8, 1)
+
+    return claim
 
 
 def _flat(a, dtype):
@@ -409,23 +197,27 @@ def apply(opt, entries) -> list:
         if flat_g.flags.writeable is False:
             flat_g = flat_g.copy()
         st = e.state
-        names = view.buffers()
+        kernel, names = lookup(view), view.buffers()
         arrays = []
-        for name in ("m", "v", "v_max"):
+        for name in kernel.slots + ("",) * (3 - len(kernel.slots)):
             if name in names:
                 arrays += [st[name].reshape(-1), st[name + SUFFIX]]
             else:
                 arrays += [_NO_CODES, _NO_ABSMAX]
-        s = np.array(lookup(view).order(e.scalars), dtype=work)
+        signed = tuple(map_of(view, name) is SIGNED for name in kernel.slots) + (True,) * (3 - len(kernel.slots))
+        claim_blocks = _claim_of(kernel.rule, signed)
+        # the scalars as a tuple, not an array: no loads in the rule's loop for LLVM to check against its stores
+        # (with them it does not vectorize the loop)
+        s = tuple(work.type(x) for x in kernel.order(e.scalars))
         clip = work.type(1.0 if e.clip is None else e.clip)
         nb = n_blocks(flat_p.shape[0], block)
         threads = min(get_num_threads(), nb) if flat_p.shape[0] >= PARALLEL_MIN else 1
         per = max(1, CHUNK // block) if threads > 1 else nb
         units = -(-nb // per)
         args = (per, nb, flat_p, flat_g, *arrays, s, clip, block)
-        _claim(np.array([units, 0], dtype=np.int64), *args)  # typed (and loaded) here, not among the writes
+        claim_blocks(np.array([units, 0], dtype=np.int64), *args)  # typed (and loaded) here, not among the writes
         counters = np.zeros(2, dtype=np.int64)
-        claim = functools.partial(_claim, counters, *args)
+        claim = functools.partial(claim_blocks, counters, *args)
         if threads > 1:
             writes += [functools.partial(pool(threads).put, claim)] * (threads - 1)
         writes += [claim, functools.partial(wait_done, counters, units)]

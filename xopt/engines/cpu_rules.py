@@ -63,18 +63,27 @@ def _maximum(a, b):
 # and the scalars, in the order of the *_scalars functions below; all of one dtype (float16
 # params arrive as float32 copies).  Flags arrive as 0.0 / 1.0.
 
-@njit(cache=True, error_model="numpy")
-def _sgd(p, g, b, _1, _2, s):
-    lr, weight_decay, momentum, b_decay, b_scale, has_b, nesterov = s[0], s[1], s[2], s[3], s[4], s[5], s[6]
+@njit(cache=True, error_model="numpy", inline="always")
+def _sgd_loop(p, g, b, s, has_b):
+    lr, weight_decay, momentum, b_decay, b_scale, nesterov = s[0], s[1], s[2], s[3], s[4], s[6]
     for i in range(p.shape[0]):
         gi = g[i]
         if weight_decay != 0.0:
             gi = gi + weight_decay * p[i]
-        if has_b != 0.0:
+        if has_b:
             bi = b_decay * b[i] + b_scale * gi
             b[i] = bi
             gi = gi + momentum * bi if nesterov != 0.0 else bi
         p[i] = p[i] - lr * gi
+
+
+@njit(cache=True, error_model="numpy")
+def _sgd(p, g, b, _1, _2, s):
+    # one loop each, as in _adam: a store under a test in the loop (b[i]) keeps LLVM from vectorizing it
+    if s[5] != 0.0:
+        _sgd_loop(p, g, b, s, True)
+    else:
+        _sgd_loop(p, g, b, s, False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -101,28 +110,41 @@ def _adagrad(p, g, h, _1, _2, s):
         p[i] = p[i] - clr * gi / (np.sqrt(hi) + eps)
 
 
-@njit(cache=True, error_model="numpy")
-def _rmsprop(p, g, h, g_avg, b, s):
-    lr, rho, one_minus_rho, eps, momentum, weight_decay, centered, has_b = (
-        s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+@njit(cache=True, error_model="numpy", inline="always")
+def _rmsprop_loop(p, g, h, g_avg, b, s, centered, has_b):
+    lr, rho, one_minus_rho, eps, momentum, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
     for i in range(p.shape[0]):
         gi = g[i]
         if weight_decay != 0.0:
             gi = gi + weight_decay * p[i]
         hi = rho * h[i] + one_minus_rho * gi * gi
         h[i] = hi
-        if centered != 0.0:
+        if centered:
             ai = g_avg[i] + one_minus_rho * (gi - g_avg[i])
             g_avg[i] = ai
             d = np.sqrt(hi - ai * ai) + eps
         else:
             d = np.sqrt(hi) + eps
-        if has_b != 0.0:
+        if has_b:
             bi = momentum * b[i] + gi / d
             b[i] = bi
             p[i] = p[i] - lr * bi
         else:
             p[i] = p[i] - lr * gi / d
+
+
+@njit(cache=True, error_model="numpy")
+def _rmsprop(p, g, h, g_avg, b, s):
+    # one loop each, as in _adam: a store under a test in the loop (g_avg[i], b[i]) keeps LLVM from vectorizing it
+    centered, has_b = s[6] != 0.0, s[7] != 0.0
+    if centered and has_b:
+        _rmsprop_loop(p, g, h, g_avg, b, s, True, True)
+    elif centered:
+        _rmsprop_loop(p, g, h, g_avg, b, s, True, False)
+    elif has_b:
+        _rmsprop_loop(p, g, h, g_avg, b, s, False, True)
+    else:
+        _rmsprop_loop(p, g, h, g_avg, b, s, False, False)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -302,8 +324,9 @@ def _schedule_free(p, g, z, v, _2, s):
         z[i] = zi - lr * u
         v[i] = vi
 
-# The kernel's ``rule`` indexes this: 0-10 as in xopt/engines/kernels.py, then the bfloat16 form of Adam.
+# The kernel's ``rule`` indexes this: 0-11 as in xopt/engines/kernels.py (11, LAMB, reads its tensors' norms
+# first: its C function is xopt.engines.cpu_norms'), then the bfloat16 form of Adam.
 RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _schedule_free,
-         _adam_bf16)
+         None, _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state

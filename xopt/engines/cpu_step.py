@@ -17,6 +17,7 @@ from numba import njit
 
 from .cpu_memory import HEAD, N_HEAD, check_step
 from .cpu_drivers import all_finite, elements, run_serial
+from .kernels import RULES
 
 __all__ = ["step", "rule_function", "NotRun", "LARGE", "NONFINITE", "CHECK_FINITE", "ANSWER"]
 
@@ -61,14 +62,21 @@ def step(function, off, head, scal):
     return 0
 
 
-_FUNCTIONS = {}  # (rule, dtype) -> its compiled C function (numba's CFunc)
+_FUNCTIONS = {}  # (rule, dtype) or (rule, dtype, "norms") -> its compiled C function (numba's CFunc)
 
 
-def rule_function(rule, dtype) -> int:
-    """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``),
-    compiled (or loaded from the disk cache) the first time a process asks for it."""
-    key = (rule, np.dtype(dtype))
+def rule_function(rule, dtype, phase=None) -> int:
+    """The address of rule number ``rule``'s C function over ``dtype`` params (``cpu_drivers.elements``; LAMB's,
+    ``cpu_norms.elements``, or with ``phase="norms"`` its norms' phase), compiled (or loaded from the disk
+    cache) the first time a process asks for it."""
+    key = (rule, np.dtype(dtype)) if phase is None else (rule, np.dtype(dtype), phase)
     found = _FUNCTIONS.get(key)
     if found is None:
-        found = _FUNCTIONS[key] = elements(rule, key[1].type)
+        if rule == RULES["lamb"]:
+            from . import cpu_norms
+
+            found = (cpu_norms.elements if phase is None else cpu_norms.norms)(key[1].type)
+        else:
+            found = elements(rule, key[1].type)
+        _FUNCTIONS[key] = found
     return found.address

@@ -169,5 +169,5 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         raise RuntimeError("xopt internal error: a step's table changed between two checks")
     at = N_TABLE_HEAD + 6 * n + 3 * len(keeps)  # each row's part, where there are several
     arrays = Arrays.of_table(kind.function, ptrs, table[N_TABLE_HEAD:N_TABLE_HEAD + n], scal,
-                             _NO_PART if part is None else table[at:at + n], total)
+                             _NO_PART if part is None else table[at:at + n], total, kind.norms)
     return run(opt, arrays, clip, commit, [bump])

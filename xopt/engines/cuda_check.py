@@ -48,7 +48,7 @@ from . import cuda_cache, fused_cuda
 from .kernels import lookup
 
 __all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "verdict", "in_child", "CHECK",
-           "TIMEOUT", "ISOLATED", "trusted", "passed", "lane_allowed"]
+           "TIMEOUT", "ISOLATED", "trusted", "trusted_on", "passed", "lane_allowed"]
 
 def _configs():
     """rule -> [(optimizer name, hyperparameters, steps)]: every optimizer's :class:`~xopt.engines.kernels.Kernel`
@@ -60,7 +60,7 @@ def _configs():
     for name in xopt.__all__:
         cls = getattr(xopt, name)
         kernel = vars(cls).get("kernel") if isinstance(cls, type) else None
-        if kernel is not None and lookup(cls) is kernel:
+        if kernel is not None and lookup(cls) is kernel and not kernel.norms:  # the CUDA source's rules
             configs.setdefault(kernel.rule, []).extend((name, dict(hyper), kernel.steps) for hyper in kernel.checks)
     return {rule: [*found, (found[0][0], {**found[0][1], "clip_grad_norm": 1.0}, found[0][2])]
             for rule, found in sorted(configs.items())}
@@ -104,7 +104,7 @@ def rule_of(optimizer) -> int:
 
         optimizer = getattr(xopt, optimizer)
     found = lookup(optimizer)
-    if found is None:
+    if found is None or found.norms:  # LAMB's rule is the CPU engine's alone (kernels.NORMS)
         raise ValueError(f"{optimizer!r} has no CUDA kernel")
     return found.rule
 
@@ -202,7 +202,15 @@ def trusted(opt, e) -> bool:
     """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, dtype)."""
     if fused_cuda.VERIFIED:
         return True
-    key = (fused_cuda.device_of(e.p), rule_of(opt), np.dtype(e.p.dtype).name)
+    return trusted_on(opt, fused_cuda.device_of(e.p), np.dtype(e.p.dtype).name)
+
+
+def trusted_on(opt, device, dtype_name) -> bool:
+    """May ``impl="auto"`` run ``opt``'s CUDA kernel for params of ``dtype_name`` on GPU ``device``?  Asks
+    :func:`verdict` once per (GPU, rule, dtype) in a process; a failed one warns once."""
+    if fused_cuda.VERIFIED:
+        return True
+    key = (device, rule_of(opt), dtype_name)
     result = RESULTS.get(key)
     if result is None:
         with _LOCK:  # one child per case, whichever thread steps first
@@ -213,7 +221,7 @@ def trusted(opt, e) -> bool:
                     kept = f" (this verdict is kept in {result.kept}: delete it to check again)" if result.kept else ""
                     warnings.warn(f"xopt: {result}. impl='auto' uses the reference rule for {key[2]} params of this "
                                   f"rule on this GPU from now on; please report this with the message.{kept}",
-                                  SelfCheckWarning, stacklevel=2)
+                                  SelfCheckWarning, stacklevel=3)
     return result.passed
 
 
@@ -253,7 +261,8 @@ def _case(device, rule, dtype_name):
 
 def verdict(device, rule, dtype_name) -> SelfCheck:
     """The self-check's verdict for (GPU ``device``, ``rule``, param dtype): the one kept on disk for this GPU,
-    driver and kernel, else :func:`in_child`'s, then kept (except where the child could not run the check)."""
+    driver and kernel, else :func:`in_child`'s, then kept (except where the child could not run the check).  A GPU
+    in an exclusive compute mode, which a child cannot use beside this process, fails the check unrun, not kept."""
     if not ISOLATED:
         return _resolve(CHECK)(rule, dtype_name, device)
     case = _case(device, rule, dtype_name)
@@ -264,6 +273,14 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
     if found is not None and found.get("case") == case and isinstance(found.get("passed"), bool):
         return SelfCheck(fused_cuda.kernel_name(rule, dtype_name), device, found["passed"], str(found.get("checked")),
                          found.get("mismatch"), kept)
+    try:
+        alone = fused_cuda.DEVICE.exclusive(device)
+    except Exception:  # noqa: BLE001  (the runtime cannot say: the child will try)
+        alone = False
+    if alone:
+        return SelfCheck(fused_cuda.kernel_name(rule, dtype_name), device, False, "not run",
+                         f"GPU {device} is in an exclusive compute mode: the self-check's process cannot use it while "
+                         "this one does (not kept; impl='fused' runs the kernel without the check)")
     result, keep = in_child(device, rule, dtype_name)
     if keep and name is not None and cuda_cache.write_json(name, {"case": case, "passed": result.passed,
                                                                   "checked": result.checked,

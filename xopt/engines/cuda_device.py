@@ -96,6 +96,36 @@ class CupyDevice:
         return cupy is not None and array_type is getattr(cupy, "ndarray", None)
 
     @staticmethod
+    def takes_tensor(t) -> bool:
+        """Whether the lane takes torch tensors like ``t`` here: CUDA tensors."""
+        return bool(t.is_cuda)
+
+    @staticmethod
+    def tensor_device(t) -> int:
+        """The CUDA device ordinal of torch tensor ``t`` (CuPy's device id for the same GPU)."""
+        return t.device.index
+
+    @staticmethod
+    def tensor_view(t):
+        """A CuPy array over torch tensor ``t``'s memory (DLPack, never a copy), safe to use on CuPy's current
+        stream (DLPack has torch's work on ``t`` ordered before it)."""
+        import cupy
+
+        return cupy.from_dlpack(t.detach(), copy=False)
+
+    @staticmethod
+    def tensor_stream(t):
+        """torch's current stream on ``t``'s GPU, as CuPy's (a context that makes it CuPy's current stream)."""
+        import cupy
+        import torch
+
+        stream = torch.cuda.current_stream(t.device)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None and hasattr(stream, "__cuda_stream__"):
+            return from_external(stream)
+        return cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index)
+
+    @staticmethod
     def current_device():
         import cupy
 
@@ -113,6 +143,14 @@ class CupyDevice:
         where = uuid.hex() if isinstance(uuid, bytes) and uuid.strip(b"\0") else runtime.deviceGetPCIBusId(device_id)
         arch = Device(device_id).compute_capability
         return f"{name} sm_{arch} {where} driver {runtime.driverGetVersion()}"
+
+    @staticmethod
+    def exclusive(device_id) -> bool:
+        """Whether GPU ``device_id`` is in an exclusive compute mode (one process at a time) or prohibited: then no
+        other process (the self-check's child) can use it while this one holds it."""
+        from cupy.cuda import runtime
+
+        return runtime.getDeviceProperties(device_id).get("computeMode", 0) != 0
 
     @staticmethod
     def on(device_id):

@@ -36,8 +36,8 @@ from .cpu_step import ANSWER, CHECK_FINITE, NONFINITE, NotRun, rule_function, st
 from .cpu_drivers import sum_squares as _sum_squares
 from .kernels import KeptSlots, lookup
 
-__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "kind", "Kind", "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table",
-           "device_of", "compile_all", "NotRun"]
+__all__ = ["supports", "accepts", "apply", "step", "step_tensors", "tensor_dtype", "tensor_device", "kind", "Kind",
+           "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table", "device_of", "compile_all", "NotRun"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
@@ -67,14 +67,16 @@ def device_of(a):
 
 class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule (the bfloat16 form where the
-    state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers."""
+    state is bfloat16), the order of its scalars, its state slots, the dtypes, and the head's dtype numbers;
+    ``norms``: the address of the norms' phase of a rule that reads its tensors' norms first (0: none)."""
 
-    __slots__ = ("rule", "function", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
+    __slots__ = ("rule", "function", "norms", "order", "slots", "size", "getters", "dtype", "state_dtype", "numbers", "_keeps", "layouts",
                  "scalars_struct")
 
     def __init__(self, kernel, rule, dtype, state_dtype):
         self.rule, self.order, self.slots, self.size = rule, kernel.order, kernel.slots, kernel.size
         self.function = rule_function(rule, dtype)  # the rule's compiled code's address
+        self.norms = rule_function(rule, dtype, "norms") if kernel.norms else 0
         self.dtype, self.state_dtype = dtype, state_dtype
         self.numbers = [dtype.num, state_dtype.num, dtype.itemsize, state_dtype.itemsize]
         self.getters = [operator.itemgetter(name) for name in self.slots]
@@ -199,12 +201,23 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if answer == NONFINITE:
             together(commit(None, True))
             return True
-    arrays = Arrays(kind.function, head, scal)  # checked (again, for a large step): a large step, or a clipped one
+    arrays = Arrays(kind.function, head, scal, kind.norms)  # checked again: a large step, or a clipped one
     if not arrays.good:
         if clip is not None:
             return None
         raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
     return run(opt, arrays, clip, commit)
+
+
+def tensor_dtype(t):
+    """:func:`xopt.engines.cpu_tensors.dtype_of` (float32, float64 CPU tensors; the module imports torch)."""
+    from .cpu_tensors import dtype_of
+
+    return dtype_of(t)
+
+
+def tensor_device(t):
+    return "cpu"
 
 
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
@@ -261,7 +274,8 @@ def apply(opt, entries) -> list:
             lists += [None] * (6 - len(lists))
             scal = np.array([found.order(group[0].scalars) + (1.0 if group[0].clip is None else group[0].clip,)],
                             dtype=work_dtype)
-            arrays = Arrays(found.function, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal)
+            arrays = Arrays(found.function, _head(lists, len(live), found, [keep], 0, [0] * len(live)), scal,
+                            found.norms)
             if not arrays.good:
                 raise RuntimeError("xopt internal error: the fused CPU kernel refused arrays the checks passed")
             writes += arrays.writes()
@@ -277,13 +291,13 @@ def sum_squares(arrays) -> float:
 
 def compile_all():
     """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
-    from .. import AdaDelta, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
+    from .. import LAMB, AdaDelta, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
 
     t0 = time.perf_counter()
     for dtype in (np.float32, np.float64):
         for opt in (SGD(momentum=0.9, impl="fused"), Momentum(impl="fused"), AdaGrad(impl="fused"),
                     RMSprop(impl="fused"), Adam(impl="fused"), AdaDelta(impl="fused"), Adamax(impl="fused"),
-                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused")):
+                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused"), LAMB(impl="fused")):
             for _ in range(2):
                 opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0

@@ -38,6 +38,7 @@ import functools
 import math
 import operator
 import struct
+import sys
 
 import numpy as np
 
@@ -45,7 +46,7 @@ from .. import _backend, _numba
 from .._atomic import together
 from .cuda_device import (ALIGN, CHUNK, N_SCALARS, N_SLOTS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes,
                           _sections, _table, block_table, build, kernel_name, norm_name)
-from .kernels import RULES, KeptSlots, lookup
+from .kernels import CUDA_RULES, KeptSlots, lookup
 
 if _numba.usable():
     from . import cuda_memory
@@ -53,7 +54,7 @@ else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathe
     cuda_memory = None
 
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",
-           "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors",
+           "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors", "tensor_dtype", "tensor_device",
            "apply", "compile_all", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
@@ -67,7 +68,7 @@ def compile_all() -> float:
 
     t0 = time.perf_counter()
     for dtype in PTYPES:
-        for rule in sorted(set(RULES.values())):
+        for rule in CUDA_RULES:
             DEVICE.function(rule, dtype)
         DEVICE.norm_function(dtype)
     return time.perf_counter() - t0
@@ -81,7 +82,10 @@ def device_of(a):
 
 
 def supports(opt) -> bool:
-    return lookup(opt) is not None and opt._hyper.get("state_dtype") is None
+    """Whether the source has ``opt``'s rule: not one that reads its tensors' norms first (LAMB: the reference
+    rule runs it on the GPU, see ``kernels.NORMS``)."""
+    found = lookup(opt)
+    return found is not None and not found.norms and opt._hyper.get("state_dtype") is None
 
 
 def _is_cupy(x) -> bool:
@@ -223,7 +227,7 @@ def _new_kind(opt, dtype):
         name = np.dtype(dtype).name
     except TypeError:
         return None
-    if found is None or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
+    if found is None or found.norms or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
         return None
     dtype = np.dtype(name)
     return Kind(found.rule, found.order, found.slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
@@ -235,9 +239,58 @@ def new_state(view, kind, p):
     return None
 
 
+def tensor_dtype(t):
+    """The NumPy dtype of the kernel a lane step on torch tensors like ``t`` runs (float16, float32, float64), or
+    None: not a tensor this engine takes (exact ``torch.Tensor`` or ``Parameter`` on a device it views)."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(t) not in (torch.Tensor, torch.nn.Parameter) or not DEVICE.takes_tensor(t):
+        return None
+    return _TORCH_DTYPES.get(str(t.dtype))
+
+
+def tensor_device(t) -> int:
+    """The GPU of torch tensor ``t``, as the self-check's verdicts name it."""
+    return DEVICE.tensor_device(t)
+
+
+_TORCH_DTYPES = {"torch.float16": np.dtype(np.float16), "torch.float32": np.dtype(np.float32),
+                 "torch.float64": np.dtype(np.float64)}
+
+
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
-    """Declined (None): torch tensors on the GPU take the checked path."""
-    return None
+    """:func:`step` on torch tensors: each param, grad and state buffer viewed as the device's array over the
+    same memory (CuPy's, through DLPack), the launch on torch's current stream, and the tensors' version counters
+    bumped with the commit, as torch's own in-place writes bump them.  None: declined, nothing written."""
+    device = DEVICE
+    torch = sys.modules["torch"]
+    kept = kind.slots
+    try:
+        if len({str(t.dtype) for t in (*ps, *gs)}) != 1:
+            return None
+        written = [*ps, *(st[name] for st in states for name in kept if name in st)]
+        if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (*written, *gs)):
+            return None
+        with device.tensor_stream(ps[0]):  # views made, and the launch queued, on torch's current stream
+            view = device.tensor_view
+            arrays = [{name: view(st[name]) for name in kept if name in st} for st in states]
+            found = step(opt, kind, views, values, list(map(view, ps)), list(map(view, gs)), arrays, steps, part,
+                         _bumping(commit, written))
+    except _REFUSED:  # a tensor its device's arrays cannot view (sparse, another device's, a lazy conjugate)
+        return None
+    return found
+
+
+_REFUSED = (RuntimeError, TypeError, ValueError, AttributeError, BufferError)
+
+
+def _bumping(commit, written):
+    """``commit`` and, for a step that ran, the version counters of the tensors it wrote, in the same calls."""
+    bump = functools.partial(sys.modules["torch"]._C._increment_version, written)
+
+    def counted(norm, skipped):
+        calls = commit(norm, skipped)
+        return calls if skipped else [*calls, bump]
+    return counted
 
 
 def step(opt, kind, views, values, ps, gs, states, steps, part, commit):

@@ -47,6 +47,13 @@ class LaneEngine(Engine, Protocol):
         ``views``/``values``: each part's hyperparameter set and kernel scalars; ``part``: each tensor's part
         (None: all part 0); ``ps``, ``gs``, ``states``, ``steps``: lists the caller holds."""
 
+    def tensor_dtype(self, t):
+        """The NumPy dtype of the kernel a lane step on torch tensors like ``t`` runs, or None: it takes no such
+        tensors (the CPU engine takes CPU tensors, the CUDA one CUDA tensors)."""
+
+    def tensor_device(self, t):
+        """The device of torch tensor ``t`` as this engine names devices (the self-check's GPU id)."""
+
     def step_tensors(self, opt, kind, views, values, ps, gs, states, steps, part, commit: Callable) -> bool | None:
         """:meth:`step` where ``ps``, ``gs`` and the state buffers are torch tensors (the lane's exact types), read
         through torch's accessors; None: declined, nothing written (an engine that takes no tensors declines)."""

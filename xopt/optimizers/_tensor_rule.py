@@ -7,14 +7,16 @@ Muon (a matrix function of the update) need the whole param and, for Adafactor, 
 :class:`TensorRule` keeps every promise of ``update`` (inputs checked whole, overlaps refused, clipping,
 ``skip_nonfinite``, overrides and schedules, all or nothing, one call into C for the writes) and runs
 the rule on whole params; its state files are checked against the shapes :meth:`TensorRule.buffer_shapes`
-gives.
+gives.  A subclass with a fused kernel (LAMB: the CPU engine's two-phase rule, :mod:`xopt.engines.cpu_norms`)
+takes the exact-type lane first, and the fused CPU engine for the params it accepts
+(``_dispatch.select_whole``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .. import _backend
+from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
 from .._checked import _check_step, _commit, _plain_torch, clip_or_skip
 from .._inputs import check_overlaps, collect, describe
@@ -38,6 +40,8 @@ class TensorRule(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def _update(self, params, grads):
+        if _lane.take(self, params, grads):  # a rule with a fused kernel (LAMB's): the exact-type lane first
+            return
         entries = collect(params, grads)
         self._check_patterns(params)
         views = {}
@@ -77,13 +81,20 @@ class TensorRule(Optimizer):
             together_unforked(writes)
 
     def _compute(self, entries) -> list:
-        """The new values of every entry's param and buffers, as writes (nothing written yet)."""
+        """The new values of every entry's param and buffers, as writes (nothing written yet): the fused CPU
+        engine's where it takes them (a rule with a kernel), the reference rule's on whole params elsewhere
+        (their writes first, as ``_dispatch.select`` orders them)."""
+        fused, entries = _dispatch.select_whole(self, entries)
         if any(_kind(e)[2] for e in entries):
             import torch
 
             with torch.no_grad():
-                return self._compute_each(entries)
-        return self._compute_each(entries)
+                writes = self._compute_each(entries)
+        else:
+            writes = self._compute_each(entries)
+        for apply, group in fused:
+            writes += apply(group[0].opt, group)
+        return writes
 
     def _compute_each(self, entries) -> list:
         writes = []

@@ -5,11 +5,12 @@ from __future__ import annotations
 from .._hyper import Hyper, non_negative
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
+from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage
 
 __all__ = ["AdaGrad"]
 
 
-class AdaGrad(Optimizer):
+class AdaGrad(StateStorage, Optimizer):
     r"""AdaGrad (Duchi et al. 2011), the seed's, with torch.optim.Adagrad's options.
 
     In plain text::
@@ -29,6 +30,9 @@ class AdaGrad(Optimizer):
         lr_decay: δ, the step size decays as η / (1 + (t - 1) δ).
         initial_accumulator_value: where h starts.
         weight_decay: λ, L2 penalty added to the gradient.
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps h of every NumPy param of
+            at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
+            (uint8 codes, a float32 absmax per ``block_size`` (256) elements; h on the unsigned map).
     """
 
     kernel = Kernel("adagrad", ("clr", "eps", "weight_decay"), ("h",),
@@ -38,11 +42,13 @@ class AdaGrad(Optimizer):
     lr_decay = Hyper(non_negative)
     initial_accumulator_value = Hyper(non_negative)
     weight_decay = Hyper(non_negative)
+    nonnegative_buffers = ("h",)  # 8-bit state: h takes the unsigned map
 
     def __init__(self, lr=0.01, eps=1e-7, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0,
-                 **options):
+                 state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
         super().__init__(lr=lr, eps=eps, lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value,
-                         weight_decay=weight_decay, **options)
+                         weight_decay=weight_decay,
+                         state_dtype=state_dtype, block_size=block_size, min_8bit_size=min_8bit_size, **options)
 
     def buffers(self):
         return ("h",)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from .._hyper import Hyper, flag, non_negative, non_negative_int, one_of, positive_int, unit_interval
-from ..engines.blockwise import BLOCK_SIZE, MIN_8BIT_SIZE
+from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
+from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage
 
 __all__ = ["Adam", "AdamW", "weight_decay_scalars", "moments"]
 
@@ -31,7 +31,7 @@ def moments(p, g, state, s):
     return p, g, m, v
 
 
-class Adam(Optimizer):
+class Adam(StateStorage, Optimizer):
     r"""Adam (Kingma & Ba 2015), the seed's, with torch.optim.Adam's options.
 
     In plain text::
@@ -85,9 +85,8 @@ class Adam(Optimizer):
     amsgrad = Hyper(flag)
     weight_decay = Hyper(non_negative)
     eps_hat = Hyper(flag)
-    state_dtype = Hyper(one_of(None, "bfloat16", "8bit"))
-    block_size = Hyper(positive_int)
-    min_8bit_size = Hyper(non_negative_int)
+    state_dtypes = (None, "bfloat16", "8bit")
+    state_dtype = Hyper(one_of(*state_dtypes))
     decoupled_weight_decay = False
     nonnegative_buffers = ("v", "v_max")  # 8-bit state: these take the unsigned map
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from .._hyper import Hyper, non_negative, unit_interval
+from .._norms import squared_norm
+from ..engines.kernels import Kernel
 from ._tensor_rule import TensorRule
 
 __all__ = ["LAMB"]
@@ -31,6 +35,11 @@ class LAMB(TensorRule):
     here: ``LAMB(weight_decay=0.01, overrides={"b*": {"weight_decay": 0.0}})``.  torch.optim has no
     LAMB.
 
+    Both norms are summed in float64, in the one order of :mod:`xopt._norms`, which the fused CPU kernel
+    (:mod:`xopt.engines.cpu_norms`: the norms first, then the elements) repeats on any number of threads:
+    the fused step is this rule's bit for bit.  The CUDA engine has no LAMB kernel: on CuPy arrays this
+    rule runs.
+
     Args:
         lr: η (optax's ``learning_rate``; optax has no default).
         beta1, beta2: decay rates of m and v, in [0, 1) (optax's ``b1``, ``b2``).
@@ -42,6 +51,10 @@ class LAMB(TensorRule):
         You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020,
         arXiv:1904.00962.
     """
+
+    kernel = Kernel("lamb", ("lr", "one_minus_beta1", "beta1", "one_minus_beta2", "beta2", "bias_correction1",
+                             "bias_correction2", "eps", "eps_root", "weight_decay"), ("m", "v"),
+                    checks=({}, {"weight_decay": 0.01, "eps_root": 1e-8}))
 
     lr = Hyper(non_negative)
     beta1 = Hyper(unit_interval)
@@ -58,17 +71,18 @@ class LAMB(TensorRule):
         return ("m", "v")
 
     def scalars(self, step):
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps, "eps_root": self.eps_root,
+        return {"lr": self.lr, "one_minus_beta1": 1.0 - self.beta1, "beta1": self.beta1,
+                "one_minus_beta2": 1.0 - self.beta2, "beta2": self.beta2, "eps": self.eps, "eps_root": self.eps_root,
                 "weight_decay": self.weight_decay, "bias_correction1": 1.0 - self.beta1**step,
                 "bias_correction2": 1.0 - self.beta2**step}
 
     def rule(self, xp, p, g, state, s):
-        m = (1.0 - s["beta1"]) * g + s["beta1"] * state["m"]
-        v = (1.0 - s["beta2"]) * (g * g) + s["beta2"] * state["v"]
+        m = s["one_minus_beta1"] * g + s["beta1"] * state["m"]
+        v = s["one_minus_beta2"] * (g * g) + s["beta2"] * state["v"]
         u = (m / s["bias_correction1"]) / (xp.sqrt(v / s["bias_correction2"] + s["eps_root"]) + s["eps"])
         if s["weight_decay"] != 0.0:
             u = u + s["weight_decay"] * p
-        param_norm = float(xp.sqrt(xp.sum(p * p)))
-        update_norm = float(xp.sqrt(xp.sum(u * u)))
+        param_norm = math.sqrt(squared_norm(xp, p))  # in float64, in the order the fused kernel adds
+        update_norm = math.sqrt(squared_norm(xp, u))
         ratio = 1.0 if param_norm == 0.0 or update_norm == 0.0 else param_norm / update_norm
         return p - s["lr"] * (u * ratio), {"m": m, "v": v}

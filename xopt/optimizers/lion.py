@@ -5,11 +5,12 @@ from __future__ import annotations
 from .._hyper import Hyper, non_negative, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
+from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage
 
 __all__ = ["Lion"]
 
 
-class Lion(Optimizer):
+class Lion(StateStorage, Optimizer):
     r"""Lion, "EvoLved Sign Momentum" (Chen et al. 2023), with optax.lion's numbers.
 
     In plain text::
@@ -30,6 +31,9 @@ class Lion(Optimizer):
         beta1: β1, how much of m the sign sees, in [0, 1).
         beta2: β2, decay rate of m, in [0, 1).
         weight_decay: λ, decoupled: W shrinks by ηλW each step.
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps m of every NumPy param of
+            at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
+            (uint8 codes, a float32 absmax per ``block_size`` (256) elements; m on the signed map).
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023, arXiv:2302.06675.
@@ -42,8 +46,10 @@ class Lion(Optimizer):
     beta2 = Hyper(unit_interval)
     weight_decay = Hyper(non_negative)
 
-    def __init__(self, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, **options):
-        super().__init__(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, **options)
+    def __init__(self, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
+                 state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                         state_dtype=state_dtype, block_size=block_size, min_8bit_size=min_8bit_size, **options)
 
     def buffers(self):
         return ("m",)

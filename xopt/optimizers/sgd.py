@@ -5,11 +5,12 @@ from __future__ import annotations
 from .._hyper import Hyper, closed_unit_interval, flag, non_negative
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
+from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage
 
 __all__ = ["SGD", "Momentum", "Nesterov"]
 
 
-class SGD(Optimizer):
+class SGD(StateStorage, Optimizer):
     r"""Stochastic gradient descent, with torch.optim.SGD's momentum, dampening and Nesterov.
 
     In plain text::
@@ -30,6 +31,10 @@ class SGD(Optimizer):
         dampening: τ, in [0, 1].
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         weight_decay: λ, L2 penalty added to the gradient.
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` (momentum > 0 only) keeps b of every
+            NumPy param of at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as
+            :class:`~xopt.Adam` does (uint8 codes, a float32 absmax per ``block_size`` (256) elements; b on
+            the signed map).
 
     Example:
         >>> import numpy as np
@@ -48,14 +53,18 @@ class SGD(Optimizer):
     nesterov = Hyper(flag)
     weight_decay = Hyper(non_negative)
 
-    def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, **options):
+    def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
         super().__init__(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                         weight_decay=weight_decay, **options)
+                         weight_decay=weight_decay,
+                         state_dtype=state_dtype, block_size=block_size, min_8bit_size=min_8bit_size, **options)
 
     def _check_hyperparameters(self):
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 "
                              f"(got momentum={self.momentum}, dampening={self.dampening})")
+        if self.state_dtype == "8bit" and self.momentum == 0.0:
+            raise ValueError("state_dtype='8bit' requires momentum > 0: SGD without momentum keeps no state")
 
     def buffers(self):
         return ("b",) if self.momentum != 0.0 else ()
@@ -82,7 +91,7 @@ class SGD(Optimizer):
         return p - s["lr"] * g, {"b": b}
 
 
-class Momentum(Optimizer):
+class Momentum(StateStorage, Optimizer):
     r"""The seed's momentum: a velocity ``v`` with the learning rate folded in.
 
     In plain text::
@@ -99,14 +108,19 @@ class Momentum(Optimizer):
     Args:
         lr: learning rate η.
         momentum: α.
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps v of every NumPy param of
+            at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
+            (uint8 codes, a float32 absmax per ``block_size`` (256) elements; v on the signed map).
     """
 
     kernel = Kernel("momentum", ("lr", "momentum", "nesterov"), ("v",))
     lr = Hyper(non_negative)
     momentum = Hyper(non_negative)
 
-    def __init__(self, lr=0.01, momentum=0.9, **options):
-        super().__init__(lr=lr, momentum=momentum, **options)
+    def __init__(self, lr=0.01, momentum=0.9,
+                 state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
+        super().__init__(lr=lr, momentum=momentum,
+                         state_dtype=state_dtype, block_size=block_size, min_8bit_size=min_8bit_size, **options)
 
     def buffers(self):
         return ("v",)

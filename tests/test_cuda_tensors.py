@@ -1,0 +1,135 @@
+"""torch tensors through the CUDA engine, on the CPU build of its kernel (as tests/test_cuda_source.py runs CuPy's
+path): the lane views each tensor as the device's array over the same memory (DLPack on a GPU; here NumPy's view of a
+CPU tensor stands for it), launches once per step on torch's current stream, and bumps the tensors' version counters
+with the commit; numbers bit for bit those of the reference rule on the same tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt import _lane
+from xopt.engines import cuda_check, fused_cuda
+from test_cuda_source import HostDevice, cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.cuda_source
+
+CONFIGS = [("Adam", {}), ("AdamW", dict(weight_decay=0.1, amsgrad=True)), ("SGD", dict(momentum=0.9, nesterov=True)),
+           ("RMSprop", dict(centered=True, momentum=0.5)), ("Lion", dict(weight_decay=0.1)), ("NAdam", {})]
+DTYPES = [torch.float16, torch.float32, torch.float64]
+
+
+@pytest.fixture
+def as_cuda(cuda_on_cpu, monkeypatch):  # noqa: F811
+    """CPU tensors passed off as CUDA ones: the CPU engine does not take them (``cpu_tensors.dtype_of`` says None,
+    as of a CUDA tensor), so the lane asks ``_dispatch.gpu_tensor_kind``, and the CUDA engine (the CPU build of its
+    kernel, ``HostDevice``) takes them; impl="auto" runs the self-check first (here, in this process)."""
+    monkeypatch.setattr(_lane, "_tensor_dtype", lambda t: None)
+    return cuda_on_cpu
+
+
+def _tensors(rng, dtype, sizes=(5, 300, 2 * fused_cuda.CHUNK + 3, 1)):
+    return {f"w{i}": torch.nn.Parameter(torch.tensor(rng.standard_normal(n), dtype=dtype)) for i, n in enumerate(sizes)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_tensors_step_through_the_kernel_bit_for_bit(config, dtype, as_cuda, lane, rng):  # noqa: F811
+    """After the first step (the checked path's: torch's ops make the state), every step is the lane's: one launch,
+    version counters bumped, and the numbers of the reference rule on NumPy copies of the same params and state
+    (the kernel's numbers are NumPy's: torch's own ops may round differently in the last place)."""
+    name, hyper = config
+    b = _tensors(rng, dtype)
+    grads = [{k: torch.tensor(rng.standard_normal(v.shape) + 0.1, dtype=dtype) for k, v in b.items()}
+             for _ in range(4)]
+    ours = getattr(xopt, name)(**hyper)
+    ours.update(b, grads[0])  # the self-check runs first (here, in this process), then the checked path
+    assert lane[-1] is False
+    ref = getattr(xopt, name)(impl="reference", **hyper)
+    a = {k: v.detach().numpy().copy() for k, v in b.items()}
+    ref.state = {k: {n: (v.numpy().copy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+                 for k, st in ours.state.items()}
+    ref.iter = ours.iter
+    for g in grads[1:]:
+        ref.update(a, {k: v.numpy() for k, v in g.items()})
+        versions = {k: t._version for k, t in b.items()}
+        launches = HostDevice.launches
+        ours.update(b, g)
+        assert lane[-1] is True, "the lane's step"
+        assert HostDevice.launches == launches + 1, "one launch a step"
+        assert all(b[k]._version > versions[k] for k in b), "version counters bumped, as by torch's writes"
+    assert list(cuda_check.RESULTS) == [(0, ours.kernel.rule, str(dtype)[6:])]
+    for k in a:
+        assert isinstance(b[k], torch.nn.Parameter) and b[k].dtype == dtype
+        np.testing.assert_array_equal(b[k].detach().numpy(), a[k], err_msg=k)
+        for buf in ref.buffers():
+            assert isinstance(ours.state[k][buf], torch.Tensor)
+            np.testing.assert_array_equal(ours.state[k][buf].numpy(), ref.state[k][buf], err_msg=f"{buf} of {k}")
+
+
+def test_a_tensor_the_views_refuse_leaves_the_step_to_the_checked_path(as_cuda, lane, rng):  # noqa: F811
+    """A grad that is not contiguous, or of another dtype: declined whole, nothing written by the lane; the checked
+    path steps it (here, by the reference rule), as it would on a GPU."""
+    params = _tensors(rng, torch.float32)
+    opt, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    twin = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    g = {k: torch.ones_like(v) for k, v in params.items()}
+    opt.update(params, g)
+    ref.update(twin, g)
+    odd = dict(g, w1=torch.ones(600)[::2])
+    launches = HostDevice.launches
+    opt.update(params, odd)
+    ref.update(twin, odd)
+    assert lane[-1] is False and HostDevice.launches == launches
+    for k in params:
+        torch.testing.assert_close(params[k].detach(), twin[k].detach(), rtol=0, atol=0)
+
+
+def test_xopt_torch_optimizer_steps_through_the_kernel(as_cuda, lane, rng):  # noqa: F811
+    """``xopt.torch.Adam(...).step()`` takes the same lane (one launch a step after the first) and follows
+    ``torch.optim.Adam`` (float64)."""
+    import xopt.torch as xt
+
+    params = list(_tensors(rng, torch.float64).values())
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = xt.Adam(params, lr=0.01), torch.optim.Adam(twin, lr=0.01)
+    for step in range(4):
+        for p, q in zip(params, twin):
+            p.grad = torch.tensor(rng.standard_normal(p.shape))
+            q.grad = p.grad.clone()
+        launches = HostDevice.launches
+        ours.step()
+        theirs.step()
+        if step:  # the first: the self-check's launches (in this process here), then the checked path's step
+            assert (lane[-1], HostDevice.launches - launches) == (True, 1)
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_cupy_device_views_tensors_through_dlpack_on_torchs_stream(monkeypatch):
+    """``CupyDevice``'s tensor methods, CuPy's and torch's CUDA calls stubbed: a CUDA tensor is taken, viewed with
+    ``cupy.from_dlpack(copy=False)`` (never a copy), and stepped on torch's current stream of its GPU."""
+    cupy = pytest.importorskip("cupy")
+    from xopt.engines.cuda_device import CupyDevice
+
+    seen = []
+
+    class Fake:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+        def detach(self):
+            return self
+
+    class TorchStream:
+        cuda_stream = 1234
+
+    monkeypatch.setattr(cupy, "from_dlpack", lambda t, copy=None: seen.append(("dlpack", copy)) or "view")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: seen.append(("stream", device)) or TorchStream())
+    monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda ptr, device_id=-1: ("external", ptr, device_id))
+    assert CupyDevice.takes_tensor(Fake()) and not CupyDevice.takes_tensor(torch.zeros(1))
+    assert CupyDevice.tensor_view(Fake()) == "view" and seen == [("dlpack", False)]
+    assert CupyDevice.tensor_stream(Fake()) == ("external", 1234, 1)
+    assert seen[-1] == ("stream", torch.device("cuda", 1))
