@@ -7,14 +7,33 @@ reason; CuPy needs a working GPU.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 
 from xopt import _backend
+
+HERE = Path(__file__).parent
+
+# The Dask clusters tests start (and their workers, which take the config from their nanny): no sampling profiler
+# (every 10 ms), and the event loop's tick and the memory and system monitors every 1-2 s instead of every
+# 20-500 ms.  An idle two-worker cluster then takes about 1 % of a core instead of 10 %; no test reads them.
+# Environment variables: dask reads them when first imported, after this file.
+for _key, _value in {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+                     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
+                     "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s",
+                     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s"}.items():
+    os.environ.setdefault(_key, _value)
 
 
 @dataclass
@@ -57,6 +76,28 @@ BACKENDS = [
     pytest.param(_torch, id="torch"),
     pytest.param(_cupy, id="cupy", marks=pytest.mark.gpu),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_torch_and_blas():
+    """torch's and BLAS's thread pools (the comparisons' and the examples' matmuls) on one thread; xopt's own
+    threads are left alone.  Their idle threads spin after each small op: that was CPU time taken from the
+    other core, and no test reads their timing or depends on their thread count (elementwise results are the
+    same on any number of threads)."""
+    torch = sys.modules.get("torch")  # imported by the test modules, if at all, at collection
+    torch_threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+    except ImportError:
+        blas = contextlib.nullcontext()
+    else:
+        blas = threadpool_limits(1, user_api="blas")
+    with blas:
+        yield
+    if torch:
+        torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -106,3 +147,19 @@ def cuda_cache_dir(tmp_path, monkeypatch):
     cuda_cache.directory.cache_clear()
     yield folder
     cuda_cache.directory.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def host_kernel(tmp_path_factory):
+    """xopt/engines/cuda/optimizers.cu built for the CPU (``tests/cuda_host.cpp``), once for the whole session:
+    the CUDA-source tests of every module share it."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build xopt/engines/cuda/optimizers.cu for the CPU")
+    lib = tmp_path_factory.mktemp("cuda_host") / "cuda_host.so"
+    subprocess.run([cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror",
+                    "-o", str(lib), str(HERE / "cuda_host.cpp")], check=True, capture_output=True)
+    so = ctypes.CDLL(str(lib))
+    so.xopt_host_launch.restype = ctypes.c_int
+    so.xopt_host_wide_accesses.restype = ctypes.c_longlong
+    return so

@@ -10,7 +10,7 @@ import xopt
 from xopt import schedules
 from xopt.engines import cuda_check, fused_cuda
 from test_cuda_source import (ALL_CONFIGS, HostDevice, _assert_same, _placed, at, cuda_on_cpu,  # noqa: F401
-                              grads_read, host_kernel, nudge_first_scalar)
+                              grads_read, nudge_first_scalar)
 from test_edges import make
 
 pytestmark = pytest.mark.cuda_source

@@ -34,20 +34,6 @@ C = fused_cuda.CHUNK
 SHAPES = [(), (0,), (1, 0, 2), (7,), (3, 5), (C - 1,), (C,), (2 * C + 3,)]  # one launch for all of them
 
 
-@pytest.fixture(scope="session")
-def host_kernel(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build xopt/engines/cuda/optimizers.cu for the CPU")
-    lib = tmp_path_factory.mktemp("cuda_host") / "cuda_host.so"
-    subprocess.run([cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror",
-                    "-o", str(lib), str(HERE / "cuda_host.cpp")], check=True, capture_output=True)
-    so = ctypes.CDLL(str(lib))
-    so.xopt_host_launch.restype = ctypes.c_int
-    so.xopt_host_wide_accesses.restype = ctypes.c_longlong
-    return so
-
-
 def at(address, dtype, count):
     """``count`` elements of ``dtype`` at ``address`` (a NumPy view: what a launch's table holds there)."""
     dtype = np.dtype(dtype)

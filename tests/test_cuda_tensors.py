@@ -11,7 +11,7 @@ import pytest
 import xopt
 from xopt import _lane
 from xopt.engines import cuda_check, fused_cuda
-from test_cuda_source import HostDevice, cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
+from test_cuda_source import HostDevice, cuda_on_cpu  # noqa: F401  (a fixture)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.cuda_source

@@ -36,6 +36,7 @@ def test_digits_mlp_small(tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # the default 40 epochs; test_digits_mlp_small runs the same code for 2
 def test_digits_mlp_reaches_095_with_defaults(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")

@@ -13,7 +13,7 @@ import xopt
 from xopt import _dispatch
 from xopt.engines import fused_cpu, fused_cuda
 from xopt.engines.kernels import RULES, kernel_of
-from test_cuda_source import cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
+from test_cuda_source import cuda_on_cpu  # noqa: F401  (a fixture)
 
 EVERY_OPTIMIZER = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax",
                    "NAdam", "RAdam", "Lion", "ScheduleFreeAdamW"]

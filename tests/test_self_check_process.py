@@ -19,7 +19,7 @@ import pytest
 
 import xopt
 from xopt.engines import cuda_cache, cuda_check
-from test_cuda_source import cuda_on_cpu, host_kernel  # noqa: F401  (fixtures)
+from test_cuda_source import cuda_on_cpu  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.cuda_source
 HERE = Path(__file__).resolve().parent
