@@ -21,8 +21,12 @@ def param_and_grads(draw, steps=3):
     return p, gs
 
 
+# LAMB's rule reads its param's norms (the trust ratio): splitting a param changes them
+ELEMENTWISE = sorted(k for k in CONFIGS if not getattr(xopt, k.split("-")[0]).kernel.norms)
+
+
 @settings(max_examples=60, deadline=None)
-@given(data=param_and_grads(), config=st.sampled_from(sorted(CONFIGS)))
+@given(data=param_and_grads(), config=st.sampled_from(ELEMENTWISE))
 def test_rules_are_elementwise_so_splitting_a_param_changes_nothing(data, config):
     """One param updated whole equals its flattened halves updated as two params."""
     p, gs = data
