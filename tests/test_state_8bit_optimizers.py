@@ -76,7 +76,8 @@ def test_params_below_at_and_above_min_8bit_size(name):
     assert np.array_equal(small["p4095"], fused[1]["p4095"])
 
 
-@pytest.mark.parametrize("name", ["Lion", "RMSprop", "SGD"])
+@pytest.mark.parametrize("name", ["Lion", pytest.param("RMSprop", marks=pytest.mark.slow),
+                                  pytest.param("SGD", marks=pytest.mark.slow)])  # each compiles its float64 kernel
 def test_clip_overrides_and_threads_keep_the_kernel_equal_to_the_reference(name):
     # the clip scale (grads scaled a block at a time), an override's own lr (a second hyperparameter set), and a
     # param above PARALLEL_MIN split over two threads
