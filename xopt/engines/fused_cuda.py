@@ -38,14 +38,14 @@ import functools
 import math
 import operator
 import struct
-import sys
 
 import numpy as np
 
 from .. import _backend, _numba
 from .._atomic import together
-from .cuda_device import (ALIGN, CHUNK, N_SCALARS, N_SLOTS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes,
-                          _sections, _table, block_table, build, kernel_name, norm_name)
+from . import cuda_reader, cuda_tensors
+from .cuda_device import (CHUNK, N_SCALARS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes, _sections,
+                          block_table, build, kernel_name, norm_name)
 from .kernels import CUDA_RULES, KeptSlots, lookup
 
 if _numba.usable():
@@ -111,85 +111,6 @@ AUTO_ALLOWED = _not_yet  # (GPU, rule, param dtype name) -> may impl="auto" run 
 
 
 # -- a step's table ---------------------------------------------------------------------------------
-_size = operator.attrgetter("size")
-_shape = operator.attrgetter("shape")
-_dtype = operator.attrgetter("dtype")
-
-
-def _flags_ok(arrays, array_type, write) -> bool:
-    if not all(a.flags.c_contiguous for a in arrays):
-        return False
-    if array_type is np.ndarray:  # the CPU build's arrays: aligned, and writeable where written
-        return all(a.flags.aligned and (a.flags.writeable or not write) for a in arrays)
-    return True
-
-
-def _gather_python(array_type, lists, keeps, part, dtype, state_dtype, scalar_bytes):
-    """What :func:`xopt.engines.cuda_memory.gather` answers, by Python's attribute lookups: (answer, device,
-    blocks, table), answer 0 where every check passed (any other number: refused)."""
-    ps, gs, slots, steps = lists[0], lists[1], lists[2:5], lists[5]
-    n = len(ps)
-    device = DEVICE
-    if len(gs) != n or any(lst is not None and len(lst) != n for lst in slots) or (steps is not None
-                                                                                    and len(steps) != n):
-        return 1, -1, 0, None
-    part = np.zeros(n, dtype=np.int64) if part is None or not len(part) else np.asarray(part, dtype=np.int64)
-    if n and (part.min() < 0 or part.max() >= len(keeps)):
-        return 1, -1, 0, None
-    kept = np.asarray(keeps, dtype=bool).reshape(-1, 3)[part]  # (n, 3): which slots each tensor's part keeps
-    rows = [np.flatnonzero(kept[:, j]) if slots[j] is not None else np.zeros(0, dtype=np.int64) for j in range(3)]
-    bufs = [[slots[j][i] for i in rows[j]] for j in range(3)]
-    flat = [b for slot in bufs for b in slot]
-    if {*map(type, ps), *map(type, gs), *map(type, flat)} != {array_type}:
-        return 1, -1, 0, None
-    if {*map(_dtype, ps), *map(_dtype, gs)} != {dtype} or (flat and set(map(_dtype, flat)) != {state_dtype}):
-        return 1, -1, 0, None
-    shapes = list(map(_shape, ps))
-    if list(map(_shape, gs)) != shapes:
-        return 1, -1, 0, None
-    for j in range(3):
-        if [b.shape for b in bufs[j]] != [shapes[i] for i in rows[j]]:
-            return 1, -1, 0, None
-    if not (_flags_ok(ps, array_type, True) and _flags_ok(gs, array_type, False)
-            and _flags_ok(flat, array_type, True)):
-        return 1, -1, 0, None
-    if steps is not None and not all(type(s) is int for s in steps):
-        return 1, -1, 0, None
-    devices = {*map(device.device_of, ps), *map(device.device_of, gs), *map(device.device_of, flat)}
-    if len(devices) > 1:
-        return n + 2, -1, 0, None
-    sizes = np.fromiter(map(_size, ps), dtype=np.int64, count=n)
-    ptrs = np.zeros((N_SLOTS, n), dtype=np.int64)
-    ptrs[0] = np.fromiter(map(device.address, ps), dtype=np.uint64, count=n).astype(np.int64)
-    ptrs[1] = np.fromiter(map(device.address, gs), dtype=np.uint64, count=n).astype(np.int64)
-    for j in range(3):
-        ptrs[2 + j, rows[j]] = np.fromiter(map(device.address, bufs[j]), dtype=np.uint64,
-                                           count=len(rows[j])).astype(np.int64)
-    live = sizes > 0
-    p_size, s_size = dtype.itemsize, state_dtype.itemsize
-    item = np.array([p_size, p_size, s_size, s_size, s_size], dtype=np.int64)[:, None]
-    present = (ptrs != 0) | (np.arange(N_SLOTS) < 2)[:, None]
-    if np.any(live & np.any(present & (ptrs % item != 0), axis=0)):
-        return 1, -1, 0, None
-    aligned = ~np.any(present & (ptrs % ALIGN != 0), axis=0)
-    spans_lo, spans_hi = [ptrs[0, live]], [ptrs[0, live] + sizes[live] * p_size]
-    for j in range(3):
-        where = rows[j][live[rows[j]]]
-        spans_lo.append(ptrs[2 + j, where])
-        spans_hi.append(ptrs[2 + j, where] + sizes[where] * s_size)
-    lo, hi = np.concatenate(spans_lo), np.concatenate(spans_hi)
-    order = np.argsort(lo, kind="stable")
-    lo, hi = lo[order], hi[order]
-    if np.any(lo[1:] < hi[:-1]):
-        return n + 1, -1, 0, None
-    g_lo = ptrs[1, live]
-    j = np.searchsorted(lo, g_lo + sizes[live] * p_size)
-    if np.any((j > 0) & (hi[np.maximum(j - 1, 0)] > g_lo)):
-        return n + 1, -1, 0, None
-    n_blocks, table = _table(ptrs, sizes, aligned, part, scalar_bytes)
-    return 0, (devices.pop() if devices else -1), n_blocks, table
-
-
 # -- the exact-type lane ------------------------------------------------------------------------------
 class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule, the order of its scalars, its state
@@ -240,12 +161,9 @@ def new_state(view, kind, p):
 
 
 def tensor_dtype(t):
-    """The NumPy dtype of the kernel a lane step on torch tensors like ``t`` runs (float16, float32, float64), or
-    None: not a tensor this engine takes (exact ``torch.Tensor`` or ``Parameter`` on a device it views)."""
-    torch = sys.modules.get("torch")
-    if torch is None or type(t) not in (torch.Tensor, torch.nn.Parameter) or not DEVICE.takes_tensor(t):
-        return None
-    return _TORCH_DTYPES.get(str(t.dtype))
+    """The NumPy dtype of the kernel a lane step on torch tensors like ``t`` runs, or None
+    (:func:`xopt.engines.cuda_tensors.dtype_of`)."""
+    return cuda_tensors.dtype_of(DEVICE, t)
 
 
 def tensor_device(t) -> int:
@@ -253,44 +171,9 @@ def tensor_device(t) -> int:
     return DEVICE.tensor_device(t)
 
 
-_TORCH_DTYPES = {"torch.float16": np.dtype(np.float16), "torch.float32": np.dtype(np.float32),
-                 "torch.float64": np.dtype(np.float64)}
-
-
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
-    """:func:`step` on torch tensors: each param, grad and state buffer viewed as the device's array over the
-    same memory (CuPy's, through DLPack), the launch on torch's current stream, and the tensors' version counters
-    bumped with the commit, as torch's own in-place writes bump them.  None: declined, nothing written."""
-    device = DEVICE
-    torch = sys.modules["torch"]
-    kept = kind.slots
-    try:
-        if len({str(t.dtype) for t in (*ps, *gs)}) != 1:
-            return None
-        written = [*ps, *(st[name] for st in states for name in kept if name in st)]
-        if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (*written, *gs)):
-            return None
-        with device.tensor_stream(ps[0]):  # views made, and the launch queued, on torch's current stream
-            view = device.tensor_view
-            arrays = [{name: view(st[name]) for name in kept if name in st} for st in states]
-            found = step(opt, kind, views, values, list(map(view, ps)), list(map(view, gs)), arrays, steps, part,
-                         _bumping(commit, written))
-    except _REFUSED:  # a tensor its device's arrays cannot view (sparse, another device's, a lazy conjugate)
-        return None
-    return found
-
-
-_REFUSED = (RuntimeError, TypeError, ValueError, AttributeError, BufferError)
-
-
-def _bumping(commit, written):
-    """``commit`` and, for a step that ran, the version counters of the tensors it wrote, in the same calls."""
-    bump = functools.partial(sys.modules["torch"]._C._increment_version, written)
-
-    def counted(norm, skipped):
-        calls = commit(norm, skipped)
-        return calls if skipped else [*calls, bump]
-    return counted
+    """:func:`step` on torch tensors, viewed as the device's arrays (:func:`xopt.engines.cuda_tensors.step`)."""
+    return cuda_tensors.step(DEVICE, step, opt, kind, views, values, ps, gs, states, steps, part, commit)
 
 
 def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
@@ -342,7 +225,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                                                                 else np.array(part, dtype=np.int64))
     else:
         keeps = [flags[i:i + 3] for i in range(0, len(flags), 3)]
-        answer, device_id, n_blocks, table = _gather_python(array_type, lists, keeps, part, dtype, math_dtype,
+        answer, device_id, n_blocks, table = cuda_reader.gather(DEVICE, array_type, lists, keeps, part, dtype, math_dtype,
                                                             scalar_bytes)
     if answer:
         return None
@@ -437,7 +320,7 @@ def apply(opt, entries) -> list:
             lists = [ps, gs] + [[st[name] for st in states] if k else None for name, k in zip(found.slots, keep)]
             lists += [None] * (5 - len(lists)) + [None]
             scalar_bytes = _scalar_bytes(1, found.math)
-            answer, _, n_blocks, table = _gather_python(type(ps[0]), lists, [keep + [False] * (3 - len(keep))],
+            answer, _, n_blocks, table = cuda_reader.gather(device, type(ps[0]), lists, [keep + [False] * (3 - len(keep))],
                                                         None, dtype, found.math, scalar_bytes)
             if answer:
                 raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
