@@ -100,30 +100,47 @@ def _object_or_function(cpu_native, function):
         return function
 
 
+def _address(a) -> int:
+    """Where array ``a``'s data starts (``a.ctypes.data`` without the Python object NumPy builds for it)."""
+    return a.__array_interface__["data"][0]
+
+
 class Call:
     """A step's call block (``cpu_structs.CALL``) and the room for its work, which grows with the tensor count."""
 
     __slots__ = ("block", "run", "rows", "work")
 
     def __init__(self, function, head, scal, step):
-        self.block = np.array([function, _OFFSETS_AT, head.ctypes.data, head.shape[0], scal.ctypes.data, scal.shape[0],
+        self.block = np.array([function, _OFFSETS_AT, _address(head), head.shape[0], _address(scal), scal.shape[0],
                                scal.shape[1], 0, 0, id(NotRun)], dtype=np.int64)
-        self.run = functools.partial(step, self.block.ctypes.data)  # the step: a call into C, for together
+        self.run = functools.partial(step, _address(self.block))  # the step: a call into C, for together
         self.rows = -1
         self.work = None
+
+    def point(self, head, scal):
+        """The block pointed at another step's ``head`` and ``scal``."""
+        block = self.block
+        block[2], block[3], block[4], block[5], block[6] = (_address(head), head.shape[0], _address(scal),
+                                                            scal.shape[0], scal.shape[1])
 
     def fit(self, n):
         """Room for a step of ``n`` tensors."""
         if n > self.rows:
             rows = max(n, 2 * self.rows, 16)
             self.work = np.empty(WORK_PER_ROW * rows, dtype=np.int64)
-            self.block[7], self.block[8], self.rows = self.work.ctypes.data, self.work.shape[0], rows
+            self.block[7], self.block[8], self.rows = _address(self.work), self.work.shape[0], rows
 
 
 def call_block(function, head, scal, step):
-    """A :class:`Call` of ``step`` (:func:`step_function`) for one step of ``head``'s tensors (the caller
-    holds it, ``head`` and ``scal`` until the call has run)."""
-    call = Call(function, head, scal, step)
+    """This thread's :class:`Call` of ``step`` (:func:`step_function`) for rule ``function``, pointed at one step's
+    ``head`` and ``scal`` (the caller holds them until the call has run), with room for its tensors."""
+    calls = _SCRATCH.__dict__.setdefault("calls", {})  # (rule function, id of the step it holds) -> Call
+    key = (function, id(step))  # the Call holds ``step``: its id stays its own while the Call is kept
+    call = calls.get(key)
+    if call is None:
+        call = calls[key] = Call(function, head, scal, step)
+    else:
+        call.point(head, scal)
     call.fit(int(head[6]))
     return call
 
