@@ -48,6 +48,7 @@ def step(opt, params, grads):
     if scale is not None:
         _dispatch.hand_over(paths, scale)
     created = [e.key for e in entries if e.key not in opt.state]
+    had = {e.key: list(opt.state[e.key]) for e in entries if e.key in opt.state}  # its buffers, to take back new ones
     try:
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
@@ -66,8 +67,15 @@ def step(opt, params, grads):
             st = opt.state.get(key)  # that raised came after the step was whole: then its count is 1)
             if st is not None and st.get("step") == 0:
                 del opt.state[key]
+        for key, names in had.items():  # and the buffers it added to a state (a hyperparameter turned on)
+            st = opt.state.get(key)
+            if type(st) is dict:
+                for name in [n for n in st if n not in names]:
+                    del st[name]
         raise
-    with _plain_torch(entries):  # a torch function mode (a default device) would run Python in torch's writes
+    # A user's np.seterr(all="raise") must not stop the writes halfway: a float16 param's cast from its float32
+    # result may underflow, and FloatingPointError would leave the state written and the param not.
+    with _plain_torch(entries), np.errstate(all="ignore"):  # a torch function mode would run Python in torch's writes
         together_unforked(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
 
 
