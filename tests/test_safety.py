@@ -525,3 +525,34 @@ def test_a_sparse_torch_grad_is_refused_naming_its_param():
     with pytest.raises(TypeError, match="grad of param 'w' is a sparse_coo tensor"):
         opt.update(params, {"w": torch.randn(10, 3).to_sparse()})
     assert torch.equal(before, w.detach()) and opt.state["w"]["step"] == 2
+
+
+def test_8bit_scales_that_share_memory_with_another_array_are_refused(rng):
+    """An 8-bit buffer's absmax array is written with its codes: one shared with another buffer's scales, or
+    with a param, is refused naming both, nothing written."""
+    n = 5000
+    params = {"a": rng.standard_normal(n), "b": rng.standard_normal(n), "c": np.zeros(20)}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    opt = xopt.Adam(state_dtype="8bit")
+    opt.update({"a": params["a"], "b": params["b"]}, {"a": grads["a"], "b": grads["b"]})
+    opt.state["b"]["m_absmax"] = opt.state["b"]["v_absmax"]
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(ValueError, match="'m_absmax' of param 'b' and optimizer state 'v_absmax' of param 'b'|"
+                                         "'v_absmax' of param 'b' and optimizer state 'm_absmax' of param 'b'"):
+        opt.update({"a": params["a"], "b": params["b"]}, {"a": grads["a"], "b": grads["b"]})
+    opt.state["b"]["m_absmax"] = opt.state["b"]["m_absmax"].copy()
+    params["c"] = opt.state["a"]["m_absmax"]  # a param that is an 8-bit buffer's scales
+    with pytest.raises(ValueError, match="'m_absmax' of param 'a' and param 'c' share memory"):
+        opt.update(params, grads)
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(params[k], before[k])
+        assert opt.state[k]["step"] == 1
+
+
+def test_impl_is_checked_when_set():
+    opt = xopt.Adam()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        opt.impl = "fsued"
+    assert opt.impl == "auto"
+    opt.impl = "reference"
+    assert opt.impl == "reference"

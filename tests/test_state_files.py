@@ -419,3 +419,21 @@ def test_the_buffer_sets_are_those_of_the_configuration_whatever_the_cache_holds
         for c, want in zip(configs, expected):
             args = dict(c)
             assert state_check._buffer_sets(args.pop("cls")(**args)) == want
+
+
+def test_a_zip_entry_flagged_encrypted_is_not_a_state_file(tmp_path):
+    """zipfile raises RuntimeError for an entry whose flag says it is encrypted: load says the file is not a
+    state file, as for any other damage, and changes nothing."""
+    params = {"w": np.ones(4)}
+    opt = xopt.Adam()
+    opt.update(params, {"w": np.ones(4)})
+    path = tmp_path / "enc.npz"
+    opt.save(path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last central directory entry
+    data[at + 8] |= 1  # its general purpose flags: bit 0, encrypted
+    path.write_bytes(bytes(data))
+    fresh = xopt.Adam()
+    with pytest.raises(ValueError, match="is not an xopt state file"):
+        fresh.load(path, params=params)
+    assert fresh.state == {} and fresh.iter == 0

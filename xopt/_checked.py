@@ -23,6 +23,7 @@ import numpy as np
 from . import _backend, _clip, _dispatch
 from ._atomic import CALL, each, together, together_unforked
 from ._inputs import check_overlaps, collect, describe
+from .engines.blockwise import SUFFIX as _ABSMAX
 
 __all__ = ["step", "state_for"]
 
@@ -134,6 +135,9 @@ def _named_arrays(opt, entries):
         for name in e.opt.buffers():
             if name in st:
                 named.append((st[name], (name, e.key), False))
+            absmax = st.get(name + _ABSMAX)  # an 8-bit buffer's scales, written with its codes
+            if absmax is not None:
+                named.append((absmax, (name + _ABSMAX, e.key), False))
     return named
 
 

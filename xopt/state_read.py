@@ -45,7 +45,8 @@ def load_state(path) -> dict:
         except StateFileError as exc:
             raise ValueError(str(exc)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, NotImplementedError,
-                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError) as exc:  # truncated, corrupt
+                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError,
+                RuntimeError) as exc:  # truncated, corrupt (zipfile: RuntimeError for an entry flagged encrypted)
             raise ValueError(f"{path} is not an xopt state file ({type(exc).__name__}: {exc})") from exc
 
 
