@@ -437,3 +437,31 @@ def test_a_zip_entry_flagged_encrypted_is_not_a_state_file(tmp_path):
     with pytest.raises(ValueError, match="is not an xopt state file"):
         fresh.load(path, params=params)
     assert fresh.state == {} and fresh.iter == 0
+
+
+def test_a_schedule_free_file_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
+    """state_dict() holds ScheduleFreeAdamW's mode; the file holds it too, so eval(); save(); load(); train()
+    resumes the run bit for bit."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6)
+    grads = [{"w": rng.standard_normal(6)} for _ in range(8)]
+    straight, p = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads:
+        straight.update(p, g)
+    opt, q = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads[:4]:
+        opt.update(q, g)
+    opt.eval(q)
+    opt.save(tmp_path / "sf.npz")
+    resumed = xopt.ScheduleFreeAdamW()
+    resumed.load(tmp_path / "sf.npz", params=q)
+    assert resumed.training is False
+    resumed.train(q)
+    for g in grads[4:]:
+        resumed.update(q, g)
+    np.testing.assert_array_equal(q["w"], p["w"])
+    opt.train(q)
+    opt.save(tmp_path / "sf_train.npz")
+    again = xopt.ScheduleFreeAdamW()
+    again.load(tmp_path / "sf_train.npz", params=q)
+    assert again.training is True

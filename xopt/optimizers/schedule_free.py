@@ -59,8 +59,8 @@ class ScheduleFreeAdamW(Optimizer):
     training again; ``update`` in eval mode raises (nothing written).  Unlike the package, the
     optimizer starts in train mode (the package starts in eval mode and refuses a step until
     ``train()``).  ``train``/``eval`` take the params dict (or list) that ``update`` steps; every param
-    with state must be in it.  ``opt.training`` says which mode it is in; ``state_dict()`` holds it,
-    a state file does not (save it in the mode it is loaded in: a new optimizer starts in train mode).
+    with state must be in it.  ``opt.training`` says which mode it is in; ``state_dict()`` and a state
+    file hold it (a new optimizer starts in train mode).
 
     η_max and the sum of the weights are functions of the param's step count and of ``lr``: with a
     schedule, of the schedule's values at counts 0 .. t−1, as the package has them when its ``lr`` is
