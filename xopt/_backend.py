@@ -124,10 +124,10 @@ def dtype_name(dtype) -> str:
 def low_precision_dtype(xp, name):
     """The dtype called ``name`` ('bfloat16') in ``xp``, or None where xopt does not support it.
 
-    NumPy gets bfloat16 from ml_dtypes.  Other libraries are not supported yet: their
-    bfloat16 arrays do not move to NumPy (state files) the same way.
+    NumPy gets bfloat16 from ml_dtypes, and CuPy (14) takes the same dtype: its arrays move to NumPy
+    (state files) as NumPy's do.  Other libraries are not supported yet: their bfloat16 arrays do not.
     """
-    if name == "bfloat16" and _compat.is_numpy_namespace(xp):
+    if name == "bfloat16" and (_compat.is_numpy_namespace(xp) or _compat.is_cupy_namespace(xp)):
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
