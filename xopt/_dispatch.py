@@ -178,9 +178,9 @@ def _select(opt, entries):
         if engine is None and opt.impl == "fused":
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
-                            f"{opt!r}; the CPU kernels take NumPy float16/32/64 arrays (float16/32 with "
-                            "state_dtype='bfloat16'), the CUDA kernels CuPy float16/bfloat16/float32/float64 arrays "
-                            "(not float64 with state_dtype='bfloat16')")
+                            f"{opt!r}; the CPU kernels take NumPy float16/bfloat16/float32/float64 arrays "
+                            "(float16/bfloat16/float32 with state_dtype='bfloat16'), the CUDA kernels CuPy "
+                            "float16/bfloat16/float32/float64 arrays (not float64 with state_dtype='bfloat16')")
         groups.setdefault(engine, []).append(e)
     reference = [(apply_reference, groups.pop(None))] if None in groups else []
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
