@@ -16,10 +16,10 @@ or is stopped from outside: Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it 
 ``impl="auto"`` used.
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
-every branch of its element function; the last one with ``clip_grad_norm``; for the case of bfloat16 state,
-"float32/bfloat16" (:func:`fused_cuda.case_name`), each with ``state_dtype="bfloat16"``), on six tensors in one launch per step, two steps (SGD's
-first step differs; RAdam seven, as it rectifies from step 6): a scalar, an empty tensor, 15
-elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
+every branch of its element function; the last one with ``clip_grad_norm``; for a case of bfloat16 state,
+"float32/bfloat16" (:func:`fused_cuda.case_name`), each with ``state_dtype="bfloat16"``), on six tensors in
+one launch per step, two steps (SGD's first step differs; RAdam seven, as it rectifies from step 6): a
+scalar, an empty tensor, 15 elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
 by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
 over two blocks.  Params standard normal,
 grads standard normal + 0.1 with a -0.0 and (step 2) a NaN; with ``clip_grad_norm``, rounded to multiples of

@@ -14,8 +14,8 @@ their sizes, which chunk of which tensor each block updates (with whether the te
 aligned, for 128-bit accesses, and its part), and a row of scalars for each part of the step (a
 hyperparameter set at a step count: several parts, from ``overrides=`` or params at different step
 counts, share the launch).  The scalars are computed on the host by the optimizer's own
-``scalars(step)`` and written in the math type (float32 for half and bfloat16 params, so a small eps survives).
-Nothing is remembered from one step to the next.
+``scalars(step)`` and written in the math type (float32 for half and bfloat16 params, so a small eps
+survives).  Nothing is remembered from one step to the next.
 
 The exact-type lane (:mod:`xopt._lane`) calls :func:`kind` and :func:`step`: one compiled call
 (:func:`xopt.engines.cuda_memory.gather`) reads every array's own struct, checks what the checked
