@@ -271,7 +271,7 @@ class Optimizer:
             return buffer_dtype(self, e)
         dtype = _backend.low_precision_dtype(e.xp, low)
         if dtype is None:
-            raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy arrays only, "
+            raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy and CuPy arrays only, "
                             f"not {_backend.library_name(e.p)}")
         return dtype
 
