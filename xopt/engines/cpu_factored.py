@@ -1,0 +1,301 @@
+"""Adafactor on the fused CPU engine (numba): the factors' sums, the norms, then the elements.
+
+Adafactor's update of a param reads sums over the whole param: the row and column sums of g² (a matrix's
+factors), the param's norm (the step size) and the update's norm (its clipping).  A param of ``n``
+elements takes three passes, each split into pieces that any thread may take:
+
+1. the factors (a param of two or more dimensions): read g, add g² in float64 into each row's 16 lanes
+   (a chunk of ``CHUNK`` columns at a time) and down each column of a block of ``ROW_BLOCK`` rows, in the
+   orders of :mod:`xopt._norms`; then, on the host, the reference rule's own code: the means, the new
+   ``v_row`` and ``v_col`` (:func:`xopt.optimizers.adafactor.lerp`), the clipped row mean;
+2. the norms: read p and g (and v for a vector), compute u, add p² and u² in float64 into 16 lanes per
+   chunk of ``CHUNK`` elements; then the step size α / max(1, ‖u‖ / (√n d)) on the host;
+3. the elements: compute u again (the same code: the same bits) and write p (and v for a vector).
+
+A float32 matrix moves 24 bytes an element (g; p, g; p, g, p), a vector 32 (p, g, v; p, g, v, p, v).
+Nothing is written before the third pass, which is one of the step's writes (:mod:`xopt._atomic`); the
+new factors are written with it.  Every sum's order is fixed by its pieces, never by the threads that
+take them: the reference rule and this engine give the same bits on any number of threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import numpy as np
+from numba import njit
+
+from .. import _backend
+from .._atomic import together
+from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
+from .._threads import get_num_threads, pool
+from ..optimizers.adafactor import factor_means, lerp, row_mean, step_size
+from .cpu_drivers import wait_done
+from .cpu_memory import fetch_add
+from .cpu_norms import BLOCK, _add_lanes, _lane_sum
+from .cpu_step import PARALLEL_MIN
+
+__all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
+
+CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW = range(7)  # the row of scalars ``s``, in the param's dtype
+_NONE_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any pass's pieces: a call that runs nothing
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+# -- pass 1: the factors' sums ---------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy")
+def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch):
+    """Piece number ``piece``: one block of ``ROW_BLOCK`` rows of one matrix, one chunk of ``CHUNK``
+    columns.  Each row's chunk sum goes to ``row_chunks[chunk, row]``, the block's column sums (from its first
+    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``."""
+    chunks = (columns + CHUNK - 1) // CHUNK
+    blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    c, k, b = piece % chunks, (piece // chunks) % blocks, piece // (chunks * blocks)
+    c0, c1 = c * CHUNK, min(c * CHUNK + CHUNK, columns)
+    acc = column_blocks[b, k, c0:c1]
+    clip = s[CLIP]
+    lanes = np.zeros(LANES)
+    for i in range(k * ROW_BLOCK, min(k * ROW_BLOCK + ROW_BLOCK, rows)):
+        row = b * rows + i
+        at = row * columns
+        lanes[:] = 0.0
+        for a in range(c0, c1, BLOCK):
+            e = min(a + BLOCK, c1)
+            x = scratch[:e - a]
+            for j in range(e - a):
+                x[j] = g[at + a + j] * clip
+            _add_lanes(x, lanes)
+            for j in range(e - a):
+                y = np.float64(x[j])
+                acc[a - c0 + j] += y * y
+        row_chunks[c, row] = _lane_sum(lanes)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def factor_sums(g, rows, columns, s, row_chunks, column_blocks, counters):
+    """Pass 1: take pieces (``counters[0]``: the next one) until none is left; ``counters[1]`` counts those done."""
+    n = column_blocks.shape[0] * column_blocks.shape[1] * row_chunks.shape[0]
+    scratch = np.empty(BLOCK, dtype=g.dtype)
+    base = counters.ctypes.data
+    while True:
+        piece = fetch_add(base, 1)
+        if piece >= n:
+            return
+        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch)
+        fetch_add(base + 8, 1)
+
+
+# -- u of a run of elements: passes 2 and 3 ---------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u_factored(g, v_row, v_col, mean, rows, columns, s, lo, hi, u):
+    """u of the flat elements lo:hi of a matrix (or a stack of them) into ``u``: the reference rule's
+    g / √max((v_row v_col) / mean, ε₁²), row by row."""
+    clip, floor = s[CLIP], s[EPS1_SQUARED]
+    k = lo
+    while k < hi:
+        row = k // columns
+        end = min(hi, (row + 1) * columns)
+        b = row // rows
+        r, m, at = v_row[row], mean[b], b * columns - row * columns
+        for i in range(k, end):
+            v_hat = (r * v_col[at + i]) / m
+            v_hat = floor if v_hat < floor else v_hat  # NaN stays NaN, as xp.clip
+            u[i - lo] = (g[i] * clip) / np.sqrt(v_hat)
+        k = end
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u_vector(g, v, s, lo, hi, u, v_new, low):
+    """u and the new v of the elements lo:hi of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
+    β̂₂ < 1/2), u = g / √max(v, ε₁²)."""
+    clip, w, one_minus_w, floor = s[CLIP], s[W], s[ONE_MINUS_W], s[EPS1_SQUARED]
+    for i in range(lo, hi):
+        gi = g[i] * clip
+        g2 = gi * gi
+        vi = v[i]
+        vi = vi + w * (g2 - vi) if low else g2 - (g2 - vi) * one_minus_w
+        v_new[i - lo] = vi
+        u[i - lo] = gi / np.sqrt(floor if vi < floor else vi)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u(g, v, v_row, v_col, mean, rows, columns, s, lo, hi, u, v_new, factored, low):
+    if factored:
+        _u_factored(g, v_row, v_col, mean, rows, columns, s, lo, hi, u)
+    else:
+        _u_vector(g, v, s, lo, hi, u, v_new, low)
+
+
+# -- pass 2: the norms -------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, factored, low):
+    n = sums.shape[0]
+    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
+    pp, uu = np.zeros(LANES), np.zeros(LANES)
+    base = counters.ctypes.data
+    while True:
+        c = fetch_add(base, 1)
+        if c >= n:
+            return
+        pp[:] = 0.0
+        uu[:] = 0.0
+        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
+            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
+            _u(g, v, v_row, v_col, mean, rows, columns, s, a, e, u, v_new, factored, low)
+            _add_lanes(p[a:e], pp)
+            _add_lanes(u[:e - a], uu)
+        sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
+        fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def norm_sums(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters):
+    """Pass 2: ``sums[c]`` = (Σ p², Σ u²) of chunk c, in float64; chunks taken as :func:`factor_sums` takes
+    pieces.  ``v`` is the vector's state (empty for a matrix), ``v_row``, ``v_col``, ``mean`` the matrix's new
+    factors and clipped row means, flat (empty for a vector)."""
+    if v.shape[0] == 0:
+        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, True, False)
+    elif s[LOW] != 0.0:  # the host's test of β̂₂ < 1/2 (β̂₂ in the dtype may round to 1/2)
+        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, False, True)
+    else:
+        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, False, False)
+
+
+# -- pass 3: the elements ------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, factored, low):
+    n = (p.shape[0] + CHUNK - 1) // CHUNK
+    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
+    decay, step = s[DECAY], s[STEP]
+    base = counters.ctypes.data
+    while True:
+        c = fetch_add(base, 1)
+        if c >= n:
+            return
+        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
+            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
+            _u(g, v, v_row, v_col, mean, rows, columns, s, a, e, u, v_new, factored, low)
+            for i in range(a, e):
+                p[i] = p[i] * decay - step * u[i - a]
+            if not factored:
+                for i in range(a, e):
+                    v[i] = v_new[i - a]
+        fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def write(p, g, v, v_row, v_col, mean, rows, columns, s, counters):
+    """Pass 3: p ← p (1 − ηλ) − (α / max(1, RMS(u) / d)) u (the step size in ``s[STEP]``), and v for a vector;
+    chunks taken as :func:`norm_sums` takes them."""
+    if v.shape[0] == 0:
+        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, True, False)
+    elif s[LOW] != 0.0:
+        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, False, True)
+    else:
+        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, False, False)
+
+
+# -- the host: one param's three passes ------------------------------------------------------------
+def _calls(threads, run, pieces):
+    """The calls that run ``run(counters)`` (a pass's claim loop) over ``pieces`` on ``threads`` threads: on
+    ``threads - 1`` workers and the caller, then wait for the pieces still under way on workers.  The pass has
+    run once on nothing first (numba types its arguments, loads or compiles it, here, not among the writes)."""
+    run(_NONE_LEFT.copy())
+    counters = np.zeros(2, dtype=np.int64)
+    if threads <= 1:
+        return [functools.partial(run, counters)]
+    put = pool(threads).put
+    return [functools.partial(put, functools.partial(run, counters))] * (threads - 1) + [
+        functools.partial(run, counters), functools.partial(wait_done, counters, pieces)]
+
+
+def _threads(n, pieces) -> int:
+    return min(get_num_threads(), pieces) if n >= PARALLEL_MIN else 1
+
+
+def accepts(opt, e) -> bool:
+    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too."""
+    return (type(e.p) is np.ndarray and isinstance(e.g, (np.ndarray, np.generic)) and not e.rebind
+            and e.p.dtype in _FLOATS)
+
+
+def _ready(a, dtype):
+    """``a`` itself where the kernel can take it (C-contiguous, aligned, native, of ``dtype``), else a copy."""
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative:
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
+_EMPTY = {}  # dtype -> an empty array of it: the arrays a pass does not read
+
+
+def _empty(dtype):
+    found = _EMPTY.get(dtype)
+    if found is None:
+        found = _EMPTY[dtype] = np.empty(0, dtype=dtype)
+    return found
+
+
+def apply(opt, entries) -> list:
+    """The writes of one step of ``entries`` (the checked path's call, as ``fused_cpu.apply``): passes 1 and 2
+    run here; pass 3, the new factors, and the write-back of copies (float16, strided or read-only params)
+    are the writes."""
+    writes = []
+    for e in entries:
+        writes += _step(e.opt if e.opt is not None else opt, e)
+    return writes
+
+
+def _step(view, e) -> list:
+    xp, s, state = e.xp, e.scalars, e.state
+    dtype = np.dtype(_backend.compute_dtype(np, e.p.dtype))  # float16 via float32 copies
+    n = e.p.size
+    if n == 0:
+        return []  # an empty param is left as it is
+    p = e.p if e.p.dtype == dtype and e.p.flags.c_contiguous and e.p.flags.aligned and e.p.flags.writeable else None
+    writes = []
+    if p is None:
+        p = np.array(e.p, dtype=dtype, order="C")
+        writes.append(functools.partial(operator.setitem, e.p, Ellipsis, p))  # after pass 3, below
+    g = _ready(np.asarray(e.g), dtype).reshape(p.shape)
+    flat_p, flat_g = p.reshape(-1), g.reshape(-1)
+    eps1 = xp.finfo(dtype).eps if s["eps1"] is None else s["eps1"]
+    scal = np.array([1.0 if e.clip is None else e.clip,
+                     1.0 - s["lr"] * s["weight_decay"] if s["weight_decay"] != 0.0 else 1.0,
+                     s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5)], dtype=dtype)
+    empty = _empty(dtype)
+    if p.ndim >= 2:
+        rows, columns = p.shape[-2], p.shape[-1]
+        stack = n // (rows * columns)
+        row_chunks = np.zeros((-(-columns // CHUNK), stack * rows))
+        column_blocks = np.zeros((stack, -(-rows // ROW_BLOCK), columns))
+        pieces = row_chunks.shape[0] * column_blocks.shape[1] * stack
+        together(_calls(_threads(n, pieces), functools.partial(factor_sums, flat_g, rows, columns, scal, row_chunks,
+                                                               column_blocks), pieces))
+        mean_row = (in_order(row_chunks, 0) / columns).astype(dtype).reshape(p.shape[:-1] + (1,))
+        mean_col = (in_order(column_blocks, 1) / rows).astype(dtype).reshape(p.shape[:-2] + (1, columns))
+        v_row = lerp(_ready(state["v_row"], dtype), mean_row, s["beta2"])
+        v_col = lerp(_ready(state["v_col"], dtype), mean_col, s["beta2"])
+        mean = _ready(xp.clip(row_mean(xp, v_row), min=eps1), dtype)
+        v, factors = empty, (v_row.reshape(-1), v_col.reshape(-1), mean.reshape(-1))
+        news = {"v_row": v_row, "v_col": v_col}
+    else:
+        rows = columns = 1
+        v = state["v"]
+        if not (v.dtype == dtype and v.flags.c_contiguous and v.flags.aligned and v.flags.writeable
+                and v.dtype.isnative):
+            v = np.array(v, dtype=dtype, order="C")  # written by pass 3, then put in the state
+            writes.insert(0, functools.partial(operator.setitem, state, "v", v))
+        v, factors, news = v.reshape(-1), (empty, empty, empty), {}
+    chunks = -(-n // CHUNK)
+    threads = _threads(n, chunks)
+    sums = np.empty((chunks, 2))
+    together(_calls(threads, functools.partial(norm_sums, flat_p, flat_g, v, *factors, rows, columns, scal, sums),
+                    chunks))
+    param_sq, update_sq = in_order(sums, 0)
+    scal[STEP] = step_size(s, n, float(param_sq), float(update_sq))
+    passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows, columns, scal), chunks)
+    news = [functools.partial(operator.setitem, state[k], Ellipsis, value) for k, value in news.items()]
+    return news + passes + writes + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads
