@@ -85,9 +85,13 @@ def column_squares(x) -> np.ndarray:
 def in_order(a, axis) -> np.ndarray:
     """The sums of ``a`` along ``axis``, each added from its first element in order (a running sum: NumPy's
     ``sum`` adds pairwise, or in an order of its own where the other axes have length 1)."""
-    if a.shape[axis] == 0:
-        return np.zeros(a.shape[:axis] + a.shape[axis + 1:])
-    return np.take(np.cumsum(a, axis=axis), -1, axis=axis)
+    a = np.moveaxis(a, axis, 0)
+    if a.shape[0] and a[0].size < 256:  # many short rows: one call (cumsum is slow, but per call, not per row)
+        return np.cumsum(a, axis=0)[-1]
+    total = np.zeros(a.shape[1:])
+    for row in a:
+        total += row
+    return total
 
 
 def _rows(x, square) -> np.ndarray:

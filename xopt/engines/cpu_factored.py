@@ -61,15 +61,15 @@ def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch
         row = b * rows + i
         at = row * columns
         lanes[:] = 0.0
-        for a in range(c0, c1, BLOCK):
+        for a in range(c0, c1, BLOCK):  # loops over views from 0: no negative index to wrap, LLVM vectorizes
             e = min(a + BLOCK, c1)
-            x = scratch[:e - a]
+            x, src, out = scratch[:e - a], g[at + a:at + e], acc[a - c0:e - c0]
             for j in range(e - a):
-                x[j] = g[at + a + j] * clip
+                x[j] = src[j] * clip
             _add_lanes(x, lanes)
             for j in range(e - a):
                 y = np.float64(x[j])
-                acc[a - c0 + j] += y * y
+                out[j] += y * y
         row_chunks[c, row] = _lane_sum(lanes)
 
 
@@ -99,10 +99,11 @@ def _u_factored(g, v_row, v_col, mean, rows, columns, s, lo, hi, u):
         end = min(hi, (row + 1) * columns)
         b = row // rows
         r, m, at = v_row[row], mean[b], b * columns - row * columns
-        for i in range(k, end):
-            v_hat = (r * v_col[at + i]) / m
+        gs, cs, us = g[k:end], v_col[at + k:at + end], u[k - lo:end - lo]  # views: loops from 0 (see above)
+        for i in range(end - k):
+            v_hat = (r * cs[i]) / m
             v_hat = floor if v_hat < floor else v_hat  # NaN stays NaN, as xp.clip
-            u[i - lo] = (g[i] * clip) / np.sqrt(v_hat)
+            us[i] = (gs[i] * clip) / np.sqrt(v_hat)
         k = end
 
 
@@ -111,13 +112,14 @@ def _u_vector(g, v, s, lo, hi, u, v_new, low):
     """u and the new v of the elements lo:hi of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
     β̂₂ < 1/2), u = g / √max(v, ε₁²)."""
     clip, w, one_minus_w, floor = s[CLIP], s[W], s[ONE_MINUS_W], s[EPS1_SQUARED]
-    for i in range(lo, hi):
-        gi = g[i] * clip
+    gs, vs = g[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        gi = gs[i] * clip
         g2 = gi * gi
-        vi = v[i]
+        vi = vs[i]
         vi = vi + w * (g2 - vi) if low else g2 - (g2 - vi) * one_minus_w
-        v_new[i - lo] = vi
-        u[i - lo] = gi / np.sqrt(floor if vi < floor else vi)
+        v_new[i] = vi
+        u[i] = gi / np.sqrt(floor if vi < floor else vi)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -177,11 +179,13 @@ def _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, factore
         for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
             e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
             _u(g, v, v_row, v_col, mean, rows, columns, s, a, e, u, v_new, factored, low)
-            for i in range(a, e):
-                p[i] = p[i] * decay - step * u[i - a]
+            ps = p[a:e]
+            for i in range(e - a):
+                ps[i] = ps[i] * decay - step * u[i]
             if not factored:
-                for i in range(a, e):
-                    v[i] = v_new[i - a]
+                vs = v[a:e]
+                for i in range(e - a):
+                    vs[i] = v_new[i]
         fetch_add(base + 8, 1)
 
 
