@@ -203,10 +203,42 @@ def test_the_kernel_runs_not_the_rule(monkeypatch):
 def test_fused_refuses_arrays_it_cannot_take_and_writes_nothing():
     torch = pytest.importorskip("torch")
     opt = xopt.Adafactor(impl="fused")
-    params = {"a": np.ones((3, 2)), "t": torch.ones(3, dtype=torch.float64)}
+    params = {"a": np.ones((3, 2)), "t": torch.ones(3, dtype=torch.bfloat16)}
     with pytest.raises(TypeError, match="param 't'"):
-        opt.update(params, {"a": np.ones((3, 2)), "t": torch.ones(3, dtype=torch.float64)})
+        opt.update(params, {"a": np.ones((3, 2)), "t": torch.ones(3, dtype=torch.bfloat16)})
     assert opt.state == {} and np.array_equal(params["a"], np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_cpu_tensors_step_as_numpy_arrays(dtype, monkeypatch):
+    """CPU tensors (a leaf that requires grad too) go through the kernel, by NumPy views of their memory: the
+    bits of the reference rule on NumPy arrays.  (The rule on the tensors themselves runs torch's elementwise
+    ops, which may round a float32 result otherwise than NumPy's: within an ulp or two.)"""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    start = {"w": rng.standard_normal((20, 3)), "t": rng.standard_normal((2, 4, 5)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in start.items()} for _ in range(5)]
+    outs = {}
+    rule = xopt.Adafactor.rule
+    for make, impl in ((np.array, "reference"), (torch.tensor, "reference"), (torch.tensor, "fused")):
+        ran = []
+        monkeypatch.setattr(xopt.Adafactor, "rule", lambda *a: ran.append(1) or rule(*a))
+        opt = xopt.Adafactor(lr=0.05, weight_decay=0.01, impl=impl)  # (a clip scale: from torch's sum of g²)
+        params = {k: make(v.astype(dtype)) for k, v in start.items()}
+        if make is torch.tensor:
+            params["w"].requires_grad_(True)
+        for g in grads:
+            opt.update(params, {k: make(v.astype(dtype)) for k, v in g.items()})
+        assert bool(ran) == (impl == "reference")
+        outs[make.__name__, impl] = ({k: np.asarray(v.detach()) if make is torch.tensor else v for k, v in params.items()},
+                                     {k: {n: np.asarray(b) for n, b in st.items() if n != "step"}
+                                      for k, st in opt.state.items()})
+    (ref_p, ref_s), (torch_p, _), (fused_p, fused_s) = outs.values()
+    for k in start:
+        np.testing.assert_array_equal(fused_p[k], ref_p[k], err_msg=k)
+        np.testing.assert_allclose(fused_p[k], torch_p[k], rtol=1e-6 if dtype == "float32" else 1e-14, err_msg=k)
+        for name in ref_s[k]:
+            np.testing.assert_array_equal(fused_s[k][name], ref_s[k][name], err_msg=f"{name} of {k}")
 
 
 def test_a_run_resumed_from_a_state_file_is_the_reference_run(tmp_path):

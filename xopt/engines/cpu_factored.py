@@ -21,8 +21,8 @@ take them: the reference rule and this engine give the same bits on any number o
 from __future__ import annotations
 
 import functools
-import math
 import operator
+import sys
 
 import numpy as np
 from numba import njit
@@ -42,6 +42,7 @@ __all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
 CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW = range(7)  # the row of scalars ``s``, in the param's dtype
 _NONE_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any pass's pieces: a call that runs nothing
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_EMPTY_F64 = np.empty(0)
 
 
 # -- pass 1: the factors' sums ---------------------------------------------------------------------
@@ -220,9 +221,25 @@ def _threads(n, pieces) -> int:
 
 
 def accepts(opt, e) -> bool:
-    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too."""
-    return (type(e.p) is np.ndarray and isinstance(e.g, (np.ndarray, np.generic)) and not e.rebind
-            and e.p.dtype in _FLOATS)
+    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too; CPU torch tensors of those
+    dtypes, params and grads (the passes read and write them through NumPy views of their memory)."""
+    if e.rebind:
+        return False
+    if type(e.p) is np.ndarray:
+        return isinstance(e.g, (np.ndarray, np.generic)) and e.p.dtype in _FLOATS
+    return _is_cpu_tensor(e.p) and _is_cpu_tensor(e.g)
+
+
+def _is_cpu_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return (torch is not None and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
+            and x.dtype in (torch.float16, torch.float32, torch.float64) and x.layout == torch.strided
+            and not (x.is_neg() or x.is_conj()))
+
+
+def _host(x):
+    """``x`` itself (a NumPy array or scalar) or a NumPy view of a CPU tensor's memory."""
+    return x if isinstance(x, (np.ndarray, np.generic)) else x.detach().numpy()
 
 
 def _ready(a, dtype):
@@ -253,23 +270,26 @@ def apply(opt, entries) -> list:
 
 
 def _step(view, e) -> list:
-    xp, s, state = e.xp, e.scalars, e.state
-    dtype = np.dtype(_backend.compute_dtype(np, e.p.dtype))  # float16 via float32 copies
-    n = e.p.size
+    s, state = e.scalars, e.state
+    xp = _backend.namespace(_EMPTY_F64)  # the host's math in NumPy, as the reference rule's on NumPy params
+    original = _host(e.p)
+    dtype = np.dtype(_backend.compute_dtype(np, original.dtype))  # float16 via float32 copies
+    n = original.size
     if n == 0:
         return []  # an empty param is left as it is
-    p = e.p if e.p.dtype == dtype and e.p.flags.c_contiguous and e.p.flags.aligned and e.p.flags.writeable else None
     writes = []
-    if p is None:
-        p = np.array(e.p, dtype=dtype, order="C")
-        writes.append(functools.partial(operator.setitem, e.p, Ellipsis, p))  # after pass 3, below
-    g = _ready(np.asarray(e.g), dtype).reshape(p.shape)
+    p = original
+    if not (p.dtype == dtype and p.flags.c_contiguous and p.flags.aligned and p.flags.writeable):
+        p = np.array(original, dtype=dtype, order="C")
+        writes.append(functools.partial(operator.setitem, original, Ellipsis, p))  # after pass 3, below
+    g = _ready(np.asarray(_host(e.g)), dtype).reshape(p.shape)
     flat_p, flat_g = p.reshape(-1), g.reshape(-1)
     eps1 = xp.finfo(dtype).eps if s["eps1"] is None else s["eps1"]
     scal = np.array([1.0 if e.clip is None else e.clip,
                      1.0 - s["lr"] * s["weight_decay"] if s["weight_decay"] != 0.0 else 1.0,
                      s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5)], dtype=dtype)
     empty = _empty(dtype)
+    news = {}
     if p.ndim >= 2:
         rows, columns = p.shape[-2], p.shape[-1]
         stack = n // (rows * columns)
@@ -280,26 +300,26 @@ def _step(view, e) -> list:
                                                                column_blocks), pieces))
         mean_row = (in_order(row_chunks, 0) / columns).astype(dtype).reshape(p.shape[:-1] + (1,))
         mean_col = (in_order(column_blocks, 1) / rows).astype(dtype).reshape(p.shape[:-2] + (1, columns))
-        v_row = lerp(_ready(state["v_row"], dtype), mean_row, s["beta2"])
-        v_col = lerp(_ready(state["v_col"], dtype), mean_col, s["beta2"])
+        v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
+        v_col = lerp(_ready(_host(state["v_col"]), dtype), mean_col, s["beta2"])
         mean = _ready(xp.clip(row_mean(xp, v_row), min=eps1), dtype)
         v, factors = empty, (v_row.reshape(-1), v_col.reshape(-1), mean.reshape(-1))
         news = {"v_row": v_row, "v_col": v_col}
+        rows_or_one = rows
     else:
-        rows = columns = 1
-        v = state["v"]
-        if not (v.dtype == dtype and v.flags.c_contiguous and v.flags.aligned and v.flags.writeable
-                and v.dtype.isnative):
-            v = np.array(v, dtype=dtype, order="C")  # written by pass 3, then put in the state
-            writes.insert(0, functools.partial(operator.setitem, state, "v", v))
-        v, factors, news = v.reshape(-1), (empty, empty, empty), {}
+        rows_or_one = columns = 1
+        v = held = _host(state["v"])
+        if not (v.dtype == dtype and v.flags.c_contiguous and v.flags.aligned and v.flags.writeable):
+            v = np.array(held, dtype=dtype, order="C")  # written by pass 3, then copied into the state's buffer
+            writes.append(functools.partial(operator.setitem, held, Ellipsis, v))
+        v, factors = v.reshape(-1), (empty, empty, empty)
     chunks = -(-n // CHUNK)
     threads = _threads(n, chunks)
     sums = np.empty((chunks, 2))
-    together(_calls(threads, functools.partial(norm_sums, flat_p, flat_g, v, *factors, rows, columns, scal, sums),
-                    chunks))
-    param_sq, update_sq = in_order(sums, 0)
-    scal[STEP] = step_size(s, n, float(param_sq), float(update_sq))
-    passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows, columns, scal), chunks)
-    news = [functools.partial(operator.setitem, state[k], Ellipsis, value) for k, value in news.items()]
+    together(_calls(threads, functools.partial(norm_sums, flat_p, flat_g, v, *factors, rows_or_one, columns, scal,
+                                               sums), chunks))
+    param_squares, update_squares = in_order(sums, 0)
+    scal[STEP] = step_size(s, n, float(param_squares), float(update_squares))
+    passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows_or_one, columns, scal), chunks)
+    news = [functools.partial(operator.setitem, _host(state[k]), Ellipsis, value) for k, value in news.items()]
     return news + passes + writes + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads
