@@ -83,7 +83,12 @@ def test_the_engine_runs_adafactor_off_the_lane_and_off_the_gpu():
 
     assert fused_cpu.supports(xopt.Adafactor()) and fused_cpu.kind(xopt.Adafactor(), np.dtype(np.float32)) is None
     fused_cuda = pytest.importorskip("xopt.engines.fused_cuda")
-    assert not fused_cuda.supports(xopt.Adafactor())
+    assert not fused_cuda.supports(xopt.Adafactor()) and fused_cuda.kind(xopt.Adafactor(), np.dtype(np.float32)) is None
+    from xopt.engines import cuda_check
+
+    with pytest.raises(ValueError, match="no CUDA kernel"):
+        cuda_check.rule_of("Adafactor")
+    assert kernels.RULES["adafactor"] not in cuda_check.CONFIGS
 
 
 def _grads(rng, shapes, dtype):

@@ -40,6 +40,7 @@ from .cpu_step import PARALLEL_MIN
 __all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
 
 CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW = range(7)  # the row of scalars ``s``, in the param's dtype
+STRIP = 1024  # columns of pass 1 at a time (a multiple of LANES): 8 KiB of column sums, 4 or 8 of g
 _NONE_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any pass's pieces: a call that runs nothing
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY_F64 = np.empty(0)
@@ -47,44 +48,47 @@ _EMPTY_F64 = np.empty(0)
 
 # -- pass 1: the factors' sums ---------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
-def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch):
+def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes):
     """Piece number ``piece``: one block of ``ROW_BLOCK`` rows of one matrix, one chunk of ``CHUNK``
     columns.  Each row's chunk sum goes to ``row_chunks[chunk, row]``, the block's column sums (from its first
-    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``."""
+    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``.  By strips of ``STRIP`` columns,
+    each down the block's rows: a strip's column sums and the rows' lanes (``lanes``, a row of 16 per row) stay
+    in L1 (row after row, the column sums of a whole row went to L2 and back: 2^25 float32, 22 -> 15 ms)."""
     chunks = (columns + CHUNK - 1) // CHUNK
     blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     c, k, b = piece % chunks, (piece // chunks) % blocks, piece // (chunks * blocks)
     c0, c1 = c * CHUNK, min(c * CHUNK + CHUNK, columns)
-    acc = column_blocks[b, k, c0:c1]
+    first, last = b * rows + k * ROW_BLOCK, b * rows + min(k * ROW_BLOCK + ROW_BLOCK, rows)
+    acc = column_blocks[b, k]
     clip = s[CLIP]
-    lanes = np.zeros(LANES)
-    for i in range(k * ROW_BLOCK, min(k * ROW_BLOCK + ROW_BLOCK, rows)):
-        row = b * rows + i
-        at = row * columns
-        lanes[:] = 0.0
-        for a in range(c0, c1, BLOCK):  # loops over views from 0: no negative index to wrap, LLVM vectorizes
-            e = min(a + BLOCK, c1)
-            x, src, out = scratch[:e - a], g[at + a:at + e], acc[a - c0:e - c0]
+    lanes[:, :] = 0.0
+    for a in range(c0, c1, STRIP):  # loops over views from 0: no negative index to wrap, LLVM vectorizes
+        e = min(a + STRIP, c1)
+        x, out = scratch[:e - a], acc[a:e]
+        for row in range(first, last):
+            src = g[row * columns + a:row * columns + e]
             for j in range(e - a):
                 x[j] = src[j] * clip
-            _add_lanes(x, lanes)
+            _add_lanes(x, lanes[row - first])
             for j in range(e - a):
                 y = np.float64(x[j])
                 out[j] += y * y
-        row_chunks[c, row] = _lane_sum(lanes)
+    for row in range(first, last):
+        row_chunks[c, row] = _lane_sum(lanes[row - first])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def factor_sums(g, rows, columns, s, row_chunks, column_blocks, counters):
     """Pass 1: take pieces (``counters[0]``: the next one) until none is left; ``counters[1]`` counts those done."""
     n = column_blocks.shape[0] * column_blocks.shape[1] * row_chunks.shape[0]
-    scratch = np.empty(BLOCK, dtype=g.dtype)
+    scratch = np.empty(STRIP, dtype=g.dtype)
+    lanes = np.empty((ROW_BLOCK, LANES))
     base = counters.ctypes.data
     while True:
         piece = fetch_add(base, 1)
         if piece >= n:
             return
-        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch)
+        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes)
         fetch_add(base + 8, 1)
 
 
