@@ -105,6 +105,12 @@ class Adafactor(TensorRule):
     An empty param is left as it is (torch divides 0 by 0 there).  torch's ``eps=(eps1, eps2)`` are
     ``eps1, eps2`` here; torch's ``maximize`` has no equivalent (negate the grads).
 
+    On host arrays (NumPy, CPU torch tensors) the sums — the param's and the update's squared norms, the
+    row and column sums of g², the row mean — are taken in float64 in the orders of :mod:`xopt._norms`,
+    which the fused CPU kernel (:mod:`xopt.engines.cpu_factored`: the factors' sums, the norms, then the
+    elements) repeats on any number of threads: the fused step is this rule's bit for bit.  The CUDA
+    engine has no Adafactor kernel: on CuPy arrays this rule runs, with CuPy's sums.
+
     Args:
         lr: η, the cap of the relative step size.
         beta2_decay: c <= 0, the exponent of the second moments' decay: β̂₂ = t^c (1 at the first step).
