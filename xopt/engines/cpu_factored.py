@@ -31,7 +31,7 @@ from .. import _backend
 from .._atomic import together
 from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
 from .._threads import get_num_threads, pool
-from ..optimizers.adafactor import factor_means, lerp, row_mean, step_size
+from ..optimizers.adafactor import lerp, means, row_mean, step_size
 from .cpu_drivers import wait_done
 from .cpu_memory import fetch_add
 from .cpu_norms import BLOCK, _add_lanes, _lane_sum
@@ -286,11 +286,12 @@ def apply(opt, entries) -> list:
     are the writes."""
     writes = []
     for e in entries:
-        writes += _step(e.opt if e.opt is not None else opt, e)
+        writes += _step(e)
     return writes
 
 
-def _step(view, e) -> list:
+def _step(e) -> list:
+    """One param's passes 1 and 2, and its writes (``e.scalars``: its hyperparameter set's scalars)."""
     s, state = e.scalars, e.state
     xp = _backend.namespace(_EMPTY_F64)  # the host's math in NumPy, as the reference rule's on NumPy params
     original = _host(e.p)
@@ -310,7 +311,7 @@ def _step(view, e) -> list:
                      1.0 - s["lr"] * s["weight_decay"] if s["weight_decay"] != 0.0 else 1.0,
                      s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5)], dtype=dtype)
     empty = _empty(dtype)
-    news = {}
+    factors_new = {}
     if p.ndim >= 2:
         rows, columns = p.shape[-2], p.shape[-1]
         stack = n // (rows * columns)
@@ -319,13 +320,13 @@ def _step(view, e) -> list:
         pieces = row_chunks.shape[0] * column_blocks.shape[1] * stack
         together(_calls(_threads(n, pieces), functools.partial(factor_sums, flat_g, rows, columns, scal, row_chunks,
                                                                column_blocks), pieces))
-        mean_row = (in_order(row_chunks, 0) / columns).astype(dtype).reshape(p.shape[:-1] + (1,))
-        mean_col = (in_order(column_blocks, 1) / rows).astype(dtype).reshape(p.shape[:-2] + (1, columns))
+        mean_row, mean_col = means(in_order(row_chunks, 0).reshape(p.shape[:-1]),
+                                   in_order(column_blocks, 1).reshape(p.shape[:-2] + (columns,)), p)
         v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
         v_col = lerp(_ready(_host(state["v_col"]), dtype), mean_col, s["beta2"])
         mean = _ready(xp.clip(row_mean(xp, v_row), min=eps1), dtype)
         v, factors = empty, (v_row.reshape(-1), v_col.reshape(-1), mean.reshape(-1))
-        news = {"v_row": v_row, "v_col": v_col}
+        factors_new = {"v_row": v_row, "v_col": v_col}
         rows_or_one = rows
     else:
         rows_or_one = columns = 1
@@ -342,5 +343,5 @@ def _step(view, e) -> list:
     param_squares, update_squares = in_order(sums, 0)
     scal[STEP] = step_size(s, n, float(param_squares), float(update_squares))
     passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows_or_one, columns, scal), chunks)
-    news = [functools.partial(operator.setitem, _host(state[k]), Ellipsis, value) for k, value in news.items()]
+    news = [functools.partial(operator.setitem, _host(state[k]), Ellipsis, value) for k, value in factors_new.items()]
     return news + passes + writes + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads

@@ -12,7 +12,7 @@ from .._norms import column_squares, is_host, row_squares, row_sums, squared_nor
 from ..engines.kernels import Kernel
 from ._tensor_rule import TensorRule
 
-__all__ = ["Adafactor", "lerp", "factor_means", "row_mean", "step_size"]
+__all__ = ["Adafactor", "lerp", "factor_means", "means", "row_mean", "step_size"]
 
 
 def lerp(a, b, w):
@@ -34,10 +34,16 @@ def factor_means(xp, g):
     then rounded once; other arrays: their library's sums of g² in g's dtype."""
     rows, columns = g.shape[-2], g.shape[-1]
     if is_host(g):
-        return (_like((row_squares(g) / columns)[..., None], g),
-                _like((column_squares(g) / rows)[..., None, :], g))
+        return means(row_squares(g), column_squares(g), g)
     g2 = g * g
     return xp.sum(g2, axis=-1, keepdims=True) / columns, xp.sum(g2, axis=-2, keepdims=True) / rows
+
+
+def means(row_squares, column_squares, like):
+    """The host's (mean of g² over each row, over each column) from float64 sums of shapes ``(..., R)`` and
+    ``(..., C)``: divided, then rounded once to ``like``'s dtype, in ``like``'s library."""
+    rows, columns = row_squares.shape[-1], column_squares.shape[-1]
+    return _like((row_squares / columns)[..., None], like), _like((column_squares / rows)[..., None, :], like)
 
 
 def row_mean(xp, v_row):
