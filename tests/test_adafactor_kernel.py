@@ -235,7 +235,8 @@ def test_torch_cpu_tensors_step_as_numpy_arrays(dtype, monkeypatch):
         for g in grads:
             opt.update(params, {k: make(v.astype(dtype)) for k, v in g.items()})
         assert bool(ran) == (impl == "reference")
-        outs[make.__name__, impl] = ({k: np.asarray(v.detach()) if make is torch.tensor else v for k, v in params.items()},
+        outs[make.__name__, impl] = ({k: np.asarray(v.detach()) if make is torch.tensor else v
+                                      for k, v in params.items()},
                                      {k: {n: np.asarray(b) for n, b in st.items() if n != "step"}
                                       for k, st in opt.state.items()})
     (ref_p, ref_s), (torch_p, _), (fused_p, fused_s) = outs.values()

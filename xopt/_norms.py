@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["CHUNK", "LANES", "ROW_BLOCK", "is_host", "squared_norm", "row_squares", "row_sums", "column_squares", "in_order"]
+__all__ = ["CHUNK", "LANES", "ROW_BLOCK", "is_host", "squared_norm", "row_squares", "row_sums", "column_squares",
+           "in_order"]
 
 CHUNK = 1 << 15  # elements: the CPU engine's unit of work (xopt.engines.cpu_drivers.CHUNK)
 LANES = 16
