@@ -7,8 +7,8 @@ round times, in a rotated order: xopt.Adafactor(impl="fused") and xopt.Adafactor
 param of ``--size`` elements shaped ``--shape`` (a matrix) and on the same number as a vector, and the
 fastest way this machine has to move each step's bytes (xopt.bench.roofline's copies: NumPy's copy, a
 parallel copy, an in-place copy, over arrays of half the step's bytes an element, read once and written
-once).  Per round: roofline time / fused time (the fraction of the roofline the step reaches) and
-reference time / fused time; the figures are medians over rounds.  Each step's CPU time (every thread's)
+once; NumPy's copy alone, one thread, too).  Per round: roofline time / fused time (the fraction of the
+roofline the step reaches), the same against NumPy's copy, and reference time / fused time; the figures are medians over rounds.  Each step's CPU time (every thread's)
 is kept too: on a shared machine it moves less than the wall time.
 
     python benchmarks/adafactor_step.py [--shape 4096x8192] [--rounds 9] [--threads N] [--out FILE]
@@ -72,24 +72,28 @@ def main(argv=None):
     for kind, nbytes in BYTES.items():
         src = rng.random(n * nbytes // 2 // 4, dtype=np.float32) + 1.0  # half the step's bytes an element
         dst = np.empty_like(src)
-        ways = [lambda src=src, dst=dst: np.copyto(dst, src)]
-        ways += [(lambda k=k, src=src, dst=dst: k(dst, src)) for k in roofline._numba_kernels().values()]
+        ways = {"numpy copy": lambda src=src, dst=dst: np.copyto(dst, src)}
+        ways.update({name: (lambda k=k, src=src, dst=dst: k(dst, src)) for name, k in roofline._numba_kernels().items()})
         copies[f"{kind} copy"] = ways
     for fn in steps.values():
         fn()  # warm-up: page faults, threads, caches
     for ways in copies.values():
-        for fn in ways:
+        for fn in ways.values():
             fn()
             fn()
 
     order = list(steps) + list(copies)
     times = {k: [] for k in order}
     cpu = {k: [] for k in steps}
+    way_times = {f"{kind} {way}": [] for kind, ways in copies.items() for way in ways}
     for r in range(args.rounds):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             if name in copies:
-                times[name].append(min(_time(c) for c in copies[name]))
+                round_times = {way: _time(c) for way, c in copies[name].items()}
+                for way, t in round_times.items():
+                    way_times[f"{name} {way}"].append(t)
+                times[name].append(min(round_times.values()))  # the fastest way: the roofline
             else:
                 times[name].append(_time(steps[name], cpu[name]))
     result = {
@@ -105,6 +109,7 @@ def main(argv=None):
         "bytes_per_element": BYTES,
         "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
+        "median_copy_ms": {k: 1e3 * statistics.median(v) for k, v in way_times.items()},
         "per_round": {},
     }
     print(f"{n} float32 elements ({args.shape} and 1-D), {result['threads']} thread(s), {args.rounds} interleaved "
@@ -115,14 +120,17 @@ def main(argv=None):
     for kind, nbytes in BYTES.items():
         fraction = [c / f for c, f in zip(times[f"{kind} copy"], times[f"{kind} fused"])]
         speedup = [r / f for r, f in zip(times[f"{kind} reference"], times[f"{kind} fused"])]
+        one_core = [c / f for c, f in zip(way_times[f"{kind} copy numpy copy"], times[f"{kind} fused"])]
         result[f"{kind}_fraction_of_roofline"] = statistics.median(fraction)
+        result[f"{kind}_fraction_of_numpy_copy"] = statistics.median(one_core)  # NumPy's copy: one thread
         result[f"{kind}_reference_over_fused"] = statistics.median(speedup)
         result[f"{kind}_fused_GBps"] = nbytes * n / statistics.median(times[f"{kind} fused"]) / 1e9
         result[f"{kind}_roofline_GBps"] = nbytes * n / statistics.median(times[f"{kind} copy"]) / 1e9
         result["per_round"][f"{kind}_fraction_of_roofline"] = fraction
         result["per_round"][f"{kind}_reference_over_fused"] = speedup
         print(f"  {kind}: the fused step reaches {statistics.median(fraction):.2f} of the copy roofline for its "
-              f"{nbytes} bytes (per round {min(fraction):.2f}-{max(fraction):.2f}); the reference rule takes "
+              f"{nbytes} bytes (per round {min(fraction):.2f}-{max(fraction):.2f}; of NumPy's one-thread copy "
+              f"{statistics.median(one_core):.2f}); the reference rule takes "
               f"{statistics.median(speedup):.1f}x its time (per round {min(speedup):.1f}-{max(speedup):.1f})")
     if args.out:
         with open(args.out, "w") as f:
