@@ -419,3 +419,81 @@ def test_the_buffer_sets_are_those_of_the_configuration_whatever_the_cache_holds
         for c, want in zip(configs, expected):
             args = dict(c)
             assert state_check._buffer_sets(args.pop("cls")(**args)) == want
+
+
+def test_a_zip_entry_flagged_encrypted_is_not_a_state_file(tmp_path):
+    """zipfile raises RuntimeError for an entry whose flag says it is encrypted: load says the file is not a
+    state file, as for any other damage, and changes nothing."""
+    params = {"w": np.ones(4)}
+    opt = xopt.Adam()
+    opt.update(params, {"w": np.ones(4)})
+    path = tmp_path / "enc.npz"
+    opt.save(path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last central directory entry
+    data[at + 8] |= 1  # its general purpose flags: bit 0, encrypted
+    path.write_bytes(bytes(data))
+    fresh = xopt.Adam()
+    with pytest.raises(ValueError, match="is not an xopt state file"):
+        fresh.load(path, params=params)
+    assert fresh.state == {} and fresh.iter == 0
+
+
+def test_a_schedule_free_file_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
+    """state_dict() holds ScheduleFreeAdamW's mode; the file holds it too, so eval(); save(); load(); train()
+    resumes the run bit for bit."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6)
+    grads = [{"w": rng.standard_normal(6)} for _ in range(8)]
+    straight, p = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads:
+        straight.update(p, g)
+    opt, q = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads[:4]:
+        opt.update(q, g)
+    opt.eval(q)
+    opt.save(tmp_path / "sf.npz")
+    resumed = xopt.ScheduleFreeAdamW()
+    resumed.load(tmp_path / "sf.npz", params=q)
+    assert resumed.training is False
+    resumed.train(q)
+    for g in grads[4:]:
+        resumed.update(q, g)
+    np.testing.assert_array_equal(q["w"], p["w"])
+    opt.train(q)
+    opt.save(tmp_path / "sf_train.npz")
+    again = xopt.ScheduleFreeAdamW()
+    again.load(tmp_path / "sf_train.npz", params=q)
+    assert again.training is True
+
+
+@pytest.mark.parametrize("keys", [[("layer1", "W"), ("layer1", "b"), ("head", ("out", 0))],
+                                  [np.int64(0), np.int64(1), np.int32(2)]])
+def test_keys_update_takes_save_and_load(keys, tmp_path):
+    """A flattened pytree's path (a tuple) and NumPy integers name params as well as str and int do; a file
+    keeps them (tuples as JSON lists, NumPy integers as ints) and a resumed run is the uninterrupted one."""
+    rng = np.random.default_rng(0)
+    p0 = {k: rng.standard_normal(3 + i) for i, k in enumerate(keys)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(4)]
+    straight, p = xopt.Adam(), {k: v.copy() for k, v in p0.items()}
+    for g in grads:
+        straight.update(p, g)
+    first, q = xopt.Adam(), {k: v.copy() for k, v in p0.items()}
+    for g in grads[:2]:
+        first.update(q, g)
+    first.save(tmp_path / "keys.npz")
+    resumed = xopt.Adam()
+    resumed.load(tmp_path / "keys.npz", params=q)
+    assert list(resumed.state) == [int(k) if isinstance(k, np.integer) else k for k in keys]
+    for g in grads[2:]:
+        resumed.update(q, g)
+    for k in keys:
+        np.testing.assert_array_equal(q[k], p[k])
+
+
+def test_a_key_a_file_cannot_hold_is_refused_naming_it(tmp_path):
+    opt = xopt.Adam()
+    opt.update({1.5: np.ones(2)}, {1.5: np.ones(2)})
+    with pytest.raises(TypeError, match="param name 1.5 cannot be saved"):
+        opt.save(tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()

@@ -243,12 +243,13 @@ def _threads(n, pieces) -> int:
 
 
 def accepts(opt, e) -> bool:
-    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too; CPU torch tensors of those
-    dtypes, params and grads (the passes read and write them through NumPy views of their memory)."""
+    """NumPy float16/bfloat16/float32/float64 params whose grads are NumPy arrays (or scalars) too (float16 and
+    bfloat16 through float32 copies, rounded back once); CPU torch tensors of float16/32/64, params and grads
+    (the passes read and write them through NumPy views of their memory)."""
     if e.rebind:
         return False
     if type(e.p) is np.ndarray:
-        return isinstance(e.g, (np.ndarray, np.generic)) and e.p.dtype in _FLOATS
+        return isinstance(e.g, (np.ndarray, np.generic)) and (e.p.dtype in _FLOATS or e.p.dtype.name == "bfloat16")
     return _is_cpu_tensor(e.p) and _is_cpu_tensor(e.g)
 
 
