@@ -176,21 +176,24 @@ def test_several_threads_are_one_thread_bit_for_bit(monkeypatch):
     _assert_same(_run("clip", "reference", np.float32, steps=2, shapes=shapes), clipped, "clipped, two threads")
 
 
-def test_float16_and_strided_params_step_through_copies(rng):
+def test_float16_bfloat16_and_strided_params_step_through_copies(rng):
     start = {"w": rng.standard_normal((6, 5)).astype(np.float16), "b": rng.standard_normal(5).astype(np.float16),
              "view": rng.standard_normal((8, 6))}
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    start.update(wb=rng.standard_normal((7, 3)).astype(bfloat16), bb=rng.standard_normal(4).astype(bfloat16))
     grads = [{k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in start.items()} for _ in range(3)]
     runs = {}
     for impl in ("reference", "fused"):
         opt = xopt.Adafactor(lr=0.05, weight_decay=0.01, impl=impl)
         base = start["view"].copy()
-        params = {"w": start["w"].copy(), "b": start["b"].copy(), "view": base[::2, ::2]}  # a strided view
+        params = {**{k: v.copy() for k, v in start.items()}, "view": base[::2, ::2]}  # a strided view
         for g in grads:
             opt.update(params, {k: v[::2, ::2] if k == "view" else v for k, v in g.items()})
         runs[impl] = params, opt
         assert np.shares_memory(params["view"], base)
-    _assert_same(runs["reference"], runs["fused"], "float16, strided")
+    _assert_same(runs["reference"], runs["fused"], "float16, bfloat16, strided")
     assert runs["fused"][0]["w"].dtype == np.float16 and runs["fused"][1].state["w"]["v_row"].dtype == np.float32
+    assert runs["fused"][0]["wb"].dtype == bfloat16 and runs["fused"][1].state["wb"]["v_col"].dtype == np.float32
 
 
 def test_the_kernel_runs_not_the_rule(monkeypatch):
