@@ -52,13 +52,12 @@ def _passes(shape, rng):
         rows, columns = shape[-2], shape[-1]
         row_chunks = np.zeros((-(-columns // CHUNK), n // columns))
         column_blocks = np.zeros((n // (rows * columns), -(-rows // ROW_BLOCK), columns))
-        v_row, v_col = st["v_row"].reshape(-1), st["v_col"].reshape(-1)
-        mean = np.array([v_row.mean()], dtype=np.float32)
+        v_row, v_col = st["v_row"].reshape(-1), (st["v_col"] / st["v_row"].mean()).reshape(-1)
         calls["factors"] = lambda: cpu_factored.factor_sums(flat_g, rows, columns, s, row_chunks, column_blocks,
                                                             np.zeros(2, np.int64))
-        args = (flat_p, flat_g, empty, v_row, v_col, mean, rows, columns, s)
+        args = (flat_p, flat_g, empty, v_row, v_col, rows, columns, s)
     else:
-        args = (flat_p, flat_g, st["v"].copy(), empty, empty, empty, 1, 1, s)
+        args = (flat_p, flat_g, st["v"].copy(), empty, empty, 1, 1, s)
     calls["norms"] = lambda: cpu_factored.norm_sums(*args, sums, np.zeros(2, np.int64))
     calls["elements"] = lambda: cpu_factored.write(*args, np.zeros(2, np.int64))
     calls["step"] = lambda: opt.update(params, {"p": g})

@@ -7,7 +7,7 @@ elements takes three passes, each split into pieces that any thread may take:
 1. the factors (a param of two or more dimensions): read g, add g² in float64 into each row's 16 lanes
    (a chunk of ``CHUNK`` columns at a time) and down each column of a block of ``ROW_BLOCK`` rows, in the
    orders of :mod:`xopt._norms`; then, on the host, the reference rule's own code: the means, the new
-   ``v_row`` and ``v_col`` (:func:`xopt.optimizers.adafactor.lerp`), the clipped row mean;
+   ``v_row`` and ``v_col`` (:func:`xopt.optimizers.adafactor.lerp`), v_col over the clipped row mean;
 2. the norms: read p and g (and v for a vector), compute u, add p² and u² in float64 into 16 lanes per
    chunk of ``CHUNK`` elements; then the step size α / max(1, ‖u‖ / (√n d)) on the host;
 3. the elements: compute u again (the same code: the same bits) and write p (and v for a vector).
@@ -112,19 +112,19 @@ def factor_sums(g, rows, columns, s, row_chunks, column_blocks, counters):
 
 # -- u of a run of elements: passes 2 and 3 ---------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u_factored(g, v_row, v_col, mean, rows, columns, s, lo, hi, u):
+def _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u):
     """u of the flat elements lo:hi of a matrix (or a stack of them) into ``u``: the reference rule's
-    g / √max((v_row v_col) / mean, ε₁²), row by row."""
+    g / √max(v_row (v_col / mean), ε₁²), row by row (``v_col``: the new v_col over the clipped row mean)."""
     clip, floor = s[CLIP], s[EPS1_SQUARED]
     k = lo
     while k < hi:
         row = k // columns
         end = min(hi, (row + 1) * columns)
         b = row // rows
-        r, m, at = v_row[row], mean[b], b * columns - row * columns
+        r, at = v_row[row], b * columns - row * columns
         gs, cs, us = g[k:end], v_col[at + k:at + end], u[k - lo:end - lo]  # views: loops from 0 (see above)
         for i in range(end - k):
-            v_hat = (r * cs[i]) / m
+            v_hat = r * cs[i]
             v_hat = floor if v_hat < floor else v_hat  # NaN stays NaN, as xp.clip
             us[i] = (gs[i] * clip) / np.sqrt(v_hat)
         k = end
@@ -146,16 +146,16 @@ def _u_vector(g, v, s, lo, hi, u, v_new, low):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u(g, v, v_row, v_col, mean, rows, columns, s, lo, hi, u, v_new, factored, low):
+def _u(g, v, v_row, v_col, rows, columns, s, lo, hi, u, v_new, factored, low):
     if factored:
-        _u_factored(g, v_row, v_col, mean, rows, columns, s, lo, hi, u)
+        _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u)
     else:
         _u_vector(g, v, s, lo, hi, u, v_new, low)
 
 
 # -- pass 2: the norms -------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, factored, low):
+def _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, factored, low):
     n = sums.shape[0]
     u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
     pp, uu = np.zeros(LANES), np.zeros(LANES)
@@ -168,7 +168,7 @@ def _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, fa
         uu[:] = 0.0
         for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
             e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
-            _u(g, v, v_row, v_col, mean, rows, columns, s, a, e, u, v_new, factored, low)
+            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
             _add_lanes(p[a:e], pp)
             _add_lanes(u[:e - a], uu)
         sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
@@ -176,21 +176,21 @@ def _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, fa
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def norm_sums(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters):
+def norm_sums(p, g, v, v_row, v_col, rows, columns, s, sums, counters):
     """Pass 2: ``sums[c]`` = (Σ p², Σ u²) of chunk c, in float64; chunks taken as :func:`factor_sums` takes
-    pieces.  ``v`` is the vector's state (empty for a matrix), ``v_row``, ``v_col``, ``mean`` the matrix's new
-    factors and clipped row means, flat (empty for a vector)."""
+    pieces.  ``v`` is the vector's state (empty for a matrix), ``v_row`` and ``v_col`` the matrix's new factors,
+    flat, v_col over the clipped row mean (empty for a vector)."""
     if v.shape[0] == 0:
-        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, True, False)
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, True, False)
     elif s[LOW] != 0.0:  # the host's test of β̂₂ < 1/2 (β̂₂ in the dtype may round to 1/2)
-        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, False, True)
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, True)
     else:
-        _norm_loop(p, g, v, v_row, v_col, mean, rows, columns, s, sums, counters, False, False)
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, False)
 
 
 # -- pass 3: the elements ------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, factored, low):
+def _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, factored, low):
     n = (p.shape[0] + CHUNK - 1) // CHUNK
     u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
     decay, step = s[DECAY], s[STEP]
@@ -201,7 +201,7 @@ def _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, factore
             return
         for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
             e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
-            _u(g, v, v_row, v_col, mean, rows, columns, s, a, e, u, v_new, factored, low)
+            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
             ps = p[a:e]
             for i in range(e - a):
                 ps[i] = ps[i] * decay - step * u[i]
@@ -213,15 +213,15 @@ def _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, factore
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def write(p, g, v, v_row, v_col, mean, rows, columns, s, counters):
+def write(p, g, v, v_row, v_col, rows, columns, s, counters):
     """Pass 3: p ← p (1 − ηλ) − (α / max(1, RMS(u) / d)) u (the step size in ``s[STEP]``), and v for a vector;
     chunks taken as :func:`norm_sums` takes them."""
     if v.shape[0] == 0:
-        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, True, False)
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, True, False)
     elif s[LOW] != 0.0:
-        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, False, True)
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, True)
     else:
-        _write_loop(p, g, v, v_row, v_col, mean, rows, columns, s, counters, False, False)
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, False)
 
 
 # -- the host: one param's three passes ------------------------------------------------------------
@@ -326,8 +326,8 @@ def _step(e) -> list:
                                    in_order(column_blocks, 1).reshape(p.shape[:-2] + (columns,)), p)
         v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
         v_col = lerp(_ready(_host(state["v_col"]), dtype), mean_col, s["beta2"])
-        mean = _ready(xp.clip(row_mean(xp, v_row), min=eps1), dtype)
-        v, factors = empty, (v_row.reshape(-1), v_col.reshape(-1), mean.reshape(-1))
+        v_col_over_mean = _ready(v_col / xp.clip(row_mean(xp, v_row), min=eps1), dtype)  # the reference's
+        v, factors = empty, (v_row.reshape(-1), v_col_over_mean.reshape(-1))
         factors_new = {"v_row": v_row, "v_col": v_col}
         rows_or_one = rows
     else:
@@ -336,7 +336,7 @@ def _step(e) -> list:
         if not (v.dtype == dtype and v.flags.c_contiguous and v.flags.aligned and v.flags.writeable):
             v = np.array(held, dtype=dtype, order="C")  # written by pass 3, then copied into the state's buffer
             writes.append(functools.partial(operator.setitem, held, Ellipsis, v))
-        v, factors = v.reshape(-1), (empty, empty, empty)
+        v, factors = v.reshape(-1), (empty, empty)
     chunks = -(-n // CHUNK)
     threads = _threads(n, chunks)
     sums = np.empty((chunks, 2))
