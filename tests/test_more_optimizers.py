@@ -190,7 +190,7 @@ def test_defaults_are_the_issues(name):
 
 # -- which kernel an optimizer runs ---------------------------------------------------------------
 def test_every_optimizer_names_a_kernel_and_every_kernel_is_used():
-    names = {kernel_of(getattr(xopt, name)()) for name in [*EVERY_OPTIMIZER, "LAMB"]}  # LAMB: the CPU engine's
+    names = {kernel_of(getattr(xopt, name)()) for name in [*EVERY_OPTIMIZER, "LAMB", "Adafactor"]}  # the CPU engine's
     assert names == set(RULES)
 
 

@@ -206,7 +206,8 @@ def select_whole(opt, entries):
         elif opt.impl == "fused":
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
-                            f"{opt!r}; its kernel is the CPU engine's alone, which takes NumPy float16/32/64 arrays")
+                            f"{opt!r}; its kernel is the CPU engine's alone, which takes NumPy float16/32/64 arrays "
+                            "(Adafactor's: CPU torch tensors of those dtypes too)")
         else:
             rest.append(e)
     return [(cpu.apply, group) for group in fused.values()], rest

@@ -324,9 +324,10 @@ def _schedule_free(p, g, z, v, _2, s):
         z[i] = zi - lr * u
         v[i] = vi
 
-# The kernel's ``rule`` indexes this: 0-11 as in xopt/engines/kernels.py (11, LAMB, reads its tensors' norms
-# first: its C function is xopt.engines.cpu_norms'), then the bfloat16 form of Adam.
+# The kernel's ``rule`` indexes this: 0-12 as in xopt/engines/kernels.py (11, LAMB, reads its tensors' norms
+# first: its C function is xopt.engines.cpu_norms'; 12, Adafactor, is xopt.engines.cpu_factored's), then the
+# bfloat16 form of Adam.
 RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam, _radam, _lion, _schedule_free,
-         None, _adam_bf16)
+         None, None, _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state

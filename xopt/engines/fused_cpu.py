@@ -59,6 +59,16 @@ def _cpu_arrays():
 _LATER = {}  # name -> a module imported at its first use (an import statement costs a step some 0.5 us)
 
 
+def _factored():
+    """:mod:`xopt.engines.cpu_factored` (Adafactor's passes), imported at its first use."""
+    found = _LATER.get("cpu_factored")
+    if found is None:
+        from . import cpu_factored as found
+
+        _LATER["cpu_factored"] = found
+    return found
+
+
 def __getattr__(name):
     """CHUNK and chunk_table: :mod:`xopt.engines.cpu_arrays`'s, imported when first asked for."""
     if name in ("CHUNK", "chunk_table"):
@@ -78,6 +88,8 @@ def accepts(opt, e) -> bool:
     """NumPy float16/bfloat16/float32/float64 params whose grads are NumPy arrays (or scalars) too;
     float16/bfloat16/float32 for bfloat16 state.  float16 and bfloat16 (ml_dtypes') params step through float32
     copies (the checked path's :func:`apply`), rounded back once, as the reference rounds them."""
+    if lookup(opt).factored:
+        return _factored().accepts(opt, e)
     if type(e.p) is not np.ndarray or not isinstance(e.g, (np.ndarray, np.generic)) or e.rebind:
         return False
     bf16 = e.p.dtype.name == "bfloat16"
@@ -146,7 +158,7 @@ def kind(opt, dtype):
 def _new_kind(opt, dtype):
     global _BF16
     found = lookup(opt)
-    if found is None or dtype not in _KERNEL_DTYPES:
+    if found is None or found.factored or dtype not in _KERNEL_DTYPES:  # factored state: the checked path's
         return None
     if not _bf16_state(opt):
         return Kind(found, found.rule, dtype, dtype)
@@ -271,6 +283,8 @@ def apply(opt, entries) -> list:
     """The checked path's call: the writes (calls into C, for ``xopt._atomic.together``) of one fused call
     per (dtype, step) group of entries whose hyperparameter set is ``opt``; arrays the kernel can't take
     directly (float16, strided, byte-swapped, unaligned, scalar grads) go through copies, written back."""
+    if lookup(opt).factored:
+        return _factored().apply(opt, entries)
     Arrays = _cpu_arrays().Arrays
     groups = {}
     for e in entries:
@@ -326,13 +340,15 @@ def sum_squares(arrays) -> float:
 
 def compile_all():
     """Compile (or load from the disk cache) every kernel for float32 and float64; returns seconds."""
-    from .. import LAMB, AdaDelta, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
+    from .. import LAMB, AdaDelta, Adafactor, Adam, Adamax, AdaGrad, Lion, Momentum, NAdam, RAdam, RMSprop, SGD
 
     t0 = time.perf_counter()
     for dtype in (np.float32, np.float64):
         for opt in (SGD(momentum=0.9, impl="fused"), Momentum(impl="fused"), AdaGrad(impl="fused"),
                     RMSprop(impl="fused"), Adam(impl="fused"), AdaDelta(impl="fused"), Adamax(impl="fused"),
-                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused"), LAMB(impl="fused")):
+                    NAdam(impl="fused"), RAdam(impl="fused"), Lion(impl="fused"), LAMB(impl="fused"),
+                    Adafactor(impl="fused")):
             for _ in range(2):
-                opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
+                opt.update({"p": np.ones(4, dtype=dtype), "w": np.ones((2, 2), dtype=dtype)},
+                           {"p": np.ones(4, dtype=dtype), "w": np.ones((2, 2), dtype=dtype)})
     return time.perf_counter() - t0

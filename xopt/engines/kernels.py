@@ -12,17 +12,20 @@ A rule in :data:`NORMS` reads norms of each whole tensor before it writes (LAMB'
 engine runs it in two phases, the norms, then the elements; its row of scalars ends with the tensor's
 ratio (-1 where the rule's function, given the whole tensor, computes it itself).  The CUDA source has no
 such rule (:data:`CUDA_RULES`): its engine declines them, and their steps on the GPU run the reference rule.
+A rule in :data:`FACTORED` (Adafactor) keeps state of other shapes than its param's: the CPU engine runs it
+from :mod:`xopt.engines.cpu_factored`, on the checked path only (the exact-type lane declines it).
 """
 
 import operator
 
 import numpy as np
 
-__all__ = ["RULES", "NORMS", "CUDA_RULES", "Kernel", "KeptSlots", "cut", "kernel_of", "lookup"]
+__all__ = ["RULES", "NORMS", "FACTORED", "CUDA_RULES", "Kernel", "KeptSlots", "cut", "kernel_of", "lookup"]
 
 RULES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 2, "rmsprop": 3, "adam": 4, "adadelta": 5, "adamax": 6,
-         "nadam": 7, "radam": 8, "lion": 9, "schedule_free": 10, "lamb": 11}  # the engines' element rules, numbered as their sources number them
-NORMS = frozenset({"lamb"})  # rules that read their tensors' norms first: two phases, the CPU engine's alone
+         "nadam": 7, "radam": 8, "lion": 9, "schedule_free": 10, "lamb": 11, "adafactor": 12}  # the engines' element rules, numbered as their sources number them
+NORMS = frozenset({"lamb", "adafactor"})  # rules that read their tensors' norms first: phases, the CPU engine's alone
+FACTORED = frozenset({"adafactor"})  # state not in the param's shape: xopt.engines.cpu_factored, not the lane
 CUDA_RULES = tuple(sorted({number for name, number in RULES.items() if name not in NORMS}))  # in cuda/optimizers.cu
 
 
@@ -33,9 +36,9 @@ class Kernel:
     together reach every branch of the rule, each run for ``steps`` steps by the CUDA self-check.  ``rule``:
     the rule's number; ``order``: a C function of the dict ``scalars(step)`` returns giving the rule's scalars
     as a tuple, in its order (with the ratio's -1 last for a rule in :data:`NORMS`); ``size``: how many;
-    ``norms``: whether the rule is in :data:`NORMS`."""
+    ``norms``, ``factored``: whether the rule is in :data:`NORMS`, in :data:`FACTORED`."""
 
-    __slots__ = ("name", "rule", "scalars", "slots", "checks", "steps", "order", "size", "norms")
+    __slots__ = ("name", "rule", "scalars", "slots", "checks", "steps", "order", "size", "norms", "factored")
 
     def __init__(self, name, scalars, slots, checks=({},), steps=2):
         if name not in RULES:
@@ -46,7 +49,7 @@ class Kernel:
         self.checks, self.steps = tuple(dict(c) for c in checks), steps
         self.order = operator.itemgetter(*self.scalars) if len(self.scalars) > 1 else (
             lambda s, _get=operator.itemgetter(self.scalars[0]): (_get(s),))
-        self.norms = name in NORMS
+        self.norms, self.factored = name in NORMS, name in FACTORED
         if self.norms:  # the tensor's ratio, not known yet
             self.order = lambda s, _get=self.order: (*_get(s), -1.0)
         self.size = len(self.scalars) + self.norms

@@ -9,7 +9,8 @@ Muon (a matrix function of the update) need the whole param and, for Adafactor, 
 the rule on whole params; its state files are checked against the shapes :meth:`TensorRule.buffer_shapes`
 gives.  A subclass with a fused kernel (LAMB: the CPU engine's two-phase rule, :mod:`xopt.engines.cpu_norms`)
 takes the exact-type lane first, and the fused CPU engine for the params it accepts
-(``_dispatch.select_whole``).
+(``_dispatch.select_whole``); Adafactor's kernel (:mod:`xopt.engines.cpu_factored`), whose factors are not in
+the param's shape, only the latter.
 """
 
 from __future__ import annotations

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from .. import _backend
 from .._hyper import Hyper, _real, non_negative
+from .._norms import column_squares, is_host, row_squares, row_sums, squared_norm
+from ..engines.kernels import Kernel
 from ._tensor_rule import TensorRule
 
-__all__ = ["Adafactor", "lerp"]
+__all__ = ["Adafactor", "lerp", "factor_means", "means", "row_mean", "step_size"]
 
 
 def lerp(a, b, w):
@@ -15,6 +20,45 @@ def lerp(a, b, w):
     if w < 0.5:
         return a + w * (b - a)
     return b - (b - a) * (1.0 - w)
+
+
+def _like(a, x):
+    """The float64 NumPy array ``a`` rounded once to ``x``'s dtype, in ``x``'s library."""
+    a = a.astype(_backend.dtype_name(x.dtype))
+    return a if isinstance(x, np.ndarray) else _backend.from_numpy(a, x)
+
+
+def factor_means(xp, g):
+    """(the mean of g² over each row, shape ``(..., R, 1)``; over each column, ``(..., 1, C)``) in g's dtype.
+    Host arrays: from the sums of :mod:`xopt._norms` (float64, in the order the fused kernel adds), divided,
+    then rounded once; other arrays: their library's sums of g² in g's dtype."""
+    rows, columns = g.shape[-2], g.shape[-1]
+    if is_host(g):
+        return means(row_squares(g), column_squares(g), g)
+    g2 = g * g
+    return xp.sum(g2, axis=-1, keepdims=True) / columns, xp.sum(g2, axis=-2, keepdims=True) / rows
+
+
+def means(row_squares, column_squares, like):
+    """The host's (mean of g² over each row, over each column) from float64 sums of shapes ``(..., R)`` and
+    ``(..., C)``: divided, then rounded once to ``like``'s dtype, in ``like``'s library."""
+    rows, columns = row_squares.shape[-1], column_squares.shape[-1]
+    return _like((row_squares / columns)[..., None], like), _like((column_squares / rows)[..., None, :], like)
+
+
+def row_mean(xp, v_row):
+    """The mean of ``v_row`` (shape ``(..., R, 1)``) over its rows, shape ``(..., 1, 1)``, as
+    :func:`factor_means` takes its means."""
+    if is_host(v_row):
+        return _like((row_sums(v_row[..., 0]) / v_row.shape[-2])[..., None, None], v_row)
+    return xp.sum(v_row, axis=-2, keepdims=True) / v_row.shape[-2]
+
+
+def step_size(s, n, param_squares, update_squares):
+    """α / max(1, RMS(u) / d), α = max(ε₂, RMS(W)) ρ, from the sums of squares of the param (before its decay)
+    and of the update, for a param of ``n`` elements."""
+    alpha = max(s["eps2"], math.sqrt(param_squares) / n**0.5) * s["rho"]
+    return alpha / max(1.0, math.sqrt(update_squares) / (n**0.5 * s["d"]))
 
 
 def _non_positive(name, value):
@@ -67,6 +111,14 @@ class Adafactor(TensorRule):
     An empty param is left as it is (torch divides 0 by 0 there).  torch's ``eps=(eps1, eps2)`` are
     ``eps1, eps2`` here; torch's ``maximize`` has no equivalent (negate the grads).
 
+    On host arrays (NumPy, CPU torch tensors) the sums — the param's and the update's squared norms, the
+    row and column sums of g², the row mean — are taken in float64 in the orders of :mod:`xopt._norms`,
+    which the fused CPU kernel (:mod:`xopt.engines.cpu_factored`: the factors' sums, the norms, then the
+    elements) repeats on any number of threads: the fused step is this rule's bit for bit.  The CUDA
+    engine has no Adafactor kernel: on CuPy arrays this rule runs, with CuPy's sums.  v̂ is computed as
+    v_row · (v_col / max(mean(v_row), ε₁)), a division per column where torch divides every element of the
+    outer product: the same numbers to rounding, and one division fewer per element in the fused kernel.
+
     Args:
         lr: η, the cap of the relative step size.
         beta2_decay: c <= 0, the exponent of the second moments' decay: β̂₂ = t^c (1 at the first step).
@@ -79,6 +131,8 @@ class Adafactor(TensorRule):
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
         arXiv:1804.04235.
     """
+
+    kernel = Kernel("adafactor", ("lr", "weight_decay", "beta2", "rho", "eps1", "eps2", "d"), ("v_row", "v_col", "v"))
 
     lr = Hyper(non_negative)
     beta2_decay = Hyper(_non_positive)
@@ -109,19 +163,17 @@ class Adafactor(TensorRule):
         if n == 0:
             return p, dict(state)
         eps1 = xp.finfo(p.dtype).eps if s["eps1"] is None else s["eps1"]
-        alpha = max(s["eps2"], float(xp.sqrt(xp.sum(p * p))) / n**0.5) * s["rho"]
+        param_squares = squared_norm(xp, p)  # the sums in float64, in the fused kernel's order (xopt._norms)
         if s["weight_decay"] != 0.0:
             p = p * (1.0 - s["lr"] * s["weight_decay"])
-        g2 = g * g
         if p.ndim >= 2:
-            v_row = lerp(state["v_row"], xp.sum(g2, axis=-1, keepdims=True) / g.shape[-1], s["beta2"])
-            v_col = lerp(state["v_col"], xp.sum(g2, axis=-2, keepdims=True) / g.shape[-2], s["beta2"])
-            row_mean = xp.sum(v_row, axis=-2, keepdims=True) / v_row.shape[-2]
-            v_hat = xp.matmul(v_row, v_col) / xp.clip(row_mean, min=eps1)
+            mean_row, mean_col = factor_means(xp, g)
+            v_row = lerp(state["v_row"], mean_row, s["beta2"])
+            v_col = lerp(state["v_col"], mean_col, s["beta2"])
+            v_hat = v_row * (v_col / xp.clip(row_mean(xp, v_row), min=eps1))  # a division per column, not per element
             new = {"v_row": v_row, "v_col": v_col}
         else:
-            v_hat = lerp(state["v"], g2, s["beta2"])
+            v_hat = lerp(state["v"], g * g, s["beta2"])
             new = {"v": v_hat}
         u = g / xp.sqrt(xp.clip(v_hat, min=eps1 * eps1))
-        denom = max(1.0, float(xp.sqrt(xp.sum(u * u))) / (n**0.5 * s["d"]))
-        return p - (alpha / denom) * u, new
+        return p - step_size(s, n, param_squares, squared_norm(xp, u)) * u, new

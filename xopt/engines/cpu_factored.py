@@ -1,0 +1,349 @@
+"""Adafactor on the fused CPU engine (numba): the factors' sums, the norms, then the elements.
+
+Adafactor's update of a param reads sums over the whole param: the row and column sums of g² (a matrix's
+factors), the param's norm (the step size) and the update's norm (its clipping).  A param of ``n``
+elements takes three passes, each split into pieces that any thread may take:
+
+1. the factors (a param of two or more dimensions): read g, add g² in float64 into each row's 16 lanes
+   (a chunk of ``CHUNK`` columns at a time) and down each column of a block of ``ROW_BLOCK`` rows, in the
+   orders of :mod:`xopt._norms`; then, on the host, the reference rule's own code: the means, the new
+   ``v_row`` and ``v_col`` (:func:`xopt.optimizers.adafactor.lerp`), v_col over the clipped row mean;
+2. the norms: read p and g (and v for a vector), compute u, add p² and u² in float64 into 16 lanes per
+   chunk of ``CHUNK`` elements; then the step size α / max(1, ‖u‖ / (√n d)) on the host;
+3. the elements: compute u again (the same code: the same bits) and write p (and v for a vector).
+
+A float32 matrix moves 24 bytes an element (g; p, g; p, g, p), a vector 32 (p, g, v; p, g, v, p, v).
+Nothing is written before the third pass, which is one of the step's writes (:mod:`xopt._atomic`); the
+new factors are written with it.  Every sum's order is fixed by its pieces, never by the threads that
+take them: the reference rule and this engine give the same bits on any number of threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import sys
+
+import numpy as np
+from numba import njit
+
+from .. import _backend
+from .._atomic import together
+from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
+from .._threads import get_num_threads, pool
+from ..optimizers.adafactor import lerp, means, row_mean, step_size
+from .cpu_drivers import wait_done
+from .cpu_memory import fetch_add
+from .cpu_norms import BLOCK, _add_lanes, _lane_sum
+from .cpu_step import PARALLEL_MIN
+
+__all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
+
+CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW = range(7)  # the row of scalars ``s``, in the param's dtype
+_NONE_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any pass's pieces: a call that runs nothing
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_EMPTY_F64 = np.empty(0)
+
+
+# -- pass 1: the factors' sums ---------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy")
+def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes):
+    """Piece number ``piece``: one block of ``ROW_BLOCK`` rows of one matrix, one chunk of ``CHUNK``
+    columns.  Each row's chunk sum goes to ``row_chunks[chunk, row]``, the block's column sums (from its first
+    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``.  Four rows at a time, ``BLOCK``
+    columns at a time: the column sums (float64, in L2 for a wide matrix) are read and written once per four
+    rows, and each row is read in order (strips of columns down the rows, a page of each row at a time, left
+    the prefetchers restarting; a row at a time, the column sums went to L2 and back for every row)."""
+    chunks = (columns + CHUNK - 1) // CHUNK
+    blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    c, k, b = piece % chunks, (piece // chunks) % blocks, piece // (chunks * blocks)
+    c0, c1 = c * CHUNK, min(c * CHUNK + CHUNK, columns)
+    first, last = b * rows + k * ROW_BLOCK, b * rows + min(k * ROW_BLOCK + ROW_BLOCK, rows)
+    acc = column_blocks[b, k]
+    clip = s[CLIP]
+    four = first + (last - first) // 4 * 4
+    for row in range(first, last):
+        lanes[row - first, :] = 0.0
+    for row in range(first, four, 4):
+        at = row * columns
+        for a in range(c0, c1, BLOCK):  # loops over views from 0: no negative index to wrap, LLVM vectorizes
+            e = min(a + BLOCK, c1)
+            m = e - a
+            x0, x1, x2, x3 = scratch[0, :m], scratch[1, :m], scratch[2, :m], scratch[3, :m]
+            s0, s1 = g[at + a:at + e], g[at + columns + a:at + columns + e]
+            s2, s3 = g[at + 2 * columns + a:at + 2 * columns + e], g[at + 3 * columns + a:at + 3 * columns + e]
+            for j in range(m):
+                x0[j], x1[j], x2[j], x3[j] = s0[j] * clip, s1[j] * clip, s2[j] * clip, s3[j] * clip
+            for q in range(4):
+                _add_lanes(scratch[q, :m], lanes[row - first + q])
+            out = acc[a:e]
+            for j in range(m):
+                y0, y1, y2, y3 = np.float64(x0[j]), np.float64(x1[j]), np.float64(x2[j]), np.float64(x3[j])
+                out[j] = (((out[j] + y0 * y0) + y1 * y1) + y2 * y2) + y3 * y3  # the rows in order
+    for row in range(four, last):
+        at = row * columns
+        for a in range(c0, c1, BLOCK):
+            e = min(a + BLOCK, c1)
+            x, src, out = scratch[0, :e - a], g[at + a:at + e], acc[a:e]
+            for j in range(e - a):
+                x[j] = src[j] * clip
+            _add_lanes(x, lanes[row - first])
+            for j in range(e - a):
+                y = np.float64(x[j])
+                out[j] += y * y
+    for row in range(first, last):
+        row_chunks[c, row] = _lane_sum(lanes[row - first])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def factor_sums(g, rows, columns, s, row_chunks, column_blocks, counters):
+    """Pass 1: take pieces (``counters[0]``: the next one) until none is left; ``counters[1]`` counts those done."""
+    n = column_blocks.shape[0] * column_blocks.shape[1] * row_chunks.shape[0]
+    scratch = np.empty((4, BLOCK), dtype=g.dtype)
+    lanes = np.empty((ROW_BLOCK, LANES))
+    base = counters.ctypes.data
+    while True:
+        piece = fetch_add(base, 1)
+        if piece >= n:
+            return
+        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes)
+        fetch_add(base + 8, 1)
+
+
+# -- u of a run of elements: passes 2 and 3 ---------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u):
+    """u of the flat elements lo:hi of a matrix (or a stack of them) into ``u``: the reference rule's
+    g / √max(v_row (v_col / mean), ε₁²), row by row (``v_col``: the new v_col over the clipped row mean)."""
+    clip, floor = s[CLIP], s[EPS1_SQUARED]
+    k = lo
+    while k < hi:
+        row = k // columns
+        end = min(hi, (row + 1) * columns)
+        b = row // rows
+        r, at = v_row[row], b * columns - row * columns
+        gs, cs, us = g[k:end], v_col[at + k:at + end], u[k - lo:end - lo]  # views: loops from 0 (see above)
+        for i in range(end - k):
+            v_hat = r * cs[i]
+            v_hat = floor if v_hat < floor else v_hat  # NaN stays NaN, as xp.clip
+            us[i] = (gs[i] * clip) / np.sqrt(v_hat)
+        k = end
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u_vector(g, v, s, lo, hi, u, v_new, low):
+    """u and the new v of the elements lo:hi of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
+    β̂₂ < 1/2), u = g / √max(v, ε₁²)."""
+    clip, w, one_minus_w, floor = s[CLIP], s[W], s[ONE_MINUS_W], s[EPS1_SQUARED]
+    gs, vs = g[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        gi = gs[i] * clip
+        g2 = gi * gi
+        vi = vs[i]
+        vi = vi + w * (g2 - vi) if low else g2 - (g2 - vi) * one_minus_w
+        v_new[i] = vi
+        u[i] = gi / np.sqrt(floor if vi < floor else vi)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u(g, v, v_row, v_col, rows, columns, s, lo, hi, u, v_new, factored, low):
+    if factored:
+        _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u)
+    else:
+        _u_vector(g, v, s, lo, hi, u, v_new, low)
+
+
+# -- pass 2: the norms -------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, factored, low):
+    n = sums.shape[0]
+    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
+    pp, uu = np.zeros(LANES), np.zeros(LANES)
+    base = counters.ctypes.data
+    while True:
+        c = fetch_add(base, 1)
+        if c >= n:
+            return
+        pp[:] = 0.0
+        uu[:] = 0.0
+        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
+            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
+            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
+            _add_lanes(p[a:e], pp)
+            _add_lanes(u[:e - a], uu)
+        sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
+        fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def norm_sums(p, g, v, v_row, v_col, rows, columns, s, sums, counters):
+    """Pass 2: ``sums[c]`` = (Σ p², Σ u²) of chunk c, in float64; chunks taken as :func:`factor_sums` takes
+    pieces.  ``v`` is the vector's state (empty for a matrix), ``v_row`` and ``v_col`` the matrix's new factors,
+    flat, v_col over the clipped row mean (empty for a vector)."""
+    if v.shape[0] == 0:
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, True, False)
+    elif s[LOW] != 0.0:  # the host's test of β̂₂ < 1/2 (β̂₂ in the dtype may round to 1/2)
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, True)
+    else:
+        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, False)
+
+
+# -- pass 3: the elements ------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, factored, low):
+    n = (p.shape[0] + CHUNK - 1) // CHUNK
+    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
+    decay, step = s[DECAY], s[STEP]
+    base = counters.ctypes.data
+    while True:
+        c = fetch_add(base, 1)
+        if c >= n:
+            return
+        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
+            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
+            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
+            ps = p[a:e]
+            for i in range(e - a):
+                ps[i] = ps[i] * decay - step * u[i]
+            if not factored:
+                vs = v[a:e]
+                for i in range(e - a):
+                    vs[i] = v_new[i]
+        fetch_add(base + 8, 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def write(p, g, v, v_row, v_col, rows, columns, s, counters):
+    """Pass 3: p ← p (1 − ηλ) − (α / max(1, RMS(u) / d)) u (the step size in ``s[STEP]``), and v for a vector;
+    chunks taken as :func:`norm_sums` takes them."""
+    if v.shape[0] == 0:
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, True, False)
+    elif s[LOW] != 0.0:
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, True)
+    else:
+        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, False)
+
+
+# -- the host: one param's three passes ------------------------------------------------------------
+def _calls(threads, run, pieces):
+    """The calls that run ``run(counters)`` (a pass's claim loop) over ``pieces`` on ``threads`` threads: on
+    ``threads - 1`` workers and the caller, then wait for the pieces still under way on workers.  The pass has
+    run once on nothing first (numba types its arguments, loads or compiles it, here, not among the writes)."""
+    run(_NONE_LEFT.copy())
+    counters = np.zeros(2, dtype=np.int64)
+    if threads <= 1:
+        return [functools.partial(run, counters)]
+    put = pool(threads).put
+    return [functools.partial(put, functools.partial(run, counters))] * (threads - 1) + [
+        functools.partial(run, counters), functools.partial(wait_done, counters, pieces)]
+
+
+def _threads(n, pieces) -> int:
+    return min(get_num_threads(), pieces) if n >= PARALLEL_MIN else 1
+
+
+def accepts(opt, e) -> bool:
+    """NumPy float16/bfloat16/float32/float64 params whose grads are NumPy arrays (or scalars) too (float16 and
+    bfloat16 through float32 copies, rounded back once); CPU torch tensors of float16/32/64, params and grads
+    (the passes read and write them through NumPy views of their memory)."""
+    if e.rebind:
+        return False
+    if type(e.p) is np.ndarray:
+        return isinstance(e.g, (np.ndarray, np.generic)) and (e.p.dtype in _FLOATS or e.p.dtype.name == "bfloat16")
+    return _is_cpu_tensor(e.p) and _is_cpu_tensor(e.g)
+
+
+def _is_cpu_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return (torch is not None and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
+            and x.dtype in (torch.float16, torch.float32, torch.float64) and x.layout == torch.strided
+            and not (x.is_neg() or x.is_conj()))
+
+
+def _host(x):
+    """``x`` itself (a NumPy array or scalar) or a NumPy view of a CPU tensor's memory."""
+    return x if isinstance(x, (np.ndarray, np.generic)) else x.detach().numpy()
+
+
+def _ready(a, dtype):
+    """``a`` itself where the kernel can take it (C-contiguous, aligned, native, of ``dtype``), else a copy."""
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative:
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
+_EMPTY = {}  # dtype -> an empty array of it: the arrays a pass does not read
+
+
+def _empty(dtype):
+    found = _EMPTY.get(dtype)
+    if found is None:
+        found = _EMPTY[dtype] = np.empty(0, dtype=dtype)
+    return found
+
+
+def apply(opt, entries) -> list:
+    """The writes of one step of ``entries`` (the checked path's call, as ``fused_cpu.apply``): passes 1 and 2
+    run here; pass 3, the new factors, and the write-back of copies (float16, strided or read-only params)
+    are the writes."""
+    writes = []
+    for e in entries:
+        writes += _step(e)
+    return writes
+
+
+def _step(e) -> list:
+    """One param's passes 1 and 2, and its writes (``e.scalars``: its hyperparameter set's scalars)."""
+    s, state = e.scalars, e.state
+    xp = _backend.namespace(_EMPTY_F64)  # the host's math in NumPy, as the reference rule's on NumPy params
+    original = _host(e.p)
+    dtype = np.dtype(_backend.compute_dtype(np, original.dtype))  # float16 via float32 copies
+    n = original.size
+    if n == 0:
+        return []  # an empty param is left as it is
+    writes = []
+    p = original
+    if not (p.dtype == dtype and p.flags.c_contiguous and p.flags.aligned and p.flags.writeable):
+        p = np.array(original, dtype=dtype, order="C")
+        writes.append(functools.partial(operator.setitem, original, Ellipsis, p))  # after pass 3, below
+    g = _ready(np.asarray(_host(e.g)), dtype).reshape(p.shape)
+    flat_p, flat_g = p.reshape(-1), g.reshape(-1)
+    eps1 = xp.finfo(dtype).eps if s["eps1"] is None else s["eps1"]
+    scal = np.array([1.0 if e.clip is None else e.clip,
+                     1.0 - s["lr"] * s["weight_decay"] if s["weight_decay"] != 0.0 else 1.0,
+                     s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5)], dtype=dtype)
+    empty = _empty(dtype)
+    factors_new = {}
+    if p.ndim >= 2:
+        rows, columns = p.shape[-2], p.shape[-1]
+        stack = n // (rows * columns)
+        row_chunks = np.zeros((-(-columns // CHUNK), stack * rows))
+        column_blocks = np.zeros((stack, -(-rows // ROW_BLOCK), columns))
+        pieces = row_chunks.shape[0] * column_blocks.shape[1] * stack
+        together(_calls(_threads(n, pieces), functools.partial(factor_sums, flat_g, rows, columns, scal, row_chunks,
+                                                               column_blocks), pieces))
+        mean_row, mean_col = means(in_order(row_chunks, 0).reshape(p.shape[:-1]),
+                                   in_order(column_blocks, 1).reshape(p.shape[:-2] + (columns,)), p)
+        v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
+        v_col = lerp(_ready(_host(state["v_col"]), dtype), mean_col, s["beta2"])
+        v_col_over_mean = _ready(v_col / xp.clip(row_mean(xp, v_row), min=eps1), dtype)  # the reference's
+        v, factors = empty, (v_row.reshape(-1), v_col_over_mean.reshape(-1))
+        factors_new = {"v_row": v_row, "v_col": v_col}
+        rows_or_one = rows
+    else:
+        rows_or_one = columns = 1
+        v = held = _host(state["v"])
+        if not (v.dtype == dtype and v.flags.c_contiguous and v.flags.aligned and v.flags.writeable):
+            v = np.array(held, dtype=dtype, order="C")  # written by pass 3, then copied into the state's buffer
+            writes.append(functools.partial(operator.setitem, held, Ellipsis, v))
+        v, factors = v.reshape(-1), (empty, empty)
+    chunks = -(-n // CHUNK)
+    threads = _threads(n, chunks)
+    sums = np.empty((chunks, 2))
+    together(_calls(threads, functools.partial(norm_sums, flat_p, flat_g, v, *factors, rows_or_one, columns, scal,
+                                               sums), chunks))
+    param_squares, update_squares = in_order(sums, 0)
+    scal[STEP] = step_size(s, n, float(param_squares), float(update_squares))
+    passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows_or_one, columns, scal), chunks)
+    news = [functools.partial(operator.setitem, _host(state[k]), Ellipsis, value) for k, value in factors_new.items()]
+    return news + passes + writes + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads
