@@ -15,7 +15,7 @@ from numba import carray, cfunc, njit, types
 from numba.core import errors
 from numba.extending import intrinsic, overload
 
-from .cpu_memory import fetch_add, typed_pointer, view as _view, yield_cpu
+from .cpu_memory import compiled_only, fetch_add, typed_pointer, view as _view, yield_cpu
 from .cpu_rules import ADAM_BF16, RULES
 
 __all__ = ["CHUNK", "CLIP_BLOCK", "ELEMENTS_SIGNATURE", "elements", "run_serial", "run_rows", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
@@ -52,7 +52,7 @@ def _apply(rule, ptrs, t, a, b, p, g, s, bits):
     raise TypeError("xopt.engines.cpu_rules._apply runs in compiled code only")
 
 
-@overload(_apply, prefer_literal=True, inline="always")
+@overload(_apply, prefer_literal=True, jit_options={"no_cfunc_wrapper": True})
 def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
     if not isinstance(rule, types.IntegerLiteral):
         raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see cpu_drivers.elements)")
@@ -109,7 +109,7 @@ def run_serial(function, ptrs, sizes, scal, part):
     run_rows(function, ptrs, sizes, scal, part, _scratch(scal[0]))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@compiled_only(nogil=True, error_model="numpy")
 def run_rows(function, ptrs, sizes, scal, part, scratch):
     """:func:`run_serial` with the room for scaled grads given (``_scratch``; empty where the clip scale is 1)."""
     for t in range(sizes.shape[0]):

@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from .cpu_structs import (BYTEORDER, DATA, DESCR, DIMS, FLAGS, FOREIGN, HEAD, LIST_ITEMS, LIST_SIZE, N_HEAD, ND, NDARRAY,
                           NONE, OB_TYPE, OFFSETS, INT, READ_FLAGS, STRIDES, TYPE_NUM, WRITE_FLAGS)
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "check_rows", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
+__all__ = ["OFFSETS", "byte_bounds", "compiled_only", "check_step", "check_rows", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
            "HEAD", "N_HEAD"]
 
 
@@ -88,7 +88,14 @@ def yield_cpu(typingctx):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+def compiled_only(**options):
+    """``njit(cache=True)`` for a function that only compiled code calls: numba builds it no entry from Python
+    (``no_cpython_wrapper``) or from C (``no_cfunc_wrapper``), which cost a cold first update some 20 ms each
+    (``benchmarks/first_use.py``).  Called from Python, such a function crashes the process."""
+    return njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True, **options)
+
+
+@compiled_only()
 def view(addr, proto, lo, hi):
     """Elements lo:hi of the contiguous array at the (checked) address ``addr``, typed as ``proto``'s."""
     return carray(typed_pointer(addr, proto), (hi,))[lo:hi]
@@ -97,12 +104,12 @@ def view(addr, proto, lo, hi):
 # -- a step's arrays, checked --------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@compiled_only()
 def _list_item(off, lst, t):
     return load_i64(load_i64(lst + off[LIST_ITEMS]) + 8 * t)
 
 
-@njit(cache=True, inline="always")
+@compiled_only()
 def _is_array(off, obj, flags, type_num, nd, dims_of):
     """Whether ``obj`` is an exact ndarray with ``flags``, of native ``type_num``, shaped as the array
     whose dims pointer is ``dims_of`` (nd dims); or, with ``nd`` -1, any shape.  (A 0-d array's dims
@@ -125,12 +132,11 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
     return True
 
 
-@njit(cache=True)
-def _sort_spans(lo, hi, temps):
-    """Sort the byte ranges [lo[i], hi[i]) by start, in place: a bottom-up merge sort (a few lines that numba
-    compiles in a fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation);
-    ranges already in order (arrays allocated one after another) cost one pass.  ``temps``: four rows of
-    room for them (int64, at least ``lo.shape[0]`` wide)."""
+@compiled_only()
+def _sort_spans(lo, hi):
+    """Sort the byte ranges [lo[i], hi[i]) by start, in place: a heap sort (a few lines that numba compiles in a
+    fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation, and a merge sort half a
+    second); ranges already in order (arrays allocated one after another) cost one pass."""
     m = lo.shape[0]
     ordered = True
     for i in range(1, m):
@@ -139,28 +145,27 @@ def _sort_spans(lo, hi, temps):
             break
     if ordered:
         return
-    a_lo, a_hi, b_lo, b_hi = temps[0, :m], temps[1, :m], temps[2, :m], temps[3, :m]
-    for i in range(m):
-        a_lo[i], a_hi[i] = lo[i], hi[i]
-    width = 1
-    while width < m:
-        for left in range(0, m, 2 * width):
-            mid, right = min(left + width, m), min(left + 2 * width, m)
-            i, j = left, mid
-            for k in range(left, right):
-                if i < mid and (j >= right or a_lo[i] <= a_lo[j]):
-                    b_lo[k], b_hi[k] = a_lo[i], a_hi[i]
-                    i += 1
-                else:
-                    b_lo[k], b_hi[k] = a_lo[j], a_hi[j]
-                    j += 1
-        a_lo, b_lo, a_hi, b_hi = b_lo, a_lo, b_hi, a_hi
-        width *= 2
-    for i in range(m):  # element by element: a slice assignment brings numba's shape-error formatting (seconds)
-        lo[i], hi[i] = a_lo[i], a_hi[i]
+    start, end = m // 2, m
+    while end > 1:
+        if start > 0:  # building the heap: sift down each parent, the last first
+            start -= 1
+        else:  # the largest start goes last; the rest is a heap again once the new root sifts down
+            end -= 1
+            lo[0], lo[end] = lo[end], lo[0]
+            hi[0], hi[end] = hi[end], hi[0]
+        root = start
+        while 2 * root + 1 < end:
+            child = 2 * root + 1
+            if child + 1 < end and lo[child] < lo[child + 1]:
+                child += 1
+            if lo[root] >= lo[child]:
+                break
+            lo[root], lo[child] = lo[child], lo[root]
+            hi[root], hi[child] = hi[child], hi[root]
+            root = child
 
 
-@njit(cache=True)
+@compiled_only()
 def count_below(starts, x):
     """How many of the sorted ``starts`` are below ``x`` (``np.searchsorted(starts, x)``)."""
     lo, hi = 0, starts.shape[0]
@@ -176,10 +181,10 @@ def count_below(starts, x):
 @njit(cache=True)
 def check_step(off, head, part, ptrs, sizes):
     """:func:`check_rows` with room of its own for the byte ranges."""
-    return check_rows(off, head, part, ptrs, sizes, np.empty((6, 4 * max(head[6], 0)), dtype=np.int64))
+    return check_rows(off, head, part, ptrs, sizes, np.empty((2, 4 * max(head[6], 0)), dtype=np.int64))
 
 
-@njit(cache=True)
+@compiled_only()
 def check_rows(off, head, part, ptrs, sizes, spans):
     """0 if the arrays of a step are what a kernel may read and write, else 1 + the first row that is not
     (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.
@@ -198,7 +203,7 @@ def check_rows(off, head, part, ptrs, sizes, spans):
     kept buffers share a byte, and no grad shares one with any of them (grads may share with each
     other: they are only read).  ``ptrs[t]``: the addresses of param, grad and the three slots (an
     unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.  ``spans``: room
-    (int64, 6 rows of at least 4n) for the byte ranges and their sort.
+    (int64, 2 rows of at least 4n) for the byte ranges.
     """
     n = head[6]
     param_type, state_type, param_size, state_size = head[7], head[8], head[9], head[10]
@@ -239,15 +244,15 @@ def check_rows(off, head, part, ptrs, sizes, spans):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, spans[2:]) else n + 1
+    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, ) else n + 1
 
 
 @njit(cache=True, inline="always")
-def disjoint(starts, ends, ptrs, sizes, param_size, temps):
-    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place, with room
-    ``temps``: see :func:`_sort_spans`), and no grad (``ptrs[t, 1]``, ``sizes[t]`` elements of
+def disjoint(starts, ends, ptrs, sizes, param_size):
+    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place: see
+    :func:`_sort_spans`), and no grad (``ptrs[t, 1]``, ``sizes[t]`` elements of
     ``param_size`` bytes) shares one with any of them."""
-    _sort_spans(starts, ends, temps)
+    _sort_spans(starts, ends)
     for i in range(1, starts.shape[0]):
         if starts[i] < ends[i - 1]:
             return False
