@@ -109,7 +109,7 @@ def _list_item(off, lst, t):
     return load_i64(load_i64(lst + off[LIST_ITEMS]) + 8 * t)
 
 
-@compiled_only()
+@njit(cache=True, inline="always")
 def _is_array(off, obj, flags, type_num, nd, dims_of):
     """Whether ``obj`` is an exact ndarray with ``flags``, of native ``type_num``, shaped as the array
     whose dims pointer is ``dims_of`` (nd dims); or, with ``nd`` -1, any shape.  (A 0-d array's dims
