@@ -25,7 +25,11 @@ updates, in microseconds.  Prints a table and writes JSON with --out, with the l
 the time of a Python call that does nothing (the machine's speed at the time: compare with
 ``benchmarks/cold_call.py``'s figures).
 
-    python benchmarks/cuda_host.py [--rounds 30] [--steps 5] [--sizes 10,1000,10000] [--reader both] [--out FILE]
+``--dtype`` sets the params' and grads' dtype (float32; float16, bfloat16: ml_dtypes', CuPy 14's), ``--state-dtype
+bfloat16`` Adam's state_dtype (m and v stored as bfloat16).
+
+    python benchmarks/cuda_host.py [--rounds 30] [--steps 5] [--sizes 10,1000,10000] [--reader both]
+        [--dtype float32] [--state-dtype none] [--out FILE]
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class StubDevice(fused_cuda.CupyDevice):
         return np.asarray(a)
 
     @staticmethod
-    def function(rule, dtype):
+    def function(rule, dtype, state=None):
         return None
 
     @staticmethod
@@ -119,15 +123,25 @@ CASES = {"plain": {}, "clip_grad_norm=1.0": dict(clip_grad_norm=1.0),
          'overrides={"b*": {"lr": 0.1}}': dict(overrides={"b*": {"lr": 0.1}})}
 
 
-def setup(cupy, n, extra, rng):
-    """(optimizer at step 1, params, three sets of grads) for ``n`` tensors."""
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def setup(cupy, n, extra, rng, dtype="float32", state_dtype=None):
+    """(optimizer at step 1, params, three sets of grads) for ``n`` tensors of ``dtype``, the state float32 or
+    ``state_dtype``."""
     names = [("b" if i % 2 else "w") + str(i) for i in range(n)]
-    params = {k: _cupy_host(cupy, rng.standard_normal(ELEMENTS).astype(np.float32)) for k in names}
-    grads = [{k: _cupy_host(cupy, rng.standard_normal(ELEMENTS).astype(np.float32)) for k in names}
+    dtype, state = _dtype(dtype), _dtype(state_dtype or "float32")
+    params = {k: _cupy_host(cupy, rng.standard_normal(ELEMENTS).astype(dtype)) for k in names}
+    grads = [{k: _cupy_host(cupy, rng.standard_normal(ELEMENTS).astype(dtype)) for k in names}
              for _ in range(3)]
-    opt = xopt.Adam(impl="fused", **extra)
-    opt.state = {k: {"step": 1, "m": _cupy_host(cupy, np.zeros(ELEMENTS, np.float32)),
-                     "v": _cupy_host(cupy, np.zeros(ELEMENTS, np.float32))} for k in names}
+    opt = xopt.Adam(impl="fused", state_dtype=state_dtype, **extra)
+    opt.state = {k: {"step": 1, "m": _cupy_host(cupy, np.zeros(ELEMENTS, state)),
+                     "v": _cupy_host(cupy, np.zeros(ELEMENTS, state))} for k in names}
     opt.iter = 1
     opt._check_patterns(params)  # what the first (checked) step does
     return opt, params, grads
@@ -143,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="updates timed per case in a round")
     ap.add_argument("--sizes", default="10,1000,10000")
     ap.add_argument("--reader", choices=["compiled", "python", "both"], default="both")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ap.add_argument("--state-dtype", choices=["none", "bfloat16"], default="none")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     import cupy
@@ -156,8 +172,10 @@ def main(argv=None):
     readers = ["compiled", "python"] if args.reader == "both" else [args.reader]
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
-    setups = {(r, n, case): setup(cupy, n, extra, rng) for r in readers for n in sizes for case, extra in CASES.items()}
-    setups.update({("floor", n, "plain"): setup(cupy, n, {}, rng) for n in sizes})
+    kinds = (args.dtype, None if args.state_dtype == "none" else args.state_dtype)
+    setups = {(r, n, case): setup(cupy, n, extra, rng, *kinds) for r in readers for n in sizes
+              for case, extra in CASES.items()}
+    setups.update({("floor", n, "plain"): setup(cupy, n, {}, rng, *kinds) for n in sizes})
     real_step = fused_cuda.step
 
     def no_step(*args):
@@ -208,7 +226,8 @@ def main(argv=None):
     if args.out:
         result = {"command": "python benchmarks/cuda_host.py " + " ".join(argv or []), "commit": commit(),
                   "machine": platform.processor() or platform.machine(), "cupy": cupy.__version__,
-                  "elements_per_tensor": ELEMENTS, "rounds": args.rounds, "steps": args.steps,
+                  "elements_per_tensor": ELEMENTS, "dtype": args.dtype, "state_dtype": args.state_dtype,
+                  "rounds": args.rounds, "steps": args.steps,
                   "load_average": os.getloadavg(), "python_call_us": statistics.median(nothing) * 1e6, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -61,7 +61,7 @@ XOPT_INLINE void xopt_st16(void* a, uint4 x) {
 
 #include "../xopt/engines/cuda/optimizers.cu"
 
-template <int RULE, typename P, typename S>
+template <int RULE, typename P, typename S, typename T>
 static void run(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes, const int* blocks,
                 int n_tensors, const void* clip, const void* scalars) {
     blockDim.x = threads;
@@ -69,32 +69,46 @@ static void run(int n_blocks, int threads, const unsigned long long* ptrs, const
         blockIdx.x = b;
         for (int t = 0; t < threads; ++t) {
             threadIdx.x = t;
-            xopt_step<RULE, P, S>(ptrs, sizes, blocks, n_tensors, (const S*)clip, (const S*)scalars);
+            xopt_step<RULE, P, S, T>(ptrs, sizes, blocks, n_tensors, (const S*)clip, (const S*)scalars);
         }
     }
 }
 
+#define XOPT_RUN(P, S, T) run<RULE, P, S, T>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0
 template <int RULE>
-static int run_typed(int ptype, int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
-                     const int* blocks, int n_tensors, const void* clip, const void* scalars) {
-    switch (ptype) {
-        case 16: run<RULE, xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
-        case 32: run<RULE, float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
-        case 64: run<RULE, double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); return 0;
+static int run_typed(int ptype, int stype, int n_blocks, int threads, const unsigned long long* ptrs,
+                     const long long* sizes, const int* blocks, int n_tensors, const void* clip, const void* scalars) {
+    if (stype == 0) {  // the state in the math type
+        switch (ptype) {
+            case 16: XOPT_RUN(xopt_half, float, float);
+            case 116: XOPT_RUN(xopt_bf16, float, float);
+            case 32: XOPT_RUN(float, float, float);
+            case 64: XOPT_RUN(double, double, double);
+        }
+    } else if constexpr (RULE == 4) {  // bfloat16 state: Adam's alone (fused_cuda.STATE_RULES)
+        if (stype == 116) {
+            switch (ptype) {
+                case 16: XOPT_RUN(xopt_half, float, xopt_bf16);
+                case 116: XOPT_RUN(xopt_bf16, float, xopt_bf16);
+                case 32: XOPT_RUN(float, float, xopt_bf16);
+            }
+        }
     }
     return 1;
 }
+#undef XOPT_RUN
 
-// rule: 0-10 as in xopt/engines/kernels.py; ptype: the param's bits (16 half, 32 float, 64 double).
+// rule: 0-10 as in xopt/engines/kernels.py; ptype: the param's type (16 half, 116 bfloat16, 32 float, 64 double);
+// stype: the state's (0: the math type, 116: bfloat16).
 // Returns 0, 1 for no such kernel, 2 if a 16-byte access was not 16-byte aligned.
-extern "C" int xopt_host_launch(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
-                                const long long* sizes, const int* blocks, int n_tensors, const void* clip,
-                                const void* scalars) {
+extern "C" int xopt_host_launch(int rule, int ptype, int stype, int n_blocks, int threads,
+                                const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                int n_tensors, const void* clip, const void* scalars) {
     xopt_host_wide = 0;
     xopt_host_misaligned = false;
     int rc = 1;
     switch (rule) {
-#define XOPT_CASE(r) case r: rc = run_typed<r>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); break;
+#define XOPT_CASE(r) case r: rc = run_typed<r>(ptype, stype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, scalars); break;
         XOPT_CASE(0) XOPT_CASE(1) XOPT_CASE(2) XOPT_CASE(3) XOPT_CASE(4)
         XOPT_CASE(5) XOPT_CASE(6) XOPT_CASE(7) XOPT_CASE(8) XOPT_CASE(9) XOPT_CASE(10)
 #undef XOPT_CASE
@@ -127,6 +141,8 @@ extern "C" int xopt_host_norm(int ptype, int n_blocks, int threads, const unsign
     switch (ptype) {
         case 16: norm<xopt_half, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
                                         (float*)scale, max_norm); return 0;
+        case 116: norm<xopt_bf16, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
+                                         (float*)scale, max_norm); return 0;
         case 32: norm<float, float>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,
                                     (float*)scale, max_norm); return 0;
         case 64: norm<double, double>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, sums, done, out,

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from xopt.bench import cli, loop, report, roofline, runner
+from xopt.bench import cli, loop, muon, report, roofline, runner
 
 SCHEMA_TOP = {"commit": str, "device": str, "backend": str, "date": str, "copy_GBps": float, "versions": dict,
               "rows": list}
@@ -33,7 +33,7 @@ def small_run(tmp_path_factory):
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench")
     cli.main(["--device", "cpu", "--optimizers", "Adam,SGD", "--sizes", "2^10,5000", "--tensors", "30",
-              "--repeat", "2", "--nets", "book", "--block", "2", "--out", str(out)])
+              "--repeat", "2", "--nets", "book", "--block", "2", "--muon", "3x16x24,2x24x16", "--out", str(out)])
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -66,7 +66,7 @@ def test_rows_cover_every_case_and_impl(small_run):
     except ImportError:
         pass
     rows = report.step_rows(result)
-    assert {r["scenario"] for r in result["rows"]} == {"step", "loop"}
+    assert {r["scenario"] for r in result["rows"]} == {"step", "loop", "muon"}
     cases = {(r["optimizer"], r["numel"], r["tensors"]) for r in rows}
     assert {(o, t) for o, _, t in cases} == {("Adam", 1), ("SGD", 1), ("Adam", 30), ("SGD", 30)}
     for case in cases:
@@ -107,6 +107,58 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--optimizers", "Adafactor"])
     assert "Adafactor" in capsys.readouterr().err
+
+
+# --- Muon's rows -------------------------------------------------------------------------------------------------
+
+def test_muon_rows_of_the_small_run(small_run):
+    """--muon 3x16x24,2x24x16: per case a matmul row (the peak), xopt's and torch's (where torch has Muon), with
+    GFLOP/s from the nominal Newton-Schulz flops."""
+    _, result = small_run
+    rows = [r for r in result["rows"] if r["scenario"] == "muon"]
+    cases = {(r["matrices"], r["rows"], r["cols"]) for r in rows}
+    assert cases == {(3, 16, 24), (2, 24, 16)}
+    for case in cases:
+        mine = {r["impl"]: r for r in rows if (r["matrices"], r["rows"], r["cols"]) == case}
+        want = {"matmul", "xopt"} | ({"torch"} if HAVE_TORCH and hasattr(torch.optim, "Muon") else set())
+        assert set(mine) == want
+        count, m, n = case
+        peak = count * 2 * m * m * n / mine["matmul"]["seconds"]
+        assert mine["matmul"]["peak_fraction"] == pytest.approx(1.0)
+        for impl, r in mine.items():
+            spread = r["seconds_spread"]
+            assert spread["min"] <= r["seconds"] <= spread["max"] and r["rounds"] == 2
+            work = count * 2 * m * m * n if impl == "matmul" else count * muon.ns_flops(m, n, r["ns_steps"])
+            assert r["GFLOPs"] == pytest.approx(work / r["seconds"] / 1e9)
+            assert r["peak_fraction"] == pytest.approx(work / r["seconds"] / peak)
+    assert "Newton-Schulz" in report.table(result)
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16), (8, 8)])
+def test_muon_flops_count_every_product_of_the_iteration(shape):
+    """ns_flops against the products orthogonalize makes, counted as it runs (2 M K N each)."""
+    from xopt.optimizers.muon import NS_COEFFICIENTS, orthogonalize
+
+    counted = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def matmul(a, b):
+            counted.append(2 * a.shape[-2] * a.shape[-1] * b.shape[-1])
+            return np.matmul(a, b)
+
+    orthogonalize(Counting(), np.ones(shape), NS_COEFFICIENTS, 5, 1e-7)
+    assert sum(counted) == muon.ns_flops(*shape, 5)
+
+
+def test_muon_shapes_are_checked():
+    assert muon.parse_shape("12x768x768") == (12, 768, 768)
+    for bad in ("12x768", "0x4x4", "ax4x4", "3x-4x4"):
+        with pytest.raises(ValueError, match="COUNTxROWSxCOLS"):
+            muon.parse_shape(bad)
 
 
 # --- the loop scenario -------------------------------------------------------------------------------------------

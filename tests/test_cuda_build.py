@@ -32,8 +32,11 @@ from xopt.engines.kernels import CUDA_RULES
 pytestmark = [pytest.mark.cuda_source, pytest.mark.slow]
 
 RULES = list(CUDA_RULES)
-DTYPES = ["float16", "float32", "float64"]
-INSTANCES = [(rule, dtype) for rule in RULES for dtype in DTYPES]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+# (rule, param dtype, state_dtype): every rule on every param dtype, and Adam's bfloat16 state where its math is float
+INSTANCES = ([(rule, dtype, None) for rule in RULES for dtype in DTYPES]
+             + [(rule, dtype, state) for state in fused_cuda.STATE_TYPES for rule in fused_cuda.STATE_RULES
+                for dtype in DTYPES if fused_cuda.PTYPES[dtype][1] == "float"])
 ARCH = "90"  # an H100
 
 
@@ -73,19 +76,19 @@ def compiler(request):
 
 @pytest.fixture(scope="module")
 def cubins(compiler):
-    """{(rule, dtype): (cubin, lowered name, NVRTC log)}, each built alone as fused_cuda._function builds it."""
+    """{(rule, dtype, state): (cubin, lowered name, NVRTC log)}, each built alone as fused_cuda._function builds it."""
     built = {}
-    for rule, dtype in INSTANCES:
-        name, log = fused_cuda.kernel_name(rule, dtype), io.StringIO()
+    for rule, dtype, state in INSTANCES:
+        name, log = fused_cuda.kernel_name(rule, dtype, state), io.StringIO()
         cubin, lowered = fused_cuda.build([name], arch=ARCH, log_stream=log)
-        built[rule, dtype] = (cubin, lowered.get(name), log.getvalue())
+        built[rule, dtype, state] = (cubin, lowered.get(name), log.getvalue())
     return built
 
 
 def test_every_instance_builds_through_cupys_nvrtc_without_a_warning(cubins):
-    assert len(cubins) == len(RULES) * 3
-    for (rule, dtype), (cubin, lowered, log) in cubins.items():
-        name = fused_cuda.kernel_name(rule, dtype)
+    assert len(cubins) == len(RULES) * len(DTYPES) + 3
+    for (rule, dtype, state), (cubin, lowered, log) in cubins.items():
+        name = fused_cuda.kernel_name(rule, dtype, state)
         assert log.strip("\0 \n") == "", f"{name}: NVRTC said {log!r}"
         assert lowered and lowered.startswith("_Z9xopt_step"), f"{name}: no lowered name ({lowered!r})"
         assert cubin[:4] == b"\x7fELF" and lowered.encode() in cubin, f"{name}: not a cubin holding {lowered}"
@@ -118,16 +121,16 @@ def _complete(cubin):
 
 @pytest.fixture(scope="module")
 def sass(cubins, tmp_path_factory):
-    """{(rule, dtype): the SASS of the instance}, by nvdisasm."""
+    """{(rule, dtype, state): the SASS of the instance}, by nvdisasm."""
     nvdisasm = _tool("nvdisasm")
     if nvdisasm is None:
         pytest.skip("no nvdisasm (the nvidia-cuda-nvdisasm wheel) to read the SASS")
     root = tmp_path_factory.mktemp("sass")
     out = {}
-    for (rule, dtype), (cubin, _, _) in cubins.items():
-        path = root / f"xopt_step_{rule}_{dtype}.cubin"
+    for (rule, dtype, state), (cubin, _, _) in cubins.items():
+        path = root / f"xopt_step_{rule}_{dtype}_{state}.cubin"
         path.write_bytes(_complete(cubin))
-        out[rule, dtype] = subprocess.run([nvdisasm, str(path)], check=True, capture_output=True, text=True).stdout
+        out[rule, dtype, state] = subprocess.run([nvdisasm, str(path)], check=True, capture_output=True, text=True).stdout
     return out
 
 
@@ -135,9 +138,9 @@ def _accesses(text):
     return set(re.findall(r"\b(?:LDG|STG|LDL|STL|LDS|STS|LD|ST)\.[A-Z0-9.]+", text))
 
 
-@pytest.mark.parametrize("rule, dtype", INSTANCES, ids=lambda x: str(x))
-def test_sass_has_128_bit_global_accesses_and_no_local_memory(sass, rule, dtype):
-    text = sass[rule, dtype]
+@pytest.mark.parametrize("rule, dtype, state", INSTANCES, ids=lambda x: str(x))
+def test_sass_has_128_bit_global_accesses_and_no_local_memory(sass, rule, dtype, state):
+    text = sass[rule, dtype, state]
     accesses = _accesses(text)
     assert any(re.fullmatch(r"LDG\.E(\.\w+)*\.128", a) for a in accesses), f"no 128-bit load: {sorted(accesses)}"
     assert any(re.fullmatch(r"STG\.E(\.\w+)*\.128", a) for a in accesses), f"no 128-bit store: {sorted(accesses)}"
@@ -147,22 +150,25 @@ def test_sass_has_128_bit_global_accesses_and_no_local_memory(sass, rule, dtype)
     assert not local, f"local memory (register spills): {sorted(local)}"
 
 
-@pytest.mark.parametrize("rule, dtype", [(r, d) for r in (3, 4) for d in ("float16", "float32")], ids=str)
-def test_sass_issues_every_load_of_a_group_before_its_math(sass, rule, dtype):
+@pytest.mark.parametrize("rule, dtype, state", [(r, d, None) for r in (3, 4) for d in ("float16", "bfloat16", "float32")]
+                         + [(4, "float32", "bfloat16")], ids=str)
+def test_sass_issues_every_load_of_a_group_before_its_math(sass, rule, dtype, state):
     """Explicit ILP, RMSprop and Adam: from the first 128-bit load on, every 128-bit load of the group (param,
-    grad, the three state slots: 5 for float32, 2 + 3 x 2 for half params) comes before the first math."""
-    lines = sass[rule, dtype].splitlines()
+    grad, the three state slots: 5 for float32, 2 + 3 x 2 for 16-bit params, 2 x 2 + 3 for float32 params with
+    bfloat16 state) comes before the first math."""
+    lines = sass[rule, dtype, state].splitlines()
     first = next(i for i, line in enumerate(lines) if re.search(r"\bLDG\.E(\.\w+)*\.128\b", line))
     math = next(i for i in range(first, len(lines)) if re.search(r"\b(MUFU|FADD|FMUL|FFMA|FSETP)\b", lines[i]))
     loads = sum(bool(re.search(r"\bLDG\.E(\.\w+)*\.128\b", line)) for line in lines[first:math])
-    assert loads == (5 if dtype == "float32" else 8), "\n".join(lines[first:math])
+    want = 7 if state else 5 if dtype == "float32" else 8
+    assert loads == want, "\n".join(lines[first:math])
 
 
 def test_nvrtc_keeps_subnormals(compiler, monkeypatch):
     """No flush-to-zero instruction in the PTX of any instance (CuPy's PTX mode of the same build);
     the same count finds CuPy's -ftz=true when it is added, as RawModule would."""
     monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=compute_{arch}", "ptx"))
-    names = [fused_cuda.kernel_name(rule, dtype) for rule, dtype in INSTANCES]
+    names = [fused_cuda.kernel_name(rule, dtype, state) for rule, dtype, state in INSTANCES]
     ptx, _ = fused_cuda.build(names, arch=ARCH)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     assert ptx.count(".entry ") == len(INSTANCES) and ".ftz" not in ptx
@@ -176,7 +182,7 @@ def test_resource_usage_no_stack_no_local(cubins, tmp_path):
     cuobjdump = _tool("cuobjdump")
     if cuobjdump is None:
         pytest.skip("no cuobjdump (the nvidia-cuda-cuobjdump wheel)")
-    for (rule, dtype), (cubin, lowered, _) in cubins.items():
+    for (rule, dtype, state), (cubin, lowered, _) in cubins.items():
         path = tmp_path / "k.cubin"
         path.write_bytes(_complete(cubin))
         out = subprocess.run([cuobjdump, "-res-usage", str(path)], check=True, capture_output=True, text=True).stdout
@@ -193,8 +199,8 @@ def test_nvcc_builds_every_kernel_instance(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not installed")
     lines = [f'#include "{fused_cuda.SOURCE}"']
-    for rule, dtype in INSTANCES:
-        name, math = fused_cuda.kernel_name(rule, dtype), fused_cuda.PTYPES[np.dtype(dtype).name][1]
+    for rule, dtype, state in INSTANCES:
+        name, math = fused_cuda.kernel_name(rule, dtype, state), fused_cuda.PTYPES[dtype][1]
         lines.append(f"template __global__ void {name}(const unsigned long long*, const long long*, "
                      f"const int*, int, const {math}*, const {math}*);")
     for dtype in DTYPES:

@@ -14,7 +14,9 @@ from test_cuda_source import (ALL_CONFIGS, HostDevice, _assert_same, _placed, at
 from test_edges import make
 
 pytestmark = pytest.mark.cuda_source
-DTYPES = [np.float16, np.float32, np.float64]
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float16, BF16, np.float32, np.float64]
 
 
 def _opt(config, **extra):
@@ -84,13 +86,13 @@ def test_clipped_steps_equal_the_reference_bit_for_bit(config, dtype, cuda_on_cp
 
 @pytest.mark.parametrize("config", ["Adam-amsgrad-wd", "NAdam-decoupled-wd", "RAdam-wd", "RMSprop-all", "Lion-wd"])
 def test_mixed_dtypes_clipped_one_launch_per_dtype(config, cuda_on_cpu, rng):
-    """float16, float32 and float64 params in one step: one norm over all of them, one launch per dtype."""
+    """float16, bfloat16, float32 and float64 params in one step: one norm over all of them, one launch per dtype."""
     params = {f"{np.dtype(d).name}-{i}": np.array(rng.standard_normal(n), dtype=d)
               for d in DTYPES for i, n in enumerate([9, 2 * fused_cuda.CHUNK + 1])}
     grads_seq = _grads(rng, params, _steps(config), scale=2.0)
     ref, a, ours, b = _both(config, params, grads_seq, clip_grad_norm=2.0)
     _assert_same(ref, ours, a, b, "mixed dtypes")
-    assert cuda_on_cpu.launches == 3 * len(grads_seq)
+    assert cuda_on_cpu.launches == len(DTYPES) * len(grads_seq)
 
 
 @pytest.mark.parametrize("config", ["Adam-amsgrad-wd", "NAdam", "RAdam-decoupled-wd", "AdaDelta-wd", "SGD-nesterov-wd"])
@@ -431,7 +433,22 @@ def _cupy_twin(config, params, first_grads, **extra):
 def test_lane_on_cupy_arrays_equals_the_reference(case, dtype, reader, cuda_on_cpu, lane, rng):
     """CuPy arrays, read from CuPy's structs (or, under the Python reader, by their attributes): every step after
     the first the lane's, bit for bit the reference's (on NumPy copies), one upload and one launch a step."""
+    _lane_on_cupy_arrays(case, dtype, cuda_on_cpu, lane, rng)
+
+
+@pytest.mark.parametrize("case", ["plain", "clip", "overrides"])
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_lane_on_cupy_arrays_with_bfloat16_state(case, dtype, reader, cuda_on_cpu, lane, rng):
+    """Adam's state_dtype="bfloat16" on CuPy arrays (CuPy 14's bfloat16 is ml_dtypes'): the lane reads the state's
+    dtype from CuPy's structs as the kernel's state type, and every step after the first is the lane's."""
+    _lane_on_cupy_arrays(case, dtype, cuda_on_cpu, lane, rng, state_dtype="bfloat16")
+
+
+def _lane_on_cupy_arrays(case, dtype, cuda_on_cpu, lane, rng, **more):
+    """The lane's steps on CuPy arrays over host memory against the reference's on NumPy copies (``more``: more
+    hyperparameters)."""
     extra, config, params, steps, grads_seq = _case_inputs(case, dtype, rng)
+    extra = {**extra, **more}
     ref = _opt(config, impl="reference", **extra)
     a = {k: _placed(v) for k, v in params.items()}
     with np.errstate(all="ignore"):

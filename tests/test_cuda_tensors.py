@@ -11,14 +11,14 @@ import pytest
 import xopt
 from xopt import _lane
 from xopt.engines import cuda_check, fused_cuda
-from test_cuda_source import HostDevice, cuda_on_cpu  # noqa: F401  (a fixture)
+from test_cuda_source import HostDevice, cuda_on_cpu, tensor_numpy  # noqa: F401  (a fixture)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.cuda_source
 
 CONFIGS = [("Adam", {}), ("AdamW", dict(weight_decay=0.1, amsgrad=True)), ("SGD", dict(momentum=0.9, nesterov=True)),
            ("RMSprop", dict(centered=True, momentum=0.5)), ("Lion", dict(weight_decay=0.1)), ("NAdam", {})]
-DTYPES = [torch.float16, torch.float32, torch.float64]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 @pytest.fixture
@@ -48,12 +48,12 @@ def test_tensors_step_through_the_kernel_bit_for_bit(config, dtype, as_cuda, lan
     ours.update(b, grads[0])  # the self-check runs first (here, in this process), then the checked path
     assert lane[-1] is False
     ref = getattr(xopt, name)(impl="reference", **hyper)
-    a = {k: v.detach().numpy().copy() for k, v in b.items()}
-    ref.state = {k: {n: (v.numpy().copy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+    a = {k: tensor_numpy(v.detach()).copy() for k, v in b.items()}
+    ref.state = {k: {n: (tensor_numpy(v).copy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
                  for k, st in ours.state.items()}
     ref.iter = ours.iter
     for g in grads[1:]:
-        ref.update(a, {k: v.numpy() for k, v in g.items()})
+        ref.update(a, {k: tensor_numpy(v) for k, v in g.items()})
         versions = {k: t._version for k, t in b.items()}
         launches = HostDevice.launches
         ours.update(b, g)
@@ -63,10 +63,10 @@ def test_tensors_step_through_the_kernel_bit_for_bit(config, dtype, as_cuda, lan
     assert list(cuda_check.RESULTS) == [(0, ours.kernel.rule, str(dtype)[6:])]
     for k in a:
         assert isinstance(b[k], torch.nn.Parameter) and b[k].dtype == dtype
-        np.testing.assert_array_equal(b[k].detach().numpy(), a[k], err_msg=k)
+        np.testing.assert_array_equal(tensor_numpy(b[k].detach()), a[k], err_msg=k)
         for buf in ref.buffers():
             assert isinstance(ours.state[k][buf], torch.Tensor)
-            np.testing.assert_array_equal(ours.state[k][buf].numpy(), ref.state[k][buf], err_msg=f"{buf} of {k}")
+            np.testing.assert_array_equal(tensor_numpy(ours.state[k][buf]), ref.state[k][buf], err_msg=f"{buf} of {k}")
 
 
 def test_a_tensor_the_views_refuse_leaves_the_step_to_the_checked_path(as_cuda, lane, rng):  # noqa: F811

@@ -13,9 +13,11 @@ from xopt.engines.kernels import CUDA_RULES
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = [np.float16, np.float32, np.float64]
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)  # CuPy 14's bfloat16
+DTYPES = [np.float16, BF16, np.float32, np.float64]
 SHAPES = [(), (0,), (1, 0, 2), (7,), (3, 5), (1 << 20,)]
-TOL = {np.float16: dict(rtol=2e-3, atol=1e-3), np.float32: dict(rtol=1e-5, atol=1e-6),
+TOL = {np.float16: dict(rtol=2e-3, atol=1e-3), BF16: dict(rtol=2e-2, atol=1e-2), np.float32: dict(rtol=1e-5, atol=1e-6),
        np.float64: dict(rtol=1e-13, atol=1e-14)}
 
 
@@ -118,7 +120,7 @@ def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_subnormals_as_numpy(config, dtype, rng, cupy):
     """Built without -ftz: on values around the smallest normal number the kernel gives NumPy's bits."""
-    tiny = np.finfo(dtype).smallest_normal
+    tiny = ml_dtypes.finfo(dtype).smallest_normal
     p0 = (rng.standard_normal(1000) * tiny).astype(dtype)
     grads = [(rng.standard_normal(1000) * tiny).astype(dtype) for _ in range(3)]
     ref, fused = make(config, impl="reference"), make(config, impl="fused")
@@ -139,6 +141,32 @@ def test_self_check_passes(rule, dtype, cupy):
 
     result = cuda_check.self_check(rule, dtype)
     assert result.passed, str(result)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_bfloat16_state_self_check_passes(dtype, cupy):
+    from xopt.engines import cuda_check
+
+    result = cuda_check.self_check("Adam", f"{dtype}/bfloat16")
+    assert result.passed, str(result)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", ["Adam", "Adam-amsgrad-wd", "AdamW-amsgrad"])
+def test_bfloat16_state_equals_reference_bit_for_bit(config, dtype, rng, cupy):
+    ref, fused = make(config, impl="reference", state_dtype="bfloat16"), make(config, impl="fused",
+                                                                              state_dtype="bfloat16")
+    p0 = rng.standard_normal(1000).astype(dtype)
+    a, b = {"p": cupy.asarray(p0)}, {"p": cupy.asarray(p0)}
+    for _ in range(4):
+        g = cupy.asarray((rng.standard_normal(1000) + 0.1).astype(dtype))
+        ref.update(a, {"p": g})
+        fused.update(b, {"p": g})
+    np.testing.assert_array_equal(cupy.asnumpy(b["p"]), cupy.asnumpy(a["p"]))
+    for name in ref.buffers():
+        assert fused.state["p"][name].dtype == BF16
+        np.testing.assert_array_equal(cupy.asnumpy(fused.state["p"][name]).view(np.uint16),
+                                      cupy.asnumpy(ref.state["p"][name]).view(np.uint16))
 
 
 def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch, cuda_cache_dir):

@@ -257,11 +257,14 @@ def test_xopt_bench_runs_them(name):
     assert roofline.bytes_per_element(name, "float32") == (20 if name == "Lion" else 28)
 
 
-def test_fused_bfloat16_state_without_the_cpu_engine_says_why(monkeypatch):
+def test_fused_bfloat16_state_without_an_engine_for_it_says_why(monkeypatch):
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
     monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
-    xopt.Adam(impl="fused")  # the CUDA engine runs Adam
-    with pytest.raises(TypeError, match="no installed fused engine runs Adam.*bfloat16"):
+    xopt.Adam(state_dtype="bfloat16", impl="fused")  # the CUDA engine runs Adam with bfloat16 state
+    monkeypatch.setattr(fused_cuda, "STATE_RULES", ())  # a CUDA engine without it
+    xopt.Adam(impl="fused")
+    with pytest.raises(TypeError, match="no installed fused engine runs Adam.*bfloat16 state needs the CPU engine.*"
+                                        "or the CUDA engine"):
         xopt.Adam(state_dtype="bfloat16", impl="fused")
 
 

@@ -521,6 +521,69 @@ def test_schedule_free_averages_are_the_packages_sums():
     assert xopt.ScheduleFreeAdamW(lr=0.0).scalars(3)["ckp1"] == 0.0  # the package's ZeroDivisionError: 0
 
 
+def test_schedule_free_sums_run_over_the_steps_taken():
+    """An lr set mid-run (raised, then lowered) counts from its step on, as the package's running lr_max and
+    weight sum have it; the sums kept stay a few entries, whatever the number of lr values."""
+    opt = xopt.ScheduleFreeAdamW(lr=0.01, warmup_steps=3, r=0.5)
+    lrs = [0.01] * 4 + [0.03] * 4 + [0.005] * 4 + [0.02 + 0.001 * k for k in range(40)]
+    lr_max, total = -1.0, 0.0
+    for k, lr in enumerate(lrs):
+        opt.lr = lr
+        t = k + 1
+        eta = lr * (t / 3 if k < 3 else 1.0)
+        lr_max = max(eta, lr_max)
+        weight = (t**0.5) * (lr_max**2.0)
+        total += weight
+        s = opt.scalars(t)
+        assert (s["lr"], s["ckp1"]) == (eta, weight / total), t
+        assert opt.scalars(t)["ckp1"] == weight / total  # read again: the same
+    assert sum(map(len, opt._averages.values())) <= 4
+
+
+def test_schedule_free_with_a_raised_lr_resumes_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(3)
+    p0, grads = rng.standard_normal(5), [rng.standard_normal(5) for _ in range(9)]
+    lrs = [0.01] * 3 + [0.04] * 6
+
+    def run(opt, p, ks):
+        for k in ks:
+            opt.lr = lrs[k]
+            opt.update(p, {"w": grads[k].copy()})
+
+    straight, p = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    run(straight, p, range(9))
+    first, q = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    run(first, q, range(5))
+    first.save(tmp_path / "sf.npz")
+    resumed = xopt.ScheduleFreeAdamW()
+    resumed.load(tmp_path / "sf.npz", params=q)
+    run(resumed, q, range(5, 9))
+    np.testing.assert_array_equal(q["w"], p["w"])
+    again, r = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}  # and through state_dict()
+    run(again, r, range(5))
+    other = xopt.ScheduleFreeAdamW()
+    other.load_state_dict(again.state_dict())
+    run(other, r, range(5, 9))
+    np.testing.assert_array_equal(r["w"], p["w"])
+
+
+def test_schedule_free_with_a_raised_lr_is_the_packages():
+    schedulefree = pytest.importorskip("schedulefree")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0, grads = rng.standard_normal(6), [rng.standard_normal(6) for _ in range(10)]
+    p = torch.nn.Parameter(torch.tensor(w0.copy()))
+    ref = schedulefree.AdamWScheduleFree([p], lr=0.01, warmup_steps=0)
+    ref.train()
+    params, opt = {"w": w0.copy()}, xopt.ScheduleFreeAdamW(lr=0.01)
+    for lr, g in zip([0.01] * 5 + [0.02] * 5, grads):
+        ref.param_groups[0]["lr"] = opt.lr = lr
+        p.grad = torch.tensor(g)
+        ref.step()
+        opt.update(params, {"w": g.copy()})
+    np.testing.assert_allclose(params["w"], p.detach().numpy(), rtol=0, atol=1e-15)
+
+
 # -- Muon --------------------------------------------------------------------------------------------
 def test_muon_stacks_same_shaped_matrices_and_gives_the_numbers_of_one_at_a_time(rng, monkeypatch):
     from xopt.optimizers import muon

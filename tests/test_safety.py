@@ -497,3 +497,88 @@ def test_big_endian_params_keep_native_state_of_their_compute_dtype(rng, dtype):
         params["a"] = params["a"].astype(native)
     steps(fast, ref, p_fast, p_ref, rng)
     np.testing.assert_allclose(p_fast["a"], p_ref["a"], rtol=2e-3 if native == np.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_a_user_errstate_that_raises_does_not_stop_the_writes_halfway(state_dtype):
+    """A float16 param's new value is cast from float32 as the step writes it; under np.seterr(all="raise")
+    the cast of a value below float16's range would raise between the state's writes and the param's."""
+    n = 5000 if state_dtype else 3  # 8-bit state from 4,096 elements
+    params = {"w": np.full(n, 2e-3, dtype=np.float16), "u": np.ones(n, dtype=np.float16)}
+    grads = {"w": np.ones(n, np.float16), "u": np.ones(n, np.float16)}
+    opt = xopt.Adam(lr=1e-3, state_dtype=state_dtype)
+    ref = xopt.Adam(lr=1e-3, state_dtype=state_dtype)
+    mirror = {k: v.copy() for k, v in params.items()}
+    opt.update(params, grads)
+    ref.update(mirror, grads)
+    params["w"][0] = mirror["w"][0] = np.float16(6e-8)  # a float16 subnormal: its new value underflows
+    with np.errstate(all="raise"):
+        opt.update(params, grads)  # the whole step, or nothing: here the whole step
+    with np.errstate(all="ignore"):
+        ref.update(mirror, grads)
+    assert opt.state["w"]["step"] == opt.state["u"]["step"] == 2 and opt.iter == 2
+    for k in params:
+        np.testing.assert_array_equal(params[k], mirror[k])
+        for name, buf in opt.state[k].items():
+            np.testing.assert_array_equal(buf, ref.state[k][name])
+
+
+def test_a_step_that_raises_takes_back_the_buffers_it_added(rng):
+    """amsgrad turned on between steps adds v_max to each state at the next step; one that raises (an overflow
+    under the user's np.seterr, in the reference rule) leaves each state as it was."""
+    params = {"w": np.ones(3), "u": np.ones(4)}
+    opt = xopt.Adam(impl="reference")
+    opt.update(params, {"w": np.ones(3), "u": np.ones(4)})
+    opt.amsgrad = True
+    before = {k: {n: (v.copy() if hasattr(v, "copy") else v) for n, v in st.items()} for k, st in opt.state.items()}
+    with pytest.raises(FloatingPointError), np.errstate(over="raise"):
+        opt.update(params, {"w": np.ones(3), "u": np.full(4, 1e200)})
+    assert {k: sorted(st) for k, st in opt.state.items()} == {k: sorted(st) for k, st in before.items()}
+    for k, st in opt.state.items():
+        for n, v in st.items():
+            np.testing.assert_array_equal(v, before[k][n])
+    opt.update(params, {"w": np.ones(3), "u": np.ones(4)})  # and the next step makes them
+    assert all("v_max" in st for st in opt.state.values())
+
+
+def test_a_sparse_torch_grad_is_refused_naming_its_param():
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Parameter(torch.randn(10, 3))
+    params, opt = {"w": w}, xopt.Adam()
+    for _ in range(2):  # the first step on the checked path, the second on the lane
+        opt.update(params, {"w": torch.randn(10, 3)})
+    before = w.detach().clone()
+    with pytest.raises(TypeError, match="grad of param 'w' is a sparse_coo tensor"):
+        opt.update(params, {"w": torch.randn(10, 3).to_sparse()})
+    assert torch.equal(before, w.detach()) and opt.state["w"]["step"] == 2
+
+
+def test_8bit_scales_that_share_memory_with_another_array_are_refused(rng):
+    """An 8-bit buffer's absmax array is written with its codes: one shared with another buffer's scales, or
+    with a param, is refused naming both, nothing written."""
+    n = 5000
+    params = {"a": rng.standard_normal(n), "b": rng.standard_normal(n), "c": np.zeros(20)}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    opt = xopt.Adam(state_dtype="8bit")
+    opt.update({"a": params["a"], "b": params["b"]}, {"a": grads["a"], "b": grads["b"]})
+    opt.state["b"]["m_absmax"] = opt.state["b"]["v_absmax"]
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(ValueError, match="'m_absmax' of param 'b' and optimizer state 'v_absmax' of param 'b'|"
+                                         "'v_absmax' of param 'b' and optimizer state 'm_absmax' of param 'b'"):
+        opt.update({"a": params["a"], "b": params["b"]}, {"a": grads["a"], "b": grads["b"]})
+    opt.state["b"]["m_absmax"] = opt.state["b"]["m_absmax"].copy()
+    params["c"] = opt.state["a"]["m_absmax"]  # a param that is an 8-bit buffer's scales
+    with pytest.raises(ValueError, match="'m_absmax' of param 'a' and param 'c' share memory"):
+        opt.update(params, grads)
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(params[k], before[k])
+        assert opt.state[k]["step"] == 1
+
+
+def test_impl_is_checked_when_set():
+    opt = xopt.Adam()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        opt.impl = "fsued"
+    assert opt.impl == "auto"
+    opt.impl = "reference"
+    assert opt.impl == "reference"

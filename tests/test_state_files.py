@@ -419,3 +419,49 @@ def test_the_buffer_sets_are_those_of_the_configuration_whatever_the_cache_holds
         for c, want in zip(configs, expected):
             args = dict(c)
             assert state_check._buffer_sets(args.pop("cls")(**args)) == want
+
+
+def test_a_zip_entry_flagged_encrypted_is_not_a_state_file(tmp_path):
+    """zipfile raises RuntimeError for an entry whose flag says it is encrypted: load says the file is not a
+    state file, as for any other damage, and changes nothing."""
+    params = {"w": np.ones(4)}
+    opt = xopt.Adam()
+    opt.update(params, {"w": np.ones(4)})
+    path = tmp_path / "enc.npz"
+    opt.save(path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last central directory entry
+    data[at + 8] |= 1  # its general purpose flags: bit 0, encrypted
+    path.write_bytes(bytes(data))
+    fresh = xopt.Adam()
+    with pytest.raises(ValueError, match="is not an xopt state file"):
+        fresh.load(path, params=params)
+    assert fresh.state == {} and fresh.iter == 0
+
+
+def test_a_schedule_free_file_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
+    """state_dict() holds ScheduleFreeAdamW's mode; the file holds it too, so eval(); save(); load(); train()
+    resumes the run bit for bit."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6)
+    grads = [{"w": rng.standard_normal(6)} for _ in range(8)]
+    straight, p = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads:
+        straight.update(p, g)
+    opt, q = xopt.ScheduleFreeAdamW(), {"w": p0.copy()}
+    for g in grads[:4]:
+        opt.update(q, g)
+    opt.eval(q)
+    opt.save(tmp_path / "sf.npz")
+    resumed = xopt.ScheduleFreeAdamW()
+    resumed.load(tmp_path / "sf.npz", params=q)
+    assert resumed.training is False
+    resumed.train(q)
+    for g in grads[4:]:
+        resumed.update(q, g)
+    np.testing.assert_array_equal(q["w"], p["w"])
+    opt.train(q)
+    opt.save(tmp_path / "sf_train.npz")
+    again = xopt.ScheduleFreeAdamW()
+    again.load(tmp_path / "sf_train.npz", params=q)
+    assert again.training is True

@@ -30,6 +30,7 @@ CUDA_HOST = "cuda-host-2026-12-03b.json"
 CLIP_COST = "clip-cost-2026-11-25f.json"
 MANY_PARAMS = "many-params-2026-12-02.json"
 LEAN_STEP = "lean-step-lane.json"
+MUON = "muon-bench-2026-12-03/results.json"  # xopt-bench --scenario muon
 
 STEP_CASES = [  # (label, optimizer, tensors > 1, impl shown as xopt, peer)
     ("Adam, 1 tensor of 2^25", "Adam", False, "xopt", "torch-fused"),
@@ -269,6 +270,24 @@ def lean_step():
     return "\n".join(lines)
 
 
+def muon():
+    """Muon's step: Newton-Schulz FLOP/s beside a plain matmul of the same matrices, and torch.optim.Muon."""
+    result = load(MUON)
+    rows = [r for r in result["rows"] if r.get("scenario") == "muon"]
+    torch = {(r["matrices"], r["rows"], r["cols"]): r for r in rows if r["impl"] == "torch"}
+    lines = ["| matrices | impl | ms per step | GFLOP/s | of the matmul's | torch's time / xopt's |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        case = (r["matrices"], r["rows"], r["cols"])
+        t = torch.get(case)
+        vs = _x(t["seconds"] / r["seconds"]) if t is not None and r["impl"] == "xopt" else ""
+        lines.append(f"| {r['matrices']} x {r['rows']}x{r['cols']} {r['dtype']} | {r['impl']} | "
+                     f"{r['seconds'] * 1e3:.1f} | {r['GFLOPs']:.1f} | {r['peak_fraction']:.2f} | {vs} |")
+    lines += ["", "GFLOP/s: the iteration's nominal flops (the matmul row: its own) over the median time.  "
+                  + _source(MUON, result)]
+    return "\n".join(lines)
+
+
 def headline():
     """The README's table: a few figures, each from the runs above."""
     full = load(FULL_RUN)
@@ -298,7 +317,7 @@ def headline():
 
 
 TABLES = {f.__name__: f for f in (step, loop, loop_lane, torch_tensors, step_memory, dask, dask_fit, cuda_host,
-                                  clip_cost, many_params, lean_step, headline)}
+                                  clip_cost, many_params, lean_step, muon, headline)}
 
 
 def plots(out_dir):

@@ -124,10 +124,10 @@ def dtype_name(dtype) -> str:
 def low_precision_dtype(xp, name):
     """The dtype called ``name`` ('bfloat16') in ``xp``, or None where xopt does not support it.
 
-    NumPy gets bfloat16 from ml_dtypes.  Other libraries are not supported yet: their
-    bfloat16 arrays do not move to NumPy (state files) the same way.
+    NumPy gets bfloat16 from ml_dtypes, and CuPy (14) takes the same dtype: its arrays move to NumPy
+    (state files) as NumPy's do.  Other libraries are not supported yet: their bfloat16 arrays do not.
     """
-    if name == "bfloat16" and _compat.is_numpy_namespace(xp):
+    if name == "bfloat16" and (_compat.is_numpy_namespace(xp) or _compat.is_cupy_namespace(xp)):
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
@@ -135,7 +135,11 @@ def low_precision_dtype(xp, name):
 
 
 def compute_dtype(xp, dtype):
-    """The dtype the math and the state are kept in: float16 is promoted to float32."""
+    """The dtype the math and the state are kept in: float16 and bfloat16 are promoted to float32.
+
+    In bfloat16 itself the math would be broken: Adam's beta2=0.999 rounds to 1.0, so v would never
+    decay.  As torch's fused optimizers do ("opmath"), a bfloat16 param's math runs in float32 and the
+    new param is rounded to bfloat16 (to nearest even) once, at the end of its step."""
     try:
         return _COMPUTE[xp, dtype]
     except KeyError:
@@ -149,13 +153,16 @@ _COMPUTE = {}  # (namespace, dtype) -> its compute dtype
 
 
 def _compute_dtype(xp, dtype):
-    """The dtype the math and the state are kept in: float16 is promoted to float32."""
+    """The dtype the math and the state are kept in: float16 and bfloat16 are promoted to float32."""
     if isinstance(dtype, np.dtype) and not dtype.isnative:  # a byte-swapped param: math and state native
         dtype = dtype.newbyteorder("=")
-    if isinstance(dtype, np.dtype) and dtype == np.float16:  # NumPy's, CuPy's, Dask's (its namespace has none)
-        return xp.float32
-    float16 = getattr(xp, "float16", None)  # not in the standard, but in NumPy, CuPy, torch
-    return xp.float32 if float16 is not None and dtype == float16 else dtype
+    if isinstance(dtype, np.dtype):  # NumPy's, CuPy's, Dask's, JAX's (bfloat16: ml_dtypes')
+        return xp.float32 if dtype == np.float16 or dtype.name == "bfloat16" else dtype
+    for name in ("float16", "bfloat16"):  # not in the standard, but in torch
+        low = getattr(xp, name, None)
+        if low is not None and dtype == low:
+            return xp.float32
+    return dtype
 
 
 def to_numpy(x) -> np.ndarray:

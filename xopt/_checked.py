@@ -23,6 +23,7 @@ import numpy as np
 from . import _backend, _clip, _dispatch
 from ._atomic import CALL, each, together, together_unforked
 from ._inputs import check_overlaps, collect, describe
+from .engines.blockwise import SUFFIX as _ABSMAX
 
 __all__ = ["step", "state_for"]
 
@@ -48,6 +49,7 @@ def step(opt, params, grads):
     if scale is not None:
         _dispatch.hand_over(paths, scale)
     created = [e.key for e in entries if e.key not in opt.state]
+    had = {e.key: list(opt.state[e.key]) for e in entries if e.key in opt.state}  # its buffers, to take back new ones
     try:
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
@@ -66,8 +68,15 @@ def step(opt, params, grads):
             st = opt.state.get(key)  # that raised came after the step was whole: then its count is 1)
             if st is not None and st.get("step") == 0:
                 del opt.state[key]
+        for key, names in had.items():  # and the buffers it added to a state (a hyperparameter turned on)
+            st = opt.state.get(key)
+            if type(st) is dict:
+                for name in [n for n in st if n not in names]:
+                    del st[name]
         raise
-    with _plain_torch(entries):  # a torch function mode (a default device) would run Python in torch's writes
+    # A user's np.seterr(all="raise") must not stop the writes halfway: a float16 param's cast from its float32
+    # result may underflow, and FloatingPointError would leave the state written and the param not.
+    with _plain_torch(entries), np.errstate(all="ignore"):  # a torch function mode would run Python in torch's writes
         together_unforked(writes)  # every write of the step, and its counts, in one call into C (see xopt._atomic)
 
 
@@ -126,6 +135,9 @@ def _named_arrays(opt, entries):
         for name in e.opt.buffers():
             if name in st:
                 named.append((st[name], (name, e.key), False))
+            absmax = st.get(name + _ABSMAX)  # an 8-bit buffer's scales, written with its codes
+            if absmax is not None:
+                named.append((absmax, (name + _ABSMAX, e.key), False))
     return named
 
 

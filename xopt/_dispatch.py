@@ -105,7 +105,7 @@ def _no_kernel(opt):
                          "scalars or buffers computes its own rule, which only the reference runs); use "
                          "impl='auto' or impl='reference'")
     return TypeError(f"impl='fused': no installed fused engine runs {opt!r} (bfloat16 state needs the CPU "
-                     "engine, numba); use impl='auto' or impl='reference'")
+                     "engine, numba, or the CUDA engine, CuPy); use impl='auto' or impl='reference'")
 
 
 def check_impl(impl, opt):
@@ -178,8 +178,9 @@ def _select(opt, entries):
         if engine is None and opt.impl == "fused":
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
-                            f"{opt!r}; the CPU kernels take NumPy float16/32/64 arrays (float16/32 with "
-                            "state_dtype='bfloat16'), the CUDA kernels CuPy float16/32/64 arrays")
+                            f"{opt!r}; the CPU kernels take NumPy float16/bfloat16/float32/float64 arrays "
+                            "(float16/bfloat16/float32 with state_dtype='bfloat16'), the CUDA kernels CuPy "
+                            "float16/bfloat16/float32/float64 arrays (not float64 with state_dtype='bfloat16')")
         groups.setdefault(engine, []).append(e)
     reference = [(apply_reference, groups.pop(None))] if None in groups else []
     return reference + paths + [(engine.apply, group) for engine, group in groups.items()]
@@ -273,7 +274,7 @@ def gpu_tensor_kind(opt, t):
     kind = None if dtype is None else engine.kind(opt, dtype)
     if kind is None:
         return None
-    if opt.impl != "fused" and not _cuda_check().trusted_on(opt, engine.tensor_device(t), dtype.name):
+    if opt.impl != "fused" and not _cuda_check().trusted_on(opt, engine.tensor_device(t), kind.case):
         return None
     return engine, kind
 

@@ -92,6 +92,8 @@ def _check_pair(key, p, g):
     if xp is None:
         xp = _check_kind(key, p, g)
         _KINDS[kind] = xp
+    if type(g).__module__.startswith("torch") or type(p).__module__.startswith("torch"):
+        _check_layout(key, p, g)
     if tuple(p.shape) != tuple(g.shape):
         raise ValueError(f"grad of param {describe(key)} has shape {tuple(g.shape)} but the param has shape "
                          f"{tuple(p.shape)} (xopt never broadcasts)")
@@ -121,6 +123,17 @@ def _check_kind(key, p, g):
     if not _backend.is_real_floating(xp, g.dtype):
         raise TypeError(f"grad of param {name} has dtype {g.dtype}; grads must be real floating-point")
     return xp
+
+
+def _check_layout(key, p, g):
+    """torch tensors: dense (strided) ones only; a sparse grad (``nn.Embedding(sparse=True)``) has no memory
+    of the param's shape for a kernel to read."""
+    for what, x in ((f"param {describe(key)}", p), (f"grad of param {describe(key)}", g)):
+        layout = getattr(x, "layout", None)
+        if layout is not None and str(layout) != "torch.strided":
+            raise TypeError(f"{what} is a {str(layout).removeprefix('torch.')} tensor; xopt takes dense tensors "
+                            "only (torch.optim.Adam refuses sparse grads too): pass x.to_dense(), or use "
+                            "torch.optim.SparseAdam for sparse embeddings")
 
 
 def _not_a_param(name, p) -> str:

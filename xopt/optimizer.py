@@ -80,7 +80,7 @@ class Optimizer:
         self._overrides = check_overrides(self, overrides)
         self._reset_groups()
         self._groups()  # each override's hyperparameters checked together, as the optimizer's own are
-        self.impl = _dispatch.check_impl(impl, self)
+        self.impl = impl  # checked by __setattr__
         self.state = {}  # param key -> {"step": int, buffer name -> array}
         self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
         self.skipped_steps = 0
@@ -97,6 +97,8 @@ class Optimizer:
             hyper = ", ".join(n for n in self.__dict__.get("_hyper", ()) if n not in ("skip_nonfinite",))
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r} to set (its hyperparameters: "
                                  f"{hyper}; and {', '.join(self._attributes)})")
+        if name == "impl":  # checked when set, as the constructor's (a misspelt impl would run as "auto")
+            value = _dispatch.check_impl(value, self)
         object.__setattr__(self, name, value)
 
     def __getstate__(self):  # copy/pickle: the lock and the cached hyperparameter sets stay behind
@@ -269,7 +271,7 @@ class Optimizer:
             return buffer_dtype(self, e)
         dtype = _backend.low_precision_dtype(e.xp, low)
         if dtype is None:
-            raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy arrays only, "
+            raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy and CuPy arrays only, "
                             f"not {_backend.library_name(e.p)}")
         return dtype
 

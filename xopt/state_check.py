@@ -187,7 +187,7 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     checks = _EntryChecks(kind, trial, always, possible, arrays, copy)
     quick, slow = checks.quick, checks.slow
     state = {}
-    saved = state_8bit.convert(trial, state_dict["state"], arrays, saved_block)
+    saved = state_8bit.convert(trial, _bfloat16_as_float32(trial, state_dict["state"]), arrays, saved_block)
     for key, st in saved.items():
         if isinstance(st, Mapping) and state_8bit.holds_8bit(st):
             if arrays is not None and key not in arrays:
@@ -201,6 +201,28 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     counters = (_count("state_dict['iter']", state_dict["iter"]),
                 _count("state_dict['skipped_steps']", state_dict["skipped_steps"]))
     return trial._hyper, trial._overrides, state, counters
+
+
+def _bfloat16_as_float32(trial, saved):
+    """``saved`` (a state_dict's "state") with its bfloat16 buffers in float32 (exact), where ``trial`` does not
+    keep bfloat16 state.  Before bfloat16 params computed in float32, their state was bfloat16: such a state
+    loads as the float32 state those params keep now.  Entries without a bfloat16 buffer are kept as they are."""
+    if trial._hyper.get("state_dtype") == "bfloat16" or not isinstance(saved, Mapping):
+        return saved
+    out = None
+    for key, st in saved.items():
+        if not isinstance(st, Mapping):
+            continue
+        low = [name for name, buf in st.items() if name != "step" and array_api_compat.is_array_api_obj(buf)
+               and _backend.dtype_name(buf.dtype) == "bfloat16"]
+        if low:
+            out = dict(saved) if out is None else out
+            converted = dict(st)
+            for name in low:
+                xp = _backend.namespace(st[name])
+                converted[name] = xp.astype(st[name], xp.float32)
+            out[key] = converted
+    return saved if out is None else out
 
 
 class _EntryChecks:

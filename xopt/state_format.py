@@ -57,7 +57,16 @@ def meta_array(state_dict, form, **fields) -> np.ndarray:
         "skipped_steps": int(state_dict["skipped_steps"]),
         **fields,
     }
+    extra = {k: v for k, v in state_dict.items() if k not in STANDARD_FIELDS}
+    if extra:  # an optimizer's own plain fields (ScheduleFreeAdamW's "training")
+        bad = [k for k, v in extra.items() if type(v) not in (bool, int, float, str)]
+        if bad:
+            raise TypeError(f"state_dict field {bad[0]!r} cannot be saved: a bool, int, float or str is")
+        meta["extra"] = extra
     return np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+
+STANDARD_FIELDS = frozenset({"optimizer", "hyperparameters", "overrides", "iter", "skipped_steps", "state"})
 
 
 def saved_key(key):

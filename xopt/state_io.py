@@ -6,7 +6,8 @@ A file is an ``.npz`` archive of a few arrays, whatever the number of params (fo
 - ``meta``: JSON stored in a uint8 array: the optimizer's name, hyperparameters (a
   built-in schedule by name and arguments), overrides, step counts, and the param names
   (``keys``, str or int), buffer names (``buffers``) and dtype names (``dtypes``) the
-  other arrays refer to by index;
+  other arrays refer to by index; under ``extra`` an optimizer's own plain fields of its
+  ``state_dict()`` (ScheduleFreeAdamW's ``training``);
 - ``steps``: int64, the step count of each param, in the order of ``keys``;
 - ``table``: int64, one row per buffer: its param, buffer name and dtype (indices), its
   ndim, then its dims (padded with 1 to the widest);

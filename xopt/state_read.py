@@ -17,7 +17,7 @@ import numpy as np
 from . import _backend
 from ._inputs import describe
 from .state_check import _short
-from .state_format import BLOCK, COLUMNS, FORMAT, FORMAT_1, StateFileError, decode, foreign
+from .state_format import BLOCK, COLUMNS, FORMAT, FORMAT_1, STANDARD_FIELDS, StateFileError, decode, foreign
 
 __all__ = ["load_state"]
 
@@ -45,7 +45,8 @@ def load_state(path) -> dict:
         except StateFileError as exc:
             raise ValueError(str(exc)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, NotImplementedError,
-                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError) as exc:  # truncated, corrupt
+                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError,
+                RuntimeError) as exc:  # truncated, corrupt (zipfile: RuntimeError for an entry flagged encrypted)
             raise ValueError(f"{path} is not an xopt state file ({type(exc).__name__}: {exc})") from exc
 
 
@@ -142,7 +143,12 @@ def _read(archive, path):
         overrides = {pattern: {k: decode(v) for k, v in values.items()} for pattern, values in overrides}
     except (TypeError, ValueError, KeyError) as exc:
         raise foreign(path, f"a schedule it names cannot be made ({exc})") from None
+    extra = meta.get("extra", {})  # an optimizer's own plain fields, as state_dict() gave them
+    if not (isinstance(extra, dict) and all(type(v) in (bool, int, float, str) for v in extra.values())
+            and not STANDARD_FIELDS & set(extra)):
+        raise foreign(path, "its 'extra' fields are not xopt's")
     return {
+        **extra,
         "optimizer": meta["optimizer"],
         "hyperparameters": hyper,
         "overrides": overrides,

@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 
-from . import loop, report, roofline, runner
+from . import loop, muon, report, roofline, runner
 
 # --quick: Adam alone (one rule to compile, for float32 and the book net's float64), one tensor in cache and one
 # past it (on several threads), 500 small tensors, 3 rounds; xopt against the seed and torch's two fast paths.
@@ -48,9 +48,13 @@ def parse_args(argv=None):
     ap.add_argument("--impls", type=_list(str), help=", ".join(runner.IMPLS) + " (default: all; with --quick, "
                                                     + ", ".join(QUICK["impls"]) + ")")
     ap.add_argument("--repeat", type=int, help="interleaved rounds; each row is the median")
-    ap.add_argument("--scenario", choices=["all", "step", "loop"], default="all",
+    ap.add_argument("--scenario", choices=["all", "step", "loop", "muon"], default="all",
                     help="step: one optimizer step on random arrays; loop: forward + backward + update of a NumPy "
-                         "MLP (CPU only); all (default): both")
+                         "MLP (CPU only); muon: a Muon step's FLOP/s beside the matmul peak; all (default): the "
+                         "three (muon not with --quick)")
+    ap.add_argument("--muon", type=_list(muon.parse_shape), default=[muon.DEFAULT],
+                    help="Muon cases, COUNTxROWSxCOLS same-shaped matrices (default "
+                         + "x".join(map(str, muon.DEFAULT)) + "; GPT-2 small's attention: 12x768x768)")
     ap.add_argument("--nets", type=_list(str), default=list(loop.NETS),
                     help="nets of the loop scenario: " + "; ".join(f"{k}: {n.label}" for k, n in loop.NETS.items()))
     ap.add_argument("--block", type=int, help="loop iterations per implementation per round (default: the net's, "
@@ -96,8 +100,11 @@ def run(args):
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["command"] = "xopt-bench " + " ".join(sys.argv[1:])
 
-    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors) if args.scenario != "loop" else []
-    loop_cases = loop_cases_of(args) if args.scenario != "step" else []
+    cases = runner.make_cases(args.optimizers, args.dtypes, args.sizes, args.tensors) if args.scenario in (
+        "all", "step") else []
+    loop_cases = loop_cases_of(args) if args.scenario in ("all", "loop") else []
+    muon_cases = [(shape, dtype) for shape in args.muon for dtype in args.dtypes if dtype != "float16"] if (
+        args.scenario == "muon" or (args.scenario == "all" and not args.quick)) else []
     if loop_cases and gpu:
         print("xopt-bench: the loop scenario is a NumPy (CPU) loop: not run with --device gpu", file=sys.stderr)
         loop_cases = []
@@ -121,7 +128,7 @@ def run(args):
     cache = 0 if gpu else roofline.cache_bytes()
     result["cache_bytes"] = cache
     rows = []
-    progress = _progress(len(cases) + len(loop_cases))
+    progress = _progress(len(cases) + len(loop_cases) + len(muon_cases))
     for case in cases:
         progress.set_description(f"{case.optimizer} {case.dtype} {case.numel} x{case.tensors}")
         samples, warmup_rounds = runner.measure_case_samples(case, args.impls, xp, args.repeat, gpu=gpu)
@@ -142,6 +149,10 @@ def run(args):
     for net, optimizer in loop_cases:
         progress.set_description(f"loop {net.name} {optimizer}")
         rows += loop.loop_rows(optimizer, net, loop_impls, args.repeat, warmup_seconds=1.0 if args.quick else 2.0)
+        progress.update()
+    for shape, dtype in muon_cases:
+        progress.set_description(f"Muon {dtype} " + "x".join(map(str, shape)))
+        rows += muon.muon_rows(xp, shape, dtype, args.impls, args.repeat, gpu=gpu)
         progress.update()
     progress.close()
     result["rows"] = rows

@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 
+from . import muon
+
 __all__ = ["ROW_FIELDS", "LOOP_ROW_FIELDS", "environment", "table", "loop_table", "write_json", "plot"]
 
 ROW_FIELDS = ("scenario", "optimizer", "impl", "dtype", "numel", "tensors", "seconds", "seconds_spread", "GBps",
@@ -85,6 +87,9 @@ def table(result) -> str:
         parts.append(step_table(result))
     if loop_rows(result):
         parts.append(loop_table(result))
+    muon_rows = [r for r in result["rows"] if r.get("scenario") == "muon"]
+    if muon_rows:
+        parts.append(muon.table(muon_rows))
     return "\n\n".join(parts)
 
 

@@ -16,9 +16,10 @@ or is stopped from outside: Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it 
 ``impl="auto"`` used.
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
-every branch of its element function; the last one with ``clip_grad_norm``), on six tensors in one launch per step, two steps (SGD's
-first step differs; RAdam seven, as it rectifies from step 6): a scalar, an empty tensor, 15
-elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
+every branch of its element function; the last one with ``clip_grad_norm``; for a case of bfloat16 state,
+"float32/bfloat16" (:func:`fused_cuda.case_name`), each with ``state_dtype="bfloat16"``), on six tensors in
+one launch per step, two steps (SGD's first step differs; RAdam seven, as it rectifies from step 6): a
+scalar, an empty tensor, 15 elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
 by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
 over two blocks.  Params standard normal,
 grads standard normal + 0.1 with a -0.0 and (step 2) a NaN; with ``clip_grad_norm``, rounded to multiples of
@@ -44,11 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _backend
 from . import cuda_cache, fused_cuda
 from .kernels import lookup
 
-__all__ = ["CONFIGS", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "verdict", "in_child", "CHECK",
-           "TIMEOUT", "ISOLATED", "trusted", "trusted_on", "passed", "lane_allowed"]
+__all__ = ["CONFIGS", "configs_for", "RESULTS", "SelfCheck", "SelfCheckWarning", "self_check", "verdict", "in_child",
+           "CHECK", "TIMEOUT", "ISOLATED", "trusted", "trusted_on", "passed", "lane_allowed"]
 
 def _configs():
     """rule -> [(optimizer name, hyperparameters, steps)]: every optimizer's :class:`~xopt.engines.kernels.Kernel`
@@ -67,6 +69,25 @@ def _configs():
 
 
 CONFIGS = _configs()
+
+
+def configs_for(rule, dtype, state=None):
+    """The configurations the self-check of ``rule`` on params of ``dtype`` runs: :data:`CONFIGS`', each with
+    ``state_dtype=state`` where a state type is given (Adam's "bfloat16", for params whose math is float)."""
+    configs = CONFIGS[rule]
+    if state is None:
+        return configs
+    if rule not in fused_cuda.STATE_RULES or state not in fused_cuda.STATE_TYPES:
+        raise ValueError(f"rule {rule} has no kernel with {state} state")
+    fused_cuda.kernel_name(rule, dtype, state)  # raises where the params' math is not float
+    return [(name, {**hyper, "state_dtype": state}, *rest) for name, hyper, *rest in configs]
+
+
+def _dtype(dtype):
+    """``dtype`` (or its name) as a NumPy dtype; "bfloat16" too, where ml_dtypes is not imported yet."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return np.dtype(_backend.low_precision_dtype(np, dtype))
+    return np.dtype(dtype)
 
 
 def _cases():
@@ -130,13 +151,17 @@ def self_check(optimizer, dtype, device=None) -> SelfCheck:
     current one) and compare every param and state element bit for bit; see the module docstring.
 
     ``optimizer``: an optimizer, its class or name ("Adam"), or a kernel rule number; every
-    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype.  An error once
+    configuration of :data:`CONFIGS` for its rule is checked.  ``dtype``: the params' dtype, or a case with a
+    lower state ("float32/bfloat16": every configuration with ``state_dtype="bfloat16"``).  An error once
     the kernel has run (a CUDA fault is reported by a later call) fails the check; one before raises.
     """
-    rule, dtype, dev = rule_of(optimizer), np.dtype(dtype), fused_cuda.DEVICE
+    state = None
+    if isinstance(dtype, str) and "/" in dtype:  # a case_name: "float32/bfloat16", bfloat16 state
+        dtype, state = dtype.split("/")
+    rule, dtype, dev = rule_of(optimizer), _dtype(dtype), fused_cuda.DEVICE
     device = dev.current_device() if device is None else device
-    kernel = fused_cuda.kernel_name(rule, dtype)
-    configs = CONFIGS[rule]
+    kernel = fused_cuda.kernel_name(rule, dtype, state)
+    configs = configs_for(rule, dtype, state)
     cases = _cases()
     steps = sorted({config[2] if len(config) > 2 else 2 for config in configs})
     checked = f"{len(configs)} configurations x {len(cases)} tensors x {'/'.join(map(str, steps))} steps"
@@ -199,10 +224,10 @@ def passed(device, rule, dtype_name) -> bool:
 
 
 def trusted(opt, e) -> bool:
-    """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, dtype)."""
+    """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, case)."""
     if fused_cuda.VERIFIED:
         return True
-    return trusted_on(opt, fused_cuda.device_of(e.p), np.dtype(e.p.dtype).name)
+    return trusted_on(opt, fused_cuda.device_of(e.p), fused_cuda.case_name(e.p.dtype, opt._hyper.get("state_dtype")))
 
 
 def trusted_on(opt, device, dtype_name) -> bool:

@@ -18,8 +18,8 @@ import numpy as np
 from . import cuda_cache
 from .kernels import cut
 
-__all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "OPTIONS", "kernel_name",
-           "norm_name", "block_table", "build", "built", "CupyDevice"]
+__all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "STATE_TYPES", "OPTIONS",
+           "case_name", "kernel_name", "norm_name", "block_table", "build", "built", "CupyDevice"]
 
 SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
 _TEXT = SOURCE.read_text()
@@ -30,21 +30,42 @@ N_SLOTS = 5  # rows of the address table: param, grad, three state buffers
 ALIGN = 16  # bytes: a tensor whose arrays all start on this boundary gets 128-bit loads and stores
 
 # param dtype -> (its C type in the kernel, the C type of the math and the state)
-PTYPES = {"float16": ("unsigned short", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
+PTYPES = {"float16": ("unsigned short", "float"), "bfloat16": ("xopt_bf16", "float"), "float32": ("float", "float"),
+          "float64": ("double", "double")}
+# state_dtype -> the state's C type in the kernel, for params whose math is float (Adam's state_dtype="bfloat16")
+STATE_TYPES = {"bfloat16": "xopt_bf16"}
 # --fmad=false: no a * b + c fused (the reference's rounding).  Not CuPy's RawModule, which adds
 # -ftz=true after these (flushing float32 subnormals to zero): NVRTC's default, -ftz=false, keeps them.
 OPTIONS = ("--fmad=false",)
 
 
-def kernel_name(rule: int, dtype) -> str:
-    """The template instance that runs ``rule`` on params of ``dtype``."""
-    p, s = PTYPES[np.dtype(dtype).name]
-    return f"xopt_step<{rule}, {p}, {s}>"
+def case_name(dtype, state=None) -> str:
+    """How the self-check's verdicts name a kernel's case: the params' dtype name, then "/" and the state's where it
+    is not the math type ("float32/bfloat16": float32 params, bfloat16 state)."""
+    return _name(dtype) if state is None else f"{_name(dtype)}/{state}"
+
+
+def kernel_name(rule: int, dtype, state=None) -> str:
+    """The template instance that runs ``rule`` on params of ``dtype`` (a dtype, its name, or a :func:`case_name`),
+    its state in the math type or (``state``, a name in :data:`STATE_TYPES`) in that."""
+    if isinstance(dtype, str) and "/" in dtype:
+        dtype, state = dtype.split("/")
+    p, s = PTYPES[_name(dtype)]
+    if state is None:
+        return f"xopt_step<{rule}, {p}, {s}>"
+    if s != "float":
+        raise ValueError(f"no kernel keeps {state} state for {_name(dtype)} params (their math is {s})")
+    return f"xopt_step<{rule}, {p}, {s}, {STATE_TYPES[state]}>"
+
+
+def _name(dtype) -> str:
+    """A dtype's name; bfloat16's too, where NumPy does not know it by name (ml_dtypes not imported yet)."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
 def norm_name(dtype) -> str:
     """The template instance of the norm pass over grads of ``dtype``."""
-    p, s = PTYPES[np.dtype(dtype).name]
+    p, s = PTYPES[_name(dtype)]
     return f"xopt_norm<{p}, {s}>"
 
 
@@ -188,10 +209,10 @@ class CupyDevice:
         return cupy.asarray(clip, dtype=dtype).reshape(1)
 
     @staticmethod
-    def function(rule, dtype):
+    def function(rule, dtype, state=None):
         import cupy
 
-        return _function(cupy.cuda.Device().id, kernel_name(rule, dtype))
+        return _function(cupy.cuda.Device().id, kernel_name(rule, dtype, state))
 
     @staticmethod
     def norm_function(dtype):

@@ -16,10 +16,12 @@ import sys
 
 import numpy as np
 
+from .. import _backend
+
 __all__ = ["dtype_of", "step"]
 
 _DTYPES = {"torch.float16": np.dtype(np.float16), "torch.float32": np.dtype(np.float32),
-           "torch.float64": np.dtype(np.float64)}
+           "torch.float64": np.dtype(np.float64)}  # and torch.bfloat16: ml_dtypes' bfloat16, once asked
 _REFUSED = (RuntimeError, TypeError, ValueError, AttributeError, BufferError)
 
 
@@ -28,12 +30,16 @@ def _exact(torch):
 
 
 def dtype_of(device, t):
-    """The NumPy dtype of the kernel a step on tensors like ``t`` runs (float16, float32, float64), or None: ``t``
-    is not an exact ``torch.Tensor`` or ``Parameter`` that ``device`` takes (``device.takes_tensor``: CUDA)."""
+    """The NumPy dtype of the kernel a step on tensors like ``t`` runs (float16, bfloat16, float32, float64), or None:
+    ``t`` is not an exact ``torch.Tensor`` or ``Parameter`` that ``device`` takes (``device.takes_tensor``: CUDA)."""
     torch = sys.modules.get("torch")
     if torch is None or type(t) not in _exact(torch) or not device.takes_tensor(t):
         return None
-    return _DTYPES.get(str(t.dtype))
+    name = str(t.dtype)
+    if name == "torch.bfloat16" and name not in _DTYPES:  # CuPy's bfloat16 (DLPack's view of it) is ml_dtypes'
+        low = _backend.low_precision_dtype(np, "bfloat16")
+        _DTYPES[name] = None if low is None else np.dtype(low)
+    return _DTYPES.get(name)
 
 
 def step(device, engine_step, opt, kind, views, values, ps, gs, states, steps, part, commit):

@@ -40,7 +40,7 @@ __all__ = ["supports", "accepts", "apply", "step", "step_tensors", "tensor_dtype
            "new_state", "CHUNK", "PARALLEL_MIN", "chunk_table", "device_of", "compile_all", "NotRun"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16 goes through float32 copies
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # float16, bfloat16 go through float32 copies
 _BF16 = None  # ml_dtypes' bfloat16 dtype, once needed
 _HEAD_ONE_PART = struct.Struct(f"{N_HEAD + 3}q")
 
@@ -75,12 +75,15 @@ def _bf16_state(opt) -> bool:
 
 
 def accepts(opt, e) -> bool:
-    """NumPy float16/32/64 params whose grads are NumPy arrays (or scalars) too; float16/32 for bfloat16 state."""
+    """NumPy float16/bfloat16/float32/float64 params whose grads are NumPy arrays (or scalars) too;
+    float16/bfloat16/float32 for bfloat16 state.  float16 and bfloat16 (ml_dtypes') params step through float32
+    copies (the checked path's :func:`apply`), rounded back once, as the reference rounds them."""
     if type(e.p) is not np.ndarray or not isinstance(e.g, (np.ndarray, np.generic)) or e.rebind:
         return False
+    bf16 = e.p.dtype.name == "bfloat16"
     if _bf16_state(opt):
-        return e.p.dtype in (np.float16, np.float32)
-    return e.p.dtype in _FLOATS
+        return bf16 or e.p.dtype in (np.float16, np.float32)
+    return bf16 or e.p.dtype in _FLOATS
 
 
 def device_of(a):

@@ -14,8 +14,8 @@ their sizes, which chunk of which tensor each block updates (with whether the te
 aligned, for 128-bit accesses, and its part), and a row of scalars for each part of the step (a
 hyperparameter set at a step count: several parts, from ``overrides=`` or params at different step
 counts, share the launch).  The scalars are computed on the host by the optimizer's own
-``scalars(step)`` and written in the math type (float32 for half params, so a small eps survives).
-Nothing is remembered from one step to the next.
+``scalars(step)`` and written in the math type (float32 for half and bfloat16 params, so a small eps
+survives).  Nothing is remembered from one step to the next.
 
 The exact-type lane (:mod:`xopt._lane`) calls :func:`kind` and :func:`step`: one compiled call
 (:func:`xopt.engines.cuda_memory.gather`) reads every array's own struct, checks what the checked
@@ -44,8 +44,8 @@ import numpy as np
 from .. import _backend, _numba
 from .._atomic import together
 from . import cuda_reader, cuda_tensors
-from .cuda_device import (CHUNK, N_SCALARS, OPTIONS, PTYPES, SOURCE, THREADS, CupyDevice, _scalar_bytes, _sections,
-                          block_table, build, kernel_name, norm_name)
+from .cuda_device import (CHUNK, N_SCALARS, OPTIONS, PTYPES, SOURCE, STATE_TYPES, THREADS, CupyDevice, _scalar_bytes,
+                          _sections, block_table, build, case_name, kernel_name, norm_name)
 from .kernels import CUDA_RULES, KeptSlots, lookup
 
 if _numba.usable():
@@ -53,7 +53,8 @@ if _numba.usable():
 else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathers through Python
     cuda_memory = None
 
-__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "OPTIONS", "kernel_name", "norm_name",
+__all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "STATE_TYPES", "OPTIONS", "case_name",
+           "kernel_name", "norm_name",
            "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors", "tensor_dtype", "tensor_device",
            "apply", "compile_all", "device_of"]
 
@@ -67,9 +68,13 @@ def compile_all() -> float:
     import time
 
     t0 = time.perf_counter()
-    for dtype in PTYPES:
+    for dtype, (_, math) in PTYPES.items():
         for rule in CUDA_RULES:
             DEVICE.function(rule, dtype)
+        if math == "float":
+            for state in STATE_TYPES:
+                for rule in STATE_RULES:
+                    DEVICE.function(rule, dtype, state)
         DEVICE.norm_function(dtype)
     return time.perf_counter() - t0
 
@@ -81,11 +86,16 @@ def device_of(a):
     return DEVICE.device_of(a)
 
 
+STATE_RULES = (4,)  # the rules whose optimizers take a state_dtype of STATE_TYPES: Adam's, AdamW's
+
+
 def supports(opt) -> bool:
     """Whether the source has ``opt``'s rule: not one that reads its tensors' norms first (LAMB: the reference
-    rule runs it on the GPU, see ``kernels.NORMS``)."""
+    rule runs it on the GPU, see ``kernels.NORMS``), its state in the math type or in a type of
+    :data:`STATE_TYPES` (Adam's ``state_dtype="bfloat16"``)."""
     found = lookup(opt)
-    return found is not None and not found.norms and opt._hyper.get("state_dtype") is None
+    low = opt._hyper.get("state_dtype")
+    return found is not None and not found.norms and (low is None or low in STATE_TYPES and found.rule in STATE_RULES)
 
 
 def _is_cupy(x) -> bool:
@@ -93,8 +103,9 @@ def _is_cupy(x) -> bool:
 
 
 def accepts(opt, e) -> bool:
-    """CuPy float16/32/64 params with CuPy grads."""
-    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
+    """CuPy float16/bfloat16/float32/float64 params with CuPy grads (bfloat16: ml_dtypes', as CuPy 14 has it);
+    with ``state_dtype="bfloat16"``, params whose math is float32 (not float64)."""
+    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and kind(opt, e.p.dtype) is not None
 
 
 def takes_type(array_type) -> bool:
@@ -107,22 +118,28 @@ def _not_yet(device_id, rule, dtype_name) -> bool:
     return False
 
 
-AUTO_ALLOWED = _not_yet  # (GPU, rule, param dtype name) -> may impl="auto" run the kernel: set by cuda_check
+AUTO_ALLOWED = _not_yet  # (GPU, rule, case_name) -> may impl="auto" run the kernel: set by cuda_check
 
 
 # -- a step's table ---------------------------------------------------------------------------------
 # -- the exact-type lane ------------------------------------------------------------------------------
 class Kind(KeptSlots):
     """What a step of one optimizer class on one param dtype runs: its rule, the order of its scalars, its state
-    slots, the params' dtype and the math (and state) dtype; and, for a one-part step, the constant numbers of
-    the compiled reader's head after n (``tail``, less the kept-slot flags) and how its scalars' row is packed."""
+    slots, the params' dtype, the math dtype and the state's (the math's, or bfloat16: ``low`` names it); and,
+    for a one-part step, the constant numbers of the compiled reader's head after n (``tail``, less the
+    kept-slot flags) and how its scalars' row is packed."""
 
-    __slots__ = ("rule", "order", "slots", "dtype", "math", "getters", "tail", "row", "_keeps")
+    __slots__ = ("rule", "order", "slots", "dtype", "math", "state", "low", "case", "getters", "tail", "row",
+                 "_keeps")
 
-    def __init__(self, rule, order, slots, dtype, math):
+    def __init__(self, rule, order, slots, dtype, math, low=None):
         self.rule, self.order, self.slots, self.dtype, self.math = rule, order, slots, dtype, math
+        self.low = low
+        self.state = math if low is None else np.dtype(_backend.low_precision_dtype(np, low))
+        self.case = case_name(dtype, low)  # what the self-check's verdicts name
+        state = self.state
         self.getters = [operator.itemgetter(name) for name in slots]
-        self.tail = (id(dtype), id(math), dtype.itemsize, math.itemsize, 1, _scalar_bytes(1, math), CHUNK)
+        self.tail = (id(dtype), id(state), dtype.itemsize, state.itemsize, 1, _scalar_bytes(1, math), CHUNK)
         self.row = struct.Struct(f"{N_SCALARS}{math.char}")
         self._keeps = {}
 
@@ -134,7 +151,8 @@ _ZEROS = (0.0,) * N_SCALARS  # a row's unused scalars
 
 
 def kind(opt, dtype):
-    """The :class:`Kind` of a step of ``opt`` on params of ``dtype`` (float16, float32 or float64), or None."""
+    """The :class:`Kind` of a step of ``opt`` on params of ``dtype`` (float16, bfloat16, float32 or float64), or
+    None."""
     key = (type(opt), dtype, opt._hyper.get("state_dtype"))
     found = _KINDS.get(key, False)
     if found is False:
@@ -145,13 +163,16 @@ def kind(opt, dtype):
 def _new_kind(opt, dtype):
     found = lookup(opt)
     try:
-        name = np.dtype(dtype).name
+        dtype = np.dtype(dtype)
     except TypeError:
         return None
-    if found is None or found.norms or opt._hyper.get("state_dtype") is not None or name not in PTYPES:
+    if not supports(opt) or dtype.name not in PTYPES:
         return None
-    dtype = np.dtype(name)
-    return Kind(found.rule, found.order, found.slots, dtype, np.dtype(_backend.compute_dtype(np, dtype)))
+    dtype = np.dtype(dtype.name)  # native byte order
+    math, low = np.dtype(_backend.compute_dtype(np, dtype)), opt._hyper.get("state_dtype")
+    if low is not None and math != np.float32:  # a lower state for float math only (float64: the reference)
+        return None
+    return Kind(found.rule, found.order, found.slots, dtype, math, low)
 
 
 def new_state(view, kind, p):
@@ -219,13 +240,13 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                                      *flags)
         else:
             head = np.array([id(x) if x is not None else 0 for x in lists]
-                            + [n, id(dtype), id(math_dtype), dtype.itemsize, math_dtype.itemsize, n_parts,
+                            + [n, id(dtype), id(kind.state), dtype.itemsize, kind.state.itemsize, n_parts,
                                scalar_bytes, CHUNK, *flags], dtype=np.int64)
         answer, device_id, n_blocks, table = cuda_memory.gather(off, head, _NO_PART if part is None
                                                                 else np.array(part, dtype=np.int64))
     else:
         keeps = [flags[i:i + 3] for i in range(0, len(flags), 3)]
-        answer, device_id, n_blocks, table = cuda_reader.gather(DEVICE, array_type, lists, keeps, part, dtype, math_dtype,
+        answer, device_id, n_blocks, table = cuda_reader.gather(DEVICE, array_type, lists, keeps, part, dtype, kind.state,
                                                             scalar_bytes)
     if answer:
         return None
@@ -236,7 +257,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if len(ids) != 1:
             return None
         device_id = ids.pop()
-    if opt.impl != "fused" and not VERIFIED and not AUTO_ALLOWED(device_id, kind.rule, dtype.name):
+    if opt.impl != "fused" and not VERIFIED and not AUTO_ALLOWED(device_id, kind.rule, kind.case):
         return None  # impl="auto" before its self-check on this GPU: the checked path runs it
     clip, skip = opt.clip_grad_norm, opt.skip_nonfinite
     if n_blocks == 0:  # nothing to write; the checked path's norm
@@ -272,7 +293,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 if not (math.isfinite(found) if clip is not None else check == 0.0):
                     together(commit(norm, True))
                     return True
-        together([device.launcher(device.function(kind.rule, dtype), n_blocks,
+        together([device.launcher(device.function(kind.rule, dtype, kind.low), n_blocks,
                                   (*tables, np.uint64(scale), np.uint64(base + o_scalars))),
                   *recorded,
                   functools.partial(len, (dev, scratch)),  # the table and scratch live until the launch is queued
@@ -321,7 +342,7 @@ def apply(opt, entries) -> list:
             lists += [None] * (5 - len(lists)) + [None]
             scalar_bytes = _scalar_bytes(1, found.math)
             answer, _, n_blocks, table = cuda_reader.gather(device, type(ps[0]), lists, [keep + [False] * (3 - len(keep))],
-                                                        None, dtype, found.math, scalar_bytes)
+                                                        None, dtype, found.state, scalar_bytes)
             if answer:
                 raise RuntimeError("xopt internal error: the CUDA table refused arrays the checks passed")
             if n_blocks == 0:
@@ -338,7 +359,7 @@ def apply(opt, entries) -> list:
             dev = device.upload(table)
             base = device.address(dev)
             writes += [device.select(device_id), device.launcher(
-                device.function(found.rule, dtype), n_blocks,
+                device.function(found.rule, dtype, found.low), n_blocks,
                 (np.uint64(base), np.uint64(base + 40 * n), np.uint64(base + o_blocks), np.int32(n),
                  np.uint64(0 if scale is None else device.address(scale)), np.uint64(base + o_scalars))),
                 *recorded, functools.partial(len, (dev, scale, lists))]  # alive until the launch is queued

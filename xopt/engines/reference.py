@@ -15,8 +15,8 @@ interrupted before then changes nothing.  A large param costs a copy of itself a
 
 A param no larger than a chunk runs whole.
 Immutable arrays (JAX) cannot be written in slices either: they run whole and the new
-param replaces the old one too.  float16 params and bfloat16 state compute in float32
-(a chunk at a time), as :func:`xopt._backend.compute_dtype` says.
+param replaces the old one too.  float16 and bfloat16 params and bfloat16 state compute in
+float32 (a chunk at a time), as :func:`xopt._backend.compute_dtype` says.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ DEVICE_CHUNK_ELEMENTS = 2**24  # GPUs: chunks only bound the temporaries (each o
 
 def apply_reference(opt, entries) -> list:
     """Run the rule on each entry (with its own hyperparameters, ``e.opt``, where set) into new arrays, and
-    return the writes that put them in place (calls into C, for ``xopt._atomic.together``); float16 params
-    and bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read.
+    return the writes that put them in place (calls into C, for ``xopt._atomic.together``); float16 and
+    bfloat16 params and bfloat16 state compute in float32; grads scaled by ``e.clip`` (clip_grad_norm) as they are read.
     Immutable arrays (JAX) are rebound instead: ``e.p`` and the state dict get the new ones in the writes."""
     if any(_kind(e)[2] for e in entries):
         import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from functools import partial
@@ -59,13 +60,14 @@ class ScheduleFreeAdamW(Optimizer):
     training again; ``update`` in eval mode raises (nothing written).  Unlike the package, the
     optimizer starts in train mode (the package starts in eval mode and refuses a step until
     ``train()``).  ``train``/``eval`` take the params dict (or list) that ``update`` steps; every param
-    with state must be in it.  ``opt.training`` says which mode it is in; ``state_dict()`` holds it,
-    a state file does not (save it in the mode it is loaded in: a new optimizer starts in train mode).
+    with state must be in it.  ``opt.training`` says which mode it is in; ``state_dict()`` and a state
+    file hold it (a new optimizer starts in train mode).
 
-    η_max and the sum of the weights are functions of the param's step count and of ``lr``: with a
-    schedule, of the schedule's values at counts 0 .. t−1, as the package has them when its ``lr`` is
-    set from the same schedule before each step.  Setting another constant ``lr`` mid-run gives the
-    numbers of a run that had that ``lr`` from the start (the package keeps the old η_max and sum).
+    η_max and the sum of the weights run over the steps taken, as the package keeps them: an ``lr`` set
+    mid-run (or a schedule's value) counts from the step it is set at, and ``state_dict()`` and a state
+    file hold the last step's sums, so a resumed run continues them.  Where they are missing (a param
+    that joined later, an override's set after a load) they are run from the first step with the lr of
+    now: a schedule's values at counts 0 .. t−1, or the constant lr.
     The weight decay is taken at y and goes through the averaging, as in the package.
 
     Args:
@@ -101,7 +103,7 @@ class ScheduleFreeAdamW(Optimizer):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, **options)
         self.training = True
-        self._averages = {}  # (lr or a schedule's id, warmup, r, power) -> (lr, {t: (lr_max, weight_sum)}), recent t
+        self._averages = {}  # hyperparameter set (0: the optimizer's own) -> {t: (lr_max, weight_sum)}, recent t
 
     _attributes = (*Optimizer._attributes, "training")
     _view_carries = (*Optimizer._view_carries, "_averages")  # each set's averaging weights read the optimizer's sums
@@ -115,6 +117,7 @@ class ScheduleFreeAdamW(Optimizer):
         if view is not self:
             lr = self._hyper["lr"] if group == 0 else self._groups()[group][0]._hyper["lr"]
             view.__dict__["_lr_source"] = lr  # a schedule: the sums read its values at every count
+            view.__dict__["_history"] = group  # whose running sums it continues
         return view
 
     def _lr_at(self, count):
@@ -122,14 +125,14 @@ class ScheduleFreeAdamW(Optimizer):
         return source(count) if callable(source) else source
 
     def _average(self, step):
-        """(η_t, c_t) for step t: the package's lr_max and weight_sum, run from the first step."""
-        source = self.__dict__.get("_lr_source", self.lr)
-        key = (id(source) if callable(source) else source, self.warmup_steps, self.r, self.weight_lr_power)
-        held = self._averages.get(key)
-        if held is None or held[0] is not source:  # (a schedule's id is the key: the entry holds it alive)
-            held = self._averages[key] = (source, {})
-        sums = held[1]
-        start = max((t for t in sums if t <= step), default=0)
+        """(η_t, c_t) for step t: the package's lr_max and weight_sum, running sums over the steps taken.
+
+        Each hyperparameter set keeps its sums of the last few counts (``self._averages[set][t]``); step t
+        continues from step t − 1's, computed with the lr of then.  Where they are missing (a state loaded
+        without them, a param that joined later), the sums are run from the first step with the lr source of
+        now: a schedule's values at each count, or the constant lr."""
+        sums = self._averages.setdefault(self.__dict__.get("_history", 0), {})
+        start = max((t for t in sums if t < step), default=0)
         lr_max, weight_sum = sums.get(start, (-1.0, 0.0))
         for t in range(start + 1, step + 1):
             lr = self._lr_at(t - 1) * (t / self.warmup_steps if t - 1 < self.warmup_steps else 1.0)
@@ -209,11 +212,27 @@ class ScheduleFreeAdamW(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     def _state_dict(self, copy=True):
-        return {**super()._state_dict(copy), "training": self.training}
+        out = {**super()._state_dict(copy), "training": self.training}
+        counts = [st.get("step") for st in self.state.values() if isinstance(st, dict)]
+        last = max((c for c in counts if type(c) is int), default=0)
+        sums = self._averages.get(0, {})
+        if last in sums:  # the running sums of the last step taken: a resumed run continues them
+            out.update(average_step=last, average_lr_max=sums[last][0], average_weight_sum=sums[last][1])
+        return out
 
     def _load_state_dict(self, checked_state, state_dict, params):
-        training = state_dict.get("training", True) if isinstance(state_dict, dict) else True
+        get = state_dict.get if isinstance(state_dict, dict) else {}.get
+        training = get("training", True)
         if not isinstance(training, bool):
             raise TypeError(f"state_dict['training'] must be True or False, got {training!r}")
+        sums = {}
+        if get("average_step") is not None:
+            t, lr_max, total = get("average_step"), get("average_lr_max"), get("average_weight_sum")
+            if (type(t) is not int or t < 1 or not all(type(x) in (int, float) for x in (lr_max, total))
+                    or not (math.isfinite(lr_max) and math.isfinite(total))):
+                raise TypeError(f"state_dict's average_step, average_lr_max and average_weight_sum must be an int "
+                                f">= 1 and two finite floats, got {t!r}, {lr_max!r}, {total!r}")
+            sums = {0: {t: (float(lr_max), float(total))}}
         super()._load_state_dict(checked_state, state_dict, params)
         self.training = training
+        self._averages = sums

@@ -25,9 +25,10 @@
 // already in registers: p and g loaded, the state buffers' values in and out by reference; it
 // returns the new p.  The same names, the same order of operations, and the scalars of its
 // scalars(step) in the order of xopt/engines/kernels.py, computed on the host and read from the
-// table in the math type S.  P is how the param is stored: float, double, or half (its 16 bits,
-// converted with xopt_to_math / xopt_from_math); S is the type of the math and of the state:
-// float for half and float params, double for double.
+// table in the math type S.  P is how the param is stored: float, double, half or bfloat16 (their 16
+// bits, converted with xopt_to_math / xopt_from_math); S is the type of the math: float for half,
+// bfloat16 and float params, double for double; T is how the state is stored: S, or bfloat16 (Adam's
+// state_dtype="bfloat16", with float math), converted to S and back around the rule as the param is.
 //
 // clip_grad_norm and skip_nonfinite add a launch before the step: xopt_norm, over the same
 // table, sums the grads' squares in double and leaves the norm, a finiteness check and the
@@ -43,6 +44,8 @@
 #endif
 #define XOPT_THREADS 256  // threads per block; the host side reads this line
 #define XOPT_SCALARS 12  // scalars per part (a rule that needs fewer gets zeros); the host side reads this line
+
+struct xopt_bf16 { unsigned short bits; };  // the 16 bits of a bfloat16 (its conversions below, for both builds)
 
 #ifndef XOPT_HOST
 #define XOPT_INLINE __device__ __forceinline__
@@ -66,9 +69,12 @@ template <typename T>
 XOPT_INLINE void xopt_st(T* a, T x) { __stcs(a, x); }
 XOPT_INLINE uint4 xopt_ld16(const void* a) { return __ldcs((const uint4*)a); }
 XOPT_INLINE void xopt_st16(void* a, uint4 x) { __stcs((uint4*)a, x); }
+XOPT_INLINE xopt_bf16 xopt_ld(const xopt_bf16* a) { xopt_bf16 h; h.bits = __ldcs((const unsigned short*)a); return h; }
+XOPT_INLINE void xopt_st(xopt_bf16* a, xopt_bf16 x) { __stcs((unsigned short*)a, x.bits); }
 // Cached in L2 only: the norm pass's grads (the step reads them next) and the sums other blocks wrote.
 template <typename T>
 XOPT_INLINE T xopt_ld_l2(const T* a) { return __ldcg(a); }
+XOPT_INLINE xopt_bf16 xopt_ld_l2(const xopt_bf16* a) { xopt_bf16 h; h.bits = __ldcg((const unsigned short*)a); return h; }
 // A count of the blocks done with their sums.
 XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks) {
     __threadfence();  // this block's sums are seen by the block that counts last
@@ -78,6 +84,26 @@ XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks
 #define XOPT_UNROLL _Pragma("unroll")
 #endif  // the host build defines these in tests/cuda_host.cpp
 
+// bfloat16 in integer operations, so that the CPU build runs the same code: its bits are a float's upper half
+// (exact), and a float is rounded to them to nearest even, as ml_dtypes rounds; NaN stays NaN, its sign kept.
+union xopt_bits { float f; unsigned int u; };
+XOPT_INLINE float xopt_to_math(xopt_bf16 h) {
+    xopt_bits x;
+    x.u = (unsigned int)h.bits << 16;
+    return x.f;
+}
+XOPT_INLINE xopt_bf16 xopt_from_math(float v, xopt_bf16*) {
+    xopt_bits x;
+    x.f = v;
+    const unsigned int u = x.u;
+    xopt_bf16 h;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        h.bits = (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    } else {
+        h.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    return h;
+}
 XOPT_INLINE float xopt_to_math(float x) { return x; }
 XOPT_INLINE double xopt_to_math(double x) { return x; }
 XOPT_INLINE float xopt_from_math(float x, float*) { return x; }
@@ -233,8 +259,8 @@ XOPT_INLINE S xopt_rule(S p, S g, S& b0, S& b1, S& b2, const S* s) {
 }
 
 // -- the kernel ---------------------------------------------------------------------------------
-template <typename P>
-struct xopt_width { enum { value = sizeof(P) == 2 ? 8 : 4 }; };  // elements per thread: 16 bytes of half
+template <typename P, typename T>
+struct xopt_width { enum { value = sizeof(P) == 2 || sizeof(T) == 2 ? 8 : 4 }; };  // per thread: 16 bytes of 16-bit
 
 template <typename T, int W>
 union xopt_pack {  // W elements as 16-byte words
@@ -260,7 +286,7 @@ XOPT_INLINE void xopt_load_if(xopt_pack<T, W>& dst, const T* src, bool live) {
         xopt_load(dst, src);
     } else {
     XOPT_UNROLL
-        for (int k = 0; k < W; ++k) dst.x[k] = (T)0;
+        for (int k = 0; k < W; ++k) dst.x[k] = T();  // zero bits
     }
 }
 
@@ -269,11 +295,15 @@ XOPT_INLINE void xopt_load_if(xopt_pack<T, W>& dst, const T* src, bool live) {
 template <typename P, typename S>
 XOPT_INLINE S xopt_grad(P g, const S* c) { return c ? xopt_to_math(g) * *c : xopt_to_math(g); }
 
+// A state value in the math type and back (the identity where the state is kept in the math type).
+template <typename S, typename T>
+XOPT_INLINE S xopt_state(T x) { return (S)xopt_to_math(x); }
+
 // W consecutive elements from i, every operand 16-byte aligned: all loads, then the math, then the stores.
-template <int RULE, typename P, typename S, int W>
-XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, int live, const S* s, const S* c) {
+template <int RULE, typename P, typename S, typename T, int W>
+XOPT_INLINE void xopt_wide(P* p, const P* g, T* b0, T* b1, T* b2, long long i, int live, const S* s, const S* c) {
     xopt_pack<P, W> pw, gw;
-    xopt_pack<S, W> w0, w1, w2;
+    xopt_pack<T, W> w0, w1, w2;
     xopt_load(pw, p + i);
     xopt_load(gw, g + i);
     xopt_load_if(w0, b0 + i, live & 1);
@@ -281,8 +311,12 @@ XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, i
     xopt_load_if(w2, b2 + i, live & 4);
     XOPT_UNROLL
     for (int k = 0; k < W; ++k) {
-        S pk = xopt_rule<RULE, S>(xopt_to_math(pw.x[k]), xopt_grad(gw.x[k], c), w0.x[k], w1.x[k], w2.x[k], s);
+        S v0 = xopt_state<S>(w0.x[k]), v1 = xopt_state<S>(w1.x[k]), v2 = xopt_state<S>(w2.x[k]);
+        S pk = xopt_rule<RULE, S>(xopt_to_math(pw.x[k]), xopt_grad(gw.x[k], c), v0, v1, v2, s);
         pw.x[k] = xopt_from_math(pk, p);
+        w0.x[k] = xopt_from_math(v0, b0);
+        w1.x[k] = xopt_from_math(v1, b0);
+        w2.x[k] = xopt_from_math(v2, b0);
     }
     xopt_store(p + i, pw);
     if (live & 1) xopt_store(b0 + i, w0);
@@ -291,8 +325,8 @@ XOPT_INLINE void xopt_wide(P* p, const P* g, S* b0, S* b1, S* b2, long long i, i
 }
 
 // Elements i, i + stride, ... (W of them, those below hi), one by one: for unaligned tensors and a chunk's tail.
-template <int RULE, typename P, typename S, int W>
-XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i, long long stride, long long hi,
+template <int RULE, typename P, typename S, typename T, int W>
+XOPT_INLINE void xopt_narrow(P* p, const P* g, T* b0, T* b1, T* b2, long long i, long long stride, long long hi,
                              int live, const S* s, const S* c) {
     S pv[W], gv[W], v0[W], v1[W], v2[W];
     XOPT_UNROLL
@@ -301,9 +335,9 @@ XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i,
         const bool in = j < hi;
         pv[k] = in ? xopt_to_math(xopt_ld(p + j)) : (S)0;
         gv[k] = in ? xopt_grad(xopt_ld(g + j), c) : (S)0;
-        v0[k] = in && (live & 1) ? xopt_ld(b0 + j) : (S)0;
-        v1[k] = in && (live & 2) ? xopt_ld(b1 + j) : (S)0;
-        v2[k] = in && (live & 4) ? xopt_ld(b2 + j) : (S)0;
+        v0[k] = in && (live & 1) ? xopt_state<S>(xopt_ld(b0 + j)) : (S)0;
+        v1[k] = in && (live & 2) ? xopt_state<S>(xopt_ld(b1 + j)) : (S)0;
+        v2[k] = in && (live & 4) ? xopt_state<S>(xopt_ld(b2 + j)) : (S)0;
     }
     XOPT_UNROLL
     for (int k = 0; k < W; ++k) pv[k] = xopt_rule<RULE, S>(pv[k], gv[k], v0[k], v1[k], v2[k], s);
@@ -312,9 +346,9 @@ XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i,
         const long long j = i + k * stride;
         if (j < hi) {
             xopt_st(p + j, xopt_from_math(pv[k], p));
-            if (live & 1) xopt_st(b0 + j, v0[k]);
-            if (live & 2) xopt_st(b1 + j, v1[k]);
-            if (live & 4) xopt_st(b2 + j, v2[k]);
+            if (live & 1) xopt_st(b0 + j, xopt_from_math(v0[k], b0));
+            if (live & 2) xopt_st(b1 + j, xopt_from_math(v1[k], b0));
+            if (live & 4) xopt_st(b2 + j, xopt_from_math(v2[k], b0));
         }
     }
 }
@@ -322,11 +356,11 @@ XOPT_INLINE void xopt_narrow(P* p, const P* g, S* b0, S* b1, S* b2, long long i,
 // Block b updates chunk blocks[4b + 1] of tensor blocks[4b] with the scalars of part blocks[4b + 3]; a state slot
 // whose address is 0 is not kept; clip: the clip scale in device memory (clip_grad_norm: computed on the device,
 // no host sync), or null.
-template <int RULE, typename P, typename S>
+template <int RULE, typename P, typename S, typename T = S>
 __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
                           const int* __restrict__ blocks, int n_tensors, const S* __restrict__ clip,
                           const S* __restrict__ scalars) {
-    enum { W = xopt_width<P>::value };
+    enum { W = xopt_width<P, T>::value };
     const int t = blocks[4 * blockIdx.x];
     const long long lo = (long long)blocks[4 * blockIdx.x + 1] * XOPT_CHUNK;
     const S* row = scalars + XOPT_SCALARS * blocks[4 * blockIdx.x + 3];
@@ -337,20 +371,20 @@ __global__ void xopt_step(const unsigned long long* __restrict__ ptrs, const lon
     const long long hi = n < lo + XOPT_CHUNK ? n : lo + XOPT_CHUNK;
     P* __restrict__ p = (P*)ptrs[t];
     const P* __restrict__ g = (const P*)ptrs[n_tensors + t];
-    S* __restrict__ b0 = (S*)ptrs[2 * n_tensors + t];
-    S* __restrict__ b1 = (S*)ptrs[3 * n_tensors + t];
-    S* __restrict__ b2 = (S*)ptrs[4 * n_tensors + t];
+    T* __restrict__ b0 = (T*)ptrs[2 * n_tensors + t];
+    T* __restrict__ b1 = (T*)ptrs[3 * n_tensors + t];
+    T* __restrict__ b2 = (T*)ptrs[4 * n_tensors + t];
     const int live = (b0 != 0) | ((b1 != 0) << 1) | ((b2 != 0) << 2);
     const long long threads = blockDim.x;
     long long i = lo;
     if (blocks[4 * blockIdx.x + 2] && XOPT_ALIGNED(g)) {  // lo is a multiple of W: every group stays aligned
         const long long end = lo + (hi - lo) / W * W;
         for (long long j = lo + threadIdx.x * (long long)W; j < end; j += threads * W)
-            xopt_wide<RULE, P, S, W>(p, g, b0, b1, b2, j, live, s, clip);
+            xopt_wide<RULE, P, S, T, W>(p, g, b0, b1, b2, j, live, s, clip);
         i = end;
     }
     for (long long j = i + threadIdx.x; j < hi; j += threads * W)
-        xopt_narrow<RULE, P, S, W>(p, g, b0, b1, b2, j, threads, hi, live, s, clip);
+        xopt_narrow<RULE, P, S, T, W>(p, g, b0, b1, b2, j, threads, hi, live, s, clip);
 }
 
 // -- the norm pass (clip_grad_norm, skip_nonfinite): one launch over the step's table, before the step --------------
