@@ -133,10 +133,11 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
 
 
 @compiled_only()
-def _sort_spans(lo, hi):
-    """Sort the byte ranges [lo[i], hi[i]) by start, in place: a heap sort (a few lines that numba compiles in a
-    fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation, and a merge sort half a
-    second); ranges already in order (arrays allocated one after another) cost one pass."""
+def _sort_spans(lo, hi, temps):
+    """Sort the byte ranges [lo[i], hi[i]) by start, in place: a bottom-up merge sort (a few lines that numba
+    compiles in a fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation);
+    ranges already in order (arrays allocated one after another) cost one pass.  ``temps``: four rows of
+    room for them (int64, at least ``lo.shape[0]`` wide)."""
     m = lo.shape[0]
     ordered = True
     for i in range(1, m):
@@ -145,24 +146,25 @@ def _sort_spans(lo, hi):
             break
     if ordered:
         return
-    start, end = m // 2, m
-    while end > 1:
-        if start > 0:  # building the heap: sift down each parent, the last first
-            start -= 1
-        else:  # the largest start goes last; the rest is a heap again once the new root sifts down
-            end -= 1
-            lo[0], lo[end] = lo[end], lo[0]
-            hi[0], hi[end] = hi[end], hi[0]
-        root = start
-        while 2 * root + 1 < end:
-            child = 2 * root + 1
-            if child + 1 < end and lo[child] < lo[child + 1]:
-                child += 1
-            if lo[root] >= lo[child]:
-                break
-            lo[root], lo[child] = lo[child], lo[root]
-            hi[root], hi[child] = hi[child], hi[root]
-            root = child
+    a_lo, a_hi, b_lo, b_hi = temps[0, :m], temps[1, :m], temps[2, :m], temps[3, :m]
+    for i in range(m):
+        a_lo[i], a_hi[i] = lo[i], hi[i]
+    width = 1
+    while width < m:
+        for left in range(0, m, 2 * width):
+            mid, right = min(left + width, m), min(left + 2 * width, m)
+            i, j = left, mid
+            for k in range(left, right):
+                if i < mid and (j >= right or a_lo[i] <= a_lo[j]):
+                    b_lo[k], b_hi[k] = a_lo[i], a_hi[i]
+                    i += 1
+                else:
+                    b_lo[k], b_hi[k] = a_lo[j], a_hi[j]
+                    j += 1
+        a_lo, b_lo, a_hi, b_hi = b_lo, a_lo, b_hi, a_hi
+        width *= 2
+    for i in range(m):  # element by element: a slice assignment brings numba's shape-error formatting (seconds)
+        lo[i], hi[i] = a_lo[i], a_hi[i]
 
 
 @compiled_only()
@@ -181,7 +183,7 @@ def count_below(starts, x):
 @njit(cache=True)
 def check_step(off, head, part, ptrs, sizes):
     """:func:`check_rows` with room of its own for the byte ranges."""
-    return check_rows(off, head, part, ptrs, sizes, np.empty((2, 4 * max(head[6], 0)), dtype=np.int64))
+    return check_rows(off, head, part, ptrs, sizes, np.empty((6, 4 * max(head[6], 0)), dtype=np.int64))
 
 
 @compiled_only()
@@ -203,7 +205,7 @@ def check_rows(off, head, part, ptrs, sizes, spans):
     kept buffers share a byte, and no grad shares one with any of them (grads may share with each
     other: they are only read).  ``ptrs[t]``: the addresses of param, grad and the three slots (an
     unkept slot gets the param's, never read); ``sizes[t]``: the param's element count.  ``spans``: room
-    (int64, 2 rows of at least 4n) for the byte ranges.
+    (int64, 6 rows of at least 4n) for the byte ranges and their sort.
     """
     n = head[6]
     param_type, state_type, param_size, state_size = head[7], head[8], head[9], head[10]
@@ -244,15 +246,15 @@ def check_rows(off, head, part, ptrs, sizes, spans):
             m += 1
         if head[5] != off[NONE] and load_i64(_list_item(off, head[5], t) + off[OB_TYPE]) != off[INT]:
             return t + 1
-    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, ) else n + 1
+    return 0 if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, spans[2:]) else n + 1
 
 
 @njit(cache=True, inline="always")
-def disjoint(starts, ends, ptrs, sizes, param_size):
-    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place: see
-    :func:`_sort_spans`), and no grad (``ptrs[t, 1]``, ``sizes[t]`` elements of
+def disjoint(starts, ends, ptrs, sizes, param_size, temps):
+    """Whether the written byte ranges [starts[i], ends[i]) share no byte (sorted here, in place, with room
+    ``temps``: see :func:`_sort_spans`), and no grad (``ptrs[t, 1]``, ``sizes[t]`` elements of
     ``param_size`` bytes) shares one with any of them."""
-    _sort_spans(starts, ends)
+    _sort_spans(starts, ends, temps)
     for i in range(1, starts.shape[0]):
         if starts[i] < ends[i - 1]:
             return False

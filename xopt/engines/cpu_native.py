@@ -65,7 +65,7 @@ def step_function(dtype):
         work = call[7]
         ptrs = carray(typed_pointer(work, np.int64), (n, 5))
         sizes = carray(typed_pointer(work + 40 * n, np.int64), (n,))
-        spans = carray(typed_pointer(work + 48 * n, np.int64), (2, 4 * n))
+        spans = carray(typed_pointer(work + 48 * n, np.int64), (6, 4 * n))
         part = head[N_HEAD + 3 * head[11]:]
         if n < 0 or call[8] < WORK_PER_ROW * n:  # the caller's room: never too small
             answer = 1 + max(n, 0)

@@ -111,4 +111,4 @@ CHECK_FINITE = 1
 # sizes of OFFSETS, of the head and of the scalars (rows, columns), room for the step's work (WORK_PER_ROW int64
 # per tensor) and the exception it sets where it does not run.
 CALL = ("function", "offsets", "head", "head_size", "scal", "rows", "cols", "work", "work_size", "not_run")
-WORK_PER_ROW = 14  # ptrs (5), sizes (1), byte ranges (2 rows of 4)
+WORK_PER_ROW = 30  # ptrs (5), sizes (1), byte ranges and their sort (6 rows of 4)

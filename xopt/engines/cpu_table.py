@@ -54,7 +54,7 @@ def check_table(table, ptrs):
     sizes, part = table_sizes(table), table_part(table)
     col = N_TABLE_HEAD + n  # the params' addresses
     keep = table[N_TABLE_HEAD + 6 * n:N_TABLE_HEAD + 6 * n + 3 * n_parts]
-    spans = np.empty((2, 4 * n), dtype=np.int64)  # the byte ranges
+    spans = np.empty((6, 4 * n), dtype=np.int64)  # the byte ranges, then room for their sort
     spans_lo, spans_hi = spans[0], spans[1]
     m = 0
     total = 0
@@ -80,7 +80,7 @@ def check_table(table, ptrs):
             ptrs[t, 2 + j] = b
             spans_lo[m], spans_hi[m] = b, b + size * state_size
             m += 1
-    return total if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size) else -1 - n
+    return total if disjoint(spans_lo[:m], spans_hi[:m], ptrs, sizes, param_size, spans[2:]) else -1 - n
 
 
 TABLE_ANSWER = TABLE_HEAD.index("answer")
