@@ -121,8 +121,15 @@ def test_nadam_mu_product_is_torchs_running_product():
         assert opt.mu_product(t) == product
     assert xopt.NAdam(beta1=0.8, momentum_decay=0.1).mu_product(199) == product  # from scratch: the same bits
     assert opt.mu_product(3) == xopt.NAdam(beta1=0.8, momentum_decay=0.1).mu_product(3)  # going back
-    opt.beta1 = 0.7  # a new beta1: the product is the new one's
-    assert opt.mu_product(5) == xopt.NAdam(beta1=0.7, momentum_decay=0.1).mu_product(5)
+    for t in range(4, 200):  # and on again
+        assert opt.mu_product(t) == xopt.NAdam(beta1=0.8, momentum_decay=0.1).mu_product(t)
+    opt.beta1 = 0.7  # a new beta1 counts from its step on, as in torch's running product (OneCycleLR cycles it)
+    assert opt.mu_product(200) == product * 0.7 * (1.0 - 0.5 * 0.96 ** (200 * 0.1))
+    assert opt.mu_product(199, taken=True) == product  # a step taken: its product as kept
+    want = 1.0
+    for t in range(1, 6):
+        want *= 0.7 * (1.0 - 0.5 * 0.96 ** (t * 0.1))
+    assert xopt.NAdam(beta1=0.7, momentum_decay=0.1).mu_product(5) == want  # nothing kept: from step 1
 
 
 def test_nadam_mu_product_matches_torchs_state():
@@ -217,11 +224,9 @@ def test_a_subclass_with_its_own_rule_runs_it_not_the_kernel(rng):
     with pytest.raises(TypeError, match="HalfStepSGD has no fused kernel"):
         HalfStepSGD(impl="fused")  # in the constructor
     opt = HalfStepSGD()
-    opt.impl = "fused"  # set after: refused at the step, before any write
     with pytest.raises(TypeError, match="HalfStepSGD has no fused kernel"):
-        opt.update(params, {"p": np.ones(4)})
-    np.testing.assert_array_equal(params["p"], np.full(4, 0.95))
-    assert opt.state == {}
+        opt.impl = "fused"  # set after: refused when set, as in the constructor
+    assert opt.impl == "auto"
 
 
 def test_fused_with_an_optimizer_without_a_kernel_says_so():

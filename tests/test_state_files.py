@@ -465,3 +465,35 @@ def test_a_schedule_free_file_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
     again = xopt.ScheduleFreeAdamW()
     again.load(tmp_path / "sf_train.npz", params=q)
     assert again.training is True
+
+
+@pytest.mark.parametrize("keys", [[("layer1", "W"), ("layer1", "b"), ("head", ("out", 0))],
+                                  [np.int64(0), np.int64(1), np.int32(2)]])
+def test_keys_update_takes_save_and_load(keys, tmp_path):
+    """A flattened pytree's path (a tuple) and NumPy integers name params as well as str and int do; a file
+    keeps them (tuples as JSON lists, NumPy integers as ints) and a resumed run is the uninterrupted one."""
+    rng = np.random.default_rng(0)
+    p0 = {k: rng.standard_normal(3 + i) for i, k in enumerate(keys)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(4)]
+    straight, p = xopt.Adam(), {k: v.copy() for k, v in p0.items()}
+    for g in grads:
+        straight.update(p, g)
+    first, q = xopt.Adam(), {k: v.copy() for k, v in p0.items()}
+    for g in grads[:2]:
+        first.update(q, g)
+    first.save(tmp_path / "keys.npz")
+    resumed = xopt.Adam()
+    resumed.load(tmp_path / "keys.npz", params=q)
+    assert list(resumed.state) == [int(k) if isinstance(k, np.integer) else k for k in keys]
+    for g in grads[2:]:
+        resumed.update(q, g)
+    for k in keys:
+        np.testing.assert_array_equal(q[k], p[k])
+
+
+def test_a_key_a_file_cannot_hold_is_refused_naming_it(tmp_path):
+    opt = xopt.Adam()
+    opt.update({1.5: np.ones(2)}, {1.5: np.ones(2)})
+    with pytest.raises(TypeError, match="param name 1.5 cannot be saved"):
+        opt.save(tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()

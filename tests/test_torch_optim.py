@@ -125,6 +125,21 @@ def test_lr_schedulers(torch, make):
     assert opt.param_groups[1]["lr"] == ref.param_groups[1]["lr"] != 3e-3
 
 
+def test_nadam_under_one_cycle_lr_keeps_torchs_running_mu_product(torch):
+    """OneCycleLR cycles beta1: NAdam's product of the mu's takes each step's own beta1, in both groups; the
+    state_dict's mu_product is the one the last step used."""
+    def groups(net):
+        return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 3e-3}]
+
+    ours, opt, theirs, ref = _pair(torch, "NAdam", dict(lr=1e-2), groups)
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=25)  # noqa: E731
+    _train(torch, ours, opt, 12, make(opt))
+    _train(torch, theirs, ref, 12, make(ref))
+    _same(torch, ours, theirs)
+    for n, st in ref.state_dict()["state"].items():
+        assert opt.state_dict()["state"][n]["mu_product"].item() == st["mu_product"].item(), n
+
+
 def test_closure_runs_with_grad_and_its_loss_comes_back(torch):
     ours, opt, theirs, ref = _pair(torch, "SGD", dict(lr=0.1, momentum=0.9))
     x, y = _data(torch)

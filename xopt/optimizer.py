@@ -82,7 +82,7 @@ class Optimizer:
         self._groups()  # each override's hyperparameters checked together, as the optimizer's own are
         self.impl = impl  # checked by __setattr__
         self.state = {}  # param key -> {"step": int, buffer name -> array}
-        self.iter = 0  # update() calls that changed something (the seed's Adam.iter)
+        self.iter = 0  # update() calls taken, as the seed's Adam.iter (all-None grads too; not raised or skipped)
         self.skipped_steps = 0
         self.last_grad_norm = None  # with clip_grad_norm: the norm of the last step's grads
         self._guard = StepGuard()  # one step at a time (see _atomic)

@@ -70,7 +70,22 @@ STANDARD_FIELDS = frozenset({"optimizer", "hyperparameters", "overrides", "iter"
 
 
 def saved_key(key):
-    """A param name as a file holds it: str (a dict's) or int (a list's)."""
-    if type(key) is not str and (isinstance(key, bool) or not isinstance(key, (str, int))):
-        raise TypeError(f"param name {key!r} cannot be saved: names must be str (dict) or int (list)")
-    return key
+    """A param name as a file holds it: a str or an int (a dict's or a list's; a NumPy integer as its int), or
+    a tuple of those (a flattened pytree's path) as a JSON list."""
+    if type(key) is str or type(key) is int:
+        return key
+    if isinstance(key, np.integer):
+        return int(key)
+    if type(key) is tuple:
+        return [saved_key(part) for part in key]
+    raise TypeError(f"param name {key!r} cannot be saved: names must be str, int or tuples of them")
+
+
+def loaded_key(key):
+    """The param name ``saved_key`` wrote (a list back to a tuple), or None where it is not one."""
+    if type(key) is str or type(key) is int:
+        return key
+    if type(key) is list:
+        parts = [loaded_key(part) for part in key]
+        return None if None in parts else tuple(parts)
+    return None

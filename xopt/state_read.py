@@ -17,7 +17,8 @@ import numpy as np
 from . import _backend
 from ._inputs import describe
 from .state_check import _short
-from .state_format import BLOCK, COLUMNS, FORMAT, FORMAT_1, STANDARD_FIELDS, StateFileError, decode, foreign
+from .state_format import (BLOCK, COLUMNS, FORMAT, FORMAT_1, STANDARD_FIELDS, StateFileError, decode, foreign,
+                           loaded_key)
 
 __all__ = ["load_state"]
 
@@ -165,9 +166,9 @@ def _state_v1(archive, meta, path):
         if not (isinstance(entry, dict) and {"key", "step", "buffers"} <= set(entry)
                 and isinstance(entry["buffers"], dict) and isinstance(entry.get("bits_of", {}), dict)):
             raise foreign(path, "a malformed state entry")
-        key = entry["key"]
-        if isinstance(key, bool) or not isinstance(key, (str, int)):
-            raise foreign(path, f"param name {key!r} is neither str nor int")
+        key = loaded_key(entry["key"])
+        if key is None:
+            raise foreign(path, f"param name {entry['key']!r} is neither str nor int, nor a list of them")
         if key in state:
             raise foreign(path, f"param {describe(key)} appears twice")
         st = {"step": entry["step"]}
@@ -200,10 +201,11 @@ def _int_table(archive, name, ndim, path):
 def _state_v2(archive, meta, path):
     """Format 2: the param names in 'meta', their steps in 'steps', one row per buffer in 'table' and the
     buffers of one dtype one after the other in 'data_<dtype>'; every size checked before a buffer is made."""
-    keys, names, dtypes = meta["keys"], meta["buffers"], meta["dtypes"]
-    for key in keys:
-        if isinstance(key, bool) or not isinstance(key, (str, int)):
-            raise foreign(path, f"param name {_short(key)} is neither str nor int")
+    names, dtypes = meta["buffers"], meta["dtypes"]
+    keys = [loaded_key(key) for key in meta["keys"]]
+    if None in keys:
+        key = meta["keys"][keys.index(None)]
+        raise foreign(path, f"param name {_short(key)} is neither str nor int, nor a list of them")
     if len(set(keys)) != len(keys):
         seen = set()
         raise foreign(path, f"param {describe(next(k for k in keys if k in seen or seen.add(k)))} appears twice")

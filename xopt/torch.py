@@ -192,7 +192,7 @@ class Adamax(_Front):
 
 class NAdam(_Front):
     """torch.optim.NAdam's arguments and numbers (see :class:`xopt.NAdam`); state ``step``, ``mu_product``
-    (derived from the step count: written, not read), ``exp_avg``, ``exp_avg_sq``."""
+    (the running product xopt keeps: written, not read), ``exp_avg``, ``exp_avg_sq``."""
 
     rule = _NAdam
     reads = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", *_REFUSED)
@@ -214,9 +214,11 @@ class NAdam(_Front):
 
     def _torch_state(self, st, p, group):
         out = super()._torch_state(st, p, group)
-        view = self._xopt._view({**self._xopt._hyper, **self.hyper(group)})
-        return {"step": out.pop("step"), "mu_product": torch.tensor(view.mu_product(st["step"]), dtype=_scalar_dtype()),
-                **out}
+        i = next(n for n, g in enumerate(self.param_groups) if g is group)
+        xo = self._xopt
+        view = xo._at(xo._group_of(f"{i}.0"), st["step"])  # the hyperparameter set whose running products it read
+        return {"step": out.pop("step"),
+                "mu_product": torch.tensor(view.mu_product(st["step"], taken=True), dtype=_scalar_dtype()), **out}
 
 
 class RAdam(_Front):

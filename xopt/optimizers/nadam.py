@@ -73,24 +73,34 @@ class NAdam(Optimizer):
 
     _view_carries = (*Optimizer._view_carries, "_mu_products")  # each hyperparameter set reads the kept products
 
-    def mu_product(self, step) -> float:
-        """Π_t = μ_1 μ_2 ... μ_t, multiplied in torch's order (the same bits however it is reached).
+    def _at(self, group, count):
+        view = super()._at(group, count)
+        if view is not self:
+            view.__dict__["_history"] = group  # whose running products it continues
+        return view
 
-        The last few products are kept to go on from: a step multiplies once per param step count
-        (params whose counts differ, one having missed a step, each go on from their own).  They are
-        kept in one dict, changed in place, that the optimizer shares with its views (which copy its
-        ``__dict__``): a scheduled lr makes a new view every step, which must go on from the last one's.
+    def mu_product(self, step, taken=False) -> float:
+        """Π_t = μ_1 μ_2 ... μ_t, each μ with the β₁ of its step, multiplied in torch's order: the running
+        product torch keeps (the same bits however it is reached).
+
+        Each hyperparameter set keeps the products of its last few counts, in one dict changed in place that
+        the optimizer shares with its views (a scheduled lr makes a new view every step, which must go on
+        from the last one's); step t goes on from step t − 1's, computed with the β₁ of then (a scheduler
+        that cycles β₁, as OneCycleLR does, counts each value from its step on).  Where none is kept (a state
+        loaded from a file, a param that joined later) the product is run from step 1 with the β₁ of now.
+        ``taken``: the product of a step already taken, as kept (read for a state_dict), not made again.
         """
-        key = (self.beta1, self.momentum_decay)
+        if step <= 0:
+            return 1.0
         products = self.__dict__.get("_mu_products")
-        if not isinstance(products, dict):  # made by an xopt that kept one (key, products) pair
+        if not isinstance(products, dict):
             products = self._mu_products = {}
-        kept = products.get(key)
-        if kept is None:
-            if len(products) >= _KEEP:  # beta1 or momentum_decay changed often: forget the older ones
-                products.clear()
-            kept = products[key] = {0: 1.0}
-        t = max(k for k in kept if k <= step)
+        kept = products.get(self.__dict__.get("_history", 0))
+        if type(kept) is not dict:
+            kept = products[self.__dict__.get("_history", 0)] = {0: 1.0}
+        if taken and step in kept:
+            return kept[step]
+        t = max(k for k in kept if k < step)
         product = kept[t]
         while t < step and product != 0.0:  # 0.0 (underflowed, after some 7000 steps at beta1=0.9) stays 0.0
             t += 1
