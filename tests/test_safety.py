@@ -275,7 +275,6 @@ def test_grads_may_share_memory_with_each_other(rng):
     same(fast, ref, p_fast, p_ref)
 
 
-
 def test_the_compiled_memory_check_agrees_with_a_pairwise_one(rng):
     """cpu_memory.disjoint (its ranges sorted in place) against every pair compared in Python:
     ranges in order, reversed and shuffled, some overlapping, some starting at one byte, grads in and out."""

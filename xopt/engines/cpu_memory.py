@@ -90,8 +90,8 @@ def yield_cpu(typingctx):
 
 def compiled_only(**options):
     """``njit(cache=True)`` for a function that only compiled code calls: numba builds it no entry from Python
-    (``no_cpython_wrapper``) or from C (``no_cfunc_wrapper``), which cost a cold first update some 20 ms each
-    (``benchmarks/first_use.py``).  Called from Python, such a function crashes the process."""
+    (``no_cpython_wrapper``) or from C (``no_cfunc_wrapper``), which a cold first update would compile for
+    nothing.  Called from Python, such a function crashes the process."""
     return njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True, **options)
 
 

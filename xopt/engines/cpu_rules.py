@@ -162,7 +162,8 @@ def _moments(pi, gi, mi, vi, s):
 
 @compiled_only(error_model="numpy")
 def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
-    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
+    """``amsgrad`` and ``divide`` are constants at each call below (numba compiles this once per pair, and LLVM
+    inlines it in its loop), so each loop is compiled without the test."""
     eps, step_size, sqrt_bc2 = s[3], s[4], s[5]
     pi, gi, mi, vi = _moments(pi, gi, mi, vi, s)
     denom_v = vi
