@@ -275,6 +275,33 @@ def test_grads_may_share_memory_with_each_other(rng):
     same(fast, ref, p_fast, p_ref)
 
 
+def test_the_compiled_memory_check_agrees_with_a_pairwise_one(rng):
+    """cpu_memory.disjoint (its ranges sorted in place) against every pair compared in Python:
+    ranges in order, reversed and shuffled, some overlapping, some starting at one byte, grads in and out."""
+    from xopt.engines import cpu_memory
+
+    for trial in range(400):
+        m = int(rng.integers(1, 40))
+        starts = rng.choice(np.arange(0, 4000, 8), size=m, replace=bool(trial % 3 == 0)).astype(np.int64)
+        if trial % 4 == 1:
+            starts.sort()
+        elif trial % 4 == 2:
+            starts = np.sort(starts)[::-1].copy()
+        ends = starts + 8 * rng.integers(1, 4 if trial % 2 else 40, size=m)
+        n = int(rng.integers(1, 6))
+        sizes = rng.integers(1, 6, size=n).astype(np.int64)
+        ptrs = np.zeros((n, 5), dtype=np.int64)
+        ptrs[:, 1] = rng.choice(np.arange(0, 5000, 8), size=n)
+        pairs = sorted(zip(starts.tolist(), ends.tolist()))
+        writes_apart = all(a[1] <= b[0] for a, b in zip(pairs, pairs[1:]))
+        grads_apart = all(hi <= lo_g or lo >= lo_g + 8 * size for lo_g, size in zip(ptrs[:, 1].tolist(), sizes.tolist())
+                          for lo, hi in pairs)
+        lo, hi = starts.copy(), ends.copy()
+        apart = cpu_memory.disjoint(lo, hi, ptrs, sizes, 8, np.empty((4, m), np.int64))
+        assert apart == (writes_apart and grads_apart), trial
+        assert sorted(zip(lo.tolist(), hi.tolist())) == pairs and lo.tolist() == sorted(lo.tolist()), trial
+
+
 @pytest.mark.parametrize("which", ["fused", "reference"])
 def test_the_lane_refuses_a_grad_that_overlaps_a_param_or_a_buffer(pair, rng, which):
     fast, ref, p_fast, p_ref = pair

@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
-from numba.core import errors
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
-from .cpu_memory import fetch_add, typed_pointer, view as _view, yield_cpu
+from .cpu_memory import compiled_only, fetch_add, typed_pointer, view as _view, yield_cpu
 from .cpu_rules import ADAM_BF16, RULES
 
 __all__ = ["CHUNK", "CLIP_BLOCK", "ELEMENTS_SIGNATURE", "elements", "run_serial", "run_rows", "claim", "claim_squares", "squares", "chunk_rows", "sum_of_squares",
@@ -29,7 +28,6 @@ CLIP_BLOCK = 1 << 11  # with clip_grad_norm, a rule's grads are scaled this many
 # ``ptrs[t]``: the addresses of tensor t's param, grad and three state slots; ``scal[k]``: the scalars of
 # part k of the step (one hyperparameter set at one step count), the clip scale last (1.0: none);
 # ``part[t]``: tensor t's part (empty: all part 0); ``function``: the address of a rule's :func:`elements`.
-# In a rule: ``bits``, an empty uint16 array that types bfloat16 state.
 @njit(cache=True, inline="always")
 def _scratch(s):
     """Room for a block of grads times the clip scale (the last of the scalars ``s``; 1.0: none needed)."""
@@ -45,34 +43,13 @@ def _scaled(g, clip, scratch):
     return out
 
 
-def _apply(rule, ptrs, t, a, b, p, g, s, bits):
-    """Rule number ``rule`` on elements a:b of tensor t (``p``, ``g`` their views).  Compiled code only, with
-    ``rule`` a compile-time constant (see :func:`_elements`): each rule's code is typed and compiled only
-    where a step of that rule runs."""
-    raise TypeError("xopt.engines.cpu_rules._apply runs in compiled code only")
-
-
-@overload(_apply, prefer_literal=True, inline="always")
-def _apply_rule(rule, ptrs, t, a, b, p, g, s, bits):
-    if not isinstance(rule, types.IntegerLiteral):
-        raise errors.TypingError("xopt: a kernel's rule must be a compile-time constant (see cpu_drivers.elements)")
-    f = RULES[rule.literal_value]
-    if rule.literal_value == ADAM_BF16:  # bfloat16 state: its slots viewed as uint16
-        def apply_bf16(rule, ptrs, t, a, b, p, g, s, bits):
-            f(p, g, _view(ptrs[t, 2], bits, a, b), _view(ptrs[t, 3], bits, a, b), _view(ptrs[t, 4], bits, a, b), s)
-        return apply_bf16
-
-    def apply(rule, ptrs, t, a, b, p, g, s, bits):
-        f(p, g, _view(ptrs[t, 2], s, a, b), _view(ptrs[t, 3], s, a, b), _view(ptrs[t, 4], s, a, b), s)
-    return apply
-
-
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
-    """Elements lo:hi of tensor t.  ``rule`` is a compile-time constant here: each rule's compiled function
-    (:func:`elements`) passes its own, so numba compiles a rule's code once per dtype, alone, when a step of
-    it first runs (not every rule at a process's first step).  With a clip scale, the rule gets the grads in
-    blocks of ``CLIP_BLOCK``, each times the scale in ``scratch`` (in L1): the caller's grads are only read."""
+def _elements(rule, ptrs, t, lo, hi, s, state, scratch):
+    """Elements lo:hi of tensor t by the element rule ``rule`` (a function of :data:`cpu_rules.RULES`: each
+    rule's C function, :func:`elements`, passes its own, so numba compiles a rule's code once per dtype, alone,
+    when a step of it first runs); ``state`` an empty array of the state buffers' element type (bfloat16 state
+    as uint16).  With a clip scale, the rule gets the grads in blocks of ``CLIP_BLOCK``, each times the scale in
+    ``scratch`` (in L1): the caller's grads are only read."""
     clip = s[s.shape[0] - 1]
     block = hi - lo if clip == 1.0 else CLIP_BLOCK
     for a in range(lo, hi, max(block, 1)):
@@ -80,7 +57,7 @@ def _elements(rule, ptrs, t, lo, hi, s, bits, scratch):
         p, g = _view(ptrs[t, 0], s, a, b), _view(ptrs[t, 1], s, a, b)
         if clip != 1.0:
             g = _scaled(g, clip, scratch)
-        _apply(rule, ptrs, t, a, b, p, g, s, bits)
+        rule(p, g, _view(ptrs[t, 2], state, a, b), _view(ptrs[t, 3], state, a, b), _view(ptrs[t, 4], state, a, b), s)
 
 
 @intrinsic
@@ -109,7 +86,7 @@ def run_serial(function, ptrs, sizes, scal, part):
     run_rows(function, ptrs, sizes, scal, part, _scratch(scal[0]))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@compiled_only(nogil=True, error_model="numpy")
 def run_rows(function, ptrs, sizes, scal, part, scratch):
     """:func:`run_serial` with the room for scaled grads given (``_scratch``; empty where the clip scale is 1)."""
     for t in range(sizes.shape[0]):
@@ -149,12 +126,15 @@ def elements(rule, dtype):
     A C function cannot raise: nothing in it does (numpy's
     error model, no bounds checks), so a step it runs is never cut short."""
 
+    function = RULES[rule]
+    state = np.uint16 if rule == ADAM_BF16 else dtype  # bfloat16 state: its slots viewed as uint16
+
     @cfunc(ELEMENTS_SIGNATURE, error_model="numpy")
     def rule_elements(ptrs_at, t, lo, hi, s_at, n_s, scratch_at):
         ptrs = carray(typed_pointer(ptrs_at, np.int64), (t + 1, 5))
         s = carray(typed_pointer(s_at, dtype), (n_s,))
         scratch = carray(typed_pointer(scratch_at, dtype), (CLIP_BLOCK if s[n_s - 1] != 1.0 else 0,))
-        _elements(rule, ptrs, t, lo, hi, s, carray(typed_pointer(0, np.uint16), (0,)), scratch)
+        _elements(function, ptrs, t, lo, hi, s, carray(typed_pointer(0, state), (0,)), scratch)
 
     return rule_elements
 

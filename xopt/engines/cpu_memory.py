@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from .cpu_structs import (BYTEORDER, DATA, DESCR, DIMS, FLAGS, FOREIGN, HEAD, LIST_ITEMS, LIST_SIZE, N_HEAD, ND, NDARRAY,
                           NONE, OB_TYPE, OFFSETS, INT, READ_FLAGS, STRIDES, TYPE_NUM, WRITE_FLAGS)
 
-__all__ = ["OFFSETS", "byte_bounds", "check_step", "check_rows", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
+__all__ = ["OFFSETS", "byte_bounds", "compiled_only", "check_step", "check_rows", "disjoint", "load_i64", "view", "typed_pointer", "count_below", "fetch_add", "yield_cpu",
            "HEAD", "N_HEAD"]
 
 
@@ -88,7 +88,14 @@ def yield_cpu(typingctx):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+def compiled_only(**options):
+    """``njit(cache=True)`` for a function that only compiled code calls: numba builds it no entry from Python
+    (``no_cpython_wrapper``) or from C (``no_cfunc_wrapper``), which a cold first update would compile for
+    nothing.  Called from Python, such a function crashes the process."""
+    return njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True, **options)
+
+
+@compiled_only()
 def view(addr, proto, lo, hi):
     """Elements lo:hi of the contiguous array at the (checked) address ``addr``, typed as ``proto``'s."""
     return carray(typed_pointer(addr, proto), (hi,))[lo:hi]
@@ -97,7 +104,7 @@ def view(addr, proto, lo, hi):
 # -- a step's arrays, checked --------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@compiled_only()
 def _list_item(off, lst, t):
     return load_i64(load_i64(lst + off[LIST_ITEMS]) + 8 * t)
 
@@ -125,7 +132,7 @@ def _is_array(off, obj, flags, type_num, nd, dims_of):
     return True
 
 
-@njit(cache=True)
+@compiled_only()
 def _sort_spans(lo, hi, temps):
     """Sort the byte ranges [lo[i], hi[i]) by start, in place: a bottom-up merge sort (a few lines that numba
     compiles in a fraction of a second, where ``np.argsort`` costs seconds of a first step's compilation);
@@ -160,7 +167,7 @@ def _sort_spans(lo, hi, temps):
         lo[i], hi[i] = a_lo[i], a_hi[i]
 
 
-@njit(cache=True)
+@compiled_only()
 def count_below(starts, x):
     """How many of the sorted ``starts`` are below ``x`` (``np.searchsorted(starts, x)``)."""
     lo, hi = 0, starts.shape[0]
@@ -179,7 +186,7 @@ def check_step(off, head, part, ptrs, sizes):
     return check_rows(off, head, part, ptrs, sizes, np.empty((6, 4 * max(head[6], 0)), dtype=np.int64))
 
 
-@njit(cache=True)
+@compiled_only()
 def check_rows(off, head, part, ptrs, sizes, spans):
     """0 if the arrays of a step are what a kernel may read and write, else 1 + the first row that is not
     (n + 1: the memory check).  Nothing is written but ``ptrs`` and ``sizes``.

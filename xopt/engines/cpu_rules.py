@@ -13,6 +13,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .cpu_memory import compiled_only
+
 __all__ = ["RULES", "BF16_RULES", "ADAM_BF16", "bf16_load", "bf16_store"]
 
 
@@ -52,7 +54,7 @@ def bf16_store(x):
     return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@compiled_only(error_model="numpy")
 def _maximum(a, b):
     """max as xp.maximum: NaN if either is NaN (Python's max drops a NaN in b)."""
     return a if (a >= b or a != a) else b
@@ -77,7 +79,7 @@ def _sgd_loop(p, g, b, s, has_b):
         p[i] = p[i] - lr * gi
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _sgd(p, g, b, _1, _2, s):
     # one loop each, as in _adam: a store under a test in the loop (b[i]) keeps LLVM from vectorizing it
     if s[5] != 0.0:
@@ -86,7 +88,7 @@ def _sgd(p, g, b, _1, _2, s):
         _sgd_loop(p, g, b, s, False)
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _momentum(p, g, v, _1, _2, s):
     lr, momentum, nesterov = s[0], s[1], s[2]
     for i in range(p.shape[0]):
@@ -98,7 +100,7 @@ def _momentum(p, g, v, _1, _2, s):
             p[i] = p[i] + vi
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _adagrad(p, g, h, _1, _2, s):
     clr, eps, weight_decay = s[0], s[1], s[2]
     for i in range(p.shape[0]):
@@ -133,7 +135,7 @@ def _rmsprop_loop(p, g, h, g_avg, b, s, centered, has_b):
             p[i] = p[i] - lr * gi / d
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _rmsprop(p, g, h, g_avg, b, s):
     # one loop each, as in _adam: a store under a test in the loop (g_avg[i], b[i]) keeps LLVM from vectorizing it
     centered, has_b = s[6] != 0.0, s[7] != 0.0
@@ -147,7 +149,7 @@ def _rmsprop(p, g, h, g_avg, b, s):
         _rmsprop_loop(p, g, h, g_avg, b, s, False, False)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@compiled_only(error_model="numpy")
 def _moments(pi, gi, mi, vi, s):
     """Adam's, NAdam's and RAdam's weight decay (L2 or decoupled), then m and v: s[0], s[1], s[2], s[6], s[7]."""
     one_minus_beta1, beta2, one_minus_beta2, l2, decay = s[0], s[1], s[2], s[6], s[7]
@@ -158,9 +160,10 @@ def _moments(pi, gi, mi, vi, s):
     return pi, gi, mi + one_minus_beta1 * (gi - mi), beta2 * vi + one_minus_beta2 * gi * gi
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@compiled_only(error_model="numpy")
 def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
-    """``amsgrad`` and ``divide`` are constants at each call below, so each loop is compiled without the test."""
+    """``amsgrad`` and ``divide`` are constants at each call below (numba compiles this once per pair, and LLVM
+    inlines it in its loop), so each loop is compiled without the test."""
     eps, step_size, sqrt_bc2 = s[3], s[4], s[5]
     pi, gi, mi, vi = _moments(pi, gi, mi, vi, s)
     denom_v = vi
@@ -182,7 +185,7 @@ def _adam_loop(p, g, m, v, v_max, s, amsgrad, divide):
             v_max[i] = v_max_i
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _adam(p, g, m, v, v_max, s):
     # One loop per (amsgrad, divide) rather than tests per element: LLVM vectorizes each (measured: one
     # loop with the amsgrad test inside ran 2^25 float32 elements in 180 ms, these in 28 ms).
@@ -207,7 +210,7 @@ def _adam_bf16_loop(p, g, m, v, v_max, s, amsgrad, divide):
             v_max[i] = bf16_store(v_max_i)
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _adam_bf16(p, g, m, v, v_max, s):
     """Adam with m, v (and v_max) stored as bfloat16 bits: loaded to float32, rounded back on store."""
     amsgrad, divide = s[8] != 0.0, s[5] != 1.0
@@ -221,7 +224,7 @@ def _adam_bf16(p, g, m, v, v_max, s):
         _adam_bf16_loop(p, g, m, v, v_max, s, False, False)
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _adadelta(p, g, msg, msdx, _2, s):
     lr, rho, one_minus_rho, eps, weight_decay = s[0], s[1], s[2], s[3], s[4]
     for i in range(p.shape[0]):
@@ -235,7 +238,7 @@ def _adadelta(p, g, msg, msdx, _2, s):
         p[i] = p[i] - lr * delta
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _adamax(p, g, m, u, _2, s):
     one_minus_beta1, beta2, eps, clr, weight_decay = s[0], s[1], s[2], s[3], s[4]
     for i in range(p.shape[0]):
@@ -248,7 +251,7 @@ def _adamax(p, g, m, u, _2, s):
         p[i] = p[i] - clr * (mi / ui)
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _nadam(p, g, m, v, _2, s):
     eps, bias_correction2, g_step, m_step = s[3], s[4], s[5], s[8]
     for i in range(p.shape[0]):
@@ -270,7 +273,7 @@ def _radam_loop(p, g, m, v, s, rectified):
             p[i] = pi - step_size * mi
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _radam(p, g, m, v, _2, s):
     if s[5] != 0.0:  # one loop each, as in _adam
         _radam_loop(p, g, m, v, s, True)
@@ -278,7 +281,7 @@ def _radam(p, g, m, v, _2, s):
         _radam_loop(p, g, m, v, s, False)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@compiled_only(error_model="numpy")
 def _sign(x):
     """xp.sign in x's own type: -1, 0 or 1, NaN for NaN, and +0 for -0 as NumPy (numba's np.sign keeps -0)."""
     sg = np.sign(x)
@@ -297,7 +300,7 @@ def _lion_loop(p, g, m, s, decayed):
         m[i] = one_minus_beta2 * gi + beta2 * mi
 
 
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _lion(p, g, m, _1, _2, s):
     if s[5] != 0.0:  # one loop each, as in _adam
         _lion_loop(p, g, m, s, True)
@@ -308,7 +311,7 @@ def _lion(p, g, m, _1, _2, s):
 
 # 10 Schedule-Free AdamW: first, beta2, one_minus_beta2, bias_correction2, eps, weight_decay, ckp1,
 # one_minus_ckp1, from_z (lerp from z's end: ckp1 >= 1/2, as torch's lerp), lr, y_step
-@njit(cache=True, error_model="numpy")
+@compiled_only(error_model="numpy")
 def _schedule_free(p, g, z, v, _2, s):
     first, beta2, one_minus_beta2, bias_correction2, eps, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
     ckp1, one_minus_ckp1, from_z, lr, y_step = s[6], s[7], s[8], s[9], s[10]
