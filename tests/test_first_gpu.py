@@ -141,3 +141,17 @@ def test_compare_is_bit_for_bit_with_nans_equal(fg):
     assert not same and close and diff == 0.0  # -0.0 and 0.0: other bits, no difference
     same, close, diff = fg._compare(a, np.array([1.001, np.nan, -0.0], dtype=np.float32), "float32")
     assert not same and not close and diff == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_every_param_dtype_of_the_kernel_has_a_tolerance_and_compares(fg):
+    """The smoke part steps every dtype the CUDA kernel takes (bfloat16 included): each needs its tolerance, and
+    its arrays must compare (a KeyError would fail every configuration of that dtype on the GPU)."""
+    from xopt import _backend
+    from xopt.engines import fused_cuda
+
+    assert set(fused_cuda.PTYPES) <= set(fg.TOL)
+    for name in fused_cuda.PTYPES:
+        dtype = _backend.low_precision_dtype(np, name) if name == "bfloat16" else np.dtype(name)
+        a = np.array([1.0, np.nan, 2.5], dtype=dtype)
+        assert fg._compare(a, a.copy(), name) == (True, True, 0.0)
+        assert fg._compare(a, np.array([1.0, np.nan, 2.75], dtype=dtype), name)[0] is False

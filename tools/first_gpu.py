@@ -15,7 +15,7 @@ in order:
 
 - ``environment``: nvidia-smi, CuPy, CUDA runtime, driver and NVRTC versions, the GPU, torch.  Where
   CuPy sees no usable GPU, the one line written says so and the script exits 0.
-- ``smoke:rule=R``: every configuration of ``cuda_check.CONFIGS[R]`` on float16/32/64 params, a few steps
+- ``smoke:rule=R``: every configuration of ``cuda_check.CONFIGS[R]`` on float16/bfloat16/32/64 params, a few steps
   with ``impl="fused"`` and ``impl="reference"`` on the same GPU arrays, the device synchronized after
   every step; params and state compared bit for bit and within the tolerance of tests/test_fused_gpu.py.
 - ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype, its verdict.
@@ -292,8 +292,8 @@ def part_environment():
 
 
 # tests/test_fused_gpu.py's tolerances (its close comparison)
-TOL = {"float16": dict(rtol=2e-3, atol=1e-3), "float32": dict(rtol=1e-5, atol=1e-6),
-       "float64": dict(rtol=1e-13, atol=1e-14)}
+TOL = {"float16": dict(rtol=2e-3, atol=1e-3), "bfloat16": dict(rtol=1.6e-2, atol=8e-3),
+       "float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-13, atol=1e-14)}
 
 
 def _compare(ours, ref, dtype):
@@ -318,21 +318,24 @@ def part_smoke(rule: int, steps: int = 3):
     import xopt
     from xopt.engines import cuda_check, fused_cuda
 
+    from xopt import _backend
+
     shapes = [(1000,), (3, 5), (2 * fused_cuda.CHUNK + 9,)]
     for dtype in fused_cuda.PTYPES:
+        kind = _backend.low_precision_dtype(np, dtype) if dtype == "bfloat16" else np.dtype(dtype)  # ml_dtypes'
         t0, results = time.perf_counter(), []
         for name, hyper, *n_steps in cuda_check.CONFIGS[rule]:
             label = f"{name}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
             rng = np.random.default_rng(rule)
             try:
-                host = {f"t{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(shapes)}
+                host = {f"t{i}": rng.standard_normal(s).astype(kind) for i, s in enumerate(shapes)}
                 a = {k: cupy.asarray(v) for k, v in host.items()}
                 b = {k: cupy.asarray(v) for k, v in host.items()}
                 ref = getattr(xopt, name)(impl="reference", **hyper)
                 ours = getattr(xopt, name)(impl="fused", **hyper)
                 n = max(steps, n_steps[0] if n_steps else 0)
                 for _ in range(n):
-                    g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(dtype)) for k, v in host.items()}
+                    g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(kind)) for k, v in host.items()}
                     ref.update(a, g)
                     cupy.cuda.Device().synchronize()
                     ours.update(b, g)
