@@ -353,11 +353,13 @@ def test_a_save_while_another_thread_steps_holds_the_state_between_two_steps(tmp
         replay.update(params, g)
         snapshots.append({k: replay.state[k]["v"].copy() for k in params})
     opt, live = xopt.Adam(), {k: np.zeros(n, np.float32) for k in ("a", "b", "c")}
-    done = threading.Event()
+    done, go = threading.Event(), threading.Event()
 
     def stepping():
-        for g in grads:
+        for i, g in enumerate(grads):
             opt.update(live, g)
+            if i == 0:  # the rest once a save has seen a step: the steps are faster than a save on some machines
+                go.wait(timeout=30)
         done.set()
 
     worker = threading.Thread(target=stepping)
@@ -372,6 +374,7 @@ def test_a_save_while_another_thread_steps_holds_the_state_between_two_steps(tmp
         assert {st["step"] for st in saved["state"].values()} == {k}
         assert all(np.array_equal(saved["state"][p]["v"], snapshots[k][p]) for p in params), k
         seen.add(k)
+        go.set()
     worker.join()
     assert seen
 
