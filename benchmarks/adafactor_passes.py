@@ -13,7 +13,6 @@ the optimizer's state).  CPU seconds of the process (``time.process_time``), med
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -27,11 +26,7 @@ from xopt.bench.report import commit
 from xopt.engines import cpu_factored
 from xopt._norms import CHUNK, ROW_BLOCK
 
-
-def _cpu(fn):
-    c0 = time.process_time()
-    fn()
-    return time.process_time() - c0
+from _timing import cpu_seconds, write_json
 
 
 def _passes(shape, rng):
@@ -82,7 +77,7 @@ def main(argv=None):
     for r in range(args.rounds):
         k = r % len(order)
         for name in order[k:] + order[:k]:
-            times[name].append(_cpu(calls[name]))
+            times[name].append(cpu_seconds(calls[name]))
     result = {
         "commit": commit(),
         "command": "python benchmarks/adafactor_passes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -97,9 +92,7 @@ def main(argv=None):
     for k, v in result["median_cpu_ms"].items():
         print(f"  {k:<16} {v:8.2f} ms")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ The machine may be shared: the per-round ratios and their spread are printed wit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -32,17 +31,9 @@ import xopt
 from xopt.bench import roofline
 from xopt.bench.report import commit
 
+from _timing import timed, write_json
+
 BYTES = {"matrix": 24, "vector": 32}  # float32, per element, read + written
-
-
-def _time(fn, cpu=None):
-    """Wall seconds of ``fn()``; its CPU seconds (the process's, every thread's) appended to ``cpu``."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    t = time.perf_counter() - t0
-    if cpu is not None:
-        cpu.append(time.process_time() - c0)
-    return t
 
 
 def main(argv=None):
@@ -90,12 +81,12 @@ def main(argv=None):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             if name in copies:
-                round_times = {way: _time(c) for way, c in copies[name].items()}
+                round_times = {way: timed(c) for way, c in copies[name].items()}
                 for way, t in round_times.items():
                     way_times[f"{name} {way}"].append(t)
                 times[name].append(min(round_times.values()))  # the fastest way: the roofline
             else:
-                times[name].append(_time(steps[name], cpu[name]))
+                times[name].append(timed(steps[name], cpu[name]))
     result = {
         "commit": commit(),
         "command": "python benchmarks/adafactor_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -133,9 +124,7 @@ def main(argv=None):
               f"{statistics.median(one_core):.2f}); the reference rule takes "
               f"{statistics.median(speedup):.1f}x its time (per round {min(speedup):.1f}-{max(speedup):.1f})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ The machine may be shared: the per-round ratios and their spread are printed wit
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,17 +29,9 @@ import xopt
 from xopt.bench import roofline
 from xopt.bench.report import commit
 
+from _timing import timed, write_json
+
 LAMB_BYTES, ADAM_BYTES = 44, 28  # float32, per element, read + written
-
-
-def _time(fn, cpu=None):
-    """Wall seconds of ``fn()``; its CPU seconds (the process's, every thread's) appended to ``cpu``."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    t = time.perf_counter() - t0
-    if cpu is not None:
-        cpu.append(time.process_time() - c0)
-    return t
 
 
 def main(argv=None):
@@ -79,9 +70,9 @@ def main(argv=None):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             if name == "copy":
-                times["copy"].append(min(_time(c) for c in copies.values()))
+                times["copy"].append(min(timed(c) for c in copies.values()))
             else:
-                times[name].append(_time(steps[name], cpu[name]))
+                times[name].append(timed(steps[name], cpu[name]))
     fraction = [c / lamb for c, lamb in zip(times["copy"], times["LAMB"])]
     floor = [f * ADAM_BYTES / LAMB_BYTES for f in fraction]
     adam_fraction = [c * ADAM_BYTES / LAMB_BYTES / adam for c, adam in zip(times["copy"], times["Adam"])]
@@ -117,9 +108,7 @@ def main(argv=None):
           f"of a 28-byte one; Adam {result['adam_fraction_of_roofline']:.2f} of its 28 bytes'; "
           f"LAMB / Adam time {result['lamb_over_adam_time']:.2f} (per round {min(vs_adam):.2f}-{max(vs_adam):.2f})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ The machine may be shared: the per-round ratios and their spread are printed wit
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,11 +25,7 @@ import xopt
 from xopt.bench import roofline
 from xopt.bench.report import commit
 
-
-def _time(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from _timing import timed, write_json
 
 
 def main(argv=None):
@@ -65,9 +60,9 @@ def main(argv=None):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             if name == "copy":
-                times["copy"].append(min(_time(c) for c in copies.values()))
+                times["copy"].append(min(timed(c) for c in copies.values()))
             else:
-                times[name].append(_time(steps[name]))
+                times[name].append(timed(steps[name]))
     fraction = [c / lion for c, lion in zip(times["copy"], times["Lion"])]
     vs_adam = [lion / adam for lion, adam in zip(times["Lion"], times["Adam"])]
     result = {
@@ -91,9 +86,7 @@ def main(argv=None):
           f"(per round {min(fraction):.2f}-{max(fraction):.2f}); "
           f"Lion / Adam time {result['lion_over_adam_time']:.2f} (per round {min(vs_adam):.2f}-{max(vs_adam):.2f})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":

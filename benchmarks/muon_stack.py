@@ -17,18 +17,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import numpy as np
 
 import xopt
 from xopt.optimizers.muon import NS_COEFFICIENTS, orthogonalize
 
-
-def _time(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from _timing import timed
 
 
 def main(argv=None):
@@ -65,8 +60,8 @@ def main(argv=None):
     rows = []
     for r in range(args.rounds):
         order = [stacked, one_at_a_time] if r % 2 == 0 else [one_at_a_time, stacked]
-        t = {fn.__name__: _time(fn) for fn in order}
-        t["muon_update"] = _time(muon_update)
+        t = {fn.__name__: timed(fn) for fn in order}
+        t["muon_update"] = timed(muon_update)
         t["ratio"] = t["one_at_a_time"] / t["stacked"]
         rows.append(t)
         print(f"round {r}: stacked {t['stacked'] * 1e3:.1f} ms, one at a time {t['one_at_a_time'] * 1e3:.1f} ms, "
