@@ -1,20 +1,25 @@
-"""The fused CPU kernel of 8-bit state (numba): an optimizer's element rule over its blockwise 8-bit buffers in one
-pass.
+"""The fused CPU kernel of 8-bit state (numba): an optimizer's element rule over its blockwise 8-bit buffers.
 
-Per block of ``block_size`` elements, each step a short loop over scratch arrays of one block (in L1):
+Per block of ``block_size`` elements, two short loops:
 
-1. dequantize: each kept buffer's codes turned into their map values times the block's absmax
-   (:func:`xopt.engines.cpu_codes.load_block`), widened to float64 for float64 params;
-2. the optimizer's element rule of the float kernels (:data:`xopt.engines.cpu_rules.RULES`, the one its
-   :class:`~xopt.engines.kernels.Kernel` names) over the block: the param written, the new buffers in the
-   scratch arrays, as the reference rule runs on the dequantized buffers;
-3. each buffer rounded to float32, its new absmax and the codes of its values
-   (:func:`~xopt.engines.cpu_codes.block_absmax`, :func:`~xopt.engines.cpu_codes.store_block`).
+1. one pass over the block's elements: each kept buffer's code turned into its map value times the block's
+   absmax (:func:`xopt.engines.cpu_codes.value`), widened to float64 for float64 params; the optimizer's element
+   function (:data:`xopt.engines.cpu_rules.ELEMENTS`, the one its :class:`~xopt.engines.kernels.Kernel` names,
+   which the float kernels' loops run too) on them, as the reference rule runs on the dequantized buffers; the
+   param written, each new buffer value rounded to float32 into a scratch array of one block (in L1) and the
+   largest magnitude kept (:func:`~xopt.engines.cpu_codes.magnitude_bits`);
+2. each buffer's new absmax and the codes of its values (:func:`~xopt.engines.cpu_codes.set_absmax`,
+   :func:`~xopt.engines.cpu_codes.store_block`).
+
+An earlier form ran the float kernels' loops over whole blocks of dequantized scratch (dequantize, the rule,
+the absmax, the codes: seven short loops a block for Adam); one pass for the first three took 0.62 ns an element
+of 8-bit Adam against 1.12 (2^16 float32, one thread, in cache).
 
 Which map a buffer takes (signed or unsigned: :func:`xopt.engines.blockwise.map_of`, from the optimizer's
-``nonnegative_buffers``) is a constant of the compiled code: one function per (rule, the three slots' maps), made
-when a step of it first runs.  The numbers are those of the reference (:mod:`xopt.engines.blockwise`) bit for bit:
-``tests/test_state_8bit.py`` holds every optimizer's kernel to it.
+``nonnegative_buffers``), which slots are kept, the rule's flags and whether the grads are scaled are constants
+of the compiled code: one function per such key, made when a step of it first runs.  The numbers are those of
+the reference (:mod:`xopt.engines.blockwise`) bit for bit: ``tests/test_state_8bit.py`` holds every optimizer's
+kernel to it.
 
 A param of at least ``fused_cpu.PARALLEL_MIN`` elements is split into runs of whole blocks over
 ``get_num_threads()`` threads (the caller and xopt's pool of workers, :mod:`xopt._threads`).
@@ -33,10 +38,10 @@ from numba.extending import overload
 from .. import _backend
 from .._threads import get_num_threads, pool
 from .blockwise import SIGNED, SUFFIX, map_of, n_blocks
-from .cpu_codes import block_absmax, load_block, store_block
+from .cpu_codes import larger, magnitude_bits, set_absmax, store_block, value
 from .cpu_drivers import CHUNK, wait_done
 from .cpu_memory import fetch_add
-from .cpu_rules import RULES
+from .cpu_rules import ELEMENTS
 from .fused_cpu import PARALLEL_MIN
 from .kernels import lookup
 
@@ -46,126 +51,108 @@ _NO_CODES, _NO_ABSMAX = np.zeros(0, np.uint8), np.zeros(0, np.float32)
 
 
 def supports(opt) -> bool:
-    """An optimizer with a fused element rule (every buffer's map is one the kernel computes)."""
-    return lookup(opt) is not None
-
-
-# -- float32 values and the rule's dtype -----------------------------------------------------------------
-def _work(x, p):
-    """The scratch the rule reads for float32 scratch ``x``: ``x`` itself for float32 params, one of p's dtype
-    (float64) of the same size otherwise (compiled code only)."""
-    raise TypeError("xopt.engines.cpu_blockwise._work runs in compiled code only")
-
-
-@overload(_work, inline="always")
-def _work_overload(x, p):
-    if x.dtype == p.dtype:
-        return lambda x, p: x
-    return lambda x, p: np.empty(x.shape[0], p.dtype)
-
-
-def _copy(src, dst, k):
-    """``dst[:k] = src[:k]`` in dst's dtype (float32 -> float64 exact, float64 -> float32 rounded); nothing
-    where they are one array (compiled code only)."""
-    raise TypeError("xopt.engines.cpu_blockwise._copy runs in compiled code only")
-
-
-@overload(_copy, inline="always")
-def _copy_overload(src, dst, k):
-    if src.dtype == dst.dtype:
-        return lambda src, dst, k: None
-
-    def copy(src, dst, k):
-        for j in range(k):
-            dst[j] = src[j]
-    return copy
+    """An optimizer with a fused element rule that runs one element at a time (:data:`~xopt.engines.cpu_rules.ELEMENTS`)."""
+    kernel = lookup(opt)
+    return kernel is not None and kernel.rule in ELEMENTS
 
 
 # -- the kernel of one rule ------------------------------------------------------------------------------
-def _rule(number, p, g, x0, x1, x2, s):
-    """The float kernels' element rule ``number`` (:data:`xopt.engines.cpu_rules.RULES`) over ``p``, ``g`` and the
-    three slots, compiled inline where it is called (compiled code only; ``number`` a compile-time constant)."""
-    raise TypeError("xopt.engines.cpu_blockwise._rule runs in compiled code only")
+def _widen(x, p):
+    """float32 ``x`` in p's dtype (exact; compiled code only)."""
+    raise TypeError("xopt.engines.cpu_blockwise._widen runs in compiled code only")
 
 
-_INLINE = {}  # rule number -> the rule compiled to be inlined
+@overload(_widen, inline="always")
+def _widen_overload(x, p):
+    if p.dtype == types.float32:
+        return lambda x, p: x
+    return lambda x, p: np.float64(x)
 
 
-@overload(_rule, prefer_literal=True, inline="always")
-def _rule_overload(number, p, g, x0, x1, x2, s):
+def _element(number, pi, gi, x0, x1, x2, s, flag0, flag1):
+    """The element function of rule ``number`` (:data:`xopt.engines.cpu_rules.ELEMENTS`), compiled inline where it
+    is called (compiled code only; ``number`` a compile-time constant)."""
+    raise TypeError("xopt.engines.cpu_blockwise._element runs in compiled code only")
+
+
+@overload(_element, prefer_literal=True, inline="always")
+def _element_overload(number, pi, gi, x0, x1, x2, s, flag0, flag1):
     if not isinstance(number, types.IntegerLiteral):
         raise errors.TypingError("xopt: the 8-bit kernel's rule must be a compile-time constant")
-    n = number.literal_value
-    if n not in _INLINE:
-        # inline into the block loop: called instead, a step of 8-bit Adam on 2^24 float32 elements took 1.4-1.9x
-        # the time of the Adam-only kernel this one replaced, in the same runs
-        _INLINE[n] = njit(inline="always", cache=True, nogil=True, error_model="numpy")(RULES[n].py_func)
-    f = _INLINE[n]
+    f = ELEMENTS[number.literal_value][0]
 
-    def apply(number, p, g, x0, x1, x2, s):
-        f(p, g, x0, x1, x2, s)
+    def apply(number, pi, gi, x0, x1, x2, s, flag0, flag1):
+        return f(pi, gi, x0, x1, x2, s, flag0, flag1)
     return apply
 
 
-_CLAIMS = {}  # (rule number, the three slots' maps: signed or not) -> its compiled claim function
+_CLAIMS = {}  # (rule, the slots' maps, the slots kept, the rule's flags, scaled) -> its compiled claim function
 
 
-def _claim_of(rule, signed):
-    found = _CLAIMS.get((rule, signed))
+def _claim_of(key):
+    found = _CLAIMS.get(key)
     if found is None:
-        found = _CLAIMS[(rule, signed)] = _make_claim(rule, *signed)
+        found = _CLAIMS[key] = _make_claim(*key)
     return found
 
 
-def _make_claim(rule, signed0, signed1, signed2):
-    """The claim function of element rule number ``rule`` with slots on the signed map or not (``signed0..2``):
-    numba compiles it once per closure's constants, plain numbers (and caches it on disk keyed by them)."""
+def _make_claim(rule, signed, keep, flags, scaled):
+    """The claim function of element rule number ``rule`` with the three slots on the signed map or not
+    (``signed``), kept or not (``keep``: a slot not kept is never read or written), the rule's two ``flags`` and
+    whether the grads are ``scaled`` by the clip factor: all constants of the compiled code, plain values, so
+    numba compiles it once per closure's constants (and caches it on disk keyed by them)."""
+    (signed0, signed1, signed2), (keep0, keep1, keep2), (flag0, flag1) = signed, keep, flags
 
     @njit(cache=True, nogil=True, error_model="numpy")
     def claim(counters, per, nb, p, g, c0, a0, c1, a1, c2, a2, s, clip, block):
         """Take runs of ``per`` blocks (``counters[0]``: the next) until none is left; ``counters[1]`` counts
-        those done.  A slot whose absmax is empty is not kept: the rule never reads it."""
+        those done."""
         base = counters.ctypes.data
         units = -(-nb // per)
         n = p.shape[0]
-        keep0, keep1, keep2, scaled = a0.shape[0] > 0, a1.shape[0] > 0, a2.shape[0] > 0, clip != 1.0
         x0 = np.empty(block if keep0 else 0, np.float32)
         x1 = np.empty(block if keep1 else 0, np.float32)
         x2 = np.empty(block if keep2 else 0, np.float32)
-        w0, w1, w2 = _work(x0, p), _work(x1, p), _work(x2, p)
-        gs = np.empty(block if scaled else 0, p.dtype)
-        while True:
-            u = fetch_add(base, 1)
-            if u >= units:
-                return
+        zero = _widen(np.float32(0.0), p)
+        u = fetch_add(base, 1)
+        while u < units:
             for b in range(u * per, min(nb, (u + 1) * per)):
                 lo = b * block
                 k = min(block, n - lo)
+                scale0 = a0[b] if keep0 else np.float32(0.0)
+                scale1 = a1[b] if keep1 else np.float32(0.0)
+                scale2 = a2[b] if keep2 else np.float32(0.0)
+                top0 = top1 = top2 = np.uint32(0)
+                # one pass: the values of the codes, the rule, the new values (float32) and their absmax (over
+                # slices, indexed from 0: an index LLVM cannot prove >= 0 would be wrapped, and not vectorized)
+                pb, gb, cb0, cb1, cb2 = p[lo:lo + k], g[lo:lo + k], c0[lo:lo + k], c1[lo:lo + k], c2[lo:lo + k]
+                for j in range(k):
+                    gi = gb[j] * clip if scaled else gb[j]  # the caller's grads are only read
+                    y0 = _widen(value(cb0[j], signed0) * scale0, p) if keep0 else zero
+                    y1 = _widen(value(cb1[j], signed1) * scale1, p) if keep1 else zero
+                    y2 = _widen(value(cb2[j], signed2) * scale2, p) if keep2 else zero
+                    pb[j], y0, y1, y2 = _element(rule, pb[j], gi, y0, y1, y2, s, flag0, flag1)
+                    if keep0:
+                        z0 = np.float32(y0)
+                        x0[j] = z0
+                        top0 = larger(top0, magnitude_bits(z0))
+                    if keep1:
+                        z1 = np.float32(y1)
+                        x1[j] = z1
+                        top1 = larger(top1, magnitude_bits(z1))
+                    if keep2:
+                        z2 = np.float32(y2)
+                        x2[j] = z2
+                        top2 = larger(top2, magnitude_bits(z2))
+                # then their codes, on the new absmax
                 if keep0:
-                    load_block(c0, lo, k, a0[b], x0, signed0)
-                    _copy(x0, w0, k)
+                    store_block(x0, k, c0, lo, set_absmax(top0, a0, b), signed0)
                 if keep1:
-                    load_block(c1, lo, k, a1[b], x1, signed1)
-                    _copy(x1, w1, k)
+                    store_block(x1, k, c1, lo, set_absmax(top1, a1, b), signed1)
                 if keep2:
-                    load_block(c2, lo, k, a2[b], x2, signed2)
-                    _copy(x2, w2, k)
-                gb = g[lo:lo + k]
-                if scaled:  # the grads times the clip scale, a block at a time: the caller's are only read
-                    for j in range(k):
-                        gs[j] = gb[j] * clip
-                    gb = gs[:k]
-                _rule(rule, p[lo:lo + k], gb, w0[:k], w1[:k], w2[:k], s)
-                if keep0:
-                    _copy(w0, x0, k)
-                    store_block(x0, k, c0, lo, block_absmax(x0, k, a0, b), signed0)
-                if keep1:
-                    _copy(w1, x1, k)
-                    store_block(x1, k, c1, lo, block_absmax(x1, k, a1, b), signed1)
-                if keep2:
-                    _copy(w2, x2, k)
-                    store_block(x2, k, c2, lo, block_absmax(x2, k, a2, b), signed2)
+                    store_block(x2, k, c2, lo, set_absmax(top2, a2, b), signed2)
             fetch_add(base + 8, 1)
+            u = fetch_add(base, 1)
 
     return claim
 
@@ -205,11 +192,14 @@ def apply(opt, entries) -> list:
             else:
                 arrays += [_NO_CODES, _NO_ABSMAX]
         signed = tuple(map_of(view, name) is SIGNED for name in kernel.slots) + (True,) * (3 - len(kernel.slots))
-        claim_blocks = _claim_of(kernel.rule, signed)
+        keep = tuple(arrays[2 * t + 1].shape[0] > 0 for t in range(3))
         # the scalars as a tuple, not an array: no loads in the rule's loop for LLVM to check against its stores
         # (with them it does not vectorize the loop)
         s = tuple(work.type(x) for x in kernel.order(e.scalars))
+        flags_of = ELEMENTS[kernel.rule][1]
         clip = work.type(1.0 if e.clip is None else e.clip)
+        claim_blocks = _claim_of((kernel.rule, signed, keep, tuple(bool(f) for f in flags_of.py_func(s)),
+                                  bool(clip != 1.0)))
         nb = n_blocks(flat_p.shape[0], block)
         threads = min(get_num_threads(), nb) if flat_p.shape[0] >= PARALLEL_MIN else 1
         per = max(1, CHUNK // block) if threads > 1 else nb

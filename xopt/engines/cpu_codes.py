@@ -19,7 +19,7 @@ from numba.np.arrayobj import make_array
 
 from .blockwise import SIGNED_FORMAT, UNSIGNED_FORMAT
 
-__all__ = ["LANES", "load_block", "block_absmax", "store_block", "codes_of", "values_of"]
+__all__ = ["LANES", "value", "magnitude_bits", "larger", "set_absmax", "load_block", "store_block", "codes_of", "values_of"]
 
 
 @intrinsic
@@ -215,13 +215,14 @@ _unsigned_code, _unsigned_value, _unsigned_codes16, _unsigned_values16 = _codec(
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _code(y, signed):
-    return _signed_code(y) if signed else _unsigned_code(y)
+def value(code, signed):
+    """``map[code]`` (float32) of a uint8 code on the signed map or the unsigned one."""
+    return _signed_value(code) if signed else _unsigned_value(code)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _value(code, signed):
-    return _signed_value(code) if signed else _unsigned_value(code)
+def _code(y, signed):
+    return _signed_code(y) if signed else _unsigned_code(y)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -236,18 +237,29 @@ def load_block(codes, lo, k, absmax, x, signed):
             _unsigned_values16(block, absmax, x, j)
         j += LANES
     for t in range(j, k):
-        x[t] = _value(block[t], signed) * absmax
+        x[t] = value(block[t], signed) * absmax
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def block_absmax(x, k, absmax, b):
-    """Block b's absmax: the largest |x[:k]|; returns what the values are multiplied by, its inverse (1 for 0)."""
-    # The largest of the bits with the sign cleared: for floats >= 0 the integers order alike, and any NaN's bits
-    # are above inf's, so a NaN wins as it does in xp.max (one NaN kept: the quiet one arithmetic makes).  An
-    # integer maximum vectorizes; a float one with NaN kept does not.
-    top_bits = np.uint32(0)
-    for j in range(k):
-        top_bits = _max32(top_bits, _magnitude(x[j]))
+def magnitude_bits(x):
+    """The bits of float32 ``x`` with the sign cleared (uint32), and :func:`larger` of two: the largest of them
+    is the bits of a block's absmax (see :func:`set_absmax`)."""
+    return _magnitude(x)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def larger(a, b):
+    """The larger of uint32 ``a`` and ``b``."""
+    return _max32(a, b)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def set_absmax(top_bits, absmax, b):
+    """Block b's absmax from the largest of its values' :func:`magnitude_bits`; returns what the values are
+    multiplied by, its inverse (1 for 0)."""
+    # For floats >= 0 the integers order alike, and any NaN's bits are above inf's, so a NaN wins as it does in
+    # xp.max (one NaN kept: the quiet one arithmetic makes).  An integer maximum vectorizes; a float one with NaN
+    # kept does not.
     if top_bits > np.uint32(0x7F800000):
         top_bits = np.uint32(0x7FC00000)
     top = _float(top_bits)

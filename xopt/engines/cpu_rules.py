@@ -15,7 +15,7 @@ from numba.extending import intrinsic
 
 from .cpu_memory import compiled_only
 
-__all__ = ["RULES", "BF16_RULES", "ADAM_BF16", "bf16_load", "bf16_store"]
+__all__ = ["RULES", "ELEMENTS", "BF16_RULES", "ADAM_BF16", "bf16_load", "bf16_store"]
 
 
 # -- bfloat16 bits ---------------------------------------------------------------------------
@@ -65,80 +65,111 @@ def _maximum(a, b):
 # and the scalars, in the order of the *_scalars functions below; all of one dtype (float16
 # params arrive as float32 copies).  Flags arrive as 0.0 / 1.0.
 
+@compiled_only(error_model="numpy")
+def _sgd_element(pi, gi, bi, x1, x2, s, has_b, _flag):
+    lr, weight_decay, momentum, b_decay, b_scale, nesterov = s[0], s[1], s[2], s[3], s[4], s[6]
+    if weight_decay != 0.0:
+        gi = gi + weight_decay * pi
+    if has_b:
+        bi = b_decay * bi + b_scale * gi
+        gi = gi + momentum * bi if nesterov != 0.0 else bi
+    return pi - lr * gi, bi, x1, x2
+
+
+@njit(cache=True, inline="always")
+def _sgd_flags(s):
+    return s[5] != 0.0, False
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _sgd_loop(p, g, b, s, has_b):
-    lr, weight_decay, momentum, b_decay, b_scale, nesterov = s[0], s[1], s[2], s[3], s[4], s[6]
     for i in range(p.shape[0]):
-        gi = g[i]
-        if weight_decay != 0.0:
-            gi = gi + weight_decay * p[i]
+        p[i], bi, _1, _2 = _sgd_element(p[i], g[i], b[i] if has_b else s[0], s[0], s[0], s, has_b, False)
         if has_b:
-            bi = b_decay * b[i] + b_scale * gi
             b[i] = bi
-            gi = gi + momentum * bi if nesterov != 0.0 else bi
-        p[i] = p[i] - lr * gi
 
 
 @compiled_only(error_model="numpy")
 def _sgd(p, g, b, _1, _2, s):
     # one loop each, as in _adam: a store under a test in the loop (b[i]) keeps LLVM from vectorizing it
-    if s[5] != 0.0:
+    if _sgd_flags(s)[0]:
         _sgd_loop(p, g, b, s, True)
     else:
         _sgd_loop(p, g, b, s, False)
 
 
 @compiled_only(error_model="numpy")
-def _momentum(p, g, v, _1, _2, s):
+def _momentum_element(pi, gi, vi, x1, x2, s, _flag0, _flag1):
     lr, momentum, nesterov = s[0], s[1], s[2]
+    vi = momentum * vi - lr * gi
+    if nesterov != 0.0:
+        return pi + momentum * vi - lr * gi, vi, x1, x2
+    return pi + vi, vi, x1, x2
+
+
+@compiled_only(error_model="numpy")
+def _momentum(p, g, v, _1, _2, s):
     for i in range(p.shape[0]):
-        vi = momentum * v[i] - lr * g[i]
-        v[i] = vi
-        if nesterov != 0.0:
-            p[i] = p[i] + momentum * vi - lr * g[i]
-        else:
-            p[i] = p[i] + vi
+        p[i], v[i], _x1, _x2 = _momentum_element(p[i], g[i], v[i], s[0], s[0], s, False, False)
+
+
+@compiled_only(error_model="numpy")
+def _adagrad_element(pi, gi, hi, x1, x2, s, _flag0, _flag1):
+    clr, eps, weight_decay = s[0], s[1], s[2]
+    if weight_decay != 0.0:
+        gi = gi + weight_decay * pi
+    hi = hi + gi * gi
+    return pi - clr * gi / (np.sqrt(hi) + eps), hi, x1, x2
 
 
 @compiled_only(error_model="numpy")
 def _adagrad(p, g, h, _1, _2, s):
-    clr, eps, weight_decay = s[0], s[1], s[2]
     for i in range(p.shape[0]):
-        gi = g[i]
-        if weight_decay != 0.0:
-            gi = gi + weight_decay * p[i]
-        hi = h[i] + gi * gi
-        h[i] = hi
-        p[i] = p[i] - clr * gi / (np.sqrt(hi) + eps)
+        p[i], h[i], _x1, _x2 = _adagrad_element(p[i], g[i], h[i], s[0], s[0], s, False, False)
+
+
+@njit(cache=True, inline="always")
+def _no_flags(s):
+    return False, False
+
+
+@compiled_only(error_model="numpy")
+def _rmsprop_element(pi, gi, hi, ai, bi, s, centered, has_b):
+    lr, rho, one_minus_rho, eps, momentum, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
+    if weight_decay != 0.0:
+        gi = gi + weight_decay * pi
+    hi = rho * hi + one_minus_rho * gi * gi
+    if centered:
+        ai = ai + one_minus_rho * (gi - ai)
+        d = np.sqrt(hi - ai * ai) + eps
+    else:
+        d = np.sqrt(hi) + eps
+    if has_b:
+        bi = momentum * bi + gi / d
+        return pi - lr * bi, hi, ai, bi
+    return pi - lr * gi / d, hi, ai, bi
+
+
+@njit(cache=True, inline="always")
+def _rmsprop_flags(s):
+    return s[6] != 0.0, s[7] != 0.0
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _rmsprop_loop(p, g, h, g_avg, b, s, centered, has_b):
-    lr, rho, one_minus_rho, eps, momentum, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
     for i in range(p.shape[0]):
-        gi = g[i]
-        if weight_decay != 0.0:
-            gi = gi + weight_decay * p[i]
-        hi = rho * h[i] + one_minus_rho * gi * gi
-        h[i] = hi
+        p[i], h[i], ai, bi = _rmsprop_element(p[i], g[i], h[i], g_avg[i] if centered else s[0],
+                                              b[i] if has_b else s[0], s, centered, has_b)
         if centered:
-            ai = g_avg[i] + one_minus_rho * (gi - g_avg[i])
             g_avg[i] = ai
-            d = np.sqrt(hi - ai * ai) + eps
-        else:
-            d = np.sqrt(hi) + eps
         if has_b:
-            bi = momentum * b[i] + gi / d
             b[i] = bi
-            p[i] = p[i] - lr * bi
-        else:
-            p[i] = p[i] - lr * gi / d
 
 
 @compiled_only(error_model="numpy")
 def _rmsprop(p, g, h, g_avg, b, s):
     # one loop each, as in _adam: a store under a test in the loop (g_avg[i], b[i]) keeps LLVM from vectorizing it
-    centered, has_b = s[6] != 0.0, s[7] != 0.0
+    centered, has_b = _rmsprop_flags(s)
     if centered and has_b:
         _rmsprop_loop(p, g, h, g_avg, b, s, True, True)
     elif centered:
@@ -176,6 +207,11 @@ def _adam_element(pi, gi, mi, vi, v_max_i, s, amsgrad, divide):
     return pi - step_size * (mi / (root + eps)), mi, vi, v_max_i
 
 
+@njit(cache=True, inline="always")
+def _adam_flags(s):
+    return s[8] != 0.0, s[5] != 1.0
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _adam_loop(p, g, m, v, v_max, s, amsgrad, divide):
     for i in range(p.shape[0]):
@@ -189,7 +225,7 @@ def _adam_loop(p, g, m, v, v_max, s, amsgrad, divide):
 def _adam(p, g, m, v, v_max, s):
     # One loop per (amsgrad, divide) rather than tests per element: LLVM vectorizes each (measured: one
     # loop with the amsgrad test inside ran 2^25 float32 elements in 180 ms, these in 28 ms).
-    amsgrad, divide = s[8] != 0.0, s[5] != 1.0
+    amsgrad, divide = _adam_flags(s)
     if amsgrad and divide:
         _adam_loop(p, g, m, v, v_max, s, True, True)
     elif amsgrad:
@@ -213,7 +249,7 @@ def _adam_bf16_loop(p, g, m, v, v_max, s, amsgrad, divide):
 @compiled_only(error_model="numpy")
 def _adam_bf16(p, g, m, v, v_max, s):
     """Adam with m, v (and v_max) stored as bfloat16 bits: loaded to float32, rounded back on store."""
-    amsgrad, divide = s[8] != 0.0, s[5] != 1.0
+    amsgrad, divide = _adam_flags(s)
     if amsgrad and divide:  # one loop each, as in _adam
         _adam_bf16_loop(p, g, m, v, v_max, s, True, True)
     elif amsgrad:
@@ -288,25 +324,32 @@ def _sign(x):
     return sg if sg != 0.0 else x - x
 
 
+@compiled_only(error_model="numpy")
+def _lion_element(pi, gi, mi, x1, x2, s, decayed, _flag):
+    lr, beta1, one_minus_beta1, one_minus_beta2, beta2, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
+    update = _sign(one_minus_beta1 * gi + beta1 * mi)
+    if decayed:
+        update = update + weight_decay * pi
+    return pi - lr * update, one_minus_beta2 * gi + beta2 * mi, x1, x2
+
+
+@njit(cache=True, inline="always")
+def _lion_flags(s):
+    return s[5] != 0.0, False
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _lion_loop(p, g, m, s, decayed):
-    lr, beta1, one_minus_beta1, one_minus_beta2, beta2, weight_decay = s[0], s[1], s[2], s[3], s[4], s[5]
     for i in range(p.shape[0]):
-        gi, mi = g[i], m[i]
-        update = _sign(one_minus_beta1 * gi + beta1 * mi)
-        if decayed:
-            update = update + weight_decay * p[i]
-        p[i] = p[i] - lr * update
-        m[i] = one_minus_beta2 * gi + beta2 * mi
+        p[i], m[i], _x1, _x2 = _lion_element(p[i], g[i], m[i], s[0], s[0], s, decayed, False)
 
 
 @compiled_only(error_model="numpy")
 def _lion(p, g, m, _1, _2, s):
-    if s[5] != 0.0:  # one loop each, as in _adam
+    if _lion_flags(s)[0]:  # one loop each, as in _adam
         _lion_loop(p, g, m, s, True)
     else:
         _lion_loop(p, g, m, s, False)
-
 
 
 # 10 Schedule-Free AdamW: first, beta2, one_minus_beta2, bias_correction2, eps, weight_decay, ckp1,
@@ -334,3 +377,11 @@ RULES = (_sgd, _momentum, _adagrad, _rmsprop, _adam, _adadelta, _adamax, _nadam,
          None, None, _adam_bf16)
 ADAM_BF16 = len(RULES) - 1
 BF16_RULES = {4: ADAM_BF16}  # rule -> its form with bfloat16 state
+
+# The rules of the 8-bit kernel (xopt.engines.cpu_blockwise), one element at a time: rule -> (its element function,
+# its flags).  An element function takes the param, its grad, the three slots' values, the scalars and two flags
+# (constants where it is compiled), and returns the new param and the three slots' new values (an unused slot's
+# value passed through); the flags function gives the flags of a step's scalars (numba or Python: ``.py_func``).
+# The loops above run the same functions, so the two kernels compute alike.
+ELEMENTS = {0: (_sgd_element, _sgd_flags), 1: (_momentum_element, _no_flags), 2: (_adagrad_element, _no_flags),
+            3: (_rmsprop_element, _rmsprop_flags), 4: (_adam_element, _adam_flags), 9: (_lion_element, _lion_flags)}
