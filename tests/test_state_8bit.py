@@ -242,6 +242,35 @@ def test_a_float32_state_converts_to_8bit_and_back():
     eight.update(params, {"w": np.ones(N, np.float32)})  # steps on from the converted state
 
 
+def test_a_storage_hyperparameter_set_mid_run_converts_the_state():
+    # as load_state_dict converts a saved state: the next step finds state of the dtype the optimizer keeps (it
+    # refused the step before: "param 'w' is float32 but its optimizer state 'm' is bfloat16")
+    rng = np.random.default_rng(4)
+    params = {"w": rng.standard_normal(N).astype(np.float32)}
+    opt = xopt.Adam(lr=0.01, amsgrad=True, state_dtype="bfloat16")
+    opt.update(params, {"w": rng.standard_normal(N).astype(np.float32)})
+    before = {name: buf.astype(np.float32) for name, buf in opt.state["w"].items() if name != "step"}
+    opt.state_dtype = None
+    assert all(np.array_equal(opt.state["w"][name], buf) for name, buf in before.items())  # exact
+    opt.update(params, {"w": rng.standard_normal(N).astype(np.float32)})
+    floats = {name: opt.state["w"][name].copy() for name in opt.buffers()}
+    opt.state_dtype = "8bit"
+    assert opt.state["w"]["m"].dtype == np.uint8 and opt.state["w"]["m_absmax"].shape == (-(-N // 256),)
+    expect = blockwise.dequantize(np, *blockwise.quantize(np, floats["m"], SIGNED, 256), SIGNED, 256, np.float32)
+    got = blockwise.dequantize(np, opt.state["w"]["m"], opt.state["w"]["m_absmax"], SIGNED, 256, np.float32)
+    assert np.array_equal(got, expect)
+    opt.block_size = 64  # the codes made again in blocks of 64, from their values in blocks of 256
+    assert opt.state["w"]["v"].dtype == np.uint8 and opt.state["w"]["v_absmax"].shape == (-(-N // 64),)
+    opt.update(params, {"w": rng.standard_normal(N).astype(np.float32)})
+    kept = {name: buf for name, buf in opt.state["w"].items()}
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.state_dtype = "float16"
+    opt.state["w"]["m_absmax"] = np.zeros(3)  # a state that does not convert: refused, nothing changed
+    with pytest.raises(TypeError, match="m_absmax"):
+        opt.state_dtype = None
+    assert opt.state_dtype == "8bit" and all(opt.state["w"][k] is v for k, v in kept.items() if k != "m_absmax")
+
+
 def test_unsupported_optimizers_and_arrays_are_refused_naming_them():
     with pytest.raises(TypeError, match="NAdam.*state_dtype"):
         xopt.NAdam(state_dtype="8bit")

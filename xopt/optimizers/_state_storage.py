@@ -3,10 +3,41 @@ of the optimizers that can keep 8-bit state (:mod:`xopt.engines.blockwise`)."""
 
 from __future__ import annotations
 
-from .._hyper import Hyper, non_negative_int, one_of, positive_int
+from .._hyper import Hyper, check_value, non_negative_int, one_of, positive_int
 from ..engines.blockwise import BLOCK_SIZE, MIN_8BIT_SIZE
 
-__all__ = ["StateStorage", "BLOCK_SIZE", "MIN_8BIT_SIZE"]
+__all__ = ["StateStorage", "StorageHyper", "BLOCK_SIZE", "MIN_8BIT_SIZE"]
+
+
+class StorageHyper(Hyper):
+    """A hyperparameter of how the state is stored (``state_dtype``, ``block_size``, ``min_8bit_size``).  Set on an
+    optimizer that has state, that state is converted to the new storage at once, as :meth:`load_state_dict`
+    converts a saved one (bfloat16 to float32 exactly, float to 8-bit codes and back; without the params, an 8-bit
+    buffer comes back float32 as it does there): the next step finds state of the dtype it keeps.  A state that
+    does not convert raises, and the optimizer keeps its old value and state."""
+
+    def __set__(self, obj, value):
+        hyper = obj.__dict__.get("_hyper", {})
+        if (obj.__dict__.get("_constructing", False) or not obj.__dict__.get("state") or self.name not in hyper
+                or hyper[self.name] == check_value(self, value)):
+            super().__set__(obj, value)
+            return
+        obj._guard.run(self._convert, obj, value)
+
+    def _convert(self, obj, value):
+        from ..state_check import checked_state
+
+        old = obj._hyper[self.name]
+        super().__set__(obj, value)  # checked (a refused value raises, nothing changed)
+        try:
+            saved = obj._state_dict(copy=False)
+            if self.name == "block_size":  # the blocks the codes were made in
+                saved["hyperparameters"] = {**saved["hyperparameters"], "block_size": old}
+            state = checked_state(obj, saved)[2]
+        except BaseException:
+            super().__set__(obj, old)
+            raise
+        obj.state = state
 
 class StateStorage:
     """Mixin of an optimizer class that can keep 8-bit state: its storage hyperparameters.  Its ``__init__``
@@ -15,7 +46,7 @@ class StateStorage:
     map, the others the signed one)."""
 
     state_dtypes = (None, "8bit")  # what state_dtype takes (Adam: bfloat16 too)
-    state_dtype = Hyper(one_of(*state_dtypes))
-    block_size = Hyper(positive_int)
-    min_8bit_size = Hyper(non_negative_int)
+    state_dtype = StorageHyper(one_of(*state_dtypes))
+    block_size = StorageHyper(positive_int)
+    min_8bit_size = StorageHyper(non_negative_int)
     nonnegative_buffers = ()

@@ -7,7 +7,7 @@ import math
 from .._hyper import Hyper, flag, non_negative, one_of, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
-from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage
+from ._state_storage import BLOCK_SIZE, MIN_8BIT_SIZE, StateStorage, StorageHyper
 
 __all__ = ["Adam", "AdamW", "weight_decay_scalars", "moments"]
 
@@ -86,7 +86,7 @@ class Adam(StateStorage, Optimizer):
     weight_decay = Hyper(non_negative)
     eps_hat = Hyper(flag)
     state_dtypes = (None, "bfloat16", "8bit")
-    state_dtype = Hyper(one_of(*state_dtypes))
+    state_dtype = StorageHyper(one_of(*state_dtypes))
     decoupled_weight_decay = False
     nonnegative_buffers = ("v", "v_max")  # 8-bit state: these take the unsigned map
 
