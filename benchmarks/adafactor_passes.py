@@ -24,6 +24,7 @@ import numpy as np
 import xopt
 from xopt.bench.report import commit
 from xopt.engines import cpu_factored
+from xopt.optimizers.adafactor import inverse_roots
 from xopt._norms import CHUNK, ROW_BLOCK
 
 from _timing import cpu_seconds, write_json
@@ -38,8 +39,9 @@ def _passes(shape, rng):
     for _ in range(3):
         opt.update(params, {"p": g})
     st, n = opt.state["p"], p.size
-    s = np.array([1.0, 1.0 - 0.01 * opt.lr, 4.0**-0.8, 1.0 - 4.0**-0.8, np.finfo(np.float32).eps ** 2, 1e-3,
-                  float(4.0**-0.8 < 0.5)], dtype=np.float32)
+    eps1 = float(np.finfo(np.float32).eps)
+    s = np.array([1.0, 1.0 - 0.01 * opt.lr, 4.0**-0.8, 1.0 - 4.0**-0.8, eps1**2, 1e-3, float(4.0**-0.8 < 0.5),
+                  1.0 / eps1], dtype=np.float32)
     flat_p, flat_g, empty = p.reshape(-1), g.reshape(-1), np.empty(0, np.float32)
     sums = np.empty((-(-n // CHUNK), 2))
     calls = {}
@@ -47,10 +49,10 @@ def _passes(shape, rng):
         rows, columns = shape[-2], shape[-1]
         row_chunks = np.zeros((-(-columns // CHUNK), n // columns))
         column_blocks = np.zeros((n // (rows * columns), -(-rows // ROW_BLOCK), columns))
-        v_row, v_col = st["v_row"].reshape(-1), (st["v_col"] / st["v_row"].mean()).reshape(-1)
+        row_roots, column_roots = (r.reshape(-1) for r in inverse_roots(np, st["v_row"], st["v_col"], eps1))
         calls["factors"] = lambda: cpu_factored.factor_sums(flat_g, rows, columns, s, row_chunks, column_blocks,
                                                             np.zeros(2, np.int64))
-        args = (flat_p, flat_g, empty, v_row, v_col, rows, columns, s)
+        args = (flat_p, flat_g, empty, row_roots, column_roots, rows, columns, s)
     else:
         args = (flat_p, flat_g, st["v"].copy(), empty, empty, 1, 1, s)
     calls["norms"] = lambda: cpu_factored.norm_sums(*args, sums, np.zeros(2, np.int64))
