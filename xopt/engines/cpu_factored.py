@@ -155,25 +155,39 @@ def _factored_write(p, g, row_roots, column_roots, rows, columns, s, lo, hi):
 
 # -- a vector's elements: passes 2 and 3 -------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u_vector(g, v, s, lo, hi, u, v_new, low):
-    """u and the new v of the elements lo:hi of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
+def _v1(g, v, s, low):
+    """(the new v, u) of one element of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
     β̂₂ < 1/2), u = g / √max(v, ε₁²)."""
-    clip, w, one_minus_w, floor = s[CLIP], s[W], s[ONE_MINUS_W], s[EPS1_SQUARED]
+    gi = g * s[CLIP]
+    g2 = gi * gi
+    v = v + s[W] * (g2 - v) if low else g2 - (g2 - v) * s[ONE_MINUS_W]
+    floor = s[EPS1_SQUARED]
+    return v, gi / np.sqrt(floor if v < floor else v)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _u_vector(g, v, s, lo, hi, u, low):
+    """u of the elements lo:hi of a vector into ``u`` (L1 scratch: a root and a division an element)."""
     gs, vs = g[lo:hi], v[lo:hi]
     for i in range(hi - lo):
-        gi = gs[i] * clip
-        g2 = gi * gi
-        vi = vs[i]
-        vi = vi + w * (g2 - vi) if low else g2 - (g2 - vi) * one_minus_w
-        v_new[i] = vi
-        u[i] = gi / np.sqrt(floor if vi < floor else vi)
+        u[i] = _v1(gs[i], vs[i], s, low)[1]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _vector_write(p, g, v, s, lo, hi, low):
+    """p ← p (1 − ηλ) − (step size) u and the new v over the elements lo:hi of a vector, one loop."""
+    decay, step = s[DECAY], s[STEP]
+    ps, gs, vs = p[lo:hi], g[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        vs[i], u = _v1(gs[i], vs[i], s, low)
+        ps[i] = ps[i] * decay - step * u
 
 
 # -- pass 2: the norms -------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, factored, low):
     n = sums.shape[0]
-    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
+    u = np.empty(BLOCK, dtype=p.dtype)
     pp, uu = np.zeros(LANES), np.zeros(LANES)
     base = counters.ctypes.data
     while True:
@@ -188,7 +202,7 @@ def _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counter
         else:  # u in L1 scratch, a block at a time (a root and a division an element: computing, not reading)
             for a in range(lo, hi, BLOCK):
                 e = min(a + BLOCK, hi)
-                _u_vector(g, v, s, a, e, u, v_new, low)
+                _u_vector(g, v, s, a, e, u, low)
                 add_squares2(p[a:e], u[:e - a], pp, uu)
         sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
         fetch_add(base + 8, 1)
@@ -211,8 +225,6 @@ def norm_sums(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, factored, low):
     n = (p.shape[0] + CHUNK - 1) // CHUNK
-    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
-    decay, step = s[DECAY], s[STEP]
     base = counters.ctypes.data
     while True:
         c = fetch_add(base, 1)
@@ -222,13 +234,7 @@ def _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, fa
         if factored:
             _factored_write(p, g, row_roots, column_roots, rows, columns, s, lo, hi)
         else:
-            for a in range(lo, hi, BLOCK):
-                e = min(a + BLOCK, hi)
-                _u_vector(g, v, s, a, e, u, v_new, low)
-                ps, vs = p[a:e], v[a:e]
-                for i in range(e - a):
-                    ps[i] = ps[i] * decay - step * u[i]
-                    vs[i] = v_new[i]
+            _vector_write(p, g, v, s, lo, hi, low)
         fetch_add(base + 8, 1)
 
 
