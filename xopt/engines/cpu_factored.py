@@ -36,7 +36,7 @@ from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
 from .._threads import get_num_threads, pool
 from ..optimizers.adafactor import inverse_floor, inverse_roots, lerp, means, step_size
 from .cpu_drivers import wait_done
-from .cpu_lanes import add_factored_squares, add_row_squares1, add_row_squares4, add_squares2
+from .cpu_lanes import add_factored_squares, add_row_squares1, add_row_squares4, add_squares2, write_factored
 from .cpu_memory import fetch_add
 from .cpu_norms import BLOCK, _lane_sum
 from .cpu_step import PARALLEL_MIN
@@ -140,16 +140,18 @@ def _factored_norms(p, g, row_roots, column_roots, rows, columns, s, lo, hi, pp,
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _factored_write(p, g, row_roots, column_roots, rows, columns, s, lo, hi):
-    """p ← p (1 − ηλ) − (step size) u over the flat elements lo:hi of a matrix, row by row, one loop."""
+    """p ← p (1 − ηλ) − (step size) u over the flat elements lo:hi of a matrix, row by row, one loop over
+    every stream (:func:`cpu_lanes.write_factored`), the last elements of a row (fewer than 16) in plain code."""
     clip, cap, decay, step = s[CLIP], s[CAP], s[DECAY], s[STEP]
     k = lo
     while k < hi:
         row = k // columns
         end = min(hi, (row + 1) * columns)
         r, at = row_roots[row], (row // rows) * columns - row * columns
-        ps, gs, roots = p[k:end], g[k:end], column_roots[at + k:at + end]  # views: loops from 0, vectorized
-        for i in range(end - k):
-            ps[i] = ps[i] * decay - step * _u1(gs[i], roots[i], r, clip, cap)
+        full = k + (end - k) // LANES * LANES
+        write_factored(p[k:full], g[k:full], column_roots[at + k:at + full], r, clip, cap, decay, step)
+        for i in range(full, end):
+            p[i] = p[i] * decay - step * _u1(g[i], column_roots[at + i], r, clip, cap)
         k = end
 
 
