@@ -11,8 +11,8 @@ elements takes three passes, each split into pieces that any thread may take:
    (:func:`xopt.optimizers.adafactor.lerp`) and their inverse roots (``inverse_roots``: one root and one
    division per row and per column, so that u = g · min(r_i c_j, 1/ε₁) takes two products an element);
 2. the norms: read p and g (and v for a vector), compute u, add p² and u² in float64 into 16 lanes per
-   chunk of ``CHUNK`` elements (a matrix: one loop over every stream a row at a time; a vector: u in L1
-   scratch, a root and a division an element); then the step size α / max(1, ‖u‖ / (√n d)) on the host;
+   chunk of ``CHUNK`` elements, one loop over every stream (a matrix's a row at a time; a vector's takes a
+   root and a division an element); then the step size α / max(1, ‖u‖ / (√n d)) on the host;
 3. the elements: compute u again (the same operations: the same bits) and write p (and v for a vector).
 
 A float32 matrix moves 24 bytes an element (g; p, g; p, g, p), a vector 32 (p, g, v; p, g, v, p, v).
@@ -36,9 +36,10 @@ from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
 from .._threads import get_num_threads, pool
 from ..optimizers.adafactor import inverse_floor, inverse_roots, lerp, means, step_size
 from .cpu_drivers import wait_done
-from .cpu_lanes import add_factored_squares, add_row_squares1, add_row_squares4, add_squares2, write_factored
+from .cpu_lanes import (add_factored_squares, add_row_squares1, add_row_squares4, add_vector_squares_high,
+                        add_vector_squares_low, write_factored)
 from .cpu_memory import fetch_add
-from .cpu_norms import BLOCK, _lane_sum
+from .cpu_norms import _lane_sum
 from .cpu_step import PARALLEL_MIN
 
 __all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
@@ -168,14 +169,6 @@ def _v1(g, v, s, low):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u_vector(g, v, s, lo, hi, u, low):
-    """u of the elements lo:hi of a vector into ``u`` (L1 scratch: a root and a division an element)."""
-    gs, vs = g[lo:hi], v[lo:hi]
-    for i in range(hi - lo):
-        u[i] = _v1(gs[i], vs[i], s, low)[1]
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _vector_write(p, g, v, s, lo, hi, low):
     """p ← p (1 − ηλ) − (step size) u and the new v over the elements lo:hi of a vector, one loop."""
     decay, step = s[DECAY], s[STEP]
@@ -189,7 +182,6 @@ def _vector_write(p, g, v, s, lo, hi, low):
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, factored, low):
     n = sums.shape[0]
-    u = np.empty(BLOCK, dtype=p.dtype)
     pp, uu = np.zeros(LANES), np.zeros(LANES)
     base = counters.ctypes.data
     while True:
@@ -201,11 +193,18 @@ def _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counter
         lo, hi = c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0])
         if factored:
             _factored_norms(p, g, row_roots, column_roots, rows, columns, s, lo, hi, pp, uu)
-        else:  # u in L1 scratch, a block at a time (a root and a division an element: computing, not reading)
-            for a in range(lo, hi, BLOCK):
-                e = min(a + BLOCK, hi)
-                _u_vector(g, v, s, a, e, u, low)
-                add_squares2(p[a:e], u[:e - a], pp, uu)
+        else:
+            full = lo + (hi - lo) // LANES * LANES
+            if low:
+                add_vector_squares_low(p[lo:full], g[lo:full], v[lo:full], s[CLIP], s[W], s[ONE_MINUS_W],
+                                       s[EPS1_SQUARED], pp, uu)
+            else:
+                add_vector_squares_high(p[lo:full], g[lo:full], v[lo:full], s[CLIP], s[W], s[ONE_MINUS_W],
+                                        s[EPS1_SQUARED], pp, uu)
+            for i in range(full, hi):  # the tail: lanes 0 .. hi - full - 1
+                x, y = np.float64(p[i]), np.float64(_v1(g[i], v[i], s, low)[1])
+                pp[i - full] += x * x
+                uu[i - full] += y * y
         sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
         fetch_add(base + 8, 1)
 

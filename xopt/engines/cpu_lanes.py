@@ -9,31 +9,36 @@ exact in float64, so its square and sum are one fused multiply-add: the same bit
 float64's square is rounded, then added.)  They take the full groups of 16 of a run; the callers add the
 elements before and after them in plain code, each lane in order.
 
-* :func:`add_squares2`: lanes ``lx`` and ``ly`` plus the squares of two runs of the same length (the tail
-  included);
 * :func:`add_row_squares4`, :func:`add_row_squares1`: four rows (or one) of a matrix, times a scale: each
   row's squares into its lanes, and down each column into a float64 sum, the rows in order;
 * :func:`add_factored_squares`: Adafactor's p² and u² over a run of one row of a matrix, u computed in the
-  loop from the grads and the row's and columns' inverse roots.
+  loop from the grads and the row's and columns' inverse roots; :func:`write_factored`, its p;
+* :func:`add_vector_squares_low`, :func:`add_vector_squares_high`: p² and u² over a run of a vector, u from
+  g and v (β̂₂ below 1/2, or not: ``adafactor.lerp``'s two forms).
+
+Each loop asks for its streams' lines some way ahead (``AHEAD``), one hint per line.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._norms import LANES
 
-__all__ = ["add_squares2", "add_row_squares4", "add_row_squares1", "add_factored_squares", "write_factored"]
+__all__ = ["add_row_squares4", "add_row_squares1", "add_factored_squares", "write_factored", "add_vector_squares_low",
+           "add_vector_squares_high"]
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
 _WIDE = ir.VectorType(ir.DoubleType(), LANES)
-AHEAD = 4096  # bytes: each stream's line this far ahead is asked for (the hardware's prefetchers alone left
-# the loops waiting on memory as long as they computed; 2 to 4 KiB ahead took a fifth off the norms' pass)
+# Bytes ahead of each stream whose line a loop asks for: the hardware's prefetchers alone left the loops
+# waiting on memory about as long as they computed.  Measured on a Zen 5 core over 2^25 float32: 4 KiB ahead
+# of p and g took a fifth off the norms' pass (8 KiB or more, less); 2 KiB ahead of each of four rows did best
+# in the factors' pass (4 KiB: half the gain).
+AHEAD, ROWS_AHEAD = 4096, 2048
 
 
 def _address(context, builder, ty, value):
@@ -83,47 +88,6 @@ def _plus_squares(builder, total, x, dtype):
     return builder.call(fma, [x, x, total])
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def add_squares2(x, y, lx, ly):
-    """``lx`` (16 float64) plus float64(x)² lane by lane, ``ly`` plus float64(y)² (``x`` and ``y``: views of
-    the same length and dtype, starting at a multiple of 16 elements from their run's start)."""
-    _add_squares2(x, y, lx, ly)
-    n = x.shape[0]
-    full = n - n % LANES
-    for k in range(n - full):  # the tail: lanes 0 .. n - full - 1
-        a, b = np.float64(x[full + k]), np.float64(y[full + k])
-        lx[k] += a * a
-        ly[k] += b * b
-
-
-@intrinsic
-def _add_squares2(typingctx, x, y, lx, ly):
-    """:func:`add_squares2` over the full groups of 16, in one loop."""
-    sig = types.void(x, y, lx, ly)
-
-    def codegen(context, builder, signature, args):
-        dtype = signature.args[0].dtype
-        element = context.get_value_type(dtype)
-        size = ir.Constant(_I64, LANES * (dtype.bitwidth // 8))
-        xs, ys, at_lx, at_ly = (_address(context, builder, t, v) for t, v in zip(signature.args, args))
-        count = context.make_array(signature.args[0])(context, builder, args[0]).shape
-        groups = builder.sdiv(builder.extract_value(count, 0), ir.Constant(_I64, LANES))
-        pointers = [_vector_at(builder, at, ir.DoubleType()) for at in (at_lx, at_ly)]
-        initial = [builder.load(p, align=8) for p in pointers]
-
-        def body(i, lanes):
-            offset = builder.mul(i, size)
-            loaded = [builder.load(_vector_at(builder, at, element, offset), align=dtype.bitwidth // 8)
-                      for at in (xs, ys)]
-            return [_plus_squares(builder, lane, v, dtype) for lane, v in zip(lanes, loaded)]
-
-        for p, v in zip(pointers, _loop(builder, groups, initial, body)):
-            builder.store(v, p, align=8)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 def _row_squares(rows):
     """An intrinsic over ``rows`` rows: (g, at, columns, groups, scale, lanes, out): rows at ``at``, ``at +
     columns``, ... of the flat ``g``, ``groups`` groups of 16 columns each; x = g * scale in g's dtype; each
@@ -153,7 +117,7 @@ def _row_squares(rows):
             def body(i, lanes):
                 offset = builder.mul(i, ir.Constant(_I64, LANES * width))
                 for start in starts:
-                    _prefetch(builder, start, offset)
+                    _prefetch(builder, start, offset, ROWS_AHEAD)
                 xs = [builder.fmul(builder.load(_vector_at(builder, start, element, offset), align=width), scale)
                       for start in starts]
                 column = _vector_at(builder, at_out, ir.DoubleType(), builder.mul(i, wide_size))
@@ -176,13 +140,13 @@ add_row_squares4 = _row_squares(4)
 add_row_squares1 = _row_squares(1)
 
 
-def _prefetch(builder, address, offset):
-    """A hint (no fault, no effect on the results) to bring the line ``AHEAD`` bytes past ``address`` +
+def _prefetch(builder, address, offset, ahead=AHEAD):
+    """A hint (no fault, no effect on the results) to bring the line ``ahead`` bytes past ``address`` +
     ``offset`` into the caches; one per 16 float32 elements: one per line."""
     hint = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
         "llvm.prefetch.p0")
-    at = builder.inttoptr(builder.add(builder.add(address, offset), ir.Constant(_I64, AHEAD)),
+    at = builder.inttoptr(builder.add(builder.add(address, offset), ir.Constant(_I64, ahead)),
                           ir.IntType(8).as_pointer())
     builder.call(hint, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
@@ -262,3 +226,56 @@ def write_factored(typingctx, p, g, roots, r, scale, cap, decay, step):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _vector_squares(low):
+    """An intrinsic (p, g, v, scale, w, one_minus_w, floor, lp, lu): Adafactor's norms over the full groups
+    of 16 of a run of a vector (starting at a multiple of 16 from its chunk's start), as the scalar code of
+    ``cpu_factored._v1``: x = g · scale, v' = lerp(v, x², w) (``low``: v + w (x² − v), else
+    x² − (x² − v)(1 − w)), u = x / √max(v', floor) (NaN kept); ``lp`` plus float64(p)², ``lu`` plus
+    float64(u)²."""
+
+    @intrinsic
+    def add_vector_squares(typingctx, p, g, v, scale, w, one_minus_w, floor, lp, lu):
+        sig = types.void(p, g, v, p.dtype, p.dtype, p.dtype, p.dtype, lp, lu)
+
+        def codegen(context, builder, signature, args):
+            dtype = signature.args[0].dtype
+            element, width = context.get_value_type(dtype), dtype.bitwidth // 8
+            vector = ir.VectorType(element, LANES)
+            sqrt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
+                                                  f"llvm.sqrt.v{LANES}f{dtype.bitwidth}")
+            ps, gs, vs = (_address(context, builder, t, a) for t, a in zip(signature.args[:3], args[:3]))
+            scale, w, one_minus_w, floor = (_splat(builder, a, element) for a in args[3:7])
+            count = context.make_array(signature.args[0])(context, builder, args[0]).shape
+            groups = builder.sdiv(builder.extract_value(count, 0), ir.Constant(_I64, LANES))
+            pointers = [_vector_at(builder, _address(context, builder, t, a), ir.DoubleType())
+                        for t, a in zip(signature.args[7:], args[7:])]
+            initial = [builder.load(at, align=8) for at in pointers]
+
+            def body(i, lanes):
+                offset = builder.mul(i, ir.Constant(_I64, LANES * width))
+                for at in (ps, gs, vs):
+                    _prefetch(builder, at, offset)
+                pv, gv, vv = (builder.load(_vector_at(builder, at, element, offset), align=width) for at in (ps, gs, vs))
+                x = builder.fmul(gv, scale)
+                x2 = builder.fmul(x, x)
+                if low:
+                    vv = builder.fadd(vv, builder.fmul(w, builder.fsub(x2, vv)))
+                else:
+                    vv = builder.fsub(x2, builder.fmul(builder.fsub(x2, vv), one_minus_w))
+                vv = builder.select(builder.fcmp_ordered("<", vv, floor), floor, vv)
+                u = builder.fdiv(x, builder.call(sqrt, [vv]))
+                return [_plus_squares(builder, lanes[0], pv, dtype), _plus_squares(builder, lanes[1], u, dtype)]
+
+            for at, value in zip(pointers, _loop(builder, groups, initial, body)):
+                builder.store(value, at, align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return add_vector_squares
+
+
+add_vector_squares_low = _vector_squares(True)
+add_vector_squares_high = _vector_squares(False)
