@@ -41,6 +41,15 @@ _WIDE = ir.VectorType(ir.DoubleType(), LANES)
 AHEAD, ROWS_AHEAD = 4096, 2048
 
 
+def _fits(elements, lanes):
+    """Whether the intrinsics' loads fit the numba array types: C-contiguous runs of one float dtype, and
+    float64 lanes (else no signature: numba reports a typing error, nothing runs)."""
+    arrays = elements + lanes
+    return (all(isinstance(t, types.Array) and t.layout == "C" for t in arrays)
+            and len({t.dtype for t in elements}) == 1 and elements[0].dtype in (types.float32, types.float64)
+            and all(t.dtype == types.float64 for t in lanes))
+
+
 def _address(context, builder, ty, value):
     """The address (an int64) of the first element of the array ``value`` of numba type ``ty``."""
     return builder.ptrtoint(context.make_array(ty)(context, builder, value).data, _I64)
@@ -96,6 +105,8 @@ def _row_squares(rows):
 
     @intrinsic
     def add_row_squares(typingctx, g, at, columns, groups, scale, lanes, out):
+        if not _fits([g], [lanes, out]):
+            return None
         sig = types.void(g, types.int64, types.int64, types.int64, g.dtype, lanes, out)
 
         def codegen(context, builder, signature, args):
@@ -163,6 +174,8 @@ def add_factored_squares(typingctx, p, g, roots, r, scale, cap, lp, lu):
     """Adafactor's norms over a run of one row of a matrix, full groups of 16 (the run starting at a multiple
     of 16 from its chunk's start): u = (g · scale) · min(r · roots, cap) (``r``: the row's inverse root,
     ``roots``: the columns'; NaN stays NaN), ``lp`` plus float64(p)², ``lu`` plus float64(u)², lane by lane."""
+    if not _fits([p, g, roots], [lp, lu]):
+        return None
     sig = types.void(p, g, roots, p.dtype, p.dtype, p.dtype, lp, lu)
 
     def codegen(context, builder, signature, args):
@@ -202,6 +215,8 @@ def _factored_u(builder, g, roots, r, scale, cap):
 def write_factored(typingctx, p, g, roots, r, scale, cap, decay, step):
     """p ← p · decay − step · u over the full groups of 16 of a run of one row of a matrix, u as in
     :func:`add_factored_squares` (the elements after the last group: the caller's)."""
+    if not _fits([p, g, roots], []):
+        return None
     sig = types.void(p, g, roots, p.dtype, p.dtype, p.dtype, p.dtype, p.dtype)
 
     def codegen(context, builder, signature, args):
@@ -237,6 +252,8 @@ def _vector_squares(low):
 
     @intrinsic
     def add_vector_squares(typingctx, p, g, v, scale, w, one_minus_w, floor, lp, lu):
+        if not _fits([p, g, v], [lp, lu]):
+            return None
         sig = types.void(p, g, v, p.dtype, p.dtype, p.dtype, p.dtype, lp, lu)
 
         def codegen(context, builder, signature, args):
