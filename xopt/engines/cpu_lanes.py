@@ -35,9 +35,9 @@ _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
 _WIDE = ir.VectorType(ir.DoubleType(), LANES)
 # Bytes ahead of each stream whose line a loop asks for: the hardware's prefetchers alone left the loops
-# waiting on memory about as long as they computed.  Measured on a Zen 5 core over 2^25 float32: 4 KiB ahead
-# of p and g took a fifth off the norms' pass (8 KiB or more, less); 2 KiB ahead of each of four rows did best
-# in the factors' pass (4 KiB: half the gain).
+# waiting on memory about as long as they computed.  On a Zen 5 core over 2^25 float32, 4 KiB ahead of p and
+# g did best in the norms' pass (8 KiB and more helped less), 2 KiB ahead of each of four rows in the
+# factors' pass (4 KiB, less; 1 KiB and below, less again).
 AHEAD, ROWS_AHEAD = 4096, 2048
 
 
