@@ -11,6 +11,7 @@ import pytest
 
 import xopt
 from xopt import _norms
+from xopt.optimizers import adafactor
 
 pytest.importorskip("xopt.engines.fused_cpu", reason="numba is not installed")
 
@@ -26,7 +27,7 @@ CONFIGS = {
     "clip": dict(weight_decay=0.01, clip_grad_norm=0.5),
 }
 SHAPES = {"w": (33, 7), "b": (7,), "b1": (1,), "s": (), "t": (3, 5, 40), "col": (9, 1), "row": (1, 9),
-          "tall": (2 * BLOCK + 5, 3), "wide": (2, CHUNK + 37), "big": (2 * CHUNK + 37,), "e": (0,), "e3": (1, 0, 2),
+          "tall": (2 * BLOCK + 5, 3), "wide": (2, CHUNK + 37), "m": (BLOCK + 3, 48), "big": (2 * CHUNK + 37,), "e": (0,), "e3": (1, 0, 2),
           "zero": (5, 3), "zero_b": (6,)}
 
 
@@ -74,6 +75,23 @@ def test_row_and_column_sums_are_their_definitions(shape, dtype, rng):
             assert rows.reshape(-1, shape[-2])[b, i] == _plain_lanes([v * v for v in values])
             assert sums.reshape(-1, shape[-2])[b, i] == _plain_lanes(values)
         assert columns.reshape(-1, shape[-1])[b].tolist() == _plain_columns(matrix)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_a_matrix_update_is_g_over_the_root_of_v_hat_from_roots_per_row_and_column(dtype, rng):
+    """min(r_i c_j, 1/ε₁) is 1/√max(v̂, ε₁²) to rounding; a factor of 0 (a row or a column of zero grads)
+    gives the cap, as v̂'s floor does, and no warning (the tests turn warnings into errors)."""
+    v_row, v_col = rng.random((2, 5, 1)).astype(dtype), rng.random((2, 1, 7)).astype(dtype)
+    v_row[0, 1], v_col[1, 0, 3] = 0.0, 0.0
+    eps1 = float(np.finfo(dtype).eps)
+    r, c = adafactor.inverse_roots(np, v_row, v_col, eps1)
+    got = np.minimum(r * c, adafactor.inverse_floor(eps1, float(np.finfo(dtype).max)))
+    mean = np.maximum(v_row.astype(np.float64).mean(axis=-2, keepdims=True), eps1)
+    want = 1.0 / np.sqrt(np.maximum(v_row.astype(np.float64) * v_col / mean, eps1 * eps1))
+    np.testing.assert_allclose(got, want, rtol=4 * eps1)
+    assert got.dtype == dtype and np.all(got[0, 1] == np.array(1.0 / eps1, dtype)) and got[1, 2, 3] == got[1, 0, 3]
+    assert adafactor.inverse_floor(0.0, 1.0) == adafactor.inverse_floor(1e-40, float(np.finfo(np.float32).max)) == np.inf
+    assert adafactor.inverse_floor(1e-3, 1e38) == 1000.0
 
 
 def test_the_engine_runs_adafactor_off_the_lane_and_off_the_gpu():

@@ -6,11 +6,14 @@ elements takes three passes, each split into pieces that any thread may take:
 
 1. the factors (a param of two or more dimensions): read g, add g² in float64 into each row's 16 lanes
    (a chunk of ``CHUNK`` columns at a time) and down each column of a block of ``ROW_BLOCK`` rows, in the
-   orders of :mod:`xopt._norms`; then, on the host, the reference rule's own code: the means, the new
-   ``v_row`` and ``v_col`` (:func:`xopt.optimizers.adafactor.lerp`), v_col over the clipped row mean;
+   orders of :mod:`xopt._norms`, four rows at a time, the lanes in registers (:mod:`.cpu_lanes`); then, on
+   the host, the reference rule's own code: the means, the new ``v_row`` and ``v_col``
+   (:func:`xopt.optimizers.adafactor.lerp`) and their inverse roots (``inverse_roots``: one root and one
+   division per row and per column, so that u = g · min(r_i c_j, 1/ε₁) takes two products an element);
 2. the norms: read p and g (and v for a vector), compute u, add p² and u² in float64 into 16 lanes per
-   chunk of ``CHUNK`` elements; then the step size α / max(1, ‖u‖ / (√n d)) on the host;
-3. the elements: compute u again (the same code: the same bits) and write p (and v for a vector).
+   chunk of ``CHUNK`` elements, one loop over every stream (a matrix's a row at a time; a vector's takes a
+   root and a division an element); then the step size α / max(1, ‖u‖ / (√n d)) on the host;
+3. the elements: compute u again (the same operations: the same bits) and write p (and v for a vector).
 
 A float32 matrix moves 24 bytes an element (g; p, g; p, g, p), a vector 32 (p, g, v; p, g, v, p, v).
 Nothing is written before the third pass, which is one of the step's writes (:mod:`xopt._atomic`); the
@@ -31,15 +34,17 @@ from .. import _backend
 from .._atomic import together
 from .._norms import CHUNK, LANES, ROW_BLOCK, in_order
 from .._threads import get_num_threads, pool
-from ..optimizers.adafactor import lerp, means, row_mean, step_size
+from ..optimizers.adafactor import inverse_floor, inverse_roots, lerp, means, step_size
 from .cpu_drivers import wait_done
+from .cpu_lanes import (add_factored_squares, add_row_squares1, add_row_squares4, add_vector_squares_high,
+                        add_vector_squares_low, write_factored)
 from .cpu_memory import fetch_add
-from .cpu_norms import BLOCK, _add_lanes, _lane_sum
+from .cpu_norms import _lane_sum
 from .cpu_step import PARALLEL_MIN
 
 __all__ = ["apply", "accepts", "factor_sums", "norm_sums", "write"]
 
-CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW = range(7)  # the row of scalars ``s``, in the param's dtype
+CLIP, DECAY, W, ONE_MINUS_W, EPS1_SQUARED, STEP, LOW, CAP = range(8)  # the row of scalars ``s``, in the param's dtype
 _NONE_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any pass's pieces: a call that runs nothing
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY_F64 = np.empty(0)
@@ -47,50 +52,37 @@ _EMPTY_F64 = np.empty(0)
 
 # -- pass 1: the factors' sums ---------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
-def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes):
+def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, lanes):
     """Piece number ``piece``: one block of ``ROW_BLOCK`` rows of one matrix, one chunk of ``CHUNK``
     columns.  Each row's chunk sum goes to ``row_chunks[chunk, row]``, the block's column sums (from its first
-    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``.  Four rows at a time, ``BLOCK``
-    columns at a time: the column sums (float64, in L2 for a wide matrix) are read and written once per four
-    rows, and each row is read in order (strips of columns down the rows, a page of each row at a time, left
-    the prefetchers restarting; a row at a time, the column sums went to L2 and back for every row)."""
+    row, in order) to ``column_blocks[matrix, block, columns of the chunk]``.  Four rows at a time across the
+    chunk (:func:`cpu_lanes.add_row_squares4`: each row's lanes in registers, the column sums, float64, read
+    and written once per four rows); the last columns (fewer than 16) and rows (fewer than 4) in plain code."""
     chunks = (columns + CHUNK - 1) // CHUNK
     blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     c, k, b = piece % chunks, (piece // chunks) % blocks, piece // (chunks * blocks)
     c0, c1 = c * CHUNK, min(c * CHUNK + CHUNK, columns)
     first, last = b * rows + k * ROW_BLOCK, b * rows + min(k * ROW_BLOCK + ROW_BLOCK, rows)
-    acc = column_blocks[b, k]
+    acc = column_blocks[b, k, c0:c1]
     clip = s[CLIP]
-    four = first + (last - first) // 4 * 4
-    for row in range(first, last):
-        lanes[row - first, :] = 0.0
-    for row in range(first, four, 4):
-        at = row * columns
-        for a in range(c0, c1, BLOCK):  # loops over views from 0: no negative index to wrap, LLVM vectorizes
-            e = min(a + BLOCK, c1)
-            m = e - a
-            x0, x1, x2, x3 = scratch[0, :m], scratch[1, :m], scratch[2, :m], scratch[3, :m]
-            s0, s1 = g[at + a:at + e], g[at + columns + a:at + columns + e]
-            s2, s3 = g[at + 2 * columns + a:at + 2 * columns + e], g[at + 3 * columns + a:at + 3 * columns + e]
-            for j in range(m):
-                x0[j], x1[j], x2[j], x3[j] = s0[j] * clip, s1[j] * clip, s2[j] * clip, s3[j] * clip
-            for q in range(4):
-                _add_lanes(scratch[q, :m], lanes[row - first + q])
-            out = acc[a:e]
-            for j in range(m):
-                y0, y1, y2, y3 = np.float64(x0[j]), np.float64(x1[j]), np.float64(x2[j]), np.float64(x3[j])
-                out[j] = (((out[j] + y0 * y0) + y1 * y1) + y2 * y2) + y3 * y3  # the rows in order
-    for row in range(four, last):
-        at = row * columns
-        for a in range(c0, c1, BLOCK):
-            e = min(a + BLOCK, c1)
-            x, src, out = scratch[0, :e - a], g[at + a:at + e], acc[a:e]
-            for j in range(e - a):
-                x[j] = src[j] * clip
-            _add_lanes(x, lanes[row - first])
-            for j in range(e - a):
-                y = np.float64(x[j])
-                out[j] += y * y
+    width = c1 - c0
+    full = width - width % LANES
+    lanes[:last - first, :] = 0.0
+    row = first
+    while row < last:
+        q = 4 if row + 4 <= last else 1
+        at = row * columns + c0
+        if q == 4:
+            add_row_squares4(g, at, columns, full // LANES, clip, lanes[row - first:row - first + 4], acc)
+        else:
+            add_row_squares1(g, at, columns, full // LANES, clip, lanes[row - first:row - first + 1], acc)
+        for r in range(q):  # the tail's columns, the rows in order
+            lane, src = lanes[row - first + r], g[at + r * columns + full:at + r * columns + width]
+            for j in range(width - full):
+                y = np.float64(src[j] * clip)
+                lane[j] += y * y
+                acc[full + j] += y * y
+        row += q
     for row in range(first, last):
         row_chunks[c, row] = _lane_sum(lanes[row - first])
 
@@ -99,65 +91,97 @@ def _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch
 def factor_sums(g, rows, columns, s, row_chunks, column_blocks, counters):
     """Pass 1: take pieces (``counters[0]``: the next one) until none is left; ``counters[1]`` counts those done."""
     n = column_blocks.shape[0] * column_blocks.shape[1] * row_chunks.shape[0]
-    scratch = np.empty((4, BLOCK), dtype=g.dtype)
     lanes = np.empty((ROW_BLOCK, LANES))
     base = counters.ctypes.data
     while True:
         piece = fetch_add(base, 1)
         if piece >= n:
             return
-        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, scratch, lanes)
+        _factor_piece(g, rows, columns, s, piece, row_chunks, column_blocks, lanes)
         fetch_add(base + 8, 1)
 
 
-# -- u of a run of elements: passes 2 and 3 ---------------------------------------------------------
+# -- a matrix's elements: passes 2 and 3 ------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u):
-    """u of the flat elements lo:hi of a matrix (or a stack of them) into ``u``: the reference rule's
-    g / √max(v_row (v_col / mean), ε₁²), row by row (``v_col``: the new v_col over the clipped row mean)."""
-    clip, floor = s[CLIP], s[EPS1_SQUARED]
+def _u1(g, root, r, clip, cap):
+    """u of one element of a matrix: the reference rule's g · min(1/√v_row · 1/√(v_col / mean), 1/ε₁), the
+    roots taken per row (``r``) and per column (``root``: :func:`adafactor.inverse_roots`); no root or division
+    an element."""
+    t = r * root
+    t = cap if t > cap else t  # NaN stays NaN, as xp.clip
+    return (g * clip) * t
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _plain_norms(p, g, roots, at, r, clip, cap, lo, start, stop, pp, uu):
+    for i in range(start, stop):
+        x, y = np.float64(p[i]), np.float64(_u1(g[i], roots[at + i], r, clip, cap))
+        pp[(i - lo) % LANES] += x * x
+        uu[(i - lo) % LANES] += y * y
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _factored_norms(p, g, row_roots, column_roots, rows, columns, s, lo, hi, pp, uu):
+    """The lanes of Σ p² and Σ u² of the flat elements lo:hi (a chunk) of a matrix (or a stack of them), row
+    by row: a row's groups of 16 in one loop with every stream (:func:`cpu_lanes.add_factored_squares`), the
+    elements before its first group and after its last in plain code."""
+    clip, cap = s[CLIP], s[CAP]
     k = lo
     while k < hi:
         row = k // columns
         end = min(hi, (row + 1) * columns)
-        b = row // rows
-        r, at = v_row[row], b * columns - row * columns
-        gs, cs, us = g[k:end], v_col[at + k:at + end], u[k - lo:end - lo]  # views: loops from 0 (see above)
-        for i in range(end - k):
-            v_hat = r * cs[i]
-            v_hat = floor if v_hat < floor else v_hat  # NaN stays NaN, as xp.clip
-            us[i] = (gs[i] * clip) / np.sqrt(v_hat)
+        r, at = row_roots[row], (row // rows) * columns - row * columns
+        head = min(end, k + (lo - k) % LANES)
+        full = head + (end - head) // LANES * LANES
+        _plain_norms(p, g, column_roots, at, r, clip, cap, lo, k, head, pp, uu)  # each lane in order
+        add_factored_squares(p[head:full], g[head:full], column_roots[at + head:at + full], r, clip, cap, pp, uu)
+        _plain_norms(p, g, column_roots, at, r, clip, cap, lo, full, end, pp, uu)
         k = end
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u_vector(g, v, s, lo, hi, u, v_new, low):
-    """u and the new v of the elements lo:hi of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
+def _factored_write(p, g, row_roots, column_roots, rows, columns, s, lo, hi):
+    """p ← p (1 − ηλ) − (step size) u over the flat elements lo:hi of a matrix, row by row, one loop over
+    every stream (:func:`cpu_lanes.write_factored`), the last elements of a row (fewer than 16) in plain code."""
+    clip, cap, decay, step = s[CLIP], s[CAP], s[DECAY], s[STEP]
+    k = lo
+    while k < hi:
+        row = k // columns
+        end = min(hi, (row + 1) * columns)
+        r, at = row_roots[row], (row // rows) * columns - row * columns
+        full = k + (end - k) // LANES * LANES
+        write_factored(p[k:full], g[k:full], column_roots[at + k:at + full], r, clip, cap, decay, step)
+        for i in range(full, end):
+            p[i] = p[i] * decay - step * _u1(g[i], column_roots[at + i], r, clip, cap)
+        k = end
+
+
+# -- a vector's elements: passes 2 and 3 -------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _v1(g, v, s, low):
+    """(the new v, u) of one element of a vector: v ← lerp(v, g², β̂₂) as ``adafactor.lerp`` (``low``:
     β̂₂ < 1/2), u = g / √max(v, ε₁²)."""
-    clip, w, one_minus_w, floor = s[CLIP], s[W], s[ONE_MINUS_W], s[EPS1_SQUARED]
-    gs, vs = g[lo:hi], v[lo:hi]
-    for i in range(hi - lo):
-        gi = gs[i] * clip
-        g2 = gi * gi
-        vi = vs[i]
-        vi = vi + w * (g2 - vi) if low else g2 - (g2 - vi) * one_minus_w
-        v_new[i] = vi
-        u[i] = gi / np.sqrt(floor if vi < floor else vi)
+    gi = g * s[CLIP]
+    g2 = gi * gi
+    v = v + s[W] * (g2 - v) if low else g2 - (g2 - v) * s[ONE_MINUS_W]
+    floor = s[EPS1_SQUARED]
+    return v, gi / np.sqrt(floor if v < floor else v)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _u(g, v, v_row, v_col, rows, columns, s, lo, hi, u, v_new, factored, low):
-    if factored:
-        _u_factored(g, v_row, v_col, rows, columns, s, lo, hi, u)
-    else:
-        _u_vector(g, v, s, lo, hi, u, v_new, low)
+def _vector_write(p, g, v, s, lo, hi, low):
+    """p ← p (1 − ηλ) − (step size) u and the new v over the elements lo:hi of a vector, one loop."""
+    decay, step = s[DECAY], s[STEP]
+    ps, gs, vs = p[lo:hi], g[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        vs[i], u = _v1(gs[i], vs[i], s, low)
+        ps[i] = ps[i] * decay - step * u
 
 
 # -- pass 2: the norms -------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, factored, low):
+def _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, factored, low):
     n = sums.shape[0]
-    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
     pp, uu = np.zeros(LANES), np.zeros(LANES)
     base = counters.ctypes.data
     while True:
@@ -166,62 +190,65 @@ def _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, factored
             return
         pp[:] = 0.0
         uu[:] = 0.0
-        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
-            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
-            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
-            _add_lanes(p[a:e], pp)
-            _add_lanes(u[:e - a], uu)
+        lo, hi = c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0])
+        if factored:
+            _factored_norms(p, g, row_roots, column_roots, rows, columns, s, lo, hi, pp, uu)
+        else:
+            full = lo + (hi - lo) // LANES * LANES
+            if low:
+                add_vector_squares_low(p[lo:full], g[lo:full], v[lo:full], s[CLIP], s[W], s[ONE_MINUS_W],
+                                       s[EPS1_SQUARED], pp, uu)
+            else:
+                add_vector_squares_high(p[lo:full], g[lo:full], v[lo:full], s[CLIP], s[W], s[ONE_MINUS_W],
+                                        s[EPS1_SQUARED], pp, uu)
+            for i in range(full, hi):  # the tail: lanes 0 .. hi - full - 1
+                x, y = np.float64(p[i]), np.float64(_v1(g[i], v[i], s, low)[1])
+                pp[i - full] += x * x
+                uu[i - full] += y * y
         sums[c, 0], sums[c, 1] = _lane_sum(pp), _lane_sum(uu)
         fetch_add(base + 8, 1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def norm_sums(p, g, v, v_row, v_col, rows, columns, s, sums, counters):
+def norm_sums(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters):
     """Pass 2: ``sums[c]`` = (Σ p², Σ u²) of chunk c, in float64; chunks taken as :func:`factor_sums` takes
-    pieces.  ``v`` is the vector's state (empty for a matrix), ``v_row`` and ``v_col`` the matrix's new factors,
-    flat, v_col over the clipped row mean (empty for a vector)."""
+    pieces.  ``v`` is the vector's state (empty for a matrix), ``row_roots`` and ``column_roots`` the matrix's
+    (:func:`adafactor.inverse_roots` of the new factors, flat; empty for a vector)."""
     if v.shape[0] == 0:
-        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, True, False)
+        _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, True, False)
     elif s[LOW] != 0.0:  # the host's test of β̂₂ < 1/2 (β̂₂ in the dtype may round to 1/2)
-        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, True)
+        _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, False, True)
     else:
-        _norm_loop(p, g, v, v_row, v_col, rows, columns, s, sums, counters, False, False)
+        _norm_loop(p, g, v, row_roots, column_roots, rows, columns, s, sums, counters, False, False)
 
 
 # -- pass 3: the elements ------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, factored, low):
+def _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, factored, low):
     n = (p.shape[0] + CHUNK - 1) // CHUNK
-    u, v_new = np.empty(BLOCK, dtype=p.dtype), np.empty(BLOCK, dtype=p.dtype)
-    decay, step = s[DECAY], s[STEP]
     base = counters.ctypes.data
     while True:
         c = fetch_add(base, 1)
         if c >= n:
             return
-        for a in range(c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0]), BLOCK):
-            e = min(a + BLOCK, c * CHUNK + CHUNK, p.shape[0])
-            _u(g, v, v_row, v_col, rows, columns, s, a, e, u, v_new, factored, low)
-            ps = p[a:e]
-            for i in range(e - a):
-                ps[i] = ps[i] * decay - step * u[i]
-            if not factored:
-                vs = v[a:e]
-                for i in range(e - a):
-                    vs[i] = v_new[i]
+        lo, hi = c * CHUNK, min(c * CHUNK + CHUNK, p.shape[0])
+        if factored:
+            _factored_write(p, g, row_roots, column_roots, rows, columns, s, lo, hi)
+        else:
+            _vector_write(p, g, v, s, lo, hi, low)
         fetch_add(base + 8, 1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def write(p, g, v, v_row, v_col, rows, columns, s, counters):
+def write(p, g, v, row_roots, column_roots, rows, columns, s, counters):
     """Pass 3: p ← p (1 − ηλ) − (α / max(1, RMS(u) / d)) u (the step size in ``s[STEP]``), and v for a vector;
     chunks taken as :func:`norm_sums` takes them."""
     if v.shape[0] == 0:
-        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, True, False)
+        _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, True, False)
     elif s[LOW] != 0.0:
-        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, True)
+        _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, False, True)
     else:
-        _write_loop(p, g, v, v_row, v_col, rows, columns, s, counters, False, False)
+        _write_loop(p, g, v, row_roots, column_roots, rows, columns, s, counters, False, False)
 
 
 # -- the host: one param's three passes ------------------------------------------------------------
@@ -311,7 +338,8 @@ def _step(e) -> list:
     eps1 = xp.finfo(dtype).eps if s["eps1"] is None else s["eps1"]
     scal = np.array([1.0 if e.clip is None else e.clip,
                      1.0 - s["lr"] * s["weight_decay"] if s["weight_decay"] != 0.0 else 1.0,
-                     s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5)], dtype=dtype)
+                     s["beta2"], 1.0 - s["beta2"], eps1 * eps1, 0.0, float(s["beta2"] < 0.5),
+                     inverse_floor(eps1, float(np.finfo(dtype).max))], dtype=dtype)
     empty = _empty(dtype)
     factors_new = {}
     if p.ndim >= 2:
@@ -326,8 +354,8 @@ def _step(e) -> list:
                                    in_order(column_blocks, 1).reshape(p.shape[:-2] + (columns,)), p)
         v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
         v_col = lerp(_ready(_host(state["v_col"]), dtype), mean_col, s["beta2"])
-        v_col_over_mean = _ready(v_col / xp.clip(row_mean(xp, v_row), min=eps1), dtype)  # the reference's
-        v, factors = empty, (v_row.reshape(-1), v_col_over_mean.reshape(-1))
+        roots = inverse_roots(xp, v_row, v_col, eps1)  # the reference rule's code
+        v, factors = empty, tuple(_ready(r, dtype).reshape(-1) for r in roots)
         factors_new = {"v_row": v_row, "v_col": v_col}
         rows_or_one = rows
     else:

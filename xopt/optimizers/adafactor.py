@@ -12,7 +12,7 @@ from .._norms import column_squares, is_host, row_squares, row_sums, squared_nor
 from ..engines.kernels import Kernel
 from ._tensor_rule import TensorRule
 
-__all__ = ["Adafactor", "lerp", "factor_means", "means", "row_mean", "step_size"]
+__all__ = ["Adafactor", "lerp", "factor_means", "means", "row_mean", "inverse_roots", "inverse_floor", "step_size"]
 
 
 def lerp(a, b, w):
@@ -52,6 +52,22 @@ def row_mean(xp, v_row):
     if is_host(v_row):
         return _like((row_sums(v_row[..., 0]) / v_row.shape[-2])[..., None, None], v_row)
     return xp.sum(v_row, axis=-2, keepdims=True) / v_row.shape[-2]
+
+
+def inverse_roots(xp, v_row, v_col, eps1):
+    """(1 / √v_row, 1 / √(v_col / max(mean(v_row), ε₁))): v̂ = v_row · v_col / max(mean(v_row), ε₁) is the
+    product of their inverse squares, so 1 / √v̂ is a product per element, the roots taken once per row and
+    once per column.  A factor of 0 gives an infinite root (NumPy's warning of it left out): v̂ = 0 there, and
+    the cap (:func:`inverse_floor`) takes over, as v̂'s floor does."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / xp.sqrt(v_row), 1.0 / xp.sqrt(v_col / xp.clip(row_mean(xp, v_row), min=eps1))
+
+
+def inverse_floor(eps1, largest) -> float:
+    """1 / ε₁, the cap of 1 / √v̂ (v̂'s floor ε₁²), as a float that arrays whose largest finite number is
+    ``largest`` hold: infinite past it (ε₁ = 0 included; a library may refuse to round it there itself)."""
+    cap = math.inf if eps1 == 0.0 else 1.0 / eps1
+    return cap if cap <= largest else math.inf
 
 
 def step_size(s, n, param_squares, update_squares):
@@ -115,9 +131,11 @@ class Adafactor(TensorRule):
     row and column sums of g², the row mean — are taken in float64 in the orders of :mod:`xopt._norms`,
     which the fused CPU kernel (:mod:`xopt.engines.cpu_factored`: the factors' sums, the norms, then the
     elements) repeats on any number of threads: the fused step is this rule's bit for bit.  The CUDA
-    engine has no Adafactor kernel: on CuPy arrays this rule runs, with CuPy's sums.  v̂ is computed as
-    v_row · (v_col / max(mean(v_row), ε₁)), a division per column where torch divides every element of the
-    outer product: the same numbers to rounding, and one division fewer per element in the fused kernel.
+    engine has no Adafactor kernel: on CuPy arrays this rule runs, with CuPy's sums.  A matrix's 1/√max(v̂, ε₁²)
+    is computed as min(r_i c_j, 1/ε₁), r = 1/√v_row per row and c = 1/√(v_col / max(mean(v_row), ε₁)) per
+    column (:func:`inverse_roots`), where torch takes the root of every element of the outer product
+    (``rsqrt``): the same numbers to rounding (a few units in the last place), and no root or division per
+    element in the fused kernel, two products and a comparison instead.  A vector's u is g / √max(v, ε₁²).
 
     Args:
         lr: η, the cap of the relative step size.
@@ -170,10 +188,11 @@ class Adafactor(TensorRule):
             mean_row, mean_col = factor_means(xp, g)
             v_row = lerp(state["v_row"], mean_row, s["beta2"])
             v_col = lerp(state["v_col"], mean_col, s["beta2"])
-            v_hat = v_row * (v_col / xp.clip(row_mean(xp, v_row), min=eps1))  # a division per column, not per element
             new = {"v_row": v_row, "v_col": v_col}
+            row_roots, column_roots = inverse_roots(xp, v_row, v_col, eps1)  # roots per row and per column
+            u = g * xp.clip(row_roots * column_roots, max=inverse_floor(eps1, float(xp.finfo(p.dtype).max)))
         else:
             v_hat = lerp(state["v"], g * g, s["beta2"])
             new = {"v": v_hat}
-        u = g / xp.sqrt(xp.clip(v_hat, min=eps1 * eps1))
+            u = g / xp.sqrt(xp.clip(v_hat, min=eps1 * eps1))
         return p - step_size(s, n, param_squares, squared_norm(xp, u)) * u, new
