@@ -1,8 +1,9 @@
 """Where a fused LAMB step's time goes: its two phases alone, against the whole step and Adam's, CPU time.
 
-Over one float32 tensor of ``--size`` elements, on the calling thread, in interleaved rounds: LAMB's norms'
+Over one float32 tensor of ``--size`` elements, on the calling thread, in interleaved rounds: a plain read
+of p, g, m and v (their sum, vectorized: the floor under the norms' phase), LAMB's norms'
 phase alone (``cpu_norms._chunk_sums`` chunk by chunk: reads p, g, m, v, writes nothing), u alone (the
-norms' phase without its sums: the same reads), its elements' phase alone (``cpu_norms._write``: the same
+norms' phase without its sums: the same reads and prefetches), its elements' phase alone (``cpu_norms._write``: the same
 reads and three writes), the whole LAMB step and Adam's step (``update``, impl="fused", one thread).  CPU
 seconds of the process (``time.process_time``), medians over ``--rounds``.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,12 +40,21 @@ def _norms(p, g, m, v, s):
     return pp, uu
 
 
+@njit(error_model="numpy", fastmath=True)
+def _read(p, g, m, v):
+    total = np.float32(0.0)
+    for i in range(p.shape[0]):
+        total += p[i] + g[i] + m[i] + v[i]
+    return total
+
+
 @njit(error_model="numpy")
 def _u(p, g, m, v, s):
-    u = np.empty(cpu_norms.BLOCK, dtype=p.dtype)
-    for a in range(0, p.shape[0], cpu_norms.BLOCK):
-        b = min(a + cpu_norms.BLOCK, p.shape[0])
-        cpu_norms._u_loop(p[a:b], g[a:b], m[a:b], v[a:b], s, u[:b - a], True, False)
+    lanes = cpu_norms.LANES
+    u = np.empty(lanes, dtype=p.dtype)
+    for a in range(0, p.shape[0] - p.shape[0] % lanes, lanes):
+        cpu_norms._prefetch_ahead(p, g, m, v, a, False)
+        cpu_norms._u_loop(p, g, m, v, s, u, a, lanes, True, False)
     return u[0]
 
 
@@ -70,7 +81,7 @@ def main(argv=None):
     s = np.array([*lamb.kernel.order(lamb.scalars(2)), 1.0], dtype=np.float32)  # the step's row: ratio -1, no clip
     params, grads = {"p": p.copy()}, {"p": g}
     adam, adam_params = xopt.Adam(impl="fused"), {"p": p.copy()}
-    ways = {"norms' phase": lambda: _norms(p, g, m, v, s), "u alone": lambda: _u(p, g, m, v, s),
+    ways = {"read alone": lambda: _read(p, g, m, v), "norms' phase": lambda: _norms(p, g, m, v, s), "u alone": lambda: _u(p, g, m, v, s),
             "elements' phase": lambda: _elements(p, g, m, v, s, np.float32(1.0)),
             "LAMB step": lambda: lamb.update(params, grads), "Adam step": lambda: adam.update(adam_params, grads)}
     for fn in ways.values():
@@ -86,7 +97,8 @@ def main(argv=None):
             cpu[name].append(time.process_time() - c0)
     result = {"commit": commit(), "command": "python benchmarks/lamb_phases.py " + " ".join(argv or sys.argv[1:]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": platform.processor() or platform.machine(), "elements": n, "rounds": args.rounds,
+              "machine": platform.processor() or platform.machine(), "load": os.getloadavg(), "elements": n,
+              "rounds": args.rounds,
               "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
               "min_cpu_ms": {k: 1e3 * min(v) for k, v in cpu.items()}}
     print(f"{n} float32 elements, one thread, CPU time over {args.rounds} interleaved rounds (median, min):")

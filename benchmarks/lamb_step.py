@@ -18,6 +18,7 @@ The machine may be shared: the per-round ratios and their spread are printed wit
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -82,6 +83,7 @@ def main(argv=None):
         "command": "python benchmarks/lamb_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": platform.processor() or platform.machine(),
+        "load": os.getloadavg(),
         "elements": n,
         "rounds": args.rounds,
         "threads": xopt.get_num_threads(),

@@ -59,6 +59,36 @@ def test_the_kernel_reads_the_scalars_where_lamb_puts_them():
     assert kernel.scalars[9] == "weight_decay" and kernel.order(xopt.LAMB().scalars(1))[-1] == -1.0
 
 
+def _spread(rng, size, dtype):
+    """Values over many magnitudes: a sum of their squares in another order would show in its bits."""
+    return (rng.standard_normal(size) * np.exp(rng.uniform(-20, 20, size))).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", [0, 5, 16, 37, 1000, _norms.CHUNK])
+@pytest.mark.parametrize("decay, clip", [(0.0, 1.0), (0.1, 1.0), (0.0, 0.5), (0.1, 0.5)])
+def test_the_norms_phase_of_a_chunk_is_the_order_of_norms(size, dtype, decay, clip, rng):
+    """The kernel's norms' phase over one chunk (sixteen lanes in registers, u a vector at a time, a tail): Σ p²
+    and Σ u² of xopt._norms, u as the reference rule computes it, bit for bit."""
+    from xopt.engines import cpu_norms
+
+    p, g, m = (_spread(rng, size, dtype) for _ in range(3))
+    v = np.abs(_spread(rng, size, dtype))
+    opt = xopt.LAMB(lr=0.01, beta1=0.8, beta2=0.99, eps_root=1e-8, weight_decay=decay)
+    scalars = opt.scalars(3)
+    row = np.array([*opt.kernel.order(scalars), clip], dtype=dtype)
+    k = {name: dtype(value) for name, value in scalars.items()}
+    with np.errstate(all="ignore"):
+        g_clipped = g * dtype(clip) if clip != 1.0 else g
+        m_new = k["one_minus_beta1"] * g_clipped + k["beta1"] * m
+        v_new = k["one_minus_beta2"] * (g_clipped * g_clipped) + k["beta2"] * v
+        u = (m_new / k["bias_correction1"]) / (np.sqrt(v_new / k["bias_correction2"] + k["eps_root"]) + k["eps"])
+        if decay:
+            u = u + k["weight_decay"] * p
+        sums = cpu_norms._chunk_sums(p, g, m, v, row)
+    assert sums == (_norms.squared_norm(np, p), _norms.squared_norm(np, u))
+
+
 def _grads(rng, shapes, dtype):
     out = {k: rng.standard_normal(shape).astype(dtype) for k, shape in shapes.items()}
     for name in ("zero", "quiet"):  # params whose grads are always 0: u is 0 (weight decay aside)

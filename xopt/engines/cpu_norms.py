@@ -13,6 +13,12 @@ That reads p, g, m, v twice and writes m, v, p once: 44 bytes an element in floa
 Nothing is written before both norms of the tensor are known, and the step's writes are one C-level call
 as any other (:mod:`xopt._atomic`).
 
+Both phases go 16 elements at a time: u of the 16 is one vector (a loop of constant length, which LLVM
+vectorizes whole), the norms' 16 float64 lanes stay in two registers (:class:`_Lanes`), and every array is
+prefetched ``AHEAD`` bytes ahead.  u is three divisions and a root per element: computed a block of 512
+elements at a time, the sums after each block, the loads stopped while the core computed, and the norms'
+phase (a read) took longer than Adam's whole step (``benchmarks/lamb_phases.py``).
+
 Its C function (:func:`elements`, the rule's entry for the drivers of :mod:`xopt.engines.cpu_drivers`)
 takes a tensor's ratio from its row of scalars (``RATIO``), or, where that is -1 (not known), is given the
 whole tensor and runs both phases itself: the drivers' serial run.  A step split over threads runs the
@@ -28,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 from .._norms import CHUNK as NORM_CHUNK, LANES
 from .cpu_drivers import CHUNK, ELEMENTS_SIGNATURE, _run
@@ -39,7 +45,8 @@ __all__ = ["RATIO", "elements", "norms", "claim_norms", "ratios", "trust_ratio",
 assert NORM_CHUNK == CHUNK and LANES == 16, "the norms' order: the engine's chunks, 16 lanes"
 
 RATIO = 10  # the ratio's place in a row of scalars; the clip scale follows it
-BLOCK = 512  # elements of u at a time in the norms' phase (a multiple of LANES; 2 or 4 KiB of scratch)
+BLOCK = 512  # elements at a time in Adafactor's sums (xopt.engines.cpu_factored; a multiple of LANES)
+AHEAD = 2048  # bytes: how far ahead of both phases' loops each array is prefetched
 
 
 # -- the element math: the reference rule's, in its order ------------------------------------------
@@ -58,6 +65,18 @@ def _update(pi, gi, mi, vi, s, decayed, clipped):
     return m, v, u
 
 
+_WIDE = ir.VectorType(ir.DoubleType(), LANES)
+
+
+def _squares(context, builder, x_at, dtype):
+    """``float64(x[0:16]) ** 2`` as one LLVM vector, ``x`` of ``dtype`` at address ``x_at``."""
+    x = builder.load(builder.inttoptr(x_at, ir.VectorType(context.get_value_type(dtype), LANES).as_pointer()),
+                     align=dtype.bitwidth // 8)
+    if dtype.bitwidth != 64:
+        x = builder.fpext(x, _WIDE)
+    return builder.fmul(x, x)
+
+
 @intrinsic
 def _add_squares(typingctx, x_at, lanes_at, like):
     """``lanes[0:16] += float64(x[0:16]) ** 2``, ``x`` of ``like``'s dtype at address ``x_at``, ``lanes`` 16
@@ -66,17 +85,79 @@ def _add_squares(typingctx, x_at, lanes_at, like):
     sig = types.void(types.int64, types.int64, like)
 
     def codegen(context, builder, signature, args):
-        dtype = signature.args[2].dtype
-        wide = ir.VectorType(ir.DoubleType(), LANES)
-        x = builder.load(builder.inttoptr(args[0], ir.VectorType(context.get_value_type(dtype), LANES).as_pointer()),
-                         align=dtype.bitwidth // 8)
-        if dtype.bitwidth != 64:
-            x = builder.fpext(x, wide)
-        at = builder.inttoptr(args[1], wide.as_pointer())
-        builder.store(builder.fadd(builder.load(at, align=8), builder.fmul(x, x)), at, align=8)
+        at = builder.inttoptr(args[1], _WIDE.as_pointer())
+        squares = _squares(context, builder, args[0], signature.args[2].dtype)
+        builder.store(builder.fadd(builder.load(at, align=8), squares), at, align=8)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+class _Lanes(types.Type):
+    """16 float64 sums as one LLVM vector: a loop carries them in two registers, where sums in an array
+    go through memory at every step once the loop also stores (u's scratch)."""
+
+    def __init__(self):
+        super().__init__(name="Lanes16")
+
+
+_LANES_TYPE = _Lanes()
+
+
+@register_model(_Lanes)
+class _LanesModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _WIDE)
+
+
+@intrinsic
+def _zero_lanes(typingctx):
+    """16 sums of 0.0 (as the lanes in an array of zeros)."""
+    return _LANES_TYPE(), lambda context, builder, signature, args: ir.Constant(_WIDE, [0.0] * LANES)
+
+
+@intrinsic
+def _with_squares(typingctx, lanes, x_at, like):
+    """``lanes + float64(x[0:16]) ** 2``: :func:`_add_squares` on sums in a register."""
+    sig = _LANES_TYPE(_LANES_TYPE, types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], _squares(context, builder, args[1], signature.args[2].dtype))
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_lanes(typingctx, lanes, to_at):
+    """The 16 sums to the 16 float64 at address ``to_at``."""
+    sig = types.void(_LANES_TYPE, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.store(args[0], builder.inttoptr(args[1], _WIDE.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _prefetcher(write):
+    """An intrinsic: prefetch the cache line at an address into L1 (for writing where ``write``)."""
+
+    @intrinsic
+    def prefetch(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(),
+                                                                                       [i8p, i32, i32, i32]))
+            builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, int(write)), ir.Constant(i32, 3),
+                              ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(types.int64), codegen
+
+    return prefetch
+
+
+_prefetch, _prefetch_write = _prefetcher(False), _prefetcher(True)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -101,25 +182,54 @@ def _lane_sum(a):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _u_loop(p, g, m, v, s, u, decayed, clipped):
-    """u of each element into ``u`` (scratch in L1): a loop LLVM vectorizes, as the writes' loop."""
-    for i in range(p.shape[0]):
-        u[i] = _update(p[i], g[i], m[i], v[i], s, decayed, clipped)[2]
+def _prefetch_ahead(p, g, m, v, i, write):
+    """Prefetch the lines ``AHEAD`` bytes past element i of each array (p, m and v for writing where ``write``):
+    the loops below compute between their loads, and the hardware's prefetch alone kept fewer reads in flight.
+    A line past an array's end is harmless: a prefetch never faults."""
+    size = p.itemsize
+    for line in range(0, LANES * size, 64):
+        off = i * size + AHEAD + line
+        _prefetch(g.ctypes.data + off)
+        if write:
+            _prefetch_write(p.ctypes.data + off)
+            _prefetch_write(m.ctypes.data + off)
+            _prefetch_write(v.ctypes.data + off)
+        else:
+            _prefetch(p.ctypes.data + off)
+            _prefetch(m.ctypes.data + off)
+            _prefetch(v.ctypes.data + off)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _u_loop(p, g, m, v, s, u, at, count, decayed, clipped):
+    """u of elements at:at + count into ``u[:count]`` (scratch in L1): one vector where count is LANES."""
+    for j in range(count):
+        u[j] = _update(p[at + j], g[at + j], m[at + j], v[at + j], s, decayed, clipped)[2]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _chunk_loop(p, g, m, v, s, decayed, clipped):
-    """(Σ p², Σ u²) over one chunk (views starting at a multiple of LANES), by blocks of ``BLOCK`` elements: u of
-    a block into scratch, then both sums' lanes."""
-    u = np.empty(min(BLOCK, p.shape[0]), dtype=p.dtype)
-    pp, uu = np.zeros(LANES), np.zeros(LANES)
-    for a in range(0, p.shape[0], BLOCK):
-        b = min(a + BLOCK, p.shape[0])
-        block = u[:b - a]
-        _u_loop(p[a:b], g[a:b], m[a:b], v[a:b], s, block, decayed, clipped)
-        _add_lanes(p[a:b], pp)
-        _add_lanes(block, uu)
-    return _lane_sum(pp), _lane_sum(uu)
+    """(Σ p², Σ u²) over one chunk (views starting at a multiple of LANES), LANES elements at a time: their u
+    into scratch (a loop of constant length: one vector), then both sums' lanes, which stay in registers; the
+    arrays prefetched ``AHEAD`` bytes ahead.  The tail (under LANES elements) as :func:`_add_lanes`'."""
+    n = p.shape[0]
+    full = n - n % LANES
+    u = np.empty(LANES, dtype=p.dtype)
+    at, u_at, size = p.ctypes.data, u.ctypes.data, p.itemsize
+    pp = uu = _zero_lanes()
+    for i in range(0, full, LANES):
+        _prefetch_ahead(p, g, m, v, i, False)
+        _u_loop(p, g, m, v, s, u, i, LANES, decayed, clipped)
+        pp = _with_squares(pp, at + i * size, p)
+        uu = _with_squares(uu, u_at, u)
+    lanes = np.empty((2, LANES))
+    _store_lanes(pp, lanes.ctypes.data)
+    _store_lanes(uu, lanes.ctypes.data + LANES * 8)
+    tail = u[:n - full]
+    _u_loop(p, g, m, v, s, tail, full, n - full, decayed, clipped)
+    _add_lanes(p[full:], lanes[0])
+    _add_lanes(tail, lanes[1])
+    return _lane_sum(lanes[0]), _lane_sum(lanes[1])
 
 
 @njit(cache=True, error_model="numpy")
@@ -136,12 +246,24 @@ def _chunk_sums(p, g, m, v, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _write_loop(p, g, m, v, s, ratio, decayed, clipped):
+def _write_at(p, g, m, v, s, ratio, at, count, decayed, clipped):
     lr = s[0]
-    for i in range(p.shape[0]):
+    for j in range(count):
+        i = at + j
         mi, vi, u = _update(p[i], g[i], m[i], v[i], s, decayed, clipped)
         p[i] = p[i] - lr * (u * ratio)
         m[i], v[i] = mi, vi
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _write_loop(p, g, m, v, s, ratio, decayed, clipped):
+    """LANES elements at a time (one vector), the arrays prefetched ``AHEAD`` bytes ahead; then the tail."""
+    n = p.shape[0]
+    full = n - n % LANES
+    for i in range(0, full, LANES):
+        _prefetch_ahead(p, g, m, v, i, True)
+        _write_at(p, g, m, v, s, ratio, i, LANES, decayed, clipped)
+    _write_at(p, g, m, v, s, ratio, full, n - full, decayed, clipped)
 
 
 @njit(cache=True, error_model="numpy")
