@@ -19,7 +19,7 @@ from . import cuda_cache
 from .kernels import cut
 
 __all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "STATE_TYPES", "OPTIONS",
-           "case_name", "kernel_name", "norm_name", "block_table", "build", "built", "CupyDevice"]
+           "case_name", "kernel_name", "step8_name", "norm_name", "block_table", "build", "built", "CupyDevice"]
 
 SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
 _TEXT = SOURCE.read_text()
@@ -61,6 +61,12 @@ def kernel_name(rule: int, dtype, state=None) -> str:
 def _name(dtype) -> str:
     """A dtype's name; bfloat16's too, where NumPy does not know it by name (ml_dtypes not imported yet)."""
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def step8_name(rule: int, dtype) -> str:
+    """The template instance of the 8-bit state's step (``state_dtype="8bit"``) of ``rule`` on params of ``dtype``."""
+    p, s = PTYPES[_name(dtype)]
+    return f"xopt_step8<{rule}, {p}, {s}>"
 
 
 def norm_name(dtype) -> str:
@@ -213,6 +219,13 @@ class CupyDevice:
         import cupy
 
         return _function(cupy.cuda.Device().id, kernel_name(rule, dtype, state))
+
+    @staticmethod
+    def function8(rule, dtype):
+        """The 8-bit state's step of ``rule`` on params of ``dtype`` (:mod:`xopt.engines.cuda_blockwise`)."""
+        import cupy
+
+        return _function(cupy.cuda.Device().id, step8_name(rule, dtype))
 
     @staticmethod
     def norm_function(dtype):
