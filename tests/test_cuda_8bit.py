@@ -296,7 +296,8 @@ def _cupy_twin(cupy8, config, params, first_grads, **extra):
     with np.errstate(all="ignore"):
         seed.update(ps, first_grads)
     ours = _opt(config, "fused", **extra)
-    ours.state = {k: {n: (v if n == "step" else cupy8.on_gpu(v)) for n, v in st.items()} for k, st in seed.state.items()}
+    ours.state = {k: {n: (v if n == "step" else cupy8.on_gpu(v)) for n, v in st.items()}
+                  for k, st in seed.state.items()}
     ours.iter = 1
     return seed, ps, ours, {k: cupy8.on_gpu(v) for k, v in ps.items()}
 
