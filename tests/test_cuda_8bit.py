@@ -12,7 +12,7 @@ import pytest
 
 import xopt
 from xopt import _dispatch
-from xopt.engines import blockwise, cuda_blockwise, fused_cuda
+from xopt.engines import blockwise, cuda_blockwise, cuda_check, fused_cuda
 from xopt.engines.blockwise import SIGNED, SUFFIX, UNSIGNED, midpoints
 from test_cuda_source import HostDevice, _placed, at, cuda_on_cpu  # noqa: F401  (a fixture)
 from test_state_8bit import same_bits
@@ -242,15 +242,61 @@ def test_non_contiguous_params_are_written_back(cuda8, rng):
         assert same_bits(ours.state["p"][name], ref.state["p"][name])
 
 
-def test_auto_runs_the_reference_until_the_kernels_are_verified(cuda8, monkeypatch, rng):
-    """No self-check covers xopt_step8: under impl="auto" the 8-bit state of a GPU param steps by the reference rule
-    (here the NumPy params take the CPU kernel) until fused_cuda.VERIFIED."""
+def test_auto_runs_the_kernel_once_its_self_check_passed(cuda8, rng):
+    """Under impl="auto" the first 8-bit step on a GPU runs the self-check of the case "DTYPE/8bit" for the rule
+    (the rule's configurations that take 8-bit state), then the kernel."""
     params = _random(rng, [5000], np.float32)
-    _run("Adam", "auto", params, _grads(rng, params, 2))
-    assert cuda8.launches8 == []
-    monkeypatch.setattr(fused_cuda, "VERIFIED", True)
-    _run("Adam", "auto", params, _grads(rng, params, 2))
-    assert len(cuda8.launches8) == 2
+    grads_seq = _grads(rng, params, 3)
+    ref, a = _run("Adam", "reference", params, grads_seq)
+    assert cuda_check.RESULTS == {}
+    ours, b = _run("Adam", "auto", params, grads_seq)
+    assert list(cuda_check.RESULTS) == [(0, 4, "float32/8bit")] and cuda_check.RESULTS[0, 4, "float32/8bit"].passed
+    checks = sum(config[2] if len(config) > 2 else 2 for config in cuda_check.configs_for(4, "float32", "8bit"))
+    assert len(cuda8.launches8) == checks + 3
+    _assert_same(ref, ours, a, b, "auto")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("rule", cuda_blockwise.RULES8)
+def test_self_check_of_8bit_state_passes_on_the_kernel(rule, dtype, cuda8):
+    case = fused_cuda.case_name(dtype, "8bit")
+    result = cuda_check.self_check(rule, case)
+    assert result.passed, str(result)
+    assert result.kernel == cuda_blockwise.step8_name(rule, dtype)
+    configs = cuda_check.configs_for(rule, dtype, "8bit")
+    assert configs and all(hyper["state_dtype"] == "8bit" for _, hyper, *_ in configs)
+    assert len(cuda8.launches8) == sum(config[2] if len(config) > 2 else 2 for config in configs)
+
+
+def test_self_check_of_8bit_state_fails_on_a_broken_kernel_and_auto_keeps_the_reference(cuda8, monkeypatch, rng):
+    """The 8-bit kernel made wrong (its first scalar one ulp up): the self-check names the case it fails on;
+    impl="auto" warns once and steps by the reference rule."""
+    launch8 = HostDevice.launch8.__func__
+
+    def broken(cls, function, n_blocks, args):
+        math = np.float64 if function[2] == 64 else np.float32
+        first = at(int(args[5]), math, 1)
+        first[0] = np.nextafter(first[0], math(np.inf))
+        launch8(cls, function, n_blocks, args)
+    monkeypatch.setattr(HostDevice, "launch8", classmethod(broken))
+    result = cuda_check.self_check("Adam", "float32/8bit")
+    assert not result.passed and result.mismatch.startswith("Adam(state_dtype='8bit', min_8bit_size=1) step 1, ")
+    params = _random(rng, [5000], np.float32)
+    grads_seq = _grads(rng, params, 3)
+    ref, a = _run("Adam", "reference", params, grads_seq)
+    with pytest.warns(cuda_check.SelfCheckWarning, match=r"xopt_step8<4, float, float> on GPU 0: FAILED"):
+        ours, b = _run("Adam", "auto", params, grads_seq)
+    _assert_same(ref, ours, a, b, "reference after a failed self-check")
+    assert not cuda_check.RESULTS[0, 4, "float32/8bit"].passed
+
+
+def test_8bit_self_check_configurations():
+    assert [c[0] for c in cuda_check.configs_for(0, "float32", "8bit")] and all(
+        c[1].get("momentum", 0) > 0 for c in cuda_check.configs_for(0, "float32", "8bit"))
+    assert not any(c[1].get("centered") for c in cuda_check.configs_for(3, "float32", "8bit"))
+    with pytest.raises(ValueError, match="rule 7 has no kernel with 8bit state"):
+        cuda_check.configs_for(7, "float32", "8bit")
+    assert fused_cuda.kernel_name(4, "float16/8bit") == "xopt_step8<4, unsigned short, float>"
 
 
 def test_the_kernels_maps_are_the_formats():

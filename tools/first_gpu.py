@@ -22,7 +22,8 @@ in order:
   each configuration of ``cuda_check.CONFIGS[R]`` of an optimizer that takes ``state_dtype="8bit"`` (those it
   refuses are listed as skipped), with ``min_8bit_size=1`` and the default ``block_size``, ``impl="fused"`` against
   ``impl="reference"`` on the same GPU arrays; params, codes and absmax compared bit for bit.
-- ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype, its verdict.
+- ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype (and "DTYPE/8bit", the 8-bit
+  state's kernel, for the rules that have one), its verdict.
 - ``timing:CASE:DTYPE``: Adam with new grads every step, against a device-to-device copy of as many bytes
   as the step moves and torch's fused Adam: the kernels' time (CUDA events around each launch), the step's
   span on the GPU (events around ``update()``) and ``update()``'s host time; medians over repetitions after
@@ -102,7 +103,7 @@ def plan() -> list:
     return ([child("part_environment", 60)]
             + [child("part_smoke", 120, rule=r) for r in RULES]  # the first builds numba's cache: the longest
             + [child("part_smoke8", 120, rule=r) for r in RULES8]
-            + [child("part_self_check", 60, rule=r) for r in RULES]
+            + [child("part_self_check", 90, rule=r) for r in RULES]  # with the 8-bit cases: up to eight checks
             + [child("part_timing", 90, case=c, dtype=d) for c, d in TIMING]
             + [child("part_host", 90)]
             + [child("part_torch_cuda", 90)]
@@ -410,7 +411,8 @@ def part_self_check(rule: int):
     """cuda_check.self_check for each param dtype: what impl="auto" runs before it trusts a kernel."""
     from xopt.engines import cuda_check, fused_cuda
 
-    for dtype in fused_cuda.PTYPES:
+    cases = list(fused_cuda.PTYPES) + ([f"{d}/8bit" for d in fused_cuda.PTYPES] if rule in RULES8 else [])
+    for dtype in cases:
         t0 = time.perf_counter()
         try:
             result = cuda_check.self_check(rule, dtype)

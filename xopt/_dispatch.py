@@ -216,12 +216,13 @@ def select_whole(opt, entries):
 
 def _blockwise(opt, entries):
     """The paths of params with 8-bit state: the CUDA kernel for CuPy params where it takes them
-    (:mod:`xopt.engines.cuda_blockwise`: under ``impl="fused"``; under ``impl="auto"`` once the CUDA kernels are
-    verified), the fused CPU kernel for NumPy params where it has the rule, else the reference."""
+    (:mod:`xopt.engines.cuda_blockwise`; under ``impl="auto"`` once its self-check passed on their GPU for that
+    rule and dtype), the fused CPU kernel for NumPy params where it has the rule, else the reference."""
     paths = []
     cuda = _cuda_blockwise(opt)
     if cuda is not None:
-        taken, entries = _partition(entries, lambda e: cuda.accepts(opt, e))
+        taken, entries = _partition(entries, lambda e: cuda.accepts(opt, e) and (opt.impl == "fused"
+                                                                                  or cuda.trusted(opt, e)))
         if taken:
             paths.append((cuda.apply, taken))
     host, rest = _partition(entries, lambda e: type(e.p) is np.ndarray)
@@ -245,8 +246,7 @@ def _cuda_blockwise(opt):
     """The CUDA engine of 8-bit state where it may run ``opt``'s steps (the impl, its rule and block_size), or None."""
     if opt.impl == "reference":
         return None
-    engine = _fused_cuda()
-    if engine is None or (opt.impl != "fused" and not engine.VERIFIED):
+    if _fused_cuda() is None:
         return None
     from .engines import cuda_blockwise
 

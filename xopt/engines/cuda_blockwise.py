@@ -4,8 +4,10 @@ the host side of ``xopt_step8`` in ``xopt/engines/cuda/optimizers.cu``.
 Not yet run on an NVIDIA GPU (as the rest of :mod:`xopt.engines.fused_cuda`): the kernel is compiled for sm_90 in
 ``tests/test_cuda_build.py`` and run block by block, phase by phase, thread by thread on the CPU
 (``tests/test_cuda_8bit.py``), where its params and state equal the reference rule's
-(:func:`xopt.engines.blockwise.apply_reference`) bit for bit.  So ``impl="fused"`` runs it; ``impl="auto"`` runs
-the reference rule on the GPU until ``fused_cuda.VERIFIED`` is set (there is no self-check of this kernel).
+(:func:`xopt.engines.blockwise.apply_reference`) bit for bit.  So ``impl="fused"`` runs it; ``impl="auto"`` runs it
+on a GPU once the self-check of its case (``cuda_check.self_check(rule, "float32/8bit")``: the rule's
+configurations that take 8-bit state, with ``min_8bit_size=1``) has passed there, the reference rule until then
+(and where it failed), as for the float kernels.
 
 A CUDA block takes whole quantization blocks of one tensor (``XOPT_CHUNK8 // block_size`` of them): the rule on
 each element with its state decoded from the codes, the new state rounded to float32 into shared memory with
@@ -29,7 +31,8 @@ from .blockwise import SUFFIX, UNSIGNED, map_of
 from .cuda_device import N_SCALARS, PTYPES, SOURCE, step8_name
 from .kernels import CUDA_RULES, cut, lookup
 
-__all__ = ["CHUNK8", "QBLOCK_MIN", "RULES8", "step8_name", "supports", "takes_block", "accepts", "apply", "chunk_of"]
+__all__ = ["CHUNK8", "QBLOCK_MIN", "RULES8", "step8_name", "supports", "takes_block", "accepts", "trusted", "apply",
+           "chunk_of"]
 
 _TEXT = SOURCE.read_text()
 CHUNK8 = int(re.search(r"#define XOPT_CHUNK8 (\d+)", _TEXT).group(1))  # elements per CUDA block at most
@@ -66,6 +69,16 @@ def accepts(opt, e) -> bool:
     from .fused_cuda import _is_cupy
 
     return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
+
+
+def trusted(opt, e) -> bool:
+    """May ``impl="auto"`` run the kernel for entry ``e``: the kernels verified, or the self-check of the case
+    "DTYPE/8bit" (:mod:`xopt.engines.cuda_check`) passed on e's GPU for ``opt``'s rule."""
+    from . import cuda_check, fused_cuda
+
+    if fused_cuda.VERIFIED:
+        return True
+    return cuda_check.trusted_on(opt, fused_cuda.device_of(e.p), fused_cuda.case_name(e.p.dtype, "8bit"))
 
 
 def _table(n, ptrs, sizes, part, chunk, rows):

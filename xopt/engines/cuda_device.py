@@ -47,12 +47,15 @@ def case_name(dtype, state=None) -> str:
 
 def kernel_name(rule: int, dtype, state=None) -> str:
     """The template instance that runs ``rule`` on params of ``dtype`` (a dtype, its name, or a :func:`case_name`),
-    its state in the math type or (``state``, a name in :data:`STATE_TYPES`) in that."""
+    its state in the math type or (``state``, a name in :data:`STATE_TYPES`) in that, or 8-bit (``state="8bit"``:
+    :func:`step8_name`)."""
     if isinstance(dtype, str) and "/" in dtype:
         dtype, state = dtype.split("/")
     p, s = PTYPES[_name(dtype)]
     if state is None:
         return f"xopt_step<{rule}, {p}, {s}>"
+    if state == "8bit":  # the 8-bit state's kernel (xopt.engines.cuda_blockwise)
+        return step8_name(rule, dtype)
     if s != "float":
         raise ValueError(f"no kernel keeps {state} state for {_name(dtype)} params (their math is {s})")
     return f"xopt_step<{rule}, {p}, {s}, {STATE_TYPES[state]}>"
