@@ -417,3 +417,59 @@ def test_cupy_params_refused_where_no_kernel_takes_them(cupy8, rng):
     with pytest.raises(ValueError, match="'w0': its 8-bit state 'v' needs 'v_absmax', float32 of shape"):
         ours.update(b, {"w0": cupy8.on_gpu(rng.standard_normal(5000).astype(np.float32))})
     assert cupy8.launches8 == []
+
+
+_ASAN_DRIVER = r"""
+import ctypes, sys
+import numpy as np
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from xopt import _dispatch
+from xopt.engines import cuda_blockwise, fused_cuda
+from test_cuda_source import HostDevice
+from test_cuda_8bit import CONFIGS, _opt
+
+HostDevice.lib = ctypes.CDLL(sys.argv[1])
+fused_cuda.DEVICE = HostDevice
+cuda_blockwise.accepts = lambda opt, e: type(e.p) is np.ndarray
+_dispatch._fused_cpu = lambda: None
+rng = np.random.default_rng(0)
+for config in CONFIGS:
+    for dtype in (np.float16, np.float32, np.float64):
+        for block in (32, 100, cuda_blockwise.CHUNK8):
+            opt = _opt(config, "fused", block_size=block)
+            sizes = [1, 33, 64, 2048, 2049, 4000, 4197]
+            ps = {f"w{i}": np.array(rng.standard_normal(n), dtype=dtype) for i, n in enumerate(sizes)}
+            for _ in range(2):
+                opt.update(ps, {k: np.array(rng.standard_normal(v.shape), dtype=dtype) for k, v in ps.items()})
+print("launches8", len(HostDevice.launches8))
+"""
+
+
+@pytest.mark.slow  # a build of the kernel with ASan, and a run under it
+def test_8bit_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
+    """Every 8-bit optimizer, three dtypes, block sizes 32, 100 and XOPT_CHUNK8 over tensors with short tails and
+    tensors that end on a chunk, two
+    steps: AddressSanitizer watching every load and store of xopt_step8's phases (a read or write one past a param,
+    grad, codes or absmax fails)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the kernel with AddressSanitizer")
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_file():
+        pytest.skip("g++ has no AddressSanitizer runtime here")
+    lib = tmp_path / "cuda_host_asan.so"
+    subprocess.run([cxx, "-O1", "-g", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fsanitize=address",
+                    "-o", str(lib), str(here / "cuda_host.cpp")], check=True, capture_output=True)
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
+    out = subprocess.run([sys.executable, "-c", _ASAN_DRIVER, str(lib), str(here), str(here.parent)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"launches8 {len(CONFIGS) * 3 * 3 * 2}" in out.stdout
