@@ -403,6 +403,21 @@ def test_cupy_8bit_state_saved_and_loaded(cupy8, tmp_path, rng):
     assert len(cupy8.launches8) == 1 + 2
 
 
+def test_a_gpu_state_steps_numpy_params(cupy8, rng):
+    """A CuPy param's 8-bit state (a state_dict taken on the GPU) given to NumPy params: the step moves it to NumPy
+    and steps on as the reference does."""
+    params = _random(rng, [5000, 2100], np.float32)
+    grads_seq = _grads(rng, params, 3)
+    ref, a, ours, b = _cupy_twin(cupy8, "RMSprop-momentum-wd", params, grads_seq[0])
+    assert all(type(buf) is cupy8.cupy.ndarray for st in ours.state.values() for n, buf in st.items() if n != "step")
+    c = {k: v.copy() for k, v in a.items()}
+    for g in grads_seq[1:]:
+        ref.update(a, g)
+        ours.update(c, g)
+    assert all(type(buf) is np.ndarray for st in ours.state.values() for n, buf in st.items() if n != "step")
+    _assert_same(ref, ours, a, c, "GPU state on NumPy params")
+
+
 def test_cupy_params_refused_where_no_kernel_takes_them(cupy8, rng):
     """impl="fused", a block_size the kernel declines: refused before anything is written, naming why; a wrong
     absmax on a CuPy param is refused as on NumPy."""

@@ -58,27 +58,27 @@ def state_for(opt, e):
                 st[name + SUFFIX] = xp.full(nb, float(absmax[0]), dtype=xp.float32, device=where)
         for key in (name, name + SUFFIX):
             buf = st[key]
-            if host:
+            if type(buf) is not type(e.p):  # a file's (NumPy) for a CuPy param, a CuPy state for a NumPy one
+                buf = np.ascontiguousarray(_on_host(buf))
+                st[key] = buf if host else _backend.from_numpy(buf, e.p)
+            elif host:
                 if not buf.flags.writeable or not buf.flags.c_contiguous:
                     st[key] = np.array(buf, order="C")
-            elif type(buf) is not type(e.p):  # a file's (NumPy): on the param's device
-                st[key] = _backend.from_numpy(np.ascontiguousarray(_backend.to_numpy(buf)), e.p)
             elif not buf.flags.c_contiguous:
                 st[key] = buf.copy(order="C")
     return st
 
 
 def check_state(opt, e, st):
-    """Every 8-bit buffer of e's state has its absmax: float32, one per block (a NumPy array, or for a CuPy param
-    a CuPy one)."""
+    """Every 8-bit buffer of e's state has its absmax: float32, one per block (a NumPy or CuPy array: the step
+    moves it to the param's library, :func:`state_for`)."""
     block = opt._hyper["block_size"]
     want = (n_blocks(math.prod(e.p.shape), block),)
-    kinds = (np.ndarray,) if type(e.p) is np.ndarray else (np.ndarray, type(e.p))
     for name in (e.opt or opt).buffers():
         if name not in st:
             continue
         absmax = st.get(name + SUFFIX)
-        if type(absmax) not in kinds or absmax.dtype != np.float32 or tuple(absmax.shape) != want:
+        if absmax is None or not _array(absmax) or absmax.dtype != np.float32 or tuple(absmax.shape) != want:
             have = "missing" if absmax is None else f"{type(absmax).__name__} {getattr(absmax, 'dtype', '')} " \
                                                    f"{tuple(getattr(absmax, 'shape', ()))}"
             raise ValueError(f"param {describe(e.key)}: its 8-bit state {name!r} needs {name + SUFFIX!r}, float32 of "
