@@ -43,7 +43,6 @@ XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks
 }
 #define XOPT_ALIGNED(a) (((std::uintptr_t)(a) & 15) == 0)
 #define XOPT_UNROLL
-XOPT_INLINE void xopt_atomic_max(unsigned int* a, unsigned int x) { *a = x > *a ? x : *a; }  // one thread at a time
 
 static long long xopt_host_wide = 0;  // 16-byte accesses since the last launch
 static bool xopt_host_misaligned = false;
@@ -153,8 +152,8 @@ extern "C" int xopt_host_norm(int ptype, int n_blocks, int threads, const unsign
 }
 
 // xopt_step8 as the GPU runs it: its phases in the order its __syncthreads sets, each for every thread of a block
-// before the next, the blocks one after another (the scratch is the block's shared memory: not cleared between
-// blocks except by phase 0, as on the GPU).
+// before the next, the blocks one after another (the scratch is the block's shared memory: never cleared, as on the
+// GPU).
 template <int RULE, typename P, typename S>
 static void step8(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
                   const int* blocks, int n_tensors, const S* clip, const S* scalars, int qblock, int maps) {
@@ -162,9 +161,9 @@ static void step8(int n_blocks, int threads, const unsigned long long* ptrs, con
     std::memset(&sh, 0xFF, sizeof sh);  // not zeroed, as shared memory is not
     for (int b = 0; b < n_blocks; ++b) {
         const S* s = scalars + XOPT_SCALARS * blocks[4 * b + 3];
-        for (int t = 0; t < threads; ++t) xopt_step8_clear(&sh, t, threads);
         for (int t = 0; t < threads; ++t)
             xopt_step8_rule<RULE, P, S>(ptrs, sizes, blocks, n_tensors, s, clip, qblock, maps, b, t, threads, &sh);
+        for (int t = 0; t < threads; ++t) xopt_step8_max(ptrs, sizes, blocks, n_tensors, qblock, b, t, threads, &sh);
         for (int t = 0; t < threads; ++t) xopt_step8_absmax(ptrs, sizes, blocks, n_tensors, qblock, b, t, threads, &sh);
         for (int t = 0; t < threads; ++t)
             xopt_step8_codes(ptrs, sizes, blocks, n_tensors, qblock, maps, b, t, threads, &sh);
@@ -187,11 +186,12 @@ static int step8_typed(int ptype, int n_blocks, int threads, const unsigned long
 #undef XOPT_RUN8
 
 // rule and ptype as xopt_host_launch's; qblock: the quantization block (XOPT_QBLOCK_MIN..XOPT_CHUNK8), maps: bit j,
-// slot j on the unsigned map.  Returns 0, or 1 for no such kernel or a qblock the kernel does not take.
+// slot j on the unsigned map.  Returns 0, or 1 for no such kernel, a qblock the kernel does not take or other than
+// XOPT_THREADS threads.
 extern "C" int xopt_host_step8(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
                                const long long* sizes, const int* blocks, int n_tensors, const void* clip,
                                const void* scalars, int qblock, int maps) {
-    if (qblock < XOPT_QBLOCK_MIN || qblock > XOPT_CHUNK8) return 1;
+    if (qblock < XOPT_QBLOCK_MIN || qblock > XOPT_CHUNK8 || threads != XOPT_THREADS) return 1;
     switch (rule) {
 #define XOPT_CASE(r) case r: return step8_typed<r>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, \
                                                    scalars, qblock, maps);

@@ -253,7 +253,7 @@ def cubins8(compiler):
 
 def test_8bit_instances_build_without_a_warning_local_memory_or_flush_to_zero(compiler, cubins8, tmp_path, monkeypatch):
     """Every 8-bit instance through CuPy's NVRTC: no warning; its SASS global-space accesses only, no local memory,
-    the shared scratch (STS/LDS) and the shared atomic max of the absmax bits; no .ftz in its PTX."""
+    the shared scratch (STS/LDS) and the phases' barriers, no atomics; no .ftz and no fused multiply-add in its PTX."""
     from xopt.engines import cuda_blockwise
 
     nvdisasm = _tool("nvdisasm")
@@ -269,7 +269,7 @@ def test_8bit_instances_build_without_a_warning_local_memory_or_flush_to_zero(co
         accesses = _accesses(text)
         assert not {a for a in accesses if a.split(".")[0] in ("LD", "ST", "LDL", "STL")}, f"{name}: {sorted(accesses)}"
         assert re.search(r"\bSTS\b", text) and re.search(r"\bLDS\b", text), f"{name}: no shared scratch"
-        assert re.search(r"\bATOMS\.", text), f"{name}: no shared atomic"
+        assert re.search(r"\bBAR\.SYNC", text) and not re.search(r"\bATOMS?\.", text), f"{name}: barriers, no atomics"
     monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=compute_{arch}", "ptx"))
     names = [cuda_blockwise.step8_name(rule, dtype) for rule, dtype in cubins8]
     ptx, _ = fused_cuda.build(names, arch=ARCH)

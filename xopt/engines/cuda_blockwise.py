@@ -10,8 +10,8 @@ configurations that take 8-bit state, with ``min_8bit_size=1``) has passed there
 (and where it failed), as for the float kernels.
 
 A CUDA block takes whole quantization blocks of one tensor (``XOPT_CHUNK8 // block_size`` of them): the rule on
-each element with its state decoded from the codes, the new state rounded to float32 into shared memory with
-each quantization block's largest magnitude, then the absmax and the codes.  A ``block_size`` outside
+each element with its state decoded from the codes, the new state rounded to float32 into shared memory; each
+quantization block's largest magnitude (a reduction over its threads' shares, no atomics); the absmax; the codes.  A ``block_size`` outside
 ``XOPT_QBLOCK_MIN..XOPT_CHUNK8`` (32..2048) is declined: the reference rule runs then.  One launch per
 (param dtype, GPU) and step, all the 8-bit tensors of one hyperparameter set in it (a part of scalars per step
 count), over a table uploaded in one copy: eight address rows (param, grad, the three slots' codes, their

@@ -82,7 +82,6 @@ XOPT_INLINE unsigned int xopt_count_done(unsigned int* done, unsigned int blocks
 }
 #define XOPT_ALIGNED(a) (((unsigned long long)(a) & 15) == 0)
 #define XOPT_UNROLL _Pragma("unroll")
-XOPT_INLINE void xopt_atomic_max(unsigned int* a, unsigned int x) { atomicMax(a, x); }  // 8-bit state's absmax bits
 #endif  // the host build defines these in tests/cuda_host.cpp
 
 // bfloat16 in integer operations, so that the CPU build runs the same code: its bits are a float's upper half
@@ -482,15 +481,17 @@ __global__ void xopt_norm(const unsigned long long* __restrict__ ptrs, const lon
 // The same table as xopt_step's with eight address rows: 0 param, 1 grad, 2-4 the three slots' codes, 5-7 their
 // absmax (0 where a slot is not kept); blocks[4b], [4b + 1], [4b + 3]: block b's tensor, its chunk (of whole
 // quantization blocks: XOPT_CHUNK8 / qblock of them) and its part (blocks[4b + 2] is not read).  A CUDA block
-// takes whole quantization blocks of one tensor, in three phases separated by __syncthreads (the CPU build runs
+// takes whole quantization blocks of one tensor, in four phases separated by __syncthreads (the CPU build runs
 // each phase for every thread of a block before the next, as xopt_norm's):
 //   1. each thread, its elements (lo + t, lo + t + threads, ...): each kept slot's code turned into its value,
 //      map(code) * absmax in float, widened to S; the rule; the param written; each new state value rounded to
-//      float into shared scratch, and the largest of its magnitude bits per quantization block (atomicMax on
-//      unsigned ints: floats >= 0 order as their bits, a NaN's above Inf's);
-//   2. each (slot, quantization block): its absmax from those bits (a NaN: the quiet NaN 0x7FC00000) written,
-//      and its inverse, 1 / absmax (1 for 0);
-//   3. each thread, its elements: the code of value * inverse written.
+//      float into shared scratch;
+//   2. each (slot, quantization block) pair has threads / (3 x its quantization blocks) threads (at least 1),
+//      each the largest magnitude bits of its share of the pair's values (unsigned ints: floats >= 0 order as
+//      their bits, a NaN's above Inf's; no atomics, which would serialize a warp on one address);
+//   3. each pair: the largest of its threads' bits, its absmax (a NaN: the quiet NaN 0x7FC00000) written, and its
+//      inverse, 1 / absmax (1 for 0);
+//   4. each thread, its elements: the code of value * inverse written.
 // The maps are small float formats relative to the absmax (blockwise.float_map: SIGNED_FORMAT, UNSIGNED_FORMAT),
 // their codes and values integer arithmetic on the float bits, as xopt/engines/cpu_codes.py computes them:
 // the reference's numbers (searchsorted on the midpoints, a take from the map) bit for bit.  `maps` bit j: slot j
@@ -565,13 +566,14 @@ XOPT_INLINE unsigned char xopt_code8(float y, bool is_unsigned) {
                                        : xopt_map_code<XOPT_SIGNED_M, XOPT_SIGNED_EMIN>(y, true));
 }
 
-// What the three phases share (shared memory on the GPU): the new state values of the block's chunk, rounded to
-// float; each quantization block's largest magnitude bits, then its inverse.
+// What the phases share (shared memory on the GPU): the new state values of the block's chunk, rounded to float;
+// each thread's largest magnitude bits of its share of a (slot, quantization block) pair; each pair's inverse.
 struct xopt_scratch8 {
     float x[3][XOPT_CHUNK8];
-    unsigned int top[3][XOPT_CHUNK8 / XOPT_QBLOCK_MIN];
+    unsigned int part[XOPT_THREADS];
     float inverse[3][XOPT_CHUNK8 / XOPT_QBLOCK_MIN];
 };
+static_assert(3 * (XOPT_CHUNK8 / XOPT_QBLOCK_MIN) <= XOPT_THREADS, "a thread for each (slot, quantization block)");
 
 // Block b's tensor, its elements [lo, hi), its addresses.
 struct xopt_where8 {
@@ -602,12 +604,6 @@ XOPT_INLINE xopt_where8 xopt_where_of8(const unsigned long long* ptrs, const lon
     return w;
 }
 
-// Phase 0, each thread: its share of the quantization blocks' maxima zeroed.
-XOPT_INLINE void xopt_step8_clear(xopt_scratch8* sh, long long t, long long threads) {
-    for (long long k = t; k < 3 * (XOPT_CHUNK8 / XOPT_QBLOCK_MIN); k += threads)
-        sh->top[k / (XOPT_CHUNK8 / XOPT_QBLOCK_MIN)][k % (XOPT_CHUNK8 / XOPT_QBLOCK_MIN)] = 0u;
-}
-
 // Phase 1, each thread: its elements through the rule.
 template <int RULE, typename P, typename S>
 XOPT_INLINE void xopt_step8_rule(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
@@ -630,35 +626,64 @@ XOPT_INLINE void xopt_step8_rule(const unsigned long long* ptrs, const long long
         xopt_st(p + j, xopt_from_math(pk, p));
         XOPT_UNROLL
         for (int slot = 0; slot < 3; ++slot) {
-            if ((w.live >> slot) & 1) {
-                const float x = (float)v[slot];
-                sh->x[slot][k] = x;
-                xopt_atomic_max(&sh->top[slot][kq], xopt_bits_of(x) & 0x7fffffffu);
-            }
+            if ((w.live >> slot) & 1) sh->x[slot][k] = (float)v[slot];
         }
     }
 }
 
-// Phase 2, each thread: its (slot, quantization block) pairs' absmax written and inverse kept.
+// The (slot, quantization block) pairs of a chunk of nq quantization blocks, and the threads each pair has.
+XOPT_INLINE long long xopt_lanes8(long long nq, long long threads) {
+    const long long lanes = threads / (3 * nq);
+    return lanes > 0 ? lanes : 1;
+}
+
+// Phase 2, each thread: the largest magnitude bits of its share of one pair's values (elements lane, lane + lanes,
+// ... of the quantization block).
+XOPT_INLINE void xopt_step8_max(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                int n_tensors, int qblock, long long b, long long t, long long threads,
+                                xopt_scratch8* sh) {
+    const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
+    const long long nq = (w.hi - w.lo + qblock - 1) / qblock, lanes = xopt_lanes8(nq, threads);
+    const long long pair = t / lanes, lane = t - pair * lanes;
+    unsigned int top = 0u;
+    if (pair < 3 * nq) {
+        const int slot = (int)(pair / nq);
+        const long long kq = pair - slot * nq, start = kq * qblock;
+        const long long left = w.hi - w.lo - start, len = left < qblock ? left : qblock;
+        if ((w.live >> slot) & 1) {
+            const float* x = sh->x[slot] + start;
+            for (long long e = lane; e < len; e += lanes) {
+                const unsigned int bits = xopt_bits_of(x[e]) & 0x7fffffffu;
+                top = bits > top ? bits : top;
+            }
+        }
+    }
+    sh->part[t] = top;
+}
+
+// Phase 3, each thread t < 3 x the quantization blocks: pair t's absmax written and its inverse kept.
 XOPT_INLINE void xopt_step8_absmax(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
                                    int n_tensors, int qblock, long long b, long long t, long long threads,
                                    xopt_scratch8* sh) {
     const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
-    const long long nq = (w.hi - w.lo + qblock - 1) / qblock, q0 = w.lo / qblock;
-    for (long long k = t; k < 3 * nq; k += threads) {
-        const int slot = (int)(k / nq);
-        const long long kq = k - slot * nq;
-        if (!((w.live >> slot) & 1)) continue;
-        unsigned int top = sh->top[slot][kq];
-        if (top > 0x7f800000u) top = 0x7fc00000u;  // one NaN, the quiet one arithmetic makes
-        const float absmax = xopt_float_of(top);
-        float* a = slot == 0 ? w.a[0] : (slot == 1 ? w.a[1] : w.a[2]);  // constant indices: no local memory
-        xopt_st(a + q0 + kq, absmax);
-        sh->inverse[slot][kq] = 1.0f / (absmax != 0.0f ? absmax : 1.0f);
+    const long long nq = (w.hi - w.lo + qblock - 1) / qblock, q0 = w.lo / qblock, lanes = xopt_lanes8(nq, threads);
+    if (t >= 3 * nq) return;
+    const int slot = (int)(t / nq);
+    const long long kq = t - slot * nq;
+    if (!((w.live >> slot) & 1)) return;
+    unsigned int top = 0u;
+    for (long long lane = 0; lane < lanes; ++lane) {
+        const unsigned int bits = sh->part[t * lanes + lane];
+        top = bits > top ? bits : top;
     }
+    if (top > 0x7f800000u) top = 0x7fc00000u;  // one NaN, the quiet one arithmetic makes
+    const float absmax = xopt_float_of(top);
+    float* a = slot == 0 ? w.a[0] : (slot == 1 ? w.a[1] : w.a[2]);  // constant indices: no local memory
+    xopt_st(a + q0 + kq, absmax);
+    sh->inverse[slot][kq] = 1.0f / (absmax != 0.0f ? absmax : 1.0f);
 }
 
-// Phase 3, each thread: the codes of its elements.
+// Phase 4, each thread: the codes of its elements.
 XOPT_INLINE void xopt_step8_codes(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
                                   int n_tensors, int qblock, int maps, long long b, long long t, long long threads,
                                   xopt_scratch8* sh) {
@@ -674,7 +699,8 @@ XOPT_INLINE void xopt_step8_codes(const unsigned long long* ptrs, const long lon
 }
 
 #ifndef XOPT_HOST
-// qblock: the quantization block (block_size), XOPT_QBLOCK_MIN <= qblock <= XOPT_CHUNK8; maps: bit j, slot j unsigned.
+// qblock: the quantization block (block_size), XOPT_QBLOCK_MIN <= qblock <= XOPT_CHUNK8; maps: bit j, slot j unsigned;
+// launched with XOPT_THREADS threads a block (a thread for each pair in phases 2 and 3).
 template <int RULE, typename P, typename S>
 __global__ void xopt_step8(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
                            const int* __restrict__ blocks, int n_tensors, const S* __restrict__ clip,
@@ -684,10 +710,10 @@ __global__ void xopt_step8(const unsigned long long* __restrict__ ptrs, const lo
     S s[XOPT_SCALARS];
     XOPT_UNROLL
     for (int k = 0; k < XOPT_SCALARS; ++k) s[k] = row[k];
-    xopt_step8_clear(&sh, threadIdx.x, blockDim.x);
-    __syncthreads();
     xopt_step8_rule<RULE, P, S>(ptrs, sizes, blocks, n_tensors, s, clip, qblock, maps, blockIdx.x, threadIdx.x,
                                 blockDim.x, &sh);
+    __syncthreads();
+    xopt_step8_max(ptrs, sizes, blocks, n_tensors, qblock, blockIdx.x, threadIdx.x, blockDim.x, &sh);
     __syncthreads();
     xopt_step8_absmax(ptrs, sizes, blocks, n_tensors, qblock, blockIdx.x, threadIdx.x, blockDim.x, &sh);
     __syncthreads();
