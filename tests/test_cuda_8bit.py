@@ -45,7 +45,7 @@ SIZES = [1, 7, 255, 256, 300, Q, Q + 5, 3 * Q + 257]
 @pytest.fixture
 def cuda8(cuda_on_cpu, monkeypatch):  # noqa: F811
     """NumPy arrays with 8-bit state routed to xopt_step8 on the CPU build (as cuda_on_cpu routes the float ones)."""
-    monkeypatch.setattr(cuda_blockwise, "accepts", lambda opt, e: type(e.p) is np.ndarray
+    monkeypatch.setattr(cuda_blockwise, "_takes", lambda e: type(e.p) is np.ndarray
                         and type(e.g) is np.ndarray and not e.rebind and np.dtype(e.p.dtype).name in fused_cuda.PTYPES)
     return cuda_on_cpu
 
@@ -445,7 +445,7 @@ from test_cuda_8bit import CONFIGS, _opt
 
 HostDevice.lib = ctypes.CDLL(sys.argv[1])
 fused_cuda.DEVICE = HostDevice
-cuda_blockwise.accepts = lambda opt, e: type(e.p) is np.ndarray
+cuda_blockwise._takes = lambda e: type(e.p) is np.ndarray
 _dispatch._fused_cpu = lambda: None
 rng = np.random.default_rng(0)
 for config in CONFIGS:

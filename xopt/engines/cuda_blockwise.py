@@ -64,11 +64,17 @@ def supports(opt) -> bool:
         opt._hyper["block_size"])
 
 
-def accepts(opt, e) -> bool:
-    """CuPy float16/bfloat16/float32/float64 params with CuPy grads, not rebound."""
+def _takes(e) -> bool:
+    """CuPy float16/bfloat16/float32/float64 params with CuPy grads, not rebound (the tests' CPU build: NumPy)."""
     from .fused_cuda import _is_cupy
 
     return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
+
+
+def accepts(opt, e) -> bool:
+    """Entry ``e``'s arrays are the kernel's (:func:`_takes`) and the impl lets it run: ``impl="fused"``, or
+    :func:`trusted`."""
+    return _takes(e) and (opt.impl == "fused" or trusted(opt, e))
 
 
 def trusted(opt, e) -> bool:
