@@ -488,3 +488,28 @@ def test_8bit_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
     assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"launches8 {len(CONFIGS) * 3 * 3 * 2}" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config, block", [("Adam-amsgrad-wd", 256), ("RMSprop-momentum-wd", 4096), ("Lion", 100)])
+def test_the_reference_path_of_a_library_other_than_numpy(config, block, dtype, monkeypatch, rng):
+    """What CuPy params run where the kernel does not (impl="reference"; impl="auto" before its self-check; a
+    block_size it declines), on array-api-strict arrays standing in for CuPy's: the state made in the param's
+    library (xp.full), checked there, the array-API reference rule over it; bit for bit the NumPy run."""
+    xps = pytest.importorskip("array_api_strict")
+    monkeypatch.setattr(blockwise, "LIBRARIES", (*blockwise.LIBRARIES, "array_api_strict"))
+    params = _random(rng, [5000, 2100, 50], dtype)
+    grads_seq = _grads(rng, params, 3)
+    ref, a = _run(config, "reference", params, grads_seq, block_size=block, min_8bit_size=1000)
+    ours = _opt(config, "reference", block_size=block, min_8bit_size=1000)
+    b = {k: xps.asarray(v) for k, v in params.items()}
+    with np.errstate(all="ignore"):
+        for g in grads_seq:
+            ours.update(b, {k: xps.asarray(v) for k, v in g.items()})
+    assert type(ours.state["w0"][ours.buffers()[0]]).__module__.startswith("array_api_strict")
+    for k in a:
+        assert same_bits(np.asarray(b[k]), a[k]), k
+        for name, buf in ref.state[k].items():
+            if name != "step":
+                assert same_bits(np.asarray(ours.state[k][name]), buf), (k, name)
+    assert ref.state["w0"][ref.buffers()[0]].dtype == np.uint8 and ref.state["w2"][ref.buffers()[0]].dtype == dtype

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _backend, _numba
 from ._inputs import describe
+from .engines import blockwise as _eight
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
@@ -153,8 +154,8 @@ def select(opt, entries):
 def _select(opt, entries):
     paths = []
     if opt._hyper.get("state_dtype") == "8bit":  # params whose state is 8-bit codes: their own rule
-        eight, entries = _partition(entries, lambda e: (type(e.p) is np.ndarray or _backend.library_name(e.p) == "cupy")
-                                    and is_8bit(opt, e.p.size))
+        eight, entries = _partition(entries, lambda e: (type(e.p) is np.ndarray or _backend.library_name(e.p)
+                                                        in _eight.LIBRARIES) and is_8bit(opt, e.p.size))
         if eight:
             paths += _blockwise(opt, eight)
         if not entries:

@@ -12,18 +12,16 @@ import numpy as np
 
 from . import _backend
 from ._inputs import describe
+from .engines import blockwise
 from .engines.blockwise import REFERENCE_CHUNK, SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
 
 __all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry"]
 
 
-_LIBRARIES = ("numpy", "cupy")  # the arrays whose state can be 8-bit: NumPy (CPU kernel), CuPy (CUDA kernel)
-
-
 def buffer_dtype(opt, e):
     """uint8 (the codes) for a NumPy or CuPy param of at least ``min_8bit_size`` elements, its compute dtype for a
     smaller one; raises for other array libraries."""
-    if _backend.library_name(e.p) not in _LIBRARIES and not isinstance(e.p, (float, np.floating)):
+    if _backend.library_name(e.p) not in blockwise.LIBRARIES and not isinstance(e.p, (float, np.floating)):
         raise TypeError(f"param {describe(e.key)}: state_dtype='8bit' is supported for NumPy and CuPy arrays "
                         f"only, not {_backend.library_name(e.p)}")
     if is_8bit(opt, math.prod(np.shape(e.p))):
@@ -64,7 +62,7 @@ def state_for(opt, e):
             elif host:
                 if not buf.flags.writeable or not buf.flags.c_contiguous:
                     st[key] = np.array(buf, order="C")
-            elif not buf.flags.c_contiguous:
+            elif not getattr(getattr(buf, "flags", None), "c_contiguous", True):  # what the CUDA kernel takes
                 st[key] = buf.copy(order="C")
     return st
 
@@ -78,7 +76,8 @@ def check_state(opt, e, st):
         if name not in st:
             continue
         absmax = st.get(name + SUFFIX)
-        if absmax is None or not _array(absmax) or absmax.dtype != np.float32 or tuple(absmax.shape) != want:
+        if (absmax is None or not _array(absmax) or _backend.dtype_name(absmax.dtype) != "float32"
+                or tuple(absmax.shape) != want):
             have = "missing" if absmax is None else f"{type(absmax).__name__} {getattr(absmax, 'dtype', '')} " \
                                                    f"{tuple(getattr(absmax, 'shape', ()))}"
             raise ValueError(f"param {describe(e.key)}: its 8-bit state {name!r} needs {name + SUFFIX!r}, float32 of "
@@ -151,7 +150,7 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
 
 
 def _array(a) -> bool:
-    return isinstance(a, np.ndarray) or _backend.library_name(a) in _LIBRARIES
+    return isinstance(a, np.ndarray) or _backend.library_name(a) in blockwise.LIBRARIES
 
 
 def _on_host(a) -> np.ndarray:
