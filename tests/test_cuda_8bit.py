@@ -513,3 +513,22 @@ def test_the_reference_path_of_a_library_other_than_numpy(config, block, dtype, 
             if name != "step":
                 assert same_bits(np.asarray(ours.state[k][name]), buf), (k, name)
     assert ref.state["w0"][ref.buffers()[0]].dtype == np.uint8 and ref.state["w2"][ref.buffers()[0]].dtype == dtype
+
+
+@pytest.mark.parametrize("config", ["Adam-amsgrad-wd", "Lion", "RMSprop-momentum-wd"])
+def test_shapes_0d_and_empty_with_min_8bit_size_0(config, cuda8, rng):
+    """min_8bit_size=0: a 0-d param (one element, one block) and empty ones (no block) keep 8-bit state too; the
+    empty ones get no CUDA block, and a step of empty params alone launches nothing."""
+    shapes = [(), (0,), (1, 0, 2), (3, 5), (300,)]
+    params = {f"w{i}": np.array(rng.standard_normal(s), dtype=np.float32) for i, s in enumerate(shapes)}
+    grads_seq = [{k: np.array(rng.standard_normal(v.shape), dtype=np.float32) for k, v in params.items()}
+                 for _ in range(3)]
+    ref, a, ours, b = _both(config, params, grads_seq, min_8bit_size=0)
+    assert [launch[3] for launch in cuda8.launches8] == [[1, 0, 0, 15, 300]] * 3
+    first = ours.buffers()[0]
+    assert ours.state["w1"][first].dtype == np.uint8 and ours.state["w1"][first + SUFFIX].shape == (0,)
+    _assert_same(ref, ours, a, b, f"{config} 0-d and empty")
+    empty = {"e": np.zeros((0, 3), np.float32)}
+    opt = _opt(config, "fused", min_8bit_size=0)
+    opt.update(empty, {"e": np.zeros((0, 3), np.float32)})
+    assert len(cuda8.launches8) == 3 and opt.state["e"]["step"] == 1
