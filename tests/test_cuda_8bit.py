@@ -532,3 +532,10 @@ def test_shapes_0d_and_empty_with_min_8bit_size_0(config, cuda8, rng):
     opt = _opt(config, "fused", min_8bit_size=0)
     opt.update(empty, {"e": np.zeros((0, 3), np.float32)})
     assert len(cuda8.launches8) == 3 and opt.state["e"]["step"] == 1
+
+
+def test_compile_all_builds_the_8bit_instances_too(cuda_on_cpu, monkeypatch):  # noqa: F811
+    asked = []
+    monkeypatch.setattr(HostDevice, "function8", staticmethod(lambda rule, dtype: asked.append((rule, str(dtype)))))
+    fused_cuda.compile_all()
+    assert sorted(asked) == sorted((rule, dtype) for rule in cuda_blockwise.RULES8 for dtype in fused_cuda.PTYPES)
