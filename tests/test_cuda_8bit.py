@@ -46,7 +46,7 @@ SIZES = [1, 7, 255, 256, 300, Q, Q + 5, 3 * Q + 257]
 def cuda8(cuda_on_cpu, monkeypatch):  # noqa: F811
     """NumPy arrays with 8-bit state routed to xopt_step8 on the CPU build (as cuda_on_cpu routes the float ones)."""
     monkeypatch.setattr(cuda_blockwise, "_takes", lambda e: type(e.p) is np.ndarray
-                        and type(e.g) is np.ndarray and not e.rebind and np.dtype(e.p.dtype).name in fused_cuda.PTYPES)
+                        and type(e.g) is np.ndarray and not e.rebind and cuda_blockwise._dtypes_ok(e))
     return cuda_on_cpu
 
 
@@ -427,6 +427,10 @@ def test_cupy_params_refused_where_no_kernel_takes_them(cupy8, rng):
     with pytest.raises(TypeError, match="8-bit state of Adam.*'w0', a cupy array.*block_size 32 to 2048, not 4096"):
         ours.update(b, {"w0": cupy8.on_gpu(rng.standard_normal(5000).astype(np.float32))})
     np.testing.assert_array_equal(cupy8.host(b["w0"]), before)
+    half = _random(rng, [5000], np.float16)
+    ref, a, ours, b = _cupy_twin(cupy8, "Adam", half, _grads(rng, half, 1)[0])
+    with pytest.raises(TypeError, match="'w0', a cupy array.*its grad is float32: the CUDA kernel takes a 16-bit"):
+        ours.update(b, {"w0": cupy8.on_gpu(rng.standard_normal(5000).astype(np.float32))})
     ref, a, ours, b = _cupy_twin(cupy8, "Adam", params, _grads(rng, params, 1)[0])
     ours.state["w0"]["v" + SUFFIX] = ours.state["w0"]["v" + SUFFIX][:-1]
     with pytest.raises(ValueError, match="'w0': its 8-bit state 'v' needs 'v_absmax', float32 of shape"):
@@ -539,3 +543,31 @@ def test_compile_all_builds_the_8bit_instances_too(cuda_on_cpu, monkeypatch):  #
     monkeypatch.setattr(HostDevice, "function8", staticmethod(lambda rule, dtype: asked.append((rule, str(dtype)))))
     fused_cuda.compile_all()
     assert sorted(asked) == sorted((rule, dtype) for rule in cuda_blockwise.RULES8 for dtype in fused_cuda.PTYPES)
+
+
+@pytest.mark.parametrize("dtype, grad", [(np.float16, np.float32), (BF16, np.float32), (np.float16, BF16),
+                                         (np.float32, np.float64), (np.float64, np.float32)],
+                         ids=lambda d: np.dtype(d).name)
+def test_grads_of_another_dtype(dtype, grad, cuda8, rng):
+    """A grad of another dtype than the param's: the kernel reads grads as the param's type, so it takes those that
+    convert to it as the reference converts them to the math type (float32 params: float64 grads rounded once;
+    float64 params: exact) and declines a 16-bit param's (rounded twice): the reference rule (here, on NumPy, the CPU
+    kernel) steps those, impl="fused" without another kernel refuses them before any write."""
+    params = {"w": np.array(rng.standard_normal(5000), dtype=dtype)}
+    grads_seq = [{"w": np.array(rng.standard_normal(5000) * 1.001, dtype=grad)} for _ in range(2)]
+    ref, a = _run("Adam", "reference", params, grads_seq)
+    takes = np.dtype(dtype).itemsize != 2
+    if takes:
+        ours, b = _run("Adam", "fused", params, grads_seq)
+        assert len(cuda8.launches8) == 2
+        _assert_same(ref, ours, a, b, f"{np.dtype(dtype).name} params, {np.dtype(grad).name} grads")
+    else:
+        ours, b = _run("Adam", "fused", params, grads_seq)  # NumPy params: the CPU kernel takes them
+        assert cuda8.launches8 == []
+        _assert_same(ref, ours, a, b, "declined")
+        b = {"w": params["w"].copy()}
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_dispatch._numba, "usable", lambda: False)
+            with pytest.raises(TypeError, match="no fused kernel computes the 8-bit state"):
+                _opt("Adam", "fused").update(b, grads_seq[0])
+        assert cuda8.launches8 == [] and np.array_equal(b["w"], params["w"])

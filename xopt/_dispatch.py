@@ -235,7 +235,7 @@ def _blockwise(opt, entries):
     rest += host
     if rest and opt.impl == "fused":
         raise TypeError(f"impl='fused': no fused kernel computes the 8-bit state of {opt!r} (param "
-                        f"{describe(rest[0].key)}, a {_backend.library_name(rest[0].p)} array){_why_not_8bit(opt)}; "
+                        f"{describe(rest[0].key)}, a {_backend.library_name(rest[0].p)} array){_why_not_8bit(opt, rest[0])}; "
                         "use impl='auto' or impl='reference'")
     if rest:
         paths.append((blockwise_reference, rest))
@@ -253,15 +253,13 @@ def _cuda_blockwise(opt):
     return cuda_blockwise if cuda_blockwise.supports(opt) else None
 
 
-def _why_not_8bit(opt):
-    if not _numba.usable():
-        return f" (NumPy params: {_numba.why_not()})"
+def _why_not_8bit(opt, e):
+    if type(e.p) is np.ndarray:
+        return "" if _numba.usable() else f" ({_numba.why_not()})"
     if _installed("cupy"):
         from .engines import cuda_blockwise
 
-        if not cuda_blockwise.takes_block(opt._hyper["block_size"]):
-            return (f" (CuPy params: the CUDA kernel takes block_size {cuda_blockwise.QBLOCK_MIN} to "
-                    f"{cuda_blockwise.CHUNK8}, not {opt._hyper['block_size']})")
+        return cuda_blockwise.why_not(opt, e)
     return ""
 
 

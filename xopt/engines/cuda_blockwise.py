@@ -11,8 +11,9 @@ configurations that take 8-bit state, with ``min_8bit_size=1``) has passed there
 
 A CUDA block takes whole quantization blocks of one tensor (``XOPT_CHUNK8 // block_size`` of them): the rule on
 each element with its state decoded from the codes, the new state rounded to float32 into shared memory; each
-quantization block's largest magnitude (a reduction over its threads' shares, no atomics); the absmax; the codes.  A ``block_size`` outside
-``XOPT_QBLOCK_MIN..XOPT_CHUNK8`` (32..2048) is declined: the reference rule runs then.  One launch per
+quantization block's largest magnitude (a reduction over its threads' shares, no atomics); the absmax; the
+codes.  A ``block_size`` outside ``XOPT_QBLOCK_MIN..XOPT_CHUNK8`` (32..2048) is declined: the reference rule
+runs then (``impl="fused"`` raises).  One launch per
 (param dtype, GPU) and step, all the 8-bit tensors of one hyperparameter set in it (a part of scalars per step
 count), over a table uploaded in one copy: eight address rows (param, grad, the three slots' codes, their
 absmax), the sizes, the blocks (tensor, chunk, 0, part) and the rows of scalars.
@@ -31,8 +32,8 @@ from .blockwise import SUFFIX, UNSIGNED, map_of
 from .cuda_device import N_SCALARS, PTYPES, SOURCE, step8_name
 from .kernels import CUDA_RULES, cut, lookup
 
-__all__ = ["CHUNK8", "QBLOCK_MIN", "RULES8", "step8_name", "supports", "takes_block", "accepts", "trusted", "apply",
-           "chunk_of"]
+__all__ = ["CHUNK8", "QBLOCK_MIN", "RULES8", "step8_name", "supports", "takes_block", "accepts", "why_not", "trusted",
+           "apply", "chunk_of"]
 
 _TEXT = SOURCE.read_text()
 CHUNK8 = int(re.search(r"#define XOPT_CHUNK8 (\d+)", _TEXT).group(1))  # elements per CUDA block at most
@@ -65,16 +66,34 @@ def supports(opt) -> bool:
 
 
 def _takes(e) -> bool:
-    """CuPy float16/bfloat16/float32/float64 params with CuPy grads, not rebound (the tests' CPU build: NumPy)."""
+    """CuPy float16/bfloat16/float32/float64 params with CuPy grads, not rebound (the tests' CPU build: NumPy); a
+    16-bit param's grad of its own dtype (the kernel reads a grad as the param's type: another grad rounded to a
+    16-bit type would not be the reference's, which takes it to float32 directly)."""
     from .fused_cuda import _is_cupy
 
-    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and np.dtype(e.p.dtype).name in PTYPES
+    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and _dtypes_ok(e)
+
+
+def _dtypes_ok(e) -> bool:
+    dtype = np.dtype(e.p.dtype)
+    return dtype.name in PTYPES and (dtype.itemsize != 2 or e.g.dtype == dtype)
 
 
 def accepts(opt, e) -> bool:
     """Entry ``e``'s arrays are the kernel's (:func:`_takes`) and the impl lets it run: ``impl="fused"``, or
     :func:`trusted`."""
     return _takes(e) and (opt.impl == "fused" or trusted(opt, e))
+
+
+def why_not(opt, e) -> str:
+    """Why the kernel declines entry ``e``, as " (...)" for an error message; "" where it does not say."""
+    block = opt._hyper["block_size"]
+    if not takes_block(block):
+        return f" (the CUDA kernel takes block_size {QBLOCK_MIN} to {CHUNK8}, not {block})"
+    if not _dtypes_ok(e):
+        return (f" (its grad is {np.dtype(e.g.dtype).name}: the CUDA kernel takes a 16-bit param's grad in the "
+                "param's dtype)")
+    return ""
 
 
 def trusted(opt, e) -> bool:
