@@ -33,7 +33,7 @@ from .cuda_device import N_SCALARS, PTYPES, SOURCE, step8_name
 from .kernels import CUDA_RULES, cut, lookup
 
 __all__ = ["CHUNK8", "QBLOCK_MIN", "RULES8", "step8_name", "supports", "takes_block", "accepts", "why_not", "trusted",
-           "apply", "chunk_of"]
+           "check_configs", "apply", "chunk_of"]
 
 _TEXT = SOURCE.read_text()
 CHUNK8 = int(re.search(r"#define XOPT_CHUNK8 (\d+)", _TEXT).group(1))  # elements per CUDA block at most
@@ -104,6 +104,25 @@ def trusted(opt, e) -> bool:
     if fused_cuda.VERIFIED:
         return True
     return cuda_check.trusted_on(opt, fused_cuda.device_of(e.p), fused_cuda.case_name(e.p.dtype, "8bit"))
+
+
+def check_configs(rule, configs) -> list:
+    """The self-check's configurations of ``rule`` (``cuda_check.CONFIGS[rule]``) that take 8-bit state, each with
+    ``state_dtype="8bit"`` and ``min_8bit_size=1`` (every tensor but an empty one 8-bit); the others refuse it (SGD
+    without momentum, RMSprop centered)."""
+    import xopt
+
+    if rule not in RULES8:
+        raise ValueError(f"rule {rule} has no kernel with 8bit state")
+    found = []
+    for name, hyper, *rest in configs:
+        hyper = {**hyper, "state_dtype": "8bit", "min_8bit_size": 1}
+        try:
+            getattr(xopt, name)(**hyper)
+        except (TypeError, ValueError):  # not an 8-bit configuration
+            continue
+        found.append((name, hyper, *rest))
+    return found
 
 
 def _table(n, ptrs, sizes, part, chunk, rows):

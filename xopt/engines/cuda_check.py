@@ -80,31 +80,13 @@ def configs_for(rule, dtype, state=None):
     if state is None:
         return configs
     if state == "8bit":
-        return _configs8(rule)
+        from .cuda_blockwise import check_configs
+
+        return check_configs(rule, configs)
     if rule not in fused_cuda.STATE_RULES or state not in fused_cuda.STATE_TYPES:
         raise ValueError(f"rule {rule} has no kernel with {state} state")
     fused_cuda.kernel_name(rule, dtype, state)  # raises where the params' math is not float
     return [(name, {**hyper, "state_dtype": state}, *rest) for name, hyper, *rest in configs]
-
-
-def _configs8(rule):
-    """The configurations of :data:`CONFIGS` for ``rule`` that take 8-bit state, each with ``state_dtype="8bit"``
-    and ``min_8bit_size=1`` (every tensor but the empty one 8-bit; the others refuse it: SGD without momentum)."""
-    import xopt
-
-    from .cuda_blockwise import RULES8
-
-    if rule not in RULES8:
-        raise ValueError(f"rule {rule} has no kernel with 8bit state")
-    found = []
-    for name, hyper, *rest in CONFIGS[rule]:
-        hyper = {**hyper, "state_dtype": "8bit", "min_8bit_size": 1}
-        try:
-            getattr(xopt, name)(**hyper)
-        except (TypeError, ValueError):  # not an 8-bit configuration
-            continue
-        found.append((name, hyper, *rest))
-    return found
 
 
 def _dtype(dtype):
