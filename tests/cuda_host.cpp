@@ -2,8 +2,8 @@
 //
 // The step kernel has no shared memory and no __syncthreads, so running its threads in turn gives
 // what the GPU computes (with --fmad=false there, -ffp-contract=off here).  The norm kernel's
-// phases, which __syncthreads separates on the GPU, run here each for every thread of a block
-// before the next (xopt_host_norm).  The 16-byte accesses are counted, and one at an address the
+// phases and the 8-bit step's, which __syncthreads separates on the GPU, run here each for every
+// thread of a block before the next (xopt_host_norm, xopt_host_step8).  The 16-byte accesses are counted, and one at an address the
 // GPU could not load 16 bytes from makes the launch fail (xopt_host_launch returns 2).  What this
 // cannot show: anything about the GPU itself (NVRTC, the PTX half conversions, the atomics and
 // fences of the norm pass, speed).  Built and driven by tests/test_cuda_source.py.
@@ -149,4 +149,63 @@ extern "C" int xopt_host_norm(int ptype, int n_blocks, int threads, const unsign
                                       (double*)scale, max_norm); return 0;
     }
     return 1;
+}
+
+// xopt_step8 as the GPU runs it: its phases in the order its __syncthreads sets, each for every thread of a block
+// before the next, the blocks one after another (the scratch is the block's shared memory: never cleared, as on the
+// GPU).
+template <int RULE, typename P, typename S>
+static void step8(int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
+                  const int* blocks, int n_tensors, const S* clip, const S* scalars, int qblock, int maps) {
+    static xopt_scratch8 sh;
+    std::memset(&sh, 0xFF, sizeof sh);  // not zeroed, as shared memory is not
+    for (int b = 0; b < n_blocks; ++b) {
+        const S* s = scalars + XOPT_SCALARS * blocks[4 * b + 3];
+        for (int t = 0; t < threads; ++t)
+            xopt_step8_rule<RULE, P, S>(ptrs, sizes, blocks, n_tensors, s, clip, qblock, maps, b, t, threads, &sh);
+        for (int t = 0; t < threads; ++t) xopt_step8_max(ptrs, sizes, blocks, n_tensors, qblock, b, t, threads, &sh);
+        for (int t = 0; t < threads; ++t) xopt_step8_absmax(ptrs, sizes, blocks, n_tensors, qblock, b, t, threads, &sh);
+        for (int t = 0; t < threads; ++t)
+            xopt_step8_codes(ptrs, sizes, blocks, n_tensors, qblock, maps, b, t, threads, &sh);
+    }
+}
+
+#define XOPT_RUN8(P, S) step8<RULE, P, S>(n_blocks, threads, ptrs, sizes, blocks, n_tensors, (const S*)clip, \
+                                          (const S*)scalars, qblock, maps); return 0
+template <int RULE>
+static int step8_typed(int ptype, int n_blocks, int threads, const unsigned long long* ptrs, const long long* sizes,
+                       const int* blocks, int n_tensors, const void* clip, const void* scalars, int qblock, int maps) {
+    switch (ptype) {
+        case 16: XOPT_RUN8(xopt_half, float);
+        case 116: XOPT_RUN8(xopt_bf16, float);
+        case 32: XOPT_RUN8(float, float);
+        case 64: XOPT_RUN8(double, double);
+    }
+    return 1;
+}
+#undef XOPT_RUN8
+
+// rule and ptype as xopt_host_launch's; qblock: the quantization block (XOPT_QBLOCK_MIN..XOPT_CHUNK8), maps: bit j,
+// slot j on the unsigned map.  Returns 0, or 1 for no such kernel, a qblock the kernel does not take or other than
+// XOPT_THREADS threads.
+extern "C" int xopt_host_step8(int rule, int ptype, int n_blocks, int threads, const unsigned long long* ptrs,
+                               const long long* sizes, const int* blocks, int n_tensors, const void* clip,
+                               const void* scalars, int qblock, int maps) {
+    if (qblock < XOPT_QBLOCK_MIN || qblock > XOPT_CHUNK8 || threads != XOPT_THREADS) return 1;
+    switch (rule) {
+#define XOPT_CASE(r) case r: return step8_typed<r>(ptype, n_blocks, threads, ptrs, sizes, blocks, n_tensors, clip, \
+                                                   scalars, qblock, maps);
+        XOPT_CASE(0) XOPT_CASE(1) XOPT_CASE(2) XOPT_CASE(3) XOPT_CASE(4)
+        XOPT_CASE(5) XOPT_CASE(6) XOPT_CASE(7) XOPT_CASE(8) XOPT_CASE(9) XOPT_CASE(10)
+#undef XOPT_CASE
+    }
+    return 1;
+}
+
+// The codes and values of the two maps, for the tests: codes of float ys, or values of codes (as floats).
+extern "C" void xopt_host_codes8(const float* y, unsigned char* out, long long n, int is_unsigned) {
+    for (long long i = 0; i < n; ++i) out[i] = xopt_code8(y[i], is_unsigned != 0);
+}
+extern "C" void xopt_host_values8(const unsigned char* codes, float* out, long long n, int is_unsigned) {
+    for (long long i = 0; i < n; ++i) out[i] = xopt_value8(codes[i], is_unsigned != 0);
 }

@@ -235,3 +235,43 @@ def test_norm_pass_builds_through_cupys_nvrtc_without_a_warning_or_local_memory(
     accesses = _accesses(text)
     assert not {a for a in accesses if a.split(".")[0] in ("LDL", "STL")}, f"local memory: {sorted(accesses)}"
     assert "ATOM" in text or "RED" in text, "no atomic count of the blocks done"
+
+
+@pytest.fixture(scope="module")
+def cubins8(compiler):
+    """{(rule, dtype): (cubin, lowered name, NVRTC log)} of the 8-bit state's step (xopt.engines.cuda_blockwise)."""
+    from xopt.engines import cuda_blockwise
+
+    built = {}
+    for rule in cuda_blockwise.RULES8:
+        for dtype in DTYPES:
+            name, log = cuda_blockwise.step8_name(rule, dtype), io.StringIO()
+            cubin, lowered = fused_cuda.build([name], arch=ARCH, log_stream=log)
+            built[rule, dtype] = (cubin, lowered.get(name), log.getvalue())
+    return built
+
+
+def test_8bit_instances_build_without_a_warning_local_memory_or_flush_to_zero(compiler, cubins8, tmp_path, monkeypatch):
+    """Every 8-bit instance through CuPy's NVRTC: no warning; its SASS global-space accesses only, no local memory,
+    the shared scratch (STS/LDS) and the phases' barriers, no atomics; no .ftz and no fused multiply-add in its PTX."""
+    from xopt.engines import cuda_blockwise
+
+    nvdisasm = _tool("nvdisasm")
+    for (rule, dtype), (cubin, lowered, log) in cubins8.items():
+        name = cuda_blockwise.step8_name(rule, dtype)
+        assert log.strip("\0 \n") == "", f"{name}: NVRTC said {log!r}"
+        assert lowered and lowered.startswith("_Z10xopt_step8"), f"{name}: {lowered!r}"
+        if nvdisasm is None:
+            continue
+        path = tmp_path / "k.cubin"
+        path.write_bytes(_complete(cubin))
+        text = subprocess.run([nvdisasm, str(path)], check=True, capture_output=True, text=True).stdout
+        accesses = _accesses(text)
+        assert not {a for a in accesses if a.split(".")[0] in ("LD", "ST", "LDL", "STL")}, f"{name}: {sorted(accesses)}"
+        assert re.search(r"\bSTS\b", text) and re.search(r"\bLDS\b", text), f"{name}: no shared scratch"
+        assert re.search(r"\bBAR\.SYNC", text) and not re.search(r"\bATOMS?\.", text), f"{name}: barriers, no atomics"
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=compute_{arch}", "ptx"))
+    names = [cuda_blockwise.step8_name(rule, dtype) for rule, dtype in cubins8]
+    ptx, _ = fused_cuda.build(names, arch=ARCH)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert ptx.count(".entry ") == len(names) and ".ftz" not in ptx and "fma." not in ptx

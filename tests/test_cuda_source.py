@@ -123,6 +123,10 @@ class HostDevice:
     def norm_function(dtype):
         return "norm", type_code(dtype)
 
+    @staticmethod
+    def function8(rule, dtype):
+        return "8bit", rule, type_code(dtype)
+
     @classmethod
     def launcher(cls, function, n_blocks, args):
         return functools.partial(cls.launch, function, n_blocks, args)
@@ -144,6 +148,8 @@ class HostDevice:
 
     @classmethod
     def launch(cls, function, n_blocks, args):
+        if function[0] == "8bit":
+            return cls.launch8(function, n_blocks, args)
         kernel, bits, state = function if len(function) == 3 else (*function, 0)
         assert type(args[3]) is np.int32 and all(type(a) is np.uint64 for a in args[:3]), "table, sizes, blocks, n"
         n_tensors = int(args[3])
@@ -166,6 +172,24 @@ class HostDevice:
         cls.launches += 1
         cls.launched_on.append((cls.current, at(args[1], np.int64, n_tensors).tolist()))
         cls.wide.append(cls.lib.xopt_host_wide_accesses())
+
+
+    launches8 = []  # (rule, param type, blocks, sizes, block_size, maps) per 8-bit step launch
+
+    @classmethod
+    def launch8(cls, function, n_blocks, args):
+        """xopt_step8's launch (xopt.engines.cuda_blockwise): the table, sizes, blocks, n, clip, scalars, the
+        quantization block and the maps."""
+        _, rule, bits = function
+        assert all(type(a) is np.uint64 for a in (*args[:3], *args[4:6])) and type(args[3]) is np.int32
+        assert type(args[6]) is np.int32 and type(args[7]) is np.int32, "block_size and maps as int32"
+        n_tensors = int(args[3])
+        rc = cls.lib.xopt_host_step8(rule, bits, n_blocks, fused_cuda.THREADS,
+                                     *(ctypes.c_void_p(int(a)) for a in args[:3]), n_tensors,
+                                     *(ctypes.c_void_p(int(a)) for a in args[4:6]), int(args[6]), int(args[7]))
+        assert rc == 0, f"no 8-bit kernel for rule {rule}, params of type {bits}, block_size {int(args[6])}"
+        cls.launches8.append((rule, bits, n_blocks, at(args[1], np.int64, n_tensors).tolist(), int(args[6]),
+                              int(args[7])))
 
 
 def grads_read(args):
@@ -191,6 +215,7 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(HostDevice, "wide", [])
     monkeypatch.setattr(HostDevice, "uploads", [])
     monkeypatch.setattr(HostDevice, "norms", 0)
+    monkeypatch.setattr(HostDevice, "launches8", [])
     monkeypatch.setattr(HostDevice, "stream", 0)
     monkeypatch.setattr(HostDevice, "last", {})
     monkeypatch.setattr(HostDevice, "waits", [])

@@ -21,6 +21,7 @@ def _members(protocol):
     ("fused_cpu", LaneEngine, ()),
     ("fused_cuda", LaneEngine, ()),
     ("fused_dask", Engine, ("supports",)),  # a chunk's task picks its own engine on its worker
+    ("cuda_blockwise", Engine, ()),  # 8-bit state on CuPy params (the checked path only)
 ])
 def test_an_engine_defines_its_interface(name, protocol, leave_out):
     if name == "fused_cpu":

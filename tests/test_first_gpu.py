@@ -113,8 +113,12 @@ def test_the_parts_cover_every_rule_and_run_in_order(fg):
     rules = list(CUDA_RULES)
     assert list(fg.RULES) == rules == sorted(cuda_check.CONFIGS)
     assert names[0] == "environment" and names[-1] == "tests" and names[-3:-1] == ["host", "torch-cuda"]
-    assert names[1:1 + 2 * len(rules)] == ([f"smoke:rule={r}" for r in rules]
-                                           + [f"self-check:rule={r}" for r in rules])
+    from xopt.engines.cuda_blockwise import RULES8
+
+    assert list(fg.RULES8) == list(RULES8)
+    assert names[1:1 + 2 * len(rules) + len(RULES8)] == ([f"smoke:rule={r}" for r in rules]
+                                                         + [f"smoke8:rule={r}" for r in RULES8]
+                                                         + [f"self-check:rule={r}" for r in rules])
     assert [n for n in names if n.startswith("timing:")] == [f"timing:case={c}:dtype={d}" for c, d in fg.TIMING]
     assert len(set(names)) == len(names)
     for part in parts:  # each runs a function of the script

@@ -278,7 +278,7 @@ def test_unsupported_optimizers_and_arrays_are_refused_naming_them():
         xopt.Adam(state_dtype="8bit", block_size=0)
     torch = pytest.importorskip("torch")
     opt = xopt.Adam(state_dtype="8bit")
-    with pytest.raises(TypeError, match="'w'.*8bit.*NumPy arrays only, not torch"):
+    with pytest.raises(TypeError, match="'w'.*8bit.*NumPy and CuPy arrays only, not torch"):
         opt.update({"w": torch.ones(5000)}, {"w": torch.ones(5000)})
     assert opt.state == {}
 

@@ -194,7 +194,7 @@ def test_a_wrong_state_is_refused_before_any_write():
     assert np.array_equal(params["w"], before) and opt.state["w"]["step"] == 1
     torch = pytest.importorskip("torch")
     opt = xopt.Lion(state_dtype="8bit")
-    with pytest.raises(TypeError, match="'w'.*8bit.*NumPy arrays only, not torch"):
+    with pytest.raises(TypeError, match="'w'.*8bit.*NumPy and CuPy arrays only, not torch"):
         opt.update({"w": torch.ones(5000)}, {"w": torch.ones(5000)})
     assert opt.state == {}
 

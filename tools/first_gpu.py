@@ -18,7 +18,12 @@ in order:
 - ``smoke:rule=R``: every configuration of ``cuda_check.CONFIGS[R]`` on float16/bfloat16/32/64 params, a few steps
   with ``impl="fused"`` and ``impl="reference"`` on the same GPU arrays, the device synchronized after
   every step; params and state compared bit for bit and within the tolerance of tests/test_fused_gpu.py.
-- ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype, its verdict.
+- ``smoke8:rule=R``: the same for the 8-bit state's kernel (``xopt_step8``, :mod:`xopt.engines.cuda_blockwise`):
+  each configuration of ``cuda_check.CONFIGS[R]`` of an optimizer that takes ``state_dtype="8bit"`` (those it
+  refuses are listed as skipped), with ``min_8bit_size=1`` and the default ``block_size``, ``impl="fused"`` against
+  ``impl="reference"`` on the same GPU arrays; params, codes and absmax compared bit for bit.
+- ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype (and "DTYPE/8bit", the 8-bit
+  state's kernel, for the rules that have one), its verdict.
 - ``timing:CASE:DTYPE``: Adam with new grads every step, against a device-to-device copy of as many bytes
   as the step moves and torch's fused Adam: the kernels' time (CUDA events around each launch), the step's
   span on the GPU (events around ``update()``) and ``update()``'s host time; medians over repetitions after
@@ -50,6 +55,7 @@ JSONL, LOG = "first-gpu.jsonl", "first-gpu.log"
 NO_GPU = 3  # a part's exit code: no usable GPU (the environment part)
 CHECK_FAILED = 2  # a part's exit code: it ran, and some of its lines are not ok
 RULES = range(11)  # the CUDA kernel's rules (xopt.engines.kernels.CUDA_RULES; tests/test_first_gpu.py holds them equal)
+RULES8 = (0, 1, 2, 3, 4, 9)  # those with 8-bit state (xopt.engines.cuda_blockwise.RULES8; held equal there too)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The runner: this process imports no CUDA library; each part is a child process.
@@ -96,7 +102,8 @@ def plan() -> list:
     """Every part, in the order they run."""
     return ([child("part_environment", 60)]
             + [child("part_smoke", 120, rule=r) for r in RULES]  # the first builds numba's cache: the longest
-            + [child("part_self_check", 60, rule=r) for r in RULES]
+            + [child("part_smoke8", 120, rule=r) for r in RULES8]
+            + [child("part_self_check", 90, rule=r) for r in RULES]  # with the 8-bit cases: up to eight checks
             + [child("part_timing", 90, case=c, dtype=d) for c, d in TIMING]
             + [child("part_host", 90)]
             + [child("part_torch_cuda", 90)]
@@ -352,11 +359,60 @@ def part_smoke(rule: int, steps: int = 3):
              seconds=round(time.perf_counter() - t0, 2))
 
 
+def part_smoke8(rule: int, steps: int = 3):
+    """8-bit state (``state_dtype="8bit"``): the CUDA 8-bit kernel against the reference rule, same GPU, bit for bit
+    (params, codes, absmax)."""
+    import cupy
+    import numpy as np
+
+    import xopt
+    from xopt import _backend
+    from xopt.engines import cuda_blockwise, cuda_check, fused_cuda
+
+    shapes = [(1000,), (3, 5), (2 * cuda_blockwise.CHUNK8 + 9,), (300, 301)]
+    for dtype in fused_cuda.PTYPES:
+        kind = _backend.low_precision_dtype(np, dtype) if dtype == "bfloat16" else np.dtype(dtype)  # ml_dtypes'
+        t0, results = time.perf_counter(), []
+        for name, hyper, *n_steps in cuda_check.CONFIGS[rule]:
+            hyper = {**hyper, "state_dtype": "8bit", "min_8bit_size": 1}
+            label = f"{name}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
+            try:
+                ref = getattr(xopt, name)(impl="reference", **hyper)
+                ours = getattr(xopt, name)(impl="fused", **hyper)
+            except (TypeError, ValueError) as exc:  # not an 8-bit configuration (SGD without momentum, ...)
+                results.append(dict(config=label, skipped=f"{type(exc).__name__}: {exc}"))
+                continue
+            rng = np.random.default_rng(rule)
+            try:
+                host = {f"t{i}": rng.standard_normal(s).astype(kind) for i, s in enumerate(shapes)}
+                a = {k: cupy.asarray(v) for k, v in host.items()}
+                b = {k: cupy.asarray(v) for k, v in host.items()}
+                n = max(steps, n_steps[0] if n_steps else 0)
+                for _ in range(n):
+                    g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(kind)) for k, v in host.items()}
+                    ref.update(a, g)
+                    cupy.cuda.Device().synchronize()
+                    ours.update(b, g)
+                    cupy.cuda.Device().synchronize()
+                pairs = [(b[k], a[k]) for k in host] + [(ours.state[k][s], ref.state[k][s])
+                                                        for k in host for s in ref.state[k] if s != "step"]
+                same = [np.array_equal(cupy.asnumpy(x).reshape(-1).view(np.uint8),
+                                       cupy.asnumpy(y).reshape(-1).view(np.uint8))
+                        or np.array_equal(cupy.asnumpy(x), cupy.asnumpy(y), equal_nan=True) for x, y in pairs]
+                results.append(dict(config=label, steps=n, bitwise=all(same), differing=sum(not x for x in same)))
+            except Exception as exc:  # noqa: BLE001  (the next configuration still runs)
+                results.append(dict(config=label, bitwise=False, error=f"{type(exc).__name__}: {exc}"))
+        run = [r for r in results if "skipped" not in r]
+        emit(ok=bool(run) and all(r["bitwise"] for r in run), dtype=dtype,
+             kernel=cuda_blockwise.step8_name(rule, dtype), configs=results, seconds=round(time.perf_counter() - t0, 2))
+
+
 def part_self_check(rule: int):
     """cuda_check.self_check for each param dtype: what impl="auto" runs before it trusts a kernel."""
     from xopt.engines import cuda_check, fused_cuda
 
-    for dtype in fused_cuda.PTYPES:
+    cases = list(fused_cuda.PTYPES) + ([f"{d}/8bit" for d in fused_cuda.PTYPES] if rule in RULES8 else [])
+    for dtype in cases:
         t0 = time.perf_counter()
         try:
             result = cuda_check.self_check(rule, dtype)

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _backend, _numba
 from ._inputs import describe
+from .engines import blockwise as _eight
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
@@ -153,9 +154,10 @@ def select(opt, entries):
 def _select(opt, entries):
     paths = []
     if opt._hyper.get("state_dtype") == "8bit":  # params whose state is 8-bit codes: their own rule
-        eight, entries = _partition(entries, lambda e: type(e.p) is np.ndarray and is_8bit(opt, e.p.size))
+        eight, entries = _partition(entries, lambda e: (type(e.p) is np.ndarray or _backend.library_name(e.p)
+                                                        in _eight.LIBRARIES) and is_8bit(opt, e.p.size))
         if eight:
-            paths.append(_blockwise(opt, eight))
+            paths += _blockwise(opt, eight)
         if not entries:
             return paths
     dask_engine = _fused_dask()
@@ -214,17 +216,51 @@ def select_whole(opt, entries):
 
 
 def _blockwise(opt, entries):
-    """The path of params with 8-bit state: the fused CPU kernel where it has the rule, else the reference."""
-    if opt.impl != "reference" and _numba.usable():
+    """The paths of params with 8-bit state: the CUDA kernel for CuPy params where it takes them
+    (:mod:`xopt.engines.cuda_blockwise`; under ``impl="auto"`` once its self-check passed on their GPU for that
+    rule and dtype), the fused CPU kernel for NumPy params where it has the rule, else the reference."""
+    paths = []
+    cuda = _cuda_blockwise(opt)
+    if cuda is not None:
+        taken, entries = _partition(entries, lambda e: cuda.accepts(opt, e))  # under auto: its self-check passed
+        if taken:
+            paths.append((cuda.apply, taken))
+    host, rest = _partition(entries, lambda e: type(e.p) is np.ndarray)
+    if host and opt.impl != "reference" and _numba.usable():
         from .engines import cpu_blockwise
 
         if cpu_blockwise.supports(opt):
-            return cpu_blockwise.apply, entries
-    if opt.impl == "fused":
+            paths.append((cpu_blockwise.apply, host))
+            host = []
+    rest += host
+    if rest and opt.impl == "fused":
         raise TypeError(f"impl='fused': no fused kernel computes the 8-bit state of {opt!r} (param "
-                        f"{describe(entries[0].key)}){'' if _numba.usable() else ' (' + _numba.why_not() + ')'}; "
+                        f"{describe(rest[0].key)}, a {_backend.library_name(rest[0].p)} array){_why_not_8bit(opt, rest[0])}; "
                         "use impl='auto' or impl='reference'")
-    return blockwise_reference, entries
+    if rest:
+        paths.append((blockwise_reference, rest))
+    return paths
+
+
+def _cuda_blockwise(opt):
+    """The CUDA engine of 8-bit state where it may run ``opt``'s steps (the impl, its rule and block_size), or None."""
+    if opt.impl == "reference":
+        return None
+    if _fused_cuda() is None:
+        return None
+    from .engines import cuda_blockwise
+
+    return cuda_blockwise if cuda_blockwise.supports(opt) else None
+
+
+def _why_not_8bit(opt, e):
+    if type(e.p) is np.ndarray:
+        return "" if _numba.usable() else f" ({_numba.why_not()})"
+    if _installed("cupy"):
+        from .engines import cuda_blockwise
+
+        return cuda_blockwise.why_not(opt, e)
+    return ""
 
 
 def hand_over(paths, factor):
@@ -253,6 +289,8 @@ def lane_kind(opt, p):
         if engine is not None and engine is _fused_cpu():  # the CPU engine's answer is for good (the CUDA one
             _CPU_LANE[key] = found  # on a test's host arrays waits for a self-check: asked each time)
         return found
+    if opt._hyper.get("state_dtype") == "8bit":  # the checked path sorts 8-bit params from float ones
+        return None
     engine = lane_engine(opt, type(p))
     kind = None if engine is None else engine.kind(opt, p.dtype)
     return None if kind is None else (engine, kind)
@@ -266,7 +304,7 @@ def gpu_tensor_kind(opt, t):
     where that engine takes them (CUDA tensors: ``fused_cuda.tensor_dtype``) and the impl lets it: under
     ``impl="auto"`` once the self-check of the rule and dtype has passed on ``t``'s GPU (asked here, once: no
     checked-path step of a tensor asks it); None: the checked path takes them."""
-    if opt.impl == "reference":
+    if opt.impl == "reference" or opt._hyper.get("state_dtype") == "8bit":  # 8-bit: torch tensors' is the reference
         return None
     engine = _fused_cuda()
     if engine is None or not engine.supports(opt):

@@ -12,17 +12,18 @@ import numpy as np
 
 from . import _backend
 from ._inputs import describe
+from .engines import blockwise
 from .engines.blockwise import REFERENCE_CHUNK, SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
 
 __all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry"]
 
 
 def buffer_dtype(opt, e):
-    """uint8 (the codes) for a NumPy param of at least ``min_8bit_size`` elements, its compute dtype for a
+    """uint8 (the codes) for a NumPy or CuPy param of at least ``min_8bit_size`` elements, its compute dtype for a
     smaller one; raises for other array libraries."""
-    if _backend.library_name(e.p) != "numpy" and not isinstance(e.p, (float, np.floating)):
-        raise TypeError(f"param {describe(e.key)}: state_dtype='8bit' is supported for NumPy arrays only, "
-                        f"not {_backend.library_name(e.p)}")
+    if _backend.library_name(e.p) not in blockwise.LIBRARIES and not isinstance(e.p, (float, np.floating)):
+        raise TypeError(f"param {describe(e.key)}: state_dtype='8bit' is supported for NumPy and CuPy arrays "
+                        f"only, not {_backend.library_name(e.p)}")
     if is_8bit(opt, math.prod(np.shape(e.p))):
         return np.dtype(np.uint8)
     return _backend.compute_dtype(e.xp, e.p.dtype)
@@ -35,32 +36,48 @@ def holds_8bit(st) -> bool:
 
 def state_for(opt, e):
     """The state of an 8-bit param, its missing buffers made (each the quantized start value) and read-only
-    ones (a file's, a user's) copied."""
+    ones (a file's, a user's) copied; a CuPy param's on its device (a file's NumPy buffers moved there)."""
     st = opt.state.setdefault(e.key, {"step": 0})
     view = e.opt or opt
     block = opt._hyper["block_size"]
+    host = type(e.p) is np.ndarray
     for name in view.buffers():
         if st.get(name) is None:
             # every block of a constant has the same codes and absmax: those of one (no param-sized temporaries)
             codes, absmax = quantize(np, np.full(1, view.initial_value(name), dtype=np.float32),
                                      map_of(view, name), block)
-            st[name] = np.full(e.p.shape, codes[0], dtype=np.uint8)
-            st[name + SUFFIX] = np.full(n_blocks(math.prod(e.p.shape), block), absmax[0], dtype=np.float32)
+            nb = n_blocks(math.prod(e.p.shape), block)
+            if host:
+                st[name] = np.full(e.p.shape, codes[0], dtype=np.uint8)
+                st[name + SUFFIX] = np.full(nb, absmax[0], dtype=np.float32)
+            else:
+                xp, where = e.xp, _backend.device(e.p)
+                st[name] = xp.full(e.p.shape, int(codes[0]), dtype=xp.uint8, device=where)
+                st[name + SUFFIX] = xp.full(nb, float(absmax[0]), dtype=xp.float32, device=where)
         for key in (name, name + SUFFIX):
-            if not st[key].flags.writeable or not st[key].flags.c_contiguous:
-                st[key] = np.array(st[key], order="C")
+            buf = st[key]
+            if type(buf) is not type(e.p):  # a file's (NumPy) for a CuPy param, a CuPy state for a NumPy one
+                buf = np.ascontiguousarray(_on_host(buf))
+                st[key] = buf if host else _backend.from_numpy(buf, e.p)
+            elif host:
+                if not buf.flags.writeable or not buf.flags.c_contiguous:
+                    st[key] = np.array(buf, order="C")
+            elif not getattr(getattr(buf, "flags", None), "c_contiguous", True):  # what the CUDA kernel takes
+                st[key] = buf.copy(order="C")
     return st
 
 
 def check_state(opt, e, st):
-    """Every 8-bit buffer of e's state has its absmax: float32, one per block."""
+    """Every 8-bit buffer of e's state has its absmax: float32, one per block (a NumPy or CuPy array: the step
+    moves it to the param's library, :func:`state_for`)."""
     block = opt._hyper["block_size"]
     want = (n_blocks(math.prod(e.p.shape), block),)
     for name in (e.opt or opt).buffers():
         if name not in st:
             continue
         absmax = st.get(name + SUFFIX)
-        if type(absmax) is not np.ndarray or absmax.dtype != np.float32 or absmax.shape != want:
+        if (absmax is None or not _array(absmax) or _backend.dtype_name(absmax.dtype) != "float32"
+                or tuple(absmax.shape) != want):
             have = "missing" if absmax is None else f"{type(absmax).__name__} {getattr(absmax, 'dtype', '')} " \
                                                    f"{tuple(getattr(absmax, 'shape', ()))}"
             raise ValueError(f"param {describe(e.key)}: its 8-bit state {name!r} needs {name + SUFFIX!r}, float32 of "
@@ -106,17 +123,18 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
         absmax = st.get(name + SUFFIX)
         if absmax is None and not want_8bit:
             continue
-        if not isinstance(buf, np.ndarray) or (absmax is not None and not isinstance(absmax, np.ndarray)):
+        if not _array(buf) or (absmax is not None and not _array(absmax)):
             raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state converts from and to NumPy "
-                            f"arrays only, got {type(buf).__name__}")
+                            f"and CuPy arrays only, got {type(buf).__name__}")
         if absmax is not None:
             _check_blocks(key, name, buf, absmax, saved_block)
             if want_8bit and saved_block == block:
                 continue  # kept as it is: the usual 8-bit checks follow
+            buf, absmax = _on_host(buf), _on_host(absmax)  # converted on the host (a CuPy state's: copied there)
             values = _dequantize_all(buf.reshape(-1), absmax, map_of(trial, name), saved_block)
             del entry[name + SUFFIX]
         else:
-            values = np.asarray(buf, dtype=np.float32).reshape(-1)
+            values = np.asarray(_on_host(buf), dtype=np.float32).reshape(-1)
         if want_8bit:
             codes, scales = _quantize_all(values, map_of(trial, name), block)
             entry[name], entry[name + SUFFIX] = codes.reshape(buf.shape), scales
@@ -129,6 +147,19 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
         if isinstance(name, str) and name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in st:
             raise ValueError(f"state of param {describe(key)} holds {name!r} without {name[:-len(SUFFIX)]!r}")
     return entry
+
+
+def _array(a) -> bool:
+    return isinstance(a, np.ndarray) or _backend.library_name(a) in blockwise.LIBRARIES
+
+
+def _on_host(a) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else _backend.to_numpy(a)
+
+
+def _own(a):
+    """A C-ordered copy of ``a`` in its own library (NumPy or CuPy)."""
+    return np.array(a, order="C") if isinstance(a, np.ndarray) else a.copy(order="C")
 
 
 def _chunk(block) -> int:
@@ -187,5 +218,5 @@ def checked_entry(kind, key, st, step, always, possible, p):
             raise ValueError(f"state {n!r} of param {name} has shape {tuple(codes.shape)} but the param has "
                              f"shape {shape}")
         shape = tuple(codes.shape)
-        entry[n], entry[n + SUFFIX] = np.array(codes, order="C"), np.array(st[n + SUFFIX], order="C")
+        entry[n], entry[n + SUFFIX] = _own(codes), _own(st[n + SUFFIX])
     return entry

@@ -43,11 +43,12 @@ from .. import _backend
 from .reference import _as, _grad, _write
 
 __all__ = ["BLOCK_SIZE", "MIN_8BIT_SIZE", "dynamic_map", "float_map", "SIGNED_FORMAT", "UNSIGNED_FORMAT", "SIGNED", "UNSIGNED", "midpoints", "quantize",
-           "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX"]
+           "dequantize", "map_of", "is_8bit", "n_blocks", "apply_reference", "SUFFIX", "LIBRARIES"]
 
 BLOCK_SIZE = 256  # bitsandbytes' blockwise default
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller params keep float32 state
 SUFFIX = "_absmax"  # buffer name + SUFFIX: its per-block scales
+LIBRARIES = ("numpy", "cupy")  # the array libraries whose params keep 8-bit state (the CPU kernel's, the CUDA one's)
 REFERENCE_CHUNK = 1 << 15  # elements the reference quantizes at a time (rounded down to whole blocks)
 
 

@@ -17,7 +17,9 @@ or is stopped from outside: Ctrl-C, SIGTERM, the OOM killer's SIGKILL) fails it 
 
 What one check runs: each configuration of :data:`CONFIGS` that uses the rule (together they take
 every branch of its element function; the last one with ``clip_grad_norm``; for a case of bfloat16 state,
-"float32/bfloat16" (:func:`fused_cuda.case_name`), each with ``state_dtype="bfloat16"``), on six tensors in
+"float32/bfloat16" (:func:`fused_cuda.case_name`), each with ``state_dtype="bfloat16"``; for a case of 8-bit state,
+"float32/8bit", those of its optimizers that take ``state_dtype="8bit"``, with it and ``min_8bit_size=1``: the
+kernel of :mod:`xopt.engines.cuda_blockwise`, its codes and absmax compared too), on six tensors in
 one launch per step, two steps (SGD's first step differs; RAdam seven, as it rectifies from step 6): a
 scalar, an empty tensor, 15 elements (a 128-bit group and a scalar tail), 37 elements with the param and then the grad offset
 by one element (not 16-byte aligned: the scalar path), and one more than two chunks' worth spread
@@ -77,6 +79,10 @@ def configs_for(rule, dtype, state=None):
     configs = CONFIGS[rule]
     if state is None:
         return configs
+    if state == "8bit":
+        from .cuda_blockwise import check_configs
+
+        return check_configs(rule, configs)
     if rule not in fused_cuda.STATE_RULES or state not in fused_cuda.STATE_TYPES:
         raise ValueError(f"rule {rule} has no kernel with {state} state")
     fused_cuda.kernel_name(rule, dtype, state)  # raises where the params' math is not float
@@ -209,7 +215,9 @@ def _compare(dev, device, dtype, configs, cases, launched):
                     diff = _first_difference(dev.download(b[k]), dev.download(a[k]))
                     if diff:
                         return f"{where}, param {diff}"
-                    for buf in ref.buffers():
+                    for buf in ref.state[k]:  # the buffers (and an 8-bit one's absmax)
+                        if buf == "step":
+                            continue
                         diff = _first_difference(dev.download(ours.state[k][buf]), dev.download(ref.state[k][buf]))
                         if diff:
                             return f"{where}, state {buf} {diff}"
@@ -227,7 +235,9 @@ def trusted(opt, e) -> bool:
     """May ``impl="auto"`` run the CUDA kernel for entry ``e``?  Asks :func:`verdict` once per (GPU, rule, case)."""
     if fused_cuda.VERIFIED:
         return True
-    return trusted_on(opt, fused_cuda.device_of(e.p), fused_cuda.case_name(e.p.dtype, opt._hyper.get("state_dtype")))
+    low = opt._hyper.get("state_dtype")
+    low = None if low == "8bit" else low  # the float kernel's entries keep their state in the math type
+    return trusted_on(opt, fused_cuda.device_of(e.p), fused_cuda.case_name(e.p.dtype, low))
 
 
 def trusted_on(opt, device, dtype_name) -> bool:
@@ -315,7 +325,8 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
 
 
 # The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.
-_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "fused_cuda.py", "kernels.py")
+_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "fused_cuda.py", "kernels.py",
+              "cuda_blockwise.py")
 # A CUDA error after the kernel ran that is the kernel's own (kept); any other may pass another time.
 _KERNEL_FAULTS = ("IllegalAddress", "MisalignedAddress", "LaunchFailure", "IllegalInstruction", "HardwareStackError",
                   "InvalidPc", "InvalidAddressSpace")

@@ -19,7 +19,7 @@ from . import cuda_cache
 from .kernels import cut
 
 __all__ = ["SOURCE", "CHUNK", "THREADS", "N_SCALARS", "N_SLOTS", "ALIGN", "PTYPES", "STATE_TYPES", "OPTIONS",
-           "case_name", "kernel_name", "norm_name", "block_table", "build", "built", "CupyDevice"]
+           "case_name", "kernel_name", "step8_name", "norm_name", "block_table", "build", "built", "CupyDevice"]
 
 SOURCE = Path(__file__).with_name("cuda") / "optimizers.cu"
 _TEXT = SOURCE.read_text()
@@ -47,12 +47,15 @@ def case_name(dtype, state=None) -> str:
 
 def kernel_name(rule: int, dtype, state=None) -> str:
     """The template instance that runs ``rule`` on params of ``dtype`` (a dtype, its name, or a :func:`case_name`),
-    its state in the math type or (``state``, a name in :data:`STATE_TYPES`) in that."""
+    its state in the math type or (``state``, a name in :data:`STATE_TYPES`) in that, or 8-bit (``state="8bit"``:
+    :func:`step8_name`)."""
     if isinstance(dtype, str) and "/" in dtype:
         dtype, state = dtype.split("/")
     p, s = PTYPES[_name(dtype)]
     if state is None:
         return f"xopt_step<{rule}, {p}, {s}>"
+    if state == "8bit":  # the 8-bit state's kernel (xopt.engines.cuda_blockwise)
+        return step8_name(rule, dtype)
     if s != "float":
         raise ValueError(f"no kernel keeps {state} state for {_name(dtype)} params (their math is {s})")
     return f"xopt_step<{rule}, {p}, {s}, {STATE_TYPES[state]}>"
@@ -61,6 +64,12 @@ def kernel_name(rule: int, dtype, state=None) -> str:
 def _name(dtype) -> str:
     """A dtype's name; bfloat16's too, where NumPy does not know it by name (ml_dtypes not imported yet)."""
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def step8_name(rule: int, dtype) -> str:
+    """The template instance of the 8-bit state's step (``state_dtype="8bit"``) of ``rule`` on params of ``dtype``."""
+    p, s = PTYPES[_name(dtype)]
+    return f"xopt_step8<{rule}, {p}, {s}>"
 
 
 def norm_name(dtype) -> str:
@@ -213,6 +222,13 @@ class CupyDevice:
         import cupy
 
         return _function(cupy.cuda.Device().id, kernel_name(rule, dtype, state))
+
+    @staticmethod
+    def function8(rule, dtype):
+        """The 8-bit state's step of ``rule`` on params of ``dtype`` (:mod:`xopt.engines.cuda_blockwise`)."""
+        import cupy
+
+        return _function(cupy.cuda.Device().id, step8_name(rule, dtype))
 
     @staticmethod
     def norm_function(dtype):

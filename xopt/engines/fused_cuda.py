@@ -67,6 +67,8 @@ def compile_all() -> float:
     """Build every kernel instance for the current GPU; returns seconds."""
     import time
 
+    from .cuda_blockwise import RULES8
+
     t0 = time.perf_counter()
     for dtype, (_, math) in PTYPES.items():
         for rule in CUDA_RULES:
@@ -76,6 +78,8 @@ def compile_all() -> float:
                 for rule in STATE_RULES:
                     DEVICE.function(rule, dtype, state)
         DEVICE.norm_function(dtype)
+        for rule in RULES8:  # 8-bit state (xopt.engines.cuda_blockwise)
+            DEVICE.function8(rule, dtype)
     return time.perf_counter() - t0
 
 
@@ -92,10 +96,12 @@ STATE_RULES = (4,)  # the rules whose optimizers take a state_dtype of STATE_TYP
 def supports(opt) -> bool:
     """Whether the source has ``opt``'s rule: not one that reads its tensors' norms first (LAMB: the reference
     rule runs it on the GPU, see ``kernels.NORMS``), its state in the math type or in a type of
-    :data:`STATE_TYPES` (Adam's ``state_dtype="bfloat16"``)."""
+    :data:`STATE_TYPES` (Adam's ``state_dtype="bfloat16"``), or ``state_dtype="8bit"`` (this kernel steps the params
+    below ``min_8bit_size``, whose state is in the math type; :mod:`xopt.engines.cuda_blockwise` the others)."""
     found = lookup(opt)
     low = opt._hyper.get("state_dtype")
-    return found is not None and not found.norms and (low is None or low in STATE_TYPES and found.rule in STATE_RULES)
+    return found is not None and not found.norms and (low is None or low == "8bit"
+                                                      or low in STATE_TYPES and found.rule in STATE_RULES)
 
 
 def _is_cupy(x) -> bool:
@@ -170,6 +176,8 @@ def _new_kind(opt, dtype):
         return None
     dtype = np.dtype(dtype.name)  # native byte order
     math, low = np.dtype(_backend.compute_dtype(np, dtype)), opt._hyper.get("state_dtype")
+    if low == "8bit":  # the params below min_8bit_size: state in the math type (the others: cuda_blockwise)
+        low = None
     if low is not None and math != np.float32:  # a lower state for float math only (float64: the reference)
         return None
     return Kind(found.rule, found.order, found.slots, dtype, math, low)

@@ -5,7 +5,7 @@ functions only; ``tests/test_engines.py`` checks that every engine module define
 parameters.
 
 - :class:`Engine` (the checked path, ``_checked.step`` through ``_dispatch.select``): the CPU, CUDA and Dask
-  engines.  The Dask one runs a whole step of its chunks on their workers, whatever the optimizer: it has no
+  engines, and the CUDA one of 8-bit state (:mod:`xopt.engines.cuda_blockwise`).  The Dask one runs a whole step of its chunks on their workers, whatever the optimizer: it has no
   ``supports``.
 - :class:`LaneEngine` (the exact-type lane, :mod:`xopt._lane`): an engine that reads a step's arrays itself,
   in one compiled call, and takes a whole step or declines it having written nothing: the CPU engine

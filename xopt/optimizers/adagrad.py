@@ -30,7 +30,7 @@ class AdaGrad(StateStorage, Optimizer):
         lr_decay: δ, the step size decays as η / (1 + (t - 1) δ).
         initial_accumulator_value: where h starts.
         weight_decay: λ, L2 penalty added to the gradient.
-        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps h of every NumPy param of
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps h of every NumPy or CuPy param of
             at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
             (uint8 codes, a float32 absmax per ``block_size`` (256) elements; h on the unsigned map).
     """

@@ -31,7 +31,7 @@ class Lion(StateStorage, Optimizer):
         beta1: β1, how much of m the sign sees, in [0, 1).
         beta2: β2, decay rate of m, in [0, 1).
         weight_decay: λ, decoupled: W shrinks by ηλW each step.
-        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps m of every NumPy param of
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps m of every NumPy or CuPy param of
             at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
             (uint8 codes, a float32 absmax per ``block_size`` (256) elements; m on the signed map).
 

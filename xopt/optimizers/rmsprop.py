@@ -36,7 +36,7 @@ class RMSprop(StateStorage, Optimizer):
         momentum: μ, 0 for none.
         centered: divide by the variance estimate instead of the second moment.
         weight_decay: λ, L2 penalty added to the gradient.
-        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps h and b of every NumPy param of
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps h and b of every NumPy or CuPy param of
             at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
             (uint8 codes, a float32 absmax per ``block_size`` (256) elements; h on the unsigned map, b on
             the signed one; not with ``centered=True``).

@@ -32,7 +32,7 @@ class SGD(StateStorage, Optimizer):
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         weight_decay: λ, L2 penalty added to the gradient.
         state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` (momentum > 0 only) keeps b of every
-            NumPy param of at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as
+            NumPy or CuPy param of at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as
             :class:`~xopt.Adam` does (uint8 codes, a float32 absmax per ``block_size`` (256) elements; b on
             the signed map).
 
@@ -108,7 +108,7 @@ class Momentum(StateStorage, Optimizer):
     Args:
         lr: learning rate η.
         momentum: α.
-        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps v of every NumPy param of
+        state_dtype, block_size, min_8bit_size: ``state_dtype="8bit"`` keeps v of every NumPy or CuPy param of
             at least ``min_8bit_size`` (4096) elements as blockwise 8-bit state, as :class:`~xopt.Adam` does
             (uint8 codes, a float32 absmax per ``block_size`` (256) elements; v on the signed map).
     """

@@ -476,3 +476,247 @@ __global__ void xopt_norm(const unsigned long long* __restrict__ ptrs, const lon
     if (threadIdx.x == 0) xopt_norm_finish<S>(sq, nf, blockDim.x, out, scale, max_norm);
 }
 #endif  // the CPU build runs the phases itself (tests/cuda_host.cpp)
+
+// -- 8-bit state (state_dtype="8bit", xopt/engines/blockwise.py): uint8 codes and a float32 absmax per block --------
+// The same table as xopt_step's with eight address rows: 0 param, 1 grad, 2-4 the three slots' codes, 5-7 their
+// absmax (0 where a slot is not kept); blocks[4b], [4b + 1], [4b + 3]: block b's tensor, its chunk (of whole
+// quantization blocks: XOPT_CHUNK8 / qblock of them) and its part (blocks[4b + 2] is not read).  A CUDA block
+// takes whole quantization blocks of one tensor, in four phases separated by __syncthreads (the CPU build runs
+// each phase for every thread of a block before the next, as xopt_norm's):
+//   1. each thread, its elements (lo + t, lo + t + threads, ...): each kept slot's code turned into its value,
+//      map(code) * absmax in float, widened to S; the rule; the param written; each new state value rounded to
+//      float into shared scratch;
+//   2. each (slot, quantization block) pair has threads / (3 x its quantization blocks) threads (at least 1),
+//      each the largest magnitude bits of its share of the pair's values (unsigned ints: floats >= 0 order as
+//      their bits, a NaN's above Inf's; no atomics, which would serialize a warp on one address);
+//   3. each pair: the largest of its threads' bits, its absmax (a NaN: the quiet NaN 0x7FC00000) written, and its
+//      inverse, 1 / absmax (1 for 0);
+//   4. each thread, its elements: the code of value * inverse written.
+// The maps are small float formats relative to the absmax (blockwise.float_map: SIGNED_FORMAT, UNSIGNED_FORMAT),
+// their codes and values integer arithmetic on the float bits, as xopt/engines/cpu_codes.py computes them:
+// the reference's numbers (searchsorted on the midpoints, a take from the map) bit for bit.  `maps` bit j: slot j
+// is on the unsigned map.  The host side is xopt/engines/cuda_blockwise.py.
+#ifndef XOPT_CHUNK8
+#define XOPT_CHUNK8 2048  // elements per block at most (whole quantization blocks); the host side reads this line
+#endif
+#define XOPT_QBLOCK_MIN 32  // the smallest quantization block the kernel takes; the host side reads this line
+#define XOPT_SIGNED_M 3  // the signed map: fraction bits, emin (blockwise.SIGNED_FORMAT; the host side checks them)
+#define XOPT_SIGNED_EMIN -14
+#define XOPT_UNSIGNED_M 3  // the unsigned map (blockwise.UNSIGNED_FORMAT)
+#define XOPT_UNSIGNED_EMIN -30
+
+XOPT_INLINE float xopt_float_of(unsigned int u) { xopt_bits x; x.u = u; return x.f; }
+XOPT_INLINE unsigned int xopt_bits_of(float f) { xopt_bits x; x.f = f; return x.u; }
+
+// map[code] of float_map(signed, M, EMIN): magnitude codes of field >= 1 shifted into the float bits; field 0 (the
+// subnormals of the format) a small integer times 2^(EMIN - M), exact.
+template <int M, int EMIN>
+XOPT_INLINE float xopt_map_value(unsigned int code, bool is_signed) {
+    int c = (int)code;
+    bool neg = false;
+    if (is_signed) {
+        c -= 127;
+        neg = c < 0;
+        if (neg) c = -c;
+    }
+    const unsigned int mag = (unsigned int)c;
+    float x;
+    if (mag < (1u << M)) {
+        x = (float)mag * xopt_float_of((unsigned int)(127 + EMIN - M) << 23);  // 2^(EMIN - M), a normal float
+    } else {
+        x = xopt_float_of((mag << (23 - M)) + ((unsigned int)(127 + EMIN - 1) << 23));
+    }
+    return neg ? xopt_float_of(xopt_bits_of(x) | 0x80000000u) : x;
+}
+
+// count(mid < y) on float_map(signed, M, EMIN) (NaN: 255): the nearest value, a tie to the smaller; the float bits
+// rounded to M fraction bits (|y| >= 2^EMIN), or |y| * 2^(M - EMIN) rounded (below), as cpu_codes._code_ir.
+template <int M, int EMIN>
+XOPT_INLINE unsigned int xopt_map_code(float y, bool is_signed) {
+    const unsigned int u = xopt_bits_of(y);
+    const unsigned int a = u & 0x7fffffffu;
+    const unsigned int sign = u >> 31;
+    const unsigned int bias = ((1u << (22 - M)) - 1u) + sign;
+    const unsigned int normal = ((a + bias) >> (23 - M)) - ((unsigned int)(127 + EMIN - 1) << M);
+    const bool small = a < ((unsigned int)(127 + EMIN) << 23);
+    // 2^(M - EMIN + 24) as a float's bits: exact, and the product below 2^(M + 24): an int
+    const float t = xopt_float_of(small ? a : 0u) * xopt_float_of((unsigned int)(127 + M - EMIN + 24) << 23);
+    const unsigned int sub = ((unsigned int)(int)t + ((1u << 23) - 1u + sign)) >> 24;
+    const unsigned int c = small ? sub : normal;
+    int code;
+    if (is_signed) {
+        const unsigned int minus = 0u - sign;  // all ones if y < 0
+        code = (int)(((c ^ minus) - minus) + 127u);
+        code = code < 255 ? code : 255;
+        code = code > 0 ? code : 0;
+    } else {
+        code = (int)c < 255 ? (int)c : 255;
+        if (sign) code = 0;
+    }
+    return a > 0x7f800000u ? 255u : (unsigned int)code;
+}
+
+XOPT_INLINE float xopt_value8(unsigned char code, bool is_unsigned) {
+    return is_unsigned ? xopt_map_value<XOPT_UNSIGNED_M, XOPT_UNSIGNED_EMIN>(code, false)
+                       : xopt_map_value<XOPT_SIGNED_M, XOPT_SIGNED_EMIN>(code, true);
+}
+
+XOPT_INLINE unsigned char xopt_code8(float y, bool is_unsigned) {
+    return (unsigned char)(is_unsigned ? xopt_map_code<XOPT_UNSIGNED_M, XOPT_UNSIGNED_EMIN>(y, false)
+                                       : xopt_map_code<XOPT_SIGNED_M, XOPT_SIGNED_EMIN>(y, true));
+}
+
+// What the phases share (shared memory on the GPU): the new state values of the block's chunk, rounded to float;
+// each thread's largest magnitude bits of its share of a (slot, quantization block) pair; each pair's inverse.
+struct xopt_scratch8 {
+    float x[3][XOPT_CHUNK8];
+    unsigned int part[XOPT_THREADS];
+    float inverse[3][XOPT_CHUNK8 / XOPT_QBLOCK_MIN];
+};
+static_assert(3 * (XOPT_CHUNK8 / XOPT_QBLOCK_MIN) <= XOPT_THREADS, "a thread for each (slot, quantization block)");
+
+// Block b's tensor, its elements [lo, hi), its addresses.
+struct xopt_where8 {
+    long long lo, hi;
+    void* p;
+    const void* g;
+    unsigned char* c[3];
+    float* a[3];
+    int live;
+};
+
+XOPT_INLINE xopt_where8 xopt_where_of8(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                       int n_tensors, long long b, int qblock) {
+    xopt_where8 w;
+    const int t = blocks[4 * b];
+    const long long chunk = (long long)(XOPT_CHUNK8 / qblock) * qblock;
+    w.lo = (long long)blocks[4 * b + 1] * chunk;
+    const long long n = sizes[t];
+    w.hi = n < w.lo + chunk ? n : w.lo + chunk;
+    w.p = (void*)ptrs[t];
+    w.g = (const void*)ptrs[n_tensors + t];
+    w.live = 0;
+    for (int j = 0; j < 3; ++j) {
+        w.c[j] = (unsigned char*)ptrs[(2 + j) * n_tensors + t];
+        w.a[j] = (float*)ptrs[(5 + j) * n_tensors + t];
+        w.live |= (w.c[j] != 0) << j;
+    }
+    return w;
+}
+
+// Phase 1, each thread: its elements through the rule.
+template <int RULE, typename P, typename S>
+XOPT_INLINE void xopt_step8_rule(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                 int n_tensors, const S* s, const S* clip, int qblock, int maps, long long b,
+                                 long long t, long long threads, xopt_scratch8* sh) {
+    const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
+    P* p = (P*)w.p;
+    const P* g = (const P*)w.g;
+    const long long q0 = w.lo / qblock;
+    for (long long j = w.lo + t; j < w.hi; j += threads) {
+        const int k = (int)(j - w.lo), kq = k / qblock;  // in the chunk (32-bit division)
+        S v[3];
+        XOPT_UNROLL
+        for (int slot = 0; slot < 3; ++slot) {
+            v[slot] = (w.live >> slot) & 1
+                ? (S)(xopt_value8(xopt_ld(w.c[slot] + j), (maps >> slot) & 1) * xopt_ld(w.a[slot] + q0 + kq)) : (S)0;
+        }
+        const S pk = xopt_rule<RULE, S>(xopt_to_math(xopt_ld(p + j)), xopt_grad(xopt_ld(g + j), clip), v[0], v[1],
+                                        v[2], s);
+        xopt_st(p + j, xopt_from_math(pk, p));
+        XOPT_UNROLL
+        for (int slot = 0; slot < 3; ++slot) {
+            if ((w.live >> slot) & 1) sh->x[slot][k] = (float)v[slot];
+        }
+    }
+}
+
+// The (slot, quantization block) pairs of a chunk of nq quantization blocks, and the threads each pair has.
+XOPT_INLINE long long xopt_lanes8(long long nq, long long threads) {
+    const long long lanes = threads / (3 * nq);
+    return lanes > 0 ? lanes : 1;
+}
+
+// Phase 2, each thread: the largest magnitude bits of its share of one pair's values (elements lane, lane + lanes,
+// ... of the quantization block).
+XOPT_INLINE void xopt_step8_max(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                int n_tensors, int qblock, long long b, long long t, long long threads,
+                                xopt_scratch8* sh) {
+    const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
+    const long long nq = (w.hi - w.lo + qblock - 1) / qblock, lanes = xopt_lanes8(nq, threads);
+    const long long pair = t / lanes, lane = t - pair * lanes;
+    unsigned int top = 0u;
+    if (pair < 3 * nq) {
+        const int slot = (int)(pair / nq);
+        const long long kq = pair - slot * nq, start = kq * qblock;
+        const long long left = w.hi - w.lo - start, len = left < qblock ? left : qblock;
+        if ((w.live >> slot) & 1) {
+            const float* x = sh->x[slot] + start;
+            for (long long e = lane; e < len; e += lanes) {
+                const unsigned int bits = xopt_bits_of(x[e]) & 0x7fffffffu;
+                top = bits > top ? bits : top;
+            }
+        }
+    }
+    sh->part[t] = top;
+}
+
+// Phase 3, each thread t < 3 x the quantization blocks: pair t's absmax written and its inverse kept.
+XOPT_INLINE void xopt_step8_absmax(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                   int n_tensors, int qblock, long long b, long long t, long long threads,
+                                   xopt_scratch8* sh) {
+    const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
+    const long long nq = (w.hi - w.lo + qblock - 1) / qblock, q0 = w.lo / qblock, lanes = xopt_lanes8(nq, threads);
+    if (t >= 3 * nq) return;
+    const int slot = (int)(t / nq);
+    const long long kq = t - slot * nq;
+    if (!((w.live >> slot) & 1)) return;
+    unsigned int top = 0u;
+    for (long long lane = 0; lane < lanes; ++lane) {
+        const unsigned int bits = sh->part[t * lanes + lane];
+        top = bits > top ? bits : top;
+    }
+    if (top > 0x7f800000u) top = 0x7fc00000u;  // one NaN, the quiet one arithmetic makes
+    const float absmax = xopt_float_of(top);
+    float* a = slot == 0 ? w.a[0] : (slot == 1 ? w.a[1] : w.a[2]);  // constant indices: no local memory
+    xopt_st(a + q0 + kq, absmax);
+    sh->inverse[slot][kq] = 1.0f / (absmax != 0.0f ? absmax : 1.0f);
+}
+
+// Phase 4, each thread: the codes of its elements.
+XOPT_INLINE void xopt_step8_codes(const unsigned long long* ptrs, const long long* sizes, const int* blocks,
+                                  int n_tensors, int qblock, int maps, long long b, long long t, long long threads,
+                                  xopt_scratch8* sh) {
+    const xopt_where8 w = xopt_where_of8(ptrs, sizes, blocks, n_tensors, b, qblock);
+    for (long long j = w.lo + t; j < w.hi; j += threads) {
+        const int k = (int)(j - w.lo), kq = k / qblock;
+        XOPT_UNROLL
+        for (int slot = 0; slot < 3; ++slot) {
+            if ((w.live >> slot) & 1)
+                xopt_st(w.c[slot] + j, xopt_code8(sh->x[slot][k] * sh->inverse[slot][kq], (maps >> slot) & 1));
+        }
+    }
+}
+
+#ifndef XOPT_HOST
+// qblock: the quantization block (block_size), XOPT_QBLOCK_MIN <= qblock <= XOPT_CHUNK8; maps: bit j, slot j unsigned;
+// launched with XOPT_THREADS threads a block (a thread for each pair in phases 2 and 3).
+template <int RULE, typename P, typename S>
+__global__ void xopt_step8(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+                           const int* __restrict__ blocks, int n_tensors, const S* __restrict__ clip,
+                           const S* __restrict__ scalars, int qblock, int maps) {
+    __shared__ xopt_scratch8 sh;
+    const S* row = scalars + XOPT_SCALARS * blocks[4 * blockIdx.x + 3];
+    S s[XOPT_SCALARS];
+    XOPT_UNROLL
+    for (int k = 0; k < XOPT_SCALARS; ++k) s[k] = row[k];
+    xopt_step8_rule<RULE, P, S>(ptrs, sizes, blocks, n_tensors, s, clip, qblock, maps, blockIdx.x, threadIdx.x,
+                                blockDim.x, &sh);
+    __syncthreads();
+    xopt_step8_max(ptrs, sizes, blocks, n_tensors, qblock, blockIdx.x, threadIdx.x, blockDim.x, &sh);
+    __syncthreads();
+    xopt_step8_absmax(ptrs, sizes, blocks, n_tensors, qblock, blockIdx.x, threadIdx.x, blockDim.x, &sh);
+    __syncthreads();
+    xopt_step8_codes(ptrs, sizes, blocks, n_tensors, qblock, maps, blockIdx.x, threadIdx.x, blockDim.x, &sh);
+}
+#endif  // the CPU build runs the phases itself (tests/cuda_host.cpp)
