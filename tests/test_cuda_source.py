@@ -222,7 +222,7 @@ def cuda_on_cpu(host_kernel, monkeypatch):
     monkeypatch.setattr(fused_cuda, "DEVICE", HostDevice)
     monkeypatch.setattr(fused_cuda, "accepts",
                         lambda opt, e: type(e.p) is np.ndarray and type(e.g) is np.ndarray and not e.rebind
-                        and fused_cuda.kind(opt, e.p.dtype) is not None)
+                        and fused_cuda.grad_fits(e) and fused_cuda.kind(opt, e.p.dtype) is not None)
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
     monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
     monkeypatch.setattr(cuda_check, "RESULTS", {})
@@ -321,6 +321,21 @@ def test_wide_accesses_exactly_where_aligned(config, dtype, offset, cuda_on_cpu,
     width = 8 if item == 2 else 4
     per_group = 2 * width * item // 16 + 2 * len(ours.buffers()) * width * math // 16 + width * item // 16
     assert cuda_on_cpu.wide == [0 if offset else (n // width) * per_group]
+
+
+@pytest.mark.parametrize("dtype, grad", [(np.float16, np.float32), (np.float16, np.float64), (np.float32, np.float64),
+                                         (np.float64, np.float32)], ids=str)
+def test_grads_of_another_dtype_as_the_reference_converts_them(dtype, grad, cuda_on_cpu, rng):
+    """The kernel reads a grad as the param's type: a float32 param's float64 grad rounds once, as the reference
+    rounds it to the math type, and a float64 param's widens exactly; a float16 param's float32 grad would round
+    to 16 bits before the math, which the reference does in float32, so those steps are the reference's."""
+    params = {"w": np.array(rng.standard_normal(1000), dtype=dtype)}
+    grads_seq = [{"w": np.array(rng.standard_normal(1000) * 1.001, dtype=grad)} for _ in range(3)]
+    ref, a = _run("Adam", params, grads_seq, impl="reference")
+    declined = np.dtype(dtype).itemsize == 2
+    ours, b = _run("Adam", params, grads_seq, impl="auto" if declined else "fused")
+    assert cuda_on_cpu.launches == (0 if declined else 3)
+    _assert_same(ref, ours, a, b, f"{np.dtype(dtype).name} params, {np.dtype(grad).name} grads")
 
 
 def test_grads_rewritten_in_place_between_steps(cuda_on_cpu, rng):

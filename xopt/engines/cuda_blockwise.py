@@ -75,8 +75,9 @@ def _takes(e) -> bool:
 
 
 def _dtypes_ok(e) -> bool:
-    dtype = np.dtype(e.p.dtype)
-    return dtype.name in PTYPES and (dtype.itemsize != 2 or e.g.dtype == dtype)
+    from .fused_cuda import grad_fits
+
+    return np.dtype(e.p.dtype).name in PTYPES and grad_fits(e)
 
 
 def accepts(opt, e) -> bool:

@@ -109,9 +109,17 @@ def _is_cupy(x) -> bool:
 
 
 def accepts(opt, e) -> bool:
-    """CuPy float16/bfloat16/float32/float64 params with CuPy grads (bfloat16: ml_dtypes', as CuPy 14 has it);
-    with ``state_dtype="bfloat16"``, params whose math is float32 (not float64)."""
-    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and kind(opt, e.p.dtype) is not None
+    """CuPy float16/bfloat16/float32/float64 params with CuPy grads (bfloat16: ml_dtypes', as CuPy 14 has it) that
+    :func:`grad_fits`; with ``state_dtype="bfloat16"``, params whose math is float32 (not float64)."""
+    return _is_cupy(e.p) and _is_cupy(e.g) and not e.rebind and grad_fits(e) and kind(opt, e.p.dtype) is not None
+
+
+def grad_fits(e) -> bool:
+    """Whether the kernel, which reads a grad as the param's type (another dtype's converted to it first), gets
+    the reference's numbers from e's grad: any grad of a 32- or 64-bit param (converted to it as the reference
+    converts it to the math type), a 16-bit param's of its own dtype only (a float32 grad rounded to 16 bits and
+    widened again is not the reference's float32 grad)."""
+    return np.dtype(e.p.dtype).itemsize != 2 or e.g.dtype == e.p.dtype
 
 
 def takes_type(array_type) -> bool:
