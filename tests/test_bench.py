@@ -13,7 +13,8 @@ from xopt.bench import cli, loop, muon, report, roofline, runner
 SCHEMA_TOP = {"commit": str, "device": str, "backend": str, "date": str, "copy_GBps": float, "versions": dict,
               "rows": list}
 SCHEMA_ROW = {"scenario": str, "optimizer": str, "impl": str, "dtype": str, "numel": int, "tensors": int,
-              "seconds": float, "seconds_spread": dict, "GBps": float, "roofline_fraction": float}
+              "seconds": float, "seconds_spread": dict, "GBps": float, "roofline_fraction": float,
+              "state_bytes_per_param": float}
 SCHEMA_LOOP_ROW = {"scenario": str, "net": str, "net_layers": str, "batch": int, "dtype": str, "params": int,
                    "optimizer": str, "impl": str, "rounds": int, "block": int, "iterations": int, "update_ms": float,
                    "iteration_ms": float, "update_ms_spread": dict, "iteration_ms_spread": dict,
@@ -73,6 +74,8 @@ def test_rows_cover_every_case_and_impl(small_run):
         got = {r["impl"] for r in rows if (r["optimizer"], r["numel"], r["tensors"]) == case}
         assert impls <= got, (case, got)
         assert ("xopt-bf16-state" in got) == (case[0] == "Adam"), (case, got)
+        # 8-bit state: one tensor of at least min_8bit_size (smaller ones keep float32 state); SGD keeps none
+        assert ("xopt-8bit-state" in got) == (case[0] == "Adam" and case[1] >= 4096 and case[2] == 1), (case, got)
 
 
 def test_plots_are_pngs(small_run):
@@ -95,6 +98,23 @@ def test_bytes_per_element(optimizer, dtype, expected):
 
 def test_bytes_per_element_with_bfloat16_state():
     assert roofline.bytes_per_element("Adam", "float32", "bfloat16") == 3 * 4 + 2 * 2 * 2  # 20, not 28
+
+
+def test_bytes_per_element_with_8bit_state():
+    # p, g read, p written; m and v: a code each, read and written, and a float32 absmax per 256 elements
+    assert roofline.bytes_per_element("Adam", "float32", "8bit") == 3 * 4 + 2 * 2 * (1 + 4 / 256)
+
+
+@pytest.mark.parametrize("optimizer, state_dtype", [("Adam", "8bit"), ("Lion", "8bit"), ("Adam", "bfloat16"),
+                                                    ("Adam", None), ("RMSprop", None)])
+def test_state_bytes_per_element_are_an_optimizers_own(optimizer, state_dtype):
+    import xopt
+
+    n = 1 << 16
+    opt = getattr(xopt, optimizer)(**({"state_dtype": state_dtype} if state_dtype else {}))
+    opt.update({"p": np.ones(n, np.float32)}, {"p": np.ones(n, np.float32)})
+    kept = sum(buf.nbytes for name, buf in opt.state["p"].items() if name != "step")
+    assert roofline.state_bytes_per_element(optimizer, "float32", state_dtype) == kept / n
 
 
 def test_many_tensor_cases_draw_small_tensors():
@@ -274,6 +294,7 @@ def test_a_run_compiles_the_kernels_it_calls_and_no_others():
     cases = runner.make_cases(given.optimizers, given.dtypes, given.sizes, given.tensors)
     assert set(cli.kernels_of(given, cases, cli.loop_cases_of(given))) == {
         ("SGD", "float16", None), ("SGD", "float64", None), ("AdamW", "float16", None), ("AdamW", "float64", None),
-        ("AdamW", "float16", "bfloat16")}  # bfloat16 state: Adam and AdamW, not of float64 params
+        ("AdamW", "float16", "bfloat16"),  # bfloat16 state: Adam and AdamW, not of float64 params
+        ("AdamW", "float16", "8bit"), ("AdamW", "float64", "8bit")}  # 8-bit: its optimizers but SGD without momentum
     reference = cli.parse_args(["--impls", "xopt-reference,seed"])
     assert cli.kernels_of(reference, cases, cli.loop_cases_of(reference)) == []

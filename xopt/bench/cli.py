@@ -139,6 +139,8 @@ def run(args):
             gbps = nbytes / seconds / 1e9
             rows.append({"scenario": "step", "optimizer": case.optimizer, "impl": impl, "dtype": case.dtype,
                          "numel": case.numel, "tensors": case.tensors, "seconds": seconds,
+                         "state_bytes_per_param": roofline.state_bytes_per_element(
+                             case.optimizer, case.dtype, runner.STATE_DTYPES.get(impl)),
                          "seconds_spread": runner.spread(times), "rounds": len(times),
                          "warmup_rounds": warmup_rounds, "GBps": gbps,
                          "roofline_fraction": gbps / result["copy_GBps"],
@@ -170,8 +172,7 @@ def kernels_of(args, cases, loop_cases):
         if "xopt" in args.impls:
             kernels.add((case.optimizer, case.dtype, None))
         for impl, state_dtype in runner.STATE_DTYPES.items():
-            if (impl in args.impls and state_dtype in getattr(getattr(xopt, case.optimizer), "state_dtypes", ())
-                    and case.dtype != "float64"):
+            if impl in args.impls and runner.takes_state_dtype(case, state_dtype):
                 kernels.add((case.optimizer, case.dtype, state_dtype))
     if "xopt" in args.impls:
         kernels |= {(optimizer, net.dtype, None) for net, optimizer in loop_cases}
@@ -187,7 +188,9 @@ def compile_cpu(kernels):
 
     t0 = time.perf_counter()
     for optimizer, dtype, state_dtype in kernels:
-        opt = getattr(xopt, optimizer)(impl="fused", **({"state_dtype": state_dtype} if state_dtype else {}))
+        # 8-bit state: min_8bit_size 0, so that these small params take the 8-bit kernel (compiled for good)
+        storage = {"state_dtype": state_dtype, **({"min_8bit_size": 0} if state_dtype == "8bit" else {})}
+        opt = getattr(xopt, optimizer)(impl="fused", **(storage if state_dtype else {}))
         for _ in range(2):  # the first step makes the state; the second takes the path of every later one
             opt.update({"p": np.ones(4, dtype=dtype)}, {"p": np.ones(4, dtype=dtype)})
     return time.perf_counter() - t0

@@ -93,11 +93,16 @@ def table(result) -> str:
     return "\n\n".join(parts)
 
 
+def _state_bytes(row) -> str:
+    value = row.get("state_bytes_per_param")
+    return "" if value is None or not row["impl"].startswith("xopt") else f"{value:.2f}"
+
+
 def step_table(result) -> str:
     """Rows grouped by case; each impl's time, its spread, GB/s, roofline fraction, ratios to seed and torch-fused."""
     rows = step_rows(result)
     header = (f"{'optimizer':<9} {'dtype':<8} {'numel':>10} {'tensors':>7} {'impl':<15} {'ms/step':>9} {'IQR':>5} "
-              f"{'GB/s':>7} {'roofline':>8} {'vs seed':>8} {'vs torch-fused':>14}")
+              f"{'GB/s':>7} {'roofline':>8} {'state B':>7} {'vs seed':>8} {'vs torch-fused':>14}")
     copies = ", ".join(f"{k} {v:.1f}" for k, v in result.get("copy_variants_GBps", {}).items())
     lines = [f"device: {result['device']}   copy bandwidth (roofline): {result['copy_GBps']:.1f} GB/s ({copies})",
              header,
@@ -113,10 +118,11 @@ def step_table(result) -> str:
             cache = "*" if r.get("fits_in_cache") else " "
             iqr = _iqr_percent(r.get("seconds_spread"), r["seconds"])
             lines.append(f"{opt:<9} {dtype:<8} {numel:>10}{cache}{tensors:>7} {impl:<15} {r['seconds'] * 1e3:>9.3f} "
-                         f"{iqr:>5} {r['GBps']:>7.1f} {r['roofline_fraction']:>8.2f} {ratio('seed'):>8} "
-                         f"{ratio('torch-fused'):>14}")
+                         f"{iqr:>5} {r['GBps']:>7.1f} {r['roofline_fraction']:>8.2f} {_state_bytes(r):>7} "
+                         f"{ratio('seed'):>8} {ratio('torch-fused'):>14}")
     lines.append("'vs X' = X's time / this row's time (above 1: this row is faster).  "
-                 "* = the step's bytes fit in the CPU cache.  IQR = interquartile range over rounds, % of the median.")
+                 "* = the step's bytes fit in the CPU cache.  IQR = interquartile range over rounds, % of the median.  "
+                 "state B = bytes of optimizer state per param element (xopt's rows).")
     return "\n".join(lines)
 
 

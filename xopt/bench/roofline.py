@@ -7,7 +7,9 @@ import time
 
 import numpy as np
 
-__all__ = ["bytes_per_element", "copy_bandwidth_cpu", "copy_bandwidth_gpu", "cache_bytes"]
+from ..engines.blockwise import BLOCK_SIZE
+
+__all__ = ["bytes_per_element", "state_bytes_per_element", "copy_bandwidth_cpu", "copy_bandwidth_gpu", "cache_bytes"]
 
 # State buffers each optimizer reads and writes per element, with default hyperparameters.
 STATE_BUFFERS = {"SGD": 0, "Momentum": 1, "Nesterov": 1, "AdaGrad": 1, "RMSprop": 1, "Adam": 2, "AdamW": 2,
@@ -16,14 +18,28 @@ STATE_BUFFERS = {"SGD": 0, "Momentum": 1, "Nesterov": 1, "AdaGrad": 1, "RMSprop"
 TWO_PASS = {"LAMB"}
 
 
-def bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> int:
-    """Read p, g and each buffer once (twice for ``TWO_PASS``); write p and each buffer once (float16 params
-    keep float32 state)."""
+def _state_item(dtype: str, state_dtype: str | None) -> float:
+    """Bytes of one state element: bfloat16 2; 8-bit a code and its share of its block's float32 absmax;
+    otherwise the param's dtype (float32 for float16 params)."""
     item = np.dtype(dtype).itemsize
-    state_item = 2 if state_dtype == "bfloat16" else 4 if item == 2 else item
+    if state_dtype == "8bit":
+        return 1 + 4 / BLOCK_SIZE
+    return 2 if state_dtype == "bfloat16" else 4 if item == 2 else item
+
+
+def bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> float:
+    """Read p, g and each buffer once (twice for ``TWO_PASS``); write p and each buffer once (float16 params
+    keep float32 state; 8-bit state: the codes and absmax, default block size)."""
+    item = np.dtype(dtype).itemsize
+    state_item = _state_item(dtype, state_dtype)
     buffers = STATE_BUFFERS[optimizer]
     reads = 2 if optimizer in TWO_PASS else 1
     return reads * (2 * item + buffers * state_item) + item + buffers * state_item
+
+
+def state_bytes_per_element(optimizer: str, dtype: str, state_dtype: str | None = None) -> float:
+    """Bytes of state kept per param element (every buffer; 8-bit: codes and absmax)."""
+    return float(STATE_BUFFERS[optimizer] * _state_item(dtype, state_dtype))
 
 
 def _median_time(fn, repeat):

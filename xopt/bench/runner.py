@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _backend
+from ..engines.blockwise import MIN_8BIT_SIZE
 from . import seed
 
 __all__ = ["IMPLS", "Case", "make_cases", "make_step", "measure_case", "measure_case_samples", "spread"]
 
-IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "seed", "torch-forloop", "torch-foreach", "torch-fused")
-STATE_DTYPES = {"xopt-bf16-state": "bfloat16"}  # impls that keep a lower-precision state
+IMPLS = ("xopt", "xopt-reference", "xopt-bf16-state", "xopt-8bit-state", "seed", "torch-forloop", "torch-foreach",
+         "torch-fused")
+STATE_DTYPES = {"xopt-bf16-state": "bfloat16", "xopt-8bit-state": "8bit"}  # impls that keep a lower-precision state
 OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "AdamW", "AdaDelta", "Adamax", "NAdam",
               "RAdam", "Lion", "ScheduleFreeAdamW", "LAMB")
 SMALL_TENSOR_SIZES = (64, 4096)  # the many-tensors case draws sizes from this range
@@ -93,13 +95,26 @@ def make_step(impl, case, xp, rng):
         # "xopt" is the fused path: what impl="auto" runs (for CuPy arrays once the kernel's self-check passed)
         options = {"impl": "reference" if impl == "xopt-reference" else "fused"}
         if impl in STATE_DTYPES:
-            if (STATE_DTYPES[impl] not in getattr(cls, "state_dtypes", ())
-                    or _backend.library_name(xp.empty(0)) != "numpy"
-                    or case.dtype == "float64"):
-                return None  # bfloat16 state: Adam and AdamW, NumPy float16/32 params
+            if not takes_state_dtype(case, STATE_DTYPES[impl], _backend.library_name(xp.empty(0))):
+                return None
             options["state_dtype"] = STATE_DTYPES[impl]
         opt = cls(**options)
     return lambda: opt.update(params, grads)
+
+
+def takes_state_dtype(case, state_dtype, library="numpy") -> bool:
+    """Whether a lower-precision state impl has a row for ``case``: bfloat16 state for Adam and AdamW on NumPy
+    float16/32 params; 8-bit state for its optimizers on NumPy (or CuPy) params, one tensor of at least
+    ``min_8bit_size`` elements (smaller ones keep float32 state: the row would not be 8-bit state's)."""
+    import xopt
+
+    cls = getattr(xopt, case.optimizer)
+    if state_dtype not in getattr(cls, "state_dtypes", ()):
+        return False
+    if state_dtype == "8bit":
+        return library in ("numpy", "cupy") and case.tensors == 1 and case.numel >= MIN_8BIT_SIZE and (
+            case.optimizer != "SGD")  # SGD's bench case has no momentum: no state to keep
+    return library == "numpy" and case.dtype != "float64"
 
 
 def _torch_step(impl, case, xp, host, grads_host):
