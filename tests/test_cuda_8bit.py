@@ -14,7 +14,7 @@ import xopt
 from xopt import _dispatch
 from xopt.engines import blockwise, cuda_blockwise, cuda_check, fused_cuda
 from xopt.engines.blockwise import SIGNED, SUFFIX, UNSIGNED, midpoints
-from test_cuda_source import HostDevice, _placed, at, cuda_on_cpu  # noqa: F401  (a fixture)
+from test_cuda_source import HostDevice, _placed, at, cuda_on_cpu, run_under_asan  # noqa: F401  (a fixture)
 from test_state_8bit import same_bits
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -346,27 +346,7 @@ def test_8bit_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
     tensors that end on a chunk, two
     steps: AddressSanitizer watching every load and store of xopt_step8's phases (a read or write one past a param,
     grad, codes or absmax fails)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the kernel with AddressSanitizer")
-    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not Path(libasan).is_file():
-        pytest.skip("g++ has no AddressSanitizer runtime here")
-    lib = tmp_path / "cuda_host_asan.so"
-    subprocess.run([cxx, "-O1", "-g", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fsanitize=address",
-                    "-o", str(lib), str(here / "cuda_host.cpp")], check=True, capture_output=True)
-    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
-    out = subprocess.run([sys.executable, "-c", _ASAN_DRIVER, str(lib), str(here), str(here.parent)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_under_asan(tmp_path, _ASAN_DRIVER, timeout=600)
     assert f"launches8 {len(CONFIGS) * 3 * 3 * 2}" in out.stdout
 
 

@@ -558,10 +558,10 @@ print("norms", HostDevice.norms, "launches", HostDevice.launches, "wide", sum(Ho
 """
 
 
-@pytest.mark.slow  # a second build of the kernel, with ASan, and a run under it
-def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
-    """Every rule, dtype and configuration over the edge shapes, each array its own allocation, with
-    AddressSanitizer watching every load and store of the kernel (a read or write one past an array fails)."""
+def run_under_asan(tmp_path, driver, timeout):
+    """The kernel's CPU build made with AddressSanitizer (g++), and ``driver`` (Python source: argv[1] the library,
+    argv[2] tests/, argv[3] the repository) run under it; skips where g++ or its ASan runtime is missing.  Returns
+    the finished process, checked: no sanitizer report, exit status 0."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the kernel with AddressSanitizer")
@@ -572,9 +572,17 @@ def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
     subprocess.run([cxx, "-O1", "-g", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fsanitize=address",
                     "-o", str(lib), str(HERE / "cuda_host.cpp")], check=True, capture_output=True)
     env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
-    out = subprocess.run([sys.executable, "-c", _ASAN_DRIVER, str(lib), str(HERE), str(HERE.parent)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", driver, str(lib), str(HERE), str(HERE.parent)],
+                         capture_output=True, text=True, env=env, timeout=timeout)
     assert "AddressSanitizer" not in out.stderr, out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow  # a second build of the kernel, with ASan, and a run under it
+def test_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
+    """Every rule, dtype and configuration over the edge shapes, each array its own allocation, with
+    AddressSanitizer watching every load and store of the kernel (a read or write one past an array fails)."""
+    out = run_under_asan(tmp_path, _ASAN_DRIVER, timeout=300)
     assert f"norms {len(CONFIGS) * len(DTYPES) * 2} launches {len(CONFIGS) * len(DTYPES) * 2 * 2} wide " in out.stdout
     assert int(out.stdout.split()[-1]) > 0, "no 16-byte access ran under the sanitizer"

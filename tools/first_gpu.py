@@ -317,6 +317,23 @@ def _compare(ours, ref, dtype):
     return same, close, float(diff.max()) if diff.size else 0.0
 
 
+def _twin_steps(ref, ours, shapes, kind, rng, n):
+    """Params of ``shapes`` (``kind``) drawn from ``rng``, one copy on the GPU for each optimizer, and ``n`` steps of
+    both on the same grads, each step synchronized; returns (the host params, ref's GPU params, ours')."""
+    import cupy
+
+    host = {f"t{i}": rng.standard_normal(s).astype(kind) for i, s in enumerate(shapes)}
+    a = {k: cupy.asarray(v) for k, v in host.items()}
+    b = {k: cupy.asarray(v) for k, v in host.items()}
+    for _ in range(n):
+        g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(kind)) for k, v in host.items()}
+        ref.update(a, g)
+        cupy.cuda.Device().synchronize()
+        ours.update(b, g)
+        cupy.cuda.Device().synchronize()
+    return host, a, b
+
+
 def part_smoke(rule: int, steps: int = 3):
     """Every configuration of the rule's self-check list, each param dtype: fused against reference, same GPU."""
     import cupy
@@ -335,18 +352,10 @@ def part_smoke(rule: int, steps: int = 3):
             label = f"{name}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
             rng = np.random.default_rng(rule)
             try:
-                host = {f"t{i}": rng.standard_normal(s).astype(kind) for i, s in enumerate(shapes)}
-                a = {k: cupy.asarray(v) for k, v in host.items()}
-                b = {k: cupy.asarray(v) for k, v in host.items()}
                 ref = getattr(xopt, name)(impl="reference", **hyper)
                 ours = getattr(xopt, name)(impl="fused", **hyper)
                 n = max(steps, n_steps[0] if n_steps else 0)
-                for _ in range(n):
-                    g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(kind)) for k, v in host.items()}
-                    ref.update(a, g)
-                    cupy.cuda.Device().synchronize()
-                    ours.update(b, g)
-                    cupy.cuda.Device().synchronize()
+                host, a, b = _twin_steps(ref, ours, shapes, kind, rng, n)
                 pairs = [(b[k], a[k]) for k in host] + [(ours.state[k][s], ref.state[k][s])
                                                         for k in host for s in ref.buffers()]
                 checks = [_compare(cupy.asnumpy(x), cupy.asnumpy(y), dtype) for x, y in pairs]
@@ -384,16 +393,8 @@ def part_smoke8(rule: int, steps: int = 3):
                 continue
             rng = np.random.default_rng(rule)
             try:
-                host = {f"t{i}": rng.standard_normal(s).astype(kind) for i, s in enumerate(shapes)}
-                a = {k: cupy.asarray(v) for k, v in host.items()}
-                b = {k: cupy.asarray(v) for k, v in host.items()}
                 n = max(steps, n_steps[0] if n_steps else 0)
-                for _ in range(n):
-                    g = {k: cupy.asarray((rng.standard_normal(v.shape) + 0.1).astype(kind)) for k, v in host.items()}
-                    ref.update(a, g)
-                    cupy.cuda.Device().synchronize()
-                    ours.update(b, g)
-                    cupy.cuda.Device().synchronize()
+                host, a, b = _twin_steps(ref, ours, shapes, kind, rng, n)
                 pairs = [(b[k], a[k]) for k in host] + [(ours.state[k][s], ref.state[k][s])
                                                         for k in host for s in ref.state[k] if s != "step"]
                 same = [np.array_equal(cupy.asnumpy(x).reshape(-1).view(np.uint8),
