@@ -271,6 +271,39 @@ def test_a_storage_hyperparameter_set_mid_run_converts_the_state():
     assert opt.state_dtype == "8bit" and all(opt.state["w"][k] is v for k, v in kept.items() if k != "m_absmax")
 
 
+def test_state_dtype_bfloat16_set_mid_run_rounds_a_float_state():
+    # a float state (and the float state of a param below min_8bit_size) set to bfloat16 is rounded to it, as the
+    # optimizer keeps it from then on; it was kept float, and every later step refused it
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    for dtype, start in ((np.float32, None), (np.float64, None), (np.float32, "8bit")):
+        params = {"w": rng.standard_normal(N).astype(dtype), "b": rng.standard_normal(10).astype(dtype)}
+        opt = xopt.Adam(lr=0.01, state_dtype=start)
+        opt.update(params, {k: rng.standard_normal(p.shape).astype(dtype) for k, p in params.items()})
+        floats = {name: opt.state["b"][name].copy() for name in opt.buffers()}
+        opt.state_dtype = "bfloat16"
+        for key in params:
+            assert all(opt.state[key][name].dtype == ml_dtypes.bfloat16 for name in opt.buffers())
+        assert all(np.array_equal(opt.state["b"][name], buf.astype(ml_dtypes.bfloat16)) for name, buf in floats.items())
+        opt.update(params, {k: rng.standard_normal(p.shape).astype(dtype) for k, p in params.items()})
+        assert opt.state["w"]["step"] == 2
+
+
+def test_an_8bit_state_of_float_params_loads_with_its_params():
+    params = {"s": 1.5, "w": np.ones(300, np.float32)}
+    grads = {"s": 0.5, "w": np.ones(300, np.float32)}
+    opt = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    opt.update(params, grads)
+    other = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    other.load_state_dict(opt.state_dict(), params=params)  # raised AttributeError: a float has no shape
+    assert other.state["s"]["m"].shape == () and other.state["s"]["m"].dtype == np.uint8
+    mine, theirs = dict(params), dict(params)
+    opt.update(mine, grads)
+    other.update(theirs, grads)
+    assert mine["s"] == theirs["s"] and np.array_equal(mine["w"], theirs["w"])
+
+
 def test_unsupported_optimizers_and_arrays_are_refused_naming_them():
     with pytest.raises(TypeError, match="NAdam.*state_dtype"):
         xopt.NAdam(state_dtype="8bit")
