@@ -271,6 +271,39 @@ def test_a_storage_hyperparameter_set_mid_run_converts_the_state():
     assert opt.state_dtype == "8bit" and all(opt.state["w"][k] is v for k, v in kept.items() if k != "m_absmax")
 
 
+def test_a_storage_hyperparameter_set_during_a_first_step_waits_for_it():
+    # set from another thread while the first step (which makes the state) is under way: it waits for the step's
+    # end, then converts the state the step made; it took the step's state halfway before (float state with
+    # state_dtype='8bit', which every later step refused)
+    import threading
+    import time
+
+    started, proceed, armed = threading.Event(), threading.Event(), [False]
+
+    def lr(count):  # the schedule is read inside the step, before its state is made
+        if armed[0]:
+            armed[0] = False
+            started.set()
+            proceed.wait(10)
+        return 0.01
+
+    opt = xopt.Adam(lr=lr)
+    params = {"w": np.ones(N, np.float32)}
+    armed[0] = True
+    step = threading.Thread(target=opt.update, args=(params, {"w": np.ones(N, np.float32)}))
+    step.start()
+    assert started.wait(10)
+    setter = threading.Thread(target=setattr, args=(opt, "state_dtype", "8bit"))
+    setter.start()
+    time.sleep(0.2)
+    proceed.set()
+    step.join()
+    setter.join()
+    assert opt.state_dtype == "8bit" and opt.state["w"]["m"].dtype == np.uint8
+    opt.update(params, {"w": np.ones(N, np.float32)})
+    assert opt.state["w"]["step"] == 2
+
+
 def test_state_dtype_bfloat16_set_mid_run_rounds_a_float_state():
     # a float state (and the float state of a param below min_8bit_size) set to bfloat16 is rounded to it, as the
     # optimizer keeps it from then on; it was kept float, and every later step refused it

@@ -21,15 +21,19 @@ class StorageHyper(Hyper):
 
     def __set__(self, obj, value):
         hyper = obj.__dict__.get("_hyper", {})
-        if (obj.__dict__.get("_constructing", False) or not obj.__dict__.get("state") or self.name not in hyper
+        if (obj.__dict__.get("_constructing", False) or obj.__dict__.get("_guard") is None or self.name not in hyper
                 or hyper[self.name] == check_value(self, value)):
             super().__set__(obj, value)
             return
+        # Between steps: a step under way (its first, which makes the state) is not changed halfway through
         obj._guard.run(self._convert, obj, value)
 
     def _convert(self, obj, value):
         from ..state_check import checked_state
 
+        if not obj.state:
+            super().__set__(obj, value)
+            return
         old = obj._hyper[self.name]
         super().__set__(obj, value)  # checked (a refused value raises, nothing changed)
         try:
