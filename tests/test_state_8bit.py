@@ -304,6 +304,26 @@ def test_a_storage_hyperparameter_set_during_a_first_step_waits_for_it():
     assert opt.state["w"]["step"] == 2
 
 
+@pytest.mark.parametrize("block", [N + 1, 2**40])
+def test_a_block_size_above_the_size_costs_the_size_not_the_block(block):
+    # one block shorter than block_size: quantized and stepped without padding it to block_size (2**40 zeros
+    # were asked for: a MemoryError, or a process killed where the memory is overcommitted)
+    rng = np.random.default_rng(7)
+    p0 = rng.standard_normal(N).astype(np.float32)
+    grads = [{"w": rng.standard_normal(N).astype(np.float32)} for _ in range(2)]
+    runs = []
+    for impl in ("fused", "reference"):
+        params, opt = {"w": p0.copy()}, xopt.Adam(lr=0.01, state_dtype="8bit", block_size=block, impl=impl)
+        for g in grads:
+            opt.update(params, g)
+        assert opt.state["w"]["m_absmax"].shape == (1,)
+        runs.append((params["w"], opt.state["w"]))
+    (p_f, st_f), (p_r, st_r) = runs
+    assert same_bits(p_f, p_r) and all(np.array_equal(st_f[k], st_r[k]) for k in st_f if k != "step")
+    values = blockwise.dequantize(np, st_r["m"], st_r["m_absmax"], SIGNED, block, np.float32)
+    assert np.array_equal(values, SIGNED[st_r["m"]] * st_r["m_absmax"][0])
+
+
 def test_state_dtype_bfloat16_set_mid_run_rounds_a_float_state():
     # a float state (and the float state of a param below min_8bit_size) set to bfloat16 is rounded to it, as the
     # optimizer keeps it from then on; it was kept float, and every later step refused it
