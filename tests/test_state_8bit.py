@@ -271,6 +271,92 @@ def test_a_storage_hyperparameter_set_mid_run_converts_the_state():
     assert opt.state_dtype == "8bit" and all(opt.state["w"][k] is v for k, v in kept.items() if k != "m_absmax")
 
 
+def test_a_storage_hyperparameter_set_during_a_first_step_waits_for_it():
+    # set from another thread while the first step (which makes the state) is under way: it waits for the step's
+    # end, then converts the state the step made; it took the step's state halfway before (float state with
+    # state_dtype='8bit', which every later step refused)
+    import threading
+    import time
+
+    started, proceed, armed = threading.Event(), threading.Event(), [False]
+
+    def lr(count):  # the schedule is read inside the step, before its state is made
+        if armed[0]:
+            armed[0] = False
+            started.set()
+            proceed.wait(10)
+        return 0.01
+
+    opt = xopt.Adam(lr=lr)
+    params = {"w": np.ones(N, np.float32)}
+    armed[0] = True
+    step = threading.Thread(target=opt.update, args=(params, {"w": np.ones(N, np.float32)}))
+    step.start()
+    assert started.wait(10)
+    setter = threading.Thread(target=setattr, args=(opt, "state_dtype", "8bit"))
+    setter.start()
+    time.sleep(0.2)
+    proceed.set()
+    step.join()
+    setter.join()
+    assert opt.state_dtype == "8bit" and opt.state["w"]["m"].dtype == np.uint8
+    opt.update(params, {"w": np.ones(N, np.float32)})
+    assert opt.state["w"]["step"] == 2
+
+
+@pytest.mark.parametrize("block", [N + 1, 2**40])
+def test_a_block_size_above_the_size_costs_the_size_not_the_block(block):
+    # one block shorter than block_size: quantized and stepped without padding it to block_size (2**40 zeros
+    # were asked for: a MemoryError, or a process killed where the memory is overcommitted)
+    rng = np.random.default_rng(7)
+    p0 = rng.standard_normal(N).astype(np.float32)
+    grads = [{"w": rng.standard_normal(N).astype(np.float32)} for _ in range(2)]
+    runs = []
+    for impl in ("fused", "reference"):
+        params, opt = {"w": p0.copy()}, xopt.Adam(lr=0.01, state_dtype="8bit", block_size=block, impl=impl)
+        for g in grads:
+            opt.update(params, g)
+        assert opt.state["w"]["m_absmax"].shape == (1,)
+        runs.append((params["w"], opt.state["w"]))
+    (p_f, st_f), (p_r, st_r) = runs
+    assert same_bits(p_f, p_r) and all(np.array_equal(st_f[k], st_r[k]) for k in st_f if k != "step")
+    values = blockwise.dequantize(np, st_r["m"], st_r["m_absmax"], SIGNED, block, np.float32)
+    assert np.array_equal(values, SIGNED[st_r["m"]] * st_r["m_absmax"][0])
+
+
+def test_state_dtype_bfloat16_set_mid_run_rounds_a_float_state():
+    # a float state (and the float state of a param below min_8bit_size) set to bfloat16 is rounded to it, as the
+    # optimizer keeps it from then on; it was kept float, and every later step refused it
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    for dtype, start in ((np.float32, None), (np.float64, None), (np.float32, "8bit")):
+        params = {"w": rng.standard_normal(N).astype(dtype), "b": rng.standard_normal(10).astype(dtype)}
+        opt = xopt.Adam(lr=0.01, state_dtype=start)
+        opt.update(params, {k: rng.standard_normal(p.shape).astype(dtype) for k, p in params.items()})
+        floats = {name: opt.state["b"][name].copy() for name in opt.buffers()}
+        opt.state_dtype = "bfloat16"
+        for key in params:
+            assert all(opt.state[key][name].dtype == ml_dtypes.bfloat16 for name in opt.buffers())
+        assert all(np.array_equal(opt.state["b"][name], buf.astype(ml_dtypes.bfloat16)) for name, buf in floats.items())
+        opt.update(params, {k: rng.standard_normal(p.shape).astype(dtype) for k, p in params.items()})
+        assert opt.state["w"]["step"] == 2
+
+
+def test_an_8bit_state_of_float_params_loads_with_its_params():
+    params = {"s": 1.5, "w": np.ones(300, np.float32)}
+    grads = {"s": 0.5, "w": np.ones(300, np.float32)}
+    opt = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    opt.update(params, grads)
+    other = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    other.load_state_dict(opt.state_dict(), params=params)  # raised AttributeError: a float has no shape
+    assert other.state["s"]["m"].shape == () and other.state["s"]["m"].dtype == np.uint8
+    mine, theirs = dict(params), dict(params)
+    opt.update(mine, grads)
+    other.update(theirs, grads)
+    assert mine["s"] == theirs["s"] and np.array_equal(mine["w"], theirs["w"])
+
+
 def test_unsupported_optimizers_and_arrays_are_refused_naming_them():
     with pytest.raises(TypeError, match="NAdam.*state_dtype"):
         xopt.NAdam(state_dtype="8bit")

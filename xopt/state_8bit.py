@@ -210,7 +210,7 @@ def checked_entry(kind, key, st, step, always, possible, p):
     if step > 0 and not always <= names:
         raise ValueError(f"state of param {name} lacks {sorted(always - names)}, which every {kind} keeps "
                          f"from a param's first step (its step is {step})")
-    shape = tuple(p.shape) if p is not None else None
+    shape = tuple(np.shape(p)) if p is not None else None  # a Python float param: ()
     entry = {"step": step}
     for n in sorted(names):
         codes = st[n]

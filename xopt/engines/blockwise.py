@@ -128,12 +128,18 @@ def quantize(xp, x, code, block):
     nb = n_blocks(n, block)
     known = _MIDS.get(id(code))
     mid = xp.asarray((midpoints(code) if known is None else known)[:255], device=_backend.device(x))
-    padded = x if nb * block == n else xp.concat([x, xp.zeros(nb * block - n, dtype=x.dtype,
-                                                                device=_backend.device(x))])
-    rows = xp.reshape(padded, (nb, block))
-    absmax = xp.max(xp.abs(rows), axis=1)  # NaN propagates: a NaN makes its block's absmax NaN
+    # whole blocks, then a shorter last one, not padded (a block_size far above the size would cost that many zeros)
+    full = n // block
+    head = xp.reshape(x[:full * block], (full, block)) if full else None
+    absmax = [xp.max(xp.abs(head), axis=1)] if full else []  # NaN propagates: a NaN makes its block's absmax NaN
+    if full < nb:
+        absmax.append(xp.reshape(xp.max(xp.abs(x[full * block:])), (1,)))
+    absmax = _joined(xp, absmax, x[:0])
     inverse = 1.0 / xp.where(absmax == 0.0, xp.ones_like(absmax), absmax)
-    y = xp.reshape(rows * inverse[:, None], (-1,))[:n]
+    y = [xp.reshape(head * inverse[:full, None], (-1,))] if full else []
+    if full < nb:
+        y.append(x[full * block:] * inverse[full])
+    y = _joined(xp, y, x)
     codes = xp.searchsorted(mid, y, side="left")
     codes = xp.where(xp.isnan(y), xp.full_like(codes, 255), codes)
     return xp.astype(codes, xp.uint8), absmax
@@ -145,10 +151,20 @@ def dequantize(xp, codes, absmax, code, block, dtype):
     nb = absmax.shape[0]
     table = xp.asarray(code, device=_backend.device(codes))
     values = xp.take(table, xp.astype(codes, xp.int64))
-    if nb * block != n:
-        values = xp.concat([values, xp.zeros(nb * block - n, dtype=values.dtype, device=_backend.device(codes))])
-    values = xp.reshape(xp.reshape(values, (nb, block)) * absmax[:, None], (-1,))[:n]
+    full = min(n // block, nb)  # whole blocks, then the shorter last one (not padded, as quantize)
+    pieces = [xp.reshape(xp.reshape(values[:full * block], (full, block)) * absmax[:full, None], (-1,))] if full \
+        else []
+    if full * block < n:
+        pieces.append(values[full * block:] * absmax[full])
+    values = _joined(xp, pieces, values)
     return _as(xp, values, dtype)
+
+
+def _joined(xp, pieces, empty):
+    """The 1-D arrays ``pieces`` end to end (``empty``, an empty array of their dtype, where there are none)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return xp.concat(pieces) if pieces else empty
 
 
 def apply_reference(opt, entries) -> list:

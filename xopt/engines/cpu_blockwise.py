@@ -110,9 +110,10 @@ def _make_claim(rule, signed, keep, flags, scaled):
         base = counters.ctypes.data
         units = -(-nb // per)
         n = p.shape[0]
-        x0 = np.empty(block if keep0 else 0, np.float32)
-        x1 = np.empty(block if keep1 else 0, np.float32)
-        x2 = np.empty(block if keep2 else 0, np.float32)
+        width = min(block, n)  # a block's new values at most (a block_size above the size: the param's)
+        x0 = np.empty(width if keep0 else 0, np.float32)
+        x1 = np.empty(width if keep1 else 0, np.float32)
+        x2 = np.empty(width if keep2 else 0, np.float32)
         zero = _widen(np.float32(0.0), p)
         u = fetch_add(base, 1)
         while u < units:
