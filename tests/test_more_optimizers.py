@@ -155,6 +155,27 @@ def test_nadam_underflowed_product_stays_zero_and_a_huge_step_count_is_quick():
     assert np.isfinite(s["g_step"]) and np.isfinite(s["m_step"])
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_nadam_load_state_dict_runs_the_products_as_a_fresh_optimizer_does(impl):
+    # the kept products belong to the hyperparameter sets they were made in: after a load that changes the
+    # overrides, the optimizer steps on as a fresh one loading the same state_dict does (products from step 1)
+    rng = np.random.default_rng(8)
+    params = {k: rng.standard_normal(7).astype(np.float32) for k in "ab"}
+    grads = [{k: rng.standard_normal(7).astype(np.float32) for k in "ab"} for _ in range(6)]
+    opt = xopt.NAdam(weight_decay=0.01, impl=impl, overrides={"a": {"beta1": 0.8}})
+    for g in grads[:4]:
+        opt.update(params, g)
+    saved = {**opt.state_dict(), "overrides": {"*": {"beta1": 0.5}}}
+    fresh, params_fresh = xopt.NAdam(weight_decay=0.01, impl=impl), {k: v.copy() for k, v in params.items()}
+    opt.load_state_dict(saved)
+    fresh.load_state_dict(saved)
+    for g in grads[4:]:
+        opt.update(params, g)
+        fresh.update(params_fresh, g)
+    for k in params:
+        np.testing.assert_array_equal(params[k], params_fresh[k])
+
+
 # -- hyperparameters ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, kwargs, exc, culprit", [
     ("AdaDelta", dict(rho=1.0), ValueError, "rho"),

@@ -79,6 +79,12 @@ class NAdam(Optimizer):
             view.__dict__["_history"] = group  # whose running products it continues
         return view
 
+    def _load_state_dict(self, checked_state, state_dict, params):
+        super()._load_state_dict(checked_state, state_dict, params)
+        products = self.__dict__.get("_mu_products")
+        if isinstance(products, dict):  # a loaded state's products run again from step 1, as a fresh optimizer's
+            products.clear()  # do (kept ones belong to the old run's hyperparameter sets; the views share the dict)
+
     def mu_product(self, step, taken=False) -> float:
         """Π_t = μ_1 μ_2 ... μ_t, each μ with the β₁ of its step, multiplied in torch's order: the running
         product torch keeps (the same bits however it is reached).
