@@ -125,6 +125,31 @@ def test_lr_schedulers(torch, make):
     assert opt.param_groups[1]["lr"] == ref.param_groups[1]["lr"] != 3e-3
 
 
+def test_a_tensor_lr_changed_in_place_is_read_at_the_next_step(torch):
+    """A tensor lr (as a scheduler or a user keeps it) changed in place between steps: the next step reads the
+    new value, as torch.optim does; betas given as tensors too."""
+    kwargs = dict(lr=torch.tensor(1e-2), betas=(torch.tensor(0.8), torch.tensor(0.99)))
+    ours, opt, theirs, ref = _pair(torch, "Adam", kwargs)
+    for lr in (1e-2, 3e-2, 3e-2, 1e-3):
+        for o in (opt, ref):
+            o.param_groups[0]["lr"].fill_(lr)
+            o.param_groups[0]["betas"][0].fill_(0.9 if lr < 1e-2 else 0.8)
+        _train(torch, ours, opt, 2)
+        _train(torch, theirs, ref, 2)
+        _same(torch, ours, theirs, f"lr {lr}")
+
+
+def test_an_lr_of_several_elements_raises_naming_the_group(torch):
+    ours, opt, _, _ = _pair(torch, "Adam", dict(lr=1e-2))
+    _train(torch, ours, opt, 1)
+    before = [p.detach().clone() for p in ours.parameters()]
+    opt.param_groups[0]["lr"] = torch.tensor([1e-2, 2e-2])
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=r"param_groups\[0\]"):
+        _train(torch, ours, opt, 1)
+    for p, q in zip(ours.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
 def test_nadam_under_one_cycle_lr_keeps_torchs_running_mu_product(torch):
     """OneCycleLR cycles beta1: NAdam's product of the mu's takes each step's own beta1, in both groups; the
     state_dict's mu_product is the one the last step used."""

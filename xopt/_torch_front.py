@@ -47,11 +47,14 @@ class _Front(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _checked_hyper(self, i, group) -> dict:
+        where = f"{type(self).__name__} param_groups[{i}]"
+        _refuse(where, group)
         try:
-            _refuse(f"{type(self).__name__} param_groups[{i}]", group)
             return {**self.fixed, **self.hyper(group)}
         except KeyError as exc:
-            raise KeyError(f"{type(self).__name__} param_groups[{i}] lacks {exc.args[0]!r}") from None
+            raise KeyError(f"{where} lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # a value torch cannot read as a number
+            raise (ValueError if type(exc) is RuntimeError else type(exc))(f"{where}: {exc}") from None
 
     def _check_group(self, i, group):
         """Group ``i``'s values as the xopt optimizer would take them (each checked, then together)."""
@@ -91,7 +94,7 @@ class _Front(torch.optim.Optimizer):
             gs = list(map(_GRAD, ps))
             if not all(map(is_not, gs, repeat(None))):
                 keys, ps, gs = _with_grads(keys, ps, gs)
-            if self._seen[0] != _values(groups[0], self.reads) or self._present:
+            if self._present or _changed(self._seen[0], groups[0], self.reads):
                 self._push(groups, ())
         else:
             keys, ps, gs, present = [], [], [], []
@@ -108,7 +111,7 @@ class _Front(torch.optim.Optimizer):
                     if i:
                         present.append(i)
             present = tuple(present)
-            if present != self._present or any(self._seen[i] != _values(g, self.reads) for i, g in enumerate(groups)):
+            if present != self._present or any(_changed(self._seen[i], g, self.reads) for i, g in enumerate(groups)):
                 self._push(groups, present)
         if keys:
             enabled = torch.is_grad_enabled()
@@ -262,6 +265,17 @@ def _refuse(where, values):
     for name in _REFUSED:
         if values.get(name):
             raise ValueError(f"{where}: {name}=True is not supported by xopt.torch")
+
+
+def _changed(seen, group, reads) -> bool:
+    """Whether the group's values of ``reads`` differ from ``seen`` (plain numbers, as :func:`_values` gives
+    them).  Compared as they are: a tensor lr (a scheduler changes it in place) compares by its value with the
+    number seen; one that cannot be compared (a tensor of several elements) counts as changed, and the push
+    that follows names it."""
+    try:
+        return bool(seen != tuple(map(group.get, reads)))
+    except Exception:
+        return True
 
 
 def _values(group, reads):

@@ -105,7 +105,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     keeps = [kind.keeps(view.buffers()) for view in views]
     lists, columns, partly = [ps, gs], [0, 1], []  # the lists every row fills, their columns; the others
     for j, get in enumerate(kind.getters):
-        kept = [k[j] for k in keeps]
+        kept = keeps[0][j:j + 1] if len(keeps) == 1 else [k[j] for k in keeps]
         try:
             if all(kept):
                 lists.append(list(map(get, states)))
@@ -115,12 +115,16 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 partly.append((2 + j, rows, [get(states[t]) for t in rows]))
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
-    at = addresses([t for ts in lists for t in ts], dtype, len(lists))  # all checked at once
+    listed = [t for ts in lists for t in ts]
+    at = addresses(listed, dtype, len(lists))  # all checked at once
     if at is None:
         return None
-    found = dict(zip(columns, (at[i * n:(i + 1) * n] for i in range(len(lists)))))
-    written = [t for ts in lists[2:] for t in ts]
-    if partly:
+    written = listed[2 * n:]
+    if not partly and columns[-1] == len(columns) - 1:  # the usual: the listed columns first, the others empty
+        body = at
+        body += [0] * ((5 - len(columns)) * n)
+    else:
+        found = dict(zip(columns, (at[i * n:(i + 1) * n] for i in range(len(lists)))))
         shaped = shapes(ps)
         for j, rows, bufs in partly:
             at = addresses(bufs, dtype)
@@ -130,15 +134,12 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             for t, a in zip(rows, at):
                 column[t] = a
             written += bufs
+        zeros = [0] * n
+        body = [a for j in range(5) for a in found.get(j, zeros)]
     written += ps
     table = [n, len(keeps), size, size, CHECK_FINITE if hyper["skip_nonfinite"] else 0, split_at(), 0]
     table += sizes(ps)
-    zeros = None
-    for j in range(5):
-        column = found.get(j)
-        if column is None:
-            column = zeros = zeros or [0] * n
-        table += column
+    table += body
     for k in keeps:
         table += k
     if part is not None:
