@@ -232,9 +232,10 @@ _CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared
 
 
 def _state_8bit():
-    from . import state_8bit
-
-    return state_8bit
+    module = sys.modules.get("xopt.state_8bit")
+    if module is None:
+        from . import state_8bit as module
+    return module
 
 
 def _copy(x):

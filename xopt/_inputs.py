@@ -185,6 +185,20 @@ def _label(what, key) -> str:
     return f"optimizer state {what!r} of param {describe(key)}"
 
 
+_NDARRAY = frozenset({np.ndarray})
+
+
+def _apart(lo, hi) -> bool:
+    """Whether no two of the byte ranges [lo, hi) (int64 arrays; empty ones left out) meet."""
+    reach = lo < hi
+    lo, hi = lo[reach], hi[reach]
+    if lo.shape[0] < 2:
+        return True
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    return not bool((np.maximum.accumulate(hi[:-1]) > lo[1:]).any())
+
+
 def check_overlaps(named):
     """Refuse arrays of one step that share memory: [(array, (what, param key), is_grad)].
 
@@ -195,7 +209,10 @@ def check_overlaps(named):
     """
     if len(named) < 2:
         return
-    spans = _backend.byte_spans([a for a, _, _ in named])
+    arrays = [a for a, _, _ in named]
+    if _NDARRAY.issuperset(map(type, arrays)) and _apart(*_backend.numpy_bounds(arrays)):
+        return  # NumPy arrays whose byte ranges do not meet: the usual step, without the sweep below
+    spans = _backend.byte_spans(arrays)
     live = [(space, lo, hi, i) for i, s in enumerate(spans) if s is not None for space, lo, hi in [s] if lo < hi]
     live.sort()
     active = []  # ranges that may reach the next one: normally at most one

@@ -266,9 +266,7 @@ class Optimizer:
         if low is None:
             return _backend.compute_dtype(e.xp, e.p.dtype)
         if low == "8bit":
-            from .state_8bit import buffer_dtype
-
-            return buffer_dtype(self, e)
+            return _state_8bit().buffer_dtype(self, e)
         dtype = _backend.low_precision_dtype(e.xp, low)
         if dtype is None:
             raise TypeError(f"param {describe(e.key)}: state_dtype={low!r} is supported for NumPy and CuPy arrays only, "
@@ -381,3 +379,11 @@ def _copy(x):
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
 
+
+
+def _state_8bit():
+    """:mod:`xopt.state_8bit` (imported when an 8-bit optimizer first needs it)."""
+    module = sys.modules.get("xopt.state_8bit")
+    if module is None:
+        from . import state_8bit as module
+    return module

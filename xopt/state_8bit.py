@@ -21,12 +21,20 @@ __all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", 
 def buffer_dtype(opt, e):
     """uint8 (the codes) for a NumPy or CuPy param of at least ``min_8bit_size`` elements, its compute dtype for a
     smaller one; raises for other array libraries."""
-    if _backend.library_name(e.p) not in blockwise.LIBRARIES and not isinstance(e.p, (float, np.floating)):
+    p = e.p
+    if type(p) is np.ndarray:
+        size = p.size
+    elif _backend.library_name(p) in blockwise.LIBRARIES or isinstance(p, (float, np.floating)):
+        size = math.prod(np.shape(p))
+    else:
         raise TypeError(f"param {describe(e.key)}: state_dtype='8bit' is supported for NumPy and CuPy arrays "
-                        f"only, not {_backend.library_name(e.p)}")
-    if is_8bit(opt, math.prod(np.shape(e.p))):
-        return np.dtype(np.uint8)
-    return _backend.compute_dtype(e.xp, e.p.dtype)
+                        f"only, not {_backend.library_name(p)}")
+    if is_8bit(opt, size):
+        return _CODES
+    return _backend.compute_dtype(e.xp, p.dtype)
+
+
+_CODES = np.dtype(np.uint8)
 
 
 def holds_8bit(st) -> bool:

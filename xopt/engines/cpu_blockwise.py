@@ -171,6 +171,7 @@ def apply(opt, entries) -> list:
     at least ``min_8bit_size`` elements, their state made by :func:`xopt.state_8bit.state_for`)."""
     writes = []
     block = opt._hyper["block_size"]
+    made = {}  # (hyperparameter set, its scalars, compute dtype, clip) -> what its entries share (this call's)
     for e in entries:
         view = e.opt if e.opt is not None else opt
         p = e.p
@@ -184,29 +185,27 @@ def apply(opt, entries) -> list:
         flat_g, _ = _flat(g, work)
         if flat_g.flags.writeable is False:
             flat_g = flat_g.copy()
+        at = (id(view), id(e.scalars), work, e.clip)
+        shared = made.get(at)
+        if shared is None:
+            shared = made[at] = _shared(view, e.scalars, work, e.clip)
+        slots, keep, s, clip, claim_blocks, typed = shared
         st = e.state
-        kernel, names = lookup(view), view.buffers()
         arrays = []
-        for name in kernel.slots + ("",) * (3 - len(kernel.slots)):
-            if name in names:
+        for name, kept in zip(slots, keep):
+            if kept:
                 arrays += [st[name].reshape(-1), st[name + SUFFIX]]
             else:
                 arrays += [_NO_CODES, _NO_ABSMAX]
-        signed = tuple(map_of(view, name) is SIGNED for name in kernel.slots) + (True,) * (3 - len(kernel.slots))
-        keep = tuple(arrays[2 * t + 1].shape[0] > 0 for t in range(3))
-        # the scalars as a tuple, not an array: no loads in the rule's loop for LLVM to check against its stores
-        # (with them it does not vectorize the loop)
-        s = tuple(work.type(x) for x in kernel.order(e.scalars))
-        flags_of = ELEMENTS[kernel.rule][1]
-        clip = work.type(1.0 if e.clip is None else e.clip)
-        claim_blocks = _claim_of((kernel.rule, signed, keep, tuple(bool(f) for f in flags_of.py_func(s)),
-                                  bool(clip != 1.0)))
         nb = n_blocks(flat_p.shape[0], block)
         threads = min(get_num_threads(), nb) if flat_p.shape[0] >= PARALLEL_MIN else 1
         per = max(1, CHUNK // block) if threads > 1 else nb
         units = -(-nb // per)
         args = (per, nb, flat_p, flat_g, *arrays, s, clip, block)
-        claim_blocks(np.array([units, 0], dtype=np.int64), *args)  # typed (and loaded) here, not among the writes
+        aligned = tuple(a.flags.aligned for a in arrays[1::2])  # the absmax arrays (the others are aligned)
+        if aligned not in typed:  # typed (and loaded) here, not among the writes: a call that runs no block
+            claim_blocks(np.array([units, 0], dtype=np.int64), *args)
+            typed.add(aligned)
         counters = np.zeros(2, dtype=np.int64)
         claim = functools.partial(claim_blocks, counters, *args)
         if threads > 1:
@@ -215,3 +214,19 @@ def apply(opt, entries) -> list:
         if copied:
             writes.append(functools.partial(operator.setitem, p, Ellipsis, flat_p.reshape(p.shape)))
     return writes
+
+
+def _shared(view, scalars, work, clip):
+    """What the entries of one hyperparameter set, step and compute dtype share: (the kernel's slots padded to
+    three, which of them the set keeps, its scalars as a tuple of ``work`` numbers, the clip factor, the claim
+    function, the alignments of absmax arrays it was already called with)."""
+    kernel, names = lookup(view), view.buffers()
+    slots = kernel.slots + ("",) * (3 - len(kernel.slots))
+    keep = tuple(name in names for name in slots)
+    signed = tuple(map_of(view, name) is SIGNED for name in kernel.slots) + (True,) * (3 - len(kernel.slots))
+    # the scalars as a tuple, not an array: no loads in the rule's loop for LLVM to check against its stores
+    # (with them it does not vectorize the loop)
+    s = tuple(work.type(x) for x in kernel.order(scalars))
+    flags = tuple(bool(f) for f in ELEMENTS[kernel.rule][1].py_func(s))
+    clip = work.type(1.0 if clip is None else clip)
+    return slots, keep, s, clip, _claim_of((kernel.rule, signed, keep, flags, bool(clip != 1.0))), set()
