@@ -220,12 +220,12 @@ def _blockwise(opt, entries):
     (:mod:`xopt.engines.cuda_blockwise`; under ``impl="auto"`` once its self-check passed on their GPU for that
     rule and dtype), the fused CPU kernel for NumPy params where it has the rule, else the reference."""
     paths = []
-    host, rest = _partition(entries, lambda e: type(e.p) is np.ndarray)
-    cuda = _cuda_blockwise(opt) if rest else None
+    cuda = _cuda_blockwise(opt)
     if cuda is not None:
-        taken, rest = _partition(rest, lambda e: cuda.accepts(opt, e))  # under auto: its self-check passed
+        taken, entries = _partition(entries, lambda e: cuda.accepts(opt, e))  # under auto: its self-check passed
         if taken:
             paths.append((cuda.apply, taken))
+    host, rest = _partition(entries, lambda e: type(e.p) is np.ndarray)
     if host and opt.impl != "reference" and _numba.usable():
         from .engines import cpu_blockwise
 
