@@ -86,7 +86,8 @@ def column_squares(x) -> np.ndarray:
 def in_order(a, axis) -> np.ndarray:
     """The sums of ``a`` along ``axis``, each added from its first element in order (a running sum: NumPy's
     ``sum`` adds pairwise, or in an order of its own where the other axes have length 1)."""
-    a = np.moveaxis(a, axis, 0)
+    if axis:
+        a = np.moveaxis(a, axis, 0)
     if a.shape[0] and a[0].size < 256:  # many short rows: one call (cumsum is slow, but per call, not per row)
         return np.cumsum(a, axis=0)[-1]
     total = np.zeros(a.shape[1:])

@@ -252,11 +252,13 @@ def write(p, g, v, row_roots, column_roots, rows, columns, s, counters):
 
 
 # -- the host: one param's three passes ------------------------------------------------------------
-def _calls(threads, run, pieces):
+def _calls(threads, run, pieces, writes=True):
     """The calls that run ``run(counters)`` (a pass's claim loop) over ``pieces`` on ``threads`` threads: on
     ``threads - 1`` workers and the caller, then wait for the pieces still under way on workers.  The pass has
-    run once on nothing first (numba types its arguments, loads or compiles it, here, not among the writes)."""
-    run(_NONE_LEFT.copy())
+    run once on nothing first (numba types its arguments, loads or compiles it, here, not among the writes; and
+    not on a worker), unless it runs here on one thread and is not one of the step's ``writes``."""
+    if writes or threads > 1:
+        run(_NONE_LEFT.copy())
     counters = np.zeros(2, dtype=np.int64)
     if threads <= 1:
         return [functools.partial(run, counters)]
@@ -349,7 +351,7 @@ def _step(e) -> list:
         column_blocks = np.zeros((stack, -(-rows // ROW_BLOCK), columns))
         pieces = row_chunks.shape[0] * column_blocks.shape[1] * stack
         together(_calls(_threads(n, pieces), functools.partial(factor_sums, flat_g, rows, columns, scal, row_chunks,
-                                                               column_blocks), pieces))
+                                                               column_blocks), pieces, writes=False))
         mean_row, mean_col = means(in_order(row_chunks, 0).reshape(p.shape[:-1]),
                                    in_order(column_blocks, 1).reshape(p.shape[:-2] + (columns,)), p)
         v_row = lerp(_ready(_host(state["v_row"]), dtype), mean_row, s["beta2"])
@@ -369,7 +371,7 @@ def _step(e) -> list:
     threads = _threads(n, chunks)
     sums = np.empty((chunks, 2))
     together(_calls(threads, functools.partial(norm_sums, flat_p, flat_g, v, *factors, rows_or_one, columns, scal,
-                                               sums), chunks))
+                                               sums), chunks, writes=False))
     param_squares, update_squares = in_order(sums, 0)
     scal[STEP] = step_size(s, n, float(param_squares), float(update_squares))
     passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows_or_one, columns, scal), chunks)

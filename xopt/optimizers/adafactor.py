@@ -24,8 +24,9 @@ def lerp(a, b, w):
 
 def _like(a, x):
     """The float64 NumPy array ``a`` rounded once to ``x``'s dtype, in ``x``'s library."""
-    a = a.astype(_backend.dtype_name(x.dtype))
-    return a if isinstance(x, np.ndarray) else _backend.from_numpy(a, x)
+    if isinstance(x, np.ndarray):
+        return a.astype(x.dtype)
+    return _backend.from_numpy(a.astype(_backend.dtype_name(x.dtype)), x)
 
 
 def factor_means(xp, g):
@@ -59,8 +60,14 @@ def inverse_roots(xp, v_row, v_col, eps1):
     product of their inverse squares, so 1 / √v̂ is a product per element, the roots taken once per row and
     once per column.  A factor of 0 gives an infinite root (NumPy's warning of it left out): v̂ = 0 there, and
     the cap (:func:`inverse_floor`) takes over, as v̂'s floor does."""
+    mean = row_mean(xp, v_row)
+    if type(mean) is np.ndarray:  # xp.clip(mean, min=eps1), as array-api-compat computes it for NumPy (eps1 in
+        floor = np.asarray(eps1, dtype=mean.dtype)  # mean's dtype, a NaN mean kept), without its generic code
+        mean = np.where(mean < floor, floor, mean)
+    else:
+        mean = xp.clip(mean, min=eps1)
     with np.errstate(divide="ignore"):
-        return 1.0 / xp.sqrt(v_row), 1.0 / xp.sqrt(v_col / xp.clip(row_mean(xp, v_row), min=eps1))
+        return 1.0 / xp.sqrt(v_row), 1.0 / xp.sqrt(v_col / mean)
 
 
 def inverse_floor(eps1, largest) -> float:
