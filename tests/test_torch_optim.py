@@ -262,3 +262,40 @@ def test_what_it_refuses(torch):
         assert torch.equal(p, q)
     opt.param_groups[1]["lr"] = 0.1
     _train(torch, net, opt, 1)  # and it goes on once the value is fixed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_low_precision_params_state_dict_loads_and_training_goes_on(torch, dtype):
+    """A bfloat16 or float16 param keeps its state in float32 (its math's dtype): a state_dict of it, this
+    class's own or torch.optim's (buffers in the param's dtype), loads into that dtype, and the steps after
+    the load are those of the run that was not interrupted."""
+    import xopt.torch
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(40, generator=g).to(dtype)
+    grads = [torch.randn(40, generator=g).to(dtype) for _ in range(8)]
+
+    def steps(opt, p, which):
+        for grad in which:
+            p.grad = grad.clone()
+            opt.step()
+
+    p = torch.nn.Parameter(start.clone())
+    opt = xopt.torch.Adam([p], lr=1e-2)
+    steps(opt, p, grads[:4])
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = xopt.torch.Adam([q], lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    steps(opt, p, grads[4:])
+    steps(resumed, q, grads[4:])
+    assert torch.equal(p, q)
+    torch.testing.assert_close(resumed.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], rtol=0, atol=0)
+
+    r = torch.nn.Parameter(start.clone())
+    ref = torch.optim.Adam([r], lr=1e-2, foreach=False)
+    steps(ref, r, grads[:4])
+    from_torch = xopt.torch.Adam([r], lr=1e-2)
+    from_torch.load_state_dict(ref.state_dict())
+    steps(from_torch, r, grads[4:])
+    assert int(from_torch.state[r]["step"]) == 8

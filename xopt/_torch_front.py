@@ -9,6 +9,7 @@ from operator import attrgetter, is_not
 
 import torch
 
+from xopt._backend import compute_dtype
 from xopt._hyper import check_overrides, check_value, publish
 
 _REFUSED = ("maximize", "capturable", "differentiable")
@@ -184,7 +185,8 @@ class _Front(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
         their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
-        Buffers are copied, in each param's dtype and on its device."""
+        Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
+        for a float16 or bfloat16 param)."""
         kind = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
@@ -219,7 +221,7 @@ class _Front(torch.optim.Optimizer):
         self._present = None  # the next step pushes every group's values and patterns
 
     def _xopt_state(self, key, st, p, hyper) -> dict:
-        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into p's dtype."""
+        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into its state's dtype."""
         kind = type(self).__name__
         if not isinstance(st, Mapping):
             raise TypeError(f"{kind}.load_state_dict: the state of param {key} must be a dict, got "
@@ -241,8 +243,8 @@ class _Front(torch.optim.Optimizer):
             if tuple(value.shape) != want:
                 raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
                                  f"{tuple(value.shape)}, the param needs {want}")
-            out[ours] = value.detach().to(dtype=p.dtype, device=p.device, memory_format=torch.contiguous_format,
-                                          copy=True)
+            out[ours] = value.detach().to(dtype=_state_dtype(p), device=p.device,
+                                          memory_format=torch.contiguous_format, copy=True)
         needed = set(self._buffers_for(hyper, p)) - set(out)
         if needed and len(out) == 1 and out["step"] == 0:
             return None  # a state before the first step that holds nothing: the first step makes it
@@ -312,6 +314,11 @@ def _step_count(kind, key, step) -> int:
     if not value.is_integer() or value < 0:
         raise ValueError(f"{kind}.load_state_dict: param {key} has step {step!r}, not a count")
     return int(value)
+
+
+def _state_dtype(p):
+    """The dtype xopt keeps ``p``'s state buffers in: its math's (float32 for a float16 or bfloat16 param)."""
+    return compute_dtype(torch, p.dtype)
 
 
 def _scalar_dtype():
