@@ -299,3 +299,26 @@ def test_a_low_precision_params_state_dict_loads_and_training_goes_on(torch, dty
     from_torch.load_state_dict(ref.state_dict())
     steps(from_torch, r, grads[4:])
     assert int(from_torch.state[r]["step"]) == 8
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_goes_on_as_torch_optim(torch, how):
+    """copy.deepcopy or pickle of the model and its optimizer together, mid-run (as torch.optim's pickle):
+    the copy steps on as torch.optim does, and the original is left as it was."""
+    import pickle
+
+    def groups(net):
+        return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 3e-2}]
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2, amsgrad=True), groups)
+    _train(torch, ours, opt, 3)
+    _train(torch, theirs, ref, 3)
+    if how == "deepcopy":
+        copied, copied_opt = copy.deepcopy((ours, opt))
+    else:
+        copied, copied_opt = pickle.loads(pickle.dumps((ours, opt)))
+    _train(torch, copied, copied_opt, 4)
+    _train(torch, theirs, ref, 4)
+    _same(torch, copied, theirs, how)
+    _same_state(torch, copied_opt.state_dict()["state"], ref.state_dict()["state"])
+    assert copied_opt.param_groups[1]["lr"] == 3e-2 and int(opt.state_dict()["state"][0]["step"]) == 3

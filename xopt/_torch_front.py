@@ -42,6 +42,19 @@ class _Front(torch.optim.Optimizer):
         self._keys = []  # per group: its params' xopt keys, "i.j"
         self.state = _StateView(self)
 
+    _OWN = ("_xopt", "_seen", "_present", "_keys", "rule", "reads")  # what torch's pickle leaves out, kept
+
+    def __getstate__(self):
+        """torch's (``defaults``, ``param_groups``; not the hooks) and the xopt optimizer with its state; the
+        ``state`` view is made again by :meth:`__setstate__`."""
+        out = {k: v for k, v in super().__getstate__().items() if k != "state"}
+        out.update((k, self.__dict__[k]) for k in self._OWN if k in self.__dict__)
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.state = _StateView(self)
+
     @staticmethod
     def hyper(group) -> dict:
         """The xopt hyperparameters of ``group`` (torch's names -> xopt's)."""
