@@ -322,3 +322,25 @@ def test_a_copied_optimizer_goes_on_as_torch_optim(torch, how):
     _same(torch, copied, theirs, how)
     _same_state(torch, copied_opt.state_dict()["state"], ref.state_dict()["state"])
     assert copied_opt.param_groups[1]["lr"] == 3e-2 and int(opt.state_dict()["state"][0]["step"]) == 3
+
+
+def test_state_dict_hooks_run_as_torch_optims(torch):
+    """register_state_dict_pre/post_hook and register_load_state_dict_pre/post_hook: called as torch.optim calls
+    them, a post hook's returned state_dict is the one given back, a load pre hook's the one loaded."""
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2))
+    calls = {id(opt): [], id(ref): []}
+    for o in (opt, ref):
+        o.register_state_dict_pre_hook(lambda o: calls[id(o)].append("pre"))
+        o.register_state_dict_post_hook(lambda o, sd: calls[id(o)].append("post") or {**sd, "extra": 1})
+        o.register_load_state_dict_pre_hook(
+            lambda o, sd: calls[id(o)].append(("load pre", sd.get("extra"))) or {**sd, "param_groups": [
+                {**g, "lr": 2e-2} for g in sd["param_groups"]]})
+        o.register_load_state_dict_post_hook(lambda o: calls[id(o)].append(("load post", o.param_groups[0]["lr"])))
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 2)
+        sd = o.state_dict()
+        assert sd["extra"] == 1
+        o.load_state_dict(copy.deepcopy(sd))
+        _train(torch, net, o, 2)
+    assert calls[id(opt)] == calls[id(ref)] == ["pre", "post", ("load pre", 1), ("load post", 2e-2)]
+    _same(torch, ours, theirs)

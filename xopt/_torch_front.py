@@ -179,6 +179,8 @@ class _Front(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's state_dict: ``{"state": {param index: {torch's buffer names...}}, "param_groups":
         [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         index, groups, start = {}, [], 0
         for i, group in enumerate(self.param_groups):
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -193,7 +195,11 @@ class _Front(torch.optim.Optimizer):
             made = self._torch_state(st, p, group) if st is not None else self._unstepped_state(p, group)
             if made is not None:
                 state[n] = made
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
+        state_dict = {"state": dict(sorted(state.items())), "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():  # as torch's: one may return another
+            found = post_hook(self, state_dict)
+            state_dict = state_dict if found is None else found
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
@@ -201,6 +207,11 @@ class _Front(torch.optim.Optimizer):
         Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
         for a float16 or bfloat16 param)."""
         kind = type(self).__name__
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # a shallow copy, as torch's: a hook may change it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            found = pre_hook(self, state_dict)
+            state_dict = state_dict if found is None else found
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups, saved = self.param_groups, state_dict["param_groups"]
@@ -232,6 +243,8 @@ class _Front(torch.optim.Optimizer):
         self._xopt.iter = max((st["step"] for st in state.values()), default=0)
         self._seen = [None] * len(groups)
         self._present = None  # the next step pushes every group's values and patterns
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _xopt_state(self, key, st, p, hyper) -> dict:
         """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into its state's dtype."""
