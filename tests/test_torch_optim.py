@@ -344,3 +344,22 @@ def test_state_dict_hooks_run_as_torch_optims(torch):
         _train(torch, net, o, 2)
     assert calls[id(opt)] == calls[id(ref)] == ["pre", "post", ("load pre", 1), ("load post", 2e-2)]
     _same(torch, ours, theirs)
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[7], CASES[18]], ids=["Adam", "SGD", "Adafactor"])
+def test_autograd_sees_every_step_write(torch, name, kwargs):
+    """A param saved for a backward pass, then stepped: the backward raises, as after torch.optim's in-place
+    step (each param's and state's version counter moves with the write), at the first step and after."""
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    x, y = _data(torch)
+    for net, o in ((ours, opt), (theirs, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward(retain_graph=True)
+            before = [p._version for p in net.parameters()]
+            o.step()
+            assert all(p._version > v for p, v in zip(net.parameters(), before)), type(o)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+    _same(torch, ours, theirs)
