@@ -363,3 +363,25 @@ def test_autograd_sees_every_step_write(torch, name, kwargs):
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
                 loss.backward()
     _same(torch, ours, theirs)
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[11]], ids=["Adam", "Adagrad"])
+def test_the_state_view_answers_as_torch_optims_state(torch, name, kwargs):
+    """``opt.state`` as torch.optim's: the params that hold state (Adagrad's all of them from the start), and
+    for a param that holds none an empty dict (torch's is a defaultdict), not a KeyError."""
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    for net, o in ((ours, opt), (theirs, ref)):
+        net[2].bias.requires_grad_(False)  # never stepped
+    pairs = list(zip(ours.parameters(), theirs.parameters()))
+    for steps in (0, 2):
+        _train(torch, ours, opt, steps)
+        _train(torch, theirs, ref, steps)
+        assert len(opt.state) == len(ref.state)
+        assert [p in opt.state for p, _ in pairs] == [q in ref.state for _, q in pairs]
+        assert [opt.state.get(p) is None for p, _ in pairs] == [ref.state.get(q) is None for _, q in pairs]
+        for p, q in pairs:
+            ours_state, theirs_state = opt.state[p], ref.state.get(q, {})  # torch's [] would add q
+            assert set(ours_state) == set(theirs_state), (steps, set(ours_state), set(theirs_state))
+            for k in theirs_state:
+                torch.testing.assert_close(torch.as_tensor(ours_state[k]).to(torch.float64),
+                                           torch.as_tensor(theirs_state[k]).to(torch.float64), rtol=RTOL, atol=ATOL)

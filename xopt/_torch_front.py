@@ -161,9 +161,6 @@ class _Front(torch.optim.Optimizer):
         self._seen = [_values(g, self.reads) for g in groups]
 
     # -- state in torch's shape ---------------------------------------------------------------------
-    def _params_by_key(self):
-        return {f"{i}.{j}": p for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
-
     def _torch_state(self, st, p, group) -> dict:
         """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
         out = {} if not self.counts_steps else {"step": torch.tensor(float(st["step"]), dtype=_scalar_dtype())}
@@ -362,26 +359,42 @@ def _betas(group):
 
 
 class _StateView(Mapping):
-    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module)."""
+    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module).  As
+    torch.optim's (a defaultdict), a param that holds no state reads as an empty dict, which is not kept."""
 
     def __init__(self, front):
         self._front = front
 
     def _index(self):
-        front = self._front
-        params = front._params_by_key()
-        groups = {f"{i}.{j}": g for i, g in enumerate(front.param_groups) for j in range(len(g["params"]))}
-        return {key: (params[key], groups[key], made) for key, st in front._xopt.state.items() if key in params
-                for made in [front._torch_state(st, params[key], groups[key])] if made is not None}
+        """[(param, its torch-shaped state)] of every param that holds state, in the groups' order."""
+        front, held, out = self._front, self._front._xopt.state, []
+        for i, group in enumerate(front.param_groups):
+            for j, p in enumerate(group["params"]):
+                st = held.get(f"{i}.{j}")
+                made = front._torch_state(st, p, group) if st is not None else front._unstepped_state(p, group)
+                if made is not None:
+                    out.append((p, made))
+        return out
 
-    def __getitem__(self, p):
-        for q, _, made in self._index().values():
+    def _find(self, p):
+        for q, made in self._index():
             if q is p:
                 return made
-        raise KeyError(p)
+        return None
+
+    def __getitem__(self, p):
+        made = self._find(p)
+        return {} if made is None else made
+
+    def __contains__(self, p):
+        return self._find(p) is not None
+
+    def get(self, p, default=None):
+        made = self._find(p)
+        return default if made is None else made
 
     def __iter__(self):
-        return iter([p for p, _, _ in self._index().values()])
+        return iter([p for p, _ in self._index()])
 
     def __len__(self):
         return len(self._index())
