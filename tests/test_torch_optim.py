@@ -385,3 +385,34 @@ def test_the_state_view_answers_as_torch_optims_state(torch, name, kwargs):
             for k in theirs_state:
                 torch.testing.assert_close(torch.as_tensor(ours_state[k]).to(torch.float64),
                                            torch.as_tensor(theirs_state[k]).to(torch.float64), rtol=RTOL, atol=ATOL)
+
+
+
+def test_an_inference_tensor_is_stepped_only_in_inference_mode(torch):
+    """A param made under torch.inference_mode() has no version counter: torch.optim's step refuses to write it
+    outside inference mode, and so does this one, at the first step and on later ones, writing nothing; inside
+    inference mode both step it."""
+    import xopt.torch
+
+    with torch.inference_mode():
+        ours, theirs = torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6)
+    opt, ref = xopt.torch.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1, foreach=False)
+    for step in range(4):
+        for p in (ours, theirs):
+            p.grad = torch.full((6,), 0.5 + step)
+        if step in (0, 2):
+            with torch.inference_mode():
+                other = theirs.clone()
+            other.grad = theirs.grad
+            with pytest.raises(RuntimeError, match="[Ii]nplace update to inference tensor"):
+                torch.optim.Adam([other], lr=0.1, foreach=False).step()
+            before = {k: v.clone() for k, v in opt.state[ours].items()}
+            with pytest.raises(ValueError, match="inference tensor"):
+                opt.step()
+            assert torch.equal(ours, theirs) and before.keys() == opt.state[ours].keys()
+            for k, v in before.items():
+                assert torch.equal(opt.state[ours][k], v), k
+        with torch.inference_mode():
+            ref.step()
+            opt.step()
+        torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
