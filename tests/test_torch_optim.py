@@ -262,3 +262,157 @@ def test_what_it_refuses(torch):
         assert torch.equal(p, q)
     opt.param_groups[1]["lr"] = 0.1
     _train(torch, net, opt, 1)  # and it goes on once the value is fixed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_low_precision_params_state_dict_loads_and_training_goes_on(torch, dtype):
+    """A bfloat16 or float16 param keeps its state in float32 (its math's dtype): a state_dict of it, this
+    class's own or torch.optim's (buffers in the param's dtype), loads into that dtype, and the steps after
+    the load are those of the run that was not interrupted."""
+    import xopt.torch
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(40, generator=g).to(dtype)
+    grads = [torch.randn(40, generator=g).to(dtype) for _ in range(8)]
+
+    def steps(opt, p, which):
+        for grad in which:
+            p.grad = grad.clone()
+            opt.step()
+
+    p = torch.nn.Parameter(start.clone())
+    opt = xopt.torch.Adam([p], lr=1e-2)
+    steps(opt, p, grads[:4])
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = xopt.torch.Adam([q], lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    steps(opt, p, grads[4:])
+    steps(resumed, q, grads[4:])
+    assert torch.equal(p, q)
+    torch.testing.assert_close(resumed.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], rtol=0, atol=0)
+
+    r = torch.nn.Parameter(start.clone())
+    ref = torch.optim.Adam([r], lr=1e-2, foreach=False)
+    steps(ref, r, grads[:4])
+    from_torch = xopt.torch.Adam([r], lr=1e-2)
+    from_torch.load_state_dict(ref.state_dict())
+    steps(from_torch, r, grads[4:])
+    assert int(from_torch.state[r]["step"]) == 8
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_goes_on_as_torch_optim(torch, how):
+    """copy.deepcopy or pickle of the model and its optimizer together, mid-run (as torch.optim's pickle):
+    the copy steps on as torch.optim does, and the original is left as it was."""
+    import pickle
+
+    def groups(net):
+        return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 3e-2}]
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2, amsgrad=True), groups)
+    _train(torch, ours, opt, 3)
+    _train(torch, theirs, ref, 3)
+    if how == "deepcopy":
+        copied, copied_opt = copy.deepcopy((ours, opt))
+    else:
+        copied, copied_opt = pickle.loads(pickle.dumps((ours, opt)))
+    _train(torch, copied, copied_opt, 4)
+    _train(torch, theirs, ref, 4)
+    _same(torch, copied, theirs, how)
+    _same_state(torch, copied_opt.state_dict()["state"], ref.state_dict()["state"])
+    assert copied_opt.param_groups[1]["lr"] == 3e-2 and int(opt.state_dict()["state"][0]["step"]) == 3
+
+
+def test_state_dict_hooks_run_as_torch_optims(torch):
+    """register_state_dict_pre/post_hook and register_load_state_dict_pre/post_hook: called as torch.optim calls
+    them, a post hook's returned state_dict is the one given back, a load pre hook's the one loaded."""
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2))
+    calls = {id(opt): [], id(ref): []}
+    for o in (opt, ref):
+        o.register_state_dict_pre_hook(lambda o: calls[id(o)].append("pre"))
+        o.register_state_dict_post_hook(lambda o, sd: calls[id(o)].append("post") or {**sd, "extra": 1})
+        o.register_load_state_dict_pre_hook(
+            lambda o, sd: calls[id(o)].append(("load pre", sd.get("extra"))) or {**sd, "param_groups": [
+                {**g, "lr": 2e-2} for g in sd["param_groups"]]})
+        o.register_load_state_dict_post_hook(lambda o: calls[id(o)].append(("load post", o.param_groups[0]["lr"])))
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 2)
+        sd = o.state_dict()
+        assert sd["extra"] == 1
+        o.load_state_dict(copy.deepcopy(sd))
+        _train(torch, net, o, 2)
+    assert calls[id(opt)] == calls[id(ref)] == ["pre", "post", ("load pre", 1), ("load post", 2e-2)]
+    _same(torch, ours, theirs)
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[7], CASES[18]], ids=["Adam", "SGD", "Adafactor"])
+def test_autograd_sees_every_step_write(torch, name, kwargs):
+    """A param saved for a backward pass, then stepped: the backward raises, as after torch.optim's in-place
+    step (each param's and state's version counter moves with the write), at the first step and after."""
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    x, y = _data(torch)
+    for net, o in ((ours, opt), (theirs, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward(retain_graph=True)
+            before = [p._version for p in net.parameters()]
+            o.step()
+            assert all(p._version > v for p, v in zip(net.parameters(), before)), type(o)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+    _same(torch, ours, theirs)
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[11]], ids=["Adam", "Adagrad"])
+def test_the_state_view_answers_as_torch_optims_state(torch, name, kwargs):
+    """``opt.state`` as torch.optim's: the params that hold state (Adagrad's all of them from the start), and
+    for a param that holds none an empty dict (torch's is a defaultdict), not a KeyError."""
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    for net, o in ((ours, opt), (theirs, ref)):
+        net[2].bias.requires_grad_(False)  # never stepped
+    pairs = list(zip(ours.parameters(), theirs.parameters()))
+    for steps in (0, 2):
+        _train(torch, ours, opt, steps)
+        _train(torch, theirs, ref, steps)
+        assert len(opt.state) == len(ref.state)
+        assert [p in opt.state for p, _ in pairs] == [q in ref.state for _, q in pairs]
+        assert [opt.state.get(p) is None for p, _ in pairs] == [ref.state.get(q) is None for _, q in pairs]
+        for p, q in pairs:
+            ours_state, theirs_state = opt.state[p], ref.state.get(q, {})  # torch's [] would add q
+            assert set(ours_state) == set(theirs_state), (steps, set(ours_state), set(theirs_state))
+            for k in theirs_state:
+                torch.testing.assert_close(torch.as_tensor(ours_state[k]).to(torch.float64),
+                                           torch.as_tensor(theirs_state[k]).to(torch.float64), rtol=RTOL, atol=ATOL)
+
+
+
+def test_an_inference_tensor_is_stepped_only_in_inference_mode(torch):
+    """A param made under torch.inference_mode() has no version counter: torch.optim's step refuses to write it
+    outside inference mode, and so does this one, at the first step and on later ones, writing nothing; inside
+    inference mode both step it."""
+    import xopt.torch
+
+    with torch.inference_mode():
+        ours, theirs = torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6)
+    opt, ref = xopt.torch.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1, foreach=False)
+    for step in range(4):
+        for p in (ours, theirs):
+            p.grad = torch.full((6,), 0.5 + step)
+        if step in (0, 2):
+            with torch.inference_mode():
+                other = theirs.clone()
+            other.grad = theirs.grad
+            with pytest.raises(RuntimeError, match="[Ii]nplace update to inference tensor"):
+                torch.optim.Adam([other], lr=0.1, foreach=False).step()
+            before = {k: v.clone() for k, v in opt.state[ours].items()}
+            with pytest.raises(ValueError, match="inference tensor"):
+                opt.step()
+            assert torch.equal(ours, theirs) and before.keys() == opt.state[ours].keys()
+            for k, v in before.items():
+                assert torch.equal(opt.state[ours][k], v), k
+        with torch.inference_mode():
+            ref.step()
+            opt.step()
+        torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)

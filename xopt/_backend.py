@@ -80,14 +80,22 @@ def can_rebind_only(x) -> bool:
     return immutable
 
 
+def is_frozen_inference_tensor(x) -> bool:
+    """Whether ``x`` is a torch inference tensor outside ``torch.inference_mode()``: it has no version counter,
+    and torch refuses an in-place write to it there (autograd could not see the change)."""
+    import torch
+
+    return x.is_inference() and not torch.is_inference_mode_enabled()
+
+
 def is_writable(x) -> bool:
     """Whether ``x`` can be written in place (a read-only NumPy view cannot)."""
     if type(x) is np.ndarray:
         return x.flags.writeable
     if can_rebind_only(x):
         return False
-    if _compat.is_torch_array(x):
-        return True  # a leaf that requires grad too: assign() writes it under no_grad, as torch.optim does
+    if _compat.is_torch_array(x):  # a leaf that requires grad too: assign() writes it under no_grad, as torch.optim does
+        return not is_frozen_inference_tensor(x)
     return _compat.is_writeable_array(x)
 
 

@@ -166,6 +166,10 @@ def collect(params, grads) -> list[Entry]:
         xp, g = _check_pair(key, p, g)
         rebind = False
         if not _backend.is_writable(p):
+            if array_api_compat.is_torch_array(p):
+                raise ValueError(f"param {describe(key)} is a torch inference tensor: torch refuses in-place "
+                                 "updates to it outside torch.inference_mode() (step inside it, or clone the "
+                                 "param outside it)")
             if not _backend.can_rebind_only(p):
                 raise ValueError(f"param {describe(key)} is read-only; xopt updates params in place")
             if fixed_container:

@@ -9,6 +9,7 @@ from operator import attrgetter, is_not
 
 import torch
 
+from xopt._backend import compute_dtype
 from xopt._hyper import check_overrides, check_value, publish
 
 _REFUSED = ("maximize", "capturable", "differentiable")
@@ -39,6 +40,19 @@ class _Front(torch.optim.Optimizer):
         self._seen = [None] * len(self.param_groups)  # each group's values at the last step (None: not pushed yet)
         self._present = ()  # the groups > 0 whose patterns the xopt optimizer's overrides hold
         self._keys = []  # per group: its params' xopt keys, "i.j"
+        self.state = _StateView(self)
+
+    _OWN = ("_xopt", "_seen", "_present", "_keys", "rule", "reads")  # what torch's pickle leaves out, kept
+
+    def __getstate__(self):
+        """torch's (``defaults``, ``param_groups``; not the hooks) and the xopt optimizer with its state; the
+        ``state`` view is made again by :meth:`__setstate__`."""
+        out = {k: v for k, v in super().__getstate__().items() if k != "state"}
+        out.update((k, self.__dict__[k]) for k in self._OWN if k in self.__dict__)
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
         self.state = _StateView(self)
 
     @staticmethod
@@ -147,9 +161,6 @@ class _Front(torch.optim.Optimizer):
         self._seen = [_values(g, self.reads) for g in groups]
 
     # -- state in torch's shape ---------------------------------------------------------------------
-    def _params_by_key(self):
-        return {f"{i}.{j}": p for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
-
     def _torch_state(self, st, p, group) -> dict:
         """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
         out = {} if not self.counts_steps else {"step": torch.tensor(float(st["step"]), dtype=_scalar_dtype())}
@@ -165,6 +176,8 @@ class _Front(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's state_dict: ``{"state": {param index: {torch's buffer names...}}, "param_groups":
         [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         index, groups, start = {}, [], 0
         for i, group in enumerate(self.param_groups):
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -179,13 +192,23 @@ class _Front(torch.optim.Optimizer):
             made = self._torch_state(st, p, group) if st is not None else self._unstepped_state(p, group)
             if made is not None:
                 state[n] = made
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
+        state_dict = {"state": dict(sorted(state.items())), "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():  # as torch's: one may return another
+            found = post_hook(self, state_dict)
+            state_dict = state_dict if found is None else found
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
         their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
-        Buffers are copied, in each param's dtype and on its device."""
+        Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
+        for a float16 or bfloat16 param)."""
         kind = type(self).__name__
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # a shallow copy, as torch's: a hook may change it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            found = pre_hook(self, state_dict)
+            state_dict = state_dict if found is None else found
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups, saved = self.param_groups, state_dict["param_groups"]
@@ -217,9 +240,11 @@ class _Front(torch.optim.Optimizer):
         self._xopt.iter = max((st["step"] for st in state.values()), default=0)
         self._seen = [None] * len(groups)
         self._present = None  # the next step pushes every group's values and patterns
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _xopt_state(self, key, st, p, hyper) -> dict:
-        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into p's dtype."""
+        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into its state's dtype."""
         kind = type(self).__name__
         if not isinstance(st, Mapping):
             raise TypeError(f"{kind}.load_state_dict: the state of param {key} must be a dict, got "
@@ -241,8 +266,8 @@ class _Front(torch.optim.Optimizer):
             if tuple(value.shape) != want:
                 raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
                                  f"{tuple(value.shape)}, the param needs {want}")
-            out[ours] = value.detach().to(dtype=p.dtype, device=p.device, memory_format=torch.contiguous_format,
-                                          copy=True)
+            out[ours] = value.detach().to(dtype=_state_dtype(p), device=p.device,
+                                          memory_format=torch.contiguous_format, copy=True)
         needed = set(self._buffers_for(hyper, p)) - set(out)
         if needed and len(out) == 1 and out["step"] == 0:
             return None  # a state before the first step that holds nothing: the first step makes it
@@ -314,6 +339,11 @@ def _step_count(kind, key, step) -> int:
     return int(value)
 
 
+def _state_dtype(p):
+    """The dtype xopt keeps ``p``'s state buffers in: its math's (float32 for a float16 or bfloat16 param)."""
+    return compute_dtype(torch, p.dtype)
+
+
 def _scalar_dtype():
     """The dtype torch.optim keeps its per-param scalars in (``step``): float64 under a float64 default."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -329,26 +359,42 @@ def _betas(group):
 
 
 class _StateView(Mapping):
-    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module)."""
+    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module).  As
+    torch.optim's (a defaultdict), a param that holds no state reads as an empty dict, which is not kept."""
 
     def __init__(self, front):
         self._front = front
 
     def _index(self):
-        front = self._front
-        params = front._params_by_key()
-        groups = {f"{i}.{j}": g for i, g in enumerate(front.param_groups) for j in range(len(g["params"]))}
-        return {key: (params[key], groups[key], made) for key, st in front._xopt.state.items() if key in params
-                for made in [front._torch_state(st, params[key], groups[key])] if made is not None}
+        """[(param, its torch-shaped state)] of every param that holds state, in the groups' order."""
+        front, held, out = self._front, self._front._xopt.state, []
+        for i, group in enumerate(front.param_groups):
+            for j, p in enumerate(group["params"]):
+                st = held.get(f"{i}.{j}")
+                made = front._torch_state(st, p, group) if st is not None else front._unstepped_state(p, group)
+                if made is not None:
+                    out.append((p, made))
+        return out
 
-    def __getitem__(self, p):
-        for q, _, made in self._index().values():
+    def _find(self, p):
+        for q, made in self._index():
             if q is p:
                 return made
-        raise KeyError(p)
+        return None
+
+    def __getitem__(self, p):
+        made = self._find(p)
+        return {} if made is None else made
+
+    def __contains__(self, p):
+        return self._find(p) is not None
+
+    def get(self, p, default=None):
+        made = self._find(p)
+        return default if made is None else made
 
     def __iter__(self):
-        return iter([p for p, _, _ in self._index().values()])
+        return iter([p for p, _ in self._index()])
 
     def __len__(self):
         return len(self._index())

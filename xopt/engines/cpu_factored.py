@@ -376,4 +376,15 @@ def _step(e) -> list:
     scal[STEP] = step_size(s, n, float(param_squares), float(update_squares))
     passes = _calls(threads, functools.partial(write, flat_p, flat_g, v, *factors, rows_or_one, columns, scal), chunks)
     news = [functools.partial(operator.setitem, _host(state[k]), Ellipsis, value) for k, value in factors_new.items()]
-    return news + passes + writes + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads
+    bump = _bump([e.p, *(state[k] for k in factors_new or ("v",))])
+    return news + passes + writes + bump + [functools.partial(len, [p, g, v, factors])]  # holds what the kernel reads
+
+
+def _bump(written) -> list:
+    """The write that moves the version counters of the torch tensors in ``written`` (its param and state
+    buffers, written through NumPy views of their memory), as torch's own in-place writes move them: autograd
+    then refuses a backward pass through a value the step changed.  None for NumPy arrays."""
+    tensors = [x for x in written if not isinstance(x, (np.ndarray, np.generic))]
+    if not tensors:
+        return []
+    return [functools.partial(sys.modules["torch"]._C._increment_version, tensors)]

@@ -10,7 +10,8 @@ the compiled call before the kernel runs.  Nothing is remembered from one call t
 
 A tensor taken is an exact ``torch.Tensor`` or ``torch.nn.Parameter`` (a subclass may keep its data
 elsewhere, or run Python in its methods), on the CPU, strided, contiguous, without torch's lazy negation
-bit, of the step's dtype (float32, float64), with a shape (a nested tensor has none) and strided storage
+bit, not an inference tensor outside ``torch.inference_mode()`` (torch refuses to write one there: it has no
+version counter), of the step's dtype (float32, float64), with a shape (a nested tensor has none) and strided storage
 (``data_ptr`` raises for a sparse, MKL-DNN or functorch wrapper tensor); anything else is declined, and the
 checked path takes the step and explains.
 """
@@ -38,6 +39,7 @@ _TO_TORCH = {v: k for k, v in _TO_NUMPY.items()}
 _DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
 _data_ptr, _size, _numel = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.numel
 _is_contiguous, _is_neg = torch.Tensor.is_contiguous, torch.Tensor.is_neg
+_is_inference, _inference_mode = torch.Tensor.is_inference, torch.is_inference_mode_enabled
 _REFUSED = (RuntimeError, TypeError, AttributeError, ValueError)
 increment_version = torch._C._increment_version  # what torch's in-place writes do: autograd sees the change
 
@@ -61,7 +63,8 @@ def addresses(ts, dtype, lists=1):
     (params, grads, buffers), and the k-th tensor of each list must have the shape of the first list's."""
     try:
         if (not TAKEN.issuperset(map(type, ts)) or set(map(_DTYPE, ts)) != {dtype} or not all(map(_IS_CPU, ts))
-                or not all(map(_is_contiguous, ts)) or any(map(_is_neg, ts))):
+                or not all(map(_is_contiguous, ts)) or any(map(_is_neg, ts))
+                or (any(map(_is_inference, ts)) and not _inference_mode())):
             return None
         shaped = list(map(_size, ts))  # raises for a nested tensor: it has no shape
         if lists > 1 and shaped != shaped[:len(ts) // lists] * lists:
