@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from itertools import chain
 
 import numpy as np
 import torch
@@ -105,48 +106,31 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     hyper = opt._hyper
     clip = hyper["clip_grad_norm"]
     n, size = len(ps), kind.dtype.itemsize
-    keeps = [kind.keeps(view.buffers()) for view in views]
-    lists, columns, partly = [ps, gs], [0, 1], []  # the lists every row fills, their columns; the others
-    for j, get in enumerate(kind.getters):
-        kept = keeps[0][j:j + 1] if len(keeps) == 1 else [k[j] for k in keeps]
+    mode, split = CHECK_FINITE if hyper["skip_nonfinite"] else 0, split_at()
+    layout = kind.layout(views[0].buffers(), mode, split) if part is None else None
+    if layout is not None and layout.first:  # the usual: one part, its buffers the first slots (their columns)
         try:
-            if all(kept):
-                lists.append(list(map(get, states)))
-                columns.append(2 + j)
-            elif any(kept):  # a buffer some parts keep: the rows of those parts
-                rows = [t for t in range(n) if kept[part[t]]]
-                partly.append((2 + j, rows, [get(states[t]) for t in rows]))
+            lists = [ps, gs, *[list(map(get, states)) for _, get in layout.kept]]
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
-    listed = [t for ts in lists for t in ts]
-    at = addresses(listed, dtype, len(lists))  # all checked at once
-    if at is None:
-        return None
-    written = listed[2 * n:]
-    if not partly and columns[-1] == len(columns) - 1:  # the usual: the listed columns first, the others empty
-        body = at
-        body += [0] * ((5 - len(columns)) * n)
+        listed = list(chain.from_iterable(lists))
+        at = addresses(listed, dtype, len(lists))  # all checked at once
+        if at is None:
+            return None
+        at += [0] * ((5 - len(lists)) * n)  # the slots not kept
+        table = [n, 1, size, size, mode, split, 0, *sizes(ps), *at, *layout.keep]
+        written = listed[2 * n:]
+        written += ps
     else:
-        found = dict(zip(columns, (at[i * n:(i + 1) * n] for i in range(len(lists)))))
-        shaped = shapes(ps)
-        for j, rows, bufs in partly:
-            at = addresses(bufs, dtype)
-            if at is None or shapes(bufs) != [shaped[t] for t in rows]:
-                return None
-            found[j] = column = [0] * n
-            for t, a in zip(rows, at):
-                column[t] = a
-            written += bufs
-        zeros = [0] * n
-        body = [a for j in range(5) for a in found.get(j, zeros)]
-    written += ps
-    table = [n, len(keeps), size, size, CHECK_FINITE if hyper["skip_nonfinite"] else 0, split_at(), 0]
-    table += sizes(ps)
-    table += body
-    for k in keeps:
-        table += k
-    if part is not None:
-        table += part
+        found = _gathered(kind, views, ps, gs, states, part, dtype, n)
+        if found is None:
+            return None
+        body, written, keeps = found
+        table = [n, len(keeps), size, size, mode, split, 0, *sizes(ps), *body]
+        for k in keeps:
+            table += k
+        if part is not None:
+            table += part
     table = np.array(table, dtype=np.int64)
     if len(values) == 1:
         scal = buffers(kind)[1]
@@ -175,3 +159,39 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     arrays = Arrays.of_table(kind.function, ptrs, table[N_TABLE_HEAD:N_TABLE_HEAD + n], scal,
                              _NO_PART if part is None else table[at:at + n], total, kind.norms)
     return run(opt, arrays, clip, commit, [bump])
+
+
+def _gathered(kind, views, ps, gs, states, part, dtype, n):
+    """(the table's five columns of addresses, the tensors the step writes, each part's kept-slot flags) of a
+    step of several parts, or of one whose buffers are not its first slots; None: declined."""
+    keeps = [kind.keeps(view.buffers()) for view in views]
+    lists, columns, partly = [ps, gs], [0, 1], []  # the lists every row fills, their columns; the others
+    for j, get in enumerate(kind.getters):
+        kept = [k[j] for k in keeps]
+        try:
+            if all(kept):
+                lists.append(list(map(get, states)))
+                columns.append(2 + j)
+            elif any(kept):  # a buffer some parts keep: the rows of those parts
+                rows = [t for t in range(n) if kept[part[t]]]
+                partly.append((2 + j, rows, [get(states[t]) for t in rows]))
+        except KeyError:  # made at the checked path's next step (an option turned on)
+            return None
+    listed = list(chain.from_iterable(lists))
+    at = addresses(listed, dtype, len(lists))  # all checked at once
+    if at is None:
+        return None
+    written = listed[2 * n:]
+    found = dict(zip(columns, (at[i * n:(i + 1) * n] for i in range(len(lists)))))
+    shaped = shapes(ps)
+    for j, rows, bufs in partly:
+        at = addresses(bufs, dtype)
+        if at is None or shapes(bufs) != [shaped[t] for t in rows]:
+            return None
+        found[j] = column = [0] * n
+        for t, a in zip(rows, at):
+            column[t] = a
+        written += bufs
+    written += ps
+    zeros = [0] * n
+    return [a for j in range(5) for a in found.get(j, zeros)], written, keeps

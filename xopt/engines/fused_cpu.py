@@ -137,10 +137,11 @@ class Layout:
     """A one-part step's constant part: which slot lists to gather (``kept``: (list index, getter)), the head's
     numbers after n (``tail``), and the kept-slot flags (``keep``)."""
 
-    __slots__ = ("kept", "tail", "keep")
+    __slots__ = ("kept", "tail", "keep", "first")
 
     def __init__(self, kept, tail, keep):
         self.kept, self.tail, self.keep = kept, tail, keep
+        self.first = all(at == 2 + i for i, (at, _) in enumerate(kept))  # the kept slots are the first ones
 
 
 _KINDS = {}  # (optimizer class, param dtype, state_dtype) -> its Kind, or None: no kernel
