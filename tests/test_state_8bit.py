@@ -378,3 +378,47 @@ def test_a_wrong_absmax_is_refused_before_any_write():
     with pytest.raises(ValueError, match="'w'.*'v_absmax'.*shape"):
         opt.update(params, {"w": np.ones(N, np.float32)})
     assert np.array_equal(params["w"], before) and opt.state["w"]["step"] == 1
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_a_byte_swapped_absmax_steps_as_a_native_one(impl):
+    # the fused kernel reads raw bytes: a big-endian absmax (a user's, a file's) is taken in native byte order, as
+    # a float state buffer is; the fused step raised numba's TypingError (after the checks, its message naming no
+    # param), the reference stepped it
+    rng = np.random.default_rng(8)
+    p0 = rng.standard_normal(N).astype(np.float32)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(2)]
+    runs = []
+    for swap in (False, True):
+        opt, params = xopt.Adam(lr=0.01, state_dtype="8bit", impl=impl), {"w": p0.copy()}
+        opt.update(params, {"w": grads[0]})
+        if swap:
+            for name in ("m_absmax", "v_absmax"):
+                absmax = opt.state["w"][name]
+                opt.state["w"][name] = absmax.astype(absmax.dtype.newbyteorder(">"))
+        opt.update(params, {"w": grads[1]})
+        runs.append((params["w"], opt.state["w"]))
+    (p_native, st_native), (p_swapped, st_swapped) = runs
+    assert same_bits(p_native, p_swapped)
+    for name in ("m", "m_absmax", "v", "v_absmax"):
+        assert np.array_equal(st_native[name], st_swapped[name]), name
+        assert st_swapped[name].dtype.isnative, name
+
+
+def test_a_byte_swapped_absmax_loads_in_native_byte_order():
+    # as a float state's buffers load (native copies); an 8-bit state's absmax was refused, "float32 ... got >f4"
+    rng = np.random.default_rng(9)
+    params = {"w": rng.standard_normal(N).astype(np.float32)}
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit")
+    opt.update(params, {"w": rng.standard_normal(N).astype(np.float32)})
+    saved = opt.state_dict()
+    saved["state"]["w"] = {name: buf.astype(buf.dtype.newbyteorder(">")) if name.endswith("_absmax") else buf
+                           for name, buf in saved["state"]["w"].items()}
+    for block in (256, 128):  # kept as it is, and converted to other blocks
+        other = xopt.Adam(lr=0.01, state_dtype="8bit", block_size=block)
+        other.load_state_dict(saved, params=params)
+        for name in ("m_absmax", "v_absmax"):
+            assert other.state["w"][name].dtype == np.float32 and other.state["w"][name].dtype.isnative
+        if block == 256:
+            assert all(np.array_equal(other.state["w"][k], opt.state["w"][k]) for k in opt.state["w"])
+        other.update(dict(params), {"w": np.ones(N, np.float32)})

@@ -65,11 +65,12 @@ def state_for(opt, e):
         for key in (name, name + SUFFIX):
             buf = st[key]
             if type(buf) is not type(e.p):  # a file's (NumPy) for a CuPy param, a CuPy state for a NumPy one
-                buf = np.ascontiguousarray(_on_host(buf))
+                buf = _native(_on_host(buf))
                 st[key] = buf if host else _backend.from_numpy(buf, e.p)
             elif host:
-                if not buf.flags.writeable or not buf.flags.c_contiguous:
-                    st[key] = np.array(buf, order="C")
+                # the kernel reads raw bytes of native byte order: a big-endian absmax is stepped as a native copy
+                if not buf.flags.writeable or not buf.flags.c_contiguous or not buf.dtype.isnative:
+                    st[key] = _native(buf)
             elif not getattr(getattr(buf, "flags", None), "c_contiguous", True):  # what the CUDA kernel takes
                 st[key] = buf.copy(order="C")
     return st
@@ -166,8 +167,13 @@ def _on_host(a) -> np.ndarray:
 
 
 def _own(a):
-    """A C-ordered copy of ``a`` in its own library (NumPy or CuPy)."""
-    return np.array(a, order="C") if isinstance(a, np.ndarray) else a.copy(order="C")
+    """A C-ordered copy of ``a`` in its own library (NumPy or CuPy), in native byte order."""
+    return _native(a) if isinstance(a, np.ndarray) else a.copy(order="C")
+
+
+def _native(a) -> np.ndarray:
+    """A C-ordered NumPy copy of NumPy array ``a`` in native byte order."""
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
 def _chunk(block) -> int:
@@ -199,7 +205,7 @@ def _dequantize_all(codes, absmax, code, block):
 
 def _check_blocks(key, name, codes, absmax, block):
     """An 8-bit buffer: uint8 codes, and a 1-D float32 absmax with one number per block of ``block``."""
-    if codes.dtype != np.uint8 or absmax.dtype != np.float32 or absmax.ndim != 1:
+    if codes.dtype != np.uint8 or absmax.dtype.newbyteorder("=") != np.float32 or absmax.ndim != 1:  # any byte order
         raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state is uint8 codes and a 1-D float32 "
                         f"{name + SUFFIX!r}, got {codes.dtype} and {absmax.dtype} of shape {absmax.shape}")
     if absmax.shape[0] != n_blocks(codes.size, block):
