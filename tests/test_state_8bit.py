@@ -304,10 +304,11 @@ def test_a_storage_hyperparameter_set_during_a_first_step_waits_for_it():
     assert opt.state["w"]["step"] == 2
 
 
-@pytest.mark.parametrize("block", [N + 1, 2**40])
+@pytest.mark.parametrize("block", [N + 1, 2**40, 2**63, 2**70])
 def test_a_block_size_above_the_size_costs_the_size_not_the_block(block):
     # one block shorter than block_size: quantized and stepped without padding it to block_size (2**40 zeros
-    # were asked for: a MemoryError, or a process killed where the memory is overcommitted)
+    # were asked for: a MemoryError, or a process killed where the memory is overcommitted); a block_size past
+    # int64 too (the fused step raised OverflowError where the reference stepped)
     rng = np.random.default_rng(7)
     p0 = rng.standard_normal(N).astype(np.float32)
     grads = [{"w": rng.standard_normal(N).astype(np.float32)} for _ in range(2)]
