@@ -423,3 +423,18 @@ def test_a_byte_swapped_absmax_loads_in_native_byte_order():
         if block == 256:
             assert all(np.array_equal(other.state["w"][k], opt.state["w"][k]) for k in opt.state["w"])
         other.update(dict(params), {"w": np.ones(N, np.float32)})
+
+
+@pytest.mark.parametrize("key", ["w", "b"])  # 8-bit codes, and a small param's float32 state
+@pytest.mark.parametrize("bad", [[0] * 3, 3, "codes"], ids=["list", "int", "str"])
+def test_a_state_buffer_that_is_not_an_array_is_refused_naming_it(key, bad):
+    # refused before any write, as other wrong buffers are; it raised AttributeError ("'list' object has no
+    # attribute 'shape'"), naming neither the param nor the buffer
+    opt = xopt.Adam(state_dtype="8bit")
+    params = {"w": np.ones(N, np.float32), "b": np.ones(10, np.float32)}
+    opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    opt.state[key]["v"] = bad
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(TypeError, match=f"'{key}'.*'v' is not an array"):
+        opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    assert all(np.array_equal(params[k], before[k]) for k in params) and opt.state[key]["step"] == 1
