@@ -438,3 +438,19 @@ def test_a_state_buffer_that_is_not_an_array_is_refused_naming_it(key, bad):
     with pytest.raises(TypeError, match=f"'{key}'.*'v' is not an array"):
         opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
     assert all(np.array_equal(params[k], before[k]) for k in params) and opt.state[key]["step"] == 1
+
+
+def test_a_float_state_of_an_8bit_sized_param_is_refused_naming_its_shape_or_dtype():
+    # a param grown past min_8bit_size under its key, or a float buffer put in an 8-bit state: refused naming what
+    # is wrong with the buffer, as a float state is; it was refused as lacking 'm_absmax'
+    opt = xopt.Adam(state_dtype="8bit")
+    opt.update({"b": np.ones(10, np.float32)}, {"b": np.ones(10, np.float32)})
+    with pytest.raises(ValueError, match=r"param 'b' has shape \(5077,\) but its optimizer state 'm' was made for "
+                                         r"shape \(10,\)"):
+        opt.update({"b": np.ones(N, np.float32)}, {"b": np.ones(N, np.float32)})
+    params = {"w": np.ones(N, np.float32)}
+    opt.update(params, {"w": np.ones(N, np.float32)})
+    opt.state["w"]["v"] = np.zeros(N, np.float32)
+    with pytest.raises(TypeError, match="param 'w' keeps its state in uint8 .* optimizer state 'v' is float32"):
+        opt.update(params, {"w": np.ones(N, np.float32)})
+    assert opt.state["b"]["step"] == opt.state["w"]["step"] == 1

@@ -77,13 +77,15 @@ def state_for(opt, e):
 
 
 def check_state(opt, e, st):
-    """Every 8-bit buffer of e's state has its absmax: float32, one per block (a NumPy or CuPy array: the step
-    moves it to the param's library, :func:`state_for`)."""
+    """Every 8-bit buffer of e's state (uint8 codes of the param's shape) has its absmax: float32, one per block (a
+    NumPy or CuPy array: the step moves it to the param's library, :func:`state_for`)."""
     block = opt._hyper["block_size"]
     want = (n_blocks(math.prod(e.p.shape), block),)
     for name in (e.opt or opt).buffers():
-        if name not in st:
-            continue
+        codes = st.get(name)
+        dtype = getattr(codes, "dtype", None)
+        if dtype is None or _backend.dtype_name(dtype) != "uint8" or tuple(codes.shape) != tuple(e.p.shape):
+            continue  # missing (made afresh), or not codes of e's shape: the checks that follow name what it is
         absmax = st.get(name + SUFFIX)
         if (absmax is None or not _array(absmax) or _backend.dtype_name(absmax.dtype) != "float32"
                 or tuple(absmax.shape) != want):
