@@ -454,3 +454,24 @@ def test_a_float_state_of_an_8bit_sized_param_is_refused_naming_its_shape_or_dty
     with pytest.raises(TypeError, match="param 'w' keeps its state in uint8 .* optimizer state 'v' is float32"):
         opt.update(params, {"w": np.ones(N, np.float32)})
     assert opt.state["b"]["step"] == opt.state["w"]["step"] == 1
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])  # float state: the optimizer's, or a param below min_8bit_size
+def test_an_8bit_state_of_number_params_loads_as_float_in_their_compute_dtype(state_dtype):
+    # a Python float param steps in float64 (a NumPy scalar in its dtype's compute dtype): its 8-bit state comes back
+    # float64 when the params are given, as an array param's does; it came back float32, and the load refused it
+    params = {"s": 1.5, "n": np.float16(2.5), "w": np.ones(300, np.float32)}
+    grads = {"s": 0.5, "n": np.float16(0.5), "w": np.ones(300, np.float32)}
+    opt = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    opt.update(params, grads)
+    other = xopt.Adam(state_dtype=state_dtype)
+    other.load_state_dict(opt.state_dict(), params=params)
+    assert {k: other.state[k]["m"].dtype for k in params} == {"s": np.float64, "n": np.float32, "w": np.float32}
+    for k in params:
+        for name, code in (("m", SIGNED), ("v", UNSIGNED)):
+            expect = blockwise.dequantize(np, opt.state[k][name].reshape(-1), opt.state[k][name + "_absmax"], code,
+                                          256, np.float32)
+            assert np.array_equal(other.state[k][name].reshape(-1), expect)
+    mine = dict(params)
+    other.update(mine, grads)
+    assert other.state["s"]["step"] == 2 and type(mine["s"]) is float and type(mine["n"]) is np.float16

@@ -110,6 +110,8 @@ def convert(trial, state, arrays, saved_block):
             continue
         names = [n for n in st if n != "step" and not (isinstance(n, str) and n.endswith(SUFFIX))]
         p = None if arrays is None else arrays.get(key)
+        if isinstance(p, (float, np.floating)):  # a number param steps as a 0-d array of its dtype (float: float64)
+            p = np.asarray(p)
         size = _size(st, names, p)
         want_8bit = eight and size is not None and is_8bit(trial, size)
         out[key] = _converted(trial, key, st, names, want_8bit, p, saved_block)
