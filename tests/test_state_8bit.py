@@ -304,10 +304,11 @@ def test_a_storage_hyperparameter_set_during_a_first_step_waits_for_it():
     assert opt.state["w"]["step"] == 2
 
 
-@pytest.mark.parametrize("block", [N + 1, 2**40])
+@pytest.mark.parametrize("block", [N + 1, 2**40, 2**63, 2**70])
 def test_a_block_size_above_the_size_costs_the_size_not_the_block(block):
     # one block shorter than block_size: quantized and stepped without padding it to block_size (2**40 zeros
-    # were asked for: a MemoryError, or a process killed where the memory is overcommitted)
+    # were asked for: a MemoryError, or a process killed where the memory is overcommitted); a block_size past
+    # int64 too (the fused step raised OverflowError where the reference stepped)
     rng = np.random.default_rng(7)
     p0 = rng.standard_normal(N).astype(np.float32)
     grads = [{"w": rng.standard_normal(N).astype(np.float32)} for _ in range(2)]
@@ -378,3 +379,99 @@ def test_a_wrong_absmax_is_refused_before_any_write():
     with pytest.raises(ValueError, match="'w'.*'v_absmax'.*shape"):
         opt.update(params, {"w": np.ones(N, np.float32)})
     assert np.array_equal(params["w"], before) and opt.state["w"]["step"] == 1
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_a_byte_swapped_absmax_steps_as_a_native_one(impl):
+    # the fused kernel reads raw bytes: a big-endian absmax (a user's, a file's) is taken in native byte order, as
+    # a float state buffer is; the fused step raised numba's TypingError (after the checks, its message naming no
+    # param), the reference stepped it
+    rng = np.random.default_rng(8)
+    p0 = rng.standard_normal(N).astype(np.float32)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(2)]
+    runs = []
+    for swap in (False, True):
+        opt, params = xopt.Adam(lr=0.01, state_dtype="8bit", impl=impl), {"w": p0.copy()}
+        opt.update(params, {"w": grads[0]})
+        if swap:
+            for name in ("m_absmax", "v_absmax"):
+                absmax = opt.state["w"][name]
+                opt.state["w"][name] = absmax.astype(absmax.dtype.newbyteorder(">"))
+        opt.update(params, {"w": grads[1]})
+        runs.append((params["w"], opt.state["w"]))
+    (p_native, st_native), (p_swapped, st_swapped) = runs
+    assert same_bits(p_native, p_swapped)
+    for name in ("m", "m_absmax", "v", "v_absmax"):
+        assert np.array_equal(st_native[name], st_swapped[name]), name
+        assert st_swapped[name].dtype.isnative, name
+
+
+def test_a_byte_swapped_absmax_loads_in_native_byte_order():
+    # as a float state's buffers load (native copies); an 8-bit state's absmax was refused, "float32 ... got >f4"
+    rng = np.random.default_rng(9)
+    params = {"w": rng.standard_normal(N).astype(np.float32)}
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit")
+    opt.update(params, {"w": rng.standard_normal(N).astype(np.float32)})
+    saved = opt.state_dict()
+    saved["state"]["w"] = {name: buf.astype(buf.dtype.newbyteorder(">")) if name.endswith("_absmax") else buf
+                           for name, buf in saved["state"]["w"].items()}
+    for block in (256, 128):  # kept as it is, and converted to other blocks
+        other = xopt.Adam(lr=0.01, state_dtype="8bit", block_size=block)
+        other.load_state_dict(saved, params=params)
+        for name in ("m_absmax", "v_absmax"):
+            assert other.state["w"][name].dtype == np.float32 and other.state["w"][name].dtype.isnative
+        if block == 256:
+            assert all(np.array_equal(other.state["w"][k], opt.state["w"][k]) for k in opt.state["w"])
+        other.update(dict(params), {"w": np.ones(N, np.float32)})
+
+
+@pytest.mark.parametrize("key", ["w", "b"])  # 8-bit codes, and a small param's float32 state
+@pytest.mark.parametrize("bad", [[0] * 3, 3, "codes"], ids=["list", "int", "str"])
+def test_a_state_buffer_that_is_not_an_array_is_refused_naming_it(key, bad):
+    # refused before any write, as other wrong buffers are; it raised AttributeError ("'list' object has no
+    # attribute 'shape'"), naming neither the param nor the buffer
+    opt = xopt.Adam(state_dtype="8bit")
+    params = {"w": np.ones(N, np.float32), "b": np.ones(10, np.float32)}
+    opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    opt.state[key]["v"] = bad
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(TypeError, match=f"'{key}'.*'v' is not an array"):
+        opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    assert all(np.array_equal(params[k], before[k]) for k in params) and opt.state[key]["step"] == 1
+
+
+def test_a_float_state_of_an_8bit_sized_param_is_refused_naming_its_shape_or_dtype():
+    # a param grown past min_8bit_size under its key, or a float buffer put in an 8-bit state: refused naming what
+    # is wrong with the buffer, as a float state is; it was refused as lacking 'm_absmax'
+    opt = xopt.Adam(state_dtype="8bit")
+    opt.update({"b": np.ones(10, np.float32)}, {"b": np.ones(10, np.float32)})
+    with pytest.raises(ValueError, match=r"param 'b' has shape \(5077,\) but its optimizer state 'm' was made for "
+                                         r"shape \(10,\)"):
+        opt.update({"b": np.ones(N, np.float32)}, {"b": np.ones(N, np.float32)})
+    params = {"w": np.ones(N, np.float32)}
+    opt.update(params, {"w": np.ones(N, np.float32)})
+    opt.state["w"]["v"] = np.zeros(N, np.float32)
+    with pytest.raises(TypeError, match="param 'w' keeps its state in uint8 .* optimizer state 'v' is float32"):
+        opt.update(params, {"w": np.ones(N, np.float32)})
+    assert opt.state["b"]["step"] == opt.state["w"]["step"] == 1
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])  # float state: the optimizer's, or a param below min_8bit_size
+def test_an_8bit_state_of_number_params_loads_as_float_in_their_compute_dtype(state_dtype):
+    # a Python float param steps in float64 (a NumPy scalar in its dtype's compute dtype): its 8-bit state comes back
+    # float64 when the params are given, as an array param's does; it came back float32, and the load refused it
+    params = {"s": 1.5, "n": np.float16(2.5), "w": np.ones(300, np.float32)}
+    grads = {"s": 0.5, "n": np.float16(0.5), "w": np.ones(300, np.float32)}
+    opt = xopt.Adam(state_dtype="8bit", min_8bit_size=0)
+    opt.update(params, grads)
+    other = xopt.Adam(state_dtype=state_dtype)
+    other.load_state_dict(opt.state_dict(), params=params)
+    assert {k: other.state[k]["m"].dtype for k in params} == {"s": np.float64, "n": np.float32, "w": np.float32}
+    for k in params:
+        for name, code in (("m", SIGNED), ("v", UNSIGNED)):
+            expect = blockwise.dequantize(np, opt.state[k][name].reshape(-1), opt.state[k][name + "_absmax"], code,
+                                          256, np.float32)
+            assert np.array_equal(other.state[k][name].reshape(-1), expect)
+    mine = dict(params)
+    other.update(mine, grads)
+    assert other.state["s"]["step"] == 2 and type(mine["s"]) is float and type(mine["n"]) is np.float16

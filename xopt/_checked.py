@@ -18,6 +18,7 @@ import sys
 from functools import partial
 from itertools import repeat
 
+import array_api_compat
 import numpy as np
 
 from . import _backend, _clip, _dispatch
@@ -163,6 +164,9 @@ def _check_state(opt, e):
         buf = st.get(name)
         if buf is None:
             continue
+        if type(buf) is not np.ndarray and not array_api_compat.is_array_api_obj(buf):
+            raise TypeError(f"param {describe(e.key)}: its optimizer state {name!r} is not an array (got "
+                            f"{type(buf).__name__})")
         if tuple(buf.shape) != tuple(e.p.shape):
             raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
                              f"state {name!r} was made for shape {tuple(buf.shape)}")

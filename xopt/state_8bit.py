@@ -65,24 +65,27 @@ def state_for(opt, e):
         for key in (name, name + SUFFIX):
             buf = st[key]
             if type(buf) is not type(e.p):  # a file's (NumPy) for a CuPy param, a CuPy state for a NumPy one
-                buf = np.ascontiguousarray(_on_host(buf))
+                buf = _native(_on_host(buf))
                 st[key] = buf if host else _backend.from_numpy(buf, e.p)
             elif host:
-                if not buf.flags.writeable or not buf.flags.c_contiguous:
-                    st[key] = np.array(buf, order="C")
+                # the kernel reads raw bytes of native byte order: a big-endian absmax is stepped as a native copy
+                if not buf.flags.writeable or not buf.flags.c_contiguous or not buf.dtype.isnative:
+                    st[key] = _native(buf)
             elif not getattr(getattr(buf, "flags", None), "c_contiguous", True):  # what the CUDA kernel takes
                 st[key] = buf.copy(order="C")
     return st
 
 
 def check_state(opt, e, st):
-    """Every 8-bit buffer of e's state has its absmax: float32, one per block (a NumPy or CuPy array: the step
-    moves it to the param's library, :func:`state_for`)."""
+    """Every 8-bit buffer of e's state (uint8 codes of the param's shape) has its absmax: float32, one per block (a
+    NumPy or CuPy array: the step moves it to the param's library, :func:`state_for`)."""
     block = opt._hyper["block_size"]
     want = (n_blocks(math.prod(e.p.shape), block),)
     for name in (e.opt or opt).buffers():
-        if name not in st:
-            continue
+        codes = st.get(name)
+        dtype = getattr(codes, "dtype", None)
+        if dtype is None or _backend.dtype_name(dtype) != "uint8" or tuple(codes.shape) != tuple(e.p.shape):
+            continue  # missing (made afresh), or not codes of e's shape: the checks that follow name what it is
         absmax = st.get(name + SUFFIX)
         if (absmax is None or not _array(absmax) or _backend.dtype_name(absmax.dtype) != "float32"
                 or tuple(absmax.shape) != want):
@@ -107,6 +110,8 @@ def convert(trial, state, arrays, saved_block):
             continue
         names = [n for n in st if n != "step" and not (isinstance(n, str) and n.endswith(SUFFIX))]
         p = None if arrays is None else arrays.get(key)
+        if isinstance(p, (float, np.floating)):  # a number param steps as a 0-d array of its dtype (float: float64)
+            p = np.asarray(p)
         size = _size(st, names, p)
         want_8bit = eight and size is not None and is_8bit(trial, size)
         out[key] = _converted(trial, key, st, names, want_8bit, p, saved_block)
@@ -166,8 +171,13 @@ def _on_host(a) -> np.ndarray:
 
 
 def _own(a):
-    """A C-ordered copy of ``a`` in its own library (NumPy or CuPy)."""
-    return np.array(a, order="C") if isinstance(a, np.ndarray) else a.copy(order="C")
+    """A C-ordered copy of ``a`` in its own library (NumPy or CuPy), in native byte order."""
+    return _native(a) if isinstance(a, np.ndarray) else a.copy(order="C")
+
+
+def _native(a) -> np.ndarray:
+    """A C-ordered NumPy copy of NumPy array ``a`` in native byte order."""
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
 def _chunk(block) -> int:
@@ -199,7 +209,7 @@ def _dequantize_all(codes, absmax, code, block):
 
 def _check_blocks(key, name, codes, absmax, block):
     """An 8-bit buffer: uint8 codes, and a 1-D float32 absmax with one number per block of ``block``."""
-    if codes.dtype != np.uint8 or absmax.dtype != np.float32 or absmax.ndim != 1:
+    if codes.dtype != np.uint8 or absmax.dtype.newbyteorder("=") != np.float32 or absmax.ndim != 1:  # any byte order
         raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state is uint8 codes and a 1-D float32 "
                         f"{name + SUFFIX!r}, got {codes.dtype} and {absmax.dtype} of shape {absmax.shape}")
     if absmax.shape[0] != n_blocks(codes.size, block):

@@ -197,11 +197,13 @@ def apply(opt, entries) -> list:
                 arrays += [st[name].reshape(-1), st[name + SUFFIX]]
             else:
                 arrays += [_NO_CODES, _NO_ABSMAX]
-        nb = n_blocks(flat_p.shape[0], block)
+        # a block_size above the size is one block of the size (the kernel's int64, whatever the block_size)
+        run = min(block, flat_p.shape[0])
+        nb = n_blocks(flat_p.shape[0], run)
         threads = min(get_num_threads(), nb) if flat_p.shape[0] >= PARALLEL_MIN else 1
-        per = max(1, CHUNK // block) if threads > 1 else nb
+        per = max(1, CHUNK // run) if threads > 1 else nb
         units = -(-nb // per)
-        args = (per, nb, flat_p, flat_g, *arrays, s, clip, block)
+        args = (per, nb, flat_p, flat_g, *arrays, s, clip, run)
         aligned = tuple(a.flags.aligned for a in arrays[1::2])  # the absmax arrays (the others are aligned)
         if aligned not in typed:  # typed (and loaded) here, not among the writes: a call that runs no block
             claim_blocks(np.array([units, 0], dtype=np.int64), *args)
