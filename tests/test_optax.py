@@ -219,3 +219,17 @@ def test_a_traced_hyperparameter_other_than_the_learning_rate_is_refused(jax):
     with pytest.raises(TypeError, match=r"xopt.optax.adam: b1 is traced.*static_args"):
         jax.jit(tx.update)(params, state, params)
 
+
+@pytest.mark.parametrize("dtype", ["complex64", "int32", "bool"])
+def test_params_not_real_floating_are_refused(jax, dtype):
+    """Complex params would be stepped with g * g for |g|² (optax: |g|²), integer ones truncated: refused."""
+    import xopt.optax
+
+    jnp = jax.numpy
+    tx = xopt.optax.adam(1e-2)
+    bad = {"w": jnp.ones(2), "b": jnp.ones(3, dtype)}
+    with pytest.raises(TypeError, match=rf"xopt.optax.adam: \['b'\] is {dtype}: params and updates must be real float"):
+        tx.init(bad)
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    with pytest.raises(TypeError, match=rf"xopt.optax.adam: \['b'\] is {dtype}"):
+        jax.jit(tx.update)(bad, tx.init(params))

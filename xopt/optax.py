@@ -162,6 +162,7 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     names = opt.buffers()
 
     def init_fn(params):
+        _check_floating(where, params)
         return RuleState(count=jnp.zeros([], jnp.int32),
                          buffers={name: jax.tree.map(lambda p, v=opt.initial_value(name): jnp.full_like(p, v), params)
                                   for name in names})
@@ -169,6 +170,7 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     def update_fn(updates, state, params=None):
         if needs_params and params is None:
             raise ValueError(f"xopt.optax.{where}: its weight decay reads the params: pass them to update")
+        _check_floating(where, updates)
         lr = learning_rate(state.count) if scheduled else learning_rate
         count = optax.safe_int32_increment(state.count)
         s = {**static, **{k: v if isinstance(v, (int, float)) else _Traced(v) for k, v in traced(count, lr).items()}}
@@ -186,6 +188,16 @@ def _transformation(where, make, learning_rate, traced, needs_params):
                 RuleState(count=count, buffers={name: tree.unflatten(new_bufs[name]) for name in names}))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_floating(where, tree):
+    """Every leaf a real floating array: the rules square a gradient as ``g * g`` (not ``|g|²``, as optax does
+    for a complex one), and an integer param would have its update truncated."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"xopt.optax.{where}: {jax.tree_util.keystr(path)} is {dtype}: params and updates must "
+                            "be real floating arrays")
 
 
 def _check_traced(where, make, lr, traced):
