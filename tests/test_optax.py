@@ -233,3 +233,27 @@ def test_params_not_real_floating_are_refused(jax, dtype):
     params = {"w": jnp.ones(2), "b": jnp.ones(3)}
     with pytest.raises(TypeError, match=rf"xopt.optax.adam: \['b'\] is {dtype}"):
         jax.jit(tx.update)(bad, tx.init(params))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_differentiable_in_the_learning_rate(jax, name):
+    """jax.grad of the loss after a few updates with respect to the learning rate, jitted, as optax's."""
+    import optax
+
+    import xopt.optax
+
+    params, grad = _problem(jax)
+    kwargs = {"sgd": {"momentum": 0.9}, "adamw": {"weight_decay": 0.1}}.get(name, {})
+
+    def meta(module):
+        def loss(lr):
+            tx = getattr(module, name)(lr, **kwargs)
+            p, state = params, tx.init(params)
+            for _ in range(5):
+                updates, state = tx.update(grad(p), state, p)
+                p = optax.apply_updates(p, updates)
+            return sum(jax.numpy.sum(leaf ** 2) for leaf in jax.tree.leaves(p))
+
+        return jax.jit(jax.grad(loss))(0.01)
+
+    _same(jax, meta(xopt.optax), meta(optax))
