@@ -159,6 +159,12 @@ def test_learning_rate_and_hyperparameters_as_jax_scalars(jax):
     (params, _), (want, _) = _run(jax, ours, theirs)
     _same(jax, params, want)
 
+    import numpy as np
+
+    ours = xopt.optax.sgd(np.asarray(0.05), momentum=np.asarray(0.9))
+    (params, _), (want, _) = _run(jax, ours, optax.sgd(np.asarray(0.05), momentum=np.asarray(0.9)))
+    _same(jax, params, want)
+
 
 def test_learning_rate_traced_under_jit(jax):
     import optax

@@ -2,7 +2,7 @@
 
 Each function takes optax's argument names and defaults and returns an ``optax.GradientTransformation``
 (``init(params) -> state``, ``update(grads, state, params=None) -> (updates, state)``): pure, jit-able, its
-state a pytree (:class:`RuleState`), ``learning_rate`` a float, a 0-d jax array or an optax schedule (a
+state a pytree (:class:`RuleState`), ``learning_rate`` a float, a 0-d jax or NumPy array or an optax schedule (a
 function of the count of updates already applied).  It composes like any optax transformation::
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), xopt.optax.adamw(1e-3, weight_decay=0.01))
@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from xopt.optimizers.adadelta import AdaDelta as _AdaDelta
@@ -115,12 +116,12 @@ class _Traced:
 
 
 def _host(where, name, value):
-    """A hyperparameter as xopt's optimizer takes it: a concrete 0-d jax array (``jnp.asarray(0.9)``, what
+    """A hyperparameter as xopt's optimizer takes it: a concrete 0-d jax or NumPy array (``jnp.asarray(0.9)``, what
     optax.inject_hyperparams passes to ``init``) as its Python number; a traced one refused."""
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"xopt.optax.{where}: {name} is traced; only learning_rate may be (under "
                         f"optax.inject_hyperparams, name {name!r} in static_args)")
-    if isinstance(value, jax.Array) and value.ndim == 0:
+    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
         return value.item()
     return value
 
