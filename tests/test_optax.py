@@ -222,8 +222,13 @@ def test_a_traced_hyperparameter_other_than_the_learning_rate_is_refused(jax):
     params = {"w": jax.numpy.ones(3)}
     tx = optax.inject_hyperparams(xopt.optax.adam)(learning_rate=1e-2)
     state = tx.init(params)
-    with pytest.raises(TypeError, match=r"xopt.optax.adam: b1 is traced.*static_args"):
+    with pytest.raises(TypeError, match=r"xopt.optax.adam: b1, b2, eps, eps_root are traced; only learning_rate may "
+                                        r"be \(under optax.inject_hyperparams, "
+                                        r"static_args=\('b1', 'b2', 'eps', 'eps_root'\)\)"):
         jax.jit(tx.update)(params, state, params)
+    tx = optax.inject_hyperparams(xopt.optax.adam, static_args=("b1", "b2", "eps_root"))(learning_rate=1e-2)
+    with pytest.raises(TypeError, match=r"xopt.optax.adam: eps is traced.*static_args=\('eps',\)"):
+        jax.jit(tx.update)(params, tx.init(params), params)
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "int32", "bool"])

@@ -115,28 +115,31 @@ class _Traced:
         return -self.value
 
 
-def _host(where, name, value):
+def _host(value):
     """A hyperparameter as xopt's optimizer takes it: a concrete 0-d jax or NumPy array (``jnp.asarray(0.9)``, what
-    optax.inject_hyperparams passes to ``init``) as its Python number; a traced one refused."""
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"xopt.optax.{where}: {name} is traced; only learning_rate may be (under "
-                        f"optax.inject_hyperparams, name {name!r} in static_args)")
+    optax.inject_hyperparams passes to ``init``) as its Python number."""
     if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
         return value.item()
     return value
 
 
 def _hyperparameters(factory):
-    """``factory``'s arguments other than ``learning_rate`` through :func:`_host`.  The signature stays the
-    factory's (inject_hyperparams reads it)."""
+    """``factory``'s arguments other than ``learning_rate`` through :func:`_host`, a traced one refused (the
+    host reads them).  The signature stays the factory's (inject_hyperparams reads it)."""
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def wrapped(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        traced = tuple(name for name, value in bound.arguments.items()
+                       if name != "learning_rate" and isinstance(value, jax.core.Tracer))
+        if traced:
+            verb = "is" if len(traced) == 1 else "are"
+            raise TypeError(f"xopt.optax.{factory.__name__}: {', '.join(traced)} {verb} traced; only learning_rate "
+                            f"may be (under optax.inject_hyperparams, static_args={traced!r})")
         for name, value in bound.arguments.items():
             if name != "learning_rate":
-                bound.arguments[name] = _host(factory.__name__, name, value)
+                bound.arguments[name] = _host(value)
         return factory(*bound.args, **bound.kwargs)
 
     return wrapped
@@ -151,7 +154,7 @@ def _transformation(where, make, learning_rate, traced, needs_params):
         value = learning_rate
         learning_rate, scheduled, probe = (lambda count: value), True, 1e-3  # any valid lr: for the checks
     else:
-        learning_rate = _host(where, "learning_rate", learning_rate)
+        learning_rate = _host(learning_rate)
         scheduled = callable(learning_rate)
         probe = float(learning_rate(0)) if scheduled else learning_rate
     try:
