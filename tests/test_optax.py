@@ -146,3 +146,125 @@ def test_what_it_refuses(jax):
     params = {"w": jax.numpy.ones(3)}
     with pytest.raises(ValueError, match="xopt.optax.adamw: its weight decay reads the params"):
         tx.update(params, tx.init(params))
+
+
+def test_learning_rate_and_hyperparameters_as_jax_scalars(jax):
+    import optax
+
+    import xopt.optax
+
+    jnp = jax.numpy
+    ours = xopt.optax.adamw(jnp.asarray(1e-2), b1=jnp.asarray(0.8), weight_decay=jnp.asarray(0.1))
+    theirs = optax.adamw(jnp.asarray(1e-2), b1=jnp.asarray(0.8), weight_decay=jnp.asarray(0.1))
+    (params, _), (want, _) = _run(jax, ours, theirs)
+    _same(jax, params, want)
+
+    import numpy as np
+
+    ours = xopt.optax.sgd(np.asarray(0.05), momentum=np.asarray(0.9))
+    (params, _), (want, _) = _run(jax, ours, optax.sgd(np.asarray(0.05), momentum=np.asarray(0.9)))
+    _same(jax, params, want)
+
+
+def test_learning_rate_traced_under_jit(jax):
+    import optax
+
+    import xopt.optax
+
+    params, grad = _problem(jax)
+
+    @jax.jit
+    def step(lr, params, state, state_optax):
+        updates, state = xopt.optax.sgd(lr, momentum=0.9).update(grad(params), state, params)
+        want, state_optax = optax.sgd(lr, momentum=0.9).update(grad(params), state_optax, params)
+        return updates, want, state, state_optax
+
+    state, state_optax = xopt.optax.sgd(0.1, momentum=0.9).init(params), optax.sgd(0.1, momentum=0.9).init(params)
+    for lr in (0.1, 0.05, 0.01):
+        updates, want, state, state_optax = step(lr, params, state, state_optax)
+        _same(jax, updates, want)
+        params = optax.apply_updates(params, updates)
+
+
+def test_inject_hyperparams_learning_rate(jax):
+    """optax.inject_hyperparams: the learning rate (a schedule, then a value set in the state) is traced."""
+    import optax
+
+    import xopt.optax
+
+    schedule = optax.linear_schedule(0.05, 0.005, 60)
+    ours = optax.inject_hyperparams(xopt.optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"))(
+        learning_rate=schedule, weight_decay=0.1)
+    theirs = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=0.1)
+    (params, state), (want, state_optax) = _run(jax, ours, theirs)
+    _same(jax, params, want)
+    assert float(state.hyperparams["learning_rate"]) == float(state_optax.hyperparams["learning_rate"])
+
+    ours = optax.inject_hyperparams(xopt.optax.sgd, static_args=("momentum",))(learning_rate=0.05, momentum=0.9)
+    theirs = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9)
+    params, grad = _problem(jax)
+    runs = [(params, ours.init(params)), (params, theirs.init(params))]
+    steps = [jax.jit(tx.update) for tx in (ours, theirs)]
+    for i in range(40):
+        if i == 20:
+            runs = [(p, s._replace(hyperparams={**s.hyperparams, "learning_rate": s.hyperparams["learning_rate"] / 10}))
+                    for p, s in runs]
+        runs = [(optax.apply_updates(p, u), s) for (p, _), (u, s) in
+                zip(runs, [step(grad(p), s, p) for step, (p, s) in zip(steps, runs)])]
+    _same(jax, runs[0][0], runs[1][0])
+
+
+def test_a_traced_hyperparameter_other_than_the_learning_rate_is_refused(jax):
+    import optax
+
+    import xopt.optax
+
+    params = {"w": jax.numpy.ones(3)}
+    tx = optax.inject_hyperparams(xopt.optax.adam)(learning_rate=1e-2)
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=r"xopt.optax.adam: b1, b2, eps, eps_root are traced; only learning_rate may "
+                                        r"be \(under optax.inject_hyperparams, "
+                                        r"static_args=\('b1', 'b2', 'eps', 'eps_root'\)\)"):
+        jax.jit(tx.update)(params, state, params)
+    tx = optax.inject_hyperparams(xopt.optax.adam, static_args=("b1", "b2", "eps_root"))(learning_rate=1e-2)
+    with pytest.raises(TypeError, match=r"xopt.optax.adam: eps is traced.*static_args=\('eps',\)"):
+        jax.jit(tx.update)(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "int32", "bool"])
+def test_params_not_real_floating_are_refused(jax, dtype):
+    """Complex params would be stepped with g * g for |g|² (optax: |g|²), integer ones truncated: refused."""
+    import xopt.optax
+
+    jnp = jax.numpy
+    tx = xopt.optax.adam(1e-2)
+    bad = {"w": jnp.ones(2), "b": jnp.ones(3, dtype)}
+    with pytest.raises(TypeError, match=rf"xopt.optax.adam: \['b'\] is {dtype}: params and updates must be real float"):
+        tx.init(bad)
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    with pytest.raises(TypeError, match=rf"xopt.optax.adam: \['b'\] is {dtype}"):
+        jax.jit(tx.update)(bad, tx.init(params))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_differentiable_in_the_learning_rate(jax, name):
+    """jax.grad of the loss after a few updates with respect to the learning rate, jitted, as optax's."""
+    import optax
+
+    import xopt.optax
+
+    params, grad = _problem(jax)
+    kwargs = {"sgd": {"momentum": 0.9}, "adamw": {"weight_decay": 0.1}}.get(name, {})
+
+    def meta(module):
+        def loss(lr):
+            tx = getattr(module, name)(lr, **kwargs)
+            p, state = params, tx.init(params)
+            for _ in range(5):
+                updates, state = tx.update(grad(p), state, p)
+                p = optax.apply_updates(p, updates)
+            return sum(jax.numpy.sum(leaf ** 2) for leaf in jax.tree.leaves(p))
+
+        return jax.jit(jax.grad(loss))(0.01)
+
+    _same(jax, meta(xopt.optax), meta(optax))

@@ -2,10 +2,15 @@
 
 Each function takes optax's argument names and defaults and returns an ``optax.GradientTransformation``
 (``init(params) -> state``, ``update(grads, state, params=None) -> (updates, state)``): pure, jit-able, its
-state a pytree (:class:`RuleState`), ``learning_rate`` a float or an optax schedule (a function of the count
-of updates already applied).  It composes like any optax transformation::
+state a pytree (:class:`RuleState`), ``learning_rate`` a float, a 0-d jax or NumPy array or an optax schedule (a
+function of the count of updates already applied).  It composes like any optax transformation::
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), xopt.optax.adamw(1e-3, weight_decay=0.01))
+
+Under ``optax.inject_hyperparams`` the learning rate may be traced; the other hyperparameters are read on the
+host when the transformation is made, so they go in ``static_args``::
+
+    tx = optax.inject_hyperparams(xopt.optax.adam, static_args=("b1", "b2", "eps", "eps_root"))(learning_rate=1e-3)
 
 The math is xopt's: the optimizer's array-API ``rule`` (:class:`xopt.Adam` and the others), called on
 jax.numpy arrays, leaf by leaf, inside the traced function.  What is not reused as it is, and why: the
@@ -32,10 +37,13 @@ optax's default is True), ``adagrad`` adds eps after the root (optax: inside it)
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from xopt.optimizers.adadelta import AdaDelta as _AdaDelta
@@ -107,11 +115,48 @@ class _Traced:
         return -self.value
 
 
+def _host(value):
+    """A hyperparameter as xopt's optimizer takes it: a concrete 0-d jax or NumPy array (``jnp.asarray(0.9)``, what
+    optax.inject_hyperparams passes to ``init``) as its Python number."""
+    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _hyperparameters(factory):
+    """``factory``'s arguments other than ``learning_rate`` through :func:`_host`, a traced one refused (the
+    host reads them).  The signature stays the factory's (inject_hyperparams reads it)."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        traced = tuple(name for name, value in bound.arguments.items()
+                       if name != "learning_rate" and isinstance(value, jax.core.Tracer))
+        if traced:
+            verb = "is" if len(traced) == 1 else "are"
+            raise TypeError(f"xopt.optax.{factory.__name__}: {', '.join(traced)} {verb} traced; only learning_rate "
+                            f"may be (under optax.inject_hyperparams, static_args={traced!r})")
+        for name, value in bound.arguments.items():
+            if name != "learning_rate":
+                bound.arguments[name] = _host(value)
+        return factory(*bound.args, **bound.kwargs)
+
+    return wrapped
+
+
 def _transformation(where, make, learning_rate, traced, needs_params):
     """An optax transformation stepping xopt optimizer ``make(lr)``'s rule.  ``traced(count, lr)`` gives
-    the scalars that depend on the step count ``count`` (1 on the first update) or on ``lr``."""
-    scheduled = callable(learning_rate)
-    probe = float(learning_rate(0)) if scheduled else learning_rate
+    the scalars that depend on the step count ``count`` (1 on the first update) or on ``lr``.  The learning
+    rate may be a number, a 0-d jax array, an optax schedule, or traced (optax.inject_hyperparams's, under
+    jit): a traced one is used as a schedule's value is, unchecked (its value cannot be read)."""
+    if isinstance(learning_rate, jax.core.Tracer):
+        value = learning_rate
+        learning_rate, scheduled, probe = (lambda count: value), True, 1e-3  # any valid lr: for the checks
+    else:
+        learning_rate = _host(learning_rate)
+        scheduled = callable(learning_rate)
+        probe = float(learning_rate(0)) if scheduled else learning_rate
     try:
         opt = make(probe)
     except (TypeError, ValueError) as exc:
@@ -121,6 +166,7 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     names = opt.buffers()
 
     def init_fn(params):
+        _check_floating(where, params)
         return RuleState(count=jnp.zeros([], jnp.int32),
                          buffers={name: jax.tree.map(lambda p, v=opt.initial_value(name): jnp.full_like(p, v), params)
                                   for name in names})
@@ -128,6 +174,7 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     def update_fn(updates, state, params=None):
         if needs_params and params is None:
             raise ValueError(f"xopt.optax.{where}: its weight decay reads the params: pass them to update")
+        _check_floating(where, updates)
         lr = learning_rate(state.count) if scheduled else learning_rate
         count = optax.safe_int32_increment(state.count)
         s = {**static, **{k: v if isinstance(v, (int, float)) else _Traced(v) for k, v in traced(count, lr).items()}}
@@ -145,6 +192,16 @@ def _transformation(where, make, learning_rate, traced, needs_params):
                 RuleState(count=count, buffers={name: tree.unflatten(new_bufs[name]) for name in names}))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_floating(where, tree):
+    """Every leaf a real floating array: the rules square a gradient as ``g * g`` (not ``|g|²``, as optax does
+    for a complex one), and an integer param would have its update truncated."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"xopt.optax.{where}: {jax.tree_util.keystr(path)} is {dtype}: params and updates must "
+                            "be real floating arrays")
 
 
 def _check_traced(where, make, lr, traced):
@@ -170,6 +227,7 @@ def _bias_correction(beta, count):
 # -- the transformations -------------------------------------------------------------------------------
 
 
+@_hyperparameters
 def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None):
     """optax.sgd: ``W <- W - lr g``; with ``momentum``, a trace ``b <- momentum b + g`` (``g + momentum b``
     with ``nesterov``).  xopt's :class:`xopt.SGD` rule."""
@@ -196,6 +254,7 @@ def _adam_traced(beta1, beta2, weight_decay, decoupled):
     return traced
 
 
+@_hyperparameters
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov=False):
     """optax.adam: xopt's :class:`xopt.Adam` rule with ε added after bias correction (``eps_hat=False``)."""
     _refuse("adam", eps_root=(eps_root, 0.0), mu_dtype=(mu_dtype, None), nesterov=(nesterov, False))
@@ -206,6 +265,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
     return _transformation("adam", make, learning_rate, _adam_traced(b1, b2, 0.0, False), needs_params=False)
 
 
+@_hyperparameters
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=1e-4, mask=None, *,
           nesterov=False):
     """optax.adamw: xopt's :class:`xopt.AdamW` rule, ``W <- (1 - lr wd) W`` then Adam's step."""
@@ -218,6 +278,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
                            needs_params=weight_decay != 0.0)
 
 
+@_hyperparameters
 def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=False, centered=False, momentum=None,
             nesterov=False, bias_correction=False):
     """RMSprop with optax.rmsprop's names and torch.optim.RMSprop's numbers (xopt's :class:`xopt.RMSprop`):
@@ -233,6 +294,7 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=F
     return _transformation("rmsprop", make, learning_rate, lambda count, lr: {"lr": lr}, needs_params=False)
 
 
+@_hyperparameters
 def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7):
     """AdaGrad with optax.adagrad's names and torch.optim.Adagrad's numbers (xopt's :class:`xopt.AdaGrad`):
     ``h <- h + g²;  W <- W - lr g / (sqrt(h) + eps)`` (optax: ``g / sqrt(h + eps)``; the same for eps=0)."""
@@ -243,6 +305,7 @@ def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7):
     return _transformation("adagrad", make, learning_rate, lambda count, lr: {"clr": lr}, needs_params=False)
 
 
+@_hyperparameters
 def adadelta(learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None):
     """optax.adadelta: xopt's :class:`xopt.AdaDelta` rule; ``learning_rate=None`` is 1.0 (the paper's)."""
     _refuse("adadelta", weight_decay_mask=(weight_decay_mask, None))
@@ -255,6 +318,7 @@ def adadelta(learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, weight_dec
                            needs_params=weight_decay != 0.0)
 
 
+@_hyperparameters
 def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8):
     """optax.adamax: xopt's :class:`xopt.Adamax` rule, ``u <- max(b2 u, |g| + eps)``."""
 
@@ -265,6 +329,7 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8):
                            lambda count, lr: {"clr": lr / _bias_correction(b1, count)}, needs_params=False)
 
 
+@_hyperparameters
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None):
     """optax.lion: xopt's :class:`xopt.Lion` rule, ``W <- W - lr (sign(b1 m + (1 - b1) g) + wd W)``."""
     _refuse("lion", mu_dtype=(mu_dtype, None), mask=(mask, None))
