@@ -139,6 +139,21 @@ def test_a_tensor_lr_changed_in_place_is_read_at_the_next_step(torch):
         _same(torch, ours, theirs, f"lr {lr}")
 
 
+def test_group_values_given_as_lists_are_pushed_once(torch, monkeypatch):
+    """betas given as a list (as a config file gives them) are the values seen before at the next step: the
+    optimizer's hyperparameters are set once, not again at every step."""
+    import xopt._torch_front as front
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2, betas=[0.8, 0.99]))
+    pushes = []
+    push = front._Front._push
+    monkeypatch.setattr(front._Front, "_push", lambda self, *a: (pushes.append(1), push(self, *a))[1])
+    _train(torch, ours, opt, 5)
+    _train(torch, theirs, ref, 5)
+    _same(torch, ours, theirs)
+    assert len(pushes) == 1
+
+
 def test_an_lr_of_several_elements_raises_naming_the_group(torch):
     ours, opt, _, _ = _pair(torch, "Adam", dict(lr=1e-2))
     _train(torch, ours, opt, 1)

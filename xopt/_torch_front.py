@@ -298,7 +298,7 @@ def _changed(seen, group, reads) -> bool:
     number seen; one that cannot be compared (a tensor of several elements) counts as changed, and the push
     that follows names it."""
     try:
-        return bool(seen != tuple(map(group.get, reads)))
+        return not (seen == tuple(map(group.get, reads)) or seen == _values(group, reads))  # lists as tuples
     except Exception:
         return True
 

@@ -118,6 +118,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         if at is None:
             return None
         at += [0] * ((5 - len(lists)) * n)  # the slots not kept
+        keeps = [layout.keep]
         table = [n, 1, size, size, mode, split, 0, *sizes(ps), *at, *layout.keep]
         written = listed[2 * n:]
         written += ps
