@@ -26,8 +26,12 @@ assert xopt.__file__.startswith(sys.argv[1].rstrip("/")) or sys.argv[1] == ".", 
 
 
 def count(opt, params, grads):
+    return count_call(lambda: opt.update(params, grads))
+
+
+def count_call(f):
     for _ in range(5):
-        opt.update(params, grads)
+        f()
     n = {"bytecodes": 0, "python_calls": 0}
 
     def trace(frame, event, arg):
@@ -39,7 +43,7 @@ def count(opt, params, grads):
         return trace
 
     sys.settrace(trace)
-    opt.update(params, grads)
+    f()
     sys.settrace(None)
     return n
 
@@ -58,6 +62,24 @@ out = {
                                                    {"x": np.float64(1.0), "y": np.float64(1.0)}),
     "Adam overrides, 10 params of 100": count(xopt.Adam(overrides={"w1*": {"lr": 0.1}}), *arrays(10, 100)),
 }
+try:
+    import torch
+except ImportError:
+    torch = None
+if torch is not None:  # torch tensors: xopt.torch's step, update on tensors, and torch's own fused step
+    import xopt.torch
+
+    def tensors():
+        made = [torch.nn.Parameter(torch.zeros(10)) for _ in range(4)]
+        for t in made:
+            t.grad = torch.ones(10)
+        return made
+
+    ours, theirs, plain = tensors(), tensors(), tensors()
+    named = {f"w{i}": t for i, t in enumerate(plain)}
+    out["xopt.torch.Adam step, 4 tensors of 10"] = count_call(xopt.torch.Adam(ours, lr=1e-3).step)
+    out["update on torch tensors, Adam, 4 of 10"] = count(xopt.Adam(), named, {k: t.grad for k, t in named.items()})
+    out["torch.optim.Adam fused step, 4 tensors of 10"] = count_call(torch.optim.Adam(theirs, lr=1e-3, fused=True).step)
 print(json.dumps(out))
 """
 
