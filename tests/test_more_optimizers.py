@@ -132,6 +132,36 @@ def test_nadam_mu_product_is_torchs_running_product():
     assert xopt.NAdam(beta1=0.7, momentum_decay=0.1).mu_product(5) == want  # nothing kept: from step 1
 
 
+def test_nadam_step_declined_by_the_lane_equals_the_reference_after_a_beta1_change():
+    """Params at different counts after a beta1 change, one of them strided: the lane tries the step, asking
+    the products of mu, and declines; the checked path asks them again.  The kept products are as before the
+    lane's try, so the default path steps as the reference does."""
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(7).astype(np.float32) for k in "abc"}
+    ours, ref = xopt.NAdam(weight_decay=0.01), xopt.NAdam(weight_decay=0.01, impl="reference")
+    a, b = ({k: v.copy() for k, v in start.items()} for _ in range(2))
+
+    def step(grads):
+        ours.update(a, grads)
+        ref.update(b, {k: v.copy() for k, v in grads.items()})
+
+    grads = {k: rng.standard_normal(7).astype(np.float32) for k in start}
+    step(grads)
+    for key in "ab":  # a fresh start for two of them: counts 1 and 2 against 2 and 3
+        del ours.state[key], ref.state[key]
+    step(grads)
+    step(grads)
+    ours.beta1 = ref.beta1 = 0.5
+    for params in (a, b):  # strided: the lane declines it
+        base = np.full(14, 3.5, np.float32)
+        base[::2] = params["a"]
+        params["a"] = base[::2]
+    ours.state["c"]["step"] = ref.state["c"]["step"] = 1
+    step({k: rng.standard_normal(7).astype(np.float32) for k in start})
+    for key in start:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_nadam_mu_product_matches_torchs_state():
     torch = pytest.importorskip("torch")
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)

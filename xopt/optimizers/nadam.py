@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import _checked, _lane
 from .._hyper import Hyper, flag, non_negative, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
@@ -79,6 +80,22 @@ class NAdam(Optimizer):
             view.__dict__["_history"] = group  # whose running products it continues
         return view
 
+    def _update(self, params, grads):
+        """A step as every optimizer's, its asks of the kept products of μ taken back where they did not step:
+        the lane's try that declines (a strided param) asks the steps the checked path then asks again, and a
+        product made anew between two asks (a step asked again after a β₁ change) would make the second ask
+        differ from the reference's one; a step that raises leaves them as they were too."""
+        products = self.__dict__.get("_mu_products")
+        kept = {k: dict(v) for k, v in products.items()} if isinstance(products, dict) else None
+        try:
+            if _lane.take(self, params, grads):
+                return
+            _restore(products, kept)
+            _checked.step(self, params, grads)
+        except BaseException:
+            _restore(products, kept)
+            raise
+
     def _load_state_dict(self, checked_state, state_dict, params):
         super()._load_state_dict(checked_state, state_dict, params)
         products = self.__dict__.get("_mu_products")
@@ -135,3 +152,10 @@ class NAdam(Optimizer):
         p, g, m, v = moments(p, g, state, s)
         d = xp.sqrt(v / s["bias_correction2"]) + s["eps"]
         return p - s["g_step"] * (g / d) - s["m_step"] * (m / d), {"m": m, "v": v}
+
+
+def _restore(products, kept):
+    """Put back the kept products ``kept`` (a copy of ``products``) in place: the views share the dict."""
+    if kept is not None:
+        products.clear()
+        products.update(kept)
