@@ -84,16 +84,18 @@ class NAdam(Optimizer):
         """A step as every optimizer's, its asks of the kept products of μ taken back where they did not step:
         the lane's try that declines (a strided param) asks the steps the checked path then asks again, and a
         product made anew between two asks (a step asked again after a β₁ change) would make the second ask
-        differ from the reference's one; a step that raises leaves them as they were too."""
+        differ from the reference's one; a step that raises before it is taken leaves them as they were too."""
         products = self.__dict__.get("_mu_products")
         kept = {k: dict(v) for k, v in products.items()} if isinstance(products, dict) else None
+        counts = (self.iter, self.skipped_steps)
         try:
             if _lane.take(self, params, grads):
                 return
             _restore(products, kept)
             _checked.step(self, params, grads)
         except BaseException:
-            _restore(products, kept)
+            if (self.iter, self.skipped_steps) == counts:  # not a step taken whole, then interrupted by a signal
+                _restore(products, kept)
             raise
 
     def _load_state_dict(self, checked_state, state_dict, params):
