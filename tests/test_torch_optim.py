@@ -361,6 +361,45 @@ def test_state_dict_hooks_run_as_torch_optims(torch):
     _same(torch, ours, theirs)
 
 
+def test_step_hooks_and_profiler_ranges_as_torch_optims(torch):
+    """register_step_pre_hook/post_hook, on the optimizer and global, run around each step as torch.optim's do
+    (a pre hook's returned args are the ones stepped with), and a profiler sees each step's range by torch's
+    name; a step with none of them registered and no profiler running steps the same numbers."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2))
+    calls = {id(opt): [], id(ref): []}
+    handles = []
+    for o in (opt, ref):
+        handles.append(o.register_step_pre_hook(lambda o, args, kwargs: calls[id(o)].append("pre")))
+        handles.append(o.register_step_post_hook(lambda o, args, kwargs: calls[id(o)].append("post")))
+    handles.append(register_optimizer_step_pre_hook(lambda o, args, kwargs: calls[id(o)].append("global pre")))
+    handles.append(register_optimizer_step_post_hook(lambda o, args, kwargs: calls[id(o)].append("global post")))
+    try:
+        for net, o in ((ours, opt), (theirs, ref)):
+            _train(torch, net, o, 2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[id(opt)] == calls[id(ref)] == ["global pre", "pre", "post", "global post"] * 2
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 2)  # no hook left: the hooks ran no more
+    assert len(calls[id(opt)]) == 8
+    _same(torch, ours, theirs)
+    closure_args = []
+    handle = opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: closure_args.append(1)}))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert closure_args == [1]
+    for net, o in ((ours, opt), (theirs, ref)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _train(torch, net, o, 1)
+        names = {e.name for e in prof.events()}
+        assert f"Optimizer.step#{type(o).__name__}.step" in names, sorted(names)[:20]
+
+
 @pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[7], CASES[18]], ids=["Adam", "SGD", "Adafactor"])
 def test_autograd_sees_every_step_write(torch, name, kwargs):
     """A param saved for a backward pass, then stepped: the backward raises, as after torch.optim's in-place

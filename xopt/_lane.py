@@ -29,7 +29,7 @@ import numpy as np
 from . import _dispatch
 from ._atomic import CALL, each
 
-__all__ = ["take"]
+__all__ = ["take", "take_tensors"]
 
 _MAX_STEP = 2**63 - 2  # a step count and the one after it fit in int64
 _NUMBERS = (float, int, np.floating)
@@ -56,12 +56,30 @@ def take(opt, params, grads) -> bool:
         ps, gs = list(params), list(grads)  # our own lists: the compiled call reads them
     else:
         return False
+    return _take(opt, params, keys, ps, gs)
+
+
+def take_tensors(opt, keys, ps, gs) -> bool:
+    """:func:`take` of torch tensors given as lists (``xopt.torch``'s step: its param groups' params with
+    grads, ``keys`` their names), without the dicts of an ``update`` call; False also where ``ps`` are not
+    tensors (the caller then calls ``update``)."""
+    torch = sys.modules.get("torch")
+    if not ps or torch is None or not isinstance(ps[0], torch.Tensor):
+        return False
+    if opt._overrides and not opt._patterns_checked:
+        opt._check_patterns(dict.fromkeys(keys))
+    return _take(opt, None, keys, ps, gs)
+
+
+def _take(opt, params, keys, ps, gs) -> bool:
+    """:func:`take` once the params, grads and their keys are in lists of our own (``params`` the container
+    they came in: float params are rebound in it; None for tensors)."""
     if not ps:
         return False
     boxes = tensors = None
     first = ps[0]  # picks the engine and the kernel
     if type(first) is not np.ndarray:
-        if isinstance(first, _NUMBERS):
+        if isinstance(first, _NUMBERS) and params is not None:
             boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
             if boxes is None:
                 return False

@@ -3,18 +3,23 @@ xopt optimizer (param groups as ``overrides``), and torch-shaped state."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, is_not
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from xopt._backend import compute_dtype
 from xopt._hyper import check_overrides, check_value, publish
+from xopt._lane import take_tensors
+from xopt.optimizer import Optimizer
 
 _REFUSED = ("maximize", "capturable", "differentiable")
 _set_grad_enabled = torch._C._set_grad_enabled  # the C call under torch.no_grad(), a fifth of its cost a step
 _GRAD = attrgetter("grad")
+_PLAIN_UPDATE = Optimizer._update  # the step of a rule without one of its own (NAdam's, Schedule-Free's have theirs)
 
 
 class _Front(torch.optim.Optimizer):
@@ -41,6 +46,13 @@ class _Front(torch.optim.Optimizer):
         self._present = ()  # the groups > 0 whose patterns the xopt optimizer's overrides hold
         self._keys = []  # per group: its params' xopt keys, "i.j"
         self.state = _StateView(self)
+
+    def _patch_step_function(self):
+        """torch.optim's, with a leaner wrapper of ``step`` (:func:`_hook_step`)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        cls = type(self)
+        if not getattr(cls.step, "hooked", None):
+            cls.step = _hook_step(cls.step)
 
     _OWN = ("_xopt", "_seen", "_present", "_keys", "rule", "reads")  # what torch's pickle leaves out, kept
 
@@ -128,12 +140,16 @@ class _Front(torch.optim.Optimizer):
             if present != self._present or any(_changed(self._seen[i], g, self.reads) for i, g in enumerate(groups)):
                 self._push(groups, present)
         if keys:
-            enabled = torch.is_grad_enabled()
-            _set_grad_enabled(False)  # as torch.optim's step: a rule on tensors records no graph
-            try:
-                self._xopt.update(dict(zip(keys, ps)), dict(zip(keys, gs)))
-            finally:
-                _set_grad_enabled(enabled)
+            xo = self._xopt
+            # The lane, given our lists (no dicts to build and take apart), where the rule has no step of its own;
+            # the kernel records no graph.  What it declines, update() takes, with grad off as in torch.optim's step.
+            if type(xo)._update is not _PLAIN_UPDATE or not xo._guard.run(take_tensors, xo, keys, ps, gs):
+                enabled = torch.is_grad_enabled()
+                _set_grad_enabled(False)
+                try:
+                    xo.update(dict(zip(keys, ps)), dict(zip(keys, gs)))
+                finally:
+                    _set_grad_enabled(enabled)
         return loss
 
     def _keys_of(self, i, n):
@@ -284,6 +300,28 @@ class _Front(torch.optim.Optimizer):
 
     def _buffers_for(self, hyper, p):
         return self._xopt._view({**self._xopt._hyper, **hyper}).buffers()
+
+
+def _hook_step(step):
+    """``step`` wrapped as torch.optim wraps its optimizers' (``Optimizer.profile_hook_step``: a profiler range,
+    the step hooks), through torch's wrapper only while a profiler runs or a step hook is registered: otherwise
+    the wrapper's Python (a fifth of a small step's) would run for nothing."""
+    hooked = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (_profiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS):
+            return hooked(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True
+    return wrapper
+
+
+_GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks  # the dicts torch registers global hooks into
+_GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
+_profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)  # without it: always torch's wrapper
 
 
 def _refuse(where, values):

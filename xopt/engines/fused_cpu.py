@@ -268,9 +268,12 @@ def tensor_device(t):
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
     """:func:`step` on CPU torch tensors (:func:`xopt.engines.cpu_tensors.step`, imported at a first step on
     tensors: it imports torch)."""
-    from . import cpu_tensors
+    step = _LATER.get("cpu_tensors.step")
+    if step is None:
+        from .cpu_tensors import step
 
-    return cpu_tensors.step(opt, kind, views, values, ps, gs, states, steps, part, commit)
+        _LATER["cpu_tensors.step"] = step
+    return step(opt, kind, views, values, ps, gs, states, steps, part, commit)
 
 
 def _kernel_ready(a):
