@@ -475,3 +475,75 @@ def test_an_8bit_state_of_number_params_loads_as_float_in_their_compute_dtype(st
     mine = dict(params)
     other.update(mine, grads)
     assert other.state["s"]["step"] == 2 and type(mine["s"]) is float and type(mine["n"]) is np.float16
+
+
+# -- a converted state of float64 params ---------------------------------------------------------------------------
+def _reference_step(hyper, state, params, grads):
+    """The reference rule's Adam step from ``state`` (param key -> float buffers in the params' dtypes)."""
+    ref = xopt.Adam(impl="reference", **hyper)
+    ref.load_state_dict({**ref.state_dict(), "iter": 2, "state": state}, params=params)
+    mine = {k: v.copy() for k, v in params.items()}
+    ref.update(mine, grads)
+    return ref, mine
+
+
+def test_a_bfloat16_state_loads_with_params_into_an_8bit_optimizer_in_each_params_compute_dtype():
+    # a float64 param below min_8bit_size, kept in float by the 8-bit optimizer: its bfloat16 buffers load in
+    # float64 (exactly; the load refused the float32 it made of them), a float32 param's in float32
+    hyper = dict(lr=0.01, amsgrad=True)
+    rng = np.random.default_rng(21)
+    params = {"w": rng.standard_normal(300), "b": rng.standard_normal(300).astype(np.float32)}
+    low = xopt.Adam(state_dtype="bfloat16", **hyper)
+    for _ in range(2):
+        low.update(params, {k: rng.standard_normal(300).astype(p.dtype) for k, p in params.items()})
+    exact = {k: {"step": 2, **{b: st[b].astype(params[k].dtype) for b in low.buffers()}} for k, st in low.state.items()}
+    opt = xopt.Adam(state_dtype="8bit", **hyper)
+    opt.load_state_dict(low.state_dict(), params=params)
+    for k, st in exact.items():
+        for b in opt.buffers():
+            assert opt.state[k][b].dtype == params[k].dtype and np.array_equal(opt.state[k][b], st[b]), (k, b)
+    grads = {k: rng.standard_normal(300).astype(p.dtype) for k, p in params.items()}
+    mine = {k: v.copy() for k, v in params.items()}
+    opt.update(mine, grads)
+    ref, theirs = _reference_step(hyper, exact, params, grads)
+    for k, p in params.items():
+        eps = np.finfo(p.dtype).eps
+        assert mine[k].dtype == p.dtype
+        np.testing.assert_allclose(mine[k], theirs[k], rtol=4 * eps, atol=0)
+
+
+def test_an_8bit_state_loads_with_float64_torch_params():
+    # it raised "Cannot interpret 'torch.float64' as a data type"
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(24)
+    w0, g = rng.standard_normal(N), rng.standard_normal(N)
+    eight = xopt.Adam(lr=0.01, state_dtype="8bit")
+    eight.update({"w": w0.copy()}, {"w": g})
+    numpy_run = xopt.Adam(lr=0.01)
+    numpy_run.load_state_dict(eight.state_dict(), params={"w": w0})
+    expected = {"w": w0.copy()}
+    numpy_run.update(expected, {"w": g})
+    params = {"w": torch.tensor(w0)}
+    opt = xopt.Adam(lr=0.01)
+    opt.load_state_dict(eight.state_dict(), params=params)
+    opt.update(params, {"w": torch.tensor(g)})
+    assert opt.state["w"]["m"].dtype == torch.float64 and opt.state["w"]["step"] == 2
+    np.testing.assert_allclose(params["w"].numpy(), expected["w"], rtol=4 * np.finfo(np.float64).eps, atol=0)
+
+
+def test_an_8bit_state_converted_without_the_params_is_refused_by_a_float64_param_naming_params():
+    # without the params the buffers come back float32: the float64 param's step refuses them, saying how to
+    # load them in float64, and writes nothing
+    rng = np.random.default_rng(25)
+    w0, g = rng.standard_normal(N), rng.standard_normal(N)
+    eight = xopt.Adam(lr=0.01, state_dtype="8bit")
+    eight.update({"w": w0.copy()}, {"w": g})
+    opt = xopt.Adam(lr=0.01)
+    opt.load_state_dict(eight.state_dict())
+    params = {"w": w0.copy()}
+    with pytest.raises(TypeError, match=r"param 'w' is float64 but its optimizer state '[mv]' is float32 .*params="):
+        opt.update(params, {"w": g})
+    assert np.array_equal(params["w"], w0) and opt.state["w"]["step"] == 1
+    opt.load_state_dict(eight.state_dict(), params=params)  # the way the message names
+    opt.update(params, {"w": g})
+    assert opt.state["w"]["m"].dtype == np.float64 and opt.state["w"]["step"] == 2

@@ -174,8 +174,10 @@ def _check_state(opt, e):
         if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
             have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
             if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
+                hint = (" (8-bit or bfloat16 state converted without the params comes back float32: load it with "
+                        "load_state_dict(..., params=) or load(..., params=))" if have == "float32" else "")
                 raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
-                                f"optimizer state {name!r} is {have}")
+                                f"optimizer state {name!r} is {have}{hint}")
             raise TypeError(f"param {describe(e.key)} keeps its state in {want} (state_dtype) but its "
                             f"optimizer state {name!r} is {have}")
 

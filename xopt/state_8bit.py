@@ -15,7 +15,7 @@ from ._inputs import describe
 from .engines import blockwise
 from .engines.blockwise import REFERENCE_CHUNK, SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
 
-__all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry"]
+__all__ = ["buffer_dtype", "state_for", "check_state", "convert", "holds_8bit", "checked_entry", "full_dtype"]
 
 
 def buffer_dtype(opt, e):
@@ -97,9 +97,11 @@ def check_state(opt, e, st):
 
 def convert(trial, state, arrays, saved_block):
     """``state`` (a state_dict's, param key -> dict) in the layout ``trial`` keeps: float buffers of params
-    it keeps 8-bit quantized, 8-bit buffers of params it does not dequantized (to float32, or the compute
-    dtype of the param in ``arrays`` where given); ``saved_block``: the block size the state was made with.  Entries that need neither are passed through as they are
-    (the usual checks follow); returns a new dict, or ``state`` itself where nothing changes."""
+    it keeps 8-bit quantized, 8-bit buffers of params it does not dequantized (to the compute dtype of the param
+    in ``arrays`` where given, else to float32: a float64 param's step refuses it, load it with ``params=``);
+    ``saved_block``: the block size the state was made with.
+    Entries that need neither are passed through as they are (the usual checks follow); returns a new dict, or
+    ``state`` itself where nothing changes."""
     eight = trial._hyper.get("state_dtype") == "8bit"
     if not eight and not any(isinstance(st, Mapping) and holds_8bit(st) for st in state.values()):
         return state
@@ -152,7 +154,7 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
             codes, scales = _quantize_all(values, map_of(trial, name), block)
             entry[name], entry[name + SUFFIX] = codes.reshape(buf.shape), scales
         else:
-            dtype = np.float32 if p is None or not hasattr(p, "dtype") else _backend.compute_dtype(np, np.dtype(p.dtype))
+            dtype = full_dtype(p) or np.float32  # without the param: float32
             if trial._hyper.get("state_dtype") == "bfloat16":
                 dtype = _backend.low_precision_dtype(np, "bfloat16")
             entry[name] = values.astype(dtype).reshape(buf.shape)
@@ -160,6 +162,23 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
         if isinstance(name, str) and name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in st:
             raise ValueError(f"state of param {describe(key)} holds {name!r} without {name[:-len(SUFFIX)]!r}")
     return entry
+
+
+def full_dtype(p):
+    """The name of the dtype param ``p`` (any array library's, or a float) keeps its float state in: its compute
+    dtype (:func:`xopt._backend.compute_dtype`); None where ``p`` is None or not a real floating array (the checks
+    that follow name what it is)."""
+    if isinstance(p, (float, np.floating)):  # a number param steps as a 0-d array of its dtype (float: float64)
+        p = np.asarray(p)
+    if p is None or not hasattr(p, "dtype"):
+        return None
+    try:
+        xp = _backend.namespace(p)
+        if not _backend.is_real_floating(xp, p.dtype):
+            return None
+        return _backend.dtype_name(_backend.compute_dtype(xp, p.dtype))
+    except (TypeError, ValueError):
+        return None
 
 
 def _array(a) -> bool:

@@ -187,7 +187,7 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     checks = _EntryChecks(kind, trial, always, possible, arrays, copy)
     quick, slow = checks.quick, checks.slow
     state = {}
-    saved = state_8bit.convert(trial, _bfloat16_as_float32(trial, state_dict["state"]), arrays, saved_block)
+    saved = state_8bit.convert(trial, _bfloat16_as_float32(trial, state_dict["state"], arrays), arrays, saved_block)
     for key, st in saved.items():
         if isinstance(st, Mapping) and state_8bit.holds_8bit(st):
             if arrays is not None and key not in arrays:
@@ -203,10 +203,11 @@ def checked_state(opt, state_dict, params=None, *, copy=True):
     return trial._hyper, trial._overrides, state, counters
 
 
-def _bfloat16_as_float32(trial, saved):
-    """``saved`` (a state_dict's "state") with its bfloat16 buffers in float32 (exact), where ``trial`` does not
-    keep bfloat16 state.  Before bfloat16 params computed in float32, their state was bfloat16: such a state
-    loads as the float32 state those params keep now.  Entries without a bfloat16 buffer are kept as they are."""
+def _bfloat16_as_float32(trial, saved, arrays=None):
+    """``saved`` (a state_dict's "state") with its bfloat16 buffers in float32 (exact), or in the compute dtype of
+    the param in ``arrays`` where given, where ``trial`` does not keep bfloat16 state.  Before bfloat16 params
+    computed in float32, their state was bfloat16: such a state loads as the float32 state those params keep now.
+    Entries without a bfloat16 buffer are kept as they are."""
     if trial._hyper.get("state_dtype") == "bfloat16" or not isinstance(saved, Mapping):
         return saved
     out = None
@@ -218,9 +219,10 @@ def _bfloat16_as_float32(trial, saved):
         if low:
             out = dict(saved) if out is None else out
             converted = dict(st)
+            full = state_8bit.full_dtype(None if arrays is None else arrays.get(key)) or "float32"
             for name in low:
                 xp = _backend.namespace(st[name])
-                converted[name] = xp.astype(st[name], xp.float32)
+                converted[name] = xp.astype(st[name], getattr(xp, full))
             out[key] = converted
     return saved if out is None else out
 
