@@ -15,7 +15,7 @@ from xopt.engines.fused_cpu import PARALLEL_MIN
 from test_state_8bit import CONFIGS
 
 N = 5000 + 77  # above min_8bit_size, a tail shorter than a block
-SHAPES = [(N,), (64, 128), (4096,), (3, 1700)]
+SHAPES = [(N,), (64, 128), (4096,), (3, 1700), (10,), (3, 7)]  # the last two below min_8bit_size: float state
 
 
 def _params(dtype, seed=0, shapes=SHAPES):
@@ -116,13 +116,33 @@ def _grad_over_codes(opt, params, grads):
 
 
 def _one_array_twice(opt, params, grads):
-    opt.state["p4"] = copy.deepcopy(opt.state["p0"])
-    params["p4"], grads["p4"] = params["p0"], grads["p0"]
+    opt.state["p9"] = copy.deepcopy(opt.state["p0"])
+    params["p9"], grads["p9"] = params["p0"], grads["p0"]
 
 
-def _small_param(opt, params, grads):  # its state float32 (below min_8bit_size): the checked path's
-    opt.state["b"] = {"step": 1, "m": np.zeros(10, np.float32), "v": np.zeros(10, np.float32)}
-    params["b"], grads["b"] = np.ones(10, np.float32), np.ones(10, np.float32)
+def _small_float64_state(opt, params, grads):  # below min_8bit_size: float state of the param's dtype
+    opt.state["p4"]["v"] = opt.state["p4"]["v"].astype(np.float64)
+
+
+def _small_read_only_state(opt, params, grads):
+    opt.state["p5"]["m"].flags.writeable = False
+
+
+def _small_with_absmax(opt, params, grads):
+    opt.state["p4"]["m_absmax"] = np.ones(1, np.float32)
+
+
+def _small_strided_grad(opt, params, grads):
+    grads["p5"] = np.asfortranarray(grads["p5"])
+
+
+def _codes_of_a_small_param(opt, params, grads):  # a state made for another size
+    opt.state["p5"]["m"], opt.state["p5"]["m_absmax"] = np.zeros((3, 7), np.uint8), np.ones(1, np.float32)
+
+
+def _param_grown_8bit(opt, params, grads):  # a float state under a key whose param is now 8-bit sized
+    params["p4"], grads["p4"] = np.ones(N, np.float32), np.ones(N, np.float32)
+    opt.state["p4"] = {"step": 1, "m": np.zeros(N, np.float32), "v": np.zeros(N, np.float32)}
 
 
 def _numpy_step_count(opt, params, grads):
@@ -139,7 +159,9 @@ def _float64_param(opt, params, grads):
 
 @pytest.mark.parametrize("change", [_read_only_codes, _int8_codes, _short_absmax, _float64_absmax, _swapped_absmax,
                                     _strided_grad, _float64_grad, _grad_is_a_param, _grad_over_codes,
-                                    _one_array_twice, _small_param, _numpy_step_count, _counts_differ, _float64_param])
+                                    _one_array_twice, _small_float64_state, _small_read_only_state,
+                                    _small_with_absmax, _small_strided_grad, _codes_of_a_small_param,
+                                    _param_grown_8bit, _numpy_step_count, _counts_differ, _float64_param])
 def test_what_the_lane_refuses_it_declines_having_written_nothing(change):
     opt, params = _started()
     grads = _grads(params, 1)

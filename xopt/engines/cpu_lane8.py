@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import functools
 import operator
+from itertools import repeat
 
 import numpy as np
 from numba import carray, njit
 
 from .._atomic import together
+from . import fused_cpu
 from .blockwise import SIGNED, SUFFIX, map_of
 from .cpu_blockwise import _widen, blocks
+from .cpu_drivers import _run
 from .cpu_memory import _is_array, _list_item, disjoint, load_i32, load_i64, typed_pointer
 from .cpu_rules import ELEMENTS
 from .cpu_step import NotRun, split_at
@@ -41,8 +44,9 @@ __all__ = ["kind", "Kind", "step", "new_state", "step_tensors"]
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _LISTS = 9  # the head's list ids: params, grads, codes and absmax of three slots, step counts
 # then: n, the param dtype's number and item size, min_8bit_size, block_size, split_at, the codes' and the absmax's
-# dtype numbers, the answer (0: run; 1 + a refused row; n + 1: the lists or the memory)
-_N, _TYPE, _ITEMSIZE, _MIN, _BLOCK, _SPLIT, _CODES, _ABSMAX, _ANSWER = range(_LISTS, _LISTS + 9)
+# dtype numbers, the address of the float kernel's rule (a smaller param's), the answer (0: run; 1 + a refused row;
+# n + 1: the lists or the memory)
+_N, _TYPE, _ITEMSIZE, _MIN, _BLOCK, _SPLIT, _CODES, _ABSMAX, _FLOAT_RULE, _ANSWER = range(_LISTS, _LISTS + 10)
 _ROW = 8  # ptrs per row: param, grad, then codes and absmax of each slot
 
 
@@ -50,16 +54,16 @@ class Kind:
     """What an 8-bit lane step of one optimizer class on one param dtype runs: the kernel's rule, slots and the
     order of its scalars, each slot's map, and its compiled steps (one per kept slots and flags)."""
 
-    __slots__ = ("rule", "order", "slots", "signed", "dtype", "proto", "flags", "steps")
+    __slots__ = ("rule", "order", "slots", "signed", "dtype", "flags", "steps", "floats")
 
-    def __init__(self, opt, kernel, dtype):
+    def __init__(self, opt, kernel, dtype, floats):
         self.rule, self.order, self.dtype = kernel.rule, kernel.order, dtype
         pad = 3 - len(kernel.slots)
         self.slots = kernel.slots + ("",) * pad
         self.signed = tuple(map_of(opt, name) is SIGNED for name in kernel.slots) + (True,) * pad
-        self.proto = np.empty(0, dtype)
         self.flags = ELEMENTS[kernel.rule][1].py_func
         self.steps = {}
+        self.floats = floats  # fused_cpu's Kind: the float kernel of the params below min_8bit_size
 
     def function(self, keep, flags):
         key = (keep, flags)
@@ -79,7 +83,8 @@ def kind(opt, dtype):
     if found is False:
         kernel = lookup(opt)
         ok = kernel is not None and kernel.rule in ELEMENTS and not kernel.factored and dtype in _DTYPES
-        found = _KINDS[key] = Kind(opt, kernel, dtype) if ok else None
+        floats = fused_cpu.kind(opt, dtype) if ok else None
+        found = _KINDS[key] = Kind(opt, kernel, dtype, floats) if floats is not None else None
     return found
 
 
@@ -105,22 +110,23 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     lists = [ps, gs]
     try:
         for name, kept in zip(kind.slots, keep):
-            if kept:
-                lists += [list(map(operator.itemgetter(name), states)),
-                          list(map(operator.itemgetter(name + SUFFIX), states))]  # a float state has none
+            if kept:  # the codes (a float buffer below min_8bit_size) and the absmax (None there)
+                lists += [list(map(operator.itemgetter(name), states)), list(map(dict.get, states, repeat(name + SUFFIX)))]
             else:
                 lists += [None, None]
-    except (KeyError, TypeError):  # made at the checked path's next step (an option turned on), or a float state
+    except (KeyError, TypeError):  # made at the checked path's next step (an option turned on), or not a dict
         return None
     lists.append(steps)
     n = len(ps)
     # sizes above any array's (Python ints of any size) as int64: the same blocks, the same params 8-bit
     head = np.array([*map(id, lists), n, kind.dtype.num, kind.dtype.itemsize, min(hyper["min_8bit_size"], _HUGE),
-                     min(hyper["block_size"], _HUGE), split_at(), _CODES_NUM, _ABSMAX_NUM, 0], dtype=np.int64)
+                     min(hyper["block_size"], _HUGE), split_at(), _CODES_NUM, _ABSMAX_NUM, kind.floats.function, 0],
+                    dtype=np.int64)
     s = tuple(map(kind.dtype.type, values[0]))
     flags = tuple(bool(f) for f in kind.flags(s))
+    scal = np.array([*values[0], 1.0], dtype=kind.dtype)  # the float kernel's: its scalars, then the clip scale
     run = functools.partial(kind.function(keep, flags), OFFSETS, head, np.empty((n, _ROW), np.int64),
-                            np.empty(n, np.int64), np.empty((6, 7 * n), np.int64), s, kind.proto)
+                            np.empty(n, np.int64), np.empty((6, 7 * n), np.int64), s, scal)
     try:
         together([run, *commit(None, False)])
     except NotRun:
@@ -153,8 +159,9 @@ def _check(off, head, ptrs, sizes, spans, keep0, keep1, keep2):
         size = 1
         for d in range(nd):
             size *= load_i64(dims + 8 * d)
-        if size == 0 or size < least or size >= most:
+        if size == 0 or size >= most:
             return t + 1
+        small = size < least  # float state, the param's dtype and shape
         sizes[t] = size
         ptrs[t, 0] = load_i64(p + off[DATA])
         lo[m], hi[m] = ptrs[t, 0], ptrs[t, 0] + size * itemsize
@@ -169,9 +176,16 @@ def _check(off, head, ptrs, sizes, spans, keep0, keep1, keep2):
             if not (keep0 if j == 0 else keep1 if j == 1 else keep2):
                 continue
             c = _list_item(off, head[2 + 2 * j], t)
+            a = _list_item(off, head[3 + 2 * j], t)
+            if small:
+                if not _is_array(off, c, WRITE_FLAGS, param_type, nd, dims) or a != off[NONE]:
+                    return t + 1
+                ptrs[t, 2 + 2 * j] = load_i64(c + off[DATA])
+                lo[m], hi[m] = ptrs[t, 2 + 2 * j], ptrs[t, 2 + 2 * j] + size * itemsize
+                m += 1
+                continue
             if not _is_array(off, c, WRITE_FLAGS, head[_CODES], nd, dims):
                 return t + 1
-            a = _list_item(off, head[3 + 2 * j], t)
             if (not _is_array(off, a, WRITE_FLAGS, head[_ABSMAX], -1, 0) or load_i32(a + off[ND]) != 1
                     or load_i64(load_i64(a + off[DIMS])) != nb):
                 return t + 1
@@ -200,23 +214,34 @@ def _make_step(rule, signed, keep, flags):
     (signed0, signed1, signed2), (keep0, keep1, keep2), (flag0, flag1) = signed, keep, flags
 
     @njit(cache=True, nogil=True, error_model="numpy")
-    def run(off, head, ptrs, sizes, spans, s, proto):
+    def run(off, head, ptrs, sizes, spans, s, scal):
         """Check every array (:func:`_check`), raising :class:`NotRun` (its answer in the head) before any write
-        if one is refused; then step each param's blocks."""
+        if one is refused; then step each param: its blocks, or below min_8bit_size the float kernel's rule (at
+        the head's address, with ``scal``: the scalars, then the clip scale 1) over its float state."""
         answer = _check(off, head, ptrs, sizes, spans, keep0, keep1, keep2)
         if answer != 0:
             head[_ANSWER] = answer
             raise NotRun()
-        n, block = head[_N], head[_BLOCK]
+        n, block, least = head[_N], head[_BLOCK], head[_MIN]
         width = 0
         for t in range(n):
             width = max(width, min(block, sizes[t]))
+        table = np.empty((n, 5), np.int64)  # the float rule's rows: param, grad, its three slots (the param's if not
+        no_scratch = scal[:0]  # kept: never read); no clip scale, no room for scaled grads
         x0 = np.empty(width if keep0 else 0, np.float32)
         x1 = np.empty(width if keep1 else 0, np.float32)
         x2 = np.empty(width if keep2 else 0, np.float32)
+        proto = scal[:0]
         one = _widen(np.float32(1.0), proto)  # the clip scale: not read (scaled is False)
         for t in range(n):
             size = sizes[t]
+            if size < least:
+                table[t, 0], table[t, 1] = ptrs[t, 0], ptrs[t, 1]
+                table[t, 2] = ptrs[t, 2] if keep0 else ptrs[t, 0]
+                table[t, 3] = ptrs[t, 4] if keep1 else ptrs[t, 0]
+                table[t, 4] = ptrs[t, 6] if keep2 else ptrs[t, 0]
+                _run(head[_FLOAT_RULE], table, t, 0, size, scal, no_scratch)
+                continue
             span = min(block, size)  # a block_size above the size is one block of the size
             nb = -(-size // span)
             p = carray(typed_pointer(ptrs[t, 0], proto), (size,))
