@@ -157,11 +157,15 @@ def _float64_param(opt, params, grads):
     params["p2"], grads["p2"] = params["p2"].astype(np.float64), grads["p2"].astype(np.float64)
 
 
+def _amsgrad_turned_on(opt, params, grads):  # v_max is made by the checked path's step
+    opt.amsgrad = True
+
+
 @pytest.mark.parametrize("change", [_read_only_codes, _int8_codes, _short_absmax, _float64_absmax, _swapped_absmax,
                                     _strided_grad, _float64_grad, _grad_is_a_param, _grad_over_codes,
                                     _one_array_twice, _small_float64_state, _small_read_only_state,
                                     _small_with_absmax, _small_strided_grad, _codes_of_a_small_param,
-                                    _param_grown_8bit, _numpy_step_count, _counts_differ, _float64_param])
+                                    _param_grown_8bit, _amsgrad_turned_on, _numpy_step_count, _counts_differ, _float64_param])
 def test_what_the_lane_refuses_it_declines_having_written_nothing(change):
     opt, params = _started()
     grads = _grads(params, 1)
@@ -214,3 +218,18 @@ def test_a_list_of_params_and_a_schedule_take_the_lane():
     for a, b in zip(ps_lane, ps_checked):
         assert a.tobytes() == b.tobytes()
     assert all(np.array_equal(lane.state[i][n], checked.state[i][n]) for i in lane.state for n in lane.state[i])
+
+
+@pytest.mark.parametrize("overrides, one_group", [({"p*": {"lr": 0.02}}, True), ({"p1": {"lr": 0.02}}, False)])
+def test_overrides_of_one_group_take_the_lane_and_of_two_the_checked_path(overrides, one_group):
+    lane = xopt.Adam(lr=0.01, state_dtype="8bit", overrides=overrides)
+    checked = xopt.Adam(lr=0.01, state_dtype="8bit", overrides=overrides)
+    ps_lane, ps_checked = _params(np.float32), _params(np.float32)
+    for t in range(3):
+        grads = _grads(ps_lane, t)
+        took = _lane.take(lane, ps_lane, grads)
+        assert took == (one_group and t > 0)
+        if not took:
+            _checked.step(lane, ps_lane, grads)
+        _checked.step(checked, ps_checked, grads)
+        _same(_snapshot(lane, ps_lane), _snapshot(checked, ps_checked))

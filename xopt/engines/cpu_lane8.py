@@ -101,8 +101,7 @@ def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
 def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     """The whole step, committed, in one compiled call; or None: declined, nothing written (see the module and
     ``xopt.engines.fused_cpu.step``, whose arguments these are)."""
-    view = views[0]
-    hyper = view._hyper
+    view, hyper = views[0], opt._hyper  # the step's options and the 8-bit layout: one value for every group
     if part is not None or hyper["clip_grad_norm"] is not None or hyper["skip_nonfinite"]:
         return None
     names = view.buffers()
@@ -111,7 +110,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     try:
         for name, kept in zip(kind.slots, keep):
             if kept:  # the codes (a float buffer below min_8bit_size) and the absmax (None there)
-                lists += [list(map(operator.itemgetter(name), states)), list(map(dict.get, states, repeat(name + SUFFIX)))]
+                lists += [list(map(operator.itemgetter(name), states)),
+                          list(map(dict.get, states, repeat(name + SUFFIX)))]
             else:
                 lists += [None, None]
     except (KeyError, TypeError):  # made at the checked path's next step (an option turned on), or not a dict
@@ -138,7 +138,7 @@ _CODES_NUM, _ABSMAX_NUM = np.dtype(np.uint8).num, np.dtype(np.float32).num
 _HUGE = 2**62  # above any array's element count
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _check(off, head, ptrs, sizes, spans, keep0, keep1, keep2):
     """0 if the arrays of a step are what the kernel may read and write (see the module), else 1 + the first row
     that is not (n + 1: the lists or the memory).  Writes only ``ptrs`` (each row's addresses: param, grad, then
@@ -213,7 +213,8 @@ def _make_step(rule, signed, keep, flags):
     not, and the rule's two ``flags``: constants of the compiled code, as in ``cpu_blockwise._make_claim``."""
     (signed0, signed1, signed2), (keep0, keep1, keep2), (flag0, flag1) = signed, keep, flags
 
-    @njit(cache=True, nogil=True, error_model="numpy")
+    # the GIL held throughout: no other thread runs, or forks, between an array's check and its use
+    @njit(cache=True, error_model="numpy")
     def run(off, head, ptrs, sizes, spans, s, scal):
         """Check every array (:func:`_check`), raising :class:`NotRun` (its answer in the head) before any write
         if one is refused; then step each param: its blocks, or below min_8bit_size the float kernel's rule (at
