@@ -5,13 +5,14 @@ every array and then steps them all.
 absmax from the state dicts (one list each) and hands the lists' ids to one compiled call
 (:func:`_make_step`), which reads every array's own struct (:mod:`xopt.engines.cpu_memory`) and checks it before
 it writes anything: each param an exact ``numpy.ndarray`` of the step's dtype, C-contiguous, aligned, writeable, in
-native byte order, of at least ``min_8bit_size`` elements (a smaller one keeps float state: the checked path's) and
-fewer than the engine's ``split_at`` (a larger one is split over threads: the checked path's); its grad the same
-but for writeable, of the param's shape; each kept slot's codes uint8 of the param's shape and its absmax 1-D
-float32 of one number per block, both writeable; its step count an exact ``int``; no two written arrays sharing a
-byte, no grad sharing one with any of them.  Then it runs each param's blocks with the kernel of
-:mod:`xopt.engines.cpu_blockwise` (:func:`~xopt.engines.cpu_blockwise.blocks`, the same compiled numbers as the
-checked path's), on the calling thread.
+native byte order, not empty, and of fewer elements than the engine's ``split_at`` (a larger one is split over
+threads: the checked path's); its grad the same but for writeable, of the param's shape; for a param of at least
+``min_8bit_size`` elements each kept slot's codes uint8 of the param's shape and its absmax 1-D float32 of one number
+per block, both writeable; for a smaller one each kept slot's float buffer as the param (its dtype and shape) and no
+absmax; its step count an exact ``int``; no two written arrays sharing a byte, no grad sharing one with any of them.
+Then it steps each param on the calling thread, as the checked path does: an 8-bit one's blocks by the kernel of
+:mod:`xopt.engines.cpu_blockwise` (:func:`~xopt.engines.cpu_blockwise.blocks`, the same compiled code), a smaller
+one by the float kernel's rule (:mod:`xopt.engines.fused_cpu`'s C function of the rule, through its address).
 
 A step this lane does not take (a first step, a clipped step, ``skip_nonfinite``, several parts, torch tensors,
 anything the check refuses) it declines having written nothing, and the checked path takes it.  The step's writes
