@@ -281,9 +281,12 @@ def lane_kind(opt, p):
         found = _CPU_LANE.get(key, False)
         if found is not False:
             return found
+        if opt._hyper.get("state_dtype") == "8bit":  # 8-bit state: its own lane, where the CPU kernel has the rule
+            engine = _lane_8bit(opt)
+            kind = None if engine is None else engine.kind(opt, p.dtype)
+            found = _CPU_LANE[key] = None if kind is None else (engine, kind)
+            return found
         engine = lane_engine(opt, np.ndarray)
-        if opt._hyper.get("state_dtype") == "8bit":  # the checked path sorts 8-bit params from float ones
-            engine = None
         kind = None if engine is None else engine.kind(opt, p.dtype)
         found = None if kind is None else (engine, kind)
         if engine is not None and engine is _fused_cpu():  # the CPU engine's answer is for good (the CUDA one
@@ -297,6 +300,16 @@ def lane_kind(opt, p):
 
 
 _CPU_LANE = {}  # (optimizer class, dtype, state dtype, impl, how the CPU engine is found) -> (engine, kind)
+
+
+def _lane_8bit(opt):
+    """:mod:`xopt.engines.cpu_lane8` where the fused CPU kernel of 8-bit state runs ``opt``'s steps (the impl,
+    numba, the rule), else None: the checked path takes them."""
+    if opt.impl == "reference" or _fused_cpu() is None:
+        return None
+    from .engines import cpu_blockwise, cpu_lane8
+
+    return cpu_lane8 if cpu_blockwise.supports(opt) else None
 
 
 def gpu_tensor_kind(opt, t):

@@ -86,6 +86,53 @@ def _element_overload(number, pi, gi, x0, x1, x2, s, flag0, flag1):
     return apply
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def blocks(rule, signed0, signed1, signed2, keep0, keep1, keep2, flag0, flag1, scaled, b_lo, b_hi, p, g, c0, a0, c1,
+           a1, c2, a2, s, clip, block, x0, x1, x2):
+    """Blocks ``b_lo:b_hi`` of one param stepped: element rule number ``rule`` over its codes, slots on the signed
+    map or not, kept or not (a slot not kept is never read or written), the rule's two flags and whether the grads
+    are scaled by ``clip``: constants of the caller's compiled code (see :func:`_make_claim`), inlined into it.
+    ``x0``, ``x1``, ``x2``: room for a block's new values of each kept slot (float32, at least
+    ``min(block, p.shape[0])``)."""
+    n = p.shape[0]
+    zero = _widen(np.float32(0.0), p)
+    for b in range(b_lo, b_hi):
+        lo = b * block
+        k = min(block, n - lo)
+        scale0 = a0[b] if keep0 else np.float32(0.0)
+        scale1 = a1[b] if keep1 else np.float32(0.0)
+        scale2 = a2[b] if keep2 else np.float32(0.0)
+        top0 = top1 = top2 = np.uint32(0)
+        # one pass: the values of the codes, the rule, the new values (float32) and their absmax (over
+        # slices, indexed from 0: an index LLVM cannot prove >= 0 would be wrapped, and not vectorized)
+        pb, gb, cb0, cb1, cb2 = p[lo:lo + k], g[lo:lo + k], c0[lo:lo + k], c1[lo:lo + k], c2[lo:lo + k]
+        for j in range(k):
+            gi = gb[j] * clip if scaled else gb[j]  # the caller's grads are only read
+            y0 = _widen(value(cb0[j], signed0) * scale0, p) if keep0 else zero
+            y1 = _widen(value(cb1[j], signed1) * scale1, p) if keep1 else zero
+            y2 = _widen(value(cb2[j], signed2) * scale2, p) if keep2 else zero
+            pb[j], y0, y1, y2 = _element(rule, pb[j], gi, y0, y1, y2, s, flag0, flag1)
+            if keep0:
+                z0 = np.float32(y0)
+                x0[j] = z0
+                top0 = larger(top0, magnitude_bits(z0))
+            if keep1:
+                z1 = np.float32(y1)
+                x1[j] = z1
+                top1 = larger(top1, magnitude_bits(z1))
+            if keep2:
+                z2 = np.float32(y2)
+                x2[j] = z2
+                top2 = larger(top2, magnitude_bits(z2))
+        # then their codes, on the new absmax
+        if keep0:
+            store_block(x0, k, c0, lo, set_absmax(top0, a0, b), signed0)
+        if keep1:
+            store_block(x1, k, c1, lo, set_absmax(top1, a1, b), signed1)
+        if keep2:
+            store_block(x2, k, c2, lo, set_absmax(top2, a2, b), signed2)
+
+
 _CLAIMS = {}  # (rule, the slots' maps, the slots kept, the rule's flags, scaled) -> its compiled claim function
 
 
@@ -109,49 +156,14 @@ def _make_claim(rule, signed, keep, flags, scaled):
         those done."""
         base = counters.ctypes.data
         units = -(-nb // per)
-        n = p.shape[0]
-        width = min(block, n)  # a block's new values at most (a block_size above the size: the param's)
+        width = min(block, p.shape[0])  # a block's new values at most (a block_size above the size: the param's)
         x0 = np.empty(width if keep0 else 0, np.float32)
         x1 = np.empty(width if keep1 else 0, np.float32)
         x2 = np.empty(width if keep2 else 0, np.float32)
-        zero = _widen(np.float32(0.0), p)
         u = fetch_add(base, 1)
         while u < units:
-            for b in range(u * per, min(nb, (u + 1) * per)):
-                lo = b * block
-                k = min(block, n - lo)
-                scale0 = a0[b] if keep0 else np.float32(0.0)
-                scale1 = a1[b] if keep1 else np.float32(0.0)
-                scale2 = a2[b] if keep2 else np.float32(0.0)
-                top0 = top1 = top2 = np.uint32(0)
-                # one pass: the values of the codes, the rule, the new values (float32) and their absmax (over
-                # slices, indexed from 0: an index LLVM cannot prove >= 0 would be wrapped, and not vectorized)
-                pb, gb, cb0, cb1, cb2 = p[lo:lo + k], g[lo:lo + k], c0[lo:lo + k], c1[lo:lo + k], c2[lo:lo + k]
-                for j in range(k):
-                    gi = gb[j] * clip if scaled else gb[j]  # the caller's grads are only read
-                    y0 = _widen(value(cb0[j], signed0) * scale0, p) if keep0 else zero
-                    y1 = _widen(value(cb1[j], signed1) * scale1, p) if keep1 else zero
-                    y2 = _widen(value(cb2[j], signed2) * scale2, p) if keep2 else zero
-                    pb[j], y0, y1, y2 = _element(rule, pb[j], gi, y0, y1, y2, s, flag0, flag1)
-                    if keep0:
-                        z0 = np.float32(y0)
-                        x0[j] = z0
-                        top0 = larger(top0, magnitude_bits(z0))
-                    if keep1:
-                        z1 = np.float32(y1)
-                        x1[j] = z1
-                        top1 = larger(top1, magnitude_bits(z1))
-                    if keep2:
-                        z2 = np.float32(y2)
-                        x2[j] = z2
-                        top2 = larger(top2, magnitude_bits(z2))
-                # then their codes, on the new absmax
-                if keep0:
-                    store_block(x0, k, c0, lo, set_absmax(top0, a0, b), signed0)
-                if keep1:
-                    store_block(x1, k, c1, lo, set_absmax(top1, a1, b), signed1)
-                if keep2:
-                    store_block(x2, k, c2, lo, set_absmax(top2, a2, b), signed2)
+            blocks(rule, signed0, signed1, signed2, keep0, keep1, keep2, flag0, flag1, scaled, u * per,
+                   min(nb, (u + 1) * per), p, g, c0, a0, c1, a1, c2, a2, s, clip, block, x0, x1, x2)
             fetch_add(base + 8, 1)
             u = fetch_add(base, 1)
 
