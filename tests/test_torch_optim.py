@@ -180,6 +180,35 @@ def test_nadam_under_one_cycle_lr_keeps_torchs_running_mu_product(torch):
         assert opt.state_dict()["state"][n]["mu_product"].item() == st["mu_product"].item(), n
 
 
+def test_nadam_groups_that_miss_steps_keep_their_own_mu_products(torch):
+    """Three groups, each with its own beta1 and momentum_decay, some of them without grads at some steps (their
+    overrides leave the xopt optimizer and come back): each group's product of the mu's goes on from its own,
+    as torch's per-param mu_product does; the state_dict's mu_product too, of a group that missed the last step."""
+    import xopt.torch
+
+    def make(module):
+        torch.manual_seed(0)
+        ps = [torch.randn(4, 3, requires_grad=True) for _ in range(4)]
+        groups = [{"params": [ps[0]]}, {"params": [ps[1]], "betas": (0.5, 0.9), "momentum_decay": 0.01},
+                  {"params": ps[2:], "betas": (0.7, 0.95), "momentum_decay": 0.02, "lr": 0.03}]
+        extra = {"foreach": False} if module is torch.optim else {}
+        return ps, module.NAdam(groups, lr=1e-2, **extra)
+
+    (ours, opt), (theirs, ref) = make(xopt.torch), make(torch.optim)
+    masks = [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (1, 1, 0, 1), (1, 0, 0, 1), (1, 1, 1, 1), (0, 0, 1, 1),
+             (1, 0, 1, 0)]
+    for step, mask in enumerate(masks * 2):
+        for ps, o in ((ours, opt), (theirs, ref)):
+            for j, (p, has) in enumerate(zip(ps, mask)):
+                p.grad = torch.cos(p.detach() * (step + 2) + j) if has else None
+            o.step()
+        for j, (p, q) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}, param {j}: {m}")
+    states = opt.state_dict()["state"]
+    for n, st in ref.state_dict()["state"].items():
+        assert states[n]["mu_product"].item() == pytest.approx(st["mu_product"].item(), rel=1e-15), n
+
+
 def test_closure_runs_with_grad_and_its_loss_comes_back(torch):
     ours, opt, theirs, ref = _pair(torch, "SGD", dict(lr=0.1, momentum=0.9))
     x, y = _data(torch)

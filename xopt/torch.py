@@ -216,7 +216,11 @@ class NAdam(_Front):
         out = super()._torch_state(st, p, group)
         i = next(n for n, g in enumerate(self.param_groups) if g is group)
         xo = self._xopt
-        view = xo._at(xo._group_of(f"{i}.0"), st["step"])  # the hyperparameter set whose running products it read
+        if i == 0 or i in (self._present or ()):
+            view = xo._at(xo._group_of(f"{i}.0"), st["step"])  # the hyperparameter set whose running products it read
+        else:  # a group without grads at the last step: its values, and the products its pattern keeps
+            view = xo._view({**xo._hyper, **self._check_group(i, group)})
+            view.__dict__["_history"] = f"{i}.*"
         return {"step": out.pop("step"),
                 "mu_product": torch.tensor(view.mu_product(st["step"], taken=True), dtype=_scalar_dtype()), **out}
 
