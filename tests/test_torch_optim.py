@@ -288,6 +288,21 @@ def test_add_param_group_and_the_state_view(torch):
     assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and int(opt.state[p]["step"]) == 5
 
 
+def test_a_group_appended_to_param_groups_itself_steps_as_torch_optims(torch):
+    """A group appended to ``param_groups`` without add_param_group (torch's step takes it as it finds it), whose
+    params have no grads at first: the steps go on, and once they have grads it steps with its own values."""
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2), lambda net: [{"params": net[0].parameters()},
+                                                                               {"params": [net[2].weight]}])
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 2)
+        o.param_groups.append({**o.param_groups[1], "params": [net[2].bias], "lr": 0.05})
+        net[2].bias.requires_grad_(False)
+        _train(torch, net, o, 2)
+        net[2].bias.requires_grad_(True)
+        _train(torch, net, o, 2)
+    _same(torch, ours, theirs)
+
+
 def test_what_it_refuses(torch):
     import xopt.torch
 

@@ -137,7 +137,9 @@ class _Front(torch.optim.Optimizer):
                     if i:
                         present.append(i)
             present = tuple(present)
-            if present != self._present or any(_changed(self._seen[i], g, self.reads) for i, g in enumerate(groups)):
+            seen = self._seen  # shorter than groups: a group appended to param_groups itself, not by add_param_group
+            if (present != self._present or len(seen) != len(groups)
+                    or any(_changed(seen[i], g, self.reads) for i, g in enumerate(groups))):
                 self._push(groups, present)
         if keys:
             xo = self._xopt
