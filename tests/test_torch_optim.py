@@ -444,6 +444,38 @@ def test_step_hooks_and_profiler_ranges_as_torch_optims(torch):
         assert f"Optimizer.step#{type(o).__name__}.step" in names, sorted(names)[:20]
 
 
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[14]], ids=["Adam", "NAdam"])
+def test_a_step_under_torch_compile_steps_as_torch_optims(torch, name, kwargs):
+    """A training step compiled whole by torch.compile, and step compiled alone: the step runs as it is (dynamo
+    does not trace the kernel's writes), with its hooks, and the numbers are torch.optim's."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    if not dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported here")
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    x, y = _data(torch)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(1))
+
+    @torch.compile(backend="eager")
+    def train_step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ours(x), y).backward()
+        opt.step()
+
+    try:
+        for _ in range(3):
+            train_step()
+        compiled_step = torch.compile(opt.step, backend="eager")
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ours(x), y).backward()
+        compiled_step()
+    finally:
+        dynamo.reset()
+    _train(torch, theirs, ref, 4)
+    assert len(calls) == 4
+    _same(torch, ours, theirs)
+
+
 @pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[7], CASES[18]], ids=["Adam", "SGD", "Adafactor"])
 def test_autograd_sees_every_step_write(torch, name, kwargs):
     """A param saved for a backward pass, then stepped: the backward raises, as after torch.optim's in-place
