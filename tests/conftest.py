@@ -123,17 +123,24 @@ def torch_float64():
 
 @pytest.fixture
 def lane(monkeypatch):
-    """What the exact-type lane (``xopt._lane.take``) answered at each update: True where it took the step."""
+    """What the exact-type lane answered at each update (``xopt._lane.take``) and at each step of an xopt.torch
+    optimizer (``take_tensors``, then ``take`` where it declines): True where it took the step."""
     from xopt import _lane
 
     answers = []
-    real = _lane.take
 
-    def take(opt, params, grads):
-        answers.append(real(opt, params, grads))
-        return answers[-1]
+    def spy(real):
+        def answer(*args):
+            answers.append(real(*args))
+            return answers[-1]
 
-    monkeypatch.setattr(_lane, "take", take)
+        return answer
+
+    monkeypatch.setattr(_lane, "take", spy(_lane.take))
+    if "torch" in sys.modules:  # imported by the test modules, if at all, at collection
+        from xopt import _torch_front  # calls take_tensors by the name it imported
+
+        monkeypatch.setattr(_torch_front, "take_tensors", spy(_torch_front.take_tensors))
     return answers
 
 

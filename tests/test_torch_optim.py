@@ -180,6 +180,35 @@ def test_nadam_under_one_cycle_lr_keeps_torchs_running_mu_product(torch):
         assert opt.state_dict()["state"][n]["mu_product"].item() == st["mu_product"].item(), n
 
 
+def test_nadam_groups_that_miss_steps_keep_their_own_mu_products(torch):
+    """Three groups, each with its own beta1 and momentum_decay, some of them without grads at some steps (their
+    overrides leave the xopt optimizer and come back): each group's product of the mu's goes on from its own,
+    as torch's per-param mu_product does; the state_dict's mu_product too, of a group that missed the last step."""
+    import xopt.torch
+
+    def make(module):
+        torch.manual_seed(0)
+        ps = [torch.randn(4, 3, requires_grad=True) for _ in range(4)]
+        groups = [{"params": [ps[0]]}, {"params": [ps[1]], "betas": (0.5, 0.9), "momentum_decay": 0.01},
+                  {"params": ps[2:], "betas": (0.7, 0.95), "momentum_decay": 0.02, "lr": 0.03}]
+        extra = {"foreach": False} if module is torch.optim else {}
+        return ps, module.NAdam(groups, lr=1e-2, **extra)
+
+    (ours, opt), (theirs, ref) = make(xopt.torch), make(torch.optim)
+    masks = [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (1, 1, 0, 1), (1, 0, 0, 1), (1, 1, 1, 1), (0, 0, 1, 1),
+             (1, 0, 1, 0)]
+    for step, mask in enumerate(masks * 2):
+        for ps, o in ((ours, opt), (theirs, ref)):
+            for j, (p, has) in enumerate(zip(ps, mask)):
+                p.grad = torch.cos(p.detach() * (step + 2) + j) if has else None
+            o.step()
+        for j, (p, q) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}, param {j}: {m}")
+    states = opt.state_dict()["state"]
+    for n, st in ref.state_dict()["state"].items():
+        assert states[n]["mu_product"].item() == pytest.approx(st["mu_product"].item(), rel=1e-15), n
+
+
 def test_closure_runs_with_grad_and_its_loss_comes_back(torch):
     ours, opt, theirs, ref = _pair(torch, "SGD", dict(lr=0.1, momentum=0.9))
     x, y = _data(torch)
@@ -257,6 +286,21 @@ def test_add_param_group_and_the_state_view(torch):
     assert len(opt.state) == len(ref.state) == 4
     p = ours[2].weight
     assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and int(opt.state[p]["step"]) == 5
+
+
+def test_a_group_appended_to_param_groups_itself_steps_as_torch_optims(torch):
+    """A group appended to ``param_groups`` without add_param_group (torch's step takes it as it finds it), whose
+    params have no grads at first: the steps go on, and once they have grads it steps with its own values."""
+    ours, opt, theirs, ref = _pair(torch, "Adam", dict(lr=1e-2), lambda net: [{"params": net[0].parameters()},
+                                                                               {"params": [net[2].weight]}])
+    for net, o in ((ours, opt), (theirs, ref)):
+        _train(torch, net, o, 2)
+        o.param_groups.append({**o.param_groups[1], "params": [net[2].bias], "lr": 0.05})
+        net[2].bias.requires_grad_(False)
+        _train(torch, net, o, 2)
+        net[2].bias.requires_grad_(True)
+        _train(torch, net, o, 2)
+    _same(torch, ours, theirs)
 
 
 def test_what_it_refuses(torch):
@@ -398,6 +442,38 @@ def test_step_hooks_and_profiler_ranges_as_torch_optims(torch):
             _train(torch, net, o, 1)
         names = {e.name for e in prof.events()}
         assert f"Optimizer.step#{type(o).__name__}.step" in names, sorted(names)[:20]
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[14]], ids=["Adam", "NAdam"])
+def test_a_step_under_torch_compile_steps_as_torch_optims(torch, name, kwargs):
+    """A training step compiled whole by torch.compile, and step compiled alone: the step runs as it is (dynamo
+    does not trace the kernel's writes), with its hooks, and the numbers are torch.optim's."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    if not dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported here")
+    ours, opt, theirs, ref = _pair(torch, name, kwargs)
+    x, y = _data(torch)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(1))
+
+    @torch.compile(backend="eager")
+    def train_step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ours(x), y).backward()
+        opt.step()
+
+    try:
+        for _ in range(3):
+            train_step()
+        compiled_step = torch.compile(opt.step, backend="eager")
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ours(x), y).backward()
+        compiled_step()
+    finally:
+        dynamo.reset()
+    _train(torch, theirs, ref, 4)
+    assert len(calls) == 4
+    _same(torch, ours, theirs)
 
 
 @pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[7], CASES[18]], ids=["Adam", "SGD", "Adafactor"])

@@ -109,6 +109,8 @@ class _Front(torch.optim.Optimizer):
     def step(self, closure=None):
         """One step of every param that has a grad; ``closure`` (re-evaluates the model, returns the loss)
         runs first, with grad enabled.  Returns the closure's loss, or None."""
+        if _compiling():  # under torch.compile: run as it is (a graph break), the kernel's writes are no graph's
+            return _eagerly(_Front.step, self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -137,7 +139,9 @@ class _Front(torch.optim.Optimizer):
                     if i:
                         present.append(i)
             present = tuple(present)
-            if present != self._present or any(_changed(self._seen[i], g, self.reads) for i, g in enumerate(groups)):
+            seen = self._seen  # shorter than groups: a group appended to param_groups itself, not by add_param_group
+            if (present != self._present or len(seen) != len(groups)
+                    or any(_changed(seen[i], g, self.reads) for i, g in enumerate(groups))):
                 self._push(groups, present)
         if keys:
             xo = self._xopt
@@ -322,6 +326,12 @@ def _hook_step(step):
 _GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks  # the dicts torch registers global hooks into
 _GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
 _profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)  # without it: always torch's wrapper
+_disable_dynamo = getattr(torch, "_disable_dynamo", None)  # torch._dynamo.disable, imported at its first call
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+if _disable_dynamo is None or _compiling is None:
+    _compiling = lambda: False  # noqa: E731
+else:
+    _eagerly = _disable_dynamo(lambda f, *args: f(*args))  # f(*args) run by Python, not traced by torch.compile
 
 
 def _refuse(where, values):

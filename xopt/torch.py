@@ -12,7 +12,8 @@ loop or a checkpoint written for torch.optim works unchanged:
 - params whose ``grad`` is None are skipped, as torch skips them;
 - ``state_dict()`` is torch's: state keyed by param index, torch's buffer names (``exp_avg``, ``exp_avg_sq``,
   ``step``...), so a torch.optim state_dict loads here and this one into torch.optim;
-- ``opt.state[p]`` reads a param's state under torch's names (a snapshot: write through ``load_state_dict``).
+- ``opt.state[p]`` reads a param's state under torch's names (a snapshot: write through ``load_state_dict``);
+- under ``torch.compile`` the step runs as it is, not traced (a graph break: ``fullgraph=True`` refuses it).
 
 Not supported (refused in the constructor, and at ``step`` if a group is changed to them): ``maximize``,
 ``capturable``, ``differentiable``; complex and sparse grads (refused by xopt's step, naming the param).
@@ -216,7 +217,11 @@ class NAdam(_Front):
         out = super()._torch_state(st, p, group)
         i = next(n for n, g in enumerate(self.param_groups) if g is group)
         xo = self._xopt
-        view = xo._at(xo._group_of(f"{i}.0"), st["step"])  # the hyperparameter set whose running products it read
+        if i == 0 or i in (self._present or ()):
+            view = xo._at(xo._group_of(f"{i}.0"), st["step"])  # the hyperparameter set whose running products it read
+        else:  # a group without grads at the last step: its values, and the products its pattern keeps
+            view = xo._view({**xo._hyper, **self._check_group(i, group)})
+            view.__dict__["_history"] = f"{i}.*"
         return {"step": out.pop("step"),
                 "mu_product": torch.tensor(view.mu_product(st["step"], taken=True), dtype=_scalar_dtype()), **out}
 

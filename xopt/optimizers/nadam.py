@@ -62,7 +62,7 @@ class NAdam(Optimizer):
 
     def __init__(self, lr=0.002, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=0.004,
                  decoupled_weight_decay=False, **options):
-        self._mu_products = {}  # (beta1, momentum_decay) -> {step: product}; the views share it (see mu_product)
+        self._mu_products = {}  # set (None: own, else its pattern) -> {step: product}; views share it (mu_product)
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, **options)
 
@@ -76,8 +76,8 @@ class NAdam(Optimizer):
 
     def _at(self, group, count):
         view = super()._at(group, count)
-        if view is not self:
-            view.__dict__["_history"] = group  # whose running products it continues
+        if view is not self:  # whose running products it continues: its override's pattern (None: its own)
+            view.__dict__["_history"] = list(self._overrides)[group - 1] if group else None
         return view
 
     def _update(self, params, grads):
@@ -108,7 +108,8 @@ class NAdam(Optimizer):
         """Π_t = μ_1 μ_2 ... μ_t, each μ with the β₁ of its step, multiplied in torch's order: the running
         product torch keeps (the same bits however it is reached).
 
-        Each hyperparameter set keeps the products of its last few counts, in one dict changed in place that
+        Each hyperparameter set keeps the products of its last few counts (an override's under its pattern, not
+        its index: xopt.torch's param groups come and go from the overrides), in one dict changed in place that
         the optimizer shares with its views (a scheduled lr makes a new view every step, which must go on
         from the last one's); step t goes on from step t − 1's, computed with the β₁ of then (a scheduler
         that cycles β₁, as OneCycleLR does, counts each value from its step on).  Where none is kept (a state
@@ -120,9 +121,10 @@ class NAdam(Optimizer):
         products = self.__dict__.get("_mu_products")
         if not isinstance(products, dict):
             products = self._mu_products = {}
-        kept = products.get(self.__dict__.get("_history", 0))
+        history = self.__dict__.get("_history")
+        kept = products.get(history)
         if type(kept) is not dict:
-            kept = products[self.__dict__.get("_history", 0)] = {0: 1.0}
+            kept = products[history] = {0: 1.0}
         if taken and step in kept:
             return kept[step]
         t = max(k for k in kept if k < step)
