@@ -1,19 +1,18 @@
 """The machinery of :mod:`xopt.torch`'s optimizers: a torch.optim.Optimizer that steps its param groups with one
-xopt optimizer (param groups as ``overrides``), and torch-shaped state."""
+xopt optimizer (param groups as ``overrides``); its torch-shaped state is :mod:`xopt._torch_state`'s."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, is_not
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from xopt._backend import compute_dtype
 from xopt._hyper import check_overrides, check_value, publish
 from xopt._lane import take_tensors
+from xopt._torch_state import TorchState, _StateView
 from xopt.optimizer import Optimizer
 
 _REFUSED = ("maximize", "capturable", "differentiable")
@@ -22,7 +21,7 @@ _GRAD = attrgetter("grad")
 _PLAIN_UPDATE = Optimizer._update  # the step of a rule without one of its own (NAdam's, Schedule-Free's have theirs)
 
 
-class _Front(torch.optim.Optimizer):
+class _Front(TorchState, torch.optim.Optimizer):
     """What every class here shares; a subclass sets ``rule`` (the xopt class), ``reads`` (the group keys the
     rule's hyperparameters come from), ``names`` (torch's state buffer name -> xopt's), and ``hyper(group)``."""
 
@@ -180,132 +179,6 @@ class _Front(torch.optim.Optimizer):
         self._present = present
         self._seen = [_values(g, self.reads) for g in groups]
 
-    # -- state in torch's shape ---------------------------------------------------------------------
-    def _torch_state(self, st, p, group) -> dict:
-        """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
-        out = {} if not self.counts_steps else {"step": torch.tensor(float(st["step"]), dtype=_scalar_dtype())}
-        for theirs, ours in self.names.items():
-            if ours in st:
-                out[theirs] = st[ours]
-        return out or None  # torch keeps no state for a param that holds nothing (SGD without momentum)
-
-    def _unstepped_state(self, p, group):
-        """The state torch holds for a param before its first step (None: none; Adagrad makes it up front)."""
-        return None
-
-    def state_dict(self) -> dict:
-        """torch.optim's state_dict: ``{"state": {param index: {torch's buffer names...}}, "param_groups":
-        [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        index, groups, start = {}, [], 0
-        for i, group in enumerate(self.param_groups):
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(start, start + len(group["params"])))
-            for j, p in enumerate(group["params"]):
-                index[f"{i}.{j}"] = (start + j, p, group)
-            start += len(group["params"])
-            groups.append(packed)
-        state = {}
-        for key, (n, p, group) in index.items():
-            st = self._xopt.state.get(key)
-            made = self._torch_state(st, p, group) if st is not None else self._unstepped_state(p, group)
-            if made is not None:
-                state[n] = made
-        state_dict = {"state": dict(sorted(state.items())), "param_groups": groups}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():  # as torch's: one may return another
-            found = post_hook(self, state_dict)
-            state_dict = state_dict if found is None else found
-        return state_dict
-
-    def load_state_dict(self, state_dict):
-        """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
-        their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
-        Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
-        for a float16 or bfloat16 param)."""
-        kind = type(self).__name__
-        if isinstance(state_dict, Mapping):
-            state_dict = dict(state_dict)  # a shallow copy, as torch's: a hook may change it
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            found = pre_hook(self, state_dict)
-            state_dict = state_dict if found is None else found
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        groups, saved = self.param_groups, state_dict["param_groups"]
-        if len(groups) != len(saved):
-            raise ValueError(f"{kind}.load_state_dict: the state_dict has {len(saved)} parameter groups, "
-                             f"the optimizer {len(groups)}")
-        where = {}
-        for i, (group, s) in enumerate(zip(groups, saved)):
-            if len(group["params"]) != len(s["params"]):
-                raise ValueError(f"{kind}.load_state_dict: parameter group {i} holds {len(s['params'])} params in "
-                                 f"the state_dict, {len(group['params'])} in the optimizer")
-            for j, (n, p) in enumerate(zip(s["params"], group["params"])):
-                where[n] = (f"{i}.{j}", p)
-        new_groups = [{**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
-                      for g, s in zip(groups, saved)]  # a key the saved group lacks keeps its value
-        hypers = [self._check_group(i, g) for i, g in enumerate(new_groups)]  # every value checked, nothing changed yet
-        state = {}
-        for n, st in state_dict["state"].items():
-            if n not in where:
-                raise KeyError(f"{kind}.load_state_dict: state for param index {n!r}, which no group holds")
-            key, p = where[n]
-            made = self._xopt_state(key, st, p, hypers[int(key.split(".")[0])])
-            if made is not None:
-                state[key] = made
-        for group, new in zip(groups, new_groups):  # in place: a scheduler holding a group sees the new values
-            group.clear()
-            group.update(new)
-        self._xopt.state = state
-        self._xopt.iter = max((st["step"] for st in state.values()), default=0)
-        self._seen = [None] * len(groups)
-        self._present = None  # the next step pushes every group's values and patterns
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _xopt_state(self, key, st, p, hyper) -> dict:
-        """A param's torch-shaped state as xopt's, checked: its names, shapes; buffers copied into its state's dtype."""
-        kind = type(self).__name__
-        if not isinstance(st, Mapping):
-            raise TypeError(f"{kind}.load_state_dict: the state of param {key} must be a dict, got "
-                            f"{type(st).__name__}")
-        out = {"step": _step_count(kind, key, st.get("step", 1 if st else 0))}
-        for name, value in st.items():
-            if name == "step" or name in self.derived:
-                continue
-            ours = self.names.get(name)
-            if ours is None:
-                raise ValueError(f"{kind}.load_state_dict: param {key} has state {name!r}; {kind} keeps "
-                                 f"{', '.join(['step', *self.names]) if self.counts_steps else ', '.join(self.names)}")
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{kind}.load_state_dict: state {name!r} of param {key} must be a tensor, got "
-                                f"{type(value).__name__}")
-            want = self._buffer_shape(ours, p)
-            if tuple(value.shape) != want:
-                raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
-                                 f"{tuple(value.shape)}, the param needs {want}")
-            out[ours] = value.detach().to(dtype=_state_dtype(p), device=p.device,
-                                          memory_format=torch.contiguous_format, copy=True)
-        needed = set(self._buffers_for(hyper, p)) - set(out)
-        if needed and len(out) == 1 and out["step"] == 0:
-            return None  # a state before the first step that holds nothing: the first step makes it
-        if needed:
-            theirs = {v: k for k, v in self.names.items()}
-            raise ValueError(f"{kind}.load_state_dict: param {key} lacks state "
-                             f"{', '.join(sorted(theirs[n] for n in needed))}")
-        return out
-
-    derived = ()  # torch state kept alongside that xopt derives from the step count (NAdam's mu_product)
-
-    def _buffer_shape(self, name, p):
-        return tuple(p.shape)
-
-    def _buffers_for(self, hyper, p):
-        return self._xopt._view({**self._xopt._hyper, **hyper}).buffers()
-
-
 def _hook_step(step):
     """``step`` wrapped as torch.optim wraps its optimizers' (``Optimizer.profile_hook_step``: a profiler range,
     the step hooks), through torch's wrapper only while a profiler runs or a step hook is registered: otherwise
@@ -380,23 +253,6 @@ def _with_grads(keys, ps, gs):
     return [keys[i] for i in kept], [ps[i] for i in kept], [gs[i] for i in kept]
 
 
-def _step_count(kind, key, step) -> int:
-    value = float(step.item() if isinstance(step, torch.Tensor) else step)
-    if not value.is_integer() or value < 0:
-        raise ValueError(f"{kind}.load_state_dict: param {key} has step {step!r}, not a count")
-    return int(value)
-
-
-def _state_dtype(p):
-    """The dtype xopt keeps ``p``'s state buffers in: its math's (float32 for a float16 or bfloat16 param)."""
-    return compute_dtype(torch, p.dtype)
-
-
-def _scalar_dtype():
-    """The dtype torch.optim keeps its per-param scalars in (``step``): float64 under a float64 default."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
 def _float(value):
     return float(value.item()) if isinstance(value, torch.Tensor) else value
 
@@ -404,45 +260,3 @@ def _float(value):
 def _betas(group):
     beta1, beta2 = group["betas"]
     return {"beta1": _float(beta1), "beta2": _float(beta2)}
-
-
-class _StateView(Mapping):
-    """``opt.state``: each param with state -> its state under torch's names (read-only; see the module).  As
-    torch.optim's (a defaultdict), a param that holds no state reads as an empty dict, which is not kept."""
-
-    def __init__(self, front):
-        self._front = front
-
-    def _index(self):
-        """[(param, its torch-shaped state)] of every param that holds state, in the groups' order."""
-        front, held, out = self._front, self._front._xopt.state, []
-        for i, group in enumerate(front.param_groups):
-            for j, p in enumerate(group["params"]):
-                st = held.get(f"{i}.{j}")
-                made = front._torch_state(st, p, group) if st is not None else front._unstepped_state(p, group)
-                if made is not None:
-                    out.append((p, made))
-        return out
-
-    def _find(self, p):
-        for q, made in self._index():
-            if q is p:
-                return made
-        return None
-
-    def __getitem__(self, p):
-        made = self._find(p)
-        return {} if made is None else made
-
-    def __contains__(self, p):
-        return self._find(p) is not None
-
-    def get(self, p, default=None):
-        made = self._find(p)
-        return default if made is None else made
-
-    def __iter__(self):
-        return iter([p for p, _ in self._index()])
-
-    def __len__(self):
-        return len(self._index())

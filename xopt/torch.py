@@ -26,7 +26,8 @@ from collections.abc import Mapping
 
 import torch
 
-from xopt._torch_front import _REFUSED, _Front, _betas, _float, _scalar_dtype
+from xopt._torch_front import _REFUSED, _Front, _betas, _float
+from xopt._torch_state import _scalar_dtype
 from xopt.optimizers.adadelta import AdaDelta as _AdaDelta
 from xopt.optimizers.adafactor import Adafactor as _Adafactor
 from xopt.optimizers.adagrad import AdaGrad as _AdaGrad
