@@ -182,7 +182,9 @@ class _Front(TorchState, torch.optim.Optimizer):
 def _hook_step(step):
     """``step`` wrapped as torch.optim wraps its optimizers' (``Optimizer.profile_hook_step``: a profiler range,
     the step hooks), through torch's wrapper only while a profiler runs or a step hook is registered: otherwise
-    the wrapper's Python (a fifth of a small step's) would run for nothing."""
+    the wrapper's Python (a fifth of a small step's) would run for nothing.  "A profiler runs" is torch's
+    ``_profiler_enabled()``, the stepping thread's: a step taken on another thread than the profiling one, or
+    under a standalone ``ExecutionTraceObserver``, records no ``Optimizer.step#...`` range (torch.optim's does)."""
     hooked = torch.optim.Optimizer.profile_hook_step(step)
 
     @functools.wraps(step)
