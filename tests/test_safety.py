@@ -232,6 +232,43 @@ def test_ctrl_c_during_a_step_lands_after_the_step_is_counted():
     assert out.split("\n")[:3] == ["interrupted 2 2 2 1", "interrupted 3 3 3 2", "interrupted 4 4 4 3"], out
 
 
+_INTERRUPT_CHECKED = textwrap.dedent("""
+    import ctypes, functools, os, signal, sys, numpy as np, xopt
+    from xopt import _checked
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    real = _checked.together_unforked  # the checked step's writes and counts, one call into C
+    kill = ctypes.CDLL(None).kill
+    def together(writes):  # Ctrl-C right after the first write
+        real([writes[0], functools.partial(kill, os.getpid(), signal.SIGINT), *writes[1:]])
+    _checked.together_unforked = together
+    rng = np.random.default_rng(0)
+    if sys.argv[1] == "8bit":  # a fresh process: its first 8-bit step loads the kernel's functions
+        opt = xopt.Adam(state_dtype="8bit", min_8bit_size=1, block_size=4)
+        params = {k: rng.standard_normal(7).astype(np.float32) for k in "bc"}
+    else:  # Adafactor on two threads: its passes hand out work, then wait for it
+        xopt.set_num_threads(2)
+        opt = xopt.Adafactor()
+        params = {"w": rng.standard_normal((1024, 2048)).astype(np.float32)}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    before = {k: v.copy() for k, v in params.items()}
+    try:
+        opt.update(params, grads)
+    except KeyboardInterrupt:
+        pass
+    print(opt.iter, sorted(st["step"] for st in opt.state.values()),
+          sorted(bool((params[k] != before[k]).any()) for k in params))
+""")
+
+
+@pytest.mark.parametrize("case", ["8bit", "adafactor-threads"])
+def test_ctrl_c_during_a_checked_step_lands_after_the_step_is_counted(case):
+    """A compiled function among the checked step's writes has been typed before them: typing it there runs
+    Python, where a signal's handler would raise with some params written and the counts not."""
+    run = subprocess.run([sys.executable, "-c", _INTERRUPT_CHECKED, case], capture_output=True, text=True, check=True)
+    n = 2 if case == "8bit" else 1
+    assert run.stdout.split("\n")[0] == f"1 {[1] * n} {[True] * n}", run.stdout + run.stderr
+
+
 # -- 6. overlap ----------------------------------------------------------------------------
 def _refused_alike(params, grads, match):
     for impl in ("auto", "reference"):

@@ -82,6 +82,12 @@ CONFIGS = {
     "RAdam-decoupled": ("RAdam", dict(weight_decay=0.01, decoupled_weight_decay=True)),
     "Lion": ("Lion", dict(lr=1e-3, weight_decay=0.01)),
     "LAMB": ("LAMB", dict(lr=0.01, weight_decay=0.01)),
+    # 8-bit state in blocks of 4, every param but the empty ones quantized: the 8-bit lane and the checked path
+    "Adam-8bit": ("Adam", dict(state_dtype="8bit", min_8bit_size=1, block_size=4, weight_decay=0.01)),
+    "SGD-momentum-8bit": ("SGD", dict(lr=0.1, momentum=0.9, state_dtype="8bit", min_8bit_size=1, block_size=4)),
+    "RMSprop-momentum-8bit": ("RMSprop", dict(momentum=0.5, state_dtype="8bit", min_8bit_size=1, block_size=4)),
+    "AdaGrad-8bit": ("AdaGrad", dict(lr=0.1, state_dtype="8bit", min_8bit_size=6, block_size=4)),
+    "Lion-8bit": ("Lion", dict(lr=1e-3, beta2=0.9, state_dtype="8bit", min_8bit_size=1, block_size=4)),
 }
 
 
@@ -134,7 +140,7 @@ SHAPES = [(7,), (), (0,), (1,), (3, 4), (2, 3, 2), (1, 5, 1), (CHUNK + CHUNK // 
 NAMES = "abcdefgh"
 MAX_PARAMS = 4
 # Relative tolerance per dtype; atol is a tenth of it times the array's largest finite magnitude (at least 1).
-TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
+TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2, "uint8": 0.0}  # uint8: 8-bit codes
 
 GRAD_KINDS = ["normal"] * 6 + ["none", "nan", "inf", "zero", "large"]
 GRAD_LAYOUTS = ["c"] * 6 + ["strided", "fortran", "bigendian", "otherdtype"]

@@ -170,6 +170,9 @@ def _make_claim(rule, signed, keep, flags, scaled):
     return claim
 
 
+_NONE_DONE = np.zeros(2, dtype=np.int64)  # counters of no work, for wait_done's typing call
+
+
 def _flat(a, dtype):
     """A 1-D C-contiguous array of ``dtype`` holding ``a``: a view where it can be, else a copy (None then
     the second item: the copy needs writing back)."""
@@ -217,8 +220,9 @@ def apply(opt, entries) -> list:
         units = -(-nb // per)
         args = (per, nb, flat_p, flat_g, *arrays, s, clip, run)
         aligned = tuple(a.flags.aligned for a in arrays[1::2])  # the absmax arrays (the others are aligned)
-        if aligned not in typed:  # typed (and loaded) here, not among the writes: a call that runs no block
+        if aligned not in typed:  # typed (and loaded) here, not among the writes: calls that run no block
             claim_blocks(np.array([units, 0], dtype=np.int64), *args)
+            wait_done(_NONE_DONE, 0)  # in the writes after a first param's blocks: typed before them too
             typed.add(aligned)
         counters = np.zeros(2, dtype=np.int64)
         claim = functools.partial(claim_blocks, counters, *args)

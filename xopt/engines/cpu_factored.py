@@ -262,6 +262,7 @@ def _calls(threads, run, pieces, writes=True):
     counters = np.zeros(2, dtype=np.int64)
     if threads <= 1:
         return [functools.partial(run, counters)]
+    wait_done(counters, 0)  # typed here too: among the writes it comes after a pass has written
     put = pool(threads).put
     return [functools.partial(put, functools.partial(run, counters))] * (threads - 1) + [
         functools.partial(run, counters), functools.partial(wait_done, counters, pieces)]
