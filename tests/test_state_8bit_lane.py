@@ -233,3 +233,105 @@ def test_overrides_of_one_group_take_the_lane_and_of_two_the_checked_path(overri
             _checked.step(lane, ps_lane, grads)
         _checked.step(checked, ps_checked, grads)
         _same(_snapshot(lane, ps_lane), _snapshot(checked, ps_checked))
+
+
+TEN = [(N,), (64, 128), *[(N,)] * 4, (64, 128), (N,), (10,), (3, 7)]  # the 7th (p6): what each change below spoils
+
+
+def _strided_codes(opt, params, grads):
+    room = np.zeros((64, 256), np.uint8)
+    room[:, ::2] = opt.state["p6"]["m"]
+    opt.state["p6"]["m"] = room[:, ::2]
+
+
+def _fortran_codes(opt, params, grads):
+    opt.state["p6"]["v"] = np.asfortranarray(opt.state["p6"]["v"])
+
+
+def _long_absmax(opt, params, grads):  # one block more
+    opt.state["p6"]["v_absmax"] = np.append(opt.state["p6"]["v_absmax"], np.float32(1))
+
+
+def _unaligned_absmax(opt, params, grads):
+    absmax = opt.state["p6"]["m_absmax"]
+    room = np.zeros(4 * absmax.size + 1, np.uint8)
+    moved = room[1:].view(np.float32)
+    moved[:] = absmax
+    opt.state["p6"]["m_absmax"] = moved
+
+
+def _absmax_over_its_codes(opt, params, grads):  # the absmax's bytes are the last codes'
+    codes, absmax = opt.state["p6"]["m"], opt.state["p6"]["m_absmax"]
+    room = np.zeros(codes.size + 4 * absmax.size, np.uint8)
+    room[:codes.size] = codes.reshape(-1)
+    opt.state["p6"]["m"] = room[:codes.size].reshape(codes.shape)
+    opt.state["p6"]["m_absmax"] = room[codes.size - 8:codes.size - 8 + 4 * absmax.size].view(np.float32)
+
+
+def _codes_of_another_param(opt, params, grads):
+    opt.state["p6"]["m"] = opt.state["p1"]["m"]
+
+
+def _absmax_of_another_param(opt, params, grads):
+    opt.state["p6"]["v_absmax"] = opt.state["p1"]["v_absmax"]
+
+
+def _grad_in_another_param(opt, params, grads):
+    grads["p7"] = params["p6"].reshape(-1)[:N]
+
+
+def _param_over_another_param(opt, params, grads):
+    both = np.concatenate([params["p5"], params["p6"].reshape(-1)])
+    params["p5"], params["p6"] = both[:N], both[N - 1:N - 1 + 64 * 128].reshape(64, 128)
+
+
+def _bool_step_counts(opt, params, grads):
+    for st in opt.state.values():
+        st["step"] = True
+
+
+@pytest.mark.parametrize("change", [_strided_codes, _fortran_codes, _long_absmax, _unaligned_absmax,
+                                    _absmax_over_its_codes, _codes_of_another_param, _absmax_of_another_param,
+                                    _grad_in_another_param, _param_over_another_param, _bool_step_counts])
+def test_a_refusal_in_the_middle_of_a_list_writes_nothing_and_the_step_is_the_references(change):
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit")
+    params = _params(np.float32, shapes=TEN)
+    for t in range(2):
+        opt.update(params, _grads(params, t))
+    grads = _grads(params, 2)
+    change(opt, params, grads)
+    before = _snapshot(opt, params)
+    assert not _lane.take(opt, params, grads)
+    _same(_snapshot(opt, params), before)
+    reference, ps_reference, grads_reference = copy.deepcopy((opt, params, grads))
+    reference.impl = "reference"
+    try:
+        opt.update(params, grads)
+    except (TypeError, ValueError):  # the checked path names the culprit, having written nothing
+        _same(_snapshot(opt, params), before)
+        return
+    reference.update(ps_reference, grads_reference)
+    _same(_snapshot(opt, params), _snapshot(reference, ps_reference))
+
+
+def test_two_threads_stepping_one_optimizer_take_turns():
+    import threading
+
+    lane, checked = xopt.Adam(lr=0.01, state_dtype="8bit"), xopt.Adam(lr=0.01, state_dtype="8bit")
+    ps_lane, ps_checked = _params(np.float32), _params(np.float32)
+    grads = _grads(ps_lane, 0)  # the same grads each step: the turns' order does not change the numbers
+    lane.update(ps_lane, grads)
+
+    def steps():
+        for _ in range(10):
+            lane.update(ps_lane, grads)
+
+    threads = [threading.Thread(target=steps) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for _ in range(21):
+        _checked.step(checked, ps_checked, grads)
+    _same(_snapshot(lane, ps_lane), _snapshot(checked, ps_checked))
+    assert lane.iter == 21
