@@ -314,6 +314,26 @@ def test_a_refusal_in_the_middle_of_a_list_writes_nothing_and_the_step_is_the_re
     _same(_snapshot(opt, params), _snapshot(reference, ps_reference))
 
 
+def test_a_misaligned_absmax_is_stepped_once_by_the_checked_path_then_by_the_lane():
+    # the checked path steps it as an aligned copy, kept: the lane takes the steps after (it declined for good)
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit")
+    params = _params(np.float32, shapes=TEN)
+    for t in range(2):
+        opt.update(params, _grads(params, t))
+    _unaligned_absmax(opt, params, None)
+    assert not _lane.take(opt, params, _grads(params, 2))
+    reference, ps_reference = copy.deepcopy((opt, params))
+    reference.impl = "reference"
+    for t in (2, 3):
+        grads = _grads(params, t)
+        if t == 3:
+            assert opt.state["p6"]["m_absmax"].flags.aligned and _lane.take(opt, params, grads)
+        else:
+            opt.update(params, grads)
+        reference.update(ps_reference, grads)
+        _same(_snapshot(opt, params), _snapshot(reference, ps_reference))
+
+
 def test_two_threads_stepping_one_optimizer_take_turns():
     import threading
 

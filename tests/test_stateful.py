@@ -765,7 +765,9 @@ class Twins(RuleBasedStateMachine):
             elif kind == "fresh_optimizer":
                 path = os.path.join(self.tmp, f"{side}.npz")
                 opt.save(path)
-                fresh = self._make(side)
+                # made as the saved one stores its state now (a load keeps the loading optimizer's storage)
+                fresh = self._make(side, **{k: opt._hyper[k] for k in ("state_dtype", "block_size", "min_8bit_size")
+                                            if k in opt._hyper})
                 fresh.load(path)
                 self.opt[side] = fresh
             else:

@@ -69,7 +69,9 @@ def state_for(opt, e):
                 st[key] = buf if host else _backend.from_numpy(buf, e.p)
             elif host:
                 # the kernel reads raw bytes of native byte order: a big-endian absmax is stepped as a native copy
-                if not buf.flags.writeable or not buf.flags.c_contiguous or not buf.dtype.isnative:
+                # (and a misaligned one as an aligned copy, which the lane takes at the next steps)
+                if (not buf.flags.writeable or not buf.flags.c_contiguous or not buf.dtype.isnative
+                        or not buf.flags.aligned):
                     st[key] = _native(buf)
             elif not getattr(getattr(buf, "flags", None), "c_contiguous", True):  # what the CUDA kernel takes
                 st[key] = buf.copy(order="C")
