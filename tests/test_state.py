@@ -107,7 +107,7 @@ def _misfit(sd, case):
     elif case == "not an array":
         sd["state"]["b"]["m"] = [0.0] * 5
     elif case == "buffers differ in dtype":
-        sd["state"]["b"]["v"] = sd["state"]["b"]["v"].astype(np.float32)
+        sd["state"]["b"]["v"] = sd["state"]["b"]["v"].astype(np.float16)
     elif case == "buffers differ in shape":
         sd["state"]["b"]["m"], sd["state"]["b"]["v"] = np.ones(5), np.ones((5, 1))
     elif case == "step beyond int64":
@@ -140,7 +140,7 @@ MISFITS = {
     "a buffer no Adam keeps": (ValueError, "'b'.*'h'.*no Adam keeps"),
     "negative step": (ValueError, "step"),
     "not an array": (TypeError, "'m'"),
-    "buffers differ in dtype": (TypeError, "param 'b' differ in dtype.*'v' is float32|'v' of param 'b' is float32"),
+    "buffers differ in dtype": (TypeError, "param 'b' differ in dtype.*'v' is float16|'v' of param 'b' is float16"),
     "buffers differ in shape": (ValueError, "param 'b' differ in shape|'v' of param 'b' has shape \\(5, 1\\)"),
     "step beyond int64": (ValueError, "step of param 'b'.*below 2\\*\\*63"),
     "step of 2**63": (ValueError, "step of param 'b'.*below 2\\*\\*63"),
@@ -193,7 +193,7 @@ def test_a_numpy_integer_step_is_taken_as_an_int(rng):
 # Buffers in the dtype the params keep them in, but not the dtype the optimizer would keep: with params, each is
 # refused naming the param and the buffer (without params they are self-consistent, so only update could tell).
 DTYPE_MISFITS = {
-    "float32 state for a float64 param": ({}, np.float64, np.float32, "float64"),
+    "float16 state for a float64 param": ({}, np.float64, np.float16, "float64"),
     "float64 state for a float32 param": ({}, np.float32, np.float64, "float32"),
     "float16 state for a float16 param": ({}, np.float16, np.float16, "float32"),  # float16 keeps float32 state
     "float32 state with state_dtype=bfloat16": ({"state_dtype": "bfloat16"}, np.float32, np.float32, "bfloat16"),
@@ -217,6 +217,62 @@ def test_a_buffer_dtype_that_does_not_fit_the_param_is_refused(case, rng):
     target.load_state_dict(sd)  # alone it is self-consistent; update would refuse it
     with pytest.raises(TypeError, match="'W'"):
         target.update(params, {k: np.ones_like(p) for k, p in params.items()})
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_float32_state_of_a_float64_param_is_widened_as_it_steps_and_loads(impl, library, rng):
+    # float32 values are float64 values: a float64 param's float32 state (what 8-bit or bfloat16 state converted
+    # without the params comes back as, or a user's) steps, and loads with params=, as its float64 copy does,
+    # to the bit; torch.optim's load_state_dict casts a state to its param's dtype too
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        as_param = torch.tensor
+    else:
+        as_param = np.array
+    params0 = {"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    state = {k: {"step": 3, "m": rng.standard_normal(p.shape).astype(np.float32),
+                 "v": rng.random(p.shape).astype(np.float32)} for k, p in params0.items()}
+    grads = {k: as_param(rng.standard_normal(p.shape)) for k, p in params0.items()}
+    runs = {}
+    for how in ("float64", "float32", "loaded with params"):
+        opt = xopt.Adam(lr=0.01, amsgrad=False, impl=impl)
+        sd = opt.state_dict()
+        wide = how == "float64"
+        sd["state"] = {k: {n: (b.astype(np.float64) if wide and n != "step" else b) for n, b in st.items()}
+                       for k, st in state.items()}
+        params = {k: as_param(p.copy()) for k, p in params0.items()}
+        opt.load_state_dict(sd, params=params if how == "loaded with params" else None)
+        expected_dtype = np.float32 if how == "float32" else np.float64
+        assert np.asarray(opt.state["W"]["m"]).dtype == expected_dtype
+        opt.update(params, grads)
+        opt.update(params, grads)
+        runs[how] = opt, params
+    opt64, p64 = runs["float64"]
+    for how in ("float32", "loaded with params"):
+        opt, params = runs[how]
+        for k in params0:
+            assert np.array_equal(np.asarray(params[k]), np.asarray(p64[k]))
+            assert type(opt.state[k]["m"]) is type(p64[k])
+            for n in ("m", "v"):
+                assert np.array_equal(np.asarray(opt.state[k][n]), np.asarray(opt64.state[k][n]))
+                assert np.asarray(opt.state[k][n]).dtype == np.float64
+
+
+def test_a_step_that_refuses_after_widening_writes_nothing(rng):
+    # "W"'s float32 state is widened before "b"'s bad state is found: the step writes nothing, W's state keeps
+    # its values (in float64) and its count
+    params = {"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    opt = xopt.Adam()
+    m, v = rng.standard_normal((3, 4)).astype(np.float32), rng.random((3, 4)).astype(np.float32)
+    opt.state["W"] = {"step": 2, "m": m.copy(), "v": v.copy()}
+    opt.state["b"] = {"step": 2, "m": np.zeros(5, np.float16), "v": np.zeros(5, np.float16)}
+    before = {k: p.copy() for k, p in params.items()}
+    with pytest.raises(TypeError, match="'b'.*float16"):
+        opt.update(params, {k: np.ones_like(p) for k, p in params.items()})
+    assert all(np.array_equal(params[k], before[k]) for k in params)
+    assert opt.state["W"]["step"] == 2
+    assert np.array_equal(opt.state["W"]["m"], m) and np.array_equal(opt.state["W"]["v"], v)
 
 
 def test_state_must_fit_the_params_when_given(rng):

@@ -531,19 +531,31 @@ def test_an_8bit_state_loads_with_float64_torch_params():
     np.testing.assert_allclose(params["w"].numpy(), expected["w"], rtol=4 * np.finfo(np.float64).eps, atol=0)
 
 
-def test_an_8bit_state_converted_without_the_params_is_refused_by_a_float64_param_naming_params():
-    # without the params the buffers come back float32: the float64 param's step refuses them, saying how to
-    # load them in float64, and writes nothing
+def test_an_8bit_state_converted_without_the_params_is_widened_by_a_float64_params_step():
+    # without the params the buffers come back float32 (the param's dtype is not known): the float64 param's
+    # next step widens them (exactly) and steps as the state loaded with params= does, to the bit; so does a
+    # step after turning 8-bit state off with the setter
     rng = np.random.default_rng(25)
     w0, g = rng.standard_normal(N), rng.standard_normal(N)
     eight = xopt.Adam(lr=0.01, state_dtype="8bit")
     eight.update({"w": w0.copy()}, {"w": g})
-    opt = xopt.Adam(lr=0.01)
-    opt.load_state_dict(eight.state_dict())
+    expected = {"w": w0.copy()}
+    with_params = xopt.Adam(lr=0.01)
+    with_params.load_state_dict(eight.state_dict(), params=expected)
+    assert with_params.state["w"]["m"].dtype == np.float64
+    with_params.update(expected, {"w": g})
+    without = xopt.Adam(lr=0.01)
+    without.load_state_dict(eight.state_dict())
+    assert without.state["w"]["m"].dtype == np.float32
     params = {"w": w0.copy()}
-    with pytest.raises(TypeError, match=r"param 'w' is float64 but its optimizer state '[mv]' is float32 .*params="):
-        opt.update(params, {"w": g})
-    assert np.array_equal(params["w"], w0) and opt.state["w"]["step"] == 1
-    opt.load_state_dict(eight.state_dict(), params=params)  # the way the message names
-    opt.update(params, {"w": g})
-    assert opt.state["w"]["m"].dtype == np.float64 and opt.state["w"]["step"] == 2
+    without.update(params, {"w": g})
+    set_off = xopt.Adam(lr=0.01, state_dtype="8bit")
+    set_off.load_state_dict(eight.state_dict())
+    set_off.state_dtype = None
+    by_setter = {"w": w0.copy()}
+    set_off.update(by_setter, {"w": g})
+    for opt, p in ((without, params), (set_off, by_setter)):
+        assert opt.state["w"]["step"] == 2 and {opt.state["w"][n].dtype for n in "mv"} == {np.dtype(np.float64)}
+        assert np.array_equal(p["w"], expected["w"])
+        for n in "mv":
+            assert np.array_equal(opt.state["w"][n], with_params.state["w"][n])

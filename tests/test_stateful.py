@@ -36,6 +36,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -484,7 +485,9 @@ class Twins(RuleBasedStateMachine):
         too: the child's result equals the parent's."""
         grads = self._fresh_grads(data, allow_none=False)
         read, write = os.pipe()
-        pid = os.fork()
+        with warnings.catch_warnings():  # JAX, if an earlier test imported it, warns of a fork in its fork hook
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pid = os.fork()
         if pid == 0:  # the child: step, send back params, and exit whatever happens
             code = 1
             try:

@@ -173,11 +173,11 @@ def _check_state(opt, e):
         # Compared by name: a state loaded from a file is NumPy until its first use.
         if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
             have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
+            if (have, want) == ("float32", "float64"):
+                continue  # widened by state_for, exactly
             if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
-                hint = (" (8-bit or bfloat16 state converted without the params comes back float32: load it with "
-                        "load_state_dict(..., params=) or load(..., params=))" if have == "float32" else "")
                 raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
-                                f"optimizer state {name!r} is {have}{hint}")
+                                f"optimizer state {name!r} is {have}")
             raise TypeError(f"param {describe(e.key)} keeps its state in {want} (state_dtype) but its "
                             f"optimizer state {name!r} is {have}")
 
@@ -196,11 +196,25 @@ def state_for(opt, e):
             if buf is None:
                 buf = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             st[name] = buf
+        elif _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
+            st[name] = _widened(buf, dtype, e.p)
         elif _backend.library_name(buf) != _backend.library_name(e.p):
             st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
     return st
+
+
+def _widened(buf, dtype, p):
+    """A float32 buffer of a float64 param's state as a new float64 one (exact), in the param's library: what an
+    8-bit or bfloat16 state converted without the params (``load_state_dict`` without ``params=``, setting
+    ``state_dtype``) comes back as, or a state a user kept in float32.  torch.optim's ``load_state_dict`` casts
+    a state to its param's dtype too."""
+    if _backend.library_name(buf) != _backend.library_name(p):
+        buf = _backend.from_numpy(_backend.to_numpy(buf), p)
+    if type(buf) is np.ndarray:
+        return np.array(buf, dtype=dtype, order="C")  # C order, as a new buffer (a 0-d one stays 0-d)
+    return array_api_compat.array_namespace(buf).astype(buf, dtype)
 
 
 def _huge_cpu_tensor(p, value, dtype):

@@ -100,7 +100,7 @@ def check_state(opt, e, st):
 def convert(trial, state, arrays, saved_block):
     """``state`` (a state_dict's, param key -> dict) in the layout ``trial`` keeps: float buffers of params
     it keeps 8-bit quantized, 8-bit buffers of params it does not dequantized (to the compute dtype of the param
-    in ``arrays`` where given, else to float32: a float64 param's step refuses it, load it with ``params=``);
+    in ``arrays`` where given, else to float32, which a float64 param's next step widens, exactly);
     ``saved_block``: the block size the state was made with.
     Entries that need neither are passed through as they are (the usual checks follow); returns a new dict, or
     ``state`` itself where nothing changes."""

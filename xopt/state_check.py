@@ -335,7 +335,10 @@ class _EntryChecks:
             if expect_shape is not None and shape != expect_shape:
                 raise ValueError(f"state {buf_name!r} of param {name} has shape {shape} but the param has "
                                  f"shape {expect_shape}")
-            if expect_dtype is not None and dtype != expect_dtype:
+            widen = (dtype, expect_dtype) == ("float32", "float64")  # a float64 param's state kept in float32:
+            if widen:  # widened (exactly), as a step widens it and as torch.optim's load_state_dict casts it
+                buf, dtype = _backend.namespace(buf).astype(buf, _backend.namespace(buf).float64), "float64"
+            elif expect_dtype is not None and dtype != expect_dtype:
                 raise TypeError(f"state {buf_name!r} of param {name} is {dtype} but {trial!r} keeps the state "
                                 f"of that param in {expect_dtype}")
             if first is not None and first[1] != shape:
@@ -345,7 +348,7 @@ class _EntryChecks:
                 raise TypeError(f"state buffers of param {name} differ in dtype: {first[0]!r} is {first[2]} "
                                 f"and {buf_name!r} is {dtype}")
             first = first or (buf_name, shape, dtype)
-            entry[buf_name] = _native(buf) if self.copy or not _taken_as_it_is(buf) else buf
+            entry[buf_name] = _native(buf) if (self.copy and not widen) or not _taken_as_it_is(buf) else buf
         return entry
 
 

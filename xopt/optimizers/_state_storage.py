@@ -16,7 +16,7 @@ class StorageHyper(Hyper):
     optimizer that has state, that state is converted to the new storage at once, as :meth:`load_state_dict`
     converts a saved one (bfloat16 to float32 exactly, float to 8-bit codes and back, float to bfloat16 rounded;
     without the params, an 8-bit or bfloat16 buffer comes back float32 as it does there, which a float64 param's
-    step refuses): the next step finds state of the dtype it keeps.  A state that
+    next step widens, exactly): the next step finds state of the dtype it keeps.  A state that
     does not convert raises, and the optimizer keeps its old value and state."""
 
     def __set__(self, obj, value):
