@@ -8,10 +8,14 @@ This times, after sweeping ``--sweep-mib`` MiB through the caches ("cold") and w
 - pieces of xopt's path: a compiled numba call that does nothing, ``np.array`` of a few floats,
   the optimizer's lock, and a Python function that does nothing (the floor).
 
+With ``--parts``, xopt's update is also split where its compiled call runs (the engine's ``together`` timed
+around each of its calls): the Python before the call (``xopt/_lane.py``, the engine's ``step``), the compiled
+step, the commit (step counts, ``iter``) and what follows; so one can see which of them the cold caches slow.
+
 Rounds interleave every case; each figure is a median in microseconds.  Prints a table and
 writes JSON with --out.
 
-    python benchmarks/cold_call.py [--optimizer SGD] [--rounds 200] [--sweep-mib 16] [--out FILE]
+    python benchmarks/cold_call.py [--optimizer SGD] [--rounds 200] [--sweep-mib 16] [--parts] [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,16 +64,50 @@ def cases(optimizer):
     }
 
 
+_PARTS = ("Python before the compiled call", "the compiled step", "the commit", "after the commit")
+
+
+def _split(f):
+    """``f`` (xopt's update) timed in parts: the CPU engine's ``together`` replaced by one that times each call."""
+    from xopt import _atomic
+    from xopt.engines import fused_cpu
+
+    clock, marks = time.perf_counter, {}
+
+    def timed_together(calls):
+        marks["run"] = clock()
+        calls[0]()
+        marks["commit"] = clock()
+        _atomic.together(calls[1:])
+        marks["done"] = clock()
+
+    def run():
+        fused_cpu.together = timed_together
+        try:
+            t0 = clock()
+            f()
+            t1 = clock()
+        finally:
+            fused_cpu.together = _atomic.together
+        return (marks["run"] - t0, marks["commit"] - marks["run"], marks["done"] - marks["commit"],
+                t1 - marks["done"])
+
+    return run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--optimizer", default="SGD")
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--sweep-mib", type=int, default=16)
+    ap.add_argument("--parts", action="store_true", help="xopt's update split where its compiled call runs")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     sweep = np.ones(args.sweep_mib * 2**20 // 8)
     timed = cases(args.optimizer)
     times = {(name, cold): [] for name in timed for cold in (False, True)}
+    split = _split(timed[f"xopt {args.optimizer} update, 10 params"]) if args.parts else None
+    parts = {(name, cold): [] for name in _PARTS for cold in (False, True)}
     clock = time.perf_counter
     for _ in range(args.rounds):
         for name, f in timed.items():
@@ -81,12 +119,22 @@ def main(argv=None):
                 t0 = clock()
                 f()
                 times[name, cold].append(clock() - t0)
+        for cold in (False, True) if split else ():
+            if cold:
+                sweep += 1.0
+            else:
+                split()
+            for name, t in zip(_PARTS, split()):
+                parts[name, cold].append(t)
     warm_up = max(1, args.rounds // 10)
     rows = [{"case": name, "warm_us": statistics.median(times[name, False][warm_up:]) * 1e6,
              "cold_us": statistics.median(times[name, True][warm_up:]) * 1e6} for name in timed]
-    print(f"{'case':40s} {'warm us':>9s} {'cold us':>9s}")
+    if split:
+        rows += [{"case": f"xopt's update: {name}", "warm_us": statistics.median(parts[name, False][warm_up:]) * 1e6,
+                  "cold_us": statistics.median(parts[name, True][warm_up:]) * 1e6} for name in _PARTS]
+    print(f"{'case':55s} {'warm us':>9s} {'cold us':>9s}")
     for r in rows:
-        print(f"{r['case']:40s} {r['warm_us']:9.1f} {r['cold_us']:9.1f}")
+        print(f"{r['case']:55s} {r['warm_us']:9.1f} {r['cold_us']:9.1f}")
     if args.out:
         result = {"command": "python benchmarks/cold_call.py " + " ".join(argv or []), "commit": commit(),
                   "machine": platform.processor() or platform.machine(), "sweep_mib": args.sweep_mib,
