@@ -1,0 +1,150 @@
+"""Adafactor, LAMB, ScheduleFreeAdamW and Muon at their edges: states of other dtypes and shapes, loads of torch's
+state into xopt.torch's fronts, each held to the elementwise optimizers' behaviour or to the reference twin."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import xopt
+
+WHOLE = {"LAMB": dict(lr=0.01, weight_decay=0.01), "Adafactor": dict(lr=0.05, weight_decay=0.01),
+         "Muon": dict(lr=0.02)}
+
+
+def _start(rng):
+    return {"W": rng.standard_normal((4, 3)), "T": rng.standard_normal((2, 3, 4)), "b": rng.standard_normal(5)}
+
+
+def _grads(rng, params, n):
+    return [{k: rng.standard_normal(np.shape(v)) for k, v in params.items()} for _ in range(n)]
+
+
+# -- a float64 param's float32 state: widened, as the elementwise optimizers widen it ----------------------------
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("how", ["at the step", "at a load with params"])
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_float32_state_of_a_float64_param_is_widened_as_adams_is(name, how, impl, rng):
+    """A run's state kept in float32 (a float32 run's, a user's), loaded for float64 params: Adam widens it
+    exactly at the next step or at a load with params=; the optimizers that read whole params refused it. The
+    steps from it are those from its float64 copy, to the bit."""
+    start = _start(rng)
+    grads = _grads(rng, start, 3)
+    first = getattr(xopt, name)(**WHOLE[name])
+    first.update({k: v.astype(np.float32) for k, v in start.items()}, {k: v.astype(np.float32)
+                                                                      for k, v in grads[0].items()})
+    narrow = first.state_dict()
+    wide = copy.deepcopy(narrow)
+    wide["state"] = {k: {n: (b if n == "step" else np.asarray(b, dtype=np.float64)) for n, b in st.items()}
+                     for k, st in narrow["state"].items()}
+    runs = []
+    for sd in (wide, narrow):
+        opt = getattr(xopt, name)(**WHOLE[name], impl=impl)
+        params = {k: v.copy() for k, v in start.items()}
+        opt.load_state_dict(sd, params=params if how == "at a load with params" else None)
+        for g in grads[1:]:
+            opt.update(params, g)
+        runs.append((opt, params))
+    (want, want_params), (got, got_params) = runs
+    for k in start:
+        np.testing.assert_array_equal(got_params[k], want_params[k], err_msg=k)
+        for n, b in want.state[k].items():
+            assert np.asarray(got.state[k][n]).dtype == np.asarray(b).dtype
+            np.testing.assert_array_equal(got.state[k][n], b, err_msg=f"{n} of {k}")
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_a_step_that_refuses_after_widening_writes_nothing(name, rng):
+    """W's float32 state is widened, then b's float16 state is refused: nothing is written, W keeps its values."""
+    start = _start(rng)
+    opt = getattr(xopt, name)(**WHOLE[name])
+    opt.update({k: v.copy() for k, v in start.items()}, _grads(rng, start, 1)[0])
+    sd = opt.state_dict()
+    for k, dtype in (("W", np.float32), ("b", np.float16)):
+        sd["state"][k] = {n: (b if n == "step" else np.asarray(b, dtype=dtype)) for n, b in sd["state"][k].items()}
+    opt.load_state_dict(sd)
+    before = copy.deepcopy(opt.state)
+    params = {k: v.copy() for k, v in start.items()}
+    with pytest.raises(TypeError, match="'b'.*float16"):
+        opt.update(params, _grads(rng, start, 1)[0])
+    for k in start:
+        np.testing.assert_array_equal(params[k], start[k])
+        assert opt.state[k]["step"] == 1
+        for n, b in before[k].items():
+            np.testing.assert_array_equal(np.asarray(opt.state[k][n], dtype=np.float64), np.asarray(b, np.float64))
+
+
+# -- xopt.torch: torch-shaped state of a buffer the param's shape does not keep ----------------------------
+@pytest.fixture
+def torch():
+    torch = pytest.importorskip("torch")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch
+    torch.set_default_dtype(before)
+
+
+def _stepped_front(torch, name):
+    import xopt.torch
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = getattr(xopt.torch, name)(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt
+
+
+MISFITS = {  # (front, param index, the state that param is given, the name the error gives)
+    "Adafactor: a matrix with variance": ("Adafactor", 0, lambda torch: {"step": torch.tensor(1.0),
+                                                                          "variance": torch.zeros(4, 3)}, "variance"),
+    "Adafactor: a vector with row_var": ("Adafactor", 1, lambda torch: {"step": torch.tensor(1.0),
+                                                                         "row_var": torch.zeros(5, 1),
+                                                                         "variance": torch.zeros(5)}, "row_var"),
+    "Muon: a matrix with AdamW's state": ("Muon", 0, lambda torch: {"step": torch.tensor(3.0),
+                                                                    "exp_avg": torch.zeros(4, 3),
+                                                                    "exp_avg_sq": torch.ones(4, 3)}, "exp_avg_sq"),
+    "Muon: a vector with exp_avg and momentum_buffer": ("Muon", 1, lambda torch: {
+        "step": torch.tensor(3.0), "exp_avg": torch.zeros(5), "momentum_buffer": torch.ones(5),
+        "exp_avg_sq": torch.ones(5)}, "momentum_buffer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISFITS))
+def test_a_front_refuses_a_state_its_param_does_not_keep_and_changes_nothing(torch, case):
+    """torch-shaped state of a buffer the param's shape does not keep (a matrix's AdamW moments for Muon, a
+    factor for a vector's Adafactor): refused, naming the param and the buffer (Adafactor raised a bare KeyError,
+    Muon took it and then stepped the matrix with Muon while its state_dict said AdamW)."""
+    name, index, state, culprit = MISFITS[case]
+    params, opt = _stepped_front(torch, name)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][index] = state(torch)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"param 0.{index}.*{culprit}"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["state"].keys() == before["state"].keys()
+    for n, st in before["state"].items():
+        assert st.keys() == after["state"][n].keys()
+        for k, v in st.items():
+            assert torch.equal(after["state"][n][k], v)
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon"])
+def test_a_front_still_loads_its_own_and_torchs_state(torch, name):
+    """What the fronts keep loads back: their own state_dict, and torch.optim.Adafactor's."""
+    import xopt.torch
+
+    params, opt = _stepped_front(torch, name)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = getattr(xopt.torch, name)(copies)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    if name == "Adafactor":
+        theirs = torch.optim.Adafactor(copies)
+        for p in copies:
+            p.grad = torch.ones_like(p)
+        theirs.step()
+        other.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        assert set(other.state_dict()["state"][0]) == {"step", "row_var", "col_var"}
