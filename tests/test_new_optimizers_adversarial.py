@@ -148,3 +148,60 @@ def test_a_front_still_loads_its_own_and_torchs_state(torch, name):
         theirs.step()
         other.load_state_dict(copy.deepcopy(theirs.state_dict()))
         assert set(other.state_dict()["state"][0]) == {"step", "row_var", "col_var"}
+
+
+# -- a param whose state was made for another shape, or for another rule ---------------------------------
+@pytest.mark.parametrize("before, after", [((5,), (5, 1)), ((4, 3), (12,)), ((5, 1), (5,)), ((1,), (1, 1))])
+def test_adafactor_refuses_a_param_whose_shape_changed_between_factored_and_not(before, after, rng):
+    """A vector's state (v) for a param that is now a matrix, or a matrix's factors for a vector: refused, naming
+    the param, as every other optimizer refuses a state made for another shape (Adafactor made new factors and
+    went on at the old step count); nothing is written."""
+    opt = xopt.Adafactor(lr=0.05)
+    opt.update({"x": rng.standard_normal(before)}, {"x": rng.standard_normal(before)})
+    state = copy.deepcopy(opt.state)
+    params = {"x": rng.standard_normal(after)}
+    start = params["x"].copy()
+    with pytest.raises(ValueError, match=f"param 'x' of shape {after}".replace("(", r"\(").replace(")", r"\)")):
+        opt.update(params, {"x": rng.standard_normal(after)})
+    np.testing.assert_array_equal(params["x"], start)
+    assert opt.state.keys() == state.keys() and opt.state["x"].keys() == state["x"].keys()
+    assert opt.state["x"]["step"] == 1
+    sd = {**opt.state_dict(), "state": {"x": state["x"]}}
+    fresh = xopt.Adafactor(lr=0.05)
+    fresh.load_state_dict(sd)  # without params the shapes are unknown: the step finds it
+    with pytest.raises(ValueError, match="param 'x'"):
+        fresh.update(params, {"x": rng.standard_normal(after)})
+    np.testing.assert_array_equal(params["x"], start)
+
+
+def test_muon_state_after_use_muon_changes_mid_run_resumes_bit_for_bit(rng, tmp_path):
+    """A matrix stepped with AdamW (use_muon=False) and then with Muon keeps its AdamW v: the optimizer's own
+    state_dict and state file load back with params= (they were refused: 'v' is not a matrix's under Muon) and
+    the run goes on as it did, through another change back to AdamW."""
+    start = {"W": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    grads = _grads(rng, start, 6)
+    flags = [None, False, None, None, False, None]
+
+    def run(opt, params, steps):
+        for k in steps:
+            opt.use_muon = flags[k]
+            opt.update(params, grads[k])
+
+    straight, want = xopt.Muon(lr=0.02), {k: v.copy() for k, v in start.items()}
+    run(straight, want, range(6))
+    first, params = xopt.Muon(lr=0.02), {k: v.copy() for k, v in start.items()}
+    run(first, params, range(3))
+    first.save(tmp_path / "muon.npz")
+    for load in ("state_dict", "file"):
+        resumed, ps = xopt.Muon(lr=0.02), {k: v.copy() for k, v in params.items()}
+        if load == "file":
+            resumed.load(tmp_path / "muon.npz", params=ps)
+        else:
+            resumed.load_state_dict(first.state_dict(), params=ps)
+        run(resumed, ps, range(3, 6))
+        for k in start:
+            np.testing.assert_array_equal(ps[k], want[k], err_msg=f"{load}: {k}")
+    bad = first.state_dict()
+    bad["state"]["W"]["v"] = np.ones((3, 4))  # v of a matrix in another shape: still refused
+    with pytest.raises(ValueError, match="'v' of param 'W' has shape"):
+        xopt.Muon(lr=0.02).load_state_dict(bad, params=params)

@@ -39,6 +39,12 @@ class TensorRule(Optimizer):
         """{buffer name: its shape} for a param of ``shape``; by default every buffer in the param's shape."""
         return {name: tuple(shape) for name in self.buffers()}
 
+    def possible_buffer_shapes(self, shape) -> dict:
+        """{buffer name: its shape} of every buffer a param of ``shape`` may hold under any hyperparameters (a
+        state kept from other ones: Muon's v of a matrix once stepped with ``use_muon=False``); by default
+        :meth:`buffer_shapes`'s.  A state holding any other buffer was made for another shape: refused."""
+        return self.buffer_shapes(shape)
+
     # -- the step ------------------------------------------------------------------------------
     def _update(self, params, grads):
         if _lane.take(self, params, grads):  # a rule with a fused kernel (LAMB's): the exact-type lane first
@@ -121,7 +127,12 @@ class TensorRule(Optimizer):
         st = self.state.get(e.key)
         if st is None:
             return
-        for name, shape in e.opt.buffer_shapes(e.p.shape).items():
+        kept, possible = e.opt.buffer_shapes(e.p.shape), e.opt.possible_buffer_shapes(e.p.shape)
+        for name in st:
+            if name != "step" and name not in possible:
+                raise ValueError(f"param {describe(e.key)} of shape {tuple(e.p.shape)} holds optimizer state "
+                                 f"{name!r}, which {type(self).__name__} keeps for a param of another shape")
+        for name, shape in {**possible, **kept}.items():
             buf = st.get(name)
             if buf is None:
                 continue
@@ -181,7 +192,8 @@ def _checked_tensor_state(opt, checked_state, state_dict, params):
         if arrays is not None:
             dtype, shape = _expected_layout(trial, key, arrays[key])
             view = trial._at(trial._group_of(key), 0)
-            expected = {k: tuple(s) for k, s in view.buffer_shapes(shape).items()}
+            expected = {k: tuple(s) for k, s in {**view.possible_buffer_shapes(shape),
+                                                 **view.buffer_shapes(shape)}.items()}
         for buf_name in sorted(set(st) - {"step"}, key=str):
             buf = st[buf_name]
             if buf_name not in possible:

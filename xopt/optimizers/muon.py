@@ -140,6 +140,10 @@ class Muon(TensorRule):
         shape = tuple(shape)
         return {"m": shape} if self.uses_muon(shape) else {"m": shape, "v": shape}
 
+    def possible_buffer_shapes(self, shape):
+        shape = tuple(shape)
+        return {"m": shape, "v": shape}  # a matrix keeps the v of its steps with use_muon=False
+
     def scalars(self, step):
         bias_correction1 = 1.0 - self.adamw_beta1**step
         return {"lr": self.lr, "momentum": self.momentum, "decay": 1.0 - self.lr * self.weight_decay, "l2": 0.0,
