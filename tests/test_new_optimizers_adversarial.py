@@ -205,3 +205,36 @@ def test_muon_state_after_use_muon_changes_mid_run_resumes_bit_for_bit(rng, tmp_
     bad["state"]["W"]["v"] = np.ones((3, 4))  # v of a matrix in another shape: still refused
     with pytest.raises(ValueError, match="'v' of param 'W' has shape"):
         xopt.Muon(lr=0.02).load_state_dict(bad, params=params)
+
+
+# -- Schedule-Free's eval and train on a state loaded without the params ------------------------------------
+@pytest.mark.parametrize("load", ["file", "state_dict"])
+def test_schedule_free_eval_of_tensors_from_a_state_loaded_without_params(torch, load, rng, tmp_path):
+    """A state loaded without params= is NumPy until its first step; eval() and train() of torch params from it
+    crashed (AttributeError: 'numpy.ndarray' object has no attribute 'to').  They give the points the saving
+    optimizer gives, and the step after them is its step."""
+    start = {"W": rng.standard_normal((4, 3)), "b": rng.standard_normal(5)}
+    grads = _grads(rng, start, 3)
+    first = xopt.ScheduleFreeAdamW(lr=0.02, weight_decay=0.01)
+    params = {k: torch.tensor(v) for k, v in start.items()}
+    for g in grads[:2]:
+        first.update(params, {k: torch.tensor(v) for k, v in g.items()})
+    first.save(tmp_path / "sf.npz")
+    sd = first.state_dict()
+    sd["state"] = {k: {n: (b if n == "step" else b.numpy().copy()) for n, b in st.items()}
+                   for k, st in sd["state"].items()}
+    second = xopt.ScheduleFreeAdamW(lr=0.02, weight_decay=0.01)
+    if load == "file":
+        second.load(tmp_path / "sf.npz")
+    else:
+        second.load_state_dict(sd)
+    ours = {k: v.clone() for k, v in params.items()}
+    for opt, ps in ((first, params), (second, ours)):
+        opt.eval(ps)
+    for k in start:
+        assert torch.equal(ours[k], params[k]), k
+    for opt, ps in ((first, params), (second, ours)):
+        opt.train(ps)
+        opt.update(ps, {k: torch.tensor(v) for k, v in grads[2].items()})
+    for k in start:
+        assert torch.equal(ours[k], params[k]), k

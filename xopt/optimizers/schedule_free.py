@@ -194,6 +194,8 @@ class ScheduleFreeAdamW(Optimizer):
             if tuple(p.shape) != tuple(z.shape):
                 raise ValueError(f"param {describe(key)} has shape {tuple(p.shape)} but its state 'z' has "
                                  f"shape {tuple(z.shape)}")
+            if _backend.library_name(z) != _backend.library_name(p):  # a state loaded without the params: NumPy
+                z = _backend.from_numpy(_backend.to_numpy(z), p)
             beta1 = self._at(self._group_of(key), int(st["step"])).beta1
             xp = _backend.namespace(p)
             torch = _backend.library_name(p) == "torch"
