@@ -238,3 +238,23 @@ def test_schedule_free_eval_of_tensors_from_a_state_loaded_without_params(torch,
         opt.update(ps, {k: torch.tensor(v) for k, v in grads[2].items()})
     for k in start:
         assert torch.equal(ours[k], params[k]), k
+
+
+# -- Muon: an empty matrix ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0, 3)])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_muon_leaves_an_empty_matrix_and_steps_the_others(shape, adjust_lr_fn, impl, rng):
+    """A matrix with no columns raised ZeroDivisionError (√max(1, R/C)) and stopped the step; it is left as it
+    is (nothing to move), as Adafactor leaves an empty param, and the others step as they do without it."""
+    start = {"W": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    grads = _grads(rng, start, 3)
+    alone, want = xopt.Muon(lr=0.02, adjust_lr_fn=adjust_lr_fn, impl=impl), {k: v.copy() for k, v in start.items()}
+    opt = xopt.Muon(lr=0.02, adjust_lr_fn=adjust_lr_fn, impl=impl)
+    params = {**{k: v.copy() for k, v in start.items()}, "E": np.zeros(shape), "F": np.zeros(shape)}
+    for g in grads:
+        alone.update(want, g)
+        opt.update(params, {**g, "E": np.ones(shape), "F": np.ones(shape)})  # E, F: one stack
+    for k in start:
+        np.testing.assert_array_equal(params[k], want[k], err_msg=k)
+    assert params["E"].shape == shape and opt.state["E"]["step"] == 3
