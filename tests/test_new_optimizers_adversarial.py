@@ -258,3 +258,34 @@ def test_muon_leaves_an_empty_matrix_and_steps_the_others(shape, adjust_lr_fn, i
     for k in start:
         np.testing.assert_array_equal(params[k], want[k], err_msg=k)
     assert params["E"].shape == shape and opt.state["E"]["step"] == 3
+
+
+# -- Schedule-Free: an override's running sums resume --------------------------------------------------------
+@pytest.mark.parametrize("load", ["file", "state_dict"])
+def test_schedule_free_override_sets_resume_bit_for_bit_after_an_lr_change(load, rng, tmp_path):
+    """An lr raised mid-run counts from its step on, in each hyperparameter set's running sums (the package's
+    groups each keep theirs).  A state file or state_dict held the optimizer's own set's sums only: a param with an
+    override (a weight decay of its own) resumed with sums run again at the lr of now, off the run it continues."""
+    start = {"w": rng.standard_normal(5), "b": rng.standard_normal(3), "c": rng.standard_normal(2)}
+    grads = _grads(rng, start, 9)
+    lrs = [0.01] * 3 + [0.04] * 6
+    overrides = {"b": {"weight_decay": 0.1}, "c": {"warmup_steps": 4}}
+
+    def run(opt, params, steps):
+        for k in steps:
+            opt.lr = lrs[k]
+            opt.update(params, {n: v.copy() for n, v in grads[k].items()})
+
+    straight, want = xopt.ScheduleFreeAdamW(overrides=overrides), {k: v.copy() for k, v in start.items()}
+    run(straight, want, range(9))
+    first, params = xopt.ScheduleFreeAdamW(overrides=overrides), {k: v.copy() for k, v in start.items()}
+    run(first, params, range(5))
+    resumed = xopt.ScheduleFreeAdamW()
+    if load == "file":
+        first.save(tmp_path / "sf.npz")
+        resumed.load(tmp_path / "sf.npz", params=params)
+    else:
+        resumed.load_state_dict(first.state_dict(), params=params)
+    run(resumed, params, range(5, 9))
+    for k in start:
+        np.testing.assert_array_equal(params[k], want[k], err_msg=k)
