@@ -1,5 +1,7 @@
 """Adafactor, LAMB, ScheduleFreeAdamW and Muon at their edges: states of other dtypes and shapes, loads of torch's
-state into xopt.torch's fronts, each held to the elementwise optimizers' behaviour or to the reference twin."""
+state into xopt.torch's fronts, Schedule-Free's points and running sums across a load, Muon's empty matrices.
+Each is held to a twin: the elementwise optimizers' behaviour, the run without the load, the run without the
+edge."""
 
 from __future__ import annotations
 
