@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from functools import partial
 
 from .. import _backend
@@ -242,7 +243,7 @@ class ScheduleFreeAdamW(Optimizer):
                   ] if isinstance(state_dict, dict) else []
         for field in fields:
             suffix = field[len("average_step"):]
-            group = int(suffix[1:]) if suffix[:1] == "." and suffix[1:].isdigit() and suffix[1:] != "0" else None
+            group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
             if suffix and group is None:
                 raise ValueError(f"state_dict has {field!r}: a set's sums are average_step or average_step.i, "
                                  f"i >= 1 the place of its override")
