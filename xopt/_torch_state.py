@@ -120,6 +120,9 @@ class TorchState:
                 raise TypeError(f"{kind}.load_state_dict: state {name!r} of param {key} must be a tensor, got "
                                 f"{type(value).__name__}")
             want = self._buffer_shape(ours, p)
+            if want is None:
+                raise ValueError(f"{kind}.load_state_dict: param {key} has state {name!r}, which {kind} does not "
+                                 f"keep for a param of shape {tuple(p.shape)}")
             if tuple(value.shape) != want:
                 raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
                                  f"{tuple(value.shape)}, the param needs {want}")
@@ -137,6 +140,7 @@ class TorchState:
     derived = ()  # torch state kept alongside that xopt derives from the step count (NAdam's mu_product)
 
     def _buffer_shape(self, name, p):
+        """The shape of ``p``'s buffer ``name`` (xopt's name); None where a param of its shape keeps none."""
         return tuple(p.shape)
 
     def _buffers_for(self, hyper, p):

@@ -284,7 +284,7 @@ class Adafactor(_Front):
                     weight_decay=group["weight_decay"])
 
     def _buffer_shape(self, name, p):
-        return self._xopt.buffer_shapes(p.shape)[name]
+        return self._xopt.buffer_shapes(p.shape).get(name)
 
     def _buffers_for(self, hyper, p):
         return tuple(self._xopt.buffer_shapes(p.shape))
@@ -325,8 +325,14 @@ class Muon(_Front):
 
     def _xopt_state(self, key, st, p, hyper):
         if isinstance(st, Mapping) and "exp_avg" in st:
+            if "momentum_buffer" in st:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param {key} has state 'exp_avg' and "
+                                 "'momentum_buffer', two names of one buffer")
             st = {("momentum_buffer" if k == "exp_avg" else k): v for k, v in st.items()}
         return super()._xopt_state(key, st, p, hyper)
+
+    def _buffer_shape(self, name, p):
+        return self._xopt.buffer_shapes(p.shape).get(name)  # a matrix keeps m only, any other param m and v
 
     def _buffers_for(self, hyper, p):
         return tuple(self._xopt._view({**self._xopt._hyper, **hyper}).buffer_shapes(p.shape))

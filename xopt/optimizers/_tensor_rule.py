@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
-from .._checked import _check_step, _commit, _plain_torch, clip_or_skip
+from .._checked import _check_step, _commit, _plain_torch, _widened, clip_or_skip
 from .._inputs import check_overlaps, collect, describe
 from ..engines.reference import _apply_whole, _kind
 from ..optimizer import Optimizer
@@ -38,6 +38,12 @@ class TensorRule(Optimizer):
     def buffer_shapes(self, shape) -> dict:
         """{buffer name: its shape} for a param of ``shape``; by default every buffer in the param's shape."""
         return {name: tuple(shape) for name in self.buffers()}
+
+    def possible_buffer_shapes(self, shape) -> dict:
+        """{buffer name: its shape} of every buffer a param of ``shape`` may hold under any hyperparameters (a
+        state kept from other ones: Muon's v of a matrix once stepped with ``use_muon=False``); by default
+        :meth:`buffer_shapes`'s.  A state holding any other buffer was made for another shape: refused."""
+        return self.buffer_shapes(shape)
 
     # -- the step ------------------------------------------------------------------------------
     def _update(self, params, grads):
@@ -121,14 +127,20 @@ class TensorRule(Optimizer):
         st = self.state.get(e.key)
         if st is None:
             return
-        for name, shape in e.opt.buffer_shapes(e.p.shape).items():
+        kept, possible = e.opt.buffer_shapes(e.p.shape), e.opt.possible_buffer_shapes(e.p.shape)
+        for name in st:
+            if name != "step" and name not in possible:
+                raise ValueError(f"param {describe(e.key)} of shape {tuple(e.p.shape)} holds optimizer state "
+                                 f"{name!r}, which {type(self).__name__} keeps for a param of another shape")
+        for name, shape in {**possible, **kept}.items():
             buf = st.get(name)
             if buf is None:
                 continue
             if tuple(buf.shape) != tuple(shape):
                 raise ValueError(f"param {describe(e.key)} of shape {tuple(e.p.shape)} keeps its optimizer state "
                                  f"{name!r} in shape {tuple(shape)}, but that state has shape {tuple(buf.shape)}")
-            if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
+            have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
+            if have != want and (have, want) != ("float32", "float64"):  # float32: widened by _state_for, exactly
                 raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its optimizer "
                                 f"state {name!r} is {_backend.dtype_name(buf.dtype)}")
 
@@ -139,6 +151,8 @@ class TensorRule(Optimizer):
             buf = st.get(name)
             if buf is None:
                 st[name] = xp.full(shape, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
+            elif _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
+                st[name] = _widened(buf, dtype, e.p)  # a float64 param's float32 state, as the elementwise step's
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
             elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
@@ -178,7 +192,8 @@ def _checked_tensor_state(opt, checked_state, state_dict, params):
         if arrays is not None:
             dtype, shape = _expected_layout(trial, key, arrays[key])
             view = trial._at(trial._group_of(key), 0)
-            expected = {k: tuple(s) for k, s in view.buffer_shapes(shape).items()}
+            expected = {k: tuple(s) for k, s in {**view.possible_buffer_shapes(shape),
+                                                 **view.buffer_shapes(shape)}.items()}
         for buf_name in sorted(set(st) - {"step"}, key=str):
             buf = st[buf_name]
             if buf_name not in possible:
@@ -195,7 +210,9 @@ def _checked_tensor_state(opt, checked_state, state_dict, params):
                 if tuple(buf.shape) != expected[buf_name]:
                     raise ValueError(f"state {buf_name!r} of param {name} has shape {tuple(buf.shape)}, but "
                                      f"{kind} keeps it in shape {expected[buf_name]} for a param of shape {shape}")
-                if _backend.dtype_name(buf.dtype) != dtype:
+                if (_backend.dtype_name(buf.dtype), dtype) == ("float32", "float64"):  # widened, exactly, as
+                    buf = _backend.namespace(buf).astype(buf, _backend.namespace(buf).float64)  # state_check's
+                elif _backend.dtype_name(buf.dtype) != dtype:
                     raise TypeError(f"state {buf_name!r} of param {name} is {_backend.dtype_name(buf.dtype)} but "
                                     f"{trial!r} keeps the state of that param in {dtype}")
             entry[buf_name] = _native(buf)

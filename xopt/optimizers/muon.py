@@ -72,7 +72,8 @@ class Muon(TensorRule):
     The usual recipe gives the non-matrix params (and often the embedding and the output layer) another
     learning rate: ``Muon(lr=0.02, overrides={"b*": {"lr": 3e-4, "weight_decay": 0.0}, "embed":
     {"use_muon": False, "lr": 3e-4}})``.  torch.optim.Muon refuses other than 2-D params; here they
-    take AdamW unless ``use_muon=True``, which refuses them as torch does.
+    take AdamW unless ``use_muon=True``, which refuses them as torch does.  An empty matrix is left as it is
+    (torch divides by its 0 columns).
 
     The Newton-Schulz iteration runs in the dtype the step computes in (the param's; float32 for
     float16), on the array library's matmul (NumPy: BLAS; CuPy: cuBLAS); torch.optim.Muon runs it in
@@ -140,6 +141,10 @@ class Muon(TensorRule):
         shape = tuple(shape)
         return {"m": shape} if self.uses_muon(shape) else {"m": shape, "v": shape}
 
+    def possible_buffer_shapes(self, shape):
+        shape = tuple(shape)
+        return {"m": shape, "v": shape}  # a matrix keeps the v of its steps with use_muon=False
+
     def scalars(self, step):
         bias_correction1 = 1.0 - self.adamw_beta1**step
         return {"lr": self.lr, "momentum": self.momentum, "decay": 1.0 - self.lr * self.weight_decay, "l2": 0.0,
@@ -148,6 +153,8 @@ class Muon(TensorRule):
 
     def adjusted_lr(self, lr, shape) -> float:
         rows, cols = shape[:2]
+        if cols == 0:
+            return lr  # an empty matrix: nothing moves (torch divides by 0 here)
         if self.adjust_lr_fn == "match_rms_adamw":
             return lr * (0.2 * math.sqrt(max(rows, cols)))
         return lr * math.sqrt(max(1, rows / cols))

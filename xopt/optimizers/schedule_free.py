@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from functools import partial
 
 from .. import _backend
@@ -65,9 +66,10 @@ class ScheduleFreeAdamW(Optimizer):
 
     η_max and the sum of the weights run over the steps taken, as the package keeps them: an ``lr`` set
     mid-run (or a schedule's value) counts from the step it is set at, and ``state_dict()`` and a state
-    file hold the last step's sums, so a resumed run continues them.  Where they are missing (a param
-    that joined later, an override's set after a load) they are run from the first step with the lr of
-    now: a schedule's values at counts 0 .. t−1, or the constant lr.
+    file hold each hyperparameter set's sums at its last step (an override's as the package's param group
+    keeps its own), so a resumed run continues them.  Where they are missing (a param that joined later)
+    they are run from the first step with the lr of now: a schedule's values at counts 0 .. t−1, or the
+    constant lr.
     The weight decay is taken at y and goes through the averaging, as in the package.
 
     Args:
@@ -194,6 +196,8 @@ class ScheduleFreeAdamW(Optimizer):
             if tuple(p.shape) != tuple(z.shape):
                 raise ValueError(f"param {describe(key)} has shape {tuple(p.shape)} but its state 'z' has "
                                  f"shape {tuple(z.shape)}")
+            if _backend.library_name(z) != _backend.library_name(p):  # a state loaded without the params: NumPy
+                z = _backend.from_numpy(_backend.to_numpy(z), p)
             beta1 = self._at(self._group_of(key), int(st["step"])).beta1
             xp = _backend.namespace(p)
             torch = _backend.library_name(p) == "torch"
@@ -212,12 +216,21 @@ class ScheduleFreeAdamW(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     def _state_dict(self, copy=True):
+        """The base's, the mode, and each hyperparameter set's running sums at the last step of its params
+        (``average_step``, ``average_lr_max``, ``average_weight_sum``; an override's with the suffix ``.i``, i its
+        place in ``overrides`` from 1): a resumed run continues them."""
         out = {**super()._state_dict(copy), "training": self.training}
-        counts = [st.get("step") for st in self.state.values() if isinstance(st, dict)]
-        last = max((c for c in counts if type(c) is int), default=0)
-        sums = self._averages.get(0, {})
-        if last in sums:  # the running sums of the last step taken: a resumed run continues them
-            out.update(average_step=last, average_lr_max=sums[last][0], average_weight_sum=sums[last][1])
+        lasts = {}
+        for key, st in self.state.items():
+            if isinstance(st, dict) and type(st.get("step")) is int:
+                group = self._group_of(key)
+                lasts[group] = max(lasts.get(group, 0), st["step"])
+        for group, last in sorted(lasts.items()):
+            sums = self._averages.get(group, {})
+            if last in sums:
+                suffix = f".{group}" if group else ""
+                out.update({f"average_step{suffix}": last, f"average_lr_max{suffix}": sums[last][0],
+                            f"average_weight_sum{suffix}": sums[last][1]})
         return out
 
     def _load_state_dict(self, checked_state, state_dict, params):
@@ -226,13 +239,23 @@ class ScheduleFreeAdamW(Optimizer):
         if not isinstance(training, bool):
             raise TypeError(f"state_dict['training'] must be True or False, got {training!r}")
         sums = {}
-        if get("average_step") is not None:
-            t, lr_max, total = get("average_step"), get("average_lr_max"), get("average_weight_sum")
+        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("average_step")
+                  ] if isinstance(state_dict, dict) else []
+        for field in fields:
+            suffix = field[len("average_step"):]
+            group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
+            if suffix and group is None:
+                raise ValueError(f"state_dict has {field!r}: a set's sums are average_step or average_step.i, "
+                                 f"i >= 1 the place of its override")
+            t, lr_max, total = get(field), get(f"average_lr_max{suffix}"), get(f"average_weight_sum{suffix}")
+            if t is None:
+                continue
             if (type(t) is not int or t < 1 or not all(type(x) in (int, float) for x in (lr_max, total))
                     or not (math.isfinite(lr_max) and math.isfinite(total))):
-                raise TypeError(f"state_dict's average_step, average_lr_max and average_weight_sum must be an int "
-                                f">= 1 and two finite floats, got {t!r}, {lr_max!r}, {total!r}")
-            sums = {0: {t: (float(lr_max), float(total))}}
+                raise TypeError(f"state_dict's average_step{suffix}, average_lr_max{suffix} and "
+                                f"average_weight_sum{suffix} must be an int >= 1 and two finite floats, got {t!r}, "
+                                f"{lr_max!r}, {total!r}")
+            sums[group or 0] = {t: (float(lr_max), float(total))}
         super()._load_state_dict(checked_state, state_dict, params)
         self.training = training
         self._averages = sums
