@@ -145,8 +145,12 @@ def _named_arrays(opt, entries):
 def _check_step(opt, e) -> int:
     """The updates already applied to e's param (its schedule's count), checked."""
     st = opt.state.get(e.key)
-    if st is None:
+    if st is None and e.key not in opt.state:
         return 0
+    if not isinstance(st, dict):  # the step's commit sets its count: a read-only mapping would refuse it, mid-step
+        what = "None" if st is None else f"a {type(st).__name__}"
+        raise TypeError(f"param {describe(e.key)}: its optimizer state is {what}; a param's state is a dict of its "
+                        "step count and buffers (del opt.state[key] starts it afresh)")
     step = st.get("step")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
         raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "

@@ -149,8 +149,8 @@ def _forget(opt, keys):
 def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors=None):
     """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written).
     ``tensors``: ``ps`` when they are torch tensors (the engine's ``step_tensors`` reads them)."""
-    try:
-        steps = list(map(operator.itemgetter("step"), states))
+    try:  # dict's own lookup: a state that is not a dict (the commit could not count it) is the checked path's
+        steps = list(map(dict.__getitem__, states, repeat("step")))
     except (KeyError, TypeError):
         return False
     first = steps[0]
@@ -248,12 +248,13 @@ def _groups(opt, keys):
 
 def _arrays(gs, ps):
     """Number grads as 0-d arrays, as the checked path converts them: a Python number in its param's
-    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number."""
+    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number, or is a
+    number whose param is not a 0-d array (a float param after an array one: the checked path boxes it)."""
     out = []
     for g, p in zip(gs, ps):
         if type(g) is np.ndarray:
             out.append(g)
-        elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and p.ndim == 0:
+        elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and type(p) is np.ndarray and p.ndim == 0:
             out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
         else:
             return None

@@ -1,0 +1,84 @@
+"""Adversarial inputs to the default ``update`` path on NumPy arrays and numbers, each next to a twin.
+
+Each test gives the default path (the exact-type lane, the fused CPU kernel, the checked path it falls
+back to) and a twin with ``impl="reference"`` the same calls on copies of the same values, and asks for
+the twin's numbers bit for bit, or the twin's error with nothing written.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import numpy as np
+import pytest
+
+import xopt
+
+_SIDES = ("auto", "reference")
+
+
+def _values(params):
+    """What a step changed, comparable: each param's type and value."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    return {k: (type(v).__name__, np.asarray(v).dtype.str, np.asarray(v).tobytes()) for k, v in items}
+
+
+def _state(opt):
+    return {k: {n: (b if n == "step" else (np.asarray(b).dtype.str, np.asarray(b).tobytes())) for n, b in st.items()}
+            for k, st in opt.state.items() if isinstance(st, dict)}
+
+
+def _snapshot(opt, params):
+    return _values(params), _state(opt), opt.iter, opt.skipped_steps, opt.last_grad_norm
+
+
+def _twins(cls, kw, params, grad_steps):
+    """Both sides stepped through ``grad_steps`` (each a function of the side's params giving its grads)
+    on copies of ``params``; their snapshots, asked to be equal."""
+    shots = {}
+    for side in _SIDES:
+        opt, p = cls(impl=side, **kw), copy.deepcopy(params)
+        for grads_of in grad_steps:
+            opt.update(p, grads_of(p))
+        shots[side] = _snapshot(opt, p)
+    assert shots["auto"] == shots["reference"]
+    return shots["auto"]
+
+
+# -- found: a number grad for a float param that follows an array param ------------------------------
+@pytest.mark.parametrize("container", ["dict", "list"])
+@pytest.mark.parametrize("grad", [np.float32(0.25), 3, 0.5], ids=["f32-scalar", "int", "float"])
+def test_float_params_after_an_array_param_take_number_grads(container, grad, rng):
+    """A Python float param after an array one, and a number grad: the lane's conversion of number grads
+    read ``p.ndim`` of the float (AttributeError) where the checked path boxes the float and steps it."""
+    values = [rng.standard_normal(4), 0.75, np.float64(-1.5), np.array(2.0)]
+    params = values if container == "list" else dict(zip("abcd", values))
+
+    g = [rng.standard_normal(4), grad, grad, grad]
+    grads = g if container == "list" else dict(zip("abcd", g))
+
+    for cls, kw in ((xopt.Adam, {}), (xopt.SGD, dict(momentum=0.9)), (xopt.AdaGrad, dict(lr_decay=0.01))):
+        got = _twins(cls, kw, params, [lambda p: grads] * 3)
+        assert got[2] == 3 and all(st["step"] == 3 for st in got[1].values())
+        assert got[0][1 if container == "list" else "b"][0] == "float"
+
+
+# -- found: a state that is not a dict -------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda st: None, lambda st: [st["step"]], types.MappingProxyType],
+                         ids=["None", "list", "read-only-mapping"])
+def test_a_state_that_is_not_a_dict_is_refused_naming_its_param(make, rng):
+    """A param's state replaced by something other than a dict.  A read-only mapping (a mappingproxy) passed
+    every check: the kernel (or the reference's writes) ran, then the commit could not set its step count,
+    leaving params and buffers stepped, the count and ``iter`` not; None and a list raised AttributeError or
+    'argument of type NoneType is not iterable', naming no param."""
+    params = {"a": rng.standard_normal(5), "b": rng.standard_normal(3)}
+    grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    for side in _SIDES:
+        opt, p = xopt.Adam(impl=side), copy.deepcopy(params)
+        opt.update(p, grads)
+        opt.state["a"] = make(opt.state["a"])
+        before = _values(p), _state(opt), opt.iter
+        with pytest.raises(TypeError, match=r"param 'a': its optimizer state is .*a dict"):
+            opt.update(p, grads)
+        assert (_values(p), _state(opt), opt.iter) == before, side
