@@ -82,3 +82,26 @@ def test_a_state_that_is_not_a_dict_is_refused_naming_its_param(make, rng):
         with pytest.raises(TypeError, match=r"param 'a': its optimizer state is .*a dict"):
             opt.update(p, grads)
         assert (_values(p), _state(opt), opt.iter) == before, side
+
+
+# -- found: a NumPy step count at its type's maximum -----------------------------------------------------
+@pytest.mark.parametrize("count", [np.int8(127), np.uint8(255), np.int16(32767), np.int32(2**31 - 1)],
+                         ids=["int8", "uint8", "int16", "int32"])
+@pytest.mark.parametrize("cls, kw", [(xopt.Adam, {}), (xopt.AdaGrad, dict(lr_decay=0.01)), (xopt.RAdam, {})],
+                         ids=["Adam", "AdaGrad-lr_decay", "RAdam"])
+def test_a_numpy_step_count_at_its_maximum_steps_as_the_int_count(count, cls, kw, rng):
+    """The checked path took a step's scalars at ``state["step"] + 1`` in the count's own type: np.int8(127)
+    wrapped to -128 (Adam: 'math domain error'; AdaGrad: a silently wrong lr), np.uint8(255) to 0.  The
+    step is the count + 1 whatever int type holds it: the numbers of a Python int count, counted to it + 1."""
+    params = {"a": rng.standard_normal(6), "b": np.array(rng.standard_normal())}
+    grads = [{k: rng.standard_normal(np.shape(v)) for k, v in params.items()} for _ in range(2)]
+    shots = {}
+    for side, make in (("auto", type(count)), ("reference", type(count)), ("int", int)):
+        opt, p = cls(impl="reference" if side == "reference" else "auto", **kw), copy.deepcopy(params)
+        opt.update(p, grads[0])
+        for st in opt.state.values():
+            st["step"] = make(count)
+        opt.update(p, grads[1])
+        shots[side] = _snapshot(opt, p)
+    assert shots["auto"] == shots["int"] and shots["reference"] == shots["int"]
+    assert all(st["step"] == int(count) + 1 for st in shots["int"][1].values())

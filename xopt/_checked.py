@@ -55,7 +55,7 @@ def step(opt, params, grads):
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
             e.state = state_for(opt, e)
-            step = e.state["step"] + 1
+            step = int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
             key = (id(e.opt), step)
             if key not in scalars:
                 scalars[key] = e.opt.scalars(step)
