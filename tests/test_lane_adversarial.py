@@ -105,3 +105,20 @@ def test_a_numpy_step_count_at_its_maximum_steps_as_the_int_count(count, cls, kw
         shots[side] = _snapshot(opt, p)
     assert shots["auto"] == shots["int"] and shots["reference"] == shots["int"]
     assert all(st["step"] == int(count) + 1 for st in shots["int"][1].values())
+
+
+# -- found: overrides checked before the containers --------------------------------------------------------
+@pytest.mark.parametrize("params", [5, None, np.ones(3), "ab", {"a", "b"}], ids=["int", "None", "array", "str", "set"])
+@pytest.mark.parametrize("side", _SIDES)
+def test_a_call_that_is_not_a_dict_or_list_gets_the_container_error_under_overrides(params, side):
+    """With overrides, the patterns were checked before the containers: an array passed as params got 'overrides
+    pattern 'w*' matches no param (the params are [0], [1], [2])', an int 'object of type 'int' has no len()'.
+    The error is the one without overrides: params must be a dict, a list or a tuple."""
+    with pytest.raises(TypeError) as plain:
+        xopt.Adam(impl=side).update(params, params)
+    assert "params must be a dict" in str(plain.value)
+    opt = xopt.Adam(impl=side, overrides={"w*": {"lr": 0.1}})
+    with pytest.raises(TypeError) as got:
+        opt.update(params, params)
+    assert str(got.value) == str(plain.value)
+    assert (opt.iter, opt.state, opt._patterns_checked) == (0, {}, False)

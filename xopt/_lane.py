@@ -37,8 +37,6 @@ _NUMBERS = (float, int, np.floating)
 
 def take(opt, params, grads) -> bool:
     """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
-    if opt._overrides and not opt._patterns_checked:  # until a step is taken (its commit marks them checked)
-        opt._check_patterns(params)  # raises, naming the pattern that matches no param, before any write
     container = type(params)
     if container is dict:
         if type(grads) is not dict or len(grads) != len(params):
@@ -55,7 +53,9 @@ def take(opt, params, grads) -> bool:
         keys = range(len(params))
         ps, gs = list(params), list(grads)  # our own lists: the compiled call reads them
     else:
-        return False
+        return False  # the checked path names what is wrong with the containers before it checks the patterns
+    if opt._overrides and not opt._patterns_checked:  # until a step is taken (its commit marks them checked)
+        opt._check_patterns(params)  # raises, naming the pattern that matches no param, before any write
     return _take(opt, params, keys, ps, gs)
 
 
