@@ -122,3 +122,19 @@ def test_a_call_that_is_not_a_dict_or_list_gets_the_container_error_under_overri
         opt.update(params, params)
     assert str(got.value) == str(plain.value)
     assert (opt.iter, opt.state, opt._patterns_checked) == (0, {}, False)
+
+
+# -- found: a NumPy scalar param that is not a float, with a number grad ----------------------------------
+@pytest.mark.parametrize("param", [np.int64(3), np.complex128(1 + 1j), np.bool_(True), np.int8(1)],
+                         ids=["int64", "complex128", "bool", "int8"])
+@pytest.mark.parametrize("grad", [1.0, 2], ids=["float", "int"])
+@pytest.mark.parametrize("side", _SIDES)
+def test_a_numpy_scalar_param_that_is_no_float_is_named_as_the_culprit(param, grad, side, rng):
+    """np.int64(3) as a param with the grad 1.0 was refused as 'grad of param 'b' is not an array (got float)':
+    the NumPy scalar passed as an array and the grad was blamed.  A Python int param gets 'param ... is not an
+    array'; so does a NumPy scalar that is not a float (the float ones are stepped as numbers)."""
+    params = {"a": rng.standard_normal(3), "b": param}
+    opt, before = xopt.Adam(impl=side), params["a"].copy()
+    with pytest.raises(TypeError, match=rf"^param 'b' is not an array \(got {type(param).__name__}\)"):
+        opt.update(params, {"a": rng.standard_normal(3), "b": grad})
+    assert params["b"] is param and np.array_equal(params["a"], before) and (opt.state, opt.iter) == ({}, 0)
