@@ -138,3 +138,42 @@ def test_a_numpy_scalar_param_that_is_no_float_is_named_as_the_culprit(param, gr
     with pytest.raises(TypeError, match=rf"^param 'b' is not an array \(got {type(param).__name__}\)"):
         opt.update(params, {"a": rng.standard_normal(3), "b": grad})
     assert params["b"] is param and np.array_equal(params["a"], before) and (opt.state, opt.iter) == ({}, 0)
+
+
+# -- found: state buffers of ndarray subclasses --------------------------------------------------------------
+@pytest.mark.parametrize("side", _SIDES)
+def test_a_masked_state_buffer_is_refused_as_a_masked_param_is(side, rng):
+    """A masked array put in the state: the fused path stepped its data, masked values too (a copy), the
+    reference the masked array (its masked elements left as they were): two different params from one call.
+    Masked params and grads are refused on every path; so is a masked buffer, before any write."""
+    params = {"W": rng.standard_normal(4)}
+    grads = {"W": rng.standard_normal(4)}
+    opt = xopt.Adam(impl=side)
+    opt.update(params, grads)
+    opt.state["W"]["m"] = np.ma.masked_array(opt.state["W"]["m"], mask=[0, 1, 0, 0])
+    before = params["W"].copy(), opt.state["W"]["v"].copy(), opt.state["W"]["step"], opt.iter
+    with pytest.raises(TypeError, match=r"param 'W': its optimizer state 'm' is a NumPy masked array"):
+        opt.update(params, grads)
+    assert np.array_equal(params["W"], before[0]) and np.array_equal(opt.state["W"]["v"], before[1])
+    assert (opt.state["W"]["step"], opt.iter) == before[2:]
+
+
+def test_a_memmap_state_buffer_is_written_in_place_with_the_reference_numbers(tmp_path, rng):
+    """A state buffer kept in a np.memmap (C order, native, writable): the reference writes it in place; the
+    fused path replaced it by an in-memory copy at its first step, so the file (and any other reference to the
+    map) stopped following the state.  The docs replace only read-only, byte-swapped or strided buffers."""
+    params = {"W": rng.standard_normal((5, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(4)]
+    shots, maps = {}, {}
+    for side in _SIDES:
+        opt, p = xopt.Adam(impl=side, amsgrad=True), copy.deepcopy(params)
+        opt.update(p, grads[0])
+        maps[side] = np.memmap(tmp_path / f"{side}.dat", dtype=np.float64, mode="w+", shape=(5, 3))
+        maps[side][...] = opt.state["W"]["v"]
+        opt.state["W"]["v"] = maps[side]
+        for g in grads[1:]:
+            opt.update(p, g)
+        assert opt.state["W"]["v"] is maps[side], side
+        shots[side] = _snapshot(opt, p)
+    assert shots["auto"] == shots["reference"]
+    assert np.array_equal(maps["auto"], maps["reference"]) and shots["auto"][1]["W"]["step"] == 4

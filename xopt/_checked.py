@@ -171,6 +171,9 @@ def _check_state(opt, e):
         if type(buf) is not np.ndarray and not array_api_compat.is_array_api_obj(buf):
             raise TypeError(f"param {describe(e.key)}: its optimizer state {name!r} is not an array (got "
                             f"{type(buf).__name__})")
+        if isinstance(buf, np.ma.MaskedArray):  # as a masked param or grad: the kernels would read masked values
+            raise TypeError(f"param {describe(e.key)}: its optimizer state {name!r} is a NumPy masked array; xopt "
+                            "does not apply masks: put np.ma.getdata(buffer) in the state")
         if tuple(buf.shape) != tuple(e.p.shape):
             raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
                              f"state {name!r} was made for shape {tuple(buf.shape)}")
