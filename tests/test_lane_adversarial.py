@@ -177,3 +177,45 @@ def test_a_memmap_state_buffer_is_written_in_place_with_the_reference_numbers(tm
         shots[side] = _snapshot(opt, p)
     assert shots["auto"] == shots["reference"]
     assert np.array_equal(maps["auto"], maps["reference"]) and shots["auto"][1]["W"]["step"] == 4
+
+
+# -- held: number params with every training feature ---------------------------------------------------------
+_ORDERS = {"numbers-first": ["f", "s32", "s64", "w", "z"], "array-first": ["w", "f", "z", "s64", "s32"],
+           "numbers-only": ["f", "s64", "g"]}  # the last all float64 numbers: the lane's boxes take the step
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (xopt.Adam, dict(amsgrad=True, weight_decay=0.01, clip_grad_norm=0.5, skip_nonfinite=True)),
+    (xopt.SGD, dict(lr=xopt.schedules.linear_schedule(0.1, 0.0, 5), momentum=0.9, nesterov=True, skip_nonfinite=True)),
+    (xopt.RMSprop, dict(centered=True, momentum=0.5, clip_grad_norm=1e-3, overrides={"s64": {"lr": 0.1}})),
+    (xopt.LAMB, dict(clip_grad_norm=1.0, overrides={"f": {"weight_decay": 0.0}})),
+], ids=["Adam-amsgrad-clip-skip", "SGD-schedule-nesterov-skip", "RMSprop-centered-overrides", "LAMB-overrides"])
+@pytest.mark.parametrize("order", list(_ORDERS))
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_number_and_array_params_at_different_counts_give_the_reference_numbers(cls, kw, order, container, rng):
+    """Python floats, NumPy float scalars, 0-d and n-d arrays in one call (or numbers alone), their counts
+    apart (a None grad leaves one behind, a reset sends one back), a step with a NaN grad, number grads of every
+    kind: the reference twin's params (rebound as the same types), state, counts, iter, skips and clip norm,
+    bit for bit."""
+    names = _ORDERS[order]
+    if container == "list" and "overrides" in kw:
+        kw = dict(kw, overrides={names.index(next(iter(kw["overrides"]))): dict(*kw["overrides"].values())})
+    start = {"f": 0.75, "g": -2.5, "s32": np.float32(-0.5), "s64": np.float64(1.25), "w": rng.standard_normal((3, 2)),
+             "z": np.array(0.3)}
+    grads = {"f": [0.5, -1.0, np.nan, 0.25, 1.0], "g": [1.0, None, 0.5, 2, np.float64(0.5)],
+             "s32": [np.float32(0.25), 0.5, 1.0, None, 2.0], "s64": [2, np.float32(1.5), 1.0, -0.75, -3.0],
+             "w": [None, *(rng.standard_normal((3, 2)) for _ in range(4))], "z": [np.float64(-1.0), 3, 1.0, np.float32(0.5), 0.125]}
+    params = [start[k] for k in names] if container == "list" else {k: start[k] for k in names}
+    reset = names.index("s64") if container == "list" else "s64"
+    shots = {}
+    for side in _SIDES:
+        opt, p = cls(impl=side, **kw), copy.deepcopy(params)
+        for i in range(5):
+            if i == 3:
+                opt.state[reset]["step"] = 0
+            row = [grads[k][i] for k in names]
+            opt.update(p, row if container == "list" else dict(zip(names, row)))
+        shots[side] = _snapshot(opt, p)
+    assert shots["auto"] == shots["reference"]
+    assert [v[0] for v in shots["auto"][0].values()] == [type(start[k]).__name__ for k in names]
+    assert len({st["step"] for st in shots["auto"][1].values()}) > 1  # the counts did drift apart
