@@ -179,6 +179,25 @@ def test_a_memmap_state_buffer_is_written_in_place_with_the_reference_numbers(tm
     assert np.array_equal(maps["auto"], maps["reference"]) and shots["auto"][1]["W"]["step"] == 4
 
 
+
+@pytest.mark.parametrize("cls", [xopt.Adam, xopt.LAMB], ids=["Adam", "LAMB"])
+def test_impl_fused_names_a_memmap_param_as_the_reason_it_refuses(cls, tmp_path, rng):
+    """impl='fused' refused a float64 np.memmap param as 'no fused kernel takes param 'W', a numpy array of
+    float64 ...; the CPU kernels take NumPy ... float64 arrays': the reason given was no reason.  It names the
+    subclass; np.asarray of the map steps in the kernel, in place, with the reference numbers."""
+    start, grad = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    mapped = np.memmap(tmp_path / "W.dat", dtype=np.float64, mode="w+", shape=(4, 3))
+    mapped[...] = start
+    opt = cls(impl="fused")
+    with pytest.raises(TypeError, match=r"param 'W' is a numpy\.memmap, a subclass of numpy\.ndarray"):
+        opt.update({"W": mapped}, {"W": grad})
+    assert np.array_equal(mapped, start) and (opt.state, opt.iter) == ({}, 0)
+    opt.update({"W": np.asarray(mapped)}, {"W": grad})
+    twin = {"W": start.copy()}
+    cls(impl="reference").update(twin, {"W": grad})
+    assert np.asarray(mapped).tobytes() == twin["W"].tobytes()
+
+
 # -- held: number params with every training feature ---------------------------------------------------------
 _ORDERS = {"numbers-first": ["f", "s32", "s64", "w", "z"], "array-first": ["w", "f", "z", "s64", "s32"],
            "numbers-only": ["f", "s64", "g"]}  # the last all float64 numbers: the lane's boxes take the step
