@@ -198,6 +198,27 @@ def test_impl_fused_names_a_memmap_param_as_the_reason_it_refuses(cls, tmp_path,
     assert np.asarray(mapped).tobytes() == twin["W"].tobytes()
 
 
+
+# -- found: a growing exponential schedule past the largest float --------------------------------------------
+@pytest.mark.parametrize("side", _SIDES)
+def test_a_growing_exponential_schedule_stays_at_its_ceiling_at_any_count(side):
+    """exponential_decay(1e-4, 10, 2.0, end_value=0.1): the lr doubles every 10 steps up to the ceiling 0.1.
+    From count 10240 on, 2.0 ** 1024 overflowed Python's float and the step raised OverflowError '(34, Numerical
+    result out of range)', naming nothing, where optax's is the ceiling.  Without a ceiling, the infinite lr is
+    refused as any non-finite lr is, naming the count, before any write."""
+    capped = xopt.schedules.exponential_decay(1e-4, 10, 2.0, end_value=0.1)
+    assert [capped(c) for c in (0, 10, 100, 10240, 20000, 2**62)] == [1e-4, 2e-4, 0.1, 0.1, 0.1, 0.1]
+    opt, params = xopt.SGD(lr=capped, impl=side), {"a": np.ones(3)}
+    opt.update(params, {"a": np.ones(3)})
+    opt.state["a"]["step"] = 20000
+    opt.update(params, {"a": np.full(3, 0.5)})
+    assert params["a"].tolist() == [1.0 - 1e-4 - 0.1 * 0.5] * 3 and opt.state["a"]["step"] == 20001
+    opt.lr = xopt.schedules.exponential_decay(1e-4, 10, 2.0)
+    with pytest.raises(ValueError, match=r"lr at count 20001 .* must be finite, got inf"):
+        opt.update(params, {"a": np.ones(3)})
+    assert params["a"].tolist() == [1.0 - 1e-4 - 0.05] * 3 and opt.state["a"]["step"] == 20001
+
+
 # -- held: number params with every training feature ---------------------------------------------------------
 _ORDERS = {"numbers-first": ["f", "s32", "s64", "w", "z"], "array-first": ["w", "f", "z", "s64", "s32"],
            "numbers-only": ["f", "s64", "g"]}  # the last all float64 numbers: the lane's boxes take the step
