@@ -219,6 +219,30 @@ def test_a_growing_exponential_schedule_stays_at_its_ceiling_at_any_count(side):
     assert params["a"].tolist() == [1.0 - 1e-4 - 0.05] * 3 and opt.state["a"]["step"] == 20001
 
 
+
+# -- found: the reference's norms of 0-d float32 params ------------------------------------------------------
+def test_the_squared_norm_of_a_numpy_scalar_is_taken_in_float64():
+    """Arithmetic on 0-d arrays gives NumPy scalars: LAMB's update u of a 0-d param is one.  The norms are
+    defined in float64 (x² exact for float32 x), but a scalar was not taken for a host array and was squared in
+    its own float32."""
+    from xopt import _norms
+
+    x = np.float32(3.3333333) / np.float32(1.1)
+    assert _norms.squared_norm(np, x) == float(np.float64(x)) ** 2 != float(x * x)
+
+
+@pytest.mark.parametrize("cls, kw", [(xopt.LAMB, dict(lr=0.04, weight_decay=0.1)), (xopt.Adafactor, dict(lr=0.04))],
+                         ids=["LAMB", "Adafactor"])
+@pytest.mark.parametrize("make", [np.float32, lambda x: np.array(x, np.float32), lambda x: np.array(x, np.float16)],
+                         ids=["f32-scalar", "f32-0d", "f16-0d"])
+def test_0d_float32_params_of_a_norm_rule_give_the_reference_numbers(cls, kw, make, rng):
+    """A thousand 0-d params in one call, 3 steps: the reference's trust ratio (LAMB) read the update's norm
+    squared in float32, the fused kernel's in float64: about 1 param in 300 a float32 ulp apart."""
+    params = {f"p{i}": make(x) for i, x in enumerate(rng.standard_normal(1000))}
+    grads = [{k: np.float32(x) for k, x in zip(params, rng.standard_normal(1000))} for _ in range(3)]
+    _twins(cls, kw, params, [lambda p, g=g: g for g in grads])
+
+
 # -- held: number params with every training feature ---------------------------------------------------------
 _ORDERS = {"numbers-first": ["f", "s32", "s64", "w", "z"], "array-first": ["w", "f", "z", "s64", "s32"],
            "numbers-only": ["f", "s64", "g"]}  # the last all float64 numbers: the lane's boxes take the step
