@@ -54,10 +54,8 @@ def test_float_params_after_an_array_param_take_number_grads(container, grad, rn
     read ``p.ndim`` of the float (AttributeError) where the checked path boxes the float and steps it."""
     values = [rng.standard_normal(4), 0.75, np.float64(-1.5), np.array(2.0)]
     params = values if container == "list" else dict(zip("abcd", values))
-
     g = [rng.standard_normal(4), grad, grad, grad]
     grads = g if container == "list" else dict(zip("abcd", g))
-
     for cls, kw in ((xopt.Adam, {}), (xopt.SGD, dict(momentum=0.9)), (xopt.AdaGrad, dict(lr_decay=0.01))):
         got = _twins(cls, kw, params, [lambda p: grads] * 3)
         assert got[2] == 3 and all(st["step"] == 3 for st in got[1].values())
