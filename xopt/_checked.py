@@ -55,7 +55,7 @@ def step(opt, params, grads):
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
             e.state = state_for(opt, e)
-            step = e.state["step"] + 1
+            step = int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
             key = (id(e.opt), step)
             if key not in scalars:
                 scalars[key] = e.opt.scalars(step)
@@ -145,8 +145,12 @@ def _named_arrays(opt, entries):
 def _check_step(opt, e) -> int:
     """The updates already applied to e's param (its schedule's count), checked."""
     st = opt.state.get(e.key)
-    if st is None:
+    if st is None and e.key not in opt.state:
         return 0
+    if not isinstance(st, dict):  # the step's commit sets its count: a read-only mapping would refuse it, mid-step
+        what = "None" if st is None else f"a {type(st).__name__}"
+        raise TypeError(f"param {describe(e.key)}: its optimizer state is {what}; a param's state is a dict of its "
+                        "step count and buffers (del opt.state[key] starts it afresh)")
     step = st.get("step")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
         raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
@@ -167,6 +171,9 @@ def _check_state(opt, e):
         if type(buf) is not np.ndarray and not array_api_compat.is_array_api_obj(buf):
             raise TypeError(f"param {describe(e.key)}: its optimizer state {name!r} is not an array (got "
                             f"{type(buf).__name__})")
+        if isinstance(buf, np.ma.MaskedArray):  # as a masked param or grad: the kernels would read masked values
+            raise TypeError(f"param {describe(e.key)}: its optimizer state {name!r} is a NumPy masked array; xopt "
+                            "does not apply masks: put np.ma.getdata(buffer) in the state")
         if tuple(buf.shape) != tuple(e.p.shape):
             raise ValueError(f"param {describe(e.key)} has shape {tuple(e.p.shape)} but its optimizer "
                              f"state {name!r} was made for shape {tuple(buf.shape)}")

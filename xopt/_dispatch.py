@@ -178,6 +178,7 @@ def _select(opt, entries):
             raise ValueError(f"impl='fused': param {describe(e.key)} is a NumPy array, and the fused CPU engine "
                              f"needs numba ({_numba.why_not()}); use impl='auto' or impl='reference'")
         if engine is None and opt.impl == "fused":
+            _refuse_subclass(e)
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
                             f"{opt!r}; the CPU kernels take NumPy float16/bfloat16/float32/float64 arrays "
@@ -206,6 +207,7 @@ def select_whole(opt, entries):
         if cpu.accepts(view, e):
             fused.setdefault(id(view), []).append(e)
         elif opt.impl == "fused":
+            _refuse_subclass(e)
             raise TypeError(f"impl='fused': no fused kernel takes param {describe(e.key)}, a "
                             f"{_backend.library_name(e.p)} array of {_backend.dtype_name(e.p.dtype)}, for "
                             f"{opt!r}; its kernel is the CPU engine's alone, which takes NumPy float16/32/64 arrays "
@@ -213,6 +215,15 @@ def select_whole(opt, entries):
         else:
             rest.append(e)
     return [(cpu.apply, group) for group in fused.values()], rest
+
+
+def _refuse_subclass(e):
+    """impl='fused' and a param of a subclass of numpy.ndarray (np.memmap): the TypeError that says so (its dtype
+    is one the kernels take: the general message would name that as the reason)."""
+    if isinstance(e.p, np.ndarray) and type(e.p) is not np.ndarray:
+        raise TypeError(f"impl='fused': param {describe(e.key)} is a {type(e.p).__module__}.{type(e.p).__qualname__}, "
+                        "a subclass of numpy.ndarray; the fused kernels take exact NumPy arrays (np.asarray(x) is one "
+                        "over x's memory, written in place)")
 
 
 def _blockwise(opt, entries):

@@ -109,8 +109,8 @@ def _check_kind(key, p, g):
         if isinstance(x, np.ma.MaskedArray):
             raise TypeError(f"{what} is a NumPy masked array; xopt does not apply masks (the fused kernels "
                             "would read the masked values): pass np.ma.getdata(x) or x.filled(value)")
-    if not array_api_compat.is_array_api_obj(p):
-        raise TypeError(_not_a_param(name, p))
+    if isinstance(p, np.generic) or not array_api_compat.is_array_api_obj(p):  # a NumPy float scalar is boxed
+        raise TypeError(_not_a_param(name, p))  # before this: any other (np.int64(3)) is not a param
     if not array_api_compat.is_array_api_obj(g):
         raise TypeError(f"grad of param {name} is not an array (got {type(g).__name__})")
     try:

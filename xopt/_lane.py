@@ -37,8 +37,6 @@ _NUMBERS = (float, int, np.floating)
 
 def take(opt, params, grads) -> bool:
     """The whole step, counted, or False: declined, nothing written (the checked path takes it)."""
-    if opt._overrides and not opt._patterns_checked:  # until a step is taken (its commit marks them checked)
-        opt._check_patterns(params)  # raises, naming the pattern that matches no param, before any write
     container = type(params)
     if container is dict:
         if type(grads) is not dict or len(grads) != len(params):
@@ -55,7 +53,9 @@ def take(opt, params, grads) -> bool:
         keys = range(len(params))
         ps, gs = list(params), list(grads)  # our own lists: the compiled call reads them
     else:
-        return False
+        return False  # the checked path names what is wrong with the containers before it checks the patterns
+    if opt._overrides and not opt._patterns_checked:  # until a step is taken (its commit marks them checked)
+        opt._check_patterns(params)  # raises, naming the pattern that matches no param, before any write
     return _take(opt, params, keys, ps, gs)
 
 
@@ -149,8 +149,8 @@ def _forget(opt, keys):
 def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tensors=None):
     """True: the step is done and counted, or skipped by skip_nonfinite; False: declined (nothing written).
     ``tensors``: ``ps`` when they are torch tensors (the engine's ``step_tensors`` reads them)."""
-    try:
-        steps = list(map(operator.itemgetter("step"), states))
+    try:  # dict's own lookup: a state that is not a dict (the commit could not count it) is the checked path's
+        steps = list(map(dict.__getitem__, states, repeat("step")))
     except (KeyError, TypeError):
         return False
     first = steps[0]
@@ -248,12 +248,13 @@ def _groups(opt, keys):
 
 def _arrays(gs, ps):
     """Number grads as 0-d arrays, as the checked path converts them: a Python number in its param's
-    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number."""
+    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number, or is a
+    number whose param is not a 0-d array (a float param after an array one: the checked path boxes it)."""
     out = []
     for g, p in zip(gs, ps):
         if type(g) is np.ndarray:
             out.append(g)
-        elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and p.ndim == 0:
+        elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and type(p) is np.ndarray and p.ndim == 0:
             out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
         else:
             return None

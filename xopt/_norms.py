@@ -36,7 +36,7 @@ _AT_ONCE = CHUNK * 32  # elements squared at a time: a 8 MiB temporary at most
 
 def is_host(x) -> bool:
     """Whether ``x`` is summed in this module's order: NumPy, array-api-strict, a CPU torch tensor."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):  # a NumPy scalar: what arithmetic on 0-d arrays gives
         return True
     library = _backend.library_name(x)
     return library == "array_api_strict" or (library == "torch" and x.device.type == "cpu")

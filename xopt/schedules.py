@@ -148,7 +148,10 @@ def exponential_decay(init_value, transition_steps, decay_rate, transition_begin
         p = decreased / steps
         if staircase:
             p = math.floor(p)
-        value = init if decreased <= 0 else init * rate**p
+        try:
+            value = init if decreased <= 0 else init * rate**p
+        except OverflowError:  # rate > 1, past the largest float: infinite, as optax's (the ceiling, if any)
+            value = math.copysign(math.inf, init) if init else 0.0
         return value if end is None else clip(value, end)
 
     return Schedule("exponential_decay", args, schedule)

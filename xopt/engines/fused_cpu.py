@@ -277,9 +277,10 @@ def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
 
 
 def _kernel_ready(a):
-    """A state buffer the kernel can take: C-contiguous, aligned, writeable, native byte order."""
-    if type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative:
-        return a
+    """A state buffer the kernel can take: C-contiguous, aligned, writeable, native byte order; an ndarray
+    subclass (a np.memmap) as a plain view of its memory, written in place as the reference writes it."""
+    if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative:
+        return a if type(a) is np.ndarray else a.view(np.ndarray)
     return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
@@ -313,7 +314,7 @@ def apply(opt, entries) -> list:
             st = dict(e.state)
             for name in names:
                 st[name] = _kernel_ready(e.state[name])
-                if st[name] is not e.state[name]:
+                if st[name] is not e.state[name] and st[name].base is not e.state[name]:  # a copy, not a view
                     write_back.insert(0, functools.partial(operator.setitem, e.state, name, st[name]))
             states.append(st)
         found = kind(opt, work_dtype)

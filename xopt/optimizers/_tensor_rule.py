@@ -71,7 +71,7 @@ class TensorRule(Optimizer):
             scalars = {}
             for e in entries:
                 e.state = self._state_for(e)
-                step = e.state["step"] + 1
+                step = int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
                 key = (id(e.opt), step)
                 if key not in scalars:
                     scalars[key] = e.opt.scalars(step)
