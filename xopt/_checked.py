@@ -209,6 +209,10 @@ def state_for(opt, e):
             st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
+    if _backend.dtype_name(dtype) == "float64":  # a buffer this step does not use (amsgrad off): widened alike, so
+        for name, buf in list(st.items()):  # the state's buffers keep one dtype
+            if name != "step" and _backend.dtype_name(getattr(buf, "dtype", None)) == "float32":
+                st[name] = _widened(buf, dtype, e.p)
     return st
 
 
