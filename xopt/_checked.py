@@ -180,7 +180,7 @@ def _check_state(opt, e):
         # Compared by name: a state loaded from a file is NumPy until its first use.
         if _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
             have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
-            if (have, want) == ("float32", "float64"):
+            if (have, want) == WIDENED:
                 continue  # widened by state_for, exactly
             if want == _backend.dtype_name(_backend.compute_dtype(e.xp, e.p.dtype)):
                 raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its "
@@ -193,6 +193,7 @@ def state_for(opt, e):
     if dtype is _CODES:
         return _state_8bit().state_for(opt, e)
     st = opt.state.setdefault(e.key, {"step": 0})
+    widen_float32(st, dtype, e.p)
     for name in view.buffers():
         buf = st.get(name)
         if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
@@ -203,24 +204,30 @@ def state_for(opt, e):
             if buf is None:
                 buf = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             st[name] = buf
-        elif _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
-            st[name] = _widened(buf, dtype, e.p)
         elif _backend.library_name(buf) != _backend.library_name(e.p):
             st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
         elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
             st[name] = _copy(buf)  # a read-only buffer (a user's, a file's): the step writes a copy
-    if _backend.dtype_name(dtype) == "float64":  # a buffer this step does not use (amsgrad off): widened alike, so
-        for name, buf in list(st.items()):  # the state's buffers keep one dtype
-            if name != "step" and _backend.dtype_name(getattr(buf, "dtype", None)) == "float32":
-                st[name] = _widened(buf, dtype, e.p)
     return st
 
 
+WIDENED = ("float32", "float64")  # (a buffer's dtype, the dtype its param keeps state in) that a step widens
+
+
+def widen_float32(st, dtype, p):
+    """In state ``st`` of param ``p``, whose state is kept in ``dtype``: where that is float64, each float32 buffer
+    (those the step uses and any other: amsgrad's v_max turned off) replaced by a new float64 one, exactly, in the
+    param's library.  8-bit or bfloat16 state converted without the params (``load_state_dict`` without
+    ``params=``, setting ``state_dtype``) comes back float32; torch.optim's ``load_state_dict`` casts a state
+    to its param's dtype too."""
+    if _backend.dtype_name(dtype) != "float64":
+        return
+    for name, buf in list(st.items()):
+        if name != "step" and _backend.dtype_name(getattr(buf, "dtype", None)) == "float32":
+            st[name] = _widened(buf, dtype, p)
+
+
 def _widened(buf, dtype, p):
-    """A float32 buffer of a float64 param's state as a new float64 one (exact), in the param's library: what an
-    8-bit or bfloat16 state converted without the params (``load_state_dict`` without ``params=``, setting
-    ``state_dtype``) comes back as, or a state a user kept in float32.  torch.optim's ``load_state_dict`` casts
-    a state to its param's dtype too."""
     if _backend.library_name(buf) != _backend.library_name(p):
         buf = _backend.from_numpy(_backend.to_numpy(buf), p)
     if type(buf) is np.ndarray:

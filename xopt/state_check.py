@@ -335,9 +335,9 @@ class _EntryChecks:
             if expect_shape is not None and shape != expect_shape:
                 raise ValueError(f"state {buf_name!r} of param {name} has shape {shape} but the param has "
                                  f"shape {expect_shape}")
-            widen = (dtype, expect_dtype) == ("float32", "float64")  # a float64 param's state kept in float32:
-            if widen:  # widened (exactly), as a step widens it and as torch.optim's load_state_dict casts it
-                buf, dtype = _backend.namespace(buf).astype(buf, _backend.namespace(buf).float64), "float64"
+            widen = (dtype, expect_dtype) == ("float32", "float64")
+            if widen:
+                buf, dtype = widened_on_load(buf), "float64"
             elif expect_dtype is not None and dtype != expect_dtype:
                 raise TypeError(f"state {buf_name!r} of param {name} is {dtype} but {trial!r} keeps the state "
                                 f"of that param in {expect_dtype}")
@@ -350,6 +350,13 @@ class _EntryChecks:
             first = first or (buf_name, shape, dtype)
             entry[buf_name] = _native(buf) if (self.copy and not widen) or not _taken_as_it_is(buf) else buf
         return entry
+
+
+def widened_on_load(buf):
+    """A float64 param's float32 state buffer loaded with ``params=``: a new float64 array, exactly, as the step
+    widens it (:func:`xopt._checked.widen_float32`) and as torch.optim's ``load_state_dict`` casts it."""
+    xp = _backend.namespace(buf)
+    return xp.astype(buf, xp.float64)
 
 
 def _taken_as_it_is(buf) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
-from .._checked import _check_step, _commit, _plain_torch, _widened, clip_or_skip
+from .._checked import WIDENED, _check_step, _commit, _plain_torch, clip_or_skip, widen_float32
 from .._inputs import check_overlaps, collect, describe
 from ..engines.reference import _apply_whole, _kind
 from ..optimizer import Optimizer
@@ -140,19 +140,18 @@ class TensorRule(Optimizer):
                 raise ValueError(f"param {describe(e.key)} of shape {tuple(e.p.shape)} keeps its optimizer state "
                                  f"{name!r} in shape {tuple(shape)}, but that state has shape {tuple(buf.shape)}")
             have, want = _backend.dtype_name(buf.dtype), _backend.dtype_name(dtype)
-            if have != want and (have, want) != ("float32", "float64"):  # float32: widened by _state_for, exactly
+            if have != want and (have, want) != WIDENED:  # float32: widened by _state_for, exactly
                 raise TypeError(f"param {describe(e.key)} is {_backend.dtype_name(e.p.dtype)} but its optimizer "
                                 f"state {name!r} is {_backend.dtype_name(buf.dtype)}")
 
     def _state_for(self, e):
         st = self.state.setdefault(e.key, {"step": 0})
         xp, dtype, view = e.xp, self.buffer_dtype(e), e.opt
+        widen_float32(st, dtype, e.p)
         for name, shape in view.buffer_shapes(e.p.shape).items():
             buf = st.get(name)
             if buf is None:
                 st[name] = xp.full(shape, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
-            elif _backend.dtype_name(buf.dtype) != _backend.dtype_name(dtype):
-                st[name] = _widened(buf, dtype, e.p)  # a float64 param's float32 state, as the elementwise step's
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
             elif not (_backend.can_rebind_only(buf) or _backend.is_writable(buf)):
@@ -170,7 +169,7 @@ def _checked_tensor_state(opt, checked_state, state_dict, params):
     ``buffer_shapes`` gives for each param (with the loaded hyperparameters and overrides); everything
     else (names, hyperparameters, overrides, counters) by ``checked_state`` on the state without its
     buffers."""
-    from ..state_check import _count, _expected_layout, _native, _param_arrays
+    from ..state_check import _count, _expected_layout, _native, _param_arrays, widened_on_load
 
     import array_api_compat
 
@@ -210,8 +209,8 @@ def _checked_tensor_state(opt, checked_state, state_dict, params):
                 if tuple(buf.shape) != expected[buf_name]:
                     raise ValueError(f"state {buf_name!r} of param {name} has shape {tuple(buf.shape)}, but "
                                      f"{kind} keeps it in shape {expected[buf_name]} for a param of shape {shape}")
-                if (_backend.dtype_name(buf.dtype), dtype) == ("float32", "float64"):  # widened, exactly, as
-                    buf = _backend.namespace(buf).astype(buf, _backend.namespace(buf).float64)  # state_check's
+                if (_backend.dtype_name(buf.dtype), dtype) == WIDENED:
+                    buf = widened_on_load(buf)
                 elif _backend.dtype_name(buf.dtype) != dtype:
                     raise TypeError(f"state {buf_name!r} of param {name} is {_backend.dtype_name(buf.dtype)} but "
                                     f"{trial!r} keeps the state of that param in {dtype}")
