@@ -361,3 +361,20 @@ def test_ctrl_c_during_a_dask_step_computation_interrupts_it_and_changes_nothing
     words = run.stdout.split()
     assert words[:1] == ["interrupted"], run.stdout + run.stderr
     assert float(words[1]) < 2.5 and words[2] == "True", run.stdout  # before the 3 s grads were done
+
+
+def test_a_numpy_step_count_at_its_maximum_steps_dask_params_as_the_int_count(rng):
+    """The Dask engine took the next step as ``state["step"] + 1`` in the count's own type: np.int8(127) wrapped
+    to -128 (Adam's bias correction then failed with 'math domain error').  Its numbers are those of an int
+    count, as NumPy params' are."""
+    w0, grads = rng.standard_normal(8), [rng.standard_normal(8) for _ in range(2)]
+    out = {}
+    with dask.config.set(scheduler="sync"):
+        for make in (np.int8, int):
+            opt, p = xopt.Adam(), {"w": da.from_array(w0.copy(), chunks=4)}
+            opt.update(p, {"w": da.from_array(grads[0], chunks=4)})
+            opt.state["w"]["step"] = make(127)
+            opt.update(p, {"w": da.from_array(grads[1], chunks=4)})
+            out[make] = np.asarray(p["w"]), int(opt.state["w"]["step"])
+    np.testing.assert_array_equal(out[np.int8][0], out[int][0])
+    assert out[np.int8][1] == out[int][1] == 128

@@ -8,6 +8,8 @@ the twin's numbers bit for bit, or the twin's error with nothing written.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import types
 
 import numpy as np
@@ -80,6 +82,13 @@ def test_a_state_that_is_not_a_dict_is_refused_naming_its_param(make, rng):
         with pytest.raises(TypeError, match=r"param 'a': its optimizer state is .*a dict"):
             opt.update(p, grads)
         assert (_values(p), _state(opt), opt.iter) == before, side
+        # state_dict() and save() name it too (they raised AttributeError or TypeError from deep in a copy)
+        with pytest.raises(TypeError, match=r"param 'a': its optimizer state is .*a dict"):
+            opt.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            with pytest.raises(TypeError, match=r"param 'a': its optimizer state is .*a dict"):
+                opt.save(os.path.join(tmp, "s.npz"))
+            assert os.listdir(tmp) == []
 
 
 # -- found: a NumPy step count at its type's maximum -----------------------------------------------------
@@ -281,3 +290,44 @@ def test_number_and_array_params_at_different_counts_give_the_reference_numbers(
     assert shots["auto"] == shots["reference"]
     assert [v[0] for v in shots["auto"][0].values()] == [type(start[k]).__name__ for k in names]
     assert len({st["step"] for st in shots["auto"][1].values()}) > 1  # the counts did drift apart
+
+
+# -- found: a Python int grad too large for a float ------------------------------------------------------
+@pytest.mark.parametrize("b", [lambda: np.array(2.0), lambda: 2.0, lambda: np.ones(2)], ids=["0-d", "float", "array"])
+def test_an_int_grad_too_large_for_a_float_is_refused_naming_its_param(b, rng):
+    """``10**400`` as a grad raised a bare OverflowError ('int too large to convert to float') from the
+    conversion to a 0-d array, naming no param."""
+    for side in _SIDES:
+        opt, p = xopt.Adam(impl=side), {"a": np.array(1.0), "b": b()}
+        opt.update(p, {"a": 0.5, "b": np.full(np.shape(p["b"]), 0.5)})
+        before = _values(p), _state(opt), opt.iter
+        with pytest.raises(ValueError, match=r"grad of param 'b' is an int too large for float64 \(1329 bits\)"):
+            opt.update(p, {"a": 0.5, "b": 10**400})
+        assert (_values(p), _state(opt), opt.iter) == before, side
+
+
+# -- found: a state dict whose own __setitem__ is Python -------------------------------------------------
+class _Refusing(dict):
+    def __setitem__(self, key, value):
+        raise RuntimeError("a write through the subclass")
+
+
+@pytest.mark.parametrize("cls, kw", [(xopt.Adam, {}), (xopt.SGD, dict(momentum=0.9))], ids=["Adam", "SGD-momentum"])
+def test_a_state_in_a_dict_subclass_is_written_as_a_dict(cls, kw, rng):
+    """A param's state in a dict subclass whose ``__setitem__`` raises: the commit's write of the step count went
+    through it after the kernel had written the param and buffers (a half-done step), and a Python
+    ``__setitem__`` is a point where a signal handler can run.  The state is written with ``dict.__setitem__``:
+    the step is whole, and its numbers are a plain dict's."""
+    params = {"a": rng.standard_normal(5), "b": rng.standard_normal((2, 3)).astype(np.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    for side in ("auto", "reference", "fused"):
+        shots = []
+        for wrap in (dict, _Refusing):
+            opt, p = cls(impl=side, **kw), copy.deepcopy(params)
+            opt.update(p, grads)
+            for k in list(opt.state):
+                opt.state[k] = wrap(opt.state[k])
+            opt.update(p, grads)
+            shots.append((_values(p), _state(opt), opt.iter))
+        assert shots[0] == shots[1], side
+        assert all(st["step"] == 2 for st in shots[1][1].values())

@@ -36,6 +36,10 @@ def test_schedules_take_optaxs_arguments_by_name():
     assert repr(s).startswith("exponential_decay(init_value=1.0, transition_steps=2")
     with pytest.raises(ValueError, match="positive decay_steps"):
         schedules.cosine_decay_schedule(0.1, 0)
+    for make in (lambda: schedules.cosine_decay_schedule(0.1, 10, exponent=-1.0),  # 0 ** -1 at the end
+                 lambda: schedules.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10, exponent=-0.5)):
+        with pytest.raises(ValueError, match="exponent >= 0, got exponent=-"):
+            make()
     with pytest.raises(TypeError, match="transition_steps must be an int"):
         schedules.linear_schedule(0.1, 0.0, 2.5)
 

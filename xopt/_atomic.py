@@ -11,8 +11,9 @@ the last; one that arrives meanwhile runs as soon as the step is whole.  xopt in
 handler.
 
 What remains: a write that fails inside its array library (out of memory in a copy), and a call that
-is not C after all (a user's ``dict`` subclass with a Python ``__setitem__``, a profiler set with
-``sys.setprofile``), which could let a handler run in the middle.
+is not C after all (a params container that is a ``dict`` subclass with a Python ``__setitem__``, where
+float params are rebound; a profiler set with ``sys.setprofile``), which could let a handler run in the
+middle.  A param's state is written with ``dict.__setitem__``, whatever ``dict`` subclass holds it.
 """
 
 from __future__ import annotations

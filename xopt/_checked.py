@@ -103,7 +103,7 @@ def _commit(opt, params, entries, norm) -> list:
     """The calls that count the step: each param's step count, the params rebound (new arrays of libraries
     that cannot write in place; float params read back from their boxes once written), ``iter``, the norm."""
     own = opt.__dict__.__setitem__
-    calls = [partial(operator.setitem, e.state, "step", int(e.state["step"]) + 1) for e in entries]
+    calls = [partial(dict.__setitem__, e.state, "step", int(e.state["step"]) + 1) for e in entries]
     unboxed = [e for e in entries if e.unbox is not None]
     if unboxed:
         calls.append(each(operator.setitem, repeat(params), [e.key for e in unboxed],
@@ -142,15 +142,20 @@ def _named_arrays(opt, entries):
     return named
 
 
+def not_a_state(key, st) -> TypeError:
+    """The error for a param's state that is not a dict (``st``), naming the param."""
+    what = "None" if st is None else f"a {type(st).__name__}"
+    return TypeError(f"param {describe(key)}: its optimizer state is {what}; a param's state is a dict of its "
+                     "step count and buffers (del opt.state[key] starts it afresh)")
+
+
 def _check_step(opt, e) -> int:
     """The updates already applied to e's param (its schedule's count), checked."""
     st = opt.state.get(e.key)
     if st is None and e.key not in opt.state:
         return 0
     if not isinstance(st, dict):  # the step's commit sets its count: a read-only mapping would refuse it, mid-step
-        what = "None" if st is None else f"a {type(st).__name__}"
-        raise TypeError(f"param {describe(e.key)}: its optimizer state is {what}; a param's state is a dict of its "
-                        "step count and buffers (del opt.state[key] starts it afresh)")
+        raise not_a_state(e.key, st)
     step = st.get("step")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
         raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "

@@ -68,14 +68,24 @@ def _is_scalar(x) -> bool:
     return isinstance(x, (float, np.floating)) and not isinstance(x, bool)
 
 
-def _boxed(p, g):
+def number_grad(key, g, dtype):
+    """A number grad as a 0-d array: a Python number in its param's ``dtype``, a NumPy scalar in its own; an int
+    too large for the dtype raises, naming the param."""
+    try:
+        return np.asarray(g, dtype=dtype if isinstance(g, (int, float)) else None)
+    except OverflowError:
+        raise ValueError(f"grad of param {describe(key)} is an int too large for {np.dtype(dtype).name} "
+                         f"({g.bit_length()} bits)") from None
+
+
+def _boxed(key, p, g):
     """(0-d array copy of the scalar p, g as an array, how to turn the new p back into p's kind)."""
     if isinstance(p, np.floating):
         box, unbox = np.array(p), operator.itemgetter(())  # a NumPy scalar of p's dtype
     else:
         box, unbox = np.array(p, dtype=np.float64), float
     if isinstance(g, (int, float, np.number)) and not isinstance(g, bool):
-        g = np.asarray(g, dtype=box.dtype if isinstance(g, (int, float)) else None)
+        g = number_grad(key, g, box.dtype)
     return box, g, unbox
 
 
@@ -86,7 +96,7 @@ def _check_pair(key, p, g):
     """(namespace, grad) of a param and its grad, checked: arrays of one library, real floating, one shape,
     one device.  What depends on their types and dtypes alone is worked out once per kind of pair."""
     if isinstance(g, (int, float, np.number)) and not isinstance(g, bool) and isinstance(p, np.ndarray):
-        g = np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None)  # a number for a 0-d param
+        g = number_grad(key, g, p.dtype)  # a number for a 0-d param
     kind = (type(p), type(g), getattr(p, "dtype", None), getattr(g, "dtype", None))
     xp = _KINDS.get(kind)
     if xp is None:
@@ -162,7 +172,7 @@ def collect(params, grads) -> list[Entry]:
             if fixed_container:
                 raise TypeError(f"param {describe(key)} is a number in a {type(params).__name__}; pass a dict "
                                 "or a list so it can be replaced")
-            p, g, unbox = _boxed(p, g)
+            p, g, unbox = _boxed(key, p, g)
         xp, g = _check_pair(key, p, g)
         rebind = False
         if not _backend.is_writable(p):

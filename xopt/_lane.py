@@ -195,7 +195,7 @@ def _step(opt, engine, kind, params, keys, ps, gs, states, boxes, created, tenso
             calls = [partial(own, "skipped_steps", opt.skipped_steps + 1)]
             calls += [partial(opt.state.pop, key, None) for key in created]
         else:
-            calls = [each(operator.setitem, states, repeat("step"), list(map(_ONE.__add__, steps))),
+            calls = [each(dict.__setitem__, states, repeat("step"), list(map(_ONE.__add__, steps))),
                      partial(own, "iter", opt.iter + 1)]
             if boxes is not None:  # the new values of float params, read from their boxes once written
                 calls.append(each(operator.setitem, repeat(params), keys, map(CALL, map(partial, boxes[1], ps))))
@@ -255,7 +255,10 @@ def _arrays(gs, ps):
         if type(g) is np.ndarray:
             out.append(g)
         elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and type(p) is np.ndarray and p.ndim == 0:
-            out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
+            try:
+                out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
+            except OverflowError:  # an int too large for the dtype: the checked path names its param
+                return None
         else:
             return None
     return out

@@ -278,6 +278,9 @@ class Optimizer:
         return self._guard.run(self._state_dict)
 
     def _state_dict(self, copy=True) -> dict:
+        for key, st in self.state.items():  # a state set to something else: named here, not deep in a copy or a file
+            if not isinstance(st, dict):
+                raise _checked.not_a_state(key, st)
         dask_engine = sys.modules.get("xopt.engines.fused_dask")
         if dask_engine is not None:  # Dask state the cluster lost raises, naming it (not a file that can't be written)
             dask_engine.check_state(self)

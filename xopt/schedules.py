@@ -115,6 +115,8 @@ def cosine_decay_schedule(init_value, decay_steps, alpha=0.0, exponent=1.0) -> S
     init, steps, alpha, exponent = args.values()
     if not steps > 0:
         raise ValueError(f"cosine_decay_schedule requires positive decay_steps, got decay_steps={steps}")
+    if exponent < 0:  # the cosine reaches 0 at decay_steps: its negative power has no value there
+        raise ValueError(f"cosine_decay_schedule requires exponent >= 0, got exponent={exponent}")
 
     def schedule(count):
         cosine = 0.5 * (1 + math.cos(math.pi * min(float(count), float(steps)) / float(steps)))

@@ -151,7 +151,7 @@ def one_span():
 def due(e, names, every) -> bool:
     """Whether the step e is about to take is a durable point: ``every`` steps or more since the last one."""
     holder = carried([e.p, *(e.state[n] for n in names if n in e.state)])
-    return every > 0 and e.state["step"] + 1 - (holder.step if holder else 0) >= every
+    return every > 0 and int(e.state["step"]) + 1 - (holder.step if holder else 0) >= every
 
 
 def _describe(key):

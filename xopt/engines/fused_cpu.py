@@ -315,7 +315,7 @@ def apply(opt, entries) -> list:
             for name in names:
                 st[name] = _kernel_ready(e.state[name])
                 if st[name] is not e.state[name] and st[name].base is not e.state[name]:  # a copy, not a view
-                    write_back.insert(0, functools.partial(operator.setitem, e.state, name, st[name]))
+                    write_back.insert(0, functools.partial(dict.__setitem__, e.state, name, st[name]))
             states.append(st)
         found = kind(opt, work_dtype)
         keep = found.keeps(names)

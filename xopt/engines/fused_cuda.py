@@ -351,7 +351,7 @@ def apply(opt, entries) -> list:
                     buf = e.state[name]
                     if not buf.flags.c_contiguous or device.address(buf) % buf.itemsize:
                         st[name] = buf.copy(order="C")
-                        write_back.insert(0, functools.partial(operator.setitem, e.state, name, st[name]))
+                        write_back.insert(0, functools.partial(dict.__setitem__, e.state, name, st[name]))
                 states.append(st)
             keep = [name in names for name in found.slots]
             lists = [ps, gs] + [[st[name] for st in states] if k else None for name, k in zip(found.slots, keep)]

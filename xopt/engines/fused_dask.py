@@ -168,7 +168,7 @@ def apply(opt, entries) -> list:
         arrays = [e.p, e.g] + [e.state[n] for n in names]
         arrays = [a if a.chunks == e.p.chunks else a.rechunk(e.p.chunks) for a in arrays]
         ind = tuple(range(e.p.ndim))
-        step = e.state["step"] + 1
+        step = int(e.state["step"]) + 1  # the count checked: an int of any type; +1 as an int (np.int8 would wrap)
         clip_token = clip.name if isinstance(clip, da.Array) else clip
         token = tokenize(opt.impl, opt._hyper, step, clip_token, *(a.name for a in arrays))  # the inputs: a pure key
         name = f"xopt-{type(opt).__name__.lower()}-{token}"
@@ -188,7 +188,7 @@ def apply(opt, entries) -> list:
         durable = dask_lineage.make_durable([steps[i] for i in due])
         for i, made in zip(due, durable or ()):
             steps[i] = made
-            holders[i] = dask_lineage.Durable(entries[i].state["step"] + 1, made)
+            holders[i] = dask_lineage.Durable(int(entries[i].state["step"]) + 1, made)
     writes = []
     for e, step, holder in zip(entries, steps, holders):
         like = [e.p] + [e.state[n] for n in names]
