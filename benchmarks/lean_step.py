@@ -16,7 +16,8 @@
    timed) against xopt's ``repeated`` Adam row; and both on one float32 tensor of 2**25 elements.  Skipped
    without torch.
 4. scalars: Rosenbrock's two params as 0-d float64 arrays with NumPy-scalar grads, and as Python floats with
-   float grads (grads computed once); xopt's SGD and Adam (lr=1e-3) against the seed's.
+   float grads (grads computed once); xopt's SGD and Adam (lr=1e-3) against the seed's; and beside them
+   ``floor SGD`` (:func:`floor_sgd`): the least a checked, locked, counted SGD step does, in plain Python.
 5. many params: 100,000 float32 params of 1..16 elements, Adam: the first update of a new optimizer, a later
    update, ``save()``, ``load()`` into a new optimizer and that one's first update; seconds, one shot each
    per round (``--many-rounds``), run after the other cases.
@@ -37,6 +38,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -140,6 +142,37 @@ def rosenbrock(as_float):
     return (lambda: {"x": np.array(-1.5), "y": np.array(2.0)}), {"x": gx, "y": gy}
 
 
+def floor_sgd(lr=1e-3):
+    """The least a step of SGD does that keeps update's per-call promises, written for the Rosenbrock cases alone in
+    plain Python: one lock, the containers and every param's and grad's type (and a 0-d array's dtype and shape)
+    checked, every new value computed before the first write, a step count per param; no kernel, no options.
+    Not xopt's code: a floor for what any checked step costs beside the seed's bare ``params[key] -= lr * g``."""
+    lock, counts = threading.Lock(), {}
+
+    def update(params, grads):
+        with lock:
+            if type(params) is not dict or type(grads) is not dict or len(params) != len(grads):
+                raise TypeError("params and grads: dicts of one length")
+            new = []
+            for key, p in params.items():
+                g = grads[key]
+                if type(p) is float:
+                    if type(g) is not float:
+                        raise TypeError(key)
+                    new.append((key, p - lr * g))
+                elif type(p) is np.ndarray and p.dtype == np.float64 and p.shape == () and type(g) is np.float64:
+                    new.append((key, p - lr * g))
+                else:
+                    raise TypeError(key)
+            for key, value in new:
+                if type(params[key]) is float:
+                    params[key] = value
+                else:
+                    params[key][...] = value
+                counts[key] = counts.get(key, 0) + 1
+    return update
+
+
 def cases(big):
     """{(section, name): (timed call, calls per round)} and the ratios [(name, kind, numerator, denominator)]."""
     timed, ratios = {}, []
@@ -177,6 +210,9 @@ def cases(big):
             timed[ours] = repeated(getattr(xopt, name)(lr=1e-3).update, make(), grads), 20
             timed[theirs] = repeated(getattr(seed, name)(lr=1e-3).update, make(), grads), 20
             ratios.append((f"{name}, Rosenbrock as {kind}: xopt / seed", "xopt/seed", ours, theirs))
+        least = ("scalars", f"floor SGD, {kind}")
+        timed[least] = repeated(floor_sgd(), make(), grads), 20
+        ratios.append((f"SGD, Rosenbrock as {kind}: floor / seed", "info", least, ("scalars", f"seed SGD, {kind}")))
     return timed, ratios
 
 
