@@ -331,3 +331,53 @@ def test_a_state_in_a_dict_subclass_is_written_as_a_dict(cls, kw, rng):
             shots.append((_values(p), _state(opt), opt.iter))
         assert shots[0] == shots[1], side
         assert all(st["step"] == 2 for st in shots[1][1].values())
+
+
+# -- found: an array whose elements share memory ---------------------------------------------------------
+@pytest.mark.parametrize("where", ["param", "state"])
+@pytest.mark.parametrize("side", ("auto", "reference", "fused"))
+def test_an_array_that_overlaps_itself_is_refused_and_nothing_is_written(where, side):
+    """A param or state buffer made with ``as_strided`` whose elements share memory (a zero stride) was stepped:
+    each path wrote the shared element several times, the last write winning, and the paths disagreed (the
+    fused path stepped a copy of a state buffer and replaced it, the reference wrote through it)."""
+    from numpy.lib.stride_tricks import as_strided
+
+    base, p = np.zeros(3), np.ones(4)
+    opt = xopt.Adam(impl=side)
+    opt.update({"w": p}, {"w": np.ones(4)})
+    shared = as_strided(base, shape=(4,), strides=(0,), writeable=True)
+    if where == "param":
+        p = shared
+    else:
+        opt.state["w"]["m"] = shared
+    before = base.tobytes(), p.tobytes(), _state(opt), opt.iter
+    label = "param 'w'" if where == "param" else "optimizer state 'm' of param 'w'"
+    with pytest.raises(ValueError, match=f"{label} overlaps itself"):
+        opt.update({"w": p}, {"w": np.arange(4.0)})
+    assert (base.tobytes(), p.tobytes(), _state(opt), opt.iter) == before
+
+
+def test_strided_layouts_whose_elements_do_not_meet_are_stepped_as_copies(rng):
+    """The refusal above is exact: interleaved strides (offsets i*16 + j*24: no two elements meet, though the
+    dims' spans cross), a transpose and a slice step as their contiguous copies do."""
+    from numpy.lib.stride_tricks import as_strided
+
+    views = [lambda b: as_strided(b, shape=(3, 2), strides=(16, 24), writeable=True),
+             lambda b: b[:16].reshape(4, 4).T, lambda b: b[::3]]
+    for view in views:
+        base = rng.standard_normal(64)
+        p, g = view(base), rng.standard_normal(view(base).shape)
+        twin = p.copy()
+        opt, ref = xopt.Adam(), xopt.Adam()
+        for _ in range(2):
+            opt.update({"w": p}, {"w": g})
+            ref.update({"w": twin}, {"w": g})
+        np.testing.assert_array_equal(p, twin)
+
+
+def test_a_torch_param_that_overlaps_itself_is_refused():
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(1, dtype=torch.float64).expand(4)
+    with pytest.raises(ValueError, match="param 'w' overlaps itself"):
+        xopt.SGD(lr=0.1).update({"w": p}, {"w": torch.arange(4.0, dtype=torch.float64)})
+    assert float(p[0]) == 0.0

@@ -202,6 +202,35 @@ def _label(what, key) -> str:
 _NDARRAY = frozenset({np.ndarray})
 
 
+def _overlaps_itself(a) -> bool:
+    """Whether two elements of array ``a`` (NumPy, CuPy or torch: from its shape and strides, no data read) share
+    bytes: written in one step, their result would depend on the order of the writes.  Dims taken from the
+    smallest stride up, each stride past all the bytes the dims below it reach is no overlap (every layout that
+    slicing, transposing and reshaping make); otherwise the elements' byte offsets are compared."""
+    strides = getattr(a, "strides", None)
+    itemsize = getattr(getattr(a, "dtype", None), "itemsize", None)
+    if strides is None and callable(getattr(a, "stride", None)):  # torch: strides in elements
+        itemsize = a.element_size()
+        strides = tuple(s * itemsize for s in a.stride())
+    if strides is None or itemsize is None:
+        return False  # an array without strides (Dask, JAX) is never written in place
+    dims = sorted((abs(s), n) for s, n in zip(strides, a.shape) if n > 1)
+    if any(n == 0 for n in a.shape):
+        return False
+    reach = itemsize
+    for stride, n in dims:
+        if stride < reach:
+            break
+        reach += stride * (n - 1)
+    else:
+        return False
+    offsets = np.zeros((), dtype=np.int64)
+    for stride, n in dims:
+        offsets = (offsets[..., None] + np.arange(n, dtype=np.int64) * stride).reshape(-1)
+    offsets = np.sort(offsets.reshape(-1))
+    return bool((np.diff(offsets) < itemsize).any())
+
+
 def _apart(lo, hi) -> bool:
     """Whether no two of the byte ranges [lo, hi) (int64 arrays; empty ones left out) meet."""
     reach = lo < hi
@@ -221,9 +250,14 @@ def check_overlaps(named):
     depend on the order of the elements' updates, and the parallel kernels race.  Grads may
     share memory with each other (they are only read).
     """
+    arrays = [a for a, _, _ in named]
+    for a, what, is_grad in named:  # contiguous arrays (the usual ones) cannot overlap themselves
+        if not is_grad and not (type(a) is np.ndarray and a.flags.forc) and _overlaps_itself(a):
+            raise ValueError(f"{_label(*what)} overlaps itself (elements that share memory: a view made with "
+                             "as_strided or a zero stride); xopt writes each element once per step: pass an array "
+                             "whose elements have memory of their own (a copy)")
     if len(named) < 2:
         return
-    arrays = [a for a, _, _ in named]
     if _NDARRAY.issuperset(map(type, arrays)) and _apart(*_backend.numpy_bounds(arrays)):
         return  # NumPy arrays whose byte ranges do not meet: the usual step, without the sweep below
     spans = _backend.byte_spans(arrays)
