@@ -1,0 +1,77 @@
+"""The CUDA engine at its edges: its kernel's CPU build behind xopt's own dispatch, and CuPy arrays over host memory
+(only the CUDA calls stubbed), against the reference rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt.engines import fused_cuda
+from test_cuda_source import HostDevice, _placed, at, cuda_on_cpu  # noqa: F401
+from test_cuda_compose import _cupy_host, _cupy_twin, _host
+from test_cuda_8bit_host import cupy8  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.cuda_source
+
+
+@pytest.fixture
+def cupy_lane(cuda_on_cpu, monkeypatch):  # noqa: F811
+    """CuPy arrays (over host memory) to the CUDA engine's checked path and lane, as on a GPU."""
+    pytest.importorskip("cupy")
+    monkeypatch.setattr(fused_cuda, "accepts", lambda opt, e: fused_cuda._is_cupy(e.p) and fused_cuda._is_cupy(e.g)
+                        and not e.rebind and fused_cuda.kind(opt, e.p.dtype) is not None)
+    return cuda_on_cpu
+
+
+def _snapshot(opt, params):
+    return ({k: _host(v) for k, v in params.items()},
+            {k: {n: (v if n == "step" else _host(v)) for n, v in st.items()} for k, st in opt.state.items()},
+            opt.iter)
+
+
+def _assert_unchanged(before, after):
+    (p0, s0, i0), (p1, s1, i1) = before, after
+    assert i0 == i1
+    for k in p0:
+        np.testing.assert_array_equal(p1[k], p0[k])
+        assert s0[k].keys() == s1[k].keys()
+        for n in s0[k]:
+            np.testing.assert_array_equal(s1[k][n], s0[k][n])
+
+
+def test_float_state_on_another_gpu_than_its_param_is_named(cupy_lane, lane, rng):
+    """A state buffer on another GPU than its param (a state kept from a run on another GPU, a param moved since):
+    the lane declined it, and the checked path, whose checks compare a grad's GPU with its param's but not the
+    state's, built the launch's table and raised "xopt internal error: the CUDA table refused arrays the checks
+    passed".  Now the checked path names the param, the buffer and both GPUs, before any write."""
+    params = {"w": rng.standard_normal(40), "v": rng.standard_normal(7)}
+    ours, b = _cupy_twin("Adam", params, {k: rng.standard_normal(v.shape) for k, v in params.items()})
+    ours.state["w"]["m"] = _cupy_host(_host(ours.state["w"]["m"]), device=1)
+    before = _snapshot(ours, b)
+    g = {k: _cupy_host(rng.standard_normal(v.shape)) for k, v in params.items()}
+    lane.clear()
+    with pytest.raises(ValueError, match=r"state buffer 'm' of param 'w' is on GPU 1 but the param is on GPU 0"):
+        ours.update(b, g)
+    assert lane == [False] and (cupy_lane.launches, len(cupy_lane.uploads)) == (0, 0)
+    _assert_unchanged(before, _snapshot(ours, b))
+
+
+@pytest.mark.parametrize("buffer", ["m", "m_absmax"])
+def test_8bit_state_on_another_gpu_than_its_param_is_refused(buffer, cupy8, rng):  # noqa: F811
+    """8-bit state (codes or absmax) on another GPU than its param: the checked path launched xopt_step8 on the
+    param's GPU with the other GPU's addresses in its table (on a GPU: an illegal address, which ends the
+    process's CUDA context, or another allocation's bytes).  Now it raises, naming the buffer, before any write or
+    launch."""
+    from test_cuda_8bit import _grads, _random
+    from test_cuda_8bit_host import _cupy_twin as twin8
+
+    params = _random(rng, [5000, 100], np.float32)
+    gs = _grads(rng, params, 2)
+    _, _, ours, b = twin8(cupy8, "Adam", params, gs[0], min_8bit_size=1000)
+    ours.state["w0"][buffer] = cupy8.on_gpu(cupy8.host(ours.state["w0"][buffer]), device=1)
+    before = _snapshot(ours, b)
+    with pytest.raises(ValueError, match=f"state buffer '{buffer}' of param 'w0' is on GPU 1"):
+        ours.update(b, {k: cupy8.on_gpu(v) for k, v in gs[1].items()})
+    assert not cupy8.launches8 and not cupy8.launches
+    _assert_unchanged(before, _snapshot(ours, b))
