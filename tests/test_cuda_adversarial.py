@@ -75,3 +75,24 @@ def test_8bit_state_on_another_gpu_than_its_param_is_refused(buffer, cupy8, rng)
         ours.update(b, {k: cupy8.on_gpu(v) for k, v in gs[1].items()})
     assert not cupy8.launches8 and not cupy8.launches
     _assert_unchanged(before, _snapshot(ours, b))
+
+
+def test_a_kept_verdict_stands_for_the_checked_paths_table(cuda_on_cpu, monkeypatch):  # noqa: F811
+    """A self-check verdict kept on disk is keyed by a hash of xopt's host side of the launch, but that hash left out
+    ``cuda_reader.py``, which builds the table of every check's first step (the checked path's) and of the lane's
+    steps where numba cannot run: a changed table builder would have read a verdict kept for the old one."""
+    pytest.importorskip("cupy")
+    from pathlib import Path
+
+    from xopt.engines import cuda_check
+
+    try:
+        before = cuda_check._case(0, 4, "float32")
+    except Exception:  # noqa: BLE001
+        before = None
+    if before is None:
+        pytest.skip("CuPy cannot say NVRTC's version here")
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read(self) + (b"\n# changed" if self.name == "cuda_reader.py"
+                                                                         else b""))
+    assert cuda_check._case(0, 4, "float32")["host"] != before["host"]

@@ -324,9 +324,10 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
     return result
 
 
-# The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.
-_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "fused_cuda.py", "kernels.py",
-              "cuda_blockwise.py")
+# The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.  The
+# checked path's table (every check's first step, and the lane's where numba cannot run) is cuda_reader's.
+_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "cuda_reader.py", "fused_cuda.py",
+              "kernels.py", "cuda_blockwise.py")
 # A CUDA error after the kernel ran that is the kernel's own (kept); any other may pass another time.
 _KERNEL_FAULTS = ("IllegalAddress", "MisalignedAddress", "LaunchFailure", "IllegalInstruction", "HardwareStackError",
                   "InvalidPc", "InvalidAddressSpace")
