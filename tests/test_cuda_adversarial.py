@@ -96,3 +96,26 @@ def test_a_kept_verdict_stands_for_the_checked_paths_table(cuda_on_cpu, monkeypa
     monkeypatch.setattr(Path, "read_bytes", lambda self: read(self) + (b"\n# changed" if self.name == "cuda_reader.py"
                                                                          else b""))
     assert cuda_check._case(0, 4, "float32")["host"] != before["host"]
+
+
+def test_a_relative_cache_folder_is_the_one_first_named(tmp_path, monkeypatch):
+    """A relative ``XOPT_CUDA_CACHE_DIR`` was chosen once per process but resolved at every read and write: after the
+    process changed its working directory, kernels and verdicts were written nowhere (``write`` answered False) or
+    into another folder of the same name, and those kept were not found.  The folder is now made absolute when
+    chosen."""
+    from xopt.engines import cuda_cache
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cuda_cache.ENV, "kernels")
+    cuda_cache.directory.cache_clear()
+    try:
+        assert cuda_cache.directory() == tmp_path / "kernels"
+        assert cuda_cache.write_json("verdict-x.json", {"passed": True})
+        monkeypatch.chdir(tmp_path / "run")
+        assert cuda_cache.read_json("verdict-x.json") == {"passed": True}
+        assert cuda_cache.write_json("verdict-y.json", {"passed": False})
+        assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == ["verdict-x.json", "verdict-y.json"]
+        assert not (tmp_path / "run" / "kernels").exists()
+    finally:
+        cuda_cache.directory.cache_clear()
