@@ -119,3 +119,31 @@ def test_a_relative_cache_folder_is_the_one_first_named(tmp_path, monkeypatch):
         assert not (tmp_path / "run" / "kernels").exists()
     finally:
         cuda_cache.directory.cache_clear()
+
+
+def test_first_gpu_keeps_a_relative_out_folder_whole(tmp_path, monkeypatch):
+    """tools/first_gpu.py runs each part in the repository's root, but handed it the --out folder as given: run from
+    another folder with a relative --out (``gpu_run.sh``'s default is ``out``), the runner wrote the end lines and the
+    log there and each part its own lines (and the GPU tests' files) into a folder of that name in the repository."""
+    import importlib.util
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "first_gpu.py"
+    spec = importlib.util.spec_from_file_location("first_gpu", script)
+    fg = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "first_gpu", fg)  # its dataclass looks its module up
+    spec.loader.exec_module(fg)
+    name = f"first-gpu-relative-{tmp_path.name}"
+    monkeypatch.chdir(tmp_path)
+    part = fg.Part("quick", (sys.executable, "-c", f"import sys; sys.path.insert(0, {str(script.parent)!r}); "
+                             "import first_gpu; first_gpu.emit(value=1)"), 30.0)
+    try:
+        fg.run_parts([part], name, budget_s=60, echo=lambda *a: None)
+        lines = [json.loads(x) for x in (tmp_path / name / "first-gpu.jsonl").read_text().splitlines()]
+        assert [x["part"] for x in lines] == ["quick", "quick", "summary"] and lines[0]["value"] == 1
+        assert not (fg.ROOT / name).exists()
+    finally:
+        shutil.rmtree(fg.ROOT / name, ignore_errors=True)
