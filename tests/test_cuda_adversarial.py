@@ -147,3 +147,30 @@ def test_first_gpu_keeps_a_relative_out_folder_whole(tmp_path, monkeypatch):
         assert not (fg.ROOT / name).exists()
     finally:
         shutil.rmtree(fg.ROOT / name, ignore_errors=True)
+
+
+_DIES_AT_EXIT = '''
+import atexit, os, signal
+
+def passes_then_dies(rule, dtype, device):
+    """A pass, then a crash as the process exits (a library's teardown), after the verdict is printed."""
+    from xopt.engines import cuda_check, fused_cuda
+
+    atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+    return cuda_check.SelfCheck(fused_cuda.kernel_name(rule, dtype), device, True, "a stand-in check")
+'''
+
+
+def test_a_self_check_that_passed_stands_when_its_process_crashes_at_exit(tmp_path, monkeypatch):
+    """The self-check's child printed its verdict, a pass, and then crashed at its exit (a segfault in a library's
+    teardown): the verdict was thrown away for "the self-check process died with signal SIGSEGV", a failure kept on
+    disk, so impl="auto" kept the reference rule on that GPU for good.  Every step of the check ends in a download
+    that a fault of the kernel would fail, so a signal after the verdict is not the kernel's: the verdict stands."""
+    import os
+
+    from xopt.engines import cuda_check
+
+    (tmp_path / "dies_at_exit.py").write_text(_DIES_AT_EXIT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    result, keep = cuda_check.in_child(0, 4, "float32", check="dies_at_exit:passes_then_dies", timeout=120)
+    assert result.passed and result.mismatch is None and keep, result
