@@ -174,3 +174,48 @@ def test_a_self_check_that_passed_stands_when_its_process_crashes_at_exit(tmp_pa
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     result, keep = cuda_check.in_child(0, 4, "float32", check="dies_at_exit:passes_then_dies", timeout=120)
     assert result.passed and result.mismatch is None and keep, result
+
+
+def test_tensors_on_a_gpu_that_is_not_the_current_one_enter_their_stream_there(cuda_on_cpu, lane, monkeypatch, rng):  # noqa: F811
+    """torch CUDA tensors on another GPU than the current one (``model.to("cuda:1")`` without
+    ``torch.cuda.set_device(1)``): the lane entered torch's stream of the tensors' GPU while the current GPU was
+    another, and CuPy's stream raises there ("The device that the stream is created on (1) does not match with the
+    current device (0)"): the step raised instead of running.  The lane now makes the tensors' GPU current first.
+    (torch CPU tensors stand for CUDA ones; the stream stands for CuPy's, with its check.)"""
+    import contextlib
+
+    torch = pytest.importorskip("torch")
+    from xopt import _lane
+    from test_cuda_source import tensor_numpy
+
+    monkeypatch.setattr(_lane, "_tensor_dtype", lambda t: None)  # the CPU engine does not take them: "CUDA" tensors
+
+    @contextlib.contextmanager
+    def stream_of_gpu_1():
+        current = HostDevice.current_device()
+        if current != 1:  # CuPy's Stream.__enter__ (check_stream_device_match)
+            raise RuntimeError(f"The device that the stream is created on (1) does not match with the current device "
+                               f"({current})")
+        yield
+
+    monkeypatch.setattr(HostDevice, "tensor_device", staticmethod(lambda t: 1))
+    monkeypatch.setattr(HostDevice, "device_of", staticmethod(lambda a: 1))  # every array on "GPU 1"
+    monkeypatch.setattr(HostDevice, "tensor_stream", staticmethod(lambda t: stream_of_gpu_1()))
+    b = {f"w{i}": torch.nn.Parameter(torch.tensor(rng.standard_normal(n), dtype=torch.float32))
+         for i, n in enumerate([5, 300])}
+    grads = [{k: torch.tensor(rng.standard_normal(v.shape), dtype=torch.float32) for k, v in b.items()}
+             for _ in range(3)]
+    ours, ref = xopt.Adam(), xopt.Adam(impl="reference")
+    ours.update(b, grads[0])  # the self-check (here, in this process), then the checked path: torch's ops
+    a = {k: tensor_numpy(v.detach()).copy() for k, v in b.items()}
+    ref.state = {k: {n: (tensor_numpy(v).copy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+                 for k, st in ours.state.items()}
+    ref.iter = ours.iter
+    launches = cuda_on_cpu.launches  # the self-check's, so far
+    for g in grads[1:]:
+        ref.update(a, {k: tensor_numpy(v) for k, v in g.items()})
+        ours.update(b, g)
+        assert lane[-1] is True
+    assert HostDevice.current_device() == 0 and cuda_on_cpu.launches == launches + 2
+    for k in a:
+        np.testing.assert_array_equal(tensor_numpy(b[k].detach()), a[k], err_msg=k)
