@@ -8,7 +8,7 @@ import pytest
 
 import xopt
 from xopt.engines import fused_cuda
-from test_cuda_source import HostDevice, _placed, at, cuda_on_cpu  # noqa: F401
+from test_cuda_source import HostDevice, cuda_on_cpu  # noqa: F401  (a fixture)
 from test_cuda_compose import _cupy_host, _cupy_twin, _host
 from test_cuda_8bit_host import cupy8  # noqa: F401  (a fixture)
 
@@ -176,7 +176,7 @@ def test_a_self_check_that_passed_stands_when_its_process_crashes_at_exit(tmp_pa
     assert result.passed and result.mismatch is None and keep, result
 
 
-def test_tensors_on_a_gpu_that_is_not_the_current_one_enter_their_stream_there(cuda_on_cpu, lane, monkeypatch, rng):  # noqa: F811
+def test_tensors_on_another_gpu_than_the_current_one_step(cuda_on_cpu, lane, monkeypatch, rng):  # noqa: F811
     """torch CUDA tensors on another GPU than the current one (``model.to("cuda:1")`` without
     ``torch.cuda.set_device(1)``): the lane entered torch's stream of the tensors' GPU while the current GPU was
     another, and CuPy's stream raises there ("The device that the stream is created on (1) does not match with the
