@@ -164,7 +164,7 @@ def run_part(part: Part, out: Path, timeout_s: float) -> dict:
 def run_parts(parts, out, budget_s: float, min_start_s: float = 5.0, echo=print) -> dict:
     """Run ``parts`` in order within ``budget_s``; every line to ``out/first-gpu.jsonl``.  Returns the summary
     line (also written), or the environment part's line where no GPU was found (the only line written then)."""
-    out = Path(out)
+    out = Path(out).absolute()  # the parts run in the repository's root: a relative --out would be another folder there
     out.mkdir(parents=True, exist_ok=True)
     lines = JsonLines(out / JSONL)
     t0 = time.monotonic()

@@ -148,7 +148,7 @@ def apply(opt, entries) -> list:
     """The checked path's call: the writes (calls into C) of one launch per (param dtype, GPU) over ``entries``
     (params of at least ``min_8bit_size`` elements, their state made by :func:`xopt.state_8bit.state_for`);
     non-contiguous params and grads of another dtype via copies, written back."""
-    from .fused_cuda import DEVICE as device
+    from .fused_cuda import DEVICE as device, same_gpu
 
     block = opt._hyper["block_size"]
     chunk = chunk_of(block)
@@ -184,6 +184,8 @@ def apply(opt, entries) -> list:
                 for j, name in enumerate(slots):
                     if name is not None:
                         codes, absmax = e.state[name], e.state[name + SUFFIX]
+                        same_gpu(device, device_id, e, name, codes)  # the kernel reads them on the param's GPU
+                        same_gpu(device, device_id, e, name + SUFFIX, absmax)
                         keep += [codes, absmax]
                         ptrs[2 + j, i], ptrs[5 + j, i] = device.address(codes), device.address(absmax)
                 sizes[i] = p.size

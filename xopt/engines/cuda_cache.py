@@ -66,8 +66,11 @@ def _usable(folder: Path, private: bool) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def directory():
-    """The cache folder of this process (a :class:`~pathlib.Path`), or None: nothing on disk (see above)."""
+    """The cache folder of this process (an absolute :class:`~pathlib.Path`), or None: nothing on disk (see above).
+    Absolute: a relative ``XOPT_CUDA_CACHE_DIR`` (or ``XDG_CACHE_HOME``) names the folder it names when first asked,
+    not another one after the process changes its working directory (as Hydra's runs do)."""
     for folder, private in _candidates():
+        folder = folder.absolute()
         if _usable(folder, private):
             return folder
     return None

@@ -324,9 +324,10 @@ def verdict(device, rule, dtype_name) -> SelfCheck:
     return result
 
 
-# The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.
-_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "fused_cuda.py", "kernels.py",
-              "cuda_blockwise.py")
+# The host side a verdict also stands for: the step's table and launch, the scalars' order, this check.  The
+# checked path's table (every check's first step, and the lane's where numba cannot run) is cuda_reader's.
+_HOST_SIDE = ("cuda_check.py", "cuda_device.py", "cuda_layout.py", "cuda_memory.py", "cuda_reader.py", "fused_cuda.py",
+              "kernels.py", "cuda_blockwise.py")
 # A CUDA error after the kernel ran that is the kernel's own (kept); any other may pass another time.
 _KERNEL_FAULTS = ("IllegalAddress", "MisalignedAddress", "LaunchFailure", "IllegalInstruction", "HardwareStackError",
                   "InvalidPc", "InvalidAddressSpace")
@@ -341,8 +342,9 @@ def _kernels_own(result) -> bool:
 
 def in_child(device, rule, dtype_name, check=None, timeout=None):
     """Run ``check`` (default :data:`CHECK`, "module:qualname") for the case in a new Python process:
-    (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal (a kernel's fault can
-    abort it) is a failed check, kept, as is a verdict that is the kernel's own (:func:`_kernels_own`); one still
+    (:class:`SelfCheck`, whether the verdict may be kept).  A child killed by a signal before its verdict (a
+    kernel's fault can abort it) is a failed check, kept, as is a verdict that is the kernel's own
+    (:func:`_kernels_own`, whether or not a signal ended the child after printing it); one still
     running after ``timeout`` (default :data:`TIMEOUT`) s, stopped from outside (SIGINT, SIGTERM, SIGHUP,
     SIGKILL), that exits with an error (it could not run the check: no GPU for it, say), or that cannot be
     started or answers nothing readable is a failed check here, not kept."""
@@ -362,7 +364,12 @@ def in_child(device, rule, dtype_name, check=None, timeout=None):
                                                           "was stopped (not kept)"), False
     except OSError as exc:  # no process to be had (no Python at sys.executable, no process slots)
         return SelfCheck(kernel, device, False, checked, f"the self-check process could not start ({exc})"), False
-    if done.returncode < 0:
+    lines = done.stdout.splitlines()
+    found = [line[len(_MARK):] for line in lines if line.startswith(_MARK)]
+    # A signal after the verdict was printed came at the process's exit (its interpreter's or the driver's teardown),
+    # not in the check, whose every step ends in a download that a fault of the kernel would have failed: the
+    # verdict stands.  Before it, the check died: a fault of the kernel's, or a stop from outside.
+    if done.returncode < 0 and not found:
         try:
             why = signal.Signals(-done.returncode).name
         except ValueError:
@@ -371,9 +378,7 @@ def in_child(device, rule, dtype_name, check=None, timeout=None):
             return SelfCheck(kernel, device, False, checked, f"the self-check process was stopped by signal {why}"
                                                               " (not kept)"), False
         return SelfCheck(kernel, device, False, checked, f"the self-check process died with signal {why}"), True
-    lines = done.stdout.splitlines()
-    found = [line[len(_MARK):] for line in lines if line.startswith(_MARK)]
-    if done.returncode != 0 or not found:
+    if done.returncode > 0 or not found:
         last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
         return SelfCheck(kernel, device, False, checked, f"the self-check process could not run the check (exit "
                                                           f"code {done.returncode}: {last.strip()})"), False

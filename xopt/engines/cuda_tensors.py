@@ -52,17 +52,25 @@ def step(device, engine_step, opt, kind, views, values, ps, gs, states, steps, p
         written = [*ps, *(st[name] for st in states for name in kind.slots if name in st)]
         if not all(type(t) in exact for t in (*written, *gs)):
             return None
-        stream = device.tensor_stream(ps[0])
+        gpu = device.tensor_device(ps[0])
     except _REFUSED:
         return None
-    with stream:  # the views made, and the launch queued, on torch's current stream
+    # torch's current stream on the params' GPU, made and entered with that GPU current: CuPy's stream refuses to be
+    # entered on another GPU than its own (tensors on cuda:1, say, while the current GPU is 0: torch.cuda.set_device
+    # is not needed to train there).  The views are made, and the launch queued, on it.
+    with device.on(gpu):
         try:
-            view = device.tensor_view
-            arrays = [{name: view(st[name]) for name in kind.slots if name in st} for st in states]
-            vps, vgs = list(map(view, ps)), list(map(view, gs))
+            stream = device.tensor_stream(ps[0])
         except _REFUSED:
             return None
-        return engine_step(opt, kind, views, values, vps, vgs, arrays, steps, part, _bumping(commit, written))
+        with stream:
+            try:
+                view = device.tensor_view
+                arrays = [{name: view(st[name]) for name in kind.slots if name in st} for st in states]
+                vps, vgs = list(map(view, ps)), list(map(view, gs))
+            except _REFUSED:
+                return None
+            return engine_step(opt, kind, views, values, vps, vgs, arrays, steps, part, _bumping(commit, written))
 
 
 def _bumping(commit, written):

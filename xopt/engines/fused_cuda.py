@@ -56,7 +56,7 @@ else:  # no numba, or its code cannot run here (see xopt._numba): the lane gathe
 __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "STATE_TYPES", "OPTIONS", "case_name",
            "kernel_name", "norm_name",
            "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors", "tensor_dtype", "tensor_device",
-           "apply", "compile_all", "device_of"]
+           "apply", "same_gpu", "compile_all", "device_of"]
 
 VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
 
@@ -318,6 +318,19 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
 
 
 # -- the checked path -----------------------------------------------------------------------------
+def same_gpu(device, device_id, e, name, buf):
+    """Raise (before any write) where entry ``e``'s state buffer ``name`` is on another GPU than its param: the
+    launch runs on the param's GPU, where an address of another GPU's memory is not the buffer (a fault, or another
+    allocation's bytes).  The checks before the step compare a grad's GPU with its param's, not the state's (a
+    state kept from a run on another GPU, a param moved since)."""
+    found = device.device_of(buf)
+    if found != device_id:
+        from .._inputs import describe
+
+        raise ValueError(f"the state buffer {name!r} of param {describe(e.key)} is on GPU {found} but the param is "
+                         f"on GPU {device_id}: move the state to the param's GPU (or load it again)")
+
+
 def apply(opt, entries) -> list:
     """The writes (calls into C, for ``xopt._atomic.together``) of one launch per (dtype, step, GPU) group;
     non-contiguous params and grads of another dtype via copies, written back."""
@@ -349,6 +362,7 @@ def apply(opt, entries) -> list:
                 st = dict(e.state)
                 for name in names:
                     buf = e.state[name]
+                    same_gpu(device, device_id, e, name, buf)
                     if not buf.flags.c_contiguous or device.address(buf) % buf.itemsize:
                         st[name] = buf.copy(order="C")
                         write_back.insert(0, functools.partial(dict.__setitem__, e.state, name, st[name]))
