@@ -39,3 +39,37 @@ def test_a_member_compressed_other_than_stored_or_deflated_is_refused(compressio
     _rewritten(tmp_path / "opt.npz", tmp_path / "deflated.npz", zipfile.ZIP_DEFLATED)  # np.savez_compressed's
     fresh.load(tmp_path / "deflated.npz", params=params)
     assert fresh.iter == opt.iter
+
+
+def test_nadam_resumed_at_a_huge_step_count_steps_without_running_every_product(tmp_path, monkeypatch):
+    """Before, the running product of μ stopped early only at 0.0, but with beta1 = 0.9 it settles at the
+    smallest subnormal, 5e-324 (which μ > 0.5 rounds back to itself): a NAdam loaded at step 10**9 made 10**9
+    multiplications at its next step (5.6 s at step 10**7), one at 2**62 never ended."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(5).astype(np.float32)}
+    opt = xopt.NAdam()
+    opt.update(params, {"w": np.ones(5, np.float32)})
+    sd = opt.state_dict()
+    sd["state"]["w"]["step"] = 2**62
+    xopt.save_state(sd, tmp_path / "opt.npz")
+    resumed = xopt.NAdam()
+    resumed.load(tmp_path / "opt.npz", params=params)
+    calls = [0]
+    mu = xopt.NAdam._mu
+
+    def counted(self, step):
+        calls[0] += 1
+        if calls[0] > 100_000:
+            raise RuntimeError("the product of μ is run step by step up to the step count")
+        return mu(self, step)
+
+    monkeypatch.setattr(xopt.NAdam, "_mu", counted)
+    resumed.update(params, {"w": np.ones(5, np.float32)})
+    assert resumed.state["w"]["step"] == 2**62 + 1 and np.isfinite(params["w"]).all()
+    assert resumed.mu_product(2**62 + 1) == 5e-324
+    # the products are those of every step, multiplied one by one
+    product = 1.0
+    for t in range(1, 9001):
+        product *= mu(resumed, t)
+        if t in (10, 1000, 7000, 9000):
+            assert xopt.NAdam().mu_product(t) == product
