@@ -73,3 +73,54 @@ def test_nadam_resumed_at_a_huge_step_count_steps_without_running_every_product(
         product *= mu(resumed, t)
         if t in (10, 1000, 7000, 9000):
             assert xopt.NAdam().mu_product(t) == product
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_a_step_at_the_largest_int64_count_is_refused_and_changes_nothing(impl, tmp_path):
+    """Before, a param loaded at step 2**63 - 1 (which a load takes) stepped to 2**63: a state that no file holds,
+    no load takes and no further step takes (save raised 'cannot be saved', the next update 'step ...')."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(3).astype(np.float32)}
+    opt = xopt.Adam(impl=impl)
+    opt.update(params, {"w": np.ones(3, np.float32)})
+    sd = opt.state_dict()
+    sd["state"]["w"]["step"] = 2**63 - 1
+    opt.load_state_dict(sd, params=params)
+    before = params["w"].copy()
+    with pytest.raises(ValueError, match="param 'w'.*step 9223372036854775807, the largest an int64"):
+        opt.update(params, {"w": np.ones(3, np.float32)})
+    assert np.array_equal(params["w"], before) and opt.state["w"]["step"] == 2**63 - 1 and opt.iter == 1
+    opt.save(tmp_path / "opt.npz")  # still a state a file holds
+    xopt.Adam(impl=impl).load(tmp_path / "opt.npz", params=params)
+
+
+def test_an_iter_a_load_would_refuse_is_refused_by_save(tmp_path):
+    """Before, save wrote an iter of 2**63 (an update after a load at 2**63 - 1) into the file's JSON, and the load
+    of that file refused it: a file written without complaint that could not be read back."""
+    opt, params = _trained()
+    sd = opt.state_dict()
+    sd["iter"] = 2**63 - 1
+    opt.load_state_dict(sd, params=params)
+    opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    assert opt.iter == 2**63
+    (tmp_path / "opt.npz").write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"state_dict\['iter'\] cannot be saved: 9223372036854775808"):
+        opt.save(tmp_path / "opt.npz")
+    assert (tmp_path / "opt.npz").read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["opt.npz"]
+    sd = opt.state_dict()
+    sd["iter"], sd["skipped_steps"] = 5, 2**63
+    with pytest.raises(ValueError, match=r"state_dict\['skipped_steps'\] cannot be saved"):
+        xopt.save_state(sd, tmp_path / "opt.npz")
+
+
+def test_a_bytes_path_saves_and_loads(tmp_path):
+    """Before, save of a bytes path (which open() and load take) raised TypeError 'cannot use a string pattern on a
+    bytes-like object' from the search for stale temp files."""
+    opt, params = _trained()
+    path = bytes(tmp_path / "opt.npz")
+    opt.save(path)
+    opt.save(path)  # over the file it wrote
+    loaded = xopt.Adam(lr=0.01)
+    loaded.load(path, params=params)
+    assert loaded.iter == opt.iter and all(np.array_equal(loaded.state[k]["m"], opt.state[k]["m"]) for k in params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.npz"]
