@@ -124,3 +124,28 @@ def test_a_bytes_path_saves_and_loads(tmp_path):
     loaded.load(path, params=params)
     assert loaded.iter == opt.iter and all(np.array_equal(loaded.state[k]["m"], opt.state[k]["m"]) for k in params)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.npz"]
+
+
+def test_an_8bit_state_with_params_below_min_8bit_size_loads_into_a_bfloat16_optimizer(tmp_path):
+    """Before, the float32 buffers of an 8-bit optimizer's small params (below min_8bit_size) were left float32 when
+    its state was loaded into an Adam(state_dtype='bfloat16'), which keeps its own state_dtype there, and the load
+    raised "state 'm' of param 'b' is float32 but ... keeps the state of that param in bfloat16"; setting
+    state_dtype='bfloat16' on the 8-bit optimizer converted the same state."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(40).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+              "d": rng.standard_normal(5)}
+    grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    eight = xopt.Adam(state_dtype="8bit", min_8bit_size=16)
+    eight.update(params, grads)
+    eight.save(tmp_path / "opt.npz")
+    loaded = xopt.Adam(state_dtype="bfloat16")
+    loaded.load(tmp_path / "opt.npz", params=params)
+    eight.state_dtype = "bfloat16"  # the same conversion, by the setter
+    for key in params:
+        for name in ("m", "v"):
+            assert str(loaded.state[key][name].dtype) == "bfloat16"
+            assert loaded.state[key][name].view(np.uint16).tobytes() == eight.state[key][name].view(np.uint16).tobytes()
+    a, b = dict(params), {k: v.copy() for k, v in params.items()}
+    loaded.update(a, grads)
+    eight.update(b, grads)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in params)
