@@ -160,6 +160,9 @@ def _check_step(opt, e) -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**63:
         raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step!r}; a step count "
                          "is an int >= 0")
+    if step == 2**63 - 1:  # its next count would not fit in int64: a state no file, no load and no step takes
+        raise ValueError(f"param {describe(e.key)}: its optimizer state has step {step}, the largest an int64 "
+                         "holds; no further step can be counted")
     return int(step)
 
 def _check_state(opt, e):

@@ -134,11 +134,17 @@ def _size(st, names, p):
 
 def _converted(trial, key, st, names, want_8bit, p, saved_block):
     block = trial._hyper.get("block_size")
+    bfloat16 = trial._hyper.get("state_dtype") == "bfloat16"
     entry = dict(st)
     for name in names:
         buf = st[name]
         absmax = st.get(name + SUFFIX)
         if absmax is None and not want_8bit:
+            if bfloat16 and _array(buf) and _backend.is_real_floating(_backend.namespace(buf), buf.dtype):
+                # a float buffer of an 8-bit optimizer's state (a param below min_8bit_size) into one that keeps
+                # bfloat16, which keeps its own state_dtype here: rounded, as setting state_dtype rounds it
+                entry[name] = _backend.namespace(buf).astype(buf, _backend.low_precision_dtype(
+                    _backend.namespace(buf), "bfloat16"))
             continue
         if not _array(buf) or (absmax is not None and not _array(absmax)):
             raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state converts from and to NumPy "

@@ -44,7 +44,8 @@ def atomic_write(path, write, *, run=_call):
     one moment).  A symlink is written through (its target is replaced, the link stays); an existing
     file keeps its permission bits, a new one gets 0o666 less the umask.
     """
-    target = os.path.realpath(os.fspath(path))  # through symlinks: the link stays, its target is replaced
+    # as str (a bytes path too: the temp files are found by a str pattern), through symlinks: the link stays,
+    target = os.path.realpath(os.fsdecode(path))  # its target is replaced
     directory, base = os.path.split(target)
     try:
         try:
@@ -167,7 +168,7 @@ def remove_stale_temp_files(target) -> list:
 def _stale(target, remove):
     if fcntl is None:
         return
-    directory, base = os.path.split(os.path.realpath(os.fspath(target)))
+    directory, base = os.path.split(os.path.realpath(os.fsdecode(target)))
     pattern = _temp_pattern(base)
     try:
         names = [entry.name for entry in os.scandir(directory or ".") if pattern.match(entry.name)]

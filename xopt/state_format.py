@@ -53,8 +53,8 @@ def meta_array(state_dict, form, **fields) -> np.ndarray:
         "hyperparameters": {k: encode(v) for k, v in state_dict["hyperparameters"].items()},
         "overrides": [[pattern, {k: encode(v) for k, v in values.items()}]
                       for pattern, values in state_dict.get("overrides", {}).items()],
-        "iter": int(state_dict["iter"]),
-        "skipped_steps": int(state_dict["skipped_steps"]),
+        "iter": _counter(state_dict, "iter"),
+        "skipped_steps": _counter(state_dict, "skipped_steps"),
         **fields,
     }
     extra = {k: v for k, v in state_dict.items() if k not in STANDARD_FIELDS}
@@ -64,6 +64,14 @@ def meta_array(state_dict, form, **fields) -> np.ndarray:
             raise TypeError(f"state_dict field {bad[0]!r} cannot be saved: a bool, int, float or str is")
         meta["extra"] = extra
     return np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+
+def _counter(state_dict, field) -> int:
+    """``iter`` or ``skipped_steps``: an int64, as a load takes it (JSON would hold a larger one, which no load takes)."""
+    value = int(state_dict[field])
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(f"state_dict[{field!r}] cannot be saved: {value} is not a count below 2**63")
+    return value
 
 
 STANDARD_FIELDS = frozenset({"optimizer", "hyperparameters", "overrides", "iter", "skipped_steps", "state"})

@@ -57,7 +57,8 @@ class _Archive:
     ``np.load`` allocates whatever shape a member's header claims before reading it;
     here a header must agree with the member's size first, and that size with the
     bytes the file has (a stored member holds at most the file, a deflated one at most
-    1032 times what it takes in it), and object arrays are refused.
+    1032 times what it takes in it; other compressions, unbounded, are refused), and object
+    arrays are refused.
     """
 
     def __init__(self, zf, path, length):
@@ -73,6 +74,11 @@ class _Archive:
         member = self.members[name]
         info = self.zf.getinfo(member)
         size = info.file_size
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2 and LZMA have no bound on how much a few bytes expand to (1 KiB of bzip2: hundreds of MiB),
+            # so no size of theirs can be checked against the file's; xopt writes stored, np.savez_compressed deflates
+            raise foreign(self.path, f"entry {name!r} is compressed with zip method {info.compress_type}, "
+                                     "not stored or deflated")
         if (info.compress_size > self.length
                 or info.compress_type == zipfile.ZIP_STORED and size != info.compress_size
                 or info.compress_type == zipfile.ZIP_DEFLATED and size > 1032 * info.compress_size + 1024):

@@ -129,9 +129,16 @@ class NAdam(Optimizer):
             return kept[step]
         t = max(k for k in kept if k < step)
         product = kept[t]
-        while t < step and product != 0.0:  # 0.0 (underflowed, after some 7000 steps at beta1=0.9) stays 0.0
+        while t < step:
             t += 1
-            product *= self._mu(t)
+            following = product * self._mu(t)
+            if following == product:
+                # μ_t never falls as t grows (momentum_decay >= 0) and is at most 1, so a product that μ_t leaves
+                # as it is, every later μ leaves as it is too: 0.0, and the smallest subnormal, 5e-324, which
+                # μ > 0.5 rounds back to itself (some 7000 steps at beta1=0.9): a resumed run at step 10**9
+                # multiplied 10**9 times before
+                break
+            product = following
         for k in [k for k in kept if k < step - _KEEP and k != 0]:
             del kept[k]
         kept[step] = product
