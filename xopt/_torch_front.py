@@ -44,6 +44,8 @@ class _Front(TorchState, torch.optim.Optimizer):
         self._seen = [None] * len(self.param_groups)  # each group's values at the last step (None: not pushed yet)
         self._present = ()  # the groups > 0 whose patterns the xopt optimizer's overrides hold
         self._keys = []  # per group: its params' xopt keys, "i.j"
+        self._bound = [tuple(g["params"]) for g in self.param_groups]  # the params the state's keys are places of
+        self._aside = []  # [(param, its state)] of params taken out of param_groups (_follow_params)
         self.state = _StateView(self)
 
     def _patch_step_function(self):
@@ -53,7 +55,8 @@ class _Front(TorchState, torch.optim.Optimizer):
         if not getattr(cls.step, "hooked", None):
             cls.step = _hook_step(cls.step)
 
-    _OWN = ("_xopt", "_seen", "_present", "_keys", "rule", "reads")  # what torch's pickle leaves out, kept
+    # what torch's pickle leaves out, kept
+    _OWN = ("_xopt", "_seen", "_present", "_keys", "_bound", "_aside", "rule", "reads")
 
     def __getstate__(self):
         """torch's (``defaults``, ``param_groups``; not the hooks) and the xopt optimizer with its state; the
@@ -114,6 +117,7 @@ class _Front(TorchState, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_params()  # a param moved in param_groups takes its state along
         groups = self.param_groups
         if len(groups) == 1:
             ps = groups[0]["params"]

@@ -5,6 +5,7 @@ state (keyed ``"group.index"``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from operator import is_
 
 import torch
 
@@ -17,6 +18,35 @@ class TorchState:
     """What :class:`xopt._torch_front._Front` reads and writes its state with: a subclass sets ``names`` (torch's
     buffer name -> xopt's), ``counts_steps`` and ``derived``, and has ``_xopt``, ``_check_group``, ``_seen`` and
     ``_present`` (the front's)."""
+
+    def _follow_params(self):
+        """Keep each param's state with the param, as torch.optim's (keyed by the param itself): xopt keys a
+        state by the param's place, ``"i.j"``, so where ``param_groups`` changed since the state was keyed (a
+        param popped from a group's list, the list reordered, a param moved to another group) each state moves
+        to its param's new key.  A param no longer in any group keeps its state aside, found again if it comes
+        back (torch.optim's ``state`` keeps it too)."""
+        groups, bound = self.param_groups, self.__dict__.get("_bound")
+        if bound is not None and len(bound) == len(groups) and all(
+                len(b) == len(g["params"]) and all(map(is_, b, g["params"])) for b, g in zip(bound, groups)):
+            return
+        now = [tuple(g["params"]) for g in groups]
+        if bound is not None:
+            held = self._xopt.state
+            aside = {id(p): (p, st) for p, st in self.__dict__.get("_aside", ())}  # a list: ids change in a copy
+            for i, ps in enumerate(bound):
+                for j, p in enumerate(ps):
+                    st = held.get(f"{i}.{j}")
+                    if st is not None:
+                        aside[id(p)] = (p, st)
+            state = {}
+            for i, ps in enumerate(now):
+                for j, p in enumerate(ps):
+                    found = aside.pop(id(p), None)
+                    if found is not None:
+                        state[f"{i}.{j}"] = found[1]
+            self._xopt.state = state
+            self._aside = list(aside.values())
+        self._bound = now
 
     def _torch_state(self, st, p, group) -> dict:
         """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
@@ -35,6 +65,7 @@ class TorchState:
         [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._follow_params()
         index, groups, start = {}, [], 0
         for i, group in enumerate(self.param_groups):
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -95,6 +126,7 @@ class TorchState:
             group.update(new)
         self._xopt.state = state
         self._xopt.iter = max((st["step"] for st in state.values()), default=0)
+        self._bound, self._aside = [tuple(g["params"]) for g in groups], []  # the state loaded is keyed by place
         self._seen = [None] * len(groups)
         self._present = None  # the next step pushes every group's values and patterns
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -173,7 +205,9 @@ class _StateView(Mapping):
 
     def _index(self):
         """[(param, its torch-shaped state)] of every param that holds state, in the groups' order."""
-        front, held, out = self._front, self._front._xopt.state, []
+        front, out = self._front, []
+        front._follow_params()
+        held = front._xopt.state
         for i, group in enumerate(front.param_groups):
             for j, p in enumerate(group["params"]):
                 st = held.get(f"{i}.{j}")

@@ -1,0 +1,83 @@
+"""xopt.torch and xopt.optax at their edges, against torch.optim and optax as the reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+xt = pytest.importorskip("xopt.torch")
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # torch keeps its per-param scalars in the default dtype
+    yield
+    torch.set_default_dtype(before)
+
+
+def _params(n=3, seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(5, requires_grad=True) for _ in range(n)]
+
+
+def _grads(ps, s):
+    for k, p in enumerate(ps):
+        p.grad = torch.sin(p.detach() * (k + 1) + s)
+
+
+@pytest.mark.parametrize("move", ["pop", "reverse", "to_new_group", "out_and_back"])
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.05, momentum=0.9)), ("Adam", dict(lr=1e-2))])
+def test_a_params_state_follows_it_when_param_groups_change(name, kwargs, move):
+    """xopt keys a param's state by its place in param_groups ("i.j"): a param popped from a group's list, a
+    reordered list or a param moved to another group stepped with another param's state (same shape: silently
+    other numbers than torch.optim's, which keys its state by the param)."""
+    results = []
+    for cls in (getattr(xt, name), getattr(torch.optim, name)):
+        ps = _params()
+        opt = cls(ps, **kwargs)
+        for s in range(8):
+            _grads(ps, s)
+            if s == 3:
+                if move == "pop":
+                    opt.param_groups[0]["params"].pop(0)
+                elif move == "reverse":
+                    opt.param_groups[0]["params"].reverse()
+                elif move == "to_new_group":
+                    opt.param_groups[0]["params"].pop(0)
+                    opt.add_param_group({"params": [ps[0]], "lr": kwargs["lr"] / 2})
+                else:
+                    opt.param_groups[0]["params"].pop(1)
+            if s == 5 and move == "out_and_back":
+                opt.param_groups[0]["params"].append(ps[1])
+            opt.step()
+        results.append((ps, opt))
+    (ours, x), (theirs, t) = results
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    held = [p for g in x.param_groups for p in g["params"]]
+    assert len(x.state) == len(held)
+    for p in held:  # torch.optim's state_dict() raises for a param taken out of its groups: its state, param by param
+        want = t.state[theirs[[id(q) for q in ours].index(id(p))]]
+        assert set(x.state[p]) == set(want)
+        for k, v in want.items():
+            torch.testing.assert_close(x.state[p][k].to(v.dtype), v, rtol=1e-12, atol=1e-14)
+
+
+def test_a_state_kept_aside_comes_back_after_a_deepcopy():
+    """The state of a param taken out of param_groups is kept aside by the param, found again in a deepcopy
+    (where every param is another object)."""
+    ps = _params()
+    opt = xt.Adam(ps, lr=1e-2)
+    _grads(ps, 0)
+    opt.step()
+    want = opt.state[ps[0]]["exp_avg"].clone()
+    opt.param_groups[0]["params"].pop(0)
+    _grads(ps, 1)
+    opt.step()
+    twin = copy.deepcopy({"opt": opt, "p": ps[0]})
+    twin["opt"].param_groups[0]["params"].append(twin["p"])
+    assert float(twin["opt"].state[twin["p"]]["step"]) == 1
+    torch.testing.assert_close(twin["opt"].state[twin["p"]]["exp_avg"], want, rtol=0, atol=0)
