@@ -81,3 +81,32 @@ def test_a_state_kept_aside_comes_back_after_a_deepcopy():
     twin["opt"].param_groups[0]["params"].append(twin["p"])
     assert float(twin["opt"].state[twin["p"]]["step"]) == 1
     torch.testing.assert_close(twin["opt"].state[twin["p"]]["exp_avg"], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, kwargs", [("adamw", dict(weight_decay=0.1)), ("adam", {}), ("sgd", dict(momentum=0.9)),
+                                          ("lion", dict(weight_decay=0.1))])
+def test_optax_takes_numpy_and_python_leaves_as_optax_does(name, kwargs):
+    """Outside jit, params and grads may be NumPy arrays or Python floats, as optax's own take them: AdamW's decay
+    (a traced scalar) times a NumPy param made a NumPy array of objects and the update raised TypeError, and a
+    Python float grad had no dtype for its update (AttributeError)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    np = pytest.importorskip("numpy")
+    import xopt.optax as xo
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        params = {"a": np.linspace(-1.0, 1.0, 4), "b": np.ones((2, 2)), "c": 0.5}
+        grads = {"a": np.full(4, 0.3), "b": np.full((2, 2), -0.2), "c": 0.1}
+        out = []
+        for tx in (getattr(xo, name)(0.1, **kwargs), getattr(optax, name)(0.1, **kwargs)):
+            state, p = tx.init(params), params
+            for _ in range(3):
+                updates, state = tx.update(grads, state, p)
+                p = optax.apply_updates(p, updates)
+            out.append(p)
+        for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-15)
+    finally:
+        jax.config.update("jax_enable_x64", before)
