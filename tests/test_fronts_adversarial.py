@@ -110,3 +110,24 @@ def test_optax_takes_numpy_and_python_leaves_as_optax_does(name, kwargs):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-15)
     finally:
         jax.config.update("jax_enable_x64", before)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.0])
+def test_optax_sgd_nesterov_without_momentum_is_plain_sgd_as_optaxs(momentum):
+    """optax.sgd(lr, nesterov=True) without a momentum is plain SGD; xopt.optax.sgd raised ValueError (xopt's SGD
+    refuses nesterov without momentum, naming a dampening optax does not have)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    np = pytest.importorskip("numpy")
+    import xopt.optax as xo
+
+    params = {"a": jax.numpy.linspace(-1.0, 1.0, 4)}
+    grads = {"a": jax.numpy.full(4, 0.3)}
+    out = []
+    for tx in (xo.sgd(0.1, momentum=momentum, nesterov=True), optax.sgd(0.1, momentum=momentum, nesterov=True)):
+        state, p = tx.init(params), params
+        for _ in range(3):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        out.append(p)
+    np.testing.assert_allclose(np.asarray(out[0]["a"]), np.asarray(out[1]["a"]), rtol=1e-6)

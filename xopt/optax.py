@@ -236,7 +236,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None):
     _refuse("sgd", accumulator_dtype=(accumulator_dtype, None))
 
     def make(lr):
-        return _SGD(lr=lr, momentum=momentum or 0.0, nesterov=nesterov)
+        # optax's nesterov without a momentum (None, or 0: a trace of g alone) is plain SGD; xopt's SGD refuses it
+        return _SGD(lr=lr, momentum=momentum or 0.0, nesterov=bool(nesterov and momentum))
 
     def traced(count, lr):
         first = jnp.asarray(count) == 1
