@@ -131,3 +131,20 @@ def test_optax_sgd_nesterov_without_momentum_is_plain_sgd_as_optaxs(momentum):
             p = optax.apply_updates(p, updates)
         out.append(p)
     np.testing.assert_allclose(np.asarray(out[0]["a"]), np.asarray(out[1]["a"]), rtol=1e-6)
+
+
+def test_load_state_dict_copies_the_saved_groups_values():
+    """load_state_dict put the saved groups' values themselves into the groups: a tensor lr or beta loaded from
+    another optimizer's state_dict was that optimizer's own tensor, so its scheduler (which fills a tensor lr in
+    place) changed this optimizer's lr too.  torch.optim's load copies them."""
+    p, q = _params(2)
+    a = xt.Adam([p], lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    b = xt.Adam([q], lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    b.load_state_dict(a.state_dict())
+    scheduler = torch.optim.lr_scheduler.StepLR(a, 1, 0.5)
+    p.grad = torch.ones(5)
+    a.step()
+    scheduler.step()
+    a.param_groups[0]["betas"][0].fill_(0.5)
+    assert float(a.param_groups[0]["lr"]) == 0.005
+    assert float(b.param_groups[0]["lr"]) == 0.01 and float(b.param_groups[0]["betas"][0]) == 0.9

@@ -4,6 +4,7 @@ state (keyed ``"group.index"``)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from operator import is_
 
@@ -110,8 +111,10 @@ class TorchState:
                                  f"the state_dict, {len(group['params'])} in the optimizer")
             for j, (n, p) in enumerate(zip(s["params"], group["params"])):
                 where[n] = (f"{i}.{j}", p)
-        new_groups = [{**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
-                      for g, s in zip(groups, saved)]  # a key the saved group lacks keeps its value
+        # a key the saved group lacks keeps its value; the saved values are copied, as torch's: a tensor lr shared
+        # with the state_dict (and so with the optimizer it came from) would follow that one's scheduler
+        new_groups = [{**g, **copy.deepcopy({k: v for k, v in s.items() if k != "params"}), "params": g["params"]}
+                      for g, s in zip(groups, saved)]
         hypers = [self._check_group(i, g) for i, g in enumerate(new_groups)]  # every value checked, nothing changed yet
         state = {}
         for n, st in state_dict["state"].items():
