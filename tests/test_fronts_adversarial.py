@@ -148,3 +148,34 @@ def test_load_state_dict_copies_the_saved_groups_values():
     a.param_groups[0]["betas"][0].fill_(0.5)
     assert float(a.param_groups[0]["lr"]) == 0.005
     assert float(b.param_groups[0]["lr"]) == 0.01 and float(b.param_groups[0]["betas"][0]) == 0.9
+
+
+@pytest.mark.parametrize("name, kwargs", [("Adam", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                          ("Adagrad", dict(lr=0.1, initial_accumulator_value=0.1))])
+def test_assigning_an_empty_state_drops_every_params_state_as_torch_optims(name, kwargs):
+    """torch's idiom for dropping an optimizer's state, ``opt.state = defaultdict(dict)``, replaced the state view
+    with a dict no step read: training went on with the old state (other numbers than torch.optim's), and
+    ``opt.state`` answered that it held none.  Any other assignment is refused."""
+    import collections
+
+    out = []
+    for cls in (getattr(xt, name), getattr(torch.optim, name)):
+        ps = _params(2)
+        opt = cls(ps, **kwargs)
+        for s in range(6):
+            _grads(ps, s)
+            if s == 3:
+                opt.state = collections.defaultdict(dict)
+            opt.step()
+        out.append((ps, opt))
+    (ours, x), (theirs, t) = out
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for p, q in zip(ours, theirs):
+        assert set(x.state[p]) == set(t.state[q])
+        for k, v in t.state[q].items():
+            torch.testing.assert_close(x.state[p][k].to(v.dtype), v, rtol=1e-12, atol=1e-14)
+    before = copy.deepcopy(x.state_dict())
+    with pytest.raises(TypeError, match="load_state_dict"):
+        x.state = {ours[0]: {"step": torch.tensor(1.0)}}
+    assert repr(x.state_dict()) == repr(before)

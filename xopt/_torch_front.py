@@ -4,6 +4,7 @@ xopt optimizer (param groups as ``overrides``); its torch-shaped state is :mod:`
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, is_not
 
@@ -46,7 +47,6 @@ class _Front(TorchState, torch.optim.Optimizer):
         self._keys = []  # per group: its params' xopt keys, "i.j"
         self._bound = [tuple(g["params"]) for g in self.param_groups]  # the params the state's keys are places of
         self._aside = []  # [(param, its state)] of params taken out of param_groups (_follow_params)
-        self.state = _StateView(self)
 
     def _patch_step_function(self):
         """torch.optim's, with a leaner wrapper of ``step`` (:func:`_hook_step`)."""
@@ -67,7 +67,27 @@ class _Front(TorchState, torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.state = _StateView(self)
+        self.__dict__.pop("state", None)  # torch's __setstate__ may leave one: the property reads the xopt state
+
+    @property
+    def state(self):
+        """torch's ``opt.state``: each param's state under torch's names, read from the xopt optimizer."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value):
+        """torch.optim.Optimizer's ``__init__`` sets ``state`` (the view replaces it), and so does torch's idiom
+        for dropping every param's state, ``opt.state = defaultdict(dict)``: an empty mapping assigned drops
+        the xopt state, as it does torch.optim's; anything else is refused (a state loads through
+        ``load_state_dict``), where it would have been a dict that no step reads."""
+        if "_xopt" not in self.__dict__ or isinstance(value, _StateView):
+            return
+        if not isinstance(value, Mapping) or len(value):
+            raise TypeError(f"{type(self).__name__}.state: only an empty dict may be assigned (every param's state "
+                            "dropped); a state loads through load_state_dict")
+        self._xopt.state = {}
+        self._xopt.iter = 0
+        self._aside = []
 
     @staticmethod
     def hyper(group) -> dict:

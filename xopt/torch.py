@@ -13,6 +13,8 @@ loop or a checkpoint written for torch.optim works unchanged:
 - ``state_dict()`` is torch's: state keyed by param index, torch's buffer names (``exp_avg``, ``exp_avg_sq``,
   ``step``...), so a torch.optim state_dict loads here and this one into torch.optim;
 - ``opt.state[p]`` reads a param's state under torch's names (a snapshot: write through ``load_state_dict``);
+  ``opt.state = defaultdict(dict)`` (any empty dict) drops every param's state, as in torch.optim; a param's
+  state follows the param when ``param_groups`` change (a param popped, moved to another group);
 - under ``torch.compile`` the step runs as it is, not traced (a graph break: ``fullgraph=True`` refuses it).
 
 Not supported (refused in the constructor, and at ``step`` if a group is changed to them): ``maximize``,
