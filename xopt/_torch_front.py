@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from itertools import repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_, is_not
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
@@ -68,6 +68,8 @@ class _Front(TorchState, torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.pop("state", None)  # torch's __setstate__ may leave one: the property reads the xopt state
+        if "_bound" not in self.__dict__:  # pickled before the state followed its param: keyed by place
+            self._bound, self._aside = [tuple(g["params"]) for g in self.param_groups], []
 
     @property
     def state(self):
@@ -137,10 +139,12 @@ class _Front(TorchState, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._follow_params()  # a param moved in param_groups takes its state along
         groups = self.param_groups
         if len(groups) == 1:
             ps = groups[0]["params"]
+            bound = self._bound
+            if len(bound) != 1 or len(bound[0]) != len(ps) or not all(map(is_, ps, bound[0])):
+                self._follow_params()  # a param moved in param_groups takes its state along
             keys = self._keys_of(0, len(ps))
             gs = list(map(_GRAD, ps))
             if not all(map(is_not, gs, repeat(None))):
@@ -148,6 +152,7 @@ class _Front(TorchState, torch.optim.Optimizer):
             if self._present or _changed(self._seen[0], groups[0], self.reads):
                 self._push(groups, ())
         else:
+            self._follow_params()
             keys, ps, gs, present = [], [], [], []
             for i, group in enumerate(groups):
                 group_ps = group["params"]

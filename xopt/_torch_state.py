@@ -26,28 +26,25 @@ class TorchState:
         param popped from a group's list, the list reordered, a param moved to another group) each state moves
         to its param's new key.  A param no longer in any group keeps its state aside, found again if it comes
         back (torch.optim's ``state`` keeps it too)."""
-        groups, bound = self.param_groups, self.__dict__.get("_bound")
-        if bound is not None and len(bound) == len(groups) and all(
+        groups, bound = self.param_groups, self._bound
+        if len(bound) == len(groups) and all(
                 len(b) == len(g["params"]) and all(map(is_, b, g["params"])) for b, g in zip(bound, groups)):
             return
-        now = [tuple(g["params"]) for g in groups]
-        if bound is not None:
-            held = self._xopt.state
-            aside = {id(p): (p, st) for p, st in self.__dict__.get("_aside", ())}  # a list: ids change in a copy
-            for i, ps in enumerate(bound):
-                for j, p in enumerate(ps):
-                    st = held.get(f"{i}.{j}")
-                    if st is not None:
-                        aside[id(p)] = (p, st)
-            state = {}
-            for i, ps in enumerate(now):
-                for j, p in enumerate(ps):
-                    found = aside.pop(id(p), None)
-                    if found is not None:
-                        state[f"{i}.{j}"] = found[1]
-            self._xopt.state = state
-            self._aside = list(aside.values())
-        self._bound = now
+        held = self._xopt.state
+        aside = {id(p): (p, st) for p, st in self._aside}  # kept as a list: ids change in a copy
+        for i, ps in enumerate(bound):
+            for j, p in enumerate(ps):
+                st = held.get(f"{i}.{j}")
+                if st is not None:
+                    aside[id(p)] = (p, st)
+        now, state = [tuple(g["params"]) for g in groups], {}
+        for i, ps in enumerate(now):
+            for j, p in enumerate(ps):
+                found = aside.pop(id(p), None)
+                if found is not None:
+                    state[f"{i}.{j}"] = found[1]
+        self._xopt.state = state
+        self._bound, self._aside = now, list(aside.values())
 
     def _torch_state(self, st, p, group) -> dict:
         """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
