@@ -179,3 +179,36 @@ def test_assigning_an_empty_state_drops_every_params_state_as_torch_optims(name,
     with pytest.raises(TypeError, match="load_state_dict"):
         x.state = {ours[0]: {"step": torch.tensor(1.0)}}
     assert repr(x.state_dict()) == repr(before)
+
+
+def _malformed(sd):
+    return [
+        ("a group without 'params'", lambda: sd["param_groups"][1].pop("params"), "'params'"),
+        ("'state' a list", lambda: sd.__setitem__("state", [1, 2]), "'state' must be a dict"),
+        ("a group a list", lambda: sd["param_groups"].__setitem__(1, [1]), "list of dicts"),
+        ("a step of two elements", lambda: sd["state"][1].__setitem__("step", torch.tensor([1.0, 2.0])), "param 1.0"),
+        ("a complex buffer", lambda: sd["state"][1].__setitem__("exp_avg", torch.ones(5, dtype=torch.complex128)),
+         "'exp_avg' of param 1.0"),
+        ("a sparse buffer", lambda: sd["state"][1].__setitem__("exp_avg", torch.ones(5).to_sparse()),
+         "'exp_avg' of param 1.0"),
+        ("a meta buffer", lambda: sd["state"][1].__setitem__("exp_avg", torch.ones(5, device="meta")),
+         "'exp_avg' of param 1.0"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_a_malformed_state_dict_raises_naming_what_and_changes_nothing(case):
+    """A state_dict with a group lacking 'params', a 'state' or group that is not a dict, a step of several
+    elements, or a complex, sparse or meta buffer raised torch's or Python's own error (KeyError 'params',
+    AttributeError, RuntimeError), naming no param; a complex buffer loaded with its imaginary part dropped."""
+    ps = _params(2)
+    opt = xt.Adam([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}], lr=0.01)
+    _grads(ps, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    what, spoil, named = _malformed(sd)[case]
+    spoil()
+    before = repr(opt.state_dict()), repr(opt.param_groups)
+    with pytest.raises((TypeError, ValueError), match=named):
+        opt.load_state_dict(sd)
+    assert (repr(opt.state_dict()), repr(opt.param_groups)) == before, what

@@ -98,6 +98,13 @@ class TorchState:
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups, saved = self.param_groups, state_dict["param_groups"]
+        if not isinstance(state_dict["state"], Mapping):
+            raise TypeError(f"{kind}.load_state_dict: its 'state' must be a dict (param index -> state), got "
+                            f"{type(state_dict['state']).__name__}")
+        if isinstance(saved, (str, bytes, Mapping)) or not all(
+                isinstance(s, Mapping) and "params" in s for s in saved):
+            raise TypeError(f"{kind}.load_state_dict: its 'param_groups' must be a list of dicts, each with "
+                            "'params'")
         if len(groups) != len(saved):
             raise ValueError(f"{kind}.load_state_dict: the state_dict has {len(saved)} parameter groups, "
                              f"the optimizer {len(groups)}")
@@ -158,6 +165,10 @@ class TorchState:
             if tuple(value.shape) != want:
                 raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
                                  f"{tuple(value.shape)}, the param needs {want}")
+            if value.is_complex() or value.layout is not torch.strided or value.is_meta:
+                raise TypeError(f"{kind}.load_state_dict: state {name!r} of param {key} is a "
+                                f"{'complex' if value.is_complex() else 'meta' if value.is_meta else value.layout} "
+                                "tensor: state buffers are dense real tensors")
             out[ours] = value.detach().to(dtype=_state_dtype(p), device=p.device,
                                           memory_format=torch.contiguous_format, copy=True)
         needed = set(self._buffers_for(hyper, p)) - set(out)
@@ -180,7 +191,10 @@ class TorchState:
 
 
 def _step_count(kind, key, step) -> int:
-    value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    try:
+        value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several elements, a value that is not a number
+        value = -1.0
     if not value.is_integer() or value < 0:
         raise ValueError(f"{kind}.load_state_dict: param {key} has step {step!r}, not a count")
     return int(value)
