@@ -212,3 +212,23 @@ def test_a_malformed_state_dict_raises_naming_what_and_changes_nothing(case):
     with pytest.raises((TypeError, ValueError), match=named):
         opt.load_state_dict(sd)
     assert (repr(opt.state_dict()), repr(opt.param_groups)) == before, what
+
+
+def test_adamw_groups_are_torch_optim_adamws():
+    """xopt.torch.AdamW's groups lacked torch.optim.AdamW's ``decoupled_weight_decay=True``, so its state_dict
+    loaded into torch.optim.Adam stepped as Adam with L2 decay (torch.optim.AdamW's loads as AdamW)."""
+    out = []
+    for cls in (xt.AdamW, torch.optim.AdamW):
+        ps = _params(1)
+        opt = cls(ps, lr=0.1, weight_decay=0.5)
+        _grads(ps, 0)
+        opt.step()
+        assert opt.defaults == torch.optim.AdamW(_params(1), lr=0.1, weight_decay=0.5).defaults
+        q = ps[0].detach().clone().requires_grad_()
+        other = torch.optim.Adam([q])
+        other.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for s in range(1, 4):
+            _grads([q], s)
+            other.step()
+        out.append(q)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)

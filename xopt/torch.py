@@ -105,9 +105,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        # decoupled_weight_decay=True in the groups, as torch.optim.AdamW's (a subclass of its Adam): its
+        # state_dict loads into torch.optim.Adam as AdamW, as torch.optim.AdamW's does
         _Front.__init__(self, params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                            maximize=maximize, foreach=foreach, capturable=capturable,
-                                           differentiable=differentiable, fused=fused))
+                                           differentiable=differentiable, fused=fused, decoupled_weight_decay=True))
 
     def hyper(self, group):
         return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"],
