@@ -232,3 +232,21 @@ def test_adamw_groups_are_torch_optim_adamws():
             other.step()
         out.append(q)
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_adam_refuses_a_group_that_changes_decoupled_weight_decay(start):
+    """xopt.torch.Adam fixes decoupled_weight_decay in its constructor (one xopt rule for every group), but only
+    read it at a step where another value had changed: a group switched to the other kind stepped on as before,
+    silently (torch.optim.Adam switches that group), where a change is to be refused."""
+    ps = _params(2)
+    opt = xt.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.01, weight_decay=0.1,
+                  decoupled_weight_decay=start)
+    _grads(ps, 0)
+    opt.step()
+    opt.param_groups[1]["decoupled_weight_decay"] = not start
+    before = [p.detach().clone() for p in ps], repr(opt.state_dict())
+    _grads(ps, 1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*decoupled_weight_decay"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before[0])) and repr(opt.state_dict()) == before[1]

@@ -77,7 +77,8 @@ class Adam(_Front):
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).  ``decoupled_weight_decay=True`` is AdamW."""
 
     rule = _Adam
-    reads = ("lr", "betas", "eps", "weight_decay", "amsgrad", *_REFUSED)
+    # decoupled_weight_decay read at every step, though fixed: a group that changes it is refused, not ignored
+    reads = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", *_REFUSED)
     names = _ADAM_NAMES
     fixed = {"eps_hat": False}
 
@@ -85,7 +86,6 @@ class Adam(_Front):
                  maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False):
         if decoupled_weight_decay:
             self.rule = _AdamW
-            self.reads = (*type(self).reads, "decoupled_weight_decay")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       foreach=foreach, maximize=maximize, capturable=capturable,
                                       differentiable=differentiable, fused=fused,
