@@ -11,6 +11,7 @@ from operator import is_
 import torch
 
 from xopt._backend import compute_dtype
+from xopt.state_check import _buffer_sets
 
 __all__ = ["TorchState"]
 
@@ -88,7 +89,8 @@ class TorchState:
         """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
         their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
         Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
-        for a float16 or bfloat16 param)."""
+        for a float16 or bfloat16 param).  A buffer that only an option keeps (``max_exp_avg_sq``...) may lack:
+        the next step makes it, as after the option is turned on."""
         kind = type(self).__name__
         if isinstance(state_dict, Mapping):
             state_dict = dict(state_dict)  # a shallow copy, as torch's: a hook may change it
@@ -174,6 +176,9 @@ class TorchState:
         needed = set(self._buffers_for(hyper, p)) - set(out)
         if needed and len(out) == 1 and out["step"] == 0:
             return None  # a state before the first step that holds nothing: the first step makes it
+        # a buffer that only an option keeps (amsgrad's, centered's, momentum's) the step makes where it lacks, as
+        # after the option is turned on: this optimizer's own state_dict, taken before that step, loads back
+        needed &= _buffer_sets(self._xopt)[0]
         if needed:
             theirs = {v: k for k, v in self.names.items()}
             raise ValueError(f"{kind}.load_state_dict: param {key} lacks state "
