@@ -178,6 +178,9 @@ def test_assigning_an_empty_state_drops_every_params_state_as_torch_optims(name,
     before = copy.deepcopy(x.state_dict())
     with pytest.raises(TypeError, match="load_state_dict"):
         x.state = {ours[0]: {"step": torch.tensor(1.0)}}
+    with pytest.raises(TypeError, match="load_state_dict"):
+        getattr(xt, name)(_params(2), **kwargs).state = x.state  # another optimizer's state, not a copy of it
+    x.state = x.state  # its own view: nothing changes
     assert repr(x.state_dict()) == repr(before)
 
 

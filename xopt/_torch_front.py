@@ -82,7 +82,7 @@ class _Front(TorchState, torch.optim.Optimizer):
         for dropping every param's state, ``opt.state = defaultdict(dict)``: an empty mapping assigned drops
         the xopt state, as it does torch.optim's; anything else is refused (a state loads through
         ``load_state_dict``), where it would have been a dict that no step reads."""
-        if "_xopt" not in self.__dict__ or isinstance(value, _StateView):
+        if "_xopt" not in self.__dict__ or (isinstance(value, _StateView) and value._front is self):
             return
         if not isinstance(value, Mapping) or len(value):
             raise TypeError(f"{type(self).__name__}.state: only an empty dict may be assigned (every param's state "
