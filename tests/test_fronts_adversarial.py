@@ -279,3 +279,23 @@ def test_own_state_dict_loads_back_after_an_option_is_turned_on(name, kwargs, tu
         out.append(ps)
     for p, q in zip(*out):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_adamw_refuses_a_group_turned_to_l2_decay_and_loads_adam_state_dicts_as_adamw():
+    """xopt.torch.AdamW ignored a group's decoupled_weight_decay=False, silently (torch.optim.AdamW steps that
+    group as Adam with L2 decay); now refused, naming the group.  A torch.optim.Adam state_dict still loads,
+    as AdamW, as into torch.optim.AdamW."""
+    ps = _params(2)
+    opt = xt.AdamW([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1, weight_decay=0.5)
+    _grads(ps, 0)
+    opt.step()
+    opt.param_groups[1]["decoupled_weight_decay"] = False
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*decoupled_weight_decay"):
+        opt.step()
+    q = torch.nn.Parameter(ps[0].detach().clone())
+    adam = torch.optim.Adam([q], weight_decay=0.1)
+    q.grad = torch.ones(5)
+    adam.step()
+    other = xt.AdamW([torch.nn.Parameter(q.detach().clone())])
+    other.load_state_dict(copy.deepcopy(adam.state_dict()))
+    assert other.param_groups[0]["decoupled_weight_decay"] is True

@@ -119,8 +119,8 @@ class TorchState:
                 where[n] = (f"{i}.{j}", p)
         # a key the saved group lacks keeps its value; the saved values are copied, as torch's: a tensor lr shared
         # with the state_dict (and so with the optimizer it came from) would follow that one's scheduler
-        new_groups = [{**g, **copy.deepcopy({k: v for k, v in s.items() if k != "params"}), "params": g["params"]}
-                      for g, s in zip(groups, saved)]
+        new_groups = [{**g, **copy.deepcopy({k: v for k, v in s.items() if k != "params"}), **self.on_load,
+                       "params": g["params"]} for g, s in zip(groups, saved)]
         hypers = [self._check_group(i, g) for i, g in enumerate(new_groups)]  # every value checked, nothing changed yet
         state = {}
         for n, st in state_dict["state"].items():
@@ -185,6 +185,7 @@ class TorchState:
                              f"{', '.join(sorted(theirs[n] for n in needed))}")
         return out
 
+    on_load = {}  # group values a load sets whatever the state_dict holds (AdamW's decoupled_weight_decay)
     derived = ()  # torch state kept alongside that xopt derives from the step count (NAdam's mu_product)
 
     def _buffer_shape(self, name, p):

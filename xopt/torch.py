@@ -92,7 +92,7 @@ class Adam(_Front):
                                       decoupled_weight_decay=decoupled_weight_decay))
 
     def hyper(self, group):
-        if bool(group.get("decoupled_weight_decay", False)) != (self.rule is _AdamW):
+        if bool(group.get("decoupled_weight_decay", self.rule is _AdamW)) != (self.rule is _AdamW):
             raise ValueError("decoupled_weight_decay is set once for all groups, in the constructor")
         return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"],
                     weight_decay=_float(group["weight_decay"]), amsgrad=group["amsgrad"])
@@ -111,9 +111,7 @@ class AdamW(Adam):
                                            maximize=maximize, foreach=foreach, capturable=capturable,
                                            differentiable=differentiable, fused=fused, decoupled_weight_decay=True))
 
-    def hyper(self, group):
-        return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"],
-                    weight_decay=_float(group["weight_decay"]), amsgrad=group["amsgrad"])
+    on_load = {"decoupled_weight_decay": True}  # as torch.optim.AdamW's load: a saved Adam group becomes AdamW
 
 
 class RMSprop(_Front):
