@@ -4,8 +4,9 @@ xopt optimizer (param groups as ``overrides``); its torch-shaped state is :mod:`
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from itertools import repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_, is_not
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
@@ -44,7 +45,8 @@ class _Front(TorchState, torch.optim.Optimizer):
         self._seen = [None] * len(self.param_groups)  # each group's values at the last step (None: not pushed yet)
         self._present = ()  # the groups > 0 whose patterns the xopt optimizer's overrides hold
         self._keys = []  # per group: its params' xopt keys, "i.j"
-        self.state = _StateView(self)
+        self._bound = [tuple(g["params"]) for g in self.param_groups]  # the params the state's keys are places of
+        self._aside = []  # [(param, its state)] of params taken out of param_groups (_follow_params)
 
     def _patch_step_function(self):
         """torch.optim's, with a leaner wrapper of ``step`` (:func:`_hook_step`)."""
@@ -53,7 +55,8 @@ class _Front(TorchState, torch.optim.Optimizer):
         if not getattr(cls.step, "hooked", None):
             cls.step = _hook_step(cls.step)
 
-    _OWN = ("_xopt", "_seen", "_present", "_keys", "rule", "reads")  # what torch's pickle leaves out, kept
+    # what torch's pickle leaves out, kept
+    _OWN = ("_xopt", "_seen", "_present", "_keys", "_bound", "_aside", "rule", "reads")
 
     def __getstate__(self):
         """torch's (``defaults``, ``param_groups``; not the hooks) and the xopt optimizer with its state; the
@@ -64,7 +67,29 @@ class _Front(TorchState, torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.state = _StateView(self)
+        self.__dict__.pop("state", None)  # torch's __setstate__ may leave one: the property reads the xopt state
+        if "_bound" not in self.__dict__:  # pickled before the state followed its param: keyed by place
+            self._bound, self._aside = [tuple(g["params"]) for g in self.param_groups], []
+
+    @property
+    def state(self):
+        """torch's ``opt.state``: each param's state under torch's names, read from the xopt optimizer."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value):
+        """torch.optim.Optimizer's ``__init__`` sets ``state`` (the view replaces it), and so does torch's idiom
+        for dropping every param's state, ``opt.state = defaultdict(dict)``: an empty mapping assigned drops
+        the xopt state, as it does torch.optim's; anything else is refused (a state loads through
+        ``load_state_dict``), where it would have been a dict that no step reads."""
+        if "_xopt" not in self.__dict__ or (isinstance(value, _StateView) and value._front is self):
+            return
+        if not isinstance(value, Mapping) or len(value):
+            raise TypeError(f"{type(self).__name__}.state: only an empty dict may be assigned (every param's state "
+                            "dropped); a state loads through load_state_dict")
+        self._xopt.state = {}
+        self._xopt.iter = 0
+        self._aside = []
 
     @staticmethod
     def hyper(group) -> dict:
@@ -117,6 +142,9 @@ class _Front(TorchState, torch.optim.Optimizer):
         groups = self.param_groups
         if len(groups) == 1:
             ps = groups[0]["params"]
+            bound = self._bound
+            if len(bound) != 1 or len(bound[0]) != len(ps) or not all(map(is_, ps, bound[0])):
+                self._follow_params()  # a param moved in param_groups takes its state along
             keys = self._keys_of(0, len(ps))
             gs = list(map(_GRAD, ps))
             if not all(map(is_not, gs, repeat(None))):
@@ -124,6 +152,7 @@ class _Front(TorchState, torch.optim.Optimizer):
             if self._present or _changed(self._seen[0], groups[0], self.reads):
                 self._push(groups, ())
         else:
+            self._follow_params()
             keys, ps, gs, present = [], [], [], []
             for i, group in enumerate(groups):
                 group_ps = group["params"]

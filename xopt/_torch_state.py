@@ -4,11 +4,14 @@ state (keyed ``"group.index"``)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from operator import is_
 
 import torch
 
 from xopt._backend import compute_dtype
+from xopt.state_check import _buffer_sets
 
 __all__ = ["TorchState"]
 
@@ -17,6 +20,32 @@ class TorchState:
     """What :class:`xopt._torch_front._Front` reads and writes its state with: a subclass sets ``names`` (torch's
     buffer name -> xopt's), ``counts_steps`` and ``derived``, and has ``_xopt``, ``_check_group``, ``_seen`` and
     ``_present`` (the front's)."""
+
+    def _follow_params(self):
+        """Keep each param's state with the param, as torch.optim's (keyed by the param itself): xopt keys a
+        state by the param's place, ``"i.j"``, so where ``param_groups`` changed since the state was keyed (a
+        param popped from a group's list, the list reordered, a param moved to another group) each state moves
+        to its param's new key.  A param no longer in any group keeps its state aside, found again if it comes
+        back (torch.optim's ``state`` keeps it too)."""
+        groups, bound = self.param_groups, self._bound
+        if len(bound) == len(groups) and all(
+                len(b) == len(g["params"]) and all(map(is_, b, g["params"])) for b, g in zip(bound, groups)):
+            return
+        held = self._xopt.state
+        aside = {id(p): (p, st) for p, st in self._aside}  # kept as a list: ids change in a copy
+        for i, ps in enumerate(bound):
+            for j, p in enumerate(ps):
+                st = held.get(f"{i}.{j}")
+                if st is not None:
+                    aside[id(p)] = (p, st)
+        now, state = [tuple(g["params"]) for g in groups], {}
+        for i, ps in enumerate(now):
+            for j, p in enumerate(ps):
+                found = aside.pop(id(p), None)
+                if found is not None:
+                    state[f"{i}.{j}"] = found[1]
+        self._xopt.state = state
+        self._bound, self._aside = now, list(aside.values())
 
     def _torch_state(self, st, p, group) -> dict:
         """A param's xopt state under torch's names (its buffers themselves, not copies; step a tensor)."""
@@ -35,6 +64,7 @@ class TorchState:
         [{hyperparameters..., "params": [param indices]}]}``; the buffers are the optimizer's own tensors."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._follow_params()
         index, groups, start = {}, [], 0
         for i, group in enumerate(self.param_groups):
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -59,7 +89,8 @@ class TorchState:
         """Load a state_dict of this class or of its torch.optim counterpart.  Checked whole first (groups and
         their sizes, every buffer's name and shape, the hyperparameters): a misfit raises, changing nothing.
         Buffers are copied, on each param's device, in the dtype xopt keeps its state in (the param's; float32
-        for a float16 or bfloat16 param)."""
+        for a float16 or bfloat16 param).  A buffer that only an option keeps (``max_exp_avg_sq``...) may lack:
+        the next step makes it, as after the option is turned on."""
         kind = type(self).__name__
         if isinstance(state_dict, Mapping):
             state_dict = dict(state_dict)  # a shallow copy, as torch's: a hook may change it
@@ -69,6 +100,13 @@ class TorchState:
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{kind}.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups, saved = self.param_groups, state_dict["param_groups"]
+        if not isinstance(state_dict["state"], Mapping):
+            raise TypeError(f"{kind}.load_state_dict: its 'state' must be a dict (param index -> state), got "
+                            f"{type(state_dict['state']).__name__}")
+        if isinstance(saved, (str, bytes, Mapping)) or not all(
+                isinstance(s, Mapping) and "params" in s for s in saved):
+            raise TypeError(f"{kind}.load_state_dict: its 'param_groups' must be a list of dicts, each with "
+                            "'params'")
         if len(groups) != len(saved):
             raise ValueError(f"{kind}.load_state_dict: the state_dict has {len(saved)} parameter groups, "
                              f"the optimizer {len(groups)}")
@@ -79,8 +117,10 @@ class TorchState:
                                  f"the state_dict, {len(group['params'])} in the optimizer")
             for j, (n, p) in enumerate(zip(s["params"], group["params"])):
                 where[n] = (f"{i}.{j}", p)
-        new_groups = [{**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
-                      for g, s in zip(groups, saved)]  # a key the saved group lacks keeps its value
+        # a key the saved group lacks keeps its value; the saved values are copied, as torch's: a tensor lr shared
+        # with the state_dict (and so with the optimizer it came from) would follow that one's scheduler
+        new_groups = [{**g, **copy.deepcopy({k: v for k, v in s.items() if k != "params"}), **self.on_load,
+                       "params": g["params"]} for g, s in zip(groups, saved)]
         hypers = [self._check_group(i, g) for i, g in enumerate(new_groups)]  # every value checked, nothing changed yet
         state = {}
         for n, st in state_dict["state"].items():
@@ -95,6 +135,7 @@ class TorchState:
             group.update(new)
         self._xopt.state = state
         self._xopt.iter = max((st["step"] for st in state.values()), default=0)
+        self._bound, self._aside = [tuple(g["params"]) for g in groups], []  # the state loaded is keyed by place
         self._seen = [None] * len(groups)
         self._present = None  # the next step pushes every group's values and patterns
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -126,17 +167,25 @@ class TorchState:
             if tuple(value.shape) != want:
                 raise ValueError(f"{kind}.load_state_dict: state {name!r} of param {key} has shape "
                                  f"{tuple(value.shape)}, the param needs {want}")
+            if value.is_complex() or value.layout is not torch.strided or value.is_meta:
+                raise TypeError(f"{kind}.load_state_dict: state {name!r} of param {key} is a "
+                                f"{'complex' if value.is_complex() else 'meta' if value.is_meta else value.layout} "
+                                "tensor: state buffers are dense real tensors")
             out[ours] = value.detach().to(dtype=_state_dtype(p), device=p.device,
                                           memory_format=torch.contiguous_format, copy=True)
         needed = set(self._buffers_for(hyper, p)) - set(out)
         if needed and len(out) == 1 and out["step"] == 0:
             return None  # a state before the first step that holds nothing: the first step makes it
+        # a buffer that only an option keeps (amsgrad's, centered's, momentum's) the step makes where it lacks, as
+        # after the option is turned on: this optimizer's own state_dict, taken before that step, loads back
+        needed &= _buffer_sets(self._xopt)[0]
         if needed:
             theirs = {v: k for k, v in self.names.items()}
             raise ValueError(f"{kind}.load_state_dict: param {key} lacks state "
                              f"{', '.join(sorted(theirs[n] for n in needed))}")
         return out
 
+    on_load = {}  # group values a load sets whatever the state_dict holds (AdamW's decoupled_weight_decay)
     derived = ()  # torch state kept alongside that xopt derives from the step count (NAdam's mu_product)
 
     def _buffer_shape(self, name, p):
@@ -148,7 +197,10 @@ class TorchState:
 
 
 def _step_count(kind, key, step) -> int:
-    value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    try:
+        value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several elements, a value that is not a number
+        value = -1.0
     if not value.is_integer() or value < 0:
         raise ValueError(f"{kind}.load_state_dict: param {key} has step {step!r}, not a count")
     return int(value)
@@ -173,7 +225,9 @@ class _StateView(Mapping):
 
     def _index(self):
         """[(param, its torch-shaped state)] of every param that holds state, in the groups' order."""
-        front, held, out = self._front, self._front._xopt.state, []
+        front, out = self._front, []
+        front._follow_params()
+        held = front._xopt.state
         for i, group in enumerate(front.param_groups):
             for j, p in enumerate(group["params"]):
                 st = held.get(f"{i}.{j}")

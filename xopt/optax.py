@@ -179,7 +179,9 @@ def _transformation(where, make, learning_rate, traced, needs_params):
         count = optax.safe_int32_increment(state.count)
         s = {**static, **{k: v if isinstance(v, (int, float)) else _Traced(v) for k, v in traced(count, lr).items()}}
         grads, tree = jax.tree.flatten(updates)
-        ps = tree.flatten_up_to(params) if needs_params else [None] * len(grads)
+        # as jax arrays: a NumPy leaf times a _Traced scalar (AdamW's decay) would be a NumPy array of objects
+        grads = [jnp.asarray(g) for g in grads]
+        ps = [jnp.asarray(p) for p in tree.flatten_up_to(params)] if needs_params else [None] * len(grads)
         bufs = {name: tree.flatten_up_to(state.buffers[name]) for name in names}
         out, new_bufs = [], {name: [] for name in names}
         for i, (g, p) in enumerate(zip(grads, ps)):
@@ -234,7 +236,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None):
     _refuse("sgd", accumulator_dtype=(accumulator_dtype, None))
 
     def make(lr):
-        return _SGD(lr=lr, momentum=momentum or 0.0, nesterov=nesterov)
+        # optax's nesterov without a momentum (None, or 0: a trace of g alone) is plain SGD; xopt's SGD refuses it
+        return _SGD(lr=lr, momentum=momentum or 0.0, nesterov=bool(nesterov and momentum))
 
     def traced(count, lr):
         first = jnp.asarray(count) == 1

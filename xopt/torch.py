@@ -13,6 +13,8 @@ loop or a checkpoint written for torch.optim works unchanged:
 - ``state_dict()`` is torch's: state keyed by param index, torch's buffer names (``exp_avg``, ``exp_avg_sq``,
   ``step``...), so a torch.optim state_dict loads here and this one into torch.optim;
 - ``opt.state[p]`` reads a param's state under torch's names (a snapshot: write through ``load_state_dict``);
+  ``opt.state = defaultdict(dict)`` (any empty dict) drops every param's state, as in torch.optim; a param's
+  state follows the param when ``param_groups`` change (a param popped, moved to another group);
 - under ``torch.compile`` the step runs as it is, not traced (a graph break: ``fullgraph=True`` refuses it).
 
 Not supported (refused in the constructor, and at ``step`` if a group is changed to them): ``maximize``,
@@ -75,7 +77,8 @@ class Adam(_Front):
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).  ``decoupled_weight_decay=True`` is AdamW."""
 
     rule = _Adam
-    reads = ("lr", "betas", "eps", "weight_decay", "amsgrad", *_REFUSED)
+    # decoupled_weight_decay read at every step, though fixed: a group that changes it is refused, not ignored
+    reads = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", *_REFUSED)
     names = _ADAM_NAMES
     fixed = {"eps_hat": False}
 
@@ -83,14 +86,13 @@ class Adam(_Front):
                  maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False):
         if decoupled_weight_decay:
             self.rule = _AdamW
-            self.reads = (*type(self).reads, "decoupled_weight_decay")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       foreach=foreach, maximize=maximize, capturable=capturable,
                                       differentiable=differentiable, fused=fused,
                                       decoupled_weight_decay=decoupled_weight_decay))
 
     def hyper(self, group):
-        if bool(group.get("decoupled_weight_decay", False)) != (self.rule is _AdamW):
+        if bool(group.get("decoupled_weight_decay", self.rule is _AdamW)) != (self.rule is _AdamW):
             raise ValueError("decoupled_weight_decay is set once for all groups, in the constructor")
         return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"],
                     weight_decay=_float(group["weight_decay"]), amsgrad=group["amsgrad"])
@@ -103,13 +105,13 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        # decoupled_weight_decay=True in the groups, as torch.optim.AdamW's (a subclass of its Adam): its
+        # state_dict loads into torch.optim.Adam as AdamW, as torch.optim.AdamW's does
         _Front.__init__(self, params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                            maximize=maximize, foreach=foreach, capturable=capturable,
-                                           differentiable=differentiable, fused=fused))
+                                           differentiable=differentiable, fused=fused, decoupled_weight_decay=True))
 
-    def hyper(self, group):
-        return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"],
-                    weight_decay=_float(group["weight_decay"]), amsgrad=group["amsgrad"])
+    on_load = {"decoupled_weight_decay": True}  # as torch.optim.AdamW's load: a saved Adam group becomes AdamW
 
 
 class RMSprop(_Front):
