@@ -186,3 +186,77 @@ def test_a_read_only_install_without_a_home_caches_its_kernels_in_the_temporary_
     # the small step's code is kept as xopt's objects (here the package's __pycache__ is writable: only numba's
     # locators are gone), what numba compiles besides in the temporary directory
     assert any(Path(cache_dir).rglob("*.nbi")) or any(Path(objects).glob(f"*-{key}.o")), "nothing was cached"
+
+
+_TORCH_WITHOUT_NUMBA = """
+import sys
+class _NoNumba:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numba" or name.startswith("numba."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoNumba())
+import numpy as np, torch, xopt, xopt.torch
+torch.manual_seed(0)
+w0, grads = torch.randn(3, 4, dtype=torch.float64), [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)]
+w = w0.clone().requires_grad_()
+opt = xopt.torch.AdamW([w], lr=0.1, weight_decay=0.1)
+p = {"w": w0.clone()}
+plain = xopt.AdamW(lr=0.1, weight_decay=0.1, eps=1e-8)
+for g in grads:
+    w.grad = g.clone()
+    opt.step()
+    plain.update(p, {"w": g.clone()})
+np.save(sys.argv[1], np.stack([w.detach().numpy(), p["w"].numpy(), w0.numpy(), *[g.numpy() for g in grads]]))
+print("numba" in sys.modules)
+"""
+
+
+def test_without_numba_torch_tensors_take_the_reference_path(tmp_path):
+    """With numba not installed, a step on CPU torch tensors (``update`` on tensors, ``xopt.torch``'s step) raised
+    ModuleNotFoundError: the lane imported the tensor engine's module, which imports numba, before asking whether
+    numba's code can run.  Now it asks first, and the reference rule takes the step: torch.optim's numbers."""
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "w.npy"
+    run = subprocess.run([sys.executable, "-c", _TORCH_WITHOUT_NUMBA, str(out)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False"]  # numba was never imported
+    got_torch_front, got_update, w0, *grads = np.load(out)
+    w = torch.tensor(w0, requires_grad=True)
+    want = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1, eps=1e-8)
+    for g in grads:
+        w.grad = torch.tensor(g)
+        want.step()
+    np.testing.assert_allclose(got_torch_front, w.detach().numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(got_update, w.detach().numpy(), rtol=1e-13, atol=1e-15)
+    assert not np.array_equal(got_update, w0)
+
+
+_NO_CACHE_LOCATOR_TORCH_FIRST = """
+import numba.core.caching as caching
+for name in ("InTreeCacheLocator", "UserWideCacheLocator", "IPythonCacheLocator", "ZipCacheLocator"):
+    setattr(getattr(caching, name), "from_function", classmethod(lambda cls, *a: None))  # nowhere to cache
+import numba, torch, xopt.torch
+w = torch.ones(3, requires_grad=True)
+opt = xopt.torch.Adam([w], lr=0.1)
+for _ in range(2):
+    w.grad = torch.ones(3)
+    opt.step()
+print(numba.config.CACHE_DIR, float(w[0]))
+"""
+
+
+@pytest.mark.slow  # compiles the tensor step's kernels again, into a cache of its own
+def test_a_read_only_install_whose_first_step_is_on_torch_tensors_caches_in_the_temporary_directory(tmp_path):
+    """In a read-only install without a writable home, a process whose first step was on torch tensors raised numba's
+    "cannot cache function ...: no locator available": the lane imported the tensor engine's module before
+    ``xopt._numba.usable()`` had found numba a place to cache (a step on NumPy arrays first did not)."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    run = subprocess.run([sys.executable, "-c", _NO_CACHE_LOCATOR_TORCH_FIRST], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cache_dir, w = run.stdout.split()
+    assert cache_dir.startswith(str(tmp_path)) and float(w) < 1.0, run.stdout

@@ -26,7 +26,7 @@ from itertools import repeat
 
 import numpy as np
 
-from . import _dispatch
+from . import _dispatch, _numba
 from ._atomic import CALL, each
 
 __all__ = ["take", "take_tensors"]
@@ -220,9 +220,13 @@ _PROTOTYPES = {}  # NumPy dtype -> an empty array of it: what picks the engine a
 
 
 def _tensor_dtype(t):
-    """``cpu_tensors.dtype_of(t)`` (the module imports torch: imported at a first step on tensors)."""
+    """``cpu_tensors.dtype_of(t)``, or None where numba's code cannot run (:mod:`xopt._numba`; the CUDA engine or
+    the checked path takes the step).  The module imports torch and numba: imported at a first step on tensors,
+    after ``usable()`` has found numba a place to cache (a read-only install)."""
     global _DTYPE_OF
     if _DTYPE_OF is None:
+        if not _numba.usable():
+            return None
         from .engines.cpu_tensors import dtype_of as _DTYPE_OF
     return _DTYPE_OF(t)
 
