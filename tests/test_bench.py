@@ -129,6 +129,16 @@ def test_bad_arguments_are_refused(capsys):
     assert "Adafactor" in capsys.readouterr().err
 
 
+def test_none_skips_a_list_and_a_bad_count_is_named(capsys):
+    """``--tensors none`` (the help's way to skip the many-tensors cases) was refused as "invalid <lambda> value"."""
+    args = cli.parse_args(["--tensors", "none", "--sizes", "2^10,4096"])
+    assert args.tensors == [] and args.sizes == [1024, 4096]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--sizes", "2^x"])
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "'2^x'" in err and "<lambda>" not in err
+
+
 # --- Muon's rows -------------------------------------------------------------------------------------------------
 
 def test_muon_rows_of_the_small_run(small_run):

@@ -30,7 +30,17 @@ def _int(text):
 
 
 def _list(convert):
-    return lambda text: [convert(x) for x in text.split(",") if x.strip()]
+    """A comma-separated list of ``convert``'s values; "none" (or nothing) is the empty list."""
+
+    def parse(text):
+        if text.strip().lower() == "none":
+            return []
+        try:
+            return [convert(x) for x in text.split(",") if x.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} ({exc})") from None
+
+    return parse
 
 
 def parse_args(argv=None):
@@ -44,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtypes", type=_list(str), help="comma-separated: float16, float32, float64")
     ap.add_argument("--sizes", type=_list(_int), help="elements of the one-tensor cases, e.g. 2^20,2^25")
     ap.add_argument("--tensors", type=_list(_int), help="tensor counts of the many-small-tensors cases (64-4096 "
-                                                        "elements each), e.g. 2000; 1 or none to skip")
+                                                        "elements each), e.g. 2000; none to skip them")
     ap.add_argument("--impls", type=_list(str), help=", ".join(runner.IMPLS) + " (default: all; with --quick, "
                                                     + ", ".join(QUICK["impls"]) + ")")
     ap.add_argument("--repeat", type=int, help="interleaved rounds; each row is the median")
