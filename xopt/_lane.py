@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _dispatch, _numba
 from ._atomic import CALL, each
+from ._inputs import number_grad
 
 __all__ = ["take", "take_tensors"]
 
@@ -251,17 +252,17 @@ def _groups(opt, keys):
 
 
 def _arrays(gs, ps):
-    """Number grads as 0-d arrays, as the checked path converts them: a Python number in its param's
-    dtype, a NumPy scalar in its own; None where some grad is neither an array nor such a number, or is a
-    number whose param is not a 0-d array (a float param after an array one: the checked path boxes it)."""
+    """Number grads as 0-d arrays, as the checked path converts them (``_inputs.number_grad``); None where some
+    grad is neither an array nor such a number, or is a number whose param is not a 0-d array (a float param
+    after an array one: the checked path boxes it), or an int too large for its param's dtype."""
     out = []
     for g, p in zip(gs, ps):
         if type(g) is np.ndarray:
             out.append(g)
         elif isinstance(g, _NUMBERS) and not isinstance(g, bool) and type(p) is np.ndarray and p.ndim == 0:
             try:
-                out.append(np.asarray(g, dtype=p.dtype if isinstance(g, (int, float)) else None))
-            except OverflowError:  # an int too large for the dtype: the checked path names its param
+                out.append(number_grad(None, g, p.dtype))
+            except ValueError:  # an int too large for the dtype: the checked path names its param
                 return None
         else:
             return None
