@@ -229,10 +229,7 @@ def numpy_bounds(arrays):
     if _numba.usable():
         from .engines.cpu_memory import byte_bounds
     else:
-        try:
-            from numpy.lib.array_utils import byte_bounds as one
-        except ImportError:  # NumPy 1.x
-            one = np.byte_bounds
+        from numpy.lib.array_utils import byte_bounds as one
 
         spans = np.array([one(a) for a in arrays], dtype=np.int64).reshape(-1, 2)
         return spans[:, 0], spans[:, 1]
