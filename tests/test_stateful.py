@@ -612,7 +612,9 @@ class Twins(RuleBasedStateMachine):
                "leading1": (1,) + shape}[form]
 
         def reshape(side):
-            self.params[side][key].shape = new
+            with warnings.catch_warnings():  # deprecated since NumPy 2.5 (it warns), still done
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.params[side][key].shape = new
 
         self._both(f"p.shape = {new}", reshape)
         self._note(f"{key!r}.shape = {new}")

@@ -285,8 +285,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     if n_parts == 1:
         kind.row.pack_into(table, o_scalars, *values[0], *_ZEROS[len(values[0]):])
     else:
-        rows = table[o_scalars:o_scalars + n_parts * N_SCALARS * math_dtype.itemsize].view(math_dtype)  # zeroed
-        rows.shape = (n_parts, N_SCALARS)
+        rows = table[o_scalars:o_scalars + n_parts * N_SCALARS * math_dtype.itemsize].view(math_dtype).reshape(
+            n_parts, N_SCALARS)  # zeroed; a view of the table
         rows[:, :len(values[0])] = values  # every part's row as long: one kind
     norm = None
     with device.on(device_id):
