@@ -1,0 +1,75 @@
+"""The fused CPU engine's large, clipped and threaded steps under pressure: forks, thread-count changes, boundaries.
+
+Every expectation is another run: the reference rule (``impl="reference"``), the same step on another number of
+threads, or a replay of the same grads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xopt
+
+pytest.importorskip("xopt.engines.fused_cpu", reason="numba is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(script, timeout=120):
+    """Run ``script`` in a fresh interpreter on this checkout; return its stdout (it must exit 0)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"child exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+_FORK_DURING_A_CLIPPED_STEP = """
+import os, threading, time
+import numpy as np
+import xopt
+
+xopt.set_num_threads(2)
+n = 1 << 20  # below PARALLEL_MIN: the kernel runs on the calling thread, outside the GIL
+params, grads = {"w": np.zeros(n, np.float32)}, {"w": -np.ones(n, np.float32)}
+opt = xopt.SGD(lr=1.0, clip_grad_norm=1e30)  # each step adds exactly 1 to every element
+opt.update(params, grads)
+stop = threading.Event()
+
+def train():
+    while not stop.is_set():
+        opt.update(params, grads)
+
+worker = threading.Thread(target=train)
+worker.start()
+torn = 0
+for _ in range(60):
+    time.sleep(0.002)
+    pid = os.fork()
+    if pid == 0:  # the child: one step's writes all there or none of them
+        w = params["w"]
+        os._exit(0 if w.min() == w.max() == opt.iter == opt.state["w"]["step"] else 1)
+    torn += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+stop.set()
+worker.join()
+print("torn", torn, "steps", opt.iter)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "fork"), reason="os.fork on Linux only")
+def test_a_fork_never_sees_half_a_clipped_step_on_one_thread():
+    """A clipped step below PARALLEL_MIN (or any clipped step on one thread) runs its kernel on the calling thread,
+    which releases the GIL.  Before: its writes were not held against ``os.fork`` (only a step split over
+    threads was), so a thread that forked meanwhile made a child whose params were half stepped and whose
+    counts were not (about one fork in two).  Now every step run from ``cpu_arrays.run`` waits for no fork."""
+    out = _child(_FORK_DURING_A_CLIPPED_STEP)
+    torn, steps = int(out.split()[1]), int(out.split()[3])
+    assert steps > 60, f"the stepping thread hardly ran: {out}"
+    assert torn == 0, f"{torn} of 60 forked children saw half a step"
