@@ -73,3 +73,48 @@ def test_a_fork_never_sees_half_a_clipped_step_on_one_thread():
     torn, steps = int(out.split()[1]), int(out.split()[3])
     assert steps > 60, f"the stepping thread hardly ran: {out}"
     assert torn == 0, f"{torn} of 60 forked children saw half a step"
+
+
+_FORK_DURING_EVAL_AND_TRAIN = """
+import os, threading, time
+import numpy as np
+import xopt
+
+rng = np.random.default_rng(0)
+w = rng.standard_normal(1 << 20).astype(np.float32)
+params = {"a": w.copy(), "b": w.copy()}  # twins: every write leaves them equal, half of one does not
+opt = xopt.ScheduleFreeAdamW(lr=0.1)
+for _ in range(3):
+    g = rng.standard_normal(w.shape).astype(np.float32)
+    opt.update(params, {"a": g, "b": g.copy()})
+stop = threading.Event()
+
+def switch():
+    while not stop.is_set():
+        opt.eval(params)
+        opt.train(params)
+
+worker = threading.Thread(target=switch)
+worker.start()
+torn = 0
+for _ in range(60):
+    time.sleep(0.001)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if np.array_equal(params["a"], params["b"]) else 1)
+    torn += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+stop.set()
+worker.join()
+print("torn", torn, "x != y", int((params["a"] != opt.state["a"]["z"]).sum()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "fork"), reason="os.fork on Linux only")
+def test_a_fork_never_sees_half_an_eval_or_train_switch():
+    """``ScheduleFreeAdamW.eval``/``train`` rewrite every param (x from y, y from x) in one C-level call, but NumPy's
+    copies release the GIL.  Before: the switch used ``together``, so a thread that forked meanwhile made a child
+    with some params switched and others not (about one fork in four).  Now it uses ``together_unforked``."""
+    out = _child(_FORK_DURING_EVAL_AND_TRAIN)
+    torn, moved = int(out.split()[1]), int(out.split()[-1])
+    assert moved > 0, f"x and y are the same point: a switch writes nothing ({out})"
+    assert torn == 0, f"{torn} of 60 forked children saw half a switch"
