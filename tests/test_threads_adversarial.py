@@ -118,3 +118,59 @@ def test_a_fork_never_sees_half_an_eval_or_train_switch():
     torn, moved = int(out.split()[1]), int(out.split()[-1])
     assert moved > 0, f"x and y are the same point: a switch writes nothing ({out})"
     assert torn == 0, f"{torn} of 60 forked children saw half a switch"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_an_optimizer_copied_while_another_thread_steps_it_holds_a_whole_step(how):
+    """AdaGrad's ``h`` grows by exactly 1 an element a step (grads of -1), so a copy of it taken between two
+    steps is one number.  Before: ``copy.deepcopy`` and ``pickle`` read the buffers without the optimizer's lock,
+    while a large step on another thread wrote them outside the GIL: the copy held part of a step (most copies).
+    Now both copy the buffers while no step runs, as ``state_dict`` does."""
+    import copy
+    import pickle
+    import threading
+
+    from xopt.engines.fused_cpu import PARALLEL_MIN
+
+    dup = {"deepcopy": copy.deepcopy, "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how]
+    before = xopt.set_num_threads(2)
+    params, grads = {"w": np.zeros(PARALLEL_MIN, np.float32)}, {"w": -np.ones(PARALLEL_MIN, np.float32)}
+    opt = xopt.AdaGrad(lr=1.0)
+    opt.update(params, grads)
+    stop, steps = threading.Event(), [0]
+
+    def train():
+        while not stop.is_set():
+            opt.update(params, grads)
+            steps[0] += 1
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    torn = []
+    try:
+        for _ in range(20):
+            twin = dup(opt)
+            h = twin.state["w"]["h"]
+            if not (h.min() == h.max() == twin.state["w"]["step"]):
+                torn.append((float(h.min()), float(h.max()), twin.state["w"]["step"]))
+    finally:
+        stop.set()
+        worker.join()
+        xopt.set_num_threads(before)
+    assert steps[0] > 20, "the stepping thread hardly ran"
+    assert torn == [], f"{len(torn)} of 20 copies held part of a step (h min, max, step): {torn[:3]}"
+
+
+def test_a_shallow_copy_still_shares_the_state_and_a_copy_inside_a_step_is_taken():
+    """``copy.copy`` keeps sharing the state dicts; a deep copy taken from inside a step of the same optimizer (an
+    lr schedule), before its writes, is taken at once, not refused as a step inside a step."""
+    import copy
+
+    params, grads = {"w": np.ones(5)}, {"w": np.full(5, 0.5)}
+    twins, made = [], []
+    opt = xopt.Adam(lr=lambda count: (made and twins.append(copy.deepcopy(made[0]))) or 0.1)  # called at once too
+    made.append(opt)
+    opt.update(params, grads)
+    shallow = copy.copy(opt)
+    assert shallow.state is opt.state and shallow.state["w"]["m"] is opt.state["w"]["m"]
+    assert twins and twins[0].iter == 0 and twins[0].state.get("w", {}).get("step", 0) == 0
