@@ -8,9 +8,11 @@ API.  That rule is the reference: every fused path is tested against it.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 import sys
+import threading
 
 import numpy as np
 
@@ -101,9 +103,38 @@ class Optimizer:
             value = _dispatch.check_impl(value, self)
         object.__setattr__(self, name, value)
 
-    def __getstate__(self):  # copy/pickle: the lock and the cached hyperparameter sets stay behind
+    def __getstate__(self):
+        """pickle: the lock and the cached hyperparameter sets stay behind, and the buffers are copied between two
+        steps (a step from another thread writes them outside the GIL; it waits for the copies)."""
+        return self._between_steps(self._plain_state, True)
+
+    def __copy__(self):  # copy.copy: the same state dicts and buffers, its own hyperparameters
+        made = object.__new__(type(self))
+        made.__setstate__(self._plain_state(False))
+        return made
+
+    def __deepcopy__(self, memo):  # copied between two steps, as pickled (a step from another thread waits)
+        return self._between_steps(self._deep_copy, memo)
+
+    def _between_steps(self, f, *args):
+        """``f(*args)`` while no step of this optimizer runs: at once from inside one (a schedule), where its
+        writes have not begun, or where there is no lock (a hyperparameter set)."""
+        guard = self.__dict__.get("_guard")
+        if guard is None or guard.owner == threading.get_ident():
+            return f(*args)
+        return guard.run(f, *args)
+
+    def _deep_copy(self, memo):
+        made = memo[id(self)] = object.__new__(type(self))
+        made.__setstate__(copy.deepcopy(self._plain_state(False), memo))
+        return made
+
+    def _plain_state(self, copies):
         state = dict(self.__dict__)
         state["_guard"], state["_group_cache"] = None, None
+        if copies:
+            state["state"] = {key: {name: _snapshot(v) for name, v in st.items()} if type(st) is dict else st
+                              for key, st in self.state.items()}
         return state
 
     def __setstate__(self, state):
@@ -381,6 +412,15 @@ def _copy(x):
         return x.copy()
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
+
+
+def _snapshot(x):
+    """A copy of a buffer that a CPU kernel writes in place (a NumPy array, a torch tensor); anything else as it is."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if type(x).__module__ == "torch" and not x.requires_grad:
+        return x.detach().clone()
+    return x
 
 
 

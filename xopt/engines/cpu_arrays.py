@@ -138,5 +138,5 @@ def run(opt, arrays, clip, commit, after=()):
         together(commit(None, True))
         return True
     writes = arrays.writes(scale_by)
-    (together_unforked if arrays.threads > 1 else together)([*writes, *after, *commit(norm, False)])
+    together_unforked([*writes, *after, *commit(norm, False)])  # the kernel releases the GIL on one thread too
     return True

@@ -9,7 +9,7 @@ import re
 from functools import partial
 
 from .. import _backend
-from .._atomic import together
+from .._atomic import together_unforked
 from .._hyper import Hyper, _real, non_negative, unit_interval
 from .._inputs import describe, param_keys
 from ..engines.kernels import Kernel
@@ -212,7 +212,7 @@ class ScheduleFreeAdamW(Optimizer):
             raise TypeError("params holds immutable arrays: pass a dict so they can be replaced")
         writes += [partial(operator.setitem, params, k, v) for k, v in rebinds]
         writes.append(partial(self.__dict__.__setitem__, "training", training))
-        together(writes)
+        together_unforked(writes)  # the copies release the GIL: a fork from another thread waits for them
 
     # -- state ---------------------------------------------------------------------------------
     def _state_dict(self, copy=True):
