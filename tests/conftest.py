@@ -145,6 +145,19 @@ def lane(monkeypatch):
 
 
 @pytest.fixture
+def parallel_from(monkeypatch):
+    """``parallel_from(n)``: steps of at least ``n`` elements split over threads, for the test.  Each engine
+    module that reads ``PARALLEL_MIN`` holds its own name for it (imported from ``cpu_step``): all are set."""
+    from xopt.engines import cpu_arrays, cpu_blockwise, cpu_factored, cpu_step, fused_cpu
+
+    def set_to(n):
+        for module in (cpu_step, cpu_arrays, cpu_blockwise, cpu_factored, fused_cpu):
+            monkeypatch.setattr(module, "PARALLEL_MIN", n)
+
+    return set_to
+
+
+@pytest.fixture
 def cuda_cache_dir(tmp_path, monkeypatch):
     """xopt's CUDA disk cache (kernels, self-check verdicts) in a new folder for this test."""
     from xopt.engines import cuda_cache

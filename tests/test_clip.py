@@ -117,11 +117,9 @@ def test_low_precision_fused_clipping_agrees_with_the_reference(dtype, state_dty
         np.testing.assert_allclose(p1[k], p2[k], rtol=tol, atol=tol)
 
 
-def test_the_lane_clips_with_a_parallel_norm(rng, monkeypatch, lane):
+def test_the_lane_clips_with_a_parallel_norm(rng, parallel_from, lane):
     """A step above PARALLEL_MIN elements: the norm's pass and the kernel run on the worker threads too."""
-    from xopt.engines import fused_cpu
-
-    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN", 1)
+    parallel_from(1)
     xopt.set_num_threads(2)
     try:
         fused, ref = xopt.RMSprop(clip_grad_norm=2.0), xopt.RMSprop(clip_grad_norm=2.0, impl="reference")

@@ -518,11 +518,11 @@ def test_numpy_scalar_grads_of_0d_params_are_never_read_as_arrays(rng):
 
 
 @pytest.mark.parametrize("config", ["SGD", "RMSprop-all", "Adam-amsgrad-wd"])
-def test_threads_taking_chunks_give_the_reference_numbers(config, rng, monkeypatch, lane):
+def test_threads_taking_chunks_give_the_reference_numbers(config, rng, parallel_from, lane):
     """Every step split over 3 threads (the caller and 2 workers claiming chunks): every element once."""
     from test_edges import make
 
-    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN", 0)
+    parallel_from(0)
     before = xopt.set_num_threads(3)
     try:
         sizes = rng.integers(1, 3 * fused_cpu.CHUNK, 25)

@@ -42,7 +42,7 @@ from .cpu_codes import larger, magnitude_bits, set_absmax, store_block, value
 from .cpu_drivers import CHUNK, wait_done
 from .cpu_memory import fetch_add
 from .cpu_rules import ELEMENTS
-from .fused_cpu import PARALLEL_MIN
+from .cpu_step import PARALLEL_MIN
 from .kernels import lookup
 
 __all__ = ["supports", "apply"]
