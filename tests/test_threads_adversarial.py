@@ -175,3 +175,20 @@ def test_a_shallow_copy_still_shares_the_state_and_a_copy_inside_a_step_is_taken
     shallow = copy.copy(opt)
     assert shallow.state is opt.state and shallow.state["w"]["m"] is opt.state["w"]["m"]
     assert twins and twins[0].iter == 0 and twins[0].state.get("w", {}).get("step", 0) == 0
+
+
+def test_set_num_threads_under_a_threads_cap_returns_the_process_number():
+    """Inside ``_threads.limit(1)`` (a Dask task's cap) ``set_num_threads`` returned the capped 1, so
+    ``set_num_threads(set_num_threads(k))`` left the process at 1 thread instead of restoring it."""
+    from xopt import _threads
+
+    before = xopt.set_num_threads(4)
+    try:
+        with _threads.limit(1):
+            assert xopt.get_num_threads() == 1
+            old = xopt.set_num_threads(2)
+            assert old == 4
+            xopt.set_num_threads(old)
+        assert xopt.get_num_threads() == 4
+    finally:
+        xopt.set_num_threads(before)

@@ -73,7 +73,7 @@ def set_num_threads(n=None):
     A step under way on another thread finishes with the workers it started with.
     """
     try:
-        before = get_num_threads()
+        before = _process_threads()  # not a cap of limit() on this thread: the number this call replaces
     except ValueError:
         before = None
     n = _default_threads() if n is None else _checked_threads(n)
@@ -87,11 +87,17 @@ def set_num_threads(n=None):
 
 def get_num_threads() -> int:
     """The most threads a CPU step uses (see :func:`set_num_threads`)."""
+    n = _process_threads()
+    cap = getattr(_caps, "n", None)
+    return n if cap is None else min(n, cap)
+
+
+def _process_threads() -> int:
+    """The process's number (:func:`set_num_threads`'s), without this thread's cap."""
     n = _threads["n"]
     if n is None:
         n = _threads["n"] = _default_threads()
-    cap = getattr(_caps, "n", None)
-    return n if cap is None else min(n, cap)
+    return n
 
 
 @contextlib.contextmanager
