@@ -56,6 +56,8 @@ def step(opt, params, grads):
         for e in entries:
             e.state = state_for(opt, e)
             step = int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
+            if step > 1 and any(n in e.state and n not in had[e.key] for n in e.opt.first_step_buffers):
+                step = 1  # a buffer made now (its option turned on) starts as on the param's first step
             key = (id(e.opt), step)
             if key not in scalars:
                 scalars[key] = e.opt.scalars(step)

@@ -1,0 +1,56 @@
+"""xopt's numbers against torch.optim's where a run changes course: an option turned on mid-run, a state
+loaded, a hyperparameter changed between steps.  The expected numbers come from torch.optim, live (skipped
+where torch is not installed), or from xopt's own reference rule."""
+
+import numpy as np
+import pytest
+
+import xopt
+
+# SGD(lr=0.1)'s (momentum, dampening) at each step: momentum turned on at step 4, off, on again
+_SGD_VALUES = [(0.0, 0.3)] * 3 + [(0.9, 0.3)] * 3 + [(0.0, 0.3)] * 2 + [(0.8, 0.3)] * 2
+
+
+def _torch_sgd_switched(cls, p0, grads):
+    """Params after each step of ``cls`` (torch.optim.SGD or xopt.torch.SGD) run through ``_SGD_VALUES``."""
+    import torch
+
+    w = torch.tensor(p0.copy(), dtype=torch.float64)
+    opt = cls([w], lr=0.1)
+    out = []
+    for (momentum, dampening), g in zip(_SGD_VALUES, grads):
+        opt.param_groups[0].update(momentum=momentum, dampening=dampening)
+        w.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        out.append(w.detach().numpy().copy())
+    return out
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("container", ["numpy", "torch"])
+def test_sgd_momentum_turned_on_mid_run_starts_its_buffer_at_the_grad(impl, container, rng):
+    """Before: SGD's momentum buffer started at the grad, undamped (torch's ``buf = grad.clone()``), only on a
+    param's first step; where momentum was turned on later, the buffer was made at 0 and that step took
+    ``(1 - dampening) * g``: with dampening > 0 the run left torch.optim's numbers from that step on."""
+    torch = pytest.importorskip("torch")
+    p0, grads = rng.standard_normal((3, 4)), [rng.standard_normal((3, 4)) for _ in _SGD_VALUES]
+    theirs = _torch_sgd_switched(torch.optim.SGD, p0, grads)
+    asarray = np.array if container == "numpy" else torch.tensor
+    params, opt = {"w": asarray(p0.copy())}, xopt.SGD(lr=0.1, impl=impl)
+    for step, ((momentum, dampening), g, want) in enumerate(zip(_SGD_VALUES, grads, theirs), start=1):
+        opt.dampening, opt.momentum = dampening, momentum
+        opt.update(params, {"w": asarray(g)})
+        np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-13, atol=1e-15,
+                                   err_msg=f"after step {step}")
+
+
+def test_torch_front_sgd_momentum_turned_on_mid_run_is_torchs(rng):
+    """Before: xopt.torch.SGD whose group's momentum went from 0 to 0.9 (dampening 0.3) after the first step
+    damped the buffer's first grad, where torch.optim.SGD starts the buffer at the grad itself."""
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xopt.torch")
+    p0, grads = rng.standard_normal(7), [rng.standard_normal(7) for _ in _SGD_VALUES]
+    theirs = _torch_sgd_switched(torch.optim.SGD, p0, grads)
+    ours = _torch_sgd_switched(xt.SGD, p0, grads)
+    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15, err_msg=f"after step {step}")
