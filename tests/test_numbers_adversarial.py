@@ -54,3 +54,57 @@ def test_torch_front_sgd_momentum_turned_on_mid_run_is_torchs(rng):
     ours = _torch_sgd_switched(xt.SGD, p0, grads)
     for step, (a, b) in enumerate(zip(ours, theirs), start=1):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15, err_msg=f"after step {step}")
+
+
+# -- ScheduleFreeAdamW: a schedule whose values are NumPy scalars ------------------------------------
+def _np_cosine(count):
+    return 0.02 * (1.0 + np.cos(np.pi * count / 40)) / 2  # a NumPy float64, as np.cos gives
+
+
+def _np_float32_warmup(count):
+    return np.float32(0.02) * np.float32(min(1.0, (count + 1) / 4))  # a NumPy float32
+
+
+@pytest.mark.parametrize("schedule", [_np_cosine, _np_float32_warmup])
+def test_schedule_free_sums_take_a_numpy_schedules_values_as_floats(schedule, rng):
+    """Before: ScheduleFreeAdamW's averaging sums (lr_max, the sum of the weights) took a schedule's values as
+    it returned them: a NumPy float32 made them float32 (c_t rounded to float32, about 1e-8 off the
+    package's), and state_dict() then held NumPy scalars, which load_state_dict and save refused."""
+    schedulefree = pytest.importorskip("schedulefree")
+    torch = pytest.importorskip("torch")
+    p0, grads = rng.standard_normal((3, 4)), [rng.standard_normal((3, 4)) for _ in range(12)]
+    w = torch.tensor(p0.copy(), dtype=torch.float64)
+    ref = schedulefree.AdamWScheduleFree([w], lr=0.02, warmup_steps=0)
+    ref.train()
+    opt, params = xopt.ScheduleFreeAdamW(lr=schedule), {"w": p0.copy()}
+    for count, g in enumerate(grads):
+        ref.param_groups[0]["lr"] = float(schedule(count))
+        w.grad = torch.tensor(g, dtype=torch.float64)
+        ref.step()
+        opt.update(params, {"w": g})
+        np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-12, atol=1e-14,
+                                   err_msg=f"after step {count + 1}")
+
+
+@pytest.mark.parametrize("schedule", [_np_cosine, _np_float32_warmup])
+def test_schedule_free_with_a_numpy_schedule_saves_and_resumes_bit_for_bit(schedule, rng, tmp_path):
+    """Before: state_dict() of a ScheduleFreeAdamW whose lr schedule returns NumPy scalars held its sums as
+    NumPy scalars: ``load_state_dict`` refused them ("must be ... two finite floats") and ``save`` raised
+    ("cannot be saved")."""
+    p0, grads = rng.standard_normal(5), [rng.standard_normal(5) for _ in range(8)]
+    straight, params = xopt.ScheduleFreeAdamW(lr=schedule), {"w": p0.copy()}
+    for g in grads:
+        straight.update(params, {"w": g})
+    for via in ("state_dict", "file"):
+        first, resumed = xopt.ScheduleFreeAdamW(lr=schedule), {"w": p0.copy()}
+        for g in grads[:4]:
+            first.update(resumed, {"w": g})
+        second = xopt.ScheduleFreeAdamW(lr=schedule)
+        if via == "file":
+            first.save(tmp_path / "sf.npz")
+            second.load(tmp_path / "sf.npz", params=resumed)
+        else:
+            second.load_state_dict(first.state_dict())
+        for g in grads[4:]:
+            second.update(resumed, {"w": g})
+        np.testing.assert_array_equal(resumed["w"], params["w"], err_msg=via)
