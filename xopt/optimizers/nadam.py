@@ -31,11 +31,12 @@ class NAdam(Optimizer):
             - \eta \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m}{d}
 
     ψ is ``momentum_decay``.  μ_t, Π_t (torch's per-param ``mu_product``) and the bias correction
-    are per-step numbers, computed on the host; the kernels get the two step sizes.  Π_t is a
-    function of the param's step count t: it is computed as torch accumulates it (Π_t = Π_{t-1} μ_t,
-    in float64) rather than kept, so a state_dict holds it through the step count.  The one
-    difference from torch: if beta1 or momentum_decay change during training, Π_t is the product
-    under the new values (torch's keeps the old factors).
+    are per-step numbers, computed on the host; the kernels get the two step sizes.  Π_t is multiplied
+    as torch accumulates it (Π_t = Π_{t-1} μ_t, in float64, each μ with the beta1 and momentum_decay of
+    its step), but kept per hyperparameter set and step count, not per param (:meth:`mu_product`), and
+    a state_dict holds it through the step count.  Where beta1 or momentum_decay change during
+    training, torch's numbers differ for a param whose count lags its set's (steps it had no grad) and
+    after a load, whose products run again from step 1 with the values of the step that asks.
 
     Args:
         lr: learning rate η.
