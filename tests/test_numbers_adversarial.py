@@ -108,3 +108,25 @@ def test_schedule_free_with_a_numpy_schedule_saves_and_resumes_bit_for_bit(sched
         for g in grads[4:]:
             second.update(resumed, {"w": g})
         np.testing.assert_array_equal(resumed["w"], params["w"], err_msg=via)
+
+
+# -- the whole-tensor rules: a step that raises adds no buffer -------------------------------------
+def test_muon_step_that_raises_takes_back_the_buffers_it_added():
+    """Before: Muon's matrices keep m alone; ``use_muon=False`` set between steps adds v to each state at the
+    next step, and a step that raised (an overflow under the user's np.seterr) left v in the states it had
+    reached (the elementwise optimizers' step took such buffers back, the whole-tensor rules' did not)."""
+    params = {"a": np.ones((3, 4)), "b": np.ones((4, 3))}
+    opt = xopt.Muon(lr=0.01)
+    opt.update(params, {"a": np.full((3, 4), 0.5), "b": np.full((4, 3), 0.5)})
+    opt.use_muon = False
+    before = {k: {n: (v.copy() if hasattr(v, "copy") else v) for n, v in st.items()} for k, st in opt.state.items()}
+    kept = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(FloatingPointError), np.errstate(over="raise"):
+        opt.update(params, {"a": np.full((3, 4), 0.5), "b": np.full((4, 3), 1e200)})
+    assert {k: sorted(st) for k, st in opt.state.items()} == {k: sorted(st) for k, st in before.items()}
+    for k, st in opt.state.items():
+        for n, v in st.items():
+            np.testing.assert_array_equal(v, before[k][n])
+        np.testing.assert_array_equal(params[k], kept[k])
+    opt.update(params, {"a": np.full((3, 4), 0.5), "b": np.full((4, 3), 0.5)})  # and the next step makes them
+    assert all("v" in st for st in opt.state.values())
