@@ -130,3 +130,60 @@ def test_muon_step_that_raises_takes_back_the_buffers_it_added():
         np.testing.assert_array_equal(params[k], kept[k])
     opt.update(params, {"a": np.full((3, 4), 0.5), "b": np.full((4, 3), 0.5)})  # and the next step makes them
     assert all("v" in st for st in opt.state.values())
+
+
+# -- NAdam: a resumed run after β₁ changed ----------------------------------------------------------
+@pytest.mark.parametrize("via", ["state_dict", "file"])
+def test_nadam_resumes_bit_for_bit_after_beta1_changed(via, rng, tmp_path):
+    """Before: NAdam's running products of μ (each with the β₁ of its step) were not in the state_dict; a
+    loaded state ran them again from step 1 with the β₁ of now, so a run whose β₁ (or momentum_decay)
+    changed before the checkpoint resumed about 1e-5 off the run that never stopped (and off torch.optim's,
+    which keeps ``mu_product`` in its state)."""
+    torch = pytest.importorskip("torch")
+    p0 = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(10)]
+
+    def changes(opt, i):
+        if i == 2:
+            opt.beta1 = 0.8
+        if i == 3:
+            opt.momentum_decay = 0.1
+
+    def make():
+        return xopt.NAdam(lr=0.01, overrides={"b": {"beta1": 0.7}})
+
+    straight, params = make(), {k: v.copy() for k, v in p0.items()}
+    for i, g in enumerate(grads):
+        changes(straight, i)
+        straight.update(params, g)
+    first, resumed = make(), {k: v.copy() for k, v in p0.items()}
+    for i, g in enumerate(grads[:6]):
+        changes(first, i)
+        first.update(resumed, g)
+    second = make()
+    if via == "file":
+        first.save(tmp_path / "nadam.npz")
+        second.load(tmp_path / "nadam.npz", params=resumed)
+    else:
+        second.load_state_dict(first.state_dict())
+    for g in grads[6:]:
+        second.update(resumed, g)
+    for k in p0:
+        np.testing.assert_array_equal(resumed[k], params[k], err_msg=k)
+    # and torch.optim's numbers, where the one param group changes the same way (its mu_product in the default
+    # dtype: float64 here, as xopt's)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = torch.tensor(p0["w"].copy(), dtype=torch.float64)
+        ref = torch.optim.NAdam([w], lr=0.01)
+        for i, g in enumerate(grads):
+            if i == 2:
+                ref.param_groups[0]["betas"] = (0.8, 0.999)
+            if i == 3:
+                ref.param_groups[0]["momentum_decay"] = 0.1
+            w.grad = torch.tensor(g["w"], dtype=torch.float64)
+            ref.step()
+    finally:
+        torch.set_default_dtype(default)
+    np.testing.assert_allclose(resumed["w"], w.detach().numpy(), rtol=1e-12, atol=1e-14)
