@@ -187,3 +187,31 @@ def test_nadam_resumes_bit_for_bit_after_beta1_changed(via, rng, tmp_path):
     finally:
         torch.set_default_dtype(default)
     np.testing.assert_allclose(resumed["w"], w.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("container", ["numpy", "torch"])
+def test_sgd_params_of_one_count_whose_buffers_start_at_different_steps(impl, container, rng):
+    """Params p and q at the same step count, p's momentum buffer made at its first step and q's made now
+    (momentum turned on while q had no grad): each buffer starts as torch.optim.SGD's, q's at its grad.  A step
+    count is what the engines group params by; the buffer made now must not give p step 1's scalars (nor q
+    the others')."""
+    torch = pytest.importorskip("torch")
+    p0 = {"p": rng.standard_normal(6), "q": rng.standard_normal((2, 3))}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(5)]
+    present = [{"q"}, {"p"}, {"p", "q"}, {"p", "q"}, {"p", "q"}]  # step 1 without momentum, then 0.9
+    tensors = {k: torch.tensor(v.copy(), dtype=torch.float64) for k, v in p0.items()}
+    ref = torch.optim.SGD(list(tensors.values()), lr=0.1)
+    asarray = np.array if container == "numpy" else torch.tensor
+    params, opt = {k: asarray(v.copy()) for k, v in p0.items()}, xopt.SGD(lr=0.1, impl=impl)
+    for step, (g, keys) in enumerate(zip(grads, present), start=1):
+        if step == 2:
+            ref.param_groups[0].update(momentum=0.9, dampening=0.3)
+            opt.dampening, opt.momentum = 0.3, 0.9
+        for k, t in tensors.items():
+            t.grad = torch.tensor(g[k], dtype=torch.float64) if k in keys else None
+        ref.step()
+        opt.update(params, {k: (asarray(g[k]) if k in keys else None) for k in p0})
+        for k in p0:
+            np.testing.assert_allclose(np.asarray(params[k]), tensors[k].numpy(), rtol=1e-13, atol=1e-15,
+                                       err_msg=f"param {k} after step {step}")
