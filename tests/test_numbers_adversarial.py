@@ -2,6 +2,8 @@
 loaded, a hyperparameter changed between steps.  The expected numbers come from torch.optim, live (skipped
 where torch is not installed), or from xopt's own reference rule."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,46 @@ def test_sgd_params_of_one_count_whose_buffers_start_at_different_steps(impl, co
         for k in p0:
             np.testing.assert_allclose(np.asarray(params[k]), tensors[k].numpy(), rtol=1e-13, atol=1e-15,
                                        err_msg=f"param {k} after step {step}")
+
+
+# -- xopt.torch.NAdam: a load continues the state's products of μ -----------------------------------
+def _nadam_steps(opt, tensor, grads, torch, beta1s=None):
+    for i, g in enumerate(grads):
+        if beta1s is not None:
+            opt.param_groups[0]["betas"] = (beta1s[i], 0.999)
+        tensor.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+
+
+@pytest.mark.parametrize("loader", ["fresh", "stepped before"])
+def test_torch_front_nadam_load_continues_the_states_mu_product(loader, rng):
+    """Before: xopt.torch.NAdam's load_state_dict kept the running products of μ of the optimizer's run before
+    the load (an optimizer that had stepped with another β₁ continued with them), and did not read the state's
+    ``mu_product``: a torch.optim run whose β₁ changed (OneCycleLR cycles it) resumed 1e-5 to 4e-5 off
+    torch.optim's own resume."""
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xopt.torch")
+    p0, grads = rng.standard_normal(6), [rng.standard_normal(6) for _ in range(12)]
+    beta1s = [0.95, 0.9, 0.85, 0.8, 0.85, 0.9] + [0.9] * 6
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # torch's mu_product in float64, as xopt's
+    try:
+        w = torch.tensor(p0.copy())
+        saved_from = torch.optim.NAdam([w], lr=0.01)
+        _nadam_steps(saved_from, w, grads[:6], torch, beta1s)
+        state = saved_from.state_dict()
+        theirs_w = w.detach().clone()
+        theirs = torch.optim.NAdam([theirs_w], lr=0.01)
+        theirs.load_state_dict(copy.deepcopy(state))  # torch's load keeps the tensors, which its steps write
+        _nadam_steps(theirs, theirs_w, grads[6:], torch)
+        ours_w = torch.tensor(p0.copy())
+        ours = xt.NAdam([ours_w], lr=0.01, betas=(0.5, 0.999))
+        if loader == "stepped before":
+            _nadam_steps(ours, ours_w, grads[:6], torch)
+        with torch.no_grad():
+            ours_w.copy_(w)
+        ours.load_state_dict(copy.deepcopy(state))
+        _nadam_steps(ours, ours_w, grads[6:], torch)
+    finally:
+        torch.set_default_dtype(default)
+    np.testing.assert_allclose(ours_w.numpy(), theirs_w.numpy(), rtol=1e-13, atol=1e-15)
