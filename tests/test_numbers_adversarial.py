@@ -195,9 +195,9 @@ def test_nadam_resumes_bit_for_bit_after_beta1_changed(via, rng, tmp_path):
 @pytest.mark.parametrize("container", ["numpy", "torch"])
 def test_sgd_params_of_one_count_whose_buffers_start_at_different_steps(impl, container, rng):
     """Params p and q at the same step count, p's momentum buffer made at its first step and q's made now
-    (momentum turned on while q had no grad): each buffer starts as torch.optim.SGD's, q's at its grad.  A step
-    count is what the engines group params by; the buffer made now must not give p step 1's scalars (nor q
-    the others')."""
+    (momentum turned on while q had no grad): each buffer starts as torch.optim.SGD's, q's at its grad.
+    Before: q's buffer took ``(1 - dampening) * g``; and the engines, which group a set's params by step count
+    and give them one set of scalars, must not give p step 1's scalars with q (nor q the others')."""
     torch = pytest.importorskip("torch")
     p0 = {"p": rng.standard_normal(6), "q": rng.standard_normal((2, 3))}
     grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(5)]
