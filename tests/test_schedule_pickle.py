@@ -75,5 +75,5 @@ def test_an_optimizer_with_schedules_pickled_mid_run_steps_as_the_original(make,
 def test_an_optimizer_with_a_users_lambda_fails_to_pickle_as_pickle_does(where):
     lr = lambda count: 1e-3  # noqa: E731
     opt = xopt.Adam(lr=lr) if where == "lr" else xopt.Adam(overrides={"b": {"lr": lr}})
-    with pytest.raises((pickle.PicklingError, AttributeError), match="Can't pickle"):
+    with pytest.raises((pickle.PicklingError, AttributeError), match="Can't (pickle|get local object)"):
         pickle.dumps(opt)

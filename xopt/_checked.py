@@ -34,12 +34,20 @@ def step(opt, params, grads):
     entries = collect(params, grads)
     opt._check_patterns(params)
     views = {}  # (group, count) -> the view its params step with
+    firsts = set()  # ids of the views whose params make a buffer of first_step_buffers: step 1's scalars
     for e in entries:
         count = _check_step(opt, e)
         group = opt._group_of(e.key)
         view = views.get((group, count))
         if view is None:
             view = views[group, count] = opt._at(group, count)
+        if count and any(n in view.buffers() and n not in opt.state[e.key] for n in view.first_step_buffers):
+            # a set of its own: an engine takes one set's scalars for all its params of one count
+            first = views.get((group, count, "first"))
+            if first is None:
+                first = views[group, count, "first"] = view._view(dict(view._hyper))
+                firsts.add(id(first))
+            view = first
         e.opt = view
         _check_state(opt, e)
     check_overlaps(_named_arrays(opt, entries))
@@ -55,7 +63,7 @@ def step(opt, params, grads):
         scalars = {}  # (view, step) -> its scalars
         for e in entries:
             e.state = state_for(opt, e)
-            step = int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
+            step = 1 if id(e.opt) in firsts else int(e.state["step"]) + 1  # a NumPy count (np.int8(127)) would wrap
             key = (id(e.opt), step)
             if key not in scalars:
                 scalars[key] = e.opt.scalars(step)

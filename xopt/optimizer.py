@@ -166,6 +166,10 @@ class Optimizer:
         """The value a state buffer starts from."""
         return 0.0
 
+    # Buffers whose first step is not the param's: a step that makes one of them after the param's first (its
+    # option turned on mid-run) gets the scalars of step 1 (SGD's momentum buffer starts at g, as torch's).
+    first_step_buffers = ()
+
     def scalars(self, step: int) -> dict:
         """The per-step numbers the rule needs, computed on the host."""
         raise NotImplementedError

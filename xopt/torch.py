@@ -196,7 +196,8 @@ class Adamax(_Front):
 
 class NAdam(_Front):
     """torch.optim.NAdam's arguments and numbers (see :class:`xopt.NAdam`); state ``step``, ``mu_product``
-    (the running product xopt keeps: written, not read), ``exp_avg``, ``exp_avg_sq``."""
+    (the running product xopt keeps per group: a load reads each group's last, see :meth:`load_state_dict`),
+    ``exp_avg``, ``exp_avg_sq``."""
 
     rule = _NAdam
     reads = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", *_REFUSED)
@@ -215,6 +216,31 @@ class NAdam(_Front):
     def hyper(group):
         return dict(lr=_float(group["lr"]), **_betas(group), eps=group["eps"], weight_decay=group["weight_decay"],
                     momentum_decay=group["momentum_decay"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict`` (see :meth:`_Front.load_state_dict`).  The running products of μ start
+        again from the state's: each group's from the ``mu_product`` of its param with the most steps, where that
+        is not the product run from step 1 with the group's values of now (to its dtype's rounding: a beta1 or
+        momentum_decay changed before the checkpoint), else from step 1; none is kept from before the load."""
+        super().load_state_dict(state_dict)
+        products = self._xopt.__dict__.get("_mu_products")
+        if not isinstance(products, dict):
+            return
+        products.clear()
+        for i, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            found = [st for st in map(state_dict["state"].get, saved["params"])
+                     if isinstance(st, Mapping) and "step" in st and isinstance(st.get("mu_product"), torch.Tensor)]
+            if not found:
+                continue
+            last = max(found, key=lambda st: float(st["step"]))
+            step, product = int(float(last["step"])), last["mu_product"]
+            if step < 1 or product.numel() != 1 or not product.is_floating_point():
+                continue
+            view = self._xopt._view({**self._xopt._hyper, **self._check_group(i, group)})
+            view.__dict__["_history"] = f"{i}.*" if i else None
+            ours = view.mu_product(step)  # run from step 1, kept
+            if float(product) != float(torch.tensor(ours, dtype=product.dtype)):
+                products[f"{i}.*" if i else None] = {0: 1.0, step: float(product)}
 
     def _torch_state(self, st, p, group):
         out = super()._torch_state(st, p, group)

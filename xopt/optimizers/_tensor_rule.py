@@ -67,6 +67,7 @@ class TensorRule(Optimizer):
         for e in entries:
             e.clip = scale
         created = [e.key for e in entries if e.key not in self.state]
+        had = {e.key: list(self.state[e.key]) for e in entries if e.key in self.state}  # to take back new buffers
         try:
             scalars = {}
             for e in entries:
@@ -83,6 +84,11 @@ class TensorRule(Optimizer):
                 st = self.state.get(key)
                 if st is not None and st.get("step") == 0:
                     del self.state[key]
+            for key, names in had.items():  # and the buffers it added to a state (Muon's v, use_muon turned off)
+                st = self.state.get(key)
+                if type(st) is dict:
+                    for name in [n for n in st if n not in names]:
+                        del st[name]
             raise
         with _plain_torch(entries):
             together_unforked(writes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .. import _checked, _lane
 from .._hyper import Hyper, flag, non_negative, unit_interval
 from ..engines.kernels import Kernel
@@ -31,11 +33,12 @@ class NAdam(Optimizer):
             - \eta \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m}{d}
 
     ψ is ``momentum_decay``.  μ_t, Π_t (torch's per-param ``mu_product``) and the bias correction
-    are per-step numbers, computed on the host; the kernels get the two step sizes.  Π_t is a
-    function of the param's step count t: it is computed as torch accumulates it (Π_t = Π_{t-1} μ_t,
-    in float64) rather than kept, so a state_dict holds it through the step count.  The one
-    difference from torch: if beta1 or momentum_decay change during training, Π_t is the product
-    under the new values (torch's keeps the old factors).
+    are per-step numbers, computed on the host; the kernels get the two step sizes.  Π_t is multiplied
+    as torch accumulates it (Π_t = Π_{t-1} μ_t, in float64, each μ with the beta1 and momentum_decay of
+    its step), but kept per hyperparameter set and step count, not per param (:meth:`mu_product`); a
+    state_dict holds each set's product at the last step of its params.  Where beta1 or momentum_decay
+    change during training, torch's numbers differ for a param whose count lags its set's (steps it had
+    no grad): its products are its set's, or run again from step 1 with the values of the step that asks.
 
     Args:
         lr: learning rate η.
@@ -98,11 +101,51 @@ class NAdam(Optimizer):
                 _restore(products, kept)
             raise
 
+    def _state_dict(self, copy=True):
+        """The base's, and each hyperparameter set's product of μ at the last step of its params
+        (``mu_product_step``, ``mu_product``; an override's with the suffix ``.i``, i its place in ``overrides``
+        from 1, and its pattern in ``mu_product_pattern.i``): a resumed run continues it, each μ with the β₁
+        of its step."""
+        out = super()._state_dict(copy)
+        lasts = {}
+        for key, st in self.state.items():
+            if isinstance(st, dict) and type(st.get("step")) is int and st["step"] > 0:
+                group = self._group_of(key)
+                lasts[group] = max(lasts.get(group, 0), st["step"])
+        products = self.__dict__.get("_mu_products")
+        patterns = list(self._overrides)
+        for group, last in sorted(lasts.items()):
+            kept = products.get(patterns[group - 1] if group else None) if isinstance(products, dict) else None
+            if type(kept) is dict and last in kept:
+                suffix = f".{group}" if group else ""
+                out.update({f"mu_product_step{suffix}": last, f"mu_product{suffix}": float(kept[last])})
+                if group:  # a load with other overrides (an edited state_dict) leaves the product to another set
+                    out[f"mu_product_pattern{suffix}"] = patterns[group - 1]
+        return out
+
     def _load_state_dict(self, checked_state, state_dict, params):
+        kept = {}
+        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("mu_product_step")
+                  ] if isinstance(state_dict, dict) else []
+        for field in fields:
+            suffix = field[len("mu_product_step"):]
+            group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
+            if suffix and group is None:
+                raise ValueError(f"state_dict has {field!r}: a set's product is mu_product_step or "
+                                 "mu_product_step.i, i >= 1 the place of its override")
+            t, product = state_dict[field], state_dict.get(f"mu_product{suffix}")
+            if (type(t) is not int or t < 1 or type(product) not in (int, float) or not 0.0 <= product <= 1.0):
+                raise TypeError(f"state_dict's mu_product_step{suffix} and mu_product{suffix} must be an int >= 1 "
+                                f"and a float in [0, 1], got {t!r}, {product!r}")
+            kept[group or 0] = (t, float(product), state_dict.get(f"mu_product_pattern{suffix}"))
         super()._load_state_dict(checked_state, state_dict, params)
         products = self.__dict__.get("_mu_products")
-        if isinstance(products, dict):  # a loaded state's products run again from step 1, as a fresh optimizer's
-            products.clear()  # do (kept ones belong to the old run's hyperparameter sets; the views share the dict)
+        if isinstance(products, dict):  # a loaded state's products go on from those it holds, else run again from
+            products.clear()  # step 1 (kept ones belong to the old run's hyperparameter sets; the views share it)
+            patterns = list(self._overrides)
+            for group, (t, product, pattern) in kept.items():
+                if group == 0 or (group <= len(patterns) and patterns[group - 1] == pattern):
+                    products[patterns[group - 1] if group else None] = {0: 1.0, t: product}
 
     def mu_product(self, step, taken=False) -> float:
         """Π_t = μ_1 μ_2 ... μ_t, each μ with the β₁ of its step, multiplied in torch's order: the running

@@ -124,7 +124,10 @@ class ScheduleFreeAdamW(Optimizer):
 
     def _lr_at(self, count):
         source = self.__dict__.get("_lr_source", self.lr)
-        return source(count) if callable(source) else source
+        if not callable(source):
+            return source
+        # checked as a step's lr is (a float): a NumPy scalar would make the sums NumPy scalars (float32's rounded)
+        return type(self).lr.check(f"lr at count {count} ({source!r})", source(count))
 
     def _average(self, step):
         """(η_t, c_t) for step t: the package's lr_max and weight_sum, running sums over the steps taken.

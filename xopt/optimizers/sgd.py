@@ -15,15 +15,16 @@ class SGD(StateStorage, Optimizer):
 
     In plain text::
 
-        g ← g + λW;  b ← μb + (1 − τ)g  (b ← g on step 1);  g ← g + μb (nesterov) or b;  W ← W − ηg
+        g ← g + λW;  b ← μb + (1 − τ)g  (b ← g on b's first step);  g ← g + μb (nesterov) or b;  W ← W − ηg
 
     .. math::
         g &\leftarrow g + \lambda W \\
-        b &\leftarrow \mu b + (1 - \tau) g \quad (b \leftarrow g \text{ on the first step}) \\
+        b &\leftarrow \mu b + (1 - \tau) g \quad (b \leftarrow g \text{ on } b\text{'s first step}) \\
         g &\leftarrow g + \mu b \text{ (nesterov) or } b \\
         W &\leftarrow W - \eta g
 
-    With the defaults this is the seed's ``SGD``: ``W <- W - lr * g``.
+    With the defaults this is the seed's ``SGD``: ``W <- W - lr * g``.  b's first step is the param's, or the
+    first after momentum is turned on (from 0), as torch.optim.SGD's buffer starts at g.
 
     Args:
         lr: learning rate η.
@@ -52,6 +53,7 @@ class SGD(StateStorage, Optimizer):
     dampening = Hyper(closed_unit_interval)
     nesterov = Hyper(flag)
     weight_decay = Hyper(non_negative)
+    first_step_buffers = ("b",)  # momentum turned on mid-run: b starts at g, undamped, as on step 1 (torch's)
 
     def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                  state_dtype=None, block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE, **options):
