@@ -239,3 +239,75 @@ def test_a_processes_first_steps_load_their_kernels_before_any_write():
     run = subprocess.run([sys.executable, "-c", _FIRST_STEPS, str(pathlib.Path(__file__).parent)],
                          capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "inside []", run.stdout[-3000:] + run.stderr[-3000:]
+
+
+# -- a load is all or nothing too ---------------------------------------------------------------------------
+def _seen(opt):
+    """Everything a load sets, comparable: hyperparameters, overrides, counts, every buffer's bytes, and the
+    subclasses' own fields (NAdam's products of μ, ScheduleFreeAdamW's mode and sums)."""
+    state = {k: {n: (v if n == "step" else np.asarray(v).tobytes()) for n, v in st.items()}
+             for k, st in opt.state.items()}
+    own = {n: repr(opt.__dict__.get(n)) for n in ("_mu_products", "training", "_averages")}
+    return dict(opt._hyper), repr(opt._overrides), opt.iter, opt.skipped_steps, state, own
+
+
+def _stepped(cls, lr, steps, seed):
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    opt = cls(lr=lr, overrides={"b": {"lr": lr / 2}})
+    for _ in range(steps):
+        opt.update(params, {k: rng.standard_normal(v.shape) for k, v in params.items()})
+    return opt
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("cls", [xopt.Adam, xopt.NAdam, xopt.ScheduleFreeAdamW])
+def test_a_load_interrupted_at_any_line_leaves_the_optimizer_as_it_was_or_loaded(cls):
+    """A load made its writes in several statements (the hyperparameters, then the overrides, the state, the
+    counts; a subclass's fields after them): a signal handler raising between two of them (Ctrl-C) left an
+    optimizer with the new hyperparameters and the old state.  CPython runs a handler where a Python function
+    starts (as ``xopt._atomic`` says): here an exception is raised as each Python function of the load starts
+    in turn, but not inside the check of the state dict (``state_check.checked_state``), which writes nothing
+    and would take a thousand calls.  Each time the optimizer is as it was or as loaded, and free for the next
+    call."""
+    source = _stepped(cls, 0.2, 3, seed=1)
+    if cls is xopt.ScheduleFreeAdamW:
+        source.eval({"w": np.zeros((4, 3)), "b": np.zeros(3)})  # the mode travels with the state
+    sd = source.state_dict()
+    loaded = _stepped(cls, 0.1, 2, seed=0)
+    loaded.load_state_dict(sd)
+    after = _seen(loaded)
+    lines = interrupted = 0
+    while True:
+        opt = _stepped(cls, 0.1, 2, seed=0)
+        before = _seen(opt)
+        assert before != after
+        count, checking = [0], [0]
+
+        def trace(frame, event, arg, at=lines):
+            code = frame.f_code
+            if code.co_name == "checked_state" and code.co_filename.endswith("state_check.py"):
+                checking[0] += {"call": 1, "return": -1}.get(event, 0)
+            if event == "call" and not checking[0]:
+                count[0] += 1
+                if count[0] == at + 1:
+                    raise _Interrupt
+            return trace
+
+        sys.settrace(trace)
+        try:
+            opt.load_state_dict(sd)
+        except _Interrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        seen = _seen(opt)
+        assert seen == before or seen == after, f"interrupted at call {lines + 1} of the load"
+        assert opt._guard.owner is None and not opt._guard.lock.locked(), f"call {lines + 1}: the guard is held"
+        if count[0] <= lines:  # the load ran whole: every call was tried
+            break
+        lines += 1
+    assert interrupted >= 3 and _seen(opt) == after

@@ -82,8 +82,8 @@ class StepGuard:
         if self.owner == me:
             raise RuntimeError("update() called from inside an update() of the same optimizer")
         with self.lock:
-            self.owner = me
-            try:
+            try:  # owner set inside the try: a signal handler raising just after it cannot leave it set
+                self.owner = me
                 return f(*args)
             finally:
                 self.owner = None

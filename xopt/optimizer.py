@@ -341,15 +341,22 @@ class Optimizer:
         self._guard.run(self._load_state_dict, checked_state, state_dict, params)
 
     def _load_state_dict(self, checked_state, state_dict, params):
+        """Check the whole of ``state_dict`` (``checked_state``; a subclass's own fields, :meth:`_loaded`), then set
+        everything the load sets in one call into C (``dict.update`` of the attributes): a signal handler, or a
+        fork from another thread, finds the optimizer as it was before the load or as it is after it."""
         hyper, overrides, state, counters = checked_state(self, state_dict, params)
+        own = self._loaded(state_dict, overrides)
         if params is not None:
             _as_torch(state, params)
-        publish(self, hyper)
-        self._overrides = overrides
-        self._version = self.__dict__.get("_version", 0) + 1
-        self._reset_groups()
-        self.state = state
-        self.iter, self.skipped_steps = counters
+        loaded = {"_hyper": hyper, **hyper, "_overrides": overrides, "_version": self.__dict__.get("_version", 0) + 1,
+                  "_group_index": {}, "_patterns_checked": False, "_group_cache": None,  # as _reset_groups() sets
+                  "state": state, "iter": counters[0], "skipped_steps": counters[1], **own}
+        self.__dict__.update(loaded)
+
+    def _loaded(self, state_dict, overrides) -> dict:
+        """A subclass's own attributes from a loaded ``state_dict`` (``overrides``: the loaded ones), checked: it
+        raises before the load sets anything."""
+        return {}
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` (an ``.npz`` file; no pickled code)."""

@@ -123,10 +123,11 @@ class NAdam(Optimizer):
                     out[f"mu_product_pattern{suffix}"] = patterns[group - 1]
         return out
 
-    def _load_state_dict(self, checked_state, state_dict, params):
+    def _loaded(self, state_dict, overrides) -> dict:
+        """The running products of μ a loaded state holds (each set's last): a new dict, which the views made after
+        the load share; the products of the run before the load are dropped (they belong to its sets)."""
         kept = {}
-        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("mu_product_step")
-                  ] if isinstance(state_dict, dict) else []
+        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("mu_product_step")]
         for field in fields:
             suffix = field[len("mu_product_step"):]
             group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
@@ -138,14 +139,12 @@ class NAdam(Optimizer):
                 raise TypeError(f"state_dict's mu_product_step{suffix} and mu_product{suffix} must be an int >= 1 "
                                 f"and a float in [0, 1], got {t!r}, {product!r}")
             kept[group or 0] = (t, float(product), state_dict.get(f"mu_product_pattern{suffix}"))
-        super()._load_state_dict(checked_state, state_dict, params)
-        products = self.__dict__.get("_mu_products")
-        if isinstance(products, dict):  # a loaded state's products go on from those it holds, else run again from
-            products.clear()  # step 1 (kept ones belong to the old run's hyperparameter sets; the views share it)
-            patterns = list(self._overrides)
-            for group, (t, product, pattern) in kept.items():
-                if group == 0 or (group <= len(patterns) and patterns[group - 1] == pattern):
-                    products[patterns[group - 1] if group else None] = {0: 1.0, t: product}
+        products = {}  # a loaded state's products go on from those it holds, else run again from step 1
+        patterns = list(overrides)
+        for group, (t, product, pattern) in kept.items():
+            if group == 0 or (group <= len(patterns) and patterns[group - 1] == pattern):
+                products[patterns[group - 1] if group else None] = {0: 1.0, t: product}
+        return {**super()._loaded(state_dict, overrides), "_mu_products": products}
 
     def mu_product(self, step, taken=False) -> float:
         """Π_t = μ_1 μ_2 ... μ_t, each μ with the β₁ of its step, multiplied in torch's order: the running

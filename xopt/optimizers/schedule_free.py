@@ -236,14 +236,14 @@ class ScheduleFreeAdamW(Optimizer):
                             f"average_weight_sum{suffix}": sums[last][1]})
         return out
 
-    def _load_state_dict(self, checked_state, state_dict, params):
-        get = state_dict.get if isinstance(state_dict, dict) else {}.get
+    def _loaded(self, state_dict, overrides) -> dict:
+        """The mode (``training``) and each set's averaging sums a loaded state holds."""
+        get = state_dict.get
         training = get("training", True)
         if not isinstance(training, bool):
             raise TypeError(f"state_dict['training'] must be True or False, got {training!r}")
         sums = {}
-        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("average_step")
-                  ] if isinstance(state_dict, dict) else []
+        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("average_step")]
         for field in fields:
             suffix = field[len("average_step"):]
             group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
@@ -259,6 +259,4 @@ class ScheduleFreeAdamW(Optimizer):
                                 f"average_weight_sum{suffix} must be an int >= 1 and two finite floats, got {t!r}, "
                                 f"{lr_max!r}, {total!r}")
             sums[group or 0] = {t: (float(lr_max), float(total))}
-        super()._load_state_dict(checked_state, state_dict, params)
-        self.training = training
-        self._averages = sums
+        return {**super()._loaded(state_dict, overrides), "training": training, "_averages": sums}
