@@ -54,7 +54,7 @@ from .._inputs import Entry
 from . import dask_lineage
 from .dask_lineage import LostStateError, check_state
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
+__all__ = ["accepts", "apply", "apply_whole", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
 
 SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
@@ -198,3 +198,38 @@ def apply(opt, entries) -> list:
                    for i, n in enumerate(names, 1)]
     return writes
 
+
+
+def apply_whole(entries, compute) -> list:
+    """The steps of Dask params by a rule that reads whole params (:class:`xopt.optimizers._tensor_rule.TensorRule`:
+    norms, factors, matmuls), all persisted in one call, with durable points as :func:`apply` makes them: each new
+    array's graph is its persisted chunks, which does not grow with the steps.  ``compute(e)``: e's writes by the
+    reference rule on whole arrays (lazy: e.p rebound to the new param, ``dict.__setitem__`` of each new buffer);
+    returns them with the persisted arrays.  Each grad is chunked like its param first, so the new param and
+    the buffers in its shape keep its chunks."""
+    names = sorted({n for e in entries for n in e.state if n != "step"}, key=str)
+    dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
+    holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names if n in e.state)]) for e in entries]
+    every = dask_lineage.durable_every()
+    due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
+    for e in entries:
+        if e.g.chunks != e.p.chunks:
+            e.g = e.g.rechunk(e.p.chunks)
+    computed = [compute(e) for e in entries]
+    lazy = [[e.p, *(w.args[2] for w in writes)] for e, writes in zip(entries, computed)]
+    with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
+        flat = iter(dask.persist(*(a for arrays in lazy for a in arrays)))
+    steps = [[next(flat) for _ in arrays] for arrays in lazy]
+    if due:  # waits for these steps; the steps after read the durable copies, and nothing older
+        durable = dask_lineage.make_durable([a for i in due for a in steps[i]])
+        if durable is not None:
+            made = iter(durable)
+            for i, e in zip(due, (entries[i] for i in due)):
+                steps[i] = [next(made) for _ in steps[i]]
+                holders[i] = dask_lineage.Durable(int(e.state["step"]) + 1, steps[i])
+    out = []
+    for e, writes, arrays, holder in zip(entries, computed, steps, holders):
+        e.p = dask_lineage.carry(arrays[0], holder)
+        out += [functools.partial(dict.__setitem__, w.args[0], w.args[1], dask_lineage.carry(a, holder))
+                for w, a in zip(writes, arrays[1:])]
+    return out

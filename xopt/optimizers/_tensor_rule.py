@@ -104,10 +104,16 @@ class TensorRule(Optimizer):
         return writes
 
     def _compute_each(self, entries) -> list:
-        writes = []
+        writes, chunked = [], []
         for e in entries:
+            if _backend.is_dask(e.p):  # persisted with the other Dask params' steps, below
+                chunked.append(e)
+                continue
             dtype, _, torch = _kind(e)
             writes += _apply_whole(e.opt, e, tuple(e.opt.buffer_shapes(e.p.shape)), dtype, torch)
+        if chunked:
+            writes += _dispatch.dask_engine().apply_whole(
+                chunked, lambda e: _apply_whole(e.opt, e, tuple(e.opt.buffer_shapes(e.p.shape)), _kind(e)[0], False))
         return writes
 
     # -- state ---------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Dask params at their edges: the rules that read whole params, chunkings, failures, state after them;
+NumPy's numbers (to rounding where the rule sums over a whole param)."""
+
+import numpy as np
+import pytest
+
+import xopt
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+
+
+def _steps(name, w0, grads, chunks, grad_chunks=None, **options):
+    """The same steps on NumPy and on Dask (synchronous scheduler): (NumPy's params, Dask's, Dask's optimizer)."""
+    ref, a = getattr(xopt, name)(**options), {"W": w0.copy()}
+    ours, b = getattr(xopt, name)(**options), {"W": da.from_array(w0.copy(), chunks=chunks)}
+    graphs = []
+    with dask.config.set(scheduler="sync"):
+        for g in grads:
+            ref.update(a, {"W": g})
+            ours.update(b, {"W": da.from_array(g, chunks=grad_chunks or chunks)})
+            graphs.append([len(b["W"].__dask_graph__())] + [len(v.__dask_graph__()) for k, v in
+                                                             sorted(ours.state["W"].items()) if k != "step"])
+    return a, b, ours, graphs
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Adafactor", "Muon"])
+def test_whole_param_rules_keep_a_bounded_graph_and_the_params_chunks(name, rng):
+    """Before: LAMB, Adafactor and Muon stepped Dask params by their reference rule into lazy arrays that were never
+    persisted: each step added its whole graph to the last (Muon: 650 more tasks a step for a 12x10 param), so
+    every later read computed all the steps again; and a grad chunked unlike its param left the new param in the
+    chunks of both (ever finer)."""
+    w0 = rng.standard_normal((12, 10))
+    grads = [rng.standard_normal((12, 10)) for _ in range(5)]
+    want, got, opt, graphs = _steps(name, w0, grads, (4, 5), grad_chunks=(6, 3))
+    assert graphs == [graphs[0]] * len(grads), graphs
+    assert graphs[0][0] == got["W"].npartitions, graphs  # the persisted chunks, nothing more
+    assert got["W"].chunks == da.from_array(w0, chunks=(4, 5)).chunks
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_allclose(got["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
