@@ -38,3 +38,20 @@ def test_whole_param_rules_keep_a_bounded_graph_and_the_params_chunks(name, rng)
     assert got["W"].chunks == da.from_array(w0, chunks=(4, 5)).chunks
     with dask.config.set(scheduler="sync"):
         np.testing.assert_allclose(got["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+
+
+def test_adafactor_resumes_on_dask_params_from_a_state_file(rng, tmp_path):
+    """Before: a state file's buffers were put back chunked like their param whatever their shape, so Adafactor's
+    row and column factors raised "Chunks do not add up to shape" at the first step after ``load(params=...)``
+    of Dask params."""
+    w0 = rng.standard_normal((12, 10))
+    grads = [rng.standard_normal((12, 10)) for _ in range(4)]
+    want, _, _, _ = _steps("Adafactor", w0, grads, 4)
+    _, params, first, _ = _steps("Adafactor", w0, grads[:2], 4)
+    first.save(tmp_path / "s.npz")
+    second = xopt.Adafactor()
+    second.load(tmp_path / "s.npz", params=params)
+    with dask.config.set(scheduler="sync"):
+        for g in grads[2:]:
+            second.update(params, {"W": da.from_array(g, chunks=4)})
+        np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
