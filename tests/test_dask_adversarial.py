@@ -55,3 +55,22 @@ def test_adafactor_resumes_on_dask_params_from_a_state_file(rng, tmp_path):
         for g in grads[2:]:
             second.update(params, {"W": da.from_array(g, chunks=4)})
         np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("unknown", ["param", "grad", "both"])
+def test_unknown_chunk_sizes_are_named_as_such(unknown, rng):
+    """Before: a Dask array of unknown chunk sizes (boolean indexing) was refused as a shape mismatch, "grad of param
+    'W' has shape (nan, 10) but the param has shape (nan, 10) (xopt never broadcasts)", even with equal shapes."""
+    w0, g = rng.standard_normal((12, 10)), rng.standard_normal((12, 10))
+
+    def of(x, known):
+        x = da.from_array(x, chunks=(4, 5))
+        return x if known else x[x[:, 0] > -100]  # every row: the same values, sizes not known until computed
+
+    params = {"W": of(w0, unknown == "grad")}
+    opt, before = xopt.Adam(), params["W"]
+    culprit = "grad of param 'W'" if unknown == "grad" else "param 'W'"
+    with dask.config.set(scheduler="sync"), pytest.raises(ValueError, match=rf"^{culprit} has shape \(nan, 10\).*"
+                                                                           r"compute_chunk_sizes"):
+        opt.update(params, {"W": of(g, unknown == "param")})
+    assert params["W"] is before and opt.state == {} and opt.iter == 0

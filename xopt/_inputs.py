@@ -105,6 +105,10 @@ def _check_pair(key, p, g):
     if type(g).__module__.startswith("torch") or type(p).__module__.startswith("torch"):
         _check_layout(key, p, g)
     if tuple(p.shape) != tuple(g.shape):
+        for what, x in ((f"param {describe(key)}", p), (f"grad of param {describe(key)}", g)):
+            if any(n is None or n != n for n in x.shape):  # None or NaN: a size unknown until computed
+                raise ValueError(f"{what} has shape {tuple(x.shape)}, of sizes not known yet (a Dask array made by "
+                                 "boolean indexing, say): give it known sizes first (x.compute_chunk_sizes())")
         raise ValueError(f"grad of param {describe(key)} has shape {tuple(g.shape)} but the param has shape "
                          f"{tuple(p.shape)} (xopt never broadcasts)")
     if _backend.device(p) != _backend.device(g):
