@@ -74,3 +74,32 @@ def test_unknown_chunk_sizes_are_named_as_such(unknown, rng):
                                                                            r"compute_chunk_sizes"):
         opt.update(params, {"W": of(g, unknown == "param")})
     assert params["W"] is before and opt.state == {} and opt.iter == 0
+
+
+def test_a_clipped_step_taken_again_with_a_new_client_reads_no_stale_scale(rng, tmp_path):
+    """Before: the clip scale persisted by a step was kept by its key (named for the grads) and read by any later
+    step whose grads had that key, so after the client changed (a restart, a reconnection) the same step taken
+    again from a state file read the old client's cancelled scale: its chunks were cancelled, and the step after
+    raised LostStateError, again after every load."""
+    distributed = pytest.importorskip("distributed")
+    w0 = rng.standard_normal((16, 4))
+    grads = [rng.standard_normal((16, 4)) for _ in range(3)]
+    ref, want = xopt.Adam(clip_grad_norm=0.5), {"W": w0.copy()}
+    for g in grads:
+        ref.update(want, {"W": g})
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                                  silence_logs=50) as cluster:
+        with distributed.Client(cluster):
+            params, opt = {"W": da.from_array(w0.copy(), chunks=4)}, xopt.Adam(clip_grad_norm=0.5)
+            opt.update(params, {"W": da.from_array(grads[0], chunks=4)})
+            opt.save(tmp_path / "s.npz")
+            kept = params["W"].compute()
+            opt.update(params, {"W": da.from_array(grads[1], chunks=4)})
+            distributed.wait(params["W"])
+        with distributed.Client(cluster):  # the first client's futures are cancelled
+            params, opt = {"W": da.from_array(kept, chunks=4)}, xopt.Adam()
+            opt.load(tmp_path / "s.npz", params=params)
+            for g in grads[1:]:
+                opt.update(params, {"W": da.from_array(g, chunks=4)})
+            got = params["W"].compute()
+    np.testing.assert_allclose(got, want["W"], rtol=1e-13, atol=1e-15)

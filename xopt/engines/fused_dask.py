@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import dask
 import dask.array as da
@@ -139,15 +140,19 @@ def _picked(step, i, like, what):
                         name=f"{step.name}-{what}")
 
 
-_PERSISTED = {}  # the last step's lazy clip scale -> the same persisted: its other groups (overrides) read it
+_PERSISTED = []  # [a weak reference to this step's lazy clip scale, the same persisted]: its other groups read it
 
 
 def _persisted(clip):
-    """The clip scale as persisted by an earlier group of this step, else itself; forgets older steps' scales."""
+    """The clip scale as persisted by an earlier group of this step, else itself; forgets older steps' scales.
+
+    A step is known by its scale object, which every group of the step gets and the next step makes anew: not
+    by its key, which a later step of the same grads has too, where the persisted scale may be gone (a cluster
+    restarted, then a step taken again from a state file)."""
     if not isinstance(clip, da.Array):
         return clip
-    if clip.name in _PERSISTED:
-        return _PERSISTED[clip.name]
+    if _PERSISTED and _PERSISTED[0]() is clip:
+        return _PERSISTED[1]
     _PERSISTED.clear()
     return clip
 
@@ -161,7 +166,8 @@ def apply(opt, entries) -> list:
     worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
-    clip = _persisted(entries[0].clip) if entries else None  # one scale for the whole step
+    lazy = entries[0].clip if entries else None
+    clip = _persisted(lazy)  # one scale for the whole step
     clip_arg = (clip, ()) if isinstance(clip, da.Array) else (clip, None)  # a 0-d array: one key all tasks read
     steps = []
     for e in entries:
@@ -177,8 +183,9 @@ def apply(opt, entries) -> list:
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
     with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
-        if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
-            *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
+        if isinstance(clip, da.Array) and clip is lazy:  # the norm's pass runs with the steps
+            *steps, persisted = dask.persist(*steps, clip)
+            _PERSISTED[:] = [weakref.ref(lazy), persisted]
         else:
             steps = list(dask.persist(*steps))
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
