@@ -103,3 +103,32 @@ def test_a_clipped_step_taken_again_with_a_new_client_reads_no_stale_scale(rng, 
                 opt.update(params, {"W": da.from_array(g, chunks=4)})
             got = params["W"].compute()
     np.testing.assert_allclose(got, want["W"], rtol=1e-13, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """A two-worker cluster in this process (its workers cannot be killed; it starts in about a second)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0",
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def test_whole_param_rules_make_durable_points_on_a_cluster(in_process, rng):
+    """LAMB's steps on a cluster: the new arrays read a durable point every ``durable-every`` steps, held on two
+    workers, and nothing older (before: lazy arrays over every step since the first)."""
+    distributed = pytest.importorskip("distributed")
+    w0, t = rng.standard_normal((32, 4)), rng.standard_normal((32, 4))
+    target = da.from_array(t, chunks=8).persist()
+    params, opt = {"W": da.from_array(w0.copy(), chunks=8)}, xopt.LAMB(lr=0.01)
+    want, ref = {"W": w0.copy()}, xopt.LAMB(lr=0.01)
+    with dask.config.set({"xopt.dask.durable-every": 3}):
+        for _ in range(3):
+            opt.update(params, {"W": params["W"] - target})
+            ref.update(want, {"W": want["W"] - t})
+    layers = [dict(a.__dask_graph__().layers) for a in (params["W"], opt.state["W"]["m"], opt.state["W"]["v"])]
+    assert all(len(graph) == 1 and next(iter(graph)).startswith("xopt-durable-") for graph in layers), layers
+    keys = [f for graph in layers for f in next(iter(graph.values())).values()]
+    assert all(len(w) == 2 for w in in_process.who_has(keys).values())
+    distributed.wait(params["W"])
+    np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
