@@ -132,3 +132,15 @@ def test_whole_param_rules_make_durable_points_on_a_cluster(in_process, rng):
     assert all(len(w) == 2 for w in in_process.who_has(keys).values())
     distributed.wait(params["W"])
     np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Lion", "ScheduleFreeAdamW"])
+def test_impl_reference_steps_dask_params(name, rng):
+    """Before: with ``impl="reference"`` a step whose params were all Dask arrays raised IndexError (an empty group
+    of params for the reference rule was handed to it)."""
+    w0 = rng.standard_normal((9, 6))
+    grads = [rng.standard_normal((9, 6)) for _ in range(3)]
+    want, got, opt, _ = _steps(name, w0, grads, (4, 5), impl="reference")
+    assert opt.state["W"]["step"] == 3
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_array_equal(got["W"].compute(), want["W"])

@@ -171,7 +171,7 @@ def _select(opt, entries):
         if chunked:
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
-        return [(apply_reference, entries)] + paths
+        return ([(apply_reference, entries)] if entries else []) + paths  # none left where every param is Dask's
     engines = _engines(opt)
     fused = opt.impl == "fused"
     if fused and entries and not engines:  # opt.impl set since the constructor checked it
