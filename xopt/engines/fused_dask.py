@@ -140,7 +140,7 @@ def _picked(step, i, like, what):
                         name=f"{step.name}-{what}")
 
 
-_PERSISTED = []  # [a weak reference to this step's lazy clip scale, the same persisted]: its other groups read it
+_PERSISTED = {}  # "last": (a weak reference to a step's lazy clip scale, the same persisted): its other groups read it
 
 
 def _persisted(clip):
@@ -151,9 +151,10 @@ def _persisted(clip):
     restarted, then a step taken again from a state file)."""
     if not isinstance(clip, da.Array):
         return clip
-    if _PERSISTED and _PERSISTED[0]() is clip:
-        return _PERSISTED[1]
-    _PERSISTED.clear()
+    last = _PERSISTED.get("last")  # one read: another thread's step may replace it meanwhile
+    if last is not None and last[0]() is clip:
+        return last[1]
+    _PERSISTED.pop("last", None)  # an older step's: its persisted scale is not kept
     return clip
 
 
@@ -185,7 +186,7 @@ def apply(opt, entries) -> list:
     with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
         if isinstance(clip, da.Array) and clip is lazy:  # the norm's pass runs with the steps
             *steps, persisted = dask.persist(*steps, clip)
-            _PERSISTED[:] = [weakref.ref(lazy), persisted]
+            _PERSISTED["last"] = (weakref.ref(lazy), persisted)
         else:
             steps = list(dask.persist(*steps))
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
