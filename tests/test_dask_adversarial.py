@@ -144,3 +144,23 @@ def test_impl_reference_steps_dask_params(name, rng):
     assert opt.state["W"]["step"] == 3
     with dask.config.set(scheduler="sync"):
         np.testing.assert_array_equal(got["W"].compute(), want["W"])
+
+
+def test_a_step_count_set_back_still_gets_durable_points(in_process, rng):
+    """Before: the steps since the last durable point were counted from that point's step count, so after
+    ``opt.state[key]["step"] = 0`` (a restart of the bias corrections) at count n no durable point came for n steps:
+    the scheduler kept every step's tasks, and a lost worker replayed them all."""
+    from xopt.engines.dask_lineage import carried
+
+    w0 = rng.standard_normal(32)
+    params, opt = {"W": da.from_array(w0, chunks=8)}, xopt.Adam()
+    with dask.config.set({"xopt.dask.durable-every": 3}):
+        for _ in range(7):
+            opt.update(params, {"W": da.ones_like(params["W"])})
+        before = carried([params["W"]])
+        assert before.step == 6
+        opt.state["W"]["step"] = 0
+        for _ in range(3):
+            opt.update(params, {"W": da.ones_like(params["W"])})
+    after = carried([params["W"]])
+    assert after is not before and after.step <= 3, (before.step, after.step)

@@ -149,9 +149,11 @@ def one_span():
 
 
 def due(e, names, every) -> bool:
-    """Whether the step e is about to take is a durable point: ``every`` steps or more since the last one."""
+    """Whether the step e is about to take is a durable point: ``every`` steps or more since the last one.  A
+    point made at a later count than e's (its step count set back since) counts as none."""
     holder = carried([e.p, *(e.state[n] for n in names if n in e.state)])
-    return every > 0 and int(e.state["step"]) + 1 - (holder.step if holder else 0) >= every
+    step = int(e.state["step"])
+    return every > 0 and step + 1 - (holder.step if holder and holder.step <= step else 0) >= every
 
 
 def _describe(key):
