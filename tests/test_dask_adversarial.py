@@ -164,3 +164,34 @@ def test_a_step_count_set_back_still_gets_durable_points(in_process, rng):
             opt.update(params, {"W": da.ones_like(params["W"])})
     after = carried([params["W"]])
     assert after is not before and after.step <= 3, (before.step, after.step)
+
+
+def _steps_in_memory(client, prefix):
+    """The task groups named ``prefix...`` that some worker holds results of."""
+    return client.run_on_scheduler(lambda dask_scheduler: sorted({
+        ts.group_key for ts in dask_scheduler.tasks.values() if ts.state == "memory" and ts.group_key.startswith(prefix)}))
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_the_clip_norm_kept_holds_no_earlier_step_on_the_workers(in_process, rng, skip_nonfinite):
+    """Before: ``opt.last_grad_norm`` was the lazy norm over the grads, so with grads computed from p it held the
+    previous step's chunks (p and every state buffer) on the workers until the next step: the state twice over
+    between steps, three times during one.  It is now the norm the step computed."""
+    import time
+
+    distributed = pytest.importorskip("distributed")
+    w0, t = rng.standard_normal((32, 4)), rng.standard_normal((32, 4))
+    target = da.from_array(t, chunks=8).persist()
+    params = {"W": da.from_array(w0.copy(), chunks=8)}
+    opt = xopt.RMSprop(clip_grad_norm=0.5, skip_nonfinite=skip_nonfinite)
+    want, ref = {"W": w0.copy()}, xopt.RMSprop(clip_grad_norm=0.5)
+    for _ in range(4):
+        opt.update(params, {"W": params["W"] - target})
+        ref.update(want, {"W": want["W"] - t})
+        distributed.wait(params["W"])
+    deadline = time.monotonic() + 10  # the scheduler forgets released keys asynchronously
+    while len(_steps_in_memory(in_process, "xopt-rmsprop")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_steps_in_memory(in_process, "xopt-rmsprop")) == 1, _steps_in_memory(in_process, "xopt-rmsprop")
+    assert float(opt.last_grad_norm.compute()) == pytest.approx(ref.last_grad_norm, rel=1e-14)
+    np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)

@@ -29,6 +29,7 @@ class Entry:
     opt: Any = None  # the optimizer as this param's hyperparameters make it (see Optimizer._at)
     unbox: Any = None  # a Python float or NumPy scalar param: p is a 0-d copy, unbox(p) the new value
     clip: Any = None  # clip_grad_norm: the scale the rule applies to g (engines that take it), else None
+    norm: Any = None  # clip_grad_norm's norm where it is lazy (Dask): the Dask engine puts the persisted one here
 
 
 def param_keys(params) -> list:

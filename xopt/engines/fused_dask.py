@@ -22,8 +22,9 @@ tuple cannot take them).
 With ``clip_grad_norm`` the norm is a lazy reduction over every chunk of every grad, persisted
 with the steps (one key every chunk's task reads, the number it scales its grad by as a
 single-process step does); with ``skip_nonfinite`` it is computed first, on the client's call,
-and the steps get its number.  ``opt.last_grad_norm`` is that lazy norm: computing it again
-reads the grads again.
+and the steps get its number.  ``opt.last_grad_norm`` is the norm as the step persisted it (with
+``skip_nonfinite``, its number as a 0-d Dask array): reading it reads no grad again, and it holds no
+graph of the grads (which would keep last step's chunks on the workers).
 
 On a ``distributed`` cluster, every ``k`` steps is a durable point (:mod:`xopt.engines.dask_lineage`): the
 step is waited for and its chunks held under keys with no task behind them, on two workers, so the
@@ -140,22 +141,21 @@ def _picked(step, i, like, what):
                         name=f"{step.name}-{what}")
 
 
-_PERSISTED = {}  # "last": (a weak reference to a step's lazy clip scale, the same persisted): its other groups read it
+_PERSISTED = {}  # "last": (a weak reference to a step's lazy norm, its clip scale and norm persisted): its other
+#                  groups (overrides) read them
 
 
-def _persisted(clip):
-    """The clip scale as persisted by an earlier group of this step, else itself; forgets older steps' scales.
+def _persisted(norm, clip):
+    """(clip scale, norm) as persisted by an earlier group of this step, else themselves; forgets older steps'.
 
-    A step is known by its scale object, which every group of the step gets and the next step makes anew: not
+    A step is known by its lazy norm object, which every group of the step gets and the next step makes anew: not
     by its key, which a later step of the same grads has too, where the persisted scale may be gone (a cluster
     restarted, then a step taken again from a state file)."""
-    if not isinstance(clip, da.Array):
-        return clip
     last = _PERSISTED.get("last")  # one read: another thread's step may replace it meanwhile
-    if last is not None and last[0]() is clip:
-        return last[1]
+    if last is not None and last[0]() is norm:
+        return last[1], last[2]
     _PERSISTED.pop("last", None)  # an older step's: its persisted scale is not kept
-    return clip
+    return clip, norm
 
 
 def apply(opt, entries) -> list:
@@ -167,8 +167,9 @@ def apply(opt, entries) -> list:
     worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
-    lazy = entries[0].clip if entries else None
-    clip = _persisted(lazy)  # one scale for the whole step
+    lazy = entries[0].norm if entries else None  # the step's norm (clip_grad_norm), where it is lazy
+    clip, norm = _persisted(lazy, entries[0].clip) if lazy is not None else (entries[0].clip if entries else None,
+                                                                              None)  # one scale for the step
     clip_arg = (clip, ()) if isinstance(clip, da.Array) else (clip, None)  # a 0-d array: one key all tasks read
     steps = []
     for e in entries:
@@ -184,11 +185,13 @@ def apply(opt, entries) -> list:
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
     with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
-        if isinstance(clip, da.Array) and clip is lazy:  # the norm's pass runs with the steps
-            *steps, persisted = dask.persist(*steps, clip)
-            _PERSISTED["last"] = (weakref.ref(lazy), persisted)
+        if lazy is not None and norm is lazy:  # the norm's pass runs with the steps, the norm kept without it
+            *steps, clip, norm = dask.persist(*steps, clip, norm)
+            _PERSISTED["last"] = (weakref.ref(lazy), clip, norm)
         else:
             steps = list(dask.persist(*steps))
+    for e in entries:
+        e.norm = norm
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
     every = dask_lineage.durable_every()
     due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
@@ -226,8 +229,11 @@ def apply_whole(entries, compute) -> list:
     computed = [compute(e) for e in entries]
     lazy = [[e.p, *(w.args[2] for w in writes)] for e, writes in zip(entries, computed)]
     with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
-        flat = iter(dask.persist(*(a for arrays in lazy for a in arrays)))
+        *flat, norm = dask.persist(*(a for arrays in lazy for a in arrays), entries[0].norm)
+    flat = iter(flat)
     steps = [[next(flat) for _ in arrays] for arrays in lazy]
+    for e in entries:
+        e.norm = norm  # clip_grad_norm's, where it is lazy: kept without the grads' graph
     if due:  # waits for these steps; the steps after read the durable copies, and nothing older
         durable = dask_lineage.make_durable([a for i in due for a in steps[i]])
         if durable is not None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
-from .._checked import WIDENED, _check_step, _commit, _plain_torch, clip_or_skip, widen_float32
+from .._checked import WIDENED, _check_step, _commit, _plain_torch, clip_or_skip, lazy_norm, widen_float32
 from .._inputs import check_overlaps, collect, describe
 from ..engines.reference import _apply_whole, _kind
 from ..optimizer import Optimizer
@@ -64,6 +64,7 @@ class TensorRule(Optimizer):
         skipped, norm, scale = clip_or_skip(self, entries)
         if skipped:
             return
+        norm = lazy_norm(entries, norm)
         for e in entries:
             e.clip = scale
         created = [e.key for e in entries if e.key not in self.state]
