@@ -195,3 +195,25 @@ def test_the_clip_norm_kept_holds_no_earlier_step_on_the_workers(in_process, rng
     assert len(_steps_in_memory(in_process, "xopt-rmsprop")) == 1, _steps_in_memory(in_process, "xopt-rmsprop")
     assert float(opt.last_grad_norm.compute()) == pytest.approx(ref.last_grad_norm, rel=1e-14)
     np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+
+
+def test_schedule_free_eval_and_train_take_a_list_of_dask_params(rng):
+    """Before: ``update`` stepped a list of Dask params (rebinding its items), but ``eval`` and ``train`` on that
+    list raised TypeError ("pass a dict so they can be replaced")."""
+    w0 = rng.standard_normal((8, 4))
+    grads = [rng.standard_normal((8, 4)) for _ in range(3)]
+    ref, want = xopt.ScheduleFreeAdamW(lr=0.01), [w0.copy()]
+    opt, params = xopt.ScheduleFreeAdamW(lr=0.01), [da.from_array(w0.copy(), chunks=4)]
+    seen = []
+    with dask.config.set(scheduler="sync"):
+        for g in grads:
+            ref.update(want, [g])
+            opt.update(params, [da.from_array(g, chunks=4)])
+            ref.eval(want)
+            opt.eval(params)
+            seen.append((params[0].compute(), want[0].copy()))
+            ref.train(want)
+            opt.train(params)
+        np.testing.assert_array_equal(params[0].compute(), want[0])
+    for got, expected in seen:
+        np.testing.assert_array_equal(got, expected)
