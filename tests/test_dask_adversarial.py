@@ -217,3 +217,28 @@ def test_schedule_free_eval_and_train_take_a_list_of_dask_params(rng):
         np.testing.assert_array_equal(params[0].compute(), want[0])
     for got, expected in seen:
         np.testing.assert_array_equal(got, expected)
+
+
+class _Scaled(xopt.SGD):
+    """A user's subclass whose rule reads an attribute of its own, set from an argument that is no hyperparameter."""
+
+    def __init__(self, factor=1.0, **options):
+        super().__init__(**options)
+        self.factor = factor
+
+    def rule(self, xp, p, g, state, s):
+        return super().rule(xp, p, self.factor * g, state, s)
+
+
+def test_a_subclass_reading_attributes_of_its_own_steps_dask_params_as_numpy():
+    """Before: each chunk's optimizer was made from the hyperparameters alone, through the subclass's constructor:
+    its own attributes took their defaults there (factor 1.0 for 3.0), and the Dask steps differed from NumPy's
+    silently."""
+    w, g = np.linspace(-1.0, 1.0, 8), np.linspace(0.5, -0.25, 8)
+    on_numpy, on_dask = _Scaled(factor=3.0, lr=0.1, momentum=0.5), _Scaled(factor=3.0, lr=0.1, momentum=0.5)
+    p_numpy, p_dask = {"w": w.copy()}, {"w": da.from_array(w.copy(), chunks=4)}
+    with dask.config.set(scheduler="sync"):
+        for _ in range(2):
+            on_numpy.update(p_numpy, {"w": g})
+            on_dask.update(p_dask, {"w": da.from_array(g, chunks=4)})
+        np.testing.assert_array_equal(p_dask["w"].compute(), p_numpy["w"])

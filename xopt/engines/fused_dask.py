@@ -164,7 +164,10 @@ def apply(opt, entries) -> list:
     The computation can be interrupted (Ctrl-C): nothing is written until the writes run."""
     names = opt.buffers()
     dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
-    worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
+    # Hyperparameters only: no state travels.  A user's subclass may read attributes of its own (set by its
+    # __init__ from arguments that are not hyperparameters): its hyperparameter set holds them, as its views do.
+    worker_opt = (type(opt).fresh(impl=opt.impl, **opt._hyper) if type(opt).__module__.startswith("xopt.")
+                  else opt._view(dict(opt._hyper)))
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
     lazy = entries[0].norm if entries else None  # the step's norm (clip_grad_norm), where it is lazy
