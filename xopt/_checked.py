@@ -94,7 +94,7 @@ def clip_or_skip(opt, entries):
             together([partial(own, "last_grad_norm", norm), *skip])
             return True, norm, None
         scale = _clip.scale(norm, opt.clip_grad_norm)
-    elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
+    elif opt.skip_nonfinite and not _all_finite(entries):
         together(skip)
         return True, None, None
     return False, norm, scale
@@ -305,5 +305,18 @@ def _copy(x):
     return xp.asarray(x, copy=True)
 
 
-def _all_finite(e) -> bool:
-    return bool(e.xp.all(e.xp.isfinite(e.g)))
+def _all_finite(entries) -> bool:
+    """Whether every grad is finite.  Dask grads are checked in one computation: one per grad would compute again,
+    for each, whatever the grads share (a backward pass), and wait for the cluster once per grad."""
+    lazy = []
+    for e in entries:
+        finite = e.xp.all(e.xp.isfinite(e.g))
+        if _backend.is_dask(finite):
+            lazy.append(finite)
+        elif not bool(finite):
+            return False
+    if lazy:
+        from dask import compute
+
+        return all(map(bool, compute(*lazy)))
+    return True
