@@ -266,3 +266,17 @@ def test_skip_nonfinite_checks_every_dask_grad_in_one_computation(rng):
         assert len(runs) == 2 * shared.npartitions, len(runs)
         for k in w0:
             np.testing.assert_array_equal(params[k].compute(), want[k])
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Muon"])
+def test_whole_param_rules_make_state_chunked_like_the_param(name, rng):
+    """Before: LAMB's and Muon's first step made their state in Dask's automatic chunks (``array.chunk-size``), not
+    the param's, and the step's arithmetic cut the new param and state at both sets of boundaries: a param of 4
+    chunks came back in 11."""
+    w0 = rng.standard_normal((100, 10))
+    grads = [rng.standard_normal((100, 10)) for _ in range(2)]
+    with dask.config.set({"array.chunk-size": "1KiB"}):  # automatic chunks of 12 rows
+        want, got, opt, _ = _steps(name, w0, grads, (30, 10))
+    assert got["W"].chunks == opt.state["W"]["m"].chunks == ((30, 30, 30, 10), (10,))
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_allclose(got["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)

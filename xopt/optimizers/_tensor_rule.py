@@ -157,7 +157,9 @@ class TensorRule(Optimizer):
         widen_float32(st, dtype, e.p)
         for name, shape in view.buffer_shapes(e.p.shape).items():
             buf = st.get(name)
-            if buf is None:
+            if buf is None and _backend.is_dask(e.p) and tuple(shape) == tuple(e.p.shape):
+                st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype)  # chunked like the param
+            elif buf is None:
                 st[name] = xp.full(shape, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)
