@@ -280,3 +280,28 @@ def test_whole_param_rules_make_state_chunked_like_the_param(name, rng):
     assert got["W"].chunks == opt.state["W"]["m"].chunks == ((30, 30, 30, 10), (10,))
     with dask.config.set(scheduler="sync"):
         np.testing.assert_allclose(got["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.slow  # a cluster of worker processes, one of them killed
+def test_whole_param_rules_replay_a_lost_worker_from_the_last_durable_point(rng):
+    """LAMB's steps on a cluster whose worker is killed between two durable points: the lost chunks are computed
+    again from the last point, and the numbers are NumPy's."""
+    import os
+    import signal
+
+    distributed = pytest.importorskip("distributed")
+    w0, t = rng.standard_normal((64, 8)), rng.standard_normal((64, 8))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        target = da.from_array(t, chunks=(16, 8)).persist()
+        params, opt = {"W": da.from_array(w0.copy(), chunks=(16, 8))}, xopt.LAMB(lr=0.01)
+        want, ref = {"W": w0.copy()}, xopt.LAMB(lr=0.01)
+        with dask.config.set({"xopt.dask.durable-every": 3}):
+            for step in range(8):
+                opt.update(params, {"W": params["W"] - target})
+                ref.update(want, {"W": want["W"] - t})
+                distributed.wait(params["W"])
+                if step == 4:
+                    os.kill(list(client.run(os.getpid).values())[0], signal.SIGKILL)
+        np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(opt.state["W"]["v"].compute(), ref.state["W"]["v"], rtol=1e-13, atol=1e-15)
