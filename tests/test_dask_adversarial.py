@@ -305,3 +305,26 @@ def test_whole_param_rules_replay_a_lost_worker_from_the_last_durable_point(rng)
                     os.kill(list(client.run(os.getpid).values())[0], signal.SIGKILL)
         np.testing.assert_allclose(params["W"].compute(), want["W"], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(opt.state["W"]["v"].compute(), ref.state["W"]["v"], rtol=1e-13, atol=1e-15)
+
+
+def _fails(block, block_info=None):
+    if block_info[0]["chunk-location"] == (1, 1):
+        raise ZeroDivisionError("in the user's grads")
+    return block
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes: Python 3.11 and later")
+@pytest.mark.parametrize("name", ["Adam", "LAMB"])
+def test_a_grad_failing_in_one_chunk_is_named_and_changes_nothing(name, rng):
+    """Before: the user's exception came out of the step as it was, with nothing saying whose grad it was.  It
+    still does (its type and message), with a note naming the param; nothing is written."""
+    w0, g = rng.standard_normal((8, 10)), rng.standard_normal((8, 10))
+    opt, params = getattr(xopt, name)(), {"W": da.from_array(w0, chunks=(4, 5)), "b": da.from_array(w0[0], chunks=5)}
+    grads = {"W": da.from_array(g, chunks=(4, 5)), "b": da.from_array(g[0], chunks=5)}
+    with dask.config.set(scheduler="sync"):
+        opt.update(params, grads)
+        before = (dict(params), {k: dict(v) for k, v in opt.state.items()}, opt.iter)
+        with pytest.raises(ZeroDivisionError, match="user's grads") as raised:
+            opt.update(params, {**grads, "W": grads["W"].map_blocks(_fails, dtype=float)})
+    assert any("'W'" in note and "nothing was changed" in note for note in raised.value.__notes__), raised.value
+    assert (params, {k: dict(v) for k, v in opt.state.items()}, opt.iter) == before

@@ -39,6 +39,7 @@ Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -52,7 +53,7 @@ from dask.sizeof import sizeof
 
 from .. import _backend, _threads
 from .._atomic import together_unforked
-from .._inputs import Entry
+from .._inputs import Entry, describe
 from . import dask_lineage
 from .dask_lineage import LostStateError, check_state
 
@@ -130,6 +131,22 @@ def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads, sel
     return Chunks((e.p, *(e.state[n] for n in names)))
 
 
+@contextlib.contextmanager
+def _naming(entries):
+    """Where a step is computed: an exception raised there (a user's grad that fails computes nothing of xopt's)
+    gets a note naming the params whose step it was (Python 3.11 and later), as it propagates."""
+    try:
+        yield
+    except Exception as exc:
+        note = getattr(exc, "add_note", None)
+        if note is not None and not isinstance(exc, LostStateError):  # that one names its param
+            names = ", ".join(describe(e.key) for e in entries)
+            which = "param" if len(entries) == 1 else "one of params"  # computed together: which, Dask does not say
+            note(f"xopt: raised computing the Dask step of {which} {names} (its grad, the param or its state); "
+                 "nothing was changed")
+        raise
+
+
 def _pick(chunks, i):
     return chunks.arrays[i]
 
@@ -187,7 +204,7 @@ def apply(opt, entries) -> list:
             _update_chunks, ind, *clip_arg, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
-    with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
+    with dask_lineage.one_span(), _naming(entries):  # on a cluster, every step in one span: see one_span
         if lazy is not None and norm is lazy:  # the norm's pass runs with the steps, the norm kept without it
             *steps, clip, norm = dask.persist(*steps, clip, norm)
             _PERSISTED["last"] = (weakref.ref(lazy), clip, norm)
@@ -199,7 +216,8 @@ def apply(opt, entries) -> list:
     every = dask_lineage.durable_every()
     due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
     if due:  # waits for these steps; the steps after read the durable copies, and nothing older
-        durable = dask_lineage.make_durable([steps[i] for i in due])
+        with _naming([entries[i] for i in due]):
+            durable = dask_lineage.make_durable([steps[i] for i in due])
         for i, made in zip(due, durable or ()):
             steps[i] = made
             holders[i] = dask_lineage.Durable(int(entries[i].state["step"]) + 1, made)
@@ -229,16 +247,20 @@ def apply_whole(entries, compute) -> list:
     for e in entries:
         if e.g.chunks != e.p.chunks:
             e.g = e.g.rechunk(e.p.chunks)
-    computed = [compute(e) for e in entries]
+    computed = []
+    for e in entries:
+        with _naming([e]):  # the rule may compute a number of its own (LAMB's norms)
+            computed.append(compute(e))
     lazy = [[e.p, *(w.args[2] for w in writes)] for e, writes in zip(entries, computed)]
-    with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
+    with dask_lineage.one_span(), _naming(entries):  # on a cluster, every step in one span: see one_span
         *flat, norm = dask.persist(*(a for arrays in lazy for a in arrays), entries[0].norm)
     flat = iter(flat)
     steps = [[next(flat) for _ in arrays] for arrays in lazy]
     for e in entries:
         e.norm = norm  # clip_grad_norm's, where it is lazy: kept without the grads' graph
     if due:  # waits for these steps; the steps after read the durable copies, and nothing older
-        durable = dask_lineage.make_durable([a for i in due for a in steps[i]])
+        with _naming([entries[i] for i in due]):
+            durable = dask_lineage.make_durable([a for i in due for a in steps[i]])
         if durable is not None:
             made = iter(durable)
             for i, e in zip(due, (entries[i] for i in due)):
