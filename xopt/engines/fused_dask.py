@@ -239,7 +239,7 @@ def apply_whole(entries, compute) -> list:
     reference rule on whole arrays (lazy: e.p rebound to the new param, ``dict.__setitem__`` of each new buffer);
     returns them with the persisted arrays.  Each grad is chunked like its param first, so the new param and
     the buffers in its shape keep its chunks."""
-    names = sorted({n for e in entries for n in e.state if n != "step"}, key=str)
+    names = sorted({n for e in entries for n in e.opt.buffer_shapes(e.p.shape)}, key=str)  # those the step reads
     dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names if n in e.state)]) for e in entries]
     every = dask_lineage.durable_every()
