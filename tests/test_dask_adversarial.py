@@ -328,3 +328,20 @@ def test_a_grad_failing_in_one_chunk_is_named_and_changes_nothing(name, rng):
             opt.update(params, {**grads, "W": grads["W"].map_blocks(_fails, dtype=float)})
     assert any("'W'" in note and "nothing was changed" in note for note in raised.value.__notes__), raised.value
     assert (params, {k: dict(v) for k, v in opt.state.items()}, opt.iter) == before
+
+
+def test_a_step_while_another_thread_imports_distributed(monkeypatch, rng):
+    """Before: the step read ``distributed.Future`` from ``sys.modules`` whenever the module was there, so a step
+    taken while another thread was still importing ``distributed`` (Dask imports it at a persist: several threads'
+    first steps) raised AttributeError, "partially initialized module 'distributed' has no attribute 'Future'"."""
+    import sys
+    import types
+
+    w0, g = rng.standard_normal(8), rng.standard_normal(8)
+    want, ref = {"w": w0.copy()}, xopt.Adam(clip_grad_norm=0.5)
+    ref.update(want, {"w": g})
+    monkeypatch.setitem(sys.modules, "distributed", types.ModuleType("distributed"))  # as it is, half imported
+    opt, params = xopt.Adam(clip_grad_norm=0.5), {"w": da.from_array(w0.copy(), chunks=4)}
+    with dask.config.set(scheduler="sync"):
+        opt.update(params, {"w": da.from_array(g, chunks=4)})
+        np.testing.assert_array_equal(params["w"].compute(), want["w"])

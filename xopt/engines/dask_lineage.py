@@ -92,8 +92,9 @@ def durable_copies() -> int:
 
 
 def _future_type():
-    distributed = sys.modules.get("distributed")
-    return None if distributed is None else distributed.Future
+    """``distributed.Future``, or None where ``distributed`` is not imported, or still being imported by another
+    thread (Dask imports it at a step's persist): no future can exist before its import is done."""
+    return getattr(sys.modules.get("distributed"), "Future", None)
 
 
 def futures_of(array) -> list:
@@ -126,12 +127,12 @@ def carry(array, holder):
 
 def _on_cluster() -> bool:
     """Whether ``dask.persist`` here goes to a ``distributed`` client."""
-    distributed = sys.modules.get("distributed")
-    if distributed is None:
+    client = getattr(sys.modules.get("distributed"), "Client", None)  # None: not imported, or half imported
+    if client is None:
         return False
     from dask.base import get_scheduler
 
-    return isinstance(getattr(get_scheduler(), "__self__", None), distributed.Client)
+    return isinstance(getattr(get_scheduler(), "__self__", None), client)
 
 
 def one_span():
