@@ -345,3 +345,15 @@ def test_a_step_while_another_thread_imports_distributed(monkeypatch, rng):
     with dask.config.set(scheduler="sync"):
         opt.update(params, {"w": da.from_array(g, chunks=4)})
         np.testing.assert_array_equal(params["w"].compute(), want["w"])
+
+
+def test_state_dict_while_another_thread_imports_the_dask_engine(monkeypatch):
+    """Before: ``state_dict()`` called the Dask engine's check whenever its module was in ``sys.modules``, so while
+    another thread's first Dask step was importing it, any optimizer's ``state_dict()`` raised AttributeError."""
+    import sys
+    import types
+
+    opt, params = xopt.Adam(), {"w": np.ones(4)}
+    opt.update(params, {"w": np.ones(4)})
+    monkeypatch.setitem(sys.modules, "xopt.engines.fused_dask", types.ModuleType("xopt.engines.fused_dask"))
+    np.testing.assert_array_equal(opt.state_dict()["state"]["w"]["m"], opt.state["w"]["m"])
