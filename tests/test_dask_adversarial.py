@@ -357,3 +357,24 @@ def test_state_dict_while_another_thread_imports_the_dask_engine(monkeypatch):
     opt.update(params, {"w": np.ones(4)})
     monkeypatch.setitem(sys.modules, "xopt.engines.fused_dask", types.ModuleType("xopt.engines.fused_dask"))
     np.testing.assert_array_equal(opt.state_dict()["state"]["w"]["m"], opt.state["w"]["m"])
+
+
+@pytest.mark.parametrize("name", ["SGD", "LAMB"])
+@pytest.mark.parametrize("masked", ["param", "grad"])
+def test_dask_arrays_of_masked_chunks_are_refused_as_masked_arrays_are(name, masked):
+    """Before: a Dask array of NumPy masked arrays (``da.ma.masked_array``) was stepped as if unmasked: the masked
+    elements were updated (or the masked grads read) and the new param came back without its mask, where a NumPy
+    masked array is refused."""
+    x, mask = np.arange(8.0), np.arange(8) > 5
+
+    def of(values, is_masked):
+        a = da.from_array(values, chunks=4)
+        return da.ma.masked_array(a, mask=da.from_array(mask, chunks=4)) if is_masked else a
+
+    params = {"W": of(x.copy(), masked == "param")}
+    opt, before = getattr(xopt, name)(), params["W"]
+    culprit = "param 'W'" if masked == "param" else "grad of param 'W'"
+    with dask.config.set(scheduler="sync"), pytest.raises(TypeError, match=rf"^{culprit} is a Dask array of NumPy "
+                                                                          "masked arrays"):
+        opt.update(params, {"W": of(np.ones(8), masked == "grad")})
+    assert params["W"] is before and opt.state == {} and opt.iter == 0

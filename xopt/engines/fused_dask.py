@@ -57,7 +57,7 @@ from .._inputs import Entry, describe
 from . import dask_lineage
 from .dask_lineage import LostStateError, check_state
 
-__all__ = ["accepts", "apply", "apply_whole", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
+__all__ = ["accepts", "refuse_masked", "apply", "apply_whole", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
 
 SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
@@ -81,6 +81,17 @@ def _sizeof_chunks(c):  # a worker's memory accounting and spilling see the arra
 
 def accepts(opt, e) -> bool:
     return _backend.is_dask(e.p)
+
+
+def refuse_masked(entries):
+    """A param or grad whose chunks are NumPy masked arrays is refused, naming it, as a NumPy masked array is
+    (:mod:`xopt._inputs`): no engine applies the mask, and each chunk's step would read the masked values and
+    return the param without its mask."""
+    for e in entries:
+        for what, x in ((f"param {describe(e.key)}", e.p), (f"grad of param {describe(e.key)}", e.g)):
+            if isinstance(getattr(x, "_meta", None), np.ma.MaskedArray):
+                raise TypeError(f"{what} is a Dask array of NumPy masked arrays; xopt does not apply masks: pass "
+                                "da.ma.getdata(x) or da.ma.filled(x, value)")
 
 
 def task_threads(whole=None) -> int:
@@ -180,6 +191,7 @@ def apply(opt, entries) -> list:
     the writes that rebind the state to the new arrays (``e.p`` is the new param, rebound by the step's commit).
     The computation can be interrupted (Ctrl-C): nothing is written until the writes run."""
     names = opt.buffers()
+    refuse_masked(entries)
     dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
     # Hyperparameters only: no state travels.  A user's subclass may read attributes of its own (set by its
     # __init__ from arguments that are not hyperparameters): its hyperparameter set holds them, as its views do.
@@ -240,6 +252,7 @@ def apply_whole(entries, compute) -> list:
     returns them with the persisted arrays.  Each grad is chunked like its param first, so the new param and
     the buffers in its shape keep its chunks."""
     names = sorted({n for e in entries for n in e.opt.buffer_shapes(e.p.shape)}, key=str)  # those the step reads
+    refuse_masked(entries)
     dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names if n in e.state)]) for e in entries]
     every = dask_lineage.durable_every()
