@@ -99,12 +99,15 @@ def test_the_norm_is_computed_once_per_step(extra, rng):
     opt = xopt.Adam(clip_grad_norm=0.5, **extra)
     with dask.config.set(scheduler="sync"):
         for g in _exact_grads(rng, np.float64, 3):
+            grads = {k: da.from_array(v, chunks=SHAPES[k][1]) for k, v in g.items()}
             with _Runs() as runs:
-                opt.update(params, {k: da.from_array(v, chunks=SHAPES[k][1]) for k, v in g.items()})
+                opt.update(params, grads)
             with _Runs() as alone:
-                opt.last_grad_norm.compute()
-            sums = [[k for k in r.keys if k.startswith("sum")] for r in (runs, alone)]
-            assert len(sums[0]) == len(sums[1]) > 0, sums
+                xopt._clip.global_norm(list(grads.values())).compute()
+            with _Runs() as kept:  # the norm as computed by the step: the grads are not read again
+                assert float(opt.last_grad_norm.compute()) == float(xopt._clip.global_norm(list(g.values())))
+            sums = [[k for k in r.keys if k.startswith("sum")] for r in (runs, alone, kept)]
+            assert len(sums[0]) == len(sums[1]) > 0 == len(sums[2]), sums
 
 
 def test_the_graph_stays_bounded_with_clipping(rng):

@@ -207,7 +207,10 @@ def from_numpy(a: np.ndarray, like):
     if _compat.is_dask_array(like):
         import dask.array as da
 
-        return da.from_array(np.array(a, copy=True), chunks=like.chunks)
+        # chunked like the param where it has its shape; a buffer of another shape (Adafactor's row and column
+        # factors) as Dask chunks a new array of that shape
+        chunks = like.chunks if tuple(a.shape) == tuple(like.shape) else "auto"
+        return da.from_array(np.array(a, copy=True), chunks=chunks)
     return xp.asarray(a, device=device(like), copy=True)
 
 

@@ -26,7 +26,7 @@ from ._atomic import CALL, each, together, together_unforked
 from ._inputs import check_overlaps, collect, describe
 from .engines.blockwise import SUFFIX as _ABSMAX
 
-__all__ = ["step", "state_for"]
+__all__ = ["step", "state_for", "lazy_norm"]
 
 
 def step(opt, params, grads):
@@ -57,6 +57,7 @@ def step(opt, params, grads):
     paths = _dispatch.select(opt, entries)  # raises before any write if impl can't be honoured
     if scale is not None:
         _dispatch.hand_over(paths, scale)
+    norm = lazy_norm(entries, norm)
     created = [e.key for e in entries if e.key not in opt.state]
     had = {e.key: list(opt.state[e.key]) for e in entries if e.key in opt.state}  # its buffers, to take back new ones
     try:
@@ -101,10 +102,24 @@ def clip_or_skip(opt, entries):
             together([partial(own, "last_grad_norm", norm), *skip])
             return True, norm, None
         scale = _clip.scale(norm, opt.clip_grad_norm)
-    elif opt.skip_nonfinite and not all(_all_finite(e) for e in entries):
+    elif opt.skip_nonfinite and not _all_finite(entries):
         together(skip)
         return True, None, None
     return False, norm, scale
+
+
+def lazy_norm(entries, norm):
+    """The clip norm to keep in ``opt.last_grad_norm`` without the graph of the grads (which would keep last step's
+    arrays on the workers): a Dask norm that ``skip_nonfinite`` computed as its number, any other Dask norm handed
+    to the entries (``Entry.norm``), which the Dask engine persists with the steps (read back by :func:`_commit`)."""
+    if not _backend.is_dask(norm):
+        return norm
+    value = _clip.computed(norm)
+    if value is not None:
+        return _backend.from_numpy(np.asarray(value), norm)
+    for e in entries:
+        e.norm = norm
+    return norm
 
 
 def _commit(opt, params, entries, norm) -> list:
@@ -121,7 +136,8 @@ def _commit(opt, params, entries, norm) -> list:
     if not opt._patterns_checked:  # checked by this step: not again (a step not taken leaves it to the next)
         calls.append(partial(own, "_patterns_checked", True))
     if norm is not None:  # set with the step: a call that raises leaves the last one's
-        calls.append(partial(own, "last_grad_norm", norm))
+        calls.append(partial(own, "last_grad_norm", entries[0].norm if entries and entries[0].norm is not None
+                             else norm))  # a lazy norm as the Dask engine persisted it
     return calls
 
 
@@ -297,5 +313,18 @@ def _copy(x):
     return xp.asarray(x, copy=True)
 
 
-def _all_finite(e) -> bool:
-    return bool(e.xp.all(e.xp.isfinite(e.g)))
+def _all_finite(entries) -> bool:
+    """Whether every grad is finite.  Dask grads are checked in one computation: one per grad would compute again,
+    for each, whatever the grads share (a backward pass), and wait for the cluster once per grad."""
+    lazy = []
+    for e in entries:
+        finite = e.xp.all(e.xp.isfinite(e.g))
+        if _backend.is_dask(finite):
+            lazy.append(finite)
+        elif not bool(finite):
+            return False
+    if lazy:
+        from dask import compute
+
+        return all(map(bool, compute(*lazy)))
+    return True

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _backend, _numba
 
-__all__ = ["global_norm", "is_finite", "scale", "EPS"]
+__all__ = ["global_norm", "is_finite", "computed", "scale", "EPS"]
 
 EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
 
@@ -71,6 +71,11 @@ def is_finite(norm) -> bool:
         _COMPUTED[norm.name] = value = float(norm.compute())
         return math.isfinite(value)
     return bool(_backend.namespace(norm).isfinite(norm))
+
+
+def computed(norm):
+    """The number of a lazy (Dask) norm that :func:`is_finite` computed, else None."""
+    return _COMPUTED.get(norm.name)
 
 
 def scale(norm, max_norm):

@@ -22,7 +22,7 @@ from .engines import blockwise as _eight
 from .engines.blockwise import apply_reference as blockwise_reference, is_8bit
 from .engines.reference import apply_reference
 
-__all__ = ["IMPLS", "check_impl", "select", "select_whole", "apply_reference", "hand_over", "lane_engine", "lane_kind",
+__all__ = ["IMPLS", "check_impl", "select", "select_whole", "dask_engine", "apply_reference", "hand_over", "lane_engine", "lane_kind",
            "gpu_tensor_kind"]
 
 IMPLS = ("auto", "reference", "fused")
@@ -81,6 +81,11 @@ def _fused_dask():
 
     fused_dask.SELECT = select  # what each chunk's task runs on its worker (the engine does not import this)
     return fused_dask
+
+
+def dask_engine():
+    """:mod:`xopt.engines.fused_dask`, for a step that has Dask params (dask.array is imported)."""
+    return _fused_dask()
 
 
 def _always(opt, e):
@@ -166,7 +171,7 @@ def _select(opt, entries):
         if chunked:
             paths.append((dask_engine.apply, chunked))
     if opt.impl == "reference":
-        return [(apply_reference, entries)] + paths
+        return ([(apply_reference, entries)] if entries else []) + paths  # none left where every param is Dask's
     engines = _engines(opt)
     fused = opt.impl == "fused"
     if fused and entries and not engines:  # opt.impl set since the constructor checked it

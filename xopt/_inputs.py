@@ -29,6 +29,7 @@ class Entry:
     opt: Any = None  # the optimizer as this param's hyperparameters make it (see Optimizer._at)
     unbox: Any = None  # a Python float or NumPy scalar param: p is a 0-d copy, unbox(p) the new value
     clip: Any = None  # clip_grad_norm: the scale the rule applies to g (engines that take it), else None
+    norm: Any = None  # clip_grad_norm's norm where it is lazy (Dask): the Dask engine puts the persisted one here
 
 
 def param_keys(params) -> list:
@@ -105,6 +106,10 @@ def _check_pair(key, p, g):
     if type(g).__module__.startswith("torch") or type(p).__module__.startswith("torch"):
         _check_layout(key, p, g)
     if tuple(p.shape) != tuple(g.shape):
+        for what, x in ((f"param {describe(key)}", p), (f"grad of param {describe(key)}", g)):
+            if any(n is None or n != n for n in x.shape):  # None or NaN: a size unknown until computed
+                raise ValueError(f"{what} has shape {tuple(x.shape)}, of sizes not known yet (a Dask array made by "
+                                 "boolean indexing, say): give it known sizes first (x.compute_chunk_sizes())")
         raise ValueError(f"grad of param {describe(key)} has shape {tuple(g.shape)} but the param has shape "
                          f"{tuple(p.shape)} (xopt never broadcasts)")
     if _backend.device(p) != _backend.device(g):

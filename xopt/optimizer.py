@@ -316,9 +316,11 @@ class Optimizer:
         for key, st in self.state.items():  # a state set to something else: named here, not deep in a copy or a file
             if not isinstance(st, dict):
                 raise _checked.not_a_state(key, st)
-        dask_engine = sys.modules.get("xopt.engines.fused_dask")
-        if dask_engine is not None:  # Dask state the cluster lost raises, naming it (not a file that can't be written)
-            dask_engine.check_state(self)
+        # Dask state the cluster lost raises, naming it (not a file that can't be written); an engine another
+        # thread is still importing has stepped nothing yet
+        check_dask = getattr(sys.modules.get("xopt.engines.fused_dask"), "check_state", None)
+        if check_dask is not None:
+            check_dask(self)
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": dict(self._hyper),

@@ -92,8 +92,9 @@ def durable_copies() -> int:
 
 
 def _future_type():
-    distributed = sys.modules.get("distributed")
-    return None if distributed is None else distributed.Future
+    """``distributed.Future``, or None where ``distributed`` is not imported, or still being imported by another
+    thread (Dask imports it at a step's persist): no future can exist before its import is done."""
+    return getattr(sys.modules.get("distributed"), "Future", None)
 
 
 def futures_of(array) -> list:
@@ -126,12 +127,12 @@ def carry(array, holder):
 
 def _on_cluster() -> bool:
     """Whether ``dask.persist`` here goes to a ``distributed`` client."""
-    distributed = sys.modules.get("distributed")
-    if distributed is None:
+    client = getattr(sys.modules.get("distributed"), "Client", None)  # None: not imported, or half imported
+    if client is None:
         return False
     from dask.base import get_scheduler
 
-    return isinstance(getattr(get_scheduler(), "__self__", None), distributed.Client)
+    return isinstance(getattr(get_scheduler(), "__self__", None), client)
 
 
 def one_span():
@@ -149,9 +150,11 @@ def one_span():
 
 
 def due(e, names, every) -> bool:
-    """Whether the step e is about to take is a durable point: ``every`` steps or more since the last one."""
+    """Whether the step e is about to take is a durable point: ``every`` steps or more since the last one.  A
+    point made at a later count than e's (its step count set back since) counts as none."""
     holder = carried([e.p, *(e.state[n] for n in names if n in e.state)])
-    return every > 0 and int(e.state["step"]) + 1 - (holder.step if holder else 0) >= every
+    step = int(e.state["step"])
+    return every > 0 and step + 1 - (holder.step if holder and holder.step <= step else 0) >= every
 
 
 def _describe(key):

@@ -22,8 +22,9 @@ tuple cannot take them).
 With ``clip_grad_norm`` the norm is a lazy reduction over every chunk of every grad, persisted
 with the steps (one key every chunk's task reads, the number it scales its grad by as a
 single-process step does); with ``skip_nonfinite`` it is computed first, on the client's call,
-and the steps get its number.  ``opt.last_grad_norm`` is that lazy norm: computing it again
-reads the grads again.
+and the steps get its number.  ``opt.last_grad_norm`` is the norm as the step persisted it (with
+``skip_nonfinite``, its number as a 0-d Dask array): reading it reads no grad again, and it holds no
+graph of the grads (which would keep last step's chunks on the workers).
 
 On a ``distributed`` cluster, every ``k`` steps is a durable point (:mod:`xopt.engines.dask_lineage`): the
 step is waited for and its chunks held under keys with no task behind them, on two workers, so the
@@ -38,8 +39,10 @@ Where the tasks run is Dask's choice, as for any ``dask.persist``: the current
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import weakref
 
 import dask
 import dask.array as da
@@ -50,11 +53,11 @@ from dask.sizeof import sizeof
 
 from .. import _backend, _threads
 from .._atomic import together_unforked
-from .._inputs import Entry
+from .._inputs import Entry, describe
 from . import dask_lineage
 from .dask_lineage import LostStateError, check_state
 
-__all__ = ["accepts", "apply", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
+__all__ = ["accepts", "refuse_masked", "apply", "apply_whole", "Chunks", "task_threads", "SELECT", "LostStateError", "check_state"]
 
 SELECT = None  # xopt._dispatch.select, set by the dispatcher when it loads this engine: each chunk's task runs it
 
@@ -78,6 +81,17 @@ def _sizeof_chunks(c):  # a worker's memory accounting and spilling see the arra
 
 def accepts(opt, e) -> bool:
     return _backend.is_dask(e.p)
+
+
+def refuse_masked(entries):
+    """A param or grad whose chunks are NumPy masked arrays is refused, naming it, as a NumPy masked array is
+    (:mod:`xopt._inputs`): no engine applies the mask, and each chunk's step would read the masked values and
+    return the param without its mask."""
+    for e in entries:
+        for what, x in ((f"param {describe(e.key)}", e.p), (f"grad of param {describe(e.key)}", e.g)):
+            if isinstance(getattr(x, "_meta", None), np.ma.MaskedArray):
+                raise TypeError(f"{what} is a Dask array of NumPy masked arrays; xopt does not apply masks: pass "
+                                "da.ma.getdata(x) or da.ma.filled(x, value)")
 
 
 def task_threads(whole=None) -> int:
@@ -128,6 +142,22 @@ def _update_chunks(clip, p, g, *buffers, opt, names, step, scalars, threads, sel
     return Chunks((e.p, *(e.state[n] for n in names)))
 
 
+@contextlib.contextmanager
+def _naming(entries):
+    """Where a step is computed: an exception raised there (a user's grad that fails computes nothing of xopt's)
+    gets a note naming the params whose step it was (Python 3.11 and later), as it propagates."""
+    try:
+        yield
+    except Exception as exc:
+        note = getattr(exc, "add_note", None)
+        if note is not None and not isinstance(exc, LostStateError):  # that one names its param
+            names = ", ".join(describe(e.key) for e in entries)
+            which = "param" if len(entries) == 1 else "one of params"  # computed together: which, Dask does not say
+            note(f"xopt: raised computing the Dask step of {which} {names} (its grad, the param or its state); "
+                 "nothing was changed")
+        raise
+
+
 def _pick(chunks, i):
     return chunks.arrays[i]
 
@@ -139,17 +169,21 @@ def _picked(step, i, like, what):
                         name=f"{step.name}-{what}")
 
 
-_PERSISTED = {}  # the last step's lazy clip scale -> the same persisted: its other groups (overrides) read it
+_PERSISTED = {}  # "last": (a weak reference to a step's lazy norm, its clip scale and norm persisted): its other
+#                  groups (overrides) read them
 
 
-def _persisted(clip):
-    """The clip scale as persisted by an earlier group of this step, else itself; forgets older steps' scales."""
-    if not isinstance(clip, da.Array):
-        return clip
-    if clip.name in _PERSISTED:
-        return _PERSISTED[clip.name]
-    _PERSISTED.clear()
-    return clip
+def _persisted(norm, clip):
+    """(clip scale, norm) as persisted by an earlier group of this step, else themselves; forgets older steps'.
+
+    A step is known by its lazy norm object, which every group of the step gets and the next step makes anew: not
+    by its key, which a later step of the same grads has too, where the persisted scale may be gone (a cluster
+    restarted, then a step taken again from a state file)."""
+    last = _PERSISTED.get("last")  # one read: another thread's step may replace it meanwhile
+    if last is not None and last[0]() is norm:
+        return last[1], last[2]
+    _PERSISTED.pop("last", None)  # an older step's: its persisted scale is not kept
+    return clip, norm
 
 
 def apply(opt, entries) -> list:
@@ -157,11 +191,17 @@ def apply(opt, entries) -> list:
     the writes that rebind the state to the new arrays (``e.p`` is the new param, rebound by the step's commit).
     The computation can be interrupted (Ctrl-C): nothing is written until the writes run."""
     names = opt.buffers()
+    refuse_masked(entries)
     dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
-    worker_opt = type(opt).fresh(impl=opt.impl, **opt._hyper)  # hyperparameters only: no state travels
+    # Hyperparameters only: no state travels.  A user's subclass may read attributes of its own (set by its
+    # __init__ from arguments that are not hyperparameters): its hyperparameter set holds them, as its views do.
+    worker_opt = (type(opt).fresh(impl=opt.impl, **opt._hyper) if type(opt).__module__.startswith("xopt.")
+                  else opt._view(dict(opt._hyper)))
     # The synchronous scheduler runs the tasks one after the other on this thread: all its threads.
     threads = _threads.get_num_threads() if get_scheduler() is get_sync else None
-    clip = _persisted(entries[0].clip) if entries else None  # one scale for the whole step
+    lazy = entries[0].norm if entries else None  # the step's norm (clip_grad_norm), where it is lazy
+    clip, norm = _persisted(lazy, entries[0].clip) if lazy is not None else (entries[0].clip if entries else None,
+                                                                              None)  # one scale for the step
     clip_arg = (clip, ()) if isinstance(clip, da.Array) else (clip, None)  # a 0-d array: one key all tasks read
     steps = []
     for e in entries:
@@ -176,16 +216,20 @@ def apply(opt, entries) -> list:
             _update_chunks, ind, *clip_arg, *(x for a in arrays for x in (a, ind)),
             dtype=object, meta=np.empty((0,) * e.p.ndim, dtype=object), name=name,
             opt=worker_opt, names=names, step=step, scalars=e.scalars, threads=threads, select=SELECT))
-    with dask_lineage.one_span():  # on a cluster, every step in one span: see dask_lineage.one_span
-        if isinstance(clip, da.Array) and clip.name not in _PERSISTED:  # the norm's pass runs with the steps
-            *steps, _PERSISTED[clip.name] = dask.persist(*steps, clip)
+    with dask_lineage.one_span(), _naming(entries):  # on a cluster, every step in one span: see one_span
+        if lazy is not None and norm is lazy:  # the norm's pass runs with the steps, the norm kept without it
+            *steps, clip, norm = dask.persist(*steps, clip, norm)
+            _PERSISTED["last"] = (weakref.ref(lazy), clip, norm)
         else:
             steps = list(dask.persist(*steps))
+    for e in entries:
+        e.norm = norm
     holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names)]) for e in entries]
     every = dask_lineage.durable_every()
     due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
     if due:  # waits for these steps; the steps after read the durable copies, and nothing older
-        durable = dask_lineage.make_durable([steps[i] for i in due])
+        with _naming([entries[i] for i in due]):
+            durable = dask_lineage.make_durable([steps[i] for i in due])
         for i, made in zip(due, durable or ()):
             steps[i] = made
             holders[i] = dask_lineage.Durable(int(entries[i].state["step"]) + 1, made)
@@ -198,3 +242,46 @@ def apply(opt, entries) -> list:
                    for i, n in enumerate(names, 1)]
     return writes
 
+
+
+def apply_whole(entries, compute) -> list:
+    """The steps of Dask params by a rule that reads whole params (:class:`xopt.optimizers._tensor_rule.TensorRule`:
+    norms, factors, matmuls), all persisted in one call, with durable points as :func:`apply` makes them: each new
+    array's graph is its persisted chunks, which does not grow with the steps.  ``compute(e)``: e's writes by the
+    reference rule on whole arrays (lazy: e.p rebound to the new param, ``dict.__setitem__`` of each new buffer);
+    returns them with the persisted arrays.  Each grad is chunked like its param first, so the new param and
+    the buffers in its shape keep its chunks."""
+    names = sorted({n for e in entries for n in e.opt.buffer_shapes(e.p.shape)}, key=str)  # those the step reads
+    refuse_masked(entries)
+    dask_lineage.check_alive(entries, names)  # a step of lost state raises here, before anything is done
+    holders = [dask_lineage.carried([e.p, *(e.state[n] for n in names if n in e.state)]) for e in entries]
+    every = dask_lineage.durable_every()
+    due = [i for i, e in enumerate(entries) if dask_lineage.due(e, names, every)]
+    for e in entries:
+        if e.g.chunks != e.p.chunks:
+            e.g = e.g.rechunk(e.p.chunks)
+    computed = []
+    for e in entries:
+        with _naming([e]):  # the rule may compute a number of its own (LAMB's norms)
+            computed.append(compute(e))
+    lazy = [[e.p, *(w.args[2] for w in writes)] for e, writes in zip(entries, computed)]
+    with dask_lineage.one_span(), _naming(entries):  # on a cluster, every step in one span: see one_span
+        *flat, norm = dask.persist(*(a for arrays in lazy for a in arrays), entries[0].norm)
+    flat = iter(flat)
+    steps = [[next(flat) for _ in arrays] for arrays in lazy]
+    for e in entries:
+        e.norm = norm  # clip_grad_norm's, where it is lazy: kept without the grads' graph
+    if due:  # waits for these steps; the steps after read the durable copies, and nothing older
+        with _naming([entries[i] for i in due]):
+            durable = dask_lineage.make_durable([a for i in due for a in steps[i]])
+        if durable is not None:
+            made = iter(durable)
+            for i, e in zip(due, (entries[i] for i in due)):
+                steps[i] = [next(made) for _ in steps[i]]
+                holders[i] = dask_lineage.Durable(int(e.state["step"]) + 1, steps[i])
+    out = []
+    for e, writes, arrays, holder in zip(entries, computed, steps, holders):
+        e.p = dask_lineage.carry(arrays[0], holder)
+        out += [functools.partial(dict.__setitem__, w.args[0], w.args[1], dask_lineage.carry(a, holder))
+                for w, a in zip(writes, arrays[1:])]
+    return out

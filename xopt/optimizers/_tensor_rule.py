@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from .. import _backend, _dispatch, _lane
 from .._atomic import together_unforked
-from .._checked import WIDENED, _check_step, _commit, _plain_torch, clip_or_skip, widen_float32
+from .._checked import WIDENED, _check_step, _commit, _plain_torch, clip_or_skip, lazy_norm, widen_float32
 from .._inputs import check_overlaps, collect, describe
 from ..engines.reference import _apply_whole, _kind
 from ..optimizer import Optimizer
@@ -64,6 +64,7 @@ class TensorRule(Optimizer):
         skipped, norm, scale = clip_or_skip(self, entries)
         if skipped:
             return
+        norm = lazy_norm(entries, norm)
         for e in entries:
             e.clip = scale
         created = [e.key for e in entries if e.key not in self.state]
@@ -110,10 +111,16 @@ class TensorRule(Optimizer):
         return writes
 
     def _compute_each(self, entries) -> list:
-        writes = []
+        writes, chunked = [], []
         for e in entries:
+            if _backend.is_dask(e.p):  # persisted with the other Dask params' steps, below
+                chunked.append(e)
+                continue
             dtype, _, torch = _kind(e)
             writes += _apply_whole(e.opt, e, tuple(e.opt.buffer_shapes(e.p.shape)), dtype, torch)
+        if chunked:
+            writes += _dispatch.dask_engine().apply_whole(
+                chunked, lambda e: _apply_whole(e.opt, e, tuple(e.opt.buffer_shapes(e.p.shape)), _kind(e)[0], False))
         return writes
 
     # -- state ---------------------------------------------------------------------------------
@@ -156,7 +163,9 @@ class TensorRule(Optimizer):
         widen_float32(st, dtype, e.p)
         for name, shape in view.buffer_shapes(e.p.shape).items():
             buf = st.get(name)
-            if buf is None:
+            if buf is None and _backend.is_dask(e.p) and tuple(shape) == tuple(e.p.shape):
+                st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype)  # chunked like the param
+            elif buf is None:
                 st[name] = xp.full(shape, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             elif _backend.library_name(buf) != _backend.library_name(e.p):
                 st[name] = _backend.from_numpy(_backend.to_numpy(buf), e.p)

@@ -211,8 +211,9 @@ class ScheduleFreeAdamW(Optimizer):
                 writes.append(_write(xp, p, xp.astype(new, p.dtype), torch))
             else:
                 rebinds.append((key, xp.astype(new, p.dtype)))
-        if rebinds and not isinstance(params, dict):
-            raise TypeError("params holds immutable arrays: pass a dict so they can be replaced")
+        if rebinds and not isinstance(params, (dict, list)):  # as update takes them
+            raise TypeError(f"params holds immutable arrays in a {type(params).__name__}: pass a dict or a list so "
+                            "they can be replaced")
         writes += [partial(operator.setitem, params, k, v) for k, v in rebinds]
         writes.append(partial(self.__dict__.__setitem__, "training", training))
         together_unforked(writes)  # the copies release the GIL: a fork from another thread waits for them
