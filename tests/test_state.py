@@ -219,6 +219,27 @@ def test_a_buffer_dtype_that_does_not_fit_the_param_is_refused(case, rng):
         target.update(params, {k: np.ones_like(p) for k, p in params.items()})
 
 
+def test_a_float32_buffer_the_step_does_not_use_is_left_alone_on_every_path(rng):
+    """A float64 param's float32 v_max after amsgrad was turned off: the checked path (``impl="reference"``)
+    widened every float32 buffer of the state, the lane only those it steps, so the two paths left v_max in
+    different dtypes.  Now a step widens what it uses; v_max is widened when a step uses it again."""
+    params0 = {"w": rng.standard_normal(7)}
+    grads = {"w": rng.standard_normal(7)}
+    seen = {}
+    for impl in ("auto", "reference"):
+        opt, params = xopt.AdamW(amsgrad=True, impl=impl), {k: p.copy() for k, p in params0.items()}
+        opt.update(params, grads)
+        opt.state["w"]["v_max"] = opt.state["w"]["v_max"].astype(np.float32)
+        opt.amsgrad = False
+        opt.update(params, grads)
+        assert opt.state["w"]["v_max"].dtype == np.float32, impl
+        opt.amsgrad = True
+        opt.update(params, grads)
+        assert opt.state["w"]["v_max"].dtype == np.float64, impl
+        seen[impl] = params["w"], opt.state["w"]["v_max"]
+    assert all(np.array_equal(a, b) for a, b in zip(seen["auto"], seen["reference"]))
+
+
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_float32_state_of_a_float64_param_is_widened_as_it_steps_and_loads(impl, library, rng):

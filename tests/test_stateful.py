@@ -797,7 +797,8 @@ class Twins(RuleBasedStateMachine):
                         got, want = opt.state[k][n], st_[n]
                         expect = _native(want.dtype).name
                         p = self.params[side].get(k) if isinstance(self.params[side], dict) else None
-                        if (kind == "with_params" and expect == "float32" and getattr(p, "dtype", None) == np.float64
+                        if (kind == "with_params" and expect == "float32" and getattr(p, "dtype", None) is not None
+                                and _native(p.dtype) == np.float64
                                 and opt._hyper.get("state_dtype") in (None, "8bit") and n + "_absmax" not in st_):
                             # a float64 param's float32 state is widened by a load with params= (also an 8-bit
                             # optimizer's float state of a param below min_8bit_size, as its step widens it)

@@ -225,7 +225,7 @@ def state_for(opt, e):
     if dtype is _CODES:
         return _state_8bit().state_for(opt, e)
     st = opt.state.setdefault(e.key, {"step": 0})
-    widen_float32(st, dtype, e.p)
+    widen_float32(st, dtype, e.p, view.buffers())
     for name in view.buffers():
         buf = st.get(name)
         if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
@@ -246,16 +246,18 @@ def state_for(opt, e):
 WIDENED = ("float32", "float64")  # (a buffer's dtype, the dtype its param keeps state in) that a step widens
 
 
-def widen_float32(st, dtype, p):
+def widen_float32(st, dtype, p, names):
     """In state ``st`` of param ``p``, whose state is kept in ``dtype``: where that is float64, each float32 buffer
-    (those the step uses and any other: amsgrad's v_max turned off) replaced by a new float64 one, exactly, in the
-    param's library.  8-bit or bfloat16 state converted without the params (``load_state_dict`` without
-    ``params=``, setting ``state_dtype``) comes back float32; torch.optim's ``load_state_dict`` casts a state
-    to its param's dtype too."""
+    the step uses (``names``) replaced by a new float64 one, exactly, in the param's library.  8-bit or bfloat16
+    state converted without the params (``load_state_dict`` without ``params=``, setting ``state_dtype``) comes
+    back float32; torch.optim's ``load_state_dict`` casts a state to its param's dtype too.  A buffer the step
+    does not use (amsgrad's v_max turned off) is left as it is, as the lane leaves it: a step that uses it again
+    widens it."""
     if _backend.dtype_name(dtype) != "float64":
         return
-    for name, buf in list(st.items()):
-        if name != "step" and _backend.dtype_name(getattr(buf, "dtype", None)) == "float32":
+    for name in names:
+        buf = st.get(name)
+        if _backend.dtype_name(getattr(buf, "dtype", None)) == "float32":
             st[name] = _widened(buf, dtype, p)
 
 

@@ -160,8 +160,9 @@ class TensorRule(Optimizer):
     def _state_for(self, e):
         st = self.state.setdefault(e.key, {"step": 0})
         xp, dtype, view = e.xp, self.buffer_dtype(e), e.opt
-        widen_float32(st, dtype, e.p)
-        for name, shape in view.buffer_shapes(e.p.shape).items():
+        shapes = view.buffer_shapes(e.p.shape)
+        widen_float32(st, dtype, e.p, shapes)
+        for name, shape in shapes.items():
             buf = st.get(name)
             if buf is None and _backend.is_dask(e.p) and tuple(shape) == tuple(e.p.shape):
                 st[name] = xp.full_like(e.p, view.initial_value(name), dtype=dtype)  # chunked like the param
