@@ -735,6 +735,8 @@ def part_tests(margin_s: float = 15):
            f"--junitxml={xml}", "-o", "faulthandler_timeout=120", "--continue-on-collection-errors", "-rfE"]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", "180"]
+    if importlib.util.find_spec("xdist") and (os.cpu_count() or 1) >= 4:  # one GPU serves several processes
+        cmd += ["-n", str(min(8, os.cpu_count() // 2))]
     t0 = time.monotonic()
     with open(txt, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -752,7 +754,7 @@ def part_tests(margin_s: float = 15):
         text = txt.read_text(errors="replace")
         words = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text)
         line.update(tests=len(words), failures=words.count("FAILED"), errors=words.count("ERROR"),
-                    skipped=words.count("SKIPPED"), failed=re.findall(r"^(\S+) FAILED", text, re.M)[:40])
+                    skipped=words.count("SKIPPED"), failed=["".join(m) for m in re.findall(r"FAILED (\S+::\S+)|^(\S+::\S+) FAILED", text, re.M)][:40])
     if timed_out:
         line["error"] = f"pytest stopped after {timeout:.0f} s (counts from its output so far)"
     emit(ok=not timed_out and line["tests"] > 0 and line["failures"] == line["errors"] == 0, **line)
