@@ -112,7 +112,7 @@ def test_the_parts_cover_every_rule_and_run_in_order(fg):
     names = [p.name for p in parts]
     rules = list(CUDA_RULES)
     assert list(fg.RULES) == rules == sorted(cuda_check.CONFIGS)
-    assert names[0] == "environment" and names[-1] == "tests" and names[-3:-1] == ["host", "torch-cuda"]
+    assert names[0] == "environment" and names[-1] == "tests" and names[-4:-1] == ["host", "torch-cuda", "profile"]
     from xopt.engines.cuda_blockwise import RULES8
 
     assert list(fg.RULES8) == list(RULES8)

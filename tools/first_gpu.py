@@ -32,7 +32,8 @@ in order:
 - ``torch-cuda``: torch CUDA tensors through the lane (DLPack views, torch's current stream), float32 and
   float16, bit for bit the reference rule on host copies; Adam's step on GPT-2-small-like tensors against
   torch's fused Adam.
-- ``tests``: ``pytest -m gpu tests`` under a timeout.
+- ``profile``: cProfile of ``update()``'s host time on CuPy arrays and torch CUDA tensors, to the log.
+- ``tests``: ``pytest -m gpu tests`` under a timeout, in several processes where pytest-xdist is installed.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def plan() -> list:
             + [child("part_timing", 90, case=c, dtype=d) for c, d in TIMING]
             + [child("part_host", 90)]
             + [child("part_torch_cuda", 90)]
+            + [child("part_profile", 90)]
             + [child("part_tests", 600)])  # what is left of the budget
 
 
@@ -669,7 +671,14 @@ def part_torch_cuda(steps: int = 5, repeat: int = 20):
         emit(ok=False, error="torch sees no GPU")
         return
     took, real = [], _lane.take
-    _lane.take = lambda opt, params, grads: (took.append(real(opt, params, grads)), took[-1])[1]
+
+    def take(opt, params, grads):  # what the lane answered for xopt's fused optimizer (not the reference twin)
+        answer = real(opt, params, grads)
+        if opt.impl != "reference":
+            took.append(answer)
+        return answer
+
+    _lane.take = take
     shapes = [(1000,), (3, 5), (768, 768), (2 * 16384 + 9,), ()]
     for dtype in (torch.float32, torch.float16):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -723,6 +732,59 @@ def part_torch_cuda(steps: int = 5, repeat: int = 20):
          xopt_over_torch_fused=med["xopt"] / med["torch_fused"], lane_steps=sum(took[-repeat:]))
 
 
+def part_profile(top: int = 25):
+    """Where ``update()``'s host time goes: cProfile of a few steps on CuPy arrays (1 tensor of 2^28 float32, 1,000
+    tensors of 4k-1M) and on torch CUDA tensors (GPT-2-small-like); the top functions by own time to the log, the
+    first ten in a line each."""
+    import cProfile
+    import io
+    import pstats
+
+    import cupy
+    import numpy as np
+
+    import xopt
+
+    def profile(name, step, steps=10):
+        for _ in range(3):
+            step()
+        cupy.cuda.Device().synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        prof.disable()
+        host_ms = (time.perf_counter() - t0) / steps * 1e3
+        cupy.cuda.Device().synchronize()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(top)
+        print(f"----- {name}: {host_ms:.3f} ms per update under cProfile\n{text.getvalue()}")
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:10]
+        emit(case=name, host_ms_profiled=host_ms, steps=steps,
+             top=[dict(function=f"{f[0].rsplit('/', 1)[-1]}:{f[1]}:{f[2]}", calls=v[1], own_ms=v[2] / steps * 1e3,
+                       cumulative_ms=v[3] / steps * 1e3) for f, v in rows])
+
+    rng = np.random.default_rng(0)
+    for case in ("1x2^28", "1000x4k-1M"):
+        sizes = case_sizes(case, rng)
+        params = {f"w{i}": cupy.random.standard_normal(n, dtype=cupy.float32) for i, n in enumerate(sizes)}
+        grads = {k: cupy.random.standard_normal(p.size, dtype=cupy.float32) for k, p in params.items()}
+        opt = xopt.Adam()
+        profile(f"cupy {case} float32", lambda: opt.update(params, grads))
+        del params, grads, opt
+    try:
+        import torch
+    except ImportError:
+        return
+    sizes = [768 * 768] * 24 + [768 * 3072] * 24 + [768] * 100
+    params = {f"p{i}": torch.randn(n, device="cuda") for i, n in enumerate(sizes)}
+    grads = {k: torch.randn(n, device="cuda") for k, n in zip(params, sizes)}
+    opt = xopt.Adam()
+    profile("torch GPT-2-small-like float32", lambda: opt.update(params, grads))
+
+
 def part_tests(margin_s: float = 15):
     """pytest -m gpu over tests/, stopped before this part's own timeout so that its counts are still written."""
     import importlib.util
@@ -736,7 +798,8 @@ def part_tests(margin_s: float = 15):
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", "180"]
     if importlib.util.find_spec("xdist") and (os.cpu_count() or 1) >= 4:  # one GPU serves several processes
-        cmd += ["-n", str(min(8, os.cpu_count() // 2))]
+        cmd += ["-n", str(min(8, os.cpu_count() // 2)),  # pytest-benchmark's warning that xdist disables it:
+                "-W", "ignore::pytest_benchmark.logger.PytestBenchmarkWarning"]  # an error under filterwarnings
     t0 = time.monotonic()
     with open(txt, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
