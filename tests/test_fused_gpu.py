@@ -8,7 +8,7 @@ its self-check (xopt.engines.cuda_check) has passed on that GPU.
 import numpy as np
 import pytest
 
-from test_edges import CONFIGS, make
+from test_edges import CUDA_CONFIGS, make
 from xopt.engines.kernels import CUDA_RULES
 
 pytestmark = pytest.mark.gpu
@@ -31,6 +31,19 @@ def cupy():
     return cp
 
 
+def count_launches(monkeypatch, fused_cuda) -> list:
+    """A list that gains an item at each kernel launch of the CUDA engine (a step's, a norm pass's): the launcher's
+    call, which ``CupyDevice.launch`` makes too."""
+    launches, real = [], fused_cuda.CupyDevice.launcher
+
+    def launcher(function, n_blocks, args):
+        call = real(function, n_blocks, args)
+        return lambda: (launches.append(1), call())[1]
+
+    monkeypatch.setattr(fused_cuda.CupyDevice, "launcher", staticmethod(launcher))
+    return launches
+
+
 def _check(ref, fused, a, b, dtype, what, cupy):
     for k in a:
         np.testing.assert_allclose(cupy.asnumpy(b[k]), cupy.asnumpy(a[k]), **TOL[dtype], err_msg=f"{what}: {k}")
@@ -41,7 +54,7 @@ def _check(ref, fused, a, b, dtype, what, cupy):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CUDA_CONFIGS)
 def test_cuda_kernels_match_reference(config, shape, dtype, rng, cupy):
     ref, fused = make(config, impl="reference"), make(config, impl="fused")
     p0 = rng.standard_normal(shape).astype(dtype)
@@ -54,7 +67,7 @@ def test_cuda_kernels_match_reference(config, shape, dtype, rng, cupy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CUDA_CONFIGS)
 def test_cuda_kernels_equal_reference_bit_for_bit(config, dtype, rng, cupy):
     """Expected, not just close: the kernel is built with --fmad=false, divides and takes roots IEEE-rounded
     (NVRTC's defaults), and rounds half params as CuPy's astype does; the CPU build already is bit-equal
@@ -71,7 +84,7 @@ def test_cuda_kernels_equal_reference_bit_for_bit(config, dtype, rng, cupy):
         np.testing.assert_array_equal(cupy.asnumpy(fused.state["p"][name]), cupy.asnumpy(ref.state["p"][name]))
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CUDA_CONFIGS)
 def test_cuda_kernels_on_non_contiguous_params(config, rng, cupy):
     base = rng.standard_normal((8, 12)).astype(np.float32)
     a_base, b_base = cupy.asarray(base), cupy.asarray(base)
@@ -98,10 +111,7 @@ def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
     import xopt
     from xopt.engines import fused_cuda
 
-    launches = []
-    real_launch = fused_cuda.CupyDevice.launch
-    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
-                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    launches = count_launches(monkeypatch, fused_cuda)
     sizes = rng.integers(64, 4097, 10_000)
     host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     a = {f"w{i}": cupy.asarray(h) for i, h in enumerate(host)}
@@ -117,7 +127,7 @@ def test_many_tensors_take_one_launch(rng, cupy, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CUDA_CONFIGS)
 def test_subnormals_as_numpy(config, dtype, rng, cupy):
     """Built without -ftz: on values around the smallest normal number the kernel gives NumPy's bits."""
     tiny = ml_dtypes.finfo(dtype).smallest_normal
@@ -182,10 +192,7 @@ def test_auto_runs_the_kernel_after_its_self_check(rng, cupy, monkeypatch, cuda_
     monkeypatch.setattr(compiler._NVRTCProgram, "compile", lambda self, *a, **k: (
         compiles.append(1) if "xopt_step" in str(getattr(self, "src", "")) else None, real_compile(self, *a, **k))[1])
     monkeypatch.setattr(cuda_check, "RESULTS", {})
-    launches, children = [], []
-    real_launch, real_child = fused_cuda.CupyDevice.launch, cuda_check.in_child
-    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
-                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
+    launches, children, real_child = count_launches(monkeypatch, fused_cuda), [], cuda_check.in_child
     monkeypatch.setattr(cuda_check, "in_child", lambda *args: (children.append(args), real_child(*args))[1])
     p = {"w": cupy.asarray(rng.standard_normal(1000).astype(np.float32))}
     xopt.Adam().update(p, {"w": cupy.ones(1000, dtype=cupy.float32)})
@@ -207,11 +214,9 @@ def test_lane_one_upload_and_one_launch_a_step_on_the_current_stream(extra, rng,
     from xopt import _lane
     from xopt.engines import fused_cuda
 
-    uploads, launches, answers = [], [], []
-    real_upload, real_launch, real_take = fused_cuda.CupyDevice.upload, fused_cuda.CupyDevice.launch, _lane.take
+    uploads, answers, launches = [], [], count_launches(monkeypatch, fused_cuda)
+    real_upload, real_take = fused_cuda.CupyDevice.upload, _lane.take
     monkeypatch.setattr(fused_cuda.CupyDevice, "upload", staticmethod(lambda h: (uploads.append(1), real_upload(h))[1]))
-    monkeypatch.setattr(fused_cuda.CupyDevice, "launch",
-                        staticmethod(lambda *args: (launches.append(1), real_launch(*args))))
     monkeypatch.setattr(_lane, "take", lambda *args: (answers.append(real_take(*args)), answers[-1])[1])
     host = {"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
     a, b = ({k: cupy.asarray(v) for k, v in host.items()} for _ in range(2))
