@@ -199,6 +199,7 @@ def test_tensors_on_another_gpu_than_the_current_one_step(cuda_on_cpu, lane, mon
         yield
 
     monkeypatch.setattr(HostDevice, "tensor_device", staticmethod(lambda t: 1))
+    monkeypatch.setattr(HostDevice, "tensor_devices", staticmethod(lambda ts: {1}))
     monkeypatch.setattr(HostDevice, "device_of", staticmethod(lambda a: 1))  # every array on "GPU 1"
     monkeypatch.setattr(HostDevice, "tensor_stream", staticmethod(lambda t: stream_of_gpu_1()))
     b = {f"w{i}": torch.nn.Parameter(torch.tensor(rng.standard_normal(n), dtype=torch.float32))

@@ -94,7 +94,7 @@ class HostDevice:
     exclusive = staticmethod(lambda device_id: False)  # the compute mode: any process may use the "GPU"
     takes_tensor = staticmethod(lambda t: t.is_cpu)  # torch's CPU tensors stand for its CUDA ones
     tensor_device = staticmethod(lambda t: 0)
-    tensor_view = staticmethod(lambda t: tensor_numpy(t.detach()))  # what DLPack gives CupyDevice: the same memory
+    tensor_devices = staticmethod(lambda ts: {0 if t.is_cpu else -1 for t in ts})  # CPU tensors: "GPU" 0
     tensor_stream = staticmethod(lambda t: contextlib.nullcontext())
 
     @classmethod

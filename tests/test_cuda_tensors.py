@@ -1,7 +1,7 @@
 """torch tensors through the CUDA engine, on the CPU build of its kernel (as tests/test_cuda_source.py runs CuPy's
-path): the lane views each tensor as the device's array over the same memory (DLPack on a GPU; here NumPy's view of a
-CPU tensor stands for it), launches once per step on torch's current stream, and bumps the tensors' version counters
-with the commit; numbers bit for bit those of the reference rule on the same tensors."""
+path): the lane reads each tensor's address and layout through torch's accessors (CPU tensors stand for CUDA ones),
+launches once per step on torch's current stream, and bumps the tensors' version counters with the commit; numbers
+bit for bit those of the reference rule on the same tensors; whatever the table cannot hold is declined whole."""
 
 from __future__ import annotations
 
@@ -108,9 +108,9 @@ def test_xopt_torch_optimizer_steps_through_the_kernel(as_cuda, lane, rng):  # n
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
 
 
-def test_cupy_device_views_tensors_through_dlpack_on_torchs_stream(monkeypatch):
-    """``CupyDevice``'s tensor methods, CuPy's and torch's CUDA calls stubbed: a CUDA tensor is taken, viewed with
-    ``cupy.from_dlpack(copy=False)`` (never a copy), and stepped on torch's current stream of its GPU."""
+def test_cupy_device_takes_cuda_tensors_on_torchs_stream(monkeypatch):
+    """``CupyDevice``'s tensor methods, CuPy's and torch's CUDA calls stubbed: a CUDA tensor is taken, a CPU one's
+    device is -1 (declined), and a step is queued on torch's current stream of the tensors' GPU."""
     cupy = pytest.importorskip("cupy")
     from xopt.engines.cuda_device import CupyDevice
 
@@ -126,10 +126,101 @@ def test_cupy_device_views_tensors_through_dlpack_on_torchs_stream(monkeypatch):
     class TorchStream:
         cuda_stream = 1234
 
-    monkeypatch.setattr(cupy, "from_dlpack", lambda t, copy=None: seen.append(("dlpack", copy)) or "view")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: seen.append(("stream", device)) or TorchStream())
     monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda ptr, device_id=-1: ("external", ptr, device_id))
     assert CupyDevice.takes_tensor(Fake()) and not CupyDevice.takes_tensor(torch.zeros(1))
-    assert CupyDevice.tensor_view(Fake()) == "view" and seen == [("dlpack", False)]
+    assert CupyDevice.tensor_devices([torch.zeros(1), torch.ones(2)]) == {-1}  # CPU tensors: declined
     assert CupyDevice.tensor_stream(Fake()) == ("external", 1234, 1)
     assert seen[-1] == ("stream", torch.device("cuda", 1))
+
+
+def _started(rng, dtype=torch.float32, **hyper):
+    """Params stepped once (the checked path's step: their state made), a twin on NumPy copies with the same state."""
+    b = _tensors(rng, dtype)
+    ours = xopt.Adam(**hyper)
+    ours.update(b, {k: torch.tensor(rng.standard_normal(v.shape) + 0.1, dtype=dtype) for k, v in b.items()})
+    ref = xopt.Adam(impl="reference", **hyper)
+    a = {k: tensor_numpy(v.detach()).copy() for k, v in b.items()}
+    ref.state = {k: {n: (tensor_numpy(v).copy() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+                 for k, st in ours.state.items()}
+    ref.iter = ours.iter
+    return b, ours, a, ref
+
+
+def test_overrides_and_clipping_take_one_norm_pass_and_one_launch(as_cuda, lane, rng):  # noqa: F811
+    """Two hyperparameter sets and clip_grad_norm: the lane's step on tensors is one norm pass and one launch, the
+    reference rule's numbers bit for bit, the clip norm the reference's."""
+    hyper = dict(clip_grad_norm=0.5, overrides={"w1": {"lr": 0.1, "weight_decay": 0.01}})
+    b, ours, a, ref = _started(rng, **hyper)
+    for _ in range(3):
+        g = {k: torch.tensor(rng.standard_normal(v.shape) * 3, dtype=torch.float32) for k, v in b.items()}
+        ref.update(a, {k: tensor_numpy(v) for k, v in g.items()})
+        launches, norms = HostDevice.launches, HostDevice.norms
+        ours.update(b, g)
+        assert lane[-1] is True and HostDevice.launches - launches == 1 and HostDevice.norms - norms == 1
+        np.testing.assert_allclose(float(ours.last_grad_norm), float(ref.last_grad_norm), rtol=1e-12)
+    for k in a:
+        np.testing.assert_array_equal(tensor_numpy(b[k].detach()), a[k], err_msg=k)
+        for buf in ref.buffers():
+            np.testing.assert_array_equal(tensor_numpy(ours.state[k][buf]), ref.state[k][buf], err_msg=f"{buf} of {k}")
+
+
+def _bad_grads(b):
+    """Grads the lane must decline (each with a reason the table would be wrong), by name."""
+    g = {k: torch.ones_like(v) for k, v in b.items()}
+    return {
+        "another dtype": dict(g, w1=torch.ones(300, dtype=torch.float64)),
+        "not contiguous": dict(g, w1=torch.ones(600)[::2]),
+        "another shape": dict(g, w1=torch.ones(3, 100)),
+        "the param itself": dict(g, w1=b["w1"].detach()),
+        "overlapping a state buffer": dict(g, w0=None),  # filled in by the test: a view of w0's exp_avg
+        "a negated view": dict(g, w1=torch.ones(300)._neg_view()),
+        "a subclass": dict(g, w1=torch.ones(300).as_subclass(type("Sub", (torch.Tensor,), {}))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_grads({f"w{i}": torch.zeros(n) for i, n in enumerate((5, 300))})))
+def test_tensors_the_table_cannot_hold_are_declined_whole(case, as_cuda, lane, rng):  # noqa: F811
+    """A grad of another dtype, shape or layout, one sharing memory with a param or a state buffer, a negated view,
+    a subclass: the lane declines the whole step, launching nothing, and the checked path's numbers are the
+    reference's (or it refuses, writing nothing, as it does for the same arrays)."""
+    b, ours, a, ref = _started(rng)
+    g = _bad_grads(b)[case]
+    if case == "overlapping a state buffer":
+        g["w0"] = ours.state["w0"]["m"].view(-1)  # the same memory as w0's first moment
+    before = {k: v.detach().clone() for k, v in b.items()}
+    launches = HostDevice.launches
+    try:
+        ours.update(b, g)
+    except (TypeError, ValueError):
+        for k in b:
+            torch.testing.assert_close(b[k].detach(), before[k], rtol=0, atol=0)
+    else:
+        ref.update(a, {k: np.array(tensor_numpy(v.resolve_neg().contiguous().as_subclass(torch.Tensor)))
+                       for k, v in g.items()})
+        for k in a:  # torch's ops on the checked path may round differently in the last place
+            np.testing.assert_allclose(tensor_numpy(b[k].detach()), a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert lane[-1] is False and HostDevice.launches == launches
+
+
+def test_tensors_on_two_gpus_are_declined(as_cuda, lane, rng, monkeypatch):  # noqa: F811
+    """Params on one GPU and a grad on another: declined, nothing launched (the checked path names the grad)."""
+    b, ours, _, _ = _started(rng)
+    g = {k: torch.ones_like(v) for k, v in b.items()}
+    monkeypatch.setattr(HostDevice, "tensor_devices", staticmethod(lambda ts: {0, 1}))
+    launches = HostDevice.launches
+    assert _lane.take(ours, b, g) is False and HostDevice.launches == launches
+
+
+def test_state_buffers_sharing_memory_are_declined(as_cuda, lane, rng):  # noqa: F811
+    """A param's two moments made one tensor (as a careless load might): the lane declines, launching nothing; the
+    checked path refuses it too, having written nothing."""
+    b, ours, _, _ = _started(rng)
+    ours.state["w1"]["v"] = ours.state["w1"]["m"]
+    before = {k: v.detach().clone() for k, v in b.items()}
+    launches = HostDevice.launches
+    with pytest.raises(ValueError):
+        ours.update(b, {k: torch.ones_like(v) for k, v in b.items()})
+    assert lane[-1] is False and HostDevice.launches == launches
+    for k in b:
+        torch.testing.assert_close(b[k].detach(), before[k], rtol=0, atol=0)

@@ -29,7 +29,7 @@ in order:
   span on the GPU (events around ``update()``) and ``update()``'s host time; medians over repetitions after
   warm-up, GB/s, fractions of the copy's bandwidth.
 - ``host``: ``update()``'s host time at 1 to 10,000 small tensors beside torch's fused Adam.
-- ``torch-cuda``: torch CUDA tensors through the lane (DLPack views, torch's current stream), float32 and
+- ``torch-cuda``: torch CUDA tensors through the lane (their addresses, torch's current stream), float32 and
   float16, bit for bit the reference rule on host copies; Adam's step on GPT-2-small-like tensors against
   torch's fused Adam.
 - ``profile``: cProfile of ``update()``'s host time on CuPy arrays and torch CUDA tensors, to the log.
@@ -657,7 +657,7 @@ def _junit_counts(path):
 
 
 def part_torch_cuda(steps: int = 5, repeat: int = 20):
-    """torch CUDA tensors through the lane (DLPack views, torch's current stream): Adam on a few float32 and float16
+    """torch CUDA tensors through the lane (their addresses, torch's current stream): Adam on a few float32 and float16
     shapes, after the first step bit for bit the reference rule on host copies of the same params and state, each
     later step taken by the lane with one launch; then ``update()`` time against torch's fused Adam on the same
     tensors (events around each, fresh grads every step)."""

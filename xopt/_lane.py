@@ -8,7 +8,7 @@ the host, and hands the lists to the engine, whose one compiled call checks ever
 its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  CPU torch
 tensors take the same lane: the engine's ``step_tensors`` reads their facts with torch's accessors
 (:mod:`xopt.engines.cpu_tensors`) into one table that its compiled call checks; CUDA tensors, the CUDA
-engine's, as CuPy arrays over the same memory (DLPack) on torch's current stream.  Nothing is
+engine's, read the same way (:mod:`xopt.engines.cuda_tensors`), launched on torch's current stream.  Nothing is
 remembered from one call to the next.
 
 Whatever the lane does not take (another container or array type, a first step, a ``None``

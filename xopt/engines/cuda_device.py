@@ -136,12 +136,11 @@ class CupyDevice:
         return t.device.index
 
     @staticmethod
-    def tensor_view(t):
-        """A CuPy array over torch tensor ``t``'s memory (DLPack, never a copy), safe to use on CuPy's current
-        stream (DLPack has torch's work on ``t`` ordered before it)."""
-        import cupy
+    def tensor_devices(ts) -> set:
+        """The CUDA device ordinals of torch tensors ``ts`` (-1 for a CPU tensor), as a set."""
+        import torch
 
-        return cupy.from_dlpack(t.detach(), copy=False)
+        return set(map(torch.Tensor.get_device, ts))
 
     @staticmethod
     def tensor_stream(t):

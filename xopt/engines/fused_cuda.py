@@ -209,8 +209,53 @@ def tensor_device(t) -> int:
 
 
 def step_tensors(opt, kind, views, values, ps, gs, states, steps, part, commit):
-    """:func:`step` on torch tensors, viewed as the device's arrays (:func:`xopt.engines.cuda_tensors.step`)."""
-    return cuda_tensors.step(DEVICE, step, opt, kind, views, values, ps, gs, states, steps, part, commit)
+    """:func:`step` on torch tensors: their addresses and facts read through torch's accessors
+    (:func:`xopt.engines.cuda_tensors.gather`: no view of any tensor), the launch queued on torch's current stream
+    of their GPU, their version counters bumped with the commit; None: declined, nothing written."""
+    found = _slot_lists(kind, views, states)
+    if found is None:
+        return None
+    lists, flags = found
+    lists[:2], lists[5] = [ps, gs], steps
+    n_parts = len(views)
+    got = cuda_tensors.gather(DEVICE, kind, lists, flags, part, _scalar_bytes(n_parts, kind.math))
+    if got is None:
+        return None
+    device_id, n_blocks, table, written = got
+    # torch's current stream on the params' GPU, made and entered with that GPU current: CuPy's stream refuses to be
+    # entered on another GPU than its own (tensors on cuda:1 while the current GPU is 0: torch.cuda.set_device is
+    # not needed to train there).  The launch is queued on it, after torch's work on the tensors.
+    with DEVICE.on(device_id):
+        try:
+            stream = DEVICE.tensor_stream(ps[0])
+        except cuda_tensors.REFUSED:
+            return None
+        with stream:
+            return _launch(opt, kind, values, len(ps), n_parts, device_id, n_blocks, table,
+                           cuda_tensors.bumping(commit, written))
+
+
+def _slot_lists(kind, views, states):
+    """([None, None, the three slots' buffer lists (None: a slot no part keeps; None items: rows whose part does
+    not keep it), None], the kept-slot flags of each part, three a part, one after the other); None where a
+    buffer some part keeps is missing (made at the checked path's next step: an option turned on)."""
+    lists = [None] * 6
+    try:
+        if len(views) == 1:
+            flags = kind.keeps(views[0].buffers())
+            for j, get in enumerate(kind.getters):
+                if flags[j]:
+                    lists[2 + j] = list(map(get, states))
+            return lists, flags
+        keeps = [kind.keeps(view.buffers()) for view in views]
+        for j, name in enumerate(kind.slots):
+            if all(k[j] for k in keeps):
+                lists[2 + j] = list(map(kind.getters[j], states))
+            elif any(k[j] for k in keeps):
+                lists[2 + j] = [st.get(name) for st in states]
+    except KeyError:
+        return None
+    return lists, [flag for k in keeps for flag in k]
 
 
 def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
@@ -225,29 +270,13 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     ``clip_grad_norm``), ``skipped`` True where skip_nonfinite skips the step.  Returns True.
     """
     array_type = type(ps[0])
-    slots = kind.slots
-    lists = [ps, gs, None, None, None, steps]  # step counts: their types checked with the arrays, values by the caller
-    n, n_parts, dtype, math_dtype = len(ps), len(views), kind.dtype, kind.math
-    if n_parts == 1:
-        flags = kind.keeps(views[0].buffers())
-        try:
-            for j, get in enumerate(kind.getters):
-                if flags[j]:
-                    lists[2 + j] = list(map(get, states))
-        except KeyError:  # made at the checked path's next step (an option turned on)
-            return None
-    else:
-        keeps = [kind.keeps(view.buffers()) for view in views]
-        for j, name in enumerate(slots):
-            if all(k[j] for k in keeps):
-                try:
-                    lists[2 + j] = list(map(kind.getters[j], states))
-                except KeyError:
-                    return None
-            elif any(k[j] for k in keeps):
-                lists[2 + j] = [st.get(name) for st in states]
-        flags = [flag for k in keeps for flag in k]
-    scalar_bytes = _scalar_bytes(n_parts, math_dtype)
+    found = _slot_lists(kind, views, states)
+    if found is None:
+        return None
+    lists, flags = found  # step counts: their types checked with the arrays, values by the caller
+    lists[:2], lists[5] = [ps, gs], steps
+    n, n_parts, dtype = len(ps), len(views), kind.dtype
+    scalar_bytes = _scalar_bytes(n_parts, kind.math)
     off = None if cuda_memory is None else cuda_memory.layout(array_type)
     if off is not None:
         if n_parts == 1:
@@ -262,17 +291,24 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                                                                 else np.array(part, dtype=np.int64))
     else:
         keeps = [flags[i:i + 3] for i in range(0, len(flags), 3)]
-        answer, device_id, n_blocks, table = cuda_reader.gather(DEVICE, array_type, lists, keeps, part, dtype, kind.state,
-                                                            scalar_bytes)
+        answer, device_id, n_blocks, table = cuda_reader.gather(DEVICE, array_type, lists, keeps, part, dtype,
+                                                                kind.state, scalar_bytes)
     if answer:
         return None
-    device = DEVICE
     if device_id < 0:  # arrays without a device field (the CPU build's NumPy arrays): asked one by one
-        ids = {*map(device.device_of, ps), *map(device.device_of, gs)}
-        ids.update(device.device_of(b) for lst in lists[2:5] if lst is not None for b in lst if b is not None)
+        ids = {*map(DEVICE.device_of, ps), *map(DEVICE.device_of, gs)}
+        ids.update(DEVICE.device_of(b) for lst in lists[2:5] if lst is not None for b in lst if b is not None)
         if len(ids) != 1:
             return None
         device_id = ids.pop()
+    return _launch(opt, kind, values, n, n_parts, device_id, n_blocks, table, commit)
+
+
+def _launch(opt, kind, values, n, n_parts, device_id, n_blocks, table, commit):
+    """The launches of a step whose table (``n`` tensors, ``n_blocks`` blocks) is written but for the scalars'
+    rows, on GPU ``device_id`` and the current stream, committed; None where impl="auto" may not run the kernel
+    there yet (its self-check), or where the checked path computes the norm (no blocks)."""
+    dtype, math_dtype = kind.dtype, kind.math
     if opt.impl != "fused" and not VERIFIED and not AUTO_ALLOWED(device_id, kind.rule, kind.case):
         return None  # impl="auto" before its self-check on this GPU: the checked path runs it
     clip, skip = opt.clip_grad_norm, opt.skip_nonfinite
@@ -281,6 +317,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             return None
         together(commit(None, False))
         return True
+    device = DEVICE
+    scalar_bytes = _scalar_bytes(n_parts, math_dtype)
     _, o_blocks, o_scalars, o_count, _ = _sections(n, n_blocks, scalar_bytes)
     if n_parts == 1:
         kind.row.pack_into(table, o_scalars, *values[0], *_ZEROS[len(values[0]):])
