@@ -1,6 +1,6 @@
 """The CUDA kernel's self-check: the kernel and the reference rule side by side on one GPU, bit for bit.
 
-Until a GPU run of the test suite is committed (``fused_cuda.VERIFIED``), ``impl="auto"`` runs the
+While ``fused_cuda.VERIFIED`` is False (one GPU model, an H200, has run the GPU tests), ``impl="auto"`` runs the
 CUDA kernel for a (GPU, rule, param dtype) only after :func:`self_check` has passed there.  The check runs
 in a child process (:func:`in_child`: a new Python, never a fork of this one's CUDA context), once per GPU,
 driver, kernel source (with NVRTC, CuPy and xopt's options), rule and dtype: its verdict is kept on disk

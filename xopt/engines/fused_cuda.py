@@ -1,12 +1,13 @@
 """Fused CUDA kernels (CuPy): one launch per step for any number of tensors.
 
-Not yet run on an NVIDIA GPU: the kernel source, ``xopt/engines/cuda/optimizers.cu``, is compiled
-in the tests exactly as :func:`build` compiles it on a GPU (CuPy's NVRTC, for sm_90; its SASS read
-for 128-bit accesses and spills, ``tests/test_cuda_build.py``) and run thread by thread on the CPU
-through this module's own tables (``tests/test_cuda_source.py``).  Until ``tests/test_fused_gpu.py``
-has passed on a GPU and VERIFIED below is set to True, ``impl="auto"`` runs these kernels for a
-(GPU, rule, dtype) only once :func:`self_check` has found them equal to the reference rule there,
-bit for bit, on edge shapes; ``impl="fused"`` runs them without it.
+Run on one NVIDIA GPU so far, an H200 (CUDA 13, CuPy 14; ``benchmarks/results/gpu-h200-2026-12-04``), where
+``pytest -m gpu`` passed and every rule equalled the reference bit for bit.  Elsewhere the kernel source,
+``xopt/engines/cuda/optimizers.cu``, is compiled in the tests exactly as :func:`build` compiles it on a GPU
+(CuPy's NVRTC, for sm_90; its SASS read for 128-bit accesses and spills, ``tests/test_cuda_build.py``) and run
+thread by thread on the CPU through this module's own tables (``tests/test_cuda_source.py``).  VERIFIED below
+stays False while one GPU model has run them: ``impl="auto"`` runs these kernels for a (GPU, rule, dtype) only
+once :func:`self_check` has found them equal to the reference rule there, bit for bit, on edge shapes (once per
+GPU, its verdict kept on disk); ``impl="fused"`` runs them without it.
 
 A step is one launch of ``xopt_step<rule, P, S>`` over a table built on the host for that step and
 uploaded in one host-to-device copy: the addresses of every tensor's param, grad and state buffers,
@@ -58,7 +59,7 @@ __all__ = ["VERIFIED", "SOURCE", "CHUNK", "THREADS", "N_SCALARS", "PTYPES", "STA
            "block_table", "build", "supports", "accepts", "takes_type", "AUTO_ALLOWED", "kind", "Kind", "new_state", "step", "step_tensors", "tensor_dtype", "tensor_device",
            "apply", "same_gpu", "compile_all", "device_of"]
 
-VERIFIED = False  # set True only with a committed GPU test and benchmark run of these kernels
+VERIFIED = False  # True: no self-check on any GPU; kept False while one GPU model (an H200) has run the GPU tests
 
 DEVICE = CupyDevice  # the tests swap in the CPU build of the same kernel
 
