@@ -317,7 +317,9 @@ def test_fused_bfloat16_state_without_an_engine_for_it_says_why(monkeypatch):
     monkeypatch.setattr(_dispatch, "_fused_cpu", lambda: None)
     monkeypatch.setattr(_dispatch, "_fused_cuda", lambda: fused_cuda)
     xopt.Adam(state_dtype="bfloat16", impl="fused")  # the CUDA engine runs Adam with bfloat16 state
-    monkeypatch.setattr(fused_cuda, "STATE_RULES", ())  # a CUDA engine without it
+    from xopt.engines import cuda_kinds
+
+    monkeypatch.setattr(cuda_kinds, "STATE_RULES", ())  # a CUDA engine without it
     xopt.Adam(impl="fused")
     with pytest.raises(TypeError, match="no installed fused engine runs Adam.*bfloat16 state needs the CPU engine.*"
                                         "or the CUDA engine"):
