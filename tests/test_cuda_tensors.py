@@ -176,13 +176,19 @@ def _bad_grads(b):
         "overlapping a state buffer": dict(g, w0=None),  # filled in by the test: a view of w0's exp_avg
         "a negated view": dict(g, w1=torch.ones(300)._neg_view()),
         "a subclass": dict(g, w1=torch.ones(300).as_subclass(type("Sub", (torch.Tensor,), {}))),
+        "an inference tensor": dict(g, w1=_inference_ones(300)),
     }
+
+
+def _inference_ones(n):
+    with torch.inference_mode():
+        return torch.ones(n)
 
 
 @pytest.mark.parametrize("case", list(_bad_grads({f"w{i}": torch.zeros(n) for i, n in enumerate((5, 300))})))
 def test_tensors_the_table_cannot_hold_are_declined_whole(case, as_cuda, lane, rng):  # noqa: F811
     """A grad of another dtype, shape or layout, one sharing memory with a param or a state buffer, a negated view,
-    a subclass: the lane declines the whole step, launching nothing, and the checked path's numbers are the
+    a subclass, an inference tensor: the lane declines the whole step, launching nothing, and the checked path's numbers are the
     reference's (or it refuses, writing nothing, as it does for the same arrays)."""
     b, ours, a, ref = _started(rng)
     g = _bad_grads(b)[case]

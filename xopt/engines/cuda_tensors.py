@@ -11,11 +11,11 @@ the written tensors' version counters, as torch's in-place writes do, so autogra
 
 A tensor taken is an exact ``torch.Tensor`` or ``torch.nn.Parameter`` (a subclass may keep its data
 elsewhere, or run Python in its methods), on the device's GPU (``device.tensor_devices``), strided,
-contiguous, without torch's lazy negation or conjugation bit, not an inference tensor outside
-``torch.inference_mode()`` (torch refuses to write one there), of the step's dtype (the state buffers of
-its state dtype), with a shape and strided storage (``data_ptr`` raises for a sparse tensor); anything else
-is declined, nothing written, and the checked path takes the step and explains.  torch is not imported
-here: a step on tensors has it imported already.
+contiguous, without torch's lazy negation bit (a conjugation bit is complex tensors' alone), not an
+inference tensor outside ``torch.inference_mode()`` (torch refuses to write one there), of the step's dtype
+(the state buffers of its state dtype), with a shape and strided storage (``data_ptr`` raises for a sparse
+tensor); anything else is declined, nothing written, and the checked path takes the step and explains.
+torch is not imported here: a step on tensors has it imported already.
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ def gather(device, kind, lists, flags, part, scalar_bytes):
                 or set(map(_DTYPE, (*ps, *gs))) != {_torch_dtype(torch, kind.dtype)}
                 or (flat and set(map(_DTYPE, flat)) != {_torch_dtype(torch, kind.state)})
                 or not all(map(tensor.is_contiguous, every)) or any(map(tensor.is_neg, every))
-                or any(map(tensor.is_conj, every))
                 or (any(map(tensor.is_inference, every)) and not torch.is_inference_mode_enabled())):
             return None
         devices = device.tensor_devices(every)
