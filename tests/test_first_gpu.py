@@ -119,7 +119,9 @@ def test_the_parts_cover_every_rule_and_run_in_order(fg):
     assert names[1:1 + 2 * len(rules) + len(RULES8)] == ([f"smoke:rule={r}" for r in rules]
                                                          + [f"smoke8:rule={r}" for r in RULES8]
                                                          + [f"self-check:rule={r}" for r in rules])
-    assert [n for n in names if n.startswith("timing:")] == [f"timing:case={c}:dtype={d}" for c, d in fg.TIMING]
+    assert [n for n in names if n.startswith("timing:")] == [
+        f"timing:case={c}:dtype={d}" + (f":state={s}" if s else "") for c, d, s in fg.TIMING]
+    assert {s for *_, s in fg.TIMING} == {None, "8bit", "bfloat16"}  # Adam's state dtypes, timed on the GPU too
     assert len(set(names)) == len(names)
     for part in parts:  # each runs a function of the script
         func = part.argv[part.argv.index("--child") + 1]
@@ -134,7 +136,7 @@ def test_timing_cases_have_the_sizes_they_name(fg):
     mid, small = fg.case_sizes("1000x4k-1M", rng), fg.case_sizes("10000x64-4096", rng)
     assert len(mid) == 1000 and 4096 <= min(mid) and max(mid) <= 2**20
     assert len(small) == 10_000 and 64 <= min(small) and max(small) <= 4096
-    for case, _ in fg.TIMING:
+    for case, *_ in fg.TIMING:
         assert fg.case_sizes(case, rng)
 
 

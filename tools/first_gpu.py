@@ -95,8 +95,13 @@ def child(func: str, timeout_s: float, **kwargs) -> Part:
                 timeout_s)
 
 
-TIMING = [("1x2^28", "float32"), ("1000x4k-1M", "float32"), ("10000x64-4096", "float32"),
-          ("1x2^28", "float16"), ("10000x64-4096", "float16")]
+TIMING = [("1x2^28", "float32", None), ("1000x4k-1M", "float32", None), ("10000x64-4096", "float32", None),
+          ("1x2^28", "float16", None), ("10000x64-4096", "float16", None),
+          ("1x2^28", "float32", "8bit"), ("1x2^28", "float32", "bfloat16")]  # (case, param dtype, Adam's state_dtype)
+
+
+def _timing_kwargs(case, dtype, state) -> dict:
+    return dict(case=case, dtype=dtype, **({"state": state} if state else {}))
 
 
 def plan() -> list:
@@ -105,7 +110,7 @@ def plan() -> list:
             + [child("part_smoke", 120, rule=r) for r in RULES]  # the first builds numba's cache: the longest
             + [child("part_smoke8", 120, rule=r) for r in RULES8]
             + [child("part_self_check", 90, rule=r) for r in RULES]  # with the 8-bit cases: up to eight checks
-            + [child("part_timing", 90, case=c, dtype=d) for c, d in TIMING]
+            + [child("part_timing", 90, **_timing_kwargs(*t)) for t in TIMING]
             + [child("part_host", 90)]
             + [child("part_torch_cuda", 90)]
             + [child("part_profile", 90)]
@@ -456,13 +461,14 @@ class _XoptAdam(_OnCupy):
 
     name = "xopt-fused"
 
-    def __init__(self, cupy, sizes, dtype):
+    def __init__(self, cupy, sizes, dtype, state=None):
         import xopt
         from xopt.engines import fused_cuda
 
         self.cp, self.dtype = cupy, dtype
         self.params = {f"w{i}": self._randn(n) for i, n in enumerate(sizes)}
-        self.opt, self.grads, self.launches = xopt.Adam(impl="fused"), None, []
+        self.opt = xopt.Adam(impl="fused", **({"state_dtype": state} if state else {}))
+        self.grads, self.launches = None, []
         real = fused_cuda.CupyDevice.launcher
 
         def launcher(function, n_blocks, args):  # the launch between two events
@@ -492,9 +498,9 @@ class _XoptAdam(_OnCupy):
     def kernel_ms(self):
         return sum(self.cp.cuda.get_elapsed_time(a, b) for a, b in self.launches)
 
-    def moved_bytes(self):  # param read and written, grad read, each state buffer read and written
+    def moved_bytes(self):  # param read and written, grad read, each state array read and written (8-bit: codes, scales)
         p = sum(v.nbytes for v in self.params.values())
-        return 3 * p + 2 * sum(self.opt.state[k][s].nbytes for k in self.params for s in self.opt.buffers())
+        return 3 * p + 2 * sum(v.nbytes for k in self.params for v in self.opt.state[k].values() if hasattr(v, "nbytes"))
 
 
 class _TorchAdam:
@@ -551,13 +557,14 @@ class _Copy(_OnCupy):
         return 2 * self.src.nbytes
 
 
-def part_timing(case: str, dtype: str, warmup: int = 3, repeat: int = 15):
-    """Adam with new grads every step against a copy of its bytes and torch's fused Adam; medians."""
+def part_timing(case: str, dtype: str, state: str | None = None, warmup: int = 3, repeat: int = 15):
+    """Adam with new grads every step (``state``: its state_dtype) against a copy of its bytes and torch's fused Adam
+    (float32 state); medians."""
     import cupy
     import numpy as np
 
     sizes = case_sizes(case, np.random.default_rng(0))
-    impls = [_XoptAdam(cupy, sizes, dtype)]
+    impls = [_XoptAdam(cupy, sizes, dtype, state)]
     impls[0].new_grads()
     impls[0].step()  # its state exists: its bytes are known
     impls.append(_Copy(cupy, impls[0].moved_bytes()))
@@ -587,7 +594,8 @@ def part_timing(case: str, dtype: str, warmup: int = 3, repeat: int = 15):
     for impl in impls:
         span, kernel, host = (statistics.median(x) if None not in x else None for x in zip(*samples[impl.name]))
         moved = impl.moved_bytes()
-        line = dict(impl=impl.name, tensors=len(sizes), elements=int(sum(sizes)), dtype=dtype, bytes=moved,
+        line = dict(impl=impl.name, tensors=len(sizes), elements=int(sum(sizes)), dtype=dtype,
+                    state=state if impl.name == "xopt-fused" else None, bytes=moved,
                     span_ms=span, span_min_ms=min(s[0] for s in samples[impl.name]), host_ms=host,
                     span_GBps=moved / span / 1e6, span_of_copy=moved / span / 1e6 / copy_GBps, repeat=repeat)
         if kernel:  # xopt's: its launches alone
