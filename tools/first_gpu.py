@@ -24,8 +24,8 @@ in order:
   ``impl="reference"`` on the same GPU arrays; params, codes and absmax compared bit for bit.
 - ``self-check:rule=R``: ``cuda_check.self_check(R, dtype)`` for each param dtype (and "DTYPE/8bit", the 8-bit
   state's kernel, for the rules that have one), its verdict.
-- ``timing:CASE:DTYPE``: Adam with new grads every step, against a device-to-device copy of as many bytes
-  as the step moves and torch's fused Adam: the kernels' time (CUDA events around each launch), the step's
+- ``timing:CASE:DTYPE[:STATE]``: Adam with new grads every step (float32 state, or 8-bit or bfloat16), against a
+  device-to-device copy of as many bytes as the step moves and torch's fused Adam: the kernels' time (CUDA events around each launch), the step's
   span on the GPU (events around ``update()``) and ``update()``'s host time; medians over repetitions after
   warm-up, GB/s, fractions of the copy's bandwidth.
 - ``host``: ``update()``'s host time at 1 to 10,000 small tensors beside torch's fused Adam.
