@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -154,7 +155,9 @@ def test_a_guard_of_a_forked_child_is_free():
     t.start()
     held.wait()
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():  # JAX, if a test before imported it, warns at every fork
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            pid = os.fork()
         if pid == 0:  # the child: the lock was held by a thread it does not have
             ok = guard.lock.acquire(timeout=0) is False and guard.run(lambda: 7) == 7
             os._exit(0 if ok else 1)
