@@ -3,6 +3,7 @@ loaded, a hyperparameter changed between steps.  The expected numbers come from 
 where torch is not installed), or from xopt's own reference rule."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -260,3 +261,33 @@ def test_torch_front_nadam_load_continues_the_states_mu_product(loader, rng):
     finally:
         torch.set_default_dtype(default)
     np.testing.assert_allclose(ours_w.numpy(), theirs_w.numpy(), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name, head", [("NAdam", "mu_product_step"), ("ScheduleFreeAdamW", "average_step")])
+@pytest.mark.parametrize("suffix", [".0", ".01", ".x", "_1", ".1.2", ".\u0661"])
+def test_a_sets_field_under_another_name_is_refused_naming_it(name, head, suffix, rng):
+    """A state dict's per-set field is ``head`` or ``head.i`` (i >= 1, the override's place): any other name under
+    ``head`` is refused, naming the field, and the optimizer is left as it was."""
+    opt = getattr(xopt, name)(lr=0.01)
+    p = {"w": rng.standard_normal(4)}
+    opt.update(p, {"w": rng.standard_normal(4)})
+    sd = opt.state_dict()
+    sd[head + suffix] = sd[head]
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=re.escape(repr(head + suffix))):
+        opt.load_state_dict(sd)
+    assert opt.state_dict().keys() == before.keys() and opt.iter == before["iter"]
+
+
+@pytest.mark.parametrize("name, head", [("NAdam", "mu_product_step"), ("ScheduleFreeAdamW", "average_step")])
+def test_an_overrides_set_field_is_loaded_under_its_place(name, head, rng):
+    """``head.1``: the first override's field, loaded and saved again under the same name."""
+    opt = getattr(xopt, name)(lr=0.01, overrides={"b": {"lr": 0.02}})
+    p = {"w": rng.standard_normal(4), "b": rng.standard_normal(2)}
+    for _ in range(2):
+        opt.update(p, {k: rng.standard_normal(v.shape) for k, v in p.items()})
+    sd = opt.state_dict()
+    assert head + ".1" in sd
+    twin = getattr(xopt, name)(lr=0.01, overrides={"b": {"lr": 0.02}})
+    twin.load_state_dict(sd)
+    assert twin.state_dict()[head + ".1"] == sd[head + ".1"]

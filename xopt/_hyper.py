@@ -11,7 +11,7 @@ import math
 import numbers
 
 __all__ = ["Hyper", "non_negative", "unit_interval", "closed_unit_interval", "flag", "one_of", "positive_int", "non_negative_int", "optional_positive",
-           "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides", "publish"]
+           "SCHEDULABLE", "GLOBAL", "check_value", "check_overrides", "publish", "set_fields"]
 
 SCHEDULABLE = ("lr",)  # may be a schedule: a callable f(count) -> value
 GLOBAL = ("skip_nonfinite", "clip_grad_norm", "state_dtype", "block_size", "min_8bit_size")  # one value for the whole step: no override
@@ -168,3 +168,19 @@ def check_overrides(opt, overrides) -> dict:
             out[name] = check_value(getattr(cls, name), value, where=f"overrides[{pattern!r}].")
         checked[pattern] = out
     return checked
+
+
+def set_fields(state_dict, head: str) -> list:
+    """(suffix, set) of each field of ``state_dict`` a hyperparameter set keeps under ``head``: ``head`` itself for
+    the optimizer's own set (0), ``head.i`` for the override in place i (i >= 1); raises naming any other field
+    that starts with ``head``."""
+    found = []
+    for field in state_dict:
+        if isinstance(field, str) and field.startswith(head):
+            suffix = field[len(head):]
+            index = suffix[1:]
+            if suffix and not (suffix[0] == "." and index.isdigit() and index.isascii() and index[0] != "0"):
+                raise ValueError(f"state_dict has {field!r}: a hyperparameter set's field is {head} or {head}.i, "
+                                 "i >= 1 the place of its override")
+            found.append((suffix, int(index) if suffix else 0))
+    return found

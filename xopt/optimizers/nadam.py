@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 
 from .. import _checked, _lane
-from .._hyper import Hyper, flag, non_negative, unit_interval
+from .._hyper import Hyper, flag, non_negative, set_fields, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 from .adam import moments, weight_decay_scalars
@@ -127,18 +126,12 @@ class NAdam(Optimizer):
         """The running products of μ a loaded state holds (each set's last): a new dict, which the views made after
         the load share; the products of the run before the load are dropped (they belong to its sets)."""
         kept = {}
-        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("mu_product_step")]
-        for field in fields:
-            suffix = field[len("mu_product_step"):]
-            group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
-            if suffix and group is None:
-                raise ValueError(f"state_dict has {field!r}: a set's product is mu_product_step or "
-                                 "mu_product_step.i, i >= 1 the place of its override")
-            t, product = state_dict[field], state_dict.get(f"mu_product{suffix}")
+        for suffix, group in set_fields(state_dict, "mu_product_step"):
+            t, product = state_dict[f"mu_product_step{suffix}"], state_dict.get(f"mu_product{suffix}")
             if (type(t) is not int or t < 1 or type(product) not in (int, float) or not 0.0 <= product <= 1.0):
                 raise TypeError(f"state_dict's mu_product_step{suffix} and mu_product{suffix} must be an int >= 1 "
                                 f"and a float in [0, 1], got {t!r}, {product!r}")
-            kept[group or 0] = (t, float(product), state_dict.get(f"mu_product_pattern{suffix}"))
+            kept[group] = (t, float(product), state_dict.get(f"mu_product_pattern{suffix}"))
         products = {}  # a loaded state's products go on from those it holds, else run again from step 1
         patterns = list(overrides)
         for group, (t, product, pattern) in kept.items():

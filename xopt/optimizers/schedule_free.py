@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import re
 from functools import partial
 
 from .. import _backend
 from .._atomic import together_unforked
-from .._hyper import Hyper, _real, non_negative, unit_interval
+from .._hyper import Hyper, _real, non_negative, set_fields, unit_interval
 from .._inputs import describe, param_keys
 from ..engines.kernels import Kernel
 from ..engines.reference import _write
@@ -244,14 +243,9 @@ class ScheduleFreeAdamW(Optimizer):
         if not isinstance(training, bool):
             raise TypeError(f"state_dict['training'] must be True or False, got {training!r}")
         sums = {}
-        fields = [k for k in state_dict if isinstance(k, str) and k.startswith("average_step")]
-        for field in fields:
-            suffix = field[len("average_step"):]
-            group = int(suffix[1:]) if re.fullmatch(r"\.[1-9][0-9]*", suffix) else None
-            if suffix and group is None:
-                raise ValueError(f"state_dict has {field!r}: a set's sums are average_step or average_step.i, "
-                                 f"i >= 1 the place of its override")
-            t, lr_max, total = get(field), get(f"average_lr_max{suffix}"), get(f"average_weight_sum{suffix}")
+        for suffix, group in set_fields(state_dict, "average_step"):
+            t, lr_max = get(f"average_step{suffix}"), get(f"average_lr_max{suffix}")
+            total = get(f"average_weight_sum{suffix}")
             if t is None:
                 continue
             if (type(t) is not int or t < 1 or not all(type(x) in (int, float) for x in (lr_max, total))
@@ -259,5 +253,5 @@ class ScheduleFreeAdamW(Optimizer):
                 raise TypeError(f"state_dict's average_step{suffix}, average_lr_max{suffix} and "
                                 f"average_weight_sum{suffix} must be an int >= 1 and two finite floats, got {t!r}, "
                                 f"{lr_max!r}, {total!r}")
-            sums[group or 0] = {t: (float(lr_max), float(total))}
+            sums[group] = {t: (float(lr_max), float(total))}
         return {**super()._loaded(state_dict, overrides), "training": training, "_averages": sums}
