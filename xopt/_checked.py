@@ -304,6 +304,7 @@ _CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared
 
 
 def _state_8bit():
+    """:mod:`xopt.state_8bit` (imported when an 8-bit optimizer first needs it)."""
     module = sys.modules.get("xopt.state_8bit")
     if module is None:
         from . import state_8bit as module
@@ -311,6 +312,9 @@ def _state_8bit():
 
 
 def _copy(x):
+    """A copy of a buffer, in its own library."""
+    if type(x) is np.ndarray:
+        return x.copy()
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
 

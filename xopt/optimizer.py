@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _backend, _checked, _dispatch, _lane
 from ._atomic import StepGuard
+from ._checked import _copy, _state_8bit
 from ._hyper import Hyper, check_overrides, flag, optional_positive, publish
 from ._inputs import describe, param_keys
 
@@ -349,7 +350,9 @@ class Optimizer:
         hyper, overrides, state, counters = checked_state(self, state_dict, params)
         own = self._loaded(state_dict, overrides)
         if params is not None:
-            _as_torch(state, params)
+            from .state_io import as_torch
+
+            as_torch(state, params)
         loaded = {"_hyper": hyper, **hyper, "_overrides": overrides, "_version": self.__dict__.get("_version", 0) + 1,
                   "_group_index": {}, "_patterns_checked": False, "_group_cache": None,  # as _reset_groups() sets
                   "state": state, "iter": counters[0], "skipped_steps": counters[1], **own}
@@ -403,30 +406,6 @@ def _matches(pattern, key) -> bool:
     return not isinstance(key, (bool, str)) and key == pattern
 
 
-_TORCH_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # native order: a file's
-
-
-def _as_torch(state, params):
-    """The NumPy buffers of torch params' states (a state file's) as torch tensors on their params' devices, as
-    the state their steps make: so a loaded state steps where a kept one does (the fused lane of CPU tensors)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    for key, p in (params.items() if isinstance(params, dict) else enumerate(params)):
-        st = state.get(key)
-        if st is not None and isinstance(p, torch.Tensor):
-            for name, buf in st.items():
-                if type(buf) is np.ndarray and buf.dtype in _TORCH_FLOATS:
-                    st[name] = torch.from_numpy(buf).to(p.device)
-
-
-def _copy(x):
-    if type(x) is np.ndarray:
-        return x.copy()
-    xp = _backend.namespace(x)
-    return xp.asarray(x, copy=True)
-
-
 def _snapshot(x):
     """A copy of a buffer that a CPU kernel writes in place (a NumPy array, a torch tensor); anything else as it is."""
     if isinstance(x, np.ndarray):
@@ -434,12 +413,3 @@ def _snapshot(x):
     if type(x).__module__ == "torch" and not x.requires_grad:
         return x.detach().clone()
     return x
-
-
-
-def _state_8bit():
-    """:mod:`xopt.state_8bit` (imported when an 8-bit optimizer first needs it)."""
-    module = sys.modules.get("xopt.state_8bit")
-    if module is None:
-        from . import state_8bit as module
-    return module

@@ -32,6 +32,7 @@ keeps those arrays as the state.  Neither holds the state twice.
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from .state_format import FORMAT, FORMAT_1, meta_array, saved_key
 from .state_read import load_state
 from .state_write import plan, write
 
-__all__ = ["save_state", "load_state", "checked_state", "save_optimizer", "load_optimizer", "FORMAT"]
+__all__ = ["save_state", "load_state", "checked_state", "save_optimizer", "load_optimizer", "as_torch", "FORMAT"]
 
 
 def save_state(state_dict, path):
@@ -88,3 +89,20 @@ def _save_v1(state_dict, path):
                     bits[name] = "bfloat16"
         entries.append({"key": saved_key(key), "step": int(st["step"]), "buffers": refs, "bits_of": bits})
     np.savez(path, meta=meta_array(state_dict, FORMAT_1, state=entries), **arrays)
+
+
+_TORCH_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # native order: a file's
+
+
+def as_torch(state, params):
+    """The NumPy buffers of torch params' states (a state file's) as torch tensors on their params' devices, as
+    the state their steps make: so a loaded state steps where a kept one does (the fused lane of CPU tensors)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    for key, p in (params.items() if isinstance(params, dict) else enumerate(params)):
+        st = state.get(key)
+        if st is not None and isinstance(p, torch.Tensor):
+            for name, buf in st.items():
+                if type(buf) is np.ndarray and buf.dtype in _TORCH_FLOATS:
+                    st[name] = torch.from_numpy(buf).to(p.device)
