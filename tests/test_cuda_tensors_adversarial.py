@@ -65,3 +65,32 @@ def test_a_zero_tensor_is_declined(where, as_cuda, lane, rng, monkeypatch):  # n
             ours.update(b, g)
     assert lane[-1] is False and HostDevice.launches == launches
 
+
+def test_bfloat16_state_of_tensors_is_the_checked_paths(as_cuda, lane, rng):  # noqa: F811
+    """``state_dtype="bfloat16"`` is for NumPy and CuPy arrays: on torch tensors the checked path (and
+    impl="reference") refuses it, naming the param.  A state of bfloat16 tensors set by hand does not make the lane
+    step it: declined, nothing launched or written, the checked path's error."""
+    b = _params(rng)
+    plain = xopt.Adam()
+    plain.update(b, {k: torch.ones_like(v) for k, v in b.items()})
+    ours = xopt.Adam(state_dtype="bfloat16")
+    ours.state = {k: {"step": st["step"], "m": st["m"].bfloat16(), "v": st["v"].bfloat16()}
+                  for k, st in plain.state.items()}
+    ref = xopt.Adam(state_dtype="bfloat16", impl="reference")
+    ref.state = {k: {n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+                 for k, st in ours.state.items()}
+    g = {k: torch.ones_like(v) for k, v in b.items()}
+    with pytest.raises(TypeError, match="state_dtype='bfloat16' is supported for NumPy and CuPy arrays only"):
+        ref.update(b, g)
+    before = {k: v.detach().clone() for k, v in b.items()}
+    state = {k: {n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+             for k, st in ours.state.items()}
+    launches = HostDevice.launches
+    with pytest.raises(TypeError, match="state_dtype='bfloat16' is supported for NumPy and CuPy arrays only"):
+        ours.update(b, g)
+    assert lane[-1] is False and HostDevice.launches == launches and ours.iter == 0
+    for k in b:
+        torch.testing.assert_close(b[k].detach(), before[k], rtol=0, atol=0)
+        assert ours.state[k]["step"] == state[k]["step"]
+        for n in ("m", "v"):
+            torch.testing.assert_close(ours.state[k][n], state[k][n], rtol=0, atol=0)
