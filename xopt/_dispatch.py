@@ -333,8 +333,8 @@ def gpu_tensor_kind(opt, t):
     where that engine takes them (CUDA tensors: ``fused_cuda.tensor_dtype``) and the impl lets it: under
     ``impl="auto"`` once the self-check of the rule and dtype has passed on ``t``'s GPU (asked here, once: no
     checked-path step of a tensor asks it); None: the checked path takes them."""
-    if opt.impl == "reference" or opt._hyper.get("state_dtype") == "8bit":  # 8-bit: torch tensors' is the reference
-        return None
+    if opt.impl == "reference" or opt._hyper.get("state_dtype") is not None:
+        return None  # 8-bit: torch tensors' is the reference rule; bfloat16 state: NumPy's and CuPy's only (it raises)
     engine = _fused_cuda()
     if engine is None or not engine.supports(opt):
         return None

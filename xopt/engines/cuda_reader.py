@@ -91,10 +91,16 @@ def addresses(n, rows, ps, gs, bufs):
 
 def table_of(ptrs, sizes, rows, part, p_size, s_size, scalar_bytes):
     """(answer, blocks, table) from the addresses ``ptrs`` (see :func:`addresses`) and element counts of a step's
-    tensors: answer 1 where an address is not a multiple of its item size, n + 1 where two params or buffers
-    share a byte or a grad shares one with any of them, else 0 and the launch table."""
+    tensors: answer 1 where an address is NULL (a torch ZeroTensor has elements and no memory; the kernel reads a
+    NULL slot as one not kept) or not a multiple of its item size, n + 1 where two params or buffers share a byte
+    or a grad shares one with any of them, else 0 and the launch table."""
     n = len(sizes)
     live = sizes > 0
+    null = np.any(ptrs[:2] == 0, axis=0)
+    for j in range(3):
+        null[rows[j]] |= ptrs[2 + j, rows[j]] == 0
+    if np.any(live & null):
+        return 1, 0, None
     item = np.array([p_size, p_size, s_size, s_size, s_size], dtype=np.int64)[:, None]
     present = (ptrs != 0) | (np.arange(N_SLOTS) < 2)[:, None]
     if np.any(live & np.any(present & (ptrs % item != 0), axis=0)):

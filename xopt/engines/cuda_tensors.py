@@ -4,8 +4,8 @@ A lane step on torch CUDA tensors needs, of each param, grad and state buffer, w
 compiled reader (:func:`xopt.engines.cuda_memory.gather`) reads from a CuPy array's struct: that it is a
 dense tensor of the step's dtype on the params' GPU, shaped as its param, and where its data is.
 :func:`gather` asks torch, one accessor mapped over a whole list at a time (a loop in C per question: a
-DLPack view costs about 10 us a tensor, four a param), then checks the addresses (aligned, no shared
-bytes) and writes the step's table (:func:`xopt.engines.cuda_reader.table_of`).  The engine queues the
+DLPack view costs about 10 us a tensor, four a param), then checks the addresses (not NULL, aligned,
+no shared bytes) and writes the step's table (:func:`xopt.engines.cuda_reader.table_of`).  The engine queues the
 launch on torch's current stream of that GPU, after torch's work on the tensors, and the step's commit bumps
 the written tensors' version counters, as torch's in-place writes do, so autograd sees the change.
 
