@@ -1208,3 +1208,27 @@ def test_the_namespace_of_a_numpy_array_is_array_namespaces(make_array):
     a = make_array()
     assert _backend.namespace(a) is array_api_compat.array_namespace(a)
     assert _backend.namespace(a, np.ones(1)) is array_api_compat.array_namespace(a, np.ones(1))
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_a_zero_tensor_state_buffer_is_stepped_as_a_copy_whole(impl, rng):
+    """A torch ZeroTensor (no memory of its own, immutable) as a state buffer of the second param: the step writes
+    a copy of it, as of any read-only buffer, and takes the whole step; it used to write the first param, then
+    raise on the second, its count and ``iter`` left behind."""
+    torch = pytest.importorskip("torch")
+    params = {k: torch.tensor(rng.standard_normal(5)) for k in "ab"}
+    twin = {k: v.clone() for k, v in params.items()}
+    ours, ref = xopt.Adam(impl=impl), xopt.Adam(impl=impl)
+    g = {k: torch.tensor(rng.standard_normal(5)) for k in "ab"}
+    ours.update(params, g)
+    ref.update(twin, g)
+    ours.state["b"]["m"] = torch._efficientzerotensor(5, dtype=torch.float64)
+    ref.state["b"]["m"] = torch.zeros(5, dtype=torch.float64)
+    g = {k: torch.tensor(rng.standard_normal(5)) for k in "ab"}
+    ours.update(params, g)
+    ref.update(twin, g)
+    assert ours.iter == ref.iter == 2 and ours.state["b"]["step"] == 2
+    assert not ours.state["b"]["m"]._is_zerotensor()
+    for k in params:
+        torch.testing.assert_close(params[k], twin[k], rtol=0, atol=0)
+        torch.testing.assert_close(ours.state[k]["m"], ref.state[k]["m"], rtol=0, atol=0)

@@ -95,7 +95,7 @@ def is_writable(x) -> bool:
     if can_rebind_only(x):
         return False
     if _compat.is_torch_array(x):  # a leaf that requires grad too: assign() writes it under no_grad, as torch.optim does
-        return not is_frozen_inference_tensor(x)
+        return not (is_frozen_inference_tensor(x) or x._is_zerotensor())  # a ZeroTensor has no memory to write
     return _compat.is_writeable_array(x)
 
 
