@@ -230,3 +230,18 @@ def test_state_buffers_sharing_memory_are_declined(as_cuda, lane, rng):  # noqa:
     assert lane[-1] is False and HostDevice.launches == launches
     for k in b:
         torch.testing.assert_close(b[k].detach(), before[k], rtol=0, atol=0)
+
+
+def test_the_clip_norm_of_tensors_is_a_float64_tensor_on_every_step(as_cuda, lane, rng):  # noqa: F811
+    """The checked path's first step leaves a 0-d float64 torch tensor in ``last_grad_norm``; the lane's steps after it
+    leave one too (over the device's memory), the reference's value."""
+    b, ours, a, ref = _started(rng, clip_grad_norm=0.5)
+    assert isinstance(ours.last_grad_norm, torch.Tensor)
+    for _ in range(2):
+        g = {k: torch.tensor(rng.standard_normal(v.shape) * 3, dtype=torch.float32) for k, v in b.items()}
+        ref.update(a, {k: tensor_numpy(v) for k, v in g.items()})
+        ours.update(b, g)
+        assert lane[-1] is True
+        norm = ours.last_grad_norm
+        assert isinstance(norm, torch.Tensor) and norm.dtype == torch.float64 and norm.shape == ()
+        np.testing.assert_allclose(float(norm), float(ref.last_grad_norm), rtol=1e-12)

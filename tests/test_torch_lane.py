@@ -171,3 +171,22 @@ def test_large_state_buffers_are_plain_tensors_with_the_same_numbers(lane):
     assert lane == [False, True, True]
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(st["v"], theirs.state["p"]["v"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n", [5, 300_000])  # the small step's one call; the checked-again large one
+def test_the_clip_norm_is_a_float64_tensor_on_every_step(n, lane):
+    """``last_grad_norm`` of torch grads: a 0-d float64 tensor after the checked path's first step and after the
+    lane's steps alike (the lane left a Python float), the reference's value."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = {"a": torch.tensor(rng.standard_normal(n)), "b": torch.tensor(rng.standard_normal(3))}
+    twin = {k: v.clone() for k, v in params.items()}
+    ours, ref = xopt.Adam(clip_grad_norm=0.5), xopt.Adam(clip_grad_norm=0.5, impl="reference")
+    for step in range(3):
+        g = {k: torch.tensor(rng.standard_normal(v.shape) * 3) for k, v in params.items()}
+        ref.update(twin, g)
+        ours.update(params, g)
+        norm = ours.last_grad_norm
+        assert isinstance(norm, torch.Tensor) and norm.dtype == torch.float64 and norm.shape == ()
+        torch.testing.assert_close(norm, ref.last_grad_norm, rtol=1e-12, atol=0)
+    assert lane[-1] is True

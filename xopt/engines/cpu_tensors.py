@@ -105,6 +105,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         return None
     hyper = opt._hyper
     clip = hyper["clip_grad_norm"]
+    if clip is not None:  # the norm as the checked path gives it for torch grads: a float64 tensor
+        commit = _tensor_norm(commit)
     n, size = len(ps), kind.dtype.itemsize
     mode, split = CHECK_FINITE if hyper["skip_nonfinite"] else 0, split_at()
     layout = kind.layout(views[0].buffers(), mode, split) if part is None else None
@@ -160,6 +162,13 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
     arrays = Arrays.of_table(kind.function, ptrs, table[N_TABLE_HEAD:N_TABLE_HEAD + n], scal,
                              _NO_PART if part is None else table[at:at + n], total, kind.norms)
     return run(opt, arrays, clip, commit, [bump])
+
+
+def _tensor_norm(commit):
+    """``commit`` with the clip norm (a float) as a 0-d float64 tensor."""
+    def counted(norm, skipped):
+        return commit(None if norm is None else torch.tensor(norm, dtype=torch.float64), skipped)
+    return counted
 
 
 def _gathered(kind, views, ps, gs, states, part, dtype, n):

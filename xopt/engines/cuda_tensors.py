@@ -113,10 +113,13 @@ def gather(device, kind, lists, flags, part, scalar_bytes):
 
 
 def bumping(commit, written):
-    """``commit`` and, for a step that ran, the version counters of the tensors it wrote, in the same calls."""
-    bump = functools.partial(sys.modules["torch"]._C._increment_version, written)
+    """``commit`` and, for a step that ran, the version counters of the tensors it wrote, in the same calls; the clip
+    norm (the device's 0-d float64 array) handed on as a torch tensor over the same memory, as the checked path's
+    norm of torch grads is a torch tensor."""
+    torch = sys.modules["torch"]
+    bump = functools.partial(torch._C._increment_version, written)
 
     def counted(norm, skipped):
-        calls = commit(norm, skipped)
+        calls = commit(None if norm is None else torch.from_dlpack(norm), skipped)
         return calls if skipped else [*calls, bump]
     return counted
