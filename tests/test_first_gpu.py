@@ -112,7 +112,7 @@ def test_the_parts_cover_every_rule_and_run_in_order(fg):
     names = [p.name for p in parts]
     rules = list(CUDA_RULES)
     assert list(fg.RULES) == rules == sorted(cuda_check.CONFIGS)
-    assert names[0] == "environment" and names[-1] == "tests" and names[-4:-1] == ["host", "torch-cuda", "profile"]
+    assert names[0] == "environment" and names[-1] == "tests" and names[-5:-1] == ["host", "torch-cuda", "profile", "rules"]
     from xopt.engines.cuda_blockwise import RULES8
 
     assert list(fg.RULES8) == list(RULES8)
@@ -161,3 +161,17 @@ def test_every_param_dtype_of_the_kernel_has_a_tolerance_and_compares(fg):
         a = np.array([1.0, np.nan, 2.5], dtype=dtype)
         assert fg._compare(a, a.copy(), name) == (True, True, 0.0)
         assert fg._compare(a, np.array([1.0, np.nan, 2.75], dtype=dtype), name)[0] is False
+
+
+def test_the_rules_timings_run_on_numpy_beside_torch(fg):
+    """The rules part's function on NumPy arrays and CPU torch (what it runs on CuPy and CUDA): a line per rule,
+    torch's time beside Muon's and Adafactor's, the Newton-Schulz chain stacked and one at a time."""
+    torch = pytest.importorskip("torch")
+    rows = fg.rule_timings(np, lambda: None, torch, "cpu", shapes=[(32, 32)] * 3 + [(32, 48), (8,)], warmup=1,
+                           repeat=1)
+    by = {r["rule"]: r for r in rows}
+    assert list(by) == ["Muon", "Adafactor", "LAMB", "ScheduleFreeAdamW", "Muon Newton-Schulz"]
+    assert all(by[r]["xopt_ms"] > 0 for r in ("Muon", "Adafactor", "LAMB", "ScheduleFreeAdamW"))
+    assert by["Muon"]["torch_ms"] > 0 and by["Adafactor"]["torch_ms"] > 0 and "torch_ms" not in by["LAMB"]
+    chain = by["Muon Newton-Schulz"]
+    assert chain["matrices"] == 3 and chain["shape"] == [32, 32] and chain["stacked_TFLOPs"] > 0

@@ -32,6 +32,8 @@ in order:
 - ``torch-cuda``: torch CUDA tensors through the lane (their addresses, torch's current stream), float32 and
   float16, bit for bit the reference rule on host copies; Adam's step on GPT-2-small-like tensors against
   torch's fused Adam.
+- ``rules``: the whole-tensor rules (Muon, Adafactor, LAMB, ScheduleFreeAdamW: their reference rules on CuPy) beside
+  torch.optim's Muon and Adafactor; Muon's Newton-Schulz chain stacked against one matrix at a time, in FLOP/s.
 - ``profile``: cProfile of ``update()``'s host time on CuPy arrays and torch CUDA tensors, to the log.
 - ``tests``: ``pytest -m gpu tests`` under a timeout, in several processes where pytest-xdist is installed.
 """
@@ -114,6 +116,7 @@ def plan() -> list:
             + [child("part_host", 90)]
             + [child("part_torch_cuda", 90)]
             + [child("part_profile", 90)]
+            + [child("part_rules", 120)]
             + [child("part_tests", 600)])  # what is left of the budget
 
 
@@ -219,6 +222,11 @@ def report(out, echo=print):
         elif r["part"] == "host" and "tensors" in r:
             echo(f"host {r['tensors']:>6} tensors: xopt {r['xopt_us']:9.1f} us, torch fused "
                  f"{r.get('torch_fused_us', float('nan')):9.1f} us, target {r['target_us']:.0f} us")
+        elif r["part"] == "rules" and "xopt_ms" in r:
+            echo(f"rules {r['rule']:<18} xopt {r['xopt_ms']:8.2f} ms  torch {r.get('torch_ms', float('nan')):8.2f} ms")
+        elif r["part"] == "rules" and "stacked_ms" in r:
+            echo(f"rules Newton-Schulz {r['matrices']} x {r['shape']}: stacked {r['stacked_ms']:.2f} ms, one at a time "
+                 f"{r['one_at_a_time_ms']:.2f} ms, {r['stacked_TFLOPs']:.1f} TFLOP/s")
         elif r["part"] == "tests" and "tests" in r:
             echo(f"tests: {r['tests']} run, {r['failures']} failed, {r['errors']} errors, {r['skipped']} skipped")
 
@@ -791,6 +799,98 @@ def part_profile(top: int = 25):
     grads = {k: torch.randn(n, device="cuda") for k, n in zip(params, sizes)}
     opt = xopt.Adam()
     profile("torch GPT-2-small-like float32", lambda: opt.update(params, grads))
+
+
+RULES_SHAPES = [(768, 768)] * 12 + [(768, 3072)] * 4 + [(3072, 768)] * 4 + [(768,)] * 24  # a few GPT-2 blocks' shapes
+
+
+def rule_timings(xp, sync, torch=None, device=None, shapes=RULES_SHAPES, warmup=2, repeat=7):
+    """The whole-tensor rules (Muon, Adafactor, LAMB, ScheduleFreeAdamW) on ``xp`` float32 arrays of ``shapes``, new
+    grads every step: medians of ``update()`` in ms (``sync()`` after each, host clocks), each beside torch.optim's own
+    (Muon, Adafactor) on ``device`` where ``torch`` is given; and Muon's Newton-Schulz chain on the 768x768 matrices,
+    stacked against one at a time, with its FLOP/s (5 iterations of X Xᵀ, A Aᵀ and B X)."""
+    import numpy as np
+
+    from array_api_compat import array_namespace
+
+    import xopt
+    from xopt.optimizers.muon import NS_COEFFICIENTS, orthogonalize
+
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    def timed(step, grads):
+        times = []
+        for i in range(warmup + repeat):
+            sync()
+            t0 = time.perf_counter()
+            step(grads[i % len(grads)])
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    rows = []
+    made = {"Muon": dict(lr=0.02), "Adafactor": dict(lr=0.01), "LAMB": dict(lr=0.01, weight_decay=0.01),
+            "ScheduleFreeAdamW": dict(lr=0.01)}
+    grads = [{f"p{i}": xp.asarray(rng.standard_normal(s).astype(np.float32)) for i, s in enumerate(shapes)}
+             for _ in range(3)]
+    for name, hyper in made.items():
+        params = {f"p{i}": xp.asarray(h) for i, h in enumerate(host)}
+        opt = getattr(xopt, name)(**hyper)
+        row = dict(rule=name, tensors=len(shapes), elements=int(sum(h.size for h in host)),
+                   xopt_ms=timed(lambda g: opt.update(params, g), grads))
+        theirs = getattr(torch.optim, name, None) if torch is not None and name in ("Muon", "Adafactor") else None
+        if theirs is not None:
+            ts = [torch.tensor(h, device=device, requires_grad=True) for h in host]
+            if name == "Muon":  # torch.optim.Muon takes 2-D params only: the others go to AdamW, as xopt's Muon does
+                two, rest = [t for t in ts if t.ndim == 2], [t for t in ts if t.ndim != 2]
+                opts = [theirs(two, lr=0.02), torch.optim.AdamW(rest, lr=0.02)]
+            else:
+                opts = [theirs(ts, lr=0.01)]
+            tgrads = [[torch.tensor(np.asarray(_host(g[f"p{i}"])), device=device) for i in range(len(ts))]
+                      for g in grads]
+
+            def torch_step(gs):
+                for t, gr in zip(ts, gs):
+                    t.grad = gr
+                for o in opts:
+                    o.step()
+            row["torch_ms"] = timed(torch_step, tgrads)
+        rows.append(row)
+    shape = max({h.shape for h in host if h.ndim == 2}, key=lambda s: sum(h.shape == s for h in host))
+    square = [h for h in host if h.shape == shape]  # the most frequent matrix shape: GPT-2's 768x768
+    stack = xp.asarray(np.stack(square))
+    one = [xp.asarray(h) for h in square]
+    xp = array_namespace(stack)  # the standard's namespace of the library (matrix_transpose, clip's min=)
+    stacked_ms = timed(lambda _: orthogonalize(xp, stack, NS_COEFFICIENTS, 5, 1e-7), [None])
+    each_ms = timed(lambda _: [orthogonalize(xp, m, NS_COEFFICIENTS, 5, 1e-7) for m in one], [None])
+    n = min(shape)  # flops of a chain on an R x C matrix, R <= C: 5 x (2R^2C + 2R^3 + 2R^2C)
+    flops = len(square) * 5 * (4 * n * n * max(shape) + 2 * n ** 3)
+    rows.append(dict(rule="Muon Newton-Schulz", matrices=len(square), shape=list(shape), stacked_ms=stacked_ms,
+                     one_at_a_time_ms=each_ms, stacked_speedup=each_ms / stacked_ms,
+                     stacked_TFLOPs=flops / stacked_ms / 1e9))
+    return rows
+
+
+def _host(a):
+    """A NumPy copy of ``a`` (a CuPy array, or NumPy already)."""
+    get = getattr(a, "get", None)
+    return get() if get is not None else a
+
+
+def part_rules():
+    """:func:`rule_timings` on CuPy arrays beside torch.optim on CUDA, one line each."""
+    import cupy
+
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            torch = None
+    except ImportError:
+        torch = None
+    for row in rule_timings(cupy, cupy.cuda.Device().synchronize, torch, "cuda"):
+        emit(**row)
 
 
 def part_tests(margin_s: float = 15):
