@@ -749,8 +749,8 @@ def part_torch_cuda(steps: int = 5, repeat: int = 20):
 
 
 def part_profile(top: int = 25):
-    """Where ``update()``'s host time goes: cProfile of a few steps on CuPy arrays (1 tensor of 2^28 float32, 1,000
-    tensors of 4k-1M) and on torch CUDA tensors (GPT-2-small-like); the top functions by own time to the log, the
+    """Where ``update()``'s host time goes: cProfile of a few steps on CuPy arrays (1 tensor of 256 float32, 1 of 2^28,
+    1,000 tensors of 4k-1M) and on torch CUDA tensors (GPT-2-small-like); the top functions by own time to the log, the
     first ten in a line each."""
     import cProfile
     import io
@@ -783,8 +783,8 @@ def part_profile(top: int = 25):
                        cumulative_ms=v[3] / steps * 1e3) for f, v in rows])
 
     rng = np.random.default_rng(0)
-    for case in ("1x2^28", "1000x4k-1M"):
-        sizes = case_sizes(case, rng)
+    for case in ("1x256", "1x2^28", "1000x4k-1M"):  # the fixed cost of a step; one large tensor; many
+        sizes = [256] if case == "1x256" else case_sizes(case, rng)
         params = {f"w{i}": cupy.random.standard_normal(n, dtype=cupy.float32) for i, n in enumerate(sizes)}
         grads = {k: cupy.random.standard_normal(p.size, dtype=cupy.float32) for k, p in params.items()}
         opt = xopt.Adam()
