@@ -118,7 +118,7 @@ _BARRAGE = textwrap.dedent("""
                                "while True:\\n    os.kill(int(sys.argv[1]), 2)\\n    time.sleep(random.random() * 1e-4)",
                                str(os.getpid())])
     interrupts, end = 0, time.monotonic() + float(sys.argv[1])
-    while time.monotonic() < end and not opt._guard.lock.locked():
+    while time.monotonic() < end and not opt._guard.held():
         try:
             inside = True
             for _ in range(1000):
@@ -130,7 +130,7 @@ _BARRAGE = textwrap.dedent("""
     killer.wait()
     inside = False
     steps = {st["step"] for st in opt.state.values()}
-    print(interrupts, opt._guard.lock.locked(), steps == {opt.iter}, flush=True)
+    print(interrupts, opt._guard.held(), steps == {opt.iter}, flush=True)
 """)
 
 

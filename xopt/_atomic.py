@@ -62,28 +62,42 @@ def each(f, *iterables):
 
 
 class StepGuard:
-    """``guard.run(f, *args)`` runs ``f`` as one step; one guard per optimizer.
+    """One step at a time per optimizer: ``with guard.entered(): ...`` (or ``guard.run(f, *args)``) runs a step.
 
-    A second thread waits for the first's step to end; a call from inside a step of the same optimizer
-    (a schedule that steps its own optimizer) raises.  A forked child starts with a new lock: the parent's
-    may have been held by a thread the child does not have."""
+    A second thread waits for the first's step to end; a call from inside a step of the same optimizer (a
+    schedule that steps its own optimizer) raises.  The lock is a ``threading.RLock`` for its owner check alone
+    (``_is_owned``, in C, what ``threading.Condition`` asks too): it is never entered twice, since a call from
+    its own thread raises first.  A forked child starts with a new lock: the parent's may have been held by a
+    thread the child does not have."""
 
-    __slots__ = ("lock", "owner", "forks")
+    __slots__ = ("lock", "forks")
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.owner = None
+        self.lock = threading.RLock()
         self.forks = _FORKS[0]
 
-    def run(self, f, *args):
-        me = threading.get_ident()
+    def entered(self):
+        """The lock, to enter with ``with``; raises where this thread is inside a step of it already."""
         if self.forks != _FORKS[0]:
-            self.lock, self.owner, self.forks = threading.Lock(), None, _FORKS[0]
-        if self.owner == me:
+            self.lock, self.forks = threading.RLock(), _FORKS[0]
+        if self.lock._is_owned():
             raise RuntimeError("update() called from inside an update() of the same optimizer")
-        with self.lock:
-            try:  # owner set inside the try: a signal handler raising just after it cannot leave it set
-                self.owner = me
-                return f(*args)
-            finally:
-                self.owner = None
+        return self.lock
+
+    def run(self, f, *args):
+        with self.entered():
+            return f(*args)
+
+    def mine(self) -> bool:
+        """Whether this thread is inside a step (the lock held by it)."""
+        return self.forks == _FORKS[0] and self.lock._is_owned()
+
+    def held(self) -> bool:
+        """Whether some thread is inside a step now (this one included)."""
+        lock = self.lock
+        if lock._is_owned():
+            return True
+        if lock.acquire(blocking=False):
+            lock.release()
+            return False
+        return True

@@ -12,7 +12,6 @@ import copy
 import fnmatch
 import inspect
 import sys
-import threading
 
 import numpy as np
 
@@ -121,7 +120,7 @@ class Optimizer:
         """``f(*args)`` while no step of this optimizer runs: at once from inside one (a schedule), where its
         writes have not begun, or where there is no lock (a hyperparameter set)."""
         guard = self.__dict__.get("_guard")
-        if guard is None or guard.owner == threading.get_ident():
+        if guard is None or guard.mine():
             return f(*args)
         return guard.run(f, *args)
 
@@ -289,7 +288,8 @@ class Optimizer:
         counts move together, whatever signal arrives (its writes are one call into C).  Calls
         from several threads on one optimizer run one after the other.
         """
-        self._guard.run(self._update, params, grads)
+        with self._guard.entered():
+            self._update(params, grads)
 
     def _update(self, params, grads):
         if not _lane.take(self, params, grads):  # the exact-type lane takes the whole step, or nothing
