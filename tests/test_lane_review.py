@@ -302,6 +302,40 @@ def test_threads_stepping_small_params_lose_no_step_and_double_none():
         np.testing.assert_array_equal(params[k], serial[k])
 
 
+def test_threads_stepping_their_own_optimizers_of_one_kind_keep_their_own_step_buffers():
+    """Each thread steps its own Adam on its own params, all float64 (one kernel kind), switching threads as
+    often as Python can: a step's head and scalars are packed in Python, then read by the compiled call, so
+    threads sharing them would step one another's arrays or scalars.  Each ends as its serial twin."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    n, runs = 200, []
+    for i in range(4):
+        params = {"a": np.linspace(-1, 1, 30 + i), "b": np.full(3 + i, 0.5 + i)}
+        grads = {k: np.cos(v) * (i + 1) for k, v in params.items()}
+        serial = copies(params)
+        serial_opt = xopt.Adam(lr=0.01 * (i + 1))
+        for _ in range(n):
+            serial_opt.update(serial, grads)
+        runs.append((xopt.Adam(lr=0.01 * (i + 1)), params, grads, serial))
+
+    def work(opt, params, grads):
+        for _ in range(n):
+            opt.update(params, grads)
+
+    try:
+        threads = [threading.Thread(target=work, args=run[:3]) for run in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    for opt, params, _, serial in runs:
+        assert opt.iter == n
+        for k in params:
+            np.testing.assert_array_equal(params[k], serial[k])
+
+
 # -- found (before 3a97ab6 too): an optimizer lived until the cyclic GC ran -------------------------------
 LIVES = {  # optimizer, how its steps run
     "no-step": (lambda: xopt.Adam(), 0), "fused-lane": (lambda: xopt.Adam(), 4),

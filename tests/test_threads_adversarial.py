@@ -192,3 +192,44 @@ def test_set_num_threads_under_a_threads_cap_returns_the_process_number():
         assert xopt.get_num_threads() == 4
     finally:
         xopt.set_num_threads(before)
+
+
+def test_a_threads_cap_holds_in_its_own_thread_alone_and_ends_with_its_block():
+    """``_threads.limit`` caps the thread inside the block, nested blocks the innermost's cap, never another
+    thread (a Dask worker's other tasks), and nothing once every block has ended, also one left by an error."""
+    import threading
+
+    from xopt import _threads
+
+    before = xopt.set_num_threads(4)
+    seen, inside, leave = [], threading.Event(), threading.Event()
+
+    def capped():
+        with _threads.limit(1):
+            seen.append(xopt.get_num_threads())
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=capped)
+    try:
+        t.start()
+        assert inside.wait(10)
+        assert xopt.get_num_threads() == 4  # this thread: no cap while the other is inside its block
+        with _threads.limit(3):
+            with _threads.limit(2):
+                assert xopt.get_num_threads() == 2
+            assert xopt.get_num_threads() == 3
+        leave.set()
+        t.join(10)
+        assert seen == [1]
+        with pytest.raises(KeyError):
+            with _threads.limit(1):
+                raise KeyError("a task's error")
+        with pytest.raises(ValueError, match="positive int"):
+            with _threads.limit(0):
+                pass
+        assert _threads._capped == [0] and xopt.get_num_threads() == 4
+    finally:
+        leave.set()
+        t.join(10)
+        xopt.set_num_threads(before)

@@ -61,6 +61,8 @@ def _checked_threads(n, what="n"):
 _threads = {"n": None, "pool": None}
 _threads_lock = threading.Lock()
 _caps = threading.local()  # .n: limit()'s cap on the calling thread
+_capped = [0]  # how many limit() blocks are open, in any thread: none, and no step reads _caps (a local's first
+# attribute read in a step costs microseconds in a training loop, where it runs cold)
 
 
 def set_num_threads(n=None):
@@ -87,7 +89,11 @@ def set_num_threads(n=None):
 
 def get_num_threads() -> int:
     """The most threads a CPU step uses (see :func:`set_num_threads`)."""
-    n = _process_threads()
+    n = _threads["n"]
+    if n is None:
+        n = _process_threads()
+    if not _capped[0]:
+        return n
     cap = getattr(_caps, "n", None)
     return n if cap is None else min(n, cap)
 
@@ -104,12 +110,17 @@ def _process_threads() -> int:
 def limit(n):
     """At most ``n`` threads for the CPU steps this thread runs inside the block, whatever the
     process's number (a Dask task: its worker runs other tasks on its other threads)."""
+    n = _checked_threads(n)
     before = getattr(_caps, "n", None)
-    _caps.n = _checked_threads(n)
+    with _threads_lock:
+        _capped[0] += 1
     try:
+        _caps.n = n
         yield
     finally:
         _caps.n = before
+        with _threads_lock:
+            _capped[0] -= 1
 
 
 class Pool:
