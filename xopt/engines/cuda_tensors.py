@@ -5,7 +5,7 @@ compiled reader (:func:`xopt.engines.cuda_memory.gather`) reads from a CuPy arra
 dense tensor of the step's dtype on the params' GPU, shaped as its param, and where its data is.
 :func:`gather` asks torch, one accessor mapped over a whole list at a time (a loop in C per question: a
 DLPack view costs about 10 us a tensor, four a param), then checks the addresses (not NULL, aligned,
-no shared bytes) and writes the step's table (:func:`xopt.engines.cuda_reader.table_of`).  The engine queues the
+no shared bytes) and writes the step's table (:func:`xopt.engines.cuda_table.table_of`, compiled).  The engine queues the
 launch on torch's current stream of that GPU, after torch's work on the tensors, and the step's commit bumps
 the written tensors' version counters, as torch's in-place writes do, so autograd sees the change.
 
@@ -27,7 +27,7 @@ from itertools import chain
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, _numba
 from . import cuda_reader
 
 __all__ = ["dtype_of", "gather", "bumping", "REFUSED"]
@@ -105,11 +105,26 @@ def gather(device, kind, lists, flags, part, scalar_bytes):
     except REFUSED:
         return None
     sizes = np.fromiter(map(tensor.numel, ps), dtype=np.int64, count=n)
-    answer, n_blocks, table = cuda_reader.table_of(ptrs, sizes, rows, part, kind.dtype.itemsize, kind.state.itemsize,
-                                                   scalar_bytes)
+    answer, n_blocks, table = _table_of()(ptrs, sizes, rows, part, kind.dtype.itemsize, kind.state.itemsize,
+                                          scalar_bytes)
     if answer:
         return None
     return device_id, n_blocks, table, [*flat, *ps]
+
+
+def _table_of():
+    """The compiled :func:`xopt.engines.cuda_table.table_of` where numba's code runs here, else NumPy's (the same
+    answers and bytes)."""
+    global _TABLE_OF
+    if _TABLE_OF is None:
+        if _numba.usable():
+            from .cuda_table import table_of as _TABLE_OF
+        else:
+            _TABLE_OF = cuda_reader.table_of
+    return _TABLE_OF
+
+
+_TABLE_OF = None
 
 
 def bumping(commit, written):
