@@ -10,8 +10,6 @@ checked before anything is written; the groups of a step run reference first (se
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import numbers
 import operator
 import sys
@@ -21,7 +19,7 @@ from itertools import repeat
 import array_api_compat
 import numpy as np
 
-from . import _backend, _clip, _dispatch
+from . import _backend, _clip, _dispatch, _pages
 from ._atomic import CALL, each, together, together_unforked
 from ._inputs import check_overlaps, collect, describe
 from .engines.blockwise import SUFFIX as _ABSMAX
@@ -226,13 +224,13 @@ def state_for(opt, e):
         return _state_8bit().state_for(opt, e)
     st = opt.state.setdefault(e.key, {"step": 0})
     widen_float32(st, dtype, e.p, view.buffers())
-    for name in view.buffers():
+    for slot, name in enumerate(view.buffers()):
         buf = st.get(name)
         if buf is None and type(e.p) is np.ndarray:  # C order, whatever the param's: what the kernels take
-            st[name] = np.full(e.p.shape, view.initial_value(name), dtype=dtype)
+            st[name] = _pages.full(e.p.shape, view.initial_value(name), dtype, e.p, slot)
         elif buf is None:
             # full_like: a Dask param's state is chunked like the param; the start is the override's, if any
-            buf = _huge_cpu_tensor(e.p, view.initial_value(name), dtype)
+            buf = _placed_cpu_tensor(e.p, view.initial_value(name), dtype, slot)
             if buf is None:
                 buf = xp.full_like(e.p, view.initial_value(name), dtype=dtype, device=_backend.device(e.p))
             st[name] = buf
@@ -269,36 +267,27 @@ def _widened(buf, dtype, p):
     return array_api_compat.array_namespace(buf).astype(buf, dtype)
 
 
-def _huge_cpu_tensor(p, value, dtype):
-    """A state buffer like ``p`` (a CPU torch tensor of at least ``HUGE_MIN`` bytes), in transparent huge pages
-    where the system gives them (Linux ``madvise``, as NumPy does for its own arrays of 4 MiB and more; torch's
-    allocator does not unless ``THP_MEM_ALLOC_ENABLE`` is set): advised before its first touch, then filled
-    with ``value``.  A step streams through its buffers: 2 MiB pages take most TLB misses off the state's
-    share.  None where ``p`` is not such a tensor (the caller makes it with ``full_like``)."""
+def _placed_cpu_tensor(p, value, dtype, slot):
+    """A state buffer like ``p`` (a contiguous CPU torch tensor of at least ``_pages.HUGE_MIN`` bytes) filled with
+    ``value``, over a NumPy array of :mod:`xopt._pages` (its own huge-page mapping, placed apart from ``p``): torch's
+    allocator places buffers made one after another a few KiB apart within their huge pages, where streams
+    stepped in lockstep contend.  None where ``p`` is not such a tensor (the caller makes it with ``full_like``)."""
     torch = sys.modules.get("torch")
-    if _MADV_HUGEPAGE is None or torch is None or type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_cpu:
+    if torch is None or type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_cpu or not p.is_contiguous():
         return None
-    buf = torch.empty_like(p, dtype=dtype)
-    nbytes = buf.numel() * buf.element_size()
-    if nbytes < HUGE_MIN or not buf.is_contiguous():
+    holds = _TORCH_HOLDS.get(str(dtype))
+    if holds is None or p.numel() * holds.itemsize < _pages.HUGE_MIN:
         return None
-    lo, hi = -(-buf.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE, (buf.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if hi > lo:
-        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)  # advice: a failure changes nothing
-    return buf.fill_(value)
+    a = _pages.empty(tuple(p.shape), holds, p.data_ptr(), slot)
+    buf = torch.from_numpy(a) if holds != np.uint16 else torch.from_numpy(a).view(torch.bfloat16)
+    if value != 0 or not _pages.mapped(a):
+        buf.fill_(value)
+    return buf
 
 
-def _libc_madvise():
-    try:
-        return ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-
-
-HUGE_MIN = 1 << 22  # bytes: NumPy's threshold for advising huge pages
-_HUGE_PAGE = 1 << 21
-_madvise = _libc_madvise() if sys.platform.startswith("linux") else None
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None) if _madvise is not None else None
+# torch dtype -> the NumPy dtype of its buffer's bytes (bfloat16's: uint16, viewed back as bfloat16)
+_TORCH_HOLDS = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64),
+                "torch.float16": np.dtype(np.float16), "torch.bfloat16": np.dtype(np.uint16)}
 
 _CODES = np.dtype(np.uint8)  # what buffer_dtype gives for 8-bit state (compared by identity: any library's dtype)
 
@@ -314,7 +303,7 @@ def _state_8bit():
 def _copy(x):
     """A copy of a buffer, in its own library."""
     if type(x) is np.ndarray:
-        return x.copy()
+        return _pages.copy(x)
     xp = _backend.namespace(x)
     return xp.asarray(x, copy=True)
 

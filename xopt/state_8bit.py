@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _pages
 from ._inputs import describe
 from .engines import blockwise
 from .engines.blockwise import REFERENCE_CHUNK, SUFFIX, dequantize, is_8bit, map_of, n_blocks, quantize
@@ -49,14 +49,14 @@ def state_for(opt, e):
     view = e.opt or opt
     block = opt._hyper["block_size"]
     host = type(e.p) is np.ndarray
-    for name in view.buffers():
+    for slot, name in enumerate(view.buffers()):
         if st.get(name) is None:
             # every block of a constant has the same codes and absmax: those of one (no param-sized temporaries)
             codes, absmax = quantize(np, np.full(1, view.initial_value(name), dtype=np.float32),
                                      map_of(view, name), block)
             nb = n_blocks(math.prod(e.p.shape), block)
             if host:
-                st[name] = np.full(e.p.shape, codes[0], dtype=np.uint8)
+                st[name] = _pages.full(e.p.shape, codes[0], np.uint8, e.p, slot)
                 st[name + SUFFIX] = np.full(nb, absmax[0], dtype=np.float32)
             else:
                 xp, where = e.xp, _backend.device(e.p)

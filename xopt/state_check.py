@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import array_api_compat
 import numpy as np
 
-from . import _backend, state_8bit
+from . import _backend, _pages, state_8bit
 from ._hyper import Hyper
 from ._inputs import describe
 from .schedules import Schedule
@@ -129,7 +129,7 @@ def _native(buf):
     """``buf`` in native byte order (a kernel reads raw bytes), a fresh copy."""
     dtype = buf.dtype
     if isinstance(buf, np.ndarray):
-        return np.array(buf, dtype=dtype.newbyteorder("=") if not dtype.isnative else dtype, order="C", copy=True)
+        return _pages.copy(buf)
     if isinstance(dtype, np.dtype) and not dtype.isnative:  # Dask arrays carry NumPy dtypes too
         return buf.astype(dtype.newbyteorder("="))
     return _backend.namespace(buf).asarray(buf, copy=True)
@@ -284,7 +284,7 @@ class _EntryChecks:
                 expect_shape, expect_dtype = buf.shape, name
             elif buf.shape != expect_shape or name != expect_dtype:
                 return None
-            entry[buf_name] = buf.copy() if copy else buf  # C order, native: what _native makes of it
+            entry[buf_name] = _pages.copy(buf) if copy else buf  # C order, native: what _native makes of it
         return entry
 
     def _names(self, signature):

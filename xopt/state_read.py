@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _pages
 from ._inputs import describe
 from .state_check import _short
 from .state_format import (BLOCK, COLUMNS, FORMAT, FORMAT_1, STANDARD_FIELDS, StateFileError, decode, foreign,
@@ -98,7 +98,7 @@ class _Archive:
             if nbytes != size - m.tell():
                 raise foreign(self.path, f"entry {name!r} claims shape {shape} of {dtype} ({nbytes} bytes) "
                                           f"but holds {size - m.tell()} bytes")
-            a = np.empty(shape[::-1] if fortran else shape, dtype=dtype)
+            a = _pages.empty(shape[::-1] if fortran else shape, dtype)
             _read_into(m, a.reshape(-1).view(np.uint8), self.path, name)
         if fortran:  # xopt writes none; another writer might
             a = np.ascontiguousarray(a.T)

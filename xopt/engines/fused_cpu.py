@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, _pages
 from .._atomic import together
 from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, buffers as _buffers, call_block, rule_function,
                        split_at as _split_at, step_function)
@@ -178,9 +178,8 @@ def new_state(view, kind, p):
     if type(p) is not np.ndarray or p.dtype != kind.dtype:
         return None
     st = {"step": 0}
-    for name in view.buffers():
-        start = view.initial_value(name)
-        st[name] = np.zeros(p.shape, kind.state_dtype) if start == 0.0 else np.full(p.shape, start, kind.state_dtype)
+    for slot, name in enumerate(view.buffers()):
+        st[name] = _pages.full(p.shape, view.initial_value(name), kind.state_dtype, p, slot)
     return st
 
 
