@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
 import pytest
@@ -168,6 +169,9 @@ def test_large_state_buffers_are_plain_tensors_with_the_same_numbers(lane):
         ours.update({"p": p}, {"p": g})
     st = ours.state["p"]
     assert type(st["m"]) is torch.Tensor and st["m"].is_contiguous() and st["m"].shape == p.shape
+    if sys.platform.startswith("linux"):  # over xopt._pages' arrays: a quarter of a huge page apart per slot
+        quarter = (1 << 21) // 4
+        assert [(st[k].data_ptr() - p.data_ptr()) % (1 << 21) for k in ("m", "v")] == [quarter, 2 * quarter]
     assert lane == [False, True, True]
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(st["v"], theirs.state["p"]["v"], rtol=1e-6, atol=0)
