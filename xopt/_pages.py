@@ -81,7 +81,7 @@ def _mapped(nbytes, offset):
     """``nbytes`` zero bytes (uint8) at ``offset`` bytes into a huge page of a new anonymous mapping; None where
     the system refuses the mapping (the caller makes a NumPy array)."""
     try:
-        m = mmap.mmap(-1, nbytes + 2 * _PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m = mmap.mmap(-1, nbytes + _PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError, OverflowError):
         return None
     try:
