@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-FULL_RUN = "cpu-2026-11-25f/results.json"  # xopt-bench --device cpu: step and loop scenarios
+FULL_RUN = "cpu-2026-12-04/results.json"  # xopt-bench --device cpu: step and loop scenarios
 LANE_LOOP = "loop-book-lane-d/results.json"  # the loop again, on the exact-type lane of today's code
-TORCH_TENSORS = "torch-tensors-lane-2026-12-03.json"
+TORCH_TENSORS = "torch-tensors-lane-2026-12-04.json"
 STEP_MEMORY = "step-memory-2026-11-25.json"
 DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-03b.json"
@@ -295,7 +295,9 @@ def headline():
     loops = {(r["net"], r["optimizer"], r["impl"]): r for r in full["rows"] if r.get("scenario") == "loop"}
     lane = {(r["net"], r["optimizer"], r["impl"]): r for r in load(LANE_LOOP)["rows"] if r.get("scenario") == "loop"}
     tt = load(TORCH_TENSORS)["nets"]
-    lines = ["| what (2-core Xeon, float32 unless said) | figure |", "|---|---:|"]
+    found = re.fullmatch(r"(.*) \((\d+) cores\)", full["device"])
+    machine = f"{found.group(2)}-core {found.group(1)}" if found else full["device"]
+    lines = [f"| what ({machine}, float32 unless said) | figure |", "|---|---:|"]
     x, p, _ = steps["Adam, 1 tensor of 2^25"]
     lines.append(f"| Adam step, one tensor of 2^25: torch fused's time / xopt's | {_x(p['seconds'] / x['seconds'])} "
                  f"({x['roofline_fraction']:.2f} of the copy roofline) |")
