@@ -18,7 +18,9 @@ base the mapping, unmapped when the last view of it goes).  Smaller buffers are 
 
 from __future__ import annotations
 
+import math
 import mmap
+import operator
 import sys
 
 import numpy as np
@@ -35,19 +37,30 @@ def empty(shape, dtype, near=None, slot=0):
     """An uninitialized C-ordered array; in its own huge-page mapping where large (see the module), placed by
     ``near`` (its param: a NumPy array, or the address of its data) where given."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if _ADVICE is None or nbytes < HUGE_MIN:
-        return np.empty(shape, dtype)
-    found = _mapped(nbytes, _offset(near, slot))
-    return np.empty(shape, dtype) if found is None else found.view(dtype).reshape(shape)
+    if _ADVICE is not None and _large(shape, dtype):
+        found = _mapped(_count(shape) * dtype.itemsize, _offset(near, slot))
+        if found is not None:
+            return found.view(dtype).reshape(shape)
+    return np.empty(shape, dtype)
 
 
 def full(shape, value, dtype, near=None, slot=0):
     """:func:`empty` filled with ``value`` (a new mapping is zeros already: 0 writes nothing)."""
+    dtype = np.dtype(dtype)
+    if _ADVICE is None or not _large(shape, dtype):  # a param's first step: a small one costs what NumPy's does
+        return np.zeros(shape, dtype) if value == 0 else np.full(shape, value, dtype)
     a = empty(shape, dtype, near, slot)
-    if value != 0 or not mapped(a):
+    if value != 0 or a.base is None:  # no base: NumPy's own array (the mapping was refused)
         a.fill(value)
     return a
+
+
+def _count(shape):
+    return math.prod(shape) if isinstance(shape, tuple) else operator.index(shape)
+
+
+def _large(shape, dtype):
+    return _count(shape) * dtype.itemsize >= HUGE_MIN
 
 
 def copy(a, near=None, slot=0):
