@@ -286,15 +286,7 @@ def test_threads_stepping_small_params_lose_no_step_and_double_none():
         for _ in range(4 * n):
             serial_opt.update(serial, grads)
 
-        def work():
-            for _ in range(n):
-                opt.update(params, grads)
-
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads([(opt, params, grads)] * 4, n)
     finally:
         sys.setswitchinterval(old)
     assert opt.iter == 4 * n and {st["step"] for st in opt.state.values()} == {4 * n}
@@ -318,22 +310,28 @@ def test_threads_stepping_their_own_optimizers_of_one_kind_keep_their_own_step_b
             serial_opt.update(serial, grads)
         runs.append((xopt.Adam(lr=0.01 * (i + 1)), params, grads, serial))
 
-    def work(opt, params, grads):
-        for _ in range(n):
-            opt.update(params, grads)
-
     try:
-        threads = [threading.Thread(target=work, args=run[:3]) for run in runs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads([run[:3] for run in runs], n)
     finally:
         sys.setswitchinterval(old)
     for opt, params, _, serial in runs:
         assert opt.iter == n
         for k in params:
             np.testing.assert_array_equal(params[k], serial[k])
+
+
+def _in_threads(jobs, n):
+    """One thread per (optimizer, params, grads) of ``jobs``, each updating n times; all joined."""
+
+    def work(opt, params, grads):
+        for _ in range(n):
+            opt.update(params, grads)
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 # -- found (before 3a97ab6 too): an optimizer lived until the cyclic GC ran -------------------------------
