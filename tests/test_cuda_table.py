@@ -90,3 +90,29 @@ def test_an_address_above_2_to_the_63_reads_as_numpys_does():
         want = cuda_reader.table_of(ptrs, sizes, rows, np.zeros(2, dtype=np.int64), 4, 4, 16)
         got = cuda_table.table_of(ptrs, sizes, rows, np.zeros(2, dtype=np.int64), 4, 4, 16)
         assert got[:2] == want[:2] and got[2].tobytes() == want[2].tobytes()
+
+
+def test_hundreds_of_tensors_in_any_order_and_addresses_past_2_to_the_62():
+    """Hundreds of spans in shuffled order (the compiled sort's radix passes), with and without a shared byte, and
+    addresses a GPU never has (past 2**62, or read as negative int64): NumPy's answers."""
+    rng = np.random.default_rng(11)
+    empty = np.zeros(0, dtype=np.int64)
+    for case in range(40):
+        n = int(rng.integers(256, 700))
+        sizes = rng.integers(1, 50, size=n).astype(np.int64)
+        rows = [np.arange(n), empty, empty]
+        slots = rng.permutation(4 * n)[:2 * n]  # the params' and buffers' places among 4n slots of 256 bytes
+        ptrs = np.zeros((5, n), dtype=np.int64)
+        ptrs[0], ptrs[2] = BASE + 256 * slots[:n], BASE + 256 * slots[n:]
+        ptrs[1] = (BASE << 2) + 256 * np.arange(n)
+        if case % 3 == 1:  # a buffer over a param
+            t = int(rng.integers(0, n))
+            ptrs[2, t] = ptrs[0, (t + 1) % n]
+        if case % 4 == 2:  # params past 2**62 and below 0 as int64s (uint64s past 2**63), every other one
+            ptrs[0, ::2] += np.int64(2**62 - BASE)
+            ptrs[0, 1::2] += np.int64(-(2**62) - BASE)
+        args = (ptrs, sizes, rows, np.zeros(n, dtype=np.int64), 4, 4, 16)
+        want, got = cuda_reader.table_of(*args), cuda_table.table_of(*args)
+        assert got[:2] == want[:2], (case, got[:2], want[:2])
+        if want[0] == 0:
+            assert got[2].tobytes() == want[2].tobytes()

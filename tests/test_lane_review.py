@@ -320,6 +320,51 @@ def test_threads_stepping_their_own_optimizers_of_one_kind_keep_their_own_step_b
             np.testing.assert_array_equal(params[k], serial[k])
 
 
+@pytest.mark.parametrize("torch_tensors", [False, True])
+def test_a_step_run_between_another_steps_packing_and_its_call_leaves_it_its_own_scalars(torch_tensors, monkeypatch,
+                                                                                          lane):
+    """A signal handler runs between bytecodes: one that steps another optimizer of the same kind on this thread
+    after a step packed its head and scalars and before its one call must not step that call with its own.
+    Simulated: the first engine call into C runs the other optimizer's step first.  Both end as their serial
+    twins."""
+    from xopt.engines import cpu_tensors, fused_cpu
+
+    torch = pytest.importorskip("torch") if torch_tensors else None
+    make = (lambda a: torch.tensor(a)) if torch_tensors else (lambda a: a)
+    outer = {"a": make(np.linspace(-1, 1, 40)), "b": make(np.full(3, 0.5))}
+    inner = {"x": make(np.linspace(2, 3, 7))}
+    g_outer = {k: make(np.cos(np.asarray(v))) for k, v in outer.items()}
+    g_inner = {"x": make(np.full(7, 3.0))}
+    plain = (lambda v: v.numpy()) if torch_tensors else (lambda v: v)
+    twins = [{k: plain(v).copy() for k, v in d.items()} for d in (outer, inner)]
+    a, b = xopt.Adam(lr=0.1), xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6)
+    ra, rb = xopt.Adam(lr=0.1, impl="reference"), xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6, impl="reference")
+    for opt, params, grads in ((a, outer, g_outer), (b, inner, g_inner)):
+        opt.update(params, grads)  # the state exists: the next steps are the lane's one-part ones
+    for ref, params, grads in ((ra, twins[0], g_outer), (rb, twins[1], g_inner)):
+        ref.update(params, {k: plain(v) for k, v in grads.items()})
+    module = cpu_tensors if torch_tensors else fused_cpu
+    real, nested = module.together, []
+
+    def together(calls):
+        if not nested:
+            nested.append(True)
+            b.update(inner, g_inner)  # "the handler's" step, in the window
+        return real(calls)
+
+    monkeypatch.setattr(module, "together", together)
+    del lane[:]
+    a.update(outer, g_outer)
+    monkeypatch.setattr(module, "together", real)
+    assert lane == [True, True], lane  # both steps the lane's (the handler's first): none declined and redone
+    rb.update(twins[1], {k: plain(v) for k, v in g_inner.items()})
+    ra.update(twins[0], {k: plain(v) for k, v in g_outer.items()})
+    assert nested and a.iter == 2 and b.iter == 2
+    for params, twin in ((outer, twins[0]), (inner, twins[1])):
+        for k in params:
+            np.testing.assert_allclose(plain(params[k]), twin[k], rtol=1e-12, atol=1e-15)
+
+
 def _in_threads(jobs, n):
     """One thread per (optimizer, params, grads) of ``jobs``, each updating n times; all joined."""
 

@@ -45,11 +45,27 @@ def test_a_small_buffer_is_numpys_own():
 def test_each_slot_starts_a_quarter_page_further_from_its_param():
     p = np.ones(BIG, np.float32)
     at = p.ctypes.data % (1 << 21)
+    at -= at % 64  # from the cache line the param starts in
     for slot in range(3):
         b = _pages.full(p.shape, 0.0, np.float32, p, slot)
         assert b.ctypes.data % (1 << 21) == (at + (slot + 1) * QUARTER) % (1 << 21)
     c = _pages.empty(p.shape, np.float32, p.ctypes.data, 1)  # an address stands for the param
     assert c.ctypes.data % (1 << 21) == (at + 2 * QUARTER) % (1 << 21)
+
+
+@pytest.mark.skipif(not LINUX, reason="mappings of their own on Linux only")
+def test_a_buffer_is_aligned_for_its_elements_whatever_its_params_alignment():
+    """A float32 state of a float16 param that starts 2 bytes past a 4-byte boundary (a slice of a flat buffer)
+    starts on a cache line, in its mapping, and the step keeps it (a misaligned buffer would be copied)."""
+    flat = np.zeros(BIG * 2 + 1, np.float16)
+    p = flat[1:]
+    assert p.ctypes.data % 4 == 2
+    b = _pages.full(p.shape, 0.0, np.float32, p, 0)
+    assert b.ctypes.data % 64 == 0 and b.flags.aligned and _pages.mapped(b)
+    opt = xopt.Adam(lr=0.1)
+    opt.update({"w": p}, {"w": np.ones(p.shape, np.float16)})
+    opt.update({"w": p}, {"w": np.ones(p.shape, np.float16)})
+    assert _pages.mapped(opt.state["w"]["m"]) and opt.state["w"]["m"].ctypes.data % 64 == 0
 
 
 def test_without_the_advice_buffers_are_numpys(monkeypatch):

@@ -87,6 +87,7 @@ def _offset(near, slot):
     else:
         start = _turn[0]
         _turn[0] = (start + _PAGE // 4) % _PAGE
+    start -= start % 64  # a cache line: aligned for any element, whatever the param's own alignment
     return (start + (slot + 1) * (_PAGE // 4)) % _PAGE
 
 

@@ -18,10 +18,10 @@ from .._clip import is_finite, scale
 from .._atomic import together, together_unforked
 from .._threads import get_num_threads, pool as _pool
 from .cpu_memory import N_HEAD, OFFSETS, check_step
-from .cpu_step import PARALLEL_MIN, buffers, split_at
+from .cpu_step import PARALLEL_MIN, give_back, split_at, taken
 from .cpu_drivers import CHUNK, all_finite, chunk_rows, claim, claim_squares, run_serial, squares, wait_done
 
-__all__ = ["Arrays", "run", "chunk_table", "split_at", "buffers", "PARALLEL_MIN", "CHUNK"]
+__all__ = ["Arrays", "run", "chunk_table", "split_at", "taken", "give_back", "PARALLEL_MIN", "CHUNK"]
 
 _NO_CHUNK_LEFT = np.array([2**62, 0], dtype=np.int64)  # counters past any step's chunks: a claim that runs nothing
 _SUM = np.add.reduce  # ndarray.sum without its Python wrapper: the same sum

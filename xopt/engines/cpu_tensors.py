@@ -25,7 +25,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from .cpu_arrays import Arrays, buffers, run, split_at
+from .cpu_arrays import Arrays, give_back, run, split_at, taken
 from .cpu_step import CHECK_FINITE, NONFINITE, NotRun
 from .cpu_table import N_TABLE_HEAD, TABLE_ANSWER, check_table, table_step
 from .._atomic import together
@@ -136,11 +136,22 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             table += part
     table = np.array(table, dtype=np.int64)
     if len(values) == 1:
-        scal = buffers(kind)[1]
+        key, held = taken(kind)  # this thread's, for the length of the step (see cpu_step.taken)
+        scal = held[1]
         kind.scalars_struct.pack_into(scal, 0, *values[0], 1.0)
     else:
-        scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
-    bump = functools.partial(increment_version, written)
+        held, scal = None, np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
+    try:
+        return _run(opt, kind, table, scal, n, part, keeps, clip, functools.partial(increment_version, written),
+                    commit)
+    finally:
+        if held is not None:
+            give_back(key, held)
+
+
+def _run(opt, kind, table, scal, n, part, keeps, clip, bump, commit):
+    """:func:`step` once its table and scalars are made: the small step's one call, or the checked-again large or
+    clipped one."""
     if clip is None:
         try:
             together([functools.partial(table_step, kind.function, table, scal), bump, *commit(None, False)])

@@ -19,6 +19,7 @@ from .cuda_memory import _sorted
 __all__ = ["table_of"]
 
 _MOST = 2**31  # tensors and blocks a launch table holds (int32)
+_HIGH = 2**62
 
 
 def table_of(ptrs, sizes, rows, part, p_size, s_size, scalar_bytes):
@@ -27,8 +28,10 @@ def table_of(ptrs, sizes, rows, part, p_size, s_size, scalar_bytes):
     keep = np.zeros((3, n), dtype=np.int8)
     for j in range(3):
         keep[j, rows[j]] = 1
-    if n >= _MOST or (n and -(-int(sizes.max()) // CHUNK) >= _MOST):
-        from .cuda_reader import table_of as reference  # raises, as the launch cannot hold it
+    if n >= _MOST or (n and (-(-int(sizes.max()) // CHUNK) >= _MOST or ptrs.min() < 0 or ptrs.max() >= _HIGH)):
+        # what the compiled call does not take: more than a launch holds (NumPy's raises) or addresses past 2^62
+        # (no GPU's; the compiled sort of the spans takes values in 0 .. 2^63 - 1)
+        from .cuda_reader import table_of as reference
 
         return reference(ptrs, sizes, rows, part, p_size, s_size, scalar_bytes)
     return _table_of(ptrs, sizes, keep, part, p_size, s_size, _sections(n, 0, scalar_bytes)[-1] - 48 * n, CHUNK)

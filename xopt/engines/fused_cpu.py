@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _backend, _pages
 from .._atomic import together
-from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, buffers as _buffers, call_block, rule_function,
+from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, taken as _taken, give_back as _give_back, call_block, rule_function,
                        split_at as _split_at, step_function)
 from .cpu_structs import N_HEAD
 from .kernels import KeptSlots, lookup
@@ -215,7 +215,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 lists[at] = list(map(get, states))
         except KeyError:  # made at the checked path's next step (an option turned on)
             return None
-        head, scal, call = _buffers(kind)
+        key, held = _taken(kind)
+        head, scal, call = held
         if len(ps) > call.rows:
             call.fit(len(ps))
         _HEAD_ONE_PART.pack_into(head, 0, *map(id, lists), len(ps), *layout.tail)
@@ -233,24 +234,29 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
         head = _head(lists, len(ps), kind, keeps, mode, part)
         scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
         call = call_block(kind.function, head, scal, kind.small_step)
-    if clip is None:
-        try:
-            together([call.run, *commit(None, False)])
-            return True
-        except NotRun:
-            answer = head[ANSWER]
-        if answer > 0:
-            return None
-        if answer == NONFINITE:
-            together(commit(None, True))
-            return True
-    later = _cpu_arrays()
-    arrays = later.Arrays(kind.function, head, scal, kind.norms)  # checked again: a large step, or a clipped one
-    if not arrays.good:
-        if clip is not None:
-            return None
-        raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
-    return later.run(opt, arrays, clip, commit)
+        held = None
+    try:
+        if clip is None:
+            try:
+                together([call.run, *commit(None, False)])
+                return True
+            except NotRun:
+                answer = head[ANSWER]
+            if answer > 0:
+                return None
+            if answer == NONFINITE:
+                together(commit(None, True))
+                return True
+        later = _cpu_arrays()
+        arrays = later.Arrays(kind.function, head, scal, kind.norms)  # checked again: a large step, or a clipped one
+        if not arrays.good:
+            if clip is not None:
+                return None
+            raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
+        return later.run(opt, arrays, clip, commit)
+    finally:
+        if held is not None:  # the buffers back in this thread's pool, whatever happened
+            _give_back(key, held)
 
 
 def tensor_dtype(t):
