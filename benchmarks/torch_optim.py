@@ -1,6 +1,6 @@
 """xopt.torch.Adam.step() against torch.optim.Adam (fused and foreach) on the same params: the step alone.
 
-Three sets of float32 params with grads set once: the two MLPs of ``torch_tensors.py`` and GPT-2 small's
+Four sets of float32 params with grads set once: the three MLPs of ``torch_tensors.py`` and GPT-2 small's
 shapes (124M params in 148 tensors: wte 50257x768, wpe 1024x768, 12 blocks of ln_1, attn c_attn 768x2304 +
 bias, attn c_proj 768x768 + bias, ln_2, mlp c_fc 768x3072 + bias, mlp c_proj 3072x768 + bias; ln_f).  Each
 optimizer steps its own copy; each timed call is ``opt.step()``.  Rounds interleave the three (the order
@@ -25,7 +25,8 @@ import torch
 import xopt
 import xopt.torch
 
-MLPS = {"50k params (784-64-10)": [784, 64, 10], "4.5M params (1024-2048-1024-256-10)": [1024, 2048, 1024, 256, 10]}
+MLPS = {"50k params (784-64-10)": [784, 64, 10], "4.5M params (1024-2048-1024-256-10)": [1024, 2048, 1024, 256, 10],
+        "5.8M params (784-2048-2048-10)": [784, 2048, 2048, 10]}
 GPT2 = "GPT-2 small (124M params, 148 tensors)"
 
 

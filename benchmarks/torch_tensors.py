@@ -1,6 +1,7 @@
 """xopt on torch CPU tensors against torch.optim.Adam (fused and foreach) on the same nets: the step alone.
 
-Two float32 MLPs: about 50 k params (784-64-10) and about 4.5 M (1024-2048-1024-256-10 with biases).  Grads are
+Three float32 MLPs: about 50 k params (784-64-10), about 4.5 M (1024-2048-1024-256-10 with biases) and
+about 5.8 M (784-2048-2048-10).  Grads are
 set once; each timed call is ``opt.update(params, grads)`` (xopt: a dict of the net's parameters and one of
 their grads, made once) or ``step()`` (torch).  Rounds interleave the three, each ``--calls`` timed calls after
 a warm-up; figures are medians in microseconds and ratios of medians from this run.  Before timing, 5 steps of
@@ -21,7 +22,8 @@ import torch
 
 import xopt
 
-NETS = {"50k params (784-64-10)": [784, 64, 10], "4.5M params (1024-2048-1024-256-10)": [1024, 2048, 1024, 256, 10]}
+NETS = {"50k params (784-64-10)": [784, 64, 10], "4.5M params (1024-2048-1024-256-10)": [1024, 2048, 1024, 256, 10],
+        "5.8M params (784-2048-2048-10)": [784, 2048, 2048, 10]}
 
 
 def mlp(widths, dtype):
