@@ -22,7 +22,7 @@ from .._threads import get_num_threads
 from . import cpu_objects
 from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
-__all__ = ["step_function", "rule_function", "cached", "Call", "taken", "give_back", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
+__all__ = ["step_function", "rule_function", "cached", "Call", "taken", "give_back", "SCRATCH", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
            "CHECK_FINITE", "ANSWER", "PARALLEL_MIN"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -152,9 +152,9 @@ def taken(kind):
     a step nested in it on the same thread (a signal handler's, between the packing and the call) makes its own
     instead of overwriting them.  :func:`give_back` returns them."""
     key = (get_ident(), kind)
-    found = _SCRATCH.pop(key, None)
+    found = SCRATCH.pop(key, None)
     if found is None:
-        if len(_SCRATCH) >= _MOST_SCRATCH:
+        if len(SCRATCH) >= _MOST_SCRATCH:
             _prune()
         head, scal = np.empty(N_HEAD + 3, dtype=np.int64), np.empty((1, kind.size + 1), dtype=kind.dtype)
         found = (head, scal, Call(kind.function, head, scal, kind.small_step))
@@ -162,14 +162,14 @@ def taken(kind):
 
 
 def give_back(key, found):
-    _SCRATCH[key] = found
+    SCRATCH[key] = found
 
 
 def _prune():
     """Forget the buffers of threads that have ended (their idents may come back with new threads)."""
     alive = {t.ident for t in threading.enumerate()}
-    for key in [key for key in _SCRATCH if key[0] not in alive]:
-        _SCRATCH.pop(key, None)
+    for key in [key for key in SCRATCH if key[0] not in alive]:
+        SCRATCH.pop(key, None)
 
 
 # (thread ident, kind) -> that thread's buffers for the head and scalars of a one-part step, while no step holds
@@ -177,6 +177,6 @@ def _prune():
 # about 3 us (its lookup of the thread's dict runs cold), a dict lookup a tenth of that.  Live threads have
 # distinct idents; a dead one's ident may come back with a new thread, which then reuses its buffers (they hold
 # nothing between steps); past _MOST_SCRATCH entries, those of ended threads are dropped.
-_SCRATCH = {}
+SCRATCH = {}
 _MOST_SCRATCH = 256
 _CALLS = threading.local()  # each thread's Calls of steps of several parts

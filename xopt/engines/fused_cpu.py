@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _backend, _pages
 from .._atomic import together
-from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, taken as _taken, give_back as _give_back, call_block, rule_function,
+from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, SCRATCH as _SCRATCH, taken as _taken, call_block, rule_function,
                        split_at as _split_at, step_function)
 from .cpu_structs import N_HEAD
 from .kernels import KeptSlots, lookup
@@ -255,8 +255,8 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
             raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
         return later.run(opt, arrays, clip, commit)
     finally:
-        if held is not None:  # the buffers back in this thread's pool, whatever happened
-            _give_back(key, held)
+        if held is not None:  # the buffers back in this thread's pool, whatever happened (cpu_step.give_back)
+            _SCRATCH[key] = held
 
 
 def tensor_dtype(t):
