@@ -26,7 +26,7 @@ from itertools import repeat
 
 import numpy as np
 
-from . import _dispatch, _numba
+from . import _dispatch, _numba, _scalar_lane
 from ._atomic import CALL, each
 from ._inputs import number_grad
 
@@ -34,6 +34,7 @@ __all__ = ["take", "take_tensors"]
 
 _MAX_STEP = 2**63 - 2  # a step count and the one after it fit in int64
 _NUMBERS = (float, int, np.floating)
+_SCALARS = (float, np.float64)  # params the scalar lane may take (and 0-d arrays)
 
 
 def take(opt, params, grads) -> bool:
@@ -79,6 +80,9 @@ def _take(opt, params, keys, ps, gs) -> bool:
         return False
     boxes = tensors = None
     first = ps[0]  # picks the engine and the kernel
+    if params is not None and (type(first) in _SCALARS or type(first) is np.ndarray and first.shape == ()) \
+            and _scalar_lane.take(opt, params, keys, ps, gs):
+        return True
     if type(first) is not np.ndarray:
         if isinstance(first, _NUMBERS) and params is not None:
             boxes = _box(ps)  # Python or NumPy float params: the step writes 0-d copies, then rebinds
