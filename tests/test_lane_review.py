@@ -320,31 +320,35 @@ def test_threads_stepping_their_own_optimizers_of_one_kind_keep_their_own_step_b
             np.testing.assert_array_equal(params[k], serial[k])
 
 
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("torch_tensors", [False, True])
-def test_a_step_run_between_another_steps_packing_and_its_call_leaves_it_its_own_scalars(torch_tensors, monkeypatch,
-                                                                                          lane):
+def test_a_step_run_between_another_steps_packing_and_its_call_leaves_it_its_own_scalars(torch_tensors, parts,
+                                                                                          monkeypatch, lane):
     """A signal handler runs between bytecodes: one that steps another optimizer of the same kind on this thread
     after a step packed its head and scalars and before its one call must not step that call with its own.
     Simulated: the first engine call into C runs the other optimizer's step first.  Both end as their serial
-    twins."""
+    twins.  ``parts``: 2, steps of two hyperparameter sets (overrides), whose call block was the thread's one
+    (the outer step then ran the nested one's freed head: a crash)."""
     from xopt.engines import cpu_tensors, fused_cpu
 
     torch = pytest.importorskip("torch") if torch_tensors else None
     make = (lambda a: torch.tensor(a)) if torch_tensors else (lambda a: a)
     outer = {"a": make(np.linspace(-1, 1, 40)), "b": make(np.full(3, 0.5))}
-    inner = {"x": make(np.linspace(2, 3, 7))}
+    inner = {"x": make(np.linspace(2, 3, 7)), "y": make(np.full(5, -1.0))}
     g_outer = {k: make(np.cos(np.asarray(v))) for k, v in outer.items()}
-    g_inner = {"x": make(np.full(7, 3.0))}
+    g_inner = {"x": make(np.full(7, 3.0)), "y": make(np.full(5, 0.25))}
     plain = (lambda v: v.numpy()) if torch_tensors else (lambda v: v)
     twins = [{k: plain(v).copy() for k, v in d.items()} for d in (outer, inner)]
-    a, b = xopt.Adam(lr=0.1), xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6)
-    ra, rb = xopt.Adam(lr=0.1, impl="reference"), xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6, impl="reference")
+    over = ({"b": {"lr": 0.01}}, {"y": {"lr": 0.5}}) if parts == 2 else (None, None)
+    a, b = xopt.Adam(lr=0.1, overrides=over[0]), xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6, overrides=over[1])
+    ra = xopt.Adam(lr=0.1, overrides=over[0], impl="reference")
+    rb = xopt.Adam(lr=0.001, beta1=0.5, beta2=0.6, overrides=over[1], impl="reference")
     for opt, params, grads in ((a, outer, g_outer), (b, inner, g_inner)):
         opt.update(params, grads)  # the state exists: the next steps are the lane's one-part ones
     for ref, params, grads in ((ra, twins[0], g_outer), (rb, twins[1], g_inner)):
         ref.update(params, {k: plain(v) for k, v in grads.items()})
     module = cpu_tensors if torch_tensors else fused_cpu
-    real, nested = module.together, []
+    real, nested, checked_again = module.together, [], []
 
     def together(calls):
         if not nested:
@@ -353,10 +357,14 @@ def test_a_step_run_between_another_steps_packing_and_its_call_leaves_it_its_own
         return real(calls)
 
     monkeypatch.setattr(module, "together", together)
+    if not torch_tensors:  # the small step's one call refused (it ran another step's freed head) goes there
+        arrays = fused_cpu._cpu_arrays
+        monkeypatch.setattr(fused_cpu, "_cpu_arrays", lambda: checked_again.append(True) or arrays())
     del lane[:]
     a.update(outer, g_outer)
     monkeypatch.setattr(module, "together", real)
     assert lane == [True, True], lane  # both steps the lane's (the handler's first): none declined and redone
+    assert not checked_again  # each ran in its own one call
     rb.update(twins[1], {k: plain(v) for k, v in g_inner.items()})
     ra.update(twins[0], {k: plain(v) for k, v in g_outer.items()})
     assert nested and a.iter == 2 and b.iter == 2
@@ -558,3 +566,43 @@ def test_impl_fused_refusing_a_param_under_a_schedule_names_it():
 def test_momentum_has_no_switch_that_only_its_kernel_reads():
     with pytest.raises(AttributeError):
         xopt.Momentum().nesterov_flag = 1.0
+
+
+def test_forgetting_ended_threads_buffers_while_other_threads_step():
+    """Past its size, the pool of step buffers drops ended threads' entries while other threads take and give
+    back theirs: the walk over its keys must not see the dict change size (it raised out of a valid update)."""
+    from xopt.engines import cpu_step
+
+    saved = dict(cpu_step.SCRATCH)
+    stop, errors = threading.Event(), []
+
+    def churn(i):
+        while not stop.is_set():
+            key = (threading.get_ident(), i)
+            cpu_step.SCRATCH[key] = None
+            for _ in range(3):  # a loop's jump back: where a thread switch can come, the entry held meanwhile
+                pass
+            cpu_step.SCRATCH.pop(key, None)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for r in range(300):
+            for k in range(300):
+                cpu_step.SCRATCH[(-1 - k, r)] = None  # an ended thread's (no thread has a negative ident)
+            try:
+                cpu_step._prune()
+            except RuntimeError as e:
+                errors.append(e)
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+        cpu_step.SCRATCH.clear()
+        cpu_step.SCRATCH.update(saved)
+    assert not errors, errors

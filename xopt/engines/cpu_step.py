@@ -22,7 +22,7 @@ from .._threads import get_num_threads
 from . import cpu_objects
 from .cpu_structs import ANSWER, CHECK_FINITE, LARGE, NONFINITE, N_HEAD, OFFSETS, WORK_PER_ROW
 
-__all__ = ["step_function", "rule_function", "cached", "Call", "taken", "give_back", "SCRATCH", "call_block", "split_at", "NotRun", "LARGE", "NONFINITE",
+__all__ = ["step_function", "rule_function", "cached", "Call", "taken", "give_back", "SCRATCH", "call_block", "give_back_call", "split_at", "NotRun", "LARGE", "NONFINITE",
            "CHECK_FINITE", "ANSWER", "PARALLEL_MIN"]
 
 # Below this many elements a step runs on the calling thread alone.  Measured on this project's 2-core
@@ -133,17 +133,24 @@ class Call:
 
 
 def call_block(function, head, scal, step):
-    """This thread's :class:`Call` of ``step`` (:func:`step_function`) for rule ``function``, pointed at one step's
-    ``head`` and ``scal`` (the caller holds them until the call has run), with room for its tensors."""
+    """(key, :class:`Call`): this thread's Call of ``step`` (:func:`step_function`) for rule ``function``,
+    pointed at one step's ``head`` and ``scal`` (the caller holds them until the call has run), with room for its
+    tensors.  Out of the thread's pool for the length of the step, as :func:`taken`'s buffers: a step nested in it
+    (a signal handler's, between the pointing and the call) makes its own instead of re-pointing this one.
+    :func:`give_back_call` returns it."""
     calls = _CALLS.__dict__.setdefault("calls", {})  # (rule function, id of the step it holds) -> Call
     key = (function, id(step))  # the Call holds ``step``: its id stays its own while the Call is kept
-    call = calls.get(key)
+    call = calls.pop(key, None)
     if call is None:
-        call = calls[key] = Call(function, head, scal, step)
+        call = Call(function, head, scal, step)
     else:
         call.point(head, scal)
     call.fit(int(head[6]))
-    return call
+    return key, call
+
+
+def give_back_call(key, call):
+    _CALLS.__dict__.setdefault("calls", {})[key] = call
 
 
 def taken(kind):
@@ -168,8 +175,9 @@ def give_back(key, found):
 def _prune():
     """Forget the buffers of threads that have ended (their idents may come back with new threads)."""
     alive = {t.ident for t in threading.enumerate()}
-    for key in [key for key in SCRATCH if key[0] not in alive]:
-        SCRATCH.pop(key, None)
+    for key in list(SCRATCH):  # a copy of the keys in one call into C: other threads take and give back meanwhile
+        if key[0] not in alive:
+            SCRATCH.pop(key, None)
 
 
 # (thread ident, kind) -> that thread's buffers for the head and scalars of a one-part step, while no step holds

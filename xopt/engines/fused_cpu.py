@@ -31,7 +31,8 @@ import numpy as np
 
 from .. import _backend, _pages
 from .._atomic import together
-from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, SCRATCH as _SCRATCH, taken as _taken, call_block, rule_function,
+from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, SCRATCH as _SCRATCH, taken as _taken, call_block, give_back_call,
+                       rule_function,
                        split_at as _split_at, step_function)
 from .cpu_structs import N_HEAD
 from .kernels import KeptSlots, lookup
@@ -233,7 +234,7 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 lists[2 + j] = [st.get(kind.slots[j]) for st in states]
         head = _head(lists, len(ps), kind, keeps, mode, part)
         scal = np.array([(*v, 1.0) for v in values], dtype=kind.dtype)
-        call = call_block(kind.function, head, scal, kind.small_step)
+        key, call = call_block(kind.function, head, scal, kind.small_step)
         held = None
     try:
         if clip is None:
@@ -254,9 +255,11 @@ def step(opt, kind, views, values, ps, gs, states, steps, part, commit):
                 return None
             raise RuntimeError("xopt internal error: a step's arrays changed between two checks")
         return later.run(opt, arrays, clip, commit)
-    finally:
-        if held is not None:  # the buffers back in this thread's pool, whatever happened (cpu_step.give_back)
+    finally:  # this thread's buffers back in its pool, whatever happened (cpu_step.give_back, give_back_call)
+        if held is not None:
             _SCRATCH[key] = held
+        else:
+            give_back_call(key, call)
 
 
 def tensor_dtype(t):
