@@ -68,6 +68,32 @@ def test_a_buffer_is_aligned_for_its_elements_whatever_its_params_alignment():
     assert _pages.mapped(opt.state["w"]["m"]) and opt.state["w"]["m"].ctypes.data % 64 == 0
 
 
+def _resident(a):
+    """Bytes resident (``Rss`` in /proc/self/smaps) of the mapping areas that hold array ``a``'s data."""
+    lo = a.__array_interface__["data"][0]
+    hi, total, inside = lo + a.nbytes, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start < hi and end > lo
+            elif head == "Rss:" and inside:
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/smaps")
+@pytest.mark.parametrize("slot", [0, 2])
+def test_a_buffer_written_whole_holds_no_more_memory_than_its_bytes(slot):
+    """Only the huge pages wholly inside a buffer are advised: one it starts or ends in would be backed whole
+    (a 4 MiB buffer held 6 MiB)."""
+    a = _pages.full((_pages.HUGE_MIN + 12345,), 1, np.uint8, near=np.zeros(10), slot=slot)
+    assert _pages.mapped(a)
+    a[...] = 3
+    assert a.nbytes <= _resident(a) <= a.nbytes + 2 * 4096
+
+
 def test_without_the_advice_buffers_are_numpys(monkeypatch):
     monkeypatch.setattr(_pages, "_ADVICE", None)
     a = _pages.full(BIG, 0.5, np.float32)

@@ -9,9 +9,10 @@ pages on ``madvise``), 2^25 float32, one thread (``benchmarks/state_placement.py
 placed as below, 0.856 with NumPy's own m and v; a plain numba loop of the same arithmetic 0.692 against 0.833.
 The params and grads were NumPy's own in every case.
 
-So :func:`full` gives a state buffer of at least :data:`HUGE_MIN` bytes its own anonymous mapping, advised
-for huge pages before its first touch (Linux; elsewhere, or where the mapping is refused, a NumPy array as
-before), starting ``slot + 1`` quarters of a huge page past the offset of its param's data in its own:
+So :func:`full` gives a state buffer of at least :data:`HUGE_MIN` bytes its own anonymous mapping, the huge
+pages wholly inside it advised before its first touch (as NumPy advises its own: a partial one at either end
+would be backed whole, up to 2 MiB more memory each) (Linux; elsewhere, or where the mapping is refused, a NumPy
+array as before), starting ``slot + 1`` quarters of a huge page past the offset of its param's data in its own:
 buffers of one param apart from it and from each other.  The array is an ordinary writable NumPy array (its
 base the mapping, unmapped when the last view of it goes).  Smaller buffers are NumPy's.
 """
@@ -98,10 +99,16 @@ def _mapped(nbytes, offset):
         m = mmap.mmap(-1, nbytes + _PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError, OverflowError):
         return None
-    try:
-        m.madvise(_ADVICE)
-    except OSError:  # no transparent huge pages here: the mapping still places the buffer
-        pass
     raw = np.frombuffer(m, dtype=np.uint8)
-    start = (offset - raw.__array_interface__["data"][0]) % _PAGE
+    base = raw.__array_interface__["data"][0]
+    start = (offset - base) % _PAGE
+    # huge pages for the whole ones inside the buffer alone: a huge page is backed whole once touched, so the
+    # partial ones at its ends (up to 2 MiB each) stay in base pages, as NumPy advises its own arrays
+    lo = -(-(base + start) // _PAGE) * _PAGE
+    hi = (base + start + nbytes) // _PAGE * _PAGE
+    if hi > lo:
+        try:
+            m.madvise(_ADVICE, lo - base, hi - lo)
+        except OSError:  # no transparent huge pages here: the mapping still places the buffer
+            pass
     return raw[start:start + nbytes]
