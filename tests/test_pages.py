@@ -54,6 +54,21 @@ def test_each_slot_starts_a_quarter_page_further_from_its_param():
 
 
 @pytest.mark.skipif(not LINUX, reason="mappings of their own on Linux only")
+def test_state_loaded_with_its_params_is_placed_by_them():
+    params = {"w": np.ones(BIG, np.float32)}
+    opt = xopt.Adam()
+    opt.update(params, {"w": np.full(BIG, 0.5, np.float32)})
+    new = xopt.Adam()
+    new.load_state_dict(opt.state_dict(), params)
+    at = params["w"].ctypes.data % (1 << 21)
+    at -= at % 64
+    offsets = sorted(new.state["w"][k].ctypes.data % (1 << 21) for k in ("m", "v"))
+    assert offsets == sorted((at + q * QUARTER) % (1 << 21) for q in (1, 2))
+    for k in ("m", "v"):
+        np.testing.assert_array_equal(new.state["w"][k], opt.state["w"][k])
+
+
+@pytest.mark.skipif(not LINUX, reason="mappings of their own on Linux only")
 def test_a_buffer_is_aligned_for_its_elements_whatever_its_params_alignment():
     """A float32 state of a float16 param that starts 2 bytes past a 4-byte boundary (a slice of a flat buffer)
     starts on a cache line, in its mapping, and the step keeps it (a misaligned buffer would be copied)."""
@@ -68,30 +83,29 @@ def test_a_buffer_is_aligned_for_its_elements_whatever_its_params_alignment():
     assert _pages.mapped(opt.state["w"]["m"]) and opt.state["w"]["m"].ctypes.data % 64 == 0
 
 
-def _resident(a):
-    """Bytes resident (``Rss`` in /proc/self/smaps) of the mapping areas that hold array ``a``'s data."""
-    lo = a.__array_interface__["data"][0]
-    hi, total, inside = lo + a.nbytes, 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start < hi and end > lo
-            elif head == "Rss:" and inside:
-                total += int(line.split()[1]) * 1024
-    return total
+def _present(lo, hi):
+    """How many 4 KiB pages of addresses [lo, hi) are backed (bit 63 of /proc/self/pagemap)."""
+    first, last = lo // 4096, -(-hi // 4096)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first) * 8), dtype=np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
 
 
-@pytest.mark.skipif(not LINUX, reason="/proc/self/smaps")
+@pytest.mark.skipif(not LINUX, reason="/proc/self/pagemap")
 @pytest.mark.parametrize("slot", [0, 2])
 def test_a_buffer_written_whole_holds_no_more_memory_than_its_bytes(slot):
-    """Only the huge pages wholly inside a buffer are advised: one it starts or ends in would be backed whole
-    (a 4 MiB buffer held 6 MiB)."""
+    """Only the huge pages wholly inside a buffer are advised: one it starts or ends in would be backed whole,
+    the mapping's room before and after the buffer with it (a 4 MiB buffer held 6 MiB)."""
     a = _pages.full((_pages.HUGE_MIN + 12345,), 1, np.uint8, near=np.zeros(10), slot=slot)
     assert _pages.mapped(a)
     a[...] = 3
-    assert a.nbytes <= _resident(a) <= a.nbytes + 2 * 4096
+    room = a.base  # the whole mapping, as NumPy sees it
+    base, start = room.__array_interface__["data"][0], a.__array_interface__["data"][0]
+    end = start + a.nbytes
+    assert _present(start, end) == -(-end // 4096) - start // 4096  # the buffer itself: every page
+    before, after = _present(base, start // 4096 * 4096), _present(-(-end // 4096) * 4096, base + room.nbytes)
+    assert (before, after) == (0, 0)
 
 
 def test_without_the_advice_buffers_are_numpys(monkeypatch):

@@ -271,7 +271,8 @@ class _EntryChecks:
             expect_dtype = expect_shape = None
         entry = {"step": step}
         buffer_dtypes, copy = self.buffer_dtypes, self.copy
-        for buf_name in names[0]:
+        near = p if arrays is not None else None  # a copy placed by its param where the params are given
+        for slot, buf_name in enumerate(names[0]):
             buf = st[buf_name]
             if type(buf) is not np.ndarray:
                 return None
@@ -284,7 +285,7 @@ class _EntryChecks:
                 expect_shape, expect_dtype = buf.shape, name
             elif buf.shape != expect_shape or name != expect_dtype:
                 return None
-            entry[buf_name] = _pages.copy(buf) if copy else buf  # C order, native: what _native makes of it
+            entry[buf_name] = _pages.copy(buf, near, slot) if copy else buf  # C order, native: as _native's
         return entry
 
     def _names(self, signature):
