@@ -188,3 +188,29 @@ def test_a_rule_that_raises_on_floats_is_declined(taken):
         for g in (0.0, 0.0, 1.0):
             ref.update(q, {"a": g})
     assert _snapshot(opt, p) == _snapshot(ref, q)
+
+
+@pytest.mark.parametrize("count", [np.int64(1), True, 1.0])
+def test_a_step_count_of_another_type_is_the_other_paths(count, taken):
+    """A count equal to the others but not an int (set by hand, or loaded by another tool): declined, and the
+    step is what the lane-less path makes of it."""
+    runs = []
+    for lane in (True, False):
+        opt = xopt.Adam(lr=0.1)
+        params = _params()
+        opt.update(params, _grads(0))
+        opt.state["b"]["step"] = count
+        taken.clear()
+        try:
+            if lane:
+                opt.update(params, _grads(1))
+            else:
+                with pytest.MonkeyPatch.context() as m:
+                    m.setattr(_scalar_lane, "take", lambda *a: False)
+                    opt.update(params, _grads(1))
+            runs.append(_snapshot(opt, params))
+        except (TypeError, ValueError) as e:
+            runs.append(type(e).__name__ + str(e))
+        if lane:
+            assert taken == [False]
+    assert runs[0] == runs[1]

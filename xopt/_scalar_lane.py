@@ -73,7 +73,10 @@ def take(opt, params, keys, ps, gs) -> bool:
         else:
             return False
         st = state.get(key)
-        if type(st) is not dict or st.get("step") != first:
+        if type(st) is not dict:
+            return False
+        count = st.get("step")
+        if type(count) is not int or count != first:  # another int type: the other paths' to convert or refuse
             return False
         buffers = {}
         for name in names:
