@@ -214,3 +214,47 @@ def test_a_step_count_of_another_type_is_the_other_paths(count, taken):
         if lane:
             assert taken == [False]
     assert runs[0] == runs[1]
+
+
+def _without_lane(f):
+    """What ``f()`` gives with the scalar lane declining every step."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_scalar_lane, "take", lambda *a: False)
+        return f()
+
+
+@pytest.mark.parametrize("grad", ["another param", "its own param", "a state buffer"])
+def test_a_grad_that_is_a_written_array_gets_the_other_paths_error(grad, taken):
+    def run():
+        opt = xopt.Adam(lr=0.1)
+        params = {"a": np.array(1.0), "b": np.array(2.0)}
+        opt.update(params, {"a": 1.0, "b": 1.0})
+        g = {"another param": params["b"], "its own param": params["a"], "a state buffer": opt.state["a"]["m"]}[grad]
+        with pytest.raises(ValueError, match="share memory") as e:
+            opt.update(params, {"a": g, "b": 1.0})
+        return str(e.value), _snapshot(opt, params)
+    assert run() == _without_lane(run)
+    assert True not in taken
+
+
+@pytest.mark.parametrize("make,grads", [
+    (lambda: xopt.Adamax(lr=0.1, eps=0.0), [{"a": 0.0}] * 3),
+    (lambda: xopt.Lion(lr=0.1), [{"a": 0.0}, {"a": -0.0}, {"a": math.inf}]),
+    (lambda: xopt.Adam(lr=0.1, amsgrad=True), [{"a": 1e-200}, {"a": 0.0}, {"a": math.nan}]),
+])
+def test_no_warning_the_other_paths_do_not_give(make, grads, taken, recwarn):
+    """The lane's functions give Python floats (NumPy's scalars would carry on in NumPy's arithmetic, warning
+    where the other paths compute quietly): under warnings as errors, the same outcome with the lane or without."""
+    import warnings
+
+    def run():
+        opt, params = make(), {"a": np.array(1.0)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for g in grads:
+                try:
+                    opt.update(params, g)
+                except Warning as w:
+                    return type(w).__name__
+        return _snapshot(opt, params)
+    assert run() == _without_lane(run)

@@ -64,11 +64,14 @@ def take(opt, params, keys, ps, gs) -> bool:
     rule = view.rule
     # what the step writes, one (target, index, value) each, in the order the writes run: 0-d arrays' values,
     # float params rebound, step counts, iter
-    targets, where, values, steps, arrays = [], [], [], [], []  # arrays: those written
+    targets, where, values, steps, arrays, read = [], [], [], [], [], []  # arrays written, grad arrays read
     target, at, value, counted = targets.append, where.append, values.append, steps.append
     for key, p, g in zip(keys, ps, gs):
         kind = type(g)
-        if kind is float or kind is _NP_FLOAT or kind is _ARRAY and g.dtype is _F64 and g.shape == ():
+        if kind is float or kind is _NP_FLOAT:
+            g = float(g)
+        elif kind is _ARRAY and g.dtype is _F64 and g.shape == () and g.base is None:
+            read.append(g)
             g = float(g)
         else:
             return False
@@ -109,8 +112,10 @@ def take(opt, params, keys, ps, gs) -> bool:
             value(new[name])
             arrays.append(b)
         counted(st)
-    if len(set(map(id, arrays))) != len(arrays):
-        return False  # one array written twice (under two keys; a param as a buffer): the checked path refuses it
+    written = set(map(id, arrays))
+    if len(written) != len(arrays) or read and not written.isdisjoint(map(id, read)):
+        return False  # an array written twice (under two keys, a param as a buffer), or a grad that is one: the
+        # checked path refuses them, naming them
     n = len(steps)
     targets += steps
     where += ["step"] * n
@@ -126,9 +131,27 @@ def take(opt, params, keys, ps, gs) -> bool:
     return True
 
 
+def _sign(x):
+    """np.sign's float64 result as a Python float: ±1, +0.0 for either zero, a NaN itself."""
+    if x != x:
+        return x
+    return 1.0 if x > 0.0 else -1.0 if x < 0.0 else 0.0
+
+
+def _maximum(a, b):
+    """np.maximum's float64 result as a Python float: a NaN wins (the first), else b unless a > b (so
+    maximum(-0.0, 0.0) is 0.0 and maximum(0.0, -0.0) is -0.0)."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a > b else b
+
+
 FLOATS = SimpleNamespace(
     sqrt=math.sqrt,  # correctly rounded, as np.sqrt; a negative raises ValueError (NumPy's NaN: declined)
     abs=math.fabs,
-    sign=np.sign,
-    maximum=np.maximum,  # NaN propagates (Python's max does not)
-)  # the array-API functions the element rules call, for Python floats: NumPy's results bit for bit
+    sign=_sign,
+    maximum=_maximum,
+)  # the array-API functions the element rules call, for Python floats: NumPy's results on 0-d float64 arrays bit
+# for bit, as Python floats (NumPy's scalars would carry on in NumPy's arithmetic, with its warnings)
