@@ -559,3 +559,54 @@ def test_an_8bit_state_converted_without_the_params_is_widened_by_a_float64_para
         assert np.array_equal(p["w"], expected["w"])
         for n in "mv":
             assert np.array_equal(opt.state["w"][n], with_params.state["w"][n])
+
+
+@pytest.mark.parametrize("options", [{"clip_grad_norm": 1.0}, {}])
+def test_a_read_only_grad_steps_in_place_as_a_writable_one(options):
+    """The kernel only reads grads: a read-only one (a JAX array's NumPy view, a read-only memmap) steps in place,
+    with the numbers of a writable one, and no copy of it (the checked path's 8-bit call copied it whole)."""
+    import tracemalloc
+
+    n = 1 << 18
+    runs = []
+    for writeable in (True, False):
+        opt = xopt.Adam(lr=0.01, state_dtype="8bit", **options)
+        params = {"w": np.linspace(-1, 1, n, dtype=np.float32)}
+        g = np.cos(np.arange(n, dtype=np.float32))
+        g.flags.writeable = writeable
+        for _ in range(2):  # the state made, then the lane's code loaded
+            opt.update(params, {"w": g})
+        tracemalloc.start()
+        opt.update(params, {"w": g})
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < g.nbytes // 4, peak
+        runs.append((params["w"].copy(), opt.state["w"]["m"].copy(), opt.state["w"]["v_absmax"].copy()))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", [None, 0, -1])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_skip_nonfinite_checks_a_large_grad_without_an_array_of_its_size(where, order):
+    """skip_nonfinite's check on the checked path (8-bit state's steps take it) reads a NumPy grad a chunk at a
+    time (a bool array of the grad's size was made every step); a NaN anywhere still skips the step."""
+    import tracemalloc
+
+    shape = (512, 1024)
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit", skip_nonfinite=True)
+    params = {"w": np.ones(shape, np.float32, order=order)}
+    g = np.asarray(np.full(shape, 0.5, np.float32), order=order)
+    for _ in range(2):
+        opt.update(params, {"w": g})
+    before = params["w"].copy()
+    if where is not None:
+        g.reshape(-1, order="A")[where] = np.nan
+    tracemalloc.start()
+    opt.update(params, {"w": g})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if order == "C" or where is not None:  # (a Fortran-ordered param steps through C-ordered copies)
+        assert peak < g.size // 4, peak  # a bool chunk, not a bool array of the grad (g.size bytes)
+    assert opt.skipped_steps == (where is not None)
+    assert np.array_equal(params["w"], before) is (where is not None)

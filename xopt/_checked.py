@@ -308,11 +308,25 @@ def _copy(x):
     return xp.asarray(x, copy=True)
 
 
+_FINITE_CHUNK = 1 << 16  # elements a NumPy grad's finiteness is checked at a time
+
+
+def _chunks(a):
+    """A contiguous NumPy array's elements in memory order, in flat chunks of _FINITE_CHUNK (views)."""
+    flat = a.ravel(order="K")
+    return (flat[i:i + _FINITE_CHUNK] for i in range(0, flat.shape[0], _FINITE_CHUNK))
+
+
 def _all_finite(entries) -> bool:
     """Whether every grad is finite.  Dask grads are checked in one computation: one per grad would compute again,
     for each, whatever the grads share (a backward pass), and wait for the cluster once per grad."""
     lazy = []
     for e in entries:
+        g = e.g
+        if type(g) is np.ndarray and g.size > _FINITE_CHUNK and (g.flags.c_contiguous or g.flags.f_contiguous):
+            if not all(np.isfinite(chunk).all() for chunk in _chunks(g)):  # no bool array of its size
+                return False
+            continue
         finite = e.xp.all(e.xp.isfinite(e.g))
         if _backend.is_dask(finite):
             lazy.append(finite)

@@ -197,9 +197,7 @@ def apply(opt, entries) -> list:
         g = np.asarray(e.g)
         if g.shape != p.shape:
             g = np.broadcast_to(g, p.shape)
-        flat_g, _ = _flat(g, work)
-        if flat_g.flags.writeable is False:
-            flat_g = flat_g.copy()
+        flat_g, _ = _flat(g, work)  # read-only grads too (only read: their own compiled signature, no copy)
         at = (id(view), id(e.scalars), work, e.clip)
         shared = made.get(at)
         if shared is None:
@@ -219,7 +217,8 @@ def apply(opt, entries) -> list:
         per = max(1, CHUNK // run) if threads > 1 else nb
         units = -(-nb // per)
         args = (per, nb, flat_p, flat_g, *arrays, s, clip, run)
-        aligned = tuple(a.flags.aligned for a in arrays[1::2])  # the absmax arrays (the others are aligned)
+        # the absmax arrays' alignment (the others are aligned) and whether the grad is writable: the types
+        aligned = (*(a.flags.aligned for a in arrays[1::2]), flat_g.flags.writeable)
         if aligned not in typed:  # typed (and loaded) here, not among the writes: calls that run no block
             claim_blocks(np.array([units, 0], dtype=np.int64), *args)
             wait_done(_NONE_DONE, 0)  # in the writes after a first param's blocks: typed before them too
@@ -237,7 +236,7 @@ def apply(opt, entries) -> list:
 def _shared(view, scalars, work, clip):
     """What the entries of one hyperparameter set, step and compute dtype share: (the kernel's slots padded to
     three, which of them the set keeps, its scalars as a tuple of ``work`` numbers, the clip factor, the claim
-    function, the alignments of absmax arrays it was already called with)."""
+    function, the types (absmax arrays' alignments, the grad's writability) it was already called with)."""
     kernel, names = lookup(view), view.buffers()
     slots = kernel.slots + ("",) * (3 - len(kernel.slots))
     keep = tuple(name in names for name in slots)
