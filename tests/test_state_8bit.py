@@ -610,3 +610,20 @@ def test_skip_nonfinite_checks_a_large_grad_without_an_array_of_its_size(where, 
         assert peak < g.size // 4, peak  # a bool chunk, not a bool array of the grad (g.size bytes)
     assert opt.skipped_steps == (where is not None)
     assert np.array_equal(params["w"], before) is (where is not None)
+
+
+def test_a_wrong_buffer_of_an_8bit_state_is_named():
+    """Without params, a buffer of another shape than the others is named with both shapes (the first buffer's
+    shape stood for the param's, so the right one was blamed); an absmax that is no array is named, with its type."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(5000).astype(np.float32)}
+    opt = xopt.Adam(lr=0.01, state_dtype="8bit")
+    opt.update(params, {"w": rng.standard_normal(5000).astype(np.float32)})
+    sd = opt.state_dict()
+    sd["state"]["w"]["m"] = sd["state"]["w"]["m"][:-1].copy()  # 4999 codes: still 20 blocks of 256
+    with pytest.raises(ValueError, match=r"'m' has shape \(4999,\) but 'v' has shape \(5000,\)"):
+        xopt.Adam(lr=0.01, state_dtype="8bit").load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["state"]["w"]["v_absmax"] = list(sd["state"]["w"]["v_absmax"])
+    with pytest.raises(TypeError, match="'v_absmax'.*got list"):
+        xopt.Adam(lr=0.01).load_state_dict(sd)  # to float state: a conversion

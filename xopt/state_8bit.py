@@ -146,9 +146,10 @@ def _converted(trial, key, st, names, want_8bit, p, saved_block):
                 entry[name] = _backend.namespace(buf).astype(buf, _backend.low_precision_dtype(
                     _backend.namespace(buf), "bfloat16"))
             continue
-        if not _array(buf) or (absmax is not None and not _array(absmax)):
-            raise TypeError(f"state {name!r} of param {describe(key)}: 8-bit state converts from and to NumPy "
-                            f"and CuPy arrays only, got {type(buf).__name__}")
+        for what, a in ((name, buf), (name + SUFFIX, absmax)):
+            if a is not None and not _array(a):
+                raise TypeError(f"state {what!r} of param {describe(key)}: 8-bit state converts from and to NumPy "
+                                f"and CuPy arrays only, got {type(a).__name__}")
         if absmax is not None:
             _check_blocks(key, name, buf, absmax, saved_block)
             if want_8bit and saved_block == block:
@@ -256,12 +257,15 @@ def checked_entry(kind, key, st, step, always, possible, p):
         raise ValueError(f"state of param {name} lacks {sorted(always - names)}, which every {kind} keeps "
                          f"from a param's first step (its step is {step})")
     shape = tuple(np.shape(p)) if p is not None else None  # a Python float param: ()
-    entry = {"step": step}
+    entry, first = {"step": step}, None
     for n in sorted(names):
         codes = st[n]
         if shape is not None and tuple(codes.shape) != shape:
             raise ValueError(f"state {n!r} of param {name} has shape {tuple(codes.shape)} but the param has "
                              f"shape {shape}")
-        shape = tuple(codes.shape)
+        if first is not None and tuple(codes.shape) != tuple(st[first].shape):  # no param: the buffers agree
+            raise ValueError(f"state of param {name}: {first!r} has shape {tuple(st[first].shape)} but {n!r} has "
+                             f"shape {tuple(codes.shape)}; a param's buffers have its shape")
+        first = first or n
         entry[n], entry[n + SUFFIX] = _own(codes), _own(st[n + SUFFIX])
     return entry
