@@ -442,6 +442,24 @@ def test_a_zip_entry_flagged_encrypted_is_not_a_state_file(tmp_path):
     assert fresh.state == {} and fresh.iter == 0
 
 
+@pytest.mark.parametrize("damage", [b"(2400, ", b"(2400,]", b"(2400,}"])
+def test_a_damaged_array_header_is_not_a_state_file(damage, tmp_path):
+    """A member's .npy header NumPy cannot parse (one byte changed, as on a bad disk: NumPy's header filter
+    raises tokenize's TokenError, or a SyntaxError): load says the file is not a state file, changes nothing."""
+    params = {"w": np.ones((40, 30), np.float32)}  # m and v: 2,400 float32 in one member
+    opt = xopt.Adam()
+    opt.update(params, {"w": np.ones((40, 30), np.float32)})
+    path = tmp_path / "a.npz"
+    opt.save(path)
+    data = path.read_bytes()
+    assert data.count(b"(2400,)") == 1
+    path.write_bytes(data.replace(b"(2400,)", damage))  # as long: the zip's offsets stay right
+    fresh = xopt.Adam()
+    with pytest.raises(ValueError, match="is not an xopt state file"):
+        fresh.load(path, params=params)
+    assert fresh.state == {} and fresh.iter == 0
+
+
 def test_a_schedule_free_file_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
     """state_dict() holds ScheduleFreeAdamW's mode; the file holds it too, so eval(); save(); load(); train()
     resumes the run bit for bit."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tokenize
 import zipfile
 import zlib
 
@@ -46,8 +47,9 @@ def load_state(path) -> dict:
         except StateFileError as exc:
             raise ValueError(str(exc)) from None
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, NotImplementedError,
-                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError,
-                RuntimeError) as exc:  # truncated, corrupt (zipfile: RuntimeError for an entry flagged encrypted)
+                UnicodeDecodeError, OSError, TypeError, IndexError, OverflowError, SyntaxError, tokenize.TokenError,
+                RuntimeError) as exc:  # truncated, corrupt (zipfile: RuntimeError for an entry flagged encrypted;
+            # a .npy header NumPy cannot parse: SyntaxError or tokenize's TokenError from its header filter)
             raise ValueError(f"{path} is not an xopt state file ({type(exc).__name__}: {exc})") from exc
 
 
