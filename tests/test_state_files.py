@@ -147,6 +147,25 @@ def test_a_save_removes_the_temp_files_killed_saves_of_its_target_left_and_nothi
     assert os.listdir(tmp_path / "sub") == [".s.npz.0123456789ab.tmp"]
 
 
+@pytest.mark.parametrize("length", [237, 238, 251])
+def test_a_target_whose_name_leaves_no_room_for_the_temp_files_saves(length, tmp_path):
+    """A name of up to 255 bytes is a file's; its temp file's name (18 bytes longer) takes a prefix of it and
+    its hash where it would not fit, and the next save finds a killed save's temp file by that name too."""
+    opt, params = _trained()
+    base = "L" * (length - 4) + ".npz"
+    with open(tmp_path / base, "wb"):
+        pass  # the file system takes the name itself
+    stem = state_files._stem(base)
+    assert (stem == base) is (length + 18 <= 255) and len(stem) + 18 <= 255
+    stale = tmp_path / f".{stem}.0123456789ab.tmp"
+    stale.write_bytes(b"PK\x03\x04 half a file")
+    opt.save(tmp_path / base)
+    assert sorted(os.listdir(tmp_path)) == [base]
+    fresh = xopt.Adam()
+    fresh.load(tmp_path / base, params=params)
+    assert fresh.iter == opt.iter
+
+
 @posix_only
 def test_the_temp_file_of_a_live_save_in_another_process_stays(tmp_path):
     """Another process is writing its temp file of the same target (it holds the lock): a save leaves it."""

@@ -1,6 +1,7 @@
 """Writing a file atomically and durably, with its temp file never left behind by a save that ran to its end.
 
-:func:`atomic_write` writes into a new temp file next to the target, ``.<name>.<12 hex digits>.tmp``, flushes
+:func:`atomic_write` writes into a new temp file next to the target, ``.<name>.<12 hex digits>.tmp`` (a name too
+long for that: a prefix of it and its hash), flushes
 it to disk, renames it onto the target and flushes the directory.  Whatever goes wrong (an error, a signal's
 exception such as KeyboardInterrupt) removes the temp file before the exception goes on, and an OSError is
 raised again naming the target.
@@ -16,6 +17,7 @@ exist (Windows) or the file system refuses it, nothing is removed.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -86,8 +88,25 @@ def _named(exc, target):
     return OSError(exc.errno, f"{exc.strerror or exc}: cannot save to {target!r}; nothing there was changed")
 
 
+_NAME_MAX = 255  # bytes in a file name (Linux, macOS, Windows): a temp file's name must fit as its target's does
+_TEMP_EXTRA = len(".") + len(".") + 12 + len(".tmp")  # what a temp file's name adds to its stem
+
+
+def _stem(base):
+    """The part of a temp file's name taken from its target's name ``base``: ``base`` itself, or where the temp
+    name would not fit in a file name, a prefix of it and 16 hex digits of its hash (the same for each save of
+    one target, so that stale temp files are found)."""
+    if len(os.fsencode(base)) + _TEMP_EXTRA <= _NAME_MAX:
+        return base
+    digest = hashlib.sha1(os.fsencode(base)).hexdigest()[:16]
+    prefix = base
+    while len(os.fsencode(prefix)) + 1 + len(digest) + _TEMP_EXTRA > _NAME_MAX:
+        prefix = prefix[:-1]
+    return f"{prefix}~{digest}"
+
+
 def _temp_pattern(base):
-    return re.compile(re.escape(f".{base}.") + r"[0-9a-f]{12}\.tmp\Z")
+    return re.compile(re.escape(f".{_stem(base)}.") + r"[0-9a-f]{12}\.tmp\Z")
 
 
 def _new_temp(directory, base):
@@ -95,7 +114,7 @@ def _new_temp(directory, base):
     exclusively locked (where flock exists): (its fd, its path)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(directory, f".{_stem(base)}.{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
