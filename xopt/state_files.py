@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -49,6 +50,7 @@ def atomic_write(path, write, *, run=_call):
     # as str (a bytes path too: the temp files are found by a str pattern), through symlinks: the link stays,
     target = os.path.realpath(os.fsdecode(path))  # its target is replaced
     directory, base = os.path.split(target)
+    made = []  # (temp file object, its path), put there by _new_temp before it returns
     try:
         try:
             info = os.stat(target)
@@ -59,25 +61,24 @@ def atomic_write(path, write, *, run=_call):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
             mode = stat.S_IMODE(info.st_mode)
         remove_stale_temp_files(target)
-        fd, tmp = _new_temp(directory, base)
-    except OSError as exc:
-        raise _named(exc, target) from exc
-    lock = fd
-    try:
-        lock = os.dup(fd)  # holds the flock (it belongs to the open file) until the rename is done
-        with os.fdopen(fd, "wb") as f:
-            run(write, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _new_temp(directory, base, made)
+        f, tmp = made
+        out = io.BufferedWriter(f)  # the temp file stays open, and locked, until it is renamed
+        run(write, out)
+        out.flush()
+        os.fsync(f.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
+        if fcntl is None:
+            f.close()  # Windows: an open file cannot be renamed over another (and there is no lock to hold)
         os.replace(tmp, target)
     except BaseException as exc:
-        _discard(tmp, lock)
+        if made:  # (a signal's exception may come as _new_temp returns: what it made is here all the same)
+            _discard(made[1], made[0])
         if isinstance(exc, OSError):
             raise _named(exc, target) from exc
         raise
-    _release(tmp, lock)
+    _release(made[1], made[0])
     _fsync_directory(directory)
 
 
@@ -109,28 +110,33 @@ def _temp_pattern(base):
     return re.compile(re.escape(f".{_stem(base)}.") + r"[0-9a-f]{12}\.tmp\Z")
 
 
-def _new_temp(directory, base):
+def _new_temp(directory, base, made=None):
     """A new file next to the target, created with mode 0o666 so the umask applies as for any new file,
-    exclusively locked (where flock exists): (its fd, its path)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    exclusively locked (where flock exists): (its unbuffered binary file object, its path), also put in the list
+    ``made`` (where given) before it returns, for a caller to remove whatever comes after.
+
+    Opened as a file object (``open``'s own O_CREAT | O_EXCL | O_CLOEXEC, in C), not as a bare fd: a signal's
+    exception (KeyboardInterrupt) can come as the call returns, before the result is kept, and a lost file
+    object closes its fd.  Its path is kept in ``_LIVE`` only inside the ``try`` that takes it out again."""
     while True:
         tmp = os.path.join(directory, f".{_stem(base)}.{secrets.token_hex(6)}.tmp")
         try:
-            fd = os.open(tmp, flags, 0o666)
+            f = open(tmp, "xb", buffering=0)  # noqa: SIM115 (closed by the caller, or below)
         except FileExistsError:
             continue
-        with _LIVE_LOCK:
-            _LIVE.add(tmp)
         try:
-            if _lock(fd, wait=True) and not _same_file(fd, tmp):  # removed as stale before it was locked
-                _discard(None, fd)
-                with _LIVE_LOCK:
-                    _LIVE.discard(tmp)
+            with _LIVE_LOCK:
+                _LIVE.add(tmp)
+            if _lock(f.fileno(), wait=True) and not _same_file(f.fileno(), tmp):
+                # removed as stale before it was locked: its name is no longer its, make another
+                _release(tmp, f)
                 continue
+            if made is not None:
+                made[:] = f, tmp
         except BaseException:
-            _discard(tmp, fd)
+            _discard(tmp, f)
             raise
-        return fd, tmp
+        return f, tmp
 
 
 def _lock(fd, wait) -> bool:
@@ -153,25 +159,23 @@ def _same_file(fd, path) -> bool:
     return (now.st_dev, now.st_ino) == (here.st_dev, here.st_ino)
 
 
-def _discard(tmp, fd):
-    """Remove the temp file ``tmp`` (if given), then close ``fd``: in that order, so no other save takes a
+def _discard(tmp, f):
+    """Remove the temp file ``tmp``, then close its file object ``f``: in that order, so no other save takes a
     live temp file for a stale one between the two."""
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-    _release(tmp, fd)
-
-
-def _release(tmp, fd):
     try:
-        os.close(fd)
+        os.unlink(tmp)
     except OSError:
         pass
-    if tmp is not None:
-        with _LIVE_LOCK:
-            _LIVE.discard(tmp)
+    _release(tmp, f)
+
+
+def _release(tmp, f):
+    try:
+        f.close()
+    except OSError:
+        pass
+    with _LIVE_LOCK:
+        _LIVE.discard(tmp)
 
 
 def stale_temp_files(target) -> list:
@@ -199,11 +203,14 @@ def _stale(target, remove):
             if path in _LIVE:
                 continue
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:  # gone already, or a symlink: not a temp file of a save
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a symlink (or a FIFO...): not a temp file of a save
+                continue
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 (a file object: see _new_temp)
+        except OSError:  # gone already
             continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or not _lock(fd, wait=False) or not _same_file(fd, path):
+        with f:
+            fd = f.fileno()
+            if not _same_file(fd, path) or not _lock(fd, wait=False):  # (not a link put there meanwhile)
                 continue
             if remove:
                 try:
@@ -211,8 +218,6 @@ def _stale(target, remove):
                 except OSError:
                     continue
             yield path, fd
-        finally:
-            os.close(fd)
 
 
 def _fsync_directory(directory):

@@ -132,19 +132,31 @@ def _group(groups, dtype, name, key) -> int:
 
 def write(f, laid_out: Plan):
     """Write the file ``plan`` laid out into the binary file ``f`` (an .npz archive, stored)."""
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, a in laid_out.small.items():
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, a, allow_pickle=False)
-        for g, (native, dname, count, buffers) in enumerate(laid_out.groups):
-            stored = np.dtype(np.uint16) if dname == "bfloat16" else native  # .npy has no bfloat16: its bits
-            with archive.open(f"data_{dname}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(stored),
-                                                              "fortran_order": False, "shape": (count,)})
-                written = _stream(member, native, buffers, lambda j, g=g: laid_out.culprit(g, j))
-            if written != count * native.itemsize:
-                raise RuntimeError(f"the {dname} buffers changed while they were saved ({written} bytes written "
-                                   f"for {count} numbers): save the state between steps")
+    archive = _Zip(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    for name, a in laid_out.small.items():
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, a, allow_pickle=False)
+    for g, (native, dname, count, buffers) in enumerate(laid_out.groups):
+        stored = np.dtype(np.uint16) if dname == "bfloat16" else native  # .npy has no bfloat16: its bits
+        with archive.open(f"data_{dname}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(stored),
+                                                          "fortran_order": False, "shape": (count,)})
+            written = _stream(member, native, buffers, lambda j, g=g: laid_out.culprit(g, j))
+        if written != count * native.itemsize:
+            raise RuntimeError(f"the {dname} buffers changed while they were saved ({written} bytes written "
+                               f"for {count} numbers): save the state between steps")
+    archive.close()
+
+
+class _Zip(zipfile.ZipFile):
+    """A ZipFile closed only by its own ``close()``: one abandoned with its temp file (an error, or a signal's
+    KeyboardInterrupt mid-write, even mid-construction) writes nothing more when collected.
+
+    ZipFile's ``__del__`` closes it: after an interruption with a member still open that raised into the output,
+    and, being Python code, it was a place where a signal's KeyboardInterrupt came to be lost ("Exception
+    ignored in __del__").  Here ``__del__`` is a C method that does nothing (``object.__sizeof__``)."""
+
+    __del__ = object.__sizeof__
 
 
 def _stream(member, native, buffers, culprit) -> int:
