@@ -546,3 +546,58 @@ def test_an_inference_tensor_is_stepped_only_in_inference_mode(torch):
             ref.step()
             opt.step()
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
+
+
+def test_meta_params_step_as_torch_optims_do():
+    """Meta tensors have no memory (every one's data_ptr() is 0): they are not taken for tensors that share it
+    (the step raised "share memory"); the state is meta too, as torch.optim's."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    p = torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = xt.Adam([p])
+    for _ in range(2):
+        p.grad = torch.ones(3, device="meta")
+        opt.step()
+    assert opt.state[p]["exp_avg"].is_meta and float(opt.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("value", [1, 0, "numpy", "tensor"])
+def test_a_flag_given_as_a_number_or_a_tensor_is_its_truth_value(value):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import xopt.torch as xt
+
+    flag = {"numpy": np.True_, "tensor": torch.tensor(True)}.get(value, value)
+    runs = []
+    for lib in (torch.optim, xt):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=torch.float64))
+        opt = lib.Adam([p], lr=0.1, amsgrad=flag)
+        for i in range(3):
+            p.grad = torch.cos(p.detach() * (i + 1))
+            opt.step()
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], rtol=RTOL, atol=ATOL)
+
+
+def test_a_group_without_momentum_steps_plain_whatever_its_nesterov():
+    """torch.optim.SGD checks nesterov against its arguments alone: a group added later without momentum steps
+    as plain SGD (xopt refused it); the arguments are checked as torch checks them."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    runs = []
+    for lib in (torch.optim, xt):
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+            lib.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.0, nesterov=True)
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+        b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        opt = lib.SGD([w], lr=0.1, momentum=0.9, nesterov=True)
+        opt.add_param_group({"params": [b], "momentum": 0.0})
+        for i in range(3):
+            w.grad, b.grad = torch.sin(w.detach() + i), torch.full((2,), 0.5 * i, dtype=torch.float64)
+            opt.step()
+        runs.append((w.detach().clone(), b.detach().clone()))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)

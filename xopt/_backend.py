@@ -268,6 +268,9 @@ _DEVICE_NAMES = {}  # torch device -> its name, the memory space of its tensors
 
 
 def _torch_span(a):
+    """A torch tensor's span; None for a meta tensor (no memory: every one's data_ptr() is 0)."""
+    if a.is_meta:
+        return None
     device = a.device
     space = _DEVICE_NAMES.get(device)
     if space is None:

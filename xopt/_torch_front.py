@@ -4,14 +4,16 @@ xopt optimizer (param groups as ``overrides``); its torch-shaped state is :mod:`
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, is_, is_not
 
+import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from xopt._hyper import check_overrides, check_value, publish
+from xopt._hyper import check_overrides, check_value, flag, publish
 from xopt._lane import take_tensors
 from xopt._torch_state import TorchState, _StateView
 from xopt.optimizer import Optimizer
@@ -100,7 +102,7 @@ class _Front(TorchState, torch.optim.Optimizer):
         where = f"{type(self).__name__} param_groups[{i}]"
         _refuse(where, group)
         try:
-            return {**self.fixed, **self.hyper(group)}
+            return _truth_values(self.rule, {**self.fixed, **self.hyper(group)})
         except KeyError as exc:
             raise KeyError(f"{where} lacks {exc.args[0]!r}") from None
         except (TypeError, ValueError, RuntimeError) as exc:  # a value torch cannot read as a number
@@ -291,3 +293,14 @@ def _float(value):
 def _betas(group):
     beta1, beta2 = group["betas"]
     return {"beta1": _float(beta1), "beta2": _float(beta2)}
+
+
+def _truth_values(cls, hyper) -> dict:
+    """``hyper`` (of xopt optimizer class ``cls``) with each flag given as a number, a NumPy bool or a one-element tensor (from a config file, say)
+    as the bool torch.optim takes it for (``if amsgrad:``); other values as they are, for the checks to name."""
+    for name, value in hyper.items():
+        if type(value) is bool or getattr(getattr(cls, name, None), "check", None) is not flag:
+            continue
+        if isinstance(value, (numbers.Number, np.generic)) or isinstance(value, torch.Tensor) and value.numel() == 1:
+            hyper[name] = bool(value)
+    return hyper

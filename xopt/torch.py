@@ -62,14 +62,18 @@ class SGD(_Front):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
                  foreach=None, differentiable=False, fused=None):
+        if nesterov and (momentum <= 0 or dampening != 0):  # torch.optim.SGD's check, of its arguments alone
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, foreach=foreach,
                                       differentiable=differentiable, fused=fused))
 
     @staticmethod
     def hyper(group):
+        # a group without momentum steps as plain SGD whatever its nesterov (torch checks the arguments alone)
+        nesterov = group["nesterov"] if group["momentum"] != 0 else False
         return dict(lr=_float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
-                    weight_decay=_float(group["weight_decay"]), nesterov=group["nesterov"])
+                    weight_decay=_float(group["weight_decay"]), nesterov=nesterov)
 
 
 class Adam(_Front):
