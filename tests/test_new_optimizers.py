@@ -495,6 +495,22 @@ def test_schedule_free_eval_and_train_switch_the_params_between_x_and_y(rng):
     assert not copy.training
 
 
+def test_schedule_free_eval_and_train_take_number_params_as_update_does():
+    """Python-float and NumPy-float params switch as 0-d arrays do and stay numbers of their type (a Python
+    float raised AttributeError: no shape)."""
+    params = {"x": 1.0, "y": np.float64(2.0), "z": np.array(3.0)}
+    twin = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
+    opt, ref = xopt.ScheduleFreeAdamW(lr=0.1), xopt.ScheduleFreeAdamW(lr=0.1)
+    for _ in range(3):
+        opt.update(params, {"x": 0.5, "y": -0.5, "z": 0.25})
+        ref.update(twin, {"x": np.array(0.5), "y": np.array(-0.5), "z": np.array(0.25)})
+    for switch in ("eval", "train"):
+        getattr(opt, switch)(params)
+        getattr(ref, switch)(twin)
+        assert type(params["x"]) is float and type(params["y"]) is np.float64
+        assert [float(params[k]) for k in "xyz"] == [float(twin[k]) for k in "xyz"]
+
+
 def test_schedule_free_eval_of_torch_tensors_keeps_them_in_place(rng):
     torch = pytest.importorskip("torch")
     params = {k: torch.tensor(v, requires_grad=True) for k, v in _params(rng).items()}

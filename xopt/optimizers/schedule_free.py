@@ -7,6 +7,8 @@ import numbers
 import operator
 from functools import partial
 
+import numpy as np
+
 from .. import _backend
 from .._atomic import together_unforked
 from .._hyper import Hyper, _real, non_negative, set_fields, unit_interval
@@ -195,6 +197,9 @@ class ScheduleFreeAdamW(Optimizer):
             if st is None or "z" not in st:
                 continue
             p, z = params[key], st["z"]
+            number = type(p) is float  # a Python float param (update takes them): a float64 scalar here, rebound a float
+            if number:
+                p = np.float64(p)
             if tuple(p.shape) != tuple(z.shape):
                 raise ValueError(f"param {describe(key)} has shape {tuple(p.shape)} but its state 'z' has "
                                  f"shape {tuple(z.shape)}")
@@ -209,7 +214,7 @@ class ScheduleFreeAdamW(Optimizer):
             if _backend.is_writable(p):
                 writes.append(_write(xp, p, xp.astype(new, p.dtype), torch))
             else:
-                rebinds.append((key, xp.astype(new, p.dtype)))
+                rebinds.append((key, float(new) if number else xp.astype(new, p.dtype)))
         if rebinds and not isinstance(params, (dict, list)):  # as update takes them
             raise TypeError(f"params holds immutable arrays in a {type(params).__name__}: pass a dict or a list so "
                             "they can be replaced")
