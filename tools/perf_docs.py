@@ -24,11 +24,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 FULL_RUN = "cpu-2026-12-04/results.json"  # xopt-bench --device cpu: step and loop scenarios
 LANE_LOOP = "loop-book-lane-d/results.json"  # the loop again, on the exact-type lane of today's code
 TORCH_TENSORS = "torch-tensors-lane-2026-12-04.json"
-STEP_MEMORY = "step-memory-2026-11-25.json"
+STEP_MEMORY = "step-memory-8bit-2026-12-03.json"
 DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-03b.json"
 CLIP_COST = "clip-cost-2026-11-25f.json"
-MANY_PARAMS = "many-params-2026-12-02.json"
+MANY_PARAMS = "many-params-2026-12-03.json"
 LEAN_STEP = "lean-step-2026-12-04d.json"
 MUON = "muon-bench-2026-12-03/results.json"  # xopt-bench --scenario muon
 
