@@ -83,3 +83,45 @@ def test_optax_adamw_with_a_schedule_matches_optax_in_float64():
         np.testing.assert_allclose(outs[1], outs[0], rtol=1e-13, atol=1e-15)
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_jax_half_params_keep_stepping_and_load_their_float32_state(dtype):
+    """JAX's half-precision params keep float32 state, as NumPy's and torch's do: a second step and a load
+    with params take it (its dtype, jnp.float32, a type object, was named "float32'>" and refused)."""
+    jnp = pytest.importorskip("jax.numpy")
+    params = {"w": jnp.linspace(-1, 1, 6, dtype=dtype)}
+    opt = xopt.Adam(lr=0.01)
+    for i in range(3):
+        opt.update(params, {"w": jnp.full(6, 0.5 + i, dtype=dtype)})
+    assert opt.state["w"]["step"] == 3 and str(opt.state["w"]["m"].dtype) == "float32"
+    twin = xopt.Adam(lr=0.01)
+    twin.load_state_dict(opt.state_dict(), params)
+    assert twin.state["w"]["step"] == 3
+
+
+def test_jax_tracers_are_refused_naming_the_param():
+    """update inside jax.jit saw tracers as arrays: the state kept leaked tracers and each call replayed a first
+    step.  Refused, naming the param and pointing to xopt.optax; nothing changes."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    opt = xopt.Adam(lr=0.1)
+
+    @jax.jit
+    def step(w, g):
+        params = {"w": w}
+        opt.update(params, {"w": g})
+        return params["w"]
+
+    with pytest.raises(TypeError, match="param 'w' is a traced JAX array.*xopt.optax"):
+        step(jnp.ones(3), jnp.ones(3))
+    assert opt.state == {} and opt.iter == 0
+    with pytest.raises(TypeError, match="grad of param 'w' is a traced JAX array"):
+        jax.grad(lambda g: (opt.update({"w": jnp.ones(3)}, {"w": g}) or 0.0))(jnp.ones(3))
+
+
+def test_a_number_params_grad_of_another_library_is_named_as_such():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="param 'x' is a float, so its grad is a number or a NumPy array, not a "
+                                        "torch array"):
+        xopt.Adam().update({"x": 1.0}, {"x": torch.tensor(0.5, dtype=torch.float64)})

@@ -133,6 +133,9 @@ def dtype_name(dtype) -> str:
         return name
     if isinstance(dtype, type) and issubclass(dtype, np.generic):
         return np.dtype(dtype).name
+    inner = getattr(dtype, "dtype", None)  # JAX's scalar types (jnp.float32): their NumPy dtype
+    if isinstance(inner, np.dtype):
+        return dtype_name(inner)
     return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,10 +121,16 @@ def _check_pair(key, p, g):
 def _check_kind(key, p, g):
     """The namespace of a (param, grad) pair of a kind not seen yet, or the error that names it."""
     name = describe(key)
+    jax_core = getattr(sys.modules.get("jax"), "core", None)  # (JAX not imported for this)
+    tracer = getattr(jax_core, "Tracer", ())
     for what, x in ((f"param {name}", p), (f"grad of param {name}", g)):
         if isinstance(x, np.ma.MaskedArray):
             raise TypeError(f"{what} is a NumPy masked array; xopt does not apply masks (the fused kernels "
                             "would read the masked values): pass np.ma.getdata(x) or x.filled(value)")
+        if isinstance(x, tracer):
+            raise TypeError(f"{what} is a traced JAX array (update called inside jax.jit, grad or vmap): an "
+                            "optimizer keeps its state in Python and steps eagerly; under jit, use xopt.optax's "
+                            "gradient transformations")
     if isinstance(p, np.generic) or not array_api_compat.is_array_api_obj(p):  # a NumPy float scalar is boxed
         raise TypeError(_not_a_param(name, p))  # before this: any other (np.int64(3)) is not a param
     if not array_api_compat.is_array_api_obj(g):
@@ -177,7 +184,11 @@ def collect(params, grads) -> list[Entry]:
             if fixed_container:
                 raise TypeError(f"param {describe(key)} is a number in a {type(params).__name__}; pass a dict "
                                 "or a list so it can be replaced")
+            number = type(p).__name__
             p, g, unbox = _boxed(key, p, g)
+            if type(g) is not np.ndarray and array_api_compat.is_array_api_obj(g):  # (a NumPy scalar: boxed)
+                raise TypeError(f"param {describe(key)} is a {number}, so its grad is a number or a NumPy array, "
+                                f"not a {_backend.library_name(g)} array")
         xp, g = _check_pair(key, p, g)
         rebind = False
         if not _backend.is_writable(p):
