@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from numba import njit
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 from xopt.engines import cpu_factored
 from xopt.optimizers.adafactor import inverse_roots
 from xopt._norms import CHUNK, ROW_BLOCK
@@ -122,7 +121,7 @@ def main(argv=None):
         "commit": commit(),
         "command": "python benchmarks/adafactor_passes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "shape": list(shape),
         "rounds": args.rounds,
         "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},

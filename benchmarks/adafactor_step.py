@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import roofline
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 from _timing import timed, write_json
 
@@ -91,7 +90,7 @@ def main(argv=None):
         "commit": commit(),
         "command": "python benchmarks/adafactor_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "shape": list(shape),
         "elements": n,
         "rounds": args.rounds,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 import xopt
 from xopt import _lane
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 
 def _workloads(rng):
@@ -78,7 +77,7 @@ def main(argv=None):
         print(f"{name:5s} {len(sizes):5d} tensors {int(sum(sizes)):>9d} elements: unclipped {plain * 1e3:8.3f} ms, "
               f"clipped {clip * 1e3:8.3f} ms, ratio {clip / plain:.3f}")
     if args.out:
-        meta = {"commit": commit(), "machine": platform.processor() or platform.machine(), "threads": xopt.get_num_threads(),
+        meta = {"commit": commit(), "machine": machine(), "threads": xopt.get_num_threads(),
                 "numpy": np.__version__, "rounds": args.rounds, "clock": clock.__name__,
                 "command": "python benchmarks/clip_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         runs = {}

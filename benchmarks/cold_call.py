@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -31,7 +30,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import seed
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 
 @numba.njit(cache=True)
@@ -137,7 +136,7 @@ def main(argv=None):
         print(f"{r['case']:55s} {r['warm_us']:9.1f} {r['cold_us']:9.1f}")
     if args.out:
         result = {"command": "python benchmarks/cold_call.py " + " ".join(argv or []), "commit": commit(),
-                  "machine": platform.processor() or platform.machine(), "sweep_mib": args.sweep_mib,
+                  "machine": machine(), "sweep_mib": args.sweep_mib,
                   "rounds": args.rounds, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -39,14 +39,13 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 from xopt.engines import fused_cuda
 
 ELEMENTS = 256
@@ -225,7 +224,7 @@ def main(argv=None):
               f"{r['calls_per_step']['launch']:>9.0f}")
     if args.out:
         result = {"command": "python benchmarks/cuda_host.py " + " ".join(argv or []), "commit": commit(),
-                  "machine": platform.processor() or platform.machine(), "cupy": cupy.__version__,
+                  "machine": machine(), "cupy": cupy.__version__,
                   "elements_per_tensor": ELEMENTS, "dtype": args.dtype, "state_dtype": args.state_dtype,
                   "rounds": args.rounds, "steps": args.steps,
                   "load_average": os.getloadavg(), "python_call_us": statistics.median(nothing) * 1e6, "rows": rows}

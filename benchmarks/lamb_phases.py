@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from numba import njit
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 from xopt.engines import cpu_norms
 from xopt.engines.cpu_drivers import CHUNK
 
@@ -97,7 +96,7 @@ def main(argv=None):
             cpu[name].append(time.process_time() - c0)
     result = {"commit": commit(), "command": "python benchmarks/lamb_phases.py " + " ".join(argv or sys.argv[1:]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": platform.processor() or platform.machine(), "load": os.getloadavg(), "elements": n,
+              "machine": machine(), "load": os.getloadavg(), "elements": n,
               "rounds": args.rounds,
               "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
               "min_cpu_ms": {k: 1e3 * min(v) for k, v in cpu.items()}}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import roofline
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 from _timing import timed, write_json
 
@@ -82,7 +81,7 @@ def main(argv=None):
         "commit": commit(),
         "command": "python benchmarks/lamb_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "load": os.getloadavg(),
         "elements": n,
         "rounds": args.rounds,

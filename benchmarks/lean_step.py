@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -45,7 +44,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import loop, seed
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 try:
     import torch
@@ -307,7 +306,7 @@ def main(argv=None):
     if args.out:
         threads = {"xopt": xopt.get_num_threads(), "torch": torch.get_num_threads() if torch else None}
         result = {"command": "python benchmarks/lean_step.py " + " ".join(argv or []), "commit": commit(),
-                  "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                  "machine": machine(), "cpu_count": os.cpu_count(),
                   "threads": threads, "versions": {"numpy": np.__version__,
                                                    "torch": torch.__version__ if torch else None},
                   "rounds": args.rounds, "warmup": args.warmup, "big": 2**args.big,

@@ -15,7 +15,6 @@ The machine may be shared: the per-round ratios and their spread are printed wit
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -23,7 +22,7 @@ import numpy as np
 
 import xopt
 from xopt.bench import roofline
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 from _timing import timed, write_json
 
@@ -69,7 +68,7 @@ def main(argv=None):
         "commit": commit(),
         "command": "python benchmarks/lion_step.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "elements": n,
         "rounds": args.rounds,
         "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ import time
 import numpy as np
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 
 
 def copy_bandwidth(repeat=9, nbytes=64 * 2**20):
@@ -106,7 +105,7 @@ def main(argv=None):
         print(f"{r['case']:30s} {r['seconds']:9.3f} {r['min']:8.3f} {r['max']:8.3f} {r['vs_floor']:9.0f}")
     if args.out:
         result = {"command": "python benchmarks/many_params.py " + " ".join(argv or []), "commit": commit(),
-                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                  "machine": machine(), "cpus": os.cpu_count(),
                   "params": args.params, "min_size": args.min_size, "max_size": args.max_size,
                   "rounds": args.rounds, "state_bytes": state_bytes, "file_bytes": file_bytes,
                   "copy_Bps": bandwidth, "floor_seconds": floor, "first_update_seconds": update_s, "rows": rows}

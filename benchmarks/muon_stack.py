@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 
 import numpy as np
@@ -24,6 +23,7 @@ import xopt
 from xopt.optimizers.muon import NS_COEFFICIENTS, orthogonalize
 
 from _timing import timed
+from xopt.bench.report import machine
 
 
 def main(argv=None):
@@ -71,7 +71,7 @@ def main(argv=None):
     out = {"count": args.count, "n": args.n, "dtype": dtype.name, "ns_steps": args.steps, "rounds": args.rounds,
            "median_s": {k: v for k, v in med.items() if k != "ratio"}, "median_ratio": med["ratio"],
            "ratios": [row["ratio"] for row in rows], "stacked_gflops": flops / med["stacked"] / 1e9,
-           "numpy": np.__version__, "machine": platform.processor() or platform.machine()}
+           "numpy": np.__version__, "machine": machine()}
     print(json.dumps({k: out[k] for k in ("median_s", "median_ratio", "stacked_gflops")}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

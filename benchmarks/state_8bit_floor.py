@@ -1,7 +1,7 @@
 """Why an 8-bit Adam step is not 0.7x of a float32 one here: its arithmetic, measured in parts, against the target.
 
-A float32 Adam step of a large param is memory traffic (28 bytes an element); with 8-bit state it moves about
-18, so if it stayed memory-bound it would take about 0.65x the time.  It does not: the 8-bit step also
+A float32 Adam step of a large param is memory traffic (28 bytes an element); with 8-bit state it moves 16.06
+(``xopt.bench.roofline.bytes_per_element``), so if it stayed memory-bound it would take about 0.57x the time.  It does not: the 8-bit step also
 decodes two codes and encodes two values an element, and that arithmetic, not memory, sets its time.  This
 times, on one thread, in interleaved rounds (medians, ns per element):
 
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import numpy as np
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 from xopt.engines import cpu_codes
 
 
@@ -105,7 +104,7 @@ def main(argv=None):
           f"{floor:.3f} = {floor / target:.2f}x the target")
     if args.out:
         result = {"command": "python benchmarks/state_8bit_floor.py " + " ".join(argv or []), "commit": commit(),
-                  "machine": platform.processor() or platform.machine(), "rounds": args.rounds, "clock": args.clock,
+                  "machine": machine(), "rounds": args.rounds, "clock": args.clock,
                   "ns_per_element": {f"{name}, 2^{n.bit_length() - 1}": v for (name, n), v in ns.items()},
                   "call_us": call / 1e3, "target_ns": target, "codec_ns": codec, "floor_ns": floor, "floor_over_target": floor / target,
                   "ratio_8bit_to_float32": ns["8-bit step", big] / ns["float32 step", big]}

@@ -1,7 +1,8 @@
 """One float32 param of 2^25 elements: a step with 8-bit state vs with xopt's float32 state, per optimizer (Adam,
 Lion, RMSprop, AdaGrad, SGD with momentum), and torch.optim.Adam(fused=True).
 
-Interleaved rounds after a warm-up; each round times every contender once; the medians and the ratios 8-bit /
+Interleaved rounds after a warm-up; each round times every contender once, in an order rotated from round to
+round, each after an untimed step of its own (torch's OpenMP threads spin after its step); the medians and the ratios 8-bit /
 float32 of each optimizer go to ``benchmarks/results/state-8bit-speed.json``, with the state bytes per param.
 
     taskset -c 1 python benchmarks/state_8bit_speed.py            # one core
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import time
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import xopt
+from xopt.bench.report import machine
 
 OPTIMIZERS = {  # what each optimizer runs with
     "Adam": (xopt.Adam, dict(lr=1e-3, eps_hat=False, eps=1e-8)),
@@ -69,8 +70,11 @@ def main():
         step(); step()
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
     times = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for k, (step, _) in runs.items():
+    order = list(runs)
+    for r in range(a.rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:  # rotated: none always follows torch's threads
+            step = runs[k][0]
+            step()  # untimed: what ran before (torch's spinning OpenMP threads) settles
             t0 = clock()
             step()
             times[k].append(clock() - t0)
@@ -78,7 +82,7 @@ def main():
     result = {
         "command": f"python benchmarks/state_8bit_speed.py --log2 {a.log2} --rounds {a.rounds} --threads {a.threads} "
                    f"--optimizers {a.optimizers} --clock {a.clock}",
-        "elements": n, "threads": a.threads, "machine": platform.processor() or platform.machine(),
+        "elements": n, "threads": a.threads, "machine": machine(),
         "hyperparameters": {name: OPTIMIZERS[name][1] for name in names},
         "clock": a.clock,
         "median_ms": {k: v * 1e3 for k, v in med.items()},

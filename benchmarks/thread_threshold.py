@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import numpy as np
 
 import xopt
-from xopt.bench.report import commit
+from xopt.bench.report import commit, machine
 from xopt.engines import cpu_arrays, cpu_step
 
 
@@ -75,7 +74,7 @@ def main(argv=None):
         xopt.set_num_threads(None)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(commit=commit(), machine=platform.processor() or platform.machine(), threads=args.threads,
+            json.dump(dict(commit=commit(), machine=machine(), threads=args.threads,
                            rounds=args.rounds, optimizer="Adam", dtype="float32", rows=rows), f, indent=1)
 
 

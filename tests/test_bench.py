@@ -308,3 +308,20 @@ def test_a_run_compiles_the_kernels_it_calls_and_no_others():
         ("AdamW", "float16", "8bit"), ("AdamW", "float64", "8bit")}  # 8-bit: its optimizers but SGD without momentum
     reference = cli.parse_args(["--impls", "xopt-reference,seed"])
     assert cli.kernels_of(reference, cases, cli.loop_cases_of(reference)) == []
+
+
+def test_every_implementation_of_a_case_gets_the_same_inputs(monkeypatch):
+    """Each implementation's params and grads are drawn from a generator of the same seed (one shared generator
+    gave each its own draws)."""
+    from xopt.bench import runner
+
+    seen, real = [], runner.make_step
+
+    def spy(impl, case, xp, rng):
+        seen.append(rng.bit_generator.state["state"]["state"])
+        return real(impl, case, xp, rng)
+
+    monkeypatch.setattr(runner, "make_step", spy)
+    case = runner.make_cases(["Adam"], ["float32"], [256], [])[0]
+    runner.measure_case_samples(case, ["xopt", "seed"], np, repeat=1, warmup_rounds=(0, 0), warmup_seconds=0.0)
+    assert len(seen) == 2 and seen[0] == seen[1]

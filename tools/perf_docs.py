@@ -23,7 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 FULL_RUN = "cpu-2026-12-04/results.json"  # xopt-bench --device cpu: step and loop scenarios
 LANE_LOOP = "loop-book-lane-d/results.json"  # the loop again, on the exact-type lane of today's code
-TORCH_TENSORS = "torch-tensors-lane-2026-12-04.json"
+TORCH_TENSORS = "torch-tensors-lane-b-2026-12-04.json"
 STEP_MEMORY = "step-memory-8bit-2026-12-03.json"
 DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-03b.json"
@@ -63,7 +63,8 @@ def _source(name, result=None):
     result = result if result is not None else load(name)
     parts = [f"`benchmarks/results/{name}`"]
     if result.get("commit"):
-        parts.append(f"commit {result['commit'][:7]}")
+        commit = result["commit"]  # "<sha>-dirty": measured with changes not committed yet
+        parts.append(f"commit {commit[:7]}" + (" with uncommitted changes" if commit.endswith("-dirty") else ""))
     command = result.get("command") or result.get("meta", {}).get("command")
     if command:
         command = re.sub(r"/\S*/(benchmarks/results/)", r"\1", command)  # an absolute --out, as a repository path
@@ -292,8 +293,6 @@ def headline():
     """The README's table: a few figures, each from the runs above."""
     full = load(FULL_RUN)
     steps = {label: (x, p, s) for label, x, _, p, s in step_case_rows(full)}
-    loops = {(r["net"], r["optimizer"], r["impl"]): r for r in full["rows"] if r.get("scenario") == "loop"}
-    lane = {(r["net"], r["optimizer"], r["impl"]): r for r in load(LANE_LOOP)["rows"] if r.get("scenario") == "loop"}
     tt = load(TORCH_TENSORS)["nets"]
     found = re.fullmatch(r"(.*) \((\d+) cores\)", full["device"])
     machine = f"{found.group(2)}-core {found.group(1)}" if found else full["device"]
@@ -304,14 +303,11 @@ def headline():
     x, p, _ = steps["Adam, 2,000 tensors of 64–4096"]
     lines.append(f"| Adam step, 2,000 tensors of 64–4096: torch fused's time / xopt's | "
                  f"{_x(p['seconds'] / x['seconds'])} |")
-    r = lane.get(("book", "Adam", "xopt"))
+    r = {(r["net"], r["optimizer"], r["impl"]): r for r in full["rows"] if r.get("scenario") == "loop"}.get(
+        ("book", "Adam", "xopt"))  # the full run's, as the rows above (a quieter loop-only run: loop_lane's table)
     if r:
         lines.append(f"| Adam update in the book's MLP loop (float64): the seed's time / xopt's | "
                      f"{_x(r['update_vs_seed'])} |")
-    r = loops.get(("wide", "Adam", "xopt"))
-    if r:
-        lines.append(f"| Adam, 5.8 M-param MLP loop: torch fused's iteration / xopt's | "
-                     f"{_x(r['iteration_vs_torch'])} |")
     for net, v in tt.items():
         lines.append(f"| Adam on torch CPU tensors, {net.split(' (')[0]}: torch fused's time / xopt's | "
                      f"{_x(1 / v['xopt / torch fused'])} |")

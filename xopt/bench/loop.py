@@ -91,8 +91,11 @@ def threads_info():
     except (AttributeError, OSError):
         pass
     info["env"] = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}
-    from .. import _numba
+                                              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "XOPT_NUM_THREADS")
+                   if k in os.environ}
+    from .. import _numba, _threads
+
+    info["xopt_num_threads"] = _threads.get_num_threads()  # its kernels' own pool (numba's count is not it)
 
     if _numba.usable():  # numba's code runs here
         import numba

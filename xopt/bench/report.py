@@ -48,7 +48,9 @@ def commit():
     return sha + ("-dirty" if dirty else "")
 
 
-def _cpu_name():
+def machine() -> str:
+    """The CPU's model name and core count (/proc/cpuinfo; elsewhere what platform knows): the machine a
+    result was measured on."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -76,7 +78,7 @@ def environment(backend):
 
         device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     else:
-        device = _cpu_name()
+        device = machine()
     return {"commit": commit(), "device": device, "backend": backend, "versions": versions}
 
 

@@ -185,10 +185,9 @@ def measure_case_samples(case, impls, xp, repeat, gpu=False, min_seconds=2e-3, s
     every impl's last two rounds agree within ``tolerance``, or ``warmup_rounds[1]`` rounds or ``warmup_seconds``
     have passed: a case is not measured while the machine (clock, caches, page tables, thread pools) settles.
     """
-    rng = np.random.default_rng(seed_)
     steps = {}
     for impl in impls:
-        fn = make_step(impl, case, xp, rng)
+        fn = make_step(impl, case, xp, np.random.default_rng(seed_))  # the same draws for each: the same inputs
         if fn is not None:
             steps[impl] = fn
     timer = _Timer(gpu)
