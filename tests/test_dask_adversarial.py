@@ -378,3 +378,42 @@ def test_dask_arrays_of_masked_chunks_are_refused_as_masked_arrays_are(name, mas
                                                                           "masked arrays"):
         opt.update(params, {"W": of(np.ones(8), masked == "grad")})
     assert params["W"] is before and opt.state == {} and opt.iter == 0
+
+
+def test_a_skipped_steps_norm_is_its_number_and_reads_no_grad_again():
+    """With clip_grad_norm and skip_nonfinite, a step a NaN skips keeps the norm as its computed number (it kept
+    the lazy norm over the grads: reading it ran every grad's tasks again, and held their graph)."""
+    calls = []
+
+    def counted(b):
+        calls.append(1)
+        return b
+
+    rng = np.random.default_rng(0)
+    w0, g = rng.standard_normal(40), rng.standard_normal(40)
+    g[3] = np.nan
+    with dask.config.set(scheduler="sync"):
+        opt = xopt.Adam(clip_grad_norm=1.0, skip_nonfinite=True)
+        params = {"W": da.from_array(w0.copy(), chunks=10)}
+        opt.update(params, {"W": da.from_array(g, chunks=10).map_blocks(counted, dtype=float)})
+        assert opt.skipped_steps == 1 and calls
+        calls.clear()
+        assert np.isnan(float(opt.last_grad_norm.compute()))
+    assert not calls and len(opt.last_grad_norm.__dask_graph__().layers) == 1
+
+
+@pytest.mark.parametrize("name", ["Adam", "LAMB", "Adafactor", "Muon"])
+def test_a_param_rechunked_between_steps_keeps_its_new_chunks(name):
+    """The whole-tensor rules kept the state's old chunks, and the new param came back with both chunkings met
+    (more, smaller chunks every step after)."""
+    rng = np.random.default_rng(0)
+    w0, g0 = rng.standard_normal((12, 6)), rng.standard_normal((12, 6))
+    with dask.config.set(scheduler="sync"):
+        opt, ref = getattr(xopt, name)(), getattr(xopt, name)()
+        params, twin = {"W": da.from_array(w0.copy(), chunks=(4, 6))}, {"W": w0.copy()}
+        for chunks in ((4, 6), (6, 3), (6, 3)):
+            params["W"] = params["W"].rechunk(chunks)
+            opt.update(params, {"W": da.from_array(g0, chunks=chunks)})
+            ref.update(twin, {"W": g0.copy()})
+            assert params["W"].chunks == da.empty((12, 6), chunks=chunks).chunks
+        np.testing.assert_allclose(params["W"].compute(), twin["W"], rtol=1e-12, atol=1e-14)

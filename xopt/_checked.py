@@ -97,7 +97,7 @@ def clip_or_skip(opt, entries):
     if opt.clip_grad_norm is not None:
         norm = _clip.global_norm([e.g for e in entries])
         if opt.skip_nonfinite and not _clip.is_finite(norm):
-            together([partial(own, "last_grad_norm", norm), *skip])
+            together([partial(own, "last_grad_norm", lazy_norm(entries, norm)), *skip])  # (a Dask norm: its number)
             return True, norm, None
         scale = _clip.scale(norm, opt.clip_grad_norm)
     elif opt.skip_nonfinite and not _all_finite(entries):

@@ -260,10 +260,17 @@ def apply_whole(entries, compute) -> list:
     for e in entries:
         if e.g.chunks != e.p.chunks:
             e.g = e.g.rechunk(e.p.chunks)
+        for n in names:  # a buffer in the param's shape chunked otherwise (a param rechunked, another run's state)
+            b = e.state.get(n)
+            if b is not None and tuple(b.shape) == tuple(e.p.shape) and getattr(b, "chunks", e.p.chunks) != e.p.chunks:
+                dict.__setitem__(e.state, n, b.rechunk(e.p.chunks))
     computed = []
     for e in entries:
+        chunks = e.p.chunks
         with _naming([e]):  # the rule may compute a number of its own (LAMB's norms)
             computed.append(compute(e))
+        if e.p.chunks != chunks:  # (Adafactor's factors chunked otherwise: broadcasting meets both chunkings)
+            e.p = e.p.rechunk(chunks)
     lazy = [[e.p, *(w.args[2] for w in writes)] for e, writes in zip(entries, computed)]
     with dask_lineage.one_span(), _naming(entries):  # on a cluster, every step in one span: see one_span
         *flat, norm = dask.persist(*(a for arrays in lazy for a in arrays), entries[0].norm)
