@@ -29,7 +29,7 @@ DASK_SWEEP = "dask-sweep-2026-11-25.json"
 CUDA_HOST = "cuda-host-2026-12-03b.json"
 CLIP_COST = "clip-cost-2026-11-25f.json"
 MANY_PARAMS = "many-params-2026-12-03.json"
-LEAN_STEP = "lean-step-2026-12-04d.json"
+LEAN_STEP = "lean-step-2026-12-04e.json"
 MUON = "muon-bench-2026-12-03/results.json"  # xopt-bench --scenario muon
 
 STEP_CASES = [  # (label, optimizer, tensors > 1, impl shown as xopt, peer)
