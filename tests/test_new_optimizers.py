@@ -730,3 +730,15 @@ def test_dask_params_step_as_numpy_ones(name, rng):
                                                       for g in grad_list])
     for k in params:
         np.testing.assert_allclose(np.asarray(chunked[k]), want[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_adafactor_with_eps1_0_and_zero_grads_is_nan_as_torchs_without_a_warning(impl):
+    import warnings
+
+    opt, params = xopt.Adafactor(eps1=0.0, impl=impl), {"w": np.ones((3, 4))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.update(params, {"w": np.zeros((3, 4))})
+    assert np.isnan(params["w"]).all()

@@ -59,14 +59,15 @@ def inverse_roots(xp, v_row, v_col, eps1):
     """(1 / √v_row, 1 / √(v_col / max(mean(v_row), ε₁))): v̂ = v_row · v_col / max(mean(v_row), ε₁) is the
     product of their inverse squares, so 1 / √v̂ is a product per element, the roots taken once per row and
     once per column.  A factor of 0 gives an infinite root (NumPy's warning of it left out): v̂ = 0 there, and
-    the cap (:func:`inverse_floor`) takes over, as v̂'s floor does."""
+    the cap (:func:`inverse_floor`) takes over, as v̂'s floor does; with ε₁ = 0 and all-zero factors 0 / 0 is
+    NaN, as torch's, without NumPy's warning either."""
     mean = row_mean(xp, v_row)
     if type(mean) is np.ndarray:  # xp.clip(mean, min=eps1), as array-api-compat computes it for NumPy (eps1 in
         floor = np.asarray(eps1, dtype=mean.dtype)  # mean's dtype, a NaN mean kept), without its generic code
         mean = np.where(mean < floor, floor, mean)
     else:
         mean = xp.clip(mean, min=eps1)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         return 1.0 / xp.sqrt(v_row), 1.0 / xp.sqrt(v_col / mean)
 
 
