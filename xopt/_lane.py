@@ -8,8 +8,9 @@ the host, and hands the lists to the engine, whose one compiled call checks ever
 its own struct (type, dtype, shape, flags, shared memory) before it writes anything.  CPU torch
 tensors take the same lane: the engine's ``step_tensors`` reads their facts with torch's accessors
 (:mod:`xopt.engines.cpu_tensors`) into one table that its compiled call checks; CUDA tensors, the CUDA
-engine's, read the same way (:mod:`xopt.engines.cuda_tensors`), launched on torch's current stream.  Nothing is
-remembered from one call to the next.
+engine's, read the same way (:mod:`xopt.engines.cuda_tensors`), launched on torch's current stream.  Params that
+are each one float64 number go to the scalar lane first (:mod:`xopt._scalar_lane`: the rule on Python floats, no
+kernel call), and come here where it declines.  Nothing is remembered from one call to the next.
 
 Whatever the lane does not take (another container or array type, a first step, a ``None``
 grad, mixed dtypes, float16, a read-only or strided array, anything wrong) it declines having
