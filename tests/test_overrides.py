@@ -238,3 +238,37 @@ def test_a_refused_first_step_leaves_the_patterns_unchecked(impl):
     opt.update({"a": np.ones(3)}, {"a": np.ones(3)})  # taken: checked, and not again
     opt.update({"b": np.ones(2)}, {"b": np.ones(2)})
     assert opt.state["b"]["step"] == 1
+
+
+def test_a_user_subclass_attribute_set_mid_run_reaches_every_override():
+    """A user's subclass reading an attribute of its own in scalars(): its overrides' sets held copies of it, so a
+    change reached the params without an override only."""
+
+    class ScaledSGD(xopt.SGD):
+        def __init__(self, scale=1.0, **kw):
+            self.scale = scale
+            super().__init__(**kw)
+
+        def scalars(self, step):
+            s = super().scalars(step)
+            s["lr"] = s["lr"] * self.scale
+            return s
+
+    opt = ScaledSGD(lr=0.1, overrides={"b": {"weight_decay": 0.0}})
+    params = {"W": np.zeros(1), "b": np.zeros(1)}
+    opt.update(params, {"W": np.ones(1), "b": np.ones(1)})
+    opt.scale = 0.0
+    opt.update(params, {"W": np.ones(1), "b": np.ones(1)})
+    assert params["W"][0] == params["b"][0] == -0.1
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_schedule_going_negative_is_named_where_it_was_set(own):
+    schedule = lambda count: 0.1 - 0.05 * count  # noqa: E731
+    overrides = {"b": {"lr": schedule}} if own else {"b": {"beta1": 0.5}}
+    opt = xopt.Adam(lr=schedule if not own else 0.1, overrides=overrides)
+    params = {"b": np.ones(2)}
+    where = r"overrides\['b'\]\.lr" if own else "lr"
+    with pytest.raises(ValueError, match=rf"^{where} at count 3"):
+        for _ in range(4):
+            opt.update(params, {"b": np.ones(2)})

@@ -102,6 +102,9 @@ class Optimizer:
         if name == "impl":  # checked when set, as the constructor's (a misspelt impl would run as "auto")
             value = _dispatch.check_impl(value, self)
         object.__setattr__(self, name, value)
+        if name[0] != "_" and not type(self).__module__.startswith("xopt.") and self.__dict__.get("_group_cache"):
+            # a user's subclass: its overrides' sets hold copies of its own attributes (_view), made again
+            self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
 
     def __getstate__(self):
         """pickle: the lock and the cached hyperparameter sets stay behind, and the buffers are copied between two
@@ -249,7 +252,8 @@ class Optimizer:
         if not scheduled:
             return view
         schedule = view._hyper["lr"]
-        where = "lr" if group == 0 else f"overrides[{list(self._overrides)[group - 1]!r}].lr"
+        pattern = list(self._overrides)[group - 1] if group else None
+        where = f"overrides[{pattern!r}].lr" if group and "lr" in self._overrides[pattern] else "lr"
         lr = type(self).lr.check(f"{where} at count {count} ({schedule!r})", schedule(count))
         return self._view({**view._hyper, "lr": lr})
 
