@@ -583,3 +583,42 @@ def test_ctrl_c_at_any_moment_of_a_save_leaves_the_file_no_temp_file_and_no_open
     if open_files is not None:
         assert len(os.listdir("/proc/self/fd")) == open_files
     assert xopt.load_state(target)["iter"] == 1
+
+
+@pytest.mark.parametrize("cls,name,value", [(xopt.NAdam, "beta1", 0.5), (xopt.ScheduleFreeAdamW, "lr", 0.01)])
+@pytest.mark.parametrize("through", ["state_dict", "file"])
+def test_a_resume_continues_a_lagging_params_running_values_exactly(cls, name, value, through, tmp_path):
+    """A param behind its set's count (no grad for a while) reads the running product (NAdam) or sums
+    (ScheduleFreeAdamW) kept at its own count, made with the hyperparameters of then: a state kept only the
+    last count's, so after a change of beta1 or lr a resumed run recomputed the lagging param's from step 1 with
+    today's values."""
+    def steps(opt, params, counts, keys):
+        for s in counts:
+            opt.update({k: params[k] for k in keys}, {k: np.full(3, 0.1 * (s + 1)) for k in keys})
+
+    opt = cls()
+    params = {"W": np.ones(3), "N": np.ones(3)}
+    steps(opt, params, range(3), ["W", "N"])
+    steps(opt, params, range(3, 5), ["W"])
+    setattr(opt, name, value)
+    resumed = cls()
+    if through == "file":
+        opt.save(tmp_path / "s.npz")
+        resumed.load(tmp_path / "s.npz")
+    else:
+        resumed.load_state_dict(opt.state_dict())
+    twin = {k: v.copy() for k, v in params.items()}
+    steps(opt, params, range(5, 7), ["W", "N"])
+    steps(resumed, twin, range(5, 7), ["W", "N"])
+    for k in params:
+        np.testing.assert_array_equal(twin[k], params[k])
+
+
+def test_a_malformed_kept_values_field_is_refused_naming_it():
+    opt = xopt.NAdam()
+    params = {"W": np.ones(3)}
+    opt.update(params, {"W": np.ones(3)})
+    sd = opt.state_dict()
+    for bad in ("2:zz", "0:0x1p-1", "2:0x1p-1:0x1p-1", 3):
+        with pytest.raises(TypeError, match="mu_products"):
+            xopt.NAdam().load_state_dict({**sd, "mu_products": bad})

@@ -184,3 +184,31 @@ def set_fields(state_dict, head: str) -> list:
                                  "i >= 1 the place of its override")
             found.append((suffix, int(index) if suffix else 0))
     return found
+
+
+def kept_text(values) -> str:
+    """{count: (float, ...)} as one plain field of a state_dict (a state file's fields are numbers and strings):
+    ``"t:x:y;t:x:y"``, each float as ``float.hex``, exact."""
+    return ";".join(":".join([str(t), *(float(x).hex() for x in xs)]) for t, xs in sorted(values.items()))
+
+
+def kept_values(state_dict, field, width) -> dict:
+    """:func:`kept_text`'s field ``field`` of ``state_dict`` read back: {count: (float, ...)}, ``width`` floats
+    each; raises naming the field where it is not that."""
+    text = state_dict[field]
+    try:
+        if type(text) is not str:
+            raise ValueError
+        out = {}
+        for item in filter(None, text.split(";")):
+            t, *xs = item.split(":")
+            if len(xs) != width or not t.isdigit() or int(t) < 1:
+                raise ValueError
+            values = tuple(float.fromhex(x) for x in xs)
+            if not all(math.isfinite(x) for x in values):
+                raise ValueError
+            out[int(t)] = values
+        return out
+    except ValueError:
+        raise TypeError(f"state_dict's {field} must be counts and their {width} finite floats as "
+                        f"'t:{':'.join(['x'] * width)};...' (float.hex), got {text!r}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from .. import _checked, _lane
-from .._hyper import Hyper, flag, non_negative, set_fields, unit_interval
+from .._hyper import Hyper, flag, kept_text, kept_values, non_negative, set_fields, unit_interval
 from ..engines.kernels import Kernel
 from ..optimizer import Optimizer
 from .adam import moments, weight_decay_scalars
@@ -103,14 +103,16 @@ class NAdam(Optimizer):
     def _state_dict(self, copy=True):
         """The base's, and each hyperparameter set's product of μ at the last step of its params
         (``mu_product_step``, ``mu_product``; an override's with the suffix ``.i``, i its place in ``overrides``
-        from 1, and its pattern in ``mu_product_pattern.i``): a resumed run continues it, each μ with the β₁
+        from 1, and its pattern in ``mu_product_pattern.i``), and those kept for counts its params are at behind
+        it (``mu_products``, :func:`~xopt._hyper.kept_text`): a resumed run continues them, each μ with the β₁
         of its step."""
         out = super()._state_dict(copy)
-        lasts = {}
+        lasts, counts = {}, {}
         for key, st in self.state.items():
             if isinstance(st, dict) and type(st.get("step")) is int and st["step"] > 0:
                 group = self._group_of(key)
                 lasts[group] = max(lasts.get(group, 0), st["step"])
+                counts.setdefault(group, set()).add(st["step"])
         products = self.__dict__.get("_mu_products")
         patterns = list(self._overrides)
         for group, last in sorted(lasts.items()):
@@ -120,6 +122,9 @@ class NAdam(Optimizer):
                 out.update({f"mu_product_step{suffix}": last, f"mu_product{suffix}": float(kept[last])})
                 if group:  # a load with other overrides (an edited state_dict) leaves the product to another set
                     out[f"mu_product_pattern{suffix}"] = patterns[group - 1]
+                behind = sorted(t for t in counts.get(group, ()) if t != last and t in kept)
+                if behind:  # the products of params behind the last (no grad for a while), as kept: exact
+                    out[f"mu_products{suffix}"] = kept_text({t: (kept[t],) for t in behind})
         return out
 
     def _loaded(self, state_dict, overrides) -> dict:
@@ -132,11 +137,17 @@ class NAdam(Optimizer):
                 raise TypeError(f"state_dict's mu_product_step{suffix} and mu_product{suffix} must be an int >= 1 "
                                 f"and a float in [0, 1], got {t!r}, {product!r}")
             kept[group] = (t, float(product), state_dict.get(f"mu_product_pattern{suffix}"))
+        behind = {}
+        for suffix, group in set_fields(state_dict, "mu_products"):
+            behind[group] = kept_values(state_dict, f"mu_products{suffix}", 1)
+            if not all(0.0 <= v[0] <= 1.0 for v in behind[group].values()):
+                raise TypeError(f"state_dict's mu_products{suffix} holds a product outside [0, 1]")
         products = {}  # a loaded state's products go on from those it holds, else run again from step 1
         patterns = list(overrides)
         for group, (t, product, pattern) in kept.items():
             if group == 0 or (group <= len(patterns) and patterns[group - 1] == pattern):
-                products[patterns[group - 1] if group else None] = {0: 1.0, t: product}
+                more = {k: v[0] for k, v in behind.get(group, {}).items() if k < t}
+                products[patterns[group - 1] if group else None] = {0: 1.0, **more, t: product}
         return {**super()._loaded(state_dict, overrides), "_mu_products": products}
 
     def mu_product(self, step, taken=False) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _backend
 from .._atomic import together_unforked
-from .._hyper import Hyper, _real, non_negative, set_fields, unit_interval
+from .._hyper import Hyper, _real, kept_text, kept_values, non_negative, set_fields, unit_interval
 from .._inputs import describe, param_keys
 from ..engines.kernels import Kernel
 from ..engines.reference import _write
@@ -226,19 +226,24 @@ class ScheduleFreeAdamW(Optimizer):
     def _state_dict(self, copy=True):
         """The base's, the mode, and each hyperparameter set's running sums at the last step of its params
         (``average_step``, ``average_lr_max``, ``average_weight_sum``; an override's with the suffix ``.i``, i its
-        place in ``overrides`` from 1): a resumed run continues them."""
+        place in ``overrides`` from 1), and those kept for counts its params are at behind it (``average_sums``,
+        :func:`~xopt._hyper.kept_text`): a resumed run continues them."""
         out = {**super()._state_dict(copy), "training": self.training}
-        lasts = {}
+        lasts, counts = {}, {}
         for key, st in self.state.items():
             if isinstance(st, dict) and type(st.get("step")) is int:
                 group = self._group_of(key)
                 lasts[group] = max(lasts.get(group, 0), st["step"])
+                counts.setdefault(group, set()).add(st["step"])
         for group, last in sorted(lasts.items()):
             sums = self._averages.get(group, {})
             if last in sums:
                 suffix = f".{group}" if group else ""
                 out.update({f"average_step{suffix}": last, f"average_lr_max{suffix}": sums[last][0],
                             f"average_weight_sum{suffix}": sums[last][1]})
+                behind = sorted(t for t in counts[group] if t != last and t in sums)
+                if behind:  # the sums of params behind the last (no grad for a while), as kept: exact
+                    out[f"average_sums{suffix}"] = kept_text({t: sums[t] for t in behind})
         return out
 
     def _loaded(self, state_dict, overrides) -> dict:
@@ -259,4 +264,9 @@ class ScheduleFreeAdamW(Optimizer):
                                 f"average_weight_sum{suffix} must be an int >= 1 and two finite floats, got {t!r}, "
                                 f"{lr_max!r}, {total!r}")
             sums[group] = {t: (float(lr_max), float(total))}
+        for suffix, group in set_fields(state_dict, "average_sums"):
+            behind = kept_values(state_dict, f"average_sums{suffix}", 2)
+            if group in sums:
+                last = next(iter(sums[group]))
+                sums[group] = {**{t: v for t, v in behind.items() if t < last}, **sums[group]}
         return {**super()._loaded(state_dict, overrides), "training": training, "_averages": sums}
