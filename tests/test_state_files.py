@@ -539,7 +539,9 @@ def test_a_key_a_file_cannot_hold_is_refused_naming_it(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer") or state_files.fcntl is None, reason="setitimer, flock")
-@pytest.mark.filterwarnings("ignore::ResourceWarning")  # a temp file object lost as open() returned: closed by GC
+# The interrupts land anywhere, also in code the garbage collector runs (another library's gc callback, a temp
+# file object lost as open() returned, closed by GC): "Exception ignored", which pytest would report.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_at_any_moment_of_a_save_leaves_the_file_no_temp_file_and_no_open_file(tmp_path):
     """A KeyboardInterrupt from a signal handler at random moments of many saves: what comes out is the
     KeyboardInterrupt (zipfile's close of a half-written archive raised ValueError in its place), no file
