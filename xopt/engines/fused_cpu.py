@@ -31,9 +31,8 @@ import numpy as np
 
 from .. import _backend, _pages
 from .._atomic import together
-from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, SCRATCH as _SCRATCH, taken as _taken, call_block, give_back_call,
-                       rule_function,
-                       split_at as _split_at, step_function)
+from .cpu_step import (ANSWER, CHECK_FINITE, NONFINITE, PARALLEL_MIN, NotRun, SCRATCH as _SCRATCH, call_block,
+                       give_back_call, rule_function, split_at as _split_at, step_function, taken as _taken)
 from .cpu_structs import N_HEAD
 from .kernels import KeptSlots, lookup
 
