@@ -3,7 +3,7 @@
 Over one float32 tensor of ``--size`` elements, on the calling thread, in interleaved rounds: a plain read
 of p, g, m and v (their sum, vectorized: the floor under the norms' phase), LAMB's norms'
 phase alone (``cpu_norms._chunk_sums`` chunk by chunk: reads p, g, m, v, writes nothing), u alone (the
-norms' phase without its sums: the same reads and prefetches), its elements' phase alone (``cpu_norms._write``: the same
+norms' phase without its sums: the same reads), its elements' phase alone (``cpu_norms._write``: the same
 reads and three writes), the whole LAMB step and Adam's step (``update``, impl="fused", one thread).  CPU
 seconds of the process (``time.process_time``), medians over ``--rounds``.
 
@@ -52,7 +52,6 @@ def _u(p, g, m, v, s):
     lanes = cpu_norms.LANES
     u = np.empty(lanes, dtype=p.dtype)
     for a in range(0, p.shape[0] - p.shape[0] % lanes, lanes):
-        cpu_norms._prefetch_ahead(p, g, m, v, a, False)
         cpu_norms._u_loop(p, g, m, v, s, u, a, lanes, True, False)
     return u[0]
 

@@ -82,7 +82,8 @@ def test_the_norms_phase_of_a_chunk_is_the_order_of_norms(size, dtype, decay, cl
         g_clipped = g * dtype(clip) if clip != 1.0 else g
         m_new = k["one_minus_beta1"] * g_clipped + k["beta1"] * m
         v_new = k["one_minus_beta2"] * (g_clipped * g_clipped) + k["beta2"] * v
-        u = (m_new / k["bias_correction1"]) / (np.sqrt(v_new / k["bias_correction2"] + k["eps_root"]) + k["eps"])
+        u = ((m_new * k["inverse_bias_correction1"])
+             / (np.sqrt(v_new * k["inverse_bias_correction2"] + k["eps_root"]) + k["eps"]))
         if decay:
             u = u + k["weight_decay"] * p
         sums = cpu_norms._chunk_sums(p, g, m, v, row)

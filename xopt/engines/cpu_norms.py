@@ -14,10 +14,10 @@ Nothing is written before both norms of the tensor are known, and the step's wri
 as any other (:mod:`xopt._atomic`).
 
 Both phases go 16 elements at a time: u of the 16 is one vector (a loop of constant length, which LLVM
-vectorizes whole), the norms' 16 float64 lanes stay in two registers (:class:`_Lanes`), and every array is
-prefetched ``AHEAD`` bytes ahead.  u is three divisions and a root per element: computed a block of 512
-elements at a time, the sums after each block, the loads stopped while the core computed, and the norms'
-phase (a read) took longer than Adam's whole step (``benchmarks/lamb_phases.py``).
+vectorizes whole) and the norms' 16 float64 lanes stay in two registers (:class:`_Lanes`).  u is one
+division and one root per element (the bias corrections' inverses are host scalars); the loads are the
+hardware prefetcher's: software prefetches of every array 2 KiB ahead made the whole step about 1.3x slower
+on one thread (``benchmarks/lamb_step.py --threads 1``: 55 ms against 41 ms, 2^25 float32).
 
 Its C function (:func:`elements`, the rule's entry for the drivers of :mod:`xopt.engines.cpu_drivers`)
 takes a tensor's ratio from its row of scalars (``RATIO``), or, where that is -1 (not known), is given the
@@ -25,7 +25,7 @@ whole tensor and runs both phases itself: the drivers' serial run.  A step split
 norms first, chunk by chunk on every thread (:func:`claim_norms`, :func:`norms`), then the ratios
 (:func:`ratios`), then the elements with one row of scalars per tensor (:func:`per_tensor`).
 
-Scalars (``LAMB.kernel``): lr, 1 - beta1, beta1, 1 - beta2, beta2, bias_correction1, bias_correction2, eps,
+Scalars (``LAMB.kernel``): lr, 1 - beta1, beta1, 1 - beta2, beta2, 1 / bias_correction1, 1 / bias_correction2, eps,
 eps_root, weight_decay, then the ratio and the clip scale.
 """
 
@@ -46,7 +46,6 @@ assert NORM_CHUNK == CHUNK and LANES == 16, "the norms' order: the engine's chun
 
 RATIO = 10  # the ratio's place in a row of scalars; the clip scale follows it
 BLOCK = 512  # elements at a time in Adafactor's sums (xopt.engines.cpu_factored; a multiple of LANES)
-AHEAD = 2048  # bytes: how far ahead of both phases' loops each array is prefetched
 
 
 # -- the element math: the reference rule's, in its order ------------------------------------------
@@ -54,12 +53,12 @@ AHEAD = 2048  # bytes: how far ahead of both phases' loops each array is prefetc
 def _update(pi, gi, mi, vi, s, decayed, clipped):
     """(new m, new v, u) of one element; ``decayed`` and ``clipped`` are constants at each call below."""
     one_minus_beta1, beta1, one_minus_beta2, beta2 = s[1], s[2], s[3], s[4]
-    bias_correction1, bias_correction2, eps, eps_root, weight_decay = s[5], s[6], s[7], s[8], s[9]
+    inverse_bc1, inverse_bc2, eps, eps_root, weight_decay = s[5], s[6], s[7], s[8], s[9]
     if clipped:
         gi = gi * s[RATIO + 1]
     m = one_minus_beta1 * gi + beta1 * mi
     v = one_minus_beta2 * (gi * gi) + beta2 * vi
-    u = (m / bias_correction1) / (np.sqrt(v / bias_correction2 + eps_root) + eps)
+    u = (m * inverse_bc1) / (np.sqrt(v * inverse_bc2 + eps_root) + eps)
     if decayed:
         u = u + weight_decay * pi
     return m, v, u
@@ -139,27 +138,6 @@ def _store_lanes(typingctx, lanes, to_at):
     return sig, codegen
 
 
-def _prefetcher(write):
-    """An intrinsic: prefetch the cache line at an address into L1 (for writing where ``write``)."""
-
-    @intrinsic
-    def prefetch(typingctx, addr):
-        def codegen(context, builder, signature, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(),
-                                                                                       [i8p, i32, i32, i32]))
-            builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, int(write)), ir.Constant(i32, 3),
-                              ir.Constant(i32, 1)])
-            return context.get_dummy_value()
-
-        return types.void(types.int64), codegen
-
-    return prefetch
-
-
-_prefetch, _prefetch_write = _prefetcher(False), _prefetcher(True)
-
-
 @njit(cache=True, error_model="numpy", inline="always")
 def _add_lanes(x, lanes):
     """``lanes`` (16 float64 sums) plus the squares of ``x`` (a view starting at a multiple of 16): lane k adds
@@ -182,25 +160,6 @@ def _lane_sum(a):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _prefetch_ahead(p, g, m, v, i, write):
-    """Prefetch the lines ``AHEAD`` bytes past element i of each array (p, m and v for writing where ``write``):
-    the loops below compute between their loads, and the hardware's prefetch alone kept fewer reads in flight.
-    A line past an array's end is harmless: a prefetch never faults."""
-    size = p.itemsize
-    for line in range(0, LANES * size, 64):
-        off = i * size + AHEAD + line
-        _prefetch(g.ctypes.data + off)
-        if write:
-            _prefetch_write(p.ctypes.data + off)
-            _prefetch_write(m.ctypes.data + off)
-            _prefetch_write(v.ctypes.data + off)
-        else:
-            _prefetch(p.ctypes.data + off)
-            _prefetch(m.ctypes.data + off)
-            _prefetch(v.ctypes.data + off)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _u_loop(p, g, m, v, s, u, at, count, decayed, clipped):
     """u of elements at:at + count into ``u[:count]`` (scratch in L1): one vector where count is LANES."""
     for j in range(count):
@@ -211,14 +170,13 @@ def _u_loop(p, g, m, v, s, u, at, count, decayed, clipped):
 def _chunk_loop(p, g, m, v, s, decayed, clipped):
     """(Σ p², Σ u²) over one chunk (views starting at a multiple of LANES), LANES elements at a time: their u
     into scratch (a loop of constant length: one vector), then both sums' lanes, which stay in registers; the
-    arrays prefetched ``AHEAD`` bytes ahead.  The tail (under LANES elements) as :func:`_add_lanes`'."""
+    The tail (under LANES elements) as :func:`_add_lanes`'."""
     n = p.shape[0]
     full = n - n % LANES
     u = np.empty(LANES, dtype=p.dtype)
     at, u_at, size = p.ctypes.data, u.ctypes.data, p.itemsize
     pp = uu = _zero_lanes()
     for i in range(0, full, LANES):
-        _prefetch_ahead(p, g, m, v, i, False)
         _u_loop(p, g, m, v, s, u, i, LANES, decayed, clipped)
         pp = _with_squares(pp, at + i * size, p)
         uu = _with_squares(uu, u_at, u)
@@ -257,11 +215,10 @@ def _write_at(p, g, m, v, s, ratio, at, count, decayed, clipped):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _write_loop(p, g, m, v, s, ratio, decayed, clipped):
-    """LANES elements at a time (one vector), the arrays prefetched ``AHEAD`` bytes ahead; then the tail."""
+    """LANES elements at a time (one vector); then the tail."""
     n = p.shape[0]
     full = n - n % LANES
     for i in range(0, full, LANES):
-        _prefetch_ahead(p, g, m, v, i, True)
         _write_at(p, g, m, v, s, ratio, i, LANES, decayed, clipped)
     _write_at(p, g, m, v, s, ratio, full, n - full, decayed, clipped)
 

@@ -35,7 +35,9 @@ class LAMB(TensorRule):
     here: ``LAMB(weight_decay=0.01, overrides={"b*": {"weight_decay": 0.0}})``.  torch.optim has no
     LAMB.
 
-    Both norms are summed in float64, in the one order of :mod:`xopt._norms`, which the fused CPU kernel
+    u is computed as (m · (1 − β₁ᵗ)⁻¹) / (√(v · (1 − β₂ᵗ)⁻¹ + ε_root) + ε), the inverses host scalars: one
+    division per element where optax makes three, a rounding apart from optax's numbers at most.  Both norms are
+    summed in float64, in the one order of :mod:`xopt._norms`, which the fused CPU kernel
     (:mod:`xopt.engines.cpu_norms`: the norms first, then the elements) repeats on any number of threads:
     the fused step is this rule's bit for bit.  The CUDA engine has no LAMB kernel: on CuPy arrays this
     rule runs.
@@ -52,8 +54,8 @@ class LAMB(TensorRule):
         arXiv:1904.00962.
     """
 
-    kernel = Kernel("lamb", ("lr", "one_minus_beta1", "beta1", "one_minus_beta2", "beta2", "bias_correction1",
-                             "bias_correction2", "eps", "eps_root", "weight_decay"), ("m", "v"),
+    kernel = Kernel("lamb", ("lr", "one_minus_beta1", "beta1", "one_minus_beta2", "beta2", "inverse_bias_correction1",
+                             "inverse_bias_correction2", "eps", "eps_root", "weight_decay"), ("m", "v"),
                     checks=({}, {"weight_decay": 0.01, "eps_root": 1e-8}))
 
     lr = Hyper(non_negative)
@@ -73,13 +75,13 @@ class LAMB(TensorRule):
     def scalars(self, step):
         return {"lr": self.lr, "one_minus_beta1": 1.0 - self.beta1, "beta1": self.beta1,
                 "one_minus_beta2": 1.0 - self.beta2, "beta2": self.beta2, "eps": self.eps, "eps_root": self.eps_root,
-                "weight_decay": self.weight_decay, "bias_correction1": 1.0 - self.beta1**step,
-                "bias_correction2": 1.0 - self.beta2**step}
+                "weight_decay": self.weight_decay, "inverse_bias_correction1": 1.0 / (1.0 - self.beta1**step),
+                "inverse_bias_correction2": 1.0 / (1.0 - self.beta2**step)}
 
     def rule(self, xp, p, g, state, s):
         m = s["one_minus_beta1"] * g + s["beta1"] * state["m"]
         v = s["one_minus_beta2"] * (g * g) + s["beta2"] * state["v"]
-        u = (m / s["bias_correction1"]) / (xp.sqrt(v / s["bias_correction2"] + s["eps_root"]) + s["eps"])
+        u = (m * s["inverse_bias_correction1"]) / (xp.sqrt(v * s["inverse_bias_correction2"] + s["eps_root"]) + s["eps"])
         if s["weight_decay"] != 0.0:
             u = u + s["weight_decay"] * p
         param_norm = math.sqrt(squared_norm(xp, p))  # in float64, in the order the fused kernel adds
