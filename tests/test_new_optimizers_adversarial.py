@@ -291,3 +291,16 @@ def test_schedule_free_override_sets_resume_bit_for_bit_after_an_lr_change(load,
     run(resumed, params, range(5, 9))
     for k in start:
         np.testing.assert_array_equal(params[k], want[k], err_msg=k)
+
+
+def test_use_muon_on_a_vector_names_the_param():
+    """use_muon=True (by an override) on a param that is not 2-D: the error names the param, and nothing is written."""
+    params = {"W": np.ones((4, 3)), "blocks.0.bias": np.ones(3)}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    before = {k: v.copy() for k, v in params.items()}
+    opt = xopt.Muon(overrides={"blocks.*": {"use_muon": True}})
+    with pytest.raises(ValueError, match=r"param 'blocks\.0\.bias'.*2-D"):
+        opt.update(params, grads)
+    assert not opt.state and opt.iter == 0
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])

@@ -268,3 +268,71 @@ def test_differentiable_in_the_learning_rate(jax, name):
         return jax.jit(jax.grad(loss))(0.01)
 
     _same(jax, meta(xopt.optax), meta(optax))
+
+
+_NAMES = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "lion")
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_a_schedule_is_called_with_a_jax_count(jax, name):
+    """optax calls a schedule with an int32 jax count: one that uses its array methods works here too."""
+    import xopt.optax as xo
+
+    jnp = jax.numpy
+    schedule = lambda count: 1e-3 * jnp.minimum(1.0, count.astype(jnp.float32) / 10)  # noqa: E731
+    tx = getattr(xo, name)(schedule)
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
+    assert updates["w"].shape == (3,)
+
+
+@pytest.mark.parametrize("name, kwargs", [("lion", dict(weight_decay=0.5)), ("rmsprop", {}),
+                                          ("sgd", dict(momentum=0.9)), ("adagrad", {}), ("adadelta", {}),
+                                          ("adamax", {}), ("adamw", dict(weight_decay=0.1))])
+def test_a_weakly_typed_float64_leaf_steps_in_float64(jax, name, kwargs):
+    """A Python-number-like leaf (weakly typed float64 under x64) with a float32 schedule's lr steps in float64, as
+    the same leaf strongly typed does (and optax does)."""
+    import optax
+
+    import xopt.optax as xo
+
+    jnp = jax.numpy
+    schedule = optax.linear_schedule(1e-3, 1e-4, 100)
+    out = []
+    for leaf in (jnp.asarray(0.3), jnp.asarray(0.3, jnp.float64)):  # weak, strong
+        tx = getattr(xo, name)(schedule, **kwargs)
+        params = {"s": leaf}
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update({"s": jnp.asarray(2.7) + 0 * leaf}, state, params)
+            params = optax.apply_updates(params, updates)
+        out.append(float(params["s"]))
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("name", ["lion", "adamw"])
+def test_a_decoupled_decay_update_is_not_rounded_to_the_params_ulp(jax, name):
+    """adamw's and lion's update is the step minus lr wd W, not rule(W) - W in W's dtype: a bfloat16 step under half
+    an ulp of W is not lost (a transformation after it, optax.apply_every here, sees it), and a float32 update is
+    optax's to float32 rounding."""
+    import numpy as np
+    import optax
+
+    import xopt.optax as xo
+
+    jnp = jax.numpy
+    ours = getattr(xo, name)(1e-3) if name == "lion" else xo.adamw(1e-3, weight_decay=0.01)
+    theirs = getattr(optax, name)(1e-3) if name == "lion" else optax.adamw(1e-3, weight_decay=0.01)
+    p0, g = {"w": jnp.ones(4, jnp.bfloat16)}, {"w": jnp.full(4, 0.5, jnp.bfloat16)}
+    tx = optax.chain(ours, optax.apply_every(4))
+    p, state = p0, tx.init(p0)
+    for _ in range(4):
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    assert float(p["w"][0]) < 1.0
+    p = {"w": jnp.linspace(1, 100, 8, dtype=jnp.float32)}
+    g = {"w": jnp.linspace(-1, 1, 8, dtype=jnp.float32)}
+    a, _ = ours.update(g, ours.init(p), p)
+    b, _ = theirs.update(g, theirs.init(p), p)
+    a, b = np.asarray(a["w"], np.float64), np.asarray(b["w"], np.float64)
+    np.testing.assert_allclose(a, b, rtol=1e-5)

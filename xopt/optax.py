@@ -145,7 +145,7 @@ def _hyperparameters(factory):
     return wrapped
 
 
-def _transformation(where, make, learning_rate, traced, needs_params):
+def _transformation(where, make, learning_rate, traced, needs_params, decoupled=0.0):
     """An optax transformation stepping xopt optimizer ``make(lr)``'s rule.  ``traced(count, lr)`` gives
     the scalars that depend on the step count ``count`` (1 on the first update) or on ``lr``.  The learning
     rate may be a number, a 0-d jax array, an optax schedule, or traced (optax.inject_hyperparams's, under
@@ -156,7 +156,8 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     else:
         learning_rate = _host(learning_rate)
         scheduled = callable(learning_rate)
-        probe = float(learning_rate(0)) if scheduled else learning_rate
+        # a schedule's argument is a jax int32 count, as optax passes it (a schedule may use its array methods)
+        probe = float(learning_rate(jnp.zeros([], jnp.int32))) if scheduled else learning_rate
     try:
         opt = make(probe)
     except (TypeError, ValueError) as exc:
@@ -168,7 +169,8 @@ def _transformation(where, make, learning_rate, traced, needs_params):
     def init_fn(params):
         _check_floating(where, params)
         return RuleState(count=jnp.zeros([], jnp.int32),
-                         buffers={name: jax.tree.map(lambda p, v=opt.initial_value(name): jnp.full_like(p, v), params)
+                         buffers={name: jax.tree.map(lambda p, v=opt.initial_value(name): jnp.full_like(p, v, _dtype(p)),
+                                                     params)
                                   for name in names})
 
     def update_fn(updates, state, params=None):
@@ -180,20 +182,31 @@ def _transformation(where, make, learning_rate, traced, needs_params):
         s = {**static, **{k: v if isinstance(v, (int, float)) else _Traced(v) for k, v in traced(count, lr).items()}}
         grads, tree = jax.tree.flatten(updates)
         # as jax arrays: a NumPy leaf times a _Traced scalar (AdamW's decay) would be a NumPy array of objects
-        grads = [jnp.asarray(g) for g in grads]
-        ps = [jnp.asarray(p) for p in tree.flatten_up_to(params)] if needs_params else [None] * len(grads)
-        bufs = {name: tree.flatten_up_to(state.buffers[name]) for name in names}
+        # strongly typed: a weak float64 leaf (a Python float) times a float32 schedule's lr would be float32
+        grads = [jnp.asarray(g, _dtype(g)) for g in grads]
+        ps = [jnp.asarray(p, _dtype(p)) for p in tree.flatten_up_to(params)] if needs_params else [None] * len(grads)
+        bufs = {name: [jnp.asarray(b, _dtype(b)) for b in tree.flatten_up_to(state.buffers[name])] for name in names}
         out, new_bufs = [], {name: [] for name in names}
+        # decoupled weight decay (W <- (1 - lr wd) W - step): the rule is given zeros, its step comes back
+        # unrounded, and -lr wd W is added here (rule(W) - W would round the update to W's ulp: in bfloat16 a
+        # step under half an ulp would be an update of 0)
+        shrink = jnp.asarray(lr, jnp.result_type(float)) * decoupled if decoupled else None
         for i, (g, p) in enumerate(zip(grads, ps)):
-            p_new, new = opt.rule(jnp, jnp.zeros_like(g) if p is None else p, g,
+            zero = p is None or shrink is not None
+            p_new, new = opt.rule(jnp, jnp.zeros_like(g) if zero else p, g,
                                   {name: bufs[name][i] for name in names}, s)
-            out.append(p_new if p is None else p_new - p)
+            out.append(p_new if p is None else p_new - shrink * p if shrink is not None else p_new - p)
             for name in names:
                 new_bufs[name].append(new[name].astype(bufs[name][i].dtype))
         return (tree.unflatten([u.astype(g.dtype) for u, g in zip(out, grads)]),
                 RuleState(count=count, buffers={name: tree.unflatten(new_bufs[name]) for name in names}))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _dtype(leaf):
+    """The dtype a leaf is stepped in: its own, strongly typed (jnp.result_type of a Python float is the default float)."""
+    return jnp.result_type(leaf)
 
 
 def _check_floating(where, tree):
@@ -278,7 +291,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
         return _AdamW(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, eps_hat=False)
 
     return _transformation("adamw", make, learning_rate, _adam_traced(b1, b2, weight_decay, True),
-                           needs_params=weight_decay != 0.0)
+                           needs_params=weight_decay != 0.0, decoupled=weight_decay)
 
 
 @_hyperparameters
@@ -341,4 +354,4 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
         return _Lion(lr=lr, beta1=b1, beta2=b2, weight_decay=weight_decay)
 
     return _transformation("lion", make, learning_rate, lambda count, lr: {"lr": lr},
-                           needs_params=weight_decay != 0.0)
+                           needs_params=weight_decay != 0.0, decoupled=weight_decay)

@@ -59,6 +59,10 @@ class TensorRule(Optimizer):
             if view is None:
                 view = views[group, count] = self._at(group, count)
             e.opt = view
+            try:
+                view.buffer_shapes(e.p.shape)  # a shape the rule refuses (Muon's use_muon=True on a vector)
+            except ValueError as exc:
+                raise ValueError(f"param {describe(e.key)}: {exc}") from None
             self._check_buffers(e)
         check_overlaps(self._named_arrays(entries))
         skipped, norm, scale = clip_or_skip(self, entries)
