@@ -169,8 +169,8 @@ def _u_loop(p, g, m, v, s, u, at, count, decayed, clipped):
 @njit(cache=True, error_model="numpy", inline="always")
 def _chunk_loop(p, g, m, v, s, decayed, clipped):
     """(Σ p², Σ u²) over one chunk (views starting at a multiple of LANES), LANES elements at a time: their u
-    into scratch (a loop of constant length: one vector), then both sums' lanes, which stay in registers; the
-    The tail (under LANES elements) as :func:`_add_lanes`'."""
+    into scratch (a loop of constant length: one vector), then both sums' lanes, which stay in registers.  The
+    tail (under LANES elements) as :func:`_add_lanes`'."""
     n = p.shape[0]
     full = n - n % LANES
     u = np.empty(LANES, dtype=p.dtype)
