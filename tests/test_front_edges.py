@@ -125,3 +125,62 @@ def test_a_number_params_grad_of_another_library_is_named_as_such():
     with pytest.raises(TypeError, match="param 'x' is a float, so its grad is a number or a NumPy array, not a "
                                         "torch array"):
         xopt.Adam().update({"x": 1.0}, {"x": torch.tensor(0.5, dtype=torch.float64)})
+
+
+def _two_group_model(torch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    plain = [p for p in model.parameters() if p.dim() < 2]
+    return model, [{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}]
+
+
+def test_torch_front_lr_scheduled_every_step_with_groups_matches_torch():
+    """A scheduler changing every group's lr each step (only the lr checked again), then a weight decay changed
+    mid-run (every value checked again): torch.optim.AdamW's trajectory, float64."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    runs = []
+    for make in (torch.optim.AdamW, xt.AdamW):
+        model, groups = _two_group_model(torch)
+        opt = make(groups, lr=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=30, cycle_momentum=False)
+        x = torch.linspace(-1, 1, 48, dtype=torch.float64).reshape(8, 6)
+        for step in range(30):
+            if step == 12:
+                opt.param_groups[1]["weight_decay"] = 0.05
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+            schedule.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [{"lr": -0.1}, {"lr": -0.1, "eps": 1e-9}, {"eps": -1.0}])
+def test_torch_front_a_bad_value_after_scheduled_lrs_is_refused_naming_its_group(bad):
+    """After steps whose lr alone changed, a bad lr (alone or with another change) or another bad value raises,
+    naming the group, and writes nothing."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    model, groups = _two_group_model(torch)
+    opt = xt.AdamW(groups, lr=0.01)
+    x = torch.linspace(-1, 1, 48, dtype=torch.float64).reshape(8, 6)
+    for step in range(3):
+        for group in opt.param_groups:
+            group["lr"] = 0.01 * (step + 1)
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.param_groups[1].update(bad)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    after = opt.state_dict()
+    assert [s["step"] for s in after["state"].values()] == [s["step"] for s in state["state"].values()]

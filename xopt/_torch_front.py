@@ -58,7 +58,8 @@ class _Front(TorchState, torch.optim.Optimizer):
             cls.step = _hook_step(cls.step)
 
     # what torch's pickle leaves out, kept
-    _OWN = ("_xopt", "_seen", "_present", "_keys", "_bound", "_aside", "rule", "reads")
+    _OWN = ("_xopt", "_seen", "_pushed", "_present", "_keys", "_bound", "_aside", "rule", "reads")
+    _LR_AT = 0  # where "lr" is in every class's ``reads``
 
     def __getstate__(self):
         """torch's (``defaults``, ``param_groups``; not the hooks) and the xopt optimizer with its state; the
@@ -199,16 +200,44 @@ class _Front(TorchState, torch.optim.Optimizer):
         grads this step) as the override ``"i.*"``.  Each group is checked first: a bad value raises, naming
         its group, and changes nothing."""
         xo = self._xopt
-        own = self._check_group(0, groups[0])
-        overrides = {f"{i}.*": self._check_group(i, groups[i]) for i in present}
-        old = (xo._hyper, xo._overrides, self._present)
-        publish(xo, {**xo._hyper, **own})
-        xo._overrides = check_overrides(xo, overrides)
-        xo.__dict__["_version"] = xo.__dict__.get("_version", 0) + 1  # the cached override sets are rebuilt
-        if present != old[2]:
-            xo._reset_groups()  # other patterns: each key's group is looked up again
+        pushed = self.__dict__.get("_pushed") or {}
+        values = {}  # group -> its values, as _values reads them
+        checked = {i: self._lr_changed(i, groups[i], pushed, values) for i in (0, *present)}  # a scheduler's step
+        if None not in checked.values() and present == self._present:  # the lrs alone, the same patterns
+            xo._set_lrs(checked[0]["lr"], {f"{i}.*": checked[i]["lr"] for i in present})
+        else:
+            if None in checked.values():  # something besides a group's lr changed: every group checked whole
+                checked = {i: self._check_group(i, groups[i]) for i in (0, *present)}
+            overrides = check_overrides(xo, {f"{i}.*": checked[i] for i in present})
+            publish(xo, {**xo._hyper, **checked[0]})
+            xo._overrides = overrides
+            xo.__dict__["_version"] = xo.__dict__.get("_version", 0) + 1  # the cached override sets are rebuilt
+            if present != self._present:
+                xo._reset_groups()  # other patterns: each key's group is looked up again
         self._present = present
-        self._seen = [_values(g, self.reads) for g in groups]
+        self._seen = [values[i] if i in values else _values(g, self.reads) for i, g in enumerate(groups)]
+        self._pushed = checked
+
+    def _lr_changed(self, i, group, pushed, values):
+        """Group ``i``'s hyperparameters where only its lr changed since the last push (a scheduler's step): the
+        values pushed then with the new lr, checked alone (no rule's checks of its values together read lr);
+        None where anything else changed, or the group was not pushed.  Its values read go into ``values``."""
+        seen, last = self._seen, pushed.get(i)
+        if last is None or i >= len(seen) or seen[i] is None:
+            return None
+        try:
+            now = values[i] = _values(group, self.reads)  # ``values[i]``: what the push leaves as seen
+        except Exception:  # a value that is no number: the whole check names it
+            return None
+        at = self._LR_AT
+        if now[:at] != seen[i][:at] or now[at + 1:] != seen[i][at + 1:]:
+            return None
+        try:
+            lr = check_value(type(self._xopt).lr, _float(group["lr"]))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__} param_groups[{i}]: {exc}") from None
+        return {**last, "lr": lr}
+
 
 def _hook_step(step):
     """``step`` wrapped as torch.optim wraps its optimizers' (``Optimizer.profile_hook_step``: a profiler range,

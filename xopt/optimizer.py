@@ -231,6 +231,18 @@ class Optimizer:
             self._group_cache = (version, views)
         return [(self, callable(self._hyper.get("lr"))), *self._group_cache[1]]
 
+    def _set_lrs(self, lr, overrides):
+        """Learning rates alone changed (a torch scheduler's step): the optimizer's own ``lr`` and the override
+        sets' (pattern -> lr, patterns it has), numbers the caller checked, set in place, in the sets
+        :meth:`_groups` keeps too: their other values are unchanged, so nothing is checked or built again."""
+        publish(self, {**self._hyper, "lr": lr})
+        for pattern, value in overrides.items():
+            self._overrides[pattern] = {**self._overrides[pattern], "lr": value}
+        cache = self._group_cache
+        if cache is not None and cache[0] == (self.__dict__.get("_version", 0), self.__dict__.get("impl")):
+            for (view, _), values in zip(cache[1], self._overrides.values()):
+                publish(view, {**view._hyper, "lr": values.get("lr", lr)})
+
     _view_carries = ("impl",)  # what a hyperparameter set holds of its optimizer besides the hyperparameters
 
     def _view(self, hyper):
