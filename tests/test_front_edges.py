@@ -184,3 +184,35 @@ def test_torch_front_a_bad_value_after_scheduled_lrs_is_refused_naming_its_group
         assert torch.equal(p.detach(), q)
     after = opt.state_dict()
     assert [s["step"] for s in after["state"].values()] == [s["step"] for s in state["state"].values()]
+
+
+@pytest.mark.parametrize("name, buffer", [("Adam", "exp_avg"), ("SGD", "momentum_buffer")])
+def test_torch_front_errors_name_state_buffers_by_torchs_names(name, buffer):
+    """A param resized after its first step: the error names its state buffer as state_dict() does, and nothing
+    is written."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    opt = getattr(xt, name)(layer.parameters(), lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    layer.weight.data = torch.zeros(5, 4)
+    layer.weight.grad = torch.zeros(5, 4)
+    bias = layer.bias.detach().clone()
+    with pytest.raises(ValueError, match=f"state '{buffer}'"):
+        opt.step()
+    assert torch.equal(layer.bias.detach(), bias)
+
+
+def test_torch_front_refuses_sparse_grads_saying_where_they_step():
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="sparse.*SparseAdam, SGD or Adagrad"):
+        xt.SGD(emb.parameters(), lr=0.1).step()
+    assert torch.equal(emb.weight.detach(), before)

@@ -154,8 +154,8 @@ def _check_layout(key, p, g):
         layout = getattr(x, "layout", None)
         if layout is not None and str(layout) != "torch.strided":
             raise TypeError(f"{what} is a {str(layout).removeprefix('torch.')} tensor; xopt takes dense tensors "
-                            "only (torch.optim.Adam refuses sparse grads too): pass x.to_dense(), or use "
-                            "torch.optim.SparseAdam for sparse embeddings")
+                            "only: pass x.to_dense(), or step sparse embeddings with torch.optim.SparseAdam, SGD "
+                            "or Adagrad")
 
 
 def _not_a_param(name, p) -> str:

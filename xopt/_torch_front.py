@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import re
 from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, is_, is_not
@@ -178,14 +179,26 @@ class _Front(TorchState, torch.optim.Optimizer):
             xo = self._xopt
             # The lane, given our lists (no dicts to build and take apart), where the rule has no step of its own;
             # the kernel records no graph.  What it declines, update() takes, with grad off as in torch.optim's step.
-            if type(xo)._update is not _PLAIN_UPDATE or not xo._guard.run(take_tensors, xo, keys, ps, gs):
-                enabled = torch.is_grad_enabled()
-                _set_grad_enabled(False)
-                try:
-                    xo.update(dict(zip(keys, ps)), dict(zip(keys, gs)))
-                finally:
-                    _set_grad_enabled(enabled)
+            try:
+                if type(xo)._update is not _PLAIN_UPDATE or not xo._guard.run(take_tensors, xo, keys, ps, gs):
+                    enabled = torch.is_grad_enabled()
+                    _set_grad_enabled(False)
+                    try:
+                        xo.update(dict(zip(keys, ps)), dict(zip(keys, gs)))
+                    finally:
+                        _set_grad_enabled(enabled)
+            except (TypeError, ValueError) as exc:
+                self._torch_names(exc)
+                raise
         return loss
+
+    def _torch_names(self, exc):
+        """``exc``'s message with the state buffers under torch's names (``state 'm'`` -> ``state 'exp_avg'``),
+        as ``state_dict()`` and ``opt.state`` show them."""
+        torch_names = {xopt_name: name for name, xopt_name in self.names.items()}
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (_STATE_NAME.sub(lambda m: f"state {torch_names.get(m[1], m[1])!r}", exc.args[0]),
+                        *exc.args[1:])
 
     def _keys_of(self, i, n):
         while len(self._keys) <= i:
@@ -267,6 +280,9 @@ if _disable_dynamo is None or _compiling is None:
     _compiling = lambda: False  # noqa: E731
 else:
     _eagerly = _disable_dynamo(lambda f, *args: f(*args))  # f(*args) run by Python, not traced by torch.compile
+
+
+_STATE_NAME = re.compile(r"state '(\w+)'")  # how xopt's errors name a state buffer
 
 
 def _refuse(where, values):
