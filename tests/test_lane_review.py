@@ -329,9 +329,11 @@ def test_a_step_run_between_another_steps_packing_and_its_call_leaves_it_its_own
     Simulated: the first engine call into C runs the other optimizer's step first.  Both end as their serial
     twins.  ``parts``: 2, steps of two hyperparameter sets (overrides), whose call block was the thread's one
     (the outer step then ran the nested one's freed head: a crash)."""
-    from xopt.engines import cpu_tensors, fused_cpu
+    from xopt.engines import fused_cpu
 
     torch = pytest.importorskip("torch") if torch_tensors else None
+    if torch_tensors:
+        from xopt.engines import cpu_tensors  # imports torch: only where the test runs on tensors
     make = (lambda a: torch.tensor(a)) if torch_tensors else (lambda a: a)
     outer = {"a": make(np.linspace(-1, 1, 40)), "b": make(np.full(3, 0.5))}
     inner = {"x": make(np.linspace(2, 3, 7)), "y": make(np.full(5, -1.0))}
