@@ -3,7 +3,6 @@
 import inspect
 import pathlib
 import pydoc
-import tomllib
 
 import numpy as np
 import pytest
@@ -41,6 +40,7 @@ def test_a_state_of_another_dtype_is_named_forwards():
 
 
 def test_the_distribution_has_a_name_of_its_own_and_the_import_name_stays():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (requires-python is >=3.10)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] != "xopt"  # PyPI's xopt is another project
     assert "xopt" in (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.packages.find]")[1]
