@@ -216,3 +216,24 @@ def test_torch_front_refuses_sparse_grads_saying_where_they_step():
     with pytest.raises(TypeError, match="sparse.*SparseAdam, SGD or Adagrad"):
         xt.SGD(emb.parameters(), lr=0.1).step()
     assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("start, then", [(0.1, lambda count: 0.5), (lambda count: 0.1, 0.5)])
+def test_torch_front_a_groups_lr_becoming_a_schedule_or_a_number_again_steps(start, then):
+    """A group's lr that turns into an xopt schedule (a callable of the step count), or back, with nothing else
+    changed: the next steps use it."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = xt.SGD([{"params": [a]}, {"params": [b], "lr": start}], lr=0.1)
+    for step in range(3):
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        if step == 1:
+            opt.param_groups[1]["lr"] = then
+        before = b.detach().clone()
+        opt.step()
+        if step >= 1:
+            torch.testing.assert_close(before - b.detach(), torch.full_like(before, 0.5), rtol=0, atol=1e-15)

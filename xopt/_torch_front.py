@@ -245,6 +245,8 @@ class _Front(TorchState, torch.optim.Optimizer):
         at = self._LR_AT
         if now[:at] != seen[i][:at] or now[at + 1:] != seen[i][at + 1:]:
             return None
+        if callable(group["lr"]) or callable(last["lr"]):  # a schedule, or one no more: the sets are built again
+            return None
         try:
             lr = check_value(type(self._xopt).lr, _float(group["lr"]))
         except (TypeError, ValueError) as exc:
