@@ -237,3 +237,39 @@ def test_torch_front_a_groups_lr_becoming_a_schedule_or_a_number_again_steps(sta
         opt.step()
         if step >= 1:
             torch.testing.assert_close(before - b.detach(), torch.full_like(before, 0.5), rtol=0, atol=1e-15)
+
+
+def test_torch_front_a_copy_of_its_xopt_optimizer_keeps_its_own_scheduled_lrs():
+    """copy.copy of the xopt optimizer has its own hyperparameters: a scheduler's later lrs (set in place on the
+    original) do not reach the copy's override sets."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = xt.Adam([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    snapshot = copy.copy(opt._xopt)
+    want = copy.deepcopy(snapshot.overrides)
+    for group in opt.param_groups:
+        group["lr"] *= 0.1
+    opt.step()
+    assert snapshot.overrides == want
+    assert opt._xopt.overrides["1.*"]["lr"] == pytest.approx(0.05)
+
+
+def test_torch_front_muon_errors_name_an_adamw_params_first_moment_exp_avg():
+    """Muon keeps m of a param AdamW steps as exp_avg in its state_dict: its errors call it that too."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = xt.Muon([w, b], lr=0.01)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(3)
+    opt.step()
+    assert "exp_avg" in opt.state_dict()["state"][1]
+    b.data, b.grad = torch.zeros(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="state 'exp_avg'"):
+        opt.step()

@@ -224,3 +224,13 @@ def test_the_rule_on_torch_cpu_tensors_gives_numpys_bits(name, kwargs, dtype):
             opt.update(params, {k: make(v) for k, v in g.items()})
         out.append(b"".join(np.asarray(v).tobytes() for v in params.values()))
     assert out[0] == out[1]
+
+
+def test_the_torch_namespace_copies():
+    """copy.copy of the namespace the rules get for torch tensors is one too (no recursion through __getattr__)."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    xp = _backend.namespace(torch.ones(2))
+    made = copy.copy(xp)
+    assert made.sqrt(torch.tensor([4.0])).item() == 2.0

@@ -68,6 +68,8 @@ class _TorchNamespace:
         self._xp, self._roots, self._from_numpy = xp, (torch.float32, torch.float64), torch.from_numpy
 
     def __getattr__(self, name):
+        if name == "_xp":  # not set yet (an instance copy.copy makes): no namespace to ask
+            raise AttributeError(name)
         return getattr(self._xp, name)
 
     def sqrt(self, x):

@@ -195,10 +195,14 @@ class _Front(TorchState, torch.optim.Optimizer):
     def _torch_names(self, exc):
         """``exc``'s message with the state buffers under torch's names (``state 'm'`` -> ``state 'exp_avg'``),
         as ``state_dict()`` and ``opt.state`` show them."""
-        torch_names = {xopt_name: name for name, xopt_name in self.names.items()}
         if exc.args and isinstance(exc.args[0], str):
+            torch_names = {xopt_name: name for name, xopt_name in self._names_of(exc.args[0]).items()}
             exc.args = (_STATE_NAME.sub(lambda m: f"state {torch_names.get(m[1], m[1])!r}", exc.args[0]),
                         *exc.args[1:])
+
+    def _names_of(self, message):
+        """torch's buffer name -> xopt's, for the param an error ``message`` names."""
+        return self.names
 
     def _keys_of(self, i, n):
         while len(self._keys) <= i:
@@ -285,6 +289,7 @@ else:
 
 
 _STATE_NAME = re.compile(r"state '(\w+)'")  # how xopt's errors name a state buffer
+PARAM_KEY = re.compile(r"param '(\d+\.\d+)'")  # and a param (its xopt key)
 
 
 def _refuse(where, values):

@@ -236,8 +236,8 @@ class Optimizer:
         sets' (pattern -> lr, patterns it has), numbers the caller checked, set in place, in the sets
         :meth:`_groups` keeps too: their other values are unchanged, so nothing is checked or built again."""
         publish(self, {**self._hyper, "lr": lr})
-        for pattern, value in overrides.items():
-            self._overrides[pattern] = {**self._overrides[pattern], "lr": value}
+        self._overrides = {pattern: {**values, "lr": overrides[pattern]} if pattern in overrides else values
+                           for pattern, values in self._overrides.items()}  # new dicts: a copy.copy shares these
         cache = self._group_cache
         if cache is not None and cache[0] == (self.__dict__.get("_version", 0), self.__dict__.get("impl")):
             for (view, _), values in zip(cache[1], self._overrides.values()):

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from xopt._torch_front import _REFUSED, _Front, _betas, _float
+from xopt._torch_front import _REFUSED, PARAM_KEY, _Front, _betas, _float
 from xopt._torch_state import _scalar_dtype
 from xopt.optimizers.adadelta import AdaDelta as _AdaDelta
 from xopt.optimizers.adafactor import Adafactor as _Adafactor
@@ -354,6 +354,12 @@ class Muon(_Front):
             step = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
             out = {"step": step, "exp_avg": out.pop("momentum_buffer"), **out}
         return out
+
+    def _names_of(self, message):
+        """A param AdamW steps keeps m as ``exp_avg`` (see :meth:`_torch_state`)."""
+        found = PARAM_KEY.search(message)
+        st = self._xopt.state.get(found[1]) if found else None
+        return {"exp_avg": "m", "exp_avg_sq": "v"} if isinstance(st, dict) and "v" in st else self.names
 
     def _xopt_state(self, key, st, p, hyper):
         if isinstance(st, Mapping) and "exp_avg" in st:
