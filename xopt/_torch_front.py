@@ -221,7 +221,7 @@ class _Front(TorchState, torch.optim.Optimizer):
         values = {}  # group -> its values, as _values reads them
         checked = {i: self._lr_changed(i, groups[i], pushed, values) for i in (0, *present)}  # a scheduler's step
         if None not in checked.values() and present == self._present:  # the lrs alone, the same patterns
-            xo._set_lrs(checked[0]["lr"], {f"{i}.*": checked[i]["lr"] for i in present})
+            _set_lrs(xo, checked[0]["lr"], {f"{i}.*": checked[i]["lr"] for i in present})
         else:
             if None in checked.values():  # something besides a group's lr changed: every group checked whole
                 checked = {i: self._check_group(i, groups[i]) for i in (0, *present)}
@@ -256,6 +256,19 @@ class _Front(TorchState, torch.optim.Optimizer):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{type(self).__name__} param_groups[{i}]: {exc}") from None
         return {**last, "lr": lr}
+
+
+def _set_lrs(xo, lr, overrides):
+    """Learning rates alone changed (a scheduler's step): xopt optimizer ``xo``'s own ``lr`` and its override
+    sets' (pattern -> lr, patterns it has), numbers checked by the caller, set in place, in the hyperparameter sets
+    ``xo._groups()`` keeps too: their other values are unchanged, so nothing is checked or built again."""
+    publish(xo, {**xo._hyper, "lr": lr})
+    xo._overrides = {pattern: {**values, "lr": overrides[pattern]} if pattern in overrides else values
+                     for pattern, values in xo._overrides.items()}  # new dicts: a copy.copy shares the old ones
+    cache = xo._group_cache
+    if cache is not None and cache[0] == xo._sets_version():
+        for (view, _), values in zip(cache[1], xo._overrides.values()):
+            publish(view, {**view._hyper, "lr": values.get("lr", lr)})
 
 
 def _hook_step(step):

@@ -214,10 +214,14 @@ class Optimizer:
         self._patterns_checked = False
         self._group_cache = None
 
+    def _sets_version(self):
+        """What the hyperparameter sets :meth:`_groups` keeps were built from: they are rebuilt when it changes."""
+        return self.__dict__.get("_version", 0), self.__dict__.get("impl")  # views copy impl too
+
     def _groups(self):
         """[(view, scheduled)] per group, rebuilt when a hyperparameter is set: ``view`` is an optimizer
         that reads the group's hyperparameters (``self`` for group 0), ``scheduled`` whether its lr is one."""
-        version = (self.__dict__.get("_version", 0), self.__dict__.get("impl"))  # views copy impl too
+        version = self._sets_version()
         if self._group_cache is None or self._group_cache[0] != version:
             views = []
             for pattern, values in self._overrides.items():
@@ -230,18 +234,6 @@ class Optimizer:
             # The overrides' sets only: self kept in self would be a cycle, freed by the cyclic GC alone
             self._group_cache = (version, views)
         return [(self, callable(self._hyper.get("lr"))), *self._group_cache[1]]
-
-    def _set_lrs(self, lr, overrides):
-        """Learning rates alone changed (a torch scheduler's step): the optimizer's own ``lr`` and the override
-        sets' (pattern -> lr, patterns it has), numbers the caller checked, set in place, in the sets
-        :meth:`_groups` keeps too: their other values are unchanged, so nothing is checked or built again."""
-        publish(self, {**self._hyper, "lr": lr})
-        self._overrides = {pattern: {**values, "lr": overrides[pattern]} if pattern in overrides else values
-                           for pattern, values in self._overrides.items()}  # new dicts: a copy.copy shares these
-        cache = self._group_cache
-        if cache is not None and cache[0] == (self.__dict__.get("_version", 0), self.__dict__.get("impl")):
-            for (view, _), values in zip(cache[1], self._overrides.values()):
-                publish(view, {**view._hyper, "lr": values.get("lr", lr)})
 
     _view_carries = ("impl",)  # what a hyperparameter set holds of its optimizer besides the hyperparameters
 
