@@ -273,3 +273,56 @@ def test_torch_front_muon_errors_name_an_adamw_params_first_moment_exp_avg():
     b.data, b.grad = torch.zeros(4), torch.zeros(4)
     with pytest.raises(ValueError, match="state 'exp_avg'"):
         opt.step()
+
+
+def test_torch_front_muon_names_each_params_buffer_in_an_error_about_two():
+    """An overlap between a matrix and an AdamW param's first moment: that moment is named exp_avg, its param's
+    name for it, though the message names the matrix first."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(9, dtype=torch.float64))
+    opt = xt.Muon([w, b], lr=0.01)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    w.data = opt.state[b]["exp_avg"].view(3, 3)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    with pytest.raises(ValueError, match="state 'exp_avg' of param '0.1'"):
+        opt.step()
+
+
+def test_torch_front_leaves_a_users_exception_as_it_is():
+    """An exception a user's code raises inside the step (an xopt schedule given as the lr) keeps its message."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    def schedule(count):
+        if count >= 1:
+            raise ValueError("my scheduler: state 'm' of the run is missing")
+        return 0.01
+
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = xt.Adam([p], lr=schedule)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match="state 'm' of the run"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["Lion", "Muon", "Adam", "SGD"])
+def test_torch_front_maximize_set_with_a_scheduled_lr_is_refused(name):
+    """maximize=True set on a group mid-run, with the lr changed in the same step: refused, nothing written."""
+    torch = pytest.importorskip("torch")
+    import xopt.torch as xt
+
+    w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    opt = getattr(xt, name)([w], lr=0.01)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.02
+    opt.param_groups[0]["maximize"] = True
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="maximize"):
+        opt.step()
+    assert torch.equal(w.detach(), before)

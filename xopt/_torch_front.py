@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import re
 from collections.abc import Mapping
 from itertools import repeat
@@ -193,15 +194,23 @@ class _Front(TorchState, torch.optim.Optimizer):
         return loss
 
     def _torch_names(self, exc):
-        """``exc``'s message with the state buffers under torch's names (``state 'm'`` -> ``state 'exp_avg'``),
-        as ``state_dict()`` and ``opt.state`` show them."""
-        if exc.args and isinstance(exc.args[0], str):
-            torch_names = {xopt_name: name for name, xopt_name in self._names_of(exc.args[0]).items()}
-            exc.args = (_STATE_NAME.sub(lambda m: f"state {torch_names.get(m[1], m[1])!r}", exc.args[0]),
-                        *exc.args[1:])
+        """``exc``'s message, where xopt raised it, with the state buffers under torch's names (``state 'm'`` ->
+        ``state 'exp_avg'``), as ``state_dict()`` and ``opt.state`` show them: each buffer its param's (the one
+        named after it, else the message's first)."""
+        if not (exc.args and isinstance(exc.args[0], str)) or not _raised_in_xopt(exc):
+            return  # a user's exception (a schedule's) is left as it is
+        message = exc.args[0]
+        first = PARAM_KEY.search(message)
 
-    def _names_of(self, message):
-        """torch's buffer name -> xopt's, for the param an error ``message`` names."""
+        def renamed(m):
+            key = m[2] or (first[1] if first else None)
+            torch_names = {xopt_name: name for name, xopt_name in self._names_for(key).items()}
+            return f"state {torch_names.get(m[1], m[1])!r}" + (f" of param '{m[2]}'" if m[2] else "")
+
+        exc.args = (_STATE_NAME.sub(renamed, message), *exc.args[1:])
+
+    def _names_for(self, key):
+        """torch's buffer name -> xopt's, for the param of xopt key ``key`` (None: not known)."""
         return self.names
 
     def _keys_of(self, i, n):
@@ -301,8 +310,17 @@ else:
     _eagerly = _disable_dynamo(lambda f, *args: f(*args))  # f(*args) run by Python, not traced by torch.compile
 
 
-_STATE_NAME = re.compile(r"state '(\w+)'")  # how xopt's errors name a state buffer
+_STATE_NAME = re.compile(r"state '(\w+)'(?: of param '(\d+\.\d+)')?")  # how xopt's errors name a state buffer
 PARAM_KEY = re.compile(r"param '(\d+\.\d+)'")  # and a param (its xopt key)
+_XOPT = os.path.dirname(os.path.abspath(__file__)) + os.sep  # xopt's own code
+
+
+def _raised_in_xopt(exc) -> bool:
+    """Whether ``exc`` was raised by xopt's own code (its traceback's last frame is in the package)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_XOPT)
 
 
 def _refuse(where, values):

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from xopt._torch_front import _REFUSED, PARAM_KEY, _Front, _betas, _float
+from xopt._torch_front import _REFUSED, _Front, _betas, _float
 from xopt._torch_state import _scalar_dtype
 from xopt.optimizers.adadelta import AdaDelta as _AdaDelta
 from xopt.optimizers.adafactor import Adafactor as _Adafactor
@@ -284,7 +284,7 @@ class Lion(_Front):
     ``Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)``; state ``exp_avg``."""
 
     rule = _Lion
-    reads = ("lr", "betas", "weight_decay")
+    reads = ("lr", "betas", "weight_decay", *_REFUSED)
     names = {"exp_avg": "m"}
     counts_steps = False
 
@@ -329,7 +329,7 @@ class Muon(_Front):
 
     rule = _Muon
     reads = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn",
-             "adamw_betas", "adamw_eps")
+             "adamw_betas", "adamw_eps", *_REFUSED)
     names = {"momentum_buffer": "m", "exp_avg_sq": "v"}
     counts_steps = False
 
@@ -355,10 +355,9 @@ class Muon(_Front):
             out = {"step": step, "exp_avg": out.pop("momentum_buffer"), **out}
         return out
 
-    def _names_of(self, message):
+    def _names_for(self, key):
         """A param AdamW steps keeps m as ``exp_avg`` (see :meth:`_torch_state`)."""
-        found = PARAM_KEY.search(message)
-        st = self._xopt.state.get(found[1]) if found else None
+        st = self._xopt.state.get(key) if key is not None else None
         return {"exp_avg": "m", "exp_avg_sq": "v"} if isinstance(st, dict) and "v" in st else self.names
 
     def _xopt_state(self, key, st, p, hyper):
