@@ -336,3 +336,17 @@ def test_a_decoupled_decay_update_is_not_rounded_to_the_params_ulp(jax, name):
     b, _ = theirs.update(g, theirs.init(p), p)
     a, b = np.asarray(a["w"], np.float64), np.asarray(b["w"], np.float64)
     np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adadelta"])
+def test_integer_params_given_to_a_decaying_update_are_refused(jax, name):
+    """A rule with weight decay reads the params at update: integer ones (whose update apply_updates would
+    truncate) are refused there as at init."""
+    import xopt.optax
+
+    jnp = jax.numpy
+    tx = getattr(xopt.optax, name)(1e-2, weight_decay=0.1)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=rf"xopt.optax.{name}: \['w'\] is int32"):
+        tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3, jnp.int32)})

@@ -177,6 +177,8 @@ def _transformation(where, make, learning_rate, traced, needs_params, decoupled=
         if needs_params and params is None:
             raise ValueError(f"xopt.optax.{where}: its weight decay reads the params: pass them to update")
         _check_floating(where, updates)
+        if needs_params:
+            _check_floating(where, params)
         lr = learning_rate(state.count) if scheduled else learning_rate
         count = optax.safe_int32_increment(state.count)
         s = {**static, **{k: v if isinstance(v, (int, float)) else _Traced(v) for k, v in traced(count, lr).items()}}
