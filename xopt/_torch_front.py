@@ -200,7 +200,7 @@ class _Front(TorchState, torch.optim.Optimizer):
         if not (exc.args and isinstance(exc.args[0], str)) or not _raised_in_xopt(exc):
             return  # a user's exception (a schedule's) is left as it is
         message = exc.args[0]
-        first = PARAM_KEY.search(message)
+        first = _PARAM_KEY.search(message)
 
         def renamed(m):
             key = m[2] or (first[1] if first else None)
@@ -311,7 +311,7 @@ else:
 
 
 _STATE_NAME = re.compile(r"state '(\w+)'(?: of param '(\d+\.\d+)')?")  # how xopt's errors name a state buffer
-PARAM_KEY = re.compile(r"param '(\d+\.\d+)'")  # and a param (its xopt key)
+_PARAM_KEY = re.compile(r"param '(\d+\.\d+)'")  # and a param (its xopt key)
 _XOPT = os.path.dirname(os.path.abspath(__file__)) + os.sep  # xopt's own code
 
 
